@@ -1,0 +1,3 @@
+from lmjax.cli import main
+
+raise SystemExit(main())

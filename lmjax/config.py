@@ -1,0 +1,297 @@
+"""Typed run configuration: one frozen dataclass per subsystem.
+
+Each subsystem function takes only its own part (`ModelConfig`, `DataConfig`, ...);
+`Config` merely groups them for the command line, experiments and `config.json`.
+`apply_overrides` parses `section.field=value` strings to the field's type and
+`validate` checks cross-field constraints before anything is compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from typing import Any
+
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased so that the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 32000
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    head_dim: int = 64
+    d_mlp: int = 1408
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    # Llama-3.1 frequency scaling; rope_scaling_factor 0 turns it off.
+    rope_scaling_factor: float = 0.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "bfloat16"  # compute dtype of matmuls and activations
+    param_dtype: str = "float32"
+    remat: str = "full"
+    attention: str = "auto"
+    scan_layers: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh. One of data/fsdp/tensor may be -1: it takes the remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1  # across slices (multi-slice TPU) or across hosts on a DCN
+    dcn_fsdp: int = 1
+    # Extra logical-axis rules "logical=mesh_axis[+mesh_axis]" overriding the defaults,
+    # e.g. ("mlp=tensor", "embed=fsdp"). An empty right side replicates that axis.
+    rules: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # "packaged": the Shakespeare slice shipped in the package, built as a TFDS dataset.
+    # "text": a local TFDS dataset built from `text_files` (glob of .txt/.jsonl).
+    # "tfds": a registered TFDS dataset `tfds_name` read from `data_dir`.
+    # "synthetic": seeded random tokens, for benchmarks.
+    source: str = "packaged"
+    tfds_name: str = ""
+    data_dir: str = ""
+    text_files: str = ""
+    text_feature: str = "text"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    validation_fraction: float = 0.05
+    tokenizer: str = ""  # a sentencepiece .model; empty: train one into the workdir
+    tokenizer_vocab_size: int = 4096
+    batch_size: int = 8  # global batch, in sequences
+    seq_len: int = 512
+    packing: bool = True  # False: concatenate and split without segment ids
+    shuffle: bool = True
+    shuffle_buffer: int = 4096
+    seed: int = 0
+    eval_batches: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0: decay over run.steps
+    min_lr_ratio: float = 0.1
+    wsd_decay_fraction: float = 0.2  # warmup-stable-decay: final fraction spent decaying
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    clip_norm: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1  # microbatches per step, accumulated inside the jitted step
+    z_loss: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    every_minutes: float = 0.0  # 0: off
+    keep: int = 3
+    keep_every: int = 0  # 0: off; otherwise steps divisible by it are kept forever
+    async_save: bool = True
+    on_nonfinite: str = "stop"  # "stop" or "skip"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 8
+    sample_tokens: int = 0  # >0: print a sample of this many tokens after training
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    run: RunConfig = RunConfig()
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _parse_value(text: str, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if text.lower() in ("none", "null"):
+            return None
+        return _parse_value(text, inner[0], key)
+    if origin is tuple:
+        items = [s.strip() for s in text.split(",") if s.strip()] if text.strip() else []
+        return tuple(_parse_value(s, args[0], key) for s in items)
+    if typ is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={text!r}: expected a boolean (true/false)")
+    if typ is int:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r}: expected an integer") from None
+        if value != int(value):
+            raise ConfigError(f"{key}={text!r}: expected an integer")
+        return int(value)
+    if typ is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r}: expected a number") from None
+    return text
+
+
+def _nearest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Returns `config` with each `section.field=value` applied, parsed to the field type."""
+    sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. run.steps=100")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if "." not in key:
+            raise ConfigError(
+                f"--set {key}: expected section.field; sections are {', '.join(sections)}.")
+        section, field = key.split(".", 1)
+        if section not in sections:
+            raise ConfigError(f"--set {key}: unknown section {section!r}; valid sections: "
+                              f"{', '.join(sections)}.{_nearest(section, list(sections))}")
+        types_ = _field_types(type(sections[section]))
+        if field not in types_:
+            valid = sorted(types_)
+            raise ConfigError(f"--set {key}: unknown field {field!r} of {section}.{_nearest(field, valid)} "
+                              f"Valid keys: {', '.join(section + '.' + v for v in valid)}")
+        value = _parse_value(text, types_[field], key)
+        sections[section] = dataclasses.replace(sections[section], **{field: value})
+    return Config(**sections)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(config: Config) -> Config:
+    """Checks the constraints that would otherwise fail deep inside a compile."""
+    m, d, o, c, r = config.model, config.data, config.optim, config.checkpoint, config.run
+    problems = []
+
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            problems.append(message)
+
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_mlp"):
+        need(getattr(m, name) > 0, f"model.{name} must be positive (got {getattr(m, name)}).")
+    if m.n_heads > 0 and m.n_kv_heads > 0:
+        need(m.n_heads % m.n_kv_heads == 0,
+             f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}: "
+             "choose n_kv_heads among the divisors of n_heads (1 gives multi-query attention).")
+    need(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for RoPE.")
+    need(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: choose one of {DTYPES}.")
+    need(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: choose one of {DTYPES}.")
+    need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {REMAT_POLICIES}.")
+    need(m.attention in ATTENTION_IMPLS,
+         f"model.attention={m.attention!r}: choose one of {ATTENTION_IMPLS}.")
+    need(d.seq_len > 1, f"data.seq_len={d.seq_len} must be at least 2.")
+    need(d.seq_len <= m.max_seq_len,
+         f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
+         "raise model.max_seq_len or lower data.seq_len.")
+    need(d.batch_size > 0, f"data.batch_size={d.batch_size} must be positive.")
+    need(o.grad_accum > 0, f"optim.grad_accum={o.grad_accum} must be positive.")
+    if d.batch_size > 0 and o.grad_accum > 0:
+        need(d.batch_size % o.grad_accum == 0,
+             f"data.batch_size={d.batch_size} must be divisible by optim.grad_accum={o.grad_accum}.")
+    need(d.source in ("packaged", "text", "tfds", "synthetic"),
+         f"data.source={d.source!r}: choose packaged, text, tfds or synthetic.")
+    need(d.source != "tfds" or d.tfds_name,
+         "data.source=tfds needs data.tfds_name (e.g. c4/en:3.1.0) and data.data_dir.")
+    need(d.source != "text" or d.text_files,
+         "data.source=text needs data.text_files (a glob of .txt or .jsonl files).")
+    need(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: choose one of {SCHEDULES}.")
+    need(o.lr >= 0, f"optim.lr={o.lr} must be non-negative.")
+    need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1].")
+    need(c.on_nonfinite in ("stop", "skip"),
+         f"checkpoint.on_nonfinite={c.on_nonfinite!r}: choose stop or skip.")
+    need(c.keep > 0, f"checkpoint.keep={c.keep} must be at least 1.")
+    need(r.steps > 0, f"run.steps={r.steps} must be positive.")
+    need(r.log_every > 0, f"run.log_every={r.log_every} must be positive.")
+    if problems:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+# ---------------------------------------------------------------- (de)serialization
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict) -> Config:
+    """Inverse of `to_dict`; unknown keys are an error (a config from another version)."""
+    sections = {}
+    for f in dataclasses.fields(Config):
+        cls = type(f.default)
+        values = dict(data.get(f.name, {}))
+        types_ = _field_types(cls)
+        unknown = set(values) - set(types_)
+        if unknown:
+            raise ConfigError(f"config section {f.name!r} has unknown keys {sorted(unknown)}")
+        for k, v in values.items():
+            if typing.get_origin(types_[k]) is tuple:
+                values[k] = tuple(v)
+        sections[f.name] = cls(**values)
+    return Config(**sections)
+
+
+def to_json(config: Config) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+def diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """`{"section.field": (old, new)}` for every field that differs."""
+    a, b = to_dict(old), to_dict(new)
+    return {f"{s}.{k}": (a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]}
+

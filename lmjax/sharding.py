@@ -1,0 +1,164 @@
+"""Device meshes and the logical-axis rules that map model axis names onto them.
+
+The model names axes logically (`embed`, `heads`, `act_batch`, ...); this module alone
+knows mesh axes (`data`, `fsdp`, `tensor`). Rules are data: a tuple of
+`(logical_name, mesh_axes)` pairs, overridable from `MeshConfig.rules`.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lmjax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Parameters shard `embed` over fsdp (ZeRO-3 style) and heads/mlp/vocab over tensor;
+# activations (act_*) shard their batch over data and fsdp.
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("layers", ()),
+    ("vocab", ("tensor",)),
+    ("embed", ("fsdp",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("head_dim", ()),
+    ("mlp", ("tensor",)),
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", ()),
+    ("act_embed", ()),
+    ("act_heads", ("tensor",)),
+    ("act_kv_heads", ("tensor",)),
+    ("act_mlp", ("tensor",)),
+    ("act_vocab", ("tensor",)),
+)
+
+_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("lmjax_sharding", default=None)
+
+
+def rules_from_config(cfg: MeshConfig) -> dict[str, tuple[str, ...]]:
+    """The default rules with `cfg.rules` ("logical=axis[+axis]") applied on top."""
+    rules = dict(DEFAULT_RULES)
+    for item in cfg.rules:
+        name, sep, axes = item.partition("=")
+        name = name.strip()
+        if not sep or name not in rules:
+            raise ConfigError(f"mesh.rules entry {item!r}: expected logical=mesh_axis[+mesh_axis] "
+                              f"with logical one of {sorted(rules)}")
+        parts = tuple(a.strip() for a in axes.split("+") if a.strip())
+        bad = [a for a in parts if a not in MESH_AXES]
+        if bad:
+            raise ConfigError(f"mesh.rules entry {item!r}: unknown mesh axes {bad}; "
+                              f"mesh axes are {MESH_AXES}")
+        rules[name] = parts
+    return rules
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: dict[str, tuple[str, ...]],
+                    mesh: Mesh | None = None, shape: Sequence[int] | None = None) -> P:
+    """PartitionSpec for an array whose dimensions have logical names `axes`.
+
+    Mesh axes of size 1 are dropped. A mesh axis used by two dimensions is a rule conflict
+    and raises; so does a dimension that the mesh axes do not divide (given `shape`).
+    """
+    used: dict[str, str] = {}
+    spec = []
+    for dim, name in enumerate(axes):
+        mesh_axes = rules.get(name, ()) if name else ()
+        if mesh is not None:
+            mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
+        for a in mesh_axes:
+            if a in used:
+                raise ConfigError(f"sharding rule conflict: logical axes {used[a]!r} and {name!r} of "
+                                  f"{tuple(axes)} both map to mesh axis {a!r}; change mesh.rules")
+            used[a] = name
+        if mesh is not None and shape is not None and mesh_axes:
+            size = math.prod(mesh.shape[a] for a in mesh_axes)
+            if shape[dim] % size:
+                raise ConfigError(
+                    f"dimension {name!r} of size {shape[dim]} (array {tuple(axes)} {tuple(shape)}) is "
+                    f"not divisible by mesh axes {mesh_axes} of size {size}: change the mesh shape "
+                    f"(mesh.*) or map {name!r} elsewhere with mesh.rules")
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+    return P(*spec)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: dict[str, tuple[str, ...]]):
+    """Within this context, `constrain` pins activations to shardings from `rules`."""
+    token = _CONTEXT.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint from logical `axes`; a no-op outside `activation_sharding`."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    spec = logical_to_spec(axes, rules, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def tree_shardings(axes_tree: Any, mesh: Mesh, rules, shapes_tree: Any = None) -> Any:
+    """NamedShardings for a pytree whose leaves are logical-axes tuples."""
+    is_leaf = lambda t: isinstance(t, tuple)  # noqa: E731
+    if shapes_tree is None:
+        return jax.tree.map(lambda a: NamedSharding(mesh, logical_to_spec(a, rules, mesh)),
+                            axes_tree, is_leaf=is_leaf)
+    return jax.tree.map(
+        lambda a, s: NamedSharding(mesh, logical_to_spec(a, rules, mesh, s.shape)),
+        axes_tree, shapes_tree, is_leaf=is_leaf)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices).
+
+    With dcn_data/dcn_fsdp > 1 the mesh is hybrid: those factors span slices (or hosts),
+    the ICI factors span devices within one.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    dcn = (cfg.dcn_data, cfg.dcn_fsdp, 1)
+    n_dcn = math.prod(dcn)
+    ici = [cfg.data, cfg.fsdp, cfg.tensor]
+    if any(d <= 0 for d in dcn) or n % n_dcn:
+        raise ConfigError(f"mesh.dcn_data={cfg.dcn_data} x mesh.dcn_fsdp={cfg.dcn_fsdp} must be positive "
+                          f"and divide the {n} devices")
+    per_slice = n // n_dcn
+    free = [i for i, d in enumerate(ici) if d == -1]
+    if len(free) > 1 or any(d == 0 or d < -1 for d in ici):
+        raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(ici)}: sizes must be positive, "
+                          "with at most one -1 to take the remaining devices")
+    if free:
+        fixed = math.prod(d for d in ici if d != -1)
+        if per_slice % fixed:
+            raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(ici)}: {fixed} does not divide "
+                              f"the {per_slice} devices per slice")
+        ici[free[0]] = per_slice // fixed
+    if math.prod(ici) != per_slice:
+        raise ConfigError(
+            f"mesh (data, fsdp, tensor) = {tuple(ici)} has {math.prod(ici)} devices but there are "
+            f"{per_slice} per slice ({n} devices / {n_dcn} dcn groups): make the product match, "
+            "or set one axis to -1")
+    shape = tuple(i * d for i, d in zip(ici, dcn))
+    if n_dcn > 1:
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, list(dcn), devices=devices, allow_split_physical_axes=True,
+            **({} if hasattr(devices[0], "slice_index") else {"process_is_granule": True}))
+    else:
+        try:
+            from jax.experimental import mesh_utils
+            grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+        except (AssertionError, ValueError, NotImplementedError):
+            grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
