@@ -168,15 +168,28 @@ def mlp(x, layer: Params):
     return jnp.einsum("bsf,fd->bsd", hidden, layer["w_down"].astype(dtype))
 
 
-def block(x, layer: Params, sin, cos, segment_ids, cfg: ModelConfig):
-    """One pre-norm decoder layer. x: [batch, seq, embed] -> same."""
+def decoder_layer(x, layer: Params, sin, cos, attend: Callable, cfg: ModelConfig):
+    """One pre-norm decoder layer around a pluggable attention.
+
+    `attend(q, k, v) -> (ctx, aux)` with q [batch, seq, heads, head_dim], k, v
+    [batch, seq, kv_heads, head_dim] and ctx like q; `aux` (e.g. an updated KV cache) is
+    passed through. Returns (x [batch, seq, embed], aux).
+    """
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
     q, k, v = qkv_projection(h, layer, sin, cos)
-    ctx = attn_lib.attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention)
+    ctx, aux = attend(q, k, v)
     ctx = checkpoint_name(ctx, "attn_out")
     x = x + output_projection(ctx, layer)
     x = x + mlp(rms_norm(x, layer["mlp_norm"], cfg.norm_eps), layer)
-    return constrain(x, ("act_batch", "act_seq", "act_embed"))
+    return constrain(x, ("act_batch", "act_seq", "act_embed")), aux
+
+
+def block(x, layer: Params, sin, cos, segment_ids, cfg: ModelConfig):
+    """One pre-norm decoder layer. x: [batch, seq, embed] -> same."""
+    def attend(q, k, v):
+        return attn_lib.attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention), None
+
+    return decoder_layer(x, layer, sin, cos, attend, cfg)[0]
 
 
 _REMAT_POLICIES: dict[str, Callable | None] = {

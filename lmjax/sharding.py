@@ -108,9 +108,15 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def is_axes(x: Any) -> bool:
+    """A logical-axes leaf: a plain tuple of names or None (not a NamedTuple state)."""
+    return type(x) is tuple and all(isinstance(e, (str, type(None))) for e in x)
+
+
 def tree_shardings(axes_tree: Any, mesh: Mesh, rules, shapes_tree: Any = None) -> Any:
-    """NamedShardings for a pytree whose leaves are logical-axes tuples."""
-    is_leaf = lambda t: isinstance(t, tuple)  # noqa: E731
+    """NamedShardings for a pytree whose leaves are logical-axes tuples (`is_axes`);
+    with `shapes_tree`, also checks that the mesh divides every sharded dimension."""
+    is_leaf = is_axes
     if shapes_tree is None:
         return jax.tree.map(lambda a: NamedSharding(mesh, logical_to_spec(a, rules, mesh)),
                             axes_tree, is_leaf=is_leaf)

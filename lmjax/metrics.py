@@ -1,0 +1,122 @@
+"""FLOPs accounting, MFU, and metric writers (JSONL, TensorBoard, terminal progress)."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lmjax import model
+from lmjax.config import ModelConfig
+
+# Dense peak FLOP/s per chip (bf16), by the start of `device.device_kind`. One source of truth.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul params, plus causal attention counted once per
+    (query, key) pair: 3 passes x 2 matmuls x 2 flops x heads x head_dim x seq/2 per layer."""
+    n_matmul = model.count_params(cfg, include_embed=False)
+    if cfg.tie_embeddings:  # the tied embedding still costs a vocab projection
+        n_matmul += cfg.vocab_size * cfg.d_model
+    attention = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    return 6.0 * n_matmul + attention
+
+
+@functools.cache
+def _measured_cpu_peak(dtype: str) -> float:
+    n = 1024
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device: jax.Device, compute_dtype: str = "bfloat16") -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from)."""
+    kind = device.device_kind
+    for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if kind.startswith(prefix):
+            return PEAK_FLOPS[prefix], f"table ({kind})"
+    if device.platform == "cpu":
+        return _measured_cpu_peak(compute_dtype), f"measured {compute_dtype} matmul on this CPU"
+    return float("nan"), f"unknown device kind {kind!r}"
+
+
+class MetricsWriter:
+    """Writes one JSON object per line to `metrics.jsonl`, scalars to TensorBoard, and a
+    progress line to stdout. Only process 0 writes; the others are silent no-ops."""
+
+    def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.start = time.time()
+        self.tty = sys.stdout.isatty()
+        self._jsonl = self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+        self._progress(step, record)
+
+    def _progress(self, step: int, record: dict) -> None:
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "step")
+        done = max(step, 1)
+        eta = (time.time() - self.start) / done * (self.total_steps - step)
+        line = f"step {step}/{self.total_steps} {shown} eta={eta:.0f}s"
+        if self.tty:
+            print("\r" + line[: os.get_terminal_size().columns - 1], end="", flush=True)
+            if "eval_loss" in record or step >= self.total_steps:
+                print()
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    return v
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

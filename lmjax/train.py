@@ -1,0 +1,286 @@
+"""Train state, the jitted train step, and the training loop."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from typing import Any, Iterator
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lmjax import metrics as metrics_lib
+from lmjax import model, optim, sharding
+from lmjax.config import Config, ModelConfig, OptimConfig
+
+log = logging.getLogger("lmjax")
+
+Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions, loss_mask: [batch, seq]
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32 [2]; folded with the step wherever randomness is needed
+
+
+def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state; jit it with out_shardings to create it already sharded."""
+    rng = jax.random.PRNGKey(seed)
+    params = model.init(model_cfg, jax.random.fold_in(rng, 0))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=rng)
+
+
+def state_axes(model_cfg: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
+    """Logical axes of every state leaf: optimizer moments follow their parameter, the
+    other optimizer leaves (counts) are replicated."""
+    params_axes = model.param_axes(model_cfg)
+    shapes = jax.eval_shape(functools.partial(init_state, model_cfg, tx, 0))
+    params_def = jax.tree.structure(shapes.params)
+    is_params = lambda x: jax.tree.structure(x) == params_def  # noqa: E731
+    opt_axes = jax.tree.map(lambda x: params_axes if is_params(x) else (None,) * x.ndim,
+                            shapes.opt_state, is_leaf=is_params)
+    return TrainState(step=(), params=params_axes, opt_state=opt_axes, rng=(None,))
+
+
+# ---------------------------------------------------------------- loss and step
+
+
+def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
+    """Summed (not averaged) objective terms of one (micro)batch.
+
+    Returns (objective_sum, aux) with aux = {nll_sum, z_sum, tokens}; dividing by the token
+    count of the whole step gives the mean, so microbatches add up to the big batch.
+    """
+    logits = model.forward(params, batch["inputs"], model_cfg,
+                           segment_ids=batch["segment_ids"], positions=batch["positions"])
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    nll_sum = jnp.sum((logz - target_logit) * mask)
+    z_sum = jnp.sum(jnp.square(logz) * mask)
+    objective = nll_sum + z_loss * z_sum
+    return objective, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask)}
+
+
+def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, optim_cfg: OptimConfig,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, skip_nonfinite: bool):
+    """One optimizer update over `optim_cfg.grad_accum` microbatches. Pure.
+
+    batch: arrays [batch, seq]. Returns (new_state, metrics of this step).
+    """
+    grad_fn = jax.grad(loss_terms, has_aux=True)
+    n_micro = optim_cfg.grad_accum
+    if n_micro == 1:
+        grads, aux = grad_fn(state.params, batch, model_cfg, optim_cfg.z_loss)
+    else:
+        micro = jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
+
+        def accumulate(carry, mb):
+            g, a = grad_fn(state.params, mb, model_cfg, optim_cfg.z_loss)
+            return jax.tree.map(jnp.add, carry, (g, a)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zero_aux = {"nll_sum": 0.0, "z_sum": 0.0, "tokens": 0.0}
+        (grads, aux), _ = jax.lax.scan(accumulate, (zeros, jax.tree.map(jnp.float32, zero_aux)),
+                                       micro)
+    tokens = jnp.maximum(aux["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    loss = aux["nll_sum"] / tokens
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if skip_nonfinite:
+        keep_old = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = new_state.replace(params=jax.tree.map(keep_old, params, state.params),
+                                      opt_state=jax.tree.map(keep_old, opt_state, state.opt_state))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
+               "tokens": aux["tokens"], "finite": finite}
+    if optim_cfg.z_loss:
+        metrics["z_loss"] = aux["z_sum"] / tokens
+    return new_state, metrics
+
+
+# ---------------------------------------------------------------- compiled pieces
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything compiled for one (config, mesh): shardings, init and step functions."""
+
+    config: Config
+    mesh: Mesh
+    rules: dict
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    init_fn: Any
+    step_fn: Any
+
+
+def make_trainer(config: Config, mesh: Mesh) -> Trainer:
+    """Builds shardings from the logical rules and jits init and step with them."""
+    rules = sharding.rules_from_config(config.mesh)
+    tx = optim.make_optimizer(config.optim, config.run.steps)
+    schedule = optim.learning_rate_schedule(config.optim, config.run.steps)
+    shapes = jax.eval_shape(functools.partial(init_state, config.model, tx, config.run.seed))
+    axes = state_axes(config.model, tx)
+    state_shardings = sharding.tree_shardings(axes, mesh, rules, shapes)
+    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("act_batch", None), rules, mesh))
+    init_fn = jax.jit(functools.partial(init_state, config.model, tx, config.run.seed),
+                      out_shardings=state_shardings)
+    step = functools.partial(train_step, model_cfg=config.model, optim_cfg=config.optim, tx=tx,
+                             schedule=schedule,
+                             skip_nonfinite=config.checkpoint.on_nonfinite == "skip")
+
+    def step_with_rules(state, batch):
+        with sharding.activation_sharding(mesh, rules):
+            return step(state, batch)
+
+    replicated = NamedSharding(mesh, P())
+    step_fn = jax.jit(step_with_rules, in_shardings=(state_shardings, batch_sharding),
+                      out_shardings=(state_shardings, replicated), donate_argnums=0)
+    return Trainer(config, mesh, rules, tx, schedule, state_shardings, batch_sharding, init_fn,
+                   step_fn)
+
+
+def global_batch(local: dict[str, np.ndarray], batch_sharding: NamedSharding) -> Batch:
+    """Assembles this process's rows into global arrays laid out by `batch_sharding`."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
+            for k in BATCH_KEYS}
+
+
+def fetch(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def run_steps(trainer: Trainer, state: TrainState, batches: Iterator[dict], steps: int,
+              on_metrics) -> TrainState:
+    """Runs `steps` updates. `on_metrics(step, metrics, seconds)` receives each step's metrics
+    one step late, so the host never waits on the device between dispatches."""
+    pending = None
+    last = time.perf_counter()
+    for _ in range(steps):
+        batch = global_batch(next(batches), trainer.batch_sharding)
+        state, step_metrics = trainer.step_fn(state, batch)
+        if pending is not None:
+            now = time.perf_counter()
+            on_metrics(*pending, now - last)
+            last = now
+        pending = (int(state.step), step_metrics)
+    if pending is not None:
+        jax.block_until_ready(pending[1])
+        on_metrics(*pending, time.perf_counter() - last)
+    return state
+
+
+def make_eval_fn(trainer: Trainer):
+    """Jitted (nll_sum, tokens) of one global batch under the trainer's shardings."""
+    model_cfg = trainer.config.model
+
+    def eval_sums(params, batch):
+        with sharding.activation_sharding(trainer.mesh, trainer.rules):
+            _, aux = loss_terms(params, batch, model_cfg, 0.0)
+        return aux["nll_sum"], aux["tokens"]
+
+    return jax.jit(eval_sums, in_shardings=(trainer.state_shardings.params, trainer.batch_sharding))
+
+
+def evaluate(trainer: Trainer, eval_fn, params, batches: list[dict]) -> dict[str, float]:
+    """Mean loss and perplexity over fixed evaluation batches (process-local rows)."""
+    nll, tokens = 0.0, 0.0
+    for local in batches:
+        n, t = eval_fn(params, global_batch(local, trainer.batch_sharding))
+        nll, tokens = nll + float(n), tokens + float(t)
+    loss = nll / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 700.0))),
+            "eval_tokens": tokens}
+
+
+def _describe_devices(mesh: Mesh) -> str:
+    d = jax.devices()[0]
+    return (f"process {jax.process_index()}/{jax.process_count()}, {jax.device_count()} devices "
+            f"({d.device_kind}), mesh {dict(mesh.shape)}")
+
+
+def train(config: Config, workdir: str) -> dict[str, float]:
+    """Trains `config` in `workdir` and returns the final metrics.
+
+    Writes `config.json`, `metrics.jsonl`, TensorBoard events and the final params.
+    """
+    from lmjax import data as data_lib
+    from lmjax.config import to_json, validate
+
+    config = validate(config)
+    primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh)
+    log.info(_describe_devices(mesh))
+    tokenizer = data_lib.prepare_tokenizer(config.data, workdir)
+    config = _with_tokenizer(config, tokenizer)
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(to_json(config))
+    pipeline = data_lib.make_pipeline(config.data, tokenizer, process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+    trainer = make_trainer(config, mesh)
+    state = trainer.init_fn()
+    eval_fn = make_eval_fn(trainer)
+    eval_batches = pipeline.eval_batches(config.run.eval_batches)
+
+    total = config.run.steps
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    flops_per_step = metrics_lib.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
+    peak, peak_source = metrics_lib.peak_flops(jax.devices()[0], config.model.dtype)
+    log.info("peak FLOP/s per device: %.3g (%s)", peak, peak_source)
+    writer = metrics_lib.MetricsWriter(workdir, total, enabled=primary)
+    last: dict[str, float] = {}
+
+    def on_metrics(step: int, step_metrics: dict, seconds: float) -> None:
+        values = fetch(step_metrics)
+        if not values.pop("finite"):
+            raise FloatingPointError(f"non-finite loss or gradient at step {step}: "
+                                     f"loss={values['loss']}, grad_norm={values['grad_norm']}")
+        values.update(step_seconds=seconds, tokens_per_second=tokens_per_step / seconds,
+                      mfu=flops_per_step / seconds / (peak * jax.device_count()))
+        last.update(values)
+        if step % config.run.log_every == 0 or step == total:
+            writer.write(step, values)
+
+    step = int(state.step)
+    batches = pipeline.train_batches(step)
+    eval_every = config.run.eval_every or total
+    while step < total:
+        segment_end = min(total, (step // eval_every + 1) * eval_every)
+        state = run_steps(trainer, state, batches, segment_end - step, on_metrics)
+        step = segment_end
+        result = evaluate(trainer, eval_fn, state.params, eval_batches)
+        writer.write(step, result)
+        last.update(result)
+    writer.close()
+    _save_params(os.path.join(workdir, "params"), state.params)
+    return last
+
+
+def _with_tokenizer(config: Config, tokenizer) -> Config:
+    if tokenizer is None:
+        return config
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer.path))
+
+
+def _save_params(path: str, params) -> None:
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(path), params, force=True)
