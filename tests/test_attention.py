@@ -1,0 +1,109 @@
+"""Attention numerics (float32): masks, grouped-query and multi-query against references."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax import attention as attn_lib
+from tests import numpy_llama
+
+
+def _qkv(seed, batch=2, seq=12, heads=4, kv_heads=2, head_dim=8):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, seq, heads, head_dim)).astype(np.float32)
+    k = rng.standard_normal((batch, seq, kv_heads, head_dim)).astype(np.float32)
+    v = rng.standard_normal((batch, seq, kv_heads, head_dim)).astype(np.float32)
+    return q, k, v
+
+
+def _reference(q, k, v, segment_ids=None):
+    """The numpy loop of tests/numpy_llama.py, row by row. Returns [batch, seq, heads, head_dim]."""
+    seq = q.shape[1]
+    out = []
+    for b in range(q.shape[0]):
+        allowed = np.tril(np.ones((seq, seq), bool))
+        if segment_ids is not None:
+            allowed &= segment_ids[b][:, None] == segment_ids[b][None, :]
+        out.append(numpy_llama.attention(q[b].astype(np.float64), k[b].astype(np.float64),
+                                         v[b].astype(np.float64), allowed))
+    return np.stack(out)
+
+
+def test_make_mask_is_causal_and_block_diagonal():
+    seg = jnp.array([[1, 1, 1, 2, 2, 0]])
+    idx = jnp.arange(6)
+    mask = np.asarray(attn_lib.make_mask(seg, seg, idx, idx))[0]
+    expected = np.zeros((6, 6), bool)
+    for i in range(6):
+        for j in range(i + 1):
+            expected[i, j] = int(seg[0, i]) == int(seg[0, j])
+    np.testing.assert_array_equal(mask, expected)
+    unsegmented = np.asarray(attn_lib.make_mask(None, None, idx, idx))[0]
+    np.testing.assert_array_equal(unsegmented, np.tril(np.ones((6, 6), bool)))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+def test_attention_matches_numpy_loop(heads, kv_heads):
+    q, k, v = _qkv(0, heads=heads, kv_heads=kv_heads)
+    out = attn_lib.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl="xla")
+    np.testing.assert_allclose(np.asarray(out), _reference(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_grouped_query_equals_mha_with_repeated_kv(kv_heads):
+    heads = 4
+    q, k, v = _qkv(1, heads=heads, kv_heads=kv_heads)
+    group = heads // kv_heads
+    seg = np.array([[0] * 5 + [1] * 7, [3] * 12])
+    grouped = attn_lib.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                 segment_ids=jnp.asarray(seg), impl="xla")
+    k_rep, v_rep = (np.repeat(x, group, axis=2) for x in (k, v))
+    full = attn_lib.attention(jnp.asarray(q), jnp.asarray(k_rep), jnp.asarray(v_rep),
+                              segment_ids=jnp.asarray(seg), impl="xla")
+    np.testing.assert_allclose(np.asarray(grouped), np.asarray(full), atol=1e-6, rtol=1e-6)
+
+
+def test_segments_match_numpy_loop_and_do_not_leak():
+    q, k, v = _qkv(2)
+    seg = np.array([[1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3], [5] * 6 + [6] * 6])
+    out = np.asarray(attn_lib.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                        segment_ids=jnp.asarray(seg), impl="xla"))
+    np.testing.assert_allclose(out, _reference(q, k, v, seg), atol=1e-5, rtol=1e-5)
+    # Replacing the keys/values of document 2 (row 0, positions 4..6) changes only document 2.
+    k2, v2 = k.copy(), v.copy()
+    k2[0, 4:7] += 3.0
+    v2[0, 4:7] -= 3.0
+    out2 = np.asarray(attn_lib.attention(jnp.asarray(q), jnp.asarray(k2), jnp.asarray(v2),
+                                         segment_ids=jnp.asarray(seg), impl="xla"))
+    changed = np.abs(out2 - out).max(axis=(2, 3)) > 1e-6
+    expected = np.zeros_like(changed)
+    expected[0, 4:7] = True
+    np.testing.assert_array_equal(changed, expected)
+
+
+def test_future_keys_do_not_change_past_outputs():
+    q, k, v = _qkv(3)
+    out = np.asarray(attn_lib.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl="xla"))
+    k2, v2 = k.copy(), v.copy()
+    k2[:, 7:] = 10.0
+    v2[:, 7:] = -10.0
+    out2 = np.asarray(attn_lib.attention(jnp.asarray(q), jnp.asarray(k2), jnp.asarray(v2), impl="xla"))
+    np.testing.assert_array_equal(out[:, :7], out2[:, :7])
+    assert np.abs(out[:, 7:] - out2[:, 7:]).min() > 0
+
+
+def test_attention_with_mask_equals_causal_attention():
+    q, k, v = _qkv(4, kv_heads=1)
+    seq = q.shape[1]
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((seq, seq), bool)), (q.shape[0], seq, seq))
+    a = attn_lib.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl="xla")
+    b = attn_lib.attention_with_mask(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
+
+
+def test_auto_resolves_to_xla_on_cpu_and_unknown_impl_is_refused():
+    assert jax.default_backend() == "cpu"
+    assert attn_lib.resolve_impl("auto") == "xla"
+    q, k, v = (jnp.asarray(x) for x in _qkv(5))
+    with pytest.raises(ValueError, match="auto, xla, cudnn or splash"):
+        attn_lib.attention(q, k, v, impl="flash")

@@ -1,0 +1,286 @@
+"""Model numerics in float32 against the independent numpy reference (tests/numpy_llama.py).
+
+Parameters are drawn as a random HF-named state dict and placed into the lmjax layout by
+`params_from_hf` below, a direct transcription of the layouts documented in lmjax/model.py
+(deliberately not lmjax.convert.hf, which tests/test_convert.py checks on its own).
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lmjax import model
+from lmjax.config import ModelConfig
+from tests import numpy_llama
+
+CFG = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                  d_mlp=64, max_seq_len=64, rope_theta=10000.0, norm_eps=1e-5, dtype="float32",
+                  param_dtype="float32", remat="none", attention="xla", scan_layers=True)
+# Llama-3.1 scaling with a short original context, so that all three frequency bands
+# (kept, blended, divided by the factor) fall on frequencies that matter at 32 positions.
+SCALED = dataclasses.replace(CFG, rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+                             rope_high_freq_factor=4.0, rope_original_max_len=64)
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    config = {"hidden_size": cfg.d_model, "intermediate_size": cfg.d_mlp,
+              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+              "head_dim": cfg.head_dim, "num_hidden_layers": cfg.n_layers,
+              "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
+              "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+              "rope_scaling": None}
+    if cfg.rope_scaling_factor > 0:
+        config["rope_scaling"] = {
+            "rope_type": "llama3", "factor": cfg.rope_scaling_factor,
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_len}
+    return config
+
+
+def params_from_hf(t: dict, cfg: ModelConfig) -> dict:
+    """HF Linear weights are [out, in]; lmjax stores [in, out] with heads split out."""
+    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def stack(name, fn):
+        return jnp.asarray(np.stack([fn(t[f"model.layers.{i}.{name}"]) for i in range(cfg.n_layers)]))
+
+    params = {
+        "embed": jnp.asarray(t["model.embed_tokens.weight"]),
+        "layers": {
+            "attn_norm": stack("input_layernorm.weight", lambda w: w),
+            "wq": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(D, H, Dh)),
+            "wk": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(D, K, Dh)),
+            "wv": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(D, K, Dh)),
+            "wo": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(H, Dh, D)),
+            "mlp_norm": stack("post_attention_layernorm.weight", lambda w: w),
+            "w_gate": stack("mlp.gate_proj.weight", lambda w: w.T),
+            "w_up": stack("mlp.up_proj.weight", lambda w: w.T),
+            "w_down": stack("mlp.down_proj.weight", lambda w: w.T),
+        },
+        "final_norm": jnp.asarray(t["model.norm.weight"]),
+    }
+    if not cfg.tie_embeddings:
+        params["unembed"] = jnp.asarray(t["lm_head.weight"].T)
+    return params
+
+
+def random_model(cfg: ModelConfig, seed: int = 0):
+    """(params, hf_tensors) holding the same random weights."""
+    tensors = numpy_llama.random_checkpoint(hf_config(cfg), seed=seed)
+    return params_from_hf(tensors, cfg), tensors
+
+
+def tokens_for(seed, batch=2, seq=32, vocab=256):
+    return np.random.default_rng(seed).integers(0, vocab, (batch, seq))
+
+
+def loss_fn(params, tokens, cfg):
+    logits = model.forward(params, tokens[:, :-1], cfg)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def test_param_tree_matches_specs_and_init():
+    params = jax.eval_shape(functools.partial(model.init, CFG), jax.random.key(0))
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+    expected = jax.tree.map(lambda s: (s.shape, s.dtype), model.param_shapes(CFG))
+    assert shapes == expected
+    assert model.count_params(CFG) == sum(x.size for x in jax.tree.leaves(params))
+    assert jax.tree.structure(random_model(CFG)[0]) == jax.tree.structure(params)
+    tied = dataclasses.replace(CFG, tie_embeddings=True)
+    assert "unembed" not in jax.eval_shape(functools.partial(model.init, tied), jax.random.key(0))
+
+
+def test_rms_norm_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 32)).astype(np.float32) * 3
+    w = rng.standard_normal(32).astype(np.float32)
+    got = model.rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-5)
+    np.testing.assert_allclose(np.asarray(got), numpy_llama.rms_norm(x.astype(np.float64), w, 1e-5),
+                               rtol=1e-5, atol=1e-6)
+    assert model.rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), 1e-5).dtype == jnp.bfloat16
+
+
+def test_rope_frequencies_unscaled_match_numpy():
+    got = np.asarray(model.rope_frequencies(CFG))
+    np.testing.assert_allclose(got, numpy_llama.inverse_frequencies(hf_config(CFG)), rtol=1e-6)
+
+
+def test_llama31_rope_scaling_matches_published_formula():
+    cfg = dataclasses.replace(CFG, head_dim=128, rope_theta=500000.0, rope_scaling_factor=8.0,
+                              rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                              rope_original_max_len=8192)
+    got = np.asarray(model.rope_frequencies(cfg), np.float64)
+    inv = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)
+    want = numpy_llama.llama3_scaled_frequencies(inv, 8.0, 1.0, 4.0, 8192)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    # All three bands are exercised: kept, divided by the factor, and blended.
+    kept = np.isclose(want, inv, rtol=1e-12)
+    divided = np.isclose(want, inv / 8, rtol=1e-12)
+    assert kept.any() and divided.any() and (~kept & ~divided).any()
+
+
+def test_apply_rope_matches_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 7, 3, 16)).astype(np.float32)
+    pos = np.stack([np.arange(7), np.array([0, 1, 2, 0, 1, 5, 40])])
+    sin, cos = model.rope_tables(jnp.asarray(pos), SCALED)
+    got = np.asarray(model.apply_rope(jnp.asarray(x), sin, cos))
+    inv = numpy_llama.inverse_frequencies(hf_config(SCALED))
+    want = np.stack([numpy_llama.apply_rope(x[b].astype(np.float64), pos[b], inv) for b in range(2)])
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("cfg", [CFG, SCALED], ids=["plain", "llama31"])
+def test_rope_scores_depend_only_on_relative_position(cfg):
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32)
+
+    def score(m, n):
+        sq, cq = model.rope_tables(jnp.array([[m]]), cfg)
+        sk, ck = model.rope_tables(jnp.array([[n]]), cfg)
+        return float(jnp.sum(model.apply_rope(q, sq, cq) * model.apply_rope(k, sk, ck)))
+
+    for m, n in [(5, 2), (9, 9), (3, 11)]:
+        base = score(m, n)
+        for shift in (1, 7, 20):
+            assert score(m + shift, n + shift) == pytest.approx(base, abs=1e-4)
+    # ... and does depend on it.
+    assert abs(score(5, 2) - score(6, 2)) > 1e-3
+    # Rotation preserves norms; position 0 is the identity.
+    s, c = model.rope_tables(jnp.array([[37]]), cfg)
+    assert float(jnp.linalg.norm(model.apply_rope(q, s, c))) == pytest.approx(
+        float(jnp.linalg.norm(q)), rel=1e-6)
+    s, c = model.rope_tables(jnp.array([[0]]), cfg)
+    np.testing.assert_allclose(np.asarray(model.apply_rope(q, s, c)), np.asarray(q), atol=1e-7)
+
+
+# ---------------------------------------------------------------- full forward
+
+
+@pytest.mark.parametrize("cfg", [
+    CFG,
+    dataclasses.replace(CFG, tie_embeddings=True),
+    dataclasses.replace(CFG, n_kv_heads=1),
+    dataclasses.replace(CFG, n_kv_heads=4, head_dim=8),
+    SCALED,
+], ids=["gqa-untied", "gqa-tied", "mqa", "mha", "llama31-rope"])
+def test_forward_matches_numpy_reference(cfg):
+    params, tensors = random_model(cfg, seed=3)
+    tokens = tokens_for(4)
+    got = np.asarray(jax.jit(model.forward, static_argnums=2)(params, jnp.asarray(tokens), cfg))
+    want = numpy_llama.forward(tensors, hf_config(cfg), tokens)
+    assert np.abs(want).max() > 1.0  # logits carry signal, so 1e-4 is a real bound
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def packed_batch():
+    """Row 0: documents of 5, 9 and 18 tokens; row 1: one 20-token document then padding (0)."""
+    lengths = [[5, 9, 18], [20, 12]]
+    seg = np.array([np.repeat(np.arange(1, len(l) + 1), l) for l in lengths])
+    seg[1, 20:] = 0
+    pos = np.array([np.concatenate([np.arange(n) for n in l]) for l in lengths])
+    return tokens_for(5), seg, pos, lengths
+
+
+def test_packed_forward_matches_numpy_reference():
+    params, tensors = random_model(CFG, seed=6)
+    tokens, seg, pos, _ = packed_batch()
+    got = model.forward(params, jnp.asarray(tokens), CFG, segment_ids=jnp.asarray(seg),
+                        positions=jnp.asarray(pos))
+    want = numpy_llama.forward(tensors, hf_config(CFG), tokens, positions=pos, segment_ids=seg)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+
+
+def test_packed_row_equals_each_document_alone():
+    params, _ = random_model(SCALED, seed=7)
+    tokens, seg, pos, lengths = packed_batch()
+    packed = np.asarray(model.forward(params, jnp.asarray(tokens), SCALED,
+                                      segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos)))
+    for row in range(2):
+        start = 0
+        for n in lengths[row]:
+            alone = model.forward(params, jnp.asarray(tokens[row:row + 1, start:start + n]), SCALED)
+            np.testing.assert_allclose(packed[row, start:start + n], np.asarray(alone)[0],
+                                       atol=2e-5, rtol=0)
+            start += n
+
+
+def test_changing_one_document_leaves_the_others_unchanged():
+    params, _ = random_model(CFG, seed=8)
+    tokens, seg, pos, _ = packed_batch()
+    fwd = jax.jit(lambda t: model.forward(params, t, CFG, segment_ids=jnp.asarray(seg),
+                                          positions=jnp.asarray(pos)))
+    before = np.asarray(fwd(jnp.asarray(tokens)))
+    changed = tokens.copy()
+    changed[0, 5:14] = (changed[0, 5:14] + 1) % CFG.vocab_size  # the middle document of row 0
+    after = np.asarray(fwd(jnp.asarray(changed)))
+    diff = np.abs(after - before).max(axis=-1)
+    assert (diff[0, 5:14] > 1e-3).all()
+    np.testing.assert_allclose(after[0, :5], before[0, :5], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(after[0, 14:], before[0, 14:], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(after[1], before[1], atol=1e-6, rtol=0)
+
+
+def test_future_tokens_do_not_change_past_logits():
+    params, _ = random_model(CFG, seed=9)
+    tokens = tokens_for(10)
+    fwd = jax.jit(lambda t: model.forward(params, t, CFG))
+    before = np.asarray(fwd(jnp.asarray(tokens)))
+    changed = tokens.copy()
+    changed[:, 20:] = (changed[:, 20:] + 7) % CFG.vocab_size
+    after = np.asarray(fwd(jnp.asarray(changed)))
+    np.testing.assert_allclose(after[:, :20], before[:, :20], atol=1e-6, rtol=0)
+    assert (np.abs(after[:, 20:] - before[:, 20:]).max(axis=-1) > 1e-3).all()
+
+
+# ---------------------------------------------------------------- execution variants
+
+
+def _grads(cfg, params, tokens):
+    return jax.jit(jax.value_and_grad(loss_fn), static_argnums=2)(params, jnp.asarray(tokens), cfg)
+
+
+def test_remat_policies_and_layer_scan_give_the_same_gradients():
+    params, _ = random_model(CFG, seed=11)
+    tokens = tokens_for(12, seq=33)
+    ref_loss, ref_grads = _grads(CFG, params, tokens)
+    assert float(optax.tree.norm(ref_grads)) > 1e-3
+    variants = [dataclasses.replace(CFG, remat=p) for p in ("full", "save_dots", "save_attn")]
+    variants.append(dataclasses.replace(CFG, scan_layers=False, remat="save_attn"))
+    for cfg in variants:
+        loss, grads = _grads(cfg, params, tokens)
+        assert float(loss) == pytest.approx(float(ref_loss), abs=1e-6), cfg
+        for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(
+                np.asarray(g), np.asarray(r), atol=1e-6, rtol=1e-5,
+                err_msg=f"remat={cfg.remat} scan={cfg.scan_layers} {jax.tree_util.keystr(path)}")
+
+
+def test_scan_layers_forward_equals_python_loop():
+    params, _ = random_model(SCALED, seed=13)
+    tokens = jnp.asarray(tokens_for(14))
+    a = model.forward(params, tokens, SCALED)
+    b = model.forward(params, tokens, dataclasses.replace(SCALED, scan_layers=False))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    params, _ = random_model(CFG, seed=15)
+    tokens = jnp.asarray(tokens_for(16))
+    f32 = np.asarray(model.forward(params, tokens, CFG))
+    bf16_logits = model.forward(params, tokens, dataclasses.replace(CFG, dtype="bfloat16"))
+    assert bf16_logits.dtype == jnp.float32  # logits are accumulated in float32
+    bf16 = np.asarray(bf16_logits)
+    rel = np.linalg.norm(bf16 - f32) / np.linalg.norm(f32)
+    assert 0 < rel < 2e-2, rel
+    assert (bf16.argmax(-1) == f32.argmax(-1)).mean() > 0.9
