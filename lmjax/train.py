@@ -61,10 +61,9 @@ def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
     Returns (objective_sum, aux) with aux = {nll_sum, z_sum, tokens}; dividing by the token
     count of the whole step gives the mean, so microbatches add up to the big batch.
     """
-    logits = model.forward(params, batch["inputs"], model_cfg,
-                           segment_ids=batch["segment_ids"], positions=batch["positions"])
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    x = model.hidden_states(params, batch["inputs"], model_cfg,
+                            segment_ids=batch["segment_ids"], positions=batch["positions"])
+    logz, target_logit = model.target_log_stats(params, x, batch["targets"], model_cfg)
     mask = batch["loss_mask"].astype(jnp.float32)
     nll_sum = jnp.sum((logz - target_logit) * mask)
     z_sum = jnp.sum(jnp.square(logz) * mask)
@@ -96,7 +95,7 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, optim
     tokens = jnp.maximum(aux["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     loss = aux["nll_sum"] / tokens
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -1,0 +1,123 @@
+"""The train step: gradient accumulation, loss normalization, optimizer, a short fit."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lmjax import bench, optim, sharding, train
+from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig
+
+TINY = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                   d_mlp=64, max_seq_len=32, dtype="float32", remat="none")
+
+
+def _config(**optim_kw) -> Config:
+    return Config(model=TINY, mesh=MeshConfig(fsdp=1), data=DataConfig(batch_size=8, seq_len=16),
+                  optim=OptimConfig(warmup_steps=0, lr=1e-2, **optim_kw), run=RunConfig(steps=50))
+
+
+def _trainer(config):
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    return train.make_trainer(config, mesh)
+
+
+def _batch(seed=0, padded=False):
+    b = bench.synthetic_batch(8, 16, TINY.vocab_size, seed)
+    if padded:  # rows with different numbers of real target tokens
+        b["loss_mask"][np.arange(8) % 3 == 0, 10:] = 0.0
+    return b
+
+
+def test_grad_accumulation_equals_large_batch():
+    batch = _batch(padded=True)
+    results = []
+    for accum in (1, 4):
+        # A large Adam eps makes the update smooth in the gradient, so params compare tightly.
+        tr = _trainer(_config(grad_accum=accum, eps=1.0))
+        state = tr.init_fn()
+        state, m = tr.step_fn(state, train.global_batch(batch, tr.batch_sharding))
+        results.append((state.params, train.fetch(m)))
+    (p1, m1), (p4, m4) = results
+    assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-6)
+    assert m1["grad_norm"] == pytest.approx(m4["grad_norm"], rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p1, p4)
+
+
+def test_loss_is_mean_over_unmasked_targets():
+    batch = _batch(padded=True)
+    tr = _trainer(_config())
+    state = tr.init_fn()
+    logits = np.asarray(jax.jit(lambda p: __import__("lmjax.model").model.forward(
+        p, batch["inputs"], TINY, segment_ids=batch["segment_ids"],
+        positions=batch["positions"]))(state.params), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    expected = (nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    _, m = tr.step_fn(state, train.global_batch(batch, tr.batch_sharding))
+    assert train.fetch(m)["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    tr = _trainer(_config())
+    state = tr.init_fn()
+    batch = train.global_batch(_batch(), tr.batch_sharding)
+    losses = []
+    for _ in range(30):
+        state, m = tr.step_fn(state, batch)
+        losses.append(train.fetch(m)["loss"])
+    assert losses[-1] < 0.5 * losses[0]
+    assert int(state.step) == 30
+
+
+def test_nonfinite_step_is_flagged_and_skipped_when_configured():
+    cfg = _config()
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, on_nonfinite="skip"))
+    tr = _trainer(cfg)
+    state = tr.init_fn()
+    before = jax.device_get(state.params)
+    bad = _batch()
+    bad["loss_mask"] = np.full_like(bad["loss_mask"], np.inf)
+    state, m = tr.step_fn(state, train.global_batch(bad, tr.batch_sharding))
+    assert train.fetch(m)["finite"] == 0.0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+
+
+def test_schedules():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    s = optim.learning_rate_schedule(cfg, 110)
+    assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5)
+    assert float(s(10)) == pytest.approx(1.0) and float(s(110)) == pytest.approx(0.1)
+    assert float(s(60)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)
+    wsd = optim.learning_rate_schedule(dataclasses.replace(cfg, schedule="wsd",
+                                                           wsd_decay_fraction=0.2), 110)
+    assert float(wsd(50)) == pytest.approx(1.0) and float(wsd(88)) == pytest.approx(1.0)
+    assert float(wsd(99)) == pytest.approx(1.0 - 0.9 * 11 / 22, rel=1e-5)
+    assert float(wsd(110)) == pytest.approx(0.1)
+
+
+def test_weight_decay_mask_spares_norms_and_embeddings():
+    params = __import__("lmjax.model").model.init(TINY, jax.random.PRNGKey(0))
+    mask = optim.weight_decay_mask(params, OptimConfig())
+    assert mask["layers"]["wq"] and mask["layers"]["w_down"]
+    assert not mask["layers"]["attn_norm"] and not mask["final_norm"]
+    assert not mask["embed"] and not mask["unembed"]
+    assert optim.weight_decay_mask(params, OptimConfig(decay_embeddings=True))["embed"]
+
+
+def test_adamw_update_matches_optax_reference():
+    """One step of make_optimizer == optax.adamw after clipping, computed independently."""
+    cfg = OptimConfig(lr=0.1, warmup_steps=0, schedule="constant", clip_norm=0.5,
+                      weight_decay=0.1)
+    params = {"w": jnp.ones((3, 3)), "norm": jnp.ones((3,))}
+    grads = {"w": jnp.full((3, 3), 2.0), "norm": jnp.full((3,), 2.0)}
+    tx = optim.make_optimizer(cfg, 10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    scale = 0.5 / float(optax.tree.norm(grads))
+    g = 2.0 * scale  # Adam's first step moves by lr * sign(g) (m/sqrt(v) = 1)
+    assert g > 0
+    np.testing.assert_allclose(updates["w"], -0.1 * (1.0 + 0.1 * 1.0) * np.ones((3, 3)), rtol=1e-5)
+    np.testing.assert_allclose(updates["norm"], -0.1 * np.ones(3), rtol=1e-5)
