@@ -211,9 +211,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                "computation (jax.devices(), jnp arrays, ...): move the call "
                                "to the top of the entry point")
         kwargs = {"initialization_timeout": int(timeout_s) + _JAX_DEADLINE_GRACE_S}
+        # Cross-process collectives for CPU devices (older jax has none by default).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         if r.kind == "explicit":
-            # Matters for CPU devices only (older jax defaults to no CPU collectives).
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
             kwargs.update(coordinator_address=r.coordinator_address,
                           num_processes=r.num_processes, process_id=r.process_id,
                           cluster_detection_method="deactivate")

@@ -101,7 +101,7 @@ def test_single_process_initialize_is_a_no_op(monkeypatch):
 
 # --- real processes -------------------------------------------------------------------------
 
-_WORKER = textwrap.dedent("""
+WORKER_SCRIPT = textwrap.dedent("""
     import logging, sys
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     import jax, jax.numpy as jnp, numpy as np
@@ -124,7 +124,7 @@ _WORKER = textwrap.dedent("""
 
 def test_two_processes_agree_on_a_global_sum(tmp_path):
     script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
+    script.write_text(WORKER_SCRIPT)
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [subprocess.Popen([PY, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=_clean_env(LMJAX_COORDINATOR=coordinator,

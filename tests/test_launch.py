@@ -1,0 +1,435 @@
+"""Launchers: local processes for real; TPU/GKE/SLURM through their dry-run commands, with the
+remote and container scripts executed by a real bash against fake gcloud-side tools."""
+import io
+import os
+import re
+import shlex
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from launch import gke, slurm, tpu  # noqa: E402
+from launch.local import TIMEOUT_EXIT, launch_local, process_env  # noqa: E402
+from launch.tpu_types import slice_shape  # noqa: E402
+from test_distributed import WORKER_SCRIPT  # noqa: E402
+
+PY = sys.executable
+HOSTILE = ["x; rm -rf ~", "$(id)", "`id`", "it's \"both\"", "a\nb", "*", "~"]
+
+
+def _clean_env(**extra):
+    drop = ("XLA_FLAGS", "LMJAX_COORDINATOR", "LMJAX_NUM_PROCESSES", "LMJAX_PROCESS_ID",
+            "LMJAX_LOCAL_DEVICES", "SLURM_JOB_ID", "SLURM_NTASKS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(JAX_PLATFORMS="cpu", **extra)
+    return env
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+# --- local: real processes --------------------------------------------------------------------
+
+def test_local_two_processes_run_a_global_sum(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    out = io.StringIO()
+    code = launch_local([PY, str(script)], processes=2, devices_per_process=2,
+                        env=_clean_env(), timeout=240, out=out)
+    lines = out.getvalue().splitlines()
+    assert code == 0, "\n".join(lines[-40:])
+    for i in range(2):
+        result = [l.split() for l in lines if l.startswith(f"[p{i}] RESULT")]
+        assert result, "\n".join(lines[-40:])
+        # process, count, local devices, global devices, sum and psum of 1..4
+        assert result[0][2:8] == [str(i), "2", "2", "4", "10.0", "10.0"]
+    assert all(l.startswith(("[p0] ", "[p1] ")) for l in lines)
+
+
+def test_local_failure_stops_the_others_and_returns_its_code(tmp_path):
+    pid_file = tmp_path / "sleeper.pid"
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        if os.environ["LMJAX_PROCESS_ID"] == "1":
+            print("failing now"); sys.exit(3)
+        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        print("sleeping", flush=True); time.sleep(120); print("woke up")
+    """)
+    p = subprocess.run([PY, str(REPO / "launch" / "local.py"), "--processes", "2",
+                        "--devices-per-process", "1", "--", PY, "-c", code],
+                       capture_output=True, text=True, env=_clean_env(), timeout=100)
+    assert p.returncode == 3, p.stderr
+    assert "[p1] failing now" in p.stdout and "woke up" not in p.stdout
+    assert "process 1 exited with code 3" in p.stderr
+    if pid_file.exists():   # process 0 got as far as sleeping: it must be gone now
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), 0)
+
+
+def test_local_environment_and_timeout(tmp_path):
+    env = process_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/d"},
+                      "127.0.0.1:5", 4, 2, 3)
+    assert env["XLA_FLAGS"] == "--xla_dump_to=/d --xla_force_host_platform_device_count=3"
+    assert (env["LMJAX_COORDINATOR"], env["LMJAX_NUM_PROCESSES"], env["LMJAX_PROCESS_ID"],
+            env["LMJAX_LOCAL_DEVICES"], env["JAX_PLATFORMS"]) == ("127.0.0.1:5", "4", "2", "3", "cpu")
+    out = io.StringIO()
+    assert launch_local([PY, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+                        2, 1, timeout=3, out=out) == TIMEOUT_EXIT
+    with pytest.raises(ValueError, match="no command"):
+        launch_local([], 2, 1)
+
+
+# --- TPU VMs ---------------------------------------------------------------------------------
+
+WHERE = ["--name", "my-tpu", "--zone", "us-east5-a", "--project", "my-proj"]
+
+
+def _tpu(*argv):
+    return tpu.parse_args(list(argv))
+
+
+def test_tpu_create_single_slice():
+    args = _tpu("create", *WHERE, "--accelerator-type", "v5litepod-16", "--spot")
+    assert tpu.plan(args) == [[
+        "gcloud", "compute", "tpus", "tpu-vm", "create", "my-tpu", "--zone=us-east5-a",
+        "--project=my-proj", "--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite",
+        "--spot"]]
+    args = _tpu("create", *WHERE, "--accelerator-type", "v4-32", "--preemptible",
+                "--runtime-version", "tpu-vm-v4-base")
+    assert tpu.plan(args)[0][-2:] == ["--version=tpu-vm-v4-base", "--preemptible"]
+
+
+def test_tpu_create_multi_slice_queued_resource(tmp_path):
+    args = _tpu("create", *WHERE, "--accelerator-type", "v5p-64", "--num-slices", "4", "--spot")
+    create, wait = tpu.plan(args)
+    assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "my-tpu",
+                      "--zone=us-east5-a", "--project=my-proj", "--accelerator-type=v5p-64",
+                      "--runtime-version=v2-alpha-tpuv5", "--node-count=4",
+                      "--node-prefix=my-tpu", "--spot"]
+    # The wait loop is real bash: run it against a fake gcloud that reports ACTIVE.
+    assert wait[:2] == ["bash", "-c"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "gcloud", '#!/bin/sh\necho "$@" >> "$CALLS"\necho ACTIVE\n')
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(tmp_path / "calls"))
+    assert subprocess.run(wait, env=env, timeout=30).returncode == 0
+    assert (tmp_path / "calls").read_text().split() == [
+        "compute", "tpus", "queued-resources", "describe", "my-tpu", "--zone=us-east5-a",
+        "--project=my-proj", "--format=value(state.state)"]
+    single_queued = _tpu("create", *WHERE, "--accelerator-type", "v6e-256", "--queued")
+    assert "--node-id=my-tpu" in tpu.plan(single_queued)[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["create", "--name", "x; rm -rf ~", "--zone", "z", "--project", "p",
+      "--accelerator-type", "v5p-8"], "--name 'x; rm -rf ~'"),
+    (["create", "--name", "$(id)", "--zone", "z", "--project", "p",
+      "--accelerator-type", "v5p-8"], "lowercase letters"),
+    (["create", *WHERE, "--accelerator-type", "v5p-64", "--num-slices", "2", "--preemptible"],
+     "take --spot, not --preemptible"),
+    (["create", *WHERE, "--accelerator-type", "v9z-8"], "expected PREFIX-N"),
+    (["create", *WHERE], "needs --accelerator-type"),
+    (["run", *WHERE], "give the command to run after --"),
+    (["install", *WHERE, "--source", "/nonexistent"], "not an lmjax checkout"),
+])
+def test_tpu_bad_arguments_fail_before_any_command(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        tpu.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def _remote_script(ssh_argv):
+    """The --command of an ssh argv, as the remote login shell splits it: bash -c SCRIPT."""
+    command = ssh_argv[ssh_argv.index("--command") + 1]
+    words = shlex.split(command)
+    assert words[:2] == ["bash", "-c"] and len(words) == 3
+    return words[2]
+
+
+def test_tpu_run_quotes_hostile_arguments_at_every_level(capsys):
+    user_command = ["lmjax", "train", "--set", *HOSTILE]
+    args = _tpu("run", *WHERE, "--dry-run", "--", *user_command)
+    assert tpu.main(["run", *WHERE, "--dry-run", "--", *user_command]) == 0
+    printed = capsys.readouterr().out
+    (ssh,) = tpu.plan(args)
+    # Local shell level: the printed line splits back into exactly the planned argv.
+    assert shlex.split(printed) == ssh
+    assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
+    assert {"--zone=us-east5-a", "--project=my-proj", "--worker=all"} <= set(ssh)
+    # Remote levels: one bash -c argument; inside it the user's words come back literally.
+    script = _remote_script(ssh)
+    for branch in script.split("; then ")[1].split("; else "):
+        assert shlex.split(branch)[:len(user_command)] == user_command
+
+
+def test_tpu_remote_script_runs_literally_in_bash(tmp_path):
+    """Execute the worker script with bash: fake metadata (curl) says worker 0, then 1."""
+    marker_words = ["x; touch INJECTED", "$(touch INJECTED)", "`touch INJECTED`", *HOSTILE]
+    script = _remote_script(tpu.plan(_tpu("run", *WHERE, "--", "printf", "<%s>\n",
+                                          *marker_words))[0])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for worker in ("0", "1"):
+        _executable(bin_dir / "curl", f"#!/bin/sh\necho {worker}\n")
+        home = tmp_path / f"home{worker}"
+        home.mkdir()
+        p = subprocess.run(["bash", "-c", script], cwd=home, capture_output=True, text=True,
+                           env=dict(os.environ, HOME=str(home),
+                                    PATH=f"{bin_dir}:{os.environ['PATH']}"), timeout=30)
+        assert p.returncode == 0, p.stderr
+        expected = "".join(f"<{w}>\n" for w in marker_words)
+        assert (home / "lmjax-run.log").read_text() == expected
+        assert p.stdout == (expected if worker == "0" else "")   # only worker 0 streams
+        assert not list(home.glob("INJECTED*")) and not list(tmp_path.glob("INJECTED*"))
+    # The exit code of the command survives the tee pipe.
+    failing = _remote_script(tpu.plan(_tpu("run", *WHERE, "--", "sh", "-c", "exit 7"))[0])
+    p = subprocess.run(["bash", "-c", failing], cwd=tmp_path, capture_output=True,
+                       env=dict(os.environ, HOME=str(tmp_path),
+                                PATH=f"{bin_dir}:{os.environ['PATH']}"), timeout=30)
+    assert p.returncode == 7
+
+
+def test_tpu_multi_slice_run_targets_every_slice():
+    args = _tpu("run", *WHERE, "--num-slices", "3", "--", "lmjax", "train")
+    cmds = tpu.plan(args)
+    assert [c[5] for c in cmds] == ["my-tpu-0", "my-tpu-1", "my-tpu-2"]
+    assert all("--worker=all" in c for c in cmds)
+    scripts = [_remote_script(c) for c in cmds]
+    assert "tee -a" in scripts[0] and not any("tee" in s for s in scripts[1:])
+    lines = tpu.dry_run_lines(args)
+    assert lines[0] == "# the next 3 commands run at the same time"
+    assert [shlex.split(l) for l in lines[1:]] == cmds
+
+
+def test_tpu_install_and_delete(tmp_path):
+    pypi = tpu.plan(_tpu("install", *WHERE, "--num-slices", "2"))
+    assert [c[5] for c in pypi] == ["my-tpu-0", "my-tpu-1"]
+    assert shlex.split(_remote_script(pypi[0])) == [
+        "python3", "-m", "pip", "install", "--upgrade", "lmjax[tpu]"]
+    checkout = tmp_path / "checkout"
+    for name in ("setup.cfg", "lmjax/__init__.py", ".git/HEAD", "lmjax/__pycache__/m.pyc"):
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / name).write_text("x")
+    tar, scp, ssh = tpu.plan(_tpu("install", *WHERE, "--source", str(checkout)))
+    assert tar[:3] == ["tar", "-czf", tpu._tarball(_tpu("install", *WHERE))]
+    subprocess.run(tar, check=True)
+    listed = subprocess.run(["tar", "-tzf", tar[2]], capture_output=True, text=True).stdout
+    assert sorted(n for n in listed.split() if not n.endswith("/")) == [
+        "./lmjax/__init__.py", "./setup.cfg"]
+    os.remove(tar[2])
+    assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tar[2]]
+    assert scp[6] == "my-tpu:lmjax-src.tar.gz" and "--worker=all" in scp
+    assert "pip install --upgrade '.[tpu]'" in _remote_script(ssh)
+    assert tpu.plan(_tpu("delete", *WHERE)) == [
+        ["gcloud", "compute", "tpus", "tpu-vm", "delete", "my-tpu", "--zone=us-east5-a",
+         "--project=my-proj", "--quiet"]]
+    assert tpu.plan(_tpu("delete", *WHERE, "--num-slices", "2"))[0][3:5] == [
+        "queued-resources", "delete"]
+    assert "--force" in tpu.plan(_tpu("delete", *WHERE, "--num-slices", "2"))[0]
+
+
+class _FakeCloud:
+    """Scripted results for supervise(): run exit codes and TPU states, in order."""
+
+    def __init__(self, run_codes, states):
+        self.run_codes, self.states, self.calls = list(run_codes), list(states), []
+
+    def together(self, cmds):
+        self.calls.append(("run", len(cmds)))
+        return self.run_codes.pop(0)
+
+    def each(self, cmds):
+        self.calls.append((cmds[0][4] if cmds[0][0] == "gcloud" else cmds[0][0],))
+        return 0
+
+    def status(self, args):
+        return self.states.pop(0)
+
+
+def _supervise(fake, *extra):
+    args = _tpu("supervise", *WHERE, "--accelerator-type", "v5p-64", "--spot",
+                "--retry-wait", "5", *extra, "--", "lmjax", "train")
+    slept = []
+    code = tpu.supervise(args, together=fake.together, each=fake.each, status=fake.status,
+                         sleep=slept.append, log=lambda msg: None)
+    return code, slept
+
+
+def test_supervise_recreates_after_preemption_and_reruns():
+    fake = _FakeCloud(run_codes=[255, 0], states=["PREEMPTED"])
+    code, slept = _supervise(fake)
+    assert code == 0 and slept == [5.0]
+    assert fake.calls == [("run", 1), ("delete",), ("create",), ("ssh",), ("run", 1)]
+
+
+def test_supervise_does_not_retry_a_failure_on_a_healthy_tpu():
+    fake = _FakeCloud(run_codes=[1], states=["READY"])
+    assert _supervise(fake) == (1, [])
+    assert fake.calls == [("run", 1)]
+
+
+def test_supervise_gives_up_after_max_restarts():
+    fake = _FakeCloud(run_codes=[255, 255, 255], states=["", "PREEMPTED", "PREEMPTED"])
+    code, slept = _supervise(fake, "--max-restarts", "2")
+    assert code == 255 and slept == [5.0, 5.0]
+    assert [c for c in fake.calls if c[0] == "run"] == [("run", 1)] * 3
+
+
+def test_supervise_dry_run_lists_the_recovery():
+    lines = tpu.dry_run_lines(_tpu("supervise", *WHERE, "--accelerator-type", "v5p-64",
+                                   "--spot", "--", "lmjax", "train"))
+    assert lines[0].startswith("gcloud compute tpus tpu-vm ssh my-tpu ")
+    assert lines[1].startswith("# if the run fails")
+    commands = [shlex.split(l) for l in lines[2:]]
+    assert [c[3:5] for c in commands] == [["tpu-vm", "describe"], ["tpu-vm", "delete"],
+                                          ["tpu-vm", "create"], ["tpu-vm", "ssh"]]
+    assert commands[2][-1] == "--spot"
+
+
+# --- GKE -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("accelerator, chips, hosts, per_host, topology", [
+    ("v5p-64", 32, 8, 4, "2x4x4"), ("v4-32", 16, 4, 4, "2x2x4"), ("v5p-8", 4, 1, 4, "2x2x1"),
+    ("v5litepod-16", 16, 4, 4, "4x4"), ("v5litepod-8", 8, 1, 8, "2x4"),
+    ("v6e-256", 256, 64, 4, "16x16"), ("v6e-4", 4, 1, 4, "2x2"),
+])
+def test_slice_shapes(accelerator, chips, hosts, per_host, topology):
+    s = slice_shape(accelerator)
+    assert (s.chips, s.hosts, s.chips_per_host, s.topology) == (chips, hosts, per_host, topology)
+
+
+def test_slice_shape_errors():
+    with pytest.raises(ValueError, match="N must be even"):
+        slice_shape("v5p-7")
+    with pytest.raises(ValueError, match="does not fit"):
+        slice_shape("v5p-64", "4x4")
+    with pytest.raises(ValueError, match="not a power of two"):
+        slice_shape("v6e-24")
+    assert slice_shape("v6e-24", "4x6").hosts == 6
+
+
+def test_gke_jobset_manifest(capsys):
+    user_command = ["lmjax", "train", "--set", *HOSTILE]
+    argv = ["--name", "run1", "--accelerator-type", "v5p-64", "--num-slices", "2", "--spot",
+            "--cluster", "c1", "--project", "p", "--zone", "z", "--dry-run", "--", *user_command]
+    assert gke.main(argv) == 0
+    text = capsys.readouterr().out
+    doc = yaml.safe_load(text)
+    assert doc == gke.jobset(gke.parse_args(argv))   # nothing in the header leaked into YAML
+    assert doc["kind"] == "JobSet" and doc["metadata"]["name"] == "run1"
+    (rjob,) = doc["spec"]["replicatedJobs"]
+    assert rjob["replicas"] == 2
+    job = rjob["template"]["spec"]
+    assert job["parallelism"] == job["completions"] == 8 and job["backoffLimit"] == 0
+    pod = job["template"]["spec"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+                                   "cloud.google.com/gke-tpu-topology": "2x4x4",
+                                   "cloud.google.com/gke-spot": "true"}
+    assert pod["tolerations"][0]["key"] == "cloud.google.com/gke-spot"
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"] == {"google.com/tpu": 4}
+    assert container["command"][:2] == ["bash", "-c"]
+    words = shlex.split(container["command"][2])
+    assert words[words.index("exec") + 1:] == user_command
+    xpk = next(l for l in text.splitlines() if l.startswith("# equivalent: "))
+    assert xpk.startswith("# equivalent: xpk workload create --cluster=c1 --workload=run1 "
+                          "--tpu-type=v5p-64 --num-slices=2 ")
+
+
+def test_gke_container_script_runs_in_bash(tmp_path):
+    args = gke.parse_args(["--name", "r", "--accelerator-type", "v6e-8", "--pip-spec", "",
+                           "--", "printf", "<%s>\n", *HOSTILE])
+    script = gke.jobset(args)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"][
+        "spec"]["containers"][0]["command"]
+    p = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and p.stdout == "".join(f"<{w}>\n" for w in HOSTILE)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--name", "Bad_Name", "--accelerator-type", "v5p-8", "--", "lmjax"], "--name"),
+    (["--name", "r", "--accelerator-type", "v5litepod-8", "--num-slices", "2", "--", "lmjax"],
+     "multi-host slices"),
+    (["--name", "r", "--accelerator-type", "v5p-64"], "give the command"),
+])
+def test_gke_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        gke.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+# --- SLURM -----------------------------------------------------------------------------------
+
+def test_checked_in_sbatch_is_the_default_rendering():
+    assert (REPO / "launch" / "slurm.sbatch").read_text() == slurm.render()
+
+
+def test_sbatch_layouts(tmp_path):
+    per_gpu = slurm.render(["printf", "<%s>\n", *HOSTILE], nodes=4, gpus_per_node=4,
+                           partition="gpu", time="2:00:00")
+    assert "#SBATCH --nodes=4\n#SBATCH --ntasks-per-node=4\n#SBATCH --gpus-per-node=4\n" in per_gpu
+    assert "#SBATCH --partition=gpu\n" in per_gpu and "JAX_LOCAL_DEVICE_IDS" not in per_gpu
+    assert "\nsrun --kill-on-bad-exit=1 printf " in per_gpu
+    # The baked-in command reaches srun word for word (fake srun: drop its option, exec).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "srun", '#!/bin/sh\nshift\nexec "$@"\n')
+    p = subprocess.run(["bash", "-c", per_gpu], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"), timeout=30)
+    assert p.returncode == 0 and p.stdout == "".join(f"<{w}>\n" for w in HOSTILE)
+    per_node = slurm.render(["lmjax", "train"], nodes=2, gpus_per_node=8, tasks="node")
+    assert "#SBATCH --ntasks-per-node=1\n" in per_node
+    assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7\n" in per_node
+    for script in (per_gpu, per_node, slurm.render()):
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    with pytest.raises(ValueError, match="one word"):
+        slurm.render(["lmjax"], partition="gpu; rm -rf ~")
+
+
+_FAKE_SRUN = """#!{python}
+# Stand-in for srun on one machine: start SLURM_NTASKS local tasks with the step variables.
+import os, subprocess, sys
+argv = sys.argv[1:]
+while argv and argv[0].startswith("--"):
+    argv.pop(0)
+n = int(os.environ["SLURM_NTASKS"])
+procs = [subprocess.Popen(argv, env=dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
+                                         SLURM_STEP_NODELIST="localhost"))
+         for i in range(n)]
+sys.exit(max(p.wait() for p in procs))
+"""
+
+
+def test_sbatch_script_runs_jax_slurm_detection_end_to_end(tmp_path):
+    """The checked-in script under a fake srun: 2 tasks find each other via SLURM_* alone."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "srun", _FAKE_SRUN.format(python=PY))
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
+                     SLURM_NTASKS="2", JAX_COORDINATOR_PORT=str(port), LMJAX_LOCAL_DEVICES="2")
+    p = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), PY, str(worker)],
+                       capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # Both tasks share one stdout (and gloo's unterminated lines): find results anywhere.
+    results = sorted(m.split() for m in re.findall(r"RESULT ((?:\S+ ){5}\S+)", p.stdout))
+    assert results == [["0", "2", "2", "4", "10.0", "10.0"], ["1", "2", "2", "4", "10.0", "10.0"]]
+    assert p.stderr.count("(slurm start): 2 local cpu devices, 4 global") == 2
+    no_command = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch")],
+                                capture_output=True, text=True, env=env)
+    assert no_command.returncode == 2 and "usage: sbatch" in no_command.stderr
