@@ -1,0 +1,649 @@
+"""Checkpoints: the whole train state saved asynchronously with orbax, the rules for resuming,
+and stopping cleanly on preemption.
+
+A checkpoint is one orbax step directory `WORKDIR/checkpoints/STEP/`, committed atomically
+(written under a temporary name, renamed, or marked by `commit_success.txt` on GCS):
+
+  params/  the model parameters (the same orbax format as an exported params directory)
+  train/   {step, opt_state, rng}: the rest of the TrainState
+  data/    the data pipeline's position, `pipeline.state(step)` (JSON)
+  meta/    lmjax version, full config and its fingerprint, tokenizer fingerprint, mesh shape,
+           process and device counts, model.PARAM_LAYOUT_VERSION (JSON)
+
+Every process writes its own shards; restoring passes the current mesh's shardings, so a
+checkpoint restores onto another mesh or device count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax import config as config_lib
+from lmjax.config import CheckpointConfig, Config, ConfigError
+
+log = logging.getLogger("lmjax")
+
+CHECKPOINTS = "checkpoints"
+ITEMS = ("params", "train", "data", "meta")
+# Model fields that change only how the forward pass is computed; every other model field
+# changes the parameters or what they mean, and a resume refuses it.
+COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "remat", "attention", "scan_layers", "max_seq_len",
+                             "init_std")
+TOKENIZER_FIELDS = ("data.tokenizer_vocab_size",)
+
+
+class ResumeError(ConfigError):
+    """A checkpoint cannot be resumed as asked; the message says what to do instead."""
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+    return ocp
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, CHECKPOINTS)
+
+
+# ---------------------------------------------------------------- metadata and config checks
+
+
+def config_fingerprint(config: Config) -> str:
+    return hashlib.sha256(config_lib.to_json(config).encode()).hexdigest()[:16]
+
+
+def make_metadata(config: Config, tokenizer_fingerprint: str | None, mesh) -> dict:
+    """What a checkpoint records about the run that wrote it (JSON-able)."""
+    from lmjax import __version__, model
+    return {"lmjax_version": __version__, "config_fingerprint": config_fingerprint(config),
+            "config": config_lib.to_dict(config), "tokenizer_fingerprint": tokenizer_fingerprint,
+            "mesh_shape": {k: int(v) for k, v in mesh.shape.items()},
+            "process_count": jax.process_count(), "device_count": jax.device_count(),
+            "param_layout_version": model.PARAM_LAYOUT_VERSION}
+
+
+def refused_fields(changes: dict[str, tuple]) -> list[str]:
+    """The changed fields (from `config.diff`) a resume must refuse: parameter shapes or
+    meaning, and the tokenizer."""
+    return sorted(k for k in changes
+                  if (k.startswith("model.") and k[len("model."):] not in COMPUTE_ONLY_MODEL_FIELDS)
+                  or k in TOKENIZER_FIELDS)
+
+
+def check_resumable(meta: dict, config: Config, where: str) -> dict[str, tuple]:
+    """Raises ResumeError when `config` cannot continue the run that wrote `meta`; returns the
+    allowed changes `{field: (checkpoint value, new value)}`.
+
+    `data.tokenizer` (a path) is not compared: the tokenizer fingerprint is, once loaded.
+    """
+    from lmjax import model
+    layout = meta.get("param_layout_version")
+    if layout != model.PARAM_LAYOUT_VERSION:
+        raise ResumeError(f"{where} has parameter layout version {layout}, this lmjax expects "
+                          f"{model.PARAM_LAYOUT_VERSION}: convert it with the lmjax version "
+                          f"{meta.get('lmjax_version')} that wrote it, or start a new workdir.")
+    saved = config_lib.from_dict(meta["config"])
+    changes = {k: v for k, v in config_lib.diff(saved, config).items() if k != "data.tokenizer"}
+    refused = refused_fields(changes)
+    if refused:
+        lines = "\n  ".join(f"{k}: checkpoint {changes[k][0]!r}, now {changes[k][1]!r}"
+                            for k in refused)
+        raise ResumeError(f"cannot resume {where}: these fields change the model or tokenizer:\n  "
+                          f"{lines}\nFix: resume with the checkpoint's values (--set FIELD=VALUE), "
+                          "start a new workdir, or load only the params with --init-from.")
+    return changes
+
+
+def check_tokenizer(meta: dict, fingerprint: str | None, where: str) -> None:
+    saved = meta.get("tokenizer_fingerprint")
+    if saved != fingerprint:
+        raise ResumeError(f"cannot resume {where}: it was trained with tokenizer {saved}, this run "
+                          f"loads tokenizer {fingerprint}. Fix: set data.tokenizer to the "
+                          "checkpoint's tokenizer (the workdir's tokenizer.model) or start a new "
+                          "workdir.")
+
+
+# ---------------------------------------------------------------- finiteness
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _split(state) -> dict[str, Any]:
+    return {"params": state.params,
+            "train": {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}}
+
+
+# ---------------------------------------------------------------- the manager
+
+
+class Checkpointer:
+    """Async saves and restores of the train state in `directory` (an orbax CheckpointManager).
+
+    Keeps the newest `cfg.keep` checkpoints plus every step divisible by `cfg.keep_every`.
+    `save` returns once the device arrays are copied to host; the files are written in the
+    background and a save is logged as committed only when orbax has committed it.
+    """
+
+    def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig(), *,
+                 read_only: bool = False):
+        ocp = _ocp()
+        from orbax.checkpoint import checkpoint_managers as policies
+        self.directory = directory
+        self.cfg = cfg
+        keep = [policies.LatestN(cfg.keep)]
+        if cfg.keep_every:
+            keep.append(policies.EveryNSteps(cfg.keep_every))
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=cfg.async_save, read_only=read_only,
+            create=not read_only, save_interval_steps=0 if read_only else 1,
+            preservation_policy=policies.AnyPreservationPolicy(keep))
+        self._manager = ocp.CheckpointManager(directory, options=options)
+        self._uncommitted: int | None = None
+
+    def steps(self) -> list[int]:
+        """Committed steps, oldest first (not yet checked for readability)."""
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, *, data_state: dict, meta: dict,
+             step_finite: jax.Array | bool = True, allow_nonfinite_step: bool = False) -> float:
+        """Starts saving `state` as `step`; returns the seconds training was blocked.
+
+        Checks first, synchronously, that the step's loss and gradients (`step_finite`, the
+        train step's metrics["finite"]) and every array of the state are finite, and raises
+        FloatingPointError instead of saving otherwise. `allow_nonfinite_step`: the step was
+        skipped (checkpoint.on_nonfinite=skip kept the old params), so only the state counts.
+        """
+        start = time.perf_counter()
+        if not (allow_nonfinite_step or bool(step_finite)):
+            raise FloatingPointError(f"non-finite loss or gradient at step {step}: not saving "
+                                     "it; the newest checkpoint is still "
+                                     f"{self.latest_step()}.")
+        if not bool(_all_finite(state)):
+            raise FloatingPointError(f"the train state after step {step} holds non-finite "
+                                     "values: not saving it; the newest checkpoint is still "
+                                     f"{self.latest_step()}.")
+        if step in self._manager.all_steps():
+            return 0.0
+        ocp = _ocp()
+        items = _split(state)
+        self._note_committed(wait=True)
+        self._manager.save(step, force=True, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(items["params"]),
+            train=ocp.args.StandardSave(items["train"]),
+            data=ocp.args.JsonSave({**data_state, "step": int(step)}),
+            meta=ocp.args.JsonSave({**meta, "step": int(step), "saved_at": time.time()})))
+        self._uncommitted = step
+        blocked = time.perf_counter() - start
+        log.info("checkpoint %d: saving (training blocked %.3f s)", step, blocked)
+        self._note_committed(wait=not self.cfg.async_save)
+        return blocked
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def _note_committed(self, wait: bool) -> None:
+        if self._uncommitted is None:
+            return
+        if wait:
+            self._manager.wait_until_finished()
+        elif self._manager.is_saving_in_progress():
+            return
+        log.info("checkpoint %d: committed to %s", self._uncommitted, self.directory)
+        self._uncommitted = None
+
+    def poll(self) -> None:
+        """Logs a background save that has committed since the last call; never blocks."""
+        self._note_committed(wait=False)
+
+    def wait(self) -> None:
+        """Blocks until every pending save is committed."""
+        self._note_committed(wait=True)
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.wait()
+        self._manager.close()
+
+    def read_json(self, step: int, item: str) -> dict:
+        ocp = _ocp()
+        return self._manager.restore(step, args=ocp.args.Composite(
+            **{item: ocp.args.JsonRestore()}))[item]
+
+    def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+        """(state, data position) of `step`, laid out like `abstract_state` (a TrainState of
+        ShapeDtypeStructs with the current mesh's shardings)."""
+        ocp = _ocp()
+        target = _split(abstract_state)
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target["params"]),
+            train=ocp.args.StandardRestore(target["train"]),
+            data=ocp.args.JsonRestore()))
+        train = out["train"]
+        state = abstract_state.replace(params=out["params"], step=train["step"],
+                                       opt_state=train["opt_state"], rng=train["rng"])
+        return state, out["data"]
+
+    def restore_params(self, step: int, abstract_params) -> Any:
+        ocp = _ocp()
+        return self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))["params"]
+
+
+def abstract_state(init_fn: Callable, shardings) -> Any:
+    """The state `init_fn` would create, as ShapeDtypeStructs carrying `shardings`."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        jax.eval_shape(init_fn), shardings)
+
+
+# ---------------------------------------------------------------- resuming
+
+
+@dataclasses.dataclass
+class Candidate:
+    directory: str
+    step: int
+    meta: dict
+
+
+@dataclasses.dataclass
+class ResumePlan:
+    """Where a run's state comes from: checkpoints to try newest first, or params to load, or
+    nothing (a fresh start). Built by `plan_resume` before any expensive work."""
+
+    candidates: list[Candidate]
+    init_from: str | None = None
+    unreadable: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
+
+    def check_tokenizer(self, fingerprint: str | None) -> None:
+        for c in self.candidates:
+            check_tokenizer(c.meta, fingerprint, f"{c.directory} step {c.step}")
+
+    def load(self, init_fn: Callable, shardings, workdir: str, model_cfg) -> tuple[Any, dict | None, str]:
+        """(state, saved data position or None, description): the newest checkpoint that
+        restores, else `init_from` params on a fresh optimizer, else a fresh init.
+
+        A checkpoint that fails to restore is reported and moved out of the way; if every
+        candidate fails the run stops rather than start from scratch over them.
+        """
+        target = abstract_state(init_fn, shardings)
+        for c in self.candidates:
+            try:
+                with _ReadOnly(c.directory) as ckpt:
+                    state, data_state = ckpt.restore(c.step, target)
+                ok = True
+            except Exception as e:  # noqa: BLE001 - any read failure means "torn", reported below
+                ok, error = False, f"{type(e).__name__}: {e}"
+            if _all_processes(ok):
+                log.info("resumed from %s step %d", c.directory, c.step)
+                return state, data_state, f"{c.directory} step {c.step}"
+            error = error if not ok else "unreadable on another process"
+            log.error("checkpoint %s step %d is unreadable (%s); trying the previous one",
+                      c.directory, c.step, error.splitlines()[0][:300])
+            self.unreadable.append((c.directory, c.step, error))
+            if c.directory == checkpoint_dir(workdir):
+                _set_aside(c.directory, c.step)
+        if self.unreadable:
+            listing = "; ".join(f"step {s}: {e.splitlines()[0][:200]}" for _, s, e in self.unreadable)
+            raise ResumeError(f"checkpoints exist but none could be read ({listing}). Fix: restore "
+                              "them, point --restore-from at a readable checkpoint, or move "
+                              f"{checkpoint_dir(workdir)} away to start from scratch.")
+        state = init_fn()
+        if self.init_from is None:
+            return state, None, "fresh init"
+        from lmjax.convert import hf
+        saved_cfg, params = hf.load_params_dir(self.init_from)
+        changes = {k: v for k, v in _model_diff(saved_cfg, model_cfg).items()
+                   if k[len("model."):] not in COMPUTE_ONLY_MODEL_FIELDS}
+        if changes:
+            lines = "\n  ".join(f"{k}: params {a!r}, config {b!r}" for k, (a, b) in changes.items())
+            raise ResumeError(f"--init-from {self.init_from} does not fit this model:\n  {lines}\n"
+                              "Fix: set those model fields to the params' values.")
+        params = jax.tree.map(lambda x, t: jax.make_array_from_callback(
+            t.shape, t.sharding, lambda idx: np.asarray(x, t.dtype)[idx]), params, target.params)
+        log.info("initialized params from %s", self.init_from)
+        return state.replace(params=params), None, f"params from {self.init_from}"
+
+
+def _model_diff(a, b) -> dict[str, tuple]:
+    return config_lib.diff(Config(model=a), Config(model=b))
+
+
+def _all_processes(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _set_aside(directory: str, step: int) -> None:
+    """Moves an unreadable step out of the checkpoint directory, so later saves can reuse the
+    step number and `checkpoint list` shows it apart."""
+    if jax.process_index() == 0:
+        from etils import epath
+        src = epath.Path(directory) / str(step)
+        dst = epath.Path(directory + ".unreadable") / f"{step}-{int(time.time())}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dst)
+        log.error("moved unreadable checkpoint %s to %s", src, dst)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"lmjax_set_aside_{step}")
+
+
+class _ReadOnly:
+    def __init__(self, directory: str):
+        self.ckpt = Checkpointer(directory, read_only=True)
+
+    def __enter__(self) -> Checkpointer:
+        return self.ckpt
+
+    def __exit__(self, *exc) -> None:
+        self.ckpt._manager.close()
+
+
+def _read_candidates(directory: str, steps: list[int], config: Config,
+                     unreadable: list) -> list[Candidate]:
+    """Newest first, those whose metadata reads; refuses (raises) on a changed model."""
+    out = []
+    with _ReadOnly(directory) as ckpt:
+        for step in sorted(steps, reverse=True):
+            try:
+                meta = ckpt.read_json(step, "meta")
+            except Exception as e:  # noqa: BLE001 - a torn step; its predecessor is tried
+                log.error("checkpoint %s step %d: metadata unreadable (%s)", directory, step,
+                          str(e).splitlines()[0][:300])
+                unreadable.append((directory, step, f"metadata: {e}"))
+                continue
+            changes = check_resumable(meta, config, f"{directory} step {step}")
+            if not out:
+                for k, (a, b) in sorted(changes.items()):
+                    log.warning("resuming with a changed config: %s: %r -> %r", k, a, b)
+            out.append(Candidate(directory, step, meta))
+    return out
+
+
+def _steps_in(directory: str) -> list[int]:
+    from etils import epath
+    if not epath.Path(directory).exists():
+        return []
+    with _ReadOnly(directory) as ckpt:
+        return ckpt.steps()
+
+
+def plan_resume(workdir: str, config: Config, *, restore_from: str | None = None,
+                init_from: str | None = None) -> ResumePlan:
+    """Decides where the state comes from; reads only metadata.
+
+    - the workdir has checkpoints: resume from the newest readable one (the flags are then
+      ignored, so the same command line resumes a preempted run), unless `restore_from` is a
+      step number or a step of this workdir;
+    - `restore_from`: a step number, a checkpoints directory (its newest step) or one step
+      directory `.../checkpoints/STEP`;
+    - `init_from`: a params-only directory (`lmjax checkpoint export`, `lmjax convert from-hf`);
+    - otherwise a fresh start.
+    Raises ResumeError on a refused config change or when checkpoints exist but none is readable.
+    """
+    if restore_from and init_from:
+        raise ResumeError("--restore-from and --init-from exclude each other: the first "
+                          "continues a run (state, optimizer, data position), the second only "
+                          "loads parameters.")
+    own = checkpoint_dir(workdir)
+    own_steps = _steps_in(own)
+    directory, steps = own, own_steps
+    if restore_from is not None and restore_from.strip().isdigit():
+        step = int(restore_from)
+        if step not in own_steps:
+            raise ResumeError(f"--restore-from {step}: {own} has no committed step {step} "
+                              f"(it has {own_steps or 'none'}).")
+        steps = [step]
+    elif restore_from is not None and not own_steps:
+        directory, steps = _parse_checkpoint_path(restore_from)
+    elif restore_from is not None:
+        log.warning("%s already has checkpoints %s: resuming from them, not from --restore-from "
+                    "%s", own, own_steps, restore_from)
+    if steps and init_from:
+        log.warning("ignoring --init-from %s: resuming from the checkpoints in %s", init_from,
+                    directory)
+        init_from = None
+    later = [s for s in own_steps if steps and directory == own and s > max(steps)]
+    if later:
+        raise ResumeError(f"--restore-from step {max(steps)}: {own} also has later steps {later}, "
+                          "which new saves would collide with. Fix: move them away, or restore "
+                          "into a new workdir with --restore-from "
+                          f"{os.path.join(own, str(max(steps)))}.")
+    plan = ResumePlan([], init_from)
+    plan.candidates = _read_candidates(directory, steps, config, plan.unreadable) if steps else []
+    if steps and not plan.candidates:
+        raise ResumeError(f"checkpoints {steps} exist in {directory} but none has readable "
+                          "metadata. Fix: restore them, or move the directory away to start from "
+                          "scratch.")
+    return plan
+
+
+def _parse_checkpoint_path(path: str) -> tuple[str, list[int]]:
+    """(checkpoints directory, steps to try) for a `--restore-from` path."""
+    from etils import epath
+    p = epath.Path(path)
+    if (p / "meta").exists() and p.name.isdigit():
+        return str(p.parent), [int(p.name)]
+    for root in (p, p / CHECKPOINTS):
+        steps = _steps_in(str(root)) if root.exists() else []
+        if steps:
+            return str(root), steps
+    raise ResumeError(f"--restore-from {path}: no committed checkpoint there. Give a workdir, "
+                      "its checkpoints/ directory, one checkpoints/STEP directory, or a step "
+                      "number of this workdir.")
+
+
+# ---------------------------------------------------------------- params for eval, export
+
+
+def _params_target(model_cfg) -> Any:
+    from lmjax import model
+    device = jax.local_devices()[0]
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+        s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+        model.param_shapes(model_cfg))
+
+
+def load_params(workdir: str, step: int | None = None) -> tuple[Config, Any, str]:
+    """(Config, params on one local device, tokenizer path) of a checkpoint: `step`, or the
+    newest whose metadata reads. The tokenizer path is the workdir's tokenizer.model when it
+    exists (the run trained it), else the config's data.tokenizer."""
+    directory = checkpoint_dir(workdir)
+    steps = _steps_in(directory)
+    if not steps:
+        raise ResumeError(f"{workdir} has no committed checkpoints in {directory}.")
+    if step is not None and step not in steps:
+        raise ResumeError(f"{directory} has no step {step}; it has {steps}.")
+    with _ReadOnly(directory) as ckpt:
+        step = steps[-1] if step is None else step
+        meta = ckpt.read_json(step, "meta")
+        config = config_lib.from_dict(meta["config"])
+        params = ckpt.restore_params(step, _params_target(config.model))
+    local = os.path.join(workdir, "tokenizer.model")
+    tokenizer_path = local if os.path.exists(local) else config.data.tokenizer
+    return config, params, tokenizer_path
+
+
+def export_params(workdir: str, step: int | None, out: str) -> str:
+    """Writes `out/params` + `out/model_config.json` (what `--init-from`, eval, generation and
+    HF export read) from a checkpoint of `workdir`; returns a one-line summary."""
+    from lmjax.convert import hf
+    config, params, _ = load_params(workdir, step)
+    hf.save_params_dir(config.model, params, out)
+    return f"wrote params of {workdir} step {step if step is not None else 'newest'} to {out}"
+
+
+def _dir_size(path) -> int:
+    """Bytes under `path` (an epath; recursion by listing, which also works on GCS)."""
+    return sum(_dir_size(p) if p.is_dir() else p.stat().length for p in path.iterdir())
+
+
+def list_checkpoints(workdir: str) -> list[dict]:
+    """One row per step directory (committed or not): step, bytes, complete, metadata."""
+    from etils import epath
+    root = epath.Path(checkpoint_dir(workdir))
+    if not root.exists():
+        return []
+    committed = set(_steps_in(str(root)))
+    rows = []
+    with _ReadOnly(str(root)) as ckpt:
+        for p in sorted(root.iterdir(), key=lambda q: q.name):
+            if not p.is_dir():
+                continue
+            step_text = p.name.split(".")[0]
+            if not step_text.isdigit():
+                continue
+            step = int(step_text)
+            row = {"step": step, "path": str(p), "bytes": _dir_size(p),
+                   "complete": False, "problem": "not committed (a save in progress or torn)"}
+            if step in committed and p.name == str(step):
+                missing = [i for i in ITEMS if not (p / i).exists()]
+                try:
+                    meta = ckpt.read_json(step, "meta") if not missing else None
+                    row.update(complete=not missing, problem=f"missing {missing}" if missing else "")
+                    if meta:
+                        row.update({k: meta.get(k) for k in (
+                            "lmjax_version", "config_fingerprint", "tokenizer_fingerprint",
+                            "mesh_shape", "process_count", "device_count", "saved_at")})
+                except Exception as e:  # noqa: BLE001 - reported in the table
+                    row["problem"] = f"metadata unreadable: {str(e).splitlines()[0][:120]}"
+            rows.append(row)
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def format_listing(rows: list[dict]) -> str:
+    if not rows:
+        return "no checkpoints"
+    lines = [f"{'step':>8} {'size':>10} {'complete':>8}  details"]
+    for r in rows:
+        size = f"{r['bytes'] / 2**20:.2f}MiB"
+        if r["complete"]:
+            saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("saved_at") or 0))
+            detail = (f"saved {saved} config {r['config_fingerprint']} tokenizer "
+                      f"{r['tokenizer_fingerprint']} mesh {r['mesh_shape']} processes "
+                      f"{r['process_count']} devices {r['device_count']} lmjax "
+                      f"{r['lmjax_version']}")
+        else:
+            detail = r["problem"]
+        lines.append(f"{r['step']:>8} {size:>10} {str(r['complete']).lower():>8}  {detail}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- when to save and stop
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT ask the run to save and stop at the next step
+    boundary; a second signal exits at once (the default action of that signal)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        log.warning("received %s: saving at the next step boundary, then exiting (send it "
+                    "again to exit at once)", signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class SaveSchedule:
+    """Decides at each step boundary whether to save and whether to stop; all processes reach
+    the same decision at the same step.
+
+    Saves at multiples of every_steps and keep_every, after every_minutes since the last save
+    (process 0's clock), at the last step, and when stopping on a signal or a JAX preemption
+    notice. With several processes, local requests are combined by a tiny all-reduce that is
+    read one step later (like the metrics), so the host never waits on the device for it.
+    """
+
+    def __init__(self, cfg: CheckpointConfig, total_steps: int, signals: StopSignals):
+        self.cfg = cfg
+        self.total = total_steps
+        self.signals = signals
+        self.last_save = time.monotonic()
+        self._reduce = _make_flag_reduce() if jax.process_count() > 1 else None
+        self._pending = None  # the all-reduced [stop, time_due] of the previous boundary
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def _local_flags(self) -> np.ndarray:
+        time_due = (self.cfg.every_minutes > 0 and jax.process_index() == 0
+                    and time.monotonic() - self.last_save >= 60 * self.cfg.every_minutes)
+        return np.array([self.signals.received is not None, time_due], np.int32)
+
+    def __call__(self, step: int) -> tuple[bool, bool]:
+        """(save, stop) after `step` updates."""
+        from jax.experimental import multihost_utils
+        try:
+            preempted = multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # the preemption service is off
+            preempted = False
+        if self._reduce is None:
+            stop, time_due = (bool(x) for x in self._local_flags())
+        else:
+            agreed, self._pending = self._pending, self._reduce(self._local_flags())
+            stop, time_due = (bool(x) for x in np.asarray(agreed)) if agreed is not None else (False, False)
+        stop = stop or preempted
+        save = (stop or time_due or step == self.total
+                or step % self.cfg.every_steps == 0
+                or (self.cfg.keep_every > 0 and step % self.cfg.keep_every == 0))
+        return save, stop
+
+
+def _make_flag_reduce() -> Callable[[np.ndarray], jax.Array]:
+    """flags: int32 [k] per process -> a (not yet fetched) global element-wise max [k]."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.asarray(jax.devices()), ("all",))
+    rows = NamedSharding(mesh, P("all"))
+    reduce = jax.jit(lambda x: jnp.max(x, axis=0), out_shardings=NamedSharding(mesh, P()))
+
+    def dispatch(flags: np.ndarray) -> jax.Array:
+        local = np.tile(flags[None], (jax.local_device_count(), 1))
+        return reduce(jax.make_array_from_process_local_data(
+            rows, local, (jax.device_count(), flags.shape[0])))
+
+    return dispatch
+
+
+def describe_resume(step: int, source: str) -> dict:
+    """The metrics.jsonl record that marks where a run (re)started."""
+    return {"event": "start", "restored_step": step, "restored_from": source}
+
+
+def json_summary(rows: list[dict]) -> str:
+    return json.dumps(rows, indent=2, default=str)

@@ -1,0 +1,276 @@
+"""The checkpoint module on real orbax, in-process: saving, keeping, refusing non-finite
+state, restoring onto another mesh, resume rules, export and params-only loading.
+
+Whole training runs (SIGKILL, SIGTERM, torn checkpoints, device-count changes) are in
+tests/test_resume.py.
+"""
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax import checkpoint, sharding, train
+from lmjax.config import CheckpointConfig, Config, ConfigError, DataConfig, MeshConfig, ModelConfig, RunConfig, \
+    apply_overrides
+
+TINY = Config(
+    model=ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                      d_mlp=64, max_seq_len=32, dtype="float32", remat="none"),
+    data=DataConfig(source="synthetic", batch_size=8, seq_len=16),
+    checkpoint=CheckpointConfig(keep=2, keep_every=3),
+    run=RunConfig(steps=10),
+)
+
+
+def _trainer(config=TINY, devices=None):
+    return train.make_trainer(config, sharding.make_mesh(config.mesh, devices))
+
+
+def _batch(step: int) -> dict:
+    rng = np.random.default_rng(step)
+    tokens = rng.integers(0, TINY.model.vocab_size, (8, 17), dtype=np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "segment_ids": np.ones((8, 16), np.int32),
+            "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1)),
+            "loss_mask": np.ones((8, 16), np.float32)}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(trainer, states after steps 1..7, metrics of each step)."""
+    trainer = _trainer()
+    state = trainer.init_fn()
+    states, metrics = [], []
+    for step in range(1, 8):
+        state, m = trainer.step_fn(state, train.global_batch(_batch(step), trainer.batch_sharding))
+        states.append(jax.tree.map(np.asarray, state))
+        metrics.append(m)
+    return trainer, states, metrics, state
+
+
+def _device_state(trainer, host_state):
+    return jax.tree.map(jax.device_put, host_state, trainer.state_shardings)
+
+
+def _assert_trees_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+META = {"note": "test"}
+
+
+def test_save_keeps_newest_and_milestones_and_restores_bitwise(tmp_path, trained):
+    trainer, states, metrics, _ = trained
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
+    for step, (host, m) in enumerate(zip(states, metrics), start=1):
+        ckpt.save(step, _device_state(trainer, host), data_state={"pos": step}, meta=META,
+                  step_finite=m["finite"])
+    ckpt.close()
+    # keep=2 newest (6, 7) plus every multiple of keep_every=3 (3, 6)
+    reader = checkpoint.Checkpointer(str(tmp_path / "ck"), read_only=True)
+    assert reader.steps() == [3, 6, 7]
+    target = checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings)
+    restored, data_state = reader.restore(6, target)
+    _assert_trees_equal(restored, states[5])
+    assert data_state == {"pos": 6, "step": 6}
+    assert reader.read_json(6, "meta")["note"] == "test"
+    assert restored.params["embed"].sharding == trainer.state_shardings.params["embed"]
+
+
+def test_nonfinite_state_or_step_is_never_saved(tmp_path, trained):
+    trainer, states, metrics, _ = trained
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
+    good = _device_state(trainer, states[0])
+    with pytest.raises(FloatingPointError, match="step 1"):
+        ckpt.save(1, good, data_state={}, meta=META, step_finite=jnp.bool_(False))
+    bad_host = states[1]
+    bad = _device_state(trainer, bad_host.replace(
+        opt_state=jax.tree.map(lambda x: np.full_like(x, np.inf) if x.dtype == np.float32 else x,
+                               bad_host.opt_state)))
+    with pytest.raises(FloatingPointError, match="step 2"):
+        ckpt.save(2, bad, data_state={}, meta=META, step_finite=True)
+    # on_nonfinite=skip kept the old params: the state is finite, so it may be saved
+    ckpt.save(3, good, data_state={}, meta=META, step_finite=False, allow_nonfinite_step=True)
+    ckpt.close()
+    assert checkpoint.Checkpointer(str(tmp_path / "ck"), read_only=True).steps() == [3]
+
+
+def test_restore_onto_another_mesh(tmp_path, trained):
+    trainer, states, metrics, _ = trained
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
+    ckpt.save(4, _device_state(trainer, states[3]), data_state={}, meta=META)
+    ckpt.close()
+    other_cfg = dataclasses.replace(TINY, mesh=MeshConfig(fsdp=1, tensor=2, data=2))
+    other = _trainer(other_cfg, jax.devices()[:4])
+    target = checkpoint.abstract_state(other.init_fn, other.state_shardings)
+    restored, _ = checkpoint.Checkpointer(str(tmp_path / "ck"), read_only=True).restore(4, target)
+    _assert_trees_equal(restored, states[3])
+    wq = restored.params["layers"]["wq"]
+    assert wq.sharding == other.state_shardings.params["layers"]["wq"]
+    assert len(wq.sharding.device_set) == 4
+
+
+def test_resume_rules_refuse_model_and_tokenizer_changes():
+    meta = {"config": checkpoint.config_lib.to_dict(TINY), "param_layout_version": 1,
+            "tokenizer_fingerprint": "abc"}
+    allowed = apply_overrides(TINY, ["run.steps=50", "optim.lr=1e-3", "run.log_every=3",
+                                     "model.remat=full", "mesh.tensor=2"])
+    changes = checkpoint.check_resumable(meta, allowed, "ck step 5")
+    assert set(changes) == {"run.steps", "optim.lr", "run.log_every", "model.remat", "mesh.tensor"}
+    refused = apply_overrides(TINY, ["model.d_model=64", "model.n_layers=3", "run.steps=50",
+                                     "data.tokenizer_vocab_size=1000"])
+    with pytest.raises(checkpoint.ResumeError) as e:
+        checkpoint.check_resumable(meta, refused, "ck step 5")
+    message = str(e.value)
+    for field in ("model.d_model", "model.n_layers", "data.tokenizer_vocab_size"):
+        assert field in message
+    assert "run.steps" not in message
+    assert isinstance(e.value, ConfigError)
+    with pytest.raises(checkpoint.ResumeError, match="tokenizer"):
+        checkpoint.check_tokenizer(meta, "def", "ck step 5")
+    with pytest.raises(checkpoint.ResumeError, match="layout version"):
+        checkpoint.check_resumable({**meta, "param_layout_version": 0}, TINY, "ck step 5")
+
+
+def _save_run(workdir, trainer, host_states, steps, config=TINY):
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(workdir)), config.checkpoint)
+    mesh = trainer.mesh
+    for step in steps:
+        ckpt.save(step, _device_state(trainer, host_states[step - 1]), data_state={"pos": step},
+                  meta=checkpoint.make_metadata(config, None, mesh))
+    ckpt.close()
+
+
+def test_plan_resume_falls_back_over_a_torn_checkpoint(tmp_path, trained):
+    trainer, states, _, _ = trained
+    _save_run(tmp_path, trainer, states, [2, 4])
+    # truncate every array file of the newest step
+    for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "params"):
+        for name in files:
+            if "/d" in root or name.endswith(".ocdbt"):
+                open(os.path.join(root, name), "w").close()
+    plan = checkpoint.plan_resume(str(tmp_path), TINY)
+    assert [c.step for c in plan.candidates] == [4, 2]
+    state, data_state, source = plan.load(trainer.init_fn, trainer.state_shardings,
+                                          str(tmp_path), TINY.model)
+    assert source.endswith("step 2") and data_state["pos"] == 2
+    _assert_trees_equal(state, states[1])
+    assert [s for _, s, _ in plan.unreadable] == [4]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # 4 was set aside
+    assert os.listdir(tmp_path / "checkpoints.unreadable")[0].startswith("4-")
+
+
+def test_plan_resume_never_starts_from_scratch_over_unreadable_checkpoints(tmp_path, trained):
+    trainer, states, _, _ = trained
+    _save_run(tmp_path, trainer, states, [3])
+    for root, _, files in os.walk(tmp_path / "checkpoints" / "3" / "train"):
+        for name in files:
+            os.remove(os.path.join(root, name))
+    plan = checkpoint.plan_resume(str(tmp_path), TINY)
+    with pytest.raises(checkpoint.ResumeError, match="none could be read"):
+        plan.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model)
+
+
+def test_restore_from_step_and_path(tmp_path, trained):
+    trainer, states, _, _ = trained
+    _save_run(tmp_path / "a", trainer, states, [2, 5])
+    with pytest.raises(checkpoint.ResumeError, match="later steps"):
+        checkpoint.plan_resume(str(tmp_path / "a"), TINY, restore_from="2")
+    with pytest.raises(checkpoint.ResumeError, match="no committed step 3"):
+        checkpoint.plan_resume(str(tmp_path / "a"), TINY, restore_from="3")
+    plan = checkpoint.plan_resume(str(tmp_path / "b"), TINY,
+                                  restore_from=str(tmp_path / "a" / "checkpoints" / "2"))
+    assert [(c.directory, c.step) for c in plan.candidates] == [
+        (str(tmp_path / "a" / "checkpoints"), 2)]
+    plan = checkpoint.plan_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "a"))
+    assert [c.step for c in plan.candidates] == [5, 2]
+    with pytest.raises(checkpoint.ResumeError, match="no committed checkpoint"):
+        checkpoint.plan_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "nothing"))
+
+
+def test_export_load_params_and_init_from(tmp_path, trained):
+    trainer, states, _, _ = trained
+    _save_run(tmp_path / "run", trainer, states, [5, 7])
+    config, params, _ = checkpoint.load_params(str(tmp_path / "run"))
+    assert config == TINY
+    _assert_trees_equal(params, states[6].params)
+    assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params))
+    checkpoint.export_params(str(tmp_path / "run"), 5, str(tmp_path / "out"))
+    from lmjax.convert import hf
+    model_cfg, exported = hf.load_params_dir(str(tmp_path / "out"))
+    assert model_cfg == TINY.model
+    _assert_trees_equal(exported, states[4].params)
+    # --init-from: those params, a fresh optimizer and step 0
+    plan = checkpoint.plan_resume(str(tmp_path / "new"), TINY, init_from=str(tmp_path / "out"))
+    state, data_state, source = plan.load(trainer.init_fn, trainer.state_shardings,
+                                          str(tmp_path / "new"), TINY.model)
+    _assert_trees_equal(state.params, states[4].params)
+    assert int(state.step) == 0 and data_state is None and "params from" in source
+    fresh = trainer.init_fn()
+    _assert_trees_equal(state.opt_state, fresh.opt_state)
+    bigger = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, d_mlp=128))
+    plan = checkpoint.plan_resume(str(tmp_path / "new2"), bigger, init_from=str(tmp_path / "out"))
+    big = _trainer(bigger)
+    with pytest.raises(checkpoint.ResumeError, match="model.d_mlp"):
+        plan.load(big.init_fn, big.state_shardings, str(tmp_path / "new2"), bigger.model)
+
+
+def test_list_checkpoints_reports_complete_and_uncommitted(tmp_path, trained):
+    trainer, states, _, _ = trained
+    _save_run(tmp_path, trainer, states, [1, 2])
+    os.makedirs(tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-123" / "params")
+    rows = checkpoint.list_checkpoints(str(tmp_path))
+    assert [(r["step"], r["complete"]) for r in rows] == [(1, True), (2, True), (3, False)]
+    assert rows[0]["bytes"] > 1000 and rows[0]["process_count"] == 1
+    assert rows[1]["mesh_shape"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    table = checkpoint.format_listing(rows)
+    assert "not committed" in table and len(table.splitlines()) == 4
+
+
+def test_save_schedule():
+    cfg = CheckpointConfig(every_steps=4, keep_every=6)
+    signals = checkpoint.StopSignals()
+    schedule = checkpoint.SaveSchedule(cfg, 10, signals)
+    decisions = {s: schedule(s) for s in range(1, 11)}
+    assert [s for s, (save, _) in decisions.items() if save] == [4, 6, 8, 10]
+    assert not any(stop for _, stop in decisions.values())
+    with signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.received == signal.SIGTERM
+        assert schedule(3) == (True, True)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    timed = checkpoint.SaveSchedule(CheckpointConfig(every_steps=1000, every_minutes=0.002), 10,
+                                    checkpoint.StopSignals())
+    assert timed(1) == (False, False)
+    time.sleep(0.2)
+    assert timed(2) == (True, False)
+    timed.saved()
+    assert timed(3) == (False, False)
+
+
+def test_second_signal_exits_at_once():
+    code = textwrap.dedent("""
+        import os, signal, time
+        from lmjax import checkpoint
+        with checkpoint.StopSignals() as s:
+            os.kill(os.getpid(), signal.SIGTERM)
+            print("first", s.received == signal.SIGTERM, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            print("still alive", flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.strip() == "first True"
+    assert out.returncode == -signal.SIGTERM
