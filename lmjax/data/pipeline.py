@@ -1,0 +1,243 @@
+"""The training data pipeline: documents -> tokens (tf.data) -> packed windows -> batches.
+
+A batch is a dict of numpy arrays, each [rows, seq_len] with rows = batch_size // process_count:
+`inputs`, `targets` (int32), `segment_ids` (int32, 1-based per document piece, 0 never occurs
+because nothing is padded), `positions` (int32, restarting at 0 per piece) and `loss_mask`
+(float32). See `packing.py` for the window layout.
+
+Three ways of producing windows, chosen by `data.source`:
+  * packaged / text ("indexed"): the split is tokenized once inside tf.data into a `TokenStore`;
+    window `w` is a pure function of `w`, global batch `s` holds windows
+    `s*batch_size .. (s+1)*batch_size - 1` and process `i` of `n` computes rows
+    `[i*B/n, (i+1)*B/n)` of it. Resume at any step costs nothing, works on any process count, and
+    every process count sees the same global batches.
+  * tfds ("stream"): each process reads its `tfds.even_splits` part of the split with seeded file
+    and example shuffling, tokenizes in a parallel tf.data map and packs as it reads. Resume
+    replays the stream up to the step (time proportional to the step) and needs the same
+    process count.
+  * synthetic: seeded random tokens, one document per row, a pure function of the step.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterator
+
+import numpy as np
+
+from lmjax.config import ConfigError, DataConfig
+from lmjax.data import packing, sources
+from lmjax.data.tf_setup import tensorflow
+from lmjax.data.tokenizer import Tokenizer
+
+Batch = dict[str, np.ndarray]
+_ENCODE_BATCH = 64  # documents per tokenizer call inside the tf.data map
+
+
+class DataStateError(ConfigError):
+    """A checkpoint's data position cannot be honoured by the current data configuration."""
+
+
+class Pipeline:
+    """Batches for the trainer. `state(step)` is what a checkpoint stores about the data."""
+
+    def __init__(self, *, tokenizer: Tokenizer | None, identity: dict,
+                 train: Callable[[int], Iterator[Batch]], evaluation: Callable[[int], list[Batch]]):
+        self.tokenizer = tokenizer
+        self._identity = identity
+        self._train = train
+        self._evaluation = evaluation
+        self._eval_cache: list[Batch] = []
+
+    def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
+        """This process's rows of the global batches for steps start_step, start_step+1, ..."""
+        if start_step < 0:
+            raise ValueError(f"start_step must be non-negative, got {start_step}")
+        return self._train(start_step)
+
+    def eval_batches(self, n: int) -> list[Batch]:
+        """The first `n` batches of the evaluation split (this process's rows); the same every call."""
+        if n > len(self._eval_cache):
+            self._eval_cache = self._evaluation(n)
+        return self._eval_cache[:n]
+
+    def state(self, step: int) -> dict:
+        return {**self._identity, "step": int(step)}
+
+    def check_state(self, state: dict) -> None:
+        """Raises `DataStateError` naming every field that differs from the checkpoint's."""
+        saved = {k: v for k, v in state.items() if k != "step"}
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {self._identity.get(k)!r}"
+                 for k in sorted(set(saved) | set(self._identity)) if saved.get(k) != self._identity.get(k)]
+        if not diffs:
+            return
+        hint = ("resume with the data settings the checkpoint was written with (--set data.FIELD=...) "
+                "and the same tokenizer, or start a new workdir.")
+        if "process_count" in saved and saved.get("process_count") != self._identity.get("process_count"):
+            hint = ("data.source=tfds streams each process's own part of the split, so its position "
+                    "only holds for the same number of processes: resume on "
+                    f"{saved['process_count']} process(es), or use a packaged/text source, whose "
+                    "position does not depend on the process count.")
+        raise DataStateError("the checkpoint's data position does not match this data pipeline:\n  "
+                             + "\n  ".join(diffs) + "\nFix: " + hint)
+
+
+# ---------------------------------------------------------------- tokenizing inside tf.data
+
+
+def tokenized_batches(texts, tokenizer: Tokenizer):
+    """tf.data of texts -> tf.data of (flat tokens [n], lengths [docs]); each document ends in EOS."""
+    tf = tensorflow()
+    eos = tokenizer.eos_id
+
+    def encode(batch: np.ndarray):
+        ids = [tokenizer.encode(t.decode("utf-8")) + [eos] for t in batch]
+        lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+        return np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum())), lengths
+
+    def encode_op(batch):
+        flat, lengths = tf.numpy_function(encode, [batch], (tf.int32, tf.int64))
+        return tf.ensure_shape(flat, [None]), tf.ensure_shape(lengths, [None])
+
+    return (texts.batch(_ENCODE_BATCH)
+            .map(encode_op, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def load_token_store(source: sources.Source, split: str, tokenizer: Tokenizer, *,
+                     shuffle: bool, seed: int) -> packing.TokenStore:
+    """Tokenizes a whole split (canonical order) into a `TokenStore`."""
+    flats, lengths = [], []
+    for flat, lens in tokenized_batches(sources.split_texts(source, split), tokenizer).as_numpy_iterator():
+        flats.append(flat)
+        lengths.append(lens)
+    if not flats:
+        raise ConfigError(f"split {split!r} of {source.dataset_id} is empty.")
+    lengths_ = np.concatenate(lengths)
+    starts = np.zeros(len(lengths_) + 1, np.int64)
+    np.cumsum(lengths_, out=starts[1:])
+    return packing.TokenStore(np.concatenate(flats), starts, shuffle=shuffle, seed=seed)
+
+
+# ---------------------------------------------------------------- window producers
+
+
+def _indexed_batch(store: packing.TokenStore, step: int, *, global_rows: int, first_row: int,
+                   rows: int, seq_len: int, pack: bool) -> Batch:
+    tokens, doc_ids = store.windows(step * global_rows + first_row, rows, seq_len)
+    return packing.rows_from_windows(tokens, doc_ids, pack)
+
+
+def _prefetched(make: Callable[[int], Batch], start_step: int, rows: int, seq_len: int) -> Iterator[Batch]:
+    """Runs `make(step)` for start_step, start_step+1, ... in parallel tf.data workers, in order."""
+    tf = tensorflow()
+    dtypes = {"loss_mask": tf.float32}
+
+    def make_tuple(step):
+        batch = make(int(step))
+        return tuple(batch[k] for k in packing.BATCH_KEYS)
+
+    def op(step):
+        out = tf.numpy_function(make_tuple, [step], [dtypes.get(k, tf.int32) for k in packing.BATCH_KEYS])
+        return {k: tf.ensure_shape(v, [rows, seq_len]) for k, v in zip(packing.BATCH_KEYS, out)}
+
+    ds = (tf.data.Dataset.counter(start_step)
+          .map(op, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+          .prefetch(tf.data.AUTOTUNE))
+    return ds.as_numpy_iterator()
+
+
+def _stream_batches(texts, tokenizer: Tokenizer, *, rows: int, seq_len: int, pack: bool) -> Iterator[Batch]:
+    def docs():
+        for flat, lengths in tokenized_batches(texts, tokenizer).as_numpy_iterator():
+            yield from np.split(flat, np.cumsum(lengths)[:-1])
+
+    windows = packing.stream_windows(docs(), seq_len)
+    while True:
+        group = list(itertools.islice(windows, rows))
+        if len(group) < rows:
+            return
+        yield packing.rows_from_windows(np.stack([t for t, _ in group]),
+                                        np.stack([d for _, d in group]), pack)
+
+
+def _synthetic_batch(seed: int, stream: int, step: int, rows: range, seq_len: int, vocab_size: int,
+                     pack: bool) -> Batch:
+    tokens = np.stack([np.random.default_rng([seed, stream, step, r]).integers(
+        0, vocab_size, seq_len + 1, dtype=np.int32) for r in rows])
+    return packing.rows_from_windows(tokens, np.zeros_like(tokens, np.int64), pack)
+
+
+# ---------------------------------------------------------------- construction
+
+
+def make_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer | None, *, process_index: int = 0,
+                  process_count: int = 1, workdir: str = "", vocab_size: int | None = None) -> Pipeline:
+    """The pipeline for process `process_index` of `process_count`.
+
+    `workdir` holds prepared shards of packaged/text sources when data.data_dir is empty.
+    `vocab_size` is needed (only) by the synthetic source, which takes no tokenizer.
+    """
+    if not 0 <= process_index < process_count:
+        raise ConfigError(f"process_index={process_index} must lie in [0, process_count={process_count}).")
+    if data_cfg.batch_size % process_count:
+        raise ConfigError(f"data.batch_size={data_cfg.batch_size} must be divisible by the number of "
+                          f"processes ({process_count}): each process feeds an equal share.")
+    rows = data_cfg.batch_size // process_count
+    first_row = process_index * rows
+    seq_len, pack = data_cfg.seq_len, data_cfg.packing
+    identity = {"source": data_cfg.source, "seq_len": seq_len, "batch_size": data_cfg.batch_size,
+                "packing": pack, "seed": data_cfg.seed, "shuffle": data_cfg.shuffle}
+
+    if data_cfg.source == "synthetic":
+        if not vocab_size or vocab_size < 1:
+            raise ConfigError("data.source=synthetic needs vocab_size (pass model.vocab_size).")
+        mine = range(first_row, first_row + rows)
+        return Pipeline(
+            tokenizer=None, identity={**identity, "vocab_size": vocab_size},
+            train=lambda start: (_synthetic_batch(data_cfg.seed, 0, s, mine, seq_len, vocab_size, pack)
+                                 for s in itertools.count(start)),
+            evaluation=lambda n: [_synthetic_batch(data_cfg.seed, 1, s, mine, seq_len, vocab_size, pack)
+                                  for s in range(n)])
+
+    if tokenizer is None:
+        raise ConfigError(f"data.source={data_cfg.source} needs a tokenizer: call prepare_tokenizer first.")
+    source = sources.resolve_source(data_cfg, workdir)
+    identity.update(dataset=source.dataset_id, train_split=source.train_split,
+                    tokenizer=tokenizer.fingerprint)
+
+    if data_cfg.source in ("packaged", "text"):
+        train_store = load_token_store(source, source.train_split, tokenizer,
+                                       shuffle=data_cfg.shuffle, seed=data_cfg.seed)
+        eval_store = load_token_store(source, source.eval_split, tokenizer, shuffle=False, seed=0)
+        layout = dict(global_rows=data_cfg.batch_size, first_row=first_row, rows=rows,
+                      seq_len=seq_len, pack=pack)
+        return Pipeline(
+            tokenizer=tokenizer, identity=identity,
+            train=lambda start: _prefetched(lambda s: _indexed_batch(train_store, s, **layout),
+                                            start, rows, seq_len),
+            evaluation=lambda n: [_indexed_batch(eval_store, s, **layout) for s in range(n)])
+
+    import tensorflow_datasets as tfds
+
+    for split in (source.train_split, source.eval_split):
+        if sources.num_examples(source, split) < process_count:
+            raise ConfigError(f"split {split!r} of {source.dataset_id} has fewer documents than "
+                              f"processes ({process_count}); use a larger split.")
+    identity.update(process_count=process_count, shuffle_buffer=data_cfg.shuffle_buffer)
+    train_part = tfds.even_splits(source.train_split, n=process_count)[process_index]
+    eval_part = tfds.even_splits(source.eval_split, n=process_count)[process_index]
+
+    def train(start: int) -> Iterator[Batch]:
+        texts = sources.split_texts(source, train_part, shuffle_files=data_cfg.shuffle,
+                                    seed=data_cfg.seed).repeat()
+        if data_cfg.shuffle:
+            texts = texts.shuffle(data_cfg.shuffle_buffer, seed=data_cfg.seed, reshuffle_each_iteration=True)
+        batches = _stream_batches(texts, tokenizer, rows=rows, seq_len=seq_len, pack=pack)
+        return itertools.islice(batches, start, None)
+
+    def evaluation(n: int) -> list[Batch]:
+        texts = sources.split_texts(source, eval_part).repeat()
+        return list(itertools.islice(_stream_batches(texts, tokenizer, rows=rows, seq_len=seq_len,
+                                                     pack=pack), n))
+
+    return Pipeline(tokenizer=tokenizer, identity=identity, train=train, evaluation=evaluation)
