@@ -14,6 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lmjax import sharding
+
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -53,28 +55,48 @@ def _cudnn(q, k, v, mask):
 
 
 @functools.cache
-def _splash_kernel(q_len: int, kv_len: int, heads: int):
-    """A causal splash-attention kernel over [heads, q_len, head_dim] (one batch row)."""
+def _splash_kernel(q_len: int, kv_len: int, heads: int, interpret: bool = False):
+    """A causal splash-attention kernel over q [heads, q_len, head_dim] and k, v
+    [kv_heads, kv_len, head_dim] (one batch row; grouped-query when kv_heads < heads).
+    `interpret` runs the Pallas kernel in the interpreter (any backend, for tests)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk, splash_attention_mask as sm)
+    block = next((b for b in (512, 256, 128) if q_len % b == 0 and kv_len % b == 0), None)
+    if block is None:
+        raise ValueError(f"splash attention needs sequence lengths divisible by 128 (got {q_len}, "
+                         f"{kv_len}): change data.seq_len or use model.attention=xla")
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                          block_q_dq=block, block_kv_dq=block)
     mask = sm.MultiHeadMask([sm.CausalMask((q_len, kv_len))] * heads)
-    return sk.make_splash_mha_single_device(mask)
+    # Concrete (not traced) mask tables, so the cached kernel never holds a tracer.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
-def _splash(q, k, v, q_segment_ids, kv_segment_ids):
+def _splash(q, k, v, segment_ids, *, interpret: bool = False):
+    """q: [b, t, h, d]; k, v: [b, s, kv, d]; segment_ids: [b, t] or None -> [b, t, h, d].
+
+    The Pallas kernel cannot be partitioned by XLA, so under a mesh it runs per device
+    (shard_map) on that device's batch rows and heads, each over whole sequences.
+    """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    b, t, h, d = q.shape
-    group = h // k.shape[2]
-    k = jnp.repeat(k, group, axis=2)
-    v = jnp.repeat(v, group, axis=2)
-    kernel = _splash_kernel(t, k.shape[1], h)
-    qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q * (d ** -0.5), k, v))
-    if q_segment_ids is None:
-        out = jax.vmap(kernel)(qt, kt, vt)
-    else:
-        seg = sk.SegmentIds(q=q_segment_ids, kv=kv_segment_ids)
-        out = jax.vmap(kernel)(qt, kt, vt, segment_ids=seg)
-    return out.transpose(0, 2, 1, 3)
+
+    def per_device(q, k, v, *seg):
+        kernel = _splash_kernel(q.shape[1], k.shape[1], q.shape[2], interpret)
+        qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q * (q.shape[-1] ** -0.5), k, v))
+        if seg:
+            out = jax.vmap(kernel)(qt, kt, vt, segment_ids=sk.SegmentIds(q=seg[0], kv=seg[0]))
+        else:
+            out = jax.vmap(kernel)(qt, kt, vt)
+        return out.transpose(0, 2, 1, 3)
+
+    q_axes = ("act_batch", None, "act_heads", None)
+    kv_axes = ("act_batch", None, "act_kv_heads", None)
+    args, in_axes = (q, k, v), [q_axes, kv_axes, kv_axes]
+    if segment_ids is not None:
+        args, in_axes = args + (segment_ids.astype(jnp.int32),), in_axes + [("act_batch", None)]
+    return sharding.shard_map_logical(per_device, in_axes, q_axes)(*args)
 
 
 def resolve_impl(impl: str) -> str:
@@ -98,7 +120,7 @@ def attention(q, k, v, *, segment_ids=None, impl: str = "auto"):
     """
     impl = resolve_impl(impl)
     if impl == "splash":
-        return _splash(q, k, v, segment_ids, segment_ids).astype(q.dtype)
+        return _splash(q, k, v, segment_ids).astype(q.dtype)
     index = jnp.arange(q.shape[1])
     mask = make_mask(segment_ids, segment_ids, index, index)
     if impl == "cudnn":

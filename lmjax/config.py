@@ -48,6 +48,9 @@ class ModelConfig:
     remat: str = "full"
     attention: str = "auto"
     scan_layers: bool = True
+    # >0: the loss projects to the vocabulary in sequence chunks of this many tokens
+    # (rematerialized), so full [batch, seq, vocab] float32 logits never exist at once.
+    logits_chunk: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +238,8 @@ def validate(config: Config) -> Config:
     need(m.attention in ATTENTION_IMPLS,
          f"model.attention={m.attention!r}: choose one of {ATTENTION_IMPLS}.")
     need(d.seq_len > 1, f"data.seq_len={d.seq_len} must be at least 2.")
+    need(m.logits_chunk >= 0 and (m.logits_chunk == 0 or d.seq_len % m.logits_chunk == 0),
+         f"model.logits_chunk={m.logits_chunk} must be 0 (off) or divide data.seq_len={d.seq_len}.")
     need(d.seq_len <= m.max_seq_len,
          f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
          "raise model.max_seq_len or lower data.seq_len.")

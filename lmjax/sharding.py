@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmjax.config import ConfigError, MeshConfig
@@ -63,20 +64,21 @@ def logical_to_spec(axes: Sequence[str | None], rules: dict[str, tuple[str, ...]
                     mesh: Mesh | None = None, shape: Sequence[int] | None = None) -> P:
     """PartitionSpec for an array whose dimensions have logical names `axes`.
 
-    Mesh axes of size 1 are dropped. A mesh axis used by two dimensions is a rule conflict
-    and raises; so does a dimension that the mesh axes do not divide (given `shape`).
+    A mesh axis that two dimensions map to is a rule conflict and raises, whatever its size;
+    so does a dimension that its mesh axes do not divide (given `shape`). Mesh axes of size
+    1 are then dropped from the spec.
     """
     used: dict[str, str] = {}
     spec = []
     for dim, name in enumerate(axes):
         mesh_axes = rules.get(name, ()) if name else ()
-        if mesh is not None:
-            mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
         for a in mesh_axes:
             if a in used:
                 raise ConfigError(f"sharding rule conflict: logical axes {used[a]!r} and {name!r} of "
                                   f"{tuple(axes)} both map to mesh axis {a!r}; change mesh.rules")
             used[a] = name
+        if mesh is not None:
+            mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
         if mesh is not None and shape is not None and mesh_axes:
             size = math.prod(mesh.shape[a] for a in mesh_axes)
             if shape[dim] % size:
@@ -115,21 +117,31 @@ def is_axes(x: Any) -> bool:
 
 def tree_shardings(axes_tree: Any, mesh: Mesh, rules, shapes_tree: Any = None) -> Any:
     """NamedShardings for a pytree whose leaves are logical-axes tuples (`is_axes`);
-    with `shapes_tree`, also checks that the mesh divides every sharded dimension."""
-    is_leaf = is_axes
+    with `shapes_tree`, also checks that the mesh divides every sharded dimension (the error
+    names the leaf, e.g. `params/layers/wk`)."""
     if shapes_tree is None:
         return jax.tree.map(lambda a: NamedSharding(mesh, logical_to_spec(a, rules, mesh)),
-                            axes_tree, is_leaf=is_leaf)
-    return jax.tree.map(
-        lambda a, s: NamedSharding(mesh, logical_to_spec(a, rules, mesh, s.shape)),
-        axes_tree, shapes_tree, is_leaf=is_leaf)
+                            axes_tree, is_leaf=is_axes)
+
+    def one(path, a, s):
+        try:
+            return NamedSharding(mesh, logical_to_spec(a, rules, mesh, s.shape))
+        except ConfigError as e:
+            raise ConfigError(f"{_path_name(path)}: {e}") from None
+
+    return jax.tree_util.tree_map_with_path(one, axes_tree, shapes_tree, is_leaf=is_axes)
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices).
 
-    With dcn_data/dcn_fsdp > 1 the mesh is hybrid: those factors span slices (or hosts),
-    the ICI factors span devices within one.
+    Each mesh axis is (dcn factor) x (ICI factor). With dcn_data/dcn_fsdp > 1 the mesh is
+    hybrid: the dcn factors span slices (devices with `slice_index`, multi-slice TPU) or
+    else processes, and the ICI factors span the devices within one.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
@@ -157,14 +169,81 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
             "or set one axis to -1")
     shape = tuple(i * d for i, d in zip(ici, dcn))
     if n_dcn > 1:
-        from jax.experimental import mesh_utils
-        grid = mesh_utils.create_hybrid_device_mesh(
-            ici, list(dcn), devices=devices, allow_split_physical_axes=True,
-            **({} if hasattr(devices[0], "slice_index") else {"process_is_granule": True}))
+        grid = _hybrid_grid(ici, dcn, devices)
+    elif devices[0].platform == "tpu":
+        grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
     else:
-        try:
-            from jax.experimental import mesh_utils
-            grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-        except (AssertionError, ValueError, NotImplementedError):
-            grid = np.asarray(devices).reshape(shape)
+        grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
+
+
+def _hybrid_grid(ici: Sequence[int], dcn: Sequence[int], devices: list) -> np.ndarray:
+    """Device array of shape ici * dcn whose dcn factors cross slices (or processes)."""
+    by_slice = hasattr(devices[0], "slice_index")
+    key = (lambda d: d.slice_index) if by_slice else (lambda d: d.process_index)
+    granules = len({key(d) for d in devices})
+    if granules != math.prod(dcn):
+        unit = "slices" if by_slice else "processes"
+        raise ConfigError(
+            f"mesh.dcn_data={dcn[0]} x mesh.dcn_fsdp={dcn[1]} = {math.prod(dcn)} must equal the "
+            f"number of {unit} ({granules}): dcn axes span {unit}, the other mesh axes the "
+            f"devices within one")
+    return mesh_utils.create_hybrid_device_mesh(
+        list(ici), list(dcn), devices=devices, process_is_granule=not by_slice,
+        allow_split_physical_axes=True)
+
+
+def shard_map_logical(fn: Callable, in_axes: Sequence[Sequence[str | None]],
+                      out_axes: Sequence[str | None]) -> Callable:
+    """`fn` mapped over shards of the active `activation_sharding` mesh, with each argument
+    (and the single output) split by its logical axes; `fn` itself outside that context.
+
+    For kernels that XLA cannot partition (Pallas/Mosaic calls): `fn` sees per-device blocks.
+    """
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return fn
+    mesh, rules = ctx
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(logical_to_spec(a, rules, mesh) for a in in_axes),
+                         out_specs=logical_to_spec(out_axes, rules, mesh), check_vma=False)
+
+
+def describe_params(param_shapes: Any, axes: Any, mesh: Mesh, rules: dict[str, tuple[str, ...]],
+                    *, replicated_warn_elements: int = 1_000_000) -> str:
+    """A table of every parameter: shape, logical axes, PartitionSpec and bytes per device.
+
+    param_shapes: pytree of arrays or ShapeDtypeStructs; axes: the same tree of logical-axes
+    tuples. Ends with the per-device total and a WARNING line for each parameter of more than
+    `replicated_warn_elements` elements that stays fully replicated on a mesh of >1 device.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(axes, is_leaf=is_axes)[0]
+    shapes = jax.tree.leaves(param_shapes)
+    rows, warnings, total = [], [], 0
+    for (path, names), shaped in zip(leaves, shapes):
+        name = _path_name(path)
+        spec = logical_to_spec(names, rules, mesh, shaped.shape)
+        local = NamedSharding(mesh, spec).shard_shape(tuple(shaped.shape))
+        nbytes = math.prod(local) * np.dtype(shaped.dtype).itemsize
+        total += nbytes
+        rows.append((name, "x".join(map(str, shaped.shape)), ",".join(n or "-" for n in names),
+                     str(tuple(spec)), format_bytes(nbytes)))
+        size = math.prod(shaped.shape)
+        if mesh.size > 1 and all(s is None for s in spec) and size > replicated_warn_elements:
+            warnings.append(f"WARNING: {name} {tuple(shaped.shape)} ({size / 1e6:.1f}M elements) is "
+                            f"replicated on all {mesh.size} devices: map one of its logical axes "
+                            f"{tuple(names)} to a mesh axis of size > 1 (mesh.* or mesh.rules)")
+    header = ("parameter", "shape", "logical axes", "partition spec", "bytes/device")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    lines = [f"mesh {dict(mesh.shape)} over {mesh.size} devices", fmt(header)]
+    lines += [fmt(r) for r in rows]
+    lines.append(f"parameters per device: {format_bytes(total)}")
+    return "\n".join(lines + warnings)
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> "1.50 KiB"; GiB at most."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024

@@ -1,0 +1,184 @@
+"""Ahead-of-time TPU compiles with libtpu's compile-only devices, and the chunked loss that
+keeps full logits out of memory."""
+import dataclasses
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax import cli, compile as compile_lib, model, train
+from lmjax.config import ConfigError, ModelConfig
+
+GiB = 1024 ** 3
+
+
+def _need_libtpu():
+    try:
+        compile_lib.require_libtpu()
+    except ConfigError as e:
+        pytest.skip(f"TPU compiles need libtpu: {e}")
+
+
+# ---------------------------------------------------------------- topology names
+
+
+@pytest.mark.parametrize("name, topology, chips, hbm_gib", [
+    ("v5p-8", "v5p:2x2x1", 4, 95),
+    ("v5p-64", "v5p:2x4x4", 32, 95),
+    ("v5p-128", "v5p:4x4x4", 64, 95),
+    ("v5p-512", "v5p:4x8x8", 256, 95),
+    ("v4-16", "v4:2x2x2", 8, 32),
+    ("v4-256", "v4:4x4x8", 128, 32),
+    ("v5litepod-4", "v5e:2x2", 4, 16),
+    ("v5litepod-32", "v5e:4x8", 32, 16),
+    ("v5e-256", "v5e:16x16", 256, 16),
+    ("v6e-8", "v6e:2x4", 8, 32),
+    ("v6e-1", "v6e:1x1", 1, 32),
+    ("v5p:4x4x12", "v5p:4x4x12", 192, 95),
+])
+def test_cloud_names_map_to_topologies(name, topology, chips, hbm_gib):
+    target = compile_lib.parse_target(name)
+    assert (target.topology, target.chips, target.family.hbm_bytes) == (topology, chips, hbm_gib * GiB)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("v5p-127", "N must be even"),
+    ("v5p-24", "only power-of-two slices"),
+    ("v7-8", "expected a Cloud TPU name"),
+    ("v5e:2x2x2", "v5e topologies have 2 dimensions"),
+    ("tpu", "expected a Cloud TPU name"),
+])
+def test_bad_topology_names_say_what_is_expected(name, message):
+    with pytest.raises(ConfigError, match=message):
+        compile_lib.parse_target(name)
+
+
+def test_missing_libtpu_names_the_package(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # as if not installed
+    monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+    with pytest.raises(ConfigError, match=r"pip install 'lmjax\[tpu\]'"):
+        compile_lib.require_libtpu()
+    assert cli.main(["compile", "--experiment", "smoke", "--topology", "v5e-4"]) == 2
+    assert "needs libtpu" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- compiles
+
+
+def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
+    _need_libtpu()
+    config = cli.load_experiment("smoke", ["data.seq_len=128"])
+    report = compile_lib.compile_train_step(config, compile_lib.parse_target("v5litepod-4"))
+    assert report.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert report.pallas_calls > 0  # attention="auto" became the splash kernel
+    # Arguments hold a quarter of the state and of the batch (fsdp=4 divides every sharded
+    # dimension of smoke), padded to TPU tiles: at least the exact quarter, and less than
+    # one whole copy of the state.
+    state = jax.eval_shape(functools.partial(train.init_state, config.model,
+                                             train.optim.make_optimizer(config.optim, 20), 0))
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    batch_bytes = len(train.BATCH_KEYS) * 8 * 128 * 4
+    assert report.argument_bytes >= (state_bytes + batch_bytes) / 4
+    assert report.argument_bytes < state_bytes
+    assert report.alias_bytes > 0.9 * report.output_bytes  # donated state is updated in place
+    assert 0 < report.total_bytes < 64 * 1024 ** 2 and report.fits
+    assert report.model_flops == pytest.approx(
+        train.metrics_lib.flops_per_token(config.model, 128) * 8 * 128 / 4)
+    assert report.compile_seconds > 0
+
+
+def test_cli_compile_multislice_prints_the_report(capsys):
+    _need_libtpu()
+    code = cli.main(["compile", "--experiment", "smoke", "--topology", "v5e:2x2", "--num-slices", "2",
+                     "--set", "data.seq_len=128", "--set", "mesh.dcn_data=2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "v5e-4 (v5e:2x2 x 2 slices), 8 chips, mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in out
+    assert "of 16 GiB HBM" in out and out.rstrip().endswith("fits")
+
+
+def test_cli_compile_fails_when_the_step_does_not_fit(capsys):
+    _need_libtpu()
+    # 2 x 4M x 1024 float32 params + Adam moments = 96 GiB, 24 GiB per chip > 16 GiB.
+    code = cli.main(["compile", "--experiment", "smoke", "--topology", "v5e-4",
+                     "--set", "data.seq_len=128", "--set", "model.vocab_size=4194304",
+                     "--set", "model.d_model=1024", "--set", "model.n_layers=1"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "DOES NOT FIT" in out
+
+
+def test_cli_compile_rejects_a_batch_the_mesh_does_not_divide(capsys):
+    _need_libtpu()
+    code = cli.main(["compile", "--experiment", "smoke", "--topology", "v5e-16",
+                     "--set", "data.seq_len=128"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "'act_batch' of size 8" in err and "of size 16" in err
+
+
+# ---------------------------------------------------------------- chunked loss
+
+CHUNKED = ModelConfig(vocab_size=1024, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                      head_dim=16, d_mlp=64, max_seq_len=128, dtype="float32", attention="xla",
+                      logits_chunk=16)
+
+
+def _batch(rows, seq, vocab):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, (rows, seq + 1))
+    segments = np.sort(rng.integers(0, 3, (rows, seq)), axis=1)
+    positions = np.concatenate([np.arange(seq)[None]] * rows)
+    mask = (rng.random((rows, seq)) > 0.1).astype(np.int32)
+    return {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+            "segment_ids": jnp.asarray(segments), "positions": jnp.asarray(positions),
+            "loss_mask": jnp.asarray(mask)}
+
+
+def test_chunked_loss_matches_the_full_projection_and_its_gradients():
+    full = dataclasses.replace(CHUNKED, logits_chunk=0)
+    params = model.init(full, jax.random.PRNGKey(1))
+    batch = _batch(3, 64, full.vocab_size)
+
+    def value_and_grad(cfg):
+        return jax.jit(jax.value_and_grad(train.loss_terms, has_aux=True),
+                       static_argnums=(2, 3))(params, batch, cfg, 1e-3)
+
+    (obj_full, aux_full), g_full = value_and_grad(full)
+    (obj_chunk, aux_chunk), g_chunk = value_and_grad(CHUNKED)
+    # an independent reference: numpy logsumexp over explicit logits
+    logits = np.asarray(model.forward(params, batch["inputs"], full,
+                                      segment_ids=batch["segment_ids"], positions=batch["positions"]),
+                        np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    target = np.take_along_axis(logits, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+    nll = np.sum((logz - target) * np.asarray(batch["loss_mask"]))
+    np.testing.assert_allclose(float(aux_chunk["nll_sum"]), nll, rtol=1e-6)
+    np.testing.assert_allclose(float(obj_chunk), float(obj_full), rtol=1e-6)
+    np.testing.assert_allclose(float(aux_chunk["z_sum"]), float(aux_full["z_sum"]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_chunk), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_loss_never_holds_the_full_logits():
+    batch = _batch(4, 128, CHUNKED.vocab_size)
+    params = jax.eval_shape(lambda: model.init(CHUNKED, jax.random.PRNGKey(0)))
+    logits_bytes = 4 * 128 * CHUNKED.vocab_size * 4  # 2 MiB of float32 logits
+
+    def temp_bytes(cfg):
+        grad = jax.jit(jax.grad(lambda p, b: train.loss_terms(p, b, cfg, 0.0)[0]))
+        return grad.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+
+    full = temp_bytes(dataclasses.replace(CHUNKED, logits_chunk=0))
+    chunked = temp_bytes(CHUNKED)
+    assert full > logits_bytes  # the unchunked step materializes [batch, seq, vocab]
+    assert chunked < full - logits_bytes / 2
+
+
+def test_logits_chunk_must_divide_the_sequence():
+    with pytest.raises(ConfigError, match="model.logits_chunk=48 must be 0 .off. or divide "
+                                          "data.seq_len=64"):
+        cli.load_experiment("smoke", ["model.logits_chunk=48"])
