@@ -23,8 +23,8 @@ NAME = "lmjax_text"
 
 
 def _relative_names(files: list[str]) -> list[str]:
-    if len(files) == 1:
-        return [os.path.basename(files[0])]
+    if len(files) <= 1:
+        return [os.path.basename(f) for f in files]
     root = os.path.commonpath(files) if all(not f.startswith("gs://") for f in files) else ""
     return [os.path.relpath(f, root) if root else f for f in files]
 
@@ -68,7 +68,7 @@ class LmjaxText(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Documents of local text files, split by document hash."}
 
-    def __init__(self, *, files: list[str], text_key: str = "text",
+    def __init__(self, *, files: tuple[str, ...] = (), text_key: str = "text",
                  validation_fraction: float = 0.05, **kwargs):
         self._files = list(files)
         self._names = _relative_names(self._files)
