@@ -577,7 +577,9 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            # None: a handler installed outside Python (jax's preemption notifier), which
+            # cannot be reinstalled from here; the default action is the safe fallback.
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 class SaveSchedule:

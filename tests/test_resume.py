@@ -1,0 +1,206 @@
+"""Whole training runs killed, stopped, torn and resumed: `python -m lmjax train` subprocesses
+on the smoke experiment (packaged Shakespeare corpus, real tf.data and orbax).
+
+The reference run trains the tokenizer and prepares the TFDS shards once; the other runs
+reuse both (data.tokenizer, data.data_dir), so each costs a process start and a compile.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 12
+BASE = ["--experiment", "smoke", "--set", f"run.steps={STEPS}", "--set", "run.log_every=1",
+        "--set", "checkpoint.every_steps=4", "--set", "run.eval_batches=1"]
+
+
+def _env(devices: int = 8) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("LMJAX_NUM_PROCESSES", None)
+    return env
+
+
+def _command(workdir, *extra) -> list[str]:
+    return [sys.executable, "-m", "lmjax", "train", "--workdir", str(workdir), *BASE, *extra]
+
+
+def _run(workdir, *extra, devices: int = 8, expect: int = 0) -> subprocess.CompletedProcess:
+    out = subprocess.run(_command(workdir, *extra), env=_env(devices), capture_output=True,
+                         text=True, timeout=600, cwd=REPO)
+    assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def _records(workdir) -> list[dict]:
+    with open(Path(workdir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def _losses_after_last_start(workdir) -> tuple[int, dict[int, float]]:
+    """(restored step, {step: loss}) of the run segment after the last resume record."""
+    records = _records(workdir)
+    starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+    assert starts, "the resumed run did not note its resume in metrics.jsonl"
+    restored = records[starts[-1]]["restored_step"]
+    return restored, {r["step"]: r["loss"] for r in records[starts[-1] + 1:] if "loss" in r}
+
+
+def _committed_steps(workdir) -> list[int]:
+    root = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
+def _wait_for(predicate, proc, timeout=300.0, what=""):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run exited with {proc.returncode} before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: workdir, {step: loss}, and the overrides that reuse its data."""
+    workdir = tmp_path_factory.mktemp("reference")
+    _run(workdir)
+    shared = ["--set", f"data.tokenizer={workdir / 'tokenizer.model'}",
+              "--set", f"data.data_dir={workdir / 'tfds'}"]
+    losses = {r["step"]: r["loss"] for r in _records(workdir) if "loss" in r}
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert _committed_steps(workdir) == [4, 8, 12]
+    return workdir, losses, shared
+
+
+def test_sigkill_at_a_random_moment_then_resume_is_bitwise_identical(reference, tmp_path):
+    ref_dir, ref_losses, shared = reference
+    proc = subprocess.Popen(_command(tmp_path, *shared), env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: _committed_steps(tmp_path), proc, what="the first checkpoint")
+        time.sleep(random.uniform(0.0, 1.5))
+    finally:
+        proc.kill()
+        proc.wait()
+    _run(tmp_path, *shared)
+    restored, losses = _losses_after_last_start(tmp_path)
+    assert restored in (4, 8, 12)
+    assert sorted(losses) == list(range(restored + 1, STEPS + 1))
+    for step, loss in losses.items():
+        assert loss == ref_losses[step], (step, loss, ref_losses[step])
+
+
+def test_sigterm_saves_within_a_step_then_torn_checkpoint_and_mesh_change(reference, tmp_path):
+    _, ref_losses, shared = reference
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(_command(tmp_path, *shared), env=_env(), cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT)
+        metrics = tmp_path / "metrics.jsonl"
+        logged = lambda: [r["step"] for r in _records(tmp_path) if "loss" in r] if metrics.exists() else []  # noqa: E731
+        _wait_for(lambda: len(logged()) >= 5 and 4 in _committed_steps(tmp_path), proc,
+                  what="step 5 and checkpoint 4")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    output = log_path.read_text()
+    assert proc.returncode == 0, output[-3000:]
+    stopped = max(_committed_steps(tmp_path))
+    assert stopped < STEPS and max(logged()) == stopped, output[-3000:]
+    # the progress line of step k prints one step late, at the boundary of step k + 1; the
+    # signal handler's line shows when the signal arrived, so the save is at k + 1 or k + 2
+    before = output[:output.index("received SIGTERM")]
+    progress = [line for line in before.splitlines() if f"/{STEPS} grad_norm" in line]
+    last_logged = int(progress[-1].split()[1].split("/")[0])  # "step 6/12 grad_norm=..."
+    assert stopped - last_logged in (1, 2), (last_logged, stopped)
+    assert f"checkpoint {stopped}: committed" in output and "stopped at step" in output
+
+    # tear the newest checkpoint (truncate its parameter files), then resume on another mesh:
+    # 4 devices instead of 8, fsdp 2 x tensor 2 instead of fsdp 8
+    previous = _committed_steps(tmp_path)[-2]
+    for path in (tmp_path / "checkpoints" / str(stopped) / "params").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(path.read_bytes()[:10])
+    out = _run(tmp_path, *shared, "--set", "mesh.fsdp=2", "--set", "mesh.tensor=2", devices=4)
+    assert f"step {stopped} is unreadable" in out.stderr
+    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}" in out.stderr
+    assert "resuming with a changed config: mesh.fsdp" in out.stderr
+    restored, losses = _losses_after_last_start(tmp_path)
+    assert restored == previous < stopped
+    assert sorted(losses) == list(range(previous + 1, STEPS + 1))
+    np.testing.assert_allclose([losses[s] for s in losses], [ref_losses[s] for s in losses],
+                               rtol=1e-5)
+    assert _committed_steps(tmp_path)[-1] == STEPS
+    assert any(p.name.startswith(f"{stopped}-")
+               for p in (tmp_path / "checkpoints.unreadable").iterdir())
+
+
+def test_model_shape_change_is_refused_with_the_fields(reference, tmp_path):
+    ref_dir, _, shared = reference
+    work = tmp_path / "copy"
+    shutil.copytree(ref_dir, work, ignore=shutil.ignore_patterns("tfds", "tensorboard"))
+    before = (work / "config.json").read_text()
+    out = _run(work, *shared, "--set", "model.d_mlp=128", "--set", "model.n_layers=3",
+               "--set", "run.steps=20", expect=2)
+    assert "model.d_mlp: checkpoint 192, now 128" in out.stderr
+    assert "model.n_layers: checkpoint 2, now 3" in out.stderr
+    assert "run.steps" not in out.stderr
+    assert (work / "config.json").read_text() == before
+    assert _committed_steps(work) == [4, 8, 12]
+
+
+def test_a_nonfinite_loss_never_reaches_disk(reference, tmp_path):
+    _, _, shared = reference
+    out = _run(tmp_path, *shared, "--set", "optim.lr=1e30", "--set", "checkpoint.every_steps=1",
+               expect=1)
+    message = [line for line in out.stderr.splitlines() if "non-finite" in line][-1]
+    bad_step = int(message.split("step ")[1].split(":")[0].split()[0])
+    saved = _committed_steps(tmp_path)
+    assert saved and max(saved) < bad_step, (saved, message)
+    from lmjax import checkpoint
+    reader = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
+    for step in saved:
+        _, params, _ = checkpoint.load_params(str(tmp_path), step)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+        assert reader.read_json(step, "meta")["step"] == step
+
+
+@pytest.mark.slow
+def test_two_processes_sigkill_then_resume_is_bitwise_identical(reference, tmp_path):
+    """2 processes x 4 devices through launch/local.py (gloo), killed after a checkpoint."""
+    _, ref_losses, shared = reference
+    launch = [sys.executable, str(REPO / "launch" / "local.py"), "--processes", "2",
+              "--devices-per-process", "4", "--", "lmjax", "train", "--workdir", str(tmp_path),
+              *BASE, *shared]
+    env = _env()
+    env.pop("XLA_FLAGS")
+    proc = subprocess.Popen(launch, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: _committed_steps(tmp_path), proc, timeout=500,
+                  what="the first checkpoint")
+        time.sleep(random.uniform(0.0, 1.0))
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        for pid in children:  # the training processes: each a host dying at once
+            os.kill(int(pid), signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    out = subprocess.run(launch, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    restored, losses = _losses_after_last_start(tmp_path)
+    assert sorted(losses) == list(range(restored + 1, STEPS + 1))
+    meta = json.loads((tmp_path / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())
+    assert meta["process_count"] == 2
+    for step, loss in losses.items():
+        assert loss == ref_losses[step], (step, loss, ref_losses[step])
