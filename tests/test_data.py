@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from lmjax import cli
 from lmjax.config import Config, ConfigError, DataConfig
 from lmjax.data import BATCH_KEYS, DataStateError, documents, load_tokenizer, make_pipeline, train_tokenizer
 from lmjax.data import text_builder, tools
@@ -314,7 +315,11 @@ def test_preview_and_bench_print(corpus, shards, tok, capsys, tmp_path):
     config = Config(data=text_cfg(corpus, shards))
     tools.preview(config, str(workdir), start_step=0, batches=4)
     lines = capsys.readouterr().out.strip().splitlines()
-    tools.preview(config, str(workdir), start_step=2, batches=2)
+    experiment = tmp_path / "exp.py"
+    experiment.write_text("from lmjax.config import *\n"
+                          f"def config():\n    return Config(data={config.data!r})\n")
+    assert cli.main(["data", "preview", "--experiment", str(experiment), "--workdir", str(workdir),
+                     "--start-step", "2", "--batches", "2"]) == 0
     resumed = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 5 and resumed[1:] == lines[3:]  # same step, same hash
     step, digest = lines[3].split()[:2]

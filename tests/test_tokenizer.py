@@ -47,6 +47,15 @@ def test_unigram_from_jsonl_glob_with_text_key(tmp_path):
         train_tokenizer(str(tmp_path / "a.jsonl"), 320, "unigram", str(tmp_path / "x"))
 
 
+def test_cli_tokenizer_train(tmp_path, capsys):
+    from lmjax import cli
+
+    assert cli.main(["tokenizer", "train", "--input", SONNETS, "--vocab-size", "320",
+                     "--model-type", "bpe", "--output", str(tmp_path / "cli")]) == 0
+    tok = load_tokenizer(str(tmp_path / "cli.model"))
+    assert f"fingerprint={tok.fingerprint}" in capsys.readouterr().out
+
+
 def test_load_through_non_local_filesystem(bpe_path):
     # ram:// is a tf.io.gfile filesystem like gs://: loading must not assume a local path.
     import tensorflow as tf

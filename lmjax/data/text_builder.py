@@ -108,6 +108,7 @@ def prepare_text_dataset(files: list[str], *, label: str, text_key: str,
     builder = LmjaxText(files=files, text_key=text_key, validation_fraction=validation_fraction,
                         config=config, data_dir=data_dir)
     if not builder.is_prepared():
+        tfds.disable_progress_bar()
         try:
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))

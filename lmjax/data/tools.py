@@ -29,15 +29,13 @@ def batch_hash(batch: Batch) -> str:
 
 
 def first_document_start(batch: Batch, pipeline: Pipeline, n_tokens: int = 16) -> str:
-    """Decoded start of the first document that begins inside row 0 ("" if none does)."""
+    """Decoded start of the first document beginning in the batch (rows read in order)."""
     tok = pipeline.tokenizer
-    inputs, segments = batch["inputs"][0], batch["segment_ids"][0]
+    inputs = batch["inputs"].reshape(-1)
     if tok is None:
         return " ".join(map(str, inputs[:n_tokens]))
-    starts = np.flatnonzero((segments[1:] != segments[:-1]) | (inputs[:-1] == tok.eos_id)) + 1
-    if not len(starts):
-        return ""
-    return tok.decode(inputs[starts[0]:starts[0] + n_tokens])
+    starts = np.flatnonzero(inputs[:-1] == tok.eos_id) + 1
+    return tok.decode(inputs[starts[0]:starts[0] + n_tokens]) if len(starts) else ""
 
 
 def preview(config: Config, workdir: str, start_step: int = 0, batches: int = 4) -> None:
