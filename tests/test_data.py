@@ -104,11 +104,22 @@ def test_builder_writes_tfds_shards_split_by_document(corpus, shards, tmp_path):
     assert builder.is_prepared() and os.listdir(builder.data_dir)
     name = builder.builder_config.name
     train, val = split_docs(shards, name, "train"), split_docs(shards, name, "validation")
-    assert len(val) == 6 and sorted(train + val) == sorted(corpus[1])  # disjoint and complete
+    assert sorted(train + val) == sorted(corpus[1])  # disjoint and complete
+    held, total = sum(map(len, val)), sum(map(len, corpus[1]))
+    assert held >= 0.1 * total > held - max(map(len, val))  # a tenth of the text, by document
     # Another directory, same files: the same documents are held out (the split is by content).
     again = text_builder.prepare_text_dataset(files, label="text", text_key="text",
                                               validation_fraction=0.1, data_dir=str(tmp_path))
     assert sorted(split_docs(str(tmp_path), again.builder_config.name, "validation")) == sorted(val)
+
+
+def test_validation_selection_edge_cases():
+    sizes = {f"f:{i}": 10 for i in range(5)}
+    assert text_builder.validation_keys(sizes, 0.0) == set()
+    assert len(text_builder.validation_keys(sizes, 0.01)) == 1
+    assert len(text_builder.validation_keys(sizes, 0.5)) == 3
+    with pytest.raises(ConfigError, match="nothing is left for training"):
+        text_builder.validation_keys({"f:0": 10}, 0.05)
 
 
 def test_packaged_corpus_has_many_documents():
@@ -125,6 +136,9 @@ def test_packaged_corpus_has_many_documents():
 def test_packing_segments_positions_targets_against_naive_loop(corpus, shards, tok):
     pipe = make_pipeline(text_cfg(corpus, shards), tok)
     batches = take(pipe, 0, 6)
+    inputs = np.concatenate([b["inputs"] for b in batches]).reshape(-1)
+    after_eos = inputs[1:][inputs[:-1] == tok.eos_id]
+    assert len(after_eos) and (after_eos == tok.bos_id).all()  # every document starts with BOS
     for b in batches:
         assert all(b[k].shape == (BATCH, SEQ) for k in BATCH_KEYS)
         assert b["inputs"].dtype == np.int32 and b["loss_mask"].dtype == np.float32
@@ -140,7 +154,7 @@ def test_one_epoch_is_the_whole_train_split_once(corpus, shards, tok):
     pipe = make_pipeline(cfg, tok)
     name = pipe.state(0)["dataset"].split("/")[1].split(":")[0]
     train = split_docs(shards, name, "train")
-    tokens = sum(len(tok.encode(d)) + 1 for d in train)
+    tokens = sum(len(tok.encode(d)) + 2 for d in train)
     steps = tokens // (BATCH * SEQ) + 2
     # Union over two processes' slices, reassembled in global order.
     halves = [take(make_pipeline(cfg, tok, process_index=i, process_count=2), 0, steps) for i in range(2)]
@@ -261,7 +275,7 @@ def test_tfds_stream_process_parts_are_disjoint_and_complete(corpus, shards, tok
     seen = []
     for i, part in enumerate(tfds.even_splits("train", n=2)):
         mine = [t.decode() for t in builder.as_dataset(split=part).map(lambda e: e["text"]).as_numpy_iterator()]
-        steps = sum(len(tok.encode(d)) + 1 for d in mine) // (BATCH // 2 * SEQ) + 1
+        steps = sum(len(tok.encode(d)) + 2 for d in mine) // (BATCH // 2 * SEQ) + 1
         batches = take(make_pipeline(cfg, tok, process_index=i, process_count=2), 0, steps)
         seen += docs_in(stream_of(batches), tok, len(mine))
     assert sorted(seen) == sorted(train)  # disjoint, and together the whole split

@@ -1,7 +1,7 @@
 """Packing a token stream into training rows (pure numpy).
 
 Every source produces the same thing: an endless stream of tokens in which documents (each
-ending in EOS) follow one another, cut into windows. Window `w` covers stream positions
+BOS, text, EOS) follow one another, cut into windows. Window `w` covers stream positions
 `[w*T, w*T + T + 1)`: `T` inputs and, shifted by one, their `T` targets, so consecutive windows
 overlap by one token and no target is lost at a window edge. Nothing is ever padded.
 
@@ -46,7 +46,7 @@ def rows_from_windows(tokens: np.ndarray, doc_ids: np.ndarray, packing: bool) ->
 class TokenStore:
     """All documents of a split, tokenized, as one flat array; windows are O(1) to gather.
 
-    `tokens`: [n_tokens] every document followed by its EOS, in the split's canonical order.
+    `tokens`: [n_tokens] every tokenized document, in the split's canonical order.
     `doc_starts`: [n_docs + 1] offsets into `tokens`. Epoch `e` orders the documents by a
     permutation seeded with `(seed, e)` (identity when not shuffling); epochs follow one another,
     so stream position `p` lies in epoch `p // n_tokens`. Window contents are a pure function of
@@ -102,7 +102,7 @@ class TokenStore:
 
 
 def stream_windows(docs: Iterable[np.ndarray], length: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Cuts a stream of tokenized documents (each ending in EOS) into windows of width length+1.
+    """Cuts a stream of tokenized documents into windows of width length+1.
 
     Yields (tokens [length+1], doc_ids [length+1]) with the same layout as `TokenStore.windows`
     (doc_ids count documents in stream order); a final partial window is dropped.

@@ -3,7 +3,8 @@
 A batch is a dict of numpy arrays, each [rows, seq_len] with rows = batch_size // process_count:
 `inputs`, `targets` (int32), `segment_ids` (int32, 1-based per document piece, 0 never occurs
 because nothing is padded), `positions` (int32, restarting at 0 per piece) and `loss_mask`
-(float32). See `packing.py` for the window layout.
+(float32). See `packing.py` for the window layout. Every document is tokenized as BOS, its
+text, EOS.
 
 Three ways of producing windows, chosen by `data.source`:
   * packaged / text ("indexed"): the split is tokenized once inside tf.data into a `TokenStore`;
@@ -20,6 +21,7 @@ Three ways of producing windows, chosen by `data.source`:
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Callable, Iterator
 
 import numpy as np
@@ -30,6 +32,7 @@ from lmjax.data.tf_setup import tensorflow
 from lmjax.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
+log = logging.getLogger(__name__)
 _ENCODE_BATCH = 64  # documents per tokenizer call inside the tf.data map
 
 
@@ -85,12 +88,17 @@ class Pipeline:
 
 
 def tokenized_batches(texts, tokenizer: Tokenizer):
-    """tf.data of texts -> tf.data of (flat tokens [n], lengths [docs]); each document ends in EOS."""
+    """tf.data of texts -> tf.data of (flat tokens [n], lengths [docs]).
+
+    Each document becomes BOS (when the tokenizer has one, as generation and scoring prompts
+    start with it), its tokens, EOS.
+    """
     tf = tensorflow()
-    eos = tokenizer.eos_id
+    bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+    eos = [tokenizer.eos_id]
 
     def encode(batch: np.ndarray):
-        ids = [tokenizer.encode(t.decode("utf-8")) + [eos] for t in batch]
+        ids = [bos + tokenizer.encode(t.decode("utf-8")) + eos for t in batch]
         lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
         return np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum())), lengths
 
@@ -211,11 +219,20 @@ def make_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer | None, *, process_
         eval_store = load_token_store(source, source.eval_split, tokenizer, shuffle=False, seed=0)
         layout = dict(global_rows=data_cfg.batch_size, first_row=first_row, rows=rows,
                       seq_len=seq_len, pack=pack)
+
+        def evaluation(n: int) -> list[Batch]:
+            needed = n * data_cfg.batch_size * seq_len
+            if needed > eval_store.n_tokens:
+                log.warning("%d eval batches need %d tokens but the validation split has %d: "
+                            "its documents repeat. Lower run.eval_batches or raise "
+                            "data.validation_fraction.", n, needed, eval_store.n_tokens)
+            return [_indexed_batch(eval_store, s, **layout) for s in range(n)]
+
         return Pipeline(
             tokenizer=tokenizer, identity=identity,
             train=lambda start: _prefetched(lambda s: _indexed_batch(train_store, s, **layout),
                                             start, rows, seq_len),
-            evaluation=lambda n: [_indexed_batch(eval_store, s, **layout) for s in range(n)])
+            evaluation=evaluation)
 
     import tensorflow_datasets as tfds
 

@@ -75,6 +75,9 @@ def _registered_source(data_cfg: DataConfig):
 
 def resolve_source(data_cfg: DataConfig, workdir: str = "") -> Source:
     """Prepares (packaged/text) or opens (tfds) the dataset and checks splits and text feature."""
+    from lmjax.data.tf_setup import tensorflow
+
+    tensorflow()  # accelerators hidden before TFDS runs any TensorFlow op
     if data_cfg.source in ("packaged", "text"):
         builder = _text_source(data_cfg, workdir)
         feature, train, evaluation = "text", "train", "validation"

@@ -3,9 +3,9 @@
 `prepare_text_dataset` writes real TFDS shards (`train` and `validation` splits) under
 `data_dir/lmjax_text/<label>-<fingerprint>/1.0.0/`. The fingerprint hashes the files' contents,
 their relative paths, the text key and the validation fraction, so a changed corpus gets a new
-directory and never mixes with old shards. The split is by document and deterministic: the
-`round(fraction * n)` documents (at least one when the fraction is positive) whose keys have the
-smallest SHA-256 go to validation.
+directory and never mixes with old shards. The split is by document and deterministic: taking
+documents in the order of their keys' SHA-256, validation gets them until it holds `fraction`
+of the corpus's characters (at least one document when the fraction is positive).
 
 Importing this module imports tensorflow_datasets; `lmjax.data.sources` imports it lazily.
 """
@@ -29,31 +29,32 @@ def _relative_names(files: list[str]) -> list[str]:
     return [os.path.relpath(f, root) if root else f for f in files]
 
 
-def _document_keys(files: list[str], names: list[str], text_key: str) -> list[str]:
-    return [f"{name}:{i}" for path, name in zip(files, names)
-            for i, _ in enumerate(documents.read_documents(path, text_key))]
+def _document_sizes(files: list[str], names: list[str], text_key: str) -> dict[str, int]:
+    """{"file:index": characters} of every document."""
+    return {f"{name}:{i}": len(text) for path, name in zip(files, names)
+            for i, text in enumerate(documents.read_documents(path, text_key))}
 
 
-def _key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def validation_keys(keys: list[str], fraction: float) -> set[str]:
-    """The documents chosen for validation: the `round(fraction * n)` smallest key hashes."""
+def validation_keys(sizes: dict[str, int], fraction: float) -> set[str]:
+    """Documents for validation: in key-hash order until they hold `fraction` of the characters."""
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"data.validation_fraction={fraction} must lie in [0, 1).")
-    count = round(fraction * len(keys))
-    if fraction > 0:
-        count = max(count, 1)
-    if count >= len(keys):
-        raise ConfigError(f"the corpus has only {len(keys)} document(s): it cannot give both a train "
-                          "and a validation split; add documents (separate them with form feeds in "
-                          ".txt files) or set data.validation_fraction=0.")
-    return set(sorted(keys, key=_key_hash)[:count])
+    chosen: set[str] = set()
+    target, held = fraction * sum(sizes.values()), 0
+    for key in sorted(sizes, key=lambda k: hashlib.sha256(k.encode()).hexdigest()):
+        if held >= target and (chosen or fraction == 0):
+            break
+        chosen.add(key)
+        held += sizes[key]
+    if len(chosen) >= len(sizes):
+        raise ConfigError(f"the corpus has only {len(sizes)} document(s): with "
+                          f"data.validation_fraction={fraction} nothing is left for training; add "
+                          "documents (separate them with form feeds in .txt files) or lower it.")
+    return chosen
 
 
 def corpus_fingerprint(files: list[str], text_key: str, validation_fraction: float) -> str:
-    digest = hashlib.sha256(f"{text_key}|{validation_fraction!r}".encode())
+    digest = hashlib.sha256(f"{text_key}|validation by characters {validation_fraction!r}".encode())
     io = documents.gfile()
     for path, name in zip(files, _relative_names(files)):
         with io.GFile(path, "rb") as f:
@@ -84,8 +85,8 @@ class LmjaxText(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # everything is local
-        keys = _document_keys(self._files, self._names, self._text_key)
-        held_out = validation_keys(keys, self._validation_fraction)
+        held_out = validation_keys(_document_sizes(self._files, self._names, self._text_key),
+                                   self._validation_fraction)
         splits = {"train": self._generate_examples(lambda k: k not in held_out)}
         if held_out:
             splits["validation"] = self._generate_examples(lambda k: k in held_out)
