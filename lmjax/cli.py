@@ -51,8 +51,31 @@ def _cmd_train(args) -> int:
     from lmjax import distributed, train
     distributed.initialize()
     config = load_experiment(args.experiment, args.overrides)
-    result = train.train(config, args.workdir)
+    result = train.train(config, args.workdir, restore_from=args.restore_from,
+                         init_from=args.init_from)
     print(" ".join(f"{k}={v:.4g}" for k, v in result.items() if k.startswith(("loss", "eval"))))
+    return 0
+
+
+def _cmd_checkpoint_list(args) -> int:
+    from lmjax import checkpoint
+    rows = checkpoint.list_checkpoints(args.workdir)
+    print(checkpoint.json_summary(rows) if args.json else checkpoint.format_listing(rows))
+    return 0
+
+
+def _cmd_checkpoint_export(args) -> int:
+    from lmjax import checkpoint
+    print(checkpoint.export_params(args.workdir, args.step, args.params_only))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from lmjax.convert import hf
+    if args.direction == "from-hf":
+        hf.main_from_hf(args.src, args.out)
+    else:
+        hf.main_to_hf(args.src, args.out, dtype=args.dtype)
     return 0
 
 
@@ -63,6 +86,42 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _data_workdir(args, config: Config) -> str:
+    return args.workdir or os.path.join(os.path.expanduser("~/.cache/lmjax"), config.run.name)
+
+
+def _cmd_data_preview(args) -> int:
+    from lmjax.data import tools
+    config = load_experiment(args.experiment, args.overrides)
+    tools.preview(config, _data_workdir(args, config), args.start_step, args.batches)
+    return 0
+
+
+def _cmd_data_bench(args) -> int:
+    from lmjax.data import tools
+    config = load_experiment(args.experiment, args.overrides)
+    tools.bench(config, _data_workdir(args, config), args.seconds)
+    return 0
+
+
+def _cmd_tokenizer_train(args) -> int:
+    from lmjax.data import tokenizer
+    path = tokenizer.train_tokenizer(args.input, args.vocab_size, args.model_type, args.output,
+                                     text_key=args.text_key)
+    tok = tokenizer.load_tokenizer(path)
+    print(f"{path}: vocab_size={tok.vocab_size} fingerprint={tok.fingerprint}")
+    return 0
+
+
+def _cmd_compile(args) -> int:
+    # The compile targets TPU devices described by libtpu; this machine's accelerators are not
+    # needed, so unless told otherwise jax stays on the CPU instead of probing for a TPU.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from lmjax import compile as compile_lib
+    config = load_experiment(args.experiment, args.overrides)
+    return compile_lib.main(config, args.topology, args.num_slices)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmjax", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -71,7 +130,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) an experiment in a workdir")
     _add_experiment_args(p)
     p.add_argument("--workdir", required=True, help="run directory (local or gs://)")
+    p.add_argument("--restore-from", metavar="DIR_OR_STEP",
+                   help="continue from a step of this workdir, or (in a workdir without "
+                        "checkpoints) from another run's checkpoints dir or checkpoints/STEP")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="start from these params only (a dir written by `lmjax checkpoint "
+                        "export` or `lmjax convert from-hf`), with a fresh optimizer")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("checkpoint", help="list or export a run's checkpoints")
+    ck = p.add_subparsers(dest="checkpoint_command", required=True)
+    q = ck.add_parser("list", help="steps, sizes, completeness and metadata")
+    q.add_argument("workdir")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q.set_defaults(func=_cmd_checkpoint_list)
+    q = ck.add_parser("export", help="write a params-only copy of a checkpoint")
+    q.add_argument("workdir")
+    q.add_argument("--step", type=int, default=None, help="default: the newest")
+    q.add_argument("--params-only", required=True, metavar="OUT",
+                   help="output dir: OUT/params (orbax) and OUT/model_config.json")
+    q.set_defaults(func=_cmd_checkpoint_export)
+
+    p = sub.add_parser("convert", help="Hugging Face Llama (safetensors) <-> lmjax params")
+    p.add_argument("direction", choices=["from-hf", "to-hf"])
+    p.add_argument("src", help="HF_DIR (from-hf) or a params-only CHECKPOINT_DIR (to-hf)")
+    p.add_argument("out", help="OUT_DIR (must be new or empty)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="to-hf: dtype of the written tensors (default: as stored)")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("bench", help="time the train step on synthetic data and print a table")
     _add_experiment_args(p, default="bench_512")
@@ -79,6 +165,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run once per value and compare in one table (repeatable: a grid)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("compile", help="compile the train step for a TPU topology (libtpu) and "
+                                       "report memory per chip; exit 1 if it does not fit")
+    _add_experiment_args(p)
+    p.add_argument("--topology", required=True,
+                   help="Cloud TPU name (v5p-128, v4-64, v5litepod-16, v6e-256) or a topology "
+                        "(v5p:4x4x4)")
+    p.add_argument("--num-slices", type=int, default=1, help="multi-slice: number of slices")
+    p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("data", help="look at the batches a run would train on, or time the pipeline")
+    dt = p.add_subparsers(dest="data_command", required=True)
+    for name, helptext, func in (
+            ("preview", "per batch: step, content hash, packing efficiency, a document start",
+             _cmd_data_preview),
+            ("bench", "tokens/s of the data pipeline alone", _cmd_data_bench)):
+        q = dt.add_parser(name, help=helptext)
+        _add_experiment_args(q)
+        q.add_argument("--workdir", default="",
+                       help="run directory whose tokenizer and shards to use "
+                            "(default ~/.cache/lmjax/RUN_NAME)")
+        q.set_defaults(func=func)
+        if name == "preview":
+            q.add_argument("--start-step", type=int, default=0)
+            q.add_argument("--batches", type=int, default=4)
+        else:
+            q.add_argument("--seconds", type=float, default=10.0)
+
+    p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
+    tk = p.add_subparsers(dest="tokenizer_command", required=True)
+    q = tk.add_parser("train", help="train on .txt/.jsonl files (byte fallback, pad/bos/eos/unk 0-3)")
+    q.add_argument("--input", nargs="+", required=True, metavar="GLOB",
+                   help="files, globs or directories (local or gs://)")
+    q.add_argument("--vocab-size", type=int, required=True)
+    q.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    q.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model, PREFIX.vocab")
+    q.add_argument("--text-key", default="text", help="JSON key of the text in .jsonl files")
+    q.set_defaults(func=_cmd_tokenizer_train)
     return parser
 
 
@@ -87,11 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not args.verbose:  # orbax and tfds log every file operation at INFO
+        logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"lmjax: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"lmjax: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -166,19 +166,25 @@ def fetch(metrics: dict) -> dict[str, float]:
 
 
 def run_steps(trainer: Trainer, state: TrainState, batches: Iterator[dict], steps: int,
-              on_metrics) -> TrainState:
-    """Runs `steps` updates. `on_metrics(step, metrics, seconds)` receives each step's metrics
-    one step late, so the host never waits on the device between dispatches."""
+              on_metrics, after_step=None) -> TrainState:
+    """Runs up to `steps` updates. `on_metrics(step, metrics, seconds)` receives each step's
+    metrics one step late, so the host never waits on the device between dispatches.
+    `after_step(step, state, metrics)` runs at every step boundary, after the previous step's
+    metrics; when it returns True the run stops there."""
+    step = int(state.step)
     pending = None
     last = time.perf_counter()
     for _ in range(steps):
         batch = global_batch(next(batches), trainer.batch_sharding)
         state, step_metrics = trainer.step_fn(state, batch)
+        step += 1
         if pending is not None:
             now = time.perf_counter()
             on_metrics(*pending, now - last)
             last = now
-        pending = (int(state.step), step_metrics)
+        pending = (step, step_metrics)
+        if after_step is not None and after_step(step, state, step_metrics):
+            break
     if pending is not None:
         jax.block_until_ready(pending[1])
         on_metrics(*pending, time.perf_counter() - last)
@@ -214,28 +220,45 @@ def _describe_devices(mesh: Mesh) -> str:
             f"({d.device_kind}), mesh {dict(mesh.shape)}")
 
 
-def train(config: Config, workdir: str) -> dict[str, float]:
+def train(config: Config, workdir: str, *, restore_from: str | None = None,
+          init_from: str | None = None) -> dict[str, float]:
     """Trains `config` in `workdir` and returns the final metrics.
 
-    Writes `config.json`, `metrics.jsonl`, TensorBoard events and the final params.
+    Resumes from the newest readable checkpoint in `workdir/checkpoints` when there is one;
+    otherwise `restore_from` (a checkpoint of another run, or a step of this one) or
+    `init_from` (a params-only directory) or a fresh init (rules: `checkpoint.plan_resume`).
+    Writes `config.json`, `metrics.jsonl` (appended), TensorBoard events and checkpoints.
+    SIGTERM/SIGINT save at the next step boundary and return early with "stopped_at_step".
     """
+    from lmjax import checkpoint
     from lmjax import data as data_lib
     from lmjax.config import to_json, validate
 
     config = validate(config)
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    resume = checkpoint.plan_resume(workdir, config, restore_from=restore_from,
+                                    init_from=init_from)
     mesh = sharding.make_mesh(config.mesh)
     log.info(_describe_devices(mesh))
     tokenizer = data_lib.prepare_tokenizer(config.data, workdir)
     config = _with_tokenizer(config, tokenizer)
+    fingerprint = tokenizer.fingerprint if tokenizer is not None else None
+    resume.check_tokenizer(fingerprint)
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(to_json(config))
     pipeline = data_lib.make_pipeline(config.data, tokenizer, process_index=jax.process_index(),
-                                      process_count=jax.process_count())
+                                      process_count=jax.process_count(), workdir=workdir,
+                                      vocab_size=config.model.vocab_size)
     trainer = make_trainer(config, mesh)
-    state = trainer.init_fn()
+    if primary:
+        log.info("parameters:\n%s", sharding.describe_params(
+            model.param_shapes(config.model), model.param_axes(config.model), mesh, trainer.rules))
+    state, data_state, source = resume.load(trainer.init_fn, trainer.state_shardings, workdir,
+                                            config.model)
+    if data_state is not None:
+        pipeline.check_state(data_state)
     eval_fn = make_eval_fn(trainer)
     eval_batches = pipeline.eval_batches(config.run.eval_batches)
 
@@ -246,12 +269,16 @@ def train(config: Config, workdir: str) -> dict[str, float]:
     log.info("peak FLOP/s per device: %.3g (%s)", peak, peak_source)
     writer = metrics_lib.MetricsWriter(workdir, total, enabled=primary)
     last: dict[str, float] = {}
+    skip_nonfinite = config.checkpoint.on_nonfinite == "skip"
 
     def on_metrics(step: int, step_metrics: dict, seconds: float) -> None:
         values = fetch(step_metrics)
         if not values.pop("finite"):
-            raise FloatingPointError(f"non-finite loss or gradient at step {step}: "
-                                     f"loss={values['loss']}, grad_norm={values['grad_norm']}")
+            message = (f"non-finite loss or gradient at step {step}: loss={values['loss']}, "
+                       f"grad_norm={values['grad_norm']}")
+            if not skip_nonfinite:
+                raise FloatingPointError(message)
+            log.warning("%s; skipped the update (checkpoint.on_nonfinite=skip)", message)
         values.update(step_seconds=seconds, tokens_per_second=tokens_per_step / seconds,
                       mfu=flops_per_step / seconds / (peak * jax.device_count()))
         last.update(values)
@@ -259,17 +286,45 @@ def train(config: Config, workdir: str) -> dict[str, float]:
             writer.write(step, values)
 
     step = int(state.step)
+    if source != "fresh init":
+        writer.write(step, checkpoint.describe_resume(step, source))
+    meta = checkpoint.make_metadata(config, fingerprint, mesh)
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), config.checkpoint)
+    signals = checkpoint.StopSignals()
+    schedule = checkpoint.SaveSchedule(config.checkpoint, total, signals)
+    stopped: list[int] = []
+
+    def after_step(step: int, state: TrainState, step_metrics: dict) -> bool:
+        ckpt.poll()
+        save, stop = schedule(step)
+        if save:
+            ckpt.save(step, state, data_state=pipeline.state(step), meta=meta,
+                      step_finite=step_metrics["finite"], allow_nonfinite_step=skip_nonfinite)
+            schedule.saved()
+        if stop:
+            stopped.append(step)
+        return stop
+
     batches = pipeline.train_batches(step)
     eval_every = config.run.eval_every or total
-    while step < total:
-        segment_end = min(total, (step // eval_every + 1) * eval_every)
-        state = run_steps(trainer, state, batches, segment_end - step, on_metrics)
-        step = segment_end
-        result = evaluate(trainer, eval_fn, state.params, eval_batches)
-        writer.write(step, result)
-        last.update(result)
-    writer.close()
-    _save_params(os.path.join(workdir, "params"), state.params)
+    try:
+        with signals:
+            while step < total:
+                segment_end = min(total, (step // eval_every + 1) * eval_every)
+                state = run_steps(trainer, state, batches, segment_end - step, on_metrics,
+                                  after_step)
+                step = int(state.step)
+                if stopped:
+                    log.warning("stopped at step %d after a signal; checkpoint saved, rerun the "
+                                "same command to resume", step)
+                    last["stopped_at_step"] = float(step)
+                    break
+                result = evaluate(trainer, eval_fn, state.params, eval_batches)
+                writer.write(step, result)
+                last.update(result)
+    finally:
+        ckpt.close()
+        writer.close()
     return last
 
 
@@ -277,9 +332,3 @@ def _with_tokenizer(config: Config, tokenizer) -> Config:
     if tokenizer is None:
         return config
     return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer.path))
-
-
-def _save_params(path: str, params) -> None:
-    import orbax.checkpoint as ocp
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(path), params, force=True)
