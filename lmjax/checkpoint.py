@@ -619,7 +619,8 @@ class SaveSchedule:
             stop, time_due = (bool(x) for x in self._local_flags())
         else:
             agreed, self._pending = self._pending, self._reduce(self._local_flags())
-            stop, time_due = (bool(x) for x in np.asarray(agreed)) if agreed is not None else (False, False)
+            flags = np.zeros(2, np.int32) if agreed is None else np.asarray(agreed)
+            stop, time_due = bool(flags[0]), bool(flags[1])
         stop = stop or preempted
         save = (stop or time_due or step == self.total
                 or step % self.cfg.every_steps == 0

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from lmjax import checkpoint, sharding, train
-from lmjax.config import CheckpointConfig, Config, ConfigError, DataConfig, MeshConfig, ModelConfig, RunConfig, \
-    apply_overrides
+from lmjax.config import (CheckpointConfig, Config, ConfigError, DataConfig, MeshConfig,
+                          ModelConfig, RunConfig, apply_overrides)
 
 TINY = Config(
     model=ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
