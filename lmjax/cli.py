@@ -54,6 +54,8 @@ def _cmd_train(args) -> int:
     result = train.train(config, args.workdir, restore_from=args.restore_from,
                          init_from=args.init_from)
     print(" ".join(f"{k}={v:.4g}" for k, v in result.items() if k.startswith(("loss", "eval"))))
+    if "sample" in result:
+        print(f"sample: {result['sample']}")
     return 0
 
 
@@ -68,6 +70,13 @@ def _cmd_checkpoint_export(args) -> int:
     from lmjax import checkpoint
     print(checkpoint.export_params(args.workdir, args.step, args.params_only))
     return 0
+
+
+def _cmd_smoke(args) -> int:
+    from lmjax import distributed, smoke
+    distributed.initialize()
+    config = load_experiment(args.experiment, args.overrides)
+    return smoke.main(config, args.steps, args.workdir, args.expect_platform)
 
 
 def _cmd_convert(args) -> int:
@@ -137,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from these params only (a dir written by `lmjax checkpoint "
                         "export` or `lmjax convert from-hf`), with a fresh optimizer")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("smoke", help="check this machine end to end: train, resume, generate")
+    _add_experiment_args(p, default="smoke")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--workdir", default="", help="where to keep the runs (default: a temp dir)")
+    p.add_argument("--expect-platform", choices=["", "cpu", "gpu", "tpu"], default="",
+                   help="fail unless jax runs on this platform (catches a silent CPU fallback)")
+    p.set_defaults(func=_cmd_smoke)
 
     p = sub.add_parser("checkpoint", help="list or export a run's checkpoints")
     ck = p.add_subparsers(dest="checkpoint_command", required=True)

@@ -78,8 +78,8 @@ class DataConfig:
     data_dir: str = ""
     text_files: str = ""
     text_feature: str = "text"
-    train_split: str = "train"
-    eval_split: str = "validation"
+    train_split: str = "train"  # tfds source only; local text always has train/validation
+    eval_split: str = "validation"  # tfds source only
     validation_fraction: float = 0.05
     tokenizer: str = ""  # a sentencepiece .model; empty: train one into the workdir
     tokenizer_vocab_size: int = 4096
@@ -87,9 +87,8 @@ class DataConfig:
     seq_len: int = 512
     packing: bool = True  # False: concatenate and split without segment ids
     shuffle: bool = True
-    shuffle_buffer: int = 4096
+    shuffle_buffer: int = 4096  # tfds source only; local text shuffles whole documents
     seed: int = 0
-    eval_batches: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +127,8 @@ class RunConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 8
-    sample_tokens: int = 0  # >0: print a sample of this many tokens after training
+    sample_tokens: int = 0  # >0: print a greedy sample of this many tokens after training
+    sample_prompt: str = "ROMEO:"
 
 
 @dataclasses.dataclass(frozen=True)

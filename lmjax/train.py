@@ -325,7 +325,20 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
     finally:
         ckpt.close()
         writer.close()
+    if config.run.sample_tokens and tokenizer is not None and not stopped:
+        last["sample"] = _sample(trainer, state.params, tokenizer)
     return last
+
+
+def _sample(trainer: Trainer, params, tokenizer) -> str:
+    """Greedy continuation of `run.sample_prompt`, computed on the training mesh."""
+    from lmjax import generate
+    run = trainer.config.run
+    with sharding.activation_sharding(trainer.mesh, trainer.rules):
+        text = generate.sample_text(params, trainer.config.model, tokenizer, run.sample_prompt,
+                                    run.sample_tokens)
+    log.info("sample: %r", text)
+    return text
 
 
 def _with_tokenizer(config: Config, tokenizer) -> Config:
