@@ -12,7 +12,7 @@ def config() -> Config:
         model=ModelConfig(vocab_size=128256, d_model=8192, n_layers=80,
                           n_heads=64, n_kv_heads=8, head_dim=128,
                           d_mlp=28672, max_seq_len=8192, rope_theta=500000.0,
-                          dtype="bfloat16", remat="full"),
+                          dtype="bfloat16", remat="full", logits_chunk=1024),
         mesh=MeshConfig(fsdp=-1),
         data=DataConfig(batch_size=512, seq_len=8192),
         optim=OptimConfig(lr=0.00015, warmup_steps=2000),

@@ -140,8 +140,8 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices).
 
     Each mesh axis is (dcn factor) x (ICI factor). With dcn_data/dcn_fsdp > 1 the mesh is
-    hybrid: the dcn factors span slices (devices with `slice_index`, multi-slice TPU) or
-    else processes, and the ICI factors span the devices within one.
+    hybrid: the dcn factors span slices (multi-slice TPU: devices of several `slice_index`)
+    or else processes, and the ICI factors span the devices within one.
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
@@ -179,9 +179,9 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
 
 def _hybrid_grid(ici: Sequence[int], dcn: Sequence[int], devices: list) -> np.ndarray:
     """Device array of shape ici * dcn whose dcn factors cross slices (or processes)."""
-    by_slice = hasattr(devices[0], "slice_index")
-    key = (lambda d: d.slice_index) if by_slice else (lambda d: d.process_index)
-    granules = len({key(d) for d in devices})
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    by_slice = len(slices) > 1
+    granules = len(slices) if by_slice else len({d.process_index for d in devices})
     if granules != math.prod(dcn):
         unit = "slices" if by_slice else "processes"
         raise ConfigError(

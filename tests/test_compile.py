@@ -160,7 +160,8 @@ def test_chunked_loss_matches_the_full_projection_and_its_gradients():
     np.testing.assert_allclose(float(obj_chunk), float(obj_full), rtol=1e-6)
     np.testing.assert_allclose(float(aux_chunk["z_sum"]), float(aux_full["z_sum"]), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_chunk), jax.tree.leaves(g_full)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        # summation order differs (chunks accumulate the unembed gradient): float32 rounding
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_chunked_loss_never_holds_the_full_logits():

@@ -1,0 +1,56 @@
+"""Two real processes x 4 CPU devices (gloo collectives, started by launch/local.py) train
+with the losses of one process with 8 devices."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmjax import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_SETS = ["run.steps=3", "run.log_every=1", "run.eval_batches=1",
+              "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.every_steps=1000"]
+
+
+def _losses(workdir) -> list[float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def _sets(sets):
+    return [a for s in sets for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """Losses of this (8-device) process, and the tokenizer it trained for the others."""
+    workdir = tmp_path_factory.mktemp("one_process")
+    assert cli.main(["train", "--experiment", "smoke", "--workdir", str(workdir),
+                     *_sets(TRAIN_SETS)]) == 0
+    return _losses(workdir), str(workdir / "tokenizer.model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_sets", [
+    [],  # fsdp over all 8 devices of both processes
+    ["mesh.dcn_data=2", "mesh.fsdp=-1"],  # hybrid: data across processes, fsdp within one
+])
+def test_two_processes_train_like_one(tmp_path, one_process, mesh_sets):
+    losses, tokenizer = one_process
+    command = [sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
+               "--devices-per-process", "4", "--",
+               sys.executable, "-m", "lmjax", "train", "--experiment", "smoke",
+               "--workdir", str(tmp_path),
+               *_sets(TRAIN_SETS + mesh_sets + [f"data.tokenizer={tokenizer}"])]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "[p1]" in done.stdout + done.stderr  # both processes ran
+    assert "process 1/2" in done.stdout + done.stderr
+    got = _losses(tmp_path)
+    assert len(got) == 3 and len(set(got)) == 3
+    np.testing.assert_allclose(got, losses, rtol=1e-5)

@@ -1,0 +1,281 @@
+"""Meshes, logical-axis rules, parameter tables, sharded init, and training losses that do
+not depend on the mesh (8 CPU devices against a 1-device run)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lmjax import cli, model, sharding, train
+from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, RunConfig
+
+TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                   d_mlp=192, max_seq_len=64, dtype="float32")
+
+
+def mesh_of(**kw):
+    return sharding.make_mesh(MeshConfig(**{"fsdp": 1, **kw}))
+
+
+# ---------------------------------------------------------------- meshes
+
+
+def test_make_mesh_fills_the_free_axis_and_keeps_device_order():
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]
+    four = sharding.make_mesh(MeshConfig(fsdp=-1), devices=jax.devices()[4:])
+    assert dict(four.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (MeshConfig(data=3, fsdp=1), r"\(3, 1, 1\) has 3 devices but there are 8 per slice"),
+    (MeshConfig(data=2, fsdp=2, tensor=4), r"\(2, 2, 4\) has 16 devices but there are 8"),
+    (MeshConfig(data=-1, fsdp=-1), "at most one -1"),
+    (MeshConfig(data=3, fsdp=-1), "3 does not divide the 8 devices"),
+    (MeshConfig(fsdp=0), "sizes must be positive"),
+    (MeshConfig(dcn_data=3), "dcn_data=3 x mesh.dcn_fsdp=1 must be positive and divide the 8"),
+    (MeshConfig(dcn_data=2), r"= 2 must equal the number of processes \(1\)"),
+])
+def test_make_mesh_errors_show_the_numbers(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        sharding.make_mesh(cfg)
+
+
+def _tpu_devices(accelerator, num_slices):
+    from lmjax import compile as compile_lib
+    try:
+        compile_lib.require_libtpu()
+    except ConfigError as e:
+        pytest.skip(f"multi-slice layouts need libtpu's topology devices: {e}")
+    return compile_lib.topology_devices(compile_lib.parse_target(accelerator), num_slices)
+
+
+def test_hybrid_mesh_puts_dcn_factors_across_tpu_slices():
+    devices = _tpu_devices("v5e-4", num_slices=2)  # 2 slices of 2x2 chips
+    assert sorted({d.slice_index for d in devices}) == [0, 1]
+
+    mesh = sharding.make_mesh(MeshConfig(dcn_data=2, fsdp=-1), devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    for i in range(2):  # each data index is one whole slice
+        assert {d.slice_index for d in mesh.devices[i].flat} == {i}
+
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, dcn_fsdp=2), devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    for j in range(4):  # fsdp is (slice, chip within slice), slice-major
+        assert {d.slice_index for d in mesh.devices[:, j].flat} == {j // 2}
+
+    with pytest.raises(ConfigError, match=r"= 4 must equal the number of slices \(2\)"):
+        sharding.make_mesh(MeshConfig(dcn_data=4, fsdp=-1), devices)
+
+
+def test_single_slice_tpu_mesh_uses_every_chip_once():
+    devices = _tpu_devices("v5p-16", num_slices=1)  # 2x2x2 chips
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2), devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+
+
+# ---------------------------------------------------------------- rules
+
+
+def test_rules_override_and_reject_unknown_names():
+    rules = sharding.rules_from_config(MeshConfig(rules=("mlp=", "act_seq=tensor")))
+    assert rules["mlp"] == () and rules["act_seq"] == ("tensor",)
+    assert rules["embed"] == ("fsdp",)
+    with pytest.raises(ConfigError, match="logical one of"):
+        sharding.rules_from_config(MeshConfig(rules=("mpl=tensor",)))
+    with pytest.raises(ConfigError, match=r"unknown mesh axes \['model'\]"):
+        sharding.rules_from_config(MeshConfig(rules=("mlp=model",)))
+
+
+def test_rule_conflict_is_an_error_even_on_a_size_one_axis():
+    rules = sharding.rules_from_config(MeshConfig(rules=("mlp=fsdp",)))
+    mesh = mesh_of(data=8)  # fsdp has size 1 here: the conflict would bite on a bigger mesh
+    with pytest.raises(ConfigError, match="logical axes 'embed' and 'mlp'.*mesh axis 'fsdp'"):
+        sharding.logical_to_spec(("layers", "embed", "mlp"), rules, mesh)
+
+
+def test_default_rules_shard_params_zero3_style_and_activations_by_batch():
+    rules = sharding.rules_from_config(MeshConfig())
+    mesh = mesh_of(data=2, fsdp=2, tensor=2)
+    assert sharding.logical_to_spec(("layers", "embed", "mlp"), rules, mesh) == P(None, "fsdp", "tensor")
+    assert sharding.logical_to_spec(("act_batch", "act_seq", "act_embed"), rules, mesh) == \
+        P(("data", "fsdp"), None, None)
+    # size-1 axes vanish from specs
+    assert sharding.logical_to_spec(("vocab", "embed"), rules, mesh_of(data=8)) == P(None, None)
+
+
+def test_kv_heads_not_divisible_by_tensor_names_the_parameter_and_the_fix():
+    mesh = mesh_of(data=2, tensor=4)
+    axes = model.param_axes(TINY)
+    with pytest.raises(ConfigError) as e:
+        sharding.tree_shardings(axes, mesh, sharding.rules_from_config(MeshConfig()),
+                                model.param_shapes(TINY))
+    text = str(e.value)
+    assert "layers/wk" in text and "'kv_heads' of size 2" in text
+    assert "mesh axes ('tensor',) of size 4" in text and "mesh.rules" in text
+
+
+# ---------------------------------------------------------------- tables and shard_map
+
+
+def test_describe_params_lists_specs_and_bytes_per_device():
+    mesh = mesh_of(fsdp=4, tensor=2)
+    rules = sharding.rules_from_config(MeshConfig())
+    text = sharding.describe_params(model.param_shapes(TINY), model.param_axes(TINY), mesh, rules)
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:] if "/" in line or
+            line.startswith(("embed", "unembed", "final_norm"))}
+    # wq [2, 64, 4, 16] f32 = 32 KiB, split 4 ways on embed and 2 on heads: 4 KiB per device
+    assert rows["layers/wq"][1] == "2x64x4x16"
+    assert rows["layers/wq"][2] == "layers,embed,heads,head_dim"
+    assert "".join(rows["layers/wq"][3:-2]) == "(None,'fsdp','tensor',None)"
+    assert rows["layers/wq"][-2:] == ["4.00", "KiB"]
+    # final_norm [64] f32 split over fsdp: 64 bytes
+    assert rows["final_norm"][-2:] == ["64", "B"]
+    # matrices split 8 ways (fsdp x tensor), norm weights 4 ways (fsdp only); float32
+    matrices = 2 * 256 * 64 + 2 * 64 * (4 + 2 + 2 + 4) * 16 + 3 * 2 * 64 * 192
+    norms = 2 * 64 + 2 * 64 + 64
+    total = (matrices / 8 + norms / 4) * 4
+    assert text.splitlines()[0].startswith("mesh {'data': 1, 'fsdp': 4, 'tensor': 2}")
+    assert "WARNING" not in text
+    per_device = [line for line in text.splitlines() if line.startswith("parameters per device")]
+    assert per_device == [f"parameters per device: {total / 1024:.2f} KiB"]
+
+
+def test_describe_params_warns_about_big_replicated_parameters():
+    rules = sharding.rules_from_config(MeshConfig(rules=("embed=", "vocab=")))
+    shapes, axes = model.param_shapes(TINY), model.param_axes(TINY)
+    text = sharding.describe_params(shapes, axes, mesh_of(fsdp=8), rules,
+                                    replicated_warn_elements=10_000)
+    warnings = [line for line in text.splitlines() if line.startswith("WARNING")]
+    assert any(w.startswith("WARNING: embed (256, 64)") and "replicated on all 8 devices" in w
+               for w in warnings)
+    assert not any("final_norm" in w for w in warnings)  # 64 elements: below the threshold
+    one_device = sharding.make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])
+    assert "WARNING" not in sharding.describe_params(shapes, axes, one_device, rules,
+                                                     replicated_warn_elements=10_000)
+
+
+def test_shard_map_logical_gives_each_device_its_block():
+    mesh = mesh_of(data=2, fsdp=2, tensor=2)
+    rules = sharding.rules_from_config(MeshConfig())
+    local_rows = lambda x: jnp.full_like(x, x.shape[0] * 100 + x.shape[2])  # noqa: E731
+    x = jnp.zeros((8, 3, 4))
+    axes = ("act_batch", None, "act_heads")
+    assert int(sharding.shard_map_logical(local_rows, [axes], axes)(x)[0, 0, 0]) == 804
+    with sharding.activation_sharding(mesh, rules):
+        out = jax.jit(sharding.shard_map_logical(local_rows, [axes], axes))(x)
+    assert out.shape == (8, 3, 4) and np.all(np.asarray(out) == 202)  # 8/(2*2) rows, 4/2 heads
+
+
+# ---------------------------------------------------------------- sharded state
+
+
+def test_state_is_created_sharded_without_a_full_copy_per_device():
+    config = Config(model=TINY, mesh=MeshConfig(fsdp=-1), run=RunConfig(steps=10))
+    mesh = sharding.make_mesh(config.mesh)
+    trainer = train.make_trainer(config, mesh)
+    shapes = jax.eval_shape(trainer.init_fn)
+    full = sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+    memory = trainer.init_fn.lower().compile().memory_analysis()
+    # Outputs are 1/8 of the state (small replicated leaves aside); no temp buffer holds a
+    # whole parameter set.
+    assert memory.output_size_in_bytes < full / 8 * 1.05
+    assert memory.temp_size_in_bytes < full / 8
+    state = trainer.init_fn()
+    wq = state.params["layers"]["wq"]
+    assert wq.sharding.spec == P(None, "fsdp", None, None)
+    assert {s.data.shape for s in wq.addressable_shards} == {(2, 8, 4, 16)}
+    mu = jax.tree.leaves(state.opt_state)[1:]
+    assert any(getattr(m, "shape", None) == (2, 64, 4, 16) and m.sharding.spec == wq.sharding.spec
+               for m in mu)
+
+
+# ---------------------------------------------------------------- same losses on any mesh
+
+TRAIN_SETS = ["run.steps=3", "run.log_every=1", "run.eval_batches=1",
+              "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.every_steps=1000"]
+# 8 query and 8 KV heads, MLP 192: every dimension divides by a tensor axis of 8 or 4.
+WIDE = ["model.n_heads=8", "model.n_kv_heads=8", "model.head_dim=8"]
+
+
+def _losses(workdir) -> list[float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def _one_device_run(workdir, sets) -> list[float]:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu"}
+    args = [sys.executable, "-m", "lmjax", "train", "--experiment", "smoke", "--workdir", str(workdir)]
+    for s in sets:
+        args += ["--set", s]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _losses(workdir)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """1-device losses of the base smoke model and of the 8-head variant, sharing one
+    tokenizer trained on the packaged corpus."""
+    root = tmp_path_factory.mktemp("one_device")
+    base = _one_device_run(root / "base", TRAIN_SETS)
+    tokenizer = str(root / "base" / "tokenizer.model")
+    wide = _one_device_run(root / "wide", TRAIN_SETS + WIDE + [f"data.tokenizer={tokenizer}"])
+    return {"base": base, "wide": wide, "tokenizer": tokenizer}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh, variant", [
+    ((8, 1, 1), "base"), ((1, 8, 1), "base"), ((2, 2, 2), "base"),
+    ((1, 1, 8), "wide"), ((1, 2, 4), "wide"),
+])
+def test_eight_device_meshes_train_like_one_device(tmp_path, references, mesh, variant):
+    sets = TRAIN_SETS + (WIDE if variant == "wide" else []) + [
+        f"data.tokenizer={references['tokenizer']}",
+        f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}"]
+    argv = ["train", "--experiment", "smoke", "--workdir", str(tmp_path)]
+    for s in sets:
+        argv += ["--set", s]
+    assert cli.main(argv) == 0
+    losses = _losses(tmp_path)
+    assert len(losses) == 3 and len(set(losses)) == 3  # the steps really train
+    np.testing.assert_allclose(losses, references[variant], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- splash under a mesh
+
+
+def test_splash_kernel_per_device_matches_reference_with_packed_documents():
+    """The TPU kernel, run by the Pallas interpreter under shard_map on a (2, 2, 2) mesh:
+    grouped-query heads split over tensor, rows over data x fsdp, documents masked."""
+    from lmjax import attention
+    b, t, h, kv, d = 4, 128, 4, 2, 16
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(keys[0], (b, t, h, d))
+    k, v = (jax.random.normal(key, (b, t, kv, d)) for key in keys[1:])
+    segments = jnp.asarray(np.sort(np.random.default_rng(0).integers(0, 3, (b, t)), axis=1))
+    index = jnp.arange(t)
+    mask = attention.make_mask(segments, segments, index, index)
+    mesh = mesh_of(data=2, fsdp=2, tensor=2)
+
+    def splash_loss(q, k, v):
+        with sharding.activation_sharding(mesh, sharding.rules_from_config(MeshConfig())):
+            return jnp.sum(attention._splash(q, k, v, segments, interpret=True) ** 2)
+
+    def xla_loss(q, k, v):
+        return jnp.sum(attention._xla(q, k, v, mask) ** 2)
+
+    got = jax.jit(jax.value_and_grad(splash_loss, argnums=(0, 1, 2)))(q, k, v)
+    want = jax.value_and_grad(xla_loss, argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
