@@ -89,9 +89,34 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from lmjax import bench
     config = load_experiment(args.experiment, args.overrides)
-    bench.main(config, sweeps=args.sweep, steps=args.steps)
+    if args.what == "step":
+        from lmjax import bench
+        bench.main(config, sweeps=args.sweep, steps=args.steps)
+    elif args.what == "data":
+        from lmjax.data import tools
+        tools.bench(config, _data_workdir(args, config), args.seconds)
+    else:
+        from lmjax import generate
+        generate.bench(config.model, args.batch, args.prompt_len, args.new_tokens)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from lmjax import evaluate
+    evaluate.main(args.workdir, args.step, args.text_files or (), args.experiment_data, args.json,
+                  context_len=args.context_len, stride=args.stride)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from lmjax import generate
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    generate.main(args.workdir, args.step, prompts, args.max_new_tokens,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     return 0
 
 
@@ -103,13 +128,6 @@ def _cmd_data_preview(args) -> int:
     from lmjax.data import tools
     config = load_experiment(args.experiment, args.overrides)
     tools.preview(config, _data_workdir(args, config), args.start_step, args.batches)
-    return 0
-
-
-def _cmd_data_bench(args) -> int:
-    from lmjax.data import tools
-    config = load_experiment(args.experiment, args.overrides)
-    tools.bench(config, _data_workdir(args, config), args.seconds)
     return 0
 
 
@@ -176,12 +194,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="to-hf: dtype of the written tensors (default: as stored)")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("bench", help="time the train step on synthetic data and print a table")
+    p = sub.add_parser("bench", help="print a benchmark table: the train step (default), the "
+                                     "data pipeline alone, or generation")
+    p.add_argument("what", nargs="?", choices=["step", "data", "generate"], default="step")
     _add_experiment_args(p, default="bench_512")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                   help="run once per value and compare in one table (repeatable: a grid)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+                   help="step: run once per value and compare in one table (repeatable: a grid)")
+    p.add_argument("--steps", type=int, default=5, help="step: timed steps per configuration")
+    p.add_argument("--workdir", default="", help="data: run directory whose tokenizer and shards "
+                                                 "to use (default ~/.cache/lmjax/RUN_NAME)")
+    p.add_argument("--seconds", type=float, default=10.0, help="data: how long to read")
+    p.add_argument("--batch", type=int, default=8, help="generate: prompts per batch")
+    p.add_argument("--prompt-len", type=int, default=128, help="generate: prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=128, help="generate: tokens to decode")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a checkpoint")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text-files", nargs="+", metavar="GLOB", help="UTF-8 files, one document each")
+    src.add_argument("--experiment-data", action="store_true",
+                     help="the run's own evaluation batches")
+    p.add_argument("--context-len", type=int, default=None, help="default: the run's data.seq_len")
+    p.add_argument("--stride", type=int, default=None,
+                   help="sliding-window stride for long documents (default: context_len / 2)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="continue prompts with a checkpoint (KV cache)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
+    p.add_argument("--prompt", action="append", default=[], help="repeatable")
+    p.add_argument("--prompts-file", default="", help="one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("compile", help="compile the train step for a TPU topology (libtpu) and "
                                        "report memory per chip; exit 1 if it does not fit")
@@ -192,23 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-slices", type=int, default=1, help="multi-slice: number of slices")
     p.set_defaults(func=_cmd_compile)
 
-    p = sub.add_parser("data", help="look at the batches a run would train on, or time the pipeline")
+    p = sub.add_parser("data", help="look at the batches a run would train on")
     dt = p.add_subparsers(dest="data_command", required=True)
-    for name, helptext, func in (
-            ("preview", "per batch: step, content hash, packing efficiency, a document start",
-             _cmd_data_preview),
-            ("bench", "tokens/s of the data pipeline alone", _cmd_data_bench)):
-        q = dt.add_parser(name, help=helptext)
-        _add_experiment_args(q)
-        q.add_argument("--workdir", default="",
-                       help="run directory whose tokenizer and shards to use "
-                            "(default ~/.cache/lmjax/RUN_NAME)")
-        q.set_defaults(func=func)
-        if name == "preview":
-            q.add_argument("--start-step", type=int, default=0)
-            q.add_argument("--batches", type=int, default=4)
-        else:
-            q.add_argument("--seconds", type=float, default=10.0)
+    q = dt.add_parser("preview", help="per batch: step, content hash, packing efficiency, a "
+                                      "document start")
+    _add_experiment_args(q)
+    q.add_argument("--workdir", default="", help="run directory whose tokenizer and shards to use "
+                                                 "(default ~/.cache/lmjax/RUN_NAME)")
+    q.add_argument("--start-step", type=int, default=0)
+    q.add_argument("--batches", type=int, default=4)
+    q.set_defaults(func=_cmd_data_preview)
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
     tk = p.add_subparsers(dest="tokenizer_command", required=True)
@@ -229,10 +273,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if not args.verbose:  # orbax and tfds log every file operation at INFO
-        logging.getLogger("absl").setLevel(logging.WARNING)
+        logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
         print(f"lmjax: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -331,3 +331,39 @@ def bench(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, 
           f"kv_heads, head_dim])")
     return result
 
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(workdir: str, step: int | None, prompts: Sequence[str], max_new_tokens: int, *,
+         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+         seed: int = 0) -> list[str]:
+    """`lmjax generate`: continues every prompt with a checkpoint of `workdir`, in one batch.
+
+    Prompts of different lengths are right-padded and given their true lengths, so each
+    gets the same continuation it would get alone. Prints and returns the completions.
+    """
+    from lmjax import evaluate
+    if not prompts:
+        raise ValueError("give at least one prompt: --prompt TEXT or --prompts-file FILE.")
+    config, params, tokenizer = evaluate.load_run(workdir, step)
+    if tokenizer is None:
+        raise ValueError(f"the run in {workdir} has no tokenizer (synthetic data): nothing to "
+                         "decode prompts with.")
+    ids = [[tokenizer.bos_id] + list(tokenizer.encode(p)) for p in prompts]
+    width = max(map(len, ids))
+    padded = np.full((len(ids), width), tokenizer.pad_id, np.int32)
+    for row, seq in zip(padded, ids):
+        row[:len(seq)] = seq
+    new = np.asarray(generate(params, config.model, padded, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              eos_id=tokenizer.eos_id, prompt_lengths=[len(s) for s in ids]))
+    completions = []
+    for prompt, row in zip(prompts, new.tolist()):
+        if tokenizer.eos_id in row:
+            row = row[:row.index(tokenizer.eos_id)]
+        completions.append(tokenizer.decode(tokenizer.encode(prompt) + row))
+        print(completions[-1])
+        print("-" * 40)
+    return completions
