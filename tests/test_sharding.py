@@ -237,7 +237,7 @@ def references(tmp_path_factory):
 @pytest.mark.parametrize("mesh, variant", [
     ((8, 1, 1), "base"), ((1, 8, 1), "base"), ((2, 2, 2), "base"),
     ((1, 1, 8), "wide"), ((1, 2, 4), "wide"),
-])
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
 def test_eight_device_meshes_train_like_one_device(tmp_path, references, mesh, variant):
     sets = TRAIN_SETS + (WIDE if variant == "wide" else []) + [
         f"data.tokenizer={references['tokenizer']}",
