@@ -1,13 +1,15 @@
 """`lmjax bench`: times the real train step on a fixed synthetic batch and prints a table.
 
-Several configurations (`--sweep key=v1,v2`) run in one process, one after the other, so
-their ratios are measured under the same machine load.
+Several configurations (`--sweep key=v1,v2`) are compiled in one process and then timed in
+interleaved rounds, so their ratios are measured under the same machine load.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,8 +31,21 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) ->
             "loss_mask": np.ones((batch_size, seq_len), np.float32)}
 
 
-def bench_step(config: Config, steps: int = 5) -> dict[str, float]:
-    """Compile seconds, median step seconds, tokens/s, achieved TFLOP/s and MFU."""
+@dataclasses.dataclass
+class _Case:
+    name: str
+    config: Config
+    compiled: Any
+    state: Any
+    batch: Any
+    compile_s: float
+    wall: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)
+    loss: float = float("nan")
+
+
+def _prepare(name: str, config: Config) -> _Case:
+    """Builds the trainer, compiles the step and runs one warm-up step."""
     mesh = sharding.make_mesh(config.mesh)
     trainer = train.make_trainer(config, mesh)
     state = trainer.init_fn()
@@ -40,21 +55,39 @@ def bench_step(config: Config, steps: int = 5) -> dict[str, float]:
     start = time.perf_counter()
     compiled = trainer.step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    state, m = compiled(state, batch)  # warm-up step
+    state, m = compiled(state, batch)
     jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    return _Case(name, config, compiled, state, batch, compile_s)
+
+
+def _time_one(case: _Case) -> None:
+    wall, cpu = time.perf_counter(), time.process_time()
+    case.state, m = case.compiled(case.state, case.batch)
+    jax.block_until_ready(m)
+    case.wall.append(time.perf_counter() - wall)
+    case.cpu.append(time.process_time() - cpu)
+    case.loss = float(m["loss"])
+
+
+def _summary(case: _Case) -> dict[str, float]:
+    """Compile seconds, median step seconds (wall and process CPU), tokens/s, TFLOP/s, MFU."""
+    config = case.config
+    step_s = statistics.median(case.wall)
     tokens = config.data.batch_size * config.data.seq_len
     flops = metrics.flops_per_token(config.model, config.data.seq_len) * tokens
     peak, _ = metrics.peak_flops(jax.devices()[0], config.model.dtype)
-    return {"compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens / step_s,
+    return {"compile_s": case.compile_s, "step_s": step_s, "best_s": min(case.wall),
+            "cpu_s": statistics.median(case.cpu), "tokens_per_s": tokens / step_s,
             "tflops": flops / step_s / 1e12 / jax.device_count(),
-            "mfu": flops / step_s / (peak * jax.device_count()), "loss": float(m["loss"])}
+            "mfu": flops / step_s / (peak * jax.device_count()), "loss": case.loss}
+
+
+def bench_step(config: Config, steps: int = 5) -> dict[str, float]:
+    """Times one configuration: see `_summary` for the keys."""
+    case = _prepare("", config)
+    for _ in range(steps):
+        _time_one(case)
+    return _summary(case)
 
 
 def sweep_overrides(sweeps: list[str]) -> list[list[str]]:
@@ -67,20 +100,34 @@ def sweep_overrides(sweeps: list[str]) -> list[list[str]]:
 
 
 def main(config: Config, sweeps: list[str], steps: int) -> list[dict]:
-    rows = []
+    """Compiles every configuration of the sweep, then times them in interleaved rounds
+    (one step of each per round), so that a change of machine load hits all of them alike."""
     device = jax.devices()[0]
-    _, peak_source = metrics.peak_flops(device, config.model.dtype)
-    print(f"device: {device.device_kind} x {jax.device_count()}; MFU peak: {peak_source}")
     m, d = config.model, config.data
+    print(f"device: {device.device_kind} x {jax.device_count()}")
     print(f"model: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads x "
           f"{m.head_dim}, mlp {m.d_mlp}, vocab {m.vocab_size}; batch {d.batch_size} x seq {d.seq_len}")
-    header = f"{'config':<40} {'compile s':>9} {'step s':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6}"
-    print(header)
+    cases = []
     for overrides in sweep_overrides(sweeps):
         cfg = validate(apply_overrides(config, overrides))
-        r = bench_step(cfg, steps)
         name = " ".join(overrides) or f"dtype={m.dtype} remat={m.remat}"
-        rows.append({"config": name, **r})
-        print(f"{name:<40} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} "
-              f"{r['tflops']:>8.3f} {r['mfu']:>6.1%}", flush=True)
+        cases.append(_prepare(name, cfg))
+    for _ in range(steps):
+        for case in cases:
+            _time_one(case)
+    for dtype in sorted({c.config.model.dtype for c in cases}):
+        peak, source = metrics.peak_flops(device, dtype)
+        print(f"MFU peak for {dtype}: {peak / 1e12:.3f} TFLOP/s ({source})")
+    header = (f"{'config':<44} {'compile s':>9} {'step s':>8} {'best s':>7} {'cpu s':>7} "
+              f"{'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
+    print(header)
+    rows = []
+    for case in cases:
+        r = _summary(case)
+        rows.append({"config": case.name, **r})
+        print(f"{case.name:<44} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['best_s']:>7.3f} "
+              f"{r['cpu_s']:>7.2f} {r['tokens_per_s']:>9.0f} {r['tflops']:>8.3f} {r['mfu']:>6.1%}",
+              flush=True)
+    print("step s: median wall seconds; best s: fastest step; cpu s: process CPU seconds per step "
+          "(all threads), a load-robust measure of work on a shared machine.")
     return rows

@@ -48,8 +48,8 @@ class ModelConfig:
     remat: str = "full"
     attention: str = "auto"
     scan_layers: bool = True
-    # >0: the loss projects to the vocabulary in sequence chunks of this many tokens
-    # (rematerialized), so full [batch, seq, vocab] float32 logits never exist at once.
+    # >0: the loss projects to the vocabulary in sequence chunks of this many tokens, so
+    # full [batch, seq, vocab] float32 logits never exist at once (lmjax/loss.py).
     logits_chunk: int = 0
 
 

@@ -211,38 +211,17 @@ def embed(params: Params, tokens, cfg: ModelConfig):
     return constrain(x, ("act_batch", "act_seq", "act_embed"))
 
 
+def vocab_projection(params: Params, cfg: ModelConfig):
+    """The [embed, vocab] matrix from final hidden states to logits (the tied embedding or not)."""
+    return params["embed"].T if cfg.tie_embeddings else params["unembed"]
+
+
 def unembed(params: Params, x, cfg: ModelConfig):
     """x: [batch, seq, embed] -> float32 logits [batch, seq, vocab] (final norm included)."""
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    w = params["embed"].T if cfg.tie_embeddings else params["unembed"]
+    w = vocab_projection(params, cfg)
     logits = jnp.einsum("bsd,dv->bsv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
-
-
-def target_log_stats(params: Params, x, targets, cfg: ModelConfig):
-    """Per-token loss statistics from final hidden states, without keeping all the logits.
-
-    x: [batch, seq, embed] (before the final norm); targets: [batch, seq] int.
-    Returns (logsumexp of the logits, logit of the target), each [batch, seq] float32.
-    With cfg.logits_chunk > 0 the vocabulary projection runs over sequence chunks of that
-    length in a rematerialized scan: only [batch, chunk, vocab] logits exist at a time, in
-    the forward and the backward pass, and the numbers are those of the full projection.
-    """
-    def stats(x, targets):
-        logits = unembed(params, x, cfg)
-        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return jax.nn.logsumexp(logits, axis=-1), target_logit
-
-    b, s, d = x.shape
-    chunk = cfg.logits_chunk
-    if not chunk or chunk >= s:
-        return stats(x, targets)
-    n = s // chunk
-    xs = x.reshape(b, n, chunk, d).swapaxes(0, 1)
-    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
-    _, (logz, target_logit) = jax.lax.scan(lambda _, xt: (None, jax.checkpoint(stats)(*xt)),
-                                           None, (xs, ts))
-    return logz.swapaxes(0, 1).reshape(b, s), target_logit.swapaxes(0, 1).reshape(b, s)
 
 
 def hidden_states(params: Params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None):

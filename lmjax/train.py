@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmjax import metrics as metrics_lib
-from lmjax import model, optim, sharding
+from lmjax import loss, model, optim, sharding
 from lmjax.config import Config, ModelConfig, OptimConfig
 
 log = logging.getLogger("lmjax")
@@ -63,11 +63,11 @@ def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
     """
     x = model.hidden_states(params, batch["inputs"], model_cfg,
                             segment_ids=batch["segment_ids"], positions=batch["positions"])
-    logz, target_logit = model.target_log_stats(params, x, batch["targets"], model_cfg)
+    x = model.rms_norm(x, params["final_norm"], model_cfg.norm_eps)
     mask = batch["loss_mask"].astype(jnp.float32)
-    nll_sum = jnp.sum((logz - target_logit) * mask)
-    z_sum = jnp.sum(jnp.square(logz) * mask)
-    objective = nll_sum + z_loss * z_sum
+    objective, nll_sum, z_sum = loss.loss_sums(
+        x, model.vocab_projection(params, model_cfg), batch["targets"], mask, z_loss=z_loss,
+        chunk=model_cfg.logits_chunk)
     return objective, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask)}
 
 
