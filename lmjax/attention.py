@@ -1,7 +1,8 @@
 """Causal grouped-query attention with packed-document masking, behind one entry point.
 
 Implementations:
-  * ``xla``: a plain einsum/softmax reference, float32 softmax, runs everywhere.
+  * ``xla``: einsum/softmax in float32, runs everywhere; long sequences are split into
+    128-row query blocks that skip the fully masked key blocks above the diagonal.
   * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, flash attention on
     NVIDIA GPUs.
   * ``splash``: the Pallas TPU splash-attention kernel (TPU only).
@@ -48,6 +49,30 @@ def _xla(q, k, v, mask):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
+
+
+XLA_BLOCK = 128  # query rows per block of the block-causal XLA path
+
+
+def _xla_causal(q, k, v, segment_ids):
+    """Causal attention that skips the key blocks above the diagonal.
+
+    Query block i (XLA_BLOCK rows) attends only to keys [0, (i + 1) * XLA_BLOCK): with n
+    blocks this computes (n + 1) / 2n of the full score matrix (62% at n = 4), exactly.
+    q: [b, t, h, d]; k, v: [b, t, kv, d]; segment_ids: [b, t] or None -> [b, t, h, d].
+    """
+    t = q.shape[1]
+    if t % XLA_BLOCK or t <= XLA_BLOCK:
+        index = jnp.arange(t)
+        return _xla(q, k, v, make_mask(segment_ids, segment_ids, index, index))
+    outs = []
+    for start in range(0, t, XLA_BLOCK):
+        end = start + XLA_BLOCK
+        seg_q = None if segment_ids is None else segment_ids[:, start:end]
+        seg_k = None if segment_ids is None else segment_ids[:, :end]
+        mask = make_mask(seg_q, seg_k, jnp.arange(start, end), jnp.arange(end))
+        outs.append(_xla(q[:, start:end], k[:, :end], v[:, :end], mask))
+    return jnp.concatenate(outs, axis=1)
 
 
 def _cudnn(q, k, v, mask):
@@ -121,12 +146,11 @@ def attention(q, k, v, *, segment_ids=None, impl: str = "auto"):
     impl = resolve_impl(impl)
     if impl == "splash":
         return _splash(q, k, v, segment_ids).astype(q.dtype)
-    index = jnp.arange(q.shape[1])
-    mask = make_mask(segment_ids, segment_ids, index, index)
-    if impl == "cudnn":
-        return _cudnn(q, k, v, mask)
     if impl == "xla":
-        return _xla(q, k, v, mask).astype(q.dtype)
+        return _xla_causal(q, k, v, segment_ids).astype(q.dtype)
+    if impl == "cudnn":
+        index = jnp.arange(q.shape[1])
+        return _cudnn(q, k, v, make_mask(segment_ids, segment_ids, index, index))
     raise ValueError(f"unknown attention implementation {impl!r}: use auto, xla, cudnn or splash")
 
 

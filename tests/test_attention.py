@@ -107,3 +107,22 @@ def test_auto_resolves_to_xla_on_cpu_and_unknown_impl_is_refused():
     q, k, v = (jnp.asarray(x) for x in _qkv(5))
     with pytest.raises(ValueError, match="auto, xla, cudnn or splash"):
         attn_lib.attention(q, k, v, impl="flash")
+
+
+def test_block_causal_path_matches_numpy_loop_with_documents_across_blocks():
+    """seq 384 = 3 query blocks of 128: the path that skips key blocks above the diagonal."""
+    seq = 3 * attn_lib.XLA_BLOCK
+    q, k, v = _qkv(7, batch=2, seq=seq, heads=4, kv_heads=2, head_dim=4)
+    seg = np.ones((2, seq), np.int32)
+    seg[0, 100:300] = 2  # a document that spans the first block boundaries
+    seg[0, 300:] = 3
+    out = attn_lib.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                             segment_ids=jnp.asarray(seg), impl="xla")
+    np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, seg), atol=1e-5, rtol=1e-5)
+    grads = jax.grad(lambda q: attn_lib.attention(q, jnp.asarray(k), jnp.asarray(v),
+                                                  impl="xla").sum())(jnp.asarray(q))
+    index = jnp.arange(seq)
+    full = jax.grad(lambda q: attn_lib.attention_with_mask(
+        q, jnp.asarray(k), jnp.asarray(v), attn_lib.make_mask(None, None, index, index)).sum())(
+        jnp.asarray(q))
+    np.testing.assert_allclose(np.asarray(grads), np.asarray(full), atol=1e-5, rtol=1e-5)
