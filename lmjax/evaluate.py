@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from lmjax.config import Config, ModelConfig
-from lmjax.generate import sharding_context_key
+from lmjax import sharding
 from lmjax import train as train_lib  # attributes read at call time: train may import us
 
 
@@ -39,7 +39,7 @@ def _summarize(nll: float, tokens: float) -> dict[str, float]:
 
 def _nll_and_tokens(params, cfg: ModelConfig, batches: Iterable[dict]) -> tuple[float, float]:
     """Float64 host totals over batches of [batch, seq] arrays (one compile per shape)."""
-    keys, context, sums = train_lib.BATCH_KEYS, sharding_context_key(), []
+    keys, context, sums = train_lib.BATCH_KEYS, sharding.context_key(), []
     for i, batch in enumerate(batches):
         missing = [k for k in keys if k not in batch]
         if missing:

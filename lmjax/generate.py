@@ -38,20 +38,6 @@ Cache = dict[str, jax.Array]  # "k", "v": [layers, batch, max_len, kv_heads, hea
 CACHE_AXES = (None, "act_batch", "act_seq", "act_kv_heads", None)
 
 
-def sharding_context_key() -> Any:
-    """A hashable summary of the active `sharding.activation_sharding` context (or None).
-
-    `sharding.constrain` reads that context while tracing, which jit's cache does not see;
-    jitted functions take this as a static argument so that calls inside and outside a
-    context (or under different meshes or rules) compile separately.
-    """
-    ctx = sharding._CONTEXT.get()
-    if ctx is None:
-        return None
-    mesh, rules = ctx
-    return mesh, tuple(sorted((name, tuple(axes)) for name, axes in rules.items()))
-
-
 # ---------------------------------------------------------------- cached forward
 
 
@@ -261,7 +247,7 @@ def generate(params, model_cfg: ModelConfig, prompt_tokens, *, max_new_tokens: i
     """
     tokens, lengths = _check_prompts(model_cfg, prompt_tokens, prompt_lengths, max_new_tokens)
     sampling = Sampling(float(temperature), top_k, top_p).validate(model_cfg.vocab_size)
-    context = sharding_context_key()
+    context = sharding.context_key()
     logits, cache = _prefill_jit(params, tokens, lengths, cfg=model_cfg,
                                  max_len=tokens.shape[1] + max_new_tokens, context=context)
     return _decode_jit(params, logits, cache, lengths, np.int32(seed), cfg=model_cfg,

@@ -100,6 +100,20 @@ def activation_sharding(mesh: Mesh, rules: dict[str, tuple[str, ...]]):
         _CONTEXT.reset(token)
 
 
+def context_key() -> Any:
+    """A hashable summary of the active `activation_sharding` context (or None).
+
+    `constrain` reads that context while tracing, which jit's cache does not see; jitted
+    functions take this as a static argument so that calls inside and outside a context
+    (or under different meshes or rules) compile separately.
+    """
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return None
+    mesh, rules = ctx
+    return mesh, tuple(sorted((name, tuple(axes)) for name, axes in rules.items()))
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint from logical `axes`; a no-op outside `activation_sharding`."""
     ctx = _CONTEXT.get()

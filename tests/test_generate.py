@@ -203,7 +203,7 @@ def test_sharded_generation_matches_unsharded(params):
         out = gen.generate(placed, CFG, prompt, max_new_tokens=8, prompt_lengths=lengths)
         logits, cache = gen._prefill_jit(placed, prompt.astype(np.int32),
                                          np.asarray(lengths, np.int32), cfg=CFG, max_len=14,
-                                         context=gen.sharding_context_key())
+                                         context=sharding.context_key())
     np.testing.assert_array_equal(np.asarray(out), plain)
     # The cache follows the rules: batch over fsdp, kv heads over tensor.
     assert cache["k"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor")
