@@ -52,8 +52,13 @@ def _ocp():
     return ocp
 
 
+def absolute(path: str) -> str:
+    """orbax wants absolute paths: a local path is made absolute, a URL (gs://...) is kept."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(workdir, CHECKPOINTS)
+    return os.path.join(absolute(workdir), CHECKPOINTS)
 
 
 # ---------------------------------------------------------------- metadata and config checks
@@ -439,7 +444,7 @@ def plan_resume(workdir: str, config: Config, *, restore_from: str | None = None
 def _parse_checkpoint_path(path: str) -> tuple[str, list[int]]:
     """(checkpoints directory, steps to try) for a `--restore-from` path."""
     from etils import epath
-    p = epath.Path(path)
+    p = epath.Path(absolute(path))
     if (p / "meta").exists() and p.name.isdigit():
         return str(p.parent), [int(p.name)]
     for root in (p, p / CHECKPOINTS):

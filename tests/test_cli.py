@@ -10,10 +10,16 @@ from lmjax import cli
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("cli") / "run")
-    assert cli.main(["train", "--experiment", "smoke", "--workdir", workdir,
-                     "--set", "run.steps=6", "--set", "checkpoint.every_steps=3"]) == 0
-    return workdir
+    """A 6-step smoke run; every command of this module gets its workdir as a relative path,
+    as a user typing `--workdir runs/x` would."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cli"))
+    try:
+        assert cli.main(["train", "--experiment", "smoke", "--workdir", "run",
+                         "--set", "run.steps=6", "--set", "checkpoint.every_steps=3"]) == 0
+        yield "run"
+    finally:
+        os.chdir(cwd)
 
 
 def test_eval_on_text_files_and_on_experiment_data(run_dir, tmp_path, capsys):
@@ -49,13 +55,13 @@ def test_checkpoint_list_export_and_hf_round_trip(run_dir, tmp_path, capsys):
     assert cli.main(["checkpoint", "list", run_dir, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["step"] for r in rows] == [3, 6] and all(r["complete"] for r in rows)
-    exported, hf_dir, back = (str(tmp_path / n) for n in ("export", "hf", "back"))
+    exported, hf_dir, back = "export", "hf", "back"  # relative, like the workdir
     assert cli.main(["checkpoint", "export", run_dir, "--step", "6", "--params-only", exported]) == 0
     assert cli.main(["convert", "to-hf", exported, hf_dir]) == 0
     assert os.path.exists(os.path.join(hf_dir, "model.safetensors"))
     assert cli.main(["convert", "from-hf", hf_dir, back]) == 0
     capsys.readouterr()
-    fresh = str(tmp_path / "finetune")
+    fresh = "finetune"
     assert cli.main(["train", "--experiment", "smoke", "--workdir", fresh, "--init-from", back,
                      "--set", "run.steps=1", "--set", "optim.lr=0"]) == 0
     with open(os.path.join(fresh, "metrics.jsonl")) as f:
