@@ -11,15 +11,9 @@ import pytest
 
 from lmjax import cli, compile as compile_lib, model, train
 from lmjax.config import ConfigError, ModelConfig
+from tests import tpu_compiler
 
 GiB = 1024 ** 3
-
-
-def _need_libtpu():
-    try:
-        compile_lib.require_libtpu()
-    except ConfigError as e:
-        pytest.skip(f"TPU compiles need libtpu: {e}")
 
 
 # ---------------------------------------------------------------- topology names
@@ -69,7 +63,7 @@ def test_missing_libtpu_names_the_package(monkeypatch, capsys):
 
 
 def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
-    _need_libtpu()
+    tpu_compiler.require()
     config = cli.load_experiment("smoke", ["data.seq_len=128"])
     report = compile_lib.compile_train_step(config, compile_lib.parse_target("v5litepod-4"))
     assert report.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}
@@ -91,7 +85,7 @@ def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
 
 
 def test_cli_compile_multislice_prints_the_report(capsys):
-    _need_libtpu()
+    tpu_compiler.require()
     code = cli.main(["compile", "--experiment", "smoke", "--topology", "v5e:2x2", "--num-slices", "2",
                      "--set", "data.seq_len=128", "--set", "mesh.dcn_data=2"])
     out = capsys.readouterr().out
@@ -101,7 +95,7 @@ def test_cli_compile_multislice_prints_the_report(capsys):
 
 
 def test_cli_compile_fails_when_the_step_does_not_fit(capsys):
-    _need_libtpu()
+    tpu_compiler.require()
     # 2 x 4M x 1024 float32 params + Adam moments = 96 GiB, 24 GiB per chip > 16 GiB.
     code = cli.main(["compile", "--experiment", "smoke", "--topology", "v5e-4",
                      "--set", "data.seq_len=128", "--set", "model.vocab_size=4194304",
@@ -112,7 +106,7 @@ def test_cli_compile_fails_when_the_step_does_not_fit(capsys):
 
 
 def test_cli_compile_rejects_a_batch_the_mesh_does_not_divide(capsys):
-    _need_libtpu()
+    tpu_compiler.require()
     code = cli.main(["compile", "--experiment", "smoke", "--topology", "v5e-16",
                      "--set", "data.seq_len=128"])
     assert code == 2

@@ -49,10 +49,8 @@ def test_make_mesh_errors_show_the_numbers(cfg, message):
 
 def _tpu_devices(accelerator, num_slices):
     from lmjax import compile as compile_lib
-    try:
-        compile_lib.require_libtpu()
-    except ConfigError as e:
-        pytest.skip(f"multi-slice layouts need libtpu's topology devices: {e}")
+    from tests import tpu_compiler
+    tpu_compiler.require()
     return compile_lib.topology_devices(compile_lib.parse_target(accelerator), num_slices)
 
 
