@@ -403,9 +403,12 @@ import os, subprocess, sys
 argv = sys.argv[1:]
 while argv and argv[0].startswith("--"):
     argv.pop(0)
+# Each task's stdout goes to its own file: two tasks sharing one pipe interleave mid-line.
 n = int(os.environ["SLURM_NTASKS"])
-procs = [subprocess.Popen(argv, env=dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
-                                         SLURM_STEP_NODELIST="localhost"))
+outs = [open(os.path.join(os.environ["FAKE_SRUN_OUT"], f"task{{i}}.out"), "w") for i in range(n)]
+procs = [subprocess.Popen(argv, stdout=outs[i],
+                          env=dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
+                                   SLURM_STEP_NODELIST="localhost"))
          for i in range(n)]
 sys.exit(max(p.wait() for p in procs))
 """
@@ -422,12 +425,13 @@ def test_sbatch_script_runs_jax_slurm_detection_end_to_end(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = _clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
-                     SLURM_NTASKS="2", JAX_COORDINATOR_PORT=str(port), LMJAX_LOCAL_DEVICES="2")
+                     SLURM_NTASKS="2", JAX_COORDINATOR_PORT=str(port), LMJAX_LOCAL_DEVICES="2",
+                     FAKE_SRUN_OUT=str(tmp_path))
     p = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), PY, str(worker)],
                        capture_output=True, text=True, env=env, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
-    # Both tasks share one stdout (and gloo's unterminated lines): find results anywhere.
-    results = sorted(m.split() for m in re.findall(r"RESULT ((?:\S+ ){5}\S+)", p.stdout))
+    stdout = "".join((tmp_path / f"task{i}.out").read_text() for i in range(2))
+    results = sorted(m.split() for m in re.findall(r"RESULT ((?:\S+ ){5}\S+)", stdout))
     assert results == [["0", "2", "2", "4", "10.0", "10.0"], ["1", "2", "2", "4", "10.0", "10.0"]]
     assert p.stderr.count("(slurm start): 2 local cpu devices, 4 global") == 2
     no_command = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch")],
