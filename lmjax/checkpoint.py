@@ -38,8 +38,8 @@ CHECKPOINTS = "checkpoints"
 ITEMS = ("params", "train", "data", "meta")
 # Model fields that change only how the forward pass is computed; every other model field
 # changes the parameters or what they mean, and a resume refuses it.
-COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "remat", "attention", "scan_layers", "max_seq_len",
-                             "init_std")
+COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "remat", "attention", "matmul", "scan_layers",
+                             "max_seq_len", "init_std", "logits_chunk")
 TOKENIZER_FIELDS = ("data.tokenizer_vocab_size",)
 
 

@@ -156,7 +156,8 @@ class CompileReport:
 def compile_train_step(config: Config, target: Target, num_slices: int = 1) -> CompileReport:
     """Lowers and compiles `train.make_trainer(config, mesh).step_fn` for `target`.
 
-    `model.attention="auto"` resolves to splash, as it would on the TPU.
+    `model.attention` and `model.matmul` "auto" resolve as they would on the TPU (splash,
+    xla), not as on the CPU that compiles.
     """
     import jax
 
@@ -165,9 +166,9 @@ def compile_train_step(config: Config, target: Target, num_slices: int = 1) -> C
 
     if num_slices < 1:
         raise ConfigError(f"--num-slices={num_slices} must be at least 1")
-    if config.model.attention == "auto":
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model,
-                                                                        attention="splash"))
+    on_tpu = {k: v for k, v in (("attention", "splash"), ("matmul", "xla"))
+              if getattr(config.model, k) == "auto"}
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, **on_tpu))
     config = validate(config)
     devices = topology_devices(target, num_slices)
     mesh = sharding.make_mesh(config.mesh, devices)

@@ -16,6 +16,7 @@ from typing import Any
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+MATMUL_IMPLS = ("auto", "xla", "row_major")  # lmjax/matmul.py
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -47,6 +48,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "full"
     attention: str = "auto"
+    # How projections run their backward matmuls (lmjax/matmul.py): auto, xla, row_major.
+    matmul: str = "auto"
     scan_layers: bool = True
     # >0: the loss projects to the vocabulary in sequence chunks of this many tokens, so
     # full [batch, seq, vocab] float32 logits never exist at once (lmjax/loss.py).
@@ -235,6 +238,7 @@ def validate(config: Config) -> Config:
     need(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: choose one of {DTYPES}.")
     need(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: choose one of {DTYPES}.")
     need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {REMAT_POLICIES}.")
+    need(m.matmul in MATMUL_IMPLS, f"model.matmul={m.matmul!r}: choose one of {MATMUL_IMPLS}.")
     need(m.attention in ATTENTION_IMPLS,
          f"model.attention={m.attention!r}: choose one of {ATTENTION_IMPLS}.")
     need(d.seq_len > 1, f"data.seq_len={d.seq_len} must be at least 2.")

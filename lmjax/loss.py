@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax.matmul import matmul_nt, matmul_tn
 from lmjax.sharding import constrain
 
 
@@ -47,8 +48,8 @@ def _sums(logz, target_logit, weights, z_loss: float):
     return nll_sum + z_loss * z_sum, nll_sum, z_sum
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(x, w, targets, weights, z_loss: float, chunk: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(x, w, targets, weights, z_loss: float, chunk: int, impl: str):
     def body(carry, xtw):
         x_c, t_c, w_c = xtw
         _, logz, target_logit = _chunk_stats(x_c, w, t_c)
@@ -60,7 +61,7 @@ def _fused(x, w, targets, weights, z_loss: float, chunk: int):
     return sums
 
 
-def _fused_fwd(x, w, targets, weights, z_loss: float, chunk: int):
+def _fused_fwd(x, w, targets, weights, z_loss: float, chunk: int, impl: str):
     def body(carry, xtw):
         sums, dw = carry
         x_c, t_c, w_c = xtw
@@ -69,10 +70,12 @@ def _fused_fwd(x, w, targets, weights, z_loss: float, chunk: int):
         scale = (w_c * (1.0 + 2.0 * z_loss * logz))[..., None]
         onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t_c[..., None]
         dlogits = scale * jnp.exp(logits - logz[..., None]) - jnp.where(onehot, w_c[..., None], 0.0)
-        dlogits = constrain(dlogits, ("act_batch", "act_seq", "act_vocab"))
-        dx_c = jnp.einsum("bcv,dv->bcd", dlogits.astype(x_c.dtype), w.astype(x_c.dtype),
-                          preferred_element_type=jnp.float32).astype(x_c.dtype)
-        dw = dw + jnp.einsum("bcd,bcv->dv", x_c.astype(jnp.float32), dlogits)
+        dlogits = constrain(dlogits, ("act_batch", "act_seq", "act_vocab")).astype(x_c.dtype)
+        # [batch * chunk, vocab] and [batch * chunk, embed] rows for the two gradient matmuls
+        dl_rows, x_rows = dlogits.reshape(-1, dlogits.shape[-1]), x_c.reshape(-1, x_c.shape[-1])
+        dx_c = matmul_nt(dl_rows, w.astype(x_c.dtype), impl, out_dtype=jnp.float32)
+        dx_c = dx_c.astype(x_c.dtype).reshape(x_c.shape)
+        dw = dw + matmul_tn(x_rows, dl_rows, impl, out_dtype=jnp.float32)
         sums = jax.tree.map(jnp.add, sums, _sums(logz, target_logit, w_c, z_loss))
         return (sums, dw), dx_c
 
@@ -83,7 +86,7 @@ def _fused_fwd(x, w, targets, weights, z_loss: float, chunk: int):
     return sums, (_unchunk(dx), dw.astype(w.dtype), targets, weights)
 
 
-def _fused_bwd(z_loss, chunk, res, cotangents):
+def _fused_bwd(z_loss, chunk, impl, res, cotangents):
     dx, dw, targets, weights = res
     g = cotangents[0]  # only the objective is differentiable; see `loss_sums`
     # targets are integers (float0 cotangent); weights enter through stop_gradient
@@ -94,7 +97,7 @@ def _fused_bwd(z_loss, chunk, res, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def loss_sums(x, w, targets, weights, *, z_loss: float = 0.0, chunk: int = 0):
+def loss_sums(x, w, targets, weights, *, z_loss: float = 0.0, chunk: int = 0, impl: str = "xla"):
     """Summed next-token cross-entropy of the projection `x @ w`.
 
     Args:
@@ -105,6 +108,7 @@ def loss_sums(x, w, targets, weights, *, z_loss: float = 0.0, chunk: int = 0):
       z_loss: coefficient of the logsumexp**2 regularizer in the objective.
       chunk: sequence chunk length (0: the whole sequence at once); only
         [batch, chunk, vocab] logits exist at a time.
+      impl: how the gradient matmuls run, "xla" or "row_major" (`lmjax.matmul`).
     Returns:
       (objective, nll_sum, z_sum) float32 scalars, objective = nll_sum + z_loss * z_sum.
       Only `objective` carries gradients (to x and w); the other two are for reporting.
@@ -114,5 +118,5 @@ def loss_sums(x, w, targets, weights, *, z_loss: float = 0.0, chunk: int = 0):
     if seq % chunk:
         raise ValueError(f"loss chunk {chunk} must divide the sequence length {seq}")
     weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
-    objective, nll_sum, z_sum = _fused(x, w, targets, weights, float(z_loss), chunk)
+    objective, nll_sum, z_sum = _fused(x, w, targets, weights, float(z_loss), chunk, impl)
     return objective, jax.lax.stop_gradient(nll_sum), jax.lax.stop_gradient(z_sum)

@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from lmjax import attention as attn_lib
+from lmjax import matmul
 from lmjax.config import ModelConfig
+from lmjax.matmul import dense
 from lmjax.sharding import constrain
 
 # Bump when the parameter tree changes shape or meaning; checkpoints record it.
@@ -142,30 +144,29 @@ def apply_rope(x, sin, cos):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def qkv_projection(x, layer: Params, sin, cos):
-    """x: [batch, seq, embed] -> q [b, s, heads, head_dim], k, v [b, s, kv_heads, head_dim]."""
-    dtype = x.dtype
-    q = jnp.einsum("bsd,dhk->bshk", x, layer["wq"].astype(dtype))
-    k = jnp.einsum("bsd,dhk->bshk", x, layer["wk"].astype(dtype))
-    v = jnp.einsum("bsd,dhk->bshk", x, layer["wv"].astype(dtype))
+def qkv_projection(x, layer: Params, sin, cos, impl: str):
+    """x: [batch, seq, embed] -> q [b, s, heads, head_dim], k, v [b, s, kv_heads, head_dim].
+    `impl`: the resolved matmul implementation (`lmjax.matmul`)."""
+    q = dense(x, layer["wq"], impl=impl)
+    k = dense(x, layer["wk"], impl=impl)
+    v = dense(x, layer["wv"], impl=impl)
     q = constrain(apply_rope(q, sin, cos), ("act_batch", "act_seq", "act_heads", None))
     k = constrain(apply_rope(k, sin, cos), ("act_batch", "act_seq", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
     return checkpoint_name(q, "qkv"), checkpoint_name(k, "qkv"), checkpoint_name(v, "qkv")
 
 
-def output_projection(ctx, layer: Params):
+def output_projection(ctx, layer: Params, impl: str):
     """ctx: [batch, seq, heads, head_dim] -> [batch, seq, embed]."""
-    return jnp.einsum("bshk,hkd->bsd", ctx, layer["wo"].astype(ctx.dtype))
+    return dense(ctx, layer["wo"], contract=2, impl=impl)
 
 
-def mlp(x, layer: Params):
+def mlp(x, layer: Params, impl: str):
     """SwiGLU. x: [batch, seq, embed] -> [batch, seq, embed]."""
-    dtype = x.dtype
-    gate = jnp.einsum("bsd,df->bsf", x, layer["w_gate"].astype(dtype))
-    up = jnp.einsum("bsd,df->bsf", x, layer["w_up"].astype(dtype))
+    gate = dense(x, layer["w_gate"], impl=impl)
+    up = dense(x, layer["w_up"], impl=impl)
     hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
-    return jnp.einsum("bsf,fd->bsd", hidden, layer["w_down"].astype(dtype))
+    return dense(hidden, layer["w_down"], impl=impl)
 
 
 def decoder_layer(x, layer: Params, sin, cos, attend: Callable, cfg: ModelConfig):
@@ -175,12 +176,13 @@ def decoder_layer(x, layer: Params, sin, cos, attend: Callable, cfg: ModelConfig
     [batch, seq, kv_heads, head_dim] and ctx like q; `aux` (e.g. an updated KV cache) is
     passed through. Returns (x [batch, seq, embed], aux).
     """
+    impl = matmul.resolve_impl(cfg.matmul, cfg.dtype)
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-    q, k, v = qkv_projection(h, layer, sin, cos)
+    q, k, v = qkv_projection(h, layer, sin, cos, impl)
     ctx, aux = attend(q, k, v)
     ctx = checkpoint_name(ctx, "attn_out")
-    x = x + output_projection(ctx, layer)
-    x = x + mlp(rms_norm(x, layer["mlp_norm"], cfg.norm_eps), layer)
+    x = x + output_projection(ctx, layer, impl)
+    x = x + mlp(rms_norm(x, layer["mlp_norm"], cfg.norm_eps), layer, impl)
     return constrain(x, ("act_batch", "act_seq", "act_embed")), aux
 
 

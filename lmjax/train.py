@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmjax import metrics as metrics_lib
-from lmjax import loss, model, optim, sharding
+from lmjax import loss, matmul, model, optim, sharding
 from lmjax.config import Config, ModelConfig, OptimConfig
 
 log = logging.getLogger("lmjax")
@@ -67,7 +67,7 @@ def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
     mask = batch["loss_mask"].astype(jnp.float32)
     objective, nll_sum, z_sum = loss.loss_sums(
         x, model.vocab_projection(params, model_cfg), batch["targets"], mask, z_loss=z_loss,
-        chunk=model_cfg.logits_chunk)
+        chunk=model_cfg.logits_chunk, impl=matmul.resolve_impl(model_cfg.matmul, model_cfg.dtype))
     return objective, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask)}
 
 

@@ -249,13 +249,14 @@ def _grads(cfg, params, tokens):
     return jax.jit(jax.value_and_grad(loss_fn), static_argnums=2)(params, jnp.asarray(tokens), cfg)
 
 
-def test_remat_policies_and_layer_scan_give_the_same_gradients():
+def test_remat_policies_layer_scan_and_row_major_matmuls_give_the_same_gradients():
     params, _ = random_model(CFG, seed=11)
     tokens = tokens_for(12, seq=33)
     ref_loss, ref_grads = _grads(CFG, params, tokens)
     assert float(optax.tree.norm(ref_grads)) > 1e-3
     variants = [dataclasses.replace(CFG, remat=p) for p in ("full", "save_dots", "save_attn")]
     variants.append(dataclasses.replace(CFG, scan_layers=False, remat="save_attn"))
+    variants += [dataclasses.replace(CFG, matmul="row_major", remat=p) for p in ("none", "save_dots")]
     for cfg in variants:
         loss, grads = _grads(cfg, params, tokens)
         assert float(loss) == pytest.approx(float(ref_loss), abs=1e-6), cfg
@@ -263,7 +264,8 @@ def test_remat_policies_and_layer_scan_give_the_same_gradients():
                                 jax.tree.leaves(ref_grads)):
             np.testing.assert_allclose(
                 np.asarray(g), np.asarray(r), atol=1e-6, rtol=1e-5,
-                err_msg=f"remat={cfg.remat} scan={cfg.scan_layers} {jax.tree_util.keystr(path)}")
+                err_msg=f"remat={cfg.remat} scan={cfg.scan_layers} matmul={cfg.matmul} "
+                        f"{jax.tree_util.keystr(path)}")
 
 
 def test_scan_layers_forward_equals_python_loop():

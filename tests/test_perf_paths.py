@@ -39,16 +39,18 @@ def _autodiff_objective(x, w, targets, weights, z_loss):
     return jnp.sum((logz - target) * weights) + z_loss * jnp.sum(logz ** 2 * weights)
 
 
-@pytest.mark.parametrize("chunk", [0, 4, 16])
+@pytest.mark.parametrize("chunk,impl", [(0, "xla"), (4, "xla"), (16, "xla"), (4, "row_major")])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
-def test_fused_loss_values_and_gradients_match_references(chunk, z_loss):
+def test_fused_loss_values_and_gradients_match_references(chunk, impl, z_loss):
     x, w, targets, weights = _inputs()
-    sums = jax.jit(lambda *a: loss.loss_sums(*a, z_loss=z_loss, chunk=chunk))(x, w, targets, weights)
+    sums = jax.jit(lambda *a: loss.loss_sums(*a, z_loss=z_loss, chunk=chunk, impl=impl))(
+        x, w, targets, weights)
     for got, want in zip(sums, _numpy_sums(x, w, targets, weights, z_loss)):
         np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
     fused_grad = jax.jit(jax.grad(
-        lambda x, w: 3.0 * loss.loss_sums(x, w, targets, weights, z_loss=z_loss, chunk=chunk)[0],
+        lambda x, w: 3.0 * loss.loss_sums(x, w, targets, weights, z_loss=z_loss, chunk=chunk,
+                                          impl=impl)[0],
         argnums=(0, 1)))(x, w)
     ref_grad = jax.grad(lambda x, w: 3.0 * _autodiff_objective(x, w, targets, weights, z_loss),
                         argnums=(0, 1))(x, w)
