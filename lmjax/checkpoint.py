@@ -174,8 +174,10 @@ class Checkpointer:
         FloatingPointError instead of saving otherwise. `allow_nonfinite_step`: the step was
         skipped (checkpoint.on_nonfinite=skip kept the old params), so only the state counts.
         """
+        # Waiting for the step in flight is not save overhead: start the clock after it.
+        step_finite = bool(jax.block_until_ready(step_finite))
         start = time.perf_counter()
-        if not (allow_nonfinite_step or bool(step_finite)):
+        if not (allow_nonfinite_step or step_finite):
             raise FloatingPointError(f"non-finite loss or gradient at step {step}: not saving "
                                      "it; the newest checkpoint is still "
                                      f"{self.latest_step()}.")

@@ -347,3 +347,22 @@ def test_import_lmjax_data_does_not_import_tensorflow():
             "print('tensorflow' in sys.modules, 'tensorflow_datasets' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+
+def test_closing_the_training_iterator_stops_its_prefetch_thread(corpus, shards, tok, tfds_name):
+    """Batches are made ahead in a background thread; the trainer drops its iterator at every
+    return (end of run, signal, error), which must end that thread, for both producers."""
+    import threading
+
+    def data_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("lmjax-data")]
+
+    for cfg in (text_cfg(corpus, shards), tfds_cfg(corpus, shards, tfds_name)):
+        pipe = make_pipeline(cfg, tok)
+        it = pipe.train_batches(3)
+        first = next(it)
+        assert len(data_threads()) == 1
+        it.close()
+        assert data_threads() == []
+        assert_batches_equal([first], take(pipe, 3, 1))

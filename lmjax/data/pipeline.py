@@ -7,19 +7,26 @@ because nothing is padded), `positions` (int32, restarting at 0 per piece) and `
 text, EOS.
 
 Three ways of producing windows, chosen by `data.source`:
-  * packaged / text ("indexed"): the split is tokenized once inside tf.data into a `TokenStore`;
-    window `w` is a pure function of `w`, global batch `s` holds windows
+  * packaged / text ("indexed"): the split is tokenized once, in a parallel tf.data map, into a
+    `TokenStore`; window `w` is a pure function of `w`, global batch `s` holds windows
     `s*batch_size .. (s+1)*batch_size - 1` and process `i` of `n` computes rows
     `[i*B/n, (i+1)*B/n)` of it. Resume at any step costs nothing, works on any process count, and
     every process count sees the same global batches.
   * tfds ("stream"): each process reads its `tfds.even_splits` part of the split with seeded file
-    and example shuffling, tokenizes in a parallel tf.data map and packs as it reads. Resume
-    replays the stream up to the step (time proportional to the step) and needs the same
-    process count.
+    and example shuffling (tf.data), tokenizes batches of documents with sentencepiece's threads
+    and packs as it reads. Resume replays the stream up to the step (time proportional to the
+    step) and needs the same process count.
   * synthetic: seeded random tokens, one document per row, a pure function of the step.
+
+Training batches are made `_PREFETCH` steps ahead in a background thread. A tf.data iterator
+that is dropped while its map runs a Python function deadlocks (its worker waits for the GIL
+that the deleting thread holds), so Python functions run only inside tf.data pipelines that
+are read to the end (the tokenization into a `TokenStore`); endless ones hold only TF ops.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import itertools
 import logging
 from typing import Callable, Iterator
@@ -33,7 +40,8 @@ from lmjax.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
 log = logging.getLogger(__name__)
-_ENCODE_BATCH = 64  # documents per tokenizer call inside the tf.data map
+_ENCODE_BATCH = 64  # documents per tokenizer call
+_PREFETCH = 2  # training batches made ahead of the trainer
 
 
 class DataStateError(ConfigError):
@@ -87,23 +95,29 @@ class Pipeline:
 # ---------------------------------------------------------------- tokenizing inside tf.data
 
 
-def tokenized_batches(texts, tokenizer: Tokenizer):
-    """tf.data of texts -> tf.data of (flat tokens [n], lengths [docs]).
+def encode_documents(texts: np.ndarray, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 documents [docs] -> (flat int32 tokens [n], int64 lengths [docs]).
 
     Each document becomes BOS (when the tokenizer has one, as generation and scoring prompts
     start with it), its tokens, EOS.
     """
-    tf = tensorflow()
     bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
-    eos = [tokenizer.eos_id]
+    ids = [bos + x + [tokenizer.eos_id]
+           for x in tokenizer.encode_batch([t.decode("utf-8") for t in texts])]
+    lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum())), lengths
 
-    def encode(batch: np.ndarray):
-        ids = [bos + tokenizer.encode(t.decode("utf-8")) + eos for t in batch]
-        lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
-        return np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum())), lengths
+
+def tokenized_batches(texts, tokenizer: Tokenizer):
+    """tf.data of texts -> tf.data of `encode_documents` outputs, in a parallel map.
+
+    Read it to the end (see the module docstring): its map runs a Python function.
+    """
+    tf = tensorflow()
 
     def encode_op(batch):
-        flat, lengths = tf.numpy_function(encode, [batch], (tf.int32, tf.int64))
+        flat, lengths = tf.numpy_function(lambda b: encode_documents(b, tokenizer), [batch],
+                                          (tf.int32, tf.int64))
         return tf.ensure_shape(flat, [None]), tf.ensure_shape(lengths, [None])
 
     return (texts.batch(_ENCODE_BATCH)
@@ -135,28 +149,27 @@ def _indexed_batch(store: packing.TokenStore, step: int, *, global_rows: int, fi
     return packing.rows_from_windows(tokens, doc_ids, pack)
 
 
-def _prefetched(make: Callable[[int], Batch], start_step: int, rows: int, seq_len: int) -> Iterator[Batch]:
-    """Runs `make(step)` for start_step, start_step+1, ... in parallel tf.data workers, in order."""
-    tf = tensorflow()
-    dtypes = {"loss_mask": tf.float32}
-
-    def make_tuple(step):
-        batch = make(int(step))
-        return tuple(batch[k] for k in packing.BATCH_KEYS)
-
-    def op(step):
-        out = tf.numpy_function(make_tuple, [step], [dtypes.get(k, tf.int32) for k in packing.BATCH_KEYS])
-        return {k: tf.ensure_shape(v, [rows, seq_len]) for k, v in zip(packing.BATCH_KEYS, out)}
-
-    ds = (tf.data.Dataset.counter(start_step)
-          .map(op, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-          .prefetch(tf.data.AUTOTUNE))
-    return ds.as_numpy_iterator()
+def _prefetched(batches: Iterator[Batch], depth: int = _PREFETCH) -> Iterator[Batch]:
+    """Yields the items of `batches`, advanced `depth` items ahead in one background thread.
+    Closing the returned generator (or dropping it) stops the thread."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmjax-data")
+    pending = collections.deque(pool.submit(next, batches) for _ in range(depth))
+    try:
+        while True:
+            try:
+                batch = pending.popleft().result()
+            except StopIteration:
+                return
+            pending.append(pool.submit(next, batches))
+            yield batch
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _stream_batches(texts, tokenizer: Tokenizer, *, rows: int, seq_len: int, pack: bool) -> Iterator[Batch]:
     def docs():
-        for flat, lengths in tokenized_batches(texts, tokenizer).as_numpy_iterator():
+        for batch in texts.batch(_ENCODE_BATCH).prefetch(2).as_numpy_iterator():
+            flat, lengths = encode_documents(batch, tokenizer)
             yield from np.split(flat, np.cumsum(lengths)[:-1])
 
     windows = packing.stream_windows(docs(), seq_len)
@@ -230,8 +243,8 @@ def make_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer | None, *, process_
 
         return Pipeline(
             tokenizer=tokenizer, identity=identity,
-            train=lambda start: _prefetched(lambda s: _indexed_batch(train_store, s, **layout),
-                                            start, rows, seq_len),
+            train=lambda start: _prefetched(_indexed_batch(train_store, s, **layout)
+                                            for s in itertools.count(start)),
             evaluation=evaluation)
 
     import tensorflow_datasets as tfds
@@ -250,7 +263,7 @@ def make_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer | None, *, process_
         if data_cfg.shuffle:
             texts = texts.shuffle(data_cfg.shuffle_buffer, seed=data_cfg.seed, reshuffle_each_iteration=True)
         batches = _stream_batches(texts, tokenizer, rows=rows, seq_len=seq_len, pack=pack)
-        return itertools.islice(batches, start, None)
+        return _prefetched(itertools.islice(batches, start, None))
 
     def evaluation(n: int) -> list[Batch]:
         texts = sources.split_texts(source, eval_part).repeat()
