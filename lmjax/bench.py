@@ -118,14 +118,15 @@ def main(config: Config, sweeps: list[str], steps: int) -> list[dict]:
     for dtype in sorted({c.config.model.dtype for c in cases}):
         peak, source = metrics.peak_flops(device, dtype)
         print(f"MFU peak for {dtype}: {peak / 1e12:.3f} TFLOP/s ({source})")
-    header = (f"{'config':<44} {'compile s':>9} {'step s':>8} {'best s':>7} {'cpu s':>7} "
+    width = max(44, *(len(c.name) for c in cases))
+    header = (f"{'config':<{width}} {'compile s':>9} {'step s':>8} {'best s':>7} {'cpu s':>7} "
               f"{'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
     print(header)
     rows = []
     for case in cases:
         r = _summary(case)
         rows.append({"config": case.name, **r})
-        print(f"{case.name:<44} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['best_s']:>7.3f} "
+        print(f"{case.name:<{width}} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['best_s']:>7.3f} "
               f"{r['cpu_s']:>7.2f} {r['tokens_per_s']:>9.0f} {r['tflops']:>8.3f} {r['mfu']:>6.1%}",
               flush=True)
     print("step s: median wall seconds; best s: fastest step; cpu s: process CPU seconds per step "

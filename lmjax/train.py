@@ -168,26 +168,33 @@ def fetch(metrics: dict) -> dict[str, float]:
 def run_steps(trainer: Trainer, state: TrainState, batches: Iterator[dict], steps: int,
               on_metrics, after_step=None) -> TrainState:
     """Runs up to `steps` updates. `on_metrics(step, metrics, seconds)` receives each step's
-    metrics one step late, so the host never waits on the device between dispatches.
+    metrics one step late, so the host never waits on the device between dispatches;
+    `seconds` is the time between the ends of two successive steps (for the first, since the
+    call), so time the host spent in between (a checkpoint save) counts in the step before.
     `after_step(step, state, metrics)` runs at every step boundary, after the previous step's
     metrics; when it returns True the run stops there."""
     step = int(state.step)
     pending = None
     last = time.perf_counter()
+
+    def report():
+        nonlocal last
+        jax.block_until_ready(pending[1])
+        now = time.perf_counter()
+        on_metrics(*pending, now - last)
+        last = now
+
     for _ in range(steps):
         batch = global_batch(next(batches), trainer.batch_sharding)
         state, step_metrics = trainer.step_fn(state, batch)
         step += 1
         if pending is not None:
-            now = time.perf_counter()
-            on_metrics(*pending, now - last)
-            last = now
+            report()
         pending = (step, step_metrics)
         if after_step is not None and after_step(step, state, step_metrics):
             break
     if pending is not None:
-        jax.block_until_ready(pending[1])
-        on_metrics(*pending, time.perf_counter() - last)
+        report()
     return state
 
 
