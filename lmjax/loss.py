@@ -6,8 +6,9 @@ of `loss_sums` already forms d(objective)/d(logits) chunk by chunk and contracts
 into the gradients of the hidden states and of the projection; only those two (and no
 logits) are kept for the backward pass, which merely scales them by the incoming cotangent.
 The three matmuls are the minimum (no recomputed projection, unlike a rematerialized
-chunked loss), and the logits gradient is fed to the hidden-state matmul in the compute
-dtype, so that matmul runs at bfloat16 speed when the model does.
+chunked loss), and the logits gradient enters both gradient matmuls in the compute dtype
+(accumulated in float32), through `lmjax.matmul` so that on a CPU they stay on the fast
+bfloat16 path.
 """
 from __future__ import annotations
 

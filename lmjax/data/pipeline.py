@@ -18,10 +18,11 @@ Three ways of producing windows, chosen by `data.source`:
     step) and needs the same process count.
   * synthetic: seeded random tokens, one document per row, a pure function of the step.
 
-Training batches are made `_PREFETCH` steps ahead in a background thread. A tf.data iterator
-that is dropped while its map runs a Python function deadlocks (its worker waits for the GIL
-that the deleting thread holds), so Python functions run only inside tf.data pipelines that
-are read to the end (the tokenization into a `TokenStore`); endless ones hold only TF ops.
+Training batches are made `_PREFETCH` steps ahead in a background thread. Deleting a tf.data
+iterator whose map still runs Python functions waits on its workers, which need the GIL that
+the deleting thread holds (a quickstart run once sat a minute at exit in that destructor), so
+Python functions run only inside tf.data pipelines that are read to the end (the tokenization
+into a `TokenStore`); the endless ones hold only TF ops.
 """
 from __future__ import annotations
 
