@@ -21,7 +21,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+
 from lmjax.config import MATMUL_IMPLS as IMPLS
+
+DENSE_NAME = "dense"  # the checkpoint name of every row_major projection output
 
 
 def resolve_impl(impl: str, dtype) -> str:
@@ -85,4 +89,5 @@ def dense(x, w, *, contract: int = 1, impl: str = "xla"):
     lead, out = x.shape[:x.ndim - contract], w.shape[contract:]
     k = math.prod(w.shape[:contract])
     y = _dense_row_major(x.reshape(-1, k), w.reshape(k, -1))
-    return y.reshape(*lead, *out)
+    # Remat policies see a custom VJP, not a dot: the name lets `save_dots` keep it.
+    return checkpoint_name(y.reshape(*lead, *out), DENSE_NAME)

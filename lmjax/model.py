@@ -196,7 +196,9 @@ def block(x, layer: Params, sin, cos, segment_ids, cfg: ModelConfig):
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(matmul.DENSE_NAME)),
     "save_attn": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
 }
 

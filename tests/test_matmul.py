@@ -97,3 +97,24 @@ def test_row_major_trains_like_xla_on_a_sharded_bfloat16_mesh():
             results[impl].append((float(m["loss"]), float(m["grad_norm"])))
     assert results["xla"][2][0] < results["xla"][0][0] - 0.05  # it learns the batch
     np.testing.assert_allclose(results["row_major"], results["xla"], rtol=2e-2)
+
+
+def test_save_dots_keeps_row_major_projection_outputs_instead_of_recomputing_them():
+    """Remat policies see the custom VJP, not a dot; its named output must still be saved."""
+    import dataclasses
+
+    from lmjax import model
+    from lmjax.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      head_dim=8, d_mlp=64, max_seq_len=16, dtype="bfloat16", matmul="row_major")
+    tokens = jnp.zeros((2, 16), jnp.int32)
+
+    def dots(remat):
+        c = dataclasses.replace(cfg, remat=remat)
+        params = jax.eval_shape(lambda: model.init(c, jax.random.PRNGKey(0)))
+        grad = jax.jit(jax.grad(lambda p: jnp.sum(model.forward(p, tokens, c))))
+        return len(_dot_operand_dtypes(grad.lower(params).compile().as_text()))
+
+    # full remat runs the projections' forward matmuls again in the backward; save_dots not
+    assert dots("save_dots") <= dots("full") - 5
