@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax.matmul import matmul_nt, matmul_tn
+from lmjax.matmul import transpose
 from lmjax.sharding import constrain
 
 
@@ -63,6 +63,8 @@ def _fused(x, w, targets, weights, z_loss: float, chunk: int, impl: str):
 
 
 def _fused_fwd(x, w, targets, weights, z_loss: float, chunk: int, impl: str):
+    w_t = transpose(w.astype(x.dtype), impl)  # [vocab, embed], made once, not per chunk
+
     def body(carry, xtw):
         sums, dw = carry
         x_c, t_c, w_c = xtw
@@ -74,9 +76,9 @@ def _fused_fwd(x, w, targets, weights, z_loss: float, chunk: int, impl: str):
         dlogits = constrain(dlogits, ("act_batch", "act_seq", "act_vocab")).astype(x_c.dtype)
         # [batch * chunk, vocab] and [batch * chunk, embed] rows for the two gradient matmuls
         dl_rows, x_rows = dlogits.reshape(-1, dlogits.shape[-1]), x_c.reshape(-1, x_c.shape[-1])
-        dx_c = matmul_nt(dl_rows, w.astype(x_c.dtype), impl, out_dtype=jnp.float32)
+        dx_c = jnp.matmul(dl_rows, w_t, preferred_element_type=jnp.float32)
         dx_c = dx_c.astype(x_c.dtype).reshape(x_c.shape)
-        dw = dw + matmul_tn(x_rows, dl_rows, impl, out_dtype=jnp.float32)
+        dw = dw + jnp.matmul(transpose(x_rows, impl), dl_rows, preferred_element_type=jnp.float32)
         sums = jax.tree.map(jnp.add, sums, _sums(logz, target_logit, w_c, z_loss))
         return (sums, dw), dx_c
 
