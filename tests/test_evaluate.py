@@ -7,7 +7,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 
 import jax
 import numpy as np
@@ -16,11 +15,12 @@ import sentencepiece as spm
 
 from lmjax import checkpoint, evaluate, model, sharding, train
 from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, RunConfig
+from lmjax.data.documents import PACKAGED_DIR
 from tests import numpy_llama
 from tests.test_model import hf_config, random_model
 
-# The corpus in the shared/ folder beside this checkout (CI lays one there too).
-CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "corpus", "shakespeare")
+# The Shakespeare slice shipped inside the package, so a fresh clone needs nothing beside it.
+CORPUS = PACKAGED_DIR
 CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_mlp=64, max_seq_len=64, dtype="float32", param_dtype="float32", remat="none",
                   attention="xla")
