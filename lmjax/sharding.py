@@ -207,6 +207,36 @@ def _hybrid_grid(ici: Sequence[int], dcn: Sequence[int], devices: list) -> np.nd
         allow_split_physical_axes=True)
 
 
+def batch_sharding(mesh: Mesh, rules: dict[str, tuple[str, ...]]) -> NamedSharding:
+    """How a [batch, seq] input batch is laid out: rows split by the `act_batch` rule."""
+    return NamedSharding(mesh, logical_to_spec(("act_batch", None), rules, mesh))
+
+
+def batch_shard_count(batch: NamedSharding) -> int:
+    """Number of row blocks a `batch_sharding` splits the batch into."""
+    axes = batch.spec[0] if len(batch.spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(batch.mesh.shape[a] for a in axes)
+
+
+def process_rows(batch: NamedSharding, global_rows: int) -> np.ndarray:
+    """Global row indices (ascending) that this process's devices hold of a [global_rows, ...]
+    batch laid out by `batch`: the rows its data pipeline must produce.
+
+    Whatever the mesh: when a mesh axis that does not split the batch (tensor) spans
+    processes, those processes hold (and so feed) the same rows.
+    """
+    shards = batch_shard_count(batch)
+    if global_rows % shards:
+        raise ConfigError(f"data.batch_size={global_rows} is not divisible by the {shards} batch "
+                          f"shards of the mesh (act_batch -> {batch.spec[0]}): change "
+                          f"data.batch_size or the mesh")
+    rows: set[int] = set()
+    for index in batch.addressable_devices_indices_map((global_rows, 1)).values():
+        rows.update(range(global_rows)[index[0]])
+    return np.array(sorted(rows), np.int64)
+
+
 def shard_map_logical(fn: Callable, in_axes: Sequence[Sequence[str | None]],
                       out_axes: Sequence[str | None]) -> Callable:
     """`fn` mapped over shards of the active `activation_sharding` mesh, with each argument

@@ -137,7 +137,7 @@ def make_trainer(config: Config, mesh: Mesh) -> Trainer:
     shapes = jax.eval_shape(functools.partial(init_state, config.model, tx, config.run.seed))
     axes = state_axes(config.model, tx)
     state_shardings = sharding.tree_shardings(axes, mesh, rules, shapes)
-    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("act_batch", None), rules, mesh))
+    batch_sharding = sharding.batch_sharding(mesh, rules)
     init_fn = jax.jit(functools.partial(init_state, config.model, tx, config.run.seed),
                       out_shardings=state_shardings)
     step = functools.partial(train_step, model_cfg=config.model, optim_cfg=config.optim, tx=tx,
@@ -156,9 +156,26 @@ def make_trainer(config: Config, mesh: Mesh) -> Trainer:
 
 
 def global_batch(local: dict[str, np.ndarray], batch_sharding: NamedSharding) -> Batch:
-    """Assembles this process's rows into global arrays laid out by `batch_sharding`."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
-            for k in BATCH_KEYS}
+    """Assembles this process's rows into global arrays laid out by `batch_sharding`.
+
+    local: arrays [rows, seq] holding, in order, the global rows `sharding.process_rows`
+    names for this process (the global batch size follows from their count). Each device
+    gets exactly the rows of its batch shard, also when processes share rows.
+    """
+    n_local = len(local["inputs"])
+    shards = sharding.batch_shard_count(batch_sharding)
+    held = len(sharding.process_rows(batch_sharding, shards))  # batch shards on this process
+    if (n_local * shards) % held:
+        raise ValueError(f"{n_local} local rows cannot be {held} of {shards} equal batch shards")
+    global_rows = n_local * shards // held
+    rows = sharding.process_rows(batch_sharding, global_rows)
+
+    def assemble(x: np.ndarray) -> jax.Array:
+        def block(index):
+            return x[np.searchsorted(rows, np.arange(global_rows)[index[0]])][:, *index[1:]]
+        return jax.make_array_from_callback((global_rows, *x.shape[1:]), batch_sharding, block)
+
+    return {k: assemble(np.asarray(local[k])) for k in BATCH_KEYS}
 
 
 def fetch(metrics: dict) -> dict[str, float]:
@@ -255,8 +272,11 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(to_json(config))
+    rows = sharding.process_rows(
+        sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh)),
+        config.data.batch_size)
     pipeline = data_lib.make_pipeline(config.data, tokenizer, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), workdir=workdir,
+                                      process_count=jax.process_count(), rows=rows, workdir=workdir,
                                       vocab_size=config.model.vocab_size)
     trainer = make_trainer(config, mesh)
     if primary:

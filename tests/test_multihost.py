@@ -54,3 +54,42 @@ def test_two_processes_train_like_one(tmp_path, one_process, mesh_sets):
     got = _losses(tmp_path)
     assert len(got) == 3 and len(set(got)) == 3
     np.testing.assert_allclose(got, losses, rtol=1e-5)
+
+
+def _train_command(workdir, sets):
+    return [sys.executable, "-m", "lmjax", "train", "--experiment", "smoke",
+            "--workdir", str(workdir), *_sets(TRAIN_SETS + sets)]
+
+
+def _run(command, **env):
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **env}
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done.stdout + done.stderr
+
+
+# 8 query and 8 KV heads: a tensor axis of 4 divides every sharded dimension.
+WIDE = ["model.n_heads=8", "model.n_kv_heads=8", "model.head_dim=8"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices_per_process, sets", [
+    (1, ["mesh.tensor=2", "mesh.fsdp=1"]),  # the batch is not split: both processes feed it all
+    (2, ["mesh.tensor=4", "mesh.fsdp=1"] + WIDE),  # tensor spans the processes
+], ids=["2x1-tensor2", "2x2-tensor4"])
+def test_tensor_axis_across_processes_trains_like_one_process(tmp_path, one_process,
+                                                              devices_per_process, sets):
+    """A mesh axis that does not split the batch spans the processes: every process must
+    feed the rows its devices hold (here all of them), not an equal share."""
+    sets = sets + [f"data.tokenizer={one_process[1]}"]
+    total = 2 * devices_per_process
+    _run(_train_command(tmp_path / "one", sets),
+         XLA_FLAGS=f"--xla_force_host_platform_device_count={total}", JAX_PLATFORMS="cpu")
+    reference = _losses(tmp_path / "one")
+    output = _run([sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
+                   "--devices-per-process", str(devices_per_process), "--",
+                   *_train_command(tmp_path / "two", sets)])
+    assert "process 1/2" in output
+    got = _losses(tmp_path / "two")
+    assert len(got) == 3 and len(set(got)) == 3
+    np.testing.assert_allclose(got, reference, rtol=1e-5)

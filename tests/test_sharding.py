@@ -277,3 +277,44 @@ def test_splash_kernel_per_device_matches_reference_with_packed_documents():
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     for g, w in zip(got[1], want[1]):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- rows each process feeds
+
+
+def test_pipelines_serve_any_set_of_global_rows():
+    """A process feeds the rows its devices hold (`process_rows`), not necessarily a
+    contiguous share: every source serves an arbitrary ascending set of global rows."""
+    from lmjax.data import packing, pipeline
+    data_cfg = DataConfig(source="synthetic", batch_size=8, seq_len=16)
+    full = pipeline.make_pipeline(data_cfg, None, vocab_size=97)
+    part = pipeline.make_pipeline(data_cfg, None, rows=[1, 2, 6], vocab_size=97)
+    for got, want in zip(part.eval_batches(1) + [next(part.train_batches(3))],
+                         full.eval_batches(1) + [next(full.train_batches(3))]):
+        for k in train.BATCH_KEYS:
+            np.testing.assert_array_equal(got[k], want[k][[1, 2, 6]])
+    store = packing.TokenStore(np.arange(500, dtype=np.int32), np.array([0, 120, 300, 500]),
+                               shuffle=True, seed=3)
+    layout = dict(global_rows=8, seq_len=16, pack=True)
+    whole = pipeline._indexed_batch(store, 5, rows=np.arange(8), **layout)
+    some = pipeline._indexed_batch(store, 5, rows=np.array([0, 3, 4, 7]), **layout)
+    for k in train.BATCH_KEYS:
+        np.testing.assert_array_equal(some[k], whole[k][[0, 3, 4, 7]])
+    with pytest.raises(ConfigError, match="ascending global row indices"):
+        pipeline.make_pipeline(data_cfg, None, rows=[3, 1], vocab_size=97)
+
+
+def test_process_rows_and_global_batch_on_one_process():
+    mesh = mesh_of(data=2, fsdp=2, tensor=2)
+    batch_sharding = sharding.batch_sharding(mesh, sharding.rules_from_config(MeshConfig()))
+    assert sharding.batch_shard_count(batch_sharding) == 4
+    np.testing.assert_array_equal(sharding.process_rows(batch_sharding, 8), np.arange(8))
+    with pytest.raises(ConfigError, match="data.batch_size=6 is not divisible by the 4 batch"):
+        sharding.process_rows(batch_sharding, 6)
+    local = {k: np.arange(8 * 3).reshape(8, 3) + i for i, k in enumerate(train.BATCH_KEYS)}
+    batch = train.global_batch(local, batch_sharding)
+    for k in train.BATCH_KEYS:
+        assert batch[k].sharding == batch_sharding
+        np.testing.assert_array_equal(np.asarray(batch[k]), local[k])
+        for shard in batch[k].addressable_shards:  # each device holds its own rows
+            np.testing.assert_array_equal(shard.data, local[k][shard.index])

@@ -1,6 +1,7 @@
 """The training data pipeline: documents -> tokens (tf.data) -> packed windows -> batches.
 
-A batch is a dict of numpy arrays, each [rows, seq_len] with rows = batch_size // process_count:
+A batch is a dict of numpy arrays, each [rows, seq_len] holding the global rows this process
+feeds (`make_pipeline(rows=...)`, by default rows [i*B/n, (i+1)*B/n) of process i of n):
 `inputs`, `targets` (int32), `segment_ids` (int32, 1-based per document piece, 0 never occurs
 because nothing is padded), `positions` (int32, restarting at 0 per piece) and `loss_mask`
 (float32). See `packing.py` for the window layout. Every document is tokenized as BOS, its
@@ -9,9 +10,9 @@ text, EOS.
 Three ways of producing windows, chosen by `data.source`:
   * packaged / text ("indexed"): the split is tokenized once, in a parallel tf.data map, into a
     `TokenStore`; window `w` is a pure function of `w`, global batch `s` holds windows
-    `s*batch_size .. (s+1)*batch_size - 1` and process `i` of `n` computes rows
-    `[i*B/n, (i+1)*B/n)` of it. Resume at any step costs nothing, works on any process count, and
-    every process count sees the same global batches.
+    `s*batch_size .. (s+1)*batch_size - 1` and each process computes the rows it feeds.
+    Resume at any step costs nothing, works on any process count, and every process count
+    sees the same global batches.
   * tfds ("stream"): each process reads its `tfds.even_splits` part of the split with seeded file
     and example shuffling (tf.data), tokenizes batches of documents with sentencepiece's threads
     and packs as it reads. Resume replays the stream up to the step (time proportional to the
@@ -30,7 +31,7 @@ import collections
 import concurrent.futures
 import itertools
 import logging
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -144,10 +145,18 @@ def load_token_store(source: sources.Source, split: str, tokenizer: Tokenizer, *
 # ---------------------------------------------------------------- window producers
 
 
-def _indexed_batch(store: packing.TokenStore, step: int, *, global_rows: int, first_row: int,
-                   rows: int, seq_len: int, pack: bool) -> Batch:
-    tokens, doc_ids = store.windows(step * global_rows + first_row, rows, seq_len)
-    return packing.rows_from_windows(tokens, doc_ids, pack)
+def _indexed_batch(store: packing.TokenStore, step: int, *, global_rows: int, rows: np.ndarray,
+                   seq_len: int, pack: bool) -> Batch:
+    """Rows `rows` (ascending global row indices) of global batch `step`."""
+    parts = [store.windows(step * global_rows + run[0], len(run), seq_len)
+             for run in contiguous_runs(rows)]
+    return packing.rows_from_windows(np.concatenate([t for t, _ in parts]),
+                                     np.concatenate([d for _, d in parts]), pack)
+
+
+def contiguous_runs(rows: np.ndarray) -> list[np.ndarray]:
+    """Ascending indices -> maximal runs of consecutive ones: [0, 1, 2, 6, 7] -> [[0, 1, 2], [6, 7]]."""
+    return np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
 
 
 def _prefetched(batches: Iterator[Batch], depth: int = _PREFETCH) -> Iterator[Batch]:
@@ -193,19 +202,27 @@ def _synthetic_batch(seed: int, stream: int, step: int, rows: range, seq_len: in
 
 
 def make_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer | None, *, process_index: int = 0,
-                  process_count: int = 1, workdir: str = "", vocab_size: int | None = None) -> Pipeline:
+                  process_count: int = 1, rows: Sequence[int] | None = None, workdir: str = "",
+                  vocab_size: int | None = None) -> Pipeline:
     """The pipeline for process `process_index` of `process_count`.
 
-    `workdir` holds prepared shards of packaged/text sources when data.data_dir is empty.
-    `vocab_size` is needed (only) by the synthetic source, which takes no tokenizer.
+    `rows`: the global row indices (ascending) of every batch that this process feeds, as
+    `sharding.process_rows` computes them from the batch sharding; default the equal share
+    `[i*B/n, (i+1)*B/n)`. `workdir` holds prepared shards of packaged/text sources when
+    data.data_dir is empty. `vocab_size` is needed (only) by the synthetic source.
     """
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index={process_index} must lie in [0, process_count={process_count}).")
-    if data_cfg.batch_size % process_count:
-        raise ConfigError(f"data.batch_size={data_cfg.batch_size} must be divisible by the number of "
-                          f"processes ({process_count}): each process feeds an equal share.")
-    rows = data_cfg.batch_size // process_count
-    first_row = process_index * rows
+    if rows is None:
+        if data_cfg.batch_size % process_count:
+            raise ConfigError(f"data.batch_size={data_cfg.batch_size} must be divisible by the number "
+                              f"of processes ({process_count}): each process feeds an equal share.")
+        share = data_cfg.batch_size // process_count
+        rows = range(process_index * share, (process_index + 1) * share)
+    mine = np.asarray(rows, np.int64)
+    if not len(mine) or np.any(np.diff(mine) <= 0) or mine[0] < 0 or mine[-1] >= data_cfg.batch_size:
+        raise ConfigError(f"rows {list(rows)[:8]}...: expected ascending global row indices in "
+                          f"[0, data.batch_size={data_cfg.batch_size})")
     seq_len, pack = data_cfg.seq_len, data_cfg.packing
     identity = {"source": data_cfg.source, "seq_len": seq_len, "batch_size": data_cfg.batch_size,
                 "packing": pack, "seed": data_cfg.seed, "shuffle": data_cfg.shuffle}
@@ -213,7 +230,6 @@ def make_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer | None, *, process_
     if data_cfg.source == "synthetic":
         if not vocab_size or vocab_size < 1:
             raise ConfigError("data.source=synthetic needs vocab_size (pass model.vocab_size).")
-        mine = range(first_row, first_row + rows)
         return Pipeline(
             tokenizer=None, identity={**identity, "vocab_size": vocab_size},
             train=lambda start: (_synthetic_batch(data_cfg.seed, 0, s, mine, seq_len, vocab_size, pack)
@@ -231,8 +247,7 @@ def make_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer | None, *, process_
         train_store = load_token_store(source, source.train_split, tokenizer,
                                        shuffle=data_cfg.shuffle, seed=data_cfg.seed)
         eval_store = load_token_store(source, source.eval_split, tokenizer, shuffle=False, seed=0)
-        layout = dict(global_rows=data_cfg.batch_size, first_row=first_row, rows=rows,
-                      seq_len=seq_len, pack=pack)
+        layout = dict(global_rows=data_cfg.batch_size, rows=mine, seq_len=seq_len, pack=pack)
 
         def evaluation(n: int) -> list[Batch]:
             needed = n * data_cfg.batch_size * seq_len
@@ -250,25 +265,32 @@ def make_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer | None, *, process_
 
     import tensorflow_datasets as tfds
 
+    # A stream serves one block of rows: processes that need the same block read the same part.
+    n_parts, part = data_cfg.batch_size // len(mine), int(mine[0]) // len(mine)
+    if data_cfg.batch_size % len(mine) or mine[0] % len(mine) or mine[-1] - mine[0] + 1 != len(mine):
+        raise ConfigError(f"data.source=tfds streams one contiguous block of rows per process, but "
+                          f"this mesh gives process {process_index} rows {mine.tolist()}: use a "
+                          f"packaged/text source (random access) or a mesh whose batch shards "
+                          f"follow the process order (mesh.dcn_data / mesh.dcn_fsdp across hosts)")
     for split in (source.train_split, source.eval_split):
-        if sources.num_examples(source, split) < process_count:
+        if sources.num_examples(source, split) < n_parts:
             raise ConfigError(f"split {split!r} of {source.dataset_id} has fewer documents than "
-                              f"processes ({process_count}); use a larger split.")
-    identity.update(process_count=process_count, shuffle_buffer=data_cfg.shuffle_buffer)
-    train_part = tfds.even_splits(source.train_split, n=process_count)[process_index]
-    eval_part = tfds.even_splits(source.eval_split, n=process_count)[process_index]
+                              f"stream parts ({n_parts}); use a larger split.")
+    identity.update(process_count=n_parts, shuffle_buffer=data_cfg.shuffle_buffer)
+    train_part = tfds.even_splits(source.train_split, n=n_parts)[part]
+    eval_part = tfds.even_splits(source.eval_split, n=n_parts)[part]
 
     def train(start: int) -> Iterator[Batch]:
         texts = sources.split_texts(source, train_part, shuffle_files=data_cfg.shuffle,
                                     seed=data_cfg.seed).repeat()
         if data_cfg.shuffle:
             texts = texts.shuffle(data_cfg.shuffle_buffer, seed=data_cfg.seed, reshuffle_each_iteration=True)
-        batches = _stream_batches(texts, tokenizer, rows=rows, seq_len=seq_len, pack=pack)
+        batches = _stream_batches(texts, tokenizer, rows=len(mine), seq_len=seq_len, pack=pack)
         return _prefetched(itertools.islice(batches, start, None))
 
     def evaluation(n: int) -> list[Batch]:
         texts = sources.split_texts(source, eval_part).repeat()
-        return list(itertools.islice(_stream_batches(texts, tokenizer, rows=rows, seq_len=seq_len,
+        return list(itertools.islice(_stream_batches(texts, tokenizer, rows=len(mine), seq_len=seq_len,
                                                      pack=pack), n))
 
     return Pipeline(tokenizer=tokenizer, identity=identity, train=train, evaluation=evaluation)
