@@ -11,6 +11,7 @@ Implementations:
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -103,11 +104,21 @@ def _splash(q, k, v, segment_ids, *, interpret: bool = False):
     """q: [b, t, h, d]; k, v: [b, s, kv, d]; segment_ids: [b, t] or None -> [b, t, h, d].
 
     The Pallas kernel cannot be partitioned by XLA, so under a mesh it runs per device
-    (shard_map) on that device's batch rows and heads, each over whole sequences.
+    (shard_map) on that device's batch rows and heads, each over whole sequences. The kernel
+    pairs local query head j with local kv head j // (local heads / local kv heads), which is
+    right only when kv heads are split exactly like query heads; under any other layout each
+    device receives every kv head and keeps those its query heads use (`_kv_for_local_heads`).
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
+    heads, kv_heads = q.shape[2], k.shape[2]
+    head_axes = sharding.active_mesh_axes("act_heads")
+    split = math.prod(head_axes.values())
+    aligned = (sharding.active_mesh_axes("act_kv_heads") == head_axes and kv_heads % split == 0)
+
     def per_device(q, k, v, *seg):
+        if not aligned:
+            k, v = _kv_for_local_heads(k, v, heads, q.shape[2], head_axes)
         kernel = _splash_kernel(q.shape[1], k.shape[1], q.shape[2], interpret)
         qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q * (q.shape[-1] ** -0.5), k, v))
         if seg:
@@ -117,11 +128,32 @@ def _splash(q, k, v, segment_ids, *, interpret: bool = False):
         return out.transpose(0, 2, 1, 3)
 
     q_axes = ("act_batch", None, "act_heads", None)
-    kv_axes = ("act_batch", None, "act_kv_heads", None)
+    kv_axes = ("act_batch", None, "act_kv_heads" if aligned else None, None)
     args, in_axes = (q, k, v), [q_axes, kv_axes, kv_axes]
     if segment_ids is not None:
         args, in_axes = args + (segment_ids.astype(jnp.int32),), in_axes + [("act_batch", None)]
     return sharding.shard_map_logical(per_device, in_axes, q_axes)(*args)
+
+
+def _kv_for_local_heads(k, v, heads: int, local_heads: int, head_axes: dict[str, int]):
+    """Inside shard_map: the kv heads that this device's query heads use, in kernel order.
+
+    k, v: [b, s, kv, d], every kv head; this device holds query heads [r*L, (r+1)*L) with
+    L = local_heads and r its index along `head_axes`. Global query head i uses kv head
+    i // (heads / kv). Returns k, v [b, s, n, d] with local query head j using local kv head
+    j // (L / n): a contiguous slice when the groups line up with the shards, else one kv head
+    per query head.
+    """
+    group = heads // k.shape[2]
+    shard = 0
+    for name, size in head_axes.items():
+        shard = shard * size + jax.lax.axis_index(name)
+    first = shard * local_heads
+    if local_heads % group == 0 or group % local_heads == 0:
+        count = max(1, local_heads // group)
+        return (jax.lax.dynamic_slice_in_dim(x, first // group, count, axis=2) for x in (k, v))
+    index = (first + jnp.arange(local_heads)) // group
+    return (jnp.take(x, index, axis=2) for x in (k, v))
 
 
 def resolve_impl(impl: str) -> str:

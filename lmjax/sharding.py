@@ -124,6 +124,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def active_mesh_axes(name: str) -> dict[str, int]:
+    """{mesh axis: size} that logical axis `name` is split over (size > 1, in order) under the
+    active `activation_sharding` context; {} outside one."""
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return {}
+    mesh, rules = ctx
+    return {a: mesh.shape[a] for a in rules.get(name, ()) if mesh.shape[a] > 1}
+
+
 def is_axes(x: Any) -> bool:
     """A logical-axes leaf: a plain tuple of names or None (not a NamedTuple state)."""
     return type(x) is tuple and all(isinstance(e, (str, type(None))) for e in x)

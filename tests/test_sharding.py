@@ -252,21 +252,29 @@ def test_eight_device_meshes_train_like_one_device(tmp_path, references, mesh, v
 # ---------------------------------------------------------------- splash under a mesh
 
 
-def test_splash_kernel_per_device_matches_reference_with_packed_documents():
-    """The TPU kernel, run by the Pallas interpreter under shard_map on a (2, 2, 2) mesh:
-    grouped-query heads split over tensor, rows over data x fsdp, documents masked."""
+@pytest.mark.parametrize("mesh, heads, kv_heads, rules", [
+    ((2, 2, 2), 4, 2, ()),  # kv heads split like query heads: the kernel's own grouping
+    ((1, 2, 4), 8, 2, ("kv_heads=", "act_kv_heads=")),  # kv heads replicated (the error's fix)
+    ((1, 2, 4), 8, 2, ()),  # 2 kv heads cannot split 4 ways: every device gets them all
+    ((1, 1, 8), 8, 8, ("act_heads=",)),  # query heads whole, kv heads split
+    ((2, 2, 2), 12, 3, ("kv_heads=", "act_kv_heads=")),  # groups of 4 across shards of 6
+], ids=["aligned", "kv-replicated", "kv-indivisible", "q-replicated", "groups-straddle"])
+def test_splash_kernel_per_device_matches_reference_with_packed_documents(mesh, heads, kv_heads,
+                                                                          rules):
+    """The TPU kernel, run by the Pallas interpreter under shard_map: rows over data x fsdp,
+    heads by the rules, documents masked, on every head layout the rules accept."""
     from lmjax import attention
-    b, t, h, kv, d = 4, 128, 4, 2, 16
+    b, t, d = mesh[0] * mesh[1], 128, 8
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    q = jax.random.normal(keys[0], (b, t, h, d))
-    k, v = (jax.random.normal(key, (b, t, kv, d)) for key in keys[1:])
+    q = jax.random.normal(keys[0], (b, t, heads, d))
+    k, v = (jax.random.normal(key, (b, t, kv_heads, d)) for key in keys[1:])
     segments = jnp.asarray(np.sort(np.random.default_rng(0).integers(0, 3, (b, t)), axis=1))
     index = jnp.arange(t)
     mask = attention.make_mask(segments, segments, index, index)
-    mesh = mesh_of(data=2, fsdp=2, tensor=2)
+    mesh = mesh_of(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
 
     def splash_loss(q, k, v):
-        with sharding.activation_sharding(mesh, sharding.rules_from_config(MeshConfig())):
+        with sharding.activation_sharding(mesh, sharding.rules_from_config(MeshConfig(rules=rules))):
             return jnp.sum(attention._splash(q, k, v, segments, interpret=True) ** 2)
 
     def xla_loss(q, k, v):
