@@ -16,6 +16,7 @@ checkpoint restores onto another mesh or device count.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ import numpy as np
 
 from lmjax import config as config_lib
 from lmjax.config import CheckpointConfig, Config, ConfigError
+from lmjax.errors import FaultError
 
 log = logging.getLogger("lmjax")
 
@@ -45,6 +47,14 @@ TOKENIZER_FIELDS = ("data.tokenizer_vocab_size",)
 
 class ResumeError(ConfigError):
     """A checkpoint cannot be resumed as asked; the message says what to do instead."""
+
+
+class StructureMismatch(ResumeError):
+    """The saved state's leaves differ from those this config builds (not a damaged file)."""
+
+
+class TornCheckpoint(Exception):
+    """Evidence that a checkpoint's own files are damaged."""
 
 
 def _ocp():
@@ -134,6 +144,117 @@ def _split(state) -> dict[str, Any]:
             "train": {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}}
 
 
+# ---------------------------------------------------------------- damage, faults, layouts
+
+# tensorstore statuses and messages that mean a checkpoint's files are bad: an array file that
+# is missing or shorter than its index says, an undecodable manifest or chunk.
+_DAMAGE_MARKERS = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "Data corruption", "Error decoding")
+# Storage errors that say nothing about the files (the service, the network or the mount
+# failed): retried with backoff, then reported; the checkpoint stays where it is.
+_TRANSIENT_MARKERS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED")
+_TRANSIENT_ERRNOS = (errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET,
+                     errno.ECONNABORTED, errno.EBUSY, errno.ESTALE)
+RETRY_DELAYS_S = (1.0, 4.0, 16.0)
+
+
+def classify(e: BaseException) -> str:
+    """'oom', 'transient', 'damage' or 'other' (a configuration mismatch or a bug)."""
+    text = str(e)
+    if isinstance(e, MemoryError) or ("RESOURCE_EXHAUSTED" in text and "memory" in text.lower()):
+        return "oom"
+    if isinstance(e, TornCheckpoint):
+        return "damage"
+    if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+        return "transient"
+    if any(m in text for m in _TRANSIENT_MARKERS):
+        return "transient"
+    if isinstance(e, (FileNotFoundError, json.JSONDecodeError)):
+        return "damage"
+    if any(m in text for m in _DAMAGE_MARKERS):
+        return "damage"
+    return "other"
+
+
+def retrying(what: str, fn: Callable[[], Any]) -> Any:
+    """fn(), retried after RETRY_DELAYS_S while it fails with a transient storage error; the
+    last error is raised as FaultError."""
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified; anything else is re-raised
+            if classify(e) != "transient":
+                raise
+            first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            if delay is None:
+                raise FaultError(f"{what}: storage kept failing after {len(RETRY_DELAYS_S)} "
+                                 f"retries ({first}). No checkpoint was moved or deleted: rerun "
+                                 "the same command once the storage is reachable.") from e
+            log.warning("%s: transient storage error (%s); retrying in %g s", what, first, delay)
+            time.sleep(delay)
+
+
+def damage_evidence(step_dir: str) -> str | None:
+    """What is missing or unparsable in a committed step directory (None: looks whole).
+    Array files are checked by reading them (`classify` of the restore's error)."""
+    from etils import epath
+    root = epath.Path(step_dir)
+    missing = [i for i in ITEMS if not (root / i).is_dir()]
+    if missing:
+        return f"items {missing} are missing"
+    for item, name in (("params", "_METADATA"), ("train", "_METADATA"), ("data", "metadata"),
+                       ("meta", "metadata")):
+        path = root / item / name
+        if not path.exists():
+            return f"{item}/{name} is missing"
+        try:
+            json.loads(path.read_text())
+        except ValueError:
+            return f"{item}/{name} is not valid JSON"
+    return None
+
+
+def _leaf_names(path) -> tuple[str, ...]:
+    """A key path without positions: the names that say what a leaf is (mu, nu, count, ...),
+    so wrappers that hold no state (clipping's EmptyState) do not change it."""
+    out = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            out.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            out.append(k.name)
+    return tuple(out)
+
+
+def _positions(tree) -> list[str]:
+    """Each leaf's full key path, positions included."""
+    def part(k):
+        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+    return ["/".join(map(part, p)) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _signature(tree) -> list[tuple]:
+    return [(_leaf_names(p), tuple(x.shape), np.dtype(x.dtype).name)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def in_saved_layout(saved, target, item: str):
+    """`target`'s leaves (ShapeDtypeStructs) arranged like the saved tree `saved` (orbax
+    metadata), for a restore whose leaves are then put back into `target`'s structure.
+
+    Sound when both have the same leaves (names, shapes, dtypes) in the same order, as when
+    only stateless wrappers changed (optim.clip_norm turned on or off); raises
+    StructureMismatch otherwise.
+    """
+    have, want = _signature(saved), _signature(target)
+    if have != want:
+        only_saved = ["/".join(n) + f" {s}" for n, s, _ in have if (n, s, _) not in want][:4]
+        only_new = ["/".join(n) + f" {s}" for n, s, _ in want if (n, s, _) not in have][:4]
+        raise StructureMismatch(f"the saved {item} state has {len(have)} arrays, this config "
+                                f"builds {len(want)} (only saved: {only_saved or 'none'}; only "
+                                f"new: {only_new or 'none'})")
+    return jax.tree.unflatten(jax.tree.structure(saved), jax.tree.leaves(target))
+
+
 # ---------------------------------------------------------------- the manager
 
 
@@ -146,7 +267,9 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig(), *,
-                 read_only: bool = False):
+                 read_only: bool = False, resumed_at: int | None = None):
+        """resumed_at: the step the run restored (0 for a fresh start); step directories newer
+        than it are set aside before the first save (see `_clear_newer`)."""
         ocp = _ocp()
         from orbax.checkpoint import checkpoint_managers as policies
         self.directory = directory
@@ -160,6 +283,7 @@ class Checkpointer:
             preservation_policy=policies.AnyPreservationPolicy(keep))
         self._manager = ocp.CheckpointManager(directory, options=options)
         self._uncommitted: int | None = None
+        self._resumed_at = resumed_at
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first (not yet checked for readability)."""
@@ -185,6 +309,7 @@ class Checkpointer:
             raise FloatingPointError(f"the train state after step {step} holds non-finite "
                                      "values: not saving it; the newest checkpoint is still "
                                      f"{self.latest_step()}.")
+        self._clear_newer()
         if step in self._manager.all_steps():
             return 0.0
         ocp = _ocp()
@@ -203,6 +328,24 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def _clear_newer(self) -> None:
+        """Sets aside every step directory newer than the step the run resumed from, once.
+
+        The resume tried those steps first and found them torn (or checkpoint.allow_fresh
+        started over them): left in place they would take their step's slot, so that save
+        would be skipped, and count among the `keep` newest.
+        """
+        if self._resumed_at is None:
+            return
+        newer = [p for p, step in _step_dirs(self.directory) if step > self._resumed_at]
+        self._resumed_at = None
+        for path in newer:
+            _set_aside(path, "an unfinished save" if "." in path.name else
+                       "unreadable when the run resumed, or checkpoint.allow_fresh")
+        if newer:
+            _barrier("lmjax_cleared_newer")
+            self._manager.reload()
 
     def _note_committed(self, wait: bool) -> None:
         if self._uncommitted is None:
@@ -232,15 +375,33 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(
             **{item: ocp.args.JsonRestore()}))[item]
 
+    def saved_tree(self, step: int, item: str):
+        """The structure of a saved array item, leaves being orbax ArrayMetadata."""
+        from etils import epath
+        handler = _ocp().StandardCheckpointHandler()
+        return handler.metadata(epath.Path(self.directory) / str(step) / item).tree
+
     def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
         """(state, data position) of `step`, laid out like `abstract_state` (a TrainState of
-        ShapeDtypeStructs with the current mesh's shardings)."""
+        ShapeDtypeStructs with the current mesh's shardings).
+
+        The saved structure may differ from the target's by stateless wrappers only
+        (`in_saved_layout`); any other difference raises StructureMismatch before reading.
+        """
         ocp = _ocp()
         target = _split(abstract_state)
+        saved = {k: self.saved_tree(step, k) for k in ("params", "train")}
+        layout = {k: in_saved_layout(saved[k], target[k], k) for k in saved}
+        if _positions(saved["train"]) != _positions(target["train"]):
+            log.warning("checkpoint %d: the optimizer state's layout changed (a stateless "
+                        "wrapper such as clipping was added or removed); restoring its saved "
+                        "moments and counts into the new layout", step)
         out = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target["params"]),
-            train=ocp.args.StandardRestore(target["train"]),
+            params=ocp.args.StandardRestore(layout["params"]),
+            train=ocp.args.StandardRestore(layout["train"]),
             data=ocp.args.JsonRestore()))
+        out = {**out, **{k: jax.tree.unflatten(jax.tree.structure(target[k]),
+                                               jax.tree.leaves(out[k])) for k in layout}}
         train = out["train"]
         state = abstract_state.replace(params=out["params"], step=train["step"],
                                        opt_state=train["opt_state"], rng=train["rng"])
@@ -266,53 +427,90 @@ class Candidate:
     directory: str
     step: int
     meta: dict
+    changes: dict = dataclasses.field(default_factory=dict)  # allowed config changes
+
+    @property
+    def where(self) -> str:
+        return f"{self.directory} step {self.step}"
+
+
+# How a restore attempt ended, worst last: all processes act on the worst outcome of any.
+OUTCOMES = ("ok", "torn", "refused", "failed")
 
 
 @dataclasses.dataclass
 class ResumePlan:
     """Where a run's state comes from: checkpoints to try newest first, or params to load, or
-    nothing (a fresh start). Built by `plan_resume` before any expensive work."""
+    nothing (a fresh start). Built by `plan_resume` before any expensive work.
+
+    Resume never moves or deletes anything: an unreadable step is skipped (and set aside by
+    the first save, `Checkpointer._clear_newer`); any other failure stops the run.
+    """
 
     candidates: list[Candidate]
     init_from: str | None = None
     unreadable: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)
+    allow_fresh: bool = False
 
     def check_tokenizer(self, fingerprint: str | None) -> None:
         for c in self.candidates:
-            check_tokenizer(c.meta, fingerprint, f"{c.directory} step {c.step}")
+            check_tokenizer(c.meta, fingerprint, c.where)
 
     def load(self, init_fn: Callable, shardings, workdir: str, model_cfg) -> tuple[Any, dict | None, str]:
         """(state, saved data position or None, description): the newest checkpoint that
         restores, else `init_from` params on a fresh optimizer, else a fresh init.
 
-        A checkpoint that fails to restore is reported and moved out of the way; if every
-        candidate fails the run stops rather than start from scratch over them.
+        Only damage (`classify`) makes a step unreadable and the previous one tried. A state
+        structure this config cannot take, out-of-memory and storage faults (after retries)
+        stop the run. If checkpoints exist but none is readable the run stops too, unless
+        checkpoint.allow_fresh.
         """
         target = abstract_state(init_fn, shardings)
         for c in self.candidates:
-            try:
-                with _ReadOnly(c.directory) as ckpt:
-                    state, data_state = ckpt.restore(c.step, target)
-                ok = True
-            except Exception as e:  # noqa: BLE001 - any read failure means "torn", reported below
-                ok, error = False, f"{type(e).__name__}: {e}"
-            if _all_processes(ok):
-                log.info("resumed from %s step %d", c.directory, c.step)
-                return state, data_state, f"{c.directory} step {c.step}"
-            error = error if not ok else "unreadable on another process"
-            log.error("checkpoint %s step %d is unreadable (%s); trying the previous one",
-                      c.directory, c.step, error.splitlines()[0][:300])
-            self.unreadable.append((c.directory, c.step, error))
-            if c.directory == checkpoint_dir(workdir):
-                _set_aside(c.directory, c.step)
-        if self.unreadable:
+            restored = self._restore(c, target)
+            if restored is not None:
+                log.info("resumed from %s", c.where)
+                return (*restored, c.where)
+        if self.unreadable and not self.allow_fresh:
             listing = "; ".join(f"step {s}: {e.splitlines()[0][:200]}" for _, s, e in self.unreadable)
-            raise ResumeError(f"checkpoints exist but none could be read ({listing}). Fix: restore "
-                              "them, point --restore-from at a readable checkpoint, or move "
-                              f"{checkpoint_dir(workdir)} away to start from scratch.")
+            raise ResumeError(f"checkpoints exist but none could be read ({listing}). Nothing was "
+                              "moved or deleted. Fix: restore them, point --restore-from at a "
+                              "readable checkpoint, or start over with --set "
+                              "checkpoint.allow_fresh=true (the first save then moves them to "
+                              f"{checkpoint_dir(workdir)}.unreadable/).")
+        if self.unreadable:
+            log.warning("checkpoint.allow_fresh: starting from scratch although steps %s exist "
+                        "(unreadable)", [s for _, s, _ in self.unreadable])
         state = init_fn()
         if self.init_from is None:
             return state, None, "fresh init"
+        return self._with_init_params(state, target, model_cfg)
+
+    def _restore(self, c: Candidate, target) -> tuple[Any, dict] | None:
+        """(state, data position), or None when `c` is torn on some process."""
+        result, error, outcome = None, None, "ok"
+        try:
+            evidence = damage_evidence(os.path.join(c.directory, str(c.step)))
+            if evidence:
+                raise TornCheckpoint(evidence)
+            with _ReadOnly(c.directory) as ckpt:
+                result = retrying(f"restoring {c.where}", lambda: ckpt.restore(c.step, target))
+        except StructureMismatch as e:
+            outcome, error = "refused", e
+        except Exception as e:  # noqa: BLE001 - classified below; not damage means stop
+            outcome, error = ("torn" if classify(e) == "damage" else "failed"), e
+        outcome = _worst(outcome)
+        if outcome == "ok":
+            return result
+        if outcome == "torn":
+            text = f"{type(error).__name__}: {error}" if error else "torn on another process"
+            log.error("checkpoint %s is unreadable (%s); trying the previous one", c.where,
+                      text.splitlines()[0][:300])
+            self.unreadable.append((c.directory, c.step, text))
+            return None
+        raise _stop_error(c, error)
+
+    def _with_init_params(self, state, target, model_cfg) -> tuple[Any, None, str]:
         from lmjax.convert import hf
         saved_cfg, params = hf.load_params_dir(self.init_from)
         changes = {k: v for k, v in _model_diff(saved_cfg, model_cfg).items()
@@ -327,30 +525,70 @@ class ResumePlan:
         return state.replace(params=params), None, f"params from {self.init_from}"
 
 
+def _stop_error(c: Candidate, error: BaseException | None) -> Exception:
+    """The error that stops a resume which failed for a reason other than damage."""
+    untouched = "No checkpoint was moved or deleted."
+    if error is None:
+        return FaultError(f"another process could not restore {c.where} (see its log). "
+                          f"{untouched}")
+    if isinstance(error, StructureMismatch):
+        fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(c.changes.items())
+                           if k.startswith("optim.")) or "no optim field (another lmjax version?)"
+        return ResumeError(f"cannot resume {c.where}: {error}. Changed since it was saved: "
+                           f"{fields}. Fix: resume with the checkpoint's values (--set "
+                           "FIELD=VALUE), or start a new workdir from its params (lmjax "
+                           f"checkpoint export, then --init-from). {untouched}")
+    if classify(error) == "oom":
+        return ResumeError(f"out of memory restoring {c.where} on this mesh "
+                           f"({str(error).splitlines()[0][:200]}). {untouched} Fix: more "
+                           "devices or processes, or shard the state wider (mesh.fsdp).")
+    if isinstance(error, (ConfigError, FaultError)):
+        return error
+    return FaultError(f"restoring {c.where} failed: {type(error).__name__}: "
+                      f"{str(error).splitlines()[0][:300] if str(error) else ''}. {untouched} "
+                      "Rerun with -v for the traceback.")
+
+
 def _model_diff(a, b) -> dict[str, tuple]:
     return config_lib.diff(Config(model=a), Config(model=b))
 
 
-def _all_processes(ok: bool) -> bool:
+def _worst(outcome: str) -> str:
+    """The worst of every process's `outcome` (OUTCOMES order)."""
     if jax.process_count() == 1:
-        return ok
+        return outcome
     from jax.experimental import multihost_utils
-    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+    codes = multihost_utils.process_allgather(np.array(OUTCOMES.index(outcome), np.int32))
+    return OUTCOMES[int(np.max(codes))]
 
 
-def _set_aside(directory: str, step: int) -> None:
-    """Moves an unreadable step out of the checkpoint directory, so later saves can reuse the
-    step number and `checkpoint list` shows it apart."""
-    if jax.process_index() == 0:
-        from etils import epath
-        src = epath.Path(directory) / str(step)
-        dst = epath.Path(directory + ".unreadable") / f"{step}-{int(time.time())}"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        src.rename(dst)
-        log.error("moved unreadable checkpoint %s to %s", src, dst)
+def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"lmjax_set_aside_{step}")
+        multihost_utils.sync_global_devices(name)
+
+
+def _step_dirs(directory: str) -> list[tuple[Any, int]]:
+    """(path, step) of every step directory, committed or not (`STEP`, `STEP.orbax-...-tmp-N`)."""
+    from etils import epath
+    root = epath.Path(directory)
+    if not root.exists():
+        return []
+    out = []
+    for p in root.iterdir():
+        head = p.name.split(".")[0]
+        if head.isdigit() and p.is_dir():
+            out.append((p, int(head)))
+    return sorted(out, key=lambda x: x[1])
+
+
+def _set_aside(path, reason: str) -> None:
+    """Moves a step directory to CHECKPOINTS.unreadable/ (process 0), logging where and why."""
+    if jax.process_index() == 0:
+        dst = path.parent.parent / f"{path.parent.name}.unreadable" / f"{path.name}-{int(time.time())}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(dst)
+        log.warning("moved checkpoint directory %s to %s (%s)", path, dst, reason)
 
 
 class _ReadOnly:
@@ -371,8 +609,11 @@ def _read_candidates(directory: str, steps: list[int], config: Config,
     with _ReadOnly(directory) as ckpt:
         for step in sorted(steps, reverse=True):
             try:
-                meta = ckpt.read_json(step, "meta")
-            except Exception as e:  # noqa: BLE001 - a torn step; its predecessor is tried
+                meta = retrying(f"reading {directory} step {step}",
+                                lambda: ckpt.read_json(step, "meta"))
+            except FaultError:
+                raise
+            except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
                 log.error("checkpoint %s step %d: metadata unreadable (%s)", directory, step,
                           str(e).splitlines()[0][:300])
                 unreadable.append((directory, step, f"metadata: {e}"))
@@ -381,7 +622,7 @@ def _read_candidates(directory: str, steps: list[int], config: Config,
             if not out:
                 for k, (a, b) in sorted(changes.items()):
                     log.warning("resuming with a changed config: %s: %r -> %r", k, a, b)
-            out.append(Candidate(directory, step, meta))
+            out.append(Candidate(directory, step, meta, changes))
     return out
 
 
@@ -434,12 +675,17 @@ def plan_resume(workdir: str, config: Config, *, restore_from: str | None = None
                           "which new saves would collide with. Fix: move them away, or restore "
                           "into a new workdir with --restore-from "
                           f"{os.path.join(own, str(max(steps)))}.")
-    plan = ResumePlan([], init_from)
+    uncommitted = [p.name for p, _ in _step_dirs(own) if p.name.isdigit()]
+    if not steps and uncommitted and not config.checkpoint.allow_fresh:
+        raise ResumeError(f"{own} has step directories {uncommitted} but none is committed "
+                          "(torn saves). Nothing was moved or deleted. Fix: restore them, or "
+                          "start over with --set checkpoint.allow_fresh=true.")
+    plan = ResumePlan([], init_from, allow_fresh=config.checkpoint.allow_fresh)
     plan.candidates = _read_candidates(directory, steps, config, plan.unreadable) if steps else []
-    if steps and not plan.candidates:
+    if steps and not plan.candidates and not plan.allow_fresh:
         raise ResumeError(f"checkpoints {steps} exist in {directory} but none has readable "
-                          "metadata. Fix: restore them, or move the directory away to start from "
-                          "scratch.")
+                          "metadata. Nothing was moved or deleted. Fix: restore them, or start "
+                          "over with --set checkpoint.allow_fresh=true.")
     return plan
 
 
@@ -471,22 +717,42 @@ def _params_target(model_cfg) -> Any:
 
 def load_params(workdir: str, step: int | None = None) -> tuple[Config, Any, str]:
     """(Config, params on one local device, tokenizer path) of a checkpoint: `step`, or the
-    newest whose metadata reads. The tokenizer path is the workdir's tokenizer.model when it
-    exists (the run trained it), else the config's data.tokenizer."""
+    newest readable one (damaged steps are logged and skipped). The tokenizer path is the
+    workdir's tokenizer.model when it exists (the run trained it), else data.tokenizer."""
     directory = checkpoint_dir(workdir)
     steps = _steps_in(directory)
     if not steps:
         raise ResumeError(f"{workdir} has no committed checkpoints in {directory}.")
     if step is not None and step not in steps:
         raise ResumeError(f"{directory} has no step {step}; it has {steps}.")
+    tried = []
     with _ReadOnly(directory) as ckpt:
-        step = steps[-1] if step is None else step
-        meta = ckpt.read_json(step, "meta")
-        config = config_lib.from_dict(meta["config"])
-        params = ckpt.restore_params(step, _params_target(config.model))
+        for s in [step] if step is not None else sorted(steps, reverse=True):
+            try:
+                config, params = _read_params(ckpt, s)
+                break
+            except (ConfigError, FaultError):
+                raise
+            except Exception as e:  # noqa: BLE001 - damage: the previous step is tried
+                if classify(e) != "damage":
+                    raise
+                tried.append(f"step {s}: {str(e).splitlines()[0][:200]}")
+                log.error("checkpoint %s step %d is unreadable (%s)", directory, s, tried[-1])
+        else:
+            raise ResumeError(f"no checkpoint of {workdir} is readable ({'; '.join(tried)}).")
     local = os.path.join(workdir, "tokenizer.model")
     tokenizer_path = local if os.path.exists(local) else config.data.tokenizer
     return config, params, tokenizer_path
+
+
+def _read_params(ckpt: Checkpointer, step: int) -> tuple[Config, Any]:
+    evidence = damage_evidence(os.path.join(ckpt.directory, str(step)))
+    if evidence:
+        raise TornCheckpoint(evidence)
+    where = f"reading {ckpt.directory} step {step}"
+    meta = retrying(where, lambda: ckpt.read_json(step, "meta"))
+    config = config_lib.from_dict(meta["config"])
+    return config, retrying(where, lambda: ckpt.restore_params(step, _params_target(config.model)))
 
 
 def export_params(workdir: str, step: int | None, out: str) -> str:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from lmjax.config import Config, ConfigError, apply_overrides, validate
+from lmjax.errors import FaultError
 
 EXPERIMENT_DIRS = (Path.cwd() / "experiments", Path(__file__).resolve().parent.parent / "experiments")
 
@@ -281,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lmjax: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
+    except (FloatingPointError, FaultError) as e:
+        if args.verbose:
+            raise
         print(f"lmjax: {e}", file=sys.stderr)
         return 1
 

@@ -120,6 +120,9 @@ class CheckpointConfig:
     keep_every: int = 0  # 0: off; otherwise steps divisible by it are kept forever
     async_save: bool = True
     on_nonfinite: str = "stop"  # "stop" or "skip"
+    # True: when checkpoints exist but none can be read, start from scratch instead of
+    # stopping (the unreadable steps are moved to checkpoints.unreadable/ by the first save).
+    allow_fresh: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

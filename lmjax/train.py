@@ -316,7 +316,8 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
     if source != "fresh init":
         writer.write(step, checkpoint.describe_resume(step, source))
     meta = checkpoint.make_metadata(config, fingerprint, mesh)
-    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), config.checkpoint)
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), config.checkpoint,
+                                   resumed_at=step)
     signals = checkpoint.StopSignals()
     schedule = checkpoint.SaveSchedule(config.checkpoint, total, signals)
     stopped: list[int] = []

@@ -152,14 +152,19 @@ def _save_run(workdir, trainer, host_states, steps, config=TINY):
     ckpt.close()
 
 
-def test_plan_resume_falls_back_over_a_torn_checkpoint(tmp_path, trained):
-    trainer, states, _, _ = trained
-    _save_run(tmp_path, trainer, states, [2, 4])
-    # truncate every array file of the newest step
-    for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "params"):
+def _tear(step_dir, item="params"):
+    """Empties every array file and manifest of one item of a step (a torn write)."""
+    for root, _, files in os.walk(step_dir / item):
         for name in files:
             if "/d" in root or name.endswith(".ocdbt"):
                 open(os.path.join(root, name), "w").close()
+
+
+def test_torn_step_is_skipped_at_resume_and_set_aside_by_the_save_that_needs_its_slot(
+        tmp_path, trained, caplog):
+    trainer, states, _, _ = trained
+    _save_run(tmp_path, trainer, states, [2, 4])
+    _tear(tmp_path / "checkpoints" / "4")
     plan = checkpoint.plan_resume(str(tmp_path), TINY)
     assert [c.step for c in plan.candidates] == [4, 2]
     state, data_state, source = plan.load(trainer.init_fn, trainer.state_shardings,
@@ -167,8 +172,24 @@ def test_plan_resume_falls_back_over_a_torn_checkpoint(tmp_path, trained):
     assert source.endswith("step 2") and data_state["pos"] == 2
     _assert_trees_equal(state, states[1])
     assert [s for _, s, _ in plan.unreadable] == [4]
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # 4 was set aside
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # resume moves nothing
+    assert not (tmp_path / "checkpoints.unreadable").exists()
+    # the run continues from 2; its save at 4 sets the torn 4 aside (logged) and writes 4
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(tmp_path)), TINY.checkpoint,
+                                   resumed_at=2)
+    with caplog.at_level("WARNING", logger="lmjax"):
+        ckpt.save(4, _device_state(trainer, states[3]), data_state={"pos": 4},
+                  meta=checkpoint.make_metadata(TINY, None, trainer.mesh))
+    ckpt.close()
+    assert [r for r in caplog.messages if "moved checkpoint directory" in r and "/4" in r]
     assert os.listdir(tmp_path / "checkpoints.unreadable")[0].startswith("4-")
+    restored, _ = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True).restore(
+        4, checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings))
+    _assert_trees_equal(restored, states[3])
+    # eval and generate read the newest readable step
+    _tear(tmp_path / "checkpoints" / "4")
+    _, params, _ = checkpoint.load_params(str(tmp_path))
+    _assert_trees_equal(params, states[1].params)
 
 
 def test_plan_resume_never_starts_from_scratch_over_unreadable_checkpoints(tmp_path, trained):
@@ -178,8 +199,119 @@ def test_plan_resume_never_starts_from_scratch_over_unreadable_checkpoints(tmp_p
         for name in files:
             os.remove(os.path.join(root, name))
     plan = checkpoint.plan_resume(str(tmp_path), TINY)
-    with pytest.raises(checkpoint.ResumeError, match="none could be read"):
+    with pytest.raises(checkpoint.ResumeError, match="none could be read.*allow_fresh"):
         plan.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model)
+    assert os.listdir(tmp_path / "checkpoints") == ["3"]
+    # asked to: a fresh start; the first save sets the unreadable step aside
+    fresh = apply_overrides(TINY, ["checkpoint.allow_fresh=true"])
+    plan = checkpoint.plan_resume(str(tmp_path), fresh)
+    state, data_state, source = plan.load(trainer.init_fn, trainer.state_shardings,
+                                          str(tmp_path), TINY.model)
+    assert source == "fresh init" and int(state.step) == 0 and data_state is None
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(tmp_path)), TINY.checkpoint,
+                                   resumed_at=0)
+    ckpt.save(1, _device_state(trainer, states[0]), data_state={}, meta=META)
+    ckpt.close()
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]
+    assert os.listdir(tmp_path / "checkpoints.unreadable")[0].startswith("3-")
+
+
+def _clip_trainer(clip_norm):
+    return _trainer(apply_overrides(TINY, [f"optim.clip_norm={clip_norm}"]))
+
+
+@pytest.mark.parametrize("saved_clip, new_clip", [(1.0, 0.0), (0.0, 1.0)])
+def test_clipping_change_restores_the_saved_moments_into_the_new_layout(
+        tmp_path, trained, saved_clip, new_clip):
+    """optim.clip_norm on <-> off adds or drops a stateless wrapper around AdamW: the saved
+    moments, counts, step and params come back in the new layout, value for value."""
+    _, states, _, _ = trained  # trained with clipping (TINY's clip_norm=1.0)
+    saver = _clip_trainer(saved_clip)
+    layout = jax.eval_shape(saver.init_fn).opt_state
+    host = states[4].replace(opt_state=jax.tree.unflatten(
+        jax.tree.structure(layout), jax.tree.leaves(states[4].opt_state)))
+    _save_run(tmp_path, saver, states[:4] + [host], [5],
+              config=apply_overrides(TINY, [f"optim.clip_norm={saved_clip}"]))
+    loader = _clip_trainer(new_clip)
+    config = apply_overrides(TINY, [f"optim.clip_norm={new_clip}"])
+    plan = checkpoint.plan_resume(str(tmp_path), config)
+    restored, _, source = plan.load(loader.init_fn, loader.state_shardings, str(tmp_path),
+                                    config.model)
+    assert source.endswith("step 5") and int(restored.step) == 5
+    assert (jax.tree.structure(restored.opt_state)
+            == jax.tree.structure(jax.eval_shape(loader.init_fn).opt_state))
+    _assert_trees_equal(restored.params, host.params)
+    new_opt = jax.tree.leaves(restored.opt_state)
+    _assert_trees_equal(jax.tree.leaves(host.opt_state), new_opt)  # counts, mu, nu in order
+    assert [int(x) for x in new_opt if np.ndim(x) == 0] == [5, 5]
+    adam = restored.opt_state[0] if new_clip == 0 else restored.opt_state[1][0]
+    assert adam.mu["embed"].sharding == loader.state_shardings.params["embed"]
+
+
+def test_a_state_structure_the_config_cannot_take_is_refused_before_anything_moves(
+        tmp_path, trained, monkeypatch):
+    import optax
+    trainer, states, _, _ = trained
+    _save_run(tmp_path, trainer, states, [2, 4])
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    # an optimizer with other state (SGD momentum: one trace per parameter, no counts)
+    monkeypatch.setattr(train.optim, "make_optimizer",
+                        lambda cfg, steps: optax.sgd(0.1, momentum=0.9))
+    config = apply_overrides(TINY, ["optim.b1=0.8"])
+    other = _trainer(config)
+    plan = checkpoint.plan_resume(str(tmp_path), config)
+    with pytest.raises(checkpoint.ResumeError) as e:
+        plan.load(other.init_fn, other.state_shardings, str(tmp_path), config.model)
+    message = str(e.value)
+    assert "step 4" in message and "optim.b1: 0.9 -> 0.8" in message
+    assert "only saved" in message and "No checkpoint was moved" in message
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    assert not (tmp_path / "checkpoints.unreadable").exists()
+
+
+def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, monkeypatch):
+    import errno
+    trainer, states, _, _ = trained
+    _save_run(tmp_path, trainer, states, [2, 4])
+    monkeypatch.setattr(checkpoint, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    real_restore = checkpoint.Checkpointer.restore
+    failures = []
+
+    def flaky(errors):
+        def restore(self, step, target):
+            if len(failures) < errors:
+                failures.append(step)
+                raise OSError(errno.EIO, "Input/output error")
+            return real_restore(self, step, target)
+        return restore
+
+    def plan_load():
+        plan = checkpoint.plan_resume(str(tmp_path), TINY)
+        return plan.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", flaky(2))
+    state, _, source = plan_load()  # two failures, then the third attempt reads step 4
+    assert source.endswith("step 4") and failures == [4, 4]
+    _assert_trees_equal(state, states[3])
+    failures.clear()
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", flaky(100))
+    with pytest.raises(checkpoint.FaultError, match="kept failing after 3 retries"):
+        plan_load()
+    assert len(failures) == 4  # one attempt and 3 retries of step 4, then stop: 2 untried
+
+    def out_of_memory(self, step, target):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", out_of_memory)
+    with pytest.raises(checkpoint.ResumeError, match="out of memory restoring .*step 4"):
+        plan_load()
+
+    def bug(self, step, target):
+        raise ValueError("some internal mismatch")
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", bug)
+    with pytest.raises(checkpoint.FaultError, match="some internal mismatch"):
+        plan_load()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+    assert not (tmp_path / "checkpoints.unreadable").exists()
 
 
 def test_restore_from_step_and_path(tmp_path, trained):

@@ -178,6 +178,19 @@ def test_model_shape_change_is_refused_with_the_fields(reference, tmp_path):
     assert _committed_steps(work) == [4, 8, 12]
 
 
+def test_turning_clipping_off_on_resume_keeps_every_checkpoint(reference, tmp_path):
+    """optim.clip_norm=0 drops the clipping wrapper from the optimizer state: the resume
+    restores the saved moments into the new layout and continues; nothing is set aside."""
+    ref_dir, _, shared = reference
+    work = tmp_path / "copy"
+    shutil.copytree(ref_dir, work, ignore=shutil.ignore_patterns("tfds", "tensorboard"))
+    out = _run(work, *shared, "--set", "optim.clip_norm=0", "--set", f"run.steps={STEPS + 2}")
+    assert "layout changed" in out.stderr and "unreadable" not in out.stderr
+    restored, losses = _losses_after_last_start(work)
+    assert restored == STEPS and sorted(losses) == [STEPS + 1, STEPS + 2]
+    assert _committed_steps(work) == [8, 12, 14] and not (work / "checkpoints.unreadable").exists()
+
+
 def test_a_nonfinite_loss_never_reaches_disk(reference, tmp_path):
     _, _, shared = reference
     out = _run(tmp_path, *shared, "--set", "optim.lr=1e30", "--set", "checkpoint.every_steps=1",
