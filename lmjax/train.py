@@ -71,6 +71,17 @@ def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
     return objective, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask)}
 
 
+def microbatches(x: jax.Array, n: int) -> jax.Array:
+    """[batch, ...] -> [n, batch / n, ...], microbatch m = rows m, m + n, m + 2n, ...
+
+    Strided, so that each microbatch takes rows from every batch shard: a device's
+    contiguous block of rows holds its share of all n microbatches (when n divides the rows
+    per shard) and no microbatch moves between devices.
+    """
+    micro = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return sharding.constrain(micro, (None, "act_batch") + (None,) * (x.ndim - 1))
+
+
 def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, optim_cfg: OptimConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule, skip_nonfinite: bool):
     """One optimizer update over `optim_cfg.grad_accum` microbatches. Pure.
@@ -82,13 +93,17 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, optim
     if n_micro == 1:
         grads, aux = grad_fn(state.params, batch, model_cfg, optim_cfg.z_loss)
     else:
-        micro = jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
+        micro = jax.tree.map(lambda x: microbatches(x, n_micro), batch)
+        params_axes = model.param_axes(model_cfg)
+        like_params = lambda tree: jax.tree.map(sharding.constrain, tree, params_axes,  # noqa: E731
+                                                is_leaf=sharding.is_axes)
 
         def accumulate(carry, mb):
             g, a = grad_fn(state.params, mb, model_cfg, optim_cfg.z_loss)
-            return jax.tree.map(jnp.add, carry, (g, a)), None
+            g, a = jax.tree.map(jnp.add, carry, (g, a))
+            return (like_params(g), a), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = like_params(jax.tree.map(jnp.zeros_like, state.params))
         zero_aux = {"nll_sum": 0.0, "z_sum": 0.0, "tokens": 0.0}
         (grads, aux), _ = jax.lax.scan(accumulate, (zeros, jax.tree.map(jnp.float32, zero_aux)),
                                        micro)

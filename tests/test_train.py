@@ -1,5 +1,7 @@
 """The train step: gradient accumulation, loss normalization, optimizer, a short fit."""
 import dataclasses
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,59 @@ def test_grad_accumulation_equals_large_batch():
     assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-6)
     assert m1["grad_norm"] == pytest.approx(m4["grad_norm"], rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p1, p4)
+
+
+def _loop_collectives(hlo: str) -> list[str]:
+    """Collective ops (all-to-all, all-gather, collective-permute) in the bodies of the while
+    loops of compiled HLO text and in every computation those bodies call."""
+    comps, current = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header and not line.startswith(" "):
+            current = comps.setdefault(header.group(1), [])
+        elif current is not None:
+            current.append(line)
+    calls = r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)"
+    todo = [b for lines in comps.values() for l in lines for b in re.findall(r"body=%?([\w.\-]+)", l)]
+    seen = set(todo)
+    while todo:
+        for name in re.findall(calls, "\n".join(comps.get(todo.pop(), []))):
+            if name not in seen:
+                seen.add(name)
+                todo.append(name)
+    ops = r" (all-to-all|all-gather|collective-permute)(-start)?\("
+    return [l.strip() for name in seen for l in comps.get(name, []) if re.search(ops, l)]
+
+
+def test_microbatches_stay_on_their_devices_and_sum_to_the_big_batch():
+    """Gradient accumulation on 8 devices: each microbatch is spread over every batch shard
+    (strided rows), so the accumulation loop moves no batch data between devices; the step
+    equals the big batch."""
+    batch = bench.synthetic_batch(32, 16, TINY.vocab_size, 0)
+    batch["loss_mask"][np.arange(32) % 3 == 0, 10:] = 0.0
+    results = []
+    for mesh, accum in (((1, 1, 1), 1), ((2, 2, 2), 4), ((8, 1, 1), 4)):
+        config = dataclasses.replace(_config(grad_accum=accum, eps=1.0),
+                                     mesh=MeshConfig(data=mesh[0], fsdp=mesh[1], tensor=mesh[2]),
+                                     data=DataConfig(batch_size=32, seq_len=16))
+        devices = jax.devices()[:math.prod(mesh)]
+        tr = train.make_trainer(config, sharding.make_mesh(config.mesh, devices))
+        state, global_batch = tr.init_fn(), train.global_batch(batch, tr.batch_sharding)
+        step = tr.step_fn.lower(state, global_batch).compile()
+        if mesh == (8, 1, 1):  # replicated params: nothing in the loop needs another device
+            assert _loop_collectives(step.as_text()) == []
+        state, m = step(state, global_batch)
+        results.append((jax.device_get(state.params), train.fetch(m)))
+    (p1, m1), *rest = results
+    for p, m in rest:
+        assert m["loss"] == pytest.approx(m1["loss"], rel=1e-6)
+        assert m["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p, p1)
+
+
+def test_microbatch_m_takes_every_nth_row():
+    x = jnp.arange(12).reshape(6, 2)
+    np.testing.assert_array_equal(train.microbatches(x, 3)[1], [[2, 3], [8, 9]])
 
 
 def test_loss_is_mean_over_unmasked_targets():
