@@ -3,20 +3,30 @@
 Implementations:
   * ``xla``: einsum/softmax in float32, runs everywhere; long sequences are split into
     128-row query blocks that skip the fully masked key blocks above the diagonal.
-  * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, flash attention on
-    NVIDIA GPUs.
+  * ``pallas_gpu``: the Pallas (Triton) flash-attention kernel of jax.experimental.pallas.ops
+    with causal masking and segment ids inside the kernel, forward and backward, in float32
+    and bfloat16: no [T, T] mask or score matrix in memory.
+  * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)``,
+    cuDNN flash attention: bfloat16/float16 only and one document per row (cuDNN's API
+    takes lengths, not segment ids), so ``auto`` never picks it.
   * ``splash``: the Pallas TPU splash-attention kernel (TPU only).
-  * ``auto``: cudnn on GPU, splash on TPU, xla elsewhere.
+  * ``auto``: splash on TPU, pallas_gpu on GPU, xla elsewhere.
+
+The Pallas GPU kernel module is deprecated in favour of tokamax, whose attention takes
+packed documents only as a dense [T, T] boolean mask (and depends on xprof and qwix), so the
+kernel here is jax's own until tokamax takes segment ids.
 """
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 
 from lmjax import sharding
+from lmjax.config import ATTENTION_IMPLS
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -76,8 +86,34 @@ def _xla_causal(q, k, v, segment_ids):
     return jnp.concatenate(outs, axis=1)
 
 
-def _cudnn(q, k, v, mask):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+def _cudnn(q, k, v, segment_ids):
+    """cuDNN flash attention through jax.nn: causal by the kernel's own mask, no mask array."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or segment_ids is not None:
+        raise ValueError(f"model.attention=cudnn takes bfloat16/float16 inputs and no packed "
+                         f"documents (got {q.dtype}, segment ids {segment_ids is not None}): use "
+                         f"model.attention=pallas_gpu (or auto), or data.packing=false with "
+                         f"model.dtype=bfloat16")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def _pallas_gpu_local(q, k, v, segment_ids, *, interpret: bool = False):
+    """The Pallas GPU flash kernel on one device's heads: q [b, t, h, d]; k, v [b, t, kv, d]
+    with local query head j using kv head j // (h / kv); segment_ids [b, t] or None."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+    t = q.shape[1]
+    block = next((b for b in (128, 64, 32, 16) if t % b == 0), None)
+    if block is None:
+        raise ValueError(f"model.attention=pallas_gpu needs data.seq_len divisible by 16 (got "
+                         f"{t}): change data.seq_len or use model.attention=xla")
+    small = min(block, 32)
+    sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=small,
+                                     block_kv_dkv=small, block_q_dq=small, block_kv_dq=small)
+    # The kernel pairs query head i with kv head i; repeating on the device is GQA's grouping.
+    k, v = (jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
+    return gpu_attention.mha(q, k, v, segment_ids, sm_scale=q.shape[-1] ** -0.5, causal=True,
+                             block_sizes=sizes, interpret=interpret)
 
 
 @functools.cache
@@ -100,17 +136,28 @@ def _splash_kernel(q_len: int, kv_len: int, heads: int, interpret: bool = False)
         return sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
-def _splash(q, k, v, segment_ids, *, interpret: bool = False):
-    """q: [b, t, h, d]; k, v: [b, s, kv, d]; segment_ids: [b, t] or None -> [b, t, h, d].
-
-    The Pallas kernel cannot be partitioned by XLA, so under a mesh it runs per device
-    (shard_map) on that device's batch rows and heads, each over whole sequences. The kernel
-    pairs local query head j with local kv head j // (local heads / local kv heads), which is
-    right only when kv heads are split exactly like query heads; under any other layout each
-    device receives every kv head and keeps those its query heads use (`_kv_for_local_heads`).
-    """
+def _splash_local(q, k, v, segment_ids, *, interpret: bool = False):
+    """The TPU splash kernel on one device's heads (arguments as `_pallas_gpu_local`)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    kernel = _splash_kernel(q.shape[1], k.shape[1], q.shape[2], interpret)
+    qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q * (q.shape[-1] ** -0.5), k, v))
+    if segment_ids is not None:
+        out = jax.vmap(kernel)(qt, kt, vt, segment_ids=sk.SegmentIds(q=segment_ids, kv=segment_ids))
+    else:
+        out = jax.vmap(kernel)(qt, kt, vt)
+    return out.transpose(0, 2, 1, 3)
 
+
+def _per_device(local, q, k, v, segment_ids):
+    """`local(q, k, v, segment_ids)` on each device's batch rows and heads, whole sequences.
+
+    Pallas kernels cannot be partitioned by XLA, so under a mesh they run per device
+    (shard_map). A kernel pairs local query head j with local kv head j // (local heads /
+    local kv heads), which is right only when kv heads are split exactly like query heads;
+    under any other layout each device receives every kv head and keeps those its query
+    heads use (`_kv_for_local_heads`).
+    q: [b, t, h, d]; k, v: [b, s, kv, d]; segment_ids: [b, t] or None -> [b, t, h, d].
+    """
     heads, kv_heads = q.shape[2], k.shape[2]
     head_axes = sharding.active_mesh_axes("act_heads")
     split = math.prod(head_axes.values())
@@ -119,13 +166,7 @@ def _splash(q, k, v, segment_ids, *, interpret: bool = False):
     def per_device(q, k, v, *seg):
         if not aligned:
             k, v = _kv_for_local_heads(k, v, heads, q.shape[2], head_axes)
-        kernel = _splash_kernel(q.shape[1], k.shape[1], q.shape[2], interpret)
-        qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q * (q.shape[-1] ** -0.5), k, v))
-        if seg:
-            out = jax.vmap(kernel)(qt, kt, vt, segment_ids=sk.SegmentIds(q=seg[0], kv=seg[0]))
-        else:
-            out = jax.vmap(kernel)(qt, kt, vt)
-        return out.transpose(0, 2, 1, 3)
+        return local(q, k, v, seg[0] if seg else None)
 
     q_axes = ("act_batch", None, "act_heads", None)
     kv_axes = ("act_batch", None, "act_kv_heads" if aligned else None, None)
@@ -133,6 +174,15 @@ def _splash(q, k, v, segment_ids, *, interpret: bool = False):
     if segment_ids is not None:
         args, in_axes = args + (segment_ids.astype(jnp.int32),), in_axes + [("act_batch", None)]
     return sharding.shard_map_logical(per_device, in_axes, q_axes)(*args)
+
+
+def _splash(q, k, v, segment_ids, *, interpret: bool = False):
+    return _per_device(functools.partial(_splash_local, interpret=interpret), q, k, v, segment_ids)
+
+
+def _pallas_gpu(q, k, v, segment_ids, *, interpret: bool = False):
+    return _per_device(functools.partial(_pallas_gpu_local, interpret=interpret), q, k, v,
+                       segment_ids)
 
 
 def _kv_for_local_heads(k, v, heads: int, local_heads: int, head_axes: dict[str, int]):
@@ -156,12 +206,13 @@ def _kv_for_local_heads(k, v, heads: int, local_heads: int, head_axes: dict[str,
     return (jnp.take(x, index, axis=2) for x in (k, v))
 
 
-def resolve_impl(impl: str) -> str:
-    """Maps ``auto`` to the best implementation for the default backend."""
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+    """Maps ``auto`` to the implementation for `backend` (default: jax's default backend)."""
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
-    return {"gpu": "cudnn", "tpu": "splash"}.get(backend, "xla")
+    backend = backend or jax.default_backend()
+    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu",
+            "tpu": "splash"}.get(backend, "xla")
 
 
 def attention(q, k, v, *, segment_ids=None, impl: str = "auto"):
@@ -171,19 +222,20 @@ def attention(q, k, v, *, segment_ids=None, impl: str = "auto"):
       q: [batch, seq, heads, head_dim]
       k, v: [batch, seq, kv_heads, head_dim]; heads % kv_heads == 0 (grouped-query).
       segment_ids: [batch, seq] int document ids; tokens attend only within their document.
-      impl: "auto", "xla", "cudnn" or "splash".
+      impl: one of `config.ATTENTION_IMPLS`.
     Returns:
       [batch, seq, heads, head_dim] in q's dtype.
     """
     impl = resolve_impl(impl)
     if impl == "splash":
         return _splash(q, k, v, segment_ids).astype(q.dtype)
+    if impl == "pallas_gpu":
+        return _pallas_gpu(q, k, v, segment_ids).astype(q.dtype)
     if impl == "xla":
         return _xla_causal(q, k, v, segment_ids).astype(q.dtype)
     if impl == "cudnn":
-        index = jnp.arange(q.shape[1])
-        return _cudnn(q, k, v, make_mask(segment_ids, segment_ids, index, index))
-    raise ValueError(f"unknown attention implementation {impl!r}: use auto, xla, cudnn or splash")
+        return _cudnn(q, k, v, segment_ids)
+    raise ValueError(f"unknown attention implementation {impl!r}: use one of {ATTENTION_IMPLS}")
 
 
 def attention_with_mask(q, k, v, mask):

@@ -15,7 +15,7 @@ import typing
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "pallas_gpu", "cudnn", "splash")
 MATMUL_IMPLS = ("auto", "xla", "row_major")  # lmjax/matmul.py
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -14,18 +14,27 @@ import jax.numpy as jnp
 from lmjax import model
 from lmjax.config import ModelConfig
 
-# Dense peak FLOP/s per chip (bf16), by the start of `device.device_kind`. One source of truth.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
+# Dense peak FLOP/s per chip by the start of `device.device_kind` (the longest matching
+# prefix wins): (16-bit matmuls, float32 matmuls). TPUs run float32 matmuls at default
+# precision as bfloat16 MXU passes, so both numbers are the bf16 peak; NVIDIA GPUs run them
+# as TF32 on tensor cores (XLA's default), so the second number is the TF32 peak. H100 kinds
+# are named in full: the PCIe and NVL cards are slower than SXM, and an unknown H100 variant
+# reports no peak rather than a wrong one. One source of truth (vendor data sheets).
+PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "TPU v4": (275e12, 275e12),
+    "TPU v5 lite": (197e12, 197e12),  # v5e
+    "TPU v5e": (197e12, 197e12),
+    "TPU v5p": (459e12, 459e12),
+    "TPU v5": (459e12, 459e12),
+    "TPU v6 lite": (918e12, 918e12),  # v6e (Trillium)
+    "TPU v6e": (918e12, 918e12),
+    "NVIDIA A100": (312e12, 156e12),  # SXM and PCIe alike
+    "NVIDIA L4": (121e12, 60e12),
+    "NVIDIA H100 80GB HBM3": (989e12, 495e12),  # SXM5
+    "NVIDIA H100 SXM": (989e12, 495e12),
+    "NVIDIA H100 PCIe": (756e12, 378e12),
+    "NVIDIA H100 NVL": (835e12, 418e12),
+    "NVIDIA H200": (989e12, 495e12),
 }
 
 
@@ -54,14 +63,19 @@ def _measured_cpu_peak(dtype: str) -> float:
 
 
 def peak_flops(device: jax.Device, compute_dtype: str = "bfloat16") -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the number comes from)."""
+    """(peak FLOP/s of one device for matmuls in `compute_dtype`, where the number comes from)."""
     kind = device.device_kind
+    float32 = jnp.dtype(compute_dtype) == jnp.float32
     for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
         if kind.startswith(prefix):
-            return PEAK_FLOPS[prefix], f"table ({kind})"
+            peak = PEAK_FLOPS[prefix][1 if float32 else 0]
+            if not float32:
+                return peak, f"table ({kind}, 16-bit)"
+            unit = "TF32" if device.platform == "gpu" else "bf16 passes at default precision"
+            return peak, f"table ({kind}, float32 matmuls as {unit})"
     if device.platform == "cpu":
         return _measured_cpu_peak(compute_dtype), f"measured {compute_dtype} matmul on this CPU"
-    return float("nan"), f"unknown device kind {kind!r}"
+    return float("nan"), f"unknown device kind {kind!r}: no peak, so no MFU"
 
 
 class MetricsWriter:

@@ -101,12 +101,57 @@ def test_attention_with_mask_equals_causal_attention():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
 
 
-def test_auto_resolves_to_xla_on_cpu_and_unknown_impl_is_refused():
+def test_auto_resolves_by_backend_and_unknown_impl_is_refused():
     assert jax.default_backend() == "cpu"
     assert attn_lib.resolve_impl("auto") == "xla"
+    assert attn_lib.resolve_impl("auto", "gpu") == "pallas_gpu"
+    assert attn_lib.resolve_impl("auto", "tpu") == "splash"
+    assert attn_lib.resolve_impl("cudnn", "tpu") == "cudnn"
     q, k, v = (jnp.asarray(x) for x in _qkv(5))
-    with pytest.raises(ValueError, match="auto, xla, cudnn or splash"):
+    with pytest.raises(ValueError, match="use one of .*pallas_gpu"):
         attn_lib.attention(q, k, v, impl="flash")
+
+
+def test_cudnn_refuses_what_its_kernel_cannot_do_and_names_the_fix():
+    """cuDNN attention is bf16/f16 only and takes no segment ids: an error, not a T x T mask."""
+    q, k, v = (jnp.asarray(x) for x in _qkv(6))
+    with pytest.raises(ValueError, match="bfloat16/float16 .* model.attention=pallas_gpu"):
+        attn_lib.attention(q, k, v, impl="cudnn")
+    seg = jnp.ones(q.shape[:2], jnp.int32)
+    with pytest.raises(ValueError, match="no packed documents"):
+        attn_lib.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), segment_ids=seg,
+                           impl="cudnn")
+
+
+@pytest.mark.parametrize("heads, kv_heads, packed, dtype", [
+    (4, 2, True, jnp.float32), (4, 1, False, jnp.bfloat16),
+], ids=["gqa-packed-f32", "mqa-unpacked-bf16"])
+def test_pallas_gpu_kernel_matches_numpy_loop_with_gradients(heads, kv_heads, packed, dtype):
+    """The GPU flash kernel that `auto` picks on GPUs, run by the Pallas interpreter: values
+    and gradients of q, k and v against the numpy loop and XLA."""
+    q, k, v = _qkv(8, batch=2, seq=128, heads=heads, kv_heads=kv_heads, head_dim=16)
+    seg = np.sort(np.random.default_rng(8).integers(0, 3, (2, 128)), axis=1) if packed else None
+    args = [jnp.asarray(x, dtype) for x in (q, k, v)]
+    kernel = lambda *a: attn_lib._pallas_gpu(*a, None if seg is None else jnp.asarray(seg),  # noqa: E731
+                                             interpret=True)
+    out = jax.jit(kernel)(*args)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    exact = _reference(*(np.asarray(a, np.float32) for a in args), seg)
+    np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=tol, rtol=tol)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2)
+
+    xla = lambda *a: attn_lib.attention(*a, segment_ids=None if seg is None else jnp.asarray(seg),  # noqa: E731
+                                        impl="xla")
+    f32 = [a.astype(jnp.float32) for a in args]
+    got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(*args)
+    want = jax.grad(loss(xla), argnums=(0, 1, 2))(*f32)
+    for g, w in zip(got, want):
+        scale = float(jnp.abs(w).max())
+        np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(w) / scale,
+                                   atol=tol * 3, rtol=0)
 
 
 def test_block_causal_path_matches_numpy_loop_with_documents_across_blocks():
