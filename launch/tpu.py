@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launch.tpu_types import generation_of  # noqa: E402
+from lmjax.hardware import generation_of  # noqa: E402
 
 RUN_LOG = "~/lmjax-run.log"
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,50}[a-z0-9])?")

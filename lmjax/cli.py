@@ -150,6 +150,23 @@ def _cmd_compile(args) -> int:
     return compile_lib.main(config, args.topology, args.num_slices)
 
 
+def _cmd_plan(args) -> int:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # as for compile: the TPU is described, not used
+    import json
+
+    from lmjax import plan
+    config = load_experiment(args.experiment, args.overrides)
+    presets = None
+    if args.budget_chip_hours:
+        presets = {name: load_experiment(name).model for name in experiment_names()}
+    request = plan.Request(args.topology, args.num_slices, tuple(args.sweep), args.workers,
+                           args.timeout, args.xla_estimate, args.tokens, args.days,
+                           args.budget_chip_hours)
+    result, text = plan.plan(config, request, presets)
+    print(json.dumps(result, indent=2) if args.json else text, flush=True)
+    return 0 if any(c["fits"] for c in result["candidates"]) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmjax", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -243,6 +260,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "(v5p:4x4x4)")
     p.add_argument("--num-slices", type=int, default=1, help="multi-slice: number of slices")
     p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("plan", help="compile candidate meshes, batches and remat policies for a "
+                                    "TPU slice; rank those that fit by estimated speed")
+    _add_experiment_args(p)
+    p.add_argument("--topology", required=True,
+                   help="Cloud TPU name or topology as for `lmjax compile`; `cpu`: this "
+                        "machine's jax devices, with its measured peak and bandwidth")
+    p.add_argument("--num-slices", type=int, default=1, help="multi-slice: number of slices")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="replace one dimension of the candidate space (repeatable): mesh.data, "
+                        "mesh.tensor, mesh.dcn_data, rows_per_chip, model.remat, "
+                        "model.attention, optim.grad_accum, or any config field")
+    p.add_argument("--workers", type=int, default=2, help="compiles at once (processes)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per candidate")
+    p.add_argument("--xla-estimate", action="store_true",
+                   help="also the TPU compiler's optimal_seconds per step (two more small "
+                        "compiles per candidate)")
+    p.add_argument("--tokens", type=float, default=0, help="turn the best candidate into a run "
+                                                           "of this many tokens")
+    p.add_argument("--days", type=float, default=0, help="... or of this many days")
+    p.add_argument("--budget-chip-hours", type=float, default=0,
+                   help="propose a compute-optimal model size and token count for this budget")
+    p.add_argument("--json", action="store_true", help="print JSON (schema lmjax.plan/1)")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("data", help="look at the batches a run would train on")
     dt = p.add_subparsers(dest="data_command", required=True)

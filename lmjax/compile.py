@@ -10,88 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import os
-import re
 import time
 
+from lmjax import roofline
 from lmjax.config import Config, ConfigError
+from lmjax.hardware import Target, parse_target
 from lmjax.sharding import format_bytes
 
 GiB = 1024 ** 3
-
-
-@dataclasses.dataclass(frozen=True)
-class TpuFamily:
-    prefix: str  # topology-name prefix understood by libtpu, e.g. "v5p"
-    name_units_per_chip: int  # Cloud names count TensorCores (2 per chip) or chips
-    hbm_bytes: int  # per chip
-    dims: int  # 3 (torus of v4/v5p) or 2 (v5e/v6e)
-    topology_kwargs: tuple[tuple[str, str], ...] = ()
-
-
-TPU_FAMILIES = {
-    "v4": TpuFamily("v4", 2, 32 * GiB, 3, (("chip_config_name", "megacore"),)),
-    "v5p": TpuFamily("v5p", 2, 95 * GiB, 3),
-    "v5litepod": TpuFamily("v5e", 1, 16 * GiB, 2),
-    "v5e": TpuFamily("v5e", 1, 16 * GiB, 2),
-    "v6e": TpuFamily("v6e", 1, 32 * GiB, 2),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """A TPU slice to compile for: `topology` as libtpu names it (e.g. "v5p:4x4x4")."""
-    accelerator: str  # Cloud name, e.g. "v5p-128"
-    topology: str
-    chips: int
-    family: TpuFamily
-
-
-def default_shape(chips: int, dims: int) -> tuple[int, ...]:
-    """Cloud TPU's default slice shape for a power-of-two chip count:
-    (4, 2) -> (2, 2); (64, 3) -> (4, 4, 4); (32, 3) -> (2, 4, 4); (128, 2) -> (8, 16)."""
-    if chips < 1 or chips & (chips - 1):
-        raise ConfigError(f"{chips} chips: only power-of-two slices have a default shape; give the "
-                          f"topology explicitly, e.g. --topology v5p:4x4x12")
-    shape = [1] * dims
-    if dims == 3 and chips >= 4:
-        shape, chips = [2, 2, 1], chips // 4
-    while chips > 1:
-        last_min = max(i for i, s in enumerate(shape) if s == min(shape))
-        shape[last_min] *= 2
-        chips //= 2
-    return tuple(shape)
-
-
-def parse_target(text: str) -> Target:
-    """A Cloud TPU name ("v5p-128", "v4-64", "v5litepod-16", "v5e-4", "v6e-256") or a libtpu
-    topology ("v5p:4x4x4", "v5e:2x2") -> Target. v4/v5p names count TensorCores (two per
-    chip); v5e/v6e names count chips."""
-    text = text.strip().lower()
-    m = re.fullmatch(r"([a-z0-9]+)-(\d+)", text)
-    t = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)+)", text)
-    family_name = (m or t).group(1) if (m or t) else None
-    if family_name not in TPU_FAMILIES:
-        raise ConfigError(f"--topology {text!r}: expected a Cloud TPU name like v5p-128, v4-64, "
-                          f"v5litepod-16, v6e-256 or a topology like v5p:4x4x4; families "
-                          f"{sorted(TPU_FAMILIES)}")
-    family = TPU_FAMILIES[family_name]
-    if t:
-        shape = tuple(int(x) for x in t.group(2).split("x"))
-        if len(shape) != family.dims:
-            raise ConfigError(f"--topology {text!r}: {family_name} topologies have {family.dims} "
-                              f"dimensions, e.g. {family.prefix}:{'x'.join(['2'] * family.dims)}")
-        chips = math.prod(shape)
-        name = f"{family_name}-{chips * family.name_units_per_chip}"
-    else:
-        units = int(m.group(2))
-        if units % family.name_units_per_chip:
-            raise ConfigError(f"--topology {text!r}: {family_name}-N counts TensorCores, two per "
-                              "chip, so N must be even")
-        chips = units // family.name_units_per_chip
-        shape, name = default_shape(chips, family.dims), text
-    return Target(name, f"{family.prefix}:{'x'.join(map(str, shape))}", chips, family)
 
 
 def require_libtpu() -> None:
@@ -117,7 +44,7 @@ def topology_devices(target: Target, num_slices: int = 1) -> list:
     # need no exclusivity, so concurrent compiles (and tests) on one machine may proceed.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
-    kwargs = dict(target.family.topology_kwargs)
+    kwargs = dict(target.generation.libtpu_kwargs)
     if num_slices > 1:
         kwargs["num_slices"] = num_slices
     return list(topologies.get_topology_desc(topology_name=target.topology, platform="tpu",
@@ -130,9 +57,10 @@ class DoesNotFit(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
-    target: Target
+    target: Target | None  # None: this machine's CPU devices
     num_slices: int
     mesh_shape: dict
+    hbm_bytes: int  # per chip (per CPU device: its share of the RAM)
     argument_bytes: int  # per chip: state and batch
     output_bytes: int
     alias_bytes: int  # outputs written in place of donated arguments
@@ -140,9 +68,12 @@ class CompileReport:
     compile_seconds: float  # wall clock, lowering included
     compile_cpu_seconds: float  # this process's CPU time (the wall clock on an idle machine)
     xla_flops: float  # per chip per step, XLA's cost analysis: loop bodies counted once
+    xla_optimal_seconds: float  # the TPU compiler's own estimate (nan elsewhere); loops once
     model_flops: float  # per chip per step, from metrics.flops_per_token
     tokens_per_step: int
     pallas_calls: int  # tpu_custom_call ops (Pallas kernels such as splash attention)
+    ici_bytes: float  # per chip per step, sent by collectives within a slice (roofline.py)
+    dcn_bytes: float  # ... by collectives whose groups span slices
 
     @property
     def total_bytes(self) -> int:
@@ -150,27 +81,29 @@ class CompileReport:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.target.family.hbm_bytes
+        return self.total_bytes <= self.hbm_bytes
 
 
-def compile_train_step(config: Config, target: Target, num_slices: int = 1) -> CompileReport:
-    """Lowers and compiles `train.make_trainer(config, mesh).step_fn` for `target`.
+def compile_train_step(config: Config, target: Target | None, num_slices: int = 1) -> CompileReport:
+    """Lowers and compiles `train.make_trainer(config, mesh).step_fn` for `target`, or for
+    this machine's devices when `target` is None.
 
-    `model.attention` and `model.matmul` "auto" resolve as they would on the TPU (splash,
-    xla), not as on the CPU that compiles.
+    For a TPU target, `model.attention` and `model.matmul` "auto" resolve as they would on
+    the TPU (splash, xla), not as on the CPU that compiles.
     """
     import jax
 
-    from lmjax import metrics, sharding, train
+    from lmjax import sharding, train
     from lmjax.config import validate
 
     if num_slices < 1:
         raise ConfigError(f"--num-slices={num_slices} must be at least 1")
-    on_tpu = {k: v for k, v in (("attention", "splash"), ("matmul", "xla"))
-              if getattr(config.model, k) == "auto"}
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, **on_tpu))
+    if target is not None:
+        on_tpu = {k: v for k, v in (("attention", "splash"), ("matmul", "xla"))
+                  if getattr(config.model, k) == "auto"}
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, **on_tpu))
     config = validate(config)
-    devices = topology_devices(target, num_slices)
+    devices = topology_devices(target, num_slices) if target else jax.devices()
     mesh = sharding.make_mesh(config.mesh, devices)
     trainer = train.make_trainer(config, mesh)
     state = jax.eval_shape(trainer.init_fn)
@@ -181,31 +114,46 @@ def compile_train_step(config: Config, target: Target, num_slices: int = 1) -> C
     sharding.logical_to_spec(("act_batch", None), trainer.rules, mesh, (rows, config.data.seq_len))
     batch = {k: jax.ShapeDtypeStruct((rows, config.data.seq_len), "int32",
                                      sharding=trainer.batch_sharding) for k in train.BATCH_KEYS}
+    hbm = target.generation.hbm_bytes if target else os.sysconf("SC_PAGE_SIZE") * os.sysconf(
+        "SC_PHYS_PAGES") // len(devices)
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
         compiled = trainer.step_fn.lower(state, batch).compile()
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        if "RESOURCE_EXHAUSTED" not in str(e) or target is None:
             raise
         raise DoesNotFit(f"DOES NOT FIT on {target.accelerator} "
-                         f"({target.family.hbm_bytes / GiB:.0f} GiB HBM per chip): the TPU "
+                         f"({hbm / GiB:.0f} GiB HBM per chip): the TPU "
                          f"compiler says {str(e).splitlines()[0]}") from None
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return _report(config, target, num_slices, mesh, hbm, compiled, seconds, cpu_seconds)
+
+
+def _report(config: Config, target: Target | None, num_slices: int, mesh, hbm: int, compiled,
+            seconds: float, cpu_seconds: float) -> CompileReport:
+    from lmjax import metrics
+
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    tokens = rows * config.data.seq_len
-    pallas_calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
-    model_flops = metrics.flops_per_token(config.model, config.data.seq_len) * tokens / len(devices)
-    return CompileReport(target, num_slices, dict(mesh.shape), memory.argument_size_in_bytes,
-                         memory.output_size_in_bytes, memory.alias_size_in_bytes,
-                         memory.temp_size_in_bytes, seconds, cpu_seconds, float(cost.get("flops", float("nan"))),
-                         model_flops, tokens, pallas_calls)
+    tokens = config.data.batch_size * config.data.seq_len
+    hlo = compiled.as_text()
+    pallas_calls = hlo.count('custom_call_target="tpu_custom_call"')
+    model_flops = metrics.flops_per_token(config.model, config.data.seq_len) * tokens / mesh.size
+    slice_of = [getattr(d, "slice_index", 0) for d in mesh.devices.flat]
+    sent = roofline.collectives(hlo, slice_of)
+    return CompileReport(
+        target, num_slices, dict(mesh.shape), hbm, memory.argument_size_in_bytes,
+        memory.output_size_in_bytes, memory.alias_size_in_bytes, memory.temp_size_in_bytes,
+        seconds, cpu_seconds, float(cost.get("flops", float("nan"))),
+        float(cost.get("optimal_seconds", float("nan"))), model_flops, tokens, pallas_calls,
+        sum(c.bytes_sent for c in sent if not c.crosses_slices),
+        sum(c.bytes_sent for c in sent if c.crosses_slices))
 
 
 def format_report(r: CompileReport) -> str:
     """A short table: memory per chip against HBM, FLOPs, compile time, verdict."""
-    hbm = r.target.family.hbm_bytes
+    hbm = r.hbm_bytes
     slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
     lines = [
         f"target     {r.target.accelerator} ({r.target.topology}{slices}), "

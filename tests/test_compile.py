@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import cli, compile as compile_lib, model, train
+from lmjax import cli, compile as compile_lib, hardware, model, train
 from lmjax.config import ConfigError, ModelConfig
 from tests import tpu_compiler
 
@@ -34,8 +34,8 @@ GiB = 1024 ** 3
     ("v5p:4x4x12", "v5p:4x4x12", 192, 95),
 ])
 def test_cloud_names_map_to_topologies(name, topology, chips, hbm_gib):
-    target = compile_lib.parse_target(name)
-    assert (target.topology, target.chips, target.family.hbm_bytes) == (topology, chips, hbm_gib * GiB)
+    target = hardware.parse_target(name)
+    assert (target.topology, target.chips, target.generation.hbm_bytes) == (topology, chips, hbm_gib * GiB)
 
 
 @pytest.mark.parametrize("name, message", [
@@ -47,7 +47,7 @@ def test_cloud_names_map_to_topologies(name, topology, chips, hbm_gib):
 ])
 def test_bad_topology_names_say_what_is_expected(name, message):
     with pytest.raises(ConfigError, match=message):
-        compile_lib.parse_target(name)
+        hardware.parse_target(name)
 
 
 def test_missing_libtpu_names_the_package(monkeypatch, capsys):
@@ -65,7 +65,7 @@ def test_missing_libtpu_names_the_package(monkeypatch, capsys):
 def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
     tpu_compiler.require()
     config = cli.load_experiment("smoke", ["data.seq_len=128"])
-    report = compile_lib.compile_train_step(config, compile_lib.parse_target("v5litepod-4"))
+    report = compile_lib.compile_train_step(config, hardware.parse_target("v5litepod-4"))
     assert report.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}
     assert report.pallas_calls > 0  # attention="auto" became the splash kernel
     # Arguments hold a quarter of the state and of the batch (fsdp=4 divides every sharded

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from launch import gke, slurm, tpu  # noqa: E402
 from launch.local import TIMEOUT_EXIT, launch_local, process_env  # noqa: E402
-from launch.tpu_types import slice_shape  # noqa: E402
+from lmjax.hardware import slice_shape  # noqa: E402
 from test_distributed import WORKER_SCRIPT  # noqa: E402
 
 PY = sys.executable

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lmjax import cli, model, sharding, train
+from lmjax import cli, hardware, model, sharding, train
 from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, RunConfig
 
 TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -51,7 +51,7 @@ def _tpu_devices(accelerator, num_slices):
     from lmjax import compile as compile_lib
     from tests import tpu_compiler
     tpu_compiler.require()
-    return compile_lib.topology_devices(compile_lib.parse_target(accelerator), num_slices)
+    return compile_lib.topology_devices(hardware.parse_target(accelerator), num_slices)
 
 
 def test_hybrid_mesh_puts_dcn_factors_across_tpu_slices():

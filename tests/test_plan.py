@@ -1,0 +1,267 @@
+"""`lmjax plan`: candidate enumeration, the roofline arithmetic, HLO collective parsing, and
+(slow) real ahead-of-time TPU compiles in worker processes."""
+import json
+import math
+
+import jax
+import pytest
+
+from lmjax import cli, compile as compile_lib, hardware, plan, roofline
+from lmjax.config import ConfigError, ModelConfig
+from tests import tpu_compiler
+
+GiB = 1024 ** 3
+
+
+# ---------------------------------------------------------------- enumeration
+
+
+def _space(**dims):
+    space = dict(plan.DEFAULT_SPACE)
+    space.update({k.replace("__", "."): tuple(map(str, v)) for k, v in dims.items()})
+    return space
+
+
+def test_enumeration_respects_divisibility_and_the_mesh_size():
+    config = cli.load_experiment("smoke")  # 4 heads / 2 KV heads, d_model 64, d_mlp 192
+    candidates, rejected = plan.enumerate_candidates(
+        config, 8, 2, _space(mesh__tensor=(1, 2, 3, 4), mesh__data=(1, 2), mesh__dcn_data=(1, 2),
+                             rows_per_chip=(1,), model__remat=("full",),
+                             optim__grad_accum=(1, 2, 16)))
+    assert candidates and rejected
+    for c in candidates:
+        m = c.config.mesh
+        assert m.data * m.fsdp * m.tensor == 8 and m.dcn_data * m.dcn_fsdp == 2
+        assert config.model.n_kv_heads % m.tensor == 0 and config.model.d_model % (
+            m.fsdp * m.dcn_fsdp) == 0
+        assert c.config.data.batch_size == 16  # 1 row per chip, 16 chips
+        shards = m.data * m.fsdp * m.dcn_data * m.dcn_fsdp
+        assert (c.config.data.batch_size // c.config.optim.grad_accum) % shards == 0
+        assert f"data.batch_size=16" in c.overrides
+    reasons = {r.reason for r in rejected}
+    assert "mesh.data x mesh.tensor = 1 x 3 does not divide 8 chips per slice" in reasons
+    assert any(r.startswith("mesh.tensor=4 does not divide model.n_kv_heads=2") for r in reasons)
+    assert any("microbatch of 1 rows is not divisible" in r for r in reasons)
+    # every point of the space is accounted for
+    assert len(candidates) + len(rejected) == 4 * 2 * 2 * 3
+
+
+def test_sweeps_replace_dimensions_and_bad_values_are_config_errors():
+    space = plan.parse_sweeps(["model.remat=none,full", "mesh.tensor=4"])
+    assert space["model.remat"] == ("none", "full") and space["mesh.tensor"] == ("4",)
+    assert space["rows_per_chip"] == plan.DEFAULT_SPACE["rows_per_chip"]
+    config = cli.load_experiment("smoke")
+    with pytest.raises(ConfigError, match="model.remat='fast'"):
+        plan.enumerate_candidates(config, 4, 1, _space(model__remat=("fast",)))
+    with pytest.raises(ConfigError, match="non-integer"):
+        plan.enumerate_candidates(config, 4, 1, _space(rows_per_chip=("two",)))
+    with pytest.raises(ConfigError, match="expected KEY=V1,V2"):
+        plan.parse_sweeps(["mesh.tensor"])
+
+
+# ---------------------------------------------------------------- the estimator by hand
+
+
+def test_remat_recompute_flops_worked_by_hand():
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=192)
+    # q, k, v, o: 64 x 16 x (4 + 2 + 2 + 4) = 12288; MLP 3 x 64 x 192 = 36864;
+    # attention at seq 128: 2 x 4 x 16 x 128 = 16384 per token per layer.
+    flops = lambda remat: roofline.remat_recompute_flops_per_token(  # noqa: E731
+        ModelConfig(**{**cfg.__dict__, "remat": remat}), 128)
+    assert flops("none") == 0
+    assert flops("full") == 2 * (2 * (12288 + 36864) + 16384)
+    assert flops("save_dots") == 2 * 16384
+    assert flops("save_attn") == 2 * (2 * (64 * 16 * 4 + 36864) + 16384)
+
+
+def test_roofline_estimate_worked_by_hand():
+    hw = roofline.Hardware(peak_flops=100e12, hbm_bytes_per_s=1e12, ici_bytes_per_s=400e9,
+                           dcn_bytes_per_s=5e9, overlapped=True)
+    # compute (600 + 200) TFLOP / 100 TFLOP/s = 8 s; memory 2 TB / 1 TB/s = 2 s;
+    # ICI 1.6 TB / 200 GB/s (one direction) = 8 s; DCN 10 GB / 5 GB/s = 2 s added.
+    e = roofline.estimate(hw, model_flops=600e12, recompute_flops=200e12, traffic_bytes=2e12,
+                          ici_bytes=1.6e12, dcn_bytes=10e9, tokens=50_000)
+    assert (e.compute_s, e.memory_s, e.ici_s, e.dcn_s) == pytest.approx((8, 2, 8, 2))
+    assert e.step_s == pytest.approx(10) and e.bound in ("compute", "ici")
+    assert e.mfu == pytest.approx(600e12 / (10 * 100e12))
+    assert e.tokens_per_s_per_chip == pytest.approx(5000)
+    serial = roofline.estimate(roofline.Hardware(100e12, 1e12, 400e9, 5e9, overlapped=False),
+                               model_flops=600e12, recompute_flops=200e12, traffic_bytes=2e12,
+                               ici_bytes=1.6e12, dcn_bytes=10e9, tokens=50_000)
+    assert serial.step_s == pytest.approx(8 + 2 + 8 + 2)
+    assert roofline.traffic_bytes(argument=10, output=4, temp=3) == 20
+
+
+def test_ring_bytes():
+    assert roofline.ring_bytes("all-gather", 800, 8) == 700
+    assert roofline.ring_bytes("reduce-scatter", 100, 8) == 700
+    assert roofline.ring_bytes("all-reduce", 800, 8) == 1400
+    assert roofline.ring_bytes("all-reduce", 800, 1) == 0
+
+
+HLO = """\
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %constant.1 = s32[] constant(1)
+  %constant.7 = s32[]{:T(128)} constant(32)
+  %gte = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%gte, %constant.7), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = bf16[4,1024]{1,0} all-gather(%x), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}
+  %ar = f32[256]{0} all-reduce(%y), channel_id=2, replica_groups=mesh['data'=2,'fsdp'=4] {'data'}, to_apply=%add
+  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %z)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]{0}) while(%init), condition=%cond, body=%body
+  %rs = f32[16]{0} reduce-scatter(%g), channel_id=3, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  ROOT %out = f32[8]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_hlo_collectives_count_loop_bodies_per_iteration_and_find_dcn():
+    # devices 0-3 on slice 0, 4-7 on slice 1
+    found = {c.kind: c for c in roofline.collectives(HLO, [0, 0, 0, 0, 1, 1, 1, 1])}
+    ag, ar, rs = found["all-gather"], found["all-reduce"], found["reduce-scatter"]
+    assert (ag.result_bytes, ag.group_size, ag.executions, ag.crosses_slices) == (8192, 4, 32, False)
+    # mesh [data=2, fsdp=4], groups along data: {0,4},{1,5},... -> across the two slices
+    assert (ar.result_bytes, ar.group_size, ar.executions, ar.crosses_slices) == (1024, 2, 32, True)
+    assert (rs.result_bytes, rs.group_size, rs.executions, rs.crosses_slices) == (64, 8, 1, True)
+    assert ag.bytes_sent == 32 * 8192 * 3 / 4
+
+
+@pytest.mark.parametrize("line, groups", [
+    ("replica_groups={{0,2},{1,3}}, x", [[0, 2], [1, 3]]),
+    ("replica_groups=[2,2]<=[4], x", [[0, 1], [2, 3]]),
+    ("replica_groups=[2,2]<=[2,2]T(1,0), x", [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['a'=2,'b'=2] {'a'}, x", [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['a'=2,'b'=2] {'a','b'}, x", [[0, 1, 2, 3]]),
+    ("replica_groups={}, x", [[0, 1, 2, 3]]),
+])
+def test_replica_group_spellings(line, groups):
+    assert roofline.replica_groups(line, 4) == groups
+
+
+# ---------------------------------------------------------------- run length and budget
+
+
+def test_run_length_and_compute_optimal_budget():
+    run = plan.run_length(2.0, 1_000_000, 32, tokens=1e9)
+    assert run["steps"] == 1000 and run["wall_seconds"] == 2000
+    assert run["chip_hours"] == pytest.approx(2000 / 3600 * 32)
+    assert plan.run_length(2.0, 10, 4, days=1)["steps"] == 43200
+    # 1e6 chip-hours x 3600 s x 100 TFLOP/s x 50% = 1.8e23 FLOPs = 6 N (20 N)
+    n, d = plan.compute_optimal(1e6, 100e12, 0.5)
+    assert 6 * n * d == pytest.approx(1.8e23) and d == pytest.approx(20 * n)
+    shape = plan.derived_shape(8e9, 128256)
+    assert 3072 <= shape["model.d_model"] <= 5120 and shape["model.n_heads"] * 128 == shape[
+        "model.d_model"]
+    presets = {"llama3_8b": cli.load_experiment("llama3_8b").model,
+               "llama_125m": cli.load_experiment("llama_125m").model}
+    budget = plan.budget_proposal(1e6, 100e12, 0.5, presets, 128256)
+    assert budget["preset"] == "llama3_8b"
+    assert budget["preset_tokens"] == pytest.approx(1.8e23 / (6 * budget["preset_params"]))
+
+
+# ---------------------------------------------------------------- hardware table
+
+
+def test_one_table_serves_compile_and_the_launchers():
+    target = hardware.parse_target("v5p-64")
+    shape = hardware.slice_shape("v5p-64")
+    assert target.generation is shape.generation is hardware.GENERATIONS["v5p"]
+    assert target.topology == f"v5p:{shape.topology}" and target.chips == shape.chips
+    assert hardware.parse_target("v5e-16").generation is hardware.GENERATIONS["v5litepod"]
+    for gen in hardware.GENERATIONS.values():
+        assert gen.peak_flops > 1e14 and gen.hbm_bytes_per_s > 5e11
+        assert gen.ici_bytes_per_s > gen.dcn_bytes_per_s > 0
+
+
+# ---------------------------------------------------------------- real compiles (slow)
+
+SMOKE = ["data.seq_len=128"]
+
+
+@pytest.mark.slow
+def test_plan_on_v5p_8_ranks_like_lmjax_compile_and_reports_failures():
+    tpu_compiler.require()
+    config = cli.load_experiment("smoke", SMOKE)
+    request = plan.Request("v5p-8", sweeps=("rows_per_chip=1,4", "mesh.tensor=1,2",
+                                            "model.remat=full", "model.attention=splash,bogus"),
+                           workers=2, timeout=600)
+    with pytest.raises(ConfigError, match="model.attention='bogus'"):
+        plan.plan(config, request, progress=lambda *a: None)
+    request = plan.Request("v5p-8", sweeps=("rows_per_chip=1,4", "mesh.tensor=1,3",
+                                            "model.remat=full", "model.attention=splash,cudnn"),
+                           workers=2, timeout=600)
+    result, text = plan.plan(config, request, progress=lambda *a: None)
+    json.dumps(result)  # JSON-able
+    cands = result["candidates"]
+    ok = [c for c in cands if c["status"] == "ok"]
+    assert len(ok) == 2 and all("model.attention=splash" in c["overrides"] for c in ok)
+    # the cuDNN kernel cannot compile for a TPU: each such candidate is reported, not fatal
+    failed = [c for c in cands if c["status"] == "error"]
+    assert len(failed) == 2 and all("cuDNN" in c["reason"] for c in failed)
+    # tensor=3 does not divide the 4 chips: rejected before compiling, with the reason
+    rejected = [c for c in cands if c["status"] == "rejected"]
+    assert len(rejected) == 4 and all("does not divide 4 chips" in c["reason"] for c in rejected)
+    # memory per chip of each candidate equals what `lmjax compile` reports for its --set line
+    # (at jax's default matmul precision, as in a fresh process; conftest raises it)
+    for c in ok:
+        cfg = cli.load_experiment("smoke", SMOKE + c["overrides"])
+        with jax.default_matmul_precision("default"):
+            report = compile_lib.compile_train_step(cfg, hardware.parse_target("v5p-8"))
+        assert c["memory"]["total_bytes"] == report.total_bytes
+    by_rows = sorted(ok, key=lambda c: c["memory"]["total_bytes"])
+    assert "data.batch_size=4" in by_rows[0]["overrides"]  # 1 row per chip needs less memory
+    assert [c["rank"] for c in ok] == [1, 2] and all(c["fits"] for c in ok)
+    assert ok[0]["estimate"]["tokens_per_second_per_chip"] >= ok[1]["estimate"][
+        "tokens_per_second_per_chip"]
+    assert "best: --set mesh.data=1" in text and "not estimated:" in text
+
+
+def test_plan_json_schema_is_stable():
+    """The keys scripts read, from a plan whose compiles are stubbed by outcomes."""
+    config = cli.load_experiment("smoke")
+    (cand,), _ = plan.enumerate_candidates(config, 4, 1, _space(
+        mesh__tensor=(1,), rows_per_chip=(1,), model__remat=("full",)))
+    report = compile_lib.CompileReport(
+        None, 1, {"data": 1, "fsdp": 4, "tensor": 1}, 16 * GiB, 1000, 200, 200, 300, 1.5, 1.5,
+        1e9, float("nan"), 4e9, 256, 0, 1e6, 0.0)
+    failed = plan.Outcome(cand, "error", "RuntimeError: boom")
+    rows = plan.rank([plan.Outcome(cand, "ok", report=report), failed], plan.tpu_hardware(
+        hardware.GENERATIONS["v5p"]))
+    result = plan.to_json(rows, [plan.Rejected(("mesh.tensor=3",), "why")],
+                          target={"accelerator": "v5p-8"}, hw=plan.tpu_hardware(
+                              hardware.GENERATIONS["v5p"]), run=None, budget=None)
+    assert result["schema"] == "lmjax.plan/1"
+    assert set(result) == {"schema", "target", "hardware", "candidates", "run", "budget"}
+    keys = {"rank", "overrides", "status", "reason", "fits", "memory", "compile_seconds",
+            "estimate"}
+    assert all(set(c) == keys for c in result["candidates"])
+    first, second, third = result["candidates"]
+    assert set(first["memory"]) == {"total_bytes", "hbm_bytes", "headroom_bytes",
+                                    "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"}
+    assert set(first["estimate"]) == {"step_seconds", "compute_seconds", "memory_seconds",
+                                      "ici_seconds", "dcn_seconds", "bound", "mfu",
+                                      "tokens_per_second_per_chip", "xla_step_seconds"}
+    assert first["memory"]["total_bytes"] == 1000 + 200 - 200 + 300 and first["fits"]
+    assert (second["status"], second["reason"], second["estimate"]) == (
+        "error", "RuntimeError: boom", None)
+    assert (third["status"], third["rank"]) == ("rejected", None)
+    assert math.isfinite(first["estimate"]["step_seconds"])
+
+
+def test_a_candidate_that_times_out_is_killed_and_reported():
+    config = cli.load_experiment("smoke")
+    cands, _ = plan.enumerate_candidates(config, 4, 1, _space(
+        mesh__tensor=(1,), rows_per_chip=(1,), model__remat=("full", "none")))
+    seen = []
+    outcomes = plan.compile_all(cands, "v5p-8", 1, workers=2, timeout=0.5,
+                                progress=lambda *a: seen.append(a))
+    assert [o.status for o in outcomes] == ["timeout", "timeout"]
+    assert "--timeout=0.5 s" in outcomes[0].reason
+    assert seen[-1] == (2, 2, 2)
