@@ -64,32 +64,40 @@ def parse_sweeps(sweeps: Sequence[str]) -> dict[str, tuple[str, ...]]:
     return space
 
 
-def _divides(what: str, n: int, dims: dict[str, int]) -> str | None:
-    bad = [f"{k}={v}" for k, v in dims.items() if v % n]
-    return f"{what}={n} does not divide {', '.join(bad)}" if bad else None
+def _sharding_problem(config: Config, mesh_sizes: dict[str, int], rows: int) -> str | None:
+    """The first parameter dimension (or the batch of `rows`) that the mesh axes its logical
+    axis maps to (under the config's rules) do not divide; None when all divide."""
+    from lmjax import model, sharding
+    rules = sharding.rules_from_config(config.mesh)
+    specs = model.param_specs(config.model)
+    named = [(f"params/{k}", v) for k, v in specs.items() if k != "layers"]
+    named += [(f"params/layers/{k}", v) for k, v in specs["layers"].items()]
+    named.append(("batch", model.ParamSpec((rows,), ("act_batch",), "")))
+    for name, spec in named:
+        for size, axis in zip(spec.shape, spec.axes):
+            mesh_axes = rules.get(axis, ())
+            n = math.prod(mesh_sizes[a] for a in mesh_axes)
+            if size % n:
+                return (f"{name} dimension {axis!r} of size {size} is not divisible by mesh "
+                        f"axes {'+'.join(mesh_axes)} of size {n}")
+    return None
 
 
 def _mesh_problem(config: Config, chips: int, slices: int, point: dict[str, str]) -> str | None:
     """Why the mesh of `point` cannot hold `config` (None when it can)."""
-    m = config.model
     data, tensor = int(point["mesh.data"]), int(point["mesh.tensor"])
     dcn_data = slices if point["mesh.dcn_data"] == "-" else int(point["mesh.dcn_data"])
     if data < 1 or tensor < 1 or chips % (data * tensor):
         return f"mesh.data x mesh.tensor = {data} x {tensor} does not divide {chips} chips per slice"
     if dcn_data < 1 or slices % dcn_data:
         return f"mesh.dcn_data={dcn_data} does not divide {slices} slices"
-    fsdp = chips // (data * tensor) * (slices // dcn_data)
+    accum = int(point["optim.grad_accum"])
     rows = int(point["rows_per_chip"]) * chips * slices
-    micro = rows // max(int(point["optim.grad_accum"]), 1)
-    batch_shards = data * dcn_data * fsdp
-    return (_divides("mesh.tensor", tensor, {"model.n_heads": m.n_heads, "model.n_kv_heads":
-                                            m.n_kv_heads, "model.d_mlp": m.d_mlp,
-                                            "model.vocab_size": m.vocab_size})
-            or _divides("fsdp (all of it)", fsdp, {"model.d_model": m.d_model})
-            or (f"optim.grad_accum={point['optim.grad_accum']} does not divide the batch of "
-                f"{rows} rows" if rows % int(point["optim.grad_accum"]) else None)
-            or (f"a microbatch of {micro} rows is not divisible by the {batch_shards} batch "
-                "shards (data x fsdp)" if micro % batch_shards else None))
+    if accum < 1 or rows % accum:
+        return f"optim.grad_accum={accum} does not divide the batch of {rows} rows"
+    sizes = {"data": data * dcn_data, "fsdp": chips // (data * tensor) * (slices // dcn_data),
+             "tensor": tensor}
+    return _sharding_problem(config, sizes, rows // accum)
 
 
 def _overrides(chips: int, slices: int, point: dict[str, str]) -> tuple[str, ...]:

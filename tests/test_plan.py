@@ -1,5 +1,6 @@
 """`lmjax plan`: candidate enumeration, the roofline arithmetic, HLO collective parsing, and
 (slow) real ahead-of-time TPU compiles in worker processes."""
+import dataclasses
 import json
 import math
 
@@ -40,8 +41,17 @@ def test_enumeration_respects_divisibility_and_the_mesh_size():
         assert f"data.batch_size=16" in c.overrides
     reasons = {r.reason for r in rejected}
     assert "mesh.data x mesh.tensor = 1 x 3 does not divide 8 chips per slice" in reasons
-    assert any(r.startswith("mesh.tensor=4 does not divide model.n_kv_heads=2") for r in reasons)
-    assert any("microbatch of 1 rows is not divisible" in r for r in reasons)
+    assert ("params/layers/wk dimension 'kv_heads' of size 2 is not divisible by mesh axes "
+            "tensor of size 4") in reasons
+    # 16 rows in 16 microbatches of 1 row: no batch shards
+    assert any(r.startswith("batch dimension 'act_batch' of size 1 is not divisible by mesh "
+                            "axes data+fsdp of size") for r in reasons)
+    # the rules decide: with KV heads replicated, tensor=4 fits 2 KV heads
+    replicated = dataclasses.replace(config, mesh=dataclasses.replace(
+        config.mesh, rules=("kv_heads=", "act_kv_heads=")))
+    ok, _ = plan.enumerate_candidates(replicated, 8, 1, _space(
+        mesh__tensor=(4,), rows_per_chip=(1,), model__remat=("full",)))
+    assert [c.config.mesh.tensor for c in ok] == [4]
     # every point of the space is accounted for
     assert len(candidates) + len(rejected) == 4 * 2 * 2 * 3
 
