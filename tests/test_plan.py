@@ -212,9 +212,9 @@ def test_plan_on_v5p_8_ranks_like_lmjax_compile_and_reports_failures():
     cands = result["candidates"]
     ok = [c for c in cands if c["status"] == "ok"]
     assert len(ok) == 2 and all("model.attention=splash" in c["overrides"] for c in ok)
-    # the cuDNN kernel cannot compile for a TPU: each such candidate is reported, not fatal
+    # the cuDNN kernel cannot compile here (f32, packed, no GPU): reported, not fatal
     failed = [c for c in cands if c["status"] == "error"]
-    assert len(failed) == 2 and all("cuDNN" in c["reason"] for c in failed)
+    assert len(failed) == 2 and all("cudnn" in c["reason"].lower() for c in failed)
     # tensor=3 does not divide the 4 chips: rejected before compiling, with the reason
     rejected = [c for c in cands if c["status"] == "rejected"]
     assert len(rejected) == 4 and all("does not divide 4 chips" in c["reason"] for c in rejected)
