@@ -114,8 +114,8 @@ def _cmd_generate(args) -> int:
     from lmjax import generate
     prompts = list(args.prompt)
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        from lmjax.data.documents import read_utf8
+        prompts += [line for line in read_utf8(args.prompts_file).splitlines() if line.strip()]
     generate.main(args.workdir, args.step, prompts, args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     return 0
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError) as e:  # the user's mistake; anything else is a bug
         if args.verbose:
             raise
         print(f"lmjax: {e}", file=sys.stderr)

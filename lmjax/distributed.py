@@ -27,6 +27,8 @@ from typing import Callable, Mapping
 
 import jax
 
+from lmjax.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -66,7 +68,7 @@ def _int_setting(value: int | str | None, env: Mapping[str, str], name: str) -> 
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer; set it to a whole number "
+        raise ConfigError(f"{name}={raw!r} is not an integer; set it to a whole number "
                          f"or unset it") from None
 
 
@@ -87,21 +89,21 @@ def plan_rendezvous(env: Mapping[str, str], coordinator_address: str | None = No
                                         (ENV_NUM_PROCESSES, n), (ENV_PROCESS_ID, pid))
                    if v is None]
         if missing:
-            raise ValueError(f"explicit multi-process start needs all of {ENV_COORDINATOR}, "
+            raise ConfigError(f"explicit multi-process start needs all of {ENV_COORDINATOR}, "
                              f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} (or the matching "
                              f"arguments); missing {missing}. launch/local.py sets all three.")
         host, sep, port = coordinator.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise ValueError(f"coordinator address {coordinator!r} must be host:port, "
+            raise ConfigError(f"coordinator address {coordinator!r} must be host:port, "
                              f"e.g. 10.0.0.2:8476 (the address of process 0)")
         if n < 1 or not 0 <= pid < n:
-            raise ValueError(f"process id {pid} with {n} processes: need num_processes >= 1 "
+            raise ConfigError(f"process id {pid} with {n} processes: need num_processes >= 1 "
                              f"and 0 <= process_id < num_processes")
         return Rendezvous("explicit", coordinator, n, pid)
     if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
         missing = [v for v in _SLURM_STEP_VARS if v not in env]
         if missing:
-            raise ValueError(f"SLURM job with SLURM_NTASKS={env['SLURM_NTASKS']} but {missing} "
+            raise ConfigError(f"SLURM job with SLURM_NTASKS={env['SLURM_NTASKS']} but {missing} "
                              f"are unset: start each task with `srun` (see "
                              f"launch/slurm.sbatch), not directly from the batch script")
         return Rendezvous("slurm", num_processes=int(env["SLURM_NTASKS"]),
@@ -177,7 +179,7 @@ def _exit_on_timeout(timeout_s: float, hint: Callable[[], str]) -> threading.Eve
 
 def _set_local_device_count(count: int) -> None:
     if count < 1:
-        raise ValueError(f"{ENV_LOCAL_DEVICES}/local_device_count={count}: need at least 1 device")
+        raise ConfigError(f"{ENV_LOCAL_DEVICES}/local_device_count={count}: need at least 1 device")
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError as e:

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import jax
 import numpy as np
 
-from lmjax.config import Config, ModelConfig
+from lmjax.config import Config, ConfigError, ModelConfig
 from lmjax import sharding
 from lmjax import train as train_lib  # attributes read at call time: train may import us
 
@@ -48,7 +48,7 @@ def _nll_and_tokens(params, cfg: ModelConfig, batches: Iterable[dict]) -> tuple[
         sums.append(_batch_sums_jit(params, {k: batch[k] for k in keys}, cfg=cfg, context=context))
     totals = np.asarray(jax.device_get(sums), np.float64).reshape(-1, 2).sum(axis=0)
     if totals[1] == 0:
-        raise ValueError("the evaluation batches score no tokens (empty input or loss_mask all 0).")
+        raise ConfigError("the evaluation batches score no tokens (empty input or loss_mask all 0).")
     return float(totals[0]), float(totals[1])
 
 
@@ -74,7 +74,7 @@ def sliding_windows(n: int, context_len: int, stride: int) -> list[tuple[int, in
     fits.
     """
     if not 1 <= stride <= context_len:
-        raise ValueError(f"stride={stride} must lie in [1, context_len={context_len}].")
+        raise ConfigError(f"stride={stride} must lie in [1, context_len={context_len}].")
     windows, end = [], 0
     while end < n:
         first, end = end, min(n, end + (context_len if end == 0 else stride))
@@ -133,15 +133,15 @@ def score_texts(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str],
       {"tokens", "loss" (nats per token), "perplexity", "bits_per_byte", "bytes"}.
     """
     if not 1 <= context_len <= model_cfg.max_seq_len:
-        raise ValueError(f"context_len={context_len} must lie in [1, model.max_seq_len="
+        raise ConfigError(f"context_len={context_len} must lie in [1, model.max_seq_len="
                          f"{model_cfg.max_seq_len}].")
     sliding_windows(0, context_len, stride)  # validates stride before tokenizing
     if tokenizer.bos_id is None or tokenizer.bos_id < 0:
-        raise ValueError("the tokenizer has no BOS id; score_texts starts every document with it.")
+        raise ConfigError("the tokenizer has no BOS id; score_texts starts every document with it.")
     docs = [[tokenizer.bos_id] + list(tokenizer.encode(text)) for text in texts]
     top = max((max(d) for d in docs), default=0)
     if top >= model_cfg.vocab_size:
-        raise ValueError(f"token id {top} >= model.vocab_size={model_cfg.vocab_size}: the "
+        raise ConfigError(f"token id {top} >= model.vocab_size={model_cfg.vocab_size}: the "
                          "tokenizer does not match this model.")
     n_bytes = sum(len(text.encode("utf-8")) for text in texts)
     rows = _window_rows(docs, context_len, stride)
@@ -186,19 +186,17 @@ def main(workdir: str, step: int | None = None, text_files: Sequence[str] = (),
     unless replaced. Prints one line (or JSON) and returns the numbers.
     """
     if bool(text_files) == bool(use_experiment_data):
-        raise ValueError("choose what to evaluate: --text-files GLOB... or --experiment-data.")
+        raise ConfigError("choose what to evaluate: --text-files GLOB... or --experiment-data.")
     paths = sorted({p for pattern in text_files for p in glob.glob(pattern)})
     if text_files and not paths:
         raise FileNotFoundError(f"--text-files {' '.join(text_files)} matched no files.")
     config, params, tokenizer = load(workdir, step)
     if paths:
         if tokenizer is None:
-            raise ValueError(f"the run in {workdir} has no tokenizer (synthetic data): it can only "
+            raise ConfigError(f"the run in {workdir} has no tokenizer (synthetic data): it can only "
                              "be evaluated with --experiment-data.")
-        texts = []
-        for path in paths:
-            with open(path, encoding="utf-8") as f:
-                texts.append(f.read())
+        from lmjax.data.documents import read_utf8
+        texts = [read_utf8(path) for path in paths]
         context_len = context_len or config.data.seq_len
         result = score_texts(params, config.model, tokenizer, texts, context_len=context_len,
                              stride=stride or max(1, context_len // 2))

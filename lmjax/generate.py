@@ -32,7 +32,7 @@ import numpy as np
 
 from lmjax import attention as attn_lib
 from lmjax import model, sharding
-from lmjax.config import ModelConfig
+from lmjax.config import ConfigError, ModelConfig
 
 Cache = dict[str, jax.Array]  # "k", "v": [layers, batch, max_len, kv_heads, head_dim]
 CACHE_AXES = (None, "act_batch", "act_seq", "act_kv_heads", None)
@@ -137,12 +137,12 @@ class Sampling:
 
     def validate(self, vocab_size: int) -> "Sampling":
         if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy).")
+            raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 is greedy).")
         if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
-            raise ValueError(f"top_k={self.top_k} must lie in [1, vocab_size={vocab_size}] "
+            raise ConfigError(f"top_k={self.top_k} must lie in [1, vocab_size={vocab_size}] "
                              "(None turns it off).")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must lie in (0, 1] (None turns it off).")
+            raise ConfigError(f"top_p={self.top_p} must lie in (0, 1] (None turns it off).")
         return self
 
 
@@ -212,13 +212,13 @@ def _check_prompts(cfg: ModelConfig, prompt_tokens, prompt_lengths, max_new_toke
                          f"got {tokens.dtype} {tokens.shape}; wrap one prompt as [ids].")
     batch, prompt_len = tokens.shape
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1.")
     if prompt_len + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} exceeds "
+        raise ConfigError(f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} exceeds "
                          f"model.max_seq_len={cfg.max_seq_len}: shorten the prompt or ask for "
                          "fewer tokens.")
     if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
-        raise ValueError(f"prompt ids must lie in [0, vocab_size={cfg.vocab_size}), got "
+        raise ConfigError(f"prompt ids must lie in [0, vocab_size={cfg.vocab_size}), got "
                          f"[{tokens.min()}, {tokens.max()}]; pad with a valid id (e.g. 0).")
     if prompt_lengths is None:
         lengths = np.full((batch,), prompt_len, np.int32)
@@ -255,19 +255,25 @@ def generate(params, model_cfg: ModelConfig, prompt_tokens, *, max_new_tokens: i
                        context=context)
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The ids a prompt is fed as: the tokenizer's BOS when it has one (id >= 0), then the
+    prompt's tokens."""
+    return [tokenizer.bos_id] * (tokenizer.bos_id >= 0) + list(tokenizer.encode(prompt))
+
+
 def sample_text(params, model_cfg: ModelConfig, tokenizer, prompt: str, max_new_tokens: int,
                 **kw) -> str:
     """The prompt and its continuation, decoded together.
 
-    The prompt is encoded after the tokenizer's BOS; generation stops at its EOS. `kw` goes
-    to `generate` (temperature, top_k, top_p, seed).
+    The prompt is encoded after the tokenizer's BOS (if any); generation stops at its EOS.
+    `kw` goes to `generate` (temperature, top_k, top_p, seed).
     """
-    ids = [tokenizer.bos_id] + list(tokenizer.encode(prompt))
+    ids = prompt_ids(tokenizer, prompt)
     new = np.asarray(generate(params, model_cfg, np.asarray([ids]), max_new_tokens=max_new_tokens,
                               eos_id=tokenizer.eos_id, **kw))[0].tolist()
     if tokenizer.eos_id in new:
         new = new[:new.index(tokenizer.eos_id)]
-    return tokenizer.decode(ids[1:] + new)
+    return tokenizer.decode(ids[int(tokenizer.bos_id >= 0):] + new)
 
 
 # ---------------------------------------------------------------- benchmark
@@ -332,12 +338,12 @@ def main(workdir: str, step: int | None, prompts: Sequence[str], max_new_tokens:
     """
     from lmjax import evaluate
     if not prompts:
-        raise ValueError("give at least one prompt: --prompt TEXT or --prompts-file FILE.")
+        raise ConfigError("give at least one prompt: --prompt TEXT or --prompts-file FILE.")
     config, params, tokenizer = evaluate.load_run(workdir, step)
     if tokenizer is None:
-        raise ValueError(f"the run in {workdir} has no tokenizer (synthetic data): nothing to "
+        raise ConfigError(f"the run in {workdir} has no tokenizer (synthetic data): nothing to "
                          "decode prompts with.")
-    ids = [[tokenizer.bos_id] + list(tokenizer.encode(p)) for p in prompts]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     width = max(map(len, ids))
     padded = np.full((len(ids), width), tokenizer.pad_id, np.int32)
     for row, seq in zip(padded, ids):

@@ -82,9 +82,13 @@ class MetricsWriter:
     """Writes one JSON object per line to `metrics.jsonl`, scalars to TensorBoard, and a
     progress line to stdout. Only process 0 writes; the others are silent no-ops."""
 
-    def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True):
+    def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True,
+                 start_step: int = 0):
+        """start_step: the step this process starts at (a resumed run's restored step); the
+        ETA divides this process's time by the steps it has done since."""
         self.enabled = enabled
         self.total_steps = total_steps
+        self.start_step = start_step
         self.start = time.time()
         self.tty = sys.stdout.isatty()
         self._jsonl = self._tb = None
@@ -108,7 +112,7 @@ class MetricsWriter:
 
     def _progress(self, step: int, record: dict) -> None:
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "step")
-        done = max(step, 1)
+        done = max(step - self.start_step, 1)
         eta = (time.time() - self.start) / done * (self.total_steps - step)
         line = f"step {step}/{self.total_steps} {shown} eta={eta:.0f}s"
         if self.tty:

@@ -271,7 +271,7 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
     """
     from lmjax import checkpoint
     from lmjax import data as data_lib
-    from lmjax.config import to_json, validate
+    from lmjax.config import to_json, validate, validate_tokenizer
 
     config = validate(config)
     primary = jax.process_index() == 0
@@ -280,16 +280,20 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
                                     init_from=init_from)
     mesh = sharding.make_mesh(config.mesh)
     log.info(_describe_devices(mesh))
+    rows = sharding.process_rows(
+        sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh)),
+        config.data.batch_size)
     tokenizer = data_lib.prepare_tokenizer(config.data, workdir)
     config = _with_tokenizer(config, tokenizer)
     fingerprint = tokenizer.fingerprint if tokenizer is not None else None
     resume.check_tokenizer(fingerprint)
+    if tokenizer is not None:
+        from lmjax import generate
+        validate_tokenizer(config, tokenizer.vocab_size,
+                           len(generate.prompt_ids(tokenizer, config.run.sample_prompt)))
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(to_json(config))
-    rows = sharding.process_rows(
-        sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh)),
-        config.data.batch_size)
     pipeline = data_lib.make_pipeline(config.data, tokenizer, process_index=jax.process_index(),
                                       process_count=jax.process_count(), rows=rows, workdir=workdir,
                                       vocab_size=config.model.vocab_size)
@@ -309,7 +313,8 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
     flops_per_step = metrics_lib.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
     peak, peak_source = metrics_lib.peak_flops(jax.devices()[0], config.model.dtype)
     log.info("peak FLOP/s per device: %.3g (%s)", peak, peak_source)
-    writer = metrics_lib.MetricsWriter(workdir, total, enabled=primary)
+    writer = metrics_lib.MetricsWriter(workdir, total, enabled=primary,
+                                       start_step=int(state.step))
     last: dict[str, float] = {}
     skip_nonfinite = config.checkpoint.on_nonfinite == "skip"
 

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from lmjax import cli
+from lmjax.config import ConfigError
 
 
 
@@ -83,3 +84,42 @@ def test_bench_tables(capsys):
                      "--sweep", "model.remat=none,full"]) == 0
     out = capsys.readouterr().out
     assert "model.remat=none" in out and "model.remat=full" in out and "tokens/s" in out
+
+
+def test_bad_values_stop_before_any_work_in_one_line(run_dir, tmp_path, capsys):
+    """Config mistakes, the mesh's batch split and the tokenizer's vocabulary are all checked
+    before a tokenizer is trained or anything compiles: exit 2, one line, nothing written."""
+    cases = [(["--set", "run.eval_every=-1"], "run.eval_every=-1 must be 0"),
+             (["--set", "checkpoint.every_steps=0"], "checkpoint.every_steps=0"),
+             (["--set", "data.batch_size=6"], "data.batch_size=6 is not divisible by the 8"),
+             (["--set", f"data.tokenizer={run_dir}/tokenizer.model", "--set",
+               "model.vocab_size=300"], "has 512 ids but model.vocab_size=300")]
+    for i, (extra, fragment) in enumerate(cases):
+        work = tmp_path / f"w{i}"
+        assert cli.main(["train", "--experiment", "smoke", "--workdir", str(work), *extra]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and "Traceback" not in err, err
+        assert not (work / "tokenizer.model").exists() and not (work / "checkpoints").exists()
+    with pytest.raises(ConfigError):  # -v shows the traceback
+        cli.main(["-v", "train", "--experiment", "smoke", "--workdir", str(tmp_path / "v"),
+                  "--set", "run.eval_batches=0"])
+
+
+def test_non_utf8_input_names_the_file(run_dir, tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    assert cli.main(["eval", "--workdir", run_dir, "--text-files", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad} is not UTF-8 text (byte 3" in err
+    assert cli.main(["generate", "--workdir", run_dir, "--prompts-file", str(bad)]) == 2
+    assert f"{bad} is not UTF-8" in capsys.readouterr().err
+
+
+def test_internal_errors_are_not_dressed_as_user_mistakes(run_dir, monkeypatch):
+    from lmjax import checkpoint
+
+    def broken(workdir):
+        raise ValueError("an internal inconsistency")
+    monkeypatch.setattr(checkpoint, "list_checkpoints", broken)
+    with pytest.raises(ValueError, match="internal inconsistency"):
+        cli.main(["checkpoint", "list", run_dir])

@@ -78,3 +78,48 @@ def test_unknown_experiment_names_known_ones():
 def test_cli_reports_config_error_with_exit_2(capsys):
     assert cli.main(["bench", "--experiment", "smoke", "--set", "model.head_dim=3"]) == 2
     assert "head_dim" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["run.eval_every=-1"], "run.eval_every=-1 must be 0"),
+    (["checkpoint.every_steps=0"], "checkpoint.every_steps=0 must be at least 1"),
+    (["run.eval_batches=0"], "run.eval_batches=0 must be at least 1"),
+    (["run.sample_tokens=5000"], "run.sample_tokens=5000 must lie in"),
+    (["optim.warmup_steps=-5"], "optim.warmup_steps=-5 must not be negative"),
+    (["checkpoint.keep_every=-1"], "checkpoint.keep_every=-1 must be 0"),
+    (["optim.wsd_decay_fraction=1.5"], r"optim.wsd_decay_fraction=1.5 must lie in \(0, 1\]"),
+    (["optim.wsd_decay_fraction=0"], "optim.wsd_decay_fraction=0.0 must lie in"),
+    (["data.tokenizer_vocab_size=40000"], "data.tokenizer_vocab_size=40000 exceeds model.vocab_size"),
+    (["optim.b2=1"], "optim.b2=1.0 must lie in"),
+    (["optim.eps=0"], "optim.eps=0.0 must be positive"),
+    (["optim.lr=nan"], "optim.lr=nan must be a finite number"),
+    (["mesh.data=0"], "mesh sizes"),
+    (["mesh.fsdp=-1", "mesh.tensor=-1"], "at most one -1"),
+    (["mesh.rules=mlp"], "mesh.rules entry 'mlp'"),
+    (["model.rope_scaling_factor=8", "model.rope_low_freq_factor=4"], "0 < low < high"),
+    (["data.validation_fraction=1"], "data.validation_fraction=1.0 must lie in"),
+    (["checkpoint.every_minutes=-1"], "checkpoint.every_minutes=-1.0"),
+    (["model.norm_eps=0"], "model.norm_eps must be positive"),
+])
+def test_every_invalid_value_names_its_field(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        validate(apply_overrides(Config(), overrides))
+
+
+def test_a_wrong_type_from_an_experiment_file_names_the_field():
+    config = dataclasses.replace(Config(), run=dataclasses.replace(Config().run, steps="100"))
+    with pytest.raises(ConfigError, match="run.steps='100' must be an integer"):
+        validate(config)
+
+
+def test_what_needs_the_tokenizer_is_checked_once_it_is_known():
+    from lmjax.config import validate_tokenizer
+    config = apply_overrides(Config(), ["model.vocab_size=1000", "model.max_seq_len=64",
+                                        "data.seq_len=64", "run.sample_tokens=60"])
+    validate_tokenizer(config, 1000, 4)
+    with pytest.raises(ConfigError, match="1200 ids but model.vocab_size=1000"):
+        validate_tokenizer(config, 1200, 4)
+    with pytest.raises(ConfigError, match=r"run.sample_prompt \(5 tokens\)"):
+        validate_tokenizer(config, 1000, 5)
+    with pytest.raises(ConfigError, match="no BOS id"):
+        validate_tokenizer(config, 1000, 0)

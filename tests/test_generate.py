@@ -231,3 +231,18 @@ def test_bench_prints_a_table(capsys):
         assert word in out
     assert result["cache_bytes"] == 2 * CFG.n_layers * 2 * 12 * CFG.n_kv_heads * CFG.head_dim * 4
     assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
+
+
+def test_a_tokenizer_without_bos_gets_no_bos(params, tokenizer):  # noqa: F811
+    """bos_id -1 (a tokenizer trained without BOS): the prompt is fed as its own tokens."""
+    import copy
+    no_bos = copy.copy(tokenizer)
+    no_bos.bos_id = -1
+    prompt = "To be, or not to be"
+    assert gen.prompt_ids(no_bos, prompt) == tokenizer.encode(prompt)
+    assert gen.prompt_ids(tokenizer, prompt) == [tokenizer.bos_id] + tokenizer.encode(prompt)
+    text = gen.sample_text(params, CFG, no_bos, prompt, 6)
+    new = np.asarray(gen.generate(params, CFG, np.asarray([tokenizer.encode(prompt)]),
+                                  max_new_tokens=6, eos_id=tokenizer.eos_id))[0].tolist()
+    new = new[:new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
+    assert text == tokenizer.decode(tokenizer.encode(prompt) + new)

@@ -176,3 +176,13 @@ def test_adamw_update_matches_optax_reference():
     assert g > 0
     np.testing.assert_allclose(updates["w"], -0.1 * (1.0 + 0.1 * 1.0) * np.ones((3, 3)), rtol=1e-5)
     np.testing.assert_allclose(updates["norm"], -0.1 * np.ones(3), rtol=1e-5)
+
+
+def test_eta_after_a_resume_counts_this_process_steps(tmp_path, capsys):
+    from lmjax import metrics
+    writer = metrics.MetricsWriter(str(tmp_path), 100, start_step=90)
+    writer.start -= 10.0  # 10 s in this process, 5 steps done since step 90, 5 to go
+    writer.write(95, {"loss": 1.0})
+    writer.close()
+    eta = float(capsys.readouterr().out.split("eta=")[1].rstrip("s\n"))
+    assert eta == pytest.approx(10.0, abs=0.5)  # counting from step 0 would give 0.5 s

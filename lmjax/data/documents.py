@@ -59,10 +59,22 @@ def split_text(text: str) -> list[str]:
     return [d for d in docs if d.strip()]
 
 
+def read_utf8(path: str) -> str:
+    """The text of a UTF-8 file (local or gs://); ConfigError naming the file and the byte
+    offset when it is not UTF-8."""
+    with gfile().GFile(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r}"
+                          "): convert it, e.g. iconv -f LATIN1 -t UTF-8, or remove it from the "
+                          "inputs.") from None
+
+
 def read_documents(path: str, text_key: str = "text") -> Iterator[str]:
     """Yields the documents of one `.txt` or `.jsonl` file, in file order."""
-    with gfile().GFile(path, "r") as f:
-        content = f.read()
+    content = read_utf8(path)
     if path.endswith(".txt"):
         yield from split_text(content)
         return
