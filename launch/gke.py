@@ -1,8 +1,12 @@
 """GKE: a JobSet manifest that runs the same lmjax command on every host of K TPU slices.
 
+    docker build -f docker/Dockerfile --build-arg EXTRA=tpu -t IMAGE . && docker push IMAGE
     python launch/gke.py --name run1 --accelerator-type v5p-64 --num-slices 2 \\
-        --image python:3.12 --dry-run -- lmjax train --experiment X --set run.workdir=gs://...
+        --image IMAGE --dry-run -- lmjax train --experiment llama3_8b --workdir gs://b/runs/x
     python launch/gke.py ... -- lmjax train ...   # kubectl apply -f - on the current context
+
+The image is this checkout installed on Python 3.12 (docker/Dockerfile); the pods run the
+command in it as it is, installing nothing at start.
 
 One replicated Job per slice (replicas = slices), one pod per host (parallelism = completions
 = hosts per slice), each pod asking for the host's chips (google.com/tpu). GKE's TPU webhook
@@ -31,12 +35,9 @@ _NAME = re.compile(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?")
 _TPU_PORTS = (8471, 8080, 8431)
 
 
-def container_script(command: Sequence[str], pip_spec: str) -> str:
-    """bash script run by each pod: optional pip install, then the command (quoted)."""
-    run = "exec " + shlex.join(command)
-    if not pip_spec:
-        return run
-    return f"python3 -m pip install --upgrade {shlex.quote(pip_spec)} && {run}"
+def container_script(command: Sequence[str]) -> str:
+    """bash script run by each pod: the command, quoted word by word."""
+    return "exec " + shlex.join(command)
 
 
 def jobset(args) -> dict:
@@ -52,7 +53,7 @@ def jobset(args) -> dict:
         "containers": [{
             "name": "lmjax",
             "image": args.image,
-            "command": ["bash", "-c", container_script(args.command, args.pip_spec)],
+            "command": ["bash", "-c", container_script(args.command)],
             "ports": [{"containerPort": p} for p in _TPU_PORTS],
             "resources": {"limits": {"google.com/tpu": shape.chips_per_host}},
         }],
@@ -89,7 +90,7 @@ def xpk_command(args) -> list[str]:
            f"--workload={args.name}", f"--tpu-type={args.accelerator_type}",
            f"--num-slices={args.num_slices}", f"--docker-image={args.image}",
            f"--max-restarts={args.max_restarts}",
-           f"--command={container_script(args.command, args.pip_spec)}"]
+           f"--command={container_script(args.command)}"]
     if args.project:
         cmd.append(f"--project={args.project}")
     if args.zone:
@@ -115,10 +116,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator-type", required=True, help="v5p-64, v5litepod-16, v6e-256, ...")
     p.add_argument("--topology", help="override the default topology for the chip count")
     p.add_argument("--num-slices", type=int, default=1)
-    p.add_argument("--image", default="python:3.12",
-                   help="container image; with the default --pip-spec lmjax is installed at start")
-    p.add_argument("--pip-spec", default="lmjax[tpu]",
-                   help="pip install this first; '' if the image already has lmjax")
+    p.add_argument("--image", required=True,
+                   help="container image with lmjax installed, built from this checkout: "
+                        "docker build -f docker/Dockerfile --build-arg EXTRA=tpu -t IMAGE .")
     p.add_argument("--spot", action="store_true", help="schedule on spot TPU node pools")
     p.add_argument("--max-restarts", type=int, default=10,
                    help="JobSet restarts of all pods after a failure or preemption")

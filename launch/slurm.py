@@ -1,8 +1,12 @@
 """SLURM batch scripts for lmjax: `srun` starts one task per GPU (or one per node).
 
-    python launch/slurm.py --nodes 4 --gpus-per-node 8 --partition gpu \\
-        -- lmjax train --experiment X --set run.workdir=/shared/runs/x > job.sbatch
+    python launch/slurm.py --nodes 4 --gpus-per-node 8 --partition gpu --venv /shared/lmjax-venv \\
+        -- lmjax train --experiment llama_1b --workdir /shared/runs/x > job.sbatch
     sbatch job.sbatch
+
+The tasks run lmjax from a Python 3.12 environment on shared storage (--venv, or
+LMJAX_VENV for the checked-in script): `uv venv --python 3.12 /shared/lmjax-venv` and
+`uv pip install --python /shared/lmjax-venv/bin/python -e '.[gpu]'` in a checkout.
 
 launch/slurm.sbatch is this script rendered with the defaults; it runs the command given to
 sbatch: `sbatch --nodes=4 --partition=gpu launch/slurm.sbatch lmjax train ...`.
@@ -30,7 +34,12 @@ TEMPLATE = """\
 #SBATCH --time={time}
 #SBATCH --output=%x-%j.out
 {partition_line}set -euo pipefail
-{env_lines}{run_line}
+{venv_line}{env_lines}{run_line}
+"""
+
+# The environment lmjax is installed in (Python >= 3.12): baked in, or LMJAX_VENV at submit.
+_VENV_FROM_ENV = """\
+if [ -n "${LMJAX_VENV:-}" ]; then source "$LMJAX_VENV/bin/activate"; fi
 """
 
 _ARGS_RUN = """\
@@ -43,8 +52,9 @@ srun --kill-on-bad-exit=1 "$@\""""
 
 def render(command: Sequence[str] | None = None, *, nodes: int = 2, gpus_per_node: int = 8,
            tasks: str = "gpu", partition: str | None = None, time: str = "24:00:00",
-           job_name: str = "lmjax") -> str:
+           job_name: str = "lmjax", venv: str | None = None) -> str:
     """The sbatch script. command None: run the script's own arguments (sbatch FILE CMD...).
+    venv: the Python environment to activate (default: $LMJAX_VENV when set at submission).
 
     tasks: "gpu" (one task per GPU, the usual jax GPU layout) or "node" (one per node).
     """
@@ -68,6 +78,7 @@ def render(command: Sequence[str] | None = None, *, nodes: int = 2, gpus_per_nod
         tasks_per_node=gpus_per_node if per_gpu else 1,
         partition_line=f"#SBATCH --partition={partition}\n" if partition else "",
         env_lines=env_lines, run_line=run_line,
+        venv_line=(f"source {shlex.quote(venv + '/bin/activate')}\n" if venv else _VENV_FROM_ENV),
         alternative=("# One task per node instead (each drives all GPUs of its node): "
                      "python launch/slurm.py --tasks node\n" if per_gpu else ""))
 
@@ -82,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--partition")
     p.add_argument("--time", default="24:00:00")
     p.add_argument("--job-name", default="lmjax")
+    p.add_argument("--venv", help="Python >= 3.12 environment with lmjax installed, on storage "
+                                  "every node sees (default: $LMJAX_VENV at submission)")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help="-- lmjax train ... (omit: the script runs its own arguments)")
     args = p.parse_args(argv)
@@ -89,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         script = render(command or None, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                         tasks=args.tasks, partition=args.partition, time=args.time,
-                        job_name=args.job_name)
+                        job_name=args.job_name, venv=args.venv)
     except ValueError as e:
         p.error(str(e))
     sys.stdout.write(script)

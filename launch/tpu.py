@@ -1,7 +1,7 @@
 """Cloud TPU VMs: create, install lmjax, run the same command on every worker, supervise, delete.
 
     python launch/tpu.py create  --name NAME --zone Z --project P --accelerator-type v5p-64 [--spot]
-    python launch/tpu.py install --name NAME --zone Z --project P [--source .]
+    python launch/tpu.py install --name NAME --zone Z --project P [--source DIR | --git URL@REV]
     python launch/tpu.py run     --name NAME --zone Z --project P -- lmjax train ...
     python launch/tpu.py supervise ... -- lmjax train ...   # recreate + resume on preemption
     python launch/tpu.py delete  --name NAME --zone Z --project P
@@ -9,6 +9,10 @@
 --num-slices K (> 1) makes a multi-slice queued resource (nodes NAME-0 .. NAME-{K-1}); the
 TPU runtime puts MEGASCALE_COORDINATOR_ADDRESS / MEGASCALE_NUM_SLICES / MEGASCALE_SLICE_ID in
 each node's metadata, where jax and libtpu read them. --dry-run prints the gcloud commands.
+
+TPU VM images ship Python 3.10 and lmjax needs 3.12, so `install` makes a uv-managed Python
+3.12 environment in ~/lmjax-venv on every worker and installs this checkout (or a pinned git
+revision) into it; `run` and `supervise` put that environment first on PATH.
 
 `plan(args)` is pure: it returns the commands as argv lists; `main` executes them.
 """
@@ -29,6 +33,11 @@ if __package__ in (None, ""):
 from lmjax.hardware import generation_of  # noqa: E402
 
 RUN_LOG = "~/lmjax-run.log"
+PYTHON = "3.12"  # lmjax's minimum (setup.cfg python_requires); TPU VM images have 3.10
+VENV = "$HOME/lmjax-venv"  # on every worker, in double quotes inside the remote scripts
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_UV = ('export PATH="$HOME/.local/bin:$PATH"; command -v uv >/dev/null || '
+       "curl -LsSf https://astral.sh/uv/install.sh | sh")
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,50}[a-z0-9])?")
 _HEALTHY = ("READY", "ACTIVE")   # tpu-vm state, queued-resource state
 _QUEUE_POLL_S = 30
@@ -66,7 +75,7 @@ def run_script(command: Sequence[str], stream: bool) -> str:
     cmd = shlex.join(command)
     worker = ("$(curl -sf -H Metadata-Flavor:Google http://metadata.google.internal/"
               "computeMetadata/v1/instance/attributes/agent-worker-number)")
-    lines = ["set -o pipefail", 'export PATH="$HOME/.local/bin:$PATH"']
+    lines = ["set -o pipefail", f'export PATH="{VENV}/bin:$HOME/.local/bin:$PATH"']
     if stream:
         lines += [f"worker={worker}",
                   f'if [ "$worker" = 0 ]; then {cmd} 2>&1 | tee -a {RUN_LOG}; '
@@ -102,16 +111,24 @@ def create_plan(args) -> list[list[str]]:
             ["bash", "-c", wait]]
 
 
+def venv_script(spec: str) -> str:
+    """Worker script: uv (installed if missing), a Python 3.12 venv at ~/lmjax-venv, then
+    `uv pip install` of `spec` into that venv's Python."""
+    return (f'set -e; {_UV}; uv venv --allow-existing --python {PYTHON} "{VENV}"; '
+            f'uv pip install --python "{VENV}/bin/python" --upgrade {shlex.quote(spec)}')
+
+
 def install_plan(args) -> list[list[str]]:
-    if args.source is None:
-        script = f"python3 -m pip install --upgrade {shlex.quote(args.pip_spec)}"
-        return [_ssh(args, node, script) for node in nodes(args)]
+    """Default: this checkout, copied to every worker; --git URL@REV: that revision."""
+    if args.git:
+        spec = f"lmjax[tpu] @ git+{args.git}"
+        return [_ssh(args, node, venv_script(spec)) for node in nodes(args)]
     tarball = _tarball(args)
     cmds = [["tar", "-czf", tarball, "--exclude=.git", "--exclude=__pycache__",
-             "--exclude=*.egg-info", "-C", os.path.abspath(args.source), "."]]
+             "--exclude=*.egg-info", "--exclude=./.venv", "--exclude=./runs", "-C", os.path.abspath(args.source), "."]]
     unpack = ("rm -rf ~/lmjax-src && mkdir -p ~/lmjax-src && "
               "tar -xzf ~/lmjax-src.tar.gz -C ~/lmjax-src && cd ~/lmjax-src && "
-              "python3 -m pip install --upgrade '.[tpu]'")
+              + venv_script(".[tpu]"))
     for node in nodes(args):
         cmds.append(_gcloud_tpus("tpu-vm", "scp", tarball, f"{node}:lmjax-src.tar.gz",
                                  *_where(args), "--worker=all"))
@@ -235,8 +252,13 @@ def parser() -> argparse.ArgumentParser:
                         help="create through a queued resource even for one slice")
     common.add_argument("--dry-run", action="store_true", help="print commands, run nothing")
     install = argparse.ArgumentParser(add_help=False)
-    install.add_argument("--source", help="local lmjax checkout to copy and install instead of PyPI")
-    install.add_argument("--pip-spec", default="lmjax[tpu]", help="what to pip install")
+    what = install.add_mutually_exclusive_group()
+    what.add_argument("--source", default=CHECKOUT,
+                      help="lmjax checkout to copy to every worker and install (default: the "
+                           "one this launcher belongs to)")
+    what.add_argument("--git", metavar="URL@REV",
+                      help="install this git revision instead, e.g. "
+                           "https://github.com/me/lmjax@3f2c1a0")
     supervision = argparse.ArgumentParser(add_help=False)
     supervision.add_argument("--max-restarts", type=int, default=20)
     supervision.add_argument("--retry-wait", type=float, default=120.0,
@@ -260,7 +282,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if hasattr(args, "command") and args.command[:1] == ["--"]:
         args.command = args.command[1:]
-    for attr in ("source", "pip_spec", "max_restarts", "retry_wait"):
+    for attr in ("source", "git", "max_restarts", "retry_wait"):
         if not hasattr(args, attr):
             setattr(args, attr, None)
     longest = 60 - (len(str(args.num_slices)) + 1 if args.num_slices > 1 else 0)
@@ -279,7 +301,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.preemptible and _queued(args):
             p.error("queued resources (--queued or --num-slices > 1) take --spot, "
                     "not --preemptible")
-    if args.source is not None and not os.path.isfile(os.path.join(args.source, "setup.cfg")):
+    if args.git and "@" not in args.git.split("://")[-1]:
+        p.error(f"--git {args.git!r}: pin a revision, e.g. --git https://github.com/me/lmjax@3f2c1a0, "
+                f"so that every worker (and every restart) installs the same code")
+    if (args.source is not None and not args.git
+            and not os.path.isfile(os.path.join(args.source, "setup.cfg"))):
         p.error(f"--source {args.source!r} is not an lmjax checkout (no setup.cfg there)")
     if args.action in ("run", "supervise") and not args.command:
         p.error("give the command to run after --, e.g. -- lmjax train --experiment X")

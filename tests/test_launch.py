@@ -143,6 +143,7 @@ def test_tpu_create_multi_slice_queued_resource(tmp_path):
     (["create", *WHERE], "needs --accelerator-type"),
     (["run", *WHERE], "give the command to run after --"),
     (["install", *WHERE, "--source", "/nonexistent"], "not an lmjax checkout"),
+    (["install", *WHERE, "--git", "https://github.com/me/lmjax"], "pin a revision"),
 ])
 def test_tpu_bad_arguments_fail_before_any_command(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -213,25 +214,65 @@ def test_tpu_multi_slice_run_targets_every_slice():
     assert [shlex.split(l) for l in lines[1:]] == cmds
 
 
-def test_tpu_install_and_delete(tmp_path):
-    pypi = tpu.plan(_tpu("install", *WHERE, "--num-slices", "2"))
-    assert [c[5] for c in pypi] == ["my-tpu-0", "my-tpu-1"]
-    assert shlex.split(_remote_script(pypi[0])) == [
-        "python3", "-m", "pip", "install", "--upgrade", "lmjax[tpu]"]
-    checkout = tmp_path / "checkout"
-    for name in ("setup.cfg", "lmjax/__init__.py", ".git/HEAD", "lmjax/__pycache__/m.pyc"):
-        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
-        (checkout / name).write_text("x")
+def _fake_checkout(root):
+    for name in ("setup.cfg", "lmjax/__init__.py", ".git/HEAD", "lmjax/__pycache__/m.pyc",
+                 ".venv/bin/python", "runs/r/metrics.jsonl"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+    return root
+
+
+# A stand-in for uv on a worker: records its arguments; `uv venv DIR` makes DIR/bin/lmjax,
+# which reports which environment ran it.
+_FAKE_UV = """#!/bin/sh
+echo "$PWD: $*" >> "$HOME/uv-calls"
+if [ "$1" = venv ]; then
+  for last; do :; done
+  mkdir -p "$last/bin"
+  printf '#!/bin/sh\necho "lmjax from %s: $*"\n' "$last" > "$last/bin/lmjax"
+  chmod +x "$last/bin/lmjax"
+fi
+"""
+
+
+def test_tpu_install_makes_a_python_312_env_from_this_checkout_and_run_uses_it(tmp_path):
+    """The worker scripts in a real bash, with uv faked: the default install copies this
+    checkout into a uv venv of Python 3.12 (TPU VM images have 3.10); `run` runs from it."""
+    assert tpu.parse_args(["install", *WHERE]).source == str(REPO)
+    checkout = _fake_checkout(tmp_path / "checkout")
     tar, scp, ssh = tpu.plan(_tpu("install", *WHERE, "--source", str(checkout)))
-    assert tar[:3] == ["tar", "-czf", tpu._tarball(_tpu("install", *WHERE))]
     subprocess.run(tar, check=True)
     listed = subprocess.run(["tar", "-tzf", tar[2]], capture_output=True, text=True).stdout
     assert sorted(n for n in listed.split() if not n.endswith("/")) == [
         "./lmjax/__init__.py", "./setup.cfg"]
-    os.remove(tar[2])
     assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tar[2]]
     assert scp[6] == "my-tpu:lmjax-src.tar.gz" and "--worker=all" in scp
-    assert "pip install --upgrade '.[tpu]'" in _remote_script(ssh)
+    home = tmp_path / "home"
+    (home / "bin").mkdir(parents=True)
+    os.replace(tar[2], home / "lmjax-src.tar.gz")  # what scp does
+    _executable(home / "bin" / "uv", _FAKE_UV)
+    _executable(home / "bin" / "curl", "#!/bin/sh\nexit 9\n")  # uv is there: never fetched
+    env = dict(os.environ, HOME=str(home), PATH=f"{home / 'bin'}:{os.environ['PATH']}")
+    p = subprocess.run(["bash", "-c", _remote_script(ssh)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert (home / "lmjax-src" / "setup.cfg").exists()
+    venv = home / "lmjax-venv"
+    assert (home / "uv-calls").read_text().splitlines() == [
+        f"{home}/lmjax-src: venv --allow-existing --python 3.12 {venv}",
+        f"{home}/lmjax-src: pip install --python {venv}/bin/python --upgrade .[tpu]"]
+    _executable(home / "bin" / "curl", "#!/bin/sh\necho 0\n")  # metadata: worker 0
+    run = _remote_script(tpu.plan(_tpu("run", *WHERE, "--", "lmjax", "train", "--x"))[0])
+    p = subprocess.run(["bash", "-c", run], cwd=home, env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0 and p.stdout == f"lmjax from {venv}: train --x\n", p.stderr
+
+
+def test_tpu_install_pinned_git_revision_and_delete():
+    (ssh,) = tpu.plan(_tpu("install", *WHERE, "--git", "https://github.com/me/lmjax@3f2c1a0"))
+    script = _remote_script(ssh)
+    assert "uv venv --allow-existing --python 3.12" in script
+    assert script.endswith("'lmjax[tpu] @ git+https://github.com/me/lmjax@3f2c1a0'")
     assert tpu.plan(_tpu("delete", *WHERE)) == [
         ["gcloud", "compute", "tpus", "tpu-vm", "delete", "my-tpu", "--zone=us-east5-a",
          "--project=my-proj", "--quiet"]]
@@ -271,7 +312,7 @@ def test_supervise_recreates_after_preemption_and_reruns():
     fake = _FakeCloud(run_codes=[255, 0], states=["PREEMPTED"])
     code, slept = _supervise(fake)
     assert code == 0 and slept == [5.0]
-    assert fake.calls == [("run", 1), ("delete",), ("create",), ("ssh",), ("run", 1)]
+    assert fake.calls == [("run", 1), ("delete",), ("create",), ("tar",), ("run", 1)]
 
 
 def test_supervise_does_not_retry_a_failure_on_a_healthy_tpu():
@@ -293,8 +334,10 @@ def test_supervise_dry_run_lists_the_recovery():
     assert lines[0].startswith("gcloud compute tpus tpu-vm ssh my-tpu ")
     assert lines[1].startswith("# if the run fails")
     commands = [shlex.split(l) for l in lines[2:]]
-    assert [c[3:5] for c in commands] == [["tpu-vm", "describe"], ["tpu-vm", "delete"],
-                                          ["tpu-vm", "create"], ["tpu-vm", "ssh"]]
+    assert [c[3:5] for c in commands if c[0] == "gcloud"] == [
+        ["tpu-vm", "describe"], ["tpu-vm", "delete"], ["tpu-vm", "create"], ["tpu-vm", "scp"],
+        ["tpu-vm", "ssh"]]
+    assert commands[3][0] == "tar" and "python 3.12" in commands[-1][-1]  # reinstall: checkout
     assert commands[2][-1] == "--spot"
 
 
@@ -323,6 +366,7 @@ def test_slice_shape_errors():
 def test_gke_jobset_manifest(capsys):
     user_command = ["lmjax", "train", "--set", *HOSTILE]
     argv = ["--name", "run1", "--accelerator-type", "v5p-64", "--num-slices", "2", "--spot",
+            "--image", "us-docker.pkg.dev/p/r/lmjax:tpu",
             "--cluster", "c1", "--project", "p", "--zone", "z", "--dry-run", "--", *user_command]
     assert gke.main(argv) == 0
     text = capsys.readouterr().out
@@ -342,14 +386,15 @@ def test_gke_jobset_manifest(capsys):
     assert container["resources"]["limits"] == {"google.com/tpu": 4}
     assert container["command"][:2] == ["bash", "-c"]
     words = shlex.split(container["command"][2])
-    assert words[words.index("exec") + 1:] == user_command
+    assert words == ["exec", *user_command]   # the image has lmjax: nothing installed at start
+    assert container["image"] == "us-docker.pkg.dev/p/r/lmjax:tpu"
     xpk = next(l for l in text.splitlines() if l.startswith("# equivalent: "))
     assert xpk.startswith("# equivalent: xpk workload create --cluster=c1 --workload=run1 "
                           "--tpu-type=v5p-64 --num-slices=2 ")
 
 
 def test_gke_container_script_runs_in_bash(tmp_path):
-    args = gke.parse_args(["--name", "r", "--accelerator-type", "v6e-8", "--pip-spec", "",
+    args = gke.parse_args(["--name", "r", "--accelerator-type", "v6e-8", "--image", "i",
                            "--", "printf", "<%s>\n", *HOSTILE])
     script = gke.jobset(args)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"][
         "spec"]["containers"][0]["command"]
@@ -358,10 +403,11 @@ def test_gke_container_script_runs_in_bash(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--name", "Bad_Name", "--accelerator-type", "v5p-8", "--", "lmjax"], "--name"),
-    (["--name", "r", "--accelerator-type", "v5litepod-8", "--num-slices", "2", "--", "lmjax"],
-     "multi-host slices"),
-    (["--name", "r", "--accelerator-type", "v5p-64"], "give the command"),
+    (["--name", "Bad_Name", "--accelerator-type", "v5p-8", "--image", "i", "--", "lmjax"], "--name"),
+    (["--name", "r", "--accelerator-type", "v5litepod-8", "--num-slices", "2", "--image", "i",
+      "--", "lmjax"], "multi-host slices"),
+    (["--name", "r", "--accelerator-type", "v5p-64", "--image", "i"], "give the command"),
+    (["--name", "r", "--accelerator-type", "v5p-64", "--", "lmjax"], "--image"),
 ])
 def test_gke_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -437,3 +483,94 @@ def test_sbatch_script_runs_jax_slurm_detection_end_to_end(tmp_path):
     no_command = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch")],
                                 capture_output=True, text=True, env=env)
     assert no_command.returncode == 2 and "usage: sbatch" in no_command.stderr
+
+
+def test_sbatch_runs_the_command_from_the_given_python_environment(tmp_path):
+    """--venv (or LMJAX_VENV for the checked-in script) is activated before srun."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
+    _executable(venv / "bin" / "lmjax", f"#!/bin/sh\necho \"lmjax from {venv}: $*\"\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "srun", '#!/bin/sh\nshift\nexec "$@"\n')
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    baked = slurm.render(["lmjax", "train"], venv=str(venv))
+    p = subprocess.run(["bash", "-c", baked], capture_output=True, text=True, env=env, timeout=30)
+    assert p.returncode == 0 and p.stdout == f"lmjax from {venv}: train\n", p.stderr
+    p = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "lmjax", "eval"],
+                       capture_output=True, text=True, env=dict(env, LMJAX_VENV=str(venv)),
+                       timeout=30)
+    assert p.returncode == 0 and p.stdout == f"lmjax from {venv}: eval\n", p.stderr
+
+
+# --- every documented command parses ----------------------------------------------------------
+
+_PLACEHOLDERS = {"NAME": "my-run", "Z": "us-east5-a", "P": "my-proj", "X": "smoke",
+                 "IMAGE": "us-docker.pkg.dev/my-proj/lmjax/lmjax:tpu"}
+
+
+def _documented_commands() -> list[list[str]]:
+    """Commands in the READMEs' bash blocks and the launcher docstrings that start with
+    `python launch/`, `sbatch` or `lmjax` (continuation lines joined, $T expanded as
+    launch/README.md sets it)."""
+    texts = [block for doc in ("README.md", "launch/README.md")
+             for block in re.findall(r"```bash\n(.*?)```", (REPO / doc).read_text(), re.S)]
+    texts += [m.__doc__ for m in (tpu, gke, slurm)]
+    commands = []
+    for text in texts:
+        joined = re.sub(r"\\\n\s*", " ", text)
+        for line in joined.splitlines():
+            line = line.strip().split(" > ")[0].split(" # ")[0]
+            line = line.replace("$T", "--name my-run --zone us-east5-a --project my-project")
+            line = re.sub(r" \[[^\]]*\]", "", line)   # usage lines: [optional] parts
+            line = re.sub(r"\b(NAME|Z|P|IMAGE|X)\b", lambda m: _PLACEHOLDERS[m.group(1)], line)
+            if re.match(r"(python launch/\w+\.py|sbatch|lmjax) ", line):
+                words = shlex.split(line.replace("...", "x"))
+                if "x" not in words:   # "... -- lmjax train ..." elides arguments: skipped
+                    commands.append(words)
+    return commands
+
+
+def _check_lmjax(argv: list[str]) -> None:
+    from lmjax import cli
+    args = cli.build_parser().parse_args(argv)
+    if hasattr(args, "overrides"):
+        cli.load_experiment(args.experiment, args.overrides)   # every --set key exists
+
+
+def test_every_documented_launch_command_parses(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)   # --source . is this checkout
+    commands = _documented_commands()
+    launchers = {"tpu": tpu.parse_args, "gke": gke.parse_args,
+                 "slurm": lambda a: slurm.main(a) == 0 or pytest.fail(str(a))}
+    seen = set()
+    for words in commands:
+        if words[0] == "python":
+            name = Path(words[1]).stem
+            seen.add(name)
+            if name == "local":
+                continue   # exercised for real above
+            args = launchers[name](words[2:])
+            inner = getattr(args, "command", None) or (words[words.index("--") + 1:]
+                                                       if "--" in words else [])
+        elif words[0] == "sbatch":
+            inner = words[next(i for i, w in enumerate(words) if w.endswith(".sbatch")) + 1:]
+        else:
+            inner = words
+        if inner[:1] == ["lmjax"]:
+            _check_lmjax(inner[1:])
+    assert {"tpu", "gke", "slurm", "local"} <= seen and len(commands) > 15
+    capsys.readouterr()
+
+
+def test_dockerfile_installs_this_checkout_on_python_312_with_existing_extras():
+    text = (REPO / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.12", text, re.M)
+    assert "COPY . ." in text and 'pip install --no-cache-dir ".[${EXTRA}]"' in text
+    extras = re.search(r"\[options.extras_require\]\n((?:.*\n)*?)\n", (REPO / "setup.cfg").read_text())
+    names = set(re.findall(r"^(\w+) =", extras.group(1), re.M))
+    assert {"tpu", "gpu"} <= names
+    assert re.search(r"^ARG EXTRA=tpu$", text, re.M)
+    requires = re.search(r"python_requires\s*=\s*>=\s*3\.(\d+)", (REPO / "setup.cfg").read_text())
+    assert int(requires.group(1)) <= 12   # the image's Python satisfies setup.cfg
