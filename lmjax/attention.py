@@ -206,13 +206,21 @@ def _kv_for_local_heads(k, v, heads: int, local_heads: int, head_axes: dict[str,
     return (jnp.take(x, index, axis=2) for x in (k, v))
 
 
-def resolve_impl(impl: str, backend: str | None = None) -> str:
-    """Maps ``auto`` to the implementation for `backend` (default: jax's default backend)."""
+# Sequence lengths each Pallas kernel's block sizes need (see `_splash_kernel`, `_pallas_gpu_local`).
+_KERNEL_SEQ_MULTIPLE = {"splash": 128, "pallas_gpu": 16}
+
+
+def resolve_impl(impl: str, backend: str | None = None, seq_len: int | None = None) -> str:
+    """Maps ``auto`` to the implementation for `backend` (default: jax's default backend):
+    the backend's kernel, or xla when `seq_len` does not fit the kernel's blocks."""
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
-    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu",
+    impl = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu",
             "tpu": "splash"}.get(backend, "xla")
+    if seq_len is not None and seq_len % _KERNEL_SEQ_MULTIPLE.get(impl, 1):
+        return "xla"
+    return impl
 
 
 def attention(q, k, v, *, segment_ids=None, impl: str = "auto"):
@@ -226,7 +234,7 @@ def attention(q, k, v, *, segment_ids=None, impl: str = "auto"):
     Returns:
       [batch, seq, heads, head_dim] in q's dtype.
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, seq_len=q.shape[1])
     if impl == "splash":
         return _splash(q, k, v, segment_ids).astype(q.dtype)
     if impl == "pallas_gpu":

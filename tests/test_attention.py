@@ -107,6 +107,10 @@ def test_auto_resolves_by_backend_and_unknown_impl_is_refused():
     assert attn_lib.resolve_impl("auto", "gpu") == "pallas_gpu"
     assert attn_lib.resolve_impl("auto", "tpu") == "splash"
     assert attn_lib.resolve_impl("cudnn", "tpu") == "cudnn"
+    # a length the kernel's blocks do not divide (a scoring window, a prompt) falls back to xla
+    assert attn_lib.resolve_impl("auto", "gpu", seq_len=1000) == "xla"
+    assert attn_lib.resolve_impl("auto", "gpu", seq_len=1024) == "pallas_gpu"
+    assert attn_lib.resolve_impl("auto", "tpu", seq_len=200) == "xla"
     q, k, v = (jnp.asarray(x) for x in _qkv(5))
     with pytest.raises(ValueError, match="use one of .*pallas_gpu"):
         attn_lib.attention(q, k, v, impl="flash")
