@@ -61,7 +61,7 @@ def generation_of(accelerator_type: str) -> tuple[Generation, int]:
     """("v5p-64") -> (v5p Generation, 64); raises ValueError naming the accepted forms."""
     prefix, sep, number = accelerator_type.rpartition("-")
     if not sep or prefix not in GENERATIONS or not number.isdigit() or int(number) < 1:
-        raise ValueError(f"accelerator type {accelerator_type!r}: expected PREFIX-N with PREFIX "
+        raise ConfigError(f"accelerator type {accelerator_type!r}: expected PREFIX-N with PREFIX "
                          f"one of {sorted(GENERATIONS)}, e.g. v5p-64, v5litepod-16, v6e-256, v4-32")
     return GENERATIONS[prefix], int(number)
 
@@ -96,7 +96,7 @@ def slice_shape(accelerator_type: str, topology: str | None = None) -> SliceShap
     """Chips, hosts and topology of one slice, e.g. v5p-64 -> 32 chips, 8 hosts, 2x4x4."""
     gen, number = generation_of(accelerator_type)
     if number % gen.cores_per_chip:
-        raise ValueError(f"{accelerator_type}: {gen.name} counts TensorCores "
+        raise ConfigError(f"{accelerator_type}: {gen.name} counts TensorCores "
                          f"({gen.cores_per_chip} per chip), so N must be even")
     chips = number // gen.cores_per_chip
     if topology is None:
@@ -104,12 +104,12 @@ def slice_shape(accelerator_type: str, topology: str | None = None) -> SliceShap
     dims = topology.split("x")
     if (len(dims) != gen.topology_dims or not all(d.isdigit() for d in dims)
             or math.prod(map(int, dims)) != chips):
-        raise ValueError(f"topology {topology!r} does not fit {accelerator_type} ({chips} chips "
+        raise ConfigError(f"topology {topology!r} does not fit {accelerator_type} ({chips} chips "
                          f"as {gen.topology_dims} dimensions, e.g. "
                          f"{'2x2x4' if gen.topology_dims == 3 else '4x4'})")
     per_host = chips if chips <= gen.max_single_host_chips else gen.chips_per_host
     if chips % per_host:
-        raise ValueError(f"{accelerator_type}: {chips} chips do not fill hosts of {per_host}")
+        raise ConfigError(f"{accelerator_type}: {chips} chips do not fill hosts of {per_host}")
     return SliceShape(accelerator_type, gen, chips, chips // per_host, per_host, topology)
 
 

@@ -116,7 +116,12 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, optim
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if skip_nonfinite:
-        keep_old = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        # A skipped step keeps the old params and moments, but the optimizer's integer leaves
+        # (its step counts, which drive the schedule) advance with `step`, so the learning
+        # rate applied after a skip is still schedule(step), the one logged.
+        def keep_old(new, old):
+            return jnp.where(finite, new, old) if jnp.issubdtype(new.dtype, jnp.inexact) else new
+
         new_state = new_state.replace(params=jax.tree.map(keep_old, params, state.params),
                                       opt_state=jax.tree.map(keep_old, opt_state, state.opt_state))
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),

@@ -128,17 +128,44 @@ def test_loss_decreases_on_a_fixed_batch():
     assert int(state.step) == 30
 
 
-def test_nonfinite_step_is_flagged_and_skipped_when_configured():
+def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
+    """on_nonfinite=skip: params and moments stay, `step` and the optimizer's counts both
+    advance, so the next step applies (and logs) schedule(step)."""
     cfg = _config()
-    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, on_nonfinite="skip"))
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, warmup_steps=4),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, on_nonfinite="skip"))
     tr = _trainer(cfg)
-    state = tr.init_fn()
-    before = jax.device_get(state.params)
+    state, _ = tr.step_fn(tr.init_fn(), train.global_batch(_batch(1), tr.batch_sharding))
+    before = jax.device_get(state)
     bad = _batch()
     bad["loss_mask"] = np.full_like(bad["loss_mask"], np.inf)
     state, m = tr.step_fn(state, train.global_batch(bad, tr.batch_sharding))
     assert train.fetch(m)["finite"] == 0.0
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+    after = jax.device_get(state)
+    jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+    floats = lambda s: [x for x in jax.tree.leaves(s.opt_state) if x.dtype.kind == "f"]  # noqa: E731
+    jax.tree.map(np.testing.assert_array_equal, floats(after), floats(before))
+    counts = [int(x) for x in jax.tree.leaves(after.opt_state) if x.dtype.kind in "iu"]
+    assert int(after.step) == 2 and counts == [2, 2]
+    # the next good step applies schedule(2) = 0.5 lr, the learning rate it logs: with the
+    # same moments and a count of 2, optax's own AdamW gives the same params
+    state, m = tr.step_fn(state, train.global_batch(_batch(3), tr.batch_sharding))
+    assert train.fetch(m)["learning_rate"] == pytest.approx(0.5 * cfg.optim.lr)
+    grads = jax.grad(lambda p: train.loss_terms(p, train.global_batch(_batch(3), tr.batch_sharding),
+                                                TINY, 0.0)[0])(after.params)
+    tokens = float(np.sum(_batch(3)["loss_mask"]))
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    reference = optax.chain(optax.clip_by_global_norm(cfg.optim.clip_norm), optax.adamw(
+        0.5 * cfg.optim.lr, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay, mask=lambda p: optim.weight_decay_mask(p, cfg.optim)))
+    # lmjax's state holds optax's leaves (Adam count, mu, nu) and then the schedule's count
+    ref_state = jax.tree.unflatten(jax.tree.structure(reference.init(after.params)),
+                                   jax.tree.leaves(after.opt_state)[:-1])
+    updates, _ = reference.update(grads, ref_state, after.params)
+    expected = optax.apply_updates(after.params, updates)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 jax.device_get(state.params), expected)
+    assert int(state.step) == 3
 
 
 def test_schedules():
@@ -163,19 +190,35 @@ def test_weight_decay_mask_spares_norms_and_embeddings():
     assert optim.weight_decay_mask(params, OptimConfig(decay_embeddings=True))["embed"]
 
 
-def test_adamw_update_matches_optax_reference():
-    """One step of make_optimizer == optax.adamw after clipping, computed independently."""
-    cfg = OptimConfig(lr=0.1, warmup_steps=0, schedule="constant", clip_norm=0.5,
-                      weight_decay=0.1)
-    params = {"w": jnp.ones((3, 3)), "norm": jnp.ones((3,))}
-    grads = {"w": jnp.full((3, 3), 2.0), "norm": jnp.full((3,), 2.0)}
+def test_adamw_update_matches_a_numpy_reference_over_several_steps():
+    """make_optimizer over 3 steps == AdamW written out in numpy: global-norm clipping (active:
+    every gradient's norm exceeds clip_norm), bias-corrected moments, decoupled decay on
+    matrices only, and the warmup learning rate of each step (0, lr/2, lr)."""
+    cfg = OptimConfig(lr=0.1, warmup_steps=2, schedule="constant", clip_norm=0.5,
+                      weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8)
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(3, 3)), "norm": rng.normal(size=3)}
     tx = optim.make_optimizer(cfg, 10)
-    updates, _ = tx.update(grads, tx.init(params), params)
-    scale = 0.5 / float(optax.tree.norm(grads))
-    g = 2.0 * scale  # Adam's first step moves by lr * sign(g) (m/sqrt(v) = 1)
-    assert g > 0
-    np.testing.assert_allclose(updates["w"], -0.1 * (1.0 + 0.1 * 1.0) * np.ones((3, 3)), rtol=1e-5)
-    np.testing.assert_allclose(updates["norm"], -0.1 * np.ones(3), rtol=1e-5)
+    state, got = tx.init(jax.tree.map(jnp.float32, params)), jax.tree.map(jnp.float32, params)
+    want = {k: v.copy() for k, v in params.items()}
+    mu = {k: np.zeros_like(v) for k, v in params.items()}
+    nu = {k: np.zeros_like(v) for k, v in params.items()}
+    for t, lr in enumerate([0.0, 0.05, 0.1], start=1):
+        grads = {k: rng.normal(size=v.shape) * 3 for k, v in params.items()}
+        norm = np.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        assert norm > cfg.clip_norm
+        for k, g in grads.items():
+            g = g * cfg.clip_norm / norm
+            mu[k] = cfg.b1 * mu[k] + (1 - cfg.b1) * g
+            nu[k] = cfg.b2 * nu[k] + (1 - cfg.b2) * g * g
+            step = (mu[k] / (1 - cfg.b1 ** t)) / (np.sqrt(nu[k] / (1 - cfg.b2 ** t)) + cfg.eps)
+            decay = cfg.weight_decay * want[k] if k == "w" else 0.0
+            want[k] = want[k] - lr * (step + decay)
+        updates, state = tx.update(jax.tree.map(jnp.float32, grads), state, got)
+        got = optax.apply_updates(got, updates)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=2e-5, atol=1e-6)
+    assert not np.allclose(want["w"], params["w"])
 
 
 def test_eta_after_a_resume_counts_this_process_steps(tmp_path, capsys):
