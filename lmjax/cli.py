@@ -161,7 +161,7 @@ def _cmd_plan(args) -> int:
         presets = {name: load_experiment(name).model for name in experiment_names()}
     request = plan.Request(args.topology, args.num_slices, tuple(args.sweep), args.workers,
                            args.timeout, args.xla_estimate, args.tokens, args.days,
-                           args.budget_chip_hours)
+                           args.budget_chip_hours, args.measure)
     result, text = plan.plan(config, request, presets)
     print(json.dumps(result, indent=2) if args.json else text, flush=True)
     return 0 if any(c["fits"] for c in result["candidates"]) else 1
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=float, default=0, help="... or of this many days")
     p.add_argument("--budget-chip-hours", type=float, default=0,
                    help="propose a compute-optimal model size and token count for this budget")
+    p.add_argument("--measure", type=int, default=0, metavar="N",
+                   help="with --topology cpu: also time the best N candidates here")
     p.add_argument("--json", action="store_true", help="print JSON (schema lmjax.plan/1)")
     p.set_defaults(func=_cmd_plan)
 

@@ -256,6 +256,7 @@ def tpu_hardware(gen) -> roofline.Hardware:
 class Row:
     outcome: Outcome
     estimate: roofline.Estimate | None  # None unless the compile succeeded
+    measured_step_s: float = float("nan")  # `--measure` on this machine's devices
 
     @property
     def fits(self) -> bool:
@@ -290,6 +291,10 @@ def rank(outcomes: Sequence[Outcome], hw: roofline.Hardware) -> list[Row]:
     return sorted(rows, key=key)
 
 
+def _g(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3g}"
+
+
 def _describe(overrides: Sequence[str]) -> dict[str, str]:
     return dict(item.split("=", 1) for item in overrides)
 
@@ -299,7 +304,7 @@ def format_table(rows: Sequence[Row], rejected: Sequence[Rejected]) -> str:
     that was not estimated and why."""
     head = ("#", "data/fsdp/tensor", "batch (/chip)", "remat", "accum", "memory/chip",
             "headroom", "fits",
-            "compile s", "step s", "tok/s/chip", "MFU", "bound", "xla step s")
+            "compile s", "step s", "tok/s/chip", "MFU", "bound", "xla step s", "measured s")
     lines = []
     for i, row in enumerate(rows, 1):
         if row.estimate is None:
@@ -314,7 +319,7 @@ def format_table(rows: Sequence[Row], rejected: Sequence[Rejected]) -> str:
                       "yes" if r.fits else "NO",
                       f"{r.compile_seconds:.0f}", f"{e.step_s:.3g}",
                       f"{e.tokens_per_s_per_chip:,.0f}", f"{100 * e.mfu:.1f}%", e.bound,
-                      "-" if math.isnan(row.outcome.xla_step_s) else f"{row.outcome.xla_step_s:.3g}"))
+                      _g(row.outcome.xla_step_s), _g(row.measured_step_s)))
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
     fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [fmt(head), *map(fmt, lines)]
@@ -333,7 +338,7 @@ def _record(index: int, row: Row) -> dict:
     o = row.outcome
     record = {"rank": index, "overrides": list(o.candidate.overrides), "status": o.status,
               "reason": o.reason, "fits": row.fits, "memory": None, "compile_seconds": None,
-              "estimate": None}
+              "estimate": None, "measured_step_seconds": _or_none(row.measured_step_s)}
     if row.estimate is not None:
         r, e = o.report, row.estimate
         record["memory"] = {"total_bytes": r.total_bytes, "hbm_bytes": r.hbm_bytes,
@@ -345,8 +350,12 @@ def _record(index: int, row: Row) -> dict:
                               "memory_seconds": e.memory_s, "ici_seconds": e.ici_s,
                               "dcn_seconds": e.dcn_s, "bound": e.bound, "mfu": e.mfu,
                               "tokens_per_second_per_chip": e.tokens_per_s_per_chip,
-                              "xla_step_seconds": None if math.isnan(o.xla_step_s) else o.xla_step_s}
+                              "xla_step_seconds": _or_none(o.xla_step_s)}
     return record
+
+
+def _or_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
 
 
 def to_json(rows: Sequence[Row], rejected: Sequence[Rejected], *, target: dict,
@@ -355,7 +364,7 @@ def to_json(rows: Sequence[Row], rejected: Sequence[Rejected], *, target: dict,
     records = [_record(i, row) for i, row in enumerate(rows, 1)]
     records += [{"rank": None, "overrides": list(r.overrides), "status": "rejected",
                  "reason": r.reason, "fits": False, "memory": None, "compile_seconds": None,
-                 "estimate": None} for r in rejected]
+                 "estimate": None, "measured_step_seconds": None} for r in rejected]
     return {"schema": SCHEMA, "target": target, "hardware": dataclasses.asdict(hw),
             "candidates": records, "run": run, "budget": budget}
 
@@ -477,6 +486,7 @@ class Request:
     tokens: float = 0
     days: float = 0
     budget_chip_hours: float = 0
+    measure: int = 0  # topology "cpu": time the best N fitting candidates (lmjax bench)
 
 
 def plan(config: Config, req: Request, presets: dict[str, Any] | None = None,
@@ -502,6 +512,8 @@ def plan(config: Config, req: Request, presets: dict[str, Any] | None = None,
                            xla_estimate=req.xla_estimate and not on_cpu,
                            progress=progress or _progress_bar(sys.stderr))
     rows = rank(outcomes, hw)
+    if on_cpu and req.measure > 0:
+        rows = measure(rows, req.measure)
     best = next((row for row in rows if row.fits), None)
     run = budget = None
     if best and (req.tokens > 0 or req.days > 0):
@@ -519,6 +531,19 @@ def plan(config: Config, req: Request, presets: dict[str, Any] | None = None,
         text.append(format_budget(budget))
     return to_json(rows, rejected, target=target_info, hw=hw, run=run, budget=budget), \
         "\n".join(text)
+
+
+def measure(rows: Sequence[Row], n: int, steps: int = 5) -> list[Row]:
+    """`rows` with the median step time of the first `n` fitting ones measured here (the
+    real step on a synthetic batch, `bench.bench_step`)."""
+    from lmjax import bench
+    out, left = [], n
+    for row in rows:
+        if row.fits and left > 0:
+            seconds = bench.bench_step(row.outcome.candidate.config, steps)["step_s"]
+            row, left = dataclasses.replace(row, measured_step_s=seconds), left - 1
+        out.append(row)
+    return out
 
 
 def format_budget(b: dict) -> str:

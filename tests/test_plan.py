@@ -250,7 +250,7 @@ def test_plan_json_schema_is_stable():
     assert result["schema"] == "lmjax.plan/1"
     assert set(result) == {"schema", "target", "hardware", "candidates", "run", "budget"}
     keys = {"rank", "overrides", "status", "reason", "fits", "memory", "compile_seconds",
-            "estimate"}
+            "estimate", "measured_step_seconds"}
     assert all(set(c) == keys for c in result["candidates"])
     first, second, third = result["candidates"]
     assert set(first["memory"]) == {"total_bytes", "hbm_bytes", "headroom_bytes",
