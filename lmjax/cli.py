@@ -48,6 +48,14 @@ def _add_experiment_args(p: argparse.ArgumentParser, default: str | None = None)
                    help="override a config field, e.g. --set run.steps=100 (repeatable)")
 
 
+def _add_target_args(p: argparse.ArgumentParser, more_help: str) -> None:
+    _add_experiment_args(p)
+    p.add_argument("--topology", required=True,
+                   help="Cloud TPU name (v5p-128, v4-64, v5litepod-16, v6e-256) or a topology "
+                        "(v5p:4x4x4)" + more_help)
+    p.add_argument("--num-slices", type=int, default=1, help="multi-slice: number of slices")
+
+
 def _cmd_train(args) -> int:
     from lmjax import distributed, train
     distributed.initialize()
@@ -254,20 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile the train step for a TPU topology (libtpu) and "
                                        "report memory per chip; exit 1 if it does not fit")
-    _add_experiment_args(p)
-    p.add_argument("--topology", required=True,
-                   help="Cloud TPU name (v5p-128, v4-64, v5litepod-16, v6e-256) or a topology "
-                        "(v5p:4x4x4)")
-    p.add_argument("--num-slices", type=int, default=1, help="multi-slice: number of slices")
+    _add_target_args(p, "")
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("plan", help="compile candidate meshes, batches and remat policies for a "
                                     "TPU slice; rank those that fit by estimated speed")
-    _add_experiment_args(p)
-    p.add_argument("--topology", required=True,
-                   help="Cloud TPU name or topology as for `lmjax compile`; `cpu`: this "
-                        "machine's jax devices, with its measured peak and bandwidth")
-    p.add_argument("--num-slices", type=int, default=1, help="multi-slice: number of slices")
+    _add_target_args(p, "; cpu: this machine's jax devices, with its measured peak and "
+                        "memory bandwidth")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="replace one dimension of the candidate space (repeatable): mesh.data, "
                         "mesh.tensor, mesh.dcn_data, rows_per_chip, model.remat, "

@@ -46,18 +46,28 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * n_matmul + attention
 
 
+def _best_seconds(fn, x, repeats: int = 5) -> float:
+    """The fastest of `repeats` timed calls of the jitted `fn(x)`, after one warm-up call."""
+    fn(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @functools.cache
 def _measured_cpu_peak(dtype: str) -> float:
     n = 1024
-    a = jnp.ones((n, n), dtype)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / _best_seconds(jax.jit(lambda x: x @ x), jnp.ones((n, n), dtype))
+
+
+@functools.cache
+def measured_cpu_bandwidth(n_bytes: int = 256 * 1024 ** 2) -> float:
+    """Memory bytes per second of this CPU: a jitted `x + 1` over `n_bytes` of float32 reads
+    and writes each element once."""
+    return 2 * n_bytes / _best_seconds(jax.jit(lambda a: a + 1), jnp.zeros(n_bytes // 4))
 
 
 def peak_flops(device: jax.Device, compute_dtype: str = "bfloat16") -> tuple[float, str]:

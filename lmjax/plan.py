@@ -18,7 +18,8 @@ import multiprocessing
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from lmjax import roofline
 from lmjax.config import Config, ConfigError, apply_overrides, validate
@@ -321,7 +322,7 @@ def format_table(rows: Sequence[Row], rejected: Sequence[Rejected]) -> str:
                       f"{e.tokens_per_s_per_chip:,.0f}", f"{100 * e.mfu:.1f}%", e.bound,
                       _g(row.outcome.xla_step_s), _g(row.measured_step_s)))
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
     out = [fmt(head), *map(fmt, lines)]
     best = next((row for row in rows if row.fits), None)
     out.append("best: " + (" ".join(f"--set {o}" for o in best.outcome.candidate.overrides)
@@ -432,32 +433,16 @@ def budget_proposal(chip_hours: float, peak_flops: float, mfu: float,
 
 def cpu_hardware(compute_dtype: str) -> roofline.Hardware:
     """This machine as the roofline sees one of its jax CPU devices: the measured matmul peak
-    and memory bandwidth (`measure_memory_bandwidth`), shared equally by the devices (they
-    run on the same cores); collectives are copies at memory bandwidth; nothing overlaps."""
+    and memory bandwidth (`metrics`), shared equally by the devices (they run on the same
+    cores); collectives are copies at memory bandwidth; nothing overlaps."""
     import jax
 
     from lmjax import metrics
     n = jax.device_count()
     peak, _ = metrics.peak_flops(jax.devices()[0], compute_dtype)
-    bandwidth = measure_memory_bandwidth()
+    bandwidth = metrics.measured_cpu_bandwidth()
     return roofline.Hardware(peak / n, bandwidth / n, 2 * bandwidth / n, bandwidth / n,
                              overlapped=False)
-
-
-def measure_memory_bandwidth(n_bytes: int = 256 * 1024 ** 2) -> float:
-    """Bytes per second of the best of 5 jitted `x + 1` over `n_bytes` of float32 (one read
-    and one write of each element)."""
-    import jax
-    import jax.numpy as jnp
-    x = jnp.zeros(n_bytes // 4, jnp.float32)
-    add = jax.jit(lambda a: a + 1)
-    add(x).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        add(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n_bytes / best
 
 
 def _progress_bar(stream) -> Callable[[int, int, int], None]:
@@ -548,10 +533,11 @@ def measure(rows: Sequence[Row], n: int, steps: int = 5) -> list[Row]:
 
 def format_budget(b: dict) -> str:
     shape = " ".join(f"--set {k}={v}" for k, v in b["derived_shape"].items())
-    lines = [f"budget: {b['chip_hours']:,.0f} chip-hours at {100 * b['mfu_assumed']:.1f}% MFU "
-             f"(the best candidate's estimate) = {b['flops']:.3g} FLOPs; compute-optimal with "
-             f"C = 6 N D and D = {b['tokens_per_param']} N (Chinchilla): "
-             f"N = {b['optimal_params']:.3g} parameters, D = {b['optimal_tokens']:.3g} tokens"]
+    head = (f"budget: {b['chip_hours']:,.0f} chip-hours at {100 * b['mfu_assumed']:.1f}% MFU "
+            f"(the best candidate's estimate) = {b['flops']:.3g} FLOPs; compute-optimal with "
+            f"C = 6 N D and D = {b['tokens_per_param']} N (Chinchilla): "
+            f"N = {b['optimal_params']:.3g} parameters, D = {b['optimal_tokens']:.3g} tokens")
+    lines = [head]
     if b["preset"]:
         lines.append(f"  nearest preset: {b['preset']} ({b['preset_params']:.3g} parameters), "
                      f"{b['preset_tokens']:.3g} tokens for the budget")

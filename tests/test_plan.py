@@ -7,7 +7,8 @@ import math
 import jax
 import pytest
 
-from lmjax import cli, compile as compile_lib, hardware, plan, roofline
+from lmjax import cli, hardware, plan, roofline
+from lmjax import compile as compile_lib
 from lmjax.config import ConfigError, ModelConfig
 from tests import tpu_compiler
 
@@ -38,7 +39,7 @@ def test_enumeration_respects_divisibility_and_the_mesh_size():
         assert c.config.data.batch_size == 16  # 1 row per chip, 16 chips
         shards = m.data * m.fsdp * m.dcn_data * m.dcn_fsdp
         assert (c.config.data.batch_size // c.config.optim.grad_accum) % shards == 0
-        assert f"data.batch_size=16" in c.overrides
+        assert "data.batch_size=16" in c.overrides
     reasons = {r.reason for r in rejected}
     assert "mesh.data x mesh.tensor = 1 x 3 does not divide 8 chips per slice" in reasons
     assert ("params/layers/wk dimension 'kv_heads' of size 2 is not divisible by mesh axes "
@@ -76,7 +77,7 @@ def test_remat_recompute_flops_worked_by_hand():
     cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=192)
     # q, k, v, o: 64 x 16 x (4 + 2 + 2 + 4) = 12288; MLP 3 x 64 x 192 = 36864;
     # attention at seq 128: 2 x 4 x 16 x 128 = 16384 per token per layer.
-    flops = lambda remat: roofline.remat_recompute_flops_per_token(  # noqa: E731
+    flops = lambda remat: roofline.remat_recompute_flops_per_token(
         ModelConfig(**{**cfg.__dict__, "remat": remat}), 128)
     assert flops("none") == 0
     assert flops("full") == 2 * (2 * (12288 + 36864) + 16384)
