@@ -136,7 +136,15 @@ def _data_workdir(args, config: Config) -> str:
 def _cmd_data_preview(args) -> int:
     from lmjax.data import tools
     config = load_experiment(args.experiment, args.overrides)
-    tools.preview(config, _data_workdir(args, config), args.start_step, args.batches)
+    tools.preview(config, _data_workdir(args, config), args.start_step, args.batches,
+                  args.process_index, args.process_count)
+    return 0
+
+
+def _cmd_data_prepare(args) -> int:
+    from lmjax.data import tools
+    config = load_experiment(args.experiment, args.overrides)
+    tools.prepare(config, _data_workdir(args, config), args.workers, args.scheduler)
     return 0
 
 
@@ -227,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="step: run once per value and compare in one table (repeatable: a grid)")
     p.add_argument("--steps", type=int, default=5, help="step: timed steps per configuration")
-    p.add_argument("--workdir", default="", help="data: run directory whose tokenizer and shards "
+    p.add_argument("--workdir", default="", help="data: run directory whose tokenizer and store "
                                                  "to use (default ~/.cache/lmjax/RUN_NAME)")
     p.add_argument("--seconds", type=float, default=10.0, help="data: how long to read")
     p.add_argument("--batch", type=int, default=8, help="generate: prompts per batch")
@@ -288,16 +296,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (schema lmjax.plan/1)")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("data", help="look at the batches a run would train on")
+    p = sub.add_parser("data", help="prepare a run's data store; look at its batches")
     dt = p.add_subparsers(dest="data_command", required=True)
     q = dt.add_parser("preview", help="per batch: step, content hash, packing efficiency, a "
                                       "document start")
     _add_experiment_args(q)
-    q.add_argument("--workdir", default="", help="run directory whose tokenizer and shards to use "
+    q.add_argument("--workdir", default="", help="run directory whose tokenizer and store to use "
                                                  "(default ~/.cache/lmjax/RUN_NAME)")
     q.add_argument("--start-step", type=int, default=0)
     q.add_argument("--batches", type=int, default=4)
+    q.add_argument("--process-index", type=int, default=0,
+                   help="show the rows this process of --process-count would read")
+    q.add_argument("--process-count", type=int, default=1)
     q.set_defaults(func=_cmd_data_preview)
+    q = dt.add_parser("prepare", help="tokenize the run's documents once into a store (no-op "
+                                      "when it exists; reruns finish an interrupted one)")
+    _add_experiment_args(q)
+    q.add_argument("--workdir", default="", help="run directory: its tokenizer.model, and the "
+                                                 "store under WORKDIR/data unless data.store_dir "
+                                                 "is set (default ~/.cache/lmjax/RUN_NAME)")
+    q.add_argument("--workers", type=int, default=1,
+                   help="Dask worker processes on this machine (1: inline, no Dask)")
+    q.add_argument("--scheduler", default="", metavar="ADDRESS",
+                   help="run on an existing Dask cluster, e.g. tcp://10.0.0.2:8786 (workers need "
+                        "lmjax installed and the inputs and store_dir reachable)")
+    q.set_defaults(func=_cmd_data_prepare)
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
     tk = p.add_subparsers(dest="tokenizer_command", required=True)

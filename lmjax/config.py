@@ -73,25 +73,32 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # "packaged": the Shakespeare slice shipped in the package, built as a TFDS dataset.
-    # "text": a local TFDS dataset built from `text_files` (glob of .txt/.jsonl).
+    # Where documents come from; `lmjax data prepare` (or the first `lmjax train`) tokenizes
+    # them once into a store under `store_dir` that training reads (lmjax/data/prepare.py).
+    # "packaged": the Shakespeare slice shipped in the package.
+    # "text": local or gs:// `text_files` (comma-separated globs of .txt/.jsonl/.jsonl.gz).
     # "tfds": a registered TFDS dataset `tfds_name` read from `data_dir`.
-    # "synthetic": seeded random tokens, for benchmarks.
+    # "synthetic": seeded random tokens, for benchmarks; nothing to prepare.
     source: str = "packaged"
     tfds_name: str = ""
-    data_dir: str = ""
+    data_dir: str = ""  # TFDS data_dir of the tfds source
     text_files: str = ""
-    text_feature: str = "text"
+    text_feature: str = "text"  # JSON key (.jsonl) or TFDS feature holding the text
     train_split: str = "train"  # tfds source only; local text always has train/validation
     eval_split: str = "validation"  # tfds source only
-    validation_fraction: float = 0.05
+    validation_fraction: float = 0.05  # local text: documents held out, chosen by hash
+    bad_utf8: str = "error"  # "error": fail naming file and byte; "skip": skip such documents
+    store_dir: str = ""  # prepared stores (local or gs://); empty: WORKDIR/data
+    prepare_timeout_s: float = 3600.0  # how long other processes wait for process 0 to prepare
     tokenizer: str = ""  # a sentencepiece .model; empty: train one into the workdir
     tokenizer_vocab_size: int = 4096
     batch_size: int = 8  # global batch, in sequences
     seq_len: int = 512
-    packing: bool = True  # False: concatenate and split without segment ids
-    shuffle: bool = True
-    shuffle_buffer: int = 4096  # tfds source only; local text shuffles whole documents
+    # True: each document piece in a row is its own segment (attention stays inside it,
+    # positions restart, no target crosses into the next document). False: rows are plain
+    # windows of the token stream (one segment, every target trained).
+    packing: bool = True
+    shuffle: bool = True  # a fresh seeded permutation of the training windows every epoch
     seed: int = 0
 
 
@@ -317,6 +324,7 @@ def _check_data(config: Config, need) -> None:
          f"data.source={d.source!r}: choose packaged, text, tfds or synthetic.")
     need(d.source != "tfds" or d.tfds_name,
          "data.source=tfds needs data.tfds_name (e.g. c4/en:3.1.0) and data.data_dir.")
+    need(d.bad_utf8 in ("error", "skip"), f"data.bad_utf8={d.bad_utf8!r}: choose error or skip.")
     need(d.source != "text" or d.text_files,
          "data.source=text needs data.text_files (a glob of .txt or .jsonl files).")
     need(0.0 <= d.validation_fraction < 1.0,

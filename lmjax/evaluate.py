@@ -168,8 +168,11 @@ def load_run(workdir: str, step: int | None):
 def experiment_batches(config: Config, tokenizer, workdir: str) -> list[dict]:
     """The run's own evaluation batches: `config.run.eval_batches` of its eval split."""
     from lmjax import data
+    from lmjax.data import prepare
 
-    pipeline = data.make_pipeline(config.data, tokenizer, workdir=workdir,
+    store_dir = "" if tokenizer is None else prepare.ensure_store(
+        config.data, tokenizer, prepare.store_root(config.data, workdir), leader=True)
+    pipeline = data.make_pipeline(config.data, tokenizer, store_dir=store_dir,
                                   vocab_size=config.model.vocab_size)
     return pipeline.eval_batches(config.run.eval_batches)
 

@@ -277,6 +277,7 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
     from lmjax import checkpoint
     from lmjax import data as data_lib
     from lmjax.config import to_json, validate, validate_tokenizer
+    from lmjax.data import prepare
 
     config = validate(config)
     primary = jax.process_index() == 0
@@ -288,7 +289,7 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
     rows = sharding.process_rows(
         sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh)),
         config.data.batch_size)
-    tokenizer = data_lib.prepare_tokenizer(config.data, workdir)
+    tokenizer = data_lib.prepare_tokenizer(config.data, workdir, leader=primary)
     config = _with_tokenizer(config, tokenizer)
     fingerprint = tokenizer.fingerprint if tokenizer is not None else None
     resume.check_tokenizer(fingerprint)
@@ -299,8 +300,11 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(to_json(config))
+    store_dir = "" if tokenizer is None else prepare.ensure_store(
+        config.data, tokenizer, prepare.store_root(config.data, workdir), leader=primary)
     pipeline = data_lib.make_pipeline(config.data, tokenizer, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), rows=rows, workdir=workdir,
+                                      process_count=jax.process_count(), rows=rows,
+                                      store_dir=store_dir,
                                       vocab_size=config.model.vocab_size)
     trainer = make_trainer(config, mesh)
     if primary:

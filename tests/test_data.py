@@ -1,20 +1,25 @@
-"""The data pipeline on real TFDS shards and real tf.data, checked against naive references."""
+"""Preparation into the ArrayRecord store and the random-access pipeline, checked against naive
+references (sentencepiece on the raw documents, a Python loop over tokens)."""
 import dataclasses
+import gzip
+import hashlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from lmjax import cli
 from lmjax.config import Config, ConfigError, DataConfig
-from lmjax.data import BATCH_KEYS, DataStateError, documents, load_tokenizer, make_pipeline, train_tokenizer
-from lmjax.data import text_builder, tools
-from lmjax.data.packing import TokenStore
+from lmjax.data import BATCH_KEYS, DataStateError, documents, load_tokenizer, make_pipeline
+from lmjax.data import prepare, shuffle, store, tools, train_tokenizer
+from lmjax.data.tokenizer import prepare_tokenizer
 
 SONNETS = os.path.join(documents.PACKAGED_DIR, "sonnets.txt")
 SEQ, BATCH = 32, 8
@@ -28,42 +33,54 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """60 sonnets as documents: 36 in a form-feed separated .txt, 24 in a .jsonl."""
+    """60 sonnets as documents: 30 in a form-feed separated .txt, 20 in a .jsonl, 10 in a
+    .jsonl.gz; plus an empty file. Returns (directory, {relative file: documents})."""
     root = tmp_path_factory.mktemp("corpus")
     sonnets = documents.split_text(open(SONNETS).read())[1:61]
-    (root / "a.txt").write_text("\f\n".join(sonnets[:36]))
-    with open(root / "b.jsonl", "w") as f:
-        for s in sonnets[36:]:
-            f.write(json.dumps({"text": s}) + "\n")
-    return str(root), sonnets
+    (root / "a.txt").write_text("\f\n".join(sonnets[:30]) + "\f\n\f")  # two empty documents
+    (root / "b.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in sonnets[30:50]))
+    (root / "c.jsonl.gz").write_bytes(gzip.compress(
+        "".join(json.dumps({"text": s}) + "\n" for s in sonnets[50:]).encode()))
+    (root / "d.txt").write_text("")
+    return str(root), {"a.txt": sonnets[:30], "b.jsonl": sonnets[30:50], "c.jsonl.gz": sonnets[50:],
+                       "d.txt": []}
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("shards"))
-
-
-def text_cfg(corpus, shards, **kw):
-    base = DataConfig(source="text", text_files=corpus[0], data_dir=shards, seq_len=SEQ,
-                      batch_size=BATCH, validation_fraction=0.1, seed=3)
+def text_cfg(corpus, **kw):
+    base = DataConfig(source="text", text_files=corpus[0], seq_len=SEQ, batch_size=BATCH,
+                      validation_fraction=0.1, seed=3)
     return dataclasses.replace(base, **kw)
 
 
-def split_docs(shards_dir, config_name, split):
-    builder = tfds.builder(f"lmjax_text/{config_name}", data_dir=shards_dir)
-    return [t.decode() for t in builder.as_dataset(split=split).map(lambda e: e["text"]).as_numpy_iterator()]
+@pytest.fixture(scope="module")
+def prepared(corpus, tok, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("stores"))
+    directory, meta = prepare.prepare(text_cfg(corpus), tok, root)
+    return directory, meta
 
 
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert set(x) == set(BATCH_KEYS)
-        for k in BATCH_KEYS:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+def naive_streams(corpus, tok, fraction=0.1):
+    """{split: token stream} built directly: files in name order, documents in file order, a
+    document held out when sha256("FILE:INDEX") < fraction * 2**256, each BOS text EOS."""
+    streams = {"train": [], "validation": []}
+    for name in sorted(corpus[1]):
+        for i, text in enumerate(corpus[1][name]):
+            held = int(hashlib.sha256(f"{name}:{i}".encode()).hexdigest(), 16) < fraction * 2 ** 256
+            streams["validation" if held else "train"] += [tok.bos_id, *tok.encode(text), tok.eos_id]
+    return {k: np.array(v) for k, v in streams.items()}
 
 
-def take(pipeline, start, n):
-    return list(itertools.islice(pipeline.train_batches(start), n))
+def naive_batch(stream, step, seq, batch, seed, shuffled=True):
+    """Rows of global batch `step` by the rule in pipeline.py, one window at a time."""
+    n_windows = (len(stream) - 1) // seq
+    rows = []
+    for r in range(batch):
+        epoch, j = divmod(step * batch + r, n_windows)
+        if shuffled:
+            j = int(shuffle.permute(np.array([j]), n_windows,
+                                    shuffle.derive_key(seed, 0x5EED, epoch))[0])
+        rows.append(stream[j * seq:j * seq + seq + 1])
+    return np.stack(rows)
 
 
 def naive_pack_check(batch, eos):
@@ -82,230 +99,252 @@ def naive_pack_check(batch, eos):
             assert mask[t] == (0.0 if inp[t] == eos else 1.0)  # an EOS has no target in its document
 
 
-def stream_of(batches_per_step):
-    """Concatenates window inputs in stream order: rows of step 0, then step 1, ..."""
-    return np.concatenate([b["inputs"].reshape(-1) for b in batches_per_step])
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert set(x) == set(BATCH_KEYS)
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def docs_in(stream, tok, count):
-    """The first `count` documents of a token stream, decoded."""
-    ends = np.flatnonzero(stream == tok.eos_id)[:count]
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    return [tok.decode(stream[s:e]) for s, e in zip(starts, ends)]
+def take(pipeline, start, n):
+    return list(itertools.islice(pipeline.train_batches(start), n))
 
 
-# ---------------------------------------------------------------- builder
+def stream_of(directory, meta, split):
+    s = store.StoreSplit(directory, split, meta)
+    return s.read(np.array([0]), s.n_tokens)[0]
 
 
-def test_builder_writes_tfds_shards_split_by_document(corpus, shards, tmp_path):
-    files = documents.expand_files(corpus[0])
-    builder = text_builder.prepare_text_dataset(files, label="text", text_key="text",
-                                                validation_fraction=0.1, data_dir=shards)
-    assert builder.is_prepared() and os.listdir(builder.data_dir)
-    name = builder.builder_config.name
-    train, val = split_docs(shards, name, "train"), split_docs(shards, name, "validation")
-    assert sorted(train + val) == sorted(corpus[1])  # disjoint and complete
-    held, total = sum(map(len, val)), sum(map(len, corpus[1]))
-    assert held >= 0.1 * total > held - max(map(len, val))  # a tenth of the text, by document
-    # Another directory, same files: the same documents are held out (the split is by content).
-    again = text_builder.prepare_text_dataset(files, label="text", text_key="text",
-                                              validation_fraction=0.1, data_dir=str(tmp_path))
-    assert sorted(split_docs(str(tmp_path), again.builder_config.name, "validation")) == sorted(val)
+# ---------------------------------------------------------------- preparation
 
 
-def test_validation_selection_edge_cases():
-    sizes = {f"f:{i}": 10 for i in range(5)}
-    assert text_builder.validation_keys(sizes, 0.0) == set()
-    assert len(text_builder.validation_keys(sizes, 0.01)) == 1
-    assert len(text_builder.validation_keys(sizes, 0.5)) == 3
-    with pytest.raises(ConfigError, match="nothing is left for training"):
-        text_builder.validation_keys({"f:0": 10}, 0.05)
+def test_prepare_writes_the_naive_token_streams_and_counts(corpus, tok, prepared, tmp_path):
+    directory, meta = prepared
+    reference = naive_streams(corpus, tok)
+    for split in store.SPLITS:
+        np.testing.assert_array_equal(stream_of(directory, meta, split), reference[split])
+    assert len(reference["validation"]) and len(reference["train"]) > 5 * len(reference["validation"])
+    s = meta["summary"]
+    assert (s["documents"], s["empty_documents"], s["empty_files"], s["bad_utf8"]) == (60, 2, 1, 0)
+    assert s["train_tokens"] + s["validation_tokens"] == sum(map(len, reference.values()))
+    assert meta["dtype"] == "uint16" and meta["tokenizer"] == tok.fingerprint
+    assert len(meta["shards"]) == 4 and os.path.exists(os.path.join(directory, store.META))
+    # A record holds RECORD_TOKENS tokens: the stream crosses records and shards.
+    assert meta["shards"][0]["train"]["records"] == -(-meta["shards"][0]["train"]["tokens"]
+                                                      // store.RECORD_TOKENS) > 1
+    # Idempotent: preparing again finds the store and writes nothing.
+    stamp = os.stat(os.path.join(directory, store.META)).st_mtime_ns
+    again, _ = prepare.prepare(text_cfg(corpus), tok, os.path.dirname(directory))
+    assert again == directory and os.stat(os.path.join(directory, store.META)).st_mtime_ns == stamp
+    # The key follows the inputs: another tokenizer or validation fraction is another store.
+    other, _ = prepare.prepare(text_cfg(corpus, validation_fraction=0.2), tok, str(tmp_path))
+    assert os.path.basename(other) != os.path.basename(directory)
 
 
-def test_packaged_corpus_has_many_documents():
-    files = documents.packaged_files()
-    docs = [d for f in files for d in documents.read_documents(f)]
-    assert len(files) == 8 and len(docs) == 285
-    assert 0.9e6 < sum(os.path.getsize(f) for f in files) < 1.1e6
-    assert "Open Knowledge Foundation" in open(os.path.join(documents.PACKAGED_DIR, "README.md")).read()
+def test_bad_utf8_is_an_error_naming_file_and_byte_or_skipped_and_counted(tok, tmp_path):
+    good = "first document\f" + "second document ok"
+    (tmp_path / "x.txt").write_bytes(good.encode() + b"\fthird \xff broken\fand a fourth")
+    cfg = DataConfig(source="text", text_files=str(tmp_path / "x.txt"), validation_fraction=0.5,
+                     seq_len=4, batch_size=1)
+    offset = len(good.encode()) + 1 + len("third ")
+    with pytest.raises(ConfigError, match=rf"x.txt: byte {offset} is not UTF-8.*data.bad_utf8=skip"):
+        prepare.prepare(cfg, tok, str(tmp_path / "stores"))
+    assert not any(p.endswith(store.META) for _, _, files in os.walk(tmp_path) for p in files)
+    _, meta = prepare.prepare(dataclasses.replace(cfg, bad_utf8="skip"), tok, str(tmp_path / "stores"))
+    assert meta["summary"]["bad_utf8"] == 1 and meta["summary"]["documents"] == 3
 
 
-# ---------------------------------------------------------------- indexed pipeline (text/packaged)
+def _corpus_files(root, n):
+    root.mkdir()
+    sonnets = documents.split_text(open(SONNETS).read())
+    for i in range(n):
+        (root / f"part{i:02d}.txt").write_text("\f".join(sonnets[i * 10:(i + 1) * 10]))
+    return DataConfig(source="text", text_files=str(root), validation_fraction=0.1, seq_len=SEQ,
+                      batch_size=BATCH)
 
 
-def test_packing_segments_positions_targets_against_naive_loop(corpus, shards, tok):
-    pipe = make_pipeline(text_cfg(corpus, shards), tok)
-    batches = take(pipe, 0, 6)
-    inputs = np.concatenate([b["inputs"] for b in batches]).reshape(-1)
-    after_eos = inputs[1:][inputs[:-1] == tok.eos_id]
-    assert len(after_eos) and (after_eos == tok.bos_id).all()  # every document starts with BOS
-    for b in batches:
-        assert all(b[k].shape == (BATCH, SEQ) for k in BATCH_KEYS)
-        assert b["inputs"].dtype == np.int32 and b["loss_mask"].dtype == np.float32
-        naive_pack_check(b, tok.eos_id)
-    # A window's last target is the next window's first input: nothing is lost at window edges.
-    flat = [(b["inputs"][r], b["targets"][r]) for b in batches for r in range(BATCH)]
-    for (_, tgt), (nxt, _) in zip(flat, flat[1:]):
-        assert tgt[-1] == nxt[0]
+@pytest.mark.slow
+def test_killed_dask_prepare_leaves_no_store_and_a_rerun_finishes_it(tok, tmp_path):
+    """`lmjax data prepare --workers 2` (Dask worker processes) killed after its first shards:
+    nothing readable as a store; a rerun completes it, equal to an uninterrupted preparation."""
+    cfg = _corpus_files(tmp_path / "corpus", 12)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
+    experiment = tmp_path / "exp.py"
+    experiment.write_text("from lmjax.config import *\n"
+                          f"def config():\n    return Config(data={cfg!r})\n")
+    command = [sys.executable, "-m", "lmjax", "data", "prepare", "--experiment", str(experiment),
+               "--workdir", str(workdir), "--workers", "2"]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    directory = prepare.locate(cfg, tok, str(workdir / "data"))[0]
+    deadline = time.monotonic() + 120
+    while not (os.path.isdir(directory) and any(f.startswith("shard-") for f in os.listdir(directory))):
+        assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before the kill"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(directory, store.META))
+    with pytest.raises(ConfigError, match="no prepared store.*lmjax data prepare"):
+        make_pipeline(cfg, tok, store_dir=directory)
+    done_by_dask = [f for f in os.listdir(directory) if f.startswith("shard-")]
+    _, meta = prepare.prepare(cfg, tok, str(workdir / "data"))  # the rerun, inline this time
+    assert meta["summary"]["shards"] == 12 and done_by_dask
+    fresh_dir, fresh_meta = prepare.prepare(cfg, tok, str(tmp_path / "fresh"))
+    for split in store.SPLITS:
+        np.testing.assert_array_equal(stream_of(directory, meta, split),
+                                      stream_of(fresh_dir, fresh_meta, split))
 
 
-def test_one_epoch_is_the_whole_train_split_once(corpus, shards, tok):
-    cfg = text_cfg(corpus, shards)
-    pipe = make_pipeline(cfg, tok)
-    name = pipe.state(0)["dataset"].split("/")[1].split(":")[0]
-    train = split_docs(shards, name, "train")
-    tokens = sum(len(tok.encode(d)) + 2 for d in train)
-    steps = tokens // (BATCH * SEQ) + 2
-    # Union over two processes' slices, reassembled in global order.
-    halves = [take(make_pipeline(cfg, tok, process_index=i, process_count=2), 0, steps) for i in range(2)]
-    glued = [{k: np.concatenate([h0[k], h1[k]]) for k in BATCH_KEYS} for h0, h1 in zip(*halves)]
-    epoch = docs_in(stream_of(glued), tok, len(train))
-    assert sorted(epoch) == sorted(train)  # every train document exactly once, nothing else
-    assert epoch != train  # shuffled
-    padding = sum((b["segment_ids"] == 0).sum() for b in glued)
-    assert padding == 0
+def test_missing_or_truncated_store_file_is_a_clear_error(corpus, tok, prepared, tmp_path):
+    import shutil
+
+    directory = str(tmp_path / os.path.basename(prepared[0]))
+    shutil.copytree(prepared[0], directory)
+    victim = os.path.join(directory, store.shard_file("train", 0, 4))
+    data = open(victim, "rb").read()
+    open(victim, "wb").write(data[:len(data) // 2])
+    pipe = make_pipeline(text_cfg(corpus), tok, store_dir=directory)
+    with pytest.raises(ConfigError, match=f"store file {victim} holds .* truncated"):
+        take(pipe, 0, 40)
+    os.remove(victim)
+    with pytest.raises(ConfigError, match=f"store file {victim} is missing"):
+        make_pipeline(text_cfg(corpus), tok, store_dir=directory).train_batch(3)
 
 
-def test_process_slices_are_rows_of_the_global_batch(corpus, shards, tok):
-    cfg = text_cfg(corpus, shards)
-    whole = take(make_pipeline(cfg, tok), 0, 3)
+# ---------------------------------------------------------------- reading by random access
+
+
+def test_permutation_is_a_keyed_bijection():
+    for n in (1, 2, 3, 5, 17, 1000, 4097):
+        p = shuffle.permute(np.arange(n), n, key=7)
+        assert sorted(p) == list(range(n))
+    p1, p2 = (shuffle.permute(np.arange(1000), 1000, key=k) for k in (1, 2))
+    assert (p1 != np.arange(1000)).mean() > 0.9 and (p1 != p2).mean() > 0.9
+    big = 10 ** 12  # pointwise: no array of the domain's size
+    x = shuffle.permute(np.array([0, 1, big - 1]), big, key=3)
+    assert len(set(x)) == 3 and (x < big).all()
+
+
+def test_batches_at_steps_0_1_and_10_to_the_7_equal_the_naive_reference(corpus, tok, prepared):
+    stream = naive_streams(corpus, tok)["train"]
+    pipe = make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0])
+    for step in (0, 1, 10 ** 7):
+        batch = pipe.train_batch(step)
+        expected = naive_batch(stream, step, SEQ, BATCH, seed=3)
+        np.testing.assert_array_equal(batch["inputs"], expected[:, :-1])
+        np.testing.assert_array_equal(batch["targets"], expected[:, 1:])
+        naive_pack_check(batch, tok.eos_id)
+        assert all(batch[k].shape == (BATCH, SEQ) for k in BATCH_KEYS)
+    assert_batches_equal(take(pipe, 10 ** 7, 2), [pipe.train_batch(10 ** 7), pipe.train_batch(10 ** 7 + 1)])
+    after_eos = batch["inputs"][:, 1:][batch["inputs"][:, :-1] == tok.eos_id]
+    assert (after_eos == tok.bos_id).all()  # every document starts with BOS
+
+
+def test_each_epoch_is_every_window_once_in_a_fresh_order(corpus, tok, prepared):
+    pipe = make_pipeline(text_cfg(corpus, batch_size=1), tok, store_dir=prepared[0])
+    stream = naive_streams(corpus, tok)["train"]
+    n = (len(stream) - 1) // SEQ
+    epochs = [[pipe.train_batch(e * n + i)["inputs"][0] for i in range(n)] for e in range(2)]
+    windows = sorted(tuple(stream[w * SEQ:(w + 1) * SEQ]) for w in range(n))
+    assert sorted(map(tuple, epochs[0])) == windows == sorted(map(tuple, epochs[1]))
+    assert [tuple(x) for x in epochs[0]] != [tuple(x) for x in epochs[1]]
+    plain = make_pipeline(text_cfg(corpus, batch_size=1, shuffle=False), tok, store_dir=prepared[0])
+    np.testing.assert_array_equal(plain.train_batch(n + 2)["inputs"][0], stream[2 * SEQ:3 * SEQ])
+
+
+def test_any_process_count_sees_the_same_global_batches(corpus, tok, prepared):
+    cfg = text_cfg(corpus)
+    whole = [make_pipeline(cfg, tok, store_dir=prepared[0]).train_batch(s) for s in (0, 5, 10 ** 6)]
     for n in (2, 4):
-        parts = [take(make_pipeline(cfg, tok, process_index=i, process_count=n), 0, 3) for i in range(n)]
-        glued = [{k: np.concatenate([p[s][k] for p in parts]) for k in BATCH_KEYS} for s in range(3)]
+        parts = [make_pipeline(cfg, tok, process_index=i, process_count=n, store_dir=prepared[0])
+                 for i in range(n)]
+        glued = [{k: np.concatenate([p.train_batch(s)[k] for p in parts]) for k in BATCH_KEYS}
+                 for s in (0, 5, 10 ** 6)]
         assert_batches_equal(glued, whole)
-        assert all(p[0]["inputs"].shape == (BATCH // n, SEQ) for p in parts)
+        assert parts[0].train_batch(0)["inputs"].shape == (BATCH // n, SEQ)
 
 
-def test_resume_at_any_step_equals_uninterrupted_run(corpus, shards, tok):
-    cfg = text_cfg(corpus, shards)
-    pipe = make_pipeline(cfg, tok)
-    k = 37  # past the end of the first epoch
-    reference = take(pipe, 0, k + 3)[k:]
-    assert_batches_equal(take(make_pipeline(cfg, tok), k, 3), reference)
-    # ... also after a change of process count: process 1 of 2 resumes with its half of the rows.
-    half = take(make_pipeline(cfg, tok, process_index=1, process_count=2), k, 3)
-    assert_batches_equal(half, [{key: b[key][BATCH // 2:] for key in BATCH_KEYS} for b in reference])
-
-
-def test_deterministic_given_seed(corpus, shards, tok):
-    a = take(make_pipeline(text_cfg(corpus, shards), tok), 0, 3)
-    assert_batches_equal(a, take(make_pipeline(text_cfg(corpus, shards), tok), 0, 3))
-    other = take(make_pipeline(text_cfg(corpus, shards, seed=4), tok), 0, 3)
+def test_deterministic_given_seed_and_state_checks(corpus, tok, prepared, tmp_path):
+    a = take(make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0]), 0, 3)
+    assert_batches_equal(a, take(make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0]), 0, 3))
+    other = take(make_pipeline(text_cfg(corpus, seed=4), tok, store_dir=prepared[0]), 0, 1)
     assert not np.array_equal(a[0]["inputs"], other[0]["inputs"])
-
-
-def test_eval_split_is_fixed_and_held_out(corpus, shards, tok):
-    pipe = make_pipeline(text_cfg(corpus, shards), tok)
-    first = pipe.eval_batches(3)
-    assert_batches_equal(first, pipe.eval_batches(3))
-    assert_batches_equal(first, make_pipeline(text_cfg(corpus, shards, seed=9), tok).eval_batches(3))
-    name = pipe.state(0)["dataset"].split("/")[1].split(":")[0]
-    val = split_docs(shards, name, "validation")
-    stream = stream_of(first)
-    seen = docs_in(stream, tok, int((stream == tok.eos_id).sum()))
-    assert seen and seen == val[:len(seen)]  # canonical order of the validation split, not shuffled
-
-
-def test_concatenate_and_split_without_packing(corpus, shards, tok):
-    packed = take(make_pipeline(text_cfg(corpus, shards), tok), 5, 2)
-    plain = take(make_pipeline(text_cfg(corpus, shards, packing=False), tok), 5, 2)
-    for p, q in zip(packed, plain):
-        np.testing.assert_array_equal(p["inputs"], q["inputs"])
-        np.testing.assert_array_equal(p["targets"], q["targets"])
-        assert (q["segment_ids"] == 1).all() and (q["loss_mask"] == 1).all()
-        np.testing.assert_array_equal(q["positions"], np.broadcast_to(np.arange(SEQ), (BATCH, SEQ)))
-
-
-def test_state_round_trips_and_refuses_a_different_pipeline(corpus, shards, tok, tmp_path):
-    pipe = make_pipeline(text_cfg(corpus, shards), tok)
+    pipe = make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0])
     state = json.loads(json.dumps(pipe.state(12)))
     assert state["step"] == 12 and state["tokenizer"] == tok.fingerprint
-    pipe.check_state(state)
-    make_pipeline(text_cfg(corpus, shards), tok, process_index=1, process_count=2).check_state(state)
+    make_pipeline(text_cfg(corpus), tok, process_index=1, process_count=2,
+                  store_dir=prepared[0]).check_state(state)
     with pytest.raises(DataStateError, match="seq_len: checkpoint 32, now 16"):
-        make_pipeline(text_cfg(corpus, shards, seq_len=16), tok).check_state(state)
+        make_pipeline(text_cfg(corpus, seq_len=16), tok, store_dir=prepared[0]).check_state(state)
     other_tok = load_tokenizer(train_tokenizer([SONNETS], 320, "bpe", str(tmp_path / "t")))
-    with pytest.raises(DataStateError, match="tokenizer"):
-        make_pipeline(text_cfg(corpus, shards), other_tok).check_state(state)
+    with pytest.raises(ConfigError, match="tokenized with tokenizer"):
+        make_pipeline(text_cfg(corpus), other_tok, store_dir=prepared[0])
 
 
-def test_window_store_against_naive_stream():
-    # Three tiny documents; the reference builds the epoch streams by concatenation.
-    docs = [np.array([5, 6, 2]), np.array([7, 2]), np.array([8, 9, 10, 2])]
-    starts = np.cumsum([0] + [len(d) for d in docs])
-    store = TokenStore(np.concatenate(docs), starts, shuffle=True, seed=1)
-    stream = np.concatenate([np.concatenate([docs[i] for i in store.epoch_order(e)[0]]) for e in range(6)])
-    tokens, _ = store.windows(0, 12, 4)
-    for w in range(12):
-        np.testing.assert_array_equal(tokens[w], stream[w * 4:w * 4 + 5])
+def test_eval_batches_are_the_validation_stream_in_order(corpus, tok, prepared):
+    pipe = make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0])
+    val = naive_streams(corpus, tok)["validation"]
+    first = pipe.eval_batches(2)
+    for s, batch in enumerate(first):
+        np.testing.assert_array_equal(batch["inputs"],
+                                      naive_batch(val, s, SEQ, BATCH, 0, shuffled=False)[:, :-1])
+    seeded = make_pipeline(text_cfg(corpus, seed=9), tok, store_dir=prepared[0])
+    assert_batches_equal(first, seeded.eval_batches(2))
 
 
-# ---------------------------------------------------------------- registered TFDS source (streaming)
+def test_concatenate_and_split_without_packing(corpus, tok, prepared):
+    packed = make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0]).train_batch(5)
+    plain = make_pipeline(text_cfg(corpus, packing=False), tok, store_dir=prepared[0]).train_batch(5)
+    np.testing.assert_array_equal(packed["inputs"], plain["inputs"])
+    assert (plain["segment_ids"] == 1).all() and (plain["loss_mask"] == 1).all()
+    np.testing.assert_array_equal(plain["positions"], np.broadcast_to(np.arange(SEQ), (BATCH, SEQ)))
 
 
-def tfds_cfg(corpus, shards, tok_name, **kw):
-    return dataclasses.replace(text_cfg(corpus, shards), source="tfds", tfds_name=tok_name,
-                               shuffle_buffer=16, **kw)
+# ---------------------------------------------------------------- leader and followers
 
 
-@pytest.fixture(scope="module")
-def tfds_name(corpus, shards, tok):
-    # The local builder's shards, opened by name like any registered TFDS dataset.
-    return make_pipeline(text_cfg(corpus, shards), tok).state(0)["dataset"]
+def test_followers_wait_for_the_leaders_store_and_time_out_clearly(corpus, tok, tmp_path):
+    cfg = text_cfg(corpus, prepare_timeout_s=60.0)
+    root = str(tmp_path / "stores")
+    found = []
+    follower = threading.Thread(target=lambda: found.append(
+        prepare.ensure_store(cfg, tok, root, leader=False)))
+    follower.start()
+    time.sleep(0.5)
+    assert follower.is_alive() and not found  # waiting, not preparing
+    leader = prepare.ensure_store(cfg, tok, root, leader=True)
+    follower.join(timeout=30)
+    assert found == [leader] and store.open_store(leader)
+    with pytest.raises(ConfigError, match="waited 0 s for process 0 to prepare.*prepare_timeout_s"):
+        prepare.ensure_store(text_cfg(corpus, seed=1, validation_fraction=0.3,
+                                      prepare_timeout_s=0.0), tok, root, leader=False)
+    with pytest.raises(ConfigError, match="waited 0 s for process 0 to train the tokenizer"):
+        prepare_tokenizer(cfg.__class__(source="packaged", prepare_timeout_s=0.0),
+                          str(tmp_path / "w"), leader=False)
 
 
-def test_tfds_stream_deterministic_resumable_and_packed(corpus, shards, tok, tfds_name):
-    cfg = tfds_cfg(corpus, shards, tfds_name)
-    pipe = make_pipeline(cfg, tok)
-    run = take(pipe, 0, 8)
-    assert_batches_equal(run, take(make_pipeline(cfg, tok), 0, 8))
-    assert_batches_equal(take(make_pipeline(cfg, tok), 5, 3), run[5:])
-    for b in run:
-        naive_pack_check(b, tok.eos_id)
-    assert_batches_equal(pipe.eval_batches(2), pipe.eval_batches(2))
-    state = pipe.state(5)
-    with pytest.raises(DataStateError, match="same number of processes|resume on 1 process"):
-        make_pipeline(cfg, tok, process_index=0, process_count=2).check_state(state)
+# ---------------------------------------------------------------- errors, synthetic, tools
 
 
-def test_tfds_stream_process_parts_are_disjoint_and_complete(corpus, shards, tok, tfds_name):
-    cfg = tfds_cfg(corpus, shards, tfds_name, shuffle=False)
-    builder = tfds.builder(tfds_name, data_dir=shards)
-    train = split_docs(shards, builder.builder_config.name, "train")
-    seen = []
-    for i, part in enumerate(tfds.even_splits("train", n=2)):
-        mine = [t.decode() for t in builder.as_dataset(split=part).map(lambda e: e["text"]).as_numpy_iterator()]
-        steps = sum(len(tok.encode(d)) + 2 for d in mine) // (BATCH // 2 * SEQ) + 1
-        batches = take(make_pipeline(cfg, tok, process_index=i, process_count=2), 0, steps)
-        seen += docs_in(stream_of(batches), tok, len(mine))
-    assert sorted(seen) == sorted(train)  # disjoint, and together the whole split
-
-
-# ---------------------------------------------------------------- errors before training
-
-
-def test_clear_errors_before_training(corpus, shards, tok, tfds_name, tmp_path):
+def test_clear_errors_before_work(corpus, tok, tmp_path):
     with pytest.raises(ConfigError, match="matched no files"):
-        make_pipeline(text_cfg(corpus, shards, text_files=str(tmp_path / "none/*.txt")), tok)
-    with pytest.raises(ConfigError, match="unknown TFDS dataset"):
-        make_pipeline(tfds_cfg(corpus, shards, "no_such_dataset_xyz"), tok)
-    with pytest.raises(ConfigError, match="no feature data.text_feature='content'.*'id', 'text'"):
-        make_pipeline(tfds_cfg(corpus, shards, tfds_name, text_feature="content"), tok)
-    with pytest.raises(ConfigError, match="no split 'test'"):
-        make_pipeline(tfds_cfg(corpus, shards, tfds_name, eval_split="test"), tok)
-    with pytest.raises(ConfigError, match="not prepared"):
-        make_pipeline(tfds_cfg(corpus, str(tmp_path), "lm1b"), tok)
+        prepare.prepare(text_cfg(corpus, text_files=str(tmp_path / "none/*.txt")), tok, str(tmp_path))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(ConfigError, match="data.text_feature"):
-        make_pipeline(text_cfg(corpus, shards, text_files=str(bad)), tok)
+        prepare.prepare(text_cfg(corpus, text_files=str(bad)), tok, str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown TFDS dataset"):
+        prepare.prepare(text_cfg(corpus, source="tfds", tfds_name="no_such_dataset_xyz"), tok,
+                        str(tmp_path))
     with pytest.raises(ConfigError, match="divisible"):
-        make_pipeline(text_cfg(corpus, shards), tok, process_count=3)
+        make_pipeline(text_cfg(corpus), tok, process_count=3)
     with pytest.raises(ConfigError, match="needs a tokenizer"):
-        make_pipeline(text_cfg(corpus, shards), None)
-
-
-# ---------------------------------------------------------------- synthetic, tools, import cost
+        make_pipeline(text_cfg(corpus), None)
+    with pytest.raises(ConfigError, match="no prepared store"):
+        make_pipeline(text_cfg(corpus), tok, store_dir=str(tmp_path))
 
 
 def test_synthetic_source():
@@ -321,23 +360,28 @@ def test_synthetic_source():
         make_pipeline(cfg, None)
 
 
-def test_preview_and_bench_print(corpus, shards, tok, capsys, tmp_path):
+def test_preview_prepare_and_bench_commands(corpus, tok, capsys, tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    with open(tok.path, "rb") as src:
-        (workdir / "tokenizer.model").write_bytes(src.read())
-    config = Config(data=text_cfg(corpus, shards))
-    tools.preview(config, str(workdir), start_step=0, batches=4)
-    lines = capsys.readouterr().out.strip().splitlines()
+    (workdir / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
+    config = Config(data=text_cfg(corpus))
     experiment = tmp_path / "exp.py"
     experiment.write_text("from lmjax.config import *\n"
                           f"def config():\n    return Config(data={config.data!r})\n")
-    assert cli.main(["data", "preview", "--experiment", str(experiment), "--workdir", str(workdir),
-                     "--start-step", "2", "--batches", "2"]) == 0
-    resumed = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 5 and resumed[1:] == lines[3:]  # same step, same hash
-    step, digest = lines[3].split()[:2]
-    assert step == "2" and len(digest) == 12
+    base = ["--experiment", str(experiment), "--workdir", str(workdir)]
+    assert cli.main(["data", "prepare", *base]) == 0
+    out = capsys.readouterr().out
+    assert "4 shards, 60 documents" in out and "2 empty documents, 1 empty files" in out
+    assert cli.main(["data", "preview", *base, "--start-step", "2", "--batches", "2"]) == 0
+    whole = capsys.readouterr().out.splitlines()
+    assert cli.main(["data", "preview", *base, "--start-step", "3", "--batches", "1",
+                     "--process-index", "1", "--process-count", "2"]) == 0
+    half = capsys.readouterr().out.splitlines()
+    assert half[0] == "process 1 of 2: global rows [4, 8)"
+    # step 3's line, then its rows 4..7 exactly as the whole batch shows them
+    step3 = whole.index(next(line for line in whole if line.split()[:1] == ["3"] and "%" in line))
+    assert half[2].split()[0] == "3" and half[3:] == whole[step3 + 5:step3 + 9]
+    assert "text" in half[3]
     rate = tools.bench(config, str(workdir), seconds=0.2)
     assert rate > 0 and "tokens/s" in capsys.readouterr().out
 
@@ -349,20 +393,16 @@ def test_import_lmjax_data_does_not_import_tensorflow():
     assert out.stdout.split() == ["False", "False"]
 
 
-
-def test_closing_the_training_iterator_stops_its_prefetch_thread(corpus, shards, tok, tfds_name):
+def test_closing_the_training_iterator_stops_its_prefetch_thread(corpus, tok, prepared):
     """Batches are made ahead in a background thread; the trainer drops its iterator at every
-    return (end of run, signal, error), which must end that thread, for both producers."""
-    import threading
-
+    return (end of run, signal, error), which must end that thread."""
     def data_threads():
         return [t for t in threading.enumerate() if t.name.startswith("lmjax-data")]
 
-    for cfg in (text_cfg(corpus, shards), tfds_cfg(corpus, shards, tfds_name)):
-        pipe = make_pipeline(cfg, tok)
-        it = pipe.train_batches(3)
-        first = next(it)
-        assert len(data_threads()) == 1
-        it.close()
-        assert data_threads() == []
-        assert_batches_equal([first], take(pipe, 3, 1))
+    pipe = make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0])
+    it = pipe.train_batches(3)
+    first = next(it)
+    assert len(data_threads()) == 1
+    it.close()
+    assert data_threads() == []
+    assert_batches_equal([first], [pipe.train_batch(3)])

@@ -1,8 +1,8 @@
 """Whole training runs killed, stopped, torn and resumed: `python -m lmjax train` subprocesses
 on the smoke experiment (packaged Shakespeare corpus, real tf.data and orbax).
 
-The reference run trains the tokenizer and prepares the TFDS shards once; the other runs
-reuse both (data.tokenizer, data.data_dir), so each costs a process start and a compile.
+The reference run trains the tokenizer and prepares the data store once; the other runs
+reuse both (data.tokenizer, data.store_dir), so each costs a process start and a compile.
 """
 import json
 import os
@@ -98,7 +98,7 @@ def reference(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
     _run(workdir)
     shared = ["--set", f"data.tokenizer={workdir / 'tokenizer.model'}",
-              "--set", f"data.data_dir={workdir / 'tfds'}"]
+              "--set", f"data.store_dir={workdir / 'data'}"]
     losses = {r["step"]: r["loss"] for r in _records(workdir) if "loss" in r}
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert _committed_steps(workdir) == [4, 8, 12]
@@ -167,7 +167,7 @@ def test_sigterm_saves_within_a_step_then_torn_checkpoint_and_mesh_change(refere
 def test_model_shape_change_is_refused_with_the_fields(reference, tmp_path):
     ref_dir, _, shared = reference
     work = tmp_path / "copy"
-    shutil.copytree(ref_dir, work, ignore=shutil.ignore_patterns("tfds", "tensorboard"))
+    shutil.copytree(ref_dir, work, ignore=shutil.ignore_patterns("data", "tensorboard"))
     before = (work / "config.json").read_text()
     out = _run(work, *shared, "--set", "model.d_mlp=128", "--set", "model.n_layers=3",
                "--set", "run.steps=20", expect=2)
@@ -183,7 +183,7 @@ def test_turning_clipping_off_on_resume_keeps_every_checkpoint(reference, tmp_pa
     restores the saved moments into the new layout and continues; nothing is set aside."""
     ref_dir, _, shared = reference
     work = tmp_path / "copy"
-    shutil.copytree(ref_dir, work, ignore=shutil.ignore_patterns("tfds", "tensorboard"))
+    shutil.copytree(ref_dir, work, ignore=shutil.ignore_patterns("data", "tensorboard"))
     out = _run(work, *shared, "--set", "optim.clip_norm=0", "--set", f"run.steps={STEPS + 2}")
     assert "layout changed" in out.stderr and "unreadable" not in out.stderr
     restored, losses = _losses_after_last_start(work)

@@ -2,17 +2,19 @@
 
 Two file formats, local or `gs://` (read through `tf.io.gfile`):
   * `.txt`: documents are separated by a form feed (`\\f`); a file without one is one document.
-  * `.jsonl`: one JSON object per line, the document text under a configurable key.
+  * `.jsonl` (or gzipped `.jsonl.gz`): one JSON object per line, the text under a configurable key.
 """
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
 import os
 from typing import Iterator
 
 from lmjax.config import ConfigError
 
-SUFFIXES = (".txt", ".jsonl")
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 PACKAGED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
 DOCUMENT_SEPARATOR = "\f"
 
@@ -72,23 +74,86 @@ def read_utf8(path: str) -> str:
                           "inputs.") from None
 
 
-def read_documents(path: str, text_key: str = "text") -> Iterator[str]:
-    """Yields the documents of one `.txt` or `.jsonl` file, in file order."""
-    content = read_utf8(path)
-    if path.endswith(".txt"):
-        yield from split_text(content)
+@dataclasses.dataclass
+class ReadCounts:
+    """What reading saw besides documents: skipped items and input bytes."""
+
+    documents: int = 0
+    bytes: int = 0
+    empty_documents: int = 0
+    empty_files: int = 0
+    bad_utf8: int = 0
+
+    def add(self, other: "ReadCounts") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+def _pieces(content: bytes, jsonl: bool) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, raw bytes) of each document (.txt, split at form feeds) or line (.jsonl).
+    A form feed and a newline are single bytes that never occur inside a UTF-8 sequence."""
+    sep = b"\n" if jsonl else DOCUMENT_SEPARATOR.encode()
+    offset = 0
+    for piece in content.split(sep):
+        yield offset, piece
+        offset += len(piece) + 1
+
+
+def _decode(raw: bytes, path: str, offset: int, bad_utf8: str, counts: ReadCounts) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if bad_utf8 == "skip":
+            counts.bad_utf8 += 1
+            return None
+        raise ConfigError(f"{path}: byte {offset + e.start} is not UTF-8 ({e.reason}): fix the "
+                          "file, or set data.bad_utf8=skip to skip such documents and count "
+                          "them.") from None
+
+
+def _jsonl_text(line: str, path: str, number: int, text_key: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{number} is not valid JSON ({e}); .jsonl files hold one "
+                          "JSON object per line.") from None
+    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ConfigError(f"{path}:{number} has no string field {text_key!r} (found {keys}): "
+                          "set data.text_feature to the key holding the document text.")
+    return record[text_key]
+
+
+def read_documents(path: str, text_key: str = "text", *, bad_utf8: str = "error",
+                   counts: ReadCounts | None = None) -> Iterator[str]:
+    """Yields the non-empty documents of one `.txt`, `.jsonl` or `.jsonl.gz` file, in file order.
+
+    Bytes that are not UTF-8 raise ConfigError naming the file and byte offset (of the
+    decompressed content for .gz), or with `bad_utf8="skip"` skip their document; empty
+    documents and files are skipped. Both are tallied in `counts`.
+    """
+    counts = counts if counts is not None else ReadCounts()
+    with gfile().GFile(path, "rb") as f:
+        content = f.read()
+    if path.endswith(".gz"):
+        content = gzip.decompress(content)
+    counts.bytes += len(content)
+    if not content.strip():
+        counts.empty_files += 1
         return
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
+    jsonl = not path.endswith(".txt")
+    for number, (offset, raw) in enumerate(_pieces(content, jsonl), start=1):
+        if jsonl and not raw.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{number} is not valid JSON ({e}); .jsonl files hold one "
-                              "JSON object per line.") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ConfigError(f"{path}:{number} has no string field {text_key!r} (found {keys}): "
-                              "set data.text_feature to the key holding the document text.")
-        if record[text_key].strip():
-            yield record[text_key]
+        text = _decode(raw, path, offset, bad_utf8, counts)
+        if text is not None and jsonl:
+            text = _jsonl_text(text, path, number, text_key)
+        if text is None:
+            continue
+        if not jsonl:
+            text = text.strip("\n")
+        if not text.strip():
+            counts.empty_documents += 1
+            continue
+        counts.documents += 1
+        yield text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 from typing import Iterable, Iterator
 
 from lmjax.config import ConfigError
@@ -56,6 +57,16 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts)
+
+    def encode_documents(self, texts: list[str], *, eos: bool = True) -> list[list[int]]:
+        """Each text as a document: BOS (when the model has one), its tokens, then EOS.
+
+        Training data, evaluation and prompts all start documents this way; prompts pass
+        `eos=False` because their document continues.
+        """
+        bos = [self.bos_id] if self.bos_id >= 0 else []
+        end = [self.eos_id] if eos else []
+        return [bos + ids + end for ids in self._sp.encode(texts)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -135,12 +146,13 @@ def train_tokenizer(input_files: list[str] | str, vocab_size: int, model_type: s
     return train_from_texts(texts, vocab_size, model_type, output_prefix)
 
 
-def prepare_tokenizer(data_cfg, workdir: str, *, max_chars: int = 200_000_000) -> Tokenizer | None:
+def prepare_tokenizer(data_cfg, workdir: str, *, leader: bool = True,
+                      max_chars: int = 200_000_000) -> Tokenizer | None:
     """The run's tokenizer: `data.tokenizer` if set, else `workdir/tokenizer.model`, trained once.
 
-    The trained model sees the first `max_chars` characters of the source's train split (the
-    whole split for the packaged corpus) with vocabulary `data.tokenizer_vocab_size`, BPE.
-    The synthetic source needs no tokenizer: returns None.
+    Only the leader (process 0) trains: on the first `max_chars` characters of the source's
+    training documents with vocabulary `data.tokenizer_vocab_size`, BPE. The other processes
+    wait for its file (data.prepare_timeout_s). The synthetic source needs no tokenizer: None.
     """
     if data_cfg.tokenizer:
         return load_tokenizer(data_cfg.tokenizer)
@@ -150,20 +162,28 @@ def prepare_tokenizer(data_cfg, workdir: str, *, max_chars: int = 200_000_000) -
         raise ConfigError("data.tokenizer is empty and there is no workdir to train one into: set "
                           "data.tokenizer to a SentencePiece .model file.")
     path = os.path.join(workdir, "tokenizer.model")
-    if documents.gfile().exists(path):
+    io_ = documents.gfile()
+    if not leader:
+        deadline = time.monotonic() + data_cfg.prepare_timeout_s
+        while not io_.exists(path):
+            if time.monotonic() > deadline:
+                raise ConfigError(f"waited {data_cfg.prepare_timeout_s:.0f} s for process 0 to "
+                                  f"train the tokenizer {path}: check process 0's log, or set "
+                                  "data.tokenizer to a trained model.")
+            time.sleep(1.0)
+    if io_.exists(path):
         return load_tokenizer(path)
-    from lmjax.data import sources
+    from lmjax.data import prepare
 
-    source = sources.resolve_source(data_cfg, workdir)
-
-    def texts() -> Iterator[str]:
-        budget = max_chars
-        for text in sources.split_texts(source, source.train_split).as_numpy_iterator():
-            doc = text.decode("utf-8")
-            yield doc
-            budget -= len(doc)
-            if budget <= 0:
-                return
-
-    return load_tokenizer(train_from_texts(texts(), data_cfg.tokenizer_vocab_size, "bpe",
+    texts = _within(prepare.training_texts(data_cfg), max_chars)
+    return load_tokenizer(train_from_texts(texts, data_cfg.tokenizer_vocab_size, "bpe",
                                            path[: -len(".model")]))
+
+
+def _within(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """The texts until (and including) the one that reaches `max_chars` characters in total."""
+    for text in texts:
+        yield text
+        max_chars -= len(text)
+        if max_chars <= 0:
+            return

@@ -1,4 +1,4 @@
-"""`lmjax data preview` and `lmjax bench data`: look at batches, time the pipeline alone."""
+"""`lmjax data prepare|preview` and `lmjax bench data`: make the store, look at batches, time reads."""
 from __future__ import annotations
 
 import hashlib
@@ -8,16 +8,42 @@ import time
 import numpy as np
 
 from lmjax.config import Config
+from lmjax.data import prepare as prepare_lib
 from lmjax.data.pipeline import Batch, Pipeline, make_pipeline
 from lmjax.data.tokenizer import prepare_tokenizer
 
 
 def build(config: Config, workdir: str, process_index: int = 0, process_count: int = 1) -> Pipeline:
-    """The pipeline a training run of `config` in `workdir` uses (tokenizer trained if needed)."""
+    """The pipeline a training run of `config` in `workdir` uses (tokenizer and store made if
+    missing, in this process)."""
     tokenizer = prepare_tokenizer(config.data, workdir)
+    store_dir = ""
+    if tokenizer is not None:
+        store_dir = prepare_lib.ensure_store(config.data, tokenizer,
+                                             prepare_lib.store_root(config.data, workdir), leader=True)
     return make_pipeline(config.data, tokenizer, process_index=process_index,
-                         process_count=process_count, workdir=workdir,
+                         process_count=process_count, store_dir=store_dir,
                          vocab_size=config.model.vocab_size)
+
+
+def prepare(config: Config, workdir: str, workers: int = 1, scheduler: str = "") -> dict:
+    """Prints and returns the summary of preparing the run's store (a no-op when it exists)."""
+    tokenizer = prepare_tokenizer(config.data, workdir)
+    if tokenizer is None:
+        print(f"data.source={config.data.source} has nothing to prepare.")
+        return {}
+    directory, meta = prepare_lib.prepare(config.data, tokenizer,
+                                          prepare_lib.store_root(config.data, workdir),
+                                          workers=workers, scheduler=scheduler)
+    s = meta["summary"]
+    print(f"store: {directory}")
+    print(f"{s['shards']} shards, {s['documents']:,} documents, {s['bytes'] / 1e6:,.1f} MB of "
+          f"text -> {s['train_tokens']:,} train + {s['validation_tokens']:,} validation tokens")
+    print(f"skipped: {s['empty_documents']} empty documents, {s['empty_files']} empty files, "
+          f"{s['bad_utf8']} documents with bytes that are not UTF-8")
+    print(f"prepared in {s['seconds']:.1f} s: {s['tokens_per_second']:,.0f} tokens/s, "
+          f"{s['megabytes_per_second']:.2f} MB/s (figures of the run that wrote the store)")
+    return s
 
 
 def batch_hash(batch: Batch) -> str:
@@ -28,26 +54,30 @@ def batch_hash(batch: Batch) -> str:
     return digest.hexdigest()[:12]
 
 
-def first_document_start(batch: Batch, pipeline: Pipeline, n_tokens: int = 16) -> str:
-    """Decoded start of the first document beginning in the batch (rows read in order)."""
+def document_start(row: np.ndarray, pipeline: Pipeline, n_tokens: int = 12) -> str:
+    """Decoded start of the first document beginning in one row of inputs."""
     tok = pipeline.tokenizer
-    inputs = batch["inputs"].reshape(-1)
     if tok is None:
-        return " ".join(map(str, inputs[:n_tokens]))
-    starts = np.flatnonzero(inputs[:-1] == tok.eos_id) + 1
-    return tok.decode(inputs[starts[0]:starts[0] + n_tokens]) if len(starts) else ""
+        return " ".join(map(str, row[:n_tokens]))
+    starts = np.flatnonzero(row[:-1] == tok.eos_id) + 1
+    return tok.decode(row[starts[0]:starts[0] + n_tokens]) if len(starts) else ""
 
 
-def preview(config: Config, workdir: str, start_step: int = 0, batches: int = 4) -> None:
-    """Prints, per batch: step, content hash, packing efficiency and a document start."""
-    pipeline = build(config, workdir)
-    print(f"{'step':>8}  {'hash':12}  {'trained':>8}  {'padding':>8}  first document start")
+def preview(config: Config, workdir: str, start_step: int = 0, batches: int = 4,
+            process_index: int = 0, process_count: int = 1) -> None:
+    """Prints, per batch: step, content hash and packing efficiency; then per row of this
+    process: its global row, source and a document start."""
+    pipeline = build(config, workdir, process_index, process_count)
+    rows = config.data.batch_size // process_count
+    print(f"process {process_index} of {process_count}: global rows "
+          f"[{process_index * rows}, {(process_index + 1) * rows})")
+    print(f"{'step':>10}  {'hash':12}  {'trained':>8}  row  source    first document start")
     for step, batch in zip(itertools.count(start_step),
                            itertools.islice(pipeline.train_batches(start_step), batches)):
-        trained = batch["loss_mask"].mean()
-        padding = (batch["segment_ids"] == 0).mean()
-        print(f"{step:>8}  {batch_hash(batch)}  {trained:>8.2%}  {padding:>8.2%}  "
-              f"{first_document_start(batch, pipeline)!r}")
+        print(f"{step:>10}  {batch_hash(batch)}  {batch['loss_mask'].mean():>8.2%}")
+        for r in range(batch["inputs"].shape[0]):
+            print(f"{'':>34}{process_index * rows + r:>4}  {config.data.source:8}  "
+                  f"{document_start(batch['inputs'][r], pipeline)!r}")
 
 
 def bench(config: Config, workdir: str, seconds: float = 10.0) -> float:
@@ -66,6 +96,6 @@ def bench(config: Config, workdir: str, seconds: float = 10.0) -> float:
     rate = count * tokens_per_batch / elapsed
     d = config.data
     print(f"source={d.source} seq_len={d.seq_len} batch_size={d.batch_size} packing={d.packing}")
-    print(f"set-up (tokenizer, shards, tokenizing, first batch): {ready - start:.2f} s")
+    print(f"set-up (tokenizer, store, first batch): {ready - start:.2f} s")
     print(f"{count} batches in {elapsed:.2f} s: {rate:,.0f} tokens/s")
     return rate

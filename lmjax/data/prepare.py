@@ -1,0 +1,370 @@
+"""`lmjax data prepare`: tokenize a run's documents once into a store (see `store.py`).
+
+The work is split into input shards (one per text file; one per part of a TFDS split) and
+each shard is a pure function of its input: `prepare_shard` tokenizes its documents and writes
+its ArrayRecord files and shard record. An engine maps it over the shards:
+  * inline: in this process, one shard after another (what `lmjax train` uses on first start);
+  * dask: `distributed` worker processes, on this machine (a LocalCluster of `workers`) or on
+    any cluster whose scheduler address is given (Kubernetes, YARN, SLURM, SSH deployments of
+    Dask); workers need lmjax installed and the inputs and store directory reachable.
+A store's directory name holds a hash of everything its content depends on (the sources'
+names, sizes and modification times, the text key, the validation fraction, the UTF-8
+policy, the tokenizer and the store format), so a changed input or tokenizer gets a new store
+and preparing an existing store is a no-op.
+
+Train/validation split, by document: a document of a text file is held out for validation
+when the SHA-256 of "FILE:INDEX" (its file's name relative to the sources' common directory and
+its index in the file), read as a fraction of 2**256, is below data.validation_fraction. The
+decision needs no other document, so shards are independent. TFDS sources use the dataset's
+own train and eval splits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import time
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from lmjax.config import ConfigError, DataConfig
+from lmjax.data import documents, store
+from lmjax.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+_ENCODE_BATCH = 256  # documents per tokenizer call (sentencepiece encodes a list in threads)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One unit of preparation work. `path` for a file shard; `tfds_*` for a TFDS part."""
+
+    index: int
+    count: int
+    name: str  # relative file name (validation keys), or the TFDS split part
+    path: str = ""
+    tfds_name: str = ""
+    tfds_dir: str = ""
+    role: str = ""  # TFDS shards: which store split their documents go to
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What every shard needs besides its input: pickled to the engine's workers."""
+
+    directory: str
+    tokenizer_proto: bytes
+    text_key: str
+    validation_fraction: float
+    bad_utf8: str
+
+
+# ---------------------------------------------------------------- sources -> shards
+
+
+def _relative_names(files: list[str]) -> list[str]:
+    if len(files) <= 1:
+        return [os.path.basename(f) for f in files]
+    root = os.path.commonpath(files) if all("://" not in f for f in files) else ""
+    return [os.path.relpath(f, root) if root else f for f in files]
+
+
+def _tfds_builder(data_cfg: DataConfig):
+    import tensorflow_datasets as tfds
+
+    from lmjax.data.tf_setup import tensorflow
+
+    tensorflow()
+    name, data_dir = data_cfg.tfds_name, data_cfg.data_dir or None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ConfigError(f"unknown TFDS dataset data.tfds_name={name!r}: give a registered name "
+                          "with optional config and version (e.g. c4/en:3.1.0, lm1b) or a dataset "
+                          "prepared under data.data_dir.") from None
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"TFDS dataset data.tfds_name={name!r} cannot be loaded from "
+                          f"data.data_dir={data_cfg.data_dir!r}: {e}") from None
+    if not builder.is_prepared():
+        raise ConfigError(f"TFDS dataset {name!r} is not prepared under {builder.data_dir!r}; lmjax "
+                          f"never downloads data: run `tfds build {name} --data_dir DIR` (or "
+                          "download_and_prepare) first and set data.data_dir=DIR.")
+    available = sorted(builder.info.splits.keys())
+    for split in (data_cfg.train_split, data_cfg.eval_split):
+        if split.split("[", 1)[0] not in available:
+            raise ConfigError(f"dataset {name!r} has no split {split!r} (it has {available}): set "
+                              "data.train_split and data.eval_split to existing splits.")
+    features = sorted(builder.info.features.keys())
+    if data_cfg.text_feature not in features:
+        raise ConfigError(f"dataset {name!r} has no feature data.text_feature="
+                          f"{data_cfg.text_feature!r}; its features are {features}.")
+    return builder
+
+
+def _tfds_shards(data_cfg: DataConfig) -> tuple[list[Shard], list]:
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(data_cfg)
+    parts = []
+    for role, split in (("train", data_cfg.train_split), ("validation", data_cfg.eval_split)):
+        files = builder.info.splits[split.split("[", 1)[0]].num_shards
+        parts += [(role, p) for p in tfds.even_splits(split, n=max(1, files))]
+    shards = [Shard(i, len(parts), part, tfds_name=data_cfg.tfds_name,
+                    tfds_dir=data_cfg.data_dir, role=role) for i, (role, part) in enumerate(parts)]
+    identity = [f"{builder.name}/{builder.builder_config.name if builder.builder_config else ''}:"
+                f"{builder.version}", data_cfg.train_split, data_cfg.eval_split]
+    return shards, identity
+
+
+def plan(data_cfg: DataConfig) -> tuple[str, list[Shard], list]:
+    """(label, shards, identity): the work for the run's source and what its content depends on."""
+    if data_cfg.source == "tfds":
+        shards, identity = _tfds_shards(data_cfg)
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", data_cfg.tfds_name), shards, identity
+    if data_cfg.source == "packaged":
+        files = documents.packaged_files()
+    elif data_cfg.source == "text":
+        files = documents.expand_files(data_cfg.text_files)
+    else:
+        raise ConfigError(f"data.source={data_cfg.source!r} has no documents to prepare; choose "
+                          "packaged, text or tfds.")
+    names = _relative_names(files)
+    io = documents.gfile()
+    identity = []
+    for path, name in zip(files, names):
+        stat = io.stat(path)
+        identity.append([name, stat.length, stat.mtime_nsec])
+    shards = [Shard(i, len(files), name, path=path) for i, (path, name) in enumerate(zip(files, names))]
+    return data_cfg.source, shards, identity
+
+
+def store_key(data_cfg: DataConfig, identity: list, tokenizer: Tokenizer) -> str:
+    described = repr((store.FORMAT_VERSION, store.RECORD_TOKENS, identity, data_cfg.text_feature,
+                      data_cfg.validation_fraction, data_cfg.bad_utf8, tokenizer.fingerprint))
+    return hashlib.sha256(described.encode()).hexdigest()[:12]
+
+
+def store_root(data_cfg: DataConfig, workdir: str) -> str:
+    if data_cfg.store_dir:
+        return data_cfg.store_dir
+    if not workdir:
+        raise ConfigError("there is no place for the prepared store: set data.store_dir or give "
+                          "a workdir.")
+    return os.path.join(workdir, "data")
+
+
+# ---------------------------------------------------------------- one shard
+
+
+def held_out(key: str, fraction: float) -> bool:
+    """Whether document `key` ("FILE:INDEX") belongs to the validation split (module docstring)."""
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) < fraction * (1 << 256)
+
+
+def _shard_documents(shard: Shard, settings: Settings,
+                     counts: documents.ReadCounts) -> Iterator[tuple[str, str]]:
+    """(split, text) of the shard's documents, in order."""
+    if shard.path:
+        texts = documents.read_documents(shard.path, settings.text_key,
+                                         bad_utf8=settings.bad_utf8, counts=counts)
+        for i, text in enumerate(texts):
+            yield ("validation" if held_out(f"{shard.name}:{i}", settings.validation_fraction)
+                   else "train"), text
+        return
+    for text in tfds_texts(shard.tfds_name, shard.tfds_dir, shard.name, settings.text_key):
+        counts.documents += 1
+        counts.bytes += len(text)
+        if not text.strip():
+            counts.empty_documents += 1
+            continue
+        yield shard.role, text.decode("utf-8")
+
+
+def training_texts(data_cfg: DataConfig) -> Iterator[str]:
+    """The source's training documents in shard order (what a tokenizer is trained on)."""
+    _, shards, _ = plan(data_cfg)
+    settings = Settings("", b"", data_cfg.text_feature, data_cfg.validation_fraction,
+                        data_cfg.bad_utf8)
+    for shard in shards:
+        if shard.role in ("", "train"):
+            yield from (text for split, text in _shard_documents(shard, settings,
+                                                                 documents.ReadCounts())
+                        if split == "train")
+
+
+def tfds_texts(name: str, data_dir: str, split: str, feature: str) -> Iterator[bytes]:
+    """The raw texts of a TFDS split (or split part), in the dataset's order."""
+    import tensorflow_datasets as tfds
+
+    from lmjax.data.tf_setup import tensorflow
+
+    tensorflow()
+    ds = tfds.builder(name, data_dir=data_dir or None).as_dataset(split=split, shuffle_files=False)
+    yield from ds.map(lambda example: example[feature]).as_numpy_iterator()
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def prepare_shard(shard: Shard, settings: Settings) -> dict:
+    """Tokenizes one shard into its ArrayRecord files, then writes its shard record; returns it.
+
+    A shard whose record exists is already done: returned without work.
+    """
+    meta_path = os.path.join(settings.directory, store.shard_meta_file(shard.index, shard.count))
+    done = store.read_json(meta_path)
+    if done is not None:
+        return done
+    start = time.perf_counter()
+    tokenizer = Tokenizer(settings.tokenizer_proto)
+    dtype = store.token_dtype(tokenizer.vocab_size)
+    writers = {split: store.RecordWriter(os.path.join(
+        settings.directory, store.shard_file(split, shard.index, shard.count)), dtype)
+        for split in store.SPLITS}
+    counts = documents.ReadCounts()
+    for batch in _batched(_shard_documents(shard, settings, counts), _ENCODE_BATCH):
+        for (split, _), ids in zip(batch, tokenizer.encode_documents([t for _, t in batch])):
+            writers[split].add(np.asarray(ids, np.int64))
+    record = {split: w.close() for split, w in writers.items()}
+    record.update(input=shard.name, seconds=time.perf_counter() - start,
+                  **dataclasses.asdict(counts))
+    store.write_json_atomic(meta_path, record)
+    return record
+
+
+# ---------------------------------------------------------------- engines
+
+
+def run_inline(fn: Callable, items: list) -> Iterator:
+    for item in items:
+        yield fn(item)
+
+
+def run_dask(fn: Callable, items: list, *, workers: int, scheduler: str = "") -> Iterator:
+    """`fn` over `items` on Dask workers (a local cluster of `workers` processes, or the cluster
+    at `scheduler`), yielding results as they finish. A worker's exception is re-raised here."""
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None if scheduler else LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        silence_logs=logging.ERROR)
+    with Client(scheduler or cluster) as client:
+        try:
+            for future in as_completed(client.map(fn, items, pure=False)):
+                yield future.result()
+        finally:
+            if cluster is not None:
+                cluster.close()
+
+
+# ---------------------------------------------------------------- the whole preparation
+
+
+def _summary(records: list[dict], seconds: float) -> dict:
+    total = {k: sum(r[k] for r in records) for k in
+             ("documents", "bytes", "empty_documents", "empty_files", "bad_utf8")}
+    total.update({f"{s}_tokens": sum(r[s]["tokens"] for r in records) for s in store.SPLITS})
+    tokens = total["train_tokens"] + total["validation_tokens"]
+    total.update(shards=len(records), seconds=seconds, tokens_per_second=tokens / max(seconds, 1e-9),
+                 megabytes_per_second=total["bytes"] / 1e6 / max(seconds, 1e-9))
+    return total
+
+
+def _commit(directory: str, label: str, identity: list, tokenizer: Tokenizer, records: list[dict],
+            seconds: float) -> dict:
+    summary = _summary(records, seconds)
+    for split in store.SPLITS:
+        if not summary[f"{split}_tokens"]:
+            raise ConfigError(f"no document of the source went to the {split} split: add "
+                              "documents, or change data.validation_fraction (validation takes "
+                              "documents by hash, so a tiny corpus may give it none).")
+    meta = {"format": store.FORMAT_VERSION, "record_tokens": store.RECORD_TOKENS,
+            "dtype": store.token_dtype(tokenizer.vocab_size).name, "label": label,
+            "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+            "sources": identity, "shards": records, "summary": summary}
+    store.write_json_atomic(os.path.join(directory, store.META), meta)
+    return meta
+
+
+def locate(data_cfg: DataConfig, tokenizer: Tokenizer, root: str) -> tuple[str, str, list[Shard], list]:
+    """(directory, label, shards, identity) of the store for `data_cfg`'s source under `root`."""
+    label, shards, identity = plan(data_cfg)
+    return (os.path.join(root, f"{label}-{store_key(data_cfg, identity, tokenizer)}"), label,
+            shards, identity)
+
+
+def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, workers: int = 1,
+            scheduler: str = "") -> tuple[str, dict]:
+    """Prepares (or finds) the store of `data_cfg`'s source under `root`: (directory, store.json).
+
+    workers <= 1 and no scheduler: inline; otherwise Dask (see the module docstring).
+    """
+    directory, label, shards, identity = locate(data_cfg, tokenizer, root)
+    meta = store.read_json(os.path.join(directory, store.META))
+    if meta is not None:
+        return directory, meta
+    documents.gfile().makedirs(directory)
+    settings = Settings(directory, tokenizer.model_proto, data_cfg.text_feature,
+                        data_cfg.validation_fraction, data_cfg.bad_utf8)
+    fn = _ShardFn(settings)
+    start = time.perf_counter()
+    results = (run_inline(fn, shards) if workers <= 1 and not scheduler
+               else run_dask(fn, shards, workers=workers, scheduler=scheduler))
+    records = {}
+    for record in results:
+        records[record["input"]] = record
+        log.info("prepared %d/%d shards (%s)", len(records), len(shards), record["input"])
+    ordered = [records[s.name] for s in shards]
+    return directory, _commit(directory, label, identity, tokenizer, ordered,
+                              time.perf_counter() - start)
+
+
+def ensure_store(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leader: bool) -> str:
+    """The store directory for a training run: the leader (process 0) prepares it inline when
+    it is missing; the other processes wait for its commit (data.prepare_timeout_s)."""
+    directory = locate(data_cfg, tokenizer, root)[0]
+    if store.read_json(os.path.join(directory, store.META)) is not None:
+        return directory
+    if leader:
+        log.info("preparing the data store %s in this process (run `lmjax data prepare` "
+                 "beforehand to use several workers)", directory)
+        prepare(data_cfg, tokenizer, root)
+    else:
+        log.info("waiting for process 0 to prepare the data store %s", directory)
+        wait_for_store(directory, data_cfg.prepare_timeout_s)
+    return directory
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardFn:
+    """`prepare_shard` bound to the settings, as a picklable callable for engine workers."""
+
+    settings: Settings
+
+    def __call__(self, shard: Shard) -> dict:
+        return prepare_shard(shard, self.settings)
+
+
+def wait_for_store(directory: str, timeout_s: float, poll_s: float = 1.0) -> dict:
+    """Waits until `directory` holds a committed store (made by process 0); returns store.json."""
+    deadline = time.monotonic() + timeout_s
+    path = os.path.join(directory, store.META)
+    while (meta := store.read_json(path)) is None:
+        if time.monotonic() > deadline:
+            raise ConfigError(f"waited {timeout_s:.0f} s for process 0 to prepare the data store "
+                              f"{directory} ({store.META} never appeared): check process 0's log; "
+                              "prepare large corpora beforehand with `lmjax data prepare`, or "
+                              "raise data.prepare_timeout_s.")
+        time.sleep(poll_s)
+    return meta
