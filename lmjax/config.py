@@ -87,6 +87,11 @@ class DataConfig:
     train_split: str = "train"  # tfds source only; local text always has train/validation
     eval_split: str = "validation"  # tfds source only
     validation_fraction: float = 0.05  # local text: documents held out, chosen by hash
+    # The store's name (default: the source kind), e.g. "web"; data.mixture refers to it.
+    name: str = ""
+    # Train on several prepared stores with weights, e.g. "web:0.7,code:0.2,books:0.1": each
+    # NAME is a store prepared (under store_dir, with this run's tokenizer) with data.name=NAME.
+    mixture: str = ""
     bad_utf8: str = "error"  # "error": fail naming file and byte; "skip": skip such documents
     store_dir: str = ""  # prepared stores (local or gs://); empty: WORKDIR/data
     prepare_timeout_s: float = 3600.0  # how long other processes wait for process 0 to prepare
@@ -324,12 +329,14 @@ def _check_data(config: Config, need) -> None:
          f"data.source={d.source!r}: choose packaged, text, tfds or synthetic.")
     need(d.source != "tfds" or d.tfds_name,
          "data.source=tfds needs data.tfds_name (e.g. c4/en:3.1.0) and data.data_dir.")
+    need(not d.mixture or d.tokenizer,
+         "data.mixture needs data.tokenizer: every store of a mixture is prepared with it.")
     need(d.bad_utf8 in ("error", "skip"), f"data.bad_utf8={d.bad_utf8!r}: choose error or skip.")
     need(d.source != "text" or d.text_files,
          "data.source=text needs data.text_files (a glob of .txt or .jsonl files).")
     need(0.0 <= d.validation_fraction < 1.0,
          f"data.validation_fraction={d.validation_fraction} must lie in [0, 1).")
-    need(d.shuffle_buffer > 0, f"data.shuffle_buffer={d.shuffle_buffer} must be positive.")
+    need(d.prepare_timeout_s >= 0, f"data.prepare_timeout_s={d.prepare_timeout_s} must not be negative.")
     need(d.tokenizer_vocab_size > 0,
          f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} must be positive.")
     if d.source != "synthetic" and not d.tokenizer:  # the run trains this tokenizer

@@ -170,9 +170,9 @@ def experiment_batches(config: Config, tokenizer, workdir: str) -> list[dict]:
     from lmjax import data
     from lmjax.data import prepare
 
-    store_dir = "" if tokenizer is None else prepare.ensure_store(
+    stores = None if tokenizer is None else prepare.run_stores(
         config.data, tokenizer, prepare.store_root(config.data, workdir), leader=True)
-    pipeline = data.make_pipeline(config.data, tokenizer, store_dir=store_dir,
+    pipeline = data.make_pipeline(config.data, tokenizer, stores=stores,
                                   vocab_size=config.model.vocab_size)
     return pipeline.eval_batches(config.run.eval_batches)
 

@@ -247,15 +247,21 @@ def make_eval_fn(trainer: Trainer):
     return jax.jit(eval_sums, in_shardings=(trainer.state_shardings.params, trainer.batch_sharding))
 
 
-def evaluate(trainer: Trainer, eval_fn, params, batches: list[dict]) -> dict[str, float]:
-    """Mean loss and perplexity over fixed evaluation batches (process-local rows)."""
-    nll, tokens = 0.0, 0.0
-    for local in batches:
-        n, t = eval_fn(params, global_batch(local, trainer.batch_sharding))
-        nll, tokens = nll + float(n), tokens + float(t)
+def evaluate(trainer: Trainer, eval_fn, params, sets: dict[str, list[dict]]) -> dict[str, float]:
+    """Mean loss and perplexity over fixed evaluation batches (process-local rows) of every
+    source together; with several sources also `eval_loss/SOURCE` of each."""
+    result, nll, tokens = {}, 0.0, 0.0
+    for name, batches in sets.items():
+        source_nll, source_tokens = 0.0, 0.0
+        for local in batches:
+            n, t = eval_fn(params, global_batch(local, trainer.batch_sharding))
+            source_nll, source_tokens = source_nll + float(n), source_tokens + float(t)
+        if len(sets) > 1:
+            result[f"eval_loss/{name}"] = source_nll / max(source_tokens, 1.0)
+        nll, tokens = nll + source_nll, tokens + source_tokens
     loss = nll / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 700.0))),
-            "eval_tokens": tokens}
+            "eval_tokens": tokens, **result}
 
 
 def _describe_devices(mesh: Mesh) -> str:
@@ -300,11 +306,10 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(to_json(config))
-    store_dir = "" if tokenizer is None else prepare.ensure_store(
+    stores = None if tokenizer is None else prepare.run_stores(
         config.data, tokenizer, prepare.store_root(config.data, workdir), leader=primary)
     pipeline = data_lib.make_pipeline(config.data, tokenizer, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), rows=rows,
-                                      store_dir=store_dir,
+                                      process_count=jax.process_count(), rows=rows, stores=stores,
                                       vocab_size=config.model.vocab_size)
     trainer = make_trainer(config, mesh)
     if primary:
@@ -315,7 +320,7 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
     if data_state is not None:
         pipeline.check_state(data_state)
     eval_fn = make_eval_fn(trainer)
-    eval_batches = pipeline.eval_batches(config.run.eval_batches)
+    eval_sets = pipeline.eval_sets(config.run.eval_batches)
 
     total = config.run.steps
     tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -376,7 +381,7 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
                                 "same command to resume", step)
                     last["stopped_at_step"] = float(step)
                     break
-                result = evaluate(trainer, eval_fn, state.params, eval_batches)
+                result = evaluate(trainer, eval_fn, state.params, eval_sets)
                 writer.write(step, result)
                 last.update(result)
     finally:

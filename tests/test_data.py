@@ -78,7 +78,7 @@ def naive_batch(stream, step, seq, batch, seed, shuffled=True):
         epoch, j = divmod(step * batch + r, n_windows)
         if shuffled:
             j = int(shuffle.permute(np.array([j]), n_windows,
-                                    shuffle.derive_key(seed, 0x5EED, epoch))[0])
+                                    shuffle.derive_key(seed, 0, 0x5EED, epoch))[0])
         rows.append(stream[j * seq:j * seq + seq + 1])
     return np.stack(rows)
 
@@ -188,7 +188,7 @@ def test_killed_dask_prepare_leaves_no_store_and_a_rerun_finishes_it(tok, tmp_pa
     proc.wait()
     assert not os.path.exists(os.path.join(directory, store.META))
     with pytest.raises(ConfigError, match="no prepared store.*lmjax data prepare"):
-        make_pipeline(cfg, tok, store_dir=directory)
+        make_pipeline(cfg, tok, stores={"text": directory})
     done_by_dask = [f for f in os.listdir(directory) if f.startswith("shard-")]
     _, meta = prepare.prepare(cfg, tok, str(workdir / "data"))  # the rerun, inline this time
     assert meta["summary"]["shards"] == 12 and done_by_dask
@@ -206,12 +206,12 @@ def test_missing_or_truncated_store_file_is_a_clear_error(corpus, tok, prepared,
     victim = os.path.join(directory, store.shard_file("train", 0, 4))
     data = open(victim, "rb").read()
     open(victim, "wb").write(data[:len(data) // 2])
-    pipe = make_pipeline(text_cfg(corpus), tok, store_dir=directory)
+    pipe = make_pipeline(text_cfg(corpus), tok, stores={"text": directory})
     with pytest.raises(ConfigError, match=f"store file {victim} holds .* truncated"):
         take(pipe, 0, 40)
     os.remove(victim)
     with pytest.raises(ConfigError, match=f"store file {victim} is missing"):
-        make_pipeline(text_cfg(corpus), tok, store_dir=directory).train_batch(3)
+        make_pipeline(text_cfg(corpus), tok, stores={"text": directory}).train_batch(3)
 
 
 # ---------------------------------------------------------------- reading by random access
@@ -230,7 +230,7 @@ def test_permutation_is_a_keyed_bijection():
 
 def test_batches_at_steps_0_1_and_10_to_the_7_equal_the_naive_reference(corpus, tok, prepared):
     stream = naive_streams(corpus, tok)["train"]
-    pipe = make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0])
+    pipe = make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]})
     for step in (0, 1, 10 ** 7):
         batch = pipe.train_batch(step)
         expected = naive_batch(stream, step, SEQ, BATCH, seed=3)
@@ -244,60 +244,66 @@ def test_batches_at_steps_0_1_and_10_to_the_7_equal_the_naive_reference(corpus, 
 
 
 def test_each_epoch_is_every_window_once_in_a_fresh_order(corpus, tok, prepared):
-    pipe = make_pipeline(text_cfg(corpus, batch_size=1), tok, store_dir=prepared[0])
+    pipe = make_pipeline(text_cfg(corpus, batch_size=1), tok, stores={"text": prepared[0]})
     stream = naive_streams(corpus, tok)["train"]
     n = (len(stream) - 1) // SEQ
     epochs = [[pipe.train_batch(e * n + i)["inputs"][0] for i in range(n)] for e in range(2)]
     windows = sorted(tuple(stream[w * SEQ:(w + 1) * SEQ]) for w in range(n))
     assert sorted(map(tuple, epochs[0])) == windows == sorted(map(tuple, epochs[1]))
     assert [tuple(x) for x in epochs[0]] != [tuple(x) for x in epochs[1]]
-    plain = make_pipeline(text_cfg(corpus, batch_size=1, shuffle=False), tok, store_dir=prepared[0])
+    plain = make_pipeline(text_cfg(corpus, batch_size=1, shuffle=False), tok, stores={"text": prepared[0]})
     np.testing.assert_array_equal(plain.train_batch(n + 2)["inputs"][0], stream[2 * SEQ:3 * SEQ])
 
 
 def test_any_process_count_sees_the_same_global_batches(corpus, tok, prepared):
     cfg = text_cfg(corpus)
-    whole = [make_pipeline(cfg, tok, store_dir=prepared[0]).train_batch(s) for s in (0, 5, 10 ** 6)]
+    whole = [make_pipeline(cfg, tok, stores={"text": prepared[0]}).train_batch(s) for s in (0, 5, 10 ** 6)]
     for n in (2, 4):
-        parts = [make_pipeline(cfg, tok, process_index=i, process_count=n, store_dir=prepared[0])
+        parts = [make_pipeline(cfg, tok, process_index=i, process_count=n, stores={"text": prepared[0]})
                  for i in range(n)]
         glued = [{k: np.concatenate([p.train_batch(s)[k] for p in parts]) for k in BATCH_KEYS}
                  for s in (0, 5, 10 ** 6)]
         assert_batches_equal(glued, whole)
         assert parts[0].train_batch(0)["inputs"].shape == (BATCH // n, SEQ)
+    # A process may feed any ascending set of global rows (the rows its devices hold).
+    some = make_pipeline(cfg, tok, rows=[0, 3, 4, 7], stores={"text": prepared[0]})
+    for k in BATCH_KEYS:
+        np.testing.assert_array_equal(some.train_batch(5)[k], whole[1][k][[0, 3, 4, 7]])
+        np.testing.assert_array_equal(some.eval_batches(1)[0][k],
+                                      make_pipeline(cfg, tok, stores={"text": prepared[0]}).eval_batches(1)[0][k][[0, 3, 4, 7]])
 
 
 def test_deterministic_given_seed_and_state_checks(corpus, tok, prepared, tmp_path):
-    a = take(make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0]), 0, 3)
-    assert_batches_equal(a, take(make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0]), 0, 3))
-    other = take(make_pipeline(text_cfg(corpus, seed=4), tok, store_dir=prepared[0]), 0, 1)
+    a = take(make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]}), 0, 3)
+    assert_batches_equal(a, take(make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]}), 0, 3))
+    other = take(make_pipeline(text_cfg(corpus, seed=4), tok, stores={"text": prepared[0]}), 0, 1)
     assert not np.array_equal(a[0]["inputs"], other[0]["inputs"])
-    pipe = make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0])
+    pipe = make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]})
     state = json.loads(json.dumps(pipe.state(12)))
     assert state["step"] == 12 and state["tokenizer"] == tok.fingerprint
     make_pipeline(text_cfg(corpus), tok, process_index=1, process_count=2,
-                  store_dir=prepared[0]).check_state(state)
+                  stores={"text": prepared[0]}).check_state(state)
     with pytest.raises(DataStateError, match="seq_len: checkpoint 32, now 16"):
-        make_pipeline(text_cfg(corpus, seq_len=16), tok, store_dir=prepared[0]).check_state(state)
+        make_pipeline(text_cfg(corpus, seq_len=16), tok, stores={"text": prepared[0]}).check_state(state)
     other_tok = load_tokenizer(train_tokenizer([SONNETS], 320, "bpe", str(tmp_path / "t")))
     with pytest.raises(ConfigError, match="tokenized with tokenizer"):
-        make_pipeline(text_cfg(corpus), other_tok, store_dir=prepared[0])
+        make_pipeline(text_cfg(corpus), other_tok, stores={"text": prepared[0]})
 
 
 def test_eval_batches_are_the_validation_stream_in_order(corpus, tok, prepared):
-    pipe = make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0])
+    pipe = make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]})
     val = naive_streams(corpus, tok)["validation"]
     first = pipe.eval_batches(2)
     for s, batch in enumerate(first):
         np.testing.assert_array_equal(batch["inputs"],
                                       naive_batch(val, s, SEQ, BATCH, 0, shuffled=False)[:, :-1])
-    seeded = make_pipeline(text_cfg(corpus, seed=9), tok, store_dir=prepared[0])
+    seeded = make_pipeline(text_cfg(corpus, seed=9), tok, stores={"text": prepared[0]})
     assert_batches_equal(first, seeded.eval_batches(2))
 
 
 def test_concatenate_and_split_without_packing(corpus, tok, prepared):
-    packed = make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0]).train_batch(5)
-    plain = make_pipeline(text_cfg(corpus, packing=False), tok, store_dir=prepared[0]).train_batch(5)
+    packed = make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]}).train_batch(5)
+    plain = make_pipeline(text_cfg(corpus, packing=False), tok, stores={"text": prepared[0]}).train_batch(5)
     np.testing.assert_array_equal(packed["inputs"], plain["inputs"])
     assert (plain["segment_ids"] == 1).all() and (plain["loss_mask"] == 1).all()
     np.testing.assert_array_equal(plain["positions"], np.broadcast_to(np.arange(SEQ), (BATCH, SEQ)))
@@ -344,7 +350,7 @@ def test_clear_errors_before_work(corpus, tok, tmp_path):
     with pytest.raises(ConfigError, match="needs a tokenizer"):
         make_pipeline(text_cfg(corpus), None)
     with pytest.raises(ConfigError, match="no prepared store"):
-        make_pipeline(text_cfg(corpus), tok, store_dir=str(tmp_path))
+        make_pipeline(text_cfg(corpus), tok, stores={"text": str(tmp_path)})
 
 
 def test_synthetic_source():
@@ -399,10 +405,112 @@ def test_closing_the_training_iterator_stops_its_prefetch_thread(corpus, tok, pr
     def data_threads():
         return [t for t in threading.enumerate() if t.name.startswith("lmjax-data")]
 
-    pipe = make_pipeline(text_cfg(corpus), tok, store_dir=prepared[0])
+    pipe = make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]})
     it = pipe.train_batches(3)
     first = next(it)
     assert len(data_threads()) == 1
     it.close()
     assert data_threads() == []
     assert_batches_equal([first], [pipe.train_batch(3)])
+
+
+def test_a_registered_tfds_dataset_goes_through_prepare(tok, tmp_path):
+    """Any registered TFDS dataset with a text feature: its train and eval splits become the
+    store's splits, in the dataset's order."""
+    import tensorflow_datasets as tfds
+
+    sonnets = documents.split_text(open(SONNETS).read())[1:41]
+
+    class LmjaxTestSonnets(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return self.dataset_info_from_configs(
+                features=tfds.features.FeaturesDict({"body": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(sonnets[:30]),
+                    "test": self._generate_examples(sonnets[30:])}
+
+        def _generate_examples(self, texts):
+            for i, text in enumerate(texts):
+                yield i, {"body": text}
+
+    LmjaxTestSonnets(data_dir=str(tmp_path)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    cfg = DataConfig(source="tfds", tfds_name="lmjax_test_sonnets", data_dir=str(tmp_path),
+                     text_feature="body", eval_split="test", seq_len=SEQ, batch_size=BATCH)
+    directory, meta = prepare.prepare(cfg, tok, str(tmp_path / "stores"))
+    for split, texts in (("train", sonnets[:30]), ("validation", sonnets[30:])):
+        order = [t.decode() for t in prepare.tfds_texts("lmjax_test_sonnets", str(tmp_path),
+                                                        "train" if split == "train" else "test", "body")]
+        assert sorted(order) == sorted(texts)
+        expected = [x for ids in tok.encode_documents(order) for x in ids]
+        np.testing.assert_array_equal(stream_of(directory, meta, split), expected)
+    with pytest.raises(ConfigError, match="no feature data.text_feature='text'"):
+        prepare.prepare(dataclasses.replace(cfg, text_feature="text"), tok, str(tmp_path))
+    with pytest.raises(ConfigError, match="no split 'validation'"):
+        prepare.prepare(dataclasses.replace(cfg, eval_split="validation"), tok, str(tmp_path))
+
+
+# ---------------------------------------------------------------- mixtures
+
+
+def test_mixture_rows_follow_the_weights_and_each_source_walks_its_own_rows():
+    from lmjax.data import mixture
+
+    weights = [w for _, w in mixture.parse("web:0.7,code:0.2,books:0.1")]
+    assert weights == pytest.approx([0.7, 0.2, 0.1])
+    quota = mixture.quotas(weights)
+    rows = np.arange(1000 * BATCH)  # 1,000 steps
+    source, index = mixture.assign(5, rows, quota)
+    for k, w in enumerate(weights):
+        mine = index[source == k]
+        assert abs(len(mine) / len(rows) - w) < 0.01
+        np.testing.assert_array_equal(mine, np.arange(len(mine)))  # consecutive, none skipped
+    # A pure function of (seed, row): any subset, in any call, gives the same answer.
+    some = np.array([3, 700, 5000, 10 ** 9])
+    far = mixture.assign(5, some, quota)
+    np.testing.assert_array_equal(far[0][:3], source[some[:3]])
+    np.testing.assert_array_equal(far[1][:3], index[some[:3]])
+    assert not np.array_equal(mixture.assign(6, rows[:512], quota)[0], source[:512])
+    for bad in ("web", "web:0", "web:x", "a:1,a:2"):
+        with pytest.raises(ConfigError, match="data.mixture"):
+            mixture.parse(bad)
+    with pytest.raises(ConfigError, match="below 1/512"):
+        mixture.quotas([0.9999, 0.0001])
+
+
+def test_mixture_pipeline_reads_each_source_by_its_own_windows(corpus, tok, prepared, tmp_path):
+    root = os.path.dirname(prepared[0])
+    other = _corpus_files(tmp_path / "other", 4)
+    prepare.prepare(dataclasses.replace(other, name="plays"), tok, root)
+    cfg = text_cfg(corpus, mixture="text:0.75,plays:0.25", tokenizer=tok.path, store_dir=root)
+    stores = prepare.run_stores(cfg, tok, root, leader=False)
+    assert stores["text"] == prepared[0] and os.path.basename(stores["plays"]).startswith("plays-")
+    pipe = make_pipeline(cfg, tok, stores=stores)
+    from lmjax.data import mixture, pipeline
+
+    quota = mixture.quotas([0.75, 0.25])
+    # each source alone: its windows by the single-source rule, keyed by (seed, source number)
+    alone = [pipeline.WindowReader(store.StoreSplit(stores[n], "train", store.open_store(stores[n])),
+                                   seq_len=SEQ, shuffle_key=(3, k)) for k, n in enumerate(stores)]
+    text_alone = make_pipeline(text_cfg(corpus, batch_size=1), tok, stores={"text": stores["text"]})
+    for step in (0, 10 ** 6):
+        batch, names = pipe.train_batch(step), pipe.row_sources(step)
+        source, index = mixture.assign(3, step * BATCH + np.arange(BATCH), quota)
+        assert names == [["text", "plays"][k] for k in source] and set(names) == {"text", "plays"}
+        for r in range(BATCH):
+            expected = alone[source[r]].tokens(index[r:r + 1])[0]
+            np.testing.assert_array_equal(batch["inputs"][r], expected[:-1])
+            if source[r] == 0:  # the first source's rows are a single-source run's rows
+                np.testing.assert_array_equal(batch["inputs"][r],
+                                              text_alone.train_batch(int(index[r]))["inputs"][0])
+        naive_pack_check(batch, tok.eos_id)
+    singles = {n: make_pipeline(text_cfg(corpus), tok, stores={n: d}) for n, d in stores.items()}
+    sets = pipe.eval_sets(1)
+    assert list(sets) == ["text", "plays"]
+    assert_batches_equal(sets["plays"], singles["plays"].eval_batches(1))
+    assert pipe.state(0)["stores"] == {n: os.path.basename(d) for n, d in stores.items()}
+    with pytest.raises(ConfigError, match="holds no prepared store named 'web'.*data.name=web"):
+        prepare.run_stores(text_cfg(corpus, mixture="web:1"), tok, root, leader=False)

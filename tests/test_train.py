@@ -229,3 +229,19 @@ def test_eta_after_a_resume_counts_this_process_steps(tmp_path, capsys):
     writer.close()
     eta = float(capsys.readouterr().out.split("eta=")[1].rstrip("s\n"))
     assert eta == pytest.approx(10.0, abs=0.5)  # counting from step 0 would give 0.5 s
+
+
+def test_evaluate_reports_each_source_and_their_token_weighted_whole():
+    tr = _trainer(_config())
+    params, eval_fn = tr.init_fn().params, train.make_eval_fn(tr)
+    sets = {"web": [_batch(0)], "books": [_batch(1, padded=True), _batch(2)]}
+    alone = {n: train.evaluate(tr, eval_fn, params, {n: b}) for n, b in sets.items()}
+    both = train.evaluate(tr, eval_fn, params, sets)
+    assert "eval_loss/web" not in alone["web"]  # one source: the overall figures only
+    for n in sets:
+        assert both[f"eval_loss/{n}"] == pytest.approx(alone[n]["eval_loss"], rel=1e-6)
+    tokens = {n: alone[n]["eval_tokens"] for n in sets}
+    assert tokens["books"] < 2 * tokens["web"]  # the padded batch has fewer targets
+    whole = sum(alone[n]["eval_loss"] * tokens[n] for n in sets) / sum(tokens.values())
+    assert both["eval_loss"] == pytest.approx(whole, rel=1e-6)
+    assert both["eval_tokens"] == sum(tokens.values())

@@ -16,6 +16,11 @@ step costs the same as starting, needs no replay, and every process count sees t
 global batches: a checkpoint moves between host counts. Evaluation reads the validation
 split's windows 0, 1, ... in order.
 
+With data.mixture (several prepared stores with weights), `mixture.assign` decides which source
+global row g reads and which of that source's rows it is; each source then maps its own row
+numbers to windows by the rule above, with its own epochs and permutation keys. Evaluation
+reads each source's validation split separately (`eval_sets`).
+
 Training batches are made `_PREFETCH` steps ahead in a background thread; ArrayRecord reads the
 records of a batch in parallel.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import itertools
 import logging
 import os
@@ -31,7 +37,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from lmjax.config import ConfigError, DataConfig
-from lmjax.data import packing, shuffle, store
+from lmjax.data import mixture, packing, shuffle, store
 from lmjax.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -48,11 +54,13 @@ class Pipeline:
     """Batches for the trainer. `state(step)` is what a checkpoint stores about the data."""
 
     def __init__(self, *, tokenizer: Tokenizer | None, identity: dict,
-                 train: Callable[[int], Batch], evaluation: Callable[[int], Batch]):
+                 train: Callable[[int], Batch], evaluation: dict[str, Callable[[int], Batch]],
+                 row_sources: Callable[[int], list[str]]):
         self.tokenizer = tokenizer
         self._identity = identity
         self._train = train
         self._evaluation = evaluation
+        self._row_sources = row_sources
 
     def train_batch(self, step: int) -> Batch:
         """This process's rows of global batch `step`."""
@@ -65,9 +73,17 @@ class Pipeline:
         self.train_batch(start_step)  # fail here, not in the prefetch thread, on a bad step
         return _prefetched(self._train(s) for s in itertools.count(start_step))
 
+    def row_sources(self, step: int) -> list[str]:
+        """The source each of this process's rows of batch `step` comes from."""
+        return self._row_sources(step)
+
+    def eval_sets(self, n: int) -> dict[str, list[Batch]]:
+        """{source: its first `n` evaluation batches (this process's rows)}."""
+        return {name: [batch(s) for s in range(n)] for name, batch in self._evaluation.items()}
+
     def eval_batches(self, n: int) -> list[Batch]:
-        """The first `n` batches of the evaluation split (this process's rows)."""
-        return [self._evaluation(s) for s in range(n)]
+        """Every source's first `n` evaluation batches, one source after another."""
+        return [b for batches in self.eval_sets(n).values() for b in batches]
 
     def state(self, step: int) -> dict:
         return {**self._identity, "step": int(step)}
@@ -105,18 +121,19 @@ def _prefetched(batches: Iterator[Batch], depth: int = _PREFETCH) -> Iterator[Ba
 # ---------------------------------------------------------------- windows of a store
 
 
-def window_starts(global_windows: np.ndarray, n_windows: int, seq_len: int, *, shuffle_seed: int | None
-                  ) -> np.ndarray:
+def window_starts(global_windows: np.ndarray, n_windows: int, seq_len: int, *,
+                  shuffle_key: tuple[int, ...] | None) -> np.ndarray:
     """Stream start positions of global windows g (int [k]) -> int64 [k] (module docstring).
 
-    shuffle_seed None: window g % W, in stream order.
+    shuffle_key: integers the permutation key of each epoch derives from (with the epoch);
+    None: window g % W, in stream order.
     """
     g = np.asarray(global_windows, np.int64)
     epochs, index = np.divmod(g, n_windows)
-    if shuffle_seed is not None:
+    if shuffle_key is not None:
         for epoch in np.unique(epochs):
             sel = epochs == epoch
-            key = shuffle.derive_key(shuffle_seed, _SHUFFLE_STREAM, int(epoch))
+            key = shuffle.derive_key(*shuffle_key, _SHUFFLE_STREAM, int(epoch))
             index[sel] = shuffle.permute(index[sel], n_windows, key)
     return index * seq_len
 
@@ -128,10 +145,9 @@ def doc_ids_of(tokens: np.ndarray, eos_id: int) -> np.ndarray:
 
 
 class WindowReader:
-    """Windows of one split of a store: `batch(global_windows)` -> packed batch rows."""
+    """Windows of one split of a store: `tokens(windows)` -> [k, seq_len+1]."""
 
-    def __init__(self, split: store.StoreSplit, *, seq_len: int, pack: bool, eos_id: int,
-                 shuffle_seed: int | None):
+    def __init__(self, split: store.StoreSplit, *, seq_len: int, shuffle_key: tuple[int, ...] | None):
         self.split = split
         self.seq_len = seq_len
         self.n_windows = (split.n_tokens - 1) // seq_len
@@ -139,17 +155,37 @@ class WindowReader:
             raise ConfigError(f"the {split.split} split of {split.directory} has "
                               f"{split.n_tokens} tokens, fewer than data.seq_len+1="
                               f"{seq_len + 1}: add documents or lower data.seq_len.")
-        self._pack = pack
-        self._eos = eos_id
-        self._seed = shuffle_seed
+        self._key = shuffle_key
 
     def tokens(self, global_windows: np.ndarray) -> np.ndarray:
         """int32 [k, seq_len+1]."""
-        starts = window_starts(global_windows, self.n_windows, self.seq_len, shuffle_seed=self._seed)
+        starts = window_starts(global_windows, self.n_windows, self.seq_len, shuffle_key=self._key)
         return self.split.read(starts, self.seq_len + 1)
 
-    def batch(self, global_windows: np.ndarray) -> Batch:
-        tokens = self.tokens(global_windows)
+
+class MixedReader:
+    """Rows of several sources: which source and which of its windows a global row reads is
+    `mixture.assign` (one source: row g reads window g)."""
+
+    def __init__(self, names: list[str], readers: list[WindowReader], weights: list[float], *,
+                 seed: int, eos_id: int, pack: bool):
+        self.names = names
+        self._readers = readers
+        self._quota = mixture.quotas(weights)
+        self._seed = seed
+        self._eos = eos_id
+        self._pack = pack
+
+    def assign(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(self._readers) == 1:
+            return np.zeros(len(rows), np.int64), np.asarray(rows, np.int64)
+        return mixture.assign(self._seed, rows, self._quota)
+
+    def batch(self, rows: np.ndarray) -> Batch:
+        source, index = self.assign(rows)
+        tokens = np.empty((len(rows), self._readers[0].seq_len + 1), np.int32)
+        for k in np.unique(source):
+            tokens[source == k] = self._readers[k].tokens(index[source == k])
         return packing.rows_from_windows(tokens, doc_ids_of(tokens, self._eos), self._pack)
 
 
@@ -186,43 +222,60 @@ def _rows(data_cfg: DataConfig, process_index: int, process_count: int,
 
 
 def make_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer | None, *, process_index: int = 0,
-                  process_count: int = 1, rows: Sequence[int] | None = None, store_dir: str = "",
-                  vocab_size: int | None = None) -> Pipeline:
+                  process_count: int = 1, rows: Sequence[int] | None = None,
+                  stores: dict[str, str] | None = None, vocab_size: int | None = None) -> Pipeline:
     """The pipeline for process `process_index` of `process_count`.
 
     `rows`: the global row indices (ascending) of every batch that this process feeds, as
     `sharding.process_rows` computes them from the batch sharding; default the equal share
-    `[i*B/n, (i+1)*B/n)`. `store_dir`: the prepared store (`prepare.ensure_store` /
-    `prepare.prepare`) of a packaged/text/tfds source. `vocab_size`: needed (only) by the
-    synthetic source.
+    `[i*B/n, (i+1)*B/n)`. `stores`: {source name: prepared store directory}, one entry, or
+    those of data.mixture (`prepare.run_stores`). `vocab_size`: needed (only) by the synthetic
+    source.
     """
     mine = _rows(data_cfg, process_index, process_count, rows)
     seq_len, pack, batch_size = data_cfg.seq_len, data_cfg.packing, data_cfg.batch_size
     identity = {"source": data_cfg.source, "seq_len": seq_len, "batch_size": batch_size,
                 "packing": pack, "seed": data_cfg.seed, "shuffle": data_cfg.shuffle}
-    if data_cfg.source == "synthetic":
+    if data_cfg.source == "synthetic" and not data_cfg.mixture:
         if not vocab_size or vocab_size < 1:
             raise ConfigError("data.source=synthetic needs vocab_size (pass model.vocab_size).")
         return Pipeline(
             tokenizer=None, identity={**identity, "vocab_size": vocab_size},
             train=lambda s: synthetic_batch(data_cfg.seed, 0, s, mine, seq_len, vocab_size, pack),
-            evaluation=lambda s: synthetic_batch(data_cfg.seed, 1, s, mine, seq_len, vocab_size, pack))
+            evaluation={"synthetic": lambda s: synthetic_batch(data_cfg.seed, 1, s, mine, seq_len,
+                                                               vocab_size, pack)},
+            row_sources=lambda s: ["synthetic"] * len(mine))
 
     if tokenizer is None:
         raise ConfigError(f"data.source={data_cfg.source} needs a tokenizer: call prepare_tokenizer first.")
-    if not store_dir:
-        raise ConfigError(f"data.source={data_cfg.source} reads a prepared store: pass store_dir "
-                          "(see lmjax.data.prepare).")
-    meta = store.open_store(store_dir)
-    if meta["tokenizer"] != tokenizer.fingerprint:
-        raise ConfigError(f"store {store_dir} was tokenized with tokenizer {meta['tokenizer']}, "
-                          f"not {tokenizer.fingerprint}: prepare the store with this tokenizer.")
-    identity.update(store=os.path.basename(os.path.normpath(store_dir)), tokenizer=tokenizer.fingerprint)
-    common = dict(seq_len=seq_len, pack=pack, eos_id=tokenizer.eos_id)
-    train = WindowReader(store.StoreSplit(store_dir, "train", meta), **common,
-                         shuffle_seed=data_cfg.seed if data_cfg.shuffle else None)
-    evaluation = WindowReader(store.StoreSplit(store_dir, "validation", meta), **common,
-                              shuffle_seed=None)
-    return Pipeline(tokenizer=tokenizer, identity=identity,
-                    train=lambda s: train.batch(s * batch_size + mine),
-                    evaluation=lambda s: evaluation.batch(s * batch_size + mine))
+    if not stores:
+        raise ConfigError(f"data.source={data_cfg.source} reads prepared stores: pass stores "
+                          "(see lmjax.data.prepare.run_stores).")
+    weights = dict(mixture.parse(data_cfg.mixture)) if data_cfg.mixture else {n: 1.0 for n in stores}
+    names = list(weights)
+    metas = {name: store.open_store(stores[name]) for name in names}
+    for name, meta in metas.items():
+        if meta["tokenizer"] != tokenizer.fingerprint:
+            raise ConfigError(f"store {stores[name]} was tokenized with tokenizer "
+                              f"{meta['tokenizer']}, not {tokenizer.fingerprint}: prepare the "
+                              "store with this tokenizer.")
+    identity.update(mixture=data_cfg.mixture, tokenizer=tokenizer.fingerprint,
+                    stores={n: os.path.basename(os.path.normpath(stores[n])) for n in names})
+    shuffled = data_cfg.shuffle
+    train = MixedReader(names, [
+        WindowReader(store.StoreSplit(stores[n], "train", metas[n]), seq_len=seq_len,
+                     shuffle_key=(data_cfg.seed, k) if shuffled else None)
+        for k, n in enumerate(names)], [weights[n] for n in names],
+        seed=data_cfg.seed, eos_id=tokenizer.eos_id, pack=pack)
+    evaluation = {n: MixedReader([n], [WindowReader(store.StoreSplit(stores[n], "validation", metas[n]),
+                                                    seq_len=seq_len, shuffle_key=None)], [1.0],
+                                 seed=0, eos_id=tokenizer.eos_id, pack=pack) for n in names}
+    return Pipeline(
+        tokenizer=tokenizer, identity=identity,
+        train=lambda s: train.batch(s * batch_size + mine),
+        evaluation={n: functools.partial(_eval_batch, r, batch_size, mine) for n, r in evaluation.items()},
+        row_sources=lambda s: [names[k] for k in train.assign(s * batch_size + mine)[0]])
+
+
+def _eval_batch(reader: MixedReader, batch_size: int, rows: np.ndarray, step: int) -> Batch:
+    return reader.batch(step * batch_size + rows)

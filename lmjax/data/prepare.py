@@ -105,13 +105,13 @@ def _tfds_builder(data_cfg: DataConfig):
 
 
 def _tfds_shards(data_cfg: DataConfig) -> tuple[list[Shard], list]:
-    import tensorflow_datasets as tfds
-
+    """One shard per file of each split ("train[3shard]"); a sliced split is one shard."""
     builder = _tfds_builder(data_cfg)
     parts = []
     for role, split in (("train", data_cfg.train_split), ("validation", data_cfg.eval_split)):
         files = builder.info.splits[split.split("[", 1)[0]].num_shards
-        parts += [(role, p) for p in tfds.even_splits(split, n=max(1, files))]
+        sliced = "[" in split or files <= 1
+        parts += [(role, split if sliced else f"{split}[{i}shard]") for i in range(1 if sliced else files)]
     shards = [Shard(i, len(parts), part, tfds_name=data_cfg.tfds_name,
                     tfds_dir=data_cfg.data_dir, role=role) for i, (role, part) in enumerate(parts)]
     identity = [f"{builder.name}/{builder.builder_config.name if builder.builder_config else ''}:"
@@ -123,7 +123,7 @@ def plan(data_cfg: DataConfig) -> tuple[str, list[Shard], list]:
     """(label, shards, identity): the work for the run's source and what its content depends on."""
     if data_cfg.source == "tfds":
         shards, identity = _tfds_shards(data_cfg)
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", data_cfg.tfds_name), shards, identity
+        return data_cfg.name or re.sub(r"[^A-Za-z0-9_.-]+", "_", data_cfg.tfds_name), shards, identity
     if data_cfg.source == "packaged":
         files = documents.packaged_files()
     elif data_cfg.source == "text":
@@ -138,7 +138,7 @@ def plan(data_cfg: DataConfig) -> tuple[str, list[Shard], list]:
         stat = io.stat(path)
         identity.append([name, stat.length, stat.mtime_nsec])
     shards = [Shard(i, len(files), name, path=path) for i, (path, name) in enumerate(zip(files, names))]
-    return data_cfg.source, shards, identity
+    return data_cfg.name or data_cfg.source, shards, identity
 
 
 def store_key(data_cfg: DataConfig, identity: list, tokenizer: Tokenizer) -> str:
@@ -328,6 +328,35 @@ def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, workers: i
     ordered = [records[s.name] for s in shards]
     return directory, _commit(directory, label, identity, tokenizer, ordered,
                               time.perf_counter() - start)
+
+
+def find_store(root: str, name: str, tokenizer: Tokenizer) -> str:
+    """The committed store named `name` under `root` that `tokenizer` made (data.mixture)."""
+    io = documents.gfile()
+    found = []
+    for path in sorted(io.glob(os.path.join(root, f"{name}-*"))):
+        meta = store.read_json(os.path.join(path, store.META))
+        if re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{12}}", os.path.basename(path)) and meta \
+                and meta["tokenizer"] == tokenizer.fingerprint:
+            found.append(path)
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} ({', '.join(found)})"
+        raise ConfigError(f"data.mixture names {name!r}, but {root} holds {what} prepared store "
+                          f"named {name!r} made with tokenizer {tokenizer.fingerprint}: prepare "
+                          f"exactly one with `lmjax data prepare --set data.name={name} --set "
+                          f"data.tokenizer=... --set data.store_dir={root}` and its source settings.")
+    return found[0]
+
+
+def run_stores(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leader: bool) -> dict[str, str]:
+    """{source name: store directory} a run reads: the stores data.mixture names (prepared
+    beforehand), or the run's own source's store (prepared now if missing, `ensure_store`)."""
+    if data_cfg.mixture:
+        from lmjax.data import mixture
+
+        return {name: find_store(root, name, tokenizer) for name, _ in mixture.parse(data_cfg.mixture)}
+    label = data_cfg.name or data_cfg.source
+    return {label: ensure_store(data_cfg, tokenizer, root, leader=leader)}
 
 
 def ensure_store(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leader: bool) -> str:

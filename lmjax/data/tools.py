@@ -17,12 +17,10 @@ def build(config: Config, workdir: str, process_index: int = 0, process_count: i
     """The pipeline a training run of `config` in `workdir` uses (tokenizer and store made if
     missing, in this process)."""
     tokenizer = prepare_tokenizer(config.data, workdir)
-    store_dir = ""
-    if tokenizer is not None:
-        store_dir = prepare_lib.ensure_store(config.data, tokenizer,
-                                             prepare_lib.store_root(config.data, workdir), leader=True)
+    stores = None if tokenizer is None else prepare_lib.run_stores(
+        config.data, tokenizer, prepare_lib.store_root(config.data, workdir), leader=True)
     return make_pipeline(config.data, tokenizer, process_index=process_index,
-                         process_count=process_count, store_dir=store_dir,
+                         process_count=process_count, stores=stores,
                          vocab_size=config.model.vocab_size)
 
 
@@ -75,8 +73,8 @@ def preview(config: Config, workdir: str, start_step: int = 0, batches: int = 4,
     for step, batch in zip(itertools.count(start_step),
                            itertools.islice(pipeline.train_batches(start_step), batches)):
         print(f"{step:>10}  {batch_hash(batch)}  {batch['loss_mask'].mean():>8.2%}")
-        for r in range(batch["inputs"].shape[0]):
-            print(f"{'':>34}{process_index * rows + r:>4}  {config.data.source:8}  "
+        for r, source in enumerate(pipeline.row_sources(step)):
+            print(f"{'':>34}{process_index * rows + r:>4}  {source:8}  "
                   f"{document_start(batch['inputs'][r], pipeline)!r}")
 
 
