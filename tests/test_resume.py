@@ -167,7 +167,7 @@ def test_sigterm_saves_within_a_step_then_torn_checkpoint_and_mesh_change(refere
 def test_model_shape_change_is_refused_with_the_fields(reference, tmp_path):
     ref_dir, _, shared = reference
     work = tmp_path / "copy"
-    shutil.copytree(ref_dir, work, ignore=shutil.ignore_patterns("data", "tensorboard"))
+    shutil.copytree(ref_dir, work, ignore=shutil.ignore_patterns("tensorboard"))
     before = (work / "config.json").read_text()
     out = _run(work, *shared, "--set", "model.d_mlp=128", "--set", "model.n_layers=3",
                "--set", "run.steps=20", expect=2)
@@ -183,7 +183,7 @@ def test_turning_clipping_off_on_resume_keeps_every_checkpoint(reference, tmp_pa
     restores the saved moments into the new layout and continues; nothing is set aside."""
     ref_dir, _, shared = reference
     work = tmp_path / "copy"
-    shutil.copytree(ref_dir, work, ignore=shutil.ignore_patterns("data", "tensorboard"))
+    shutil.copytree(ref_dir, work, ignore=shutil.ignore_patterns("tensorboard"))
     out = _run(work, *shared, "--set", "optim.clip_norm=0", "--set", f"run.steps={STEPS + 2}")
     assert "layout changed" in out.stderr and "unreadable" not in out.stderr
     restored, losses = _losses_after_last_start(work)
