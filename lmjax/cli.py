@@ -104,7 +104,7 @@ def _cmd_bench(args) -> int:
         bench.main(config, sweeps=args.sweep, steps=args.steps)
     elif args.what == "data":
         from lmjax.data import tools
-        tools.bench(config, _data_workdir(args, config), args.seconds)
+        tools.bench(config, _data_workdir(args, config), args.seconds, args.start_step)
     else:
         from lmjax import generate
         generate.bench(config.model, args.batch, args.prompt_len, args.new_tokens)
@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="", help="data: run directory whose tokenizer and store "
                                                  "to use (default ~/.cache/lmjax/RUN_NAME)")
     p.add_argument("--seconds", type=float, default=10.0, help="data: how long to read")
+    p.add_argument("--start-step", type=int, default=0, help="data: the first step read")
     p.add_argument("--batch", type=int, default=8, help="generate: prompts per batch")
     p.add_argument("--prompt-len", type=int, default=128, help="generate: prompt tokens")
     p.add_argument("--new-tokens", type=int, default=128, help="generate: tokens to decode")

@@ -78,11 +78,12 @@ def preview(config: Config, workdir: str, start_step: int = 0, batches: int = 4,
                   f"{document_start(batch['inputs'][r], pipeline)!r}")
 
 
-def bench(config: Config, workdir: str, seconds: float = 10.0) -> float:
-    """Prints and returns the tokens/s the pipeline alone delivers (after one warm-up batch)."""
+def bench(config: Config, workdir: str, seconds: float = 10.0, start_step: int = 0) -> float:
+    """Prints and returns the tokens/s the pipeline alone delivers from `start_step` (after one
+    warm-up batch), and the set-up time to that first batch."""
     start = time.perf_counter()
     pipeline = build(config, workdir)
-    batches = pipeline.train_batches(0)
+    batches = pipeline.train_batches(start_step)
     first = next(batches)
     ready = time.perf_counter()
     tokens_per_batch = first["inputs"].size
@@ -94,6 +95,6 @@ def bench(config: Config, workdir: str, seconds: float = 10.0) -> float:
     rate = count * tokens_per_batch / elapsed
     d = config.data
     print(f"source={d.source} seq_len={d.seq_len} batch_size={d.batch_size} packing={d.packing}")
-    print(f"set-up (tokenizer, store, first batch): {ready - start:.2f} s")
+    print(f"set-up (tokenizer, store, first batch at step {start_step}): {ready - start:.2f} s")
     print(f"{count} batches in {elapsed:.2f} s: {rate:,.0f} tokens/s")
     return rate
