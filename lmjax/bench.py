@@ -5,6 +5,7 @@ interleaved rounds, so their ratios are measured under the same machine load.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import statistics
@@ -14,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lmjax import metrics, sharding, train
+from lmjax import compile_cache, metrics, sharding, train
 from lmjax.config import Config, apply_overrides, validate
 
 
@@ -70,16 +71,14 @@ def _time_one(case: _Case) -> None:
 
 
 def _summary(case: _Case) -> dict[str, float]:
-    """Compile seconds, median step seconds (wall and process CPU), tokens/s, TFLOP/s, MFU."""
+    """Compile seconds, median step seconds (wall and process CPU), tokens/s, TFLOP/s per
+    device, MFU."""
     config = case.config
     step_s = statistics.median(case.wall)
-    tokens = config.data.batch_size * config.data.seq_len
-    flops = metrics.flops_per_token(config.model, config.data.seq_len) * tokens
-    peak, _ = metrics.peak_flops(jax.devices()[0], config.model.dtype)
+    rates = metrics.Throughput(config.model, config.data.batch_size, config.data.seq_len,
+                               jax.devices())(step_s)
     return {"compile_s": case.compile_s, "step_s": step_s, "best_s": min(case.wall),
-            "cpu_s": statistics.median(case.cpu), "tokens_per_s": tokens / step_s,
-            "tflops": flops / step_s / 1e12 / jax.device_count(),
-            "mfu": flops / step_s / (peak * jax.device_count()), "loss": case.loss}
+            "cpu_s": statistics.median(case.cpu), **rates, "loss": case.loss}
 
 
 def bench_step(config: Config, steps: int = 5) -> dict[str, float]:
@@ -99,9 +98,12 @@ def sweep_overrides(sweeps: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*axes)] if axes else [[]]
 
 
-def main(config: Config, sweeps: list[str], steps: int) -> list[dict]:
+def main(config: Config, sweeps: list[str], steps: int, profile_dir: str = "") -> list[dict]:
     """Compiles every configuration of the sweep, then times them in interleaved rounds
-    (one step of each per round), so that a change of machine load hits all of them alike."""
+    (one step of each per round), so that a change of machine load hits all of them alike.
+    `profile_dir`: also writes a jax.profiler trace of the timed rounds to
+    PROFILE_DIR/plugins/profile/ (TensorBoard's profile plugin reads PROFILE_DIR)."""
+    compile_cache.enable(config.run.compile_cache_dir)
     device = jax.devices()[0]
     m, d = config.model, config.data
     print(f"device: {device.device_kind} x {jax.device_count()}")
@@ -112,9 +114,10 @@ def main(config: Config, sweeps: list[str], steps: int) -> list[dict]:
         cfg = validate(apply_overrides(config, overrides))
         name = " ".join(overrides) or f"dtype={m.dtype} remat={m.remat}"
         cases.append(_prepare(name, cfg))
-    for _ in range(steps):
-        for case in cases:
-            _time_one(case)
+    with jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext():
+        for _ in range(steps):
+            for case in cases:
+                _time_one(case)
     for dtype in sorted({c.config.model.dtype for c in cases}):
         peak, source = metrics.peak_flops(device, dtype)
         print(f"MFU peak for {dtype}: {peak / 1e12:.3f} TFLOP/s ({source})")
@@ -127,8 +130,8 @@ def main(config: Config, sweeps: list[str], steps: int) -> list[dict]:
         r = _summary(case)
         rows.append({"config": case.name, **r})
         print(f"{case.name:<{width}} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['best_s']:>7.3f} "
-              f"{r['cpu_s']:>7.2f} {r['tokens_per_s']:>9.0f} {r['tflops']:>8.3f} {r['mfu']:>6.1%}",
-              flush=True)
+              f"{r['cpu_s']:>7.2f} {r['tokens_per_second']:>9.0f} "
+              f"{r['tflops_per_device']:>8.3f} {r['mfu']:>6.1%}", flush=True)
     print("step s: median wall seconds; best s: fastest step; cpu s: process CPU seconds per step "
           "(all threads), a load-robust measure of work on a shared machine.")
     return rows

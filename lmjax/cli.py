@@ -101,7 +101,7 @@ def _cmd_bench(args) -> int:
     config = load_experiment(args.experiment, args.overrides)
     if args.what == "step":
         from lmjax import bench
-        bench.main(config, sweeps=args.sweep, steps=args.steps)
+        bench.main(config, sweeps=args.sweep, steps=args.steps, profile_dir=args.profile)
     elif args.what == "data":
         from lmjax.data import tools
         tools.bench(config, _data_workdir(args, config), args.seconds, args.start_step)
@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="step: run once per value and compare in one table (repeatable: a grid)")
     p.add_argument("--steps", type=int, default=5, help="step: timed steps per configuration")
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="step: write a jax.profiler trace of the timed steps to "
+                        "DIR/plugins/profile/ (open DIR in TensorBoard)")
     p.add_argument("--workdir", default="", help="data: run directory whose tokenizer and store "
                                                  "to use (default ~/.cache/lmjax/RUN_NAME)")
     p.add_argument("--seconds", type=float, default=10.0, help="data: how long to read")

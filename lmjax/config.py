@@ -148,6 +148,11 @@ class RunConfig:
     eval_batches: int = 8
     sample_tokens: int = 0  # >0: print a greedy sample of this many tokens after training
     sample_prompt: str = "ROMEO:"
+    # Persistent compilation cache (lmjax/compile_cache.py): "auto", "" (off), a path or gs://.
+    compile_cache_dir: str = "auto"
+    # "A:B": a jax.profiler trace of steps A..B-1 into WORKDIR/tensorboard/plugins/profile/.
+    profile_steps: str = ""
+    profile_all_processes: bool = True  # False: process 0 only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,6 +390,11 @@ def _check_run(config: Config, need) -> None:
     need(0 <= r.sample_tokens < m.max_seq_len,
          f"run.sample_tokens={r.sample_tokens} must lie in [0, model.max_seq_len={m.max_seq_len}): "
          "the prompt and the sample share the model's context.")
+    if r.profile_steps:
+        try:
+            profile_window(r.profile_steps)
+        except ConfigError as e:
+            need(False, str(e))
 
 
 def validate_tokenizer(config: Config, vocab_size: int, prompt_tokens: int) -> None:
@@ -406,6 +416,19 @@ def validate_tokenizer(config: Config, vocab_size: int, prompt_tokens: int) -> N
                         "either.")
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def profile_window(text: str) -> tuple[int, int]:
+    """"A:B" -> (A, B): trace steps A..B-1 (1-based step numbers, B excluded)."""
+    start, sep, end = text.partition(":")
+    try:
+        window = int(start), int(end)
+    except ValueError:
+        window = None
+    if not sep or window is None or not 1 <= window[0] < window[1]:
+        raise ConfigError(f"run.profile_steps={text!r}: expected START:END with 1 <= START < END, "
+                          "e.g. 20:25 traces steps 20 to 24.")
+    return window
 
 
 # ---------------------------------------------------------------- (de)serialization

@@ -88,6 +88,45 @@ def peak_flops(device: jax.Device, compute_dtype: str = "bfloat16") -> tuple[flo
     return float("nan"), f"unknown device kind {kind!r}: no peak, so no MFU"
 
 
+class Throughput:
+    """Tokens/s, TFLOP/s per device and MFU of a step of `seconds` (the one home of this
+    arithmetic: training logs it, `lmjax bench` prints it)."""
+
+    def __init__(self, model_cfg: ModelConfig, batch_size: int, seq_len: int,
+                 devices: list[jax.Device]):
+        self.tokens = batch_size * seq_len
+        self.flops = flops_per_token(model_cfg, seq_len) * self.tokens
+        self.peak, self.peak_source = peak_flops(devices[0], model_cfg.dtype)
+        self.n_devices = len(devices)
+
+    def __call__(self, seconds: float) -> dict[str, float]:
+        per_device = self.flops / seconds / self.n_devices
+        return {"tokens_per_second": self.tokens / seconds, "tflops_per_device": per_device / 1e12,
+                "mfu": per_device / self.peak}
+
+
+def memory_usage() -> dict[str, float]:
+    """GiB: device memory in use and its peak on the first local device (when the backend
+    reports it; the CPU backend does not), and this process's resident host memory."""
+    out = {}
+    stats = jax.local_devices()[0].memory_stats() or {}
+    for key, name in (("bytes_in_use", "device_memory_gib"),
+                      ("peak_bytes_in_use", "device_memory_peak_gib")):
+        if key in stats:
+            out[name] = stats[key] / 2**30
+    out["host_rss_gib"] = _host_rss_bytes() / 2**30
+    return out
+
+
+def _host_rss_bytes() -> int:
+    try:  # Linux: the current resident set; elsewhere the peak is the best available
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class MetricsWriter:
     """Writes one JSON object per line to `metrics.jsonl`, scalars to TensorBoard, and a
     progress line to stdout. Only process 0 writes; the others are silent no-ops."""
@@ -108,7 +147,8 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-    def write(self, step: int, values: dict[str, Any]) -> None:
+    def write(self, step: int, values: dict[str, Any], *, progress: bool = True) -> None:
+        """Appends `{"step": step, **values}`; `progress=False` keeps it off the terminal."""
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
@@ -118,7 +158,8 @@ class MetricsWriter:
             if k != "step" and isinstance(v, (int, float)):
                 self._tb.add_scalar(k, v, step)
         self._tb.flush()
-        self._progress(step, record)
+        if progress:
+            self._progress(step, record)
 
     def _progress(self, step: int, record: dict) -> None:
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "step")

@@ -5,8 +5,7 @@ import dataclasses
 import functools
 import logging
 import os
-import time
-from typing import Any, Iterator
+from typing import Any
 
 import flax.struct
 import jax
@@ -15,9 +14,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lmjax import metrics as metrics_lib
+from lmjax import compile_cache, goodput, hooks as hooks_lib, loop, metrics as metrics_lib
 from lmjax import loss, matmul, model, optim, sharding
-from lmjax.config import Config, ModelConfig, OptimConfig
+from lmjax.config import Config, ModelConfig, OptimConfig, profile_window
 
 log = logging.getLogger("lmjax")
 
@@ -65,9 +64,11 @@ def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
                             segment_ids=batch["segment_ids"], positions=batch["positions"])
     x = model.rms_norm(x, params["final_norm"], model_cfg.norm_eps)
     mask = batch["loss_mask"].astype(jnp.float32)
-    objective, nll_sum, z_sum = loss.loss_sums(
-        x, model.vocab_projection(params, model_cfg), batch["targets"], mask, z_loss=z_loss,
-        chunk=model_cfg.logits_chunk, impl=matmul.resolve_impl(model_cfg.matmul, model_cfg.dtype))
+    with jax.named_scope("loss"):
+        objective, nll_sum, z_sum = loss.loss_sums(
+            x, model.vocab_projection(params, model_cfg), batch["targets"], mask, z_loss=z_loss,
+            chunk=model_cfg.logits_chunk,
+            impl=matmul.resolve_impl(model_cfg.matmul, model_cfg.dtype))
     return objective, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask)}
 
 
@@ -111,8 +112,9 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, optim
     grads = jax.tree.map(lambda g: g / tokens, grads)
     loss = aux["nll_sum"] / tokens
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if skip_nonfinite:
@@ -198,43 +200,6 @@ def global_batch(local: dict[str, np.ndarray], batch_sharding: NamedSharding) ->
     return {k: assemble(np.asarray(local[k])) for k in BATCH_KEYS}
 
 
-def fetch(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
-def run_steps(trainer: Trainer, state: TrainState, batches: Iterator[dict], steps: int,
-              on_metrics, after_step=None) -> TrainState:
-    """Runs up to `steps` updates. `on_metrics(step, metrics, seconds)` receives each step's
-    metrics one step late, so the host never waits on the device between dispatches;
-    `seconds` is the time between the ends of two successive steps (for the first, since the
-    call), so time the host spent in between (a checkpoint save) counts in the step before.
-    `after_step(step, state, metrics)` runs at every step boundary, after the previous step's
-    metrics; when it returns True the run stops there."""
-    step = int(state.step)
-    pending = None
-    last = time.perf_counter()
-
-    def report():
-        nonlocal last
-        jax.block_until_ready(pending[1])
-        now = time.perf_counter()
-        on_metrics(*pending, now - last)
-        last = now
-
-    for _ in range(steps):
-        batch = global_batch(next(batches), trainer.batch_sharding)
-        state, step_metrics = trainer.step_fn(state, batch)
-        step += 1
-        if pending is not None:
-            report()
-        pending = (step, step_metrics)
-        if after_step is not None and after_step(step, state, step_metrics):
-            break
-    if pending is not None:
-        report()
-    return state
-
-
 def make_eval_fn(trainer: Trainer):
     """Jitted (nll_sum, tokens) of one global batch under the trainer's shardings."""
     model_cfg = trainer.config.model
@@ -270,16 +235,23 @@ def _describe_devices(mesh: Mesh) -> str:
             f"({d.device_kind}), mesh {dict(mesh.shape)}")
 
 
-def train(config: Config, workdir: str, *, restore_from: str | None = None,
-          init_from: str | None = None) -> dict[str, float]:
-    """Trains `config` in `workdir` and returns the final metrics.
+@dataclasses.dataclass
+class _Run:
+    """What `_set_up` prepared: the compiled trainer, the restored state and the data."""
 
-    Resumes from the newest readable checkpoint in `workdir/checkpoints` when there is one;
-    otherwise `restore_from` (a checkpoint of another run, or a step of this one) or
-    `init_from` (a params-only directory) or a fresh init (rules: `checkpoint.plan_resume`).
-    Writes `config.json`, `metrics.jsonl` (appended), TensorBoard events and checkpoints.
-    SIGTERM/SIGINT save at the next step boundary and return early with "stopped_at_step".
-    """
+    config: Config
+    trainer: Trainer
+    state: TrainState
+    source: str  # where the state came from (checkpoint.describe_resume)
+    pipeline: Any
+    tokenizer: Any
+    meta: dict  # what each checkpoint records about the run
+
+
+def _set_up(config: Config, workdir: str, restore_from: str | None,
+            init_from: str | None) -> _Run:
+    """Validates, plans the resume (before anything expensive), builds the mesh, tokenizer,
+    data pipeline and compiled trainer, and restores or initializes the state."""
     from lmjax import checkpoint
     from lmjax import data as data_lib
     from lmjax.config import to_json, validate, validate_tokenizer
@@ -319,77 +291,75 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
                                             config.model)
     if data_state is not None:
         pipeline.check_state(data_state)
+    return _Run(config, trainer, state, source, pipeline, tokenizer,
+                checkpoint.make_metadata(config, fingerprint, mesh))
+
+
+def _hooks(run: _Run, workdir: str, writer: metrics_lib.MetricsWriter, summary: dict,
+           clock: goodput.Clock, signals) -> list[loop.Hook]:
+    """The built-in hooks, in the order they see each event."""
+    from lmjax import checkpoint
+    config, trainer = run.config, run.trainer
+    total, skip = config.run.steps, config.checkpoint.on_nonfinite == "skip"
+    throughput = metrics_lib.Throughput(config.model, config.data.batch_size,
+                                        config.data.seq_len, jax.devices())
+    log.info("peak FLOP/s per device: %.3g (%s)", throughput.peak, throughput.peak_source)
     eval_fn = make_eval_fn(trainer)
-    eval_sets = pipeline.eval_sets(config.run.eval_batches)
-
-    total = config.run.steps
-    tokens_per_step = config.data.batch_size * config.data.seq_len
-    flops_per_step = metrics_lib.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
-    peak, peak_source = metrics_lib.peak_flops(jax.devices()[0], config.model.dtype)
-    log.info("peak FLOP/s per device: %.3g (%s)", peak, peak_source)
-    writer = metrics_lib.MetricsWriter(workdir, total, enabled=primary,
-                                       start_step=int(state.step))
-    last: dict[str, float] = {}
-    skip_nonfinite = config.checkpoint.on_nonfinite == "skip"
-
-    def on_metrics(step: int, step_metrics: dict, seconds: float) -> None:
-        values = fetch(step_metrics)
-        if not values.pop("finite"):
-            message = (f"non-finite loss or gradient at step {step}: loss={values['loss']}, "
-                       f"grad_norm={values['grad_norm']}")
-            if not skip_nonfinite:
-                raise FloatingPointError(message)
-            log.warning("%s; skipped the update (checkpoint.on_nonfinite=skip)", message)
-        values.update(step_seconds=seconds, tokens_per_second=tokens_per_step / seconds,
-                      mfu=flops_per_step / seconds / (peak * jax.device_count()))
-        last.update(values)
-        if step % config.run.log_every == 0 or step == total:
-            writer.write(step, values)
-
-    step = int(state.step)
-    if source != "fresh init":
-        writer.write(step, checkpoint.describe_resume(step, source))
-    meta = checkpoint.make_metadata(config, fingerprint, mesh)
+    eval_sets = run.pipeline.eval_sets(config.run.eval_batches)
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), config.checkpoint,
-                                   resumed_at=step)
+                                   resumed_at=int(run.state.step))
+    out = [hooks_lib.NonfiniteGuard(skip),
+           hooks_lib.StepMetrics(writer, summary, throughput, config.run.log_every, total),
+           hooks_lib.Checkpoints(ckpt, checkpoint.SaveSchedule(config.checkpoint, total, signals),
+                                 run.pipeline.state, run.meta, skip, clock, summary),
+           hooks_lib.Evaluation(lambda params: evaluate(trainer, eval_fn, params, eval_sets),
+                                writer, summary, config.run.eval_every, total)]
+    if config.run.sample_tokens and run.tokenizer is not None:
+        out.append(hooks_lib.EndSample(lambda params: _sample(trainer, params, run.tokenizer),
+                                       summary))
+    if config.run.profile_steps and (config.run.profile_all_processes
+                                     or jax.process_index() == 0):
+        out.append(hooks_lib.Profile(*profile_window(config.run.profile_steps),
+                                     os.path.join(workdir, "tensorboard")))
+    return out
+
+
+def train(config: Config, workdir: str, *, restore_from: str | None = None,
+          init_from: str | None = None, hooks: tuple[loop.Hook, ...] = ()) -> dict[str, float]:
+    """Trains `config` in `workdir` and returns the final metrics.
+
+    Resumes from the newest readable checkpoint in `workdir/checkpoints` when there is one;
+    otherwise `restore_from` (a checkpoint of another run, or a step of this one) or
+    `init_from` (a params-only directory) or a fresh init (rules: `checkpoint.plan_resume`).
+    Writes `config.json`, `metrics.jsonl` (appended), TensorBoard events and checkpoints.
+    SIGTERM/SIGINT save at the next step boundary and return early with "stopped_at_step".
+    `hooks`: more `loop.Hook`s, called after the built-in ones.
+    """
+    clock = goodput.Clock()
+    from lmjax import checkpoint
+    compile_cache.enable(config.run.compile_cache_dir)
+    run = _set_up(config, workdir, restore_from, init_from)
+    primary = jax.process_index() == 0
+    redo_until = goodput.last_reached_step(workdir) if primary else 0
+    writer = metrics_lib.MetricsWriter(workdir, run.config.run.steps, enabled=primary,
+                                       start_step=int(run.state.step))
+    step, summary = int(run.state.step), {}
+    if run.source != "fresh init":
+        writer.write(step, checkpoint.describe_resume(step, run.source))
+    batches = (global_batch(b, run.trainer.batch_sharding)
+               for b in run.pipeline.train_batches(step))
     signals = checkpoint.StopSignals()
-    schedule = checkpoint.SaveSchedule(config.checkpoint, total, signals)
-    stopped: list[int] = []
-
-    def after_step(step: int, state: TrainState, step_metrics: dict) -> bool:
-        ckpt.poll()
-        save, stop = schedule(step)
-        if save:
-            ckpt.save(step, state, data_state=pipeline.state(step), meta=meta,
-                      step_finite=step_metrics["finite"], allow_nonfinite_step=skip_nonfinite)
-            schedule.saved()
-        if stop:
-            stopped.append(step)
-        return stop
-
-    batches = pipeline.train_batches(step)
-    eval_every = config.run.eval_every or total
+    goodput_log = hooks_lib.GoodputLog(clock, writer, run.config.run.log_every, step)
+    all_hooks = [*_hooks(run, workdir, writer, summary, clock, signals), *hooks, goodput_log]
     try:
         with signals:
-            while step < total:
-                segment_end = min(total, (step // eval_every + 1) * eval_every)
-                state = run_steps(trainer, state, batches, segment_end - step, on_metrics,
-                                  after_step)
-                step = int(state.step)
-                if stopped:
-                    log.warning("stopped at step %d after a signal; checkpoint saved, rerun the "
-                                "same command to resume", step)
-                    last["stopped_at_step"] = float(step)
-                    break
-                result = evaluate(trainer, eval_fn, state.params, eval_sets)
-                writer.write(step, result)
-                last.update(result)
+            loop.run(run.trainer.step_fn, run.state, batches, run.config.run.steps, all_hooks,
+                     clock, redo_until=redo_until)
     finally:
-        ckpt.close()
+        batches.close()  # releases the tf.data iterator now, inside the accounted time
+        goodput_log.finish()
         writer.close()
-    if config.run.sample_tokens and tokenizer is not None and not stopped:
-        last["sample"] = _sample(trainer, state.params, tokenizer)
-    return last
+    return summary
 
 
 def _sample(trainer: Trainer, params, tokenizer) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from lmjax import bench, optim, sharding, train
+from lmjax import bench, loop, optim, sharding, train
 from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig
 
 TINY = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -41,7 +41,7 @@ def test_grad_accumulation_equals_large_batch():
         tr = _trainer(_config(grad_accum=accum, eps=1.0))
         state = tr.init_fn()
         state, m = tr.step_fn(state, train.global_batch(batch, tr.batch_sharding))
-        results.append((state.params, train.fetch(m)))
+        results.append((state.params, loop.fetch(m)))
     (p1, m1), (p4, m4) = results
     assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-6)
     assert m1["grad_norm"] == pytest.approx(m4["grad_norm"], rel=1e-5)
@@ -113,7 +113,7 @@ def test_loss_is_mean_over_unmasked_targets():
     nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     expected = (nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
     _, m = tr.step_fn(state, train.global_batch(batch, tr.batch_sharding))
-    assert train.fetch(m)["loss"] == pytest.approx(expected, rel=1e-5)
+    assert loop.fetch(m)["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_loss_decreases_on_a_fixed_batch():
@@ -123,7 +123,7 @@ def test_loss_decreases_on_a_fixed_batch():
     losses = []
     for _ in range(30):
         state, m = tr.step_fn(state, batch)
-        losses.append(train.fetch(m)["loss"])
+        losses.append(loop.fetch(m)["loss"])
     assert losses[-1] < 0.5 * losses[0]
     assert int(state.step) == 30
 
@@ -140,7 +140,7 @@ def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
     bad = _batch()
     bad["loss_mask"] = np.full_like(bad["loss_mask"], np.inf)
     state, m = tr.step_fn(state, train.global_batch(bad, tr.batch_sharding))
-    assert train.fetch(m)["finite"] == 0.0
+    assert loop.fetch(m)["finite"] == 0.0
     after = jax.device_get(state)
     jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
     floats = lambda s: [x for x in jax.tree.leaves(s.opt_state) if x.dtype.kind == "f"]  # noqa: E731
@@ -150,7 +150,7 @@ def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
     # the next good step applies schedule(2) = 0.5 lr, the learning rate it logs: with the
     # same moments and a count of 2, optax's own AdamW gives the same params
     state, m = tr.step_fn(state, train.global_batch(_batch(3), tr.batch_sharding))
-    assert train.fetch(m)["learning_rate"] == pytest.approx(0.5 * cfg.optim.lr)
+    assert loop.fetch(m)["learning_rate"] == pytest.approx(0.5 * cfg.optim.lr)
     grads = jax.grad(lambda p: train.loss_terms(p, train.global_batch(_batch(3), tr.batch_sharding),
                                                 TINY, 0.0)[0])(after.params)
     tokens = float(np.sum(_batch(3)["loss_mask"]))

@@ -1,0 +1,164 @@
+"""The training loop's built-in hooks (`lmjax.loop`), one job each.
+
+They share two sinks: the `MetricsWriter` (metrics.jsonl, TensorBoard, the progress line;
+silent on processes other than 0) and `summary`, the dict `train()` returns (the latest
+value of every step metric, the last evaluation, the sample, where a stop happened).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+from lmjax import goodput, metrics as metrics_lib
+from lmjax.loop import Hook
+
+log = logging.getLogger("lmjax")
+
+
+class NonfiniteGuard(Hook):
+    """Raises FloatingPointError on a non-finite loss or gradient norm, or (skip=True, the
+    step already kept the old parameters) warns."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+
+    def on_metrics(self, step, values, seconds):
+        if values["finite"]:
+            return
+        message = (f"non-finite loss or gradient at step {step}: loss={values['loss']}, "
+                   f"grad_norm={values['grad_norm']}")
+        if not self.skip:
+            raise FloatingPointError(message)
+        log.warning("%s; skipped the update (checkpoint.on_nonfinite=skip)", message)
+
+
+class StepMetrics(Hook):
+    """Adds step time, throughput and MFU to each step's metrics, keeps them in `summary`,
+    and writes every `log_every`-th step and the last with device and host memory."""
+
+    def __init__(self, writer: metrics_lib.MetricsWriter, summary: dict,
+                 throughput: metrics_lib.Throughput, log_every: int, total: int):
+        self.writer, self.summary, self.throughput = writer, summary, throughput
+        self.log_every, self.total = log_every, total
+
+    def on_metrics(self, step, values, seconds):
+        values = {k: v for k, v in values.items() if k != "finite"}
+        values.update(step_seconds=seconds, **self.throughput(seconds))
+        self.summary.update(values)
+        if step % self.log_every == 0 or step == self.total:
+            self.writer.write(step, {**values, **metrics_lib.memory_usage()})
+
+
+class Checkpoints(Hook):
+    """Saves when the `SaveSchedule` says so (every N steps or minutes, the last step, a stop
+    signal or preemption notice) and stops the run after a stop request's save."""
+
+    bucket = "checkpoint"
+
+    def __init__(self, ckpt, schedule, data_state, meta: dict, skip_nonfinite: bool,
+                 clock: goodput.Clock, summary: dict):
+        self.ckpt, self.schedule, self.data_state, self.meta = ckpt, schedule, data_state, meta
+        self.skip_nonfinite, self.clock, self.summary = skip_nonfinite, clock, summary
+
+    def after_step(self, step, state, metrics):
+        self.ckpt.poll()
+        save, stop = self.schedule(step)
+        if save:
+            with self.clock("train"):  # waiting for the step in flight is not save overhead
+                jax.block_until_ready(metrics["finite"])
+            self.ckpt.save(step, state, data_state=self.data_state(step), meta=self.meta,
+                           step_finite=metrics["finite"],
+                           allow_nonfinite_step=self.skip_nonfinite)
+            self.schedule.saved()
+        return stop
+
+    def on_end(self, state, stopped):
+        if stopped:
+            step = int(state.step)
+            log.warning("stopped at step %d after a signal; checkpoint saved, rerun the same "
+                        "command to resume", step)
+            self.summary["stopped_at_step"] = float(step)
+
+    def close(self):
+        self.ckpt.close()
+
+
+class Evaluation(Hook):
+    """Evaluates every `every` steps (0: only at the end) and at the last step."""
+
+    bucket = "eval"
+
+    def __init__(self, evaluate, writer: metrics_lib.MetricsWriter, summary: dict, every: int,
+                 total: int):
+        self.evaluate, self.writer, self.summary = evaluate, writer, summary
+        self.every, self.total = every or total, total
+
+    def wants_boundary(self, step):
+        return step % self.every == 0 or step == self.total
+
+    def at_boundary(self, step, state):
+        result = self.evaluate(state.params)
+        self.writer.write(step, result)
+        self.summary.update(result)
+
+
+class EndSample(Hook):
+    """After a run that was not stopped early: a greedy sample, logged and in `summary`."""
+
+    bucket = "eval"
+
+    def __init__(self, sample, summary: dict):
+        self.sample, self.summary = sample, summary
+
+    def on_end(self, state, stopped):
+        if not stopped:
+            self.summary["sample"] = self.sample(state.params)
+
+
+class Profile(Hook):
+    """A jax.profiler trace of steps [start, end) into `log_dir`/plugins/profile/ (the layout
+    TensorBoard's profile plugin reads). The last traced step is waited for before the trace
+    stops, so it is complete; the steps outside the window run unsynchronized as always."""
+
+    bucket = "profile"
+
+    def __init__(self, start: int, end: int, log_dir: str):
+        self.start, self.end, self.log_dir = start, end, log_dir
+        self.active = False
+
+    def before_step(self, step):
+        if step == self.start:
+            jax.profiler.start_trace(self.log_dir)
+            self.active = True
+
+    def after_step(self, step, state, metrics):
+        if self.active and step == self.end - 1:
+            jax.block_until_ready((state, metrics))
+            self.close()
+        return False
+
+    def close(self):
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+            log.info("profile of steps %d-%d written to %s", self.start, self.end - 1,
+                     os.path.join(self.log_dir, "plugins", "profile"))
+
+
+class GoodputLog(Hook):
+    """Writes the goodput clock's buckets (cumulative since this start) at every
+    `log_every`-th step; `train()` calls `finish` last, however the run ends."""
+
+    def __init__(self, clock: goodput.Clock, writer: metrics_lib.MetricsWriter, log_every: int,
+                 step: int):
+        self.clock, self.writer, self.log_every, self.step = clock, writer, log_every, step
+
+    def on_metrics(self, step, values, seconds):
+        self.step = step
+        if step % self.log_every == 0:
+            self.writer.write(step, self.clock.record(), progress=False)
+
+    def finish(self):
+        self.writer.write(self.step, self.clock.record(), progress=False)
