@@ -103,17 +103,17 @@ def main(config: Config, sweeps: list[str], steps: int, profile_dir: str = "") -
     (one step of each per round), so that a change of machine load hits all of them alike.
     `profile_dir`: also writes a jax.profiler trace of the timed rounds to
     PROFILE_DIR/plugins/profile/ (TensorBoard's profile plugin reads PROFILE_DIR)."""
-    compile_cache.enable(config.run.compile_cache_dir)
     device = jax.devices()[0]
     m, d = config.model, config.data
     print(f"device: {device.device_kind} x {jax.device_count()}")
     print(f"model: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads x "
           f"{m.head_dim}, mlp {m.d_mlp}, vocab {m.vocab_size}; batch {d.batch_size} x seq {d.seq_len}")
     cases = []
-    for overrides in sweep_overrides(sweeps):
-        cfg = validate(apply_overrides(config, overrides))
-        name = " ".join(overrides) or f"dtype={m.dtype} remat={m.remat}"
-        cases.append(_prepare(name, cfg))
+    with compile_cache.enabled(config.run.compile_cache_dir):
+        for overrides in sweep_overrides(sweeps):
+            cfg = validate(apply_overrides(config, overrides))
+            name = " ".join(overrides) or f"dtype={m.dtype} remat={m.remat}"
+            cases.append(_prepare(name, cfg))
     with jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext():
         for _ in range(steps):
             for case in cases:

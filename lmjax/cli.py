@@ -111,6 +111,11 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from lmjax import report
+    return report.main(args.workdir, args.png)
+
+
 def _cmd_eval(args) -> int:
     from lmjax import evaluate
     evaluate.main(args.workdir, args.step, args.text_files or (), args.experiment_data, args.json,
@@ -246,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128, help="generate: prompt tokens")
     p.add_argument("--new-tokens", type=int, default=128, help="generate: tokens to decode")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("report", help="where a run's time went (goodput, across restarts) and "
+                                      "a PNG of loss, throughput and the time buckets")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--png", default="", help="where to write the plot (default WORKDIR/report.png)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a checkpoint")
     p.add_argument("--workdir", required=True)

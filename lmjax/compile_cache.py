@@ -9,8 +9,10 @@ jax caches only computations that took longer than
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Iterator
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -30,14 +32,23 @@ def resolve(setting: str) -> str | None:
     return os.path.join(root, "lmjax", "jax-compile")
 
 
-def enable(setting: str) -> str | None:
-    """Points jax's persistent cache at `resolve(setting)` (or turns it off) for the
-    compilations that follow in this process; returns the directory."""
-    path = resolve(setting)
-    if path is not None and "://" not in path:
-        os.makedirs(path, exist_ok=True)
+def _use(path: str | None) -> None:
     if jax.config.jax_compilation_cache_dir != path:
         jax.config.update("jax_compilation_cache_dir", path)
         compilation_cache.reset_cache()  # jax opens the cache once; reopen it at `path`
+
+
+@contextlib.contextmanager
+def enabled(setting: str) -> Iterator[str | None]:
+    """Within the block, jax's persistent cache is `resolve(setting)` (or off); the process's
+    previous setting is restored after it. Yields the directory."""
+    path = resolve(setting)
+    if path is not None and "://" not in path:
+        os.makedirs(path, exist_ok=True)
+    previous = jax.config.jax_compilation_cache_dir
     log.info("compilation cache: %s", path or "off")
-    return path
+    _use(path)
+    try:
+        yield path
+    finally:
+        _use(previous)

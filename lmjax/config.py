@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import types
@@ -153,6 +154,8 @@ class RunConfig:
     # "A:B": a jax.profiler trace of steps A..B-1 into WORKDIR/tensorboard/plugins/profile/.
     profile_steps: str = ""
     profile_all_processes: bool = True  # False: process 0 only
+    # Weights & Biases project to log to as well (lmjax/wandb_log.py); "": TensorBoard only.
+    wandb_project: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,6 +393,9 @@ def _check_run(config: Config, need) -> None:
     need(0 <= r.sample_tokens < m.max_seq_len,
          f"run.sample_tokens={r.sample_tokens} must lie in [0, model.max_seq_len={m.max_seq_len}): "
          "the prompt and the sample share the model's context.")
+    need(not r.wandb_project or importlib.util.find_spec("wandb") is not None,
+         f"run.wandb_project={r.wandb_project!r} needs the wandb package: pip install "
+         "'lmjax[wandb]', or unset run.wandb_project.")
     if r.profile_steps:
         try:
             profile_window(r.profile_steps)

@@ -128,14 +128,16 @@ def _host_rss_bytes() -> int:
 
 
 class MetricsWriter:
-    """Writes one JSON object per line to `metrics.jsonl`, scalars to TensorBoard, and a
-    progress line to stdout. Only process 0 writes; the others are silent no-ops."""
+    """Writes one JSON object per line to `metrics.jsonl`, scalars to TensorBoard, each record
+    to the `outputs` (objects with write(step, record) and close(), e.g. W&B), and a progress
+    line to stdout. Only process 0 writes; the others are silent no-ops."""
 
     def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True,
-                 start_step: int = 0):
+                 start_step: int = 0, outputs: tuple = ()):
         """start_step: the step this process starts at (a resumed run's restored step); the
         ETA divides this process's time by the steps it has done since."""
         self.enabled = enabled
+        self.outputs = outputs
         self.total_steps = total_steps
         self.start_step = start_step
         self.start = time.time()
@@ -158,6 +160,8 @@ class MetricsWriter:
             if k != "step" and isinstance(v, (int, float)):
                 self._tb.add_scalar(k, v, step)
         self._tb.flush()
+        for out in self.outputs:
+            out.write(step, record)
         if progress:
             self._progress(step, record)
 
@@ -177,6 +181,8 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+            for out in self.outputs:
+                out.close()
 
 
 def _plain(v: Any) -> Any:

@@ -336,13 +336,17 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
     `hooks`: more `loop.Hook`s, called after the built-in ones.
     """
     clock = goodput.Clock()
+    with compile_cache.enabled(config.run.compile_cache_dir):
+        return _train(config, workdir, restore_from, init_from, hooks, clock)
+
+
+def _train(config: Config, workdir: str, restore_from: str | None, init_from: str | None,
+           hooks: tuple[loop.Hook, ...], clock: goodput.Clock) -> dict[str, float]:
     from lmjax import checkpoint
-    compile_cache.enable(config.run.compile_cache_dir)
     run = _set_up(config, workdir, restore_from, init_from)
     primary = jax.process_index() == 0
     redo_until = goodput.last_reached_step(workdir) if primary else 0
-    writer = metrics_lib.MetricsWriter(workdir, run.config.run.steps, enabled=primary,
-                                       start_step=int(run.state.step))
+    writer = _writer(run.config, workdir, primary, int(run.state.step))
     step, summary = int(run.state.step), {}
     if run.source != "fresh init":
         writer.write(step, checkpoint.describe_resume(step, run.source))
@@ -360,6 +364,17 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
         goodput_log.finish()
         writer.close()
     return summary
+
+
+def _writer(config: Config, workdir: str, primary: bool,
+            start_step: int) -> metrics_lib.MetricsWriter:
+    """metrics.jsonl, TensorBoard and, with run.wandb_project, W&B (process 0 only)."""
+    outputs = ()
+    if primary and config.run.wandb_project:
+        from lmjax import wandb_log
+        outputs = (wandb_log.WandbWriter(config.run.wandb_project, workdir, config),)
+    return metrics_lib.MetricsWriter(workdir, config.run.steps, enabled=primary,
+                                     start_step=start_step, outputs=outputs)
 
 
 def _sample(trainer: Trainer, params, tokenizer) -> str:

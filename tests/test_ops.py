@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from lmjax import cli, goodput, train
+from lmjax import cli, goodput, report, train, wandb_log
 from lmjax.loop import Hook
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, CRASH = 10, 7
 SETS = [f"run.steps={STEPS}", "run.log_every=1", "checkpoint.every_steps=4", "run.eval_every=0",
-        "run.eval_batches=1", "run.profile_steps=2:4"]
+        "run.eval_batches=1", "run.profile_steps=2:4", "run.wandb_project=lmjax-test"]
 
 
 class _Crash(Hook):
@@ -37,13 +37,18 @@ def crashed_and_resumed(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("ops"))
     config = cli.load_experiment("smoke", SETS)
     walls = []
-    start = time.perf_counter()
-    with pytest.raises(RuntimeError, match="injected crash"):
-        train.train(config, workdir, hooks=(_Crash(),))
-    walls.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    train.train(config, workdir)
-    walls.append(time.perf_counter() - start)
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("WANDB_API_KEY", raising=False)
+        env.delenv("WANDB_MODE", raising=False)
+        if wandb_log._has_api_key():  # a `wandb login` on this machine: stay offline anyway
+            env.setenv("WANDB_MODE", "offline")
+        start = time.perf_counter()
+        with pytest.raises(RuntimeError, match="injected crash"):
+            train.train(config, workdir, hooks=(_Crash(),))
+        walls.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        train.train(config, workdir)
+        walls.append(time.perf_counter() - start)
     return workdir, walls
 
 
@@ -87,6 +92,29 @@ def test_goodput_buckets_add_up_to_wall_time_across_a_restart(crashed_and_resume
         (first["goodput/train_s"] + second["goodput/train_s"]) / total["total"])
 
 
+def test_report_prints_totals_and_writes_a_png(crashed_and_resumed, capsys):
+    workdir, walls = crashed_and_resumed
+    assert cli.main(["report", "--workdir", workdir]) == 0
+    out = capsys.readouterr().out
+    total = goodput.summarize(_records(workdir))
+    assert "2 start(s), step 10" in out
+    assert f"goodput (training steps / wall time): {total['goodput']:.1%}" in out
+    for label in report.LABELS.values():
+        assert label in out
+    png = Path(workdir) / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_wandb_offline_run_resumed_under_one_id(crashed_and_resumed):
+    workdir, _ = crashed_and_resumed
+    run_id = (Path(workdir) / wandb_log.RUN_ID_FILE).read_text().strip()
+    runs = sorted((Path(workdir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
+    logged = [(r / f"run-{run_id}.wandb").read_bytes() for r in runs]
+    assert all(b"goodput/train_s" in data and b"loss" in data for data in logged)
+    assert b"eval_loss" in logged[1]  # the evaluation at the end of the resumed start
+
+
 def _hlo_op_names(xplane_path: str) -> set[str]:
     """The op_name metadata of every HLO module recorded in a profile (XSpace)."""
     from tensorflow.compiler.xla.service import hlo_pb2
@@ -122,8 +150,8 @@ hits = []
 monitoring.register_event_listener(
     lambda event, **kw: hits.append(event) if event.endswith("/cache_hits") else None)
 from lmjax import bench, cli, compile_cache
-compile_cache.enable(sys.argv[1])
-bench.bench_step(cli.load_experiment("smoke", ["mesh.fsdp=2"]), steps=1)
+with compile_cache.enabled(sys.argv[1]):
+    bench.bench_step(cli.load_experiment("smoke", ["mesh.fsdp=2"]), steps=1)
 print("cache hits:", len(hits))
 """
 

@@ -1,0 +1,55 @@
+"""Optional Weights & Biases logging (`run.wandb_project`; `pip install 'lmjax[wandb]'`).
+
+The run id is kept in WORKDIR/wandb_run_id, so every restart of a workdir logs into the same
+W&B run. Without an API key (WANDB_API_KEY or a `wandb login` entry in ~/.netrc) the run is
+written offline under WORKDIR/wandb/ (`wandb sync` uploads it later); WANDB_MODE, when set,
+decides instead.
+"""
+from __future__ import annotations
+
+import netrc
+import os
+import secrets
+from typing import Any
+
+from lmjax.config import Config, to_dict
+
+RUN_ID_FILE = "wandb_run_id"
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _run_id(workdir: str) -> str:
+    """This workdir's W&B run id, created on the first start."""
+    path = os.path.join(workdir, RUN_ID_FILE)
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(secrets.token_hex(6))  # W&B ids: lowercase letters and digits
+    with open(path) as f:
+        return f.read().strip()
+
+
+class WandbWriter:
+    """A `MetricsWriter` output: logs the numeric values of every record at its step."""
+
+    def __init__(self, project: str, workdir: str, config: Config):
+        import wandb  # config.validate checked that it is installed
+        mode = os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
+        self.run = wandb.init(project=project, id=_run_id(workdir), resume="allow", dir=workdir,
+                              name=config.run.name, config=to_dict(config), mode=mode)
+
+    def write(self, step: int, record: dict[str, Any]) -> None:
+        values = {k: v for k, v in record.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if values:
+            self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
