@@ -88,7 +88,7 @@ def test_microbatches_stay_on_their_devices_and_sum_to_the_big_batch():
         if mesh == (8, 1, 1):  # replicated params: nothing in the loop needs another device
             assert _loop_collectives(step.as_text()) == []
         state, m = step(state, global_batch)
-        results.append((jax.device_get(state.params), train.fetch(m)))
+        results.append((jax.device_get(state.params), loop.fetch(m)))
     (p1, m1), *rest = results
     for p, m in rest:
         assert m["loss"] == pytest.approx(m1["loss"], rel=1e-6)
