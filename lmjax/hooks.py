@@ -149,7 +149,7 @@ class Profile(Hook):
 
 class GoodputLog(Hook):
     """Writes the goodput clock's buckets (cumulative since this start) at every
-    `log_every`-th step; `train()` calls `finish` last, however the run ends."""
+    `log_every`-th step; `train()` writes `final()` last, however the run ends."""
 
     def __init__(self, clock: goodput.Clock, writer: metrics_lib.MetricsWriter, log_every: int,
                  step: int):
@@ -160,5 +160,5 @@ class GoodputLog(Hook):
         if step % self.log_every == 0:
             self.writer.write(step, self.clock.record(), progress=False)
 
-    def finish(self):
-        self.writer.write(self.step, self.clock.record(), progress=False)
+    def final(self) -> tuple[int, dict]:
+        return self.step, self.clock.record()

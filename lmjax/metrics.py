@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -177,12 +177,18 @@ class MetricsWriter:
         else:
             print(line, flush=True)
 
-    def close(self) -> None:
-        if self.enabled:
-            self._jsonl.close()
-            self._tb.close()
-            for out in self.outputs:
-                out.close()
+    def close(self, final: Callable[[], tuple[int, dict[str, Any]]] | None = None) -> None:
+        """Closes TensorBoard and the outputs, then appends `final()` -> (step, values) to
+        metrics.jsonl alone: computed last, a record can account for the closing itself."""
+        if not self.enabled:
+            return
+        self._tb.close()
+        for out in self.outputs:
+            out.close()
+        if final is not None:
+            step, values = final()
+            self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+        self._jsonl.close()
 
 
 def _plain(v: Any) -> Any:

@@ -361,8 +361,7 @@ def _train(config: Config, workdir: str, restore_from: str | None, init_from: st
                      clock, redo_until=redo_until)
     finally:
         batches.close()  # releases the tf.data iterator now, inside the accounted time
-        goodput_log.finish()
-        writer.close()
+        writer.close(final=goodput_log.final)
     return summary
 
 
