@@ -149,7 +149,8 @@ def _cmd_data_preview(args) -> int:
 def _cmd_data_prepare(args) -> int:
     from lmjax.data import tools
     config = load_experiment(args.experiment, args.overrides)
-    tools.prepare(config, _data_workdir(args, config), args.workers, args.scheduler)
+    tools.prepare(config, _data_workdir(args, config), args.beam_runner, args.workers,
+                  args.beam_options)
     return 0
 
 
@@ -330,11 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workdir", default="", help="run directory: its tokenizer.model, and the "
                                                  "store under WORKDIR/data unless data.store_dir "
                                                  "is set (default ~/.cache/lmjax/RUN_NAME)")
+    q.add_argument("--beam-runner", default="DirectRunner", metavar="RUNNER",
+                   help="Apache Beam runner: DirectRunner (this machine), DataflowRunner, "
+                        "SparkRunner, FlinkRunner or PortableRunner")
     q.add_argument("--workers", type=int, default=1,
-                   help="Dask worker processes on this machine (1: inline, no Dask)")
-    q.add_argument("--scheduler", default="", metavar="ADDRESS",
-                   help="run on an existing Dask cluster, e.g. tcp://10.0.0.2:8786 (workers need "
-                        "lmjax installed and the inputs and store_dir reachable)")
+                   help="DirectRunner worker processes (1: in this process)")
+    q.add_argument("--beam-options", default="", metavar="'--NAME=VALUE ...'",
+                   help="more Beam pipeline options, one quoted string, e.g. '--project=p "
+                        "--region=us-central1 --temp_location=gs://b/tmp' for Dataflow")
     q.set_defaults(func=_cmd_data_prepare)
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")

@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from lmjax import cli
 from lmjax.config import Config, ConfigError, DataConfig
 from lmjax.data import BATCH_KEYS, DataStateError, documents, load_tokenizer, make_pipeline
-from lmjax.data import prepare, shuffle, store, tools, train_tokenizer
+from lmjax.data import beam_engine, prepare, shuffle, store, tools, train_tokenizer
 from lmjax.data.tokenizer import prepare_tokenizer
 
 SONNETS = os.path.join(documents.PACKAGED_DIR, "sonnets.txt")
@@ -164,23 +165,69 @@ def _corpus_files(root, n):
                       batch_size=BATCH)
 
 
-@pytest.mark.slow
-def test_killed_dask_prepare_leaves_no_store_and_a_rerun_finishes_it(tok, tmp_path):
-    """`lmjax data prepare --workers 2` (Dask worker processes) killed after its first shards:
-    nothing readable as a store; a rerun completes it, equal to an uninterrupted preparation."""
-    cfg = _corpus_files(tmp_path / "corpus", 12)
+def same_store(directory, other):
+    """Asserts two stores hold the same files with the same bytes; their JSON records may
+    differ only in timings (seconds, tokens_per_second, megabytes_per_second). Temporary files
+    of killed writers (NAME.tmp-PID) are not part of a store."""
+    def untimed(x):
+        if isinstance(x, dict):
+            return {k: untimed(v) for k, v in x.items()
+                    if k not in ("seconds", "tokens_per_second", "megabytes_per_second")}
+        return [untimed(v) for v in x] if isinstance(x, list) else x
+
+    names, other_names = (sorted(f for f in os.listdir(d) if ".tmp-" not in f)
+                          for d in (directory, other))
+    assert names == other_names and store.META in names
+    for name in names:
+        a, b = (open(os.path.join(d, name), "rb").read() for d in (directory, other))
+        if name.endswith(".json"):
+            assert untimed(json.loads(a)) == untimed(json.loads(b)), name
+        else:
+            assert a == b, name
+
+
+def _run_files(tmp_path, cfg, tok):
+    """(workdir holding the tokenizer, experiment file) for `lmjax data prepare` on `cfg`."""
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
     experiment = tmp_path / "exp.py"
     experiment.write_text("from lmjax.config import *\n"
                           f"def config():\n    return Config(data={cfg!r})\n")
+    return workdir, experiment
+
+
+def test_beam_in_memory_prepare_equals_inline_byte_for_byte(corpus, tok, prepared, tmp_path):
+    root = str(tmp_path / "stores")
+    options = beam_engine.pipeline_options("DirectRunner", 1, "", root)
+    directory, meta = prepare.prepare(text_cfg(corpus), tok, root, beam_options=options)
+    same_store(directory, prepared[0])
+
+
+@pytest.mark.slow
+def test_beam_direct_runner_with_2_worker_processes_equals_inline_byte_for_byte(tok, tmp_path):
+    cfg = _corpus_files(tmp_path / "corpus", 6)
+    inline_dir, _ = prepare.prepare(cfg, tok, str(tmp_path / "inline"))
+    root = str(tmp_path / "beam")
+    options = beam_engine.pipeline_options("DirectRunner", 2, "", root)
+    directory, meta = prepare.prepare(cfg, tok, root, beam_options=options)
+    assert meta["summary"]["shards"] == 6
+    same_store(directory, inline_dir)
+
+
+@pytest.mark.slow
+def test_killed_beam_prepare_leaves_no_store_and_a_rerun_finishes_it(tok, tmp_path):
+    """`lmjax data prepare --workers 2` (Beam DirectRunner worker processes) killed after its
+    first shards: nothing readable as a store; a rerun completes it, equal to an uninterrupted
+    preparation."""
+    cfg = _corpus_files(tmp_path / "corpus", 12)
+    workdir, experiment = _run_files(tmp_path, cfg, tok)
     command = [sys.executable, "-m", "lmjax", "data", "prepare", "--experiment", str(experiment),
                "--workdir", str(workdir), "--workers", "2"]
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     directory = prepare.locate(cfg, tok, str(workdir / "data"))[0]
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while not (os.path.isdir(directory) and any(f.startswith("shard-") for f in os.listdir(directory))):
         assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before the kill"
         time.sleep(0.01)
@@ -189,13 +236,33 @@ def test_killed_dask_prepare_leaves_no_store_and_a_rerun_finishes_it(tok, tmp_pa
     assert not os.path.exists(os.path.join(directory, store.META))
     with pytest.raises(ConfigError, match="no prepared store.*lmjax data prepare"):
         make_pipeline(cfg, tok, stores={"text": directory})
-    done_by_dask = [f for f in os.listdir(directory) if f.startswith("shard-")]
-    _, meta = prepare.prepare(cfg, tok, str(workdir / "data"))  # the rerun, inline this time
-    assert meta["summary"]["shards"] == 12 and done_by_dask
-    fresh_dir, fresh_meta = prepare.prepare(cfg, tok, str(tmp_path / "fresh"))
-    for split in store.SPLITS:
-        np.testing.assert_array_equal(stream_of(directory, meta, split),
-                                      stream_of(fresh_dir, fresh_meta, split))
+    done_by_workers = [f for f in os.listdir(directory) if f.startswith("shard-")]
+    assert 0 < len(done_by_workers) < 12
+    assert cli.main(["data", "prepare", "--experiment", str(experiment), "--workdir",
+                     str(workdir)]) == 0  # the rerun: Beam in this process
+    fresh_dir, _ = prepare.prepare(cfg, tok, str(tmp_path / "fresh"))
+    same_store(directory, fresh_dir)
+
+
+def test_beam_runner_and_options_mistakes_are_config_errors_before_any_work(corpus, tok, tmp_path,
+                                                                          capsys):
+    workdir, experiment = _run_files(tmp_path, text_cfg(corpus), tok)
+    base = ["data", "prepare", "--experiment", str(experiment), "--workdir", str(workdir)]
+    for extra, message in [
+            (["--beam-runner", "SparkRuner"], "SparkRuner.*choose one of DirectRunner, Dataflow"),
+            (["--workers", "0"], "--workers=0"),
+            (["--beam-runner", "FlinkRunner", "--workers", "2"], "sizes the DirectRunner only"),
+            (["--beam-runner", "DataflowRunner"], "set data.store_dir=gs://"),
+            (["--beam-options=--projet=p"], "'--projet=p' is not a Beam pipeline option"),
+            (["--beam-options=--runner=FlinkRunner"], "use --beam-runner"),
+            (["--beam-options=--project='p"], "cannot be split like a shell line"),
+            (["--beam-options=--direct_num_workers=two"], "a value is invalid")]:
+        assert cli.main(base + extra) == 2, extra
+        assert re.search(message, capsys.readouterr().err), extra
+    assert os.listdir(workdir) == ["tokenizer.model"]
+    options = beam_engine.pipeline_options(
+        "DataflowRunner", 1, "--project=p --region=us-central1 --temp_location=gs://b/t", "gs://b/s")
+    assert options.get_all_options()["project"] == "p"
 
 
 def test_missing_or_truncated_store_file_is_a_clear_error(corpus, tok, prepared, tmp_path):

@@ -3,10 +3,12 @@
 The work is split into input shards (one per text file; one per part of a TFDS split) and
 each shard is a pure function of its input: `prepare_shard` tokenizes its documents and writes
 its ArrayRecord files and shard record. An engine maps it over the shards:
-  * inline: in this process, one shard after another (what `lmjax train` uses on first start);
-  * dask: `distributed` worker processes, on this machine (a LocalCluster of `workers`) or on
-    any cluster whose scheduler address is given (Kubernetes, YARN, SLURM, SSH deployments of
-    Dask); workers need lmjax installed and the inputs and store directory reachable.
+  * inline: in this process, one shard after another (what `lmjax train` uses on first start,
+    so training needs no Apache Beam);
+  * Beam: the pipeline of `beam_engine.py` (`lmjax data prepare`), on the DirectRunner's worker
+    processes or on Dataflow, Spark or Flink.
+Either way the launcher then reads the shard records and writes store.json last, the commit
+marker: a store without it is never read, and a rerun prepares only the shards without a record.
 A store's directory name holds a hash of everything its content depends on (the sources'
 names, sizes and modification times, the text key, the validation fraction, the UTF-8
 policy, the tokenizer and the store format), so a changed input or tokenizer gets a new store
@@ -26,7 +28,7 @@ import logging
 import os
 import re
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -240,32 +242,8 @@ def prepare_shard(shard: Shard, settings: Settings) -> dict:
     record.update(input=shard.name, seconds=time.perf_counter() - start,
                   **dataclasses.asdict(counts))
     store.write_json_atomic(meta_path, record)
+    log.info("prepared shard %d/%d (%s)", shard.index + 1, shard.count, shard.name)
     return record
-
-
-# ---------------------------------------------------------------- engines
-
-
-def run_inline(fn: Callable, items: list) -> Iterator:
-    for item in items:
-        yield fn(item)
-
-
-def run_dask(fn: Callable, items: list, *, workers: int, scheduler: str = "") -> Iterator:
-    """`fn` over `items` on Dask workers (a local cluster of `workers` processes, or the cluster
-    at `scheduler`), yielding results as they finish. A worker's exception is re-raised here."""
-    from distributed import Client, LocalCluster, as_completed
-
-    cluster = None if scheduler else LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-        silence_logs=logging.ERROR)
-    with Client(scheduler or cluster) as client:
-        try:
-            for future in as_completed(client.map(fn, items, pure=False)):
-                yield future.result()
-        finally:
-            if cluster is not None:
-                cluster.close()
 
 
 # ---------------------------------------------------------------- the whole preparation
@@ -304,11 +282,12 @@ def locate(data_cfg: DataConfig, tokenizer: Tokenizer, root: str) -> tuple[str, 
             shards, identity)
 
 
-def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, workers: int = 1,
-            scheduler: str = "") -> tuple[str, dict]:
+def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *,
+            beam_options=None) -> tuple[str, dict]:
     """Prepares (or finds) the store of `data_cfg`'s source under `root`: (directory, store.json).
 
-    workers <= 1 and no scheduler: inline; otherwise Dask (see the module docstring).
+    beam_options: None prepares inline; Beam PipelineOptions (`beam_engine.pipeline_options`)
+    run the Beam pipeline.
     """
     directory, label, shards, identity = locate(data_cfg, tokenizer, root)
     meta = store.read_json(os.path.join(directory, store.META))
@@ -319,15 +298,28 @@ def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, workers: i
                         data_cfg.validation_fraction, data_cfg.bad_utf8)
     fn = _ShardFn(settings)
     start = time.perf_counter()
-    results = (run_inline(fn, shards) if workers <= 1 and not scheduler
-               else run_dask(fn, shards, workers=workers, scheduler=scheduler))
-    records = {}
-    for record in results:
-        records[record["input"]] = record
-        log.info("prepared %d/%d shards (%s)", len(records), len(shards), record["input"])
-    ordered = [records[s.name] for s in shards]
-    return directory, _commit(directory, label, identity, tokenizer, ordered,
+    if beam_options is None:
+        for shard in shards:
+            fn(shard)
+    else:
+        from lmjax.data import beam_engine
+
+        beam_engine.run(fn, shards, beam_options)
+    return directory, _commit(directory, label, identity, tokenizer, _records(directory, shards),
                               time.perf_counter() - start)
+
+
+def _records(directory: str, shards: list[Shard]) -> list[dict]:
+    """The shard records an engine wrote, in shard order."""
+    records = []
+    for shard in shards:
+        path = os.path.join(directory, store.shard_meta_file(shard.index, shard.count))
+        record = store.read_json(path)
+        if record is None:
+            raise RuntimeError(f"the preparation finished without the shard record {path} of "
+                               f"input {shard.name}")
+        records.append(record)
+    return records
 
 
 def find_store(root: str, name: str, tokenizer: Tokenizer) -> str:

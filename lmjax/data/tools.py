@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from lmjax.config import Config
+from lmjax.data import beam_engine
 from lmjax.data import prepare as prepare_lib
 from lmjax.data.pipeline import Batch, Pipeline, make_pipeline
 from lmjax.data.tokenizer import prepare_tokenizer
@@ -24,15 +25,17 @@ def build(config: Config, workdir: str, process_index: int = 0, process_count: i
                          vocab_size=config.model.vocab_size)
 
 
-def prepare(config: Config, workdir: str, workers: int = 1, scheduler: str = "") -> dict:
-    """Prints and returns the summary of preparing the run's store (a no-op when it exists)."""
-    tokenizer = prepare_tokenizer(config.data, workdir)
-    if tokenizer is None:
+def prepare(config: Config, workdir: str, runner: str = "DirectRunner", workers: int = 1,
+            beam_options: str = "") -> dict:
+    """Prints and returns the summary of preparing the run's store with Apache Beam (a no-op
+    when it exists). runner, workers, beam_options: see `beam_engine.pipeline_options`."""
+    if config.data.source == "synthetic":
         print(f"data.source={config.data.source} has nothing to prepare.")
         return {}
-    directory, meta = prepare_lib.prepare(config.data, tokenizer,
-                                          prepare_lib.store_root(config.data, workdir),
-                                          workers=workers, scheduler=scheduler)
+    root = prepare_lib.store_root(config.data, workdir)
+    options = beam_engine.pipeline_options(runner, workers, beam_options, root)
+    tokenizer = prepare_tokenizer(config.data, workdir)
+    directory, meta = prepare_lib.prepare(config.data, tokenizer, root, beam_options=options)
     s = meta["summary"]
     print(f"store: {directory}")
     print(f"{s['shards']} shards, {s['documents']:,} documents, {s['bytes'] / 1e6:,.1f} MB of "
