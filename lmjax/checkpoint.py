@@ -283,6 +283,7 @@ class Checkpointer:
             preservation_policy=policies.AnyPreservationPolicy(keep))
         self._manager = ocp.CheckpointManager(directory, options=options)
         self._uncommitted: int | None = None
+        self._failed = False
         self._resumed_at = resumed_at
 
     def steps(self) -> list[int]:
@@ -315,12 +316,15 @@ class Checkpointer:
         ocp = _ocp()
         items = _split(state)
         self._note_committed(wait=True)
-        self._manager.save(step, force=True, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(items["params"]),
-            train=ocp.args.StandardSave(items["train"]),
-            data=ocp.args.JsonSave({**data_state, "step": int(step)}),
-            meta=ocp.args.JsonSave({**meta, "step": int(step), "saved_at": time.time()})))
         self._uncommitted = step
+        try:
+            self._manager.save(step, force=True, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(items["params"]),
+                train=ocp.args.StandardSave(items["train"]),
+                data=ocp.args.JsonSave({**data_state, "step": int(step)}),
+                meta=ocp.args.JsonSave({**meta, "step": int(step), "saved_at": time.time()})))
+        except Exception as e:  # noqa: BLE001 - any failed write stops the run cleanly
+            raise self._save_failed(step, e) from e
         blocked = time.perf_counter() - start
         log.info("checkpoint %d: saving (training blocked %.3f s)", step, blocked)
         self._note_committed(wait=not self.cfg.async_save)
@@ -348,14 +352,32 @@ class Checkpointer:
             self._manager.reload()
 
     def _note_committed(self, wait: bool) -> None:
+        """Logs the pending save as committed once it is; a failed write raises FaultError."""
         if self._uncommitted is None:
             return
-        if wait:
-            self._manager.wait_until_finished()
-        elif self._manager.is_saving_in_progress():
-            return
+        try:
+            if wait:
+                self._manager.wait_until_finished()
+            elif self._manager.is_saving_in_progress():
+                return
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - any failed write stops the run cleanly
+            raise self._save_failed(self._uncommitted, e) from e
         log.info("checkpoint %d: committed to %s", self._uncommitted, self.directory)
         self._uncommitted = None
+
+    def _save_failed(self, step: int, error: BaseException) -> FaultError:
+        """The error that stops a run whose save of `step` failed (a full disk, a lost bucket):
+        training on could lose more work than it gains, and the previous checkpoint is intact
+        because orbax commits a save only once it is whole."""
+        self._uncommitted, self._failed = None, True
+        self._manager.reload()
+        text = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+        log.error("CHECKPOINT %d FAILED: %s", step, text)
+        return FaultError(f"checkpoint {step} could not be written ({text}): training stopped. "
+                          f"The newest committed checkpoint, {self._manager.latest_step()}, is "
+                          "untouched: free space (or fix the storage) and rerun the same command "
+                          "to resume from it.")
 
     def poll(self) -> None:
         """Logs a background save that has committed since the last call; never blocks."""
@@ -364,11 +386,15 @@ class Checkpointer:
     def wait(self) -> None:
         """Blocks until every pending save is committed."""
         self._note_committed(wait=True)
-        self._manager.wait_until_finished()
+        if not self._failed:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self.wait()
-        self._manager.close()
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            self._manager.close()
 
     def read_json(self, step: int, item: str) -> dict:
         ocp = _ocp()
@@ -455,6 +481,8 @@ class ResumePlan:
     def check_tokenizer(self, fingerprint: str | None) -> None:
         for c in self.candidates:
             check_tokenizer(c.meta, fingerprint, c.where)
+        if self.init_from and not self.candidates:
+            check_init_tokenizer(self.init_from, fingerprint)
 
     def load(self, init_fn: Callable, shardings, workdir: str, model_cfg) -> tuple[Any, dict | None, str]:
         """(state, saved data position or None, description): the newest checkpoint that
@@ -719,6 +747,15 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Config, Any, str
     """(Config, params on one local device, tokenizer path) of a checkpoint: `step`, or the
     newest readable one (damaged steps are logged and skipped). The tokenizer path is the
     workdir's tokenizer.model when it exists (the run trained it), else data.tokenizer."""
+    _, meta, params = _load_params(workdir, step)
+    config = config_lib.from_dict(meta["config"])
+    local = os.path.join(workdir, "tokenizer.model")
+    tokenizer_path = local if os.path.exists(local) else config.data.tokenizer
+    return config, params, tokenizer_path
+
+
+def _load_params(workdir: str, step: int | None) -> tuple[int, dict, Any]:
+    """(step, metadata, params) of `step` or of the newest readable step."""
     directory = checkpoint_dir(workdir)
     steps = _steps_in(directory)
     if not steps:
@@ -729,8 +766,7 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Config, Any, str
     with _ReadOnly(directory) as ckpt:
         for s in [step] if step is not None else sorted(steps, reverse=True):
             try:
-                config, params = _read_params(ckpt, s)
-                break
+                return (s, *_read_params(ckpt, s))
             except (ConfigError, FaultError):
                 raise
             except Exception as e:  # noqa: BLE001 - damage: the previous step is tried
@@ -738,30 +774,52 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Config, Any, str
                     raise
                 tried.append(f"step {s}: {str(e).splitlines()[0][:200]}")
                 log.error("checkpoint %s step %d is unreadable (%s)", directory, s, tried[-1])
-        else:
-            raise ResumeError(f"no checkpoint of {workdir} is readable ({'; '.join(tried)}).")
-    local = os.path.join(workdir, "tokenizer.model")
-    tokenizer_path = local if os.path.exists(local) else config.data.tokenizer
-    return config, params, tokenizer_path
+    raise ResumeError(f"no checkpoint of {workdir} is readable ({'; '.join(tried)}).")
 
 
-def _read_params(ckpt: Checkpointer, step: int) -> tuple[Config, Any]:
+def _read_params(ckpt: Checkpointer, step: int) -> tuple[dict, Any]:
     evidence = damage_evidence(os.path.join(ckpt.directory, str(step)))
     if evidence:
         raise TornCheckpoint(evidence)
     where = f"reading {ckpt.directory} step {step}"
     meta = retrying(where, lambda: ckpt.read_json(step, "meta"))
-    config = config_lib.from_dict(meta["config"])
-    return config, retrying(where, lambda: ckpt.restore_params(step, _params_target(config.model)))
+    model_cfg = config_lib.from_dict(meta["config"]).model
+    return meta, retrying(where, lambda: ckpt.restore_params(step, _params_target(model_cfg)))
+
+
+# Beside an exported params directory: the fingerprint of the tokenizer the params were trained
+# with, so `--init-from` can refuse another tokenizer.
+TOKENIZER_RECORD = "lmjax_tokenizer.json"
 
 
 def export_params(workdir: str, step: int | None, out: str) -> str:
     """Writes `out/params` + `out/model_config.json` (what `--init-from`, eval, generation and
-    HF export read) from a checkpoint of `workdir`; returns a one-line summary."""
+    HF export read) and `out/TOKENIZER_RECORD` from a checkpoint of `workdir`; returns a
+    one-line summary."""
+    from etils import epath
     from lmjax.convert import hf
-    config, params, _ = load_params(workdir, step)
-    hf.save_params_dir(config.model, params, out)
-    return f"wrote params of {workdir} step {step if step is not None else 'newest'} to {out}"
+    step, meta, params = _load_params(workdir, step)
+    hf.save_params_dir(config_lib.from_dict(meta["config"]).model, params, out)
+    (epath.Path(absolute(out)) / TOKENIZER_RECORD).write_text(json.dumps(
+        {"tokenizer_fingerprint": meta.get("tokenizer_fingerprint"), "workdir": workdir,
+         "step": step}))
+    return f"wrote params of {workdir} step {step} to {out}"
+
+
+def check_init_tokenizer(init_from: str, fingerprint: str | None) -> None:
+    """Refuses `--init-from` params trained with another tokenizer than `fingerprint`; params
+    without a record (an HF import) are only warned about."""
+    from etils import epath
+    record = epath.Path(absolute(init_from)) / TOKENIZER_RECORD
+    if not record.exists():
+        log.warning("--init-from %s records no tokenizer (an HF import?): make sure "
+                    "data.tokenizer is the one its params were trained with", init_from)
+        return
+    saved = json.loads(record.read_text()).get("tokenizer_fingerprint")
+    if saved != fingerprint:
+        raise ResumeError(f"--init-from {init_from}: its params were trained with tokenizer "
+                          f"{saved}, this run loads tokenizer {fingerprint}. Fix: set "
+                          "data.tokenizer to the tokenizer of the run it was exported from.")
 
 
 def _dir_size(path) -> int:

@@ -163,6 +163,12 @@ def _cmd_tokenizer_train(args) -> int:
     return 0
 
 
+def _cmd_soak(args) -> int:
+    from lmjax import soak
+    return soak.main(args.workdir, args.trials, args.experiment, args.overrides, args.steps,
+                     args.seed)
+
+
 def _cmd_compile(args) -> int:
     # The compile targets TPU devices described by libtpu; this machine's accelerators are not
     # needed, so unless told otherwise jax stays on the CPU instead of probing for a TPU.
@@ -340,6 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more Beam pipeline options, one quoted string, e.g. '--project=p "
                         "--region=us-central1 --temp_location=gs://b/tmp' for Dataflow")
     q.set_defaults(func=_cmd_data_prepare)
+
+    p = sub.add_parser("soak", help="kill soak: SIGKILL training at random moments (in a save, "
+                                    "in the first save, between saves), resume, compare losses "
+                                    "bit for bit with an uninterrupted run; prints N/N")
+    _add_experiment_args(p, default="smoke")
+    p.add_argument("--workdir", required=True, help="where the reference and trial runs go")
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--steps", type=int, default=12, help="steps per run (checkpoints every 4)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random kill moments")
+    p.set_defaults(func=_cmd_soak)
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
     tk = p.add_subparsers(dest="tokenizer_command", required=True)

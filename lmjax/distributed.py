@@ -14,6 +14,12 @@
 LMJAX_LOCAL_DEVICES=M (or `local_device_count=M`) gives this process M CPU devices.
 If peers do not all arrive within the timeout (LMJAX_INIT_TIMEOUT, default 300 s), the
 process prints what it waited for and what to check, and exits with code 75.
+
+A peer that dies later (SIGKILL, a lost host) stops sending heartbeats to the coordination
+service; once LMJAX_HEARTBEAT_TIMEOUT seconds (default 100) pass without one, jax terminates
+every surviving process (SIGABRT, exit 134) with "The following tasks are unhealthy (stopped
+sending heartbeats): N", naming the lost process. Without this a survivor would wait in its
+next collective forever. Committed checkpoints are untouched; rerunning the command resumes.
 """
 from __future__ import annotations
 
@@ -43,6 +49,8 @@ ENV_NUM_PROCESSES = "LMJAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "LMJAX_PROCESS_ID"
 ENV_LOCAL_DEVICES = "LMJAX_LOCAL_DEVICES"
 ENV_TIMEOUT = "LMJAX_INIT_TIMEOUT"
+ENV_HEARTBEAT_TIMEOUT = "LMJAX_HEARTBEAT_TIMEOUT"
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100
 _SLURM_STEP_VARS = ("SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
 
 
@@ -212,7 +220,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             raise RuntimeError("lmjax.distributed.initialize() must run before any jax "
                                "computation (jax.devices(), jnp arrays, ...): move the call "
                                "to the top of the entry point")
-        kwargs = {"initialization_timeout": int(timeout_s) + _JAX_DEADLINE_GRACE_S}
+        heartbeat = _int_setting(None, env, ENV_HEARTBEAT_TIMEOUT) or DEFAULT_HEARTBEAT_TIMEOUT_S
+        kwargs = {"initialization_timeout": int(timeout_s) + _JAX_DEADLINE_GRACE_S,
+                  "heartbeat_timeout_seconds": heartbeat}
         # Cross-process collectives for CPU devices (older jax has none by default).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         if r.kind == "explicit":

@@ -351,6 +351,12 @@ def test_export_load_params_and_init_from(tmp_path, trained):
     assert int(state.step) == 0 and data_state is None and "params from" in source
     fresh = trainer.init_fn()
     _assert_trees_equal(state.opt_state, fresh.opt_state)
+    plan.check_tokenizer(None)  # the run that wrote it had no tokenizer (synthetic data)
+    with pytest.raises(checkpoint.ResumeError, match="trained with tokenizer None, this run "
+                                                     "loads tokenizer abc"):
+        plan.check_tokenizer("abc")
+    os.remove(tmp_path / "out" / checkpoint.TOKENIZER_RECORD)  # an HF import: a warning only
+    plan.check_tokenizer("abc")
     bigger = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, d_mlp=128))
     plan = checkpoint.plan_resume(str(tmp_path / "new2"), bigger, init_from=str(tmp_path / "out"))
     big = _trainer(bigger)
@@ -406,3 +412,46 @@ def test_second_signal_exits_at_once():
                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.stdout.strip() == "first True"
     assert out.returncode == -signal.SIGTERM
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a 1 MiB tmpfs (room for a few TINY checkpoints), or None where mounting
+    is not permitted (not root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        yield None
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_run_cleanly_and_keeps_the_last_checkpoint(
+        tmp_path, trained, small_disk, monkeypatch):
+    import errno
+    trainer, states, _, _ = trained
+    directory = str((small_disk or tmp_path) / "checkpoints")
+    ckpt = checkpoint.Checkpointer(directory, TINY.checkpoint)
+    ckpt.save(1, _device_state(trainer, states[0]), data_state={}, meta=META)
+    ckpt.wait()
+    if small_disk is None:  # no tmpfs: the write itself reports ENOSPC
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(ckpt._manager, "save", full)
+    else:  # fill the disk, leaving less than a checkpoint
+        (small_disk / "ballast").write_bytes(b"\0" * (os.statvfs(small_disk).f_bavail
+                                                      * os.statvfs(small_disk).f_frsize - 20000))
+    with pytest.raises(checkpoint.FaultError, match=r"checkpoint 2 could not be written .*"
+                       r"newest committed checkpoint, 1, is untouched"):
+        ckpt.save(2, _device_state(trainer, states[1]), data_state={}, meta=META)
+        ckpt.wait()
+    ckpt.close()
+    reader = checkpoint.Checkpointer(directory, read_only=True)
+    assert reader.steps() == [1]
+    restored, _ = reader.restore(1, checkpoint.abstract_state(trainer.init_fn,
+                                                              trainer.state_shardings))
+    _assert_trees_equal(restored, states[0])

@@ -105,21 +105,18 @@ def reference(tmp_path_factory):
     return workdir, losses, shared
 
 
-def test_sigkill_at_a_random_moment_then_resume_is_bitwise_identical(reference, tmp_path):
-    ref_dir, ref_losses, shared = reference
-    proc = subprocess.Popen(_command(tmp_path, *shared), env=_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _kill_at_a_random_step(tmp_path, proc, STEPS, lambda: [proc.pid])
-    finally:
-        proc.kill()
-        proc.wait()
-    _run(tmp_path, *shared)
-    restored, losses = _losses_after_last_start(tmp_path)
-    assert restored in (4, 8)
-    assert sorted(losses) == list(range(restored + 1, STEPS + 1))
-    for step, loss in losses.items():
-        assert loss == ref_losses[step], (step, loss, ref_losses[step])
+@pytest.mark.parametrize("moment", ["first save", "async save"])
+def test_sigkill_inside_a_save_then_resume_is_bitwise_identical(reference, tmp_path, moment):
+    """The small kill soak (`lmjax soak` runs 10 trials, random steps included): SIGKILL while
+    the first or a later async save is being written, rerun, every loss equals the
+    uninterrupted run's."""
+    from lmjax import soak
+    ref_dir, _, shared = reference
+    row = soak.run_trial(moment, _command(tmp_path, *shared), _env(), tmp_path, STEPS,
+                         soak.losses(ref_dir), random.Random(0))
+    assert row["killed"] and row["rerun_exit"] == 0, row
+    assert row["equal"], row
+    assert row["restored"] == max(row["committed"], default=0), row
 
 
 def test_sigterm_saves_within_a_step_then_torn_checkpoint_and_mesh_change(reference, tmp_path):
@@ -209,8 +206,9 @@ def test_a_nonfinite_loss_never_reaches_disk(reference, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_sigkill_then_resume_is_bitwise_identical(reference, tmp_path):
-    """2 processes x 4 devices through launch/local.py (gloo): an uninterrupted run, and a run
-    whose processes are all SIGKILLed after a checkpoint, then resumed. Gloo reduces in
+    """2 processes x 4 devices (gloo): an uninterrupted run through launch/local.py; a run whose
+    process 1 is SIGKILLed after a checkpoint, so that process 0 exits on the heartbeat
+    timeout naming it, then resumed by the same command. Gloo reduces in
     another order than one process does, so the 2-process run is its own reference. Then the
     2-process checkpoint restores into one process."""
     _, ref_losses, shared = reference
@@ -231,17 +229,33 @@ def test_two_processes_sigkill_then_resume_is_bitwise_identical(reference, tmp_p
     first = min(whole_losses)  # the same numbers as one process, up to summation order
     np.testing.assert_allclose(whole_losses[first], ref_losses[first], rtol=1e-5)
 
+    # a dead peer: the two processes run without a launcher that would stop the survivor;
+    # process 1 is SIGKILLed, process 0 must notice within the heartbeat timeout and exit
+    sys.path.insert(0, str(REPO))
+    from launch.local import free_port, process_env
     work = tmp_path / "killed"
-    proc = subprocess.Popen(launch(work), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    def training_processes():  # both hosts die at once
-        return [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)],
-                                               capture_output=True, text=True).stdout.split()]
-
-    try:
-        _kill_at_a_random_step(work, proc, steps, training_processes)
-    finally:
-        proc.wait(timeout=60)
+    coordinator, heartbeat = f"127.0.0.1:{free_port()}", 10
+    survivor_log = tmp_path / "p0.log"
+    command = [sys.executable, "-m", "lmjax", "train", "--workdir", str(work), *BASE, *shared,
+               "--set", f"run.steps={steps}"]
+    with open(survivor_log, "w") as log:
+        procs = [subprocess.Popen(command, cwd=REPO, stdout=log if i == 0 else subprocess.DEVNULL,
+                                  stderr=subprocess.STDOUT,
+                                  env={**process_env(env, coordinator, 2, i, 4),
+                                       "LMJAX_HEARTBEAT_TIMEOUT": str(heartbeat)})
+                 for i in range(2)]
+        try:
+            _kill_at_a_random_step(work, procs[0], steps, lambda: [procs[1].pid])
+            killed_at, committed = time.monotonic(), _committed_steps(work)
+            assert procs[0].wait(timeout=heartbeat + 120) != 0
+            waited = time.monotonic() - killed_at
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+    assert "tasks are unhealthy (stopped sending heartbeats):\n1\n" in survivor_log.read_text()
+    assert waited < heartbeat + 120, waited
+    assert _committed_steps(work) == committed  # nothing committed lost or half-written
     out = subprocess.run(launch(work), env=env, cwd=REPO, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stdout[-4000:]
