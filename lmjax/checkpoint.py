@@ -37,6 +37,7 @@ from lmjax.errors import FaultError
 log = logging.getLogger("lmjax")
 
 CHECKPOINTS = "checkpoints"
+UNREADABLE = "unreadable"  # CHECKPOINTS/UNREADABLE/: steps set aside (no step number: orbax skips it)
 ITEMS = ("params", "train", "data", "meta")
 # Model fields that change only how the forward pass is computed; every other model field
 # changes the parameters or what they mean, and a resume refuses it.
@@ -505,7 +506,7 @@ class ResumePlan:
                               "moved or deleted. Fix: restore them, point --restore-from at a "
                               "readable checkpoint, or start over with --set "
                               "checkpoint.allow_fresh=true (the first save then moves them to "
-                              f"{checkpoint_dir(workdir)}.unreadable/).")
+                              f"{os.path.join(checkpoint_dir(workdir), UNREADABLE)}/).")
         if self.unreadable:
             log.warning("checkpoint.allow_fresh: starting from scratch although steps %s exist "
                         "(unreadable)", [s for _, s, _ in self.unreadable])
@@ -611,9 +612,11 @@ def _step_dirs(directory: str) -> list[tuple[Any, int]]:
 
 
 def _set_aside(path, reason: str) -> None:
-    """Moves a step directory to CHECKPOINTS.unreadable/ (process 0), logging where and why."""
+    """Moves a step directory to CHECKPOINTS/UNREADABLE/ (process 0), logging where and why.
+    Inside the checkpoints directory, because a rename cannot leave its filesystem (it may be
+    a mount of its own)."""
     if jax.process_index() == 0:
-        dst = path.parent.parent / f"{path.parent.name}.unreadable" / f"{path.name}-{int(time.time())}"
+        dst = path.parent / UNREADABLE / f"{path.name}-{int(time.time())}"
         dst.parent.mkdir(parents=True, exist_ok=True)
         path.rename(dst)
         log.warning("moved checkpoint directory %s to %s (%s)", path, dst, reason)

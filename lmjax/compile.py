@@ -93,7 +93,7 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
     """
     import jax
 
-    from lmjax import sharding, train
+    from lmjax import checkpoint, sharding, train
     from lmjax.config import validate
 
     if num_slices < 1:
@@ -106,9 +106,7 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
     devices = topology_devices(target, num_slices) if target else jax.devices()
     mesh = sharding.make_mesh(config.mesh, devices)
     trainer = train.make_trainer(config, mesh)
-    state = jax.eval_shape(trainer.init_fn)
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         state, trainer.state_shardings)
+    state = checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings)
     rows = config.data.batch_size
     # Raises a ConfigError naming the numbers when the mesh does not divide the batch.
     sharding.logical_to_spec(("act_batch", None), trainer.rules, mesh, (rows, config.data.seq_len))

@@ -135,7 +135,7 @@ class CheckpointConfig:
     async_save: bool = True
     on_nonfinite: str = "stop"  # "stop" or "skip"
     # True: when checkpoints exist but none can be read, start from scratch instead of
-    # stopping (the unreadable steps are moved to checkpoints.unreadable/ by the first save).
+    # stopping (the unreadable steps are moved to checkpoints/unreadable/ by the first save).
     allow_fresh: bool = False
 
 

@@ -173,7 +173,7 @@ def test_torn_step_is_skipped_at_resume_and_set_aside_by_the_save_that_needs_its
     _assert_trees_equal(state, states[1])
     assert [s for _, s, _ in plan.unreadable] == [4]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # resume moves nothing
-    assert not (tmp_path / "checkpoints.unreadable").exists()
+    assert not (tmp_path / "checkpoints" / "unreadable").exists()
     # the run continues from 2; its save at 4 sets the torn 4 aside (logged) and writes 4
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(tmp_path)), TINY.checkpoint,
                                    resumed_at=2)
@@ -182,7 +182,7 @@ def test_torn_step_is_skipped_at_resume_and_set_aside_by_the_save_that_needs_its
                   meta=checkpoint.make_metadata(TINY, None, trainer.mesh))
     ckpt.close()
     assert [r for r in caplog.messages if "moved checkpoint directory" in r and "/4" in r]
-    assert os.listdir(tmp_path / "checkpoints.unreadable")[0].startswith("4-")
+    assert os.listdir(tmp_path / "checkpoints" / "unreadable")[0].startswith("4-")
     restored, _ = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True).restore(
         4, checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings))
     _assert_trees_equal(restored, states[3])
@@ -212,8 +212,8 @@ def test_plan_resume_never_starts_from_scratch_over_unreadable_checkpoints(tmp_p
                                    resumed_at=0)
     ckpt.save(1, _device_state(trainer, states[0]), data_state={}, meta=META)
     ckpt.close()
-    assert os.listdir(tmp_path / "checkpoints") == ["1"]
-    assert os.listdir(tmp_path / "checkpoints.unreadable")[0].startswith("3-")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "unreadable"]
+    assert os.listdir(tmp_path / "checkpoints" / "unreadable")[0].startswith("3-")
 
 
 def _clip_trainer(clip_norm):
@@ -266,7 +266,7 @@ def test_a_state_structure_the_config_cannot_take_is_refused_before_anything_mov
     assert "step 4" in message and "optim.b1: 0.9 -> 0.8" in message
     assert "only saved" in message and "No checkpoint was moved" in message
     assert sorted(os.listdir(tmp_path / "checkpoints")) == before
-    assert not (tmp_path / "checkpoints.unreadable").exists()
+    assert not (tmp_path / "checkpoints" / "unreadable").exists()
 
 
 def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, monkeypatch):
@@ -311,7 +311,7 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
     with pytest.raises(checkpoint.FaultError, match="some internal mismatch"):
         plan_load()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
-    assert not (tmp_path / "checkpoints.unreadable").exists()
+    assert not (tmp_path / "checkpoints" / "unreadable").exists()
 
 
 def test_restore_from_step_and_path(tmp_path, trained):
