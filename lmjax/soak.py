@@ -115,7 +115,8 @@ def soak(root: Path, trials: int, experiment: str = "smoke", overrides: list[str
         raise RuntimeError(f"the reference run failed: {done.stderr[-2000:]}")
     reference = losses(ref_dir)
     if (ref_dir / "tokenizer.model").exists():  # reuse its tokenizer and prepared data
-        base += [f"data.tokenizer={ref_dir / 'tokenizer.model'}", f"data.data_dir={ref_dir / 'tfds'}"]
+        base += [f"data.tokenizer={ref_dir / 'tokenizer.model'}",
+                 f"data.store_dir={ref_dir / 'data'}"]
     rng = random.Random(seed)
     rows = []
     for i in range(trials):
