@@ -105,6 +105,7 @@ def reference(tmp_path_factory):
     return workdir, losses, shared
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["first save", "async save"])
 def test_sigkill_inside_a_save_then_resume_is_bitwise_identical(reference, tmp_path, moment):
     """The small kill soak (`lmjax soak` runs 10 trials, random steps included): SIGKILL while
