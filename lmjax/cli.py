@@ -82,7 +82,8 @@ def _cmd_checkpoint_export(args) -> int:
 
 
 def _cmd_smoke(args) -> int:
-    from lmjax import distributed, smoke
+    from lmjax import distributed
+    from lmjax.commands import smoke
     distributed.initialize()
     config = load_experiment(args.experiment, args.overrides)
     return smoke.main(config, args.steps, args.workdir, args.expect_platform)
@@ -106,7 +107,7 @@ def _cmd_bench(args) -> int:
         from lmjax.data import tools
         tools.bench(config, _data_workdir(args, config), args.seconds, args.start_step)
     else:
-        from lmjax import generate
+        from lmjax.commands import generate
         generate.bench(config.model, args.batch, args.prompt_len, args.new_tokens)
     return 0
 
@@ -117,14 +118,14 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from lmjax import evaluate
-    evaluate.main(args.workdir, args.step, args.text_files or (), args.experiment_data, args.json,
-                  context_len=args.context_len, stride=args.stride)
+    from lmjax.commands import eval as eval_command
+    eval_command.main(args.workdir, args.step, args.text_files or (), args.experiment_data,
+                      args.json, context_len=args.context_len, stride=args.stride)
     return 0
 
 
 def _cmd_generate(args) -> int:
-    from lmjax import generate
+    from lmjax.commands import generate
     prompts = list(args.prompt)
     if args.prompts_file:
         from lmjax.data.documents import read_utf8

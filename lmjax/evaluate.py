@@ -8,58 +8,66 @@ summed negative log-likelihood, in bits, by the UTF-8 byte count of the original
 """
 from __future__ import annotations
 
-import glob
-import json
 import math
 from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from lmjax.config import Config, ConfigError, ModelConfig
-from lmjax import sharding
-from lmjax import train as train_lib  # attributes read at call time: train may import us
+from lmjax import objective, sharding
+from lmjax.batch import BATCH_KEYS, Batch, select
+from lmjax.config import ConfigError, ModelConfig
 
 
-def _batch_sums(params, batch, cfg: ModelConfig, context):
-    """(sum of masked NLL, number of scored tokens) of one batch, both float32 scalars."""
-    _, aux = train_lib.loss_terms(params, batch, cfg, 0.0)
-    return aux["nll_sum"], aux["tokens"]
+def _accumulate(totals, params, batch: Batch, cfg: ModelConfig, context):
+    """totals: [2] float32 (summed NLL, scored tokens) -> the same plus one batch's."""
+    _, aux = objective.loss_terms(params, batch, cfg, 0.0)
+    # Replicated, so that every process can read the totals of a multi-host mesh.
+    return sharding.constrain(totals + jnp.stack([aux["nll_sum"], aux["tokens"]]), (None,))
 
 
 # The unused static `context` keys the compile cache on the sharding context.
-_batch_sums_jit = jax.jit(_batch_sums, static_argnames=("cfg", "context"))
+_accumulate_jit = jax.jit(_accumulate, static_argnames=("cfg", "context"))
 
 
-def _summarize(nll: float, tokens: float) -> dict[str, float]:
+def summarize(nll: float, tokens: float) -> dict[str, float]:
+    """{"loss": nll / tokens (nats), "perplexity": exp(loss), inf past exp's float range,
+    "tokens": int(tokens)}; a ConfigError when nothing was scored."""
+    if tokens <= 0:
+        raise ConfigError("the evaluation batches score no tokens (empty input or loss_mask all 0).")
     loss = nll / tokens
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
             "tokens": int(tokens)}
 
 
-def _nll_and_tokens(params, cfg: ModelConfig, batches: Iterable[dict]) -> tuple[float, float]:
-    """Float64 host totals over batches of [batch, seq] arrays (one compile per shape)."""
-    keys, context, sums = train_lib.BATCH_KEYS, sharding.context_key(), []
+def eval_sums(params, model_cfg: ModelConfig, batches: Iterable[dict], *,
+              place: Callable[[Batch], Batch] | None = None) -> tuple[float, float]:
+    """(summed NLL in nats, scored tokens) over batches in the format of `lmjax.batch`.
+
+    The sums accumulate in float32 on the device (one compile per batch shape and sharding
+    context); the host reads them once, at the end. Under `sharding.activation_sharding` the
+    activations follow its rules. `place` turns each batch's host arrays into device arrays
+    (the trainer assembles a process's rows into global arrays on its mesh); by default jit
+    places them.
+    """
+    context, totals = sharding.context_key(), jnp.zeros(2, jnp.float32)
     for i, batch in enumerate(batches):
-        missing = [k for k in keys if k not in batch]
-        if missing:
-            raise ValueError(f"eval batch {i} lacks {missing}; batches need {list(keys)} as "
-                             "[batch, seq] arrays.")
-        sums.append(_batch_sums_jit(params, {k: batch[k] for k in keys}, cfg=cfg, context=context))
-    totals = np.asarray(jax.device_get(sums), np.float64).reshape(-1, 2).sum(axis=0)
-    if totals[1] == 0:
-        raise ConfigError("the evaluation batches score no tokens (empty input or loss_mask all 0).")
-    return float(totals[0]), float(totals[1])
+        batch = select(batch, f"eval batch {i}")
+        totals = _accumulate_jit(totals, params, place(batch) if place else batch, cfg=model_cfg,
+                                 context=context)
+    nll, tokens = np.asarray(jax.device_get(totals), np.float64)
+    return float(nll), float(tokens)
 
 
-def eval_loss(params, model_cfg: ModelConfig, batches: Iterable[dict]) -> dict[str, float]:
-    """Mean next-token loss over batches of the trainer's format.
+def eval_loss(params, model_cfg: ModelConfig, batches: Iterable[dict], *,
+              place: Callable[[Batch], Batch] | None = None) -> dict[str, float]:
+    """Mean next-token loss over batches (arguments as `eval_sums`): the evaluator of
+    training, `lmjax eval` and `lmjax smoke`.
 
-    batches: dicts of [batch, seq] arrays "inputs", "targets", "segment_ids", "positions",
-    and "loss_mask" (1 where the target is scored).
     Returns {"loss": mean NLL in nats, "perplexity": exp(loss), "tokens": scored count}.
     """
-    return _summarize(*_nll_and_tokens(params, model_cfg, batches))
+    return summarize(*eval_sums(params, model_cfg, batches, place=place))
 
 
 # ---------------------------------------------------------------- raw text
@@ -98,7 +106,7 @@ def _window_rows(docs: Iterable[list[int]], context_len: int, stride: int) -> It
 
 
 def _empty_row(context_len: int) -> dict[str, np.ndarray]:
-    row = {k: np.zeros(context_len, np.int32) for k in train_lib.BATCH_KEYS}
+    row = {k: np.zeros(context_len, np.int32) for k in BATCH_KEYS}
     row["loss_mask"] = np.zeros(context_len, np.float32)
     return row
 
@@ -107,7 +115,7 @@ def _batched(rows: Iterator[dict], batch_size: int, context_len: int) -> Iterato
     """Stacks rows into [batch_size, context_len] batches; the last is padded with
     unscored rows so that every batch has one shape (one compile)."""
     def stack(buffer):
-        return {k: np.stack([r[k] for r in buffer]) for k in train_lib.BATCH_KEYS}
+        return {k: np.stack([r[k] for r in buffer]) for k in BATCH_KEYS}
 
     buffer = []
     for row in rows:
@@ -134,7 +142,7 @@ def score_texts(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str],
     """
     if not 1 <= context_len <= model_cfg.max_seq_len:
         raise ConfigError(f"context_len={context_len} must lie in [1, model.max_seq_len="
-                         f"{model_cfg.max_seq_len}].")
+                          f"{model_cfg.max_seq_len}].")
     sliding_windows(0, context_len, stride)  # validates stride before tokenizing
     if tokenizer.bos_id is None or tokenizer.bos_id < 0:
         raise ConfigError("the tokenizer has no BOS id; score_texts starts every document with it.")
@@ -142,73 +150,9 @@ def score_texts(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str],
     top = max((max(d) for d in docs), default=0)
     if top >= model_cfg.vocab_size:
         raise ConfigError(f"token id {top} >= model.vocab_size={model_cfg.vocab_size}: the "
-                         "tokenizer does not match this model.")
+                          "tokenizer does not match this model.")
     n_bytes = sum(len(text.encode("utf-8")) for text in texts)
     rows = _window_rows(docs, context_len, stride)
-    nll, tokens = _nll_and_tokens(params, model_cfg, _batched(rows, batch_size, context_len))
-    return {**_summarize(nll, tokens), "bits_per_byte": nll / math.log(2) / n_bytes,
+    nll, tokens = eval_sums(params, model_cfg, _batched(rows, batch_size, context_len))
+    return {**summarize(nll, tokens), "bits_per_byte": nll / math.log(2) / n_bytes,
             "bytes": n_bytes}
-
-
-# ---------------------------------------------------------------- command line
-
-
-def load_run(workdir: str, step: int | None):
-    """(Config, params on one device, tokenizer or None) of a checkpoint of `workdir`.
-
-    `step` None: the newest readable one. The tokenizer is the run's sentencepiece model
-    (None for a run on synthetic tokens).
-    """
-    from lmjax import checkpoint, data
-
-    config, params, tokenizer_path = checkpoint.load_params(workdir, step)
-    return config, params, data.load_tokenizer(tokenizer_path) if tokenizer_path else None
-
-
-def experiment_batches(config: Config, tokenizer, workdir: str) -> list[dict]:
-    """The run's own evaluation batches: `config.run.eval_batches` of its eval split."""
-    from lmjax import data
-    from lmjax.data import prepare
-
-    stores = None if tokenizer is None else prepare.run_stores(
-        config.data, tokenizer, prepare.store_root(config.data, workdir), leader=True)
-    pipeline = data.make_pipeline(config.data, tokenizer, stores=stores,
-                                  vocab_size=config.model.vocab_size)
-    return pipeline.eval_batches(config.run.eval_batches)
-
-
-def main(workdir: str, step: int | None = None, text_files: Sequence[str] = (),
-         use_experiment_data: bool = False, as_json: bool = False, *,
-         context_len: int | None = None, stride: int | None = None,
-         load: Callable = load_run, batches_for: Callable = experiment_batches) -> dict:
-    """`lmjax eval`: scores a checkpoint on text files or on the experiment's eval split.
-
-    text_files: globs of UTF-8 files, one document each (see `score_texts`). context_len
-    defaults to the run's data.seq_len, stride to half of it. `load(workdir, step)` and
-    `batches_for(config, tokenizer, workdir)` are `load_run` and `experiment_batches`
-    unless replaced. Prints one line (or JSON) and returns the numbers.
-    """
-    if bool(text_files) == bool(use_experiment_data):
-        raise ConfigError("choose what to evaluate: --text-files GLOB... or --experiment-data.")
-    paths = sorted({p for pattern in text_files for p in glob.glob(pattern)})
-    if text_files and not paths:
-        raise FileNotFoundError(f"--text-files {' '.join(text_files)} matched no files.")
-    config, params, tokenizer = load(workdir, step)
-    if paths:
-        if tokenizer is None:
-            raise ConfigError(f"the run in {workdir} has no tokenizer (synthetic data): it can only "
-                             "be evaluated with --experiment-data.")
-        from lmjax.data.documents import read_utf8
-        texts = [read_utf8(path) for path in paths]
-        context_len = context_len or config.data.seq_len
-        result = score_texts(params, config.model, tokenizer, texts, context_len=context_len,
-                             stride=stride or max(1, context_len // 2))
-        result["files"] = len(paths)
-    else:
-        result = eval_loss(params, config.model, batches_for(config, tokenizer, workdir))
-    if as_json:
-        print(json.dumps(result, sort_keys=True))
-    else:
-        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in result.items()))
-    return result

@@ -23,7 +23,6 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Sequence
 
 import jax
@@ -193,18 +192,19 @@ def decode(params, cfg: ModelConfig, logits, cache: Cache, lengths, seed, *,
     return jax.lax.while_loop(unfinished, step, state)[3]
 
 
-# The unused static `context` keys the compile cache on the sharding context.
-_prefill_jit = jax.jit(lambda params, tokens, lengths, cfg, max_len, context:
-                       prefill(params, cfg, tokens, lengths, max_len),
-                       static_argnames=("cfg", "max_len", "context"))
-_decode_jit = jax.jit(
+# `prefill` and `decode` jitted, with keyword-only static arguments; the unused static
+# `context` (`sharding.context_key()`) keys the compile cache on the sharding context.
+prefill_jit = jax.jit(lambda params, tokens, lengths, cfg, max_len, context:
+                      prefill(params, cfg, tokens, lengths, max_len),
+                      static_argnames=("cfg", "max_len", "context"))
+decode_jit = jax.jit(
     lambda params, logits, cache, lengths, seed, cfg, sampling, eos_id, max_new_tokens, context:
     decode(params, cfg, logits, cache, lengths, seed, sampling=sampling, eos_id=eos_id,
            max_new_tokens=max_new_tokens),
     static_argnames=("cfg", "sampling", "eos_id", "max_new_tokens", "context"))
 
 
-def _check_prompts(cfg: ModelConfig, prompt_tokens, prompt_lengths, max_new_tokens: int):
+def check_prompts(cfg: ModelConfig, prompt_tokens, prompt_lengths, max_new_tokens: int):
     """Validates prompts on the host; returns (tokens [b, t] int32, lengths [b] int32)."""
     tokens = np.asarray(prompt_tokens)
     if tokens.ndim != 2 or tokens.shape[1] == 0 or not np.issubdtype(tokens.dtype, np.integer):
@@ -245,14 +245,14 @@ def generate(params, model_cfg: ModelConfig, prompt_tokens, *, max_new_tokens: i
     Returns:
       [batch, max_new_tokens] int32 new tokens.
     """
-    tokens, lengths = _check_prompts(model_cfg, prompt_tokens, prompt_lengths, max_new_tokens)
+    tokens, lengths = check_prompts(model_cfg, prompt_tokens, prompt_lengths, max_new_tokens)
     sampling = Sampling(float(temperature), top_k, top_p).validate(model_cfg.vocab_size)
     context = sharding.context_key()
-    logits, cache = _prefill_jit(params, tokens, lengths, cfg=model_cfg,
-                                 max_len=tokens.shape[1] + max_new_tokens, context=context)
-    return _decode_jit(params, logits, cache, lengths, np.int32(seed), cfg=model_cfg,
-                       sampling=sampling, eos_id=eos_id, max_new_tokens=max_new_tokens,
-                       context=context)
+    logits, cache = prefill_jit(params, tokens, lengths, cfg=model_cfg,
+                                max_len=tokens.shape[1] + max_new_tokens, context=context)
+    return decode_jit(params, logits, cache, lengths, np.int32(seed), cfg=model_cfg,
+                      sampling=sampling, eos_id=eos_id, max_new_tokens=max_new_tokens,
+                      context=context)
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -274,88 +274,3 @@ def sample_text(params, model_cfg: ModelConfig, tokenizer, prompt: str, max_new_
     if tokenizer.eos_id in new:
         new = new[:new.index(tokenizer.eos_id)]
     return tokenizer.decode(ids[int(tokenizer.bos_id >= 0):] + new)
-
-
-# ---------------------------------------------------------------- benchmark
-
-
-def bench(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *,
-          seed: int = 0) -> dict[str, float]:
-    """Times prefill and decoding of random prompts with random weights; prints a table.
-
-    Decode throughput counts every generated token (the loop never stops early). Both
-    phases are compiled before timing. Returns the numbers printed.
-    """
-    tokens, lengths = _check_prompts(
-        model_cfg, np.random.default_rng(seed).integers(0, model_cfg.vocab_size,
-                                                        (batch, prompt_len)),
-        None, new_tokens)
-    params = jax.jit(model.init, static_argnums=0)(model_cfg, jax.random.PRNGKey(seed))
-    max_len = prompt_len + new_tokens
-    sampling = Sampling()
-
-    def run():
-        t0 = time.perf_counter()
-        logits, cache = jax.block_until_ready(
-            _prefill_jit(params, tokens, lengths, cfg=model_cfg, max_len=max_len, context=None))
-        t1 = time.perf_counter()
-        jax.block_until_ready(_decode_jit(params, logits, cache, lengths, np.int32(seed),
-                                          cfg=model_cfg, sampling=sampling, eos_id=None,
-                                          max_new_tokens=new_tokens, context=None))
-        return t1 - t0, time.perf_counter() - t1
-
-    run()  # compile
-    prefill_s, decode_s = run()
-    cache_bytes = (2 * model_cfg.n_layers * batch * max_len * model_cfg.n_kv_heads
-                   * model_cfg.head_dim * jnp.dtype(model_cfg.dtype).itemsize)
-    result = {"prefill_tokens_per_s": batch * prompt_len / prefill_s,
-              "decode_tokens_per_s": batch * new_tokens / decode_s,
-              "prefill_s": prefill_s, "decode_s": decode_s, "cache_bytes": cache_bytes}
-    print(f"generate benchmark on {jax.devices()[0].device_kind}: "
-          f"{model.count_params(model_cfg):,} params, {model_cfg.dtype}, batch {batch}, "
-          f"prompt {prompt_len}, new {new_tokens}")
-    print(f"{'phase':<8}{'tokens':>10}{'seconds':>10}{'tokens/s':>12}")
-    print(f"{'prefill':<8}{batch * prompt_len:>10}{prefill_s:>10.4f}"
-          f"{result['prefill_tokens_per_s']:>12.1f}")
-    print(f"{'decode':<8}{batch * new_tokens:>10}{decode_s:>10.4f}"
-          f"{result['decode_tokens_per_s']:>12.1f}")
-    print(f"KV cache: {cache_bytes:,} bytes (k and v, [layers, batch, max_len={max_len}, "
-          f"kv_heads, head_dim])")
-    return result
-
-
-
-# ---------------------------------------------------------------- command line
-
-
-def main(workdir: str, step: int | None, prompts: Sequence[str], max_new_tokens: int, *,
-         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-         seed: int = 0) -> list[str]:
-    """`lmjax generate`: continues every prompt with a checkpoint of `workdir`, in one batch.
-
-    Prompts of different lengths are right-padded and given their true lengths, so each
-    gets the same continuation it would get alone. Prints and returns the completions.
-    """
-    from lmjax import evaluate
-    if not prompts:
-        raise ConfigError("give at least one prompt: --prompt TEXT or --prompts-file FILE.")
-    config, params, tokenizer = evaluate.load_run(workdir, step)
-    if tokenizer is None:
-        raise ConfigError(f"the run in {workdir} has no tokenizer (synthetic data): nothing to "
-                         "decode prompts with.")
-    ids = [prompt_ids(tokenizer, p) for p in prompts]
-    width = max(map(len, ids))
-    padded = np.full((len(ids), width), tokenizer.pad_id, np.int32)
-    for row, seq in zip(padded, ids):
-        row[:len(seq)] = seq
-    new = np.asarray(generate(params, config.model, padded, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                              eos_id=tokenizer.eos_id, prompt_lengths=[len(s) for s in ids]))
-    completions = []
-    for prompt, row in zip(prompts, new.tolist()):
-        if tokenizer.eos_id in row:
-            row = row[:row.index(tokenizer.eos_id)]
-        completions.append(tokenizer.decode(tokenizer.encode(prompt) + row))
-        print(completions[-1])
-        print("-" * 40)
-    return completions

@@ -14,14 +14,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lmjax import compile_cache, goodput, hooks as hooks_lib, loop, metrics as metrics_lib
-from lmjax import loss, matmul, model, optim, sharding
+from lmjax import compile_cache, evaluate, goodput, hooks as hooks_lib, loop, metrics as metrics_lib
+from lmjax import model, optim, sharding
+from lmjax.batch import BATCH_KEYS, Batch
 from lmjax.config import Config, ModelConfig, OptimConfig, profile_window
+from lmjax.objective import loss_terms
 
 log = logging.getLogger("lmjax")
 
-Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions, loss_mask: [batch, seq]
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -51,25 +51,7 @@ def state_axes(model_cfg: ModelConfig, tx: optax.GradientTransformation) -> Trai
     return TrainState(step=(), params=params_axes, opt_state=opt_axes, rng=(None,))
 
 
-# ---------------------------------------------------------------- loss and step
-
-
-def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
-    """Summed (not averaged) objective terms of one (micro)batch.
-
-    Returns (objective_sum, aux) with aux = {nll_sum, z_sum, tokens}; dividing by the token
-    count of the whole step gives the mean, so microbatches add up to the big batch.
-    """
-    x = model.hidden_states(params, batch["inputs"], model_cfg,
-                            segment_ids=batch["segment_ids"], positions=batch["positions"])
-    x = model.rms_norm(x, params["final_norm"], model_cfg.norm_eps)
-    mask = batch["loss_mask"].astype(jnp.float32)
-    with jax.named_scope("loss"):
-        objective, nll_sum, z_sum = loss.loss_sums(
-            x, model.vocab_projection(params, model_cfg), batch["targets"], mask, z_loss=z_loss,
-            chunk=model_cfg.logits_chunk,
-            impl=matmul.resolve_impl(model_cfg.matmul, model_cfg.dtype))
-    return objective, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask)}
+# ---------------------------------------------------------------- the step
 
 
 def microbatches(x: jax.Array, n: int) -> jax.Array:
@@ -200,33 +182,20 @@ def global_batch(local: dict[str, np.ndarray], batch_sharding: NamedSharding) ->
     return {k: assemble(np.asarray(local[k])) for k in BATCH_KEYS}
 
 
-def make_eval_fn(trainer: Trainer):
-    """Jitted (nll_sum, tokens) of one global batch under the trainer's shardings."""
-    model_cfg = trainer.config.model
-
-    def eval_sums(params, batch):
-        with sharding.activation_sharding(trainer.mesh, trainer.rules):
-            _, aux = loss_terms(params, batch, model_cfg, 0.0)
-        return aux["nll_sum"], aux["tokens"]
-
-    return jax.jit(eval_sums, in_shardings=(trainer.state_shardings.params, trainer.batch_sharding))
-
-
-def evaluate(trainer: Trainer, eval_fn, params, sets: dict[str, list[dict]]) -> dict[str, float]:
-    """Mean loss and perplexity over fixed evaluation batches (process-local rows) of every
-    source together; with several sources also `eval_loss/SOURCE` of each."""
-    result, nll, tokens = {}, 0.0, 0.0
-    for name, batches in sets.items():
-        source_nll, source_tokens = 0.0, 0.0
-        for local in batches:
-            n, t = eval_fn(params, global_batch(local, trainer.batch_sharding))
-            source_nll, source_tokens = source_nll + float(n), source_tokens + float(t)
-        if len(sets) > 1:
-            result[f"eval_loss/{name}"] = source_nll / max(source_tokens, 1.0)
-        nll, tokens = nll + source_nll, tokens + source_tokens
-    loss = nll / max(tokens, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 700.0))),
-            "eval_tokens": tokens, **result}
+def evaluate_params(trainer: Trainer, params, sets: dict[str, list[dict]]) -> dict[str, float]:
+    """The evaluator (`evaluate.eval_sums`) on process-local rows of each source, on the
+    trainer's mesh: eval_loss, eval_perplexity and eval_tokens of all sources together and,
+    with several sources, eval_loss/SOURCE of each."""
+    place = functools.partial(global_batch, batch_sharding=trainer.batch_sharding)
+    with sharding.activation_sharding(trainer.mesh, trainer.rules):
+        sums = {name: evaluate.eval_sums(params, trainer.config.model, batches, place=place)
+                for name, batches in sets.items()}
+    total = evaluate.summarize(sum(n for n, _ in sums.values()), sum(t for _, t in sums.values()))
+    result = {f"eval_{k}": v for k, v in total.items()}
+    if len(sums) > 1:
+        result.update({f"eval_loss/{name}": evaluate.summarize(*s)["loss"]
+                       for name, s in sums.items()})
+    return result
 
 
 def _describe_devices(mesh: Mesh) -> str:
@@ -304,16 +273,16 @@ def _hooks(run: _Run, workdir: str, writer: metrics_lib.MetricsWriter, summary: 
     throughput = metrics_lib.Throughput(config.model, config.data.batch_size,
                                         config.data.seq_len, jax.devices())
     log.info("peak FLOP/s per device: %.3g (%s)", throughput.peak, throughput.peak_source)
-    eval_fn = make_eval_fn(trainer)
     eval_sets = run.pipeline.eval_sets(config.run.eval_batches)
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), config.checkpoint,
                                    resumed_at=int(run.state.step))
     out = [hooks_lib.NonfiniteGuard(skip),
            hooks_lib.StepMetrics(writer, summary, throughput, config.run.log_every, total),
            hooks_lib.Checkpoints(ckpt, checkpoint.SaveSchedule(config.checkpoint, total, signals),
-                                 run.pipeline.state, run.meta, skip, clock, summary),
-           hooks_lib.Evaluation(lambda params: evaluate(trainer, eval_fn, params, eval_sets),
-                                writer, summary, config.run.eval_every, total)]
+                                 run.pipeline.state, run.meta, skip, clock, summary)]
+    if config.run.eval_batches:
+        out.append(hooks_lib.Evaluation(lambda params: evaluate_params(trainer, params, eval_sets),
+                                        writer, summary, config.run.eval_every, total))
     if config.run.sample_tokens and run.tokenizer is not None:
         out.append(hooks_lib.EndSample(lambda params: _sample(trainer, params, run.tokenizer),
                                        summary))

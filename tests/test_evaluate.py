@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from lmjax import checkpoint, evaluate, model, sharding, train
+from lmjax import checkpoint, data, evaluate, model, sharding, train
+from lmjax.commands import eval as eval_command
 from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, RunConfig
 from lmjax.data.documents import PACKAGED_DIR
 from tests import numpy_llama
@@ -218,7 +219,7 @@ def test_main_scores_text_files_and_experiment_data(model_and_ref, tokenizer, tm
         loads.append((workdir, step))
         return config, params, tokenizer
 
-    result = evaluate.main("run_dir", 7, [str(tmp_path / "*.txt")], as_json=True, load=load)
+    result = eval_command.main("run_dir", 7, [str(tmp_path / "*.txt")], as_json=True, load=load)
     assert loads == [("run_dir", 7)]
     assert json.loads(capsys.readouterr().out) == result
     expected = evaluate.score_texts(params, CFG, tokenizer, texts, context_len=32, stride=16)
@@ -228,22 +229,20 @@ def test_main_scores_text_files_and_experiment_data(model_and_ref, tokenizer, tm
     seq = rng.integers(0, CFG.vocab_size, (2, 9))
     batch = dict(inputs=seq[:, :-1], targets=seq[:, 1:], segment_ids=np.ones((2, 8), int),
                  positions=np.tile(np.arange(8), (2, 1)), loss_mask=np.ones((2, 8), np.float32))
-    result = evaluate.main("run_dir", None, use_experiment_data=True, load=load,
+    result = eval_command.main("run_dir", None, use_experiment_data=True, load=load,
                            batches_for=lambda cfg, tok, workdir: [batch])
     assert result == evaluate.eval_loss(params, CFG, [batch])
     assert "loss" in capsys.readouterr().out
 
     with pytest.raises(ValueError, match="--text-files"):
-        evaluate.main("run_dir", None, load=load)
+        eval_command.main("run_dir", None, load=load)
     with pytest.raises(FileNotFoundError, match="matched no files"):
-        evaluate.main("run_dir", None, [str(tmp_path / "*.jsonl")], load=load)
+        eval_command.main("run_dir", None, [str(tmp_path / "*.jsonl")], load=load)
     assert len(loads) == 2  # bad arguments fail before loading
 
 
 def test_main_evaluates_a_saved_checkpoint(model_and_ref, tmp_path, tokenizer, capsys):
     """The default loader on a real orbax checkpoint with the run's tokenizer.model."""
-    from lmjax import data
-
     params = model_and_ref[0]
     config = Config(model=CFG, data=DataConfig(source="synthetic", batch_size=8, seq_len=16),
                     run=RunConfig(eval_batches=2))
@@ -257,12 +256,12 @@ def test_main_evaluates_a_saved_checkpoint(model_and_ref, tmp_path, tokenizer, c
     text = passages(200, 1)[0]
     (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
 
-    result = evaluate.main(str(tmp_path), 5, [str(tmp_path / "doc.txt")], as_json=True)
+    result = eval_command.main(str(tmp_path), 5, [str(tmp_path / "doc.txt")], as_json=True)
     assert json.loads(capsys.readouterr().out) == result
     expected = evaluate.score_texts(params, CFG, tokenizer, [text], context_len=16, stride=8)
     assert result == {**expected, "files": 1}
 
-    result = evaluate.main(str(tmp_path), None, use_experiment_data=True)
+    result = eval_command.main(str(tmp_path), None, use_experiment_data=True)
     batches = data.make_pipeline(config.data, None, vocab_size=CFG.vocab_size).eval_batches(2)
     assert result == evaluate.eval_loss(params, CFG, batches)
     assert result["tokens"] == 2 * 8 * 16

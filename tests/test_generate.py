@@ -8,6 +8,7 @@ import pytest
 
 from lmjax import generate as gen
 from lmjax import model, sharding
+from lmjax.commands import generate as generate_command
 from lmjax.config import MeshConfig, ModelConfig
 from tests.test_evaluate import tokenizer  # noqa: F401  (session fixture)
 from tests.test_model import random_model
@@ -201,9 +202,9 @@ def test_sharded_generation_matches_unsharded(params):
                                     prompt_lengths=lengths))
     with sharding.activation_sharding(mesh, rules):
         out = gen.generate(placed, CFG, prompt, max_new_tokens=8, prompt_lengths=lengths)
-        logits, cache = gen._prefill_jit(placed, prompt.astype(np.int32),
-                                         np.asarray(lengths, np.int32), cfg=CFG, max_len=14,
-                                         context=sharding.context_key())
+        logits, cache = gen.prefill_jit(placed, prompt.astype(np.int32),
+                                        np.asarray(lengths, np.int32), cfg=CFG, max_len=14,
+                                        context=sharding.context_key())
     np.testing.assert_array_equal(np.asarray(out), plain)
     # The cache follows the rules: batch over fsdp, kv heads over tensor.
     assert cache["k"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor")
@@ -225,7 +226,7 @@ def test_sample_text_continues_the_prompt(params, tokenizer):  # noqa: F811
 
 
 def test_bench_prints_a_table(capsys):
-    result = gen.bench(CFG, batch=2, prompt_len=8, new_tokens=4)
+    result = generate_command.bench(CFG, batch=2, prompt_len=8, new_tokens=4)
     out = capsys.readouterr().out
     for word in ("prefill", "decode", "KV cache", "tokens/s"):
         assert word in out

@@ -3,7 +3,8 @@
 TensorFlow (tf.io.gfile for local and gs:// paths) and tensorflow_datasets are imported on
 first use, with every accelerator hidden from TensorFlow.
 """
-from lmjax.data.packing import BATCH_KEYS, rows_from_windows
+from lmjax.batch import BATCH_KEYS
+from lmjax.data.packing import rows_from_windows
 from lmjax.data.pipeline import DataStateError, Pipeline, make_pipeline, synthetic_batch
 from lmjax.data.tokenizer import Tokenizer, load_tokenizer, prepare_tokenizer, train_tokenizer
 

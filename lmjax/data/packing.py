@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
 
 def rows_from_windows(tokens: np.ndarray, doc_ids: np.ndarray, packing: bool) -> dict[str, np.ndarray]:
     """tokens, doc_ids: [rows, T+1] (doc_ids: any id, equal within a document) -> batch of [rows, T]."""

@@ -1,0 +1,48 @@
+"""`lmjax eval`: loss, perplexity and bits-per-byte of a saved checkpoint."""
+from __future__ import annotations
+
+import glob
+import json
+from typing import Callable, Sequence
+
+from lmjax import evaluate
+from lmjax.config import ConfigError
+from lmjax.data.documents import read_utf8
+from lmjax.commands.runs import experiment_batches, load_run
+
+
+def main(workdir: str, step: int | None = None, text_files: Sequence[str] = (),
+         use_experiment_data: bool = False, as_json: bool = False, *,
+         context_len: int | None = None, stride: int | None = None,
+         load: Callable = load_run, batches_for: Callable = experiment_batches) -> dict:
+    """`lmjax eval`: scores a checkpoint on text files or on the experiment's eval split.
+
+    text_files: globs of UTF-8 files, one document each (see `evaluate.score_texts`). context_len
+    defaults to the run's data.seq_len, stride to half of it. `load(workdir, step)` and
+    `batches_for(config, tokenizer, workdir)` are `load_run` and `experiment_batches`
+    unless replaced. Prints one line (or JSON) and returns the numbers.
+    """
+    if bool(text_files) == bool(use_experiment_data):
+        raise ConfigError("choose what to evaluate: --text-files GLOB... or --experiment-data.")
+    paths = sorted({p for pattern in text_files for p in glob.glob(pattern)})
+    if text_files and not paths:
+        raise FileNotFoundError(f"--text-files {' '.join(text_files)} matched no files.")
+    config, params, tokenizer = load(workdir, step)
+    if paths:
+        if tokenizer is None:
+            raise ConfigError(f"the run in {workdir} has no tokenizer (synthetic data): it can "
+                              "only be evaluated with --experiment-data.")
+        texts = [read_utf8(path) for path in paths]
+        context_len = context_len or config.data.seq_len
+        stride = stride or max(1, context_len // 2)
+        result = evaluate.score_texts(params, config.model, tokenizer, texts,
+                                      context_len=context_len, stride=stride)
+        result["files"] = len(paths)
+    else:
+        result = evaluate.eval_loss(params, config.model, batches_for(config, tokenizer, workdir))
+    if as_json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in result.items()))
+    return result

@@ -1,0 +1,78 @@
+"""The package's import graph, read from the source (function-local imports included): it has
+no cycle, and nothing below the command layer imports it."""
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lmjax"
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the lmjax modules it imports anywhere in its body."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from pkg import sub` imports the module pkg.sub when there is one.
+                subs = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+                targets.update(subs or {node.module})
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a path [a, b, ..., a], or None (depth-first search, three colours)."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_a_cycle_and_only_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_graph_sees_function_local_imports():
+    graph = import_graph()
+    assert "lmjax.model" in graph["lmjax.objective"]
+    assert "lmjax.commands.smoke" in graph["lmjax.cli"]  # imported inside a function
+
+
+def test_lmjax_imports_have_no_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("top", ["lmjax.cli", "lmjax.commands"])
+def test_only_the_command_layer_imports_commands_and_cli(top):
+    graph = import_graph()
+    above = ("lmjax.cli", "lmjax.__main__", "lmjax.commands")
+    offenders = sorted(m for m, targets in graph.items() if not m.startswith(above)
+                       and any(t == top or t.startswith(top + ".") for t in targets))
+    assert not offenders, f"{offenders} import {top}: library modules must not depend on it"
