@@ -23,7 +23,6 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp

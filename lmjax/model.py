@@ -246,7 +246,7 @@ def hidden_states(params: Params, tokens, cfg: ModelConfig, *, segment_ids=None,
         x, _ = jax.lax.scan(step, x, params["layers"])
     else:
         for i in range(cfg.n_layers):
-            x, _ = step(x, jax.tree.map(lambda p: p[i], params["layers"]))
+            x, _ = step(x, jax.tree.map(lambda p, i=i: p[i], params["layers"]))
     return x
 
 

@@ -133,7 +133,7 @@ def test_two_processes_agree_on_a_global_sum(tmp_path):
                                                         LMJAX_LOCAL_DEVICES="3"))
              for i in range(2)]
     outputs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     expected = float(sum(range(1, 7)))   # 2 processes x 3 devices hold 1..6
     for i, (out, err) in enumerate(outputs):
