@@ -1,14 +1,15 @@
 """The benchmark shapes compared against MaxText in the README: d_model 512, 8 layers,
 8/2 heads x 64, MLP 1408, vocab 32000, seq 512 x batch 8, AdamW.
 
-Defaults are the fastest measured on a 2-core CPU (`lmjax bench --sweep model.dtype=...
---sweep model.remat=... --sweep model.matmul=...`): bfloat16 compute with `model.matmul=auto`,
-which on the CPU gives every projection row-major backward matmuls so that all of them run
-at XLA:CPU's bfloat16 speed (lmjax/matmul.py; with plain autodiff the transposed gradient
-matmuls fall back to float32 and bfloat16 is slower than float32); `save_dots` remat, which
-keeps the projection outputs and recomputes only attention (about 6% faster than
-`full`, MaxText's choice, and than `none`, which stores every layer's score tensors); and a fused
-loss over 128-token sequence chunks, whose logits stay cache-sized.
+Defaults are the fastest in the README's sweep on a 2-core CPU (`lmjax bench --sweep
+model.dtype=... --sweep model.remat=... --sweep model.matmul=...`; the figures are in the README):
+bfloat16 compute with `model.matmul=auto`, which on the CPU gives every projection row-major
+backward matmuls so that all of them run at XLA:CPU's bfloat16 speed (lmjax/matmul.py; with
+plain autodiff the transposed gradient matmuls fall back to float32 and bfloat16 is slower
+than float32); `save_dots` remat, which keeps the projection outputs and recomputes only
+attention (`full`, MaxText's choice, also recomputes the projections; `none` stores every
+layer's score tensors, which costs more than recomputing them); and a fused loss over 128-token
+sequence chunks, whose logits stay cache-sized.
 """
 from lmjax.config import Config, DataConfig, ModelConfig, MeshConfig, RunConfig
 

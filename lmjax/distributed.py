@@ -123,7 +123,7 @@ def plan_rendezvous(env: Mapping[str, str], coordinator_address: str | None = No
 
 def _on_cloud_tpu() -> bool:
     """Whether jax found TPU chips and libtpu at import (it then auto-detects TPU peers)."""
-    from jax._src import cloud_tpu_init  # no public accessor for this flag in jax 0.12
+    from jax._src import cloud_tpu_init  # jax has no public accessor for this flag
     return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
 
 

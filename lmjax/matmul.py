@@ -3,10 +3,10 @@
 XLA:CPU runs a bfloat16 dot at full speed (through YNNPACK) only when it is canonical: both
 operands row-major, contracting the left operand's last dimension with the right operand's
 first. The two matmuls that autodiff derives for a projection, `dx = dy @ w.T` and
-`dw = x.T @ dy`, contract a transposed operand, and XLA:CPU converts such a dot to float32:
-it then runs at half the speed (4096x512 @ 512x1408 on 2 cores: 17 ms canonical, 31-34 ms
-either transposed form). A transpose alone does not help, since XLA folds it into the dot's
-layout; `transpose` forces a real row-major copy, which costs a few percent of the matmul.
+`dw = x.T @ dy`, contract a transposed operand, and XLA:CPU converts such a dot to float32,
+which runs at about half the speed (measured in the README's Benchmarks). A transpose alone
+does not help, since XLA folds it into the dot's layout; `transpose` forces a real row-major
+copy, which costs a few percent of the matmul.
 
 `impl` (the `model.matmul` option):
   * ``xla``: plain dots and autodiff; what GPUs and TPUs want (their dots take any layout).
