@@ -641,7 +641,7 @@ def _read_candidates(directory: str, steps: list[int], config: Config,
         for step in sorted(steps, reverse=True):
             try:
                 meta = retrying(f"reading {directory} step {step}",
-                                lambda: ckpt.read_json(step, "meta"))
+                                lambda step=step: ckpt.read_json(step, "meta"))
             except FaultError:
                 raise
             except Exception as e:  # noqa: BLE001 - unreadable metadata is damage

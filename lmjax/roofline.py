@@ -119,8 +119,9 @@ def replica_groups(line: str, n_devices: int) -> list[list[int]]:
     return [list(range(n_devices))]
 
 
-def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
-    """{computation name: its instruction lines}, and the entry computation's name."""
+def _computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
+    """{computation name: its instruction lines}, and the entry computation's name (None
+    when the text has no ENTRY)."""
     comps, entry, current = {}, None, None
     for line in hlo.splitlines():
         header = re.match(r"^(ENTRY )?(%[\w.\-]+) .*\{$", line)
