@@ -125,7 +125,8 @@ def install_plan(args) -> list[list[str]]:
         return [_ssh(args, node, venv_script(spec)) for node in nodes(args)]
     tarball = _tarball(args)
     cmds = [["tar", "-czf", tarball, "--exclude=.git", "--exclude=__pycache__",
-             "--exclude=*.egg-info", "--exclude=./.venv", "--exclude=./runs", "-C", os.path.abspath(args.source), "."]]
+             "--exclude=*.egg-info", "--exclude=./.venv", "--exclude=./runs",
+             "-C", os.path.abspath(args.source), "."]]
     unpack = ("rm -rf ~/lmjax-src && mkdir -p ~/lmjax-src && "
               "tar -xzf ~/lmjax-src.tar.gz -C ~/lmjax-src && cd ~/lmjax-src && "
               + venv_script(".[tpu]"))
