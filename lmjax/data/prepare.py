@@ -34,7 +34,7 @@ import numpy as np
 
 from lmjax.config import ConfigError, DataConfig
 from lmjax.data import documents, store
-from lmjax.data.tokenizer import Tokenizer
+from lmjax.data.tokenizer import Tokenizer, load_tokenizer, train_from_texts
 
 log = logging.getLogger(__name__)
 _ENCODE_BATCH = 256  # documents per tokenizer call (sentencepiece encodes a list in threads)
@@ -195,6 +195,47 @@ def training_texts(data_cfg: DataConfig) -> Iterator[str]:
             yield from (text for split, text in _shard_documents(shard, settings,
                                                                  documents.ReadCounts())
                         if split == "train")
+
+
+def prepare_tokenizer(data_cfg: DataConfig, workdir: str, *, leader: bool = True,
+                      max_chars: int = 200_000_000) -> Tokenizer | None:
+    """The run's tokenizer: `data.tokenizer` if set, else `workdir/tokenizer.model`, trained once.
+
+    Only the leader (process 0) trains: on the first `max_chars` characters of the source's
+    training documents with vocabulary `data.tokenizer_vocab_size`, BPE. The other processes
+    wait for its file (data.prepare_timeout_s). The synthetic source needs no tokenizer: None.
+    """
+    if data_cfg.tokenizer:
+        return load_tokenizer(data_cfg.tokenizer)
+    if data_cfg.source == "synthetic":
+        return None
+    if not workdir:
+        raise ConfigError("data.tokenizer is empty and there is no workdir to train one into: set "
+                          "data.tokenizer to a SentencePiece .model file.")
+    path = os.path.join(workdir, "tokenizer.model")
+    io_ = documents.gfile()
+    if not leader:
+        deadline = time.monotonic() + data_cfg.prepare_timeout_s
+        while not io_.exists(path):
+            if time.monotonic() > deadline:
+                raise ConfigError(f"waited {data_cfg.prepare_timeout_s:.0f} s for process 0 to "
+                                  f"train the tokenizer {path}: check process 0's log, or set "
+                                  "data.tokenizer to a trained model.")
+            time.sleep(1.0)
+    if io_.exists(path):
+        return load_tokenizer(path)
+    texts = _within(training_texts(data_cfg), max_chars)
+    return load_tokenizer(train_from_texts(texts, data_cfg.tokenizer_vocab_size, "bpe",
+                                           path[: -len(".model")]))
+
+
+def _within(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """The texts until (and including) the one that reaches `max_chars` characters in total."""
+    for text in texts:
+        yield text
+        max_chars -= len(text)
+        if max_chars <= 0:
+            return
 
 
 def tfds_texts(name: str, data_dir: str, split: str, feature: str) -> Iterator[bytes]:

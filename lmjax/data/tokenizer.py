@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import time
 from typing import Iterable, Iterator
 
 from lmjax.config import ConfigError
@@ -144,46 +143,3 @@ def train_tokenizer(input_files: list[str] | str, vocab_size: int, model_type: s
     files = documents.expand_files(spec, what="--input")
     texts = (doc for path in files for doc in documents.read_documents(path, text_key))
     return train_from_texts(texts, vocab_size, model_type, output_prefix)
-
-
-def prepare_tokenizer(data_cfg, workdir: str, *, leader: bool = True,
-                      max_chars: int = 200_000_000) -> Tokenizer | None:
-    """The run's tokenizer: `data.tokenizer` if set, else `workdir/tokenizer.model`, trained once.
-
-    Only the leader (process 0) trains: on the first `max_chars` characters of the source's
-    training documents with vocabulary `data.tokenizer_vocab_size`, BPE. The other processes
-    wait for its file (data.prepare_timeout_s). The synthetic source needs no tokenizer: None.
-    """
-    if data_cfg.tokenizer:
-        return load_tokenizer(data_cfg.tokenizer)
-    if data_cfg.source == "synthetic":
-        return None
-    if not workdir:
-        raise ConfigError("data.tokenizer is empty and there is no workdir to train one into: set "
-                          "data.tokenizer to a SentencePiece .model file.")
-    path = os.path.join(workdir, "tokenizer.model")
-    io_ = documents.gfile()
-    if not leader:
-        deadline = time.monotonic() + data_cfg.prepare_timeout_s
-        while not io_.exists(path):
-            if time.monotonic() > deadline:
-                raise ConfigError(f"waited {data_cfg.prepare_timeout_s:.0f} s for process 0 to "
-                                  f"train the tokenizer {path}: check process 0's log, or set "
-                                  "data.tokenizer to a trained model.")
-            time.sleep(1.0)
-    if io_.exists(path):
-        return load_tokenizer(path)
-    from lmjax.data import prepare
-
-    texts = _within(prepare.training_texts(data_cfg), max_chars)
-    return load_tokenizer(train_from_texts(texts, data_cfg.tokenizer_vocab_size, "bpe",
-                                           path[: -len(".model")]))
-
-
-def _within(texts: Iterable[str], max_chars: int) -> Iterator[str]:
-    """The texts until (and including) the one that reaches `max_chars` characters in total."""
-    for text in texts:
-        yield text
-        max_chars -= len(text)
-        if max_chars <= 0:
-            return

@@ -11,13 +11,12 @@ from lmjax.config import Config
 from lmjax.data import beam_engine
 from lmjax.data import prepare as prepare_lib
 from lmjax.data.pipeline import Batch, Pipeline, make_pipeline
-from lmjax.data.tokenizer import prepare_tokenizer
 
 
 def build(config: Config, workdir: str, process_index: int = 0, process_count: int = 1) -> Pipeline:
     """The pipeline a training run of `config` in `workdir` uses (tokenizer and store made if
     missing, in this process)."""
-    tokenizer = prepare_tokenizer(config.data, workdir)
+    tokenizer = prepare_lib.prepare_tokenizer(config.data, workdir)
     stores = None if tokenizer is None else prepare_lib.run_stores(
         config.data, tokenizer, prepare_lib.store_root(config.data, workdir), leader=True)
     return make_pipeline(config.data, tokenizer, process_index=process_index,
@@ -34,7 +33,7 @@ def prepare(config: Config, workdir: str, runner: str = "DirectRunner", workers:
         return {}
     root = prepare_lib.store_root(config.data, workdir)
     options = beam_engine.pipeline_options(runner, workers, beam_options, root)
-    tokenizer = prepare_tokenizer(config.data, workdir)
+    tokenizer = prepare_lib.prepare_tokenizer(config.data, workdir)
     directory, meta = prepare_lib.prepare(config.data, tokenizer, root, beam_options=options)
     s = meta["summary"]
     print(f"store: {directory}")
