@@ -7,6 +7,7 @@ import pytest
 from lmjax import cli
 from lmjax.config import ConfigError
 
+pytestmark = pytest.mark.slow  # trains, evaluates, converts and benchmarks through the CLI
 
 
 @pytest.fixture(scope="module")

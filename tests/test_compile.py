@@ -62,6 +62,7 @@ def test_missing_libtpu_names_the_package(monkeypatch, capsys):
 # ---------------------------------------------------------------- compiles
 
 
+@pytest.mark.slow
 def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
     tpu_compiler.require()
     config = cli.load_experiment("smoke", ["data.seq_len=128"])
@@ -84,6 +85,7 @@ def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
     assert report.compile_seconds > 0
 
 
+@pytest.mark.slow
 def test_cli_compile_multislice_prints_the_report(capsys):
     tpu_compiler.require()
     code = cli.main(["compile", "--experiment", "smoke", "--topology", "v5e:2x2", "--num-slices", "2",
@@ -94,6 +96,7 @@ def test_cli_compile_multislice_prints_the_report(capsys):
     assert "of 16 GiB HBM" in out and out.rstrip().endswith("fits")
 
 
+@pytest.mark.slow
 def test_cli_compile_fails_when_the_step_does_not_fit(capsys):
     tpu_compiler.require()
     # 2 x 4M x 1024 float32 params + Adam moments = 96 GiB, 24 GiB per chip > 16 GiB.
@@ -105,6 +108,7 @@ def test_cli_compile_fails_when_the_step_does_not_fit(capsys):
     assert "DOES NOT FIT" in out
 
 
+@pytest.mark.slow
 def test_cli_compile_rejects_a_batch_the_mesh_does_not_divide(capsys):
     tpu_compiler.require()
     code = cli.main(["compile", "--experiment", "smoke", "--topology", "v5e-16",

@@ -122,6 +122,7 @@ WORKER_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_agree_on_a_global_sum(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
@@ -145,6 +146,7 @@ def test_two_processes_agree_on_a_global_sum(tmp_path):
                 f"3 local cpu devices, 6 global") in err
 
 
+@pytest.mark.slow
 def test_missing_peer_fails_with_a_hint_within_the_timeout():
     """Process 0 alone and process 1 alone (different ports) both give up after 6 s."""
     ports = [_free_port(), _free_port()]

@@ -33,6 +33,7 @@ def export_train_step_for_cuda(experiment: str, sets=()) -> jax.export.Exported:
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(state, batch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment, dtype", [("smoke", "float32"), ("quickstart", "bfloat16")])
 def test_train_step_lowers_for_cuda_with_the_flash_kernel(experiment, dtype):
     exported = export_train_step_for_cuda(experiment)

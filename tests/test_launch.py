@@ -42,6 +42,7 @@ def _executable(path: Path, text: str) -> Path:
 
 # --- local: real processes --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_local_two_processes_run_a_global_sum(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
@@ -58,6 +59,7 @@ def test_local_two_processes_run_a_global_sum(tmp_path):
     assert all(l.startswith(("[p0] ", "[p1] ")) for l in lines)
 
 
+@pytest.mark.slow
 def test_local_failure_stops_the_others_and_returns_its_code(tmp_path):
     pid_file = tmp_path / "sleeper.pid"
     code = textwrap.dedent(f"""
@@ -78,6 +80,7 @@ def test_local_failure_stops_the_others_and_returns_its_code(tmp_path):
             os.kill(int(pid_file.read_text()), 0)
 
 
+@pytest.mark.slow
 def test_local_environment_and_timeout(tmp_path):
     env = process_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/d"},
                       "127.0.0.1:5", 4, 2, 3)

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # every test trains in subprocesses (SIGKILL, 2 processes)
+
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 12
 BASE = ["--experiment", "smoke", "--set", f"run.steps={STEPS}", "--set", "run.log_every=1",

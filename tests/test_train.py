@@ -233,10 +233,10 @@ def test_eta_after_a_resume_counts_this_process_steps(tmp_path, capsys):
 
 def test_evaluate_reports_each_source_and_their_token_weighted_whole():
     tr = _trainer(_config())
-    params, eval_fn = tr.init_fn().params, train.make_eval_fn(tr)
+    params = tr.init_fn().params
     sets = {"web": [_batch(0)], "books": [_batch(1, padded=True), _batch(2)]}
-    alone = {n: train.evaluate(tr, eval_fn, params, {n: b}) for n, b in sets.items()}
-    both = train.evaluate(tr, eval_fn, params, sets)
+    alone = {n: train.evaluate_params(tr, params, {n: b}) for n, b in sets.items()}
+    both = train.evaluate_params(tr, params, sets)
     assert "eval_loss/web" not in alone["web"]  # one source: the overall figures only
     for n in sets:
         assert both[f"eval_loss/{n}"] == pytest.approx(alone[n]["eval_loss"], rel=1e-6)

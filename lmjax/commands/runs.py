@@ -18,8 +18,10 @@ def load_run(workdir: str, step: int | None):
 
 def experiment_batches(config: Config, tokenizer, workdir: str) -> list[dict]:
     """The run's own evaluation batches: `config.run.eval_batches` of its eval split."""
-    stores = None if tokenizer is None else prepare.run_stores(
-        config.data, tokenizer, prepare.store_root(config.data, workdir), leader=True)
+    stores = None
+    if tokenizer is not None and config.data.source != "synthetic":  # synthetic: no documents
+        stores = prepare.run_stores(config.data, tokenizer,
+                                    prepare.store_root(config.data, workdir), leader=True)
     pipeline = data.make_pipeline(config.data, tokenizer, stores=stores,
                                   vocab_size=config.model.vocab_size)
     return pipeline.eval_batches(config.run.eval_batches)
