@@ -50,7 +50,7 @@ class Clock:
         self._charge()
         self._stack[0] = bucket
 
-    def record(self) -> dict[str, float | str]:
+    def record(self) -> dict[str, object]:
         """The metrics.jsonl record of the time so far (cumulative since the clock began)."""
         self._charge()
         wall = self._since - self._start
