@@ -1,12 +1,12 @@
 """The Apache Beam pipeline of `lmjax data prepare`: the shard function mapped over the shards.
 
-    Create(shards) | Reshuffle | Map(prepare one shard)
+    Create(shards) | Map(prepare one shard)
 
 Each shard's output (its ArrayRecord files, then its shard record) is written by the worker
 that prepared it, into the store directory; the pipeline returns nothing to the launcher, so
 the same pipeline runs where results never come back (Dataflow, Spark, Flink). The launcher
 reads the shard records once the pipeline has finished and commits the store (`prepare.py`).
-The Reshuffle stops a runner from fusing all shards into the one bundle that Create makes.
+Create redistributes its elements (its default reshuffle), so the shards spread over workers.
 
 Runners: the DirectRunner on this machine (`workers` > 1: that many worker processes,
 multi_processing mode; 1: in this process, in_memory mode), or any runner named in
@@ -83,5 +83,4 @@ def run(fn: Callable, shards: Sequence, options) -> None:
     """Runs `fn` over `shards` (picklable, each call writes its own outputs) and waits."""
     beam = _beam()
     with beam.Pipeline(options=options) as pipeline:
-        _ = (pipeline | "shards" >> beam.Create(list(shards)) | "spread" >> beam.Reshuffle()
-             | "prepare" >> beam.Map(fn))
+        pipeline | "shards" >> beam.Create(list(shards)) | "prepare" >> beam.Map(fn)
