@@ -196,11 +196,7 @@ def _cmd_plan(args) -> int:
     return 0 if any(c["fits"] for c in result["candidates"]) else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmjax", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train (or resume) an experiment in a workdir")
     _add_experiment_args(p)
     p.add_argument("--workdir", required=True, help="run directory (local or gs://)")
@@ -212,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "export` or `lmjax convert from-hf`), with a fresh optimizer")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_smoke(sub) -> None:
     p = sub.add_parser("smoke", help="check this machine end to end: train, resume, generate")
     _add_experiment_args(p, default="smoke")
     p.add_argument("--steps", type=int, default=20)
@@ -220,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail unless jax runs on this platform (catches a silent CPU fallback)")
     p.set_defaults(func=_cmd_smoke)
 
+
+def _add_checkpoint(sub) -> None:
     p = sub.add_parser("checkpoint", help="list or export a run's checkpoints")
     ck = p.add_subparsers(dest="checkpoint_command", required=True)
     q = ck.add_parser("list", help="steps, sizes, completeness and metadata")
@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output dir: OUT/params (orbax) and OUT/model_config.json")
     q.set_defaults(func=_cmd_checkpoint_export)
 
+
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="Hugging Face Llama (safetensors) <-> lmjax params")
     p.add_argument("direction", choices=["from-hf", "to-hf"])
     p.add_argument("src", help="HF_DIR (from-hf) or a params-only CHECKPOINT_DIR (to-hf)")
@@ -241,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="to-hf: dtype of the written tensors (default: as stored)")
     p.set_defaults(func=_cmd_convert)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="print a benchmark table: the train step (default), the "
                                      "data pipeline alone, or generation")
     p.add_argument("what", nargs="?", choices=["step", "data", "generate"], default="step")
@@ -260,12 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128, help="generate: tokens to decode")
     p.set_defaults(func=_cmd_bench)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="where a run's time went (goodput, across restarts) and "
                                       "a PNG of loss, throughput and the time buckets")
     p.add_argument("--workdir", required=True)
     p.add_argument("--png", default="", help="where to write the plot (default WORKDIR/report.png)")
     p.set_defaults(func=_cmd_report)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a checkpoint")
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
@@ -279,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="continue prompts with a checkpoint (KV cache)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
@@ -291,11 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
 
+
+def _add_compile(sub) -> None:
     p = sub.add_parser("compile", help="compile the train step for a TPU topology (libtpu) and "
                                        "report memory per chip; exit 1 if it does not fit")
     _add_target_args(p, "")
     p.set_defaults(func=_cmd_compile)
 
+
+def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="compile candidate meshes, batches and remat policies for a "
                                     "TPU slice; rank those that fit by estimated speed")
     _add_target_args(p, "; cpu: this machine's jax devices, with its measured peak and "
@@ -319,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (schema lmjax.plan/1)")
     p.set_defaults(func=_cmd_plan)
 
+
+def _add_data(sub) -> None:
     p = sub.add_parser("data", help="prepare a run's data store; look at its batches")
     dt = p.add_subparsers(dest="data_command", required=True)
     q = dt.add_parser("preview", help="per batch: step, content hash, packing efficiency, a "
@@ -348,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--region=us-central1 --temp_location=gs://b/tmp' for Dataflow")
     q.set_defaults(func=_cmd_data_prepare)
 
+
+def _add_soak(sub) -> None:
     p = sub.add_parser("soak", help="kill soak: SIGKILL training at random moments (in a save, "
                                     "in the first save, between saves), resume, compare losses "
                                     "bit for bit with an uninterrupted run; prints N/N")
@@ -358,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the random kill moments")
     p.set_defaults(func=_cmd_soak)
 
+
+def _add_tokenizer(sub) -> None:
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
     tk = p.add_subparsers(dest="tokenizer_command", required=True)
     q = tk.add_parser("train", help="train on .txt/.jsonl files (byte fallback, pad/bos/eos/unk 0-3)")
@@ -368,6 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model, PREFIX.vocab")
     q.add_argument("--text-key", default="text", help="JSON key of the text in .jsonl files")
     q.set_defaults(func=_cmd_tokenizer_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmjax", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_smoke, _add_checkpoint, _add_convert, _add_bench, _add_report,
+                _add_eval, _add_generate, _add_compile, _add_plan, _add_data, _add_soak,
+                _add_tokenizer):
+        add(sub)
     return parser
 
 
