@@ -122,7 +122,7 @@ def test_restore_onto_another_mesh(tmp_path, trained):
 
 
 def test_resume_rules_refuse_model_and_tokenizer_changes():
-    meta = {"config": checkpoint.config_lib.to_dict(TINY), "param_layout_version": 1,
+    meta = {"config": checkpoint.compat.config_lib.to_dict(TINY), "param_layout_version": 1,
             "tokenizer_fingerprint": "abc"}
     allowed = apply_overrides(TINY, ["run.steps=50", "optim.lr=1e-3", "run.log_every=3",
                                      "model.remat=full", "mesh.tensor=2"])
@@ -273,8 +273,8 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
     import errno
     trainer, states, _, _ = trained
     _save_run(tmp_path, trainer, states, [2, 4])
-    monkeypatch.setattr(checkpoint, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
-    real_restore = checkpoint.Checkpointer.restore
+    monkeypatch.setattr(checkpoint.store, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    real_restore = checkpoint.store.Checkpointer.restore
     failures = []
 
     def flaky(errors):
@@ -289,25 +289,25 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
         plan = checkpoint.plan_resume(str(tmp_path), TINY)
         return plan.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model)
 
-    monkeypatch.setattr(checkpoint.Checkpointer, "restore", flaky(2))
+    monkeypatch.setattr(checkpoint.store.Checkpointer, "restore", flaky(2))
     state, _, source = plan_load()  # two failures, then the third attempt reads step 4
     assert source.endswith("step 4") and failures == [4, 4]
     _assert_trees_equal(state, states[3])
     failures.clear()
-    monkeypatch.setattr(checkpoint.Checkpointer, "restore", flaky(100))
+    monkeypatch.setattr(checkpoint.store.Checkpointer, "restore", flaky(100))
     with pytest.raises(checkpoint.FaultError, match="kept failing after 3 retries"):
         plan_load()
     assert len(failures) == 4  # one attempt and 3 retries of step 4, then stop: 2 untried
 
     def out_of_memory(self, step, target):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
-    monkeypatch.setattr(checkpoint.Checkpointer, "restore", out_of_memory)
+    monkeypatch.setattr(checkpoint.store.Checkpointer, "restore", out_of_memory)
     with pytest.raises(checkpoint.ResumeError, match="out of memory restoring .*step 4"):
         plan_load()
 
     def bug(self, step, target):
         raise ValueError("some internal mismatch")
-    monkeypatch.setattr(checkpoint.Checkpointer, "restore", bug)
+    monkeypatch.setattr(checkpoint.store.Checkpointer, "restore", bug)
     with pytest.raises(checkpoint.FaultError, match="some internal mismatch"):
         plan_load()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
