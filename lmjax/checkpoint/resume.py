@@ -89,7 +89,6 @@ def _parse_checkpoint_path(path: str) -> tuple[str, list[int]]:
                       "number of this workdir.")
 
 
-
 def _refuse_later_steps(own: str, own_steps: list[int], directory: str,
                         steps: list[int]) -> None:
     """Restoring an older step of the workdir itself: later steps would collide with new saves."""
