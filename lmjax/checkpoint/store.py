@@ -133,6 +133,7 @@ class Checkpointer:
             preservation_policy=policies.AnyPreservationPolicy(keep))
         self._manager = ocp.CheckpointManager(directory, options=options)
         self._uncommitted: int | None = None
+        self._last_saved: int | None = None
         self._failed = False
         self._resumed_at = resumed_at
 
@@ -166,7 +167,7 @@ class Checkpointer:
         ocp = _ocp()
         items = _split(state)
         self._note_committed(wait=True)
-        self._uncommitted = step
+        self._uncommitted = self._last_saved = step
         try:
             self._manager.save(step, force=True, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(items["params"]),
@@ -234,10 +235,15 @@ class Checkpointer:
         self._note_committed(wait=False)
 
     def wait(self) -> None:
-        """Blocks until every pending save is committed."""
+        """Blocks until every pending save is committed. orbax may report an async save as
+        finished before its error surfaces, so the final wait turns a late error into the same
+        FaultError as an early one."""
         self._note_committed(wait=True)
         if not self._failed:
-            self._manager.wait_until_finished()
+            try:
+                self._manager.wait_until_finished()
+            except Exception as e:  # noqa: BLE001 - any failed write stops the run cleanly
+                raise self._save_failed(self._last_saved or 0, e) from e
 
     def close(self) -> None:
         try:
