@@ -130,6 +130,7 @@ def test_cudnn_refuses_what_its_kernel_cannot_do_and_names_the_fix():
 @pytest.mark.parametrize("heads, kv_heads, packed, dtype", [
     (4, 2, True, jnp.float32), (4, 1, False, jnp.bfloat16),
 ], ids=["gqa-packed-f32", "mqa-unpacked-bf16"])
+@pytest.mark.slow
 def test_pallas_gpu_kernel_matches_numpy_loop_with_gradients(heads, kv_heads, packed, dtype):
     """The GPU flash kernel that `auto` picks on GPUs, run by the Pallas interpreter: values
     and gradients of q, k and v against the numpy loop and XLA."""
@@ -158,6 +159,7 @@ def test_pallas_gpu_kernel_matches_numpy_loop_with_gradients(heads, kv_heads, pa
                                    atol=tol * 3, rtol=0)
 
 
+@pytest.mark.slow
 def test_block_causal_path_matches_numpy_loop_with_documents_across_blocks():
     """seq 384 = 3 query blocks of 128: the path that skips key blocks above the diagonal."""
     seq = 3 * attn_lib.XLA_BLOCK

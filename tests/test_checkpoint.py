@@ -70,6 +70,7 @@ def _assert_trees_equal(a, b):
 META = {"note": "test"}
 
 
+@pytest.mark.slow
 def test_save_keeps_newest_and_milestones_and_restores_bitwise(tmp_path, trained):
     trainer, states, metrics, _ = trained
     ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
@@ -331,6 +332,7 @@ def test_restore_from_step_and_path(tmp_path, trained):
         checkpoint.plan_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "nothing"))
 
 
+@pytest.mark.slow
 def test_export_load_params_and_init_from(tmp_path, trained):
     trainer, states, _, _ = trained
     _save_run(tmp_path / "run", trainer, states, [5, 7])

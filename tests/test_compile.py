@@ -136,6 +136,7 @@ def _batch(rows, seq, vocab):
             "loss_mask": jnp.asarray(mask)}
 
 
+@pytest.mark.slow
 def test_chunked_loss_matches_the_full_projection_and_its_gradients():
     full = dataclasses.replace(CHUNKED, logits_chunk=0)
     params = model.init(full, jax.random.PRNGKey(1))
@@ -162,6 +163,7 @@ def test_chunked_loss_matches_the_full_projection_and_its_gradients():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_chunked_loss_never_holds_the_full_logits():
     batch = _batch(4, 128, CHUNKED.vocab_size)
     params = jax.eval_shape(lambda: model.init(CHUNKED, jax.random.PRNGKey(0)))

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import signal
@@ -197,11 +198,15 @@ def _run_files(tmp_path, cfg, tok):
     return workdir, experiment
 
 
-def test_beam_in_memory_prepare_equals_inline_byte_for_byte(corpus, tok, prepared, tmp_path):
+def test_beam_in_memory_prepare_equals_inline_byte_for_byte(corpus, tok, prepared, tmp_path,
+                                                            caplog):
     root = str(tmp_path / "stores")
     options = beam_engine.pipeline_options("DirectRunner", 1, "", root)
-    directory, meta = prepare.prepare(text_cfg(corpus), tok, root, beam_options=options)
+    with caplog.at_level(logging.INFO):
+        directory, meta = prepare.prepare(text_cfg(corpus), tok, root, beam_options=options)
     same_store(directory, prepared[0])
+    # Beam's DirectRunner would first try Prism, which downloads a binary from GitHub.
+    assert "prism" not in caplog.text.lower()
 
 
 @pytest.mark.slow

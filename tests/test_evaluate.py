@@ -241,6 +241,7 @@ def test_main_scores_text_files_and_experiment_data(model_and_ref, tokenizer, tm
     assert len(loads) == 2  # bad arguments fail before loading
 
 
+@pytest.mark.slow
 def test_main_evaluates_a_saved_checkpoint(model_and_ref, tmp_path, tokenizer, capsys):
     """The default loader on a real orbax checkpoint with the run's tokenizer.model."""
     params = model_and_ref[0]

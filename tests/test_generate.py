@@ -59,6 +59,7 @@ def count_compiles():
 # ---------------------------------------------------------------- cache vs full forward
 
 
+@pytest.mark.slow
 def test_greedy_with_cache_equals_repeated_full_forward(params):
     prompt = prompts(2, 6)
     out = np.asarray(gen.generate(params, CFG, prompt, max_new_tokens=12))
@@ -82,6 +83,7 @@ def test_logits_of_each_cached_step_match_full_forward(params):
         np.testing.assert_allclose(logits, full[:, pos], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_mixed_length_batch_gives_each_prompt_its_solo_output(params):
     lengths = [2, 6, 2]
     rows = [prompts(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
@@ -117,6 +119,7 @@ def test_rows_stop_at_eos_and_are_filled_with_it(params):
 # ---------------------------------------------------------------- compiles
 
 
+@pytest.mark.slow
 def test_no_compile_per_token(params):
     prompt = prompts(2, 5, seed=3)
     with count_compiles() as short:
@@ -192,6 +195,7 @@ def test_bad_arguments_fail_before_compiling(params):
 # ---------------------------------------------------------------- sharded
 
 
+@pytest.mark.slow
 def test_sharded_generation_matches_unsharded(params):
     mesh_cfg = MeshConfig(data=1, fsdp=4, tensor=2)
     mesh, rules = sharding.make_mesh(mesh_cfg), sharding.rules_from_config(mesh_cfg)
@@ -225,6 +229,7 @@ def test_sample_text_continues_the_prompt(params, tokenizer):  # noqa: F811
     assert text == gen.sample_text(params, CFG, tokenizer, prompt, 12)
 
 
+@pytest.mark.slow
 def test_bench_prints_a_table(capsys):
     result = generate_command.bench(CFG, batch=2, prompt_len=8, new_tokens=4)
     out = capsys.readouterr().out

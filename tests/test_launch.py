@@ -463,6 +463,7 @@ sys.exit(max(p.wait() for p in procs))
 """
 
 
+@pytest.mark.slow
 def test_sbatch_script_runs_jax_slurm_detection_end_to_end(tmp_path):
     """The checked-in script under a fake srun: 2 tasks find each other via SLURM_* alone."""
     bin_dir = tmp_path / "bin"

@@ -73,6 +73,7 @@ def test_auto_picks_row_major_only_for_bfloat16_on_cpu():
     assert matmul.resolve_impl("xla", "bfloat16") == "xla"
 
 
+@pytest.mark.slow
 def test_row_major_trains_like_xla_on_a_sharded_bfloat16_mesh():
     """The flattened row-major copies meet sharded activations (data, fsdp and tensor axes):
     the step must compute the same loss and gradient norm as plain autodiff."""
@@ -99,6 +100,7 @@ def test_row_major_trains_like_xla_on_a_sharded_bfloat16_mesh():
     np.testing.assert_allclose(results["row_major"], results["xla"], rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_save_dots_keeps_row_major_projection_outputs_instead_of_recomputing_them():
     """Remat policies see the custom VJP, not a dot; its named output must still be saved."""
     import dataclasses

@@ -200,6 +200,7 @@ def test_packed_forward_matches_numpy_reference():
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_packed_row_equals_each_document_alone():
     params, _ = random_model(SCALED, seed=7)
     tokens, seg, pos, lengths = packed_batch()
@@ -249,6 +250,7 @@ def _grads(cfg, params, tokens):
     return jax.jit(jax.value_and_grad(loss_fn), static_argnums=2)(params, jnp.asarray(tokens), cfg)
 
 
+@pytest.mark.slow
 def test_remat_policies_layer_scan_and_row_major_matmuls_give_the_same_gradients():
     params, _ = random_model(CFG, seed=11)
     tokens = tokens_for(12, seq=33)
@@ -276,6 +278,7 @@ def test_scan_layers_forward_equals_python_loop():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close_to_float32():
     params, _ = random_model(CFG, seed=15)
     tokens = jnp.asarray(tokens_for(16))

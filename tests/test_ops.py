@@ -57,6 +57,7 @@ def _records(workdir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_goodput_buckets_add_up_to_wall_time_across_a_restart(crashed_and_resumed):
     workdir, walls = crashed_and_resumed
     records = _records(workdir)

@@ -175,6 +175,7 @@ def test_shard_map_logical_gives_each_device_its_block():
 # ---------------------------------------------------------------- sharded state
 
 
+@pytest.mark.slow
 def test_state_is_created_sharded_without_a_full_copy_per_device():
     config = Config(model=TINY, mesh=MeshConfig(fsdp=-1), run=RunConfig(steps=10))
     mesh = sharding.make_mesh(config.mesh)
@@ -259,6 +260,7 @@ def test_eight_device_meshes_train_like_one_device(tmp_path, references, mesh, v
     ((1, 1, 8), 8, 8, ("act_heads=",)),  # query heads whole, kv heads split
     ((2, 2, 2), 12, 3, ("kv_heads=", "act_kv_heads=")),  # groups of 4 across shards of 6
 ], ids=["aligned", "kv-replicated", "kv-indivisible", "q-replicated", "groups-straddle"])
+@pytest.mark.slow
 def test_splash_kernel_per_device_matches_reference_with_packed_documents(mesh, heads, kv_heads,
                                                                           rules):
     """The TPU kernel, run by the Pallas interpreter under shard_map: rows over data x fsdp,

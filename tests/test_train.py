@@ -33,6 +33,7 @@ def _batch(seed=0, padded=False):
     return b
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_large_batch():
     batch = _batch(padded=True)
     results = []
@@ -70,6 +71,7 @@ def _loop_collectives(hlo: str) -> list[str]:
     return [l.strip() for name in seen for l in comps.get(name, []) if re.search(ops, l)]
 
 
+@pytest.mark.slow
 def test_microbatches_stay_on_their_devices_and_sum_to_the_big_batch():
     """Gradient accumulation on 8 devices: each microbatch is spread over every batch shard
     (strided rows), so the accumulation loop moves no batch data between devices; the step
@@ -101,6 +103,7 @@ def test_microbatch_m_takes_every_nth_row():
     np.testing.assert_array_equal(train.microbatches(x, 3)[1], [[2, 3], [8, 9]])
 
 
+@pytest.mark.slow
 def test_loss_is_mean_over_unmasked_targets():
     batch = _batch(padded=True)
     tr = _trainer(_config())
@@ -116,6 +119,7 @@ def test_loss_is_mean_over_unmasked_targets():
     assert loop.fetch(m)["loss"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_a_fixed_batch():
     tr = _trainer(_config())
     state = tr.init_fn()
@@ -128,6 +132,7 @@ def test_loss_decreases_on_a_fixed_batch():
     assert int(state.step) == 30
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
     """on_nonfinite=skip: params and moments stay, `step` and the optimizer's counts both
     advance, so the next step applies (and logs) schedule(step)."""
@@ -181,6 +186,7 @@ def test_schedules():
     assert float(wsd(110)) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_weight_decay_mask_spares_norms_and_embeddings():
     params = __import__("lmjax.model").model.init(TINY, jax.random.PRNGKey(0))
     mask = optim.weight_decay_mask(params, OptimConfig())
@@ -231,6 +237,7 @@ def test_eta_after_a_resume_counts_this_process_steps(tmp_path, capsys):
     assert eta == pytest.approx(10.0, abs=0.5)  # counting from step 0 would give 0.5 s
 
 
+@pytest.mark.slow
 def test_evaluate_reports_each_source_and_their_token_weighted_whole():
     tr = _trainer(_config())
     params = tr.init_fn().params

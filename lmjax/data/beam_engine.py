@@ -69,8 +69,12 @@ def pipeline_options(runner: str, workers: int, options: str, store_root: str):
             raise ConfigError("--beam-options must not set --runner: use --beam-runner.")
     direct = ([f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
               if workers > 1 else ["--direct_running_mode=in_memory"])
+    # Beam's Python DirectRunner first tries its Prism runner, which downloads a binary from
+    # GitHub at run time (no network on many clusters, and a surprise elsewhere), then falls
+    # back to FnApiRunner: run that engine directly; it honours the direct_* options.
+    engine = "FnApiRunner" if runner == "DirectRunner" else runner
     result = beam.options.pipeline_options.PipelineOptions(
-        [f"--runner={runner}"] + (direct if runner == "DirectRunner" else []) + flags)
+        [f"--runner={engine}"] + (direct if runner == "DirectRunner" else []) + flags)
     try:
         result.get_all_options()
     except SystemExit:  # argparse rejected a value (its message is on stderr)
