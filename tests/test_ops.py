@@ -70,7 +70,9 @@ def test_goodput_buckets_add_up_to_wall_time_across_a_restart(crashed_and_resume
     buckets = [sum(final[f"goodput/{b}_s"] for b in goodput.BUCKETS) for final in (first, second)]
     # the run as a whole (both starts): freeing train()'s objects after its last record
     # takes tens of milliseconds, within 1% of a run but not of a short start
-    assert sum(buckets) == pytest.approx(sum(walls), rel=0.01), (buckets, walls)
+    # 1% of the wall time, or 0.1 s: the walls also hold the calls into and out of train()
+    # that no clock inside it can see (tens of ms on a loaded 2-core machine).
+    assert sum(buckets) == pytest.approx(sum(walls), rel=0.01, abs=0.1), (buckets, walls)
     for final, in_buckets in zip((first, second), buckets):
         assert in_buckets == pytest.approx(final["goodput/wall_s"], rel=1e-9)
         assert final["goodput/startup_s"] > 0 and final["goodput/train_s"] > 0
