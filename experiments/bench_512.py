@@ -1,15 +1,12 @@
 """The benchmark shapes compared against MaxText in the README: d_model 512, 8 layers,
 8/2 heads x 64, MLP 1408, vocab 32000, seq 512 x batch 8, AdamW.
 
-Defaults are the fastest in the README's sweep on a 2-core CPU (`lmjax bench --sweep
-model.dtype=... --sweep model.remat=... --sweep model.matmul=...`; the figures are in the README):
-bfloat16 compute with `model.matmul=auto`, which on the CPU gives every projection row-major
-backward matmuls so that all of them run at XLA:CPU's bfloat16 speed (lmjax/matmul.py; with
-plain autodiff the transposed gradient matmuls fall back to float32 and bfloat16 is slower
-than float32); `save_dots` remat, which keeps the projection outputs and recomputes only
-attention (`full`, MaxText's choice, also recomputes the projections; `none` stores every
-layer's score tensors, which costs more than recomputing them); and a fused loss over 128-token
-sequence chunks, whose logits stay cache-sized.
+Defaults suit a CPU (chosen with `lmjax bench --sweep model.dtype=... --sweep model.remat=...
+--sweep model.matmul=...`; figures in the README's Benchmarks): bfloat16 compute with
+`model.matmul=auto`, so every projection's backward matmuls take row-major operands and stay
+in bfloat16 (lmjax/matmul.py); `save_dots` remat, which keeps the projection outputs and
+recomputes only attention (`full`, MaxText's choice, also recomputes the projections); and a
+fused loss over 128-token sequence chunks, so only [batch, 128, vocab] logits exist at a time.
 """
 from lmjax.config import Config, DataConfig, ModelConfig, MeshConfig, RunConfig
 

@@ -1,4 +1,4 @@
-"""The README run: a small Llama on the packaged Shakespeare slice, a few minutes on a CPU."""
+"""The README run: a small Llama on the packaged Shakespeare slice, sized to train on a CPU."""
 from lmjax.config import (CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig,
                           RunConfig)
 

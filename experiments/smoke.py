@@ -1,4 +1,4 @@
-"""Seconds on a CPU: a tiny model on the packaged corpus, for smoke tests and CI."""
+"""A tiny model on the packaged corpus, for smoke tests and CI (the fastest experiment)."""
 from lmjax.config import (CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig,
                           RunConfig)
 

@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        parser.error("give the command after --, e.g. -- lmjax train --experiment tiny")
+        parser.error("give the command after --, e.g. -- lmjax train --experiment smoke")
     return launch_local(command, args.processes, args.devices_per_process, timeout=args.timeout)
 
 

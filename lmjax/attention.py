@@ -10,7 +10,8 @@ Implementations:
     cuDNN flash attention: bfloat16/float16 only and one document per row (cuDNN's API
     takes lengths, not segment ids), so ``auto`` never picks it.
   * ``splash``: the Pallas TPU splash-attention kernel (TPU only).
-  * ``auto``: splash on TPU, pallas_gpu on GPU, xla elsewhere.
+  * ``auto``: splash on TPU, pallas_gpu on GPU, xla elsewhere or when the sequence length
+    is not a multiple of the kernel's block.
 
 The Pallas GPU kernel module is deprecated in favour of tokamax, whose attention takes
 packed documents only as a dense [T, T] boolean mask (and depends on xprof and qwix), so the

@@ -1,7 +1,8 @@
-"""`lmjax bench`: times the real train step on a fixed synthetic batch and prints a table.
+"""Times the real train step on a fixed synthetic batch (`lmjax bench` prints the table).
 
-Several configurations (`--sweep key=v1,v2`) are compiled in one process and then timed in
-interleaved rounds, so their ratios are measured under the same machine load.
+Several configurations (a sweep) are compiled in one process and then timed in interleaved
+rounds, one step of each per round, so that their ratios are measured under the same
+machine load.
 """
 from __future__ import annotations
 
@@ -13,23 +14,10 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 from lmjax import compile_cache, metrics, sharding, train
 from lmjax.config import Config, apply_overrides, validate
-
-
-def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """One packed-looking batch of random tokens: [batch, seq] arrays, two documents per row."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab, (batch_size, seq_len + 1), dtype=np.int32)
-    half = seq_len // 2
-    segment_ids = np.where(np.arange(seq_len) < half, 1, 2).astype(np.int32)
-    positions = np.where(np.arange(seq_len) < half, np.arange(seq_len), np.arange(seq_len) - half)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "segment_ids": np.broadcast_to(segment_ids, (batch_size, seq_len)).copy(),
-            "positions": np.broadcast_to(positions.astype(np.int32), (batch_size, seq_len)).copy(),
-            "loss_mask": np.ones((batch_size, seq_len), np.float32)}
+from lmjax.data.pipeline import synthetic_batch
 
 
 @dataclasses.dataclass
@@ -51,7 +39,8 @@ def _prepare(name: str, config: Config) -> _Case:
     trainer = train.make_trainer(config, mesh)
     state = trainer.init_fn()
     batch = train.global_batch(
-        synthetic_batch(config.data.batch_size, config.data.seq_len, config.model.vocab_size),
+        synthetic_batch(0, 0, 0, range(config.data.batch_size), config.data.seq_len,
+                        config.model.vocab_size),
         trainer.batch_sharding)
     start = time.perf_counter()
     compiled = trainer.step_fn.lower(state, batch).compile()
@@ -98,40 +87,20 @@ def sweep_overrides(sweeps: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*axes)] if axes else [[]]
 
 
-def main(config: Config, sweeps: list[str], steps: int, profile_dir: str = "") -> list[dict]:
-    """Compiles every configuration of the sweep, then times them in interleaved rounds
-    (one step of each per round), so that a change of machine load hits all of them alike.
-    `profile_dir`: also writes a jax.profiler trace of the timed rounds to
-    PROFILE_DIR/plugins/profile/ (TensorBoard's profile plugin reads PROFILE_DIR)."""
-    device = jax.devices()[0]
-    m, d = config.model, config.data
-    print(f"device: {device.device_kind} x {jax.device_count()}")
-    print(f"model: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads x "
-          f"{m.head_dim}, mlp {m.d_mlp}, vocab {m.vocab_size}; batch {d.batch_size} x seq {d.seq_len}")
+def time_sweep(config: Config, sweeps: list[str], steps: int,
+               profile_dir: str = "") -> list[tuple[str, Config, dict[str, float]]]:
+    """(name, config, `_summary`) of every configuration of the sweep (`sweep_overrides`),
+    compiled first, then timed in `steps` interleaved rounds. `profile_dir`: also writes a
+    jax.profiler trace of the timed rounds to PROFILE_DIR/plugins/profile/ (TensorBoard's
+    profile plugin reads PROFILE_DIR)."""
     cases = []
     with compile_cache.enabled(config.run.compile_cache_dir):
         for overrides in sweep_overrides(sweeps):
             cfg = validate(apply_overrides(config, overrides))
-            name = " ".join(overrides) or f"dtype={m.dtype} remat={m.remat}"
+            name = " ".join(overrides) or f"dtype={cfg.model.dtype} remat={cfg.model.remat}"
             cases.append(_prepare(name, cfg))
     with jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext():
         for _ in range(steps):
             for case in cases:
                 _time_one(case)
-    for dtype in sorted({c.config.model.dtype for c in cases}):
-        peak, source = metrics.peak_flops(device, dtype)
-        print(f"MFU peak for {dtype}: {peak / 1e12:.3f} TFLOP/s ({source})")
-    width = max(44, *(len(c.name) for c in cases))
-    header = (f"{'config':<{width}} {'compile s':>9} {'step s':>8} {'best s':>7} {'cpu s':>7} "
-              f"{'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
-    print(header)
-    rows = []
-    for case in cases:
-        r = _summary(case)
-        rows.append({"config": case.name, **r})
-        print(f"{case.name:<{width}} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['best_s']:>7.3f} "
-              f"{r['cpu_s']:>7.2f} {r['tokens_per_second']:>9.0f} "
-              f"{r['tflops_per_device']:>8.3f} {r['mfu']:>6.1%}", flush=True)
-    print("step s: median wall seconds; best s: fastest step; cpu s: process CPU seconds per step "
-          "(all threads), a load-robust measure of work on a shared machine.")
-    return rows
+    return [(case.name, case.config, _summary(case)) for case in cases]

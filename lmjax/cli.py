@@ -56,64 +56,53 @@ def _add_target_args(p: argparse.ArgumentParser, more_help: str) -> None:
     p.add_argument("--num-slices", type=int, default=1, help="multi-slice: number of slices")
 
 
+# Each command module is imported when its command runs, so that `lmjax --help` and every
+# command load only what that command needs (TensorFlow, orbax, Beam and libtpu are slow).
+
+
 def _cmd_train(args) -> int:
-    from lmjax import distributed, train
-    distributed.initialize()
+    from lmjax.commands import train
     config = load_experiment(args.experiment, args.overrides)
-    result = train.train(config, args.workdir, restore_from=args.restore_from,
-                         init_from=args.init_from)
-    print(" ".join(f"{k}={v:.4g}" for k, v in result.items() if k.startswith(("loss", "eval"))))
-    if "sample" in result:
-        print(f"sample: {result['sample']}")
-    return 0
+    return train.main(config, args.workdir, args.restore_from, args.init_from)
 
 
 def _cmd_checkpoint_list(args) -> int:
-    from lmjax import checkpoint
-    rows = checkpoint.list_checkpoints(args.workdir)
-    print(checkpoint.json_summary(rows) if args.json else checkpoint.format_listing(rows))
-    return 0
+    from lmjax.commands import checkpoint
+    return checkpoint.list_steps(args.workdir, args.json)
 
 
 def _cmd_checkpoint_export(args) -> int:
-    from lmjax import checkpoint
-    print(checkpoint.export_params(args.workdir, args.step, args.params_only))
-    return 0
+    from lmjax.commands import checkpoint
+    return checkpoint.export(args.workdir, args.step, args.params_only)
 
 
 def _cmd_smoke(args) -> int:
-    from lmjax import distributed
     from lmjax.commands import smoke
-    distributed.initialize()
     config = load_experiment(args.experiment, args.overrides)
     return smoke.main(config, args.steps, args.workdir, args.expect_platform)
 
 
 def _cmd_convert(args) -> int:
-    from lmjax.convert import hf
+    from lmjax.commands import convert
     if args.direction == "from-hf":
-        hf.main_from_hf(args.src, args.out)
-    else:
-        hf.main_to_hf(args.src, args.out, dtype=args.dtype)
-    return 0
+        return convert.from_hf(args.src, args.out)
+    return convert.to_hf(args.src, args.out, dtype=args.dtype)
 
 
 def _cmd_bench(args) -> int:
+    from lmjax.commands import bench
     config = load_experiment(args.experiment, args.overrides)
     if args.what == "step":
-        from lmjax import bench
-        bench.main(config, sweeps=args.sweep, steps=args.steps, profile_dir=args.profile)
+        bench.step(config, sweeps=args.sweep, steps=args.steps, profile_dir=args.profile)
     elif args.what == "data":
-        from lmjax.data import tools
-        tools.bench(config, _data_workdir(args, config), args.seconds, args.start_step)
+        bench.data(config, _data_workdir(args, config), args.seconds, args.start_step)
     else:
-        from lmjax.commands import generate
-        generate.bench(config.model, args.batch, args.prompt_len, args.new_tokens)
+        bench.generation(config.model, args.batch, args.prompt_len, args.new_tokens)
     return 0
 
 
 def _cmd_report(args) -> int:
-    from lmjax import report
+    from lmjax.commands import report
     return report.main(args.workdir, args.png)
 
 
@@ -126,12 +115,9 @@ def _cmd_eval(args) -> int:
 
 def _cmd_generate(args) -> int:
     from lmjax.commands import generate
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        from lmjax.data.documents import read_utf8
-        prompts += [line for line in read_utf8(args.prompts_file).splitlines() if line.strip()]
-    generate.main(args.workdir, args.step, prompts, args.max_new_tokens,
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    generate.main(args.workdir, args.step, list(args.prompt), args.max_new_tokens,
+                  prompts_file=args.prompts_file, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     return 0
 
 
@@ -140,32 +126,29 @@ def _data_workdir(args, config: Config) -> str:
 
 
 def _cmd_data_preview(args) -> int:
-    from lmjax.data import tools
+    from lmjax.commands import data
     config = load_experiment(args.experiment, args.overrides)
-    tools.preview(config, _data_workdir(args, config), args.start_step, args.batches,
-                  args.process_index, args.process_count)
+    data.preview(config, _data_workdir(args, config), args.start_step, args.batches,
+                 args.process_index, args.process_count)
     return 0
 
 
 def _cmd_data_prepare(args) -> int:
-    from lmjax.data import tools
+    from lmjax.commands import data
     config = load_experiment(args.experiment, args.overrides)
-    tools.prepare(config, _data_workdir(args, config), args.beam_runner, args.workers,
-                  args.beam_options)
+    data.prepare(config, _data_workdir(args, config), args.beam_runner, args.workers,
+                 args.beam_options)
     return 0
 
 
 def _cmd_tokenizer_train(args) -> int:
-    from lmjax.data import tokenizer
-    path = tokenizer.train_tokenizer(args.input, args.vocab_size, args.model_type, args.output,
-                                     text_key=args.text_key)
-    tok = tokenizer.load_tokenizer(path)
-    print(f"{path}: vocab_size={tok.vocab_size} fingerprint={tok.fingerprint}")
-    return 0
+    from lmjax.commands import tokenizer
+    return tokenizer.train(args.input, args.vocab_size, args.model_type, args.output,
+                           text_key=args.text_key)
 
 
 def _cmd_soak(args) -> int:
-    from lmjax import soak
+    from lmjax.commands import soak
     return soak.main(args.workdir, args.trials, args.experiment, args.overrides, args.steps,
                      args.seed)
 
@@ -174,26 +157,23 @@ def _cmd_compile(args) -> int:
     # The compile targets TPU devices described by libtpu; this machine's accelerators are not
     # needed, so unless told otherwise jax stays on the CPU instead of probing for a TPU.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from lmjax import compile as compile_lib
+    from lmjax.commands import compile as compile_command
     config = load_experiment(args.experiment, args.overrides)
-    return compile_lib.main(config, args.topology, args.num_slices)
+    return compile_command.main(config, args.topology, args.num_slices)
 
 
 def _cmd_plan(args) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # as for compile: the TPU is described, not used
-    import json
-
-    from lmjax import plan
+    from lmjax.commands import plan as plan_command
+    from lmjax.plan import Request
     config = load_experiment(args.experiment, args.overrides)
     presets = None
     if args.budget_chip_hours:
         presets = {name: load_experiment(name).model for name in experiment_names()}
-    request = plan.Request(args.topology, args.num_slices, tuple(args.sweep), args.workers,
-                           args.timeout, args.xla_estimate, args.tokens, args.days,
-                           args.budget_chip_hours, args.measure)
-    result, text = plan.plan(config, request, presets)
-    print(json.dumps(result, indent=2) if args.json else text, flush=True)
-    return 0 if any(c["fits"] for c in result["candidates"]) else 1
+    request = Request(args.topology, args.num_slices, tuple(args.sweep), args.workers,
+                      args.timeout, args.xla_estimate, args.tokens, args.days,
+                      args.budget_chip_hours, args.measure)
+    return plan_command.main(config, request, presets, args.json)
 
 
 def _add_train(sub) -> None:
@@ -315,9 +295,9 @@ def _add_plan(sub) -> None:
     _add_target_args(p, "; cpu: this machine's jax devices, with its measured peak and "
                         "memory bandwidth")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                   help="replace one dimension of the candidate space (repeatable): mesh.data, "
+                   help="replace a dimension of the candidate space (repeatable): mesh.data, "
                         "mesh.tensor, mesh.dcn_data, rows_per_chip, model.remat, "
-                        "model.attention, optim.grad_accum, or any config field")
+                        "optim.grad_accum; or add any config field, e.g. model.attention")
     p.add_argument("--workers", type=int, default=2, help="compiles at once (processes)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per candidate")
     p.add_argument("--xla-estimate", action="store_true",

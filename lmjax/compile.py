@@ -13,9 +13,12 @@ import importlib.util
 import os
 import time
 
-from lmjax import roofline
-from lmjax.config import Config, ConfigError
-from lmjax.hardware import Target, parse_target
+import jax
+
+from lmjax import checkpoint, metrics, roofline, sharding, train
+from lmjax.batch import BATCH_KEYS
+from lmjax.config import Config, ConfigError, validate
+from lmjax.hardware import Target
 from lmjax.sharding import format_bytes
 
 GiB = 1024 ** 3
@@ -91,11 +94,6 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
     For a TPU target, `model.attention` and `model.matmul` "auto" resolve as they would on
     the TPU (splash, xla), not as on the CPU that compiles.
     """
-    import jax
-
-    from lmjax import checkpoint, sharding, train
-    from lmjax.config import validate
-
     if num_slices < 1:
         raise ConfigError(f"--num-slices={num_slices} must be at least 1")
     if target is not None:
@@ -111,7 +109,7 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
     # Raises a ConfigError naming the numbers when the mesh does not divide the batch.
     sharding.logical_to_spec(("act_batch", None), trainer.rules, mesh, (rows, config.data.seq_len))
     batch = {k: jax.ShapeDtypeStruct((rows, config.data.seq_len), "int32",
-                                     sharding=trainer.batch_sharding) for k in train.BATCH_KEYS}
+                                     sharding=trainer.batch_sharding) for k in BATCH_KEYS}
     hbm = target.generation.hbm_bytes if target else os.sysconf("SC_PAGE_SIZE") * os.sysconf(
         "SC_PHYS_PAGES") // len(devices)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -129,8 +127,6 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
 
 def _report(config: Config, target: Target | None, num_slices: int, mesh, hbm: int, compiled,
             seconds: float, cpu_seconds: float) -> CompileReport:
-    from lmjax import metrics
-
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -171,14 +167,3 @@ def format_report(r: CompileReport) -> str:
         "fits" if r.fits else f"DOES NOT FIT: {r.total_bytes / GiB:.2f} GiB > {hbm / GiB:.0f} GiB HBM",
     ]
     return "\n".join(lines)
-
-
-def main(config: Config, topology: str, num_slices: int = 1) -> int:
-    """Compiles, prints the report, returns the exit code (0 fits, 1 does not fit)."""
-    try:
-        report = compile_train_step(config, parse_target(topology), num_slices)
-    except DoesNotFit as e:
-        print(e, flush=True)
-        return 1
-    print(format_report(report), flush=True)
-    return 0 if report.fits else 1

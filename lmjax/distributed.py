@@ -223,7 +223,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         heartbeat = _int_setting(None, env, ENV_HEARTBEAT_TIMEOUT) or DEFAULT_HEARTBEAT_TIMEOUT_S
         kwargs = {"initialization_timeout": int(timeout_s) + _JAX_DEADLINE_GRACE_S,
                   "heartbeat_timeout_seconds": heartbeat}
-        # Cross-process collectives for CPU devices (older jax has none by default).
+        # CPU devices need gloo for cross-process collectives: set it rather than rely on
+        # jax's default.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         if r.kind == "explicit":
             kwargs.update(coordinator_address=r.coordinator_address,

@@ -132,7 +132,8 @@ def score_texts(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str],
     """Loss, perplexity and bits-per-byte of raw documents (see the module docstring).
 
     Args:
-      tokenizer: `encode(str) -> list[int]` and `bos_id`.
+      tokenizer: a `Tokenizer`; each text is a document, BOS then its tokens
+        (`encode_documents(eos=False)`).
       context_len: model inputs per window (<= model.max_seq_len).
       stride: new targets scored per window after the first (1..context_len); smaller
         strides give each token more left context and cost more windows.
@@ -144,9 +145,11 @@ def score_texts(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str],
         raise ConfigError(f"context_len={context_len} must lie in [1, model.max_seq_len="
                           f"{model_cfg.max_seq_len}].")
     sliding_windows(0, context_len, stride)  # validates stride before tokenizing
-    if tokenizer.bos_id is None or tokenizer.bos_id < 0:
-        raise ConfigError("the tokenizer has no BOS id; score_texts starts every document with it.")
-    docs = [[tokenizer.bos_id] + list(tokenizer.encode(text)) for text in texts]
+    if tokenizer.bos_id < 0:
+        raise ConfigError("the tokenizer has no BOS piece: without one the first token of each "
+                          "document goes unscored and bits-per-byte would not cover every byte; "
+                          "train one with `lmjax tokenizer train`, which has one.")
+    docs = tokenizer.encode_documents(list(texts), eos=False)
     top = max((max(d) for d in docs), default=0)
     if top >= model_cfg.vocab_size:
         raise ConfigError(f"token id {top} >= model.vocab_size={model_cfg.vocab_size}: the "

@@ -254,22 +254,17 @@ def generate(params, model_cfg: ModelConfig, prompt_tokens, *, max_new_tokens: i
                       context=context)
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The ids a prompt is fed as: the tokenizer's BOS when it has one (id >= 0), then the
-    prompt's tokens."""
-    return [tokenizer.bos_id] * (tokenizer.bos_id >= 0) + list(tokenizer.encode(prompt))
-
-
 def sample_text(params, model_cfg: ModelConfig, tokenizer, prompt: str, max_new_tokens: int,
                 **kw) -> str:
     """The prompt and its continuation, decoded together.
 
-    The prompt is encoded after the tokenizer's BOS (if any); generation stops at its EOS.
-    `kw` goes to `generate` (temperature, top_k, top_p, seed).
+    The prompt is a document that continues (`Tokenizer.encode_documents(eos=False)`: BOS
+    when the tokenizer has one, no EOS); generation stops at the tokenizer's EOS. `kw` goes to
+    `generate` (temperature, top_k, top_p, seed).
     """
-    ids = prompt_ids(tokenizer, prompt)
+    ids = tokenizer.encode_documents([prompt], eos=False)[0]
     new = np.asarray(generate(params, model_cfg, np.asarray([ids]), max_new_tokens=max_new_tokens,
                               eos_id=tokenizer.eos_id, **kw))[0].tolist()
     if tokenizer.eos_id in new:
         new = new[:new.index(tokenizer.eos_id)]
-    return tokenizer.decode(ids[int(tokenizer.bos_id >= 0):] + new)
+    return tokenizer.decode(ids + new)  # decoding drops BOS, a control piece

@@ -4,9 +4,9 @@ XLA:CPU runs a bfloat16 dot at full speed (through YNNPACK) only when it is cano
 operands row-major, contracting the left operand's last dimension with the right operand's
 first. The two matmuls that autodiff derives for a projection, `dx = dy @ w.T` and
 `dw = x.T @ dy`, contract a transposed operand, and XLA:CPU converts such a dot to float32,
-which runs at about half the speed (measured in the README's Benchmarks). A transpose alone
-does not help, since XLA folds it into the dot's layout; `transpose` forces a real row-major
-copy, which costs a few percent of the matmul.
+which is slower (figures: the README's Benchmarks). A transpose alone does not help, since
+XLA folds it into the dot's layout; `transpose` forces a real row-major copy: one pass over an
+operand, small next to the matmul it feeds.
 
 `impl` (the `model.matmul` option):
   * ``xla``: plain dots and autodiff; what GPUs and TPUs want (their dots take any layout).

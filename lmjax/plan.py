@@ -3,7 +3,8 @@
 Candidates are the product of a few dimensions (`DEFAULT_SPACE`, each replaceable with
 `--sweep KEY=V1,V2`): the ICI mesh (data x fsdp x tensor, fsdp taking the chips left), the
 split of `--num-slices` between DCN data and DCN fsdp parallelism, sequences per chip, remat
-policy, attention kernel and gradient accumulation. Those the model's shapes or the mesh cannot
+policy and gradient accumulation; `--sweep` also adds any other config field as a dimension
+(e.g. model.attention=splash,xla). Those the model's shapes or the mesh cannot
 divide are rejected before any compile, with the reason. The rest are compiled ahead of time
 for the target in worker processes (`compile.compile_train_step`, the real train step), each
 with a timeout; a candidate that fails is reported with its error, never fatal. Each compiled
@@ -21,8 +22,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lmjax import roofline
+import jax
+
+from lmjax import bench, compile as compile_lib, metrics, model, roofline, sharding
 from lmjax.config import Config, ConfigError, apply_overrides, validate
+from lmjax.hardware import parse_target
 from lmjax.sharding import format_bytes
 
 GiB = 1024 ** 3
@@ -68,7 +72,6 @@ def parse_sweeps(sweeps: Sequence[str]) -> dict[str, tuple[str, ...]]:
 def _sharding_problem(config: Config, mesh_sizes: dict[str, int], rows: int) -> str | None:
     """The first parameter dimension (or the batch of `rows`) that the mesh axes its logical
     axis maps to (under the config's rules) do not divide; None when all divide."""
-    from lmjax import model, sharding
     rules = sharding.rules_from_config(config.mesh)
     specs = model.param_specs(config.model)
     named = [(f"params/{k}", v) for k, v in specs.items() if k != "layers"]
@@ -156,9 +159,6 @@ class Outcome:
 def _compile_in_worker(conn, config: Config, topology: str | None, num_slices: int,
                        xla_estimate: bool) -> None:
     """Runs in a spawned process: compiles one candidate, sends (status, reason, report, xla)."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from lmjax import compile as compile_lib
-    from lmjax.hardware import parse_target
     try:
         target = parse_target(topology) if topology else None
         report = compile_lib.compile_train_step(config, target, num_slices)
@@ -182,7 +182,6 @@ def xla_step_seconds(config: Config, target, num_slices: int) -> float:
     microbatch: step = grad_accum x (t1 + (n_layers - 1) x (t2 - t1)). This repeats the
     optimizer update once per microbatch, a small overcount when grad_accum > 1.
     """
-    from lmjax import compile as compile_lib
     accum = config.optim.grad_accum
     times = []
     for layers in (1, 2):
@@ -200,6 +199,10 @@ def compile_all(candidates: Sequence[Candidate], topology: str | None, num_slice
                 ) -> list[Outcome]:
     """Compiles every candidate in at most `workers` spawned processes at once; a process
     still running after `timeout` seconds is killed and its candidate marked "timeout"."""
+    # The workers compile for a described target, never for this machine's accelerators. jax
+    # reads JAX_PLATFORMS when imported, which a spawned worker does before its target runs,
+    # so the setting must be in the environment the workers inherit.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     ctx = multiprocessing.get_context("spawn")
     pending, running, outcomes = list(candidates), {}, {}
     while pending or running:
@@ -415,7 +418,6 @@ def budget_proposal(chip_hours: float, peak_flops: float, mfu: float,
                     presets: dict[str, Any], vocab_size: int) -> dict:
     """The compute-optimal N and D for the budget, the preset closest in N (with the tokens
     the budget buys it) and a derived shape. presets: {name: ModelConfig}."""
-    from lmjax import model
     n, d = compute_optimal(chip_hours, peak_flops, mfu)
     sizes = {name: model.count_params(cfg) for name, cfg in presets.items()}
     nearest = min(sizes, key=lambda k: abs(math.log(sizes[k] / n))) if sizes else None
@@ -435,9 +437,6 @@ def cpu_hardware(compute_dtype: str) -> roofline.Hardware:
     """This machine as the roofline sees one of its jax CPU devices: the measured matmul peak
     and memory bandwidth (`metrics`), shared equally by the devices (they run on the same
     cores); collectives are copies at memory bandwidth; nothing overlaps."""
-    import jax
-
-    from lmjax import metrics
     n = jax.device_count()
     peak, _ = metrics.peak_flops(jax.devices()[0], compute_dtype)
     bandwidth = metrics.measured_cpu_bandwidth()
@@ -477,12 +476,10 @@ class Request:
 def plan(config: Config, req: Request, presets: dict[str, Any] | None = None,
          progress: Callable[[int, int, int], None] | None = None) -> tuple[dict, str]:
     """Enumerates, compiles and ranks: (`to_json`'s dict, the text report)."""
-    from lmjax.hardware import parse_target
     if req.workers < 1 or req.timeout <= 0 or req.num_slices < 1:
         raise ConfigError("--workers and --num-slices must be at least 1, --timeout positive")
     on_cpu = req.topology == "cpu"
     if on_cpu:
-        import jax
         chips, target_info = jax.device_count(), {"accelerator": "cpu", "topology": "cpu"}
         hw = cpu_hardware(config.model.dtype)
     else:
@@ -521,7 +518,6 @@ def plan(config: Config, req: Request, presets: dict[str, Any] | None = None,
 def measure(rows: Sequence[Row], n: int, steps: int = 5) -> list[Row]:
     """`rows` with the median step time of the first `n` fitting ones measured here (the
     real step on a synthetic batch, `bench.bench_step`)."""
-    from lmjax import bench
     out, left = [], n
     for row in rows:
         if row.fits and left > 0:

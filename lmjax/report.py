@@ -1,5 +1,5 @@
-"""`lmjax report`: a run's goodput totals across all its restarts, and a PNG of loss, eval
-loss, throughput and the goodput buckets over time, both from WORKDIR/metrics.jsonl."""
+"""A run's goodput totals across all its restarts, and a PNG of loss, eval loss, throughput
+and the goodput buckets over time, both from WORKDIR/metrics.jsonl (`lmjax report` prints them)."""
 from __future__ import annotations
 
 import json
@@ -91,10 +91,3 @@ def plot(records: list[dict], path: str) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def main(workdir: str, png: str = "") -> int:
-    records = load(workdir)
-    print(format_totals(records))
-    print(f"plot: {plot(records, png or os.path.join(workdir, 'report.png'))}")
-    return 0

@@ -132,13 +132,3 @@ def format_row(i: int, r: dict) -> str:
             f"{r['committed']}  save cut: {'yes' if r['save_cut'] else 'no '}  restored "
             f"{r['restored']:>3}  {'bitwise equal' if r['equal'] else 'DIFFERENT'}  "
             f"{'ok' if r['ok'] else 'FAILED ' + str(r.get('error', ''))}")
-
-
-def main(root: str, trials: int, experiment: str, overrides: list[str], steps: int,
-         seed: int) -> int:
-    """`lmjax soak`: prints one line per trial and `N/N trials resumed bit for bit`."""
-    rows = soak(Path(root).absolute(), trials, experiment, overrides, steps=steps, seed=seed)
-    passed = sum(r["ok"] for r in rows)
-    cut = sum(r["save_cut"] for r in rows)
-    print(f"{passed}/{len(rows)} trials resumed bit for bit ({cut} kills cut a save in flight)")
-    return 0 if passed == len(rows) else 1

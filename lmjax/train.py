@@ -1,10 +1,11 @@
-"""Train state, the jitted train step, and the training loop."""
+"""The train state, the jitted train step, and what runs it on a mesh: `make_trainer`
+compiles init and step for a (config, mesh), `global_batch` places host rows, and
+`evaluate_params` runs the evaluator on the trainer's mesh. The run around them (resume,
+data, hooks) is `lmjax.run`."""
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import os
 from typing import Any
 
 import flax.struct
@@ -14,14 +15,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lmjax import compile_cache, evaluate, goodput, hooks as hooks_lib, loop, metrics as metrics_lib
-from lmjax import model, optim, sharding
+from lmjax import evaluate, model, optim, sharding
 from lmjax.batch import BATCH_KEYS, Batch
-from lmjax.config import Config, ModelConfig, OptimConfig, profile_window
+from lmjax.config import Config, ModelConfig, OptimConfig
 from lmjax.objective import loss_terms
-
-log = logging.getLogger("lmjax")
-
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -159,6 +156,18 @@ def make_trainer(config: Config, mesh: Mesh) -> Trainer:
                    step_fn)
 
 
+@functools.lru_cache(maxsize=8)
+def _row_layout(batch_sharding: NamedSharding, n_local: int) -> tuple[int, np.ndarray]:
+    """(global rows, the global row indices this process holds) when it holds `n_local` rows;
+    the same every step, so computed once per layout."""
+    shards = sharding.batch_shard_count(batch_sharding)
+    held = len(sharding.process_rows(batch_sharding, shards))  # batch shards on this process
+    if (n_local * shards) % held:
+        raise ValueError(f"{n_local} local rows cannot be {held} of {shards} equal batch shards")
+    global_rows = n_local * shards // held
+    return global_rows, sharding.process_rows(batch_sharding, global_rows)
+
+
 def global_batch(local: dict[str, np.ndarray], batch_sharding: NamedSharding) -> Batch:
     """Assembles this process's rows into global arrays laid out by `batch_sharding`.
 
@@ -166,13 +175,7 @@ def global_batch(local: dict[str, np.ndarray], batch_sharding: NamedSharding) ->
     names for this process (the global batch size follows from their count). Each device
     gets exactly the rows of its batch shard, also when processes share rows.
     """
-    n_local = len(local["inputs"])
-    shards = sharding.batch_shard_count(batch_sharding)
-    held = len(sharding.process_rows(batch_sharding, shards))  # batch shards on this process
-    if (n_local * shards) % held:
-        raise ValueError(f"{n_local} local rows cannot be {held} of {shards} equal batch shards")
-    global_rows = n_local * shards // held
-    rows = sharding.process_rows(batch_sharding, global_rows)
+    global_rows, rows = _row_layout(batch_sharding, len(local["inputs"]))
 
     def assemble(x: np.ndarray) -> jax.Array:
         def block(index):
@@ -196,167 +199,3 @@ def evaluate_params(trainer: Trainer, params, sets: dict[str, list[dict]]) -> di
         result.update({f"eval_loss/{name}": evaluate.summarize(*s)["loss"]
                        for name, s in sums.items()})
     return result
-
-
-def _describe_devices(mesh: Mesh) -> str:
-    d = jax.devices()[0]
-    return (f"process {jax.process_index()}/{jax.process_count()}, {jax.device_count()} devices "
-            f"({d.device_kind}), mesh {dict(mesh.shape)}")
-
-
-@dataclasses.dataclass
-class _Run:
-    """What `_set_up` prepared: the compiled trainer, the restored state and the data."""
-
-    config: Config
-    trainer: Trainer
-    state: TrainState
-    source: str  # where the state came from (checkpoint.describe_resume)
-    pipeline: Any
-    tokenizer: Any
-    meta: dict  # what each checkpoint records about the run
-
-
-def _set_up(config: Config, workdir: str, restore_from: str | None,
-            init_from: str | None) -> _Run:
-    """Validates, plans the resume (before anything expensive), builds the mesh, tokenizer,
-    data pipeline and compiled trainer, and restores or initializes the state."""
-    from lmjax import checkpoint
-    from lmjax import data as data_lib
-    from lmjax.config import to_json, validate, validate_tokenizer
-    from lmjax.data import prepare
-
-    config = validate(config)
-    primary = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    resume = checkpoint.plan_resume(workdir, config, restore_from=restore_from,
-                                    init_from=init_from)
-    mesh = sharding.make_mesh(config.mesh)
-    log.info(_describe_devices(mesh))
-    rows = sharding.process_rows(
-        sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh)),
-        config.data.batch_size)
-    tokenizer = data_lib.prepare_tokenizer(config.data, workdir, leader=primary)
-    config = _with_tokenizer(config, tokenizer)
-    fingerprint = tokenizer.fingerprint if tokenizer is not None else None
-    resume.check_tokenizer(fingerprint)
-    if tokenizer is not None:
-        from lmjax import generate
-        validate_tokenizer(config, tokenizer.vocab_size,
-                           len(generate.prompt_ids(tokenizer, config.run.sample_prompt)))
-    if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(to_json(config))
-    stores = None if tokenizer is None else prepare.run_stores(
-        config.data, tokenizer, prepare.store_root(config.data, workdir), leader=primary)
-    pipeline = data_lib.make_pipeline(config.data, tokenizer, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), rows=rows, stores=stores,
-                                      vocab_size=config.model.vocab_size)
-    trainer = make_trainer(config, mesh)
-    if primary:
-        log.info("parameters:\n%s", sharding.describe_params(
-            model.param_shapes(config.model), model.param_axes(config.model), mesh, trainer.rules))
-    state, data_state, source = resume.load(trainer.init_fn, trainer.state_shardings, workdir,
-                                            config.model)
-    if data_state is not None:
-        pipeline.check_state(data_state)
-    return _Run(config, trainer, state, source, pipeline, tokenizer,
-                checkpoint.make_metadata(config, fingerprint, mesh))
-
-
-def _hooks(run: _Run, workdir: str, writer: metrics_lib.MetricsWriter, summary: dict,
-           clock: goodput.Clock, signals) -> list[loop.Hook]:
-    """The built-in hooks, in the order they see each event."""
-    from lmjax import checkpoint
-    config, trainer = run.config, run.trainer
-    total, skip = config.run.steps, config.checkpoint.on_nonfinite == "skip"
-    throughput = metrics_lib.Throughput(config.model, config.data.batch_size,
-                                        config.data.seq_len, jax.devices())
-    log.info("peak FLOP/s per device: %.3g (%s)", throughput.peak, throughput.peak_source)
-    eval_sets = run.pipeline.eval_sets(config.run.eval_batches)
-    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), config.checkpoint,
-                                   resumed_at=int(run.state.step))
-    out = [hooks_lib.NonfiniteGuard(skip),
-           hooks_lib.StepMetrics(writer, summary, throughput, config.run.log_every, total),
-           hooks_lib.Checkpoints(ckpt, checkpoint.SaveSchedule(config.checkpoint, total, signals),
-                                 run.pipeline.state, run.meta, skip, clock, summary)]
-    if config.run.eval_batches:
-        out.append(hooks_lib.Evaluation(lambda params: evaluate_params(trainer, params, eval_sets),
-                                        writer, summary, config.run.eval_every, total))
-    if config.run.sample_tokens and run.tokenizer is not None:
-        out.append(hooks_lib.EndSample(lambda params: _sample(trainer, params, run.tokenizer),
-                                       summary))
-    if config.run.profile_steps and (config.run.profile_all_processes
-                                     or jax.process_index() == 0):
-        out.append(hooks_lib.Profile(*profile_window(config.run.profile_steps),
-                                     os.path.join(workdir, "tensorboard")))
-    return out
-
-
-def train(config: Config, workdir: str, *, restore_from: str | None = None,
-          init_from: str | None = None, hooks: tuple[loop.Hook, ...] = ()) -> dict[str, float]:
-    """Trains `config` in `workdir` and returns the final metrics.
-
-    Resumes from the newest readable checkpoint in `workdir/checkpoints` when there is one;
-    otherwise `restore_from` (a checkpoint of another run, or a step of this one) or
-    `init_from` (a params-only directory) or a fresh init (rules: `checkpoint.plan_resume`).
-    Writes `config.json`, `metrics.jsonl` (appended), TensorBoard events and checkpoints.
-    SIGTERM/SIGINT save at the next step boundary and return early with "stopped_at_step".
-    `hooks`: more `loop.Hook`s, called after the built-in ones.
-    """
-    clock = goodput.Clock()
-    with compile_cache.enabled(config.run.compile_cache_dir):
-        return _train(config, workdir, restore_from, init_from, hooks, clock)
-
-
-def _train(config: Config, workdir: str, restore_from: str | None, init_from: str | None,
-           hooks: tuple[loop.Hook, ...], clock: goodput.Clock) -> dict[str, float]:
-    from lmjax import checkpoint
-    run = _set_up(config, workdir, restore_from, init_from)
-    primary = jax.process_index() == 0
-    redo_until = goodput.last_reached_step(workdir) if primary else 0
-    writer = _writer(run.config, workdir, primary, int(run.state.step))
-    step, summary = int(run.state.step), {}
-    if run.source != "fresh init":
-        writer.write(step, checkpoint.describe_resume(step, run.source))
-    batches = (global_batch(b, run.trainer.batch_sharding)
-               for b in run.pipeline.train_batches(step))
-    signals = checkpoint.StopSignals()
-    goodput_log = hooks_lib.GoodputLog(clock, writer, run.config.run.log_every, step)
-    all_hooks = [*_hooks(run, workdir, writer, summary, clock, signals), *hooks, goodput_log]
-    try:
-        with signals:
-            loop.run(run.trainer.step_fn, run.state, batches, run.config.run.steps, all_hooks,
-                     clock, redo_until=redo_until)
-    finally:
-        batches.close()  # releases the tf.data iterator now, inside the accounted time
-        writer.close(final=goodput_log.final)
-    return summary
-
-
-def _writer(config: Config, workdir: str, primary: bool,
-            start_step: int) -> metrics_lib.MetricsWriter:
-    """metrics.jsonl, TensorBoard and, with run.wandb_project, W&B (process 0 only)."""
-    outputs = ()
-    if primary and config.run.wandb_project:
-        from lmjax import wandb_log
-        outputs = (wandb_log.WandbWriter(config.run.wandb_project, workdir, config),)
-    return metrics_lib.MetricsWriter(workdir, config.run.steps, enabled=primary,
-                                     start_step=start_step, outputs=outputs)
-
-
-def _sample(trainer: Trainer, params, tokenizer) -> str:
-    """Greedy continuation of `run.sample_prompt`, computed on the training mesh."""
-    from lmjax import generate
-    run = trainer.config.run
-    with sharding.activation_sharding(trainer.mesh, trainer.rules):
-        text = generate.sample_text(params, trainer.config.model, tokenizer, run.sample_prompt,
-                                    run.sample_tokens)
-    log.info("sample: %r", text)
-    return text
-
-
-def _with_tokenizer(config: Config, tokenizer) -> Config:
-    if tokenizer is None:
-        return config
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer.path))

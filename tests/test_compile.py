@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lmjax.batch import BATCH_KEYS
+from lmjax.objective import loss_terms
 from lmjax import cli, compile as compile_lib, hardware, model, train
 from lmjax.config import ConfigError, ModelConfig
 from tests import tpu_compiler
@@ -75,7 +77,7 @@ def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
     state = jax.eval_shape(functools.partial(train.init_state, config.model,
                                              train.optim.make_optimizer(config.optim, 20), 0))
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-    batch_bytes = len(train.BATCH_KEYS) * 8 * 128 * 4
+    batch_bytes = len(BATCH_KEYS) * 8 * 128 * 4
     assert report.argument_bytes >= (state_bytes + batch_bytes) / 4
     assert report.argument_bytes < state_bytes
     assert report.alias_bytes > 0.9 * report.output_bytes  # donated state is updated in place
@@ -143,7 +145,7 @@ def test_chunked_loss_matches_the_full_projection_and_its_gradients():
     batch = _batch(3, 64, full.vocab_size)
 
     def value_and_grad(cfg):
-        return jax.jit(jax.value_and_grad(train.loss_terms, has_aux=True),
+        return jax.jit(jax.value_and_grad(loss_terms, has_aux=True),
                        static_argnums=(2, 3))(params, batch, cfg, 1e-3)
 
     (obj_full, aux_full), g_full = value_and_grad(full)
@@ -170,7 +172,7 @@ def test_chunked_loss_never_holds_the_full_logits():
     logits_bytes = 4 * 128 * CHUNKED.vocab_size * 4  # 2 MiB of float32 logits
 
     def temp_bytes(cfg):
-        grad = jax.jit(jax.grad(lambda p, b: train.loss_terms(p, b, cfg, 0.0)[0]))
+        grad = jax.jit(jax.grad(lambda p, b: loss_terms(p, b, cfg, 0.0)[0]))
         return grad.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
 
     full = temp_bytes(dataclasses.replace(CHUNKED, logits_chunk=0))

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from lmjax import model
+from lmjax.commands import convert as convert_command
 from lmjax.config import ConfigError
 from lmjax.convert import hf
 from tests import numpy_llama
@@ -187,23 +188,23 @@ def test_table_covers_every_parameter_exactly_once():
 def test_params_dir_round_trip_through_the_cli_functions(tmp_path, capsys):
     tensors = numpy_llama.random_checkpoint(LLAMA31, seed=6)
     hf_dir = write_hf_dir(tmp_path / "hf", LLAMA31, tensors)
-    hf.main_from_hf(str(hf_dir), str(tmp_path / "lmjax"))
+    convert_command.from_hf(str(hf_dir), str(tmp_path / "lmjax"))
     assert (tmp_path / "lmjax" / "params").is_dir()
     cfg, params = hf.load_params_dir(tmp_path / "lmjax")
     cfg0, params0 = hf.load(hf_dir)
     assert cfg == cfg0
     jax.tree.map(np.testing.assert_array_equal, params, params0)
     with pytest.raises(ConfigError, match="already holds"):
-        hf.main_from_hf(str(hf_dir), str(tmp_path / "lmjax"))
+        convert_command.from_hf(str(hf_dir), str(tmp_path / "lmjax"))
 
-    hf.main_to_hf(str(tmp_path / "lmjax"), str(tmp_path / "back"))
+    convert_command.to_hf(str(tmp_path / "lmjax"), str(tmp_path / "back"))
     written = read_hf_tensors(tmp_path / "back")
     assert sorted(written) == sorted(tensors)
     for name, array in tensors.items():
         np.testing.assert_array_equal(written[name], array, err_msg=name)
     assert "wrote" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="not empty"):
-        hf.main_to_hf(str(tmp_path / "lmjax"), str(tmp_path / "back"))
+        convert_command.to_hf(str(tmp_path / "lmjax"), str(tmp_path / "back"))
     with pytest.raises(ConfigError, match="not an lmjax params directory"):
         hf.load_params_dir(tmp_path / "hf")
 

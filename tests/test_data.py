@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from lmjax import cli
+from lmjax.commands import bench as bench_command
 from lmjax.config import Config, ConfigError, DataConfig
 from lmjax.data import BATCH_KEYS, DataStateError, documents, load_tokenizer, make_pipeline
-from lmjax.data import beam_engine, prepare, shuffle, store, tools, train_tokenizer
+from lmjax.data import beam_engine, prepare, shuffle, store, train_tokenizer
 from lmjax.data.prepare import prepare_tokenizer
 
 SONNETS = os.path.join(documents.PACKAGED_DIR, "sonnets.txt")
@@ -460,7 +461,7 @@ def test_preview_prepare_and_bench_commands(corpus, tok, capsys, tmp_path):
     step3 = whole.index(next(line for line in whole if line.split()[:1] == ["3"] and "%" in line))
     assert half[2].split()[0] == "3" and half[3:] == whole[step3 + 5:step3 + 9]
     assert "text" in half[3]
-    rate = tools.bench(config, str(workdir), seconds=0.2)
+    rate = bench_command.data(config, str(workdir), seconds=0.2)
     assert rate > 0 and "tokens/s" in capsys.readouterr().out
 
 

@@ -17,6 +17,7 @@ from lmjax import checkpoint, data, evaluate, model, sharding, train
 from lmjax.commands import eval as eval_command
 from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, RunConfig
 from lmjax.data.documents import PACKAGED_DIR
+from lmjax.data.tokenizer import Tokenizer
 from tests import numpy_llama
 from tests.test_model import hf_config, random_model
 
@@ -27,32 +28,21 @@ CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=
                   attention="xla")
 
 
-class SpTokenizer:
-    """lmjax's tokenizer interface over a sentencepiece model."""
-
-    def __init__(self, model_proto: bytes):
-        self.model_proto = model_proto
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
-        self.pad_id, self.vocab_size = self._sp.pad_id(), self._sp.vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
-
-    def decode(self, ids) -> str:
-        return self._sp.decode([int(i) for i in ids])
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
+def hamlet_tokenizer(bos_id: int) -> Tokenizer:
+    """A 300-piece model of a slice of Hamlet (pad 0, unk 1, eos 3; bos_id -1: none)."""
     with open(f"{CORPUS}/hamlet.txt", encoding="utf-8") as f:
         text = f.read()[:12000]
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([line for line in text.splitlines() if line.strip()]),
-        model_writer=proto, vocab_size=300, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        model_writer=proto, vocab_size=300, pad_id=0, unk_id=1, bos_id=bos_id, eos_id=3,
         normalization_rule_name="identity", minloglevel=2)
-    tok = SpTokenizer(proto.getvalue())
+    return Tokenizer(proto.getvalue())
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    tok = hamlet_tokenizer(bos_id=2)
     assert tok.vocab_size == 300 and tok.vocab_size <= CFG.vocab_size
     return tok
 

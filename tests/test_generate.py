@@ -8,9 +8,9 @@ import pytest
 
 from lmjax import generate as gen
 from lmjax import model, sharding
-from lmjax.commands import generate as generate_command
+from lmjax.commands import bench as bench_command
 from lmjax.config import MeshConfig, ModelConfig
-from tests.test_evaluate import tokenizer  # noqa: F401  (session fixture)
+from tests.test_evaluate import hamlet_tokenizer, tokenizer  # noqa: F401  (session fixture)
 from tests.test_model import random_model
 
 CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -231,7 +231,7 @@ def test_sample_text_continues_the_prompt(params, tokenizer):  # noqa: F811
 
 @pytest.mark.slow
 def test_bench_prints_a_table(capsys):
-    result = generate_command.bench(CFG, batch=2, prompt_len=8, new_tokens=4)
+    result = bench_command.generation(CFG, batch=2, prompt_len=8, new_tokens=4)
     out = capsys.readouterr().out
     for word in ("prefill", "decode", "KV cache", "tokens/s"):
         assert word in out
@@ -239,16 +239,16 @@ def test_bench_prints_a_table(capsys):
     assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
 
 
-def test_a_tokenizer_without_bos_gets_no_bos(params, tokenizer):  # noqa: F811
-    """bos_id -1 (a tokenizer trained without BOS): the prompt is fed as its own tokens."""
-    import copy
-    no_bos = copy.copy(tokenizer)
-    no_bos.bos_id = -1
+@pytest.mark.parametrize("bos_id", [2, -1])
+def test_a_prompt_is_fed_after_bos_when_the_tokenizer_has_one(params, bos_id):
+    """A prompt is a document that continues: BOS (bos_id -1: a tokenizer trained without
+    one gets none), its tokens, no EOS; the text returned is the prompt and its continuation."""
+    tok = hamlet_tokenizer(bos_id)
     prompt = "To be, or not to be"
-    assert gen.prompt_ids(no_bos, prompt) == tokenizer.encode(prompt)
-    assert gen.prompt_ids(tokenizer, prompt) == [tokenizer.bos_id] + tokenizer.encode(prompt)
-    text = gen.sample_text(params, CFG, no_bos, prompt, 6)
-    new = np.asarray(gen.generate(params, CFG, np.asarray([tokenizer.encode(prompt)]),
-                                  max_new_tokens=6, eos_id=tokenizer.eos_id))[0].tolist()
-    new = new[:new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
-    assert text == tokenizer.decode(tokenizer.encode(prompt) + new)
+    fed = [bos_id] * (bos_id >= 0) + tok.encode(prompt)
+    assert tok.encode_documents([prompt], eos=False) == [fed]
+    text = gen.sample_text(params, CFG, tok, prompt, 6)
+    new = np.asarray(gen.generate(params, CFG, np.asarray([fed]), max_new_tokens=6,
+                                  eos_id=tok.eos_id))[0].tolist()
+    new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
+    assert text == tok.decode(tok.encode(prompt) + new)

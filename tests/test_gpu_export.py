@@ -6,6 +6,7 @@ import jax
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
+from lmjax.batch import BATCH_KEYS
 from lmjax import attention, cli, sharding, train
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -24,7 +25,7 @@ def export_train_step_for_cuda(experiment: str, sets=()) -> jax.export.Exported:
                          jax.eval_shape(trainer.init_fn), trainer.state_shardings)
     shape = (config.data.batch_size, config.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, "int32", sharding=trainer.batch_sharding)
-             for k in train.BATCH_KEYS}
+             for k in BATCH_KEYS}
     with jax.sharding.use_abstract_mesh(mesh):
         # The kernel's Triton custom call is not on export's list of stable custom calls;
         # it is compiled by the XLA of the same jax on the GPU, never deserialized elsewhere.

@@ -76,3 +76,20 @@ def test_only_the_command_layer_imports_commands_and_cli(top):
     offenders = sorted(m for m, targets in graph.items() if not m.startswith(above)
                        and any(t == top or t.startswith(top + ".") for t in targets))
     assert not offenders, f"{offenders} import {top}: library modules must not depend on it"
+
+
+def test_lmjax_modules_are_imported_at_the_top_of_each_module():
+    """A function-local `lmjax` import hides an edge of the graph from a reader; only the CLI
+    imports its command modules late (so `lmjax --help` loads none of them)."""
+    late = []
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "cli.py":
+            continue
+        for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                late += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+                         for node in ast.walk(fn)
+                         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lmjax")
+                         or isinstance(node, ast.Import)
+                         and any(a.name.startswith("lmjax") for a in node.names)]
+    assert not late, f"function-local lmjax imports: {late}"

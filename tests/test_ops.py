@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lmjax import cli, goodput, report, train, wandb_log
+from lmjax import cli, goodput, report, run, wandb_log
 from lmjax.loop import Hook
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,10 +44,10 @@ def crashed_and_resumed(tmp_path_factory):
             env.setenv("WANDB_MODE", "offline")
         start = time.perf_counter()
         with pytest.raises(RuntimeError, match="injected crash"):
-            train.train(config, workdir, hooks=(_Crash(),))
+            run.train(config, workdir, hooks=(_Crash(),))
         walls.append(time.perf_counter() - start)
         start = time.perf_counter()
-        train.train(config, workdir)
+        run.train(config, workdir)
         walls.append(time.perf_counter() - start)
     return workdir, walls
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from lmjax.batch import BATCH_KEYS
 from lmjax import cli, hardware, model, sharding, train
 from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, RunConfig
 
@@ -302,7 +303,7 @@ tests/test_data.py)."""
     part = pipeline.make_pipeline(data_cfg, None, rows=[1, 2, 6], vocab_size=97)
     for got, want in zip(part.eval_batches(1) + [next(part.train_batches(3))],
                          full.eval_batches(1) + [next(full.train_batches(3))]):
-        for k in train.BATCH_KEYS:
+        for k in BATCH_KEYS:
             np.testing.assert_array_equal(got[k], want[k][[1, 2, 6]])
     with pytest.raises(ConfigError, match="ascending global row indices"):
         pipeline.make_pipeline(data_cfg, None, rows=[3, 1], vocab_size=97)
@@ -315,9 +316,9 @@ def test_process_rows_and_global_batch_on_one_process():
     np.testing.assert_array_equal(sharding.process_rows(batch_sharding, 8), np.arange(8))
     with pytest.raises(ConfigError, match="data.batch_size=6 is not divisible by the 4 batch"):
         sharding.process_rows(batch_sharding, 6)
-    local = {k: np.arange(8 * 3).reshape(8, 3) + i for i, k in enumerate(train.BATCH_KEYS)}
+    local = {k: np.arange(8 * 3).reshape(8, 3) + i for i, k in enumerate(BATCH_KEYS)}
     batch = train.global_batch(local, batch_sharding)
-    for k in train.BATCH_KEYS:
+    for k in BATCH_KEYS:
         assert batch[k].sharding == batch_sharding
         np.testing.assert_array_equal(np.asarray(batch[k]), local[k])
         for shard in batch[k].addressable_shards:  # each device holds its own rows

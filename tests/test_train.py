@@ -9,8 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from lmjax import bench, loop, optim, sharding, train
+from lmjax.objective import loss_terms
+from lmjax import loop, optim, sharding, train
 from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig
+from lmjax.data.pipeline import synthetic_batch
 
 TINY = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                    d_mlp=64, max_seq_len=32, dtype="float32", remat="none")
@@ -27,7 +29,7 @@ def _trainer(config):
 
 
 def _batch(seed=0, padded=False):
-    b = bench.synthetic_batch(8, 16, TINY.vocab_size, seed)
+    b = synthetic_batch(seed, 0, 0, range(8), 16, TINY.vocab_size)
     if padded:  # rows with different numbers of real target tokens
         b["loss_mask"][np.arange(8) % 3 == 0, 10:] = 0.0
     return b
@@ -76,7 +78,7 @@ def test_microbatches_stay_on_their_devices_and_sum_to_the_big_batch():
     """Gradient accumulation on 8 devices: each microbatch is spread over every batch shard
     (strided rows), so the accumulation loop moves no batch data between devices; the step
     equals the big batch."""
-    batch = bench.synthetic_batch(32, 16, TINY.vocab_size, 0)
+    batch = synthetic_batch(0, 0, 0, range(32), 16, TINY.vocab_size)
     batch["loss_mask"][np.arange(32) % 3 == 0, 10:] = 0.0
     results = []
     for mesh, accum in (((1, 1, 1), 1), ((2, 2, 2), 4), ((8, 1, 1), 4)):
@@ -156,7 +158,7 @@ def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
     # same moments and a count of 2, optax's own AdamW gives the same params
     state, m = tr.step_fn(state, train.global_batch(_batch(3), tr.batch_sharding))
     assert loop.fetch(m)["learning_rate"] == pytest.approx(0.5 * cfg.optim.lr)
-    grads = jax.grad(lambda p: train.loss_terms(p, train.global_batch(_batch(3), tr.batch_sharding),
+    grads = jax.grad(lambda p: loss_terms(p, train.global_batch(_batch(3), tr.batch_sharding),
                                                 TINY, 0.0)[0])(after.params)
     tokens = float(np.sum(_batch(3)["loss_mask"]))
     grads = jax.tree.map(lambda g: g / tokens, grads)

@@ -9,14 +9,16 @@ import logging
 import jax
 import numpy as np
 
-from lmjax import config as config_lib
+from lmjax import __version__, config as config_lib, model
 from lmjax.checkpoint.paths import absolute
 from lmjax.config import Config, ConfigError
 
 log = logging.getLogger("lmjax")
 
-# Model fields that change only how the forward pass is computed; every other model field
-# changes the parameters or what they mean, and a resume refuses it.
+# Model fields a resume may change: how the step is computed (dtype, remat, attention, matmul,
+# scan_layers, logits_chunk), the fresh-init scale (init_std) and the length limit
+# (max_seq_len). Every other model field changes the parameters' shapes or meaning, and a
+# resume refuses it.
 COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "remat", "attention", "matmul", "scan_layers",
                              "max_seq_len", "init_std", "logits_chunk")
 TOKENIZER_FIELDS = ("data.tokenizer_vocab_size",)
@@ -36,7 +38,6 @@ def config_fingerprint(config: Config) -> str:
 
 def make_metadata(config: Config, tokenizer_fingerprint: str | None, mesh) -> dict:
     """What a checkpoint records about the run that wrote it (JSON-able)."""
-    from lmjax import __version__, model
     return {"lmjax_version": __version__, "config_fingerprint": config_fingerprint(config),
             "config": config_lib.to_dict(config), "tokenizer_fingerprint": tokenizer_fingerprint,
             "mesh_shape": {k: int(v) for k, v in mesh.shape.items()},
@@ -58,7 +59,6 @@ def check_resumable(meta: dict, config: Config, where: str) -> dict[str, tuple]:
 
     `data.tokenizer` (a path) is not compared: the tokenizer fingerprint is, once loaded.
     """
-    from lmjax import model
     layout = meta.get("param_layout_version")
     if layout != model.PARAM_LAYOUT_VERSION:
         raise ResumeError(f"{where} has parameter layout version {layout}, this lmjax expects "

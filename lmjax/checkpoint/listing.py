@@ -10,19 +10,19 @@ from typing import Any
 
 import jax
 
-from lmjax import config as config_lib
+from lmjax import config as config_lib, model
 from lmjax.checkpoint.compat import TOKENIZER_RECORD, ResumeError
 from lmjax.checkpoint.paths import ITEMS, absolute, checkpoint_dir
 from lmjax.checkpoint.store import (Checkpointer, ReadOnly, TornCheckpoint, classify,
                                     damage_evidence, retrying, steps_in)
 from lmjax.config import Config, ConfigError
+from lmjax.convert import hf
 from lmjax.errors import FaultError
 
 log = logging.getLogger("lmjax")
 
 
 def _params_target(model_cfg) -> Any:
-    from lmjax import model
     device = jax.local_devices()[0]
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(
         s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
@@ -78,7 +78,6 @@ def export_params(workdir: str, step: int | None, out: str) -> str:
     HF export read) and `out/TOKENIZER_RECORD` from a checkpoint of `workdir`; returns a
     one-line summary."""
     from etils import epath
-    from lmjax.convert import hf
     step, meta, params = _load_params(workdir, step)
     hf.save_params_dir(config_lib.from_dict(meta["config"]).model, params, out)
     (epath.Path(absolute(out)) / TOKENIZER_RECORD).write_text(json.dumps(

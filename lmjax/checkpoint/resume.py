@@ -17,6 +17,7 @@ from lmjax.checkpoint.paths import CHECKPOINTS, UNREADABLE, absolute, checkpoint
 from lmjax.checkpoint.store import (ReadOnly, TornCheckpoint, abstract_state, classify,
                                     damage_evidence, retrying, step_dirs, steps_in)
 from lmjax.config import Config, ConfigError
+from lmjax.convert import hf
 from lmjax.errors import FaultError
 
 log = logging.getLogger("lmjax")
@@ -28,7 +29,7 @@ def plan_resume(workdir: str, config: Config, *, restore_from: str | None = None
 
     - the workdir has checkpoints: resume from the newest readable one (the flags are then
       ignored, so the same command line resumes a preempted run), unless `restore_from` is a
-      step number or a step of this workdir;
+      step number of this workdir (a path is then ignored, with a warning);
     - `restore_from`: a step number, a checkpoints directory (its newest step) or one step
       directory `.../checkpoints/STEP`;
     - `init_from`: a params-only directory (`lmjax checkpoint export`, `lmjax convert from-hf`);
@@ -201,7 +202,6 @@ class ResumePlan:
         raise _stop_error(c, error)
 
     def _with_init_params(self, state, target, model_cfg) -> tuple[Any, None, str]:
-        from lmjax.convert import hf
         saved_cfg, params = hf.load_params_dir(self.init_from)
         changes = {k: v for k, v in model_diff(saved_cfg, model_cfg).items()
                    if k[len("model."):] not in COMPUTE_ONLY_MODEL_FIELDS}

@@ -1,4 +1,4 @@
-"""Reading a saved run back: its config, params and tokenizer, and its evaluation batches."""
+"""Reading a run back: its config, params and tokenizer, and the data pipeline it reads."""
 from __future__ import annotations
 
 from lmjax import checkpoint, data
@@ -16,12 +16,24 @@ def load_run(workdir: str, step: int | None):
     return config, params, data.load_tokenizer(tokenizer_path) if tokenizer_path else None
 
 
+def run_pipeline(config: Config, tokenizer, workdir: str, process_index: int = 0,
+                 process_count: int = 1) -> data.Pipeline:
+    """The pipeline a run of `config` in `workdir` reads with `tokenizer` (None: synthetic
+    tokens); a missing store is prepared here, in this process."""
+    stores = None if tokenizer is None else prepare.run_stores(
+        config.data, tokenizer, prepare.store_root(config.data, workdir), leader=True)
+    return data.make_pipeline(config.data, tokenizer, process_index=process_index,
+                              process_count=process_count, stores=stores,
+                              vocab_size=config.model.vocab_size)
+
+
+def experiment_pipeline(config: Config, workdir: str, process_index: int = 0,
+                        process_count: int = 1) -> data.Pipeline:
+    """`run_pipeline` with the run's tokenizer, trained here first when it is missing."""
+    tokenizer = prepare.prepare_tokenizer(config.data, workdir)
+    return run_pipeline(config, tokenizer, workdir, process_index, process_count)
+
+
 def experiment_batches(config: Config, tokenizer, workdir: str) -> list[dict]:
     """The run's own evaluation batches: `config.run.eval_batches` of its eval split."""
-    stores = None
-    if tokenizer is not None and config.data.source != "synthetic":  # synthetic: no documents
-        stores = prepare.run_stores(config.data, tokenizer,
-                                    prepare.store_root(config.data, workdir), leader=True)
-    pipeline = data.make_pipeline(config.data, tokenizer, stores=stores,
-                                  vocab_size=config.model.vocab_size)
-    return pipeline.eval_batches(config.run.eval_batches)
+    return run_pipeline(config, tokenizer, workdir).eval_batches(config.run.eval_batches)

@@ -1,11 +1,11 @@
 """`lmjax smoke`: is this machine ready to train? A few real steps, checked end to end.
 
 Runs on whatever devices are present (one GPU, TPU or the CPU; the mesh is the experiment's):
-trains a few steps on the packaged corpus, checks the loss falls, resumes from a mid-run
-checkpoint in a second run and checks that it continues bit for bit, checks that `lmjax eval`
-on the last checkpoint reproduces the eval loss training logged, generates a few tokens, and
-prints a report. Each check
-that fails says what to look at; the exit status is 0 only when all pass.
+trains a few steps of the experiment (the default, `smoke`, reads the packaged corpus), checks
+the loss falls, resumes from a mid-run checkpoint in a second run and checks that it continues
+bit for bit, checks that `lmjax eval` on the last checkpoint reproduces the eval loss training
+logged, generates a few tokens, and prints a report. Each check that fails says what to look
+at; the exit status is 0 only when all pass.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Callable
 
 import jax
 
-from lmjax import checkpoint, evaluate, generate, train
+from lmjax import checkpoint, distributed, evaluate, generate, run
 from lmjax.commands import runs
 from lmjax.config import Config, apply_overrides
 
@@ -77,7 +77,7 @@ def _devices(expect_platform: str) -> Check:
 
 
 def _trains(config: Config, workdir: str) -> Check:
-    train.train(config, workdir)
+    run.train(config, workdir)
     losses = _losses(workdir)
     start, end = losses[min(losses)], losses[max(losses)]
     return Check("loss falls", end < start,
@@ -85,7 +85,7 @@ def _trains(config: Config, workdir: str) -> Check:
 
 
 def _resumes(config: Config, first: str, second: str, half: int) -> Check:
-    train.train(config, second, restore_from=os.path.join(checkpoint.checkpoint_dir(first),
+    run.train(config, second, restore_from=os.path.join(checkpoint.checkpoint_dir(first),
                                                           str(half)))
     a, b = _losses(first), _losses(second)
     after = [s for s in a if s > half]
@@ -114,7 +114,7 @@ def _generates(workdir: str) -> Check:
                  f"{text!r} ({time.perf_counter() - start:.1f} s with compile)")
 
 
-def run(config: Config, steps: int, workdir: str, expect_platform: str = "") -> list[Check]:
+def run_checks(config: Config, steps: int, workdir: str, expect_platform: str = "") -> list[Check]:
     """Runs every check in `workdir` and returns them; `expect_platform` ("gpu", "tpu")
     fails the device check when jax came up on another platform (e.g. fell back to CPU)."""
     half = max(steps // 2, 1)
@@ -151,7 +151,9 @@ def report(checks: list[Check], workdir: str) -> str:
 
 
 def main(config: Config, steps: int, workdir: str = "", expect_platform: str = "") -> int:
+    """Joins the job's processes, runs the checks, prints the report; exit 0 when all pass."""
+    distributed.initialize()
     workdir = workdir or tempfile.mkdtemp(prefix="lmjax-smoke-")
-    checks = run(config, steps, workdir, expect_platform)
+    checks = run_checks(config, steps, workdir, expect_platform)
     print(report(checks, workdir))
     return 0 if all(c.ok for c in checks) else 1

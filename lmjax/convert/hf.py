@@ -87,7 +87,8 @@ ROPE_SCALING_KEYS = (
     ("original_max_position_embeddings", "rope_original_max_len"),
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer older exports saved; recomputed here
+# A RoPE buffer some exports include; lmjax derives the frequencies from config.json.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _TORCH_DTYPES = ("float32", "bfloat16", "float16")
 _FIELD_TYPES = typing.get_type_hints(ModelConfig)
 
@@ -259,7 +260,7 @@ def save(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike, *,
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
-    _require_empty(out_dir)
+    require_empty(out_dir)
     _check_tree(cfg, params)
     params = _map_tree(np.asarray, params)  # one device-to-host copy per array
     dtype = dtype or str(params["embed"].dtype)
@@ -307,7 +308,7 @@ def save_params_dir(cfg: ModelConfig, params: Params, path: str | os.PathLike) -
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    _require_new_params_dir(path)
+    require_new_params_dir(path)
     _check_tree(cfg, params)
     path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
@@ -325,7 +326,8 @@ def load_params_dir(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
     config_file = path / "model_config.json"
     if not config_file.exists() or not (path / "params").exists():
         raise ConfigError(f"{path} is not an lmjax params directory: expected model_config.json "
-                          "and params/ (as written by `lmjax convert from-hf`)")
+                          "and params/ (as written by `lmjax convert from-hf` or `lmjax checkpoint "
+                          "export --params-only`)")
     data = json.loads(config_file.read_text())
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     if set(data) - known:
@@ -335,24 +337,6 @@ def load_params_dir(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
     with ocp.StandardCheckpointer() as ckptr:  # ShapeDtypeStruct targets restore as numpy
         params = ckptr.restore(path / "params", model.param_shapes(cfg))
     return cfg, params
-
-
-def main_from_hf(hf_dir: str, out_dir: str) -> None:
-    """`lmjax convert from-hf HF_DIR OUT_DIR`."""
-    out = Path(out_dir)
-    _require_new_params_dir(out)  # before the slow read
-    cfg, params = load(hf_dir)
-    save_params_dir(cfg, params, out)
-    print(f"wrote {model.count_params(cfg):,} parameters ({cfg.n_layers} layers, d_model "
-          f"{cfg.d_model}) to {out}/params and {out}/model_config.json")
-
-
-def main_to_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None) -> None:
-    """`lmjax convert to-hf CHECKPOINT_DIR OUT_DIR [--dtype bfloat16]`."""
-    _require_empty(Path(out_dir))
-    cfg, params = load_params_dir(ckpt_dir)
-    save(cfg, params, out_dir, dtype=dtype)
-    print(f"wrote a LlamaForCausalLM checkpoint ({model.count_params(cfg):,} parameters) to {out_dir}")
 
 
 # ---------------------------------------------------------------- helpers
@@ -378,11 +362,13 @@ def _check_tree(cfg: ModelConfig, params: Params) -> None:
         raise ConfigError(f"params do not match the model config: expected shapes {want}, got {got}")
 
 
-def _require_new_params_dir(path: Path) -> None:
+def require_new_params_dir(path: Path) -> None:
+    """A ConfigError unless `path` holds no params directory yet (checked before slow reads)."""
     if (path / "params").exists() or (path / "model_config.json").exists():
         raise ConfigError(f"{path} already holds a converted checkpoint; choose a new directory")
 
 
-def _require_empty(out_dir: Path) -> None:
+def require_empty(out_dir: Path) -> None:
+    """A ConfigError unless `out_dir` is new or empty (checked before slow reads)."""
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} is not empty; choose a new directory for the HF checkpoint")

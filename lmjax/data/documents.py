@@ -13,6 +13,7 @@ import os
 from typing import Iterator
 
 from lmjax.config import ConfigError
+from lmjax.data.tf_setup import tensorflow
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 PACKAGED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
@@ -21,8 +22,6 @@ DOCUMENT_SEPARATOR = "\f"
 
 def gfile():
     """`tf.io.gfile`, with TensorFlow kept off every accelerator (imported on first use)."""
-    from lmjax.data.tf_setup import tensorflow
-
     return tensorflow().io.gfile
 
 

@@ -33,7 +33,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from lmjax.config import ConfigError, DataConfig
-from lmjax.data import documents, store
+from lmjax.data import beam_engine, documents, mixture, store
+from lmjax.data.tf_setup import tensorflow
 from lmjax.data.tokenizer import Tokenizer, load_tokenizer, train_from_texts
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,6 @@ def _relative_names(files: list[str]) -> list[str]:
 
 def _tfds_builder(data_cfg: DataConfig):
     import tensorflow_datasets as tfds
-
-    from lmjax.data.tf_setup import tensorflow
 
     tensorflow()
     name, data_dir = data_cfg.tfds_name, data_cfg.data_dir or None
@@ -242,8 +241,6 @@ def tfds_texts(name: str, data_dir: str, split: str, feature: str) -> Iterator[b
     """The raw texts of a TFDS split (or split part), in the dataset's order."""
     import tensorflow_datasets as tfds
 
-    from lmjax.data.tf_setup import tensorflow
-
     tensorflow()
     ds = tfds.builder(name, data_dir=data_dir or None).as_dataset(split=split, shuffle_files=False)
     yield from ds.map(lambda example: example[feature]).as_numpy_iterator()
@@ -343,8 +340,6 @@ def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *,
         for shard in shards:
             fn(shard)
     else:
-        from lmjax.data import beam_engine
-
         beam_engine.run(fn, shards, beam_options)
     return directory, _commit(directory, label, identity, tokenizer, _records(directory, shards),
                               time.perf_counter() - start)
@@ -383,11 +378,12 @@ def find_store(root: str, name: str, tokenizer: Tokenizer) -> str:
 
 def run_stores(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leader: bool) -> dict[str, str]:
     """{source name: store directory} a run reads: the stores data.mixture names (prepared
-    beforehand), or the run's own source's store (prepared now if missing, `ensure_store`)."""
+    beforehand), or the run's own source's store (prepared now if missing, `ensure_store`);
+    none for the synthetic source, which reads no store."""
     if data_cfg.mixture:
-        from lmjax.data import mixture
-
         return {name: find_store(root, name, tokenizer) for name, _ in mixture.parse(data_cfg.mixture)}
+    if data_cfg.source == "synthetic":
+        return {}
     label = data_cfg.name or data_cfg.source
     return {label: ensure_store(data_cfg, tokenizer, root, leader=leader)}
 

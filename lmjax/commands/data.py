@@ -1,27 +1,15 @@
-"""`lmjax data prepare|preview` and `lmjax bench data`: make the store, look at batches, time reads."""
+"""`lmjax data prepare|preview`: make a run's data store, look at its batches."""
 from __future__ import annotations
 
 import hashlib
 import itertools
-import time
 
 import numpy as np
 
+from lmjax.commands.runs import experiment_pipeline
 from lmjax.config import Config
-from lmjax.data import beam_engine
-from lmjax.data import prepare as prepare_lib
-from lmjax.data.pipeline import Batch, Pipeline, make_pipeline
-
-
-def build(config: Config, workdir: str, process_index: int = 0, process_count: int = 1) -> Pipeline:
-    """The pipeline a training run of `config` in `workdir` uses (tokenizer and store made if
-    missing, in this process)."""
-    tokenizer = prepare_lib.prepare_tokenizer(config.data, workdir)
-    stores = None if tokenizer is None else prepare_lib.run_stores(
-        config.data, tokenizer, prepare_lib.store_root(config.data, workdir), leader=True)
-    return make_pipeline(config.data, tokenizer, process_index=process_index,
-                         process_count=process_count, stores=stores,
-                         vocab_size=config.model.vocab_size)
+from lmjax.data import beam_engine, prepare as prepare_lib
+from lmjax.data.pipeline import Batch, Pipeline
 
 
 def prepare(config: Config, workdir: str, runner: str = "DirectRunner", workers: int = 1,
@@ -67,7 +55,7 @@ def preview(config: Config, workdir: str, start_step: int = 0, batches: int = 4,
             process_index: int = 0, process_count: int = 1) -> None:
     """Prints, per batch: step, content hash and packing efficiency; then per row of this
     process: its global row, source and a document start."""
-    pipeline = build(config, workdir, process_index, process_count)
+    pipeline = experiment_pipeline(config, workdir, process_index, process_count)
     rows = config.data.batch_size // process_count
     print(f"process {process_index} of {process_count}: global rows "
           f"[{process_index * rows}, {(process_index + 1) * rows})")
@@ -78,25 +66,3 @@ def preview(config: Config, workdir: str, start_step: int = 0, batches: int = 4,
         for r, source in enumerate(pipeline.row_sources(step)):
             print(f"{'':>34}{process_index * rows + r:>4}  {source:8}  "
                   f"{document_start(batch['inputs'][r], pipeline)!r}")
-
-
-def bench(config: Config, workdir: str, seconds: float = 10.0, start_step: int = 0) -> float:
-    """Prints and returns the tokens/s the pipeline alone delivers from `start_step` (after one
-    warm-up batch), and the set-up time to that first batch."""
-    start = time.perf_counter()
-    pipeline = build(config, workdir)
-    batches = pipeline.train_batches(start_step)
-    first = next(batches)
-    ready = time.perf_counter()
-    tokens_per_batch = first["inputs"].size
-    count, begin = 0, time.perf_counter()
-    while time.perf_counter() - begin < seconds:
-        next(batches)
-        count += 1
-    elapsed = time.perf_counter() - begin
-    rate = count * tokens_per_batch / elapsed
-    d = config.data
-    print(f"source={d.source} seq_len={d.seq_len} batch_size={d.batch_size} packing={d.packing}")
-    print(f"set-up (tokenizer, store, first batch at step {start_step}): {ready - start:.2f} s")
-    print(f"{count} batches in {elapsed:.2f} s: {rate:,.0f} tokens/s")
-    return rate

@@ -1,0 +1,105 @@
+"""`lmjax bench step|data|generate`: each prints a table of one part's speed on this machine."""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax import bench, generate, metrics, model
+from lmjax.commands.runs import experiment_pipeline
+from lmjax.config import Config, ModelConfig
+
+
+def step(config: Config, sweeps: list[str], steps: int, profile_dir: str = "") -> list[dict]:
+    """The train step of every configuration of the sweep (`bench.time_sweep`), one row each:
+    compile and step seconds, tokens/s, TFLOP/s per device and MFU. Returns the rows."""
+    device = jax.devices()[0]
+    m, d = config.model, config.data
+    print(f"device: {device.device_kind} x {jax.device_count()}")
+    print(f"model: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads x "
+          f"{m.head_dim}, mlp {m.d_mlp}, vocab {m.vocab_size}; batch {d.batch_size} x seq {d.seq_len}")
+    cases = bench.time_sweep(config, sweeps, steps, profile_dir)
+    for dtype in sorted({cfg.model.dtype for _, cfg, _ in cases}):
+        peak, source = metrics.peak_flops(device, dtype)
+        print(f"MFU peak for {dtype}: {peak / 1e12:.3f} TFLOP/s ({source})")
+    width = max(44, *(len(name) for name, _, _ in cases))
+    print(f"{'config':<{width}} {'compile s':>9} {'step s':>8} {'best s':>7} {'cpu s':>7} "
+          f"{'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
+    rows = []
+    for name, _, r in cases:
+        rows.append({"config": name, **r})
+        print(f"{name:<{width}} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['best_s']:>7.3f} "
+              f"{r['cpu_s']:>7.2f} {r['tokens_per_second']:>9.0f} "
+              f"{r['tflops_per_device']:>8.3f} {r['mfu']:>6.1%}", flush=True)
+    print("step s: median wall seconds; best s: fastest step; cpu s: process CPU seconds per step "
+          "(all threads), a load-robust measure of work on a shared machine.")
+    return rows
+
+
+def data(config: Config, workdir: str, seconds: float = 10.0, start_step: int = 0) -> float:
+    """Prints and returns the tokens/s the pipeline alone delivers from `start_step` (after one
+    warm-up batch), and the set-up time to that first batch."""
+    start = time.perf_counter()
+    pipeline = experiment_pipeline(config, workdir)
+    batches = pipeline.train_batches(start_step)
+    first = next(batches)
+    ready = time.perf_counter()
+    tokens_per_batch = first["inputs"].size
+    count, begin = 0, time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        next(batches)
+        count += 1
+    elapsed = time.perf_counter() - begin
+    rate = count * tokens_per_batch / elapsed
+    d = config.data
+    print(f"source={d.source} seq_len={d.seq_len} batch_size={d.batch_size} packing={d.packing}")
+    print(f"set-up (tokenizer, store, first batch at step {start_step}): {ready - start:.2f} s")
+    print(f"{count} batches in {elapsed:.2f} s: {rate:,.0f} tokens/s")
+    return rate
+
+
+def generation(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *,
+          seed: int = 0) -> dict[str, float]:
+    """Times prefill and decoding of random prompts with random weights; prints a table.
+
+    Decode throughput counts every generated token (the loop never stops early). Both
+    phases are compiled before timing. Returns the numbers printed.
+    """
+    tokens, lengths = generate.check_prompts(
+        model_cfg, np.random.default_rng(seed).integers(0, model_cfg.vocab_size,
+                                                        (batch, prompt_len)),
+        None, new_tokens)
+    params = jax.jit(model.init, static_argnums=0)(model_cfg, jax.random.PRNGKey(seed))
+    max_len = prompt_len + new_tokens
+    sampling = generate.Sampling()
+
+    def run():
+        t0 = time.perf_counter()
+        logits, cache = jax.block_until_ready(generate.prefill_jit(
+            params, tokens, lengths, cfg=model_cfg, max_len=max_len, context=None))
+        t1 = time.perf_counter()
+        jax.block_until_ready(generate.decode_jit(
+            params, logits, cache, lengths, np.int32(seed), cfg=model_cfg, sampling=sampling,
+            eos_id=None, max_new_tokens=new_tokens, context=None))
+        return t1 - t0, time.perf_counter() - t1
+
+    run()  # compile
+    prefill_s, decode_s = run()
+    cache_bytes = (2 * model_cfg.n_layers * batch * max_len * model_cfg.n_kv_heads
+                   * model_cfg.head_dim * jnp.dtype(model_cfg.dtype).itemsize)
+    result = {"prefill_tokens_per_s": batch * prompt_len / prefill_s,
+              "decode_tokens_per_s": batch * new_tokens / decode_s,
+              "prefill_s": prefill_s, "decode_s": decode_s, "cache_bytes": cache_bytes}
+    print(f"generate benchmark on {jax.devices()[0].device_kind}: "
+          f"{model.count_params(model_cfg):,} params, {model_cfg.dtype}, batch {batch}, "
+          f"prompt {prompt_len}, new {new_tokens}")
+    print(f"{'phase':<8}{'tokens':>10}{'seconds':>10}{'tokens/s':>12}")
+    print(f"{'prefill':<8}{batch * prompt_len:>10}{prefill_s:>10.4f}"
+          f"{result['prefill_tokens_per_s']:>12.1f}")
+    print(f"{'decode':<8}{batch * new_tokens:>10}{decode_s:>10.4f}"
+          f"{result['decode_tokens_per_s']:>12.1f}")
+    print(f"KV cache: {cache_bytes:,} bytes (k and v, [layers, batch, max_len={max_len}, "
+          f"kv_heads, head_dim])")
+    return result

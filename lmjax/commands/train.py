@@ -1,0 +1,16 @@
+"""`lmjax train`: joins the job's processes, then trains (or resumes) a run in its workdir."""
+from __future__ import annotations
+
+from lmjax import distributed, run
+from lmjax.config import Config
+
+
+def main(config: Config, workdir: str, restore_from: str | None = None,
+         init_from: str | None = None) -> int:
+    """Prints the final losses (and the end-of-run sample); see `run.train` for the rest."""
+    distributed.initialize()
+    result = run.train(config, workdir, restore_from=restore_from, init_from=init_from)
+    print(" ".join(f"{k}={v:.4g}" for k, v in result.items() if k.startswith(("loss", "eval"))))
+    if "sample" in result:
+        print(f"sample: {result['sample']}")
+    return 0

@@ -1,0 +1,176 @@
+"""A training run: `train(config, workdir)` plans the resume, builds the mesh, tokenizer, data
+and compiled step (`lmjax.train`), restores or initializes the state, and drives `lmjax.loop`
+with the built-in hooks (`lmjax.hooks`)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from lmjax import checkpoint, compile_cache, data as data_lib, generate, goodput
+from lmjax import hooks as hooks_lib, loop, metrics as metrics_lib, model, sharding, wandb_log
+from lmjax.config import Config, profile_window, to_json, validate, validate_tokenizer
+from lmjax.data import prepare
+from lmjax.train import Trainer, TrainState, evaluate_params, global_batch, make_trainer
+
+log = logging.getLogger("lmjax")
+
+
+def _describe_devices(mesh: Mesh) -> str:
+    d = jax.devices()[0]
+    return (f"process {jax.process_index()}/{jax.process_count()}, {jax.device_count()} devices "
+            f"({d.device_kind}), mesh {dict(mesh.shape)}")
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What `_set_up` prepared: the compiled trainer, the restored state and the data."""
+
+    config: Config
+    trainer: Trainer
+    state: TrainState
+    source: str  # where the state came from (checkpoint.describe_resume)
+    pipeline: Any
+    tokenizer: Any
+    meta: dict  # what each checkpoint records about the run
+
+
+def _set_up(config: Config, workdir: str, restore_from: str | None,
+            init_from: str | None) -> _Setup:
+    """Validates, plans the resume (before anything expensive), builds the mesh, tokenizer,
+    data pipeline and compiled trainer, and restores or initializes the state."""
+
+    config = validate(config)
+    primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    resume = checkpoint.plan_resume(workdir, config, restore_from=restore_from,
+                                    init_from=init_from)
+    mesh = sharding.make_mesh(config.mesh)
+    log.info(_describe_devices(mesh))
+    rows = sharding.process_rows(
+        sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh)),
+        config.data.batch_size)
+    tokenizer = data_lib.prepare_tokenizer(config.data, workdir, leader=primary)
+    config = _with_tokenizer(config, tokenizer)
+    fingerprint = tokenizer.fingerprint if tokenizer is not None else None
+    resume.check_tokenizer(fingerprint)
+    if tokenizer is not None:
+        validate_tokenizer(config, tokenizer.vocab_size,
+                           len(tokenizer.encode_documents([config.run.sample_prompt], eos=False)[0]))
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(to_json(config))
+    stores = None if tokenizer is None else prepare.run_stores(
+        config.data, tokenizer, prepare.store_root(config.data, workdir), leader=primary)
+    pipeline = data_lib.make_pipeline(config.data, tokenizer, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), rows=rows, stores=stores,
+                                      vocab_size=config.model.vocab_size)
+    trainer = make_trainer(config, mesh)
+    if primary:
+        log.info("parameters:\n%s", sharding.describe_params(
+            model.param_shapes(config.model), model.param_axes(config.model), mesh, trainer.rules))
+    state, data_state, source = resume.load(trainer.init_fn, trainer.state_shardings, workdir,
+                                            config.model)
+    if data_state is not None:
+        pipeline.check_state(data_state)
+    return _Setup(config, trainer, state, source, pipeline, tokenizer,
+                checkpoint.make_metadata(config, fingerprint, mesh))
+
+
+def _hooks(setup: _Setup, workdir: str, writer: metrics_lib.MetricsWriter, summary: dict,
+           clock: goodput.Clock, signals) -> list[loop.Hook]:
+    """The built-in hooks, in the order they see each event."""
+    config, trainer = setup.config, setup.trainer
+    total, skip = config.run.steps, config.checkpoint.on_nonfinite == "skip"
+    throughput = metrics_lib.Throughput(config.model, config.data.batch_size,
+                                        config.data.seq_len, jax.devices())
+    log.info("peak FLOP/s per device: %.3g (%s)", throughput.peak, throughput.peak_source)
+    eval_sets = setup.pipeline.eval_sets(config.run.eval_batches)
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), config.checkpoint,
+                                   resumed_at=int(setup.state.step))
+    out = [hooks_lib.NonfiniteGuard(skip),
+           hooks_lib.StepMetrics(writer, summary, throughput, config.run.log_every, total),
+           hooks_lib.Checkpoints(ckpt, checkpoint.SaveSchedule(config.checkpoint, total, signals),
+                                 setup.pipeline.state, setup.meta, skip, clock, summary)]
+    if config.run.eval_batches:
+        out.append(hooks_lib.Evaluation(lambda params: evaluate_params(trainer, params, eval_sets),
+                                        writer, summary, config.run.eval_every, total))
+    if config.run.sample_tokens and setup.tokenizer is not None:
+        out.append(hooks_lib.EndSample(lambda params: _sample(trainer, params, setup.tokenizer),
+                                       summary))
+    if config.run.profile_steps and (config.run.profile_all_processes
+                                     or jax.process_index() == 0):
+        out.append(hooks_lib.Profile(*profile_window(config.run.profile_steps),
+                                     os.path.join(workdir, "tensorboard")))
+    return out
+
+
+def train(config: Config, workdir: str, *, restore_from: str | None = None,
+          init_from: str | None = None, hooks: tuple[loop.Hook, ...] = ()) -> dict[str, float]:
+    """Trains `config` in `workdir` and returns the final metrics.
+
+    Resumes from the newest readable checkpoint in `workdir/checkpoints` when there is one;
+    otherwise `restore_from` (a checkpoint of another run, or a step of this one) or
+    `init_from` (a params-only directory) or a fresh init (rules: `checkpoint.plan_resume`).
+    Writes `config.json`, `metrics.jsonl` (appended), TensorBoard events and checkpoints.
+    SIGTERM/SIGINT save at the next step boundary and return early with "stopped_at_step".
+    `hooks`: more `loop.Hook`s, called after the built-in ones except GoodputLog, which runs
+    last so that its record counts their time.
+    """
+    clock = goodput.Clock()
+    with compile_cache.enabled(config.run.compile_cache_dir):
+        return _train(config, workdir, restore_from, init_from, hooks, clock)
+
+
+def _train(config: Config, workdir: str, restore_from: str | None, init_from: str | None,
+           hooks: tuple[loop.Hook, ...], clock: goodput.Clock) -> dict[str, float]:
+    setup = _set_up(config, workdir, restore_from, init_from)
+    primary = jax.process_index() == 0
+    redo_until = goodput.last_reached_step(workdir) if primary else 0
+    writer = _writer(setup.config, workdir, primary, int(setup.state.step))
+    step, summary = int(setup.state.step), {}
+    if setup.source != "fresh init":
+        writer.write(step, checkpoint.describe_resume(step, setup.source))
+    batches = (global_batch(b, setup.trainer.batch_sharding)
+               for b in setup.pipeline.train_batches(step))
+    signals = checkpoint.StopSignals()
+    goodput_log = hooks_lib.GoodputLog(clock, writer, setup.config.run.log_every, step)
+    all_hooks = [*_hooks(setup, workdir, writer, summary, clock, signals), *hooks, goodput_log]
+    try:
+        with signals:
+            loop.run(setup.trainer.step_fn, setup.state, batches, setup.config.run.steps, all_hooks,
+                     clock, redo_until=redo_until)
+    finally:
+        batches.close()  # releases the tf.data iterator now, inside the accounted time
+        writer.close(final=goodput_log.final)
+    return summary
+
+
+def _writer(config: Config, workdir: str, primary: bool,
+            start_step: int) -> metrics_lib.MetricsWriter:
+    """metrics.jsonl, TensorBoard and, with run.wandb_project, W&B (process 0 only)."""
+    outputs = ()
+    if primary and config.run.wandb_project:
+        outputs = (wandb_log.WandbWriter(config.run.wandb_project, workdir, config),)
+    return metrics_lib.MetricsWriter(workdir, config.run.steps, enabled=primary,
+                                     start_step=start_step, outputs=outputs)
+
+
+def _sample(trainer: Trainer, params, tokenizer) -> str:
+    """Greedy continuation of `run.sample_prompt`, computed on the training mesh."""
+    run_cfg = trainer.config.run
+    with sharding.activation_sharding(trainer.mesh, trainer.rules):
+        text = generate.sample_text(params, trainer.config.model, tokenizer,
+                                    run_cfg.sample_prompt, run_cfg.sample_tokens)
+    log.info("sample: %r", text)
+    return text
+
+
+def _with_tokenizer(config: Config, tokenizer) -> Config:
+    if tokenizer is None:
+        return config
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer.path))
