@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import checkpoint, sharding, train
+from lmjax import checkpoint, optim, sharding, train
 from lmjax.config import (CheckpointConfig, Config, ConfigError, DataConfig, MeshConfig,
                           ModelConfig, RunConfig, apply_overrides)
 
@@ -256,7 +256,7 @@ def test_a_state_structure_the_config_cannot_take_is_refused_before_anything_mov
     _save_run(tmp_path, trainer, states, [2, 4])
     before = sorted(os.listdir(tmp_path / "checkpoints"))
     # an optimizer with other state (SGD momentum: one trace per parameter, no counts)
-    monkeypatch.setattr(train.optim, "make_optimizer",
+    monkeypatch.setattr(optim, "make_optimizer",
                         lambda cfg, steps: optax.sgd(0.1, momentum=0.9))
     config = apply_overrides(TINY, ["optim.b1=0.8"])
     other = _trainer(config)

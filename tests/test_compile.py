@@ -11,7 +11,7 @@ import pytest
 
 from lmjax.batch import BATCH_KEYS
 from lmjax.objective import loss_terms
-from lmjax import cli, compile as compile_lib, hardware, model, train
+from lmjax import cli, compile as compile_lib, hardware, metrics, model, optim, train
 from lmjax.config import ConfigError, ModelConfig
 from tests import tpu_compiler
 
@@ -75,7 +75,7 @@ def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
     # dimension of smoke), padded to TPU tiles: at least the exact quarter, and less than
     # one whole copy of the state.
     state = jax.eval_shape(functools.partial(train.init_state, config.model,
-                                             train.optim.make_optimizer(config.optim, 20), 0))
+                                             optim.make_optimizer(config.optim, 20), 0))
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     batch_bytes = len(BATCH_KEYS) * 8 * 128 * 4
     assert report.argument_bytes >= (state_bytes + batch_bytes) / 4
@@ -83,7 +83,7 @@ def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
     assert report.alias_bytes > 0.9 * report.output_bytes  # donated state is updated in place
     assert 0 < report.total_bytes < 64 * 1024 ** 2 and report.fits
     assert report.model_flops == pytest.approx(
-        train.metrics_lib.flops_per_token(config.model, 128) * 8 * 128 / 4)
+        metrics.flops_per_token(config.model, 128) * 8 * 128 / 4)
     assert report.compile_seconds > 0
 
 
