@@ -1,22 +1,25 @@
-"""Times the real train step on a fixed synthetic batch (`lmjax bench` prints the table).
+"""Times the parts of a run on this machine; `lmjax bench` prints the tables.
 
-Several configurations (a sweep) are compiled in one process and then timed in interleaved
-rounds, one step of each per round, so that their ratios are measured under the same
-machine load.
+The train step on a fixed synthetic batch: several configurations (a sweep) are compiled in
+one process and then timed in interleaved rounds, one step of each per round, so that their
+ratios are measured under the same machine load. The data pipeline alone. Generation:
+prefill and decode with random weights.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
 
-from lmjax import compile_cache, metrics, sharding, train
-from lmjax.config import Config, apply_overrides, validate
+from lmjax import compile_cache, generate, metrics, model, sharding, train
+from lmjax.config import Config, ModelConfig, apply_overrides, validate
 from lmjax.data.pipeline import synthetic_batch
 
 
@@ -104,3 +107,54 @@ def time_sweep(config: Config, sweeps: list[str], steps: int,
             for case in cases:
                 _time_one(case)
     return [(case.name, case.config, _summary(case)) for case in cases]
+
+
+def time_pipeline(make: Callable[[], Any], start_step: int = 0,
+                  seconds: float = 10.0) -> dict[str, float]:
+    """Reads training batches from `make()` (a data.Pipeline) for `seconds` after one warm-up
+    batch at `start_step`: setup_s (make and the first batch), batches, seconds,
+    tokens_per_second."""
+    start = time.perf_counter()
+    batches = make().train_batches(start_step)
+    tokens_per_batch = next(batches)["inputs"].size
+    begin = time.perf_counter()
+    count = 0
+    while time.perf_counter() - begin < seconds:
+        next(batches)
+        count += 1
+    elapsed = time.perf_counter() - begin
+    batches.close()
+    return {"setup_s": begin - start, "batches": count, "seconds": elapsed,
+            "tokens_per_second": count * tokens_per_batch / elapsed}
+
+
+def time_generation(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *,
+                    seed: int = 0) -> dict[str, float]:
+    """Prefill and decode of random prompts with random weights, each compiled before it is
+    timed: seconds and tokens/s of each phase (decode counts every token: nothing stops
+    early), and the KV cache's bytes."""
+    tokens, lengths = generate.check_prompts(
+        model_cfg, np.random.default_rng(seed).integers(0, model_cfg.vocab_size,
+                                                        (batch, prompt_len)),
+        None, new_tokens)
+    params = jax.jit(model.init, static_argnums=0)(model_cfg, jax.random.PRNGKey(seed))
+    max_len = prompt_len + new_tokens
+    sampling = generate.Sampling()
+
+    def run():
+        t0 = time.perf_counter()
+        logits, cache = jax.block_until_ready(generate.prefill_jit(
+            params, tokens, lengths, cfg=model_cfg, max_len=max_len, context=None))
+        t1 = time.perf_counter()
+        jax.block_until_ready(generate.decode_jit(
+            params, logits, cache, lengths, np.int32(seed), cfg=model_cfg, sampling=sampling,
+            eos_id=None, max_new_tokens=new_tokens, context=None))
+        return t1 - t0, time.perf_counter() - t1
+
+    run()  # compile
+    prefill_s, decode_s = run()
+    cache = jax.eval_shape(functools.partial(generate.init_cache, model_cfg, batch, max_len))
+    return {"prefill_tokens_per_s": batch * prompt_len / prefill_s,
+            "decode_tokens_per_s": batch * new_tokens / decode_s,
+            "prefill_s": prefill_s, "decode_s": decode_s,
+            "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))}

@@ -23,6 +23,7 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -254,17 +255,28 @@ def generate(params, model_cfg: ModelConfig, prompt_tokens, *, max_new_tokens: i
                       context=context)
 
 
+def complete(params, model_cfg: ModelConfig, tokenizer, prompts: Sequence[str],
+             max_new_tokens: int, **kw) -> list[str]:
+    """Each prompt and its continuation, decoded together; all prompts in one batch.
+
+    A prompt is a document that continues (`Tokenizer.encode_documents(eos=False)`: BOS when
+    the tokenizer has one, no EOS). Prompts are right-padded and given their true lengths, so
+    with greedy decoding each gets the continuation it would get alone (sampled rows also
+    depend on their row index). A row stops at the tokenizer's EOS. `kw` goes to `generate`
+    (temperature, top_k, top_p, seed).
+    """
+    ids = tokenizer.encode_documents(list(prompts), eos=False)
+    padded = np.full((len(ids), max(map(len, ids))), tokenizer.pad_id, np.int32)
+    for row, seq in zip(padded, ids):
+        row[:len(seq)] = seq
+    new = np.asarray(generate(params, model_cfg, padded, max_new_tokens=max_new_tokens,
+                              eos_id=tokenizer.eos_id, prompt_lengths=[len(s) for s in ids],
+                              **kw)).tolist()
+    cut = [row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row for row in new]
+    return [tokenizer.decode(p + n) for p, n in zip(ids, cut)]  # decoding drops BOS (control)
+
+
 def sample_text(params, model_cfg: ModelConfig, tokenizer, prompt: str, max_new_tokens: int,
                 **kw) -> str:
-    """The prompt and its continuation, decoded together.
-
-    The prompt is a document that continues (`Tokenizer.encode_documents(eos=False)`: BOS
-    when the tokenizer has one, no EOS); generation stops at the tokenizer's EOS. `kw` goes to
-    `generate` (temperature, top_k, top_p, seed).
-    """
-    ids = tokenizer.encode_documents([prompt], eos=False)[0]
-    new = np.asarray(generate(params, model_cfg, np.asarray([ids]), max_new_tokens=max_new_tokens,
-                              eos_id=tokenizer.eos_id, **kw))[0].tolist()
-    if tokenizer.eos_id in new:
-        new = new[:new.index(tokenizer.eos_id)]
-    return tokenizer.decode(ids + new)  # decoding drops BOS, a control piece
+    """`complete` of one prompt."""
+    return complete(params, model_cfg, tokenizer, [prompt], max_new_tokens, **kw)[0]

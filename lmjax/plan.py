@@ -12,6 +12,7 @@ candidate gets its memory per chip from the compiler and a step time from `roofl
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -193,16 +194,30 @@ def xla_step_seconds(config: Config, target, num_slices: int) -> float:
     return accum * (times[0] + (config.model.n_layers - 1) * (times[1] - times[0]))
 
 
+@contextlib.contextmanager
+def _cpu_only_environment():
+    """JAX_PLATFORMS=cpu (unless set) in the environment a process started inside inherits;
+    the caller's own environment is restored after.
+
+    The workers compile for a described target, never for this machine's accelerators. jax
+    reads JAX_PLATFORMS when it is imported, which a spawned worker does before its target
+    runs, so the setting must be in the environment it starts with."""
+    if "JAX_PLATFORMS" in os.environ:
+        yield
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    try:
+        yield
+    finally:
+        del os.environ["JAX_PLATFORMS"]
+
+
 def compile_all(candidates: Sequence[Candidate], topology: str | None, num_slices: int, *,
                 workers: int, timeout: float, xla_estimate: bool = False,
                 progress: Callable[[int, int, int], None] = lambda done, total, failed: None,
                 ) -> list[Outcome]:
     """Compiles every candidate in at most `workers` spawned processes at once; a process
     still running after `timeout` seconds is killed and its candidate marked "timeout"."""
-    # The workers compile for a described target, never for this machine's accelerators. jax
-    # reads JAX_PLATFORMS when imported, which a spawned worker does before its target runs,
-    # so the setting must be in the environment the workers inherit.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     ctx = multiprocessing.get_context("spawn")
     pending, running, outcomes = list(candidates), {}, {}
     while pending or running:
@@ -211,7 +226,8 @@ def compile_all(candidates: Sequence[Candidate], topology: str | None, num_slice
             parent, child = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_compile_in_worker, daemon=True,
                                args=(child, cand.config, topology, num_slices, xla_estimate))
-            proc.start()
+            with _cpu_only_environment():
+                proc.start()
             child.close()
             running[cand] = (proc, parent, time.monotonic())
         for cand, (proc, conn, started) in list(running.items()):

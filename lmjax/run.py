@@ -11,7 +11,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from lmjax import checkpoint, compile_cache, data as data_lib, generate, goodput
+from lmjax import checkpoint, compile_cache, generate, goodput
 from lmjax import hooks as hooks_lib, loop, metrics as metrics_lib, model, sharding, wandb_log
 from lmjax.config import Config, profile_window, to_json, validate, validate_tokenizer
 from lmjax.data import prepare
@@ -43,7 +43,6 @@ def _set_up(config: Config, workdir: str, restore_from: str | None,
             init_from: str | None) -> _Setup:
     """Validates, plans the resume (before anything expensive), builds the mesh, tokenizer,
     data pipeline and compiled trainer, and restores or initializes the state."""
-
     config = validate(config)
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -54,7 +53,7 @@ def _set_up(config: Config, workdir: str, restore_from: str | None,
     rows = sharding.process_rows(
         sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh)),
         config.data.batch_size)
-    tokenizer = data_lib.prepare_tokenizer(config.data, workdir, leader=primary)
+    tokenizer = prepare.prepare_tokenizer(config.data, workdir, leader=primary)
     config = _with_tokenizer(config, tokenizer)
     fingerprint = tokenizer.fingerprint if tokenizer is not None else None
     resume.check_tokenizer(fingerprint)
@@ -64,11 +63,9 @@ def _set_up(config: Config, workdir: str, restore_from: str | None,
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(to_json(config))
-    stores = None if tokenizer is None else prepare.run_stores(
-        config.data, tokenizer, prepare.store_root(config.data, workdir), leader=primary)
-    pipeline = data_lib.make_pipeline(config.data, tokenizer, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), rows=rows, stores=stores,
-                                      vocab_size=config.model.vocab_size)
+    pipeline = prepare.run_pipeline(config, tokenizer, workdir, leader=primary,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count(), rows=rows)
     trainer = make_trainer(config, mesh)
     if primary:
         log.info("parameters:\n%s", sharding.describe_params(
@@ -78,7 +75,7 @@ def _set_up(config: Config, workdir: str, restore_from: str | None,
     if data_state is not None:
         pipeline.check_state(data_state)
     return _Setup(config, trainer, state, source, pipeline, tokenizer,
-                checkpoint.make_metadata(config, fingerprint, mesh))
+                  checkpoint.make_metadata(config, fingerprint, mesh))
 
 
 def _hooks(setup: _Setup, workdir: str, writer: metrics_lib.MetricsWriter, summary: dict,

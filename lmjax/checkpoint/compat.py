@@ -8,6 +8,7 @@ import logging
 
 import jax
 import numpy as np
+from etils import epath
 
 from lmjax import __version__, config as config_lib, model
 from lmjax.checkpoint.paths import absolute
@@ -140,7 +141,6 @@ TOKENIZER_RECORD = "lmjax_tokenizer.json"
 def check_init_tokenizer(init_from: str, fingerprint: str | None) -> None:
     """Refuses `--init-from` params trained with another tokenizer than `fingerprint`; params
     without a record (an HF import) are only warned about."""
-    from etils import epath
     record = epath.Path(absolute(init_from)) / TOKENIZER_RECORD
     if not record.exists():
         log.warning("--init-from %s records no tokenizer (an HF import?): make sure "

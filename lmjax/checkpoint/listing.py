@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import jax
+from etils import epath
 
 from lmjax import config as config_lib, model
 from lmjax.checkpoint.compat import TOKENIZER_RECORD, ResumeError
@@ -77,7 +78,6 @@ def export_params(workdir: str, step: int | None, out: str) -> str:
     """Writes `out/params` + `out/model_config.json` (what `--init-from`, eval, generation and
     HF export read) and `out/TOKENIZER_RECORD` from a checkpoint of `workdir`; returns a
     one-line summary."""
-    from etils import epath
     step, meta, params = _load_params(workdir, step)
     hf.save_params_dir(config_lib.from_dict(meta["config"]).model, params, out)
     (epath.Path(absolute(out)) / TOKENIZER_RECORD).write_text(json.dumps(
@@ -94,7 +94,6 @@ def _dir_size(path) -> int:
 
 def list_checkpoints(workdir: str) -> list[dict]:
     """One row per step directory (committed or not): step, bytes, complete, metadata."""
-    from etils import epath
     root = epath.Path(checkpoint_dir(workdir))
     if not root.exists():
         return []

@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 
 from lmjax.checkpoint.compat import (COMPUTE_ONLY_MODEL_FIELDS, ResumeError, StructureMismatch,
                                      check_init_tokenizer, check_resumable, check_tokenizer,
@@ -77,7 +79,6 @@ def _source(own: str, own_steps: list[int], restore_from: str | None) -> tuple[s
 
 def _parse_checkpoint_path(path: str) -> tuple[str, list[int]]:
     """(checkpoints directory, steps to try) for a `--restore-from` path."""
-    from etils import epath
     p = epath.Path(absolute(path))
     if (p / "meta").exists() and p.name.isdigit():
         return str(p.parent), [int(p.name)]
@@ -244,7 +245,6 @@ def _worst(outcome: str) -> str:
     """The worst of every process's `outcome` (OUTCOMES order)."""
     if jax.process_count() == 1:
         return outcome
-    from jax.experimental import multihost_utils
     codes = multihost_utils.process_allgather(np.array(OUTCOMES.index(outcome), np.int32))
     return OUTCOMES[int(np.max(codes))]
 

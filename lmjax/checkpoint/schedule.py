@@ -12,6 +12,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmjax.config import CheckpointConfig
 
@@ -78,7 +80,6 @@ class SaveSchedule:
 
     def __call__(self, step: int) -> tuple[bool, bool]:
         """(save, stop) after `step` updates."""
-        from jax.experimental import multihost_utils
         try:
             preempted = multihost_utils.reached_preemption_sync_point(step)
         except RuntimeError:  # the preemption service is off
@@ -98,7 +99,6 @@ class SaveSchedule:
 
 def _make_flag_reduce() -> Callable[[np.ndarray], jax.Array]:
     """flags: int32 [k] per process -> a (not yet fetched) global element-wise max [k]."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     mesh = Mesh(np.asarray(jax.devices()), ("all",))
     rows = NamedSharding(mesh, P("all"))
     reduce = jax.jit(lambda x: jnp.max(x, axis=0), out_shardings=NamedSharding(mesh, P()))

@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from lmjax.checkpoint.compat import in_saved_layout, positions
 from lmjax.checkpoint.paths import ITEMS, UNREADABLE
@@ -91,7 +93,6 @@ def retrying(what: str, fn: Callable[[], Any]) -> Any:
 def damage_evidence(step_dir: str) -> str | None:
     """What is missing or unparsable in a committed step directory (None: looks whole).
     Array files are checked by reading them (`classify` of the restore's error)."""
-    from etils import epath
     root = epath.Path(step_dir)
     missing = [i for i in ITEMS if not (root / i).is_dir()]
     if missing:
@@ -259,7 +260,6 @@ class Checkpointer:
 
     def saved_tree(self, step: int, item: str):
         """The structure of a saved array item, leaves being orbax ArrayMetadata."""
-        from etils import epath
         handler = _ocp().StandardCheckpointHandler()
         return handler.metadata(epath.Path(self.directory) / str(step) / item).tree
 
@@ -303,13 +303,11 @@ def abstract_state(init_fn: Callable, shardings) -> Any:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
 def step_dirs(directory: str) -> list[tuple[Any, int]]:
     """(path, step) of every step directory, committed or not (`STEP`, `STEP.orbax-...-tmp-N`)."""
-    from etils import epath
     root = epath.Path(directory)
     if not root.exists():
         return []
@@ -345,7 +343,6 @@ class ReadOnly:
 
 
 def steps_in(directory: str) -> list[int]:
-    from etils import epath
     if not epath.Path(directory).exists():
         return []
     with ReadOnly(directory) as ckpt:

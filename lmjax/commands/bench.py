@@ -1,13 +1,9 @@
 """`lmjax bench step|data|generate`: each prints a table of one part's speed on this machine."""
 from __future__ import annotations
 
-import time
-
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from lmjax import bench, generate, metrics, model
+from lmjax import bench, metrics, model
 from lmjax.commands.runs import experiment_pipeline
 from lmjax.config import Config, ModelConfig
 
@@ -39,67 +35,27 @@ def step(config: Config, sweeps: list[str], steps: int, profile_dir: str = "") -
 
 
 def data(config: Config, workdir: str, seconds: float = 10.0, start_step: int = 0) -> float:
-    """Prints and returns the tokens/s the pipeline alone delivers from `start_step` (after one
-    warm-up batch), and the set-up time to that first batch."""
-    start = time.perf_counter()
-    pipeline = experiment_pipeline(config, workdir)
-    batches = pipeline.train_batches(start_step)
-    first = next(batches)
-    ready = time.perf_counter()
-    tokens_per_batch = first["inputs"].size
-    count, begin = 0, time.perf_counter()
-    while time.perf_counter() - begin < seconds:
-        next(batches)
-        count += 1
-    elapsed = time.perf_counter() - begin
-    rate = count * tokens_per_batch / elapsed
+    """Prints and returns the tokens/s the pipeline alone delivers (`bench.time_pipeline`)."""
+    r = bench.time_pipeline(lambda: experiment_pipeline(config, workdir), start_step, seconds)
     d = config.data
     print(f"source={d.source} seq_len={d.seq_len} batch_size={d.batch_size} packing={d.packing}")
-    print(f"set-up (tokenizer, store, first batch at step {start_step}): {ready - start:.2f} s")
-    print(f"{count} batches in {elapsed:.2f} s: {rate:,.0f} tokens/s")
-    return rate
+    print(f"set-up (tokenizer, store, first batch at step {start_step}): {r['setup_s']:.2f} s")
+    print(f"{r['batches']} batches in {r['seconds']:.2f} s: {r['tokens_per_second']:,.0f} tokens/s")
+    return r["tokens_per_second"]
 
 
 def generation(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *,
-          seed: int = 0) -> dict[str, float]:
-    """Times prefill and decoding of random prompts with random weights; prints a table.
-
-    Decode throughput counts every generated token (the loop never stops early). Both
-    phases are compiled before timing. Returns the numbers printed.
-    """
-    tokens, lengths = generate.check_prompts(
-        model_cfg, np.random.default_rng(seed).integers(0, model_cfg.vocab_size,
-                                                        (batch, prompt_len)),
-        None, new_tokens)
-    params = jax.jit(model.init, static_argnums=0)(model_cfg, jax.random.PRNGKey(seed))
-    max_len = prompt_len + new_tokens
-    sampling = generate.Sampling()
-
-    def run():
-        t0 = time.perf_counter()
-        logits, cache = jax.block_until_ready(generate.prefill_jit(
-            params, tokens, lengths, cfg=model_cfg, max_len=max_len, context=None))
-        t1 = time.perf_counter()
-        jax.block_until_ready(generate.decode_jit(
-            params, logits, cache, lengths, np.int32(seed), cfg=model_cfg, sampling=sampling,
-            eos_id=None, max_new_tokens=new_tokens, context=None))
-        return t1 - t0, time.perf_counter() - t1
-
-    run()  # compile
-    prefill_s, decode_s = run()
-    cache_bytes = (2 * model_cfg.n_layers * batch * max_len * model_cfg.n_kv_heads
-                   * model_cfg.head_dim * jnp.dtype(model_cfg.dtype).itemsize)
-    result = {"prefill_tokens_per_s": batch * prompt_len / prefill_s,
-              "decode_tokens_per_s": batch * new_tokens / decode_s,
-              "prefill_s": prefill_s, "decode_s": decode_s, "cache_bytes": cache_bytes}
+               seed: int = 0) -> dict[str, float]:
+    """Prints a table of prefill and decode speed (`bench.time_generation`); returns it."""
+    r = bench.time_generation(model_cfg, batch, prompt_len, new_tokens, seed=seed)
     print(f"generate benchmark on {jax.devices()[0].device_kind}: "
           f"{model.count_params(model_cfg):,} params, {model_cfg.dtype}, batch {batch}, "
           f"prompt {prompt_len}, new {new_tokens}")
     print(f"{'phase':<8}{'tokens':>10}{'seconds':>10}{'tokens/s':>12}")
-    print(f"{'prefill':<8}{batch * prompt_len:>10}{prefill_s:>10.4f}"
-          f"{result['prefill_tokens_per_s']:>12.1f}")
-    print(f"{'decode':<8}{batch * new_tokens:>10}{decode_s:>10.4f}"
-          f"{result['decode_tokens_per_s']:>12.1f}")
-    print(f"KV cache: {cache_bytes:,} bytes (k and v, [layers, batch, max_len={max_len}, "
-          f"kv_heads, head_dim])")
-    return result
+    print(f"{'prefill':<8}{batch * prompt_len:>10}{r['prefill_s']:>10.4f}"
+          f"{r['prefill_tokens_per_s']:>12.1f}")
+    print(f"{'decode':<8}{batch * new_tokens:>10}{r['decode_s']:>10.4f}"
+          f"{r['decode_tokens_per_s']:>12.1f}")
+    print(f"KV cache: {r['cache_bytes']:,} bytes (k and v, [layers, batch, "
+          f"max_len={prompt_len + new_tokens}, kv_heads, head_dim])")
+    return r

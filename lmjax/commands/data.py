@@ -6,10 +6,11 @@ import itertools
 
 import numpy as np
 
+from lmjax.batch import Batch
 from lmjax.commands.runs import experiment_pipeline
 from lmjax.config import Config
 from lmjax.data import beam_engine, prepare as prepare_lib
-from lmjax.data.pipeline import Batch, Pipeline
+from lmjax.data.pipeline import Pipeline
 
 
 def prepare(config: Config, workdir: str, runner: str = "DirectRunner", workers: int = 1,

@@ -16,24 +16,16 @@ def load_run(workdir: str, step: int | None):
     return config, params, data.load_tokenizer(tokenizer_path) if tokenizer_path else None
 
 
-def run_pipeline(config: Config, tokenizer, workdir: str, process_index: int = 0,
-                 process_count: int = 1) -> data.Pipeline:
-    """The pipeline a run of `config` in `workdir` reads with `tokenizer` (None: synthetic
-    tokens); a missing store is prepared here, in this process."""
-    stores = None if tokenizer is None else prepare.run_stores(
-        config.data, tokenizer, prepare.store_root(config.data, workdir), leader=True)
-    return data.make_pipeline(config.data, tokenizer, process_index=process_index,
-                              process_count=process_count, stores=stores,
-                              vocab_size=config.model.vocab_size)
-
-
 def experiment_pipeline(config: Config, workdir: str, process_index: int = 0,
                         process_count: int = 1) -> data.Pipeline:
-    """`run_pipeline` with the run's tokenizer, trained here first when it is missing."""
+    """`prepare.run_pipeline` with the run's tokenizer, trained here first when it is missing
+    (the store, too, is prepared here when missing)."""
     tokenizer = prepare.prepare_tokenizer(config.data, workdir)
-    return run_pipeline(config, tokenizer, workdir, process_index, process_count)
+    return prepare.run_pipeline(config, tokenizer, workdir, process_index=process_index,
+                                process_count=process_count)
 
 
 def experiment_batches(config: Config, tokenizer, workdir: str) -> list[dict]:
     """The run's own evaluation batches: `config.run.eval_batches` of its eval split."""
-    return run_pipeline(config, tokenizer, workdir).eval_batches(config.run.eval_batches)
+    pipeline = prepare.run_pipeline(config, tokenizer, workdir)
+    return pipeline.eval_batches(config.run.eval_batches)

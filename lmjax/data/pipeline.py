@@ -36,11 +36,11 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from lmjax.batch import Batch
 from lmjax.config import ConfigError, DataConfig
 from lmjax.data import mixture, packing, shuffle, store
 from lmjax.data.tokenizer import Tokenizer
 
-Batch = dict[str, np.ndarray]
 log = logging.getLogger(__name__)
 _PREFETCH = 2  # training batches made ahead of the trainer
 _SHUFFLE_STREAM = 0x5EED  # separates window-permutation keys from other uses of the seed

@@ -28,12 +28,13 @@ import logging
 import os
 import re
 import time
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from lmjax.config import ConfigError, DataConfig
+from lmjax.config import Config, ConfigError, DataConfig
 from lmjax.data import beam_engine, documents, mixture, store
+from lmjax.data.pipeline import Pipeline, make_pipeline
 from lmjax.data.tf_setup import tensorflow
 from lmjax.data.tokenizer import Tokenizer, load_tokenizer, train_from_texts
 
@@ -374,6 +375,18 @@ def find_store(root: str, name: str, tokenizer: Tokenizer) -> str:
                           f"exactly one with `lmjax data prepare --set data.name={name} --set "
                           f"data.tokenizer=... --set data.store_dir={root}` and its source settings.")
     return found[0]
+
+
+def run_pipeline(config: Config, tokenizer: Tokenizer | None, workdir: str, *,
+                 leader: bool = True, process_index: int = 0, process_count: int = 1,
+                 rows: Sequence[int] | None = None) -> Pipeline:
+    """The pipeline a run of `config` in `workdir` reads with `tokenizer` (None: synthetic
+    tokens): `make_pipeline` over `run_stores` (the leader prepares a missing store)."""
+    stores = None if tokenizer is None else run_stores(
+        config.data, tokenizer, store_root(config.data, workdir), leader=leader)
+    return make_pipeline(config.data, tokenizer, process_index=process_index,
+                         process_count=process_count, rows=rows, stores=stores,
+                         vocab_size=config.model.vocab_size)
 
 
 def run_stores(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leader: bool) -> dict[str, str]:

@@ -54,9 +54,6 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts)
-
     def encode_documents(self, texts: list[str], *, eos: bool = True) -> list[list[int]]:
         """Each text as a document: BOS (when the model has one), its tokens, then EOS.
 
