@@ -10,10 +10,10 @@ a trace). Time before `train()` is entered (interpreter start, imports) is not c
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
 from typing import Iterator
+
+from lmjax import metrics
 
 BUCKETS = ("startup", "data", "train", "lost", "checkpoint", "eval", "profile")
 EVENT = "goodput"
@@ -63,12 +63,8 @@ class Clock:
 
 def last_reached_step(workdir: str) -> int:
     """The highest step any earlier start of this run recorded in metrics.jsonl (0: none)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        steps = [json.loads(line).get("step", 0) for line in f if line.endswith("\n")]
-    return max(steps, default=0)
+    records = metrics.read_records(workdir, missing_ok=True)
+    return max((r.get("step", 0) for r in records), default=0)
 
 
 def summarize(records: list[dict]) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""FLOPs accounting, MFU, and metric writers (JSONL, TensorBoard, terminal progress)."""
+"""FLOPs accounting, MFU, metric writers (JSONL, TensorBoard, terminal progress), and the one
+reader of a run's metrics.jsonl."""
 from __future__ import annotations
 
 import functools
@@ -34,6 +35,9 @@ PEAK_FLOPS: dict[str, tuple[float, float]] = {
     "NVIDIA H100 NVL": (835e12, 418e12),
     "NVIDIA H200": (989e12, 495e12),
 }
+
+# A run's log, in its workdir: one JSON object a line, appended by every start of the run.
+METRICS_FILE = "metrics.jsonl"
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -145,7 +149,7 @@ class MetricsWriter:
         self._jsonl = self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -189,6 +193,23 @@ class MetricsWriter:
             step, values = final()
             self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
         self._jsonl.close()
+
+
+def read_records(workdir: str | os.PathLike, *, missing_ok: bool = False) -> list[dict]:
+    """The records of `workdir`/metrics.jsonl in file order, every start of the run included.
+
+    A last line without its newline is left out: a process killed while writing it (or one
+    still writing) leaves it torn, and every complete record ends with a newline. A missing
+    file raises FileNotFoundError, or with `missing_ok` reads as no records (a run that has
+    not logged yet).
+    """
+    try:
+        with open(os.path.join(workdir, METRICS_FILE)) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        raise
 
 
 def _plain(v: Any) -> Any:

@@ -2,10 +2,9 @@
 and the goodput buckets over time, both from WORKDIR/metrics.jsonl (`lmjax report` prints them)."""
 from __future__ import annotations
 
-import json
 import os
 
-from lmjax import goodput
+from lmjax import goodput, metrics
 from lmjax.config import ConfigError
 
 LABELS = {"startup": "start-up & compile", "data": "data waiting", "train": "training steps",
@@ -15,11 +14,12 @@ LABELS = {"startup": "start-up & compile", "data": "data waiting", "train": "tra
 
 
 def load(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        raise ConfigError(f"{path} does not exist: give the --workdir of a training run.")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
+    """The run's metrics records (`metrics.read_records`); no metrics.jsonl is a user error."""
+    try:
+        return metrics.read_records(workdir)
+    except FileNotFoundError:
+        path = os.path.join(workdir, metrics.METRICS_FILE)
+        raise ConfigError(f"{path} does not exist: give the --workdir of a training run.") from None
 
 
 def format_totals(records: list[dict]) -> str:

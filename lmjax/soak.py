@@ -8,7 +8,6 @@ renames it on commit, so a temporary directory left behind proves the save was c
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -16,6 +15,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
+
+from lmjax import metrics
 
 MOMENTS = ("first save", "async save", "random step")
 _POLL_S = 0.002
@@ -30,12 +32,9 @@ def train_command(workdir: Path, experiment: str, overrides: list[str]) -> list[
 def losses(workdir: Path) -> dict[int, list[float]]:
     """Every logged loss of each step, in log order (a replayed step appears twice)."""
     out: dict[int, list[float]] = {}
-    path = workdir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines(keepends=True):
-            record = json.loads(line) if line.endswith("\n") else {}
-            if "loss" in record:
-                out.setdefault(record["step"], []).append(record["loss"])
+    for record in metrics.read_records(workdir, missing_ok=True):
+        if "loss" in record:
+            out.setdefault(record["step"], []).append(record["loss"])
     return out
 
 
@@ -90,8 +89,8 @@ def run_trial(moment: str, cmd: list[str], env: dict, workdir: Path, steps: int,
     row = kill_at(moment, cmd, env, workdir, steps, rng)
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     got = losses(workdir)
-    starts = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
-              if '"event": "start"' in line]
+    starts = [r for r in metrics.read_records(workdir, missing_ok=True)
+              if r.get("event") == "start"]
     row.update(rerun_exit=rerun.returncode,
                restored=starts[-1]["restored_step"] if starts else 0,
                equal=sorted(got) == list(range(1, steps + 1))
@@ -103,8 +102,10 @@ def run_trial(moment: str, cmd: list[str], env: dict, workdir: Path, steps: int,
 
 
 def soak(root: Path, trials: int, experiment: str = "smoke", overrides: list[str] = (),
-         steps: int = 12, every: int = 4, seed: int = 0, env: dict | None = None) -> list[dict]:
-    """Runs the reference, then `trials` kill-and-resume trials cycling through MOMENTS."""
+         steps: int = 12, every: int = 4, seed: int = 0, env: dict | None = None,
+         on_trial: Callable[[int, dict], object] | None = None) -> list[dict]:
+    """Runs the reference, then `trials` kill-and-resume trials cycling through MOMENTS;
+    `on_trial(i, row)` sees each trial's row as soon as it is done (e.g. to print it)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     base = [*overrides, f"run.steps={steps}", f"checkpoint.every_steps={every}",
             "run.log_every=1", "run.eval_batches=1"]
@@ -123,11 +124,13 @@ def soak(root: Path, trials: int, experiment: str = "smoke", overrides: list[str
         workdir = root / f"trial{i}"
         rows.append(run_trial(MOMENTS[i % len(MOMENTS)], train_command(workdir, experiment, base),
                               env, workdir, steps, reference, rng))
-        print(format_row(i, rows[-1]), flush=True)
+        if on_trial is not None:
+            on_trial(i, rows[-1])
     return rows
 
 
 def format_row(i: int, r: dict) -> str:
+    """One line of trial `i`'s row `r`: what the kill hit and whether the rerun was exact."""
     return (f"trial {i:2d}  {r['moment']:<11}  killed after step {r['logged']:>3}  committed "
             f"{r['committed']}  save cut: {'yes' if r['save_cut'] else 'no '}  restored "
             f"{r['restored']:>3}  {'bitwise equal' if r['equal'] else 'DIFFERENT'}  "

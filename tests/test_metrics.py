@@ -1,9 +1,11 @@
-"""Peak FLOP/s for MFU: the right chip variant, and the float32 peak for float32 compute."""
+"""Peak FLOP/s for MFU: the right chip variant, and the float32 peak for float32 compute;
+metrics.jsonl read back as MetricsWriter wrote it."""
 import types
 
 import pytest
 
-from lmjax import metrics
+from lmjax import goodput, metrics, report
+from lmjax.config import ConfigError
 
 
 def _device(kind, platform):
@@ -29,3 +31,30 @@ def test_unknown_h100_variant_has_no_peak_and_tpu_float32_is_the_bf16_rate():
     assert "unknown device kind" in source
     assert metrics.peak_flops(_device("TPU v5p", "tpu"), "float32") == (
         459e12, "table (TPU v5p, float32 matmuls as bf16 passes at default precision)")
+
+
+def test_read_records_gives_every_start_in_order_and_skips_a_torn_last_line(tmp_path):
+    first = metrics.MetricsWriter(str(tmp_path), total_steps=3)
+    first.write(1, {"loss": 2.5}, progress=False)
+    first.write(2, {"loss": 2.25, "note": "x"}, progress=False)
+    first.close(final=lambda: (2, {"event": "end"}))
+    second = metrics.MetricsWriter(str(tmp_path), total_steps=3, start_step=2)  # a restart
+    second.write(3, {"loss": 2.0}, progress=False)
+    second.close()
+    written = [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25, "note": "x"},
+               {"step": 2, "event": "end"}, {"step": 3, "loss": 2.0}]
+    assert metrics.read_records(tmp_path) == written
+    with open(tmp_path / metrics.METRICS_FILE, "a") as f:
+        f.write('{"step": 4, "lo')  # a process killed in the middle of a write
+    assert metrics.read_records(str(tmp_path)) == written
+    assert report.load(str(tmp_path)) == written
+    assert goodput.last_reached_step(str(tmp_path)) == 3
+
+
+def test_a_missing_metrics_file_is_an_error_unless_allowed(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        metrics.read_records(tmp_path)
+    assert metrics.read_records(tmp_path, missing_ok=True) == []
+    assert goodput.last_reached_step(str(tmp_path)) == 0
+    with pytest.raises(ConfigError, match="metrics.jsonl does not exist: give the --workdir"):
+        report.load(str(tmp_path))

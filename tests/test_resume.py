@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import pytest
 
+from lmjax import cli, soak
+
 pytestmark = pytest.mark.slow  # every test trains in subprocesses (SIGKILL, 2 processes)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,13 +115,20 @@ def test_sigkill_inside_a_save_then_resume_is_bitwise_identical(reference, tmp_p
     """The small kill soak (`lmjax soak` runs 10 trials, random steps included): SIGKILL while
     the first or a later async save is being written, rerun, every loss equals the
     uninterrupted run's."""
-    from lmjax import soak
     ref_dir, _, shared = reference
     row = soak.run_trial(moment, _command(tmp_path, *shared), _env(), tmp_path, STEPS,
                          soak.losses(ref_dir), random.Random(0))
     assert row["killed"] and row["rerun_exit"] == 0, row
     assert row["equal"], row
     assert row["restored"] == max(row["committed"], default=0), row
+
+
+def test_lmjax_soak_prints_each_trial_and_the_tally(tmp_path, capsys):
+    """`lmjax soak` with one trial: the library hands the row to the command, which prints it."""
+    assert cli.main(["soak", "--workdir", str(tmp_path), "--trials", "1", "--steps", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("trial  0  first save") and lines[0].endswith("ok"), lines
+    assert lines[-1].startswith("1/1 trials resumed bit for bit"), lines
 
 
 def test_sigterm_saves_within_a_step_then_torn_checkpoint_and_mesh_change(reference, tmp_path):

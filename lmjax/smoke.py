@@ -1,0 +1,159 @@
+"""The checks of `lmjax smoke`: is this machine ready to train? A few real steps, end to end.
+
+Runs on whatever devices are present (one GPU, TPU or the CPU; the mesh is the experiment's):
+trains a few steps of the experiment (the default, `smoke`, reads the packaged corpus), checks
+the loss falls, resumes from a mid-run checkpoint in a second run and checks that it continues
+bit for bit, checks that `lmjax eval` on the last checkpoint reproduces the eval loss training
+logged, generates a few tokens, and reports. Each check that fails says what to look at.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+from lmjax import checkpoint, data, evaluate, generate, metrics, run
+from lmjax.config import Config, apply_overrides
+
+# (config, tokenizer or None, workdir) -> the run's evaluation batches, as `lmjax eval
+# --experiment-data` builds them; the caller passes it so that this module stays below the
+# command layer.
+BatchesFor = Callable[[Config, Any, str], list[dict]]
+
+
+@dataclasses.dataclass
+class Check:
+    """One line of the report: what was checked, whether it passed, and what was seen."""
+    name: str
+    ok: bool
+    detail: str
+
+
+def _losses(workdir: str) -> dict[int, float]:
+    """{step: loss} of the run in `workdir` (a replayed step: its last loss)."""
+    return {r["step"]: r["loss"] for r in metrics.read_records(workdir) if "loss" in r}
+
+
+def _load_run(workdir: str):
+    """(Config, params, tokenizer or None) of the newest readable checkpoint of `workdir`."""
+    config, params, tokenizer_path = checkpoint.load_params(workdir, None)
+    return config, params, data.load_tokenizer(tokenizer_path) if tokenizer_path else None
+
+
+def _memory() -> str:
+    """Peak device memory when the backend reports it (the CPU's does not), else peak RSS."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        limit = stats.get("bytes_limit", 0)
+        return f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB peak of {limit / 2**30:.1f} GiB"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return f"{rss:.2f} GiB peak process RSS (host memory)"
+
+
+def _guard(name: str, hint: str, fn: Callable[[], Check]) -> Check:
+    """`fn()`, or a failed check named `name` that gives the exception and where to look."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - every failure becomes a reported check
+        return Check(name, False, f"{type(e).__name__}: {e} -> {hint}")
+
+
+PLATFORM_HINT = "is jax installed with the right extra: pip install 'lmjax[gpu]' or 'lmjax[tpu]'?"
+
+
+def _devices(expect_platform: str) -> Check:
+    """The devices jax sees; failed when they are not on `expect_platform` (when given)."""
+    device = jax.devices()[0]
+    ok = not expect_platform or device.platform == expect_platform
+    detail = f"{jax.device_count()} x {device.device_kind} ({device.platform}), jax {jax.__version__}"
+    if not ok:
+        detail += f"; expected {expect_platform} -> {PLATFORM_HINT}"
+    return Check("devices", ok, detail)
+
+
+def _trains(config: Config, workdir: str) -> Check:
+    """Trains `config` in `workdir`; passes when the last logged loss is below the first."""
+    run.train(config, workdir)
+    losses = _losses(workdir)
+    start, end = losses[min(losses)], losses[max(losses)]
+    return Check("loss falls", end < start,
+                 f"step 1 loss {start:.3f} -> step {max(losses)} {end:.3f}")
+
+
+def _resumes(config: Config, first: str, second: str, half: int) -> Check:
+    """Trains again in `second` from `first`'s checkpoint of step `half`; passes when every
+    later loss equals `first`'s bit for bit."""
+    run.train(config, second, restore_from=os.path.join(checkpoint.checkpoint_dir(first),
+                                                          str(half)))
+    a, b = _losses(first), _losses(second)
+    after = [s for s in a if s > half]
+    same = bool(after) and all(a[s] == b.get(s) for s in after)
+    return Check("resume is exact", same,
+                 f"steps {half + 1}-{max(a)} after restoring step {half}: "
+                 + ("bitwise equal" if same else f"differ: {[(s, a[s], b.get(s)) for s in after]}"))
+
+
+def _evaluates(workdir: str, batches_for: BatchesFor) -> Check:
+    """`lmjax eval --experiment-data` on the last checkpoint gives the run's final eval loss."""
+    logged = [r["eval_loss"] for r in metrics.read_records(workdir) if "eval_loss" in r][-1]
+    cfg, params, tokenizer = _load_run(workdir)
+    loss = evaluate.eval_loss(params, cfg.model, batches_for(cfg, tokenizer, workdir))
+    ok = math.isclose(loss["loss"], logged, rel_tol=1e-4)
+    return Check("evaluates", ok, f"eval loss {loss['loss']:.4f} from the checkpoint, "
+                                  f"{logged:.4f} logged by training")
+
+
+def _generates(workdir: str) -> Check:
+    """Samples 16 tokens from the last checkpoint; passes when the prompt grew."""
+    cfg, params, tokenizer = _load_run(workdir)
+    start = time.perf_counter()
+    text = generate.sample_text(params, cfg.model, tokenizer, cfg.run.sample_prompt, 16)
+    return Check("generates", len(text) > len(cfg.run.sample_prompt),
+                 f"{text!r} ({time.perf_counter() - start:.1f} s with compile)")
+
+
+def run_checks(config: Config, steps: int, workdir: str, batches_for: BatchesFor,
+               expect_platform: str = "") -> list[Check]:
+    """Runs every check in `workdir` and returns them. `batches_for(config, tokenizer,
+    workdir)` gives a run's evaluation batches (the command layer's `runs.experiment_batches`);
+    `expect_platform` ("gpu", "tpu") fails the device check when jax came up on another
+    platform (e.g. fell back to CPU)."""
+    half = max(steps // 2, 1)
+    config = apply_overrides(config, [f"run.steps={steps}", "run.log_every=1", "run.eval_every=0",
+                                      f"checkpoint.every_steps={half}", "run.sample_tokens=0"])
+    first, second = os.path.join(workdir, "run"), os.path.join(workdir, "resumed")
+    return [
+        _guard("devices", PLATFORM_HINT, lambda: _devices(expect_platform)),
+        _guard("loss falls", "check the data path and optim.lr", lambda: _trains(config, first)),
+        _guard("resume is exact", "look at checkpoint saving (orbax) and the data position",
+               lambda: _resumes(config, first, second, half)),
+        _guard("evaluates", "look at lmjax.evaluate and the saved params",
+               lambda: _evaluates(first, batches_for)),
+        _guard("generates", "look at lmjax.generate and the saved params",
+               lambda: _generates(first)),
+    ]
+
+
+def report(checks: list[Check], workdir: str) -> str:
+    """The report: a PASS/FAIL line a check, the first run's median step time, tokens/s and
+    MFU after its compiling first step, device memory, and the verdict."""
+    lines = ["lmjax smoke report"]
+    for c in checks:
+        lines.append(f"  [{'PASS' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+    records = [r for r in metrics.read_records(os.path.join(workdir, "run"), missing_ok=True)
+               if "step_seconds" in r]
+    if len(records) > 1:
+        steady = records[1:]  # the first step includes compilation
+        lines.append(f"  step time {statistics.median(r['step_seconds'] for r in steady):.3f} s, "
+                     f"{statistics.median(r['tokens_per_second'] for r in steady):.0f} tokens/s, "
+                     f"MFU {statistics.median(r['mfu'] for r in steady):.1%}")
+    lines.append(f"  memory: {_memory()}")
+    lines.append("all checks passed" if all(c.ok for c in checks) else
+                 f"{sum(not c.ok for c in checks)} check(s) FAILED")
+    return "\n".join(lines)
