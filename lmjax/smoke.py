@@ -14,17 +14,16 @@ import os
 import resource
 import statistics
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 
-from lmjax import checkpoint, data, evaluate, generate, metrics, run
+from lmjax import checkpoint, evaluate, generate, metrics, run, saved_run
 from lmjax.config import Config, apply_overrides
 
 # (config, tokenizer or None, workdir) -> the run's evaluation batches, as `lmjax eval
 # --experiment-data` builds them; the caller passes it so that this module stays below the
 # command layer.
-BatchesFor = Callable[[Config, Any, str], list[dict]]
 
 
 @dataclasses.dataclass
@@ -38,12 +37,6 @@ class Check:
 def _losses(workdir: str) -> dict[int, float]:
     """{step: loss} of the run in `workdir` (a replayed step: its last loss)."""
     return {r["step"]: r["loss"] for r in metrics.read_records(workdir) if "loss" in r}
-
-
-def _load_run(workdir: str):
-    """(Config, params, tokenizer or None) of the newest readable checkpoint of `workdir`."""
-    config, params, tokenizer_path = checkpoint.load_params(workdir, None)
-    return config, params, data.load_tokenizer(tokenizer_path) if tokenizer_path else None
 
 
 def _memory() -> str:
@@ -99,11 +92,11 @@ def _resumes(config: Config, first: str, second: str, half: int) -> Check:
                  + ("bitwise equal" if same else f"differ: {[(s, a[s], b.get(s)) for s in after]}"))
 
 
-def _evaluates(workdir: str, batches_for: BatchesFor) -> Check:
+def _evaluates(workdir: str) -> Check:
     """`lmjax eval --experiment-data` on the last checkpoint gives the run's final eval loss."""
     logged = [r["eval_loss"] for r in metrics.read_records(workdir) if "eval_loss" in r][-1]
-    cfg, params, tokenizer = _load_run(workdir)
-    loss = evaluate.eval_loss(params, cfg.model, batches_for(cfg, tokenizer, workdir))
+    cfg, params, tokenizer = saved_run.load(workdir, None)
+    loss = evaluate.eval_loss(params, cfg.model, saved_run.eval_batches(cfg, tokenizer, workdir))
     ok = math.isclose(loss["loss"], logged, rel_tol=1e-4)
     return Check("evaluates", ok, f"eval loss {loss['loss']:.4f} from the checkpoint, "
                                   f"{logged:.4f} logged by training")
@@ -111,19 +104,17 @@ def _evaluates(workdir: str, batches_for: BatchesFor) -> Check:
 
 def _generates(workdir: str) -> Check:
     """Samples 16 tokens from the last checkpoint; passes when the prompt grew."""
-    cfg, params, tokenizer = _load_run(workdir)
+    cfg, params, tokenizer = saved_run.load(workdir, None)
     start = time.perf_counter()
     text = generate.sample_text(params, cfg.model, tokenizer, cfg.run.sample_prompt, 16)
     return Check("generates", len(text) > len(cfg.run.sample_prompt),
                  f"{text!r} ({time.perf_counter() - start:.1f} s with compile)")
 
 
-def run_checks(config: Config, steps: int, workdir: str, batches_for: BatchesFor,
+def run_checks(config: Config, steps: int, workdir: str,
                expect_platform: str = "") -> list[Check]:
-    """Runs every check in `workdir` and returns them. `batches_for(config, tokenizer,
-    workdir)` gives a run's evaluation batches (the command layer's `runs.experiment_batches`);
-    `expect_platform` ("gpu", "tpu") fails the device check when jax came up on another
-    platform (e.g. fell back to CPU)."""
+    """Runs every check in `workdir` and returns them. `expect_platform` ("gpu", "tpu")
+    fails the device check when jax came up on another platform (e.g. fell back to CPU)."""
     half = max(steps // 2, 1)
     config = apply_overrides(config, [f"run.steps={steps}", "run.log_every=1", "run.eval_every=0",
                                       f"checkpoint.every_steps={half}", "run.sample_tokens=0"])
@@ -134,7 +125,7 @@ def run_checks(config: Config, steps: int, workdir: str, batches_for: BatchesFor
         _guard("resume is exact", "look at checkpoint saving (orbax) and the data position",
                lambda: _resumes(config, first, second, half)),
         _guard("evaluates", "look at lmjax.evaluate and the saved params",
-               lambda: _evaluates(first, batches_for)),
+               lambda: _evaluates(first)),
         _guard("generates", "look at lmjax.generate and the saved params",
                lambda: _generates(first)),
     ]

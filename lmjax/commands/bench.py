@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import jax
 
-from lmjax import bench, metrics, model
-from lmjax.commands.runs import experiment_pipeline
+from lmjax import bench, metrics, model, saved_run
 from lmjax.config import Config, ModelConfig
 
 
@@ -36,7 +35,7 @@ def step(config: Config, sweeps: list[str], steps: int, profile_dir: str = "") -
 
 def data(config: Config, workdir: str, seconds: float = 10.0, start_step: int = 0) -> float:
     """Prints and returns the tokens/s the pipeline alone delivers (`bench.time_pipeline`)."""
-    r = bench.time_pipeline(lambda: experiment_pipeline(config, workdir), start_step, seconds)
+    r = bench.time_pipeline(lambda: saved_run.pipeline(config, workdir), start_step, seconds)
     d = config.data
     print(f"source={d.source} seq_len={d.seq_len} batch_size={d.batch_size} packing={d.packing}")
     print(f"set-up (tokenizer, store, first batch at step {start_step}): {r['setup_s']:.2f} s")

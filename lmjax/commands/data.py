@@ -6,8 +6,8 @@ import itertools
 
 import numpy as np
 
+from lmjax import saved_run
 from lmjax.batch import Batch
-from lmjax.commands.runs import experiment_pipeline
 from lmjax.config import Config
 from lmjax.data import beam_engine, prepare as prepare_lib
 from lmjax.data.pipeline import Pipeline
@@ -56,7 +56,7 @@ def preview(config: Config, workdir: str, start_step: int = 0, batches: int = 4,
             process_index: int = 0, process_count: int = 1) -> None:
     """Prints, per batch: step, content hash and packing efficiency; then per row of this
     process: its global row, source and a document start."""
-    pipeline = experiment_pipeline(config, workdir, process_index, process_count)
+    pipeline = saved_run.pipeline(config, workdir, process_index, process_count)
     rows = config.data.batch_size // process_count
     print(f"process {process_index} of {process_count}: global rows "
           f"[{process_index * rows}, {(process_index + 1) * rows})")

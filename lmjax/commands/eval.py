@@ -5,21 +5,20 @@ import glob
 import json
 from typing import Callable, Sequence
 
-from lmjax import evaluate
+from lmjax import evaluate, saved_run
 from lmjax.config import ConfigError
 from lmjax.data.documents import read_utf8
-from lmjax.commands.runs import experiment_batches, load_run
 
 
 def main(workdir: str, step: int | None = None, text_files: Sequence[str] = (),
          use_experiment_data: bool = False, as_json: bool = False, *,
          context_len: int | None = None, stride: int | None = None,
-         load: Callable = load_run, batches_for: Callable = experiment_batches) -> dict:
+         load: Callable = saved_run.load, batches_for: Callable = saved_run.eval_batches) -> dict:
     """`lmjax eval`: scores a checkpoint on text files or on the experiment's eval split.
 
     text_files: globs of UTF-8 files, one document each (see `evaluate.score_texts`). context_len
     defaults to the run's data.seq_len, stride to half of it. `load(workdir, step)` and
-    `batches_for(config, tokenizer, workdir)` are `load_run` and `experiment_batches`
+    `batches_for(config, tokenizer, workdir)` are `saved_run.load` and `saved_run.eval_batches`
     unless replaced. Prints one line (or JSON) and returns the numbers.
     """
     if bool(text_files) == bool(use_experiment_data):

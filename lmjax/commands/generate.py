@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lmjax import generate
-from lmjax.commands.runs import load_run
+from lmjax import generate, saved_run
 from lmjax.config import ConfigError
 from lmjax.data.documents import read_utf8
 
@@ -22,7 +21,7 @@ def main(workdir: str, step: int | None, prompts: Sequence[str], max_new_tokens:
                                if line.strip())]
     if not prompts:
         raise ConfigError("give at least one prompt: --prompt TEXT or --prompts-file FILE.")
-    config, params, tokenizer = load_run(workdir, step)
+    config, params, tokenizer = saved_run.load(workdir, step)
     if tokenizer is None:
         raise ConfigError(f"the run in {workdir} has no tokenizer (synthetic data): nothing to "
                           "decode prompts with.")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import tempfile
 
 from lmjax import distributed, smoke
-from lmjax.commands import runs
 from lmjax.config import Config
 
 
@@ -13,6 +12,6 @@ def main(config: Config, steps: int, workdir: str = "", expect_platform: str = "
     `workdir`), prints the report; exit 0 when all pass."""
     distributed.initialize()
     workdir = workdir or tempfile.mkdtemp(prefix="lmjax-smoke-")
-    checks = smoke.run_checks(config, steps, workdir, runs.experiment_batches, expect_platform)
+    checks = smoke.run_checks(config, steps, workdir, expect_platform)
     print(smoke.report(checks, workdir))
     return 0 if all(c.ok for c in checks) else 1

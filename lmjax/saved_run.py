@@ -1,4 +1,5 @@
-"""Reading a run back: its config, params and tokenizer, and the data pipeline it reads."""
+"""A saved run read back: its config, params and tokenizer, and the data pipeline it reads
+(for `lmjax eval`, `generate`, `data`, `bench data` and the smoke checks)."""
 from __future__ import annotations
 
 from lmjax import checkpoint, data
@@ -6,7 +7,7 @@ from lmjax.config import Config
 from lmjax.data import prepare
 
 
-def load_run(workdir: str, step: int | None):
+def load(workdir: str, step: int | None):
     """(Config, params on one device, tokenizer or None) of a checkpoint of `workdir`.
 
     `step` None: the newest readable one. The tokenizer is the run's sentencepiece model
@@ -16,7 +17,7 @@ def load_run(workdir: str, step: int | None):
     return config, params, data.load_tokenizer(tokenizer_path) if tokenizer_path else None
 
 
-def experiment_pipeline(config: Config, workdir: str, process_index: int = 0,
+def pipeline(config: Config, workdir: str, process_index: int = 0,
                         process_count: int = 1) -> data.Pipeline:
     """`prepare.run_pipeline` with the run's tokenizer, trained here first when it is missing
     (the store, too, is prepared here when missing)."""
@@ -25,7 +26,6 @@ def experiment_pipeline(config: Config, workdir: str, process_index: int = 0,
                                 process_count=process_count)
 
 
-def experiment_batches(config: Config, tokenizer, workdir: str) -> list[dict]:
+def eval_batches(config: Config, tokenizer, workdir: str) -> list[dict]:
     """The run's own evaluation batches: `config.run.eval_batches` of its eval split."""
-    pipeline = prepare.run_pipeline(config, tokenizer, workdir)
-    return pipeline.eval_batches(config.run.eval_batches)
+    return prepare.run_pipeline(config, tokenizer, workdir).eval_batches(config.run.eval_batches)
