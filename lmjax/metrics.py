@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import resource
 import sys
 import time
 from typing import Any, Callable
@@ -127,7 +128,6 @@ def _host_rss_bytes() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
-        import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -149,7 +149,9 @@ class MetricsWriter:
         self._jsonl = self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+            path = os.path.join(workdir, METRICS_FILE)
+            drop_torn_tail(path)
+            self._jsonl = open(path, "a")
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -193,6 +195,30 @@ class MetricsWriter:
             step, values = final()
             self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
         self._jsonl.close()
+
+
+def drop_torn_tail(path: str) -> None:
+    """Cuts a last line without its newline from the file at `path`, if any: the record a
+    killed process was writing, never readable. Appending after it would glue the next record
+    onto it and leave an unreadable line in the middle of the file."""
+    try:
+        f = open(path, "rb+")
+    except FileNotFoundError:
+        return
+    with f:
+        end = pos = f.seek(0, os.SEEK_END)
+        while pos > 0:  # back from the end, a block at a time, to the last newline
+            start = max(pos - 4096, 0)
+            f.seek(start)
+            block = f.read(pos - start)
+            if pos == end and block.endswith(b"\n"):
+                return
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            pos = start
+        f.truncate(0)
 
 
 def read_records(workdir: str | os.PathLike, *, missing_ok: bool = False) -> list[dict]:

@@ -58,3 +58,28 @@ def test_a_missing_metrics_file_is_an_error_unless_allowed(tmp_path):
     assert goodput.last_reached_step(str(tmp_path)) == 0
     with pytest.raises(ConfigError, match="metrics.jsonl does not exist: give the --workdir"):
         report.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("torn", ['{"step": 4, "lo', "x" * 10000])
+def test_a_restart_after_a_torn_write_cuts_the_torn_record_and_appends_cleanly(tmp_path, torn):
+    """Without the cut, the restart's first record would be glued onto the torn one and leave
+    an unreadable line in the middle of the file (a torn record may span several blocks)."""
+    first = metrics.MetricsWriter(str(tmp_path), total_steps=4)
+    first.write(1, {"loss": 2.5}, progress=False)
+    first.close()
+    with open(tmp_path / metrics.METRICS_FILE, "a") as f:
+        f.write(torn)  # the process was killed in the middle of this write
+    second = metrics.MetricsWriter(str(tmp_path), total_steps=4, start_step=1)
+    second.write(2, {"loss": 2.0}, progress=False)
+    second.close()
+    assert metrics.read_records(tmp_path) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.0}]
+
+
+def test_drop_torn_tail_leaves_complete_files_alone_and_empties_a_lone_torn_line(tmp_path):
+    path = tmp_path / "f"
+    for content, kept in [(b"", b""), (b"a\n", b"a\n"), (b"a\nb\n", b"a\nb\n"), (b"abc", b""),
+                          (b"a\n" + b"y" * 9000, b"a\n")]:
+        path.write_bytes(content)
+        metrics.drop_torn_tail(str(path))
+        assert path.read_bytes() == kept
+    metrics.drop_torn_tail(str(tmp_path / "missing"))  # nothing to do
