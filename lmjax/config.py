@@ -258,7 +258,7 @@ def validate(config: Config) -> Config:
 
     _check_types(config, need)
     if not problems:  # the value checks below compare numbers and strings
-        for check in (_check_model, _check_data, _check_optim, _check_checkpoint, _check_run):
+        for check in (_check_model, _check_mesh, _check_data, _check_optim, _check_checkpoint, _check_run):
             check(config, need)
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
@@ -314,6 +314,9 @@ def _check_model(config: Config, need) -> None:
     need(d.seq_len <= m.max_seq_len,
          f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
          "raise model.max_seq_len or lower data.seq_len.")
+
+
+def _check_mesh(config: Config, need) -> None:
     mesh = config.mesh
     sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
     need(all(v >= 1 or v == -1 for v in sizes.values())

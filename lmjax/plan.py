@@ -319,27 +319,27 @@ def _describe(overrides: Sequence[str]) -> dict[str, str]:
     return dict(item.split("=", 1) for item in overrides)
 
 
+def _cells(i: int, row: Row) -> tuple[str, ...]:
+    """One line of `format_table`: candidate `i`, compiled and estimated."""
+    r, e, d = row.outcome.report, row.estimate, _describe(row.outcome.candidate.overrides)
+    mesh = "/".join(str(r.mesh_shape[a]) for a in ("data", "fsdp", "tensor"))
+    chips = math.prod(r.mesh_shape.values())
+    batch = int(d["data.batch_size"])
+    return (str(i), mesh, f"{batch} ({batch / chips:g})", d.get("model.remat", "-"),
+            d.get("optim.grad_accum", "1"), format_bytes(r.total_bytes),
+            ("" if r.fits else "-") + format_bytes(abs(r.hbm_bytes - r.total_bytes)),
+            "yes" if r.fits else "NO", f"{r.compile_seconds:.0f}", f"{e.step_s:.3g}",
+            f"{e.tokens_per_s_per_chip:,.0f}", f"{100 * e.mfu:.1f}%", e.bound,
+            _g(row.outcome.xla_step_s), _g(row.measured_step_s))
+
+
 def format_table(rows: Sequence[Row], rejected: Sequence[Rejected]) -> str:
     """The ranked table, the --set line of the best fitting candidate, then every candidate
     that was not estimated and why."""
     head = ("#", "data/fsdp/tensor", "batch (/chip)", "remat", "accum", "memory/chip",
             "headroom", "fits",
             "compile s", "step s", "tok/s/chip", "MFU", "bound", "xla step s", "measured s")
-    lines = []
-    for i, row in enumerate(rows, 1):
-        if row.estimate is None:
-            continue
-        r, e, d = row.outcome.report, row.estimate, _describe(row.outcome.candidate.overrides)
-        mesh = "/".join(str(r.mesh_shape[a]) for a in ("data", "fsdp", "tensor"))
-        chips = math.prod(r.mesh_shape.values())
-        batch = int(d["data.batch_size"])
-        lines.append((str(i), mesh, f"{batch} ({batch / chips:g})", d.get("model.remat", "-"),
-                      d.get("optim.grad_accum", "1"), format_bytes(r.total_bytes),
-                      ("" if r.fits else "-") + format_bytes(abs(r.hbm_bytes - r.total_bytes)),
-                      "yes" if r.fits else "NO",
-                      f"{r.compile_seconds:.0f}", f"{e.step_s:.3g}",
-                      f"{e.tokens_per_s_per_chip:,.0f}", f"{100 * e.mfu:.1f}%", e.bound,
-                      _g(row.outcome.xla_step_s), _g(row.measured_step_s)))
+    lines = [_cells(i, row) for i, row in enumerate(rows, 1) if row.estimate is not None]
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
     fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
     out = [fmt(head), *map(fmt, lines)]
@@ -489,20 +489,25 @@ class Request:
     measure: int = 0  # topology "cpu": time the best N fitting candidates (lmjax bench)
 
 
+def _target(req: Request, compute_dtype: str) -> tuple[int, roofline.Hardware, dict]:
+    """(chips per slice, the roofline's hardware, the target as the JSON report names it)."""
+    if req.topology == "cpu":
+        chips, info = jax.device_count(), {"accelerator": "cpu", "topology": "cpu"}
+        hw = cpu_hardware(compute_dtype)
+    else:
+        target = parse_target(req.topology)
+        chips, hw = target.chips, tpu_hardware(target.generation)
+        info = {"accelerator": target.accelerator, "topology": target.topology}
+    return chips, hw, {**info, "chips": chips * req.num_slices, "num_slices": req.num_slices}
+
+
 def plan(config: Config, req: Request, presets: dict[str, Any] | None = None,
          progress: Callable[[int, int, int], None] | None = None) -> tuple[dict, str]:
     """Enumerates, compiles and ranks: (`to_json`'s dict, the text report)."""
     if req.workers < 1 or req.timeout <= 0 or req.num_slices < 1:
         raise ConfigError("--workers and --num-slices must be at least 1, --timeout positive")
     on_cpu = req.topology == "cpu"
-    if on_cpu:
-        chips, target_info = jax.device_count(), {"accelerator": "cpu", "topology": "cpu"}
-        hw = cpu_hardware(config.model.dtype)
-    else:
-        target = parse_target(req.topology)
-        chips, hw = target.chips, tpu_hardware(target.generation)
-        target_info = {"accelerator": target.accelerator, "topology": target.topology}
-    target_info.update(chips=chips * req.num_slices, num_slices=req.num_slices)
+    chips, hw, target_info = _target(req, config.model.dtype)
     space = parse_sweeps(req.sweeps)
     candidates, rejected = enumerate_candidates(config, chips, req.num_slices, space)
     outcomes = compile_all(candidates, None if on_cpu else req.topology, req.num_slices,

@@ -62,31 +62,37 @@ def microbatches(x: jax.Array, n: int) -> jax.Array:
     return sharding.constrain(micro, (None, "act_batch") + (None,) * (x.ndim - 1))
 
 
+def summed_grads(params, batch: Batch, model_cfg: ModelConfig, optim_cfg: OptimConfig):
+    """(gradients of the summed NLL (+ z-loss), {"nll_sum", "z_sum", "tokens"}) over
+    `optim_cfg.grad_accum` microbatches of `batch` (arrays [batch, seq]), summed, not averaged:
+    the caller divides by the step's token count."""
+    grad_fn = jax.grad(loss_terms, has_aux=True)
+    n_micro = optim_cfg.grad_accum
+    if n_micro == 1:
+        return grad_fn(params, batch, model_cfg, optim_cfg.z_loss)
+    micro = jax.tree.map(lambda x: microbatches(x, n_micro), batch)
+    params_axes = model.param_axes(model_cfg)
+    like_params = lambda tree: jax.tree.map(sharding.constrain, tree, params_axes,  # noqa: E731
+                                            is_leaf=sharding.is_axes)
+
+    def accumulate(carry, mb):
+        g, a = grad_fn(params, mb, model_cfg, optim_cfg.z_loss)
+        g, a = jax.tree.map(jnp.add, carry, (g, a))
+        return (like_params(g), a), None
+
+    zeros = like_params(jax.tree.map(jnp.zeros_like, params))
+    zero_aux = jax.tree.map(jnp.float32, {"nll_sum": 0.0, "z_sum": 0.0, "tokens": 0.0})
+    (grads, aux), _ = jax.lax.scan(accumulate, (zeros, zero_aux), micro)
+    return grads, aux
+
+
 def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, optim_cfg: OptimConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule, skip_nonfinite: bool):
     """One optimizer update over `optim_cfg.grad_accum` microbatches. Pure.
 
     batch: arrays [batch, seq]. Returns (new_state, metrics of this step).
     """
-    grad_fn = jax.grad(loss_terms, has_aux=True)
-    n_micro = optim_cfg.grad_accum
-    if n_micro == 1:
-        grads, aux = grad_fn(state.params, batch, model_cfg, optim_cfg.z_loss)
-    else:
-        micro = jax.tree.map(lambda x: microbatches(x, n_micro), batch)
-        params_axes = model.param_axes(model_cfg)
-        like_params = lambda tree: jax.tree.map(sharding.constrain, tree, params_axes,  # noqa: E731
-                                                is_leaf=sharding.is_axes)
-
-        def accumulate(carry, mb):
-            g, a = grad_fn(state.params, mb, model_cfg, optim_cfg.z_loss)
-            g, a = jax.tree.map(jnp.add, carry, (g, a))
-            return (like_params(g), a), None
-
-        zeros = like_params(jax.tree.map(jnp.zeros_like, state.params))
-        zero_aux = {"nll_sum": 0.0, "z_sum": 0.0, "tokens": 0.0}
-        (grads, aux), _ = jax.lax.scan(accumulate, (zeros, jax.tree.map(jnp.float32, zero_aux)),
-                                       micro)
+    grads, aux = summed_grads(state.params, batch, model_cfg, optim_cfg)
     tokens = jnp.maximum(aux["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     loss = aux["nll_sum"] / tokens
@@ -97,19 +103,23 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, optim
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if skip_nonfinite:
-        # A skipped step keeps the old params and moments, but the optimizer's integer leaves
-        # (its step counts, which drive the schedule) advance with `step`, so the learning
-        # rate applied after a skip is still schedule(step), the one logged.
-        def keep_old(new, old):
-            return jnp.where(finite, new, old) if jnp.issubdtype(new.dtype, jnp.inexact) else new
-
-        new_state = new_state.replace(params=jax.tree.map(keep_old, params, state.params),
-                                      opt_state=jax.tree.map(keep_old, opt_state, state.opt_state))
+        new_state = _unless_finite(finite, new_state, state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
                "tokens": aux["tokens"], "finite": finite}
     if optim_cfg.z_loss:
         metrics["z_loss"] = aux["z_sum"] / tokens
     return new_state, metrics
+
+
+def _unless_finite(finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:
+    """`new`, except that a non-finite step keeps the old params and moments. The optimizer's
+    integer leaves (its step counts, which drive the schedule) advance with `step` either way,
+    so the learning rate applied after a skip is still schedule(step), the one logged."""
+    def keep_old(n, o):
+        return jnp.where(finite, n, o) if jnp.issubdtype(n.dtype, jnp.inexact) else n
+
+    return new.replace(params=jax.tree.map(keep_old, new.params, old.params),
+                       opt_state=jax.tree.map(keep_old, new.opt_state, old.opt_state))
 
 
 # ---------------------------------------------------------------- compiled pieces

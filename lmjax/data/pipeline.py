@@ -233,47 +233,70 @@ def make_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer | None, *, process_
     source.
     """
     mine = _rows(data_cfg, process_index, process_count, rows)
-    seq_len, pack, batch_size = data_cfg.seq_len, data_cfg.packing, data_cfg.batch_size
-    identity = {"source": data_cfg.source, "seq_len": seq_len, "batch_size": batch_size,
-                "packing": pack, "seed": data_cfg.seed, "shuffle": data_cfg.shuffle}
+    identity = {"source": data_cfg.source, "seq_len": data_cfg.seq_len,
+                "batch_size": data_cfg.batch_size, "packing": data_cfg.packing,
+                "seed": data_cfg.seed, "shuffle": data_cfg.shuffle}
     if data_cfg.source == "synthetic" and not data_cfg.mixture:
-        if not vocab_size or vocab_size < 1:
-            raise ConfigError("data.source=synthetic needs vocab_size (pass model.vocab_size).")
-        return Pipeline(
-            tokenizer=None, identity={**identity, "vocab_size": vocab_size},
-            train=lambda s: synthetic_batch(data_cfg.seed, 0, s, mine, seq_len, vocab_size, pack),
-            evaluation={"synthetic": lambda s: synthetic_batch(data_cfg.seed, 1, s, mine, seq_len,
-                                                               vocab_size, pack)},
-            row_sources=lambda s: ["synthetic"] * len(mine))
-
+        return _synthetic_pipeline(data_cfg, mine, identity, vocab_size)
     if tokenizer is None:
-        raise ConfigError(f"data.source={data_cfg.source} needs a tokenizer: call prepare_tokenizer first.")
+        raise ConfigError(f"data.source={data_cfg.source} needs a tokenizer: call "
+                          "prepare_tokenizer first.")
     if not stores:
         raise ConfigError(f"data.source={data_cfg.source} reads prepared stores: pass stores "
                           "(see lmjax.data.prepare.run_stores).")
+    return _store_pipeline(data_cfg, tokenizer, mine, identity, stores)
+
+
+def _synthetic_pipeline(data_cfg: DataConfig, mine: np.ndarray, identity: dict,
+                        vocab_size: int | None) -> Pipeline:
+    if not vocab_size or vocab_size < 1:
+        raise ConfigError("data.source=synthetic needs vocab_size (pass model.vocab_size).")
+    seed, seq_len, pack = data_cfg.seed, data_cfg.seq_len, data_cfg.packing
+
+    def stream(k: int) -> Callable[[int], Batch]:  # 0: training, 1: evaluation
+        return lambda s: synthetic_batch(seed, k, s, mine, seq_len, vocab_size, pack)
+
+    return Pipeline(tokenizer=None, identity={**identity, "vocab_size": vocab_size},
+                    train=stream(0), evaluation={"synthetic": stream(1)},
+                    row_sources=lambda s: ["synthetic"] * len(mine))
+
+
+def _open_stores(data_cfg: DataConfig, tokenizer: Tokenizer,
+                 stores: dict[str, str]) -> tuple[dict[str, float], dict[str, dict]]:
+    """({source: mixture weight}, {source: store metadata}); a ConfigError for a store that
+    another tokenizer wrote."""
     weights = dict(mixture.parse(data_cfg.mixture)) if data_cfg.mixture else {n: 1.0 for n in stores}
-    names = list(weights)
-    metas = {name: store.open_store(stores[name]) for name in names}
+    metas = {name: store.open_store(stores[name]) for name in weights}
     for name, meta in metas.items():
         if meta["tokenizer"] != tokenizer.fingerprint:
             raise ConfigError(f"store {stores[name]} was tokenized with tokenizer "
                               f"{meta['tokenizer']}, not {tokenizer.fingerprint}: prepare the "
                               "store with this tokenizer.")
-    identity.update(mixture=data_cfg.mixture, tokenizer=tokenizer.fingerprint,
-                    stores={n: os.path.basename(os.path.normpath(stores[n])) for n in names})
-    shuffled = data_cfg.shuffle
-    train = MixedReader(names, [
-        WindowReader(store.StoreSplit(stores[n], "train", metas[n]), seq_len=seq_len,
-                     shuffle_key=(data_cfg.seed, k) if shuffled else None)
-        for k, n in enumerate(names)], [weights[n] for n in names],
-        seed=data_cfg.seed, eos_id=tokenizer.eos_id, pack=pack)
-    evaluation = {n: MixedReader([n], [WindowReader(store.StoreSplit(stores[n], "validation", metas[n]),
-                                                    seq_len=seq_len, shuffle_key=None)], [1.0],
-                                 seed=0, eos_id=tokenizer.eos_id, pack=pack) for n in names}
+    return weights, metas
+
+
+def _store_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer, mine: np.ndarray, identity: dict,
+                    stores: dict[str, str]) -> Pipeline:
+    weights, metas = _open_stores(data_cfg, tokenizer, stores)
+    names, batch_size = list(weights), data_cfg.batch_size
+    identity = {**identity, "mixture": data_cfg.mixture, "tokenizer": tokenizer.fingerprint,
+                "stores": {n: os.path.basename(os.path.normpath(stores[n])) for n in names}}
+
+    def reader(mix: dict[str, float], split: str, shuffled: bool, seed: int) -> MixedReader:
+        windows = [WindowReader(store.StoreSplit(stores[n], split, metas[n]),
+                                seq_len=data_cfg.seq_len,
+                                shuffle_key=(data_cfg.seed, names.index(n)) if shuffled else None)
+                   for n in mix]
+        return MixedReader(list(mix), windows, list(mix.values()), seed=seed,
+                           eos_id=tokenizer.eos_id, pack=data_cfg.packing)
+
+    train = reader(weights, "train", data_cfg.shuffle, data_cfg.seed)
+    evaluation = {n: reader({n: 1.0}, "validation", False, 0) for n in names}
     return Pipeline(
         tokenizer=tokenizer, identity=identity,
         train=lambda s: train.batch(s * batch_size + mine),
-        evaluation={n: functools.partial(_eval_batch, r, batch_size, mine) for n, r in evaluation.items()},
+        evaluation={n: functools.partial(_eval_batch, r, batch_size, mine)
+                    for n, r in evaluation.items()},
         row_sources=lambda s: [names[k] for k in train.assign(s * batch_size + mine)[0]])
 
 
