@@ -16,7 +16,7 @@ import time
 import jax
 
 from lmjax import checkpoint, metrics, roofline, sharding, train
-from lmjax.batch import BATCH_KEYS
+from lmjax.batch import abstract_batch
 from lmjax.config import Config, ConfigError, validate
 from lmjax.hardware import Target
 from lmjax.sharding import format_bytes
@@ -108,8 +108,7 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
     rows = config.data.batch_size
     # Raises a ConfigError naming the numbers when the mesh does not divide the batch.
     sharding.logical_to_spec(("act_batch", None), trainer.rules, mesh, (rows, config.data.seq_len))
-    batch = {k: jax.ShapeDtypeStruct((rows, config.data.seq_len), "int32",
-                                     sharding=trainer.batch_sharding) for k in BATCH_KEYS}
+    batch = abstract_batch(rows, config.data.seq_len, trainer.batch_sharding)
     hbm = target.generation.hbm_bytes if target else os.sysconf("SC_PAGE_SIZE") * os.sysconf(
         "SC_PHYS_PAGES") // len(devices)
     start, cpu_start = time.perf_counter(), time.process_time()

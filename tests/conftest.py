@@ -12,3 +12,16 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+from tests.helpers import hamlet_tokenizer  # noqa: E402  (imports jax: after the set-up)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The Hamlet tokenizer with BOS (id 2), trained once per session: 300 pieces, so that
+    models reading its ids need vocab_size >= 300."""
+    tok = hamlet_tokenizer(bos_id=2)
+    assert tok.vocab_size == 300
+    return tok

@@ -20,6 +20,7 @@ import pytest
 from lmjax import checkpoint, optim, sharding, train
 from lmjax.config import (CheckpointConfig, Config, ConfigError, DataConfig, MeshConfig,
                           ModelConfig, RunConfig, apply_overrides)
+from lmjax.data.pipeline import synthetic_batch
 
 TINY = Config(
     model=ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -34,15 +35,6 @@ def _trainer(config=TINY, devices=None):
     return train.make_trainer(config, sharding.make_mesh(config.mesh, devices))
 
 
-def _batch(step: int) -> dict:
-    rng = np.random.default_rng(step)
-    tokens = rng.integers(0, TINY.model.vocab_size, (8, 17), dtype=np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "segment_ids": np.ones((8, 16), np.int32),
-            "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1)),
-            "loss_mask": np.ones((8, 16), np.float32)}
-
-
 @pytest.fixture(scope="module")
 def trained():
     """(trainer, states after steps 1..7, metrics of each step)."""
@@ -50,7 +42,9 @@ def trained():
     state = trainer.init_fn()
     states, metrics = [], []
     for step in range(1, 8):
-        state, m = trainer.step_fn(state, train.global_batch(_batch(step), trainer.batch_sharding))
+        batch = synthetic_batch(0, 0, step, range(TINY.data.batch_size), TINY.data.seq_len,
+                                TINY.model.vocab_size)
+        state, m = trainer.step_fn(state, train.global_batch(batch, trainer.batch_sharding))
         states.append(jax.tree.map(np.asarray, state))
         metrics.append(m)
     return trainer, states, metrics, state

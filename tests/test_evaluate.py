@@ -1,50 +1,28 @@
 """Evaluation against the independent float64 numpy Llama (tests/numpy_llama.py).
 
-A tiny sentencepiece model is trained once per session on a slice of Hamlet; the texts
-scored are from other plays.
+A tiny sentencepiece model is trained once per session on a slice of Hamlet (the `tokenizer`
+fixture of tests/conftest.py); the texts scored are from other plays.
 """
 import dataclasses
-import io
 import json
 import math
 
 import jax
 import numpy as np
 import pytest
-import sentencepiece as spm
 
 from lmjax import checkpoint, data, evaluate, model, sharding, train
 from lmjax.commands import eval as eval_command
 from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, RunConfig
 from lmjax.data.documents import PACKAGED_DIR
-from lmjax.data.tokenizer import Tokenizer
 from tests import numpy_llama
-from tests.test_model import hf_config, random_model
+from tests.helpers import hf_config, random_model
 
 # The Shakespeare slice shipped inside the package, so a fresh clone needs nothing beside it.
 CORPUS = PACKAGED_DIR
 CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_mlp=64, max_seq_len=64, dtype="float32", param_dtype="float32", remat="none",
                   attention="xla")
-
-
-def hamlet_tokenizer(bos_id: int) -> Tokenizer:
-    """A 300-piece model of a slice of Hamlet (pad 0, unk 1, eos 3; bos_id -1: none)."""
-    with open(f"{CORPUS}/hamlet.txt", encoding="utf-8") as f:
-        text = f.read()[:12000]
-    proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([line for line in text.splitlines() if line.strip()]),
-        model_writer=proto, vocab_size=300, pad_id=0, unk_id=1, bos_id=bos_id, eos_id=3,
-        normalization_rule_name="identity", minloglevel=2)
-    return Tokenizer(proto.getvalue())
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    tok = hamlet_tokenizer(bos_id=2)
-    assert tok.vocab_size == 300 and tok.vocab_size <= CFG.vocab_size
-    return tok
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ from lmjax import generate as gen
 from lmjax import model, sharding
 from lmjax.commands import bench as bench_command
 from lmjax.config import MeshConfig, ModelConfig
-from tests.test_evaluate import hamlet_tokenizer, tokenizer  # noqa: F401  (session fixture)
-from tests.test_model import random_model
+from tests.helpers import hamlet_tokenizer, random_model
 
 CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                   d_mlp=64, max_seq_len=64, dtype="float32", param_dtype="float32", remat="none",
@@ -217,7 +216,7 @@ def test_sharded_generation_matches_unsharded(params):
 # ---------------------------------------------------------------- text and bench
 
 
-def test_sample_text_continues_the_prompt(params, tokenizer):  # noqa: F811
+def test_sample_text_continues_the_prompt(params, tokenizer):
     prompt = "To be, or not to be"
     text = gen.sample_text(params, CFG, tokenizer, prompt, 12)
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)

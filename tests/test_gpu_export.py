@@ -6,8 +6,8 @@ import jax
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-from lmjax.batch import BATCH_KEYS
-from lmjax import attention, cli, sharding, train
+from lmjax import attention, checkpoint, cli, sharding, train
+from lmjax.batch import abstract_batch
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 # Triton lowering asks which GPU it compiles for; with none attached, an abstract one says so.
@@ -21,11 +21,8 @@ def export_train_step_for_cuda(experiment: str, sets=()) -> jax.export.Exported:
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention=on_gpu))
     mesh = AbstractMesh((1, 1, 1), sharding.MESH_AXES, (AxisType.Auto,) * 3, abstract_device=H100)
     trainer = train.make_trainer(config, mesh)
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         jax.eval_shape(trainer.init_fn), trainer.state_shardings)
-    shape = (config.data.batch_size, config.data.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, "int32", sharding=trainer.batch_sharding)
-             for k in BATCH_KEYS}
+    state = checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings)
+    batch = abstract_batch(config.data.batch_size, config.data.seq_len, trainer.batch_sharding)
     with jax.sharding.use_abstract_mesh(mesh):
         # The kernel's Triton custom call is not on export's list of stable custom calls;
         # it is compiled by the XLA of the same jax on the GPU, never deserialized elsewhere.

@@ -1,8 +1,8 @@
 """Model numerics in float32 against the independent numpy reference (tests/numpy_llama.py).
 
 Parameters are drawn as a random HF-named state dict and placed into the lmjax layout by
-`params_from_hf` below, a direct transcription of the layouts documented in lmjax/model.py
-(deliberately not lmjax.convert.hf, which tests/test_convert.py checks on its own).
+`tests.helpers.params_from_hf`, a direct transcription of the layouts documented in
+lmjax/model.py (deliberately not lmjax.convert.hf, which tests/test_convert.py checks on its own).
 """
 import dataclasses
 import functools
@@ -16,6 +16,7 @@ import pytest
 from lmjax import model
 from lmjax.config import ModelConfig
 from tests import numpy_llama
+from tests.helpers import hf_config, random_model
 
 CFG = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                   d_mlp=64, max_seq_len=64, rope_theta=10000.0, norm_eps=1e-5, dtype="float32",
@@ -24,55 +25,6 @@ CFG = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=
 # (kept, blended, divided by the factor) fall on frequencies that matter at 32 positions.
 SCALED = dataclasses.replace(CFG, rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
                              rope_high_freq_factor=4.0, rope_original_max_len=64)
-
-
-def hf_config(cfg: ModelConfig) -> dict:
-    config = {"hidden_size": cfg.d_model, "intermediate_size": cfg.d_mlp,
-              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-              "head_dim": cfg.head_dim, "num_hidden_layers": cfg.n_layers,
-              "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
-              "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
-              "rope_scaling": None}
-    if cfg.rope_scaling_factor > 0:
-        config["rope_scaling"] = {
-            "rope_type": "llama3", "factor": cfg.rope_scaling_factor,
-            "low_freq_factor": cfg.rope_low_freq_factor,
-            "high_freq_factor": cfg.rope_high_freq_factor,
-            "original_max_position_embeddings": cfg.rope_original_max_len}
-    return config
-
-
-def params_from_hf(t: dict, cfg: ModelConfig) -> dict:
-    """HF Linear weights are [out, in]; lmjax stores [in, out] with heads split out."""
-    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-
-    def stack(name, fn):
-        return jnp.asarray(np.stack([fn(t[f"model.layers.{i}.{name}"]) for i in range(cfg.n_layers)]))
-
-    params = {
-        "embed": jnp.asarray(t["model.embed_tokens.weight"]),
-        "layers": {
-            "attn_norm": stack("input_layernorm.weight", lambda w: w),
-            "wq": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(D, H, Dh)),
-            "wk": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(D, K, Dh)),
-            "wv": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(D, K, Dh)),
-            "wo": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(H, Dh, D)),
-            "mlp_norm": stack("post_attention_layernorm.weight", lambda w: w),
-            "w_gate": stack("mlp.gate_proj.weight", lambda w: w.T),
-            "w_up": stack("mlp.up_proj.weight", lambda w: w.T),
-            "w_down": stack("mlp.down_proj.weight", lambda w: w.T),
-        },
-        "final_norm": jnp.asarray(t["model.norm.weight"]),
-    }
-    if not cfg.tie_embeddings:
-        params["unembed"] = jnp.asarray(t["lm_head.weight"].T)
-    return params
-
-
-def random_model(cfg: ModelConfig, seed: int = 0):
-    """(params, hf_tensors) holding the same random weights."""
-    tensors = numpy_llama.random_checkpoint(hf_config(cfg), seed=seed)
-    return params_from_hf(tensors, cfg), tensors
 
 
 def tokens_for(seed, batch=2, seq=32, vocab=256):

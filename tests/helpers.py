@@ -1,0 +1,81 @@
+"""Helpers that several test modules share (fixtures live in tests/conftest.py): a random
+model held both in lmjax's layout and as HF-named tensors for tests/numpy_llama.py, and a tiny
+sentencepiece tokenizer trained on a slice of Hamlet. Test modules import these from here,
+never from one another.
+"""
+import io
+
+import jax.numpy as jnp
+import numpy as np
+import sentencepiece as spm
+
+from lmjax.config import ModelConfig
+from lmjax.data.documents import PACKAGED_DIR
+from lmjax.data.tokenizer import Tokenizer
+from tests import numpy_llama
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """The Hugging Face config.json of `cfg`: the keys tests/numpy_llama.py reads."""
+    config = {"hidden_size": cfg.d_model, "intermediate_size": cfg.d_mlp,
+              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+              "head_dim": cfg.head_dim, "num_hidden_layers": cfg.n_layers,
+              "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
+              "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+              "rope_scaling": None}
+    if cfg.rope_scaling_factor > 0:
+        config["rope_scaling"] = {
+            "rope_type": "llama3", "factor": cfg.rope_scaling_factor,
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_len}
+    return config
+
+
+def params_from_hf(t: dict, cfg: ModelConfig) -> dict:
+    """HF-named tensors `t` in lmjax's parameter layout, transcribed from the layouts that
+    lmjax/model.py documents (deliberately not lmjax.convert.hf, which tests/test_convert.py
+    checks on its own). HF Linear weights are [out, in]; lmjax stores [in, out] with heads
+    split out."""
+    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def stack(name, fn):
+        return jnp.asarray(np.stack([fn(t[f"model.layers.{i}.{name}"]) for i in range(cfg.n_layers)]))
+
+    params = {
+        "embed": jnp.asarray(t["model.embed_tokens.weight"]),
+        "layers": {
+            "attn_norm": stack("input_layernorm.weight", lambda w: w),
+            "wq": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(D, H, Dh)),
+            "wk": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(D, K, Dh)),
+            "wv": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(D, K, Dh)),
+            "wo": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(H, Dh, D)),
+            "mlp_norm": stack("post_attention_layernorm.weight", lambda w: w),
+            "w_gate": stack("mlp.gate_proj.weight", lambda w: w.T),
+            "w_up": stack("mlp.up_proj.weight", lambda w: w.T),
+            "w_down": stack("mlp.down_proj.weight", lambda w: w.T),
+        },
+        "final_norm": jnp.asarray(t["model.norm.weight"]),
+    }
+    if not cfg.tie_embeddings:
+        params["unembed"] = jnp.asarray(t["lm_head.weight"].T)
+    return params
+
+
+def random_model(cfg: ModelConfig, seed: int = 0):
+    """(params, hf_tensors) holding the same random weights."""
+    tensors = numpy_llama.random_checkpoint(hf_config(cfg), seed=seed)
+    return params_from_hf(tensors, cfg), tensors
+
+
+def hamlet_tokenizer(bos_id: int) -> Tokenizer:
+    """A 300-piece model of a slice of Hamlet (pad 0, unk 1, eos 3; bos_id -1: none), from the
+    Shakespeare text shipped inside the package, so that a fresh clone needs nothing beside it."""
+    with open(f"{PACKAGED_DIR}/hamlet.txt", encoding="utf-8") as f:
+        text = f.read()[:12000]
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([line for line in text.splitlines() if line.strip()]),
+        model_writer=proto, vocab_size=300, pad_id=0, unk_id=1, bos_id=bos_id, eos_id=3,
+        normalization_rule_name="identity", minloglevel=2)
+    return Tokenizer(proto.getvalue())
