@@ -215,30 +215,36 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     r = plan_rendezvous(env, coordinator_address, num_processes, process_id,
                         on_cloud_tpu=_on_cloud_tpu())
     if r.kind != "single" and not jax.distributed.is_initialized():
-        from jax._src import xla_bridge
-        if xla_bridge.backends_are_initialized():
-            raise RuntimeError("lmjax.distributed.initialize() must run before any jax "
-                               "computation (jax.devices(), jnp arrays, ...): move the call "
-                               "to the top of the entry point")
-        heartbeat = _int_setting(None, env, ENV_HEARTBEAT_TIMEOUT) or DEFAULT_HEARTBEAT_TIMEOUT_S
-        kwargs = {"initialization_timeout": int(timeout_s) + _JAX_DEADLINE_GRACE_S,
-                  "heartbeat_timeout_seconds": heartbeat}
-        # CPU devices need gloo for cross-process collectives: set it rather than rely on
-        # jax's default.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        if r.kind == "explicit":
-            kwargs.update(coordinator_address=r.coordinator_address,
-                          num_processes=r.num_processes, process_id=r.process_id,
-                          cluster_detection_method="deactivate")
-        arrived = _exit_on_timeout(timeout_s, lambda: rendezvous_hint(r, timeout_s))
-        try:
-            jax.distributed.initialize(**kwargs)
-        finally:
-            arrived.set()
+        _join(r, env, timeout_s)
     where = f", coordinator {r.coordinator_address}" if r.coordinator_address else ""
     log.info("process %d/%d (%s start%s): %d local %s devices, %d global",
              jax.process_index(), jax.process_count(), r.kind, where,
              jax.local_device_count(), jax.default_backend(), jax.device_count())
+
+
+def _join(r: Rendezvous, env, timeout_s: float) -> None:
+    """`jax.distributed.initialize` for rendezvous `r`, with lmjax's timeouts; exits with a
+    hint when the peers do not all arrive within `timeout_s`."""
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("lmjax.distributed.initialize() must run before any jax "
+                           "computation (jax.devices(), jnp arrays, ...): move the call "
+                           "to the top of the entry point")
+    heartbeat = _int_setting(None, env, ENV_HEARTBEAT_TIMEOUT) or DEFAULT_HEARTBEAT_TIMEOUT_S
+    kwargs = {"initialization_timeout": int(timeout_s) + _JAX_DEADLINE_GRACE_S,
+              "heartbeat_timeout_seconds": heartbeat}
+    # CPU devices need gloo for cross-process collectives: set it rather than rely on
+    # jax's default.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if r.kind == "explicit":
+        kwargs.update(coordinator_address=r.coordinator_address,
+                      num_processes=r.num_processes, process_id=r.process_id,
+                      cluster_detection_method="deactivate")
+    arrived = _exit_on_timeout(timeout_s, lambda: rendezvous_hint(r, timeout_s))
+    try:
+        jax.distributed.initialize(**kwargs)
+    finally:
+        arrived.set()
 
 
 def is_primary() -> bool:

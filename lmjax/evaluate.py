@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmjax import objective, sharding
-from lmjax.batch import BATCH_KEYS, Batch, select
+from lmjax.batch import BATCH_DTYPES, BATCH_KEYS, Batch, select
 from lmjax.config import ConfigError, ModelConfig
 
 
@@ -106,9 +106,7 @@ def _window_rows(docs: Iterable[list[int]], context_len: int, stride: int) -> It
 
 
 def _empty_row(context_len: int) -> dict[str, np.ndarray]:
-    row = {k: np.zeros(context_len, np.int32) for k in BATCH_KEYS}
-    row["loss_mask"] = np.zeros(context_len, np.float32)
-    return row
+    return {k: np.zeros(context_len, BATCH_DTYPES[k]) for k in BATCH_KEYS}
 
 
 def _batched(rows: Iterator[dict], batch_size: int, context_len: int) -> Iterator[dict]:

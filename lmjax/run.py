@@ -53,13 +53,8 @@ def _set_up(config: Config, workdir: str, restore_from: str | None,
     rows = sharding.process_rows(
         sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh)),
         config.data.batch_size)
-    tokenizer = prepare.prepare_tokenizer(config.data, workdir, leader=primary)
-    config = _with_tokenizer(config, tokenizer)
+    config, tokenizer = _tokenizer(config, workdir, primary, resume)
     fingerprint = tokenizer.fingerprint if tokenizer is not None else None
-    resume.check_tokenizer(fingerprint)
-    if tokenizer is not None:
-        validate_tokenizer(config, tokenizer.vocab_size,
-                           len(tokenizer.encode_documents([config.run.sample_prompt], eos=False)[0]))
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(to_json(config))
@@ -167,7 +162,17 @@ def _sample(trainer: Trainer, params, tokenizer) -> str:
     return text
 
 
-def _with_tokenizer(config: Config, tokenizer) -> Config:
+def _tokenizer(config: Config, workdir: str, primary: bool,
+               resume: checkpoint.ResumePlan) -> tuple[Config, Any]:
+    """(config naming the tokenizer's path, the tokenizer; None for synthetic tokens): loaded
+    or trained once (by process 0), and checked against the checkpoint resumed from, the
+    model's vocabulary and the sample prompt's length."""
+    tokenizer = prepare.prepare_tokenizer(config.data, workdir, leader=primary)
+    resume.check_tokenizer(tokenizer.fingerprint if tokenizer is not None else None)
     if tokenizer is None:
-        return config
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=tokenizer.path))
+        return config, None
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data,
+                                                                  tokenizer=tokenizer.path))
+    prompt = tokenizer.encode_documents([config.run.sample_prompt], eos=False)[0]
+    validate_tokenizer(config, tokenizer.vocab_size, len(prompt))
+    return config, tokenizer

@@ -112,8 +112,8 @@ def _entries(cfg: ModelConfig):
 # ---------------------------------------------------------------- config
 
 
-def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
-    """A ModelConfig from an HF Llama `config.json` dict; unsupported features are errors."""
+def _check_llama(hf: dict) -> None:
+    """A ConfigError unless `hf` describes a Llama that lmjax's model implements."""
     if hf.get("model_type") != "llama":
         raise ConfigError(f"config.json has model_type={hf.get('model_type')!r}; only Llama "
                           "(model_type \"llama\") checkpoints can be converted")
@@ -126,6 +126,11 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
                            "num_attention_heads") if k not in hf]
     if missing:
         raise ConfigError(f"config.json lacks {missing}: is this a Llama config.json?")
+
+
+def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
+    """A ModelConfig from an HF Llama `config.json` dict; unsupported features are errors."""
+    _check_llama(hf)
     # transformers >= 5 writes rope settings as "rope_parameters"; older files as
     # "rope_theta" plus "rope_scaling".
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -244,6 +249,23 @@ def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mo
     return cfg, params
 
 
+def _plan_shards(cfg: ModelConfig, itemsize: int, max_shard_bytes: int
+                 ) -> tuple[list[list[tuple[Entry, str, int | None]]], int]:
+    """([shard: [(table entry, HF name, layer or None)]], total bytes): tensors in table
+    order, a new shard whenever the next tensor would take one past `max_shard_bytes`."""
+    shards: list[list[tuple[Entry, str, int | None]]] = [[]]
+    size = total = 0
+    for entry, name, layer, shape in _entries(cfg):
+        nbytes = math.prod(shape) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((entry, name, layer))
+        size += nbytes
+        total += nbytes
+    return shards, total
+
+
 def save(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike, *,
          dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes an HF Llama directory that `LlamaForCausalLM.from_pretrained` loads.
@@ -267,19 +289,8 @@ def save(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike, *,
     if dtype not in _TORCH_DTYPES:
         raise ConfigError(f"cannot write dtype {dtype!r}; choose one of {sorted(_TORCH_DTYPES)}")
     np_dtype = np.dtype(dtype)
-
-    # Plan the shards from shapes alone, then convert one shard at a time.
-    itemsize = np_dtype.itemsize
-    shards: list[list[tuple[Entry, str, int | None]]] = [[]]
-    size = total = 0
-    for entry, name, layer, shape in _entries(cfg):
-        nbytes = math.prod(shape) * itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((entry, name, layer))
-        size += nbytes
-        total += nbytes
+    # The shards are planned from shapes alone, then converted one shard at a time.
+    shards, total = _plan_shards(cfg, np_dtype.itemsize, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)])
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -34,11 +34,8 @@ def _beam():
     return apache_beam
 
 
-def pipeline_options(runner: str, workers: int, options: str, store_root: str):
-    """Beam PipelineOptions for `runner`; every mistake is a ConfigError raised before any work.
-
-    options: extra pipeline flags as one shell-quoted string ("--project=p --region=r").
-    """
+def _check_runner(runner: str, workers: int, store_root: str) -> None:
+    """A ConfigError for a runner, worker count or store root that cannot work together."""
     if runner not in RUNNERS:
         raise ConfigError(f"--beam-runner={runner!r} is not a runner lmjax knows: choose one of "
                           f"{', '.join(RUNNERS)}.")
@@ -51,6 +48,14 @@ def pipeline_options(runner: str, workers: int, options: str, store_root: str):
     if runner == "DataflowRunner" and "://" not in store_root:
         raise ConfigError(f"Dataflow workers cannot write the local store root {store_root!r}: "
                           "set data.store_dir=gs://BUCKET/PATH.")
+
+
+def pipeline_options(runner: str, workers: int, options: str, store_root: str):
+    """Beam PipelineOptions for `runner`; every mistake is a ConfigError raised before any work.
+
+    options: extra pipeline flags as one shell-quoted string ("--project=p --region=r").
+    """
+    _check_runner(runner, workers, store_root)
     try:
         flags = shlex.split(options)
     except ValueError as e:

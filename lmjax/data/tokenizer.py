@@ -116,13 +116,18 @@ def train_from_texts(texts: Iterable[str], vocab_size: int, model_type: str, out
     except RuntimeError as e:
         raise ConfigError(f"SentencePiece training failed: {e}. A vocabulary larger than the "
                           "text supports is the usual cause: lower the vocab size or add text.") from None
-    proto = model.getvalue()
+    _write_model(model.getvalue(), output_prefix)
+    return output_prefix + ".model"
+
+
+def _write_model(proto: bytes, output_prefix: str) -> None:
+    """`output_prefix.model` (written under a temporary name and renamed, so concurrent
+    processes never read half a file) and the readable `output_prefix.vocab`."""
     tok = Tokenizer(proto, output_prefix + ".model")
     io_ = documents.gfile()
     parent = os.path.dirname(output_prefix)
     if parent:
         io_.makedirs(parent)
-    # Written under a temporary name and renamed, so concurrent processes never read half a file.
     tmp = f"{output_prefix}.model.tmp-{os.getpid()}"
     with io_.GFile(tmp, "wb") as f:
         f.write(proto)
@@ -130,7 +135,6 @@ def train_from_texts(texts: Iterable[str], vocab_size: int, model_type: str, out
     with io_.GFile(output_prefix + ".vocab", "w") as f:
         f.write("".join(f"{tok._sp.id_to_piece(i)!r}\t{tok._sp.get_score(i)}\n"
                         for i in range(tok.vocab_size)))
-    return output_prefix + ".model"
 
 
 def train_tokenizer(input_files: list[str] | str, vocab_size: int, model_type: str,
