@@ -14,6 +14,7 @@ gives every pod TPU_WORKER_ID / TPU_WORKER_HOSTNAMES and, for several slices, ME
 `lmjax.distributed.initialize()` lets jax read them. The JobSet restarts all pods on any
 failure (up to --max-restarts); the run resumes from its checkpoint in the gs:// workdir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,54 +44,79 @@ def container_script(command: Sequence[str]) -> str:
 def jobset(args) -> dict:
     """The JobSet object (a plain dict) for `args`."""
     shape = slice_shape(args.accelerator_type, args.topology)
-    node_selector = {"cloud.google.com/gke-tpu-accelerator": shape.generation.gke_accelerator,
-                     "cloud.google.com/gke-tpu-topology": shape.topology}
+    node_selector = {
+        "cloud.google.com/gke-tpu-accelerator": shape.generation.gke_accelerator,
+        "cloud.google.com/gke-tpu-topology": shape.topology,
+    }
     pod_spec = {
         "restartPolicy": "Never",
         "hostNetwork": True,
         "dnsPolicy": "ClusterFirstWithHostNet",
         "nodeSelector": node_selector,
-        "containers": [{
-            "name": "lmjax",
-            "image": args.image,
-            "command": ["bash", "-c", container_script(args.command)],
-            "ports": [{"containerPort": p} for p in _TPU_PORTS],
-            "resources": {"limits": {"google.com/tpu": shape.chips_per_host}},
-        }],
+        "containers": [
+            {
+                "name": "lmjax",
+                "image": args.image,
+                "command": ["bash", "-c", container_script(args.command)],
+                "ports": [{"containerPort": p} for p in _TPU_PORTS],
+                "resources": {"limits": {"google.com/tpu": shape.chips_per_host}},
+            }
+        ],
     }
     if args.spot:
         node_selector["cloud.google.com/gke-spot"] = "true"
-        pod_spec["tolerations"] = [{"key": "cloud.google.com/gke-spot", "operator": "Equal",
-                                    "value": "true", "effect": "NoSchedule"}]
+        pod_spec["tolerations"] = [
+            {
+                "key": "cloud.google.com/gke-spot",
+                "operator": "Equal",
+                "value": "true",
+                "effect": "NoSchedule",
+            }
+        ]
     return {
         "apiVersion": "jobset.x-k8s.io/v1alpha2",
         "kind": "JobSet",
-        "metadata": {"name": args.name, "annotations": {
-            # One slice per node pool: a slice's pods share one ICI domain.
-            "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}},
+        "metadata": {
+            "name": args.name,
+            "annotations": {
+                # One slice per node pool: a slice's pods share one ICI domain.
+                "alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"
+            },
+        },
         "spec": {
             "failurePolicy": {"maxRestarts": args.max_restarts},
-            "replicatedJobs": [{
-                "name": "slice",
-                "replicas": args.num_slices,
-                "template": {"spec": {
-                    "parallelism": shape.hosts,
-                    "completions": shape.hosts,
-                    "backoffLimit": 0,
-                    "template": {"spec": pod_spec},
-                }},
-            }],
+            "replicatedJobs": [
+                {
+                    "name": "slice",
+                    "replicas": args.num_slices,
+                    "template": {
+                        "spec": {
+                            "parallelism": shape.hosts,
+                            "completions": shape.hosts,
+                            "backoffLimit": 0,
+                            "template": {"spec": pod_spec},
+                        }
+                    },
+                }
+            ],
         },
     }
 
 
 def xpk_command(args) -> list[str]:
     """The equivalent `xpk workload create` (xpk builds a similar JobSet itself)."""
-    cmd = ["xpk", "workload", "create", f"--cluster={args.cluster or 'CLUSTER_NAME'}",
-           f"--workload={args.name}", f"--tpu-type={args.accelerator_type}",
-           f"--num-slices={args.num_slices}", f"--docker-image={args.image}",
-           f"--max-restarts={args.max_restarts}",
-           f"--command={container_script(args.command)}"]
+    cmd = [
+        "xpk",
+        "workload",
+        "create",
+        f"--cluster={args.cluster or 'CLUSTER_NAME'}",
+        f"--workload={args.name}",
+        f"--tpu-type={args.accelerator_type}",
+        f"--num-slices={args.num_slices}",
+        f"--docker-image={args.image}",
+        f"--max-restarts={args.max_restarts}",
+        f"--command={container_script(args.command)}",
+    ]
     if args.project:
         cmd.append(f"--project={args.project}")
     if args.zone:
@@ -101,10 +127,12 @@ def xpk_command(args) -> list[str]:
 def manifest(args) -> str:
     """YAML text: a comment header (shape, xpk equivalent) and the JobSet."""
     shape = slice_shape(args.accelerator_type, args.topology)
-    header = (f"lmjax: {args.num_slices} slice(s) of {args.accelerator_type} (topology "
-              f"{shape.topology}, {shape.hosts} host(s) x {shape.chips_per_host} chips)\n"
-              f"apply: kubectl apply -f THIS_FILE\n"
-              f"equivalent: {shlex.join(xpk_command(args))}")
+    header = (
+        f"lmjax: {args.num_slices} slice(s) of {args.accelerator_type} (topology "
+        f"{shape.topology}, {shape.hosts} host(s) x {shape.chips_per_host} chips)\n"
+        f"apply: kubectl apply -f THIS_FILE\n"
+        f"equivalent: {shlex.join(xpk_command(args))}"
+    )
     # Every header line is commented, even lines a newline inside the command starts.
     comment = "".join(f"# {line}\n" for line in header.splitlines())
     return comment + yaml.safe_dump(jobset(args), sort_keys=False)
@@ -116,12 +144,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerator-type", required=True, help="v5p-64, v5litepod-16, v6e-256, ...")
     p.add_argument("--topology", help="override the default topology for the chip count")
     p.add_argument("--num-slices", type=int, default=1)
-    p.add_argument("--image", required=True,
-                   help="container image with lmjax installed, built from this checkout: "
-                        "docker build -f docker/Dockerfile --build-arg EXTRA=tpu -t IMAGE .")
+    p.add_argument(
+        "--image",
+        required=True,
+        help="container image with lmjax installed, built from this checkout: "
+        "docker build -f docker/Dockerfile --build-arg EXTRA=tpu -t IMAGE .",
+    )
     p.add_argument("--spot", action="store_true", help="schedule on spot TPU node pools")
-    p.add_argument("--max-restarts", type=int, default=10,
-                   help="JobSet restarts of all pods after a failure or preemption")
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=10,
+        help="JobSet restarts of all pods after a failure or preemption",
+    )
     p.add_argument("--cluster", help="GKE cluster name, for the xpk command")
     p.add_argument("--project")
     p.add_argument("--zone")
@@ -138,8 +173,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not args.command:
         p.error("give the command after --, e.g. -- lmjax train --experiment X")
     if not _NAME.fullmatch(args.name):
-        p.error(f"--name {args.name!r}: use at most 40 lowercase letters, digits and '-', "
-                f"starting with a letter")
+        p.error(
+            f"--name {args.name!r}: use at most 40 lowercase letters, digits and '-', "
+            f"starting with a letter"
+        )
     if args.num_slices < 1 or args.max_restarts < 0:
         p.error("--num-slices must be >= 1 and --max-restarts >= 0")
     try:
@@ -147,8 +184,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     if args.num_slices > 1 and shape.hosts == 1:
-        p.error(f"multi-slice on GKE needs multi-host slices; {args.accelerator_type} is one "
-                f"host: use a larger accelerator type or --num-slices 1")
+        p.error(
+            f"multi-slice on GKE needs multi-host slices; {args.accelerator_type} is one "
+            f"host: use a larger accelerator type or --num-slices 1"
+        )
     return args
 
 

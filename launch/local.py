@@ -7,6 +7,7 @@ LMJAX_PROCESS_ID, LMJAX_LOCAL_DEVICES, XLA_FLAGS (M host devices) and JAX_PLATFO
 `lmjax.distributed.initialize()` picks them up. Output lines are prefixed `[p0]`, `[p1]`, ...
 If one process fails, the others are stopped and its exit code is returned.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import threading
 import time
 from typing import Mapping, Sequence, TextIO
 
-TIMEOUT_EXIT = 124       # like coreutils `timeout`
+TIMEOUT_EXIT = 124  # like coreutils `timeout`
 _STOP_GRACE_S = 5.0
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
@@ -32,22 +33,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_env(base: Mapping[str, str], coordinator: str, processes: int, process_id: int,
-                devices_per_process: int) -> dict[str, str]:
+def process_env(
+    base: Mapping[str, str],
+    coordinator: str,
+    processes: int,
+    process_id: int,
+    devices_per_process: int,
+) -> dict[str, str]:
     """The environment of local process `process_id`: `base` plus the rendezvous variables.
 
     Any device-count flag already in XLA_FLAGS is replaced; other XLA flags are kept.
     """
     xla_flags = [f for f in base.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_FLAG)]
     xla_flags.append(f"{_DEVICE_FLAG}={devices_per_process}")
-    return {**base,
-            "LMJAX_COORDINATOR": coordinator,
-            "LMJAX_NUM_PROCESSES": str(processes),
-            "LMJAX_PROCESS_ID": str(process_id),
-            "LMJAX_LOCAL_DEVICES": str(devices_per_process),
-            "XLA_FLAGS": " ".join(xla_flags),
-            "JAX_PLATFORMS": "cpu",
-            "PYTHONUNBUFFERED": "1"}
+    return {
+        **base,
+        "LMJAX_COORDINATOR": coordinator,
+        "LMJAX_NUM_PROCESSES": str(processes),
+        "LMJAX_PROCESS_ID": str(process_id),
+        "LMJAX_LOCAL_DEVICES": str(devices_per_process),
+        "XLA_FLAGS": " ".join(xla_flags),
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def _resolve(command: Sequence[str]) -> list[str]:
@@ -83,12 +91,17 @@ def _stop(procs: Sequence[subprocess.Popen]) -> None:
 
 
 def _exit_code(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode   # killed by signal N -> 128+N
+    return 128 - returncode if returncode < 0 else returncode  # killed by signal N -> 128+N
 
 
-def launch_local(command: list[str], processes: int, devices_per_process: int,
-                 env: Mapping[str, str] | None = None, timeout: float | None = None,
-                 out: TextIO | None = None) -> int:
+def launch_local(
+    command: list[str],
+    processes: int,
+    devices_per_process: int,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    out: TextIO | None = None,
+) -> int:
     """Run `command` as `processes` local processes with `devices_per_process` CPU devices each.
 
     env: extra variables on top of os.environ. timeout: seconds before all are stopped
@@ -98,8 +111,10 @@ def launch_local(command: list[str], processes: int, devices_per_process: int,
     if not command:
         raise ValueError("no command given: launch/local.py ... -- lmjax train ...")
     if processes < 1 or devices_per_process < 1:
-        raise ValueError(f"need --processes >= 1 and --devices-per-process >= 1, "
-                         f"got {processes} and {devices_per_process}")
+        raise ValueError(
+            f"need --processes >= 1 and --devices-per-process >= 1, "
+            f"got {processes} and {devices_per_process}"
+        )
     out = out or sys.stdout
     base = {**os.environ, **(env or {})}
     coordinator = f"127.0.0.1:{free_port()}"
@@ -109,10 +124,15 @@ def launch_local(command: list[str], processes: int, devices_per_process: int,
     relays = []
     try:
         for i in range(processes):
-            p = subprocess.Popen(argv, env=process_env(base, coordinator, processes, i,
-                                                       devices_per_process),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 errors="replace", start_new_session=True)
+            p = subprocess.Popen(
+                argv,
+                env=process_env(base, coordinator, processes, i, devices_per_process),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+            )
             procs.append(p)
             t = threading.Thread(target=_relay, args=(i, p.stdout, out, lock), daemon=True)
             t.start()
@@ -145,12 +165,17 @@ def launch_local(command: list[str], processes: int, devices_per_process: int,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Run the same command as N local processes x M CPU devices "
-                    "(a multi-host rehearsal on one machine).",
-        usage="%(prog)s --processes N --devices-per-process M [--timeout S] -- COMMAND ...")
+        "(a multi-host rehearsal on one machine).",
+        usage="%(prog)s --processes N --devices-per-process M [--timeout S] -- COMMAND ...",
+    )
     parser.add_argument("--processes", type=int, required=True)
     parser.add_argument("--devices-per-process", type=int, required=True)
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="stop everything after this many seconds (exit code 124)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="stop everything after this many seconds (exit code 124)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command

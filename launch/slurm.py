@@ -15,6 +15,7 @@ Inside each task jax reads SLURM_* (coordinator = first node of the step, proces
 SLURM_PROCID). One task per GPU: jax gives task SLURM_LOCALID the GPU of that number. One task
 per node (--tasks node): JAX_LOCAL_DEVICE_IDS lets each task drive all GPUs of its node.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,17 @@ fi
 srun --kill-on-bad-exit=1 "$@\""""
 
 
-def render(command: Sequence[str] | None = None, *, nodes: int = 2, gpus_per_node: int = 8,
-           tasks: str = "gpu", partition: str | None = None, time: str = "24:00:00",
-           job_name: str = "lmjax", venv: str | None = None) -> str:
+def render(
+    command: Sequence[str] | None = None,
+    *,
+    nodes: int = 2,
+    gpus_per_node: int = 8,
+    tasks: str = "gpu",
+    partition: str | None = None,
+    time: str = "24:00:00",
+    job_name: str = "lmjax",
+    venv: str | None = None,
+) -> str:
     """The sbatch script. command None: run the script's own arguments (sbatch FILE CMD...).
     venv: the Python environment to activate (default: $LMJAX_VENV when set at submission).
 
@@ -68,41 +77,70 @@ def render(command: Sequence[str] | None = None, *, nodes: int = 2, gpus_per_nod
     if command is not None and not command:
         raise ValueError("empty command: give e.g. lmjax train --experiment X")
     per_gpu = tasks == "gpu"
-    env_lines = "" if per_gpu else (
-        f"export JAX_LOCAL_DEVICE_IDS={','.join(map(str, range(gpus_per_node)))}\n")
-    run_line = (_ARGS_RUN if command is None else
-                f"srun --kill-on-bad-exit=1 {shlex.join(command)}")
+    env_lines = (
+        ""
+        if per_gpu
+        else (f"export JAX_LOCAL_DEVICE_IDS={','.join(map(str, range(gpus_per_node)))}\n")
+    )
+    run_line = _ARGS_RUN if command is None else f"srun --kill-on-bad-exit=1 {shlex.join(command)}"
     return TEMPLATE.format(
         layout=("one task per GPU" if per_gpu else "one task per node, all its GPUs"),
-        job_name=job_name, nodes=nodes, gpus_per_node=gpus_per_node, time=time,
+        job_name=job_name,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        time=time,
         tasks_per_node=gpus_per_node if per_gpu else 1,
         partition_line=f"#SBATCH --partition={partition}\n" if partition else "",
-        env_lines=env_lines, run_line=run_line,
+        env_lines=env_lines,
+        run_line=run_line,
         venv_line=(f"source {shlex.quote(venv + '/bin/activate')}\n" if venv else _VENV_FROM_ENV),
-        alternative=("# One task per node instead (each drives all GPUs of its node): "
-                     "python launch/slurm.py --tasks node\n" if per_gpu else ""))
+        alternative=(
+            "# One task per node instead (each drives all GPUs of its node): "
+            "python launch/slurm.py --tasks node\n"
+            if per_gpu
+            else ""
+        ),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Print an sbatch script that runs a command with "
-                                            "srun on every GPU (or node).")
+    p = argparse.ArgumentParser(
+        description="Print an sbatch script that runs a command with srun on every GPU (or node)."
+    )
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--tasks", choices=("gpu", "node"), default="gpu",
-                   help="one task per GPU (default) or one task per node")
+    p.add_argument(
+        "--tasks",
+        choices=("gpu", "node"),
+        default="gpu",
+        help="one task per GPU (default) or one task per node",
+    )
     p.add_argument("--partition")
     p.add_argument("--time", default="24:00:00")
     p.add_argument("--job-name", default="lmjax")
-    p.add_argument("--venv", help="Python >= 3.12 environment with lmjax installed, on storage "
-                                  "every node sees (default: $LMJAX_VENV at submission)")
-    p.add_argument("command", nargs=argparse.REMAINDER,
-                   help="-- lmjax train ... (omit: the script runs its own arguments)")
+    p.add_argument(
+        "--venv",
+        help="Python >= 3.12 environment with lmjax installed, on storage "
+        "every node sees (default: $LMJAX_VENV at submission)",
+    )
+    p.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="-- lmjax train ... (omit: the script runs its own arguments)",
+    )
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     try:
-        script = render(command or None, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                        tasks=args.tasks, partition=args.partition, time=args.time,
-                        job_name=args.job_name, venv=args.venv)
+        script = render(
+            command or None,
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            tasks=args.tasks,
+            partition=args.partition,
+            time=args.time,
+            job_name=args.job_name,
+            venv=args.venv,
+        )
     except ValueError as e:
         p.error(str(e))
     sys.stdout.write(script)

@@ -16,6 +16,7 @@ revision) into it; `run` and `supervise` put that environment first on PATH.
 
 `plan(args)` is pure: it returns the commands as argv lists; `main` executes them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,12 @@ RUN_LOG = "~/lmjax-run.log"
 PYTHON = "3.12"  # lmjax's minimum (setup.cfg python_requires); TPU VM images have 3.10
 VENV = "$HOME/lmjax-venv"  # on every worker, in double quotes inside the remote scripts
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_UV = ('export PATH="$HOME/.local/bin:$PATH"; command -v uv >/dev/null || '
-       "curl -LsSf https://astral.sh/uv/install.sh | sh")
+_UV = (
+    'export PATH="$HOME/.local/bin:$PATH"; command -v uv >/dev/null || '
+    "curl -LsSf https://astral.sh/uv/install.sh | sh"
+)
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,50}[a-z0-9])?")
-_HEALTHY = ("READY", "ACTIVE")   # tpu-vm state, queued-resource state
+_HEALTHY = ("READY", "ACTIVE")  # tpu-vm state, queued-resource state
 _QUEUE_POLL_S = 30
 
 
@@ -65,21 +68,32 @@ def _gcloud_tpus(*words: str) -> list[str]:
 def _ssh(args, node: str, script: str) -> list[str]:
     """Run `script` with bash on every worker of `node`. The --command string is parsed once
     more by the remote login shell, so the script travels as one quoted `bash -c` argument."""
-    return _gcloud_tpus("tpu-vm", "ssh", node, *_where(args), "--worker=all",
-                        "--command", f"bash -c {shlex.quote(script)}")
+    return _gcloud_tpus(
+        "tpu-vm",
+        "ssh",
+        node,
+        *_where(args),
+        "--worker=all",
+        "--command",
+        f"bash -c {shlex.quote(script)}",
+    )
 
 
 def run_script(command: Sequence[str], stream: bool) -> str:
     """The bash script each worker runs: `command` (quoted word by word) with its output in
     ~/lmjax-run.log; with `stream`, worker 0 also prints it (so the ssh shows one worker)."""
     cmd = shlex.join(command)
-    worker = ("$(curl -sf -H Metadata-Flavor:Google http://metadata.google.internal/"
-              "computeMetadata/v1/instance/attributes/agent-worker-number)")
+    worker = (
+        "$(curl -sf -H Metadata-Flavor:Google http://metadata.google.internal/"
+        "computeMetadata/v1/instance/attributes/agent-worker-number)"
+    )
     lines = ["set -o pipefail", f'export PATH="{VENV}/bin:$HOME/.local/bin:$PATH"']
     if stream:
-        lines += [f"worker={worker}",
-                  f'if [ "$worker" = 0 ]; then {cmd} 2>&1 | tee -a {RUN_LOG}; '
-                  f"else {cmd} >> {RUN_LOG} 2>&1; fi"]
+        lines += [
+            f"worker={worker}",
+            f'if [ "$worker" = 0 ]; then {cmd} 2>&1 | tee -a {RUN_LOG}; '
+            f"else {cmd} >> {RUN_LOG} 2>&1; fi",
+        ]
     else:
         lines.append(f"{cmd} >> {RUN_LOG} 2>&1")
     return "; ".join(lines)
@@ -94,28 +108,55 @@ def create_plan(args) -> list[list[str]]:
     version = args.runtime_version or gen.runtime_version
     capacity = ["--spot"] if args.spot else ["--preemptible"] if args.preemptible else []
     if not _queued(args):
-        return [_gcloud_tpus("tpu-vm", "create", args.name, *_where(args),
-                             f"--accelerator-type={args.accelerator_type}",
-                             f"--version={version}", *capacity)]
-    shape = ([f"--node-id={args.name}"] if args.num_slices == 1 else
-             [f"--node-count={args.num_slices}", f"--node-prefix={args.name}"])
-    describe = shlex.join(_gcloud_tpus("queued-resources", "describe", args.name, *_where(args),
-                                       "--format=value(state.state)"))
-    wait = (f"while :; do state=$({describe}); case \"$state\" in ACTIVE) exit 0;; "
-            f"FAILED|SUSPENDED) echo \"queued resource {args.name} is $state\" >&2; exit 1;; "
-            f"esac; echo \"queued resource {args.name}: ${{state:-not found}}, waiting\"; "
-            f"sleep {_QUEUE_POLL_S}; done")
-    return [_gcloud_tpus("queued-resources", "create", args.name, *_where(args),
-                         f"--accelerator-type={args.accelerator_type}",
-                         f"--runtime-version={version}", *shape, *capacity),
-            ["bash", "-c", wait]]
+        return [
+            _gcloud_tpus(
+                "tpu-vm",
+                "create",
+                args.name,
+                *_where(args),
+                f"--accelerator-type={args.accelerator_type}",
+                f"--version={version}",
+                *capacity,
+            )
+        ]
+    shape = (
+        [f"--node-id={args.name}"]
+        if args.num_slices == 1
+        else [f"--node-count={args.num_slices}", f"--node-prefix={args.name}"]
+    )
+    describe = shlex.join(
+        _gcloud_tpus(
+            "queued-resources", "describe", args.name, *_where(args), "--format=value(state.state)"
+        )
+    )
+    wait = (
+        f'while :; do state=$({describe}); case "$state" in ACTIVE) exit 0;; '
+        f'FAILED|SUSPENDED) echo "queued resource {args.name} is $state" >&2; exit 1;; '
+        f'esac; echo "queued resource {args.name}: ${{state:-not found}}, waiting"; '
+        f"sleep {_QUEUE_POLL_S}; done"
+    )
+    return [
+        _gcloud_tpus(
+            "queued-resources",
+            "create",
+            args.name,
+            *_where(args),
+            f"--accelerator-type={args.accelerator_type}",
+            f"--runtime-version={version}",
+            *shape,
+            *capacity,
+        ),
+        ["bash", "-c", wait],
+    ]
 
 
 def venv_script(spec: str) -> str:
     """Worker script: uv (installed if missing), a Python 3.12 venv at ~/lmjax-venv, then
     `uv pip install` of `spec` into that venv's Python."""
-    return (f'set -e; {_UV}; uv venv --allow-existing --python {PYTHON} "{VENV}"; '
-            f'uv pip install --python "{VENV}/bin/python" --upgrade {shlex.quote(spec)}')
+    return (
+        f'set -e; {_UV}; uv venv --allow-existing --python {PYTHON} "{VENV}"; '
+        f'uv pip install --python "{VENV}/bin/python" --upgrade {shlex.quote(spec)}'
+    )
 
 
 def install_plan(args) -> list[list[str]]:
@@ -124,15 +165,31 @@ def install_plan(args) -> list[list[str]]:
         spec = f"lmjax[tpu] @ git+{args.git}"
         return [_ssh(args, node, venv_script(spec)) for node in nodes(args)]
     tarball = _tarball(args)
-    cmds = [["tar", "-czf", tarball, "--exclude=.git", "--exclude=__pycache__",
-             "--exclude=*.egg-info", "--exclude=./.venv", "--exclude=./runs",
-             "-C", os.path.abspath(args.source), "."]]
-    unpack = ("rm -rf ~/lmjax-src && mkdir -p ~/lmjax-src && "
-              "tar -xzf ~/lmjax-src.tar.gz -C ~/lmjax-src && cd ~/lmjax-src && "
-              + venv_script(".[tpu]"))
+    cmds = [
+        [
+            "tar",
+            "-czf",
+            tarball,
+            "--exclude=.git",
+            "--exclude=__pycache__",
+            "--exclude=*.egg-info",
+            "--exclude=./.venv",
+            "--exclude=./runs",
+            "-C",
+            os.path.abspath(args.source),
+            ".",
+        ]
+    ]
+    unpack = (
+        "rm -rf ~/lmjax-src && mkdir -p ~/lmjax-src && "
+        "tar -xzf ~/lmjax-src.tar.gz -C ~/lmjax-src && cd ~/lmjax-src && " + venv_script(".[tpu]")
+    )
     for node in nodes(args):
-        cmds.append(_gcloud_tpus("tpu-vm", "scp", tarball, f"{node}:lmjax-src.tar.gz",
-                                 *_where(args), "--worker=all"))
+        cmds.append(
+            _gcloud_tpus(
+                "tpu-vm", "scp", tarball, f"{node}:lmjax-src.tar.gz", *_where(args), "--worker=all"
+            )
+        )
         cmds.append(_ssh(args, node, unpack))
     return cmds
 
@@ -141,22 +198,28 @@ def run_plan(args) -> list[list[str]]:
     """One ssh per slice, meant to run at the same time; slice 0 streams its worker 0."""
     if not args.command:
         raise ValueError("give the command to run after --, e.g. -- lmjax train --experiment X")
-    return [_ssh(args, node, run_script(args.command, stream=(i == 0)))
-            for i, node in enumerate(nodes(args))]
+    return [
+        _ssh(args, node, run_script(args.command, stream=(i == 0)))
+        for i, node in enumerate(nodes(args))
+    ]
 
 
 def delete_plan(args) -> list[list[str]]:
     if _queued(args):
-        return [_gcloud_tpus("queued-resources", "delete", args.name, *_where(args),
-                             "--force", "--quiet")]
+        return [
+            _gcloud_tpus(
+                "queued-resources", "delete", args.name, *_where(args), "--force", "--quiet"
+            )
+        ]
     return [_gcloud_tpus("tpu-vm", "delete", args.name, *_where(args), "--quiet")]
 
 
 def status_command(args) -> list[str]:
     """Prints READY (tpu-vm) or ACTIVE (queued resource) while the TPU is usable."""
     if _queued(args):
-        return _gcloud_tpus("queued-resources", "describe", args.name, *_where(args),
-                            "--format=value(state.state)")
+        return _gcloud_tpus(
+            "queued-resources", "describe", args.name, *_where(args), "--format=value(state.state)"
+        )
     return _gcloud_tpus("tpu-vm", "describe", args.name, *_where(args), "--format=value(state)")
 
 
@@ -169,8 +232,9 @@ def plan(args) -> list[list[str]]:
     """Every command of `args.action`, in order (run: started together)."""
     if args.action == "supervise":
         return run_plan(args) + [status_command(args)] + recovery_plan(args)
-    return {"create": create_plan, "install": install_plan, "run": run_plan,
-            "delete": delete_plan}[args.action](args)
+    return {"create": create_plan, "install": install_plan, "run": run_plan, "delete": delete_plan}[
+        args.action
+    ](args)
 
 
 def run_together(cmds: Sequence[Sequence[str]]) -> int:
@@ -204,9 +268,15 @@ def _status(args) -> str:
     return p.stdout.strip() if p.returncode == 0 else ""
 
 
-def supervise(args, *, together: Callable = run_together, each: Callable = run_each,
-              status: Callable = _status, sleep: Callable = time.sleep,
-              log: Callable = print) -> int:
+def supervise(
+    args,
+    *,
+    together: Callable = run_together,
+    each: Callable = run_each,
+    status: Callable = _status,
+    sleep: Callable = time.sleep,
+    log: Callable = print,
+) -> int:
     """Run; when the run fails and the TPU is no longer READY/ACTIVE (preempted), wait,
     recreate, reinstall and run the same command again, up to args.max_restarts times.
     The command resumes from the newest checkpoint in its (gs://) workdir. A failure on a
@@ -218,20 +288,26 @@ def supervise(args, *, together: Callable = run_together, each: Callable = run_e
             return 0
         state = status(args)
         if state in _HEALTHY:
-            log(f"[tpu] run failed with exit code {code} on a {state} TPU: not a preemption, "
-                f"not restarting")
+            log(
+                f"[tpu] run failed with exit code {code} on a {state} TPU: not a preemption, "
+                f"not restarting"
+            )
             return code
-        log(f"[tpu] run ended with exit code {code} and TPU {args.name} is "
-            f"{state or 'gone'}: treating it as preempted")
-        while True:   # recreate until it works or the restarts run out
+        log(
+            f"[tpu] run ended with exit code {code} and TPU {args.name} is "
+            f"{state or 'gone'}: treating it as preempted"
+        )
+        while True:  # recreate until it works or the restarts run out
             restarts += 1
             if restarts > args.max_restarts:
                 log(f"[tpu] giving up after {args.max_restarts} restarts")
                 return code
-            log(f"[tpu] recreating in {args.retry_wait:g} s "
-                f"(restart {restarts}/{args.max_restarts})")
+            log(
+                f"[tpu] recreating in {args.retry_wait:g} s "
+                f"(restart {restarts}/{args.max_restarts})"
+            )
             sleep(args.retry_wait)
-            each(delete_plan(args))   # may fail: the TPU may already be gone
+            each(delete_plan(args))  # may fail: the TPU may already be gone
             code = each(create_plan(args)) or each(install_plan(args))
             if code == 0:
                 break
@@ -244,26 +320,40 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--project", required=True)
     common.add_argument("--accelerator-type", help="v5p-64, v5litepod-16, v6e-256, v4-32, ...")
     common.add_argument("--runtime-version", help="default: the usual one for the generation")
-    common.add_argument("--num-slices", type=int, default=1,
-                        help="> 1: multi-slice queued resource, nodes NAME-0..NAME-{K-1}")
+    common.add_argument(
+        "--num-slices",
+        type=int,
+        default=1,
+        help="> 1: multi-slice queued resource, nodes NAME-0..NAME-{K-1}",
+    )
     capacity = common.add_mutually_exclusive_group()
     capacity.add_argument("--spot", action="store_true")
     capacity.add_argument("--preemptible", action="store_true")
-    common.add_argument("--queued", action="store_true",
-                        help="create through a queued resource even for one slice")
+    common.add_argument(
+        "--queued", action="store_true", help="create through a queued resource even for one slice"
+    )
     common.add_argument("--dry-run", action="store_true", help="print commands, run nothing")
     install = argparse.ArgumentParser(add_help=False)
     what = install.add_mutually_exclusive_group()
-    what.add_argument("--source", default=CHECKOUT,
-                      help="lmjax checkout to copy to every worker and install (default: the "
-                           "one this launcher belongs to)")
-    what.add_argument("--git", metavar="URL@REV",
-                      help="install this git revision instead, e.g. "
-                           "https://github.com/me/lmjax@3f2c1a0")
+    what.add_argument(
+        "--source",
+        default=CHECKOUT,
+        help="lmjax checkout to copy to every worker and install (default: the "
+        "one this launcher belongs to)",
+    )
+    what.add_argument(
+        "--git",
+        metavar="URL@REV",
+        help="install this git revision instead, e.g. https://github.com/me/lmjax@3f2c1a0",
+    )
     supervision = argparse.ArgumentParser(add_help=False)
     supervision.add_argument("--max-restarts", type=int, default=20)
-    supervision.add_argument("--retry-wait", type=float, default=120.0,
-                             help="seconds to wait before recreating a preempted TPU")
+    supervision.add_argument(
+        "--retry-wait",
+        type=float,
+        default=120.0,
+        help="seconds to wait before recreating a preempted TPU",
+    )
     command = argparse.ArgumentParser(add_help=False)
     command.add_argument("command", nargs=argparse.REMAINDER, help="-- lmjax train ...")
 
@@ -288,8 +378,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, attr, None)
     longest = 60 - (len(str(args.num_slices)) + 1 if args.num_slices > 1 else 0)
     if not _NAME.fullmatch(args.name) or len(args.name) > longest:
-        p.error(f"--name {args.name!r}: use lowercase letters, digits and '-', starting with a "
-                f"letter, at most {longest} characters")
+        p.error(
+            f"--name {args.name!r}: use lowercase letters, digits and '-', starting with a "
+            f"letter, at most {longest} characters"
+        )
     if args.num_slices < 1:
         p.error("--num-slices must be >= 1")
     if args.action in ("create", "supervise"):
@@ -300,13 +392,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         except ValueError as e:
             p.error(str(e))
         if args.preemptible and _queued(args):
-            p.error("queued resources (--queued or --num-slices > 1) take --spot, "
-                    "not --preemptible")
+            p.error(
+                "queued resources (--queued or --num-slices > 1) take --spot, not --preemptible"
+            )
     if args.git and "@" not in args.git.split("://")[-1]:
-        p.error(f"--git {args.git!r}: pin a revision, e.g. --git https://github.com/me/lmjax@3f2c1a0, "
-                f"so that every worker (and every restart) installs the same code")
-    if (args.source is not None and not args.git
-            and not os.path.isfile(os.path.join(args.source, "setup.cfg"))):
+        p.error(
+            f"--git {args.git!r}: pin a revision, e.g. --git https://github.com/me/lmjax@3f2c1a0, "
+            f"so that every worker (and every restart) installs the same code"
+        )
+    if (
+        args.source is not None
+        and not args.git
+        and not os.path.isfile(os.path.join(args.source, "setup.cfg"))
+    ):
         p.error(f"--source {args.source!r} is not an lmjax checkout (no setup.cfg there)")
     if args.action in ("run", "supervise") and not args.command:
         p.error("give the command to run after --, e.g. -- lmjax train --experiment X")
@@ -318,9 +416,12 @@ def dry_run_lines(args) -> list[str]:
     lines = [shlex.join(c) for c in plan(args)]
     if args.action == "supervise":
         n_run = len(run_plan(args))
-        lines.insert(n_run, f"# if the run fails and this does not print "
-                            f"{' or '.join(_HEALTHY)}, wait {args.retry_wait:g} s, then delete, "
-                            f"create, install and run again (at most {args.max_restarts} times):")
+        lines.insert(
+            n_run,
+            f"# if the run fails and this does not print "
+            f"{' or '.join(_HEALTHY)}, wait {args.retry_wait:g} s, then delete, "
+            f"create, install and run again (at most {args.max_restarts} times):",
+        )
     if args.action in ("run", "supervise") and args.num_slices > 1:
         lines.insert(0, f"# the next {args.num_slices} commands run at the same time")
     return lines

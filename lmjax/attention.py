@@ -17,6 +17,7 @@ The Pallas GPU kernel module is deprecated in favour of tokamax, whose attention
 packed documents only as a dense [T, T] boolean mask (and depends on xprof and qwix), so the
 kernel here is jax's own until tokamax takes segment ids.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,7 +57,7 @@ def _xla(q, k, v, mask):
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d ** -0.5)
+    scores = scores * (d**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -90,10 +91,12 @@ def _xla_causal(q, k, v, segment_ids):
 def _cudnn(q, k, v, segment_ids):
     """cuDNN flash attention through jax.nn: causal by the kernel's own mask, no mask array."""
     if q.dtype not in (jnp.bfloat16, jnp.float16) or segment_ids is not None:
-        raise ValueError(f"model.attention=cudnn takes bfloat16/float16 inputs and no packed "
-                         f"documents (got {q.dtype}, segment ids {segment_ids is not None}): use "
-                         f"model.attention=pallas_gpu (or auto), or data.packing=false with "
-                         f"model.dtype=bfloat16")
+        raise ValueError(
+            f"model.attention=cudnn takes bfloat16/float16 inputs and no packed "
+            f"documents (got {q.dtype}, segment ids {segment_ids is not None}): use "
+            f"model.attention=pallas_gpu (or auto), or data.packing=false with "
+            f"model.dtype=bfloat16"
+        )
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
@@ -106,15 +109,31 @@ def _pallas_gpu_local(q, k, v, segment_ids, *, interpret: bool = False):
     t = q.shape[1]
     block = next((b for b in (128, 64, 32, 16) if t % b == 0), None)
     if block is None:
-        raise ValueError(f"model.attention=pallas_gpu needs data.seq_len divisible by 16 (got "
-                         f"{t}): change data.seq_len or use model.attention=xla")
+        raise ValueError(
+            f"model.attention=pallas_gpu needs data.seq_len divisible by 16 (got "
+            f"{t}): change data.seq_len or use model.attention=xla"
+        )
     small = min(block, 32)
-    sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=small,
-                                     block_kv_dkv=small, block_q_dq=small, block_kv_dq=small)
+    sizes = gpu_attention.BlockSizes(
+        block_q=block,
+        block_k=block,
+        block_q_dkv=small,
+        block_kv_dkv=small,
+        block_q_dq=small,
+        block_kv_dq=small,
+    )
     # The kernel pairs query head i with kv head i; repeating on the device is GQA's grouping.
     k, v = (jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
-    return gpu_attention.mha(q, k, v, segment_ids, sm_scale=q.shape[-1] ** -0.5, causal=True,
-                             block_sizes=sizes, interpret=interpret)
+    return gpu_attention.mha(
+        q,
+        k,
+        v,
+        segment_ids,
+        sm_scale=q.shape[-1] ** -0.5,
+        causal=True,
+        block_sizes=sizes,
+        interpret=interpret,
+    )
 
 
 @functools.cache
@@ -123,14 +142,26 @@ def _splash_kernel(q_len: int, kv_len: int, heads: int, interpret: bool = False)
     [kv_heads, kv_len, head_dim] (one batch row; grouped-query when kv_heads < heads).
     `interpret` runs the Pallas kernel in the interpreter (any backend, for tests)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as sk, splash_attention_mask as sm)
+        splash_attention_kernel as sk,
+        splash_attention_mask as sm,
+    )
+
     block = next((b for b in (512, 256, 128) if q_len % b == 0 and kv_len % b == 0), None)
     if block is None:
-        raise ValueError(f"splash attention needs sequence lengths divisible by 128 (got {q_len}, "
-                         f"{kv_len}): change data.seq_len or use model.attention=xla")
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                          block_q_dq=block, block_kv_dq=block)
+        raise ValueError(
+            f"splash attention needs sequence lengths divisible by 128 (got {q_len}, "
+            f"{kv_len}): change data.seq_len or use model.attention=xla"
+        )
+    sizes = sk.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     mask = sm.MultiHeadMask([sm.CausalMask((q_len, kv_len))] * heads)
     # Concrete (not traced) mask tables, so the cached kernel never holds a tracer.
     with jax.ensure_compile_time_eval():
@@ -140,6 +171,7 @@ def _splash_kernel(q_len: int, kv_len: int, heads: int, interpret: bool = False)
 def _splash_local(q, k, v, segment_ids, *, interpret: bool = False):
     """The TPU splash kernel on one device's heads (arguments as `_pallas_gpu_local`)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
     kernel = _splash_kernel(q.shape[1], k.shape[1], q.shape[2], interpret)
     qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q * (q.shape[-1] ** -0.5), k, v))
     if segment_ids is not None:
@@ -162,7 +194,7 @@ def _per_device(local, q, k, v, segment_ids):
     heads, kv_heads = q.shape[2], k.shape[2]
     head_axes = sharding.active_mesh_axes("act_heads")
     split = math.prod(head_axes.values())
-    aligned = (sharding.active_mesh_axes("act_kv_heads") == head_axes and kv_heads % split == 0)
+    aligned = sharding.active_mesh_axes("act_kv_heads") == head_axes and kv_heads % split == 0
 
     def per_device(q, k, v, *seg):
         if not aligned:
@@ -182,8 +214,9 @@ def _splash(q, k, v, segment_ids, *, interpret: bool = False):
 
 
 def _pallas_gpu(q, k, v, segment_ids, *, interpret: bool = False):
-    return _per_device(functools.partial(_pallas_gpu_local, interpret=interpret), q, k, v,
-                       segment_ids)
+    return _per_device(
+        functools.partial(_pallas_gpu_local, interpret=interpret), q, k, v, segment_ids
+    )
 
 
 def _kv_for_local_heads(k, v, heads: int, local_heads: int, head_axes: dict[str, int]):
@@ -217,8 +250,9 @@ def resolve_impl(impl: str, backend: str | None = None, seq_len: int | None = No
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
-    impl = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu",
-            "tpu": "splash"}.get(backend, "xla")
+    impl = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "splash"}.get(
+        backend, "xla"
+    )
     if seq_len is not None and seq_len % _KERNEL_SEQ_MULTIPLE.get(impl, 1):
         return "xla"
     return impl

@@ -5,6 +5,7 @@ one process and then timed in interleaved rounds, one step of each per round, so
 ratios are measured under the same machine load. The data pipeline alone. Generation:
 prefill and decode with random weights.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,9 +43,11 @@ def _prepare(name: str, config: Config) -> _Case:
     trainer = train.make_trainer(config, mesh)
     state = trainer.init_fn()
     batch = train.global_batch(
-        synthetic_batch(0, 0, 0, range(config.data.batch_size), config.data.seq_len,
-                        config.model.vocab_size),
-        trainer.batch_sharding)
+        synthetic_batch(
+            0, 0, 0, range(config.data.batch_size), config.data.seq_len, config.model.vocab_size
+        ),
+        trainer.batch_sharding,
+    )
     start = time.perf_counter()
     compiled = trainer.step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -67,10 +70,17 @@ def _summary(case: _Case) -> dict[str, float]:
     device, MFU."""
     config = case.config
     step_s = statistics.median(case.wall)
-    rates = metrics.Throughput(config.model, config.data.batch_size, config.data.seq_len,
-                               jax.devices())(step_s)
-    return {"compile_s": case.compile_s, "step_s": step_s, "best_s": min(case.wall),
-            "cpu_s": statistics.median(case.cpu), **rates, "loss": case.loss}
+    rates = metrics.Throughput(
+        config.model, config.data.batch_size, config.data.seq_len, jax.devices()
+    )(step_s)
+    return {
+        "compile_s": case.compile_s,
+        "step_s": step_s,
+        "best_s": min(case.wall),
+        "cpu_s": statistics.median(case.cpu),
+        **rates,
+        "loss": case.loss,
+    }
 
 
 def bench_step(config: Config, steps: int = 5) -> dict[str, float]:
@@ -90,8 +100,9 @@ def sweep_overrides(sweeps: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*axes)] if axes else [[]]
 
 
-def time_sweep(config: Config, sweeps: list[str], steps: int,
-               profile_dir: str = "") -> list[tuple[str, Config, dict[str, float]]]:
+def time_sweep(
+    config: Config, sweeps: list[str], steps: int, profile_dir: str = ""
+) -> list[tuple[str, Config, dict[str, float]]]:
     """(name, config, `_summary`) of every configuration of the sweep (`sweep_overrides`),
     compiled first, then timed in `steps` interleaved rounds. `profile_dir`: also writes a
     jax.profiler trace of the timed rounds to PROFILE_DIR/plugins/profile/ (TensorBoard's
@@ -109,8 +120,9 @@ def time_sweep(config: Config, sweeps: list[str], steps: int,
     return [(case.name, case.config, _summary(case)) for case in cases]
 
 
-def time_pipeline(make: Callable[[], Any], start_step: int = 0,
-                  seconds: float = 10.0) -> dict[str, float]:
+def time_pipeline(
+    make: Callable[[], Any], start_step: int = 0, seconds: float = 10.0
+) -> dict[str, float]:
     """Reads training batches from `make()` (a data.Pipeline) for `seconds` after one warm-up
     batch at `start_step`: setup_s (make and the first batch), batches, seconds,
     tokens_per_second."""
@@ -124,37 +136,61 @@ def time_pipeline(make: Callable[[], Any], start_step: int = 0,
         count += 1
     elapsed = time.perf_counter() - begin
     batches.close()
-    return {"setup_s": begin - start, "batches": count, "seconds": elapsed,
-            "tokens_per_second": count * tokens_per_batch / elapsed}
+    return {
+        "setup_s": begin - start,
+        "batches": count,
+        "seconds": elapsed,
+        "tokens_per_second": count * tokens_per_batch / elapsed,
+    }
 
 
-def time_generation(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *,
-                    seed: int = 0) -> dict[str, float]:
+def time_generation(
+    model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *, seed: int = 0
+) -> dict[str, float]:
     """Prefill and decode of random prompts with random weights, each compiled before it is
     timed: seconds and tokens/s of each phase (decode counts every token: nothing stops
     early), and the KV cache's bytes."""
     tokens, lengths = generate.check_prompts(
-        model_cfg, np.random.default_rng(seed).integers(0, model_cfg.vocab_size,
-                                                        (batch, prompt_len)),
-        None, new_tokens)
+        model_cfg,
+        np.random.default_rng(seed).integers(0, model_cfg.vocab_size, (batch, prompt_len)),
+        None,
+        new_tokens,
+    )
     params = jax.jit(model.init, static_argnums=0)(model_cfg, jax.random.PRNGKey(seed))
     max_len = prompt_len + new_tokens
     sampling = generate.Sampling()
 
     def run():
         t0 = time.perf_counter()
-        logits, cache = jax.block_until_ready(generate.prefill_jit(
-            params, tokens, lengths, cfg=model_cfg, max_len=max_len, context=None))
+        logits, cache = jax.block_until_ready(
+            generate.prefill_jit(
+                params, tokens, lengths, cfg=model_cfg, max_len=max_len, context=None
+            )
+        )
         t1 = time.perf_counter()
-        jax.block_until_ready(generate.decode_jit(
-            params, logits, cache, lengths, np.int32(seed), cfg=model_cfg, sampling=sampling,
-            eos_id=None, max_new_tokens=new_tokens, context=None))
+        jax.block_until_ready(
+            generate.decode_jit(
+                params,
+                logits,
+                cache,
+                lengths,
+                np.int32(seed),
+                cfg=model_cfg,
+                sampling=sampling,
+                eos_id=None,
+                max_new_tokens=new_tokens,
+                context=None,
+            )
+        )
         return t1 - t0, time.perf_counter() - t1
 
     run()  # compile
     prefill_s, decode_s = run()
     cache = jax.eval_shape(functools.partial(generate.init_cache, model_cfg, batch, max_len))
-    return {"prefill_tokens_per_s": batch * prompt_len / prefill_s,
-            "decode_tokens_per_s": batch * new_tokens / decode_s,
-            "prefill_s": prefill_s, "decode_s": decode_s,
-            "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))}
+    return {
+        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+        "decode_tokens_per_s": batch * new_tokens / decode_s,
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)),
+    }

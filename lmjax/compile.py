@@ -6,6 +6,7 @@ train step of `train.make_trainer` with sharded `ShapeDtypeStruct`s and compiles
 report gives per-chip memory against the chip's HBM, FLOPs per step and the compile time;
 a step that does not fit is an error (exit code 1) before any TPU time is paid for.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,7 @@ from lmjax.config import Config, ConfigError, validate
 from lmjax.hardware import Target
 from lmjax.sharding import format_bytes
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 def require_libtpu() -> None:
@@ -29,9 +30,11 @@ def require_libtpu() -> None:
     path = os.environ.get("TPU_LIBRARY_PATH")
     if (path and os.path.isfile(path)) or importlib.util.find_spec("libtpu") is not None:
         return
-    raise ConfigError("compiling for TPU needs libtpu (the TPU compiler), which is not installed: "
-                      "pip install 'lmjax[tpu]' (or pip install libtpu), or set "
-                      "TPU_LIBRARY_PATH to libtpu.so")
+    raise ConfigError(
+        "compiling for TPU needs libtpu (the TPU compiler), which is not installed: "
+        "pip install 'lmjax[tpu]' (or pip install libtpu), or set "
+        "TPU_LIBRARY_PATH to libtpu.so"
+    )
 
 
 def topology_devices(target: Target, num_slices: int = 1) -> list:
@@ -47,11 +50,15 @@ def topology_devices(target: Target, num_slices: int = 1) -> list:
     # need no exclusivity, so concurrent compiles (and tests) on one machine may proceed.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
+
     kwargs = dict(target.generation.libtpu_kwargs)
     if num_slices > 1:
         kwargs["num_slices"] = num_slices
-    return list(topologies.get_topology_desc(topology_name=target.topology, platform="tpu",
-                                             **kwargs).devices)
+    return list(
+        topologies.get_topology_desc(
+            topology_name=target.topology, platform="tpu", **kwargs
+        ).devices
+    )
 
 
 class DoesNotFit(Exception):
@@ -97,8 +104,11 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
     if num_slices < 1:
         raise ConfigError(f"--num-slices={num_slices} must be at least 1")
     if target is not None:
-        on_tpu = {k: v for k, v in (("attention", "splash"), ("matmul", "xla"))
-                  if getattr(config.model, k) == "auto"}
+        on_tpu = {
+            k: v
+            for k, v in (("attention", "splash"), ("matmul", "xla"))
+            if getattr(config.model, k) == "auto"
+        }
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, **on_tpu))
     config = validate(config)
     devices = topology_devices(target, num_slices) if target else jax.devices()
@@ -109,23 +119,36 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
     # Raises a ConfigError naming the numbers when the mesh does not divide the batch.
     sharding.logical_to_spec(("act_batch", None), trainer.rules, mesh, (rows, config.data.seq_len))
     batch = abstract_batch(rows, config.data.seq_len, trainer.batch_sharding)
-    hbm = target.generation.hbm_bytes if target else os.sysconf("SC_PAGE_SIZE") * os.sysconf(
-        "SC_PHYS_PAGES") // len(devices)
+    hbm = (
+        target.generation.hbm_bytes
+        if target
+        else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(devices)
+    )
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
         compiled = trainer.step_fn.lower(state, batch).compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e) or target is None:
             raise
-        raise DoesNotFit(f"DOES NOT FIT on {target.accelerator} "
-                         f"({hbm / GiB:.0f} GiB HBM per chip): the TPU "
-                         f"compiler says {str(e).splitlines()[0]}") from None
+        raise DoesNotFit(
+            f"DOES NOT FIT on {target.accelerator} "
+            f"({hbm / GiB:.0f} GiB HBM per chip): the TPU "
+            f"compiler says {str(e).splitlines()[0]}"
+        ) from None
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return _report(config, target, num_slices, mesh, hbm, compiled, seconds, cpu_seconds)
 
 
-def _report(config: Config, target: Target | None, num_slices: int, mesh, hbm: int, compiled,
-            seconds: float, cpu_seconds: float) -> CompileReport:
+def _report(
+    config: Config,
+    target: Target | None,
+    num_slices: int,
+    mesh,
+    hbm: int,
+    compiled,
+    seconds: float,
+    cpu_seconds: float,
+) -> CompileReport:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -136,12 +159,24 @@ def _report(config: Config, target: Target | None, num_slices: int, mesh, hbm: i
     slice_of = [getattr(d, "slice_index", 0) for d in mesh.devices.flat]
     sent = roofline.collectives(hlo, slice_of)
     return CompileReport(
-        target, num_slices, dict(mesh.shape), hbm, memory.argument_size_in_bytes,
-        memory.output_size_in_bytes, memory.alias_size_in_bytes, memory.temp_size_in_bytes,
-        seconds, cpu_seconds, float(cost.get("flops", float("nan"))),
-        float(cost.get("optimal_seconds", float("nan"))), model_flops, tokens, pallas_calls,
+        target,
+        num_slices,
+        dict(mesh.shape),
+        hbm,
+        memory.argument_size_in_bytes,
+        memory.output_size_in_bytes,
+        memory.alias_size_in_bytes,
+        memory.temp_size_in_bytes,
+        seconds,
+        cpu_seconds,
+        float(cost.get("flops", float("nan"))),
+        float(cost.get("optimal_seconds", float("nan"))),
+        model_flops,
+        tokens,
+        pallas_calls,
         sum(c.bytes_sent for c in sent if not c.crosses_slices),
-        sum(c.bytes_sent for c in sent if c.crosses_slices))
+        sum(c.bytes_sent for c in sent if c.crosses_slices),
+    )
 
 
 def format_report(r: CompileReport) -> str:
@@ -163,6 +198,8 @@ def format_report(r: CompileReport) -> str:
         f"{r.tokens_per_step} tokens per step); XLA cost analysis {r.xla_flops:.4g} (counts each "
         "scanned layer once, attention kernels not at all)",
         f"Pallas kernel calls (splash attention): {r.pallas_calls}",
-        "fits" if r.fits else f"DOES NOT FIT: {r.total_bytes / GiB:.2f} GiB > {hbm / GiB:.0f} GiB HBM",
+        "fits"
+        if r.fits
+        else f"DOES NOT FIT: {r.total_bytes / GiB:.2f} GiB > {hbm / GiB:.0f} GiB HBM",
     ]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ anything else is the directory, local or gs:// (on a pod, a bucket every host ca
 jax caches only computations that took longer than
 `jax_persistent_cache_min_compile_time_secs` (1 s by default) to compile.
 """
+
 from __future__ import annotations
 
 import contextlib

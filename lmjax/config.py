@@ -5,6 +5,7 @@ Each subsystem function takes only its own part (`ModelConfig`, `DataConfig`, ..
 `apply_overrides` parses `section.field=value` strings to the field's type and
 `validate` checks cross-field constraints before anything is compiled.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -225,16 +226,21 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         key = key.strip()
         if "." not in key:
             raise ConfigError(
-                f"--set {key}: expected section.field; sections are {', '.join(sections)}.")
+                f"--set {key}: expected section.field; sections are {', '.join(sections)}."
+            )
         section, field = key.split(".", 1)
         if section not in sections:
-            raise ConfigError(f"--set {key}: unknown section {section!r}; valid sections: "
-                              f"{', '.join(sections)}.{_nearest(section, list(sections))}")
+            raise ConfigError(
+                f"--set {key}: unknown section {section!r}; valid sections: "
+                f"{', '.join(sections)}.{_nearest(section, list(sections))}"
+            )
         types_ = _field_types(type(sections[section]))
         if field not in types_:
             valid = sorted(types_)
-            raise ConfigError(f"--set {key}: unknown field {field!r} of {section}.{_nearest(field, valid)} "
-                              f"Valid keys: {', '.join(section + '.' + v for v in valid)}")
+            raise ConfigError(
+                f"--set {key}: unknown field {field!r} of {section}.{_nearest(field, valid)} "
+                f"Valid keys: {', '.join(section + '.' + v for v in valid)}"
+            )
         value = _parse_value(text, types_[field], key)
         sections[section] = dataclasses.replace(sections[section], **{field: value})
     return Config(**sections)
@@ -258,7 +264,14 @@ def validate(config: Config) -> Config:
 
     _check_types(config, need)
     if not problems:  # the value checks below compare numbers and strings
-        for check in (_check_model, _check_mesh, _check_data, _check_optim, _check_checkpoint, _check_run):
+        for check in (
+            _check_model,
+            _check_mesh,
+            _check_data,
+            _check_optim,
+            _check_checkpoint,
+            _check_run,
+        ):
             check(config, need)
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
@@ -276,57 +289,92 @@ def _check_types(config: Config, need) -> None:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
                 need(ok and math.isfinite(value), f"{key}={value!r} must be a finite number.")
             elif typ is int:
-                need(isinstance(value, int) and not isinstance(value, bool),
-                     f"{key}={value!r} must be an integer.")
+                need(
+                    isinstance(value, int) and not isinstance(value, bool),
+                    f"{key}={value!r} must be an integer.",
+                )
             elif typing.get_origin(typ) is tuple:
-                need(isinstance(value, tuple) and all(isinstance(v, str) for v in value),
-                     f"{key}={value!r} must be a tuple of strings.")
+                need(
+                    isinstance(value, tuple) and all(isinstance(v, str) for v in value),
+                    f"{key}={value!r} must be a tuple of strings.",
+                )
             else:
                 need(isinstance(value, typ), f"{key}={value!r} must be a {typ.__name__}.")
 
 
 def _check_model(config: Config, need) -> None:
     m, d = config.model, config.data
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_mlp",
-                 "max_seq_len", "rope_theta", "norm_eps", "init_std"):
+    for name in (
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "d_mlp",
+        "max_seq_len",
+        "rope_theta",
+        "norm_eps",
+        "init_std",
+    ):
         need(getattr(m, name) > 0, f"model.{name} must be positive (got {getattr(m, name)}).")
     if m.n_heads > 0 and m.n_kv_heads > 0:
-        need(m.n_heads % m.n_kv_heads == 0,
-             f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}: "
-             "choose n_kv_heads among the divisors of n_heads (1 gives multi-query attention).")
+        need(
+            m.n_heads % m.n_kv_heads == 0,
+            f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads}: "
+            "choose n_kv_heads among the divisors of n_heads (1 gives multi-query attention).",
+        )
     need(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for RoPE.")
-    need(m.rope_scaling_factor >= 0,
-         f"model.rope_scaling_factor={m.rope_scaling_factor} must be 0 (off) or positive.")
+    need(
+        m.rope_scaling_factor >= 0,
+        f"model.rope_scaling_factor={m.rope_scaling_factor} must be 0 (off) or positive.",
+    )
     if m.rope_scaling_factor > 0:
-        need(0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
-             f"model.rope_low_freq_factor={m.rope_low_freq_factor} and rope_high_freq_factor="
-             f"{m.rope_high_freq_factor} must satisfy 0 < low < high (Llama-3.1: 1 and 4).")
-        need(m.rope_original_max_len > 0,
-             f"model.rope_original_max_len={m.rope_original_max_len} must be positive.")
+        need(
+            0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+            f"model.rope_low_freq_factor={m.rope_low_freq_factor} and rope_high_freq_factor="
+            f"{m.rope_high_freq_factor} must satisfy 0 < low < high (Llama-3.1: 1 and 4).",
+        )
+        need(
+            m.rope_original_max_len > 0,
+            f"model.rope_original_max_len={m.rope_original_max_len} must be positive.",
+        )
     need(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: choose one of {DTYPES}.")
     need(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: choose one of {DTYPES}.")
     need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {REMAT_POLICIES}.")
     need(m.matmul in MATMUL_IMPLS, f"model.matmul={m.matmul!r}: choose one of {MATMUL_IMPLS}.")
-    need(m.attention in ATTENTION_IMPLS,
-         f"model.attention={m.attention!r}: choose one of {ATTENTION_IMPLS}.")
-    need(m.logits_chunk >= 0 and (m.logits_chunk == 0 or d.seq_len % m.logits_chunk == 0),
-         f"model.logits_chunk={m.logits_chunk} must be 0 (off) or divide data.seq_len={d.seq_len}.")
-    need(d.seq_len <= m.max_seq_len,
-         f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
-         "raise model.max_seq_len or lower data.seq_len.")
+    need(
+        m.attention in ATTENTION_IMPLS,
+        f"model.attention={m.attention!r}: choose one of {ATTENTION_IMPLS}.",
+    )
+    need(
+        m.logits_chunk >= 0 and (m.logits_chunk == 0 or d.seq_len % m.logits_chunk == 0),
+        f"model.logits_chunk={m.logits_chunk} must be 0 (off) or divide data.seq_len={d.seq_len}.",
+    )
+    need(
+        d.seq_len <= m.max_seq_len,
+        f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
+        "raise model.max_seq_len or lower data.seq_len.",
+    )
 
 
 def _check_mesh(config: Config, need) -> None:
     mesh = config.mesh
     sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
-    need(all(v >= 1 or v == -1 for v in sizes.values())
-         and sum(v == -1 for v in sizes.values()) <= 1,
-         f"mesh sizes {sizes} must be positive, with at most one -1 (the remaining devices).")
-    need(mesh.dcn_data >= 1 and mesh.dcn_fsdp >= 1,
-         f"mesh.dcn_data={mesh.dcn_data} and mesh.dcn_fsdp={mesh.dcn_fsdp} must be at least 1.")
+    need(
+        all(v >= 1 or v == -1 for v in sizes.values())
+        and sum(v == -1 for v in sizes.values()) <= 1,
+        f"mesh sizes {sizes} must be positive, with at most one -1 (the remaining devices).",
+    )
+    need(
+        mesh.dcn_data >= 1 and mesh.dcn_fsdp >= 1,
+        f"mesh.dcn_data={mesh.dcn_data} and mesh.dcn_fsdp={mesh.dcn_fsdp} must be at least 1.",
+    )
     for rule in mesh.rules:
-        need("=" in rule and rule.split("=", 1)[0].strip() != "",
-             f"mesh.rules entry {rule!r} must read logical=mesh_axis[+mesh_axis], e.g. mlp=tensor.")
+        need(
+            "=" in rule and rule.split("=", 1)[0].strip() != "",
+            f"mesh.rules entry {rule!r} must read logical=mesh_axis[+mesh_axis], e.g. mlp=tensor.",
+        )
 
 
 def _check_data(config: Config, need) -> None:
@@ -334,27 +382,46 @@ def _check_data(config: Config, need) -> None:
     need(d.seq_len > 1, f"data.seq_len={d.seq_len} must be at least 2.")
     need(d.batch_size > 0, f"data.batch_size={d.batch_size} must be positive.")
     if d.batch_size > 0 and o.grad_accum > 0:
-        need(d.batch_size % o.grad_accum == 0,
-             f"data.batch_size={d.batch_size} must be divisible by optim.grad_accum={o.grad_accum}.")
-    need(d.source in ("packaged", "text", "tfds", "synthetic"),
-         f"data.source={d.source!r}: choose packaged, text, tfds or synthetic.")
-    need(d.source != "tfds" or d.tfds_name,
-         "data.source=tfds needs data.tfds_name (e.g. c4/en:3.1.0) and data.data_dir.")
-    need(not d.mixture or d.tokenizer,
-         "data.mixture needs data.tokenizer: every store of a mixture is prepared with it.")
+        need(
+            d.batch_size % o.grad_accum == 0,
+            f"data.batch_size={d.batch_size} must be divisible by optim.grad_accum={o.grad_accum}.",
+        )
+    need(
+        d.source in ("packaged", "text", "tfds", "synthetic"),
+        f"data.source={d.source!r}: choose packaged, text, tfds or synthetic.",
+    )
+    need(
+        d.source != "tfds" or d.tfds_name,
+        "data.source=tfds needs data.tfds_name (e.g. c4/en:3.1.0) and data.data_dir.",
+    )
+    need(
+        not d.mixture or d.tokenizer,
+        "data.mixture needs data.tokenizer: every store of a mixture is prepared with it.",
+    )
     need(d.bad_utf8 in ("error", "skip"), f"data.bad_utf8={d.bad_utf8!r}: choose error or skip.")
-    need(d.source != "text" or d.text_files,
-         "data.source=text needs data.text_files (a glob of .txt or .jsonl files).")
-    need(0.0 <= d.validation_fraction < 1.0,
-         f"data.validation_fraction={d.validation_fraction} must lie in [0, 1).")
-    need(d.prepare_timeout_s >= 0, f"data.prepare_timeout_s={d.prepare_timeout_s} must not be negative.")
-    need(d.tokenizer_vocab_size > 0,
-         f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} must be positive.")
+    need(
+        d.source != "text" or d.text_files,
+        "data.source=text needs data.text_files (a glob of .txt or .jsonl files).",
+    )
+    need(
+        0.0 <= d.validation_fraction < 1.0,
+        f"data.validation_fraction={d.validation_fraction} must lie in [0, 1).",
+    )
+    need(
+        d.prepare_timeout_s >= 0,
+        f"data.prepare_timeout_s={d.prepare_timeout_s} must not be negative.",
+    )
+    need(
+        d.tokenizer_vocab_size > 0,
+        f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} must be positive.",
+    )
     if d.source != "synthetic" and not d.tokenizer:  # the run trains this tokenizer
-        need(d.tokenizer_vocab_size <= m.vocab_size,
-             f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} exceeds model.vocab_size="
-             f"{m.vocab_size}: ids past the embedding table would train into NaNs. Lower "
-             "data.tokenizer_vocab_size or raise model.vocab_size.")
+        need(
+            d.tokenizer_vocab_size <= m.vocab_size,
+            f"data.tokenizer_vocab_size={d.tokenizer_vocab_size} exceeds model.vocab_size="
+            f"{m.vocab_size}: ids past the embedding table would train into NaNs. Lower "
+            "data.tokenizer_vocab_size or raise model.vocab_size.",
+        )
 
 
 def _check_optim(config: Config, need) -> None:
@@ -363,42 +430,59 @@ def _check_optim(config: Config, need) -> None:
     for name in ("lr", "warmup_steps", "decay_steps", "weight_decay", "clip_norm", "z_loss"):
         need(getattr(o, name) >= 0, f"optim.{name}={getattr(o, name)} must not be negative.")
     need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1].")
-    need(0.0 < o.wsd_decay_fraction <= 1.0,
-         f"optim.wsd_decay_fraction={o.wsd_decay_fraction} must lie in (0, 1]: the final "
-         "fraction of the run spent decaying.")
-    need(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0,
-         f"optim.b1={o.b1} and optim.b2={o.b2} must lie in [0, 1).")
+    need(
+        0.0 < o.wsd_decay_fraction <= 1.0,
+        f"optim.wsd_decay_fraction={o.wsd_decay_fraction} must lie in (0, 1]: the final "
+        "fraction of the run spent decaying.",
+    )
+    need(
+        0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0,
+        f"optim.b1={o.b1} and optim.b2={o.b2} must lie in [0, 1).",
+    )
     need(o.eps > 0, f"optim.eps={o.eps} must be positive.")
     need(o.grad_accum > 0, f"optim.grad_accum={o.grad_accum} must be positive.")
 
 
 def _check_checkpoint(config: Config, need) -> None:
     c = config.checkpoint
-    need(c.every_steps >= 1,
-         f"checkpoint.every_steps={c.every_steps} must be at least 1 (the last step always saves; "
-         "a value above run.steps saves only then).")
-    need(c.every_minutes >= 0, f"checkpoint.every_minutes={c.every_minutes} must be 0 (off) or "
-                               "positive.")
+    need(
+        c.every_steps >= 1,
+        f"checkpoint.every_steps={c.every_steps} must be at least 1 (the last step always saves; "
+        "a value above run.steps saves only then).",
+    )
+    need(
+        c.every_minutes >= 0,
+        f"checkpoint.every_minutes={c.every_minutes} must be 0 (off) or positive.",
+    )
     need(c.keep > 0, f"checkpoint.keep={c.keep} must be at least 1.")
     need(c.keep_every >= 0, f"checkpoint.keep_every={c.keep_every} must be 0 (off) or positive.")
-    need(c.on_nonfinite in ("stop", "skip"),
-         f"checkpoint.on_nonfinite={c.on_nonfinite!r}: choose stop or skip.")
+    need(
+        c.on_nonfinite in ("stop", "skip"),
+        f"checkpoint.on_nonfinite={c.on_nonfinite!r}: choose stop or skip.",
+    )
 
 
 def _check_run(config: Config, need) -> None:
     r, m = config.run, config.model
     need(r.steps > 0, f"run.steps={r.steps} must be positive.")
     need(r.log_every > 0, f"run.log_every={r.log_every} must be positive.")
-    need(r.eval_every >= 0, f"run.eval_every={r.eval_every} must be 0 (only at the end) or "
-                            "positive.")
-    need(r.eval_batches >= 1, f"run.eval_batches={r.eval_batches} must be at least 1 (every "
-                              "run evaluates at its end).")
-    need(0 <= r.sample_tokens < m.max_seq_len,
-         f"run.sample_tokens={r.sample_tokens} must lie in [0, model.max_seq_len={m.max_seq_len}): "
-         "the prompt and the sample share the model's context.")
-    need(not r.wandb_project or importlib.util.find_spec("wandb") is not None,
-         f"run.wandb_project={r.wandb_project!r} needs the wandb package: pip install "
-         "'lmjax[wandb]', or unset run.wandb_project.")
+    need(
+        r.eval_every >= 0, f"run.eval_every={r.eval_every} must be 0 (only at the end) or positive."
+    )
+    need(
+        r.eval_batches >= 1,
+        f"run.eval_batches={r.eval_batches} must be at least 1 (every run evaluates at its end).",
+    )
+    need(
+        0 <= r.sample_tokens < m.max_seq_len,
+        f"run.sample_tokens={r.sample_tokens} must lie in [0, model.max_seq_len={m.max_seq_len}): "
+        "the prompt and the sample share the model's context.",
+    )
+    need(
+        not r.wandb_project or importlib.util.find_spec("wandb") is not None,
+        f"run.wandb_project={r.wandb_project!r} needs the wandb package: pip install "
+        "'lmjax[wandb]', or unset run.wandb_project.",
+    )
     if r.profile_steps:
         try:
             profile_window(r.profile_steps)
@@ -412,31 +496,39 @@ def validate_tokenizer(config: Config, vocab_size: int, prompt_tokens: int) -> N
     m, r = config.model, config.run
     problems = []
     if vocab_size > m.vocab_size:
-        problems.append(f"the tokenizer {config.data.tokenizer or ''} has {vocab_size} ids but "
-                        f"model.vocab_size={m.vocab_size}: ids past the embedding table would "
-                        "train into NaNs. Raise model.vocab_size to at least "
-                        f"{vocab_size} or use a smaller tokenizer.")
+        problems.append(
+            f"the tokenizer {config.data.tokenizer or ''} has {vocab_size} ids but "
+            f"model.vocab_size={m.vocab_size}: ids past the embedding table would "
+            "train into NaNs. Raise model.vocab_size to at least "
+            f"{vocab_size} or use a smaller tokenizer."
+        )
     if r.sample_tokens and not prompt_tokens:
-        problems.append("run.sample_prompt is empty and the tokenizer has no BOS id: give a "
-                        "prompt or set run.sample_tokens=0.")
+        problems.append(
+            "run.sample_prompt is empty and the tokenizer has no BOS id: give a "
+            "prompt or set run.sample_tokens=0."
+        )
     if r.sample_tokens and prompt_tokens + r.sample_tokens > m.max_seq_len:
-        problems.append(f"run.sample_prompt ({prompt_tokens} tokens) + run.sample_tokens="
-                        f"{r.sample_tokens} exceed model.max_seq_len={m.max_seq_len}: shorten "
-                        "either.")
+        problems.append(
+            f"run.sample_prompt ({prompt_tokens} tokens) + run.sample_tokens="
+            f"{r.sample_tokens} exceed model.max_seq_len={m.max_seq_len}: shorten "
+            "either."
+        )
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
 def profile_window(text: str) -> tuple[int, int]:
-    """"A:B" -> (A, B): trace steps A..B-1 (1-based step numbers, B excluded)."""
+    """ "A:B" -> (A, B): trace steps A..B-1 (1-based step numbers, B excluded)."""
     start, sep, end = text.partition(":")
     try:
         window = int(start), int(end)
     except ValueError:
         window = None
     if not sep or window is None or not 1 <= window[0] < window[1]:
-        raise ConfigError(f"run.profile_steps={text!r}: expected START:END with 1 <= START < END, "
-                          "e.g. 20:25 traces steps 20 to 24.")
+        raise ConfigError(
+            f"run.profile_steps={text!r}: expected START:END with 1 <= START < END, "
+            "e.g. 20:25 traces steps 20 to 24."
+        )
     return window
 
 
@@ -472,4 +564,3 @@ def diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """`{"section.field": (old, new)}` for every field that differs."""
     a, b = to_dict(old), to_dict(new)
     return {f"{s}.{k}": (a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]}
-

@@ -21,6 +21,7 @@ every surviving process (SIGABRT, exit 134) with "The following tasks are unheal
 sending heartbeats): N", naming the lost process. Without this a survivor would wait in its
 next collective forever. Committed checkpoints are untouched; rerunning the command resumes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,6 +62,7 @@ class Rendezvous:
     kind: "single" | "explicit" | "slurm" | "tpu". For "slurm" and "tpu" jax fills in the
     fields it can read from the cluster, so they may be None here.
     """
+
     kind: str
     coordinator_address: str | None = None
     num_processes: int | None = None
@@ -76,13 +78,19 @@ def _int_setting(value: int | str | None, env: Mapping[str, str], name: str) -> 
     try:
         return int(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer; set it to a whole number "
-                         f"or unset it") from None
+        raise ConfigError(
+            f"{name}={raw!r} is not an integer; set it to a whole number or unset it"
+        ) from None
 
 
-def plan_rendezvous(env: Mapping[str, str], coordinator_address: str | None = None,
-                    num_processes: int | None = None, process_id: int | None = None, *,
-                    on_cloud_tpu: bool = False) -> Rendezvous:
+def plan_rendezvous(
+    env: Mapping[str, str],
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    on_cloud_tpu: bool = False,
+) -> Rendezvous:
     """Choose explicit / SLURM / TPU / single from arguments and `env`; validate explicit.
 
     Arguments win over LMJAX_* variables. Pure: no jax calls, no network.
@@ -93,29 +101,44 @@ def plan_rendezvous(env: Mapping[str, str], coordinator_address: str | None = No
     if coordinator is not None or n is not None or pid is not None:
         if n == 1 and pid in (None, 0):
             return Rendezvous("single", num_processes=1, process_id=0)
-        missing = [name for name, v in ((ENV_COORDINATOR, coordinator),
-                                        (ENV_NUM_PROCESSES, n), (ENV_PROCESS_ID, pid))
-                   if v is None]
+        missing = [
+            name
+            for name, v in (
+                (ENV_COORDINATOR, coordinator),
+                (ENV_NUM_PROCESSES, n),
+                (ENV_PROCESS_ID, pid),
+            )
+            if v is None
+        ]
         if missing:
-            raise ConfigError(f"explicit multi-process start needs all of {ENV_COORDINATOR}, "
-                             f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} (or the matching "
-                             f"arguments); missing {missing}. launch/local.py sets all three.")
+            raise ConfigError(
+                f"explicit multi-process start needs all of {ENV_COORDINATOR}, "
+                f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} (or the matching "
+                f"arguments); missing {missing}. launch/local.py sets all three."
+            )
         host, sep, port = coordinator.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise ConfigError(f"coordinator address {coordinator!r} must be host:port, "
-                             f"e.g. 10.0.0.2:8476 (the address of process 0)")
+            raise ConfigError(
+                f"coordinator address {coordinator!r} must be host:port, "
+                f"e.g. 10.0.0.2:8476 (the address of process 0)"
+            )
         if n < 1 or not 0 <= pid < n:
-            raise ConfigError(f"process id {pid} with {n} processes: need num_processes >= 1 "
-                             f"and 0 <= process_id < num_processes")
+            raise ConfigError(
+                f"process id {pid} with {n} processes: need num_processes >= 1 "
+                f"and 0 <= process_id < num_processes"
+            )
         return Rendezvous("explicit", coordinator, n, pid)
     if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
         missing = [v for v in _SLURM_STEP_VARS if v not in env]
         if missing:
-            raise ConfigError(f"SLURM job with SLURM_NTASKS={env['SLURM_NTASKS']} but {missing} "
-                             f"are unset: start each task with `srun` (see "
-                             f"launch/slurm.sbatch), not directly from the batch script")
-        return Rendezvous("slurm", num_processes=int(env["SLURM_NTASKS"]),
-                          process_id=int(env["SLURM_PROCID"]))
+            raise ConfigError(
+                f"SLURM job with SLURM_NTASKS={env['SLURM_NTASKS']} but {missing} "
+                f"are unset: start each task with `srun` (see "
+                f"launch/slurm.sbatch), not directly from the batch script"
+            )
+        return Rendezvous(
+            "slurm", num_processes=int(env["SLURM_NTASKS"]), process_id=int(env["SLURM_PROCID"])
+        )
     if on_cloud_tpu:
         return Rendezvous("tpu")
     return Rendezvous("single", num_processes=1, process_id=0)
@@ -124,6 +147,7 @@ def plan_rendezvous(env: Mapping[str, str], coordinator_address: str | None = No
 def _on_cloud_tpu() -> bool:
     """Whether jax found TPU chips and libtpu at import (it then auto-detects TPU peers)."""
     from jax._src import cloud_tpu_init  # jax has no public accessor for this flag
+
     return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
 
 
@@ -136,39 +160,52 @@ def _port_open(address: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def rendezvous_hint(r: Rendezvous, timeout_s: float,
-                    port_open: Callable[[str], bool] = _port_open) -> str:
+def rendezvous_hint(
+    r: Rendezvous, timeout_s: float, port_open: Callable[[str], bool] = _port_open
+) -> str:
     """What this process waited for and what to check, after peers failed to arrive."""
     head = f"lmjax.distributed: peers did not arrive within {timeout_s:g} s ({r.kind} start"
     wait = f" To wait longer, set {ENV_TIMEOUT} (seconds)."
     if r.kind == "explicit":
         others = r.num_processes - 1
-        check = (f"Check: all {r.num_processes} processes were started with "
-                 f"{ENV_COORDINATOR}={r.coordinator_address} {ENV_NUM_PROCESSES}={r.num_processes} "
-                 f"and distinct {ENV_PROCESS_ID} 0..{r.num_processes - 1}; none crashed before "
-                 f"initialize (read their logs); firewalls allow the port.")
+        check = (
+            f"Check: all {r.num_processes} processes were started with "
+            f"{ENV_COORDINATOR}={r.coordinator_address} {ENV_NUM_PROCESSES}={r.num_processes} "
+            f"and distinct {ENV_PROCESS_ID} 0..{r.num_processes - 1}; none crashed before "
+            f"initialize (read their logs); firewalls allow the port."
+        )
         if r.process_id == 0:
-            where = (f"This is process 0 of {r.num_processes}, hosting the coordinator at "
-                     f"{r.coordinator_address}; not all of the other {others} process(es) "
-                     f"registered (jax does not say which).")
+            where = (
+                f"This is process 0 of {r.num_processes}, hosting the coordinator at "
+                f"{r.coordinator_address}; not all of the other {others} process(es) "
+                f"registered (jax does not say which)."
+            )
         elif port_open(r.coordinator_address):
-            where = (f"This is process {r.process_id} of {r.num_processes}; the coordinator at "
-                     f"{r.coordinator_address} accepts connections but not all "
-                     f"{r.num_processes} processes registered with it.")
+            where = (
+                f"This is process {r.process_id} of {r.num_processes}; the coordinator at "
+                f"{r.coordinator_address} accepts connections but not all "
+                f"{r.num_processes} processes registered with it."
+            )
         else:
-            where = (f"This is process {r.process_id} of {r.num_processes}; nothing answers at "
-                     f"{r.coordinator_address}: process 0 is not running yet, died, or that "
-                     f"host:port is wrong or unreachable from here.")
+            where = (
+                f"This is process {r.process_id} of {r.num_processes}; nothing answers at "
+                f"{r.coordinator_address}: process 0 is not running yet, died, or that "
+                f"host:port is wrong or unreachable from here."
+            )
         return f"{head}). {where} {check}{wait}"
     if r.kind == "slurm":
-        return (f"{head}, task {r.process_id} of {r.num_processes}). jax's coordinator runs on "
-                f"the first node of SLURM_STEP_NODELIST at a port derived from SLURM_JOB_ID "
-                f"(override with JAX_COORDINATOR_PORT). Check that every task of the step "
-                f"started (squeue/sacct), that nodes reach each other on that port, and the "
-                f"logs of task 0.{wait}")
-    return (f"{head}). jax's coordinator runs on worker 0 (port 8482; MEGASCALE_COORDINATOR_"
-            f"ADDRESS for multi-slice). Check that the same command was started on every "
-            f"worker (gcloud ... ssh --worker=all) of every slice, and the logs of worker 0.{wait}")
+        return (
+            f"{head}, task {r.process_id} of {r.num_processes}). jax's coordinator runs on "
+            f"the first node of SLURM_STEP_NODELIST at a port derived from SLURM_JOB_ID "
+            f"(override with JAX_COORDINATOR_PORT). Check that every task of the step "
+            f"started (squeue/sacct), that nodes reach each other on that port, and the "
+            f"logs of task 0.{wait}"
+        )
+    return (
+        f"{head}). jax's coordinator runs on worker 0 (port 8482; MEGASCALE_COORDINATOR_"
+        f"ADDRESS for multi-slice). Check that the same command was started on every "
+        f"worker (gcloud ... ssh --worker=all) of every slice, and the logs of worker 0.{wait}"
+    )
 
 
 def _exit_on_timeout(timeout_s: float, hint: Callable[[], str]) -> threading.Event:
@@ -191,15 +228,22 @@ def _set_local_device_count(count: int) -> None:
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError as e:
-        raise RuntimeError(f"cannot give this process {count} CPU devices: jax is already "
-                           f"running. Call lmjax.distributed.initialize() before any jax "
-                           f"computation, or set XLA_FLAGS=--xla_force_host_platform_device_count="
-                           f"{count} before starting Python.") from e
+        raise RuntimeError(
+            f"cannot give this process {count} CPU devices: jax is already "
+            f"running. Call lmjax.distributed.initialize() before any jax "
+            f"computation, or set XLA_FLAGS=--xla_force_host_platform_device_count="
+            f"{count} before starting Python."
+        ) from e
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, local_device_count: int | None = None,
-               timeout_s: float | None = None) -> None:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_count: int | None = None,
+    timeout_s: float | None = None,
+) -> None:
     """Join the other processes of this run (see the module docstring); no-op when alone.
 
     Call before any jax computation. Calling it again after success does nothing.
@@ -212,34 +256,50 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     count = _int_setting(local_device_count, env, ENV_LOCAL_DEVICES)
     if count is not None:
         _set_local_device_count(count)
-    r = plan_rendezvous(env, coordinator_address, num_processes, process_id,
-                        on_cloud_tpu=_on_cloud_tpu())
+    r = plan_rendezvous(
+        env, coordinator_address, num_processes, process_id, on_cloud_tpu=_on_cloud_tpu()
+    )
     if r.kind != "single" and not jax.distributed.is_initialized():
         _join(r, env, timeout_s)
     where = f", coordinator {r.coordinator_address}" if r.coordinator_address else ""
-    log.info("process %d/%d (%s start%s): %d local %s devices, %d global",
-             jax.process_index(), jax.process_count(), r.kind, where,
-             jax.local_device_count(), jax.default_backend(), jax.device_count())
+    log.info(
+        "process %d/%d (%s start%s): %d local %s devices, %d global",
+        jax.process_index(),
+        jax.process_count(),
+        r.kind,
+        where,
+        jax.local_device_count(),
+        jax.default_backend(),
+        jax.device_count(),
+    )
 
 
 def _join(r: Rendezvous, env, timeout_s: float) -> None:
     """`jax.distributed.initialize` for rendezvous `r`, with lmjax's timeouts; exits with a
     hint when the peers do not all arrive within `timeout_s`."""
     from jax._src import xla_bridge
+
     if xla_bridge.backends_are_initialized():
-        raise RuntimeError("lmjax.distributed.initialize() must run before any jax "
-                           "computation (jax.devices(), jnp arrays, ...): move the call "
-                           "to the top of the entry point")
+        raise RuntimeError(
+            "lmjax.distributed.initialize() must run before any jax "
+            "computation (jax.devices(), jnp arrays, ...): move the call "
+            "to the top of the entry point"
+        )
     heartbeat = _int_setting(None, env, ENV_HEARTBEAT_TIMEOUT) or DEFAULT_HEARTBEAT_TIMEOUT_S
-    kwargs = {"initialization_timeout": int(timeout_s) + _JAX_DEADLINE_GRACE_S,
-              "heartbeat_timeout_seconds": heartbeat}
+    kwargs = {
+        "initialization_timeout": int(timeout_s) + _JAX_DEADLINE_GRACE_S,
+        "heartbeat_timeout_seconds": heartbeat,
+    }
     # CPU devices need gloo for cross-process collectives: set it rather than rely on
     # jax's default.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if r.kind == "explicit":
-        kwargs.update(coordinator_address=r.coordinator_address,
-                      num_processes=r.num_processes, process_id=r.process_id,
-                      cluster_detection_method="deactivate")
+        kwargs.update(
+            coordinator_address=r.coordinator_address,
+            num_processes=r.num_processes,
+            process_id=r.process_id,
+            cluster_detection_method="deactivate",
+        )
     arrived = _exit_on_timeout(timeout_s, lambda: rendezvous_hint(r, timeout_s))
     try:
         jax.distributed.initialize(**kwargs)

@@ -4,6 +4,7 @@
 exit code 2. `FaultError`: the environment failed (storage kept failing after retries, a peer
 process died); the run stopped cleanly and left every checkpoint in place; exit code 1.
 """
+
 from __future__ import annotations
 
 

@@ -6,6 +6,7 @@ scored exactly once (BOS is context only, never a target). Documents longer than
 context are covered by sliding windows (`sliding_windows`). Bits-per-byte divides the
 summed negative log-likelihood, in bits, by the UTF-8 byte count of the original texts.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,14 +36,24 @@ def summarize(nll: float, tokens: float) -> dict[str, float]:
     """{"loss": nll / tokens (nats), "perplexity": exp(loss), inf past exp's float range,
     "tokens": int(tokens)}; a ConfigError when nothing was scored."""
     if tokens <= 0:
-        raise ConfigError("the evaluation batches score no tokens (empty input or loss_mask all 0).")
+        raise ConfigError(
+            "the evaluation batches score no tokens (empty input or loss_mask all 0)."
+        )
     loss = nll / tokens
-    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
-            "tokens": int(tokens)}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else math.inf,
+        "tokens": int(tokens),
+    }
 
 
-def eval_sums(params, model_cfg: ModelConfig, batches: Iterable[dict], *,
-              place: Callable[[Batch], Batch] | None = None) -> tuple[float, float]:
+def eval_sums(
+    params,
+    model_cfg: ModelConfig,
+    batches: Iterable[dict],
+    *,
+    place: Callable[[Batch], Batch] | None = None,
+) -> tuple[float, float]:
     """(summed NLL in nats, scored tokens) over batches in the format of `lmjax.batch`.
 
     The sums accumulate in float32 on the device (one compile per batch shape and sharding
@@ -54,14 +65,20 @@ def eval_sums(params, model_cfg: ModelConfig, batches: Iterable[dict], *,
     context, totals = sharding.context_key(), jnp.zeros(2, jnp.float32)
     for i, batch in enumerate(batches):
         batch = select(batch, f"eval batch {i}")
-        totals = _accumulate_jit(totals, params, place(batch) if place else batch, cfg=model_cfg,
-                                 context=context)
+        totals = _accumulate_jit(
+            totals, params, place(batch) if place else batch, cfg=model_cfg, context=context
+        )
     nll, tokens = np.asarray(jax.device_get(totals), np.float64)
     return float(nll), float(tokens)
 
 
-def eval_loss(params, model_cfg: ModelConfig, batches: Iterable[dict], *,
-              place: Callable[[Batch], Batch] | None = None) -> dict[str, float]:
+def eval_loss(
+    params,
+    model_cfg: ModelConfig,
+    batches: Iterable[dict],
+    *,
+    place: Callable[[Batch], Batch] | None = None,
+) -> dict[str, float]:
     """Mean next-token loss over batches (arguments as `eval_sums`): the evaluator of
     training, `lmjax eval` and `lmjax smoke`.
 
@@ -101,7 +118,7 @@ def _window_rows(docs: Iterable[list[int]], context_len: int, stride: int) -> It
             row["targets"][:n] = targets[start:end]
             row["segment_ids"][:n] = 1
             row["positions"][:n] = np.arange(n)
-            row["loss_mask"][first - start:n] = 1.0
+            row["loss_mask"][first - start : n] = 1.0
             yield row
 
 
@@ -112,6 +129,7 @@ def _empty_row(context_len: int) -> dict[str, np.ndarray]:
 def _batched(rows: Iterator[dict], batch_size: int, context_len: int) -> Iterator[dict]:
     """Stacks rows into [batch_size, context_len] batches; the last is padded with
     unscored rows so that every batch has one shape (one compile)."""
+
     def stack(buffer):
         return {k: np.stack([r[k] for r in buffer]) for k in BATCH_KEYS}
 
@@ -125,8 +143,16 @@ def _batched(rows: Iterator[dict], batch_size: int, context_len: int) -> Iterato
         yield stack(buffer + [_empty_row(context_len)] * (batch_size - len(buffer)))
 
 
-def score_texts(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
-                context_len: int, stride: int, batch_size: int = 8) -> dict[str, float]:
+def score_texts(
+    params,
+    model_cfg: ModelConfig,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    context_len: int,
+    stride: int,
+    batch_size: int = 8,
+) -> dict[str, float]:
     """Loss, perplexity and bits-per-byte of raw documents (see the module docstring).
 
     Args:
@@ -140,20 +166,28 @@ def score_texts(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str],
       {"tokens", "loss" (nats per token), "perplexity", "bits_per_byte", "bytes"}.
     """
     if not 1 <= context_len <= model_cfg.max_seq_len:
-        raise ConfigError(f"context_len={context_len} must lie in [1, model.max_seq_len="
-                          f"{model_cfg.max_seq_len}].")
+        raise ConfigError(
+            f"context_len={context_len} must lie in [1, model.max_seq_len={model_cfg.max_seq_len}]."
+        )
     sliding_windows(0, context_len, stride)  # validates stride before tokenizing
     if tokenizer.bos_id < 0:
-        raise ConfigError("the tokenizer has no BOS piece: without one the first token of each "
-                          "document goes unscored and bits-per-byte would not cover every byte; "
-                          "train one with `lmjax tokenizer train`, which has one.")
+        raise ConfigError(
+            "the tokenizer has no BOS piece: without one the first token of each "
+            "document goes unscored and bits-per-byte would not cover every byte; "
+            "train one with `lmjax tokenizer train`, which has one."
+        )
     docs = tokenizer.encode_documents(list(texts), eos=False)
     top = max((max(d) for d in docs), default=0)
     if top >= model_cfg.vocab_size:
-        raise ConfigError(f"token id {top} >= model.vocab_size={model_cfg.vocab_size}: the "
-                          "tokenizer does not match this model.")
+        raise ConfigError(
+            f"token id {top} >= model.vocab_size={model_cfg.vocab_size}: the "
+            "tokenizer does not match this model."
+        )
     n_bytes = sum(len(text.encode("utf-8")) for text in texts)
     rows = _window_rows(docs, context_len, stride)
     nll, tokens = eval_sums(params, model_cfg, _batched(rows, batch_size, context_len))
-    return {**summarize(nll, tokens), "bits_per_byte": nll / math.log(2) / n_bytes,
-            "bytes": n_bytes}
+    return {
+        **summarize(nll, tokens),
+        "bits_per_byte": nll / math.log(2) / n_bytes,
+        "bytes": n_bytes,
+    }

@@ -20,6 +20,7 @@ Conventions:
     row index, so repeating a prompt in a batch gives different samples. Greedy decoding of
     a row does not depend on the other rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax import attention as attn_lib
-from lmjax import model, sharding
+from lmjax import attention as attn_lib, model, sharding
 from lmjax.config import ConfigError, ModelConfig
 
 Cache = dict[str, jax.Array]  # "k", "v": [layers, batch, max_len, kv_heads, head_dim]
@@ -138,8 +138,9 @@ class Sampling:
         if self.temperature < 0:
             raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 is greedy).")
         if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
-            raise ConfigError(f"top_k={self.top_k} must lie in [1, vocab_size={vocab_size}] "
-                             "(None turns it off).")
+            raise ConfigError(
+                f"top_k={self.top_k} must lie in [1, vocab_size={vocab_size}] (None turns it off)."
+            )
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p={self.top_p} must lie in (0, 1] (None turns it off).")
         return self
@@ -157,16 +158,25 @@ def sample(logits, keys, sampling: Sampling):
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
-def decode(params, cfg: ModelConfig, logits, cache: Cache, lengths, seed, *,
-           sampling: Sampling, eos_id: int | None, max_new_tokens: int):
+def decode(
+    params,
+    cfg: ModelConfig,
+    logits,
+    cache: Cache,
+    lengths,
+    seed,
+    *,
+    sampling: Sampling,
+    eos_id: int | None,
+    max_new_tokens: int,
+):
     """Samples `max_new_tokens` per row, the first from the prefill `logits` [batch, vocab].
 
     lengths: [batch] prompt lengths (the first new token goes to position lengths).
     Returns [batch, max_new_tokens] int32; after eos_id a row holds eos_id.
     """
     batch = logits.shape[0]
-    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed),
-                                                       jnp.arange(batch))
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), jnp.arange(batch))
     out = jnp.full((batch, max_new_tokens), 0 if eos_id is None else eos_id, jnp.int32)
 
     def emit(i, logits, out, done):
@@ -194,45 +204,77 @@ def decode(params, cfg: ModelConfig, logits, cache: Cache, lengths, seed, *,
 
 # `prefill` and `decode` jitted, with keyword-only static arguments; the unused static
 # `context` (`sharding.context_key()`) keys the compile cache on the sharding context.
-prefill_jit = jax.jit(lambda params, tokens, lengths, cfg, max_len, context:
-                      prefill(params, cfg, tokens, lengths, max_len),
-                      static_argnames=("cfg", "max_len", "context"))
+prefill_jit = jax.jit(
+    lambda params, tokens, lengths, cfg, max_len, context: prefill(
+        params, cfg, tokens, lengths, max_len
+    ),
+    static_argnames=("cfg", "max_len", "context"),
+)
 decode_jit = jax.jit(
-    lambda params, logits, cache, lengths, seed, cfg, sampling, eos_id, max_new_tokens, context:
-    decode(params, cfg, logits, cache, lengths, seed, sampling=sampling, eos_id=eos_id,
-           max_new_tokens=max_new_tokens),
-    static_argnames=("cfg", "sampling", "eos_id", "max_new_tokens", "context"))
+    lambda params, logits, cache, lengths, seed, cfg, sampling, eos_id, max_new_tokens, context: (
+        decode(
+            params,
+            cfg,
+            logits,
+            cache,
+            lengths,
+            seed,
+            sampling=sampling,
+            eos_id=eos_id,
+            max_new_tokens=max_new_tokens,
+        )
+    ),
+    static_argnames=("cfg", "sampling", "eos_id", "max_new_tokens", "context"),
+)
 
 
 def check_prompts(cfg: ModelConfig, prompt_tokens, prompt_lengths, max_new_tokens: int):
     """Validates prompts on the host; returns (tokens [b, t] int32, lengths [b] int32)."""
     tokens = np.asarray(prompt_tokens)
     if tokens.ndim != 2 or tokens.shape[1] == 0 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"prompt_tokens must be int ids [batch, prompt_len] with prompt_len >= 1, "
-                         f"got {tokens.dtype} {tokens.shape}; wrap one prompt as [ids].")
+        raise ValueError(
+            f"prompt_tokens must be int ids [batch, prompt_len] with prompt_len >= 1, "
+            f"got {tokens.dtype} {tokens.shape}; wrap one prompt as [ids]."
+        )
     batch, prompt_len = tokens.shape
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1.")
     if prompt_len + max_new_tokens > cfg.max_seq_len:
-        raise ConfigError(f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} exceeds "
-                         f"model.max_seq_len={cfg.max_seq_len}: shorten the prompt or ask for "
-                         "fewer tokens.")
+        raise ConfigError(
+            f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} exceeds "
+            f"model.max_seq_len={cfg.max_seq_len}: shorten the prompt or ask for "
+            "fewer tokens."
+        )
     if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
-        raise ConfigError(f"prompt ids must lie in [0, vocab_size={cfg.vocab_size}), got "
-                         f"[{tokens.min()}, {tokens.max()}]; pad with a valid id (e.g. 0).")
+        raise ConfigError(
+            f"prompt ids must lie in [0, vocab_size={cfg.vocab_size}), got "
+            f"[{tokens.min()}, {tokens.max()}]; pad with a valid id (e.g. 0)."
+        )
     if prompt_lengths is None:
         lengths = np.full((batch,), prompt_len, np.int32)
     else:
         lengths = np.asarray(prompt_lengths)
         if lengths.shape != (batch,) or lengths.min() < 1 or lengths.max() > prompt_len:
-            raise ValueError(f"prompt_lengths must be [batch={batch}] ints in [1, {prompt_len}], "
-                             f"got {lengths.tolist()}.")
+            raise ValueError(
+                f"prompt_lengths must be [batch={batch}] ints in [1, {prompt_len}], "
+                f"got {lengths.tolist()}."
+            )
     return tokens.astype(np.int32), lengths.astype(np.int32)
 
 
-def generate(params, model_cfg: ModelConfig, prompt_tokens, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, eos_id: int | None = None, prompt_lengths=None) -> jax.Array:
+def generate(
+    params,
+    model_cfg: ModelConfig,
+    prompt_tokens,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_id: int | None = None,
+    prompt_lengths=None,
+) -> jax.Array:
     """Continues each prompt by `max_new_tokens` tokens.
 
     Args:
@@ -248,15 +290,31 @@ def generate(params, model_cfg: ModelConfig, prompt_tokens, *, max_new_tokens: i
     tokens, lengths = check_prompts(model_cfg, prompt_tokens, prompt_lengths, max_new_tokens)
     sampling = Sampling(float(temperature), top_k, top_p).validate(model_cfg.vocab_size)
     context = sharding.context_key()
-    logits, cache = prefill_jit(params, tokens, lengths, cfg=model_cfg,
-                                max_len=tokens.shape[1] + max_new_tokens, context=context)
-    return decode_jit(params, logits, cache, lengths, np.int32(seed), cfg=model_cfg,
-                      sampling=sampling, eos_id=eos_id, max_new_tokens=max_new_tokens,
-                      context=context)
+    logits, cache = prefill_jit(
+        params,
+        tokens,
+        lengths,
+        cfg=model_cfg,
+        max_len=tokens.shape[1] + max_new_tokens,
+        context=context,
+    )
+    return decode_jit(
+        params,
+        logits,
+        cache,
+        lengths,
+        np.int32(seed),
+        cfg=model_cfg,
+        sampling=sampling,
+        eos_id=eos_id,
+        max_new_tokens=max_new_tokens,
+        context=context,
+    )
 
 
-def complete(params, model_cfg: ModelConfig, tokenizer, prompts: Sequence[str],
-             max_new_tokens: int, **kw) -> list[str]:
+def complete(
+    params, model_cfg: ModelConfig, tokenizer, prompts: Sequence[str], max_new_tokens: int, **kw
+) -> list[str]:
     """Each prompt and its continuation, decoded together; all prompts in one batch.
 
     A prompt is a document that continues (`Tokenizer.encode_documents(eos=False)`: BOS when
@@ -268,15 +326,24 @@ def complete(params, model_cfg: ModelConfig, tokenizer, prompts: Sequence[str],
     ids = tokenizer.encode_documents(list(prompts), eos=False)
     padded = np.full((len(ids), max(map(len, ids))), tokenizer.pad_id, np.int32)
     for row, seq in zip(padded, ids):
-        row[:len(seq)] = seq
-    new = np.asarray(generate(params, model_cfg, padded, max_new_tokens=max_new_tokens,
-                              eos_id=tokenizer.eos_id, prompt_lengths=[len(s) for s in ids],
-                              **kw)).tolist()
-    cut = [row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row for row in new]
+        row[: len(seq)] = seq
+    new = np.asarray(
+        generate(
+            params,
+            model_cfg,
+            padded,
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_id,
+            prompt_lengths=[len(s) for s in ids],
+            **kw,
+        )
+    ).tolist()
+    cut = [row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row for row in new]
     return [tokenizer.decode(p + n) for p, n in zip(ids, cut)]  # decoding drops BOS (control)
 
 
-def sample_text(params, model_cfg: ModelConfig, tokenizer, prompt: str, max_new_tokens: int,
-                **kw) -> str:
+def sample_text(
+    params, model_cfg: ModelConfig, tokenizer, prompt: str, max_new_tokens: int, **kw
+) -> str:
     """`complete` of one prompt."""
     return complete(params, model_cfg, tokenizer, [prompt], max_new_tokens, **kw)[0]

@@ -7,6 +7,7 @@ been reached before the restart, but their update was not in the checkpoint), ch
 (training blocked by saves), eval (evaluation and the end-of-run sample), profile (writing
 a trace). Time before `train()` is entered (interpreter start, imports) is not counted.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,12 @@ class Clock:
         """The metrics.jsonl record of the time so far (cumulative since the clock began)."""
         self._charge()
         wall = self._since - self._start
-        out = {"event": EVENT, "run_start": self.started_at, "time": time.time(),
-               f"{PREFIX}wall_s": wall}
+        out = {
+            "event": EVENT,
+            "run_start": self.started_at,
+            "time": time.time(),
+            f"{PREFIX}wall_s": wall,
+        }
         out.update({f"{PREFIX}{b}_s": s for b, s in self.seconds.items()})
         out[f"{PREFIX}fraction"] = self.seconds["train"] / wall if wall > 0 else 0.0
         return out

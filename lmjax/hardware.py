@@ -13,6 +13,7 @@ and v6e 4 x 200 Gbps per 8-chip host). v4 publishes neither ICI nor DCN per chip
 6 links x 50 GB/s per direction from the TPU v4 paper (Jouppi et al., ISCA 2023), its DCN is
 assumed equal to v5p's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,38 +22,94 @@ import re
 
 from lmjax.config import ConfigError
 
-GiB = 1024 ** 3
+GiB = 1024**3
 GB = 1e9
 
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    name: str                # accelerator-type prefix in GCE/GKE names: "v5p" in "v5p-64"
-    libtpu_name: str         # topology prefix libtpu understands: "v5e" for v5litepod
-    cores_per_chip: int      # the number after the dash counts TensorCores (v4, v5p) or chips
-    topology_dims: int       # 3 for v4/v5p (2x2x4), 2 for v5e/v6e (4x4)
-    chips_per_host: int      # on multi-host slices
+    name: str  # accelerator-type prefix in GCE/GKE names: "v5p" in "v5p-64"
+    libtpu_name: str  # topology prefix libtpu understands: "v5e" for v5litepod
+    cores_per_chip: int  # the number after the dash counts TensorCores (v4, v5p) or chips
+    topology_dims: int  # 3 for v4/v5p (2x2x4), 2 for v5e/v6e (4x4)
+    chips_per_host: int  # on multi-host slices
     max_single_host_chips: int
-    gke_accelerator: str     # node label cloud.google.com/gke-tpu-accelerator
-    runtime_version: str     # default TPU VM software version
-    hbm_bytes: int           # per chip
-    peak_flops: float        # dense bf16 FLOP/s per chip
+    gke_accelerator: str  # node label cloud.google.com/gke-tpu-accelerator
+    runtime_version: str  # default TPU VM software version
+    hbm_bytes: int  # per chip
+    peak_flops: float  # dense bf16 FLOP/s per chip
     hbm_bytes_per_s: float
-    ici_bytes_per_s: float   # per chip, both directions, all ports
-    dcn_bytes_per_s: float   # per chip: its share of the host NICs
+    ici_bytes_per_s: float  # per chip, both directions, all ports
+    dcn_bytes_per_s: float  # per chip: its share of the host NICs
     libtpu_kwargs: tuple[tuple[str, str], ...] = ()  # for jax.experimental.topologies
 
 
-GENERATIONS: dict[str, Generation] = {g.name: g for g in (
-    Generation("v4", "v4", 2, 3, 4, 4, "tpu-v4-podslice", "tpu-ubuntu2204-base", 32 * GiB,
-               275e12, 1200 * GB, 600 * GB, 50e9 / 8, (("chip_config_name", "megacore"),)),
-    Generation("v5p", "v5p", 2, 3, 4, 4, "tpu-v5p-slice", "v2-alpha-tpuv5", 95 * GiB,
-               459e12, 2765 * GB, 1200 * GB, 50e9 / 8),
-    Generation("v5litepod", "v5e", 1, 2, 4, 8, "tpu-v5-lite-podslice", "v2-alpha-tpuv5-lite",
-               16 * GiB, 197e12, 819 * GB, 2 * 1600e9 / 8, 2 * 100e9 / 8 / 8),
-    Generation("v6e", "v6e", 1, 2, 4, 8, "tpu-v6e-slice", "v2-alpha-tpuv6e", 32 * GiB,
-               918e12, 1640 * GB, 2 * 3584e9 / 8, 4 * 200e9 / 8 / 8),
-)}
+GENERATIONS: dict[str, Generation] = {
+    g.name: g
+    for g in (
+        Generation(
+            "v4",
+            "v4",
+            2,
+            3,
+            4,
+            4,
+            "tpu-v4-podslice",
+            "tpu-ubuntu2204-base",
+            32 * GiB,
+            275e12,
+            1200 * GB,
+            600 * GB,
+            50e9 / 8,
+            (("chip_config_name", "megacore"),),
+        ),
+        Generation(
+            "v5p",
+            "v5p",
+            2,
+            3,
+            4,
+            4,
+            "tpu-v5p-slice",
+            "v2-alpha-tpuv5",
+            95 * GiB,
+            459e12,
+            2765 * GB,
+            1200 * GB,
+            50e9 / 8,
+        ),
+        Generation(
+            "v5litepod",
+            "v5e",
+            1,
+            2,
+            4,
+            8,
+            "tpu-v5-lite-podslice",
+            "v2-alpha-tpuv5-lite",
+            16 * GiB,
+            197e12,
+            819 * GB,
+            2 * 1600e9 / 8,
+            2 * 100e9 / 8 / 8,
+        ),
+        Generation(
+            "v6e",
+            "v6e",
+            1,
+            2,
+            4,
+            8,
+            "tpu-v6e-slice",
+            "v2-alpha-tpuv6e",
+            32 * GiB,
+            918e12,
+            1640 * GB,
+            2 * 3584e9 / 8,
+            4 * 200e9 / 8 / 8,
+        ),
+    )
+}
 # Other spellings `lmjax compile --topology` accepts (libtpu's and the marketing name).
 ALIASES = {"v5e": "v5litepod"}
 
@@ -61,8 +118,10 @@ def generation_of(accelerator_type: str) -> tuple[Generation, int]:
     """("v5p-64") -> (v5p Generation, 64); raises ValueError naming the accepted forms."""
     prefix, sep, number = accelerator_type.rpartition("-")
     if not sep or prefix not in GENERATIONS or not number.isdigit() or int(number) < 1:
-        raise ConfigError(f"accelerator type {accelerator_type!r}: expected PREFIX-N with PREFIX "
-                         f"one of {sorted(GENERATIONS)}, e.g. v5p-64, v5litepod-16, v6e-256, v4-32")
+        raise ConfigError(
+            f"accelerator type {accelerator_type!r}: expected PREFIX-N with PREFIX "
+            f"one of {sorted(GENERATIONS)}, e.g. v5p-64, v5litepod-16, v6e-256, v4-32"
+        )
     return GENERATIONS[prefix], int(number)
 
 
@@ -70,8 +129,10 @@ def default_shape(chips: int, dims: int) -> tuple[int, ...]:
     """Cloud TPU's default slice shape for a power-of-two chip count:
     (4, 3) -> (2, 2, 1); (64, 3) -> (4, 4, 4); (32, 3) -> (2, 4, 4); (128, 2) -> (8, 16)."""
     if chips < 1 or chips & (chips - 1):
-        raise ConfigError(f"{chips} chips is not a power of two: only power-of-two slices have a "
-                          "default shape; give the topology explicitly, e.g. v5p:4x4x12")
+        raise ConfigError(
+            f"{chips} chips is not a power of two: only power-of-two slices have a "
+            "default shape; give the topology explicitly, e.g. v5p:4x4x12"
+        )
     shape = [1] * dims
     if dims == 3 and chips >= 4:
         shape, chips = [2, 2, 1], chips // 4
@@ -89,24 +150,31 @@ class SliceShape:
     chips: int
     hosts: int
     chips_per_host: int
-    topology: str            # "4x4x4" (v4/v5p) or "4x4" (v5e/v6e)
+    topology: str  # "4x4x4" (v4/v5p) or "4x4" (v5e/v6e)
 
 
 def slice_shape(accelerator_type: str, topology: str | None = None) -> SliceShape:
     """Chips, hosts and topology of one slice, e.g. v5p-64 -> 32 chips, 8 hosts, 2x4x4."""
     gen, number = generation_of(accelerator_type)
     if number % gen.cores_per_chip:
-        raise ConfigError(f"{accelerator_type}: {gen.name} counts TensorCores "
-                         f"({gen.cores_per_chip} per chip), so N must be even")
+        raise ConfigError(
+            f"{accelerator_type}: {gen.name} counts TensorCores "
+            f"({gen.cores_per_chip} per chip), so N must be even"
+        )
     chips = number // gen.cores_per_chip
     if topology is None:
         topology = "x".join(map(str, default_shape(chips, gen.topology_dims)))
     dims = topology.split("x")
-    if (len(dims) != gen.topology_dims or not all(d.isdigit() for d in dims)
-            or math.prod(map(int, dims)) != chips):
-        raise ConfigError(f"topology {topology!r} does not fit {accelerator_type} ({chips} chips "
-                         f"as {gen.topology_dims} dimensions, e.g. "
-                         f"{'2x2x4' if gen.topology_dims == 3 else '4x4'})")
+    if (
+        len(dims) != gen.topology_dims
+        or not all(d.isdigit() for d in dims)
+        or math.prod(map(int, dims)) != chips
+    ):
+        raise ConfigError(
+            f"topology {topology!r} does not fit {accelerator_type} ({chips} chips "
+            f"as {gen.topology_dims} dimensions, e.g. "
+            f"{'2x2x4' if gen.topology_dims == 3 else '4x4'})"
+        )
     per_host = chips if chips <= gen.max_single_host_chips else gen.chips_per_host
     if chips % per_host:
         raise ConfigError(f"{accelerator_type}: {chips} chips do not fill hosts of {per_host}")
@@ -116,6 +184,7 @@ def slice_shape(accelerator_type: str, topology: str | None = None) -> SliceShap
 @dataclasses.dataclass(frozen=True)
 class Target:
     """A TPU slice to compile for: `topology` as libtpu names it (e.g. "v5p:4x4x4")."""
+
     accelerator: str  # Cloud name, e.g. "v5p-128"
     topology: str
     chips: int
@@ -132,22 +201,27 @@ def parse_target(text: str) -> Target:
     name = (m or t).group(1) if (m or t) else None
     gen = GENERATIONS.get(ALIASES.get(name, name))
     if gen is None:
-        raise ConfigError(f"--topology {text!r}: expected a Cloud TPU name like v5p-128, v4-64, "
-                          f"v5litepod-16, v6e-256 or a topology like v5p:4x4x4; families "
-                          f"{sorted([*GENERATIONS, *ALIASES])}")
+        raise ConfigError(
+            f"--topology {text!r}: expected a Cloud TPU name like v5p-128, v4-64, "
+            f"v5litepod-16, v6e-256 or a topology like v5p:4x4x4; families "
+            f"{sorted([*GENERATIONS, *ALIASES])}"
+        )
     if t:
         shape = tuple(int(x) for x in t.group(2).split("x"))
         if len(shape) != gen.topology_dims:
-            raise ConfigError(f"--topology {text!r}: {name} topologies have {gen.topology_dims} "
-                              f"dimensions, e.g. {gen.libtpu_name}:"
-                              f"{'x'.join(['2'] * gen.topology_dims)}")
+            raise ConfigError(
+                f"--topology {text!r}: {name} topologies have {gen.topology_dims} "
+                f"dimensions, e.g. {gen.libtpu_name}:"
+                f"{'x'.join(['2'] * gen.topology_dims)}"
+            )
         chips = math.prod(shape)
         accelerator = f"{name}-{chips * gen.cores_per_chip}"
     else:
         units = int(m.group(2))
         if units % gen.cores_per_chip:
-            raise ConfigError(f"--topology {text!r}: {name}-N counts TensorCores, two per "
-                              "chip, so N must be even")
+            raise ConfigError(
+                f"--topology {text!r}: {name}-N counts TensorCores, two per chip, so N must be even"
+            )
         chips = units // gen.cores_per_chip
         shape, accelerator = default_shape(chips, gen.topology_dims), text
     return Target(accelerator, f"{gen.libtpu_name}:{'x'.join(map(str, shape))}", chips, gen)

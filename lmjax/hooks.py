@@ -4,6 +4,7 @@ They share two sinks: the `MetricsWriter` (metrics.jsonl, TensorBoard, the progr
 silent on processes other than 0) and `summary`, the dict `train()` returns (the latest
 value of every step metric, the last evaluation, the sample, where a stop happened).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,10 @@ class NonfiniteGuard(Hook):
     def on_metrics(self, step, values, seconds):
         if values["finite"]:
             return
-        message = (f"non-finite loss or gradient at step {step}: loss={values['loss']}, "
-                   f"grad_norm={values['grad_norm']}")
+        message = (
+            f"non-finite loss or gradient at step {step}: loss={values['loss']}, "
+            f"grad_norm={values['grad_norm']}"
+        )
         if not self.skip:
             raise FloatingPointError(message)
         log.warning("%s; skipped the update (checkpoint.on_nonfinite=skip)", message)
@@ -38,8 +41,14 @@ class StepMetrics(Hook):
     """Adds step time, throughput and MFU to each step's metrics, keeps them in `summary`,
     and writes every `log_every`-th step and the last with device and host memory."""
 
-    def __init__(self, writer: metrics_lib.MetricsWriter, summary: dict,
-                 throughput: metrics_lib.Throughput, log_every: int, total: int):
+    def __init__(
+        self,
+        writer: metrics_lib.MetricsWriter,
+        summary: dict,
+        throughput: metrics_lib.Throughput,
+        log_every: int,
+        total: int,
+    ):
         self.writer, self.summary, self.throughput = writer, summary, throughput
         self.log_every, self.total = log_every, total
 
@@ -57,8 +66,16 @@ class Checkpoints(Hook):
 
     bucket = "checkpoint"
 
-    def __init__(self, ckpt, schedule, data_state, meta: dict, skip_nonfinite: bool,
-                 clock: goodput.Clock, summary: dict):
+    def __init__(
+        self,
+        ckpt,
+        schedule,
+        data_state,
+        meta: dict,
+        skip_nonfinite: bool,
+        clock: goodput.Clock,
+        summary: dict,
+    ):
         self.ckpt, self.schedule, self.data_state, self.meta = ckpt, schedule, data_state, meta
         self.skip_nonfinite, self.clock, self.summary = skip_nonfinite, clock, summary
 
@@ -68,17 +85,25 @@ class Checkpoints(Hook):
         if save:
             with self.clock("train"):  # waiting for the step in flight is not save overhead
                 jax.block_until_ready(metrics["finite"])
-            self.ckpt.save(step, state, data_state=self.data_state(step), meta=self.meta,
-                           step_finite=metrics["finite"],
-                           allow_nonfinite_step=self.skip_nonfinite)
+            self.ckpt.save(
+                step,
+                state,
+                data_state=self.data_state(step),
+                meta=self.meta,
+                step_finite=metrics["finite"],
+                allow_nonfinite_step=self.skip_nonfinite,
+            )
             self.schedule.saved()
         return stop
 
     def on_end(self, state, stopped):
         if stopped:
             step = int(state.step)
-            log.warning("stopped at step %d after a signal; checkpoint saved, rerun the same "
-                        "command to resume", step)
+            log.warning(
+                "stopped at step %d after a signal; checkpoint saved, rerun the same "
+                "command to resume",
+                step,
+            )
             self.summary["stopped_at_step"] = float(step)
 
     def close(self):
@@ -90,8 +115,9 @@ class Evaluation(Hook):
 
     bucket = "eval"
 
-    def __init__(self, evaluate, writer: metrics_lib.MetricsWriter, summary: dict, every: int,
-                 total: int):
+    def __init__(
+        self, evaluate, writer: metrics_lib.MetricsWriter, summary: dict, every: int, total: int
+    ):
         self.evaluate, self.writer, self.summary = evaluate, writer, summary
         self.every, self.total = every or total, total
 
@@ -143,16 +169,21 @@ class Profile(Hook):
         if self.active:
             self.active = False
             jax.profiler.stop_trace()
-            log.info("profile of steps %d-%d written to %s", self.start, self.end - 1,
-                     os.path.join(self.log_dir, "plugins", "profile"))
+            log.info(
+                "profile of steps %d-%d written to %s",
+                self.start,
+                self.end - 1,
+                os.path.join(self.log_dir, "plugins", "profile"),
+            )
 
 
 class GoodputLog(Hook):
     """Writes the goodput clock's buckets (cumulative since this start) at every
     `log_every`-th step; `train()` writes `final()` last, however the run ends."""
 
-    def __init__(self, clock: goodput.Clock, writer: metrics_lib.MetricsWriter, log_every: int,
-                 step: int):
+    def __init__(
+        self, clock: goodput.Clock, writer: metrics_lib.MetricsWriter, log_every: int, step: int
+    ):
         self.clock, self.writer, self.log_every, self.step = clock, writer, log_every, step
 
     def on_metrics(self, step, values, seconds):

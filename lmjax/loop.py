@@ -12,6 +12,7 @@ For each step k (the k-th update), in this order:
 and once at the end `on_end(state, stopped)` (not after an exception), then `close()`.
 Every call of a hook runs inside the goodput bucket named by its `bucket` attribute.
 """
+
 from __future__ import annotations
 
 import time
@@ -74,8 +75,16 @@ class _Hooks:
         self("close")
 
 
-def run(step_fn: Callable, state: Any, batches: Iterator, total: int, hooks: list[Hook],
-        clock: goodput.Clock, *, redo_until: int = 0) -> tuple[Any, bool]:
+def run(
+    step_fn: Callable,
+    state: Any,
+    batches: Iterator,
+    total: int,
+    hooks: list[Hook],
+    clock: goodput.Clock,
+    *,
+    redo_until: int = 0,
+) -> tuple[Any, bool]:
     """Trains from `state` up to `total` steps; returns (state, stopped early by a hook).
 
     batches: yields global batches; steps up to `redo_until` were reached before a restart
@@ -87,8 +96,9 @@ def run(step_fn: Callable, state: Any, batches: Iterator, total: int, hooks: lis
         call.close()
 
 
-def _drive(step_fn, state, batches, total, call: _Hooks, clock: goodput.Clock,
-           redo_until: int) -> tuple[Any, bool]:
+def _drive(
+    step_fn, state, batches, total, call: _Hooks, clock: goodput.Clock, redo_until: int
+) -> tuple[Any, bool]:
     work = lambda k: "lost" if k <= redo_until else "train"  # noqa: E731
     step, pending, stopped, first = int(state.step), None, False, True
     last = time.perf_counter()

@@ -10,6 +10,7 @@ chunked loss), and the logits gradient enters both gradient matmuls in the compu
 (accumulated in float32), through `lmjax.matmul` so that on a CPU they stay on the fast
 bfloat16 path.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,8 +58,11 @@ def _fused(x, w, targets, weights, z_loss: float, chunk: int, impl: str):
         return jax.tree.map(jnp.add, carry, _sums(logz, target_logit, w_c, z_loss)), None
 
     zero = jnp.zeros((), jnp.float32)
-    sums, _ = jax.lax.scan(body, (zero, zero, zero),
-                           (_chunks(x, chunk), _chunks(targets, chunk), _chunks(weights, chunk)))
+    sums, _ = jax.lax.scan(
+        body,
+        (zero, zero, zero),
+        (_chunks(x, chunk), _chunks(targets, chunk), _chunks(weights, chunk)),
+    )
     return sums
 
 
@@ -84,8 +88,10 @@ def _fused_fwd(x, w, targets, weights, z_loss: float, chunk: int, impl: str):
 
     zero = jnp.zeros((), jnp.float32)
     (sums, dw), dx = jax.lax.scan(
-        body, ((zero, zero, zero), jnp.zeros(w.shape, jnp.float32)),
-        (_chunks(x, chunk), _chunks(targets, chunk), _chunks(weights, chunk)))
+        body,
+        ((zero, zero, zero), jnp.zeros(w.shape, jnp.float32)),
+        (_chunks(x, chunk), _chunks(targets, chunk), _chunks(weights, chunk)),
+    )
     return sums, (_unchunk(dx), dw.astype(w.dtype), targets, weights)
 
 
@@ -93,8 +99,12 @@ def _fused_bwd(z_loss, chunk, impl, res, cotangents):
     dx, dw, targets, weights = res
     g = cotangents[0]  # only the objective is differentiable; see `loss_sums`
     # targets are integers (float0 cotangent); weights enter through stop_gradient
-    return ((g * dx.astype(jnp.float32)).astype(dx.dtype), (g * dw).astype(dw.dtype),
-            np.zeros(targets.shape, jax.dtypes.float0), jnp.zeros_like(weights))
+    return (
+        (g * dx.astype(jnp.float32)).astype(dx.dtype),
+        (g * dw).astype(dw.dtype),
+        np.zeros(targets.shape, jax.dtypes.float0),
+        jnp.zeros_like(weights),
+    )
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

@@ -14,13 +14,13 @@ operand, small next to the matmul it feeds.
     copies; the weight gradient is accumulated and returned in float32.
   * ``auto``: row_major for bfloat16 compute on the CPU backend, xla otherwise.
 """
+
 from __future__ import annotations
 
 import math
 
 import jax
 import jax.numpy as jnp
-
 from jax.ad_checkpoint import checkpoint_name
 
 from lmjax.config import MATMUL_IMPLS as IMPLS
@@ -79,7 +79,7 @@ def dense(x, w, *, contract: int = 1, impl: str = "xla"):
         return jnp.tensordot(x, w.astype(x.dtype), axes=contract)
     if impl != "row_major":
         raise ValueError(f"unknown matmul implementation {impl!r}: use one of {IMPLS}")
-    lead, out = x.shape[:x.ndim - contract], w.shape[contract:]
+    lead, out = x.shape[: x.ndim - contract], w.shape[contract:]
     k = math.prod(w.shape[:contract])
     y = _dense_row_major(x.reshape(-1, k), w.reshape(k, -1))
     # Remat policies see a custom VJP, not a dot: the name lets `save_dots` keep it.

@@ -1,5 +1,6 @@
 """FLOPs accounting, MFU, metric writers (JSONL, TensorBoard, terminal progress), and the one
 reader of a run's metrics.jsonl."""
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,15 @@ from lmjax.hardware import GENERATIONS
 # are named in full: the PCIe and NVL cards are slower than SXM, and an unknown H100 variant
 # reports no peak rather than a wrong one. TPU peaks come from `hardware.GENERATIONS`; GPU
 # peaks are from NVIDIA's data sheets.
-_TPU_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5litepod", "TPU v5e": "v5litepod",
-              "TPU v5p": "v5p", "TPU v5": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
+_TPU_KINDS = {
+    "TPU v4": "v4",
+    "TPU v5 lite": "v5litepod",
+    "TPU v5e": "v5litepod",
+    "TPU v5p": "v5p",
+    "TPU v5": "v5p",
+    "TPU v6 lite": "v6e",
+    "TPU v6e": "v6e",
+}
 PEAK_FLOPS: dict[str, tuple[float, float]] = {
     **{kind: (GENERATIONS[g].peak_flops,) * 2 for kind, g in _TPU_KINDS.items()},
     "NVIDIA A100": (312e12, 156e12),  # SXM and PCIe alike
@@ -66,11 +74,11 @@ def _best_seconds(fn, x, repeats: int = 5, *, chain: bool = False) -> float:
 @functools.cache
 def _measured_cpu_peak(dtype: str) -> float:
     n = 1024
-    return 2 * n ** 3 / _best_seconds(jax.jit(lambda x: x @ x), jnp.ones((n, n), dtype))
+    return 2 * n**3 / _best_seconds(jax.jit(lambda x: x @ x), jnp.ones((n, n), dtype))
 
 
 @functools.cache
-def measured_cpu_bandwidth(n_bytes: int = 256 * 1024 ** 2) -> float:
+def measured_cpu_bandwidth(n_bytes: int = 256 * 1024**2) -> float:
     """Memory bytes per second of this CPU: a jitted `x + 1` over `n_bytes` of float32 reads
     and writes each element once, in place (a donated buffer: no fresh pages to fault in)."""
     add = jax.jit(lambda a: a + 1, donate_argnums=0)
@@ -97,8 +105,9 @@ class Throughput:
     """Tokens/s, TFLOP/s per device and MFU of a step of `seconds` (the one home of this
     arithmetic: training logs it, `lmjax bench` prints it)."""
 
-    def __init__(self, model_cfg: ModelConfig, batch_size: int, seq_len: int,
-                 devices: list[jax.Device]):
+    def __init__(
+        self, model_cfg: ModelConfig, batch_size: int, seq_len: int, devices: list[jax.Device]
+    ):
         self.tokens = batch_size * seq_len
         self.flops = flops_per_token(model_cfg, seq_len) * self.tokens
         self.peak, self.peak_source = peak_flops(devices[0], model_cfg.dtype)
@@ -106,8 +115,11 @@ class Throughput:
 
     def __call__(self, seconds: float) -> dict[str, float]:
         per_device = self.flops / seconds / self.n_devices
-        return {"tokens_per_second": self.tokens / seconds, "tflops_per_device": per_device / 1e12,
-                "mfu": per_device / self.peak}
+        return {
+            "tokens_per_second": self.tokens / seconds,
+            "tflops_per_device": per_device / 1e12,
+            "mfu": per_device / self.peak,
+        }
 
 
 def memory_usage() -> dict[str, float]:
@@ -115,8 +127,10 @@ def memory_usage() -> dict[str, float]:
     reports it; the CPU backend does not), and this process's resident host memory."""
     out = {}
     stats = jax.local_devices()[0].memory_stats() or {}
-    for key, name in (("bytes_in_use", "device_memory_gib"),
-                      ("peak_bytes_in_use", "device_memory_peak_gib")):
+    for key, name in (
+        ("bytes_in_use", "device_memory_gib"),
+        ("peak_bytes_in_use", "device_memory_peak_gib"),
+    ):
         if key in stats:
             out[name] = stats[key] / 2**30
     out["host_rss_gib"] = _host_rss_bytes() / 2**30
@@ -136,8 +150,15 @@ class MetricsWriter:
     to the `outputs` (objects with write(step, record) and close(), e.g. W&B), and a progress
     line to stdout. Only process 0 writes; the others are silent no-ops."""
 
-    def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True,
-                 start_step: int = 0, outputs: tuple = ()):
+    def __init__(
+        self,
+        workdir: str,
+        total_steps: int,
+        *,
+        enabled: bool = True,
+        start_step: int = 0,
+        outputs: tuple = (),
+    ):
         """start_step: the step this process starts at (a resumed run's restored step); the
         ETA divides this process's time by the steps it has done since."""
         self.enabled = enabled
@@ -153,6 +174,7 @@ class MetricsWriter:
             drop_torn_tail(path)
             self._jsonl = open(path, "a")
             from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, values: dict[str, Any], *, progress: bool = True) -> None:

@@ -15,6 +15,7 @@ Parameters (layers stacked on a leading axis, scanned):
 sharding rules map those names onto mesh axes. RoPE uses the rotate-half convention of
 Hugging Face Llama checkpoints, so their q/k weights load without permutation.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from lmjax import attention as attn_lib
-from lmjax import matmul
+from lmjax import attention as attn_lib, matmul
 from lmjax.config import ModelConfig
 from lmjax.matmul import dense
 from lmjax.sharding import constrain
@@ -46,8 +46,15 @@ class ParamSpec:
 
 def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     """The single table of parameter shapes, logical axes and initializers."""
-    L, D, H, K, Dh, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads,
-                            cfg.head_dim, cfg.d_mlp, cfg.vocab_size)
+    L, D, H, K, Dh, F, V = (
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.d_mlp,
+        cfg.vocab_size,
+    )
     specs = {
         "embed": ParamSpec((V, D), ("vocab", "embed"), "normal"),
         "layers": {
@@ -80,8 +87,9 @@ def param_axes(cfg: ModelConfig) -> dict[str, Any]:
 def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
     """Same tree as the params, each leaf a `jax.ShapeDtypeStruct`."""
     dtype = jnp.dtype(cfg.param_dtype)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg),
-                        is_leaf=_is_spec)
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg), is_leaf=_is_spec
+    )
 
 
 def count_params(cfg: ModelConfig, *, include_embed: bool = True) -> int:
@@ -119,11 +127,17 @@ def rms_norm(x, weight, eps: float):
 
 def rope_frequencies(cfg: ModelConfig):
     """Inverse frequencies [head_dim // 2], with Llama-3.1 scaling when configured."""
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    inv = 1.0 / (
+        cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim)
+    )
     if cfg.rope_scaling_factor <= 0:
         return inv
-    factor, lo, hi, old = (cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
-                           cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+    factor, lo, hi, old = (
+        cfg.rope_scaling_factor,
+        cfg.rope_low_freq_factor,
+        cfg.rope_high_freq_factor,
+        cfg.rope_original_max_len,
+    )
     wavelen = 2 * math.pi / inv
     smooth = (old / wavelen - lo) / (hi - lo)
     blended = (1 - smooth) * inv / factor + smooth * inv
@@ -191,6 +205,7 @@ def decoder_layer(x, layer: Params, sin, cos, attend: Callable, cfg: ModelConfig
 
 def block(x, layer: Params, sin, cos, segment_ids, cfg: ModelConfig):
     """One pre-norm decoder layer. x: [batch, seq, embed] -> same."""
+
     def attend(q, k, v):
         return attn_lib.attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention), None
 
@@ -201,7 +216,8 @@ _REMAT_POLICIES: dict[str, Callable | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(matmul.DENSE_NAME)),
+        jax.checkpoint_policies.save_only_these_names(matmul.DENSE_NAME),
+    ),
     "save_attn": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
 }
 

@@ -1,4 +1,5 @@
 """The training objective of one batch, shared by the train step and the evaluator."""
+
 from __future__ import annotations
 
 import jax
@@ -16,13 +17,23 @@ def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
     dividing by the token count of the whole step gives the mean, so microbatches add up to
     the big batch.
     """
-    x = model.hidden_states(params, batch["inputs"], model_cfg,
-                            segment_ids=batch["segment_ids"], positions=batch["positions"])
+    x = model.hidden_states(
+        params,
+        batch["inputs"],
+        model_cfg,
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+    )
     x = model.rms_norm(x, params["final_norm"], model_cfg.norm_eps)
     mask = batch["loss_mask"].astype(jnp.float32)
     with jax.named_scope("loss"):
         objective, nll_sum, z_sum = loss.loss_sums(
-            x, model.vocab_projection(params, model_cfg), batch["targets"], mask, z_loss=z_loss,
+            x,
+            model.vocab_projection(params, model_cfg),
+            batch["targets"],
+            mask,
+            z_loss=z_loss,
             chunk=model_cfg.logits_chunk,
-            impl=matmul.resolve_impl(model_cfg.matmul, model_cfg.dtype))
+            impl=matmul.resolve_impl(model_cfg.matmul, model_cfg.dtype),
+        )
     return objective, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask)}

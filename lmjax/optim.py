@@ -1,4 +1,5 @@
 """The optimizer: AdamW with global-norm clipping, a step-indexed schedule and a decay mask."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,14 +24,16 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     if cfg.schedule == "constant":
         rest = optax.constant_schedule(cfg.lr)
     elif cfg.schedule == "cosine":
-        rest = optax.cosine_decay_schedule(cfg.lr, max(decay_steps - warmup, 1),
-                                           alpha=cfg.min_lr_ratio)
+        rest = optax.cosine_decay_schedule(
+            cfg.lr, max(decay_steps - warmup, 1), alpha=cfg.min_lr_ratio
+        )
     elif cfg.schedule == "wsd":
         decay_len = max(int(round(decay_steps * cfg.wsd_decay_fraction)), 1)
         stable_len = max(decay_steps - warmup - decay_len, 0)
         rest = optax.join_schedules(
             [optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, floor, decay_len)],
-            [stable_len])
+            [stable_len],
+        )
     else:
         raise ValueError(f"unknown schedule {cfg.schedule!r}")
     if warmup == 0:
@@ -40,6 +43,7 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 
 def weight_decay_mask(params: Any, cfg: OptimConfig) -> Any:
     """True for the leaves that get weight decay: matrices, not norms (nor embeddings)."""
+
     def decays(path, _):
         name = jax.tree_util.keystr(path)
         if "norm" in name:
@@ -47,16 +51,21 @@ def weight_decay_mask(params: Any, cfg: OptimConfig) -> Any:
         if "embed" in name:  # embed and unembed
             return cfg.decay_embeddings
         return True
+
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """AdamW (decoupled decay scaled by the learning rate) after global-norm clipping."""
     schedule = learning_rate_schedule(cfg, total_steps)
-    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay,
-                        mask=lambda p: weight_decay_mask(p, cfg))
+    adamw = optax.adamw(
+        schedule,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=lambda p: weight_decay_mask(p, cfg),
+    )
     if cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
     return adamw
-

@@ -10,6 +10,7 @@ for the target in worker processes (`compile.compile_train_step`, the real train
 with a timeout; a candidate that fails is reported with its error, never fatal. Each compiled
 candidate gets its memory per chip from the compiler and a step time from `roofline.py`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +31,7 @@ from lmjax.config import Config, ConfigError, apply_overrides, validate
 from lmjax.hardware import parse_target
 from lmjax.sharding import format_bytes
 
-GiB = 1024 ** 3
+GiB = 1024**3
 SCHEMA = "lmjax.plan/1"
 # rows_per_chip: sequences per chip (global batch = rows_per_chip x all chips, as MaxText's
 # per_device_batch_size). "-" in mesh.dcn_data means: all slices data-parallel.
@@ -83,8 +84,10 @@ def _sharding_problem(config: Config, mesh_sizes: dict[str, int], rows: int) -> 
             mesh_axes = rules.get(axis, ())
             n = math.prod(mesh_sizes[a] for a in mesh_axes)
             if size % n:
-                return (f"{name} dimension {axis!r} of size {size} is not divisible by mesh "
-                        f"axes {'+'.join(mesh_axes)} of size {n}")
+                return (
+                    f"{name} dimension {axis!r} of size {size} is not divisible by mesh "
+                    f"axes {'+'.join(mesh_axes)} of size {n}"
+                )
     return None
 
 
@@ -93,15 +96,20 @@ def _mesh_problem(config: Config, chips: int, slices: int, point: dict[str, str]
     data, tensor = int(point["mesh.data"]), int(point["mesh.tensor"])
     dcn_data = slices if point["mesh.dcn_data"] == "-" else int(point["mesh.dcn_data"])
     if data < 1 or tensor < 1 or chips % (data * tensor):
-        return f"mesh.data x mesh.tensor = {data} x {tensor} does not divide {chips} chips per slice"
+        return (
+            f"mesh.data x mesh.tensor = {data} x {tensor} does not divide {chips} chips per slice"
+        )
     if dcn_data < 1 or slices % dcn_data:
         return f"mesh.dcn_data={dcn_data} does not divide {slices} slices"
     accum = int(point["optim.grad_accum"])
     rows = int(point["rows_per_chip"]) * chips * slices
     if accum < 1 or rows % accum:
         return f"optim.grad_accum={accum} does not divide the batch of {rows} rows"
-    sizes = {"data": data * dcn_data, "fsdp": chips // (data * tensor) * (slices // dcn_data),
-             "tensor": tensor}
+    sizes = {
+        "data": data * dcn_data,
+        "fsdp": chips // (data * tensor) * (slices // dcn_data),
+        "tensor": tensor,
+    }
     return _sharding_problem(config, sizes, rows // accum)
 
 
@@ -119,8 +127,9 @@ def _overrides(chips: int, slices: int, point: dict[str, str]) -> tuple[str, ...
     return tuple(items)
 
 
-def enumerate_candidates(config: Config, chips: int, slices: int,
-                         space: dict[str, tuple[str, ...]]) -> tuple[list[Candidate], list[Rejected]]:
+def enumerate_candidates(
+    config: Config, chips: int, slices: int, space: dict[str, tuple[str, ...]]
+) -> tuple[list[Candidate], list[Rejected]]:
     """Every point of `space` for `slices` slices of `chips` chips: the ones to compile, and
     the ones the shapes rule out (with the reason). Bad keys or values raise a ConfigError."""
     keys = list(space)
@@ -130,14 +139,18 @@ def enumerate_candidates(config: Config, chips: int, slices: int,
         try:
             problem = _mesh_problem(config, chips, slices, point)
         except ValueError:
-            raise ConfigError(f"--sweep: {point} has a non-integer where a count is expected "
-                              "(mesh.*, rows_per_chip, optim.grad_accum)") from None
+            raise ConfigError(
+                f"--sweep: {point} has a non-integer where a count is expected "
+                "(mesh.*, rows_per_chip, optim.grad_accum)"
+            ) from None
         overrides = _overrides(chips, slices, point)
         if problem:
             rejected.append(Rejected(overrides, problem))
             continue
         try:
-            candidates.append(Candidate(overrides, validate(apply_overrides(config, list(overrides)))))
+            candidates.append(
+                Candidate(overrides, validate(apply_overrides(config, list(overrides))))
+            )
         except ConfigError as e:
             raise ConfigError(f"--sweep: {e}") from None
     return candidates, rejected
@@ -150,6 +163,7 @@ def enumerate_candidates(config: Config, chips: int, slices: int,
 class Outcome:
     """One candidate after its compile: status "ok", "does_not_fit" (the compiler ran out of
     HBM), "rejected" (a configuration error), "error" or "timeout"."""
+
     candidate: Candidate
     status: str
     reason: str = ""
@@ -157,8 +171,9 @@ class Outcome:
     xla_step_s: float = float("nan")  # the compiler's optimal_seconds, loops corrected
 
 
-def _compile_in_worker(conn, config: Config, topology: str | None, num_slices: int,
-                       xla_estimate: bool) -> None:
+def _compile_in_worker(
+    conn, config: Config, topology: str | None, num_slices: int, xla_estimate: bool
+) -> None:
     """Runs in a spawned process: compiles one candidate, sends (status, reason, report, xla)."""
     try:
         target = parse_target(topology) if topology else None
@@ -187,9 +202,11 @@ def xla_step_seconds(config: Config, target, num_slices: int) -> float:
     times = []
     for layers in (1, 2):
         one = dataclasses.replace(
-            config, model=dataclasses.replace(config.model, n_layers=layers, scan_layers=False),
+            config,
+            model=dataclasses.replace(config.model, n_layers=layers, scan_layers=False),
             data=dataclasses.replace(config.data, batch_size=config.data.batch_size // accum),
-            optim=dataclasses.replace(config.optim, grad_accum=1))
+            optim=dataclasses.replace(config.optim, grad_accum=1),
+        )
         times.append(compile_lib.compile_train_step(one, target, num_slices).xla_optimal_seconds)
     return accum * (times[0] + (config.model.n_layers - 1) * (times[1] - times[0]))
 
@@ -212,10 +229,16 @@ def _cpu_only_environment():
         del os.environ["JAX_PLATFORMS"]
 
 
-def compile_all(candidates: Sequence[Candidate], topology: str | None, num_slices: int, *,
-                workers: int, timeout: float, xla_estimate: bool = False,
-                progress: Callable[[int, int, int], None] = lambda done, total, failed: None,
-                ) -> list[Outcome]:
+def compile_all(
+    candidates: Sequence[Candidate],
+    topology: str | None,
+    num_slices: int,
+    *,
+    workers: int,
+    timeout: float,
+    xla_estimate: bool = False,
+    progress: Callable[[int, int, int], None] = lambda done, total, failed: None,
+) -> list[Outcome]:
     """Compiles every candidate in at most `workers` spawned processes at once; a process
     still running after `timeout` seconds is killed and its candidate marked "timeout"."""
     ctx = multiprocessing.get_context("spawn")
@@ -224,8 +247,11 @@ def compile_all(candidates: Sequence[Candidate], topology: str | None, num_slice
         while pending and len(running) < workers:
             cand = pending.pop(0)
             parent, child = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_compile_in_worker, daemon=True,
-                               args=(child, cand.config, topology, num_slices, xla_estimate))
+            proc = ctx.Process(
+                target=_compile_in_worker,
+                daemon=True,
+                args=(child, cand.config, topology, num_slices, xla_estimate),
+            )
             with _cpu_only_environment():
                 proc.start()
             child.close()
@@ -235,8 +261,9 @@ def compile_all(candidates: Sequence[Candidate], topology: str | None, num_slice
             if outcome is not None:
                 del running[cand]
                 outcomes[cand] = outcome
-                progress(len(outcomes), len(candidates),
-                         sum(o.status != "ok" for o in outcomes.values()))
+                progress(
+                    len(outcomes), len(candidates), sum(o.status != "ok" for o in outcomes.values())
+                )
         time.sleep(0.2)
     return [outcomes[c] for c in candidates]
 
@@ -254,8 +281,11 @@ def _poll(cand: Candidate, proc, conn, started: float, timeout: float) -> Outcom
         return Outcome(cand, status, reason, report, xla)
     if not proc.is_alive():
         proc.join()
-        return Outcome(cand, "error", f"the compile process died (exit code {proc.exitcode}, "
-                                      "out of host memory?)")
+        return Outcome(
+            cand,
+            "error",
+            f"the compile process died (exit code {proc.exitcode}, out of host memory?)",
+        )
     if time.monotonic() - started > timeout:
         proc.kill()
         proc.join()
@@ -268,8 +298,13 @@ def _poll(cand: Candidate, proc, conn, started: float, timeout: float) -> Outcom
 
 def tpu_hardware(gen) -> roofline.Hardware:
     """The roofline's view of a `hardware.Generation` (the published per-chip figures)."""
-    return roofline.Hardware(gen.peak_flops, gen.hbm_bytes_per_s, gen.ici_bytes_per_s,
-                             gen.dcn_bytes_per_s, overlapped=True)
+    return roofline.Hardware(
+        gen.peak_flops,
+        gen.hbm_bytes_per_s,
+        gen.ici_bytes_per_s,
+        gen.dcn_bytes_per_s,
+        overlapped=True,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,17 +324,25 @@ def estimate_step(report, config: Config, hw: roofline.Hardware) -> roofline.Est
     tokens = report.tokens_per_step / chips
     recompute = roofline.remat_recompute_flops_per_token(config.model, config.data.seq_len)
     return roofline.estimate(
-        hw, model_flops=report.model_flops, recompute_flops=recompute * tokens,
-        traffic_bytes=roofline.traffic_bytes(report.argument_bytes, report.output_bytes,
-                                             report.temp_bytes),
-        ici_bytes=report.ici_bytes, dcn_bytes=report.dcn_bytes, tokens=tokens)
+        hw,
+        model_flops=report.model_flops,
+        recompute_flops=recompute * tokens,
+        traffic_bytes=roofline.traffic_bytes(
+            report.argument_bytes, report.output_bytes, report.temp_bytes
+        ),
+        ici_bytes=report.ici_bytes,
+        dcn_bytes=report.dcn_bytes,
+        tokens=tokens,
+    )
 
 
 def rank(outcomes: Sequence[Outcome], hw: roofline.Hardware) -> list[Row]:
     """Fitting candidates fastest first (estimated tokens/s per chip), then those that
     compiled but do not fit (smallest first), then failures in candidate order."""
-    rows = [Row(o, estimate_step(o.report, o.candidate.config, hw) if o.status == "ok" else None)
-            for o in outcomes]
+    rows = [
+        Row(o, estimate_step(o.report, o.candidate.config, hw) if o.status == "ok" else None)
+        for o in outcomes
+    ]
 
     def key(row: Row):
         if row.fits:
@@ -325,29 +368,63 @@ def _cells(i: int, row: Row) -> tuple[str, ...]:
     mesh = "/".join(str(r.mesh_shape[a]) for a in ("data", "fsdp", "tensor"))
     chips = math.prod(r.mesh_shape.values())
     batch = int(d["data.batch_size"])
-    return (str(i), mesh, f"{batch} ({batch / chips:g})", d.get("model.remat", "-"),
-            d.get("optim.grad_accum", "1"), format_bytes(r.total_bytes),
-            ("" if r.fits else "-") + format_bytes(abs(r.hbm_bytes - r.total_bytes)),
-            "yes" if r.fits else "NO", f"{r.compile_seconds:.0f}", f"{e.step_s:.3g}",
-            f"{e.tokens_per_s_per_chip:,.0f}", f"{100 * e.mfu:.1f}%", e.bound,
-            _g(row.outcome.xla_step_s), _g(row.measured_step_s))
+    return (
+        str(i),
+        mesh,
+        f"{batch} ({batch / chips:g})",
+        d.get("model.remat", "-"),
+        d.get("optim.grad_accum", "1"),
+        format_bytes(r.total_bytes),
+        ("" if r.fits else "-") + format_bytes(abs(r.hbm_bytes - r.total_bytes)),
+        "yes" if r.fits else "NO",
+        f"{r.compile_seconds:.0f}",
+        f"{e.step_s:.3g}",
+        f"{e.tokens_per_s_per_chip:,.0f}",
+        f"{100 * e.mfu:.1f}%",
+        e.bound,
+        _g(row.outcome.xla_step_s),
+        _g(row.measured_step_s),
+    )
 
 
 def format_table(rows: Sequence[Row], rejected: Sequence[Rejected]) -> str:
     """The ranked table, the --set line of the best fitting candidate, then every candidate
     that was not estimated and why."""
-    head = ("#", "data/fsdp/tensor", "batch (/chip)", "remat", "accum", "memory/chip",
-            "headroom", "fits",
-            "compile s", "step s", "tok/s/chip", "MFU", "bound", "xla step s", "measured s")
+    head = (
+        "#",
+        "data/fsdp/tensor",
+        "batch (/chip)",
+        "remat",
+        "accum",
+        "memory/chip",
+        "headroom",
+        "fits",
+        "compile s",
+        "step s",
+        "tok/s/chip",
+        "MFU",
+        "bound",
+        "xla step s",
+        "measured s",
+    )
     lines = [_cells(i, row) for i, row in enumerate(rows, 1) if row.estimate is not None]
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
     fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
     out = [fmt(head), *map(fmt, lines)]
     best = next((row for row in rows if row.fits), None)
-    out.append("best: " + (" ".join(f"--set {o}" for o in best.outcome.candidate.overrides)
-                           if best else "no candidate fits"))
-    failed = [(row.outcome.candidate.overrides, f"{row.outcome.status}: {row.outcome.reason}")
-              for row in rows if row.estimate is None]
+    out.append(
+        "best: "
+        + (
+            " ".join(f"--set {o}" for o in best.outcome.candidate.overrides)
+            if best
+            else "no candidate fits"
+        )
+    )
+    failed = [
+        (row.outcome.candidate.overrides, f"{row.outcome.status}: {row.outcome.reason}")
+        for row in rows
+        if row.estimate is None
+    ]
     failed += [(r.overrides, f"rejected before compiling: {r.reason}") for r in rejected]
     for overrides, why in failed:
         out.append(f"not estimated: {' '.join(overrides)}\n    {why}")
@@ -356,21 +433,40 @@ def format_table(rows: Sequence[Row], rejected: Sequence[Rejected]) -> str:
 
 def _record(index: int, row: Row) -> dict:
     o = row.outcome
-    record = {"rank": index, "overrides": list(o.candidate.overrides), "status": o.status,
-              "reason": o.reason, "fits": row.fits, "memory": None, "compile_seconds": None,
-              "estimate": None, "measured_step_seconds": _or_none(row.measured_step_s)}
+    record = {
+        "rank": index,
+        "overrides": list(o.candidate.overrides),
+        "status": o.status,
+        "reason": o.reason,
+        "fits": row.fits,
+        "memory": None,
+        "compile_seconds": None,
+        "estimate": None,
+        "measured_step_seconds": _or_none(row.measured_step_s),
+    }
     if row.estimate is not None:
         r, e = o.report, row.estimate
-        record["memory"] = {"total_bytes": r.total_bytes, "hbm_bytes": r.hbm_bytes,
-                            "headroom_bytes": r.hbm_bytes - r.total_bytes,
-                            "argument_bytes": r.argument_bytes, "output_bytes": r.output_bytes,
-                            "alias_bytes": r.alias_bytes, "temp_bytes": r.temp_bytes}
+        record["memory"] = {
+            "total_bytes": r.total_bytes,
+            "hbm_bytes": r.hbm_bytes,
+            "headroom_bytes": r.hbm_bytes - r.total_bytes,
+            "argument_bytes": r.argument_bytes,
+            "output_bytes": r.output_bytes,
+            "alias_bytes": r.alias_bytes,
+            "temp_bytes": r.temp_bytes,
+        }
         record["compile_seconds"] = r.compile_seconds
-        record["estimate"] = {"step_seconds": e.step_s, "compute_seconds": e.compute_s,
-                              "memory_seconds": e.memory_s, "ici_seconds": e.ici_s,
-                              "dcn_seconds": e.dcn_s, "bound": e.bound, "mfu": e.mfu,
-                              "tokens_per_second_per_chip": e.tokens_per_s_per_chip,
-                              "xla_step_seconds": _or_none(o.xla_step_s)}
+        record["estimate"] = {
+            "step_seconds": e.step_s,
+            "compute_seconds": e.compute_s,
+            "memory_seconds": e.memory_s,
+            "ici_seconds": e.ici_s,
+            "dcn_seconds": e.dcn_s,
+            "bound": e.bound,
+            "mfu": e.mfu,
+            "tokens_per_second_per_chip": e.tokens_per_s_per_chip,
+            "xla_step_seconds": _or_none(o.xla_step_s),
+        }
     return record
 
 
@@ -378,30 +474,59 @@ def _or_none(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def to_json(rows: Sequence[Row], rejected: Sequence[Rejected], *, target: dict,
-            hw: roofline.Hardware, run: dict | None, budget: dict | None) -> dict:
+def to_json(
+    rows: Sequence[Row],
+    rejected: Sequence[Rejected],
+    *,
+    target: dict,
+    hw: roofline.Hardware,
+    run: dict | None,
+    budget: dict | None,
+) -> dict:
     """The plan as a JSON-able dict; `SCHEMA` names its layout, which changes only with it."""
     records = [_record(i, row) for i, row in enumerate(rows, 1)]
-    records += [{"rank": None, "overrides": list(r.overrides), "status": "rejected",
-                 "reason": r.reason, "fits": False, "memory": None, "compile_seconds": None,
-                 "estimate": None, "measured_step_seconds": None} for r in rejected]
-    return {"schema": SCHEMA, "target": target, "hardware": dataclasses.asdict(hw),
-            "candidates": records, "run": run, "budget": budget}
+    records += [
+        {
+            "rank": None,
+            "overrides": list(r.overrides),
+            "status": "rejected",
+            "reason": r.reason,
+            "fits": False,
+            "memory": None,
+            "compile_seconds": None,
+            "estimate": None,
+            "measured_step_seconds": None,
+        }
+        for r in rejected
+    ]
+    return {
+        "schema": SCHEMA,
+        "target": target,
+        "hardware": dataclasses.asdict(hw),
+        "candidates": records,
+        "run": run,
+        "budget": budget,
+    }
 
 
 # ---------------------------------------------------------------- run length and budget
 
 
-def run_length(step_s: float, tokens_per_step: int, chips: int, *, tokens: float = 0,
-               days: float = 0) -> dict:
+def run_length(
+    step_s: float, tokens_per_step: int, chips: int, *, tokens: float = 0, days: float = 0
+) -> dict:
     """Steps, wall time and chip-hours to train on `tokens` (or for `days`) at `step_s`."""
     if tokens <= 0 and days <= 0:
         raise ConfigError("give --tokens N or --days D (positive)")
-    steps = math.ceil(tokens / tokens_per_step) if tokens > 0 else math.floor(
-        days * 86400 / step_s)
+    steps = math.ceil(tokens / tokens_per_step) if tokens > 0 else math.floor(days * 86400 / step_s)
     seconds = steps * step_s
-    return {"steps": steps, "tokens": steps * tokens_per_step, "wall_seconds": seconds,
-            "days": seconds / 86400, "chip_hours": seconds / 3600 * chips}
+    return {
+        "steps": steps,
+        "tokens": steps * tokens_per_step,
+        "wall_seconds": seconds,
+        "days": seconds / 86400,
+        "chip_hours": seconds / 3600 * chips,
+    }
 
 
 def compute_optimal(chip_hours: float, peak_flops: float, mfu: float) -> tuple[float, float]:
@@ -422,28 +547,46 @@ def derived_shape(n_params: float, vocab_size: int) -> dict[str, int]:
         d_mlp = 256 * round(3.5 * d_model / 256)
         heads = max(1, d_model // 128)
         kv = max(1, heads // 4)
-        n = layers * (d_model * 128 * (2 * heads + 2 * kv) + 3 * d_model * d_mlp) \
+        n = (
+            layers * (d_model * 128 * (2 * heads + 2 * kv) + 3 * d_model * d_mlp)
             + 2 * vocab_size * d_model
+        )
         if best is None or abs(math.log(n / n_params)) < abs(math.log(best[0] / n_params)):
-            best = (n, {"model.d_model": d_model, "model.n_layers": layers, "model.n_heads": heads,
-                        "model.n_kv_heads": kv, "model.head_dim": 128, "model.d_mlp": d_mlp})
+            best = (
+                n,
+                {
+                    "model.d_model": d_model,
+                    "model.n_layers": layers,
+                    "model.n_heads": heads,
+                    "model.n_kv_heads": kv,
+                    "model.head_dim": 128,
+                    "model.d_mlp": d_mlp,
+                },
+            )
     return best[1]
 
 
-def budget_proposal(chip_hours: float, peak_flops: float, mfu: float,
-                    presets: dict[str, Any], vocab_size: int) -> dict:
+def budget_proposal(
+    chip_hours: float, peak_flops: float, mfu: float, presets: dict[str, Any], vocab_size: int
+) -> dict:
     """The compute-optimal N and D for the budget, the preset closest in N (with the tokens
     the budget buys it) and a derived shape. presets: {name: ModelConfig}."""
     n, d = compute_optimal(chip_hours, peak_flops, mfu)
     sizes = {name: model.count_params(cfg) for name, cfg in presets.items()}
     nearest = min(sizes, key=lambda k: abs(math.log(sizes[k] / n))) if sizes else None
     flops = chip_hours * 3600 * peak_flops * mfu
-    return {"chip_hours": chip_hours, "mfu_assumed": mfu, "flops": flops,
-            "optimal_params": n, "optimal_tokens": d,
-            "tokens_per_param": CHINCHILLA_TOKENS_PER_PARAM,
-            "preset": nearest, "preset_params": sizes.get(nearest),
-            "preset_tokens": flops / (6 * sizes[nearest]) if nearest else None,
-            "derived_shape": derived_shape(n, vocab_size)}
+    return {
+        "chip_hours": chip_hours,
+        "mfu_assumed": mfu,
+        "flops": flops,
+        "optimal_params": n,
+        "optimal_tokens": d,
+        "tokens_per_param": CHINCHILLA_TOKENS_PER_PARAM,
+        "preset": nearest,
+        "preset_params": sizes.get(nearest),
+        "preset_tokens": flops / (6 * sizes[nearest]) if nearest else None,
+        "derived_shape": derived_shape(n, vocab_size),
+    }
 
 
 # ---------------------------------------------------------------- the command
@@ -456,8 +599,9 @@ def cpu_hardware(compute_dtype: str) -> roofline.Hardware:
     n = jax.device_count()
     peak, _ = metrics.peak_flops(jax.devices()[0], compute_dtype)
     bandwidth = metrics.measured_cpu_bandwidth()
-    return roofline.Hardware(peak / n, bandwidth / n, 2 * bandwidth / n, bandwidth / n,
-                             overlapped=False)
+    return roofline.Hardware(
+        peak / n, bandwidth / n, 2 * bandwidth / n, bandwidth / n, overlapped=False
+    )
 
 
 def _progress_bar(stream) -> Callable[[int, int, int], None]:
@@ -466,10 +610,16 @@ def _progress_bar(stream) -> Callable[[int, int, int], None]:
 
     def show(done: int, total: int, failed: int) -> None:
         bar = "#" * (20 * done // total) + "-" * (20 - 20 * done // total)
-        line = (f"plan [{bar}] {done}/{total} compiled ({failed} failed) "
-                f"{time.monotonic() - start:.0f} s")
-        print(("\r" if tty else "") + line, end="" if tty and done < total else "\n",
-              file=stream, flush=True)
+        line = (
+            f"plan [{bar}] {done}/{total} compiled ({failed} failed) "
+            f"{time.monotonic() - start:.0f} s"
+        )
+        print(
+            ("\r" if tty else "") + line,
+            end="" if tty and done < total else "\n",
+            file=stream,
+            flush=True,
+        )
 
     return show
 
@@ -477,6 +627,7 @@ def _progress_bar(stream) -> Callable[[int, int, int], None]:
 @dataclasses.dataclass(frozen=True)
 class Request:
     """What `lmjax plan` was asked (the command line, parsed)."""
+
     topology: str  # a Cloud TPU name or topology, or "cpu" for this machine's devices
     num_slices: int = 1
     sweeps: tuple[str, ...] = ()
@@ -501,8 +652,12 @@ def _target(req: Request, compute_dtype: str) -> tuple[int, roofline.Hardware, d
     return chips, hw, {**info, "chips": chips * req.num_slices, "num_slices": req.num_slices}
 
 
-def plan(config: Config, req: Request, presets: dict[str, Any] | None = None,
-         progress: Callable[[int, int, int], None] | None = None) -> tuple[dict, str]:
+def plan(
+    config: Config,
+    req: Request,
+    presets: dict[str, Any] | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> tuple[dict, str]:
     """Enumerates, compiles and ranks: (`to_json`'s dict, the text report)."""
     if req.workers < 1 or req.timeout <= 0 or req.num_slices < 1:
         raise ConfigError("--workers and --num-slices must be at least 1, --timeout positive")
@@ -510,30 +665,48 @@ def plan(config: Config, req: Request, presets: dict[str, Any] | None = None,
     chips, hw, target_info = _target(req, config.model.dtype)
     space = parse_sweeps(req.sweeps)
     candidates, rejected = enumerate_candidates(config, chips, req.num_slices, space)
-    outcomes = compile_all(candidates, None if on_cpu else req.topology, req.num_slices,
-                           workers=req.workers, timeout=req.timeout,
-                           xla_estimate=req.xla_estimate and not on_cpu,
-                           progress=progress or _progress_bar(sys.stderr))
+    outcomes = compile_all(
+        candidates,
+        None if on_cpu else req.topology,
+        req.num_slices,
+        workers=req.workers,
+        timeout=req.timeout,
+        xla_estimate=req.xla_estimate and not on_cpu,
+        progress=progress or _progress_bar(sys.stderr),
+    )
     rows = rank(outcomes, hw)
     if on_cpu and req.measure > 0:
         rows = measure(rows, req.measure)
     best = next((row for row in rows if row.fits), None)
     run = budget = None
     if best and (req.tokens > 0 or req.days > 0):
-        run = run_length(best.estimate.step_s, best.outcome.report.tokens_per_step,
-                         target_info["chips"], tokens=req.tokens, days=req.days)
+        run = run_length(
+            best.estimate.step_s,
+            best.outcome.report.tokens_per_step,
+            target_info["chips"],
+            tokens=req.tokens,
+            days=req.days,
+        )
     if best and req.budget_chip_hours > 0:
-        budget = budget_proposal(req.budget_chip_hours, hw.peak_flops, best.estimate.mfu,
-                                 presets or {}, config.model.vocab_size)
+        budget = budget_proposal(
+            req.budget_chip_hours,
+            hw.peak_flops,
+            best.estimate.mfu,
+            presets or {},
+            config.model.vocab_size,
+        )
     text = [format_table(rows, rejected)]
     if run:
-        text.append(f"run: {run['steps']:,} steps, {run['tokens']:.4g} tokens, "
-                    f"{run['days']:.2f} days, {run['chip_hours']:,.0f} chip-hours "
-                    f"({target_info['chips']} chips at the best candidate's estimated step)")
+        text.append(
+            f"run: {run['steps']:,} steps, {run['tokens']:.4g} tokens, "
+            f"{run['days']:.2f} days, {run['chip_hours']:,.0f} chip-hours "
+            f"({target_info['chips']} chips at the best candidate's estimated step)"
+        )
     if budget:
         text.append(format_budget(budget))
-    return to_json(rows, rejected, target=target_info, hw=hw, run=run, budget=budget), \
-        "\n".join(text)
+    return to_json(rows, rejected, target=target_info, hw=hw, run=run, budget=budget), "\n".join(
+        text
+    )
 
 
 def measure(rows: Sequence[Row], n: int, steps: int = 5) -> list[Row]:
@@ -550,13 +723,17 @@ def measure(rows: Sequence[Row], n: int, steps: int = 5) -> list[Row]:
 
 def format_budget(b: dict) -> str:
     shape = " ".join(f"--set {k}={v}" for k, v in b["derived_shape"].items())
-    head = (f"budget: {b['chip_hours']:,.0f} chip-hours at {100 * b['mfu_assumed']:.1f}% MFU "
-            f"(the best candidate's estimate) = {b['flops']:.3g} FLOPs; compute-optimal with "
-            f"C = 6 N D and D = {b['tokens_per_param']} N (Chinchilla): "
-            f"N = {b['optimal_params']:.3g} parameters, D = {b['optimal_tokens']:.3g} tokens")
+    head = (
+        f"budget: {b['chip_hours']:,.0f} chip-hours at {100 * b['mfu_assumed']:.1f}% MFU "
+        f"(the best candidate's estimate) = {b['flops']:.3g} FLOPs; compute-optimal with "
+        f"C = 6 N D and D = {b['tokens_per_param']} N (Chinchilla): "
+        f"N = {b['optimal_params']:.3g} parameters, D = {b['optimal_tokens']:.3g} tokens"
+    )
     lines = [head]
     if b["preset"]:
-        lines.append(f"  nearest preset: {b['preset']} ({b['preset_params']:.3g} parameters), "
-                     f"{b['preset_tokens']:.3g} tokens for the budget")
+        lines.append(
+            f"  nearest preset: {b['preset']} ({b['preset_params']:.3g} parameters), "
+            f"{b['preset_tokens']:.3g} tokens for the budget"
+        )
     lines.append(f"  derived shape: {shape}")
     return "\n".join(lines)

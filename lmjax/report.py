@@ -1,5 +1,6 @@
 """A run's goodput totals across all its restarts, and a PNG of loss, eval loss, throughput
 and the goodput buckets over time, both from WORKDIR/metrics.jsonl (`lmjax report` prints them)."""
+
 from __future__ import annotations
 
 import os
@@ -7,10 +8,16 @@ import os
 from lmjax import goodput, metrics
 from lmjax.config import ConfigError
 
-LABELS = {"startup": "start-up & compile", "data": "data waiting", "train": "training steps",
-          "lost": "redone after restart", "checkpoint": "checkpoint blocking",
-          "eval": "evaluation & sample", "profile": "profiling",
-          "between_starts": "between starts"}
+LABELS = {
+    "startup": "start-up & compile",
+    "data": "data waiting",
+    "train": "training steps",
+    "lost": "redone after restart",
+    "checkpoint": "checkpoint blocking",
+    "eval": "evaluation & sample",
+    "profile": "profiling",
+    "between_starts": "between starts",
+}
 
 
 def load(workdir: str) -> list[dict]:
@@ -62,6 +69,7 @@ def _goodput_over_time(records: list[dict]) -> tuple[list[float], dict[str, list
 def plot(records: list[dict], path: str) -> str:
     """Writes a PNG with four panels (loss and eval loss, tokens/s, MFU, goodput buckets)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -73,20 +81,25 @@ def plot(records: list[dict], path: str) -> str:
     ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     ax.set(xlabel="step", ylabel="loss", title="loss")
     ax.legend()
-    for ax, key, title in ((axes[0][1], "tokens_per_second", "throughput (tokens/s)"),
-                           (axes[1][0], "mfu", "model FLOP utilization")):
+    for ax, key, title in (
+        (axes[0][1], "tokens_per_second", "throughput (tokens/s)"),
+        (axes[1][0], "mfu", "model FLOP utilization"),
+    ):
         ax.plot([r["step"] for r in steps if key in r], [r[key] for r in steps if key in r], ".")
         ax.set(xlabel="step", title=title)
     times, series = _goodput_over_time(records)
     unit, scale = ("hours", 3600) if times and times[-1] > 7200 else ("minutes", 60)
     ax = axes[1][1]
     if times:
-        ax.stackplot([t / scale for t in times], *([v / scale for v in values]
-                                                   for values in series.values()),
-                     labels=[LABELS[k] for k in series])
+        ax.stackplot(
+            [t / scale for t in times],
+            *([v / scale for v in values] for values in series.values()),
+            labels=[LABELS[k] for k in series],
+        )
         ax.legend(loc="upper left", fontsize="small")
-    ax.set(xlabel=f"{unit} since the first start", ylabel=f"{unit} spent",
-           title="where the time went")
+    ax.set(
+        xlabel=f"{unit} since the first start", ylabel=f"{unit} spent", title="where the time went"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

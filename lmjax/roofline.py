@@ -18,6 +18,7 @@ asynchronously and fuses elementwise work into matmuls), so the step takes the l
 three; DCN collectives (the cross-slice gradient reduction at the end of the backward pass)
 are added, not hidden. On a CPU nothing overlaps: the step is the sum.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,31 +45,52 @@ def remat_recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     out_proj = cfg.d_model * cfg.head_dim * cfg.n_heads
     mlp = 3 * cfg.d_model * cfg.d_mlp
     attention = 2 * cfg.n_heads * cfg.head_dim * seq_len  # causal: half of the S x S pairs
-    per_layer = {"none": 0.0, "full": 2.0 * (proj + mlp) + attention,
-                 "save_dots": float(attention),
-                 "save_attn": 2.0 * (out_proj + mlp) + attention}[cfg.remat]
+    per_layer = {
+        "none": 0.0,
+        "full": 2.0 * (proj + mlp) + attention,
+        "save_dots": float(attention),
+        "save_attn": 2.0 * (out_proj + mlp) + attention,
+    }[cfg.remat]
     return cfg.n_layers * per_layer
 
 
 # ---------------------------------------------------------------- collectives in HLO
 
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = (.*?) (" + "|".join(_COLLECTIVES) +
-                          r")(-start)?\(")
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+}
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT )?%\S+ = (.*?) (" + "|".join(_COLLECTIVES) + r")(-start)?\("
+)
 _ARRAY = re.compile(r"\b([a-z0-9]+)\[([\d,]*)\]")
-_CALLEE = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)="
-                     r"(%[\w.\-]+)|branch_computations=\{([^}]*)\}")
+_CALLEE = re.compile(
+    r"(?:calls|to_apply|body|condition|true_computation|false_computation)="
+    r"(%[\w.\-]+)|branch_computations=\{([^}]*)\}"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-    kind: str            # "all-gather", ...
-    result_bytes: int    # per chip, of one execution
+    kind: str  # "all-gather", ...
+    result_bytes: int  # per chip, of one execution
     group_size: int
     crosses_slices: bool
-    executions: int      # per step: product of the trip counts of the loops around it
+    executions: int  # per step: product of the trip counts of the loops around it
 
     @property
     def bytes_sent(self) -> float:
@@ -83,15 +105,21 @@ def ring_bytes(kind: str, result_bytes: float, n: int) -> float:
     collective-permute the whole result."""
     if n <= 1:
         return 0.0
-    return {"all-gather": result_bytes * (n - 1) / n, "all-to-all": result_bytes * (n - 1) / n,
-            "reduce-scatter": result_bytes * (n - 1),
-            "all-reduce": 2 * result_bytes * (n - 1) / n,
-            "collective-permute": float(result_bytes)}[kind]
+    return {
+        "all-gather": result_bytes * (n - 1) / n,
+        "all-to-all": result_bytes * (n - 1) / n,
+        "reduce-scatter": result_bytes * (n - 1),
+        "all-reduce": 2 * result_bytes * (n - 1) / n,
+        "collective-permute": float(result_bytes),
+    }[kind]
 
 
 def _array_bytes(text: str) -> list[int]:
-    return [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[t]
-            for t, dims in _ARRAY.findall(text) if t in _DTYPE_BYTES]
+    return [
+        math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[t]
+        for t, dims in _ARRAY.findall(text)
+        if t in _DTYPE_BYTES
+    ]
 
 
 def replica_groups(line: str, n_devices: int) -> list[list[int]]:
@@ -115,7 +143,9 @@ def replica_groups(line: str, n_devices: int) -> list[list[int]]:
             ids = ids.transpose([int(x) for x in m.group(3).split(",")])
         return ids.reshape(shape[0], -1).tolist()
     if m := re.search(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}", line):
-        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+        return [
+            [int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(1))
+        ]
     return [list(range(n_devices))]
 
 
@@ -139,7 +169,9 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
 def _trip_count(condition: list[str]) -> int:
     """A jax loop's condition compares its counter with an s32 constant: that constant
     (1 when the condition has another form)."""
-    constants = dict(re.findall(r"(%[\w.\-]+) = s32\[\][^=]*? constant\((\d+)\)", "\n".join(condition)))
+    constants = dict(
+        re.findall(r"(%[\w.\-]+) = s32\[\][^=]*? constant\((\d+)\)", "\n".join(condition))
+    )
     for line in condition:
         if compare := re.search(r"compare\(([^)]*)\)", line):
             for operand in re.findall(r"%[\w.\-]+", compare.group(1)):
@@ -200,11 +232,12 @@ def collectives(hlo: str, slice_of: Sequence[int]) -> list[Collective]:
 @dataclasses.dataclass(frozen=True)
 class Hardware:
     """What the estimate needs of one chip (or one CPU device)."""
+
     peak_flops: float
     hbm_bytes_per_s: float
-    ici_bytes_per_s: float   # both directions, all ports
+    ici_bytes_per_s: float  # both directions, all ports
     dcn_bytes_per_s: float
-    overlapped: bool         # TPU: compute, HBM and ICI overlap; CPU: they add up
+    overlapped: bool  # TPU: compute, HBM and ICI overlap; CPU: they add up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,13 +247,21 @@ class Estimate:
     ici_s: float
     dcn_s: float
     step_s: float
-    bound: str               # "compute", "memory", "ici" or "dcn": the largest term
-    mfu: float               # model FLOPs (no recompute) / (step time x peak)
+    bound: str  # "compute", "memory", "ici" or "dcn": the largest term
+    mfu: float  # model FLOPs (no recompute) / (step time x peak)
     tokens_per_s_per_chip: float
 
 
-def estimate(hw: Hardware, *, model_flops: float, recompute_flops: float, traffic_bytes: float,
-             ici_bytes: float, dcn_bytes: float, tokens: float) -> Estimate:
+def estimate(
+    hw: Hardware,
+    *,
+    model_flops: float,
+    recompute_flops: float,
+    traffic_bytes: float,
+    ici_bytes: float,
+    dcn_bytes: float,
+    tokens: float,
+) -> Estimate:
     """The step time of one chip from per-chip, per-step quantities (see the module doc)."""
     compute = (model_flops + recompute_flops) / hw.peak_flops
     memory = traffic_bytes / hw.hbm_bytes_per_s
@@ -231,8 +272,16 @@ def estimate(hw: Hardware, *, model_flops: float, recompute_flops: float, traffi
     else:
         step = compute + memory + ici + dcn
     terms = {"compute": compute, "memory": memory, "ici": ici, "dcn": dcn}
-    return Estimate(compute, memory, ici, dcn, step, max(terms, key=terms.get),
-                    model_flops / (step * hw.peak_flops), tokens / step)
+    return Estimate(
+        compute,
+        memory,
+        ici,
+        dcn,
+        step,
+        max(terms, key=terms.get),
+        model_flops / (step * hw.peak_flops),
+        tokens / step,
+    )
 
 
 def traffic_bytes(argument: int, output: int, temp: int) -> int:

@@ -1,6 +1,7 @@
 """A training run: `train(config, workdir)` plans the resume, builds the mesh, tokenizer, data
 and compiled step (`lmjax.train`), restores or initializes the state, and drives `lmjax.loop`
 with the built-in hooks (`lmjax.hooks`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,18 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from lmjax import checkpoint, compile_cache, generate, goodput
-from lmjax import hooks as hooks_lib, loop, metrics as metrics_lib, model, sharding, wandb_log
+from lmjax import (
+    checkpoint,
+    compile_cache,
+    generate,
+    goodput,
+    hooks as hooks_lib,
+    loop,
+    metrics as metrics_lib,
+    model,
+    sharding,
+    wandb_log,
+)
 from lmjax.config import Config, profile_window, to_json, validate, validate_tokenizer
 from lmjax.data import prepare
 from lmjax.train import Trainer, TrainState, evaluate_params, global_batch, make_trainer
@@ -22,8 +33,10 @@ log = logging.getLogger("lmjax")
 
 def _describe_devices(mesh: Mesh) -> str:
     d = jax.devices()[0]
-    return (f"process {jax.process_index()}/{jax.process_count()}, {jax.device_count()} devices "
-            f"({d.device_kind}), mesh {dict(mesh.shape)}")
+    return (
+        f"process {jax.process_index()}/{jax.process_count()}, {jax.device_count()} devices "
+        f"({d.device_kind}), mesh {dict(mesh.shape)}"
+    )
 
 
 @dataclasses.dataclass
@@ -39,70 +52,125 @@ class _Setup:
     meta: dict  # what each checkpoint records about the run
 
 
-def _set_up(config: Config, workdir: str, restore_from: str | None,
-            init_from: str | None) -> _Setup:
+def _set_up(
+    config: Config, workdir: str, restore_from: str | None, init_from: str | None
+) -> _Setup:
     """Validates, plans the resume (before anything expensive), builds the mesh, tokenizer,
     data pipeline and compiled trainer, and restores or initializes the state."""
     config = validate(config)
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    resume = checkpoint.plan_resume(workdir, config, restore_from=restore_from,
-                                    init_from=init_from)
+    resume = checkpoint.plan_resume(workdir, config, restore_from=restore_from, init_from=init_from)
     mesh = sharding.make_mesh(config.mesh)
     log.info(_describe_devices(mesh))
     rows = sharding.process_rows(
         sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh)),
-        config.data.batch_size)
+        config.data.batch_size,
+    )
     config, tokenizer = _tokenizer(config, workdir, primary, resume)
     fingerprint = tokenizer.fingerprint if tokenizer is not None else None
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(to_json(config))
-    pipeline = prepare.run_pipeline(config, tokenizer, workdir, leader=primary,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count(), rows=rows)
+    pipeline = prepare.run_pipeline(
+        config,
+        tokenizer,
+        workdir,
+        leader=primary,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        rows=rows,
+    )
     trainer = make_trainer(config, mesh)
     if primary:
-        log.info("parameters:\n%s", sharding.describe_params(
-            model.param_shapes(config.model), model.param_axes(config.model), mesh, trainer.rules))
-    state, data_state, source = resume.load(trainer.init_fn, trainer.state_shardings, workdir,
-                                            config.model)
+        log.info(
+            "parameters:\n%s",
+            sharding.describe_params(
+                model.param_shapes(config.model),
+                model.param_axes(config.model),
+                mesh,
+                trainer.rules,
+            ),
+        )
+    state, data_state, source = resume.load(
+        trainer.init_fn, trainer.state_shardings, workdir, config.model
+    )
     if data_state is not None:
         pipeline.check_state(data_state)
-    return _Setup(config, trainer, state, source, pipeline, tokenizer,
-                  checkpoint.make_metadata(config, fingerprint, mesh))
+    return _Setup(
+        config,
+        trainer,
+        state,
+        source,
+        pipeline,
+        tokenizer,
+        checkpoint.make_metadata(config, fingerprint, mesh),
+    )
 
 
-def _hooks(setup: _Setup, workdir: str, writer: metrics_lib.MetricsWriter, summary: dict,
-           clock: goodput.Clock, signals) -> list[loop.Hook]:
+def _hooks(
+    setup: _Setup,
+    workdir: str,
+    writer: metrics_lib.MetricsWriter,
+    summary: dict,
+    clock: goodput.Clock,
+    signals,
+) -> list[loop.Hook]:
     """The built-in hooks, in the order they see each event."""
     config, trainer = setup.config, setup.trainer
     total, skip = config.run.steps, config.checkpoint.on_nonfinite == "skip"
-    throughput = metrics_lib.Throughput(config.model, config.data.batch_size,
-                                        config.data.seq_len, jax.devices())
+    throughput = metrics_lib.Throughput(
+        config.model, config.data.batch_size, config.data.seq_len, jax.devices()
+    )
     log.info("peak FLOP/s per device: %.3g (%s)", throughput.peak, throughput.peak_source)
     eval_sets = setup.pipeline.eval_sets(config.run.eval_batches)
-    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), config.checkpoint,
-                                   resumed_at=int(setup.state.step))
-    out = [hooks_lib.NonfiniteGuard(skip),
-           hooks_lib.StepMetrics(writer, summary, throughput, config.run.log_every, total),
-           hooks_lib.Checkpoints(ckpt, checkpoint.SaveSchedule(config.checkpoint, total, signals),
-                                 setup.pipeline.state, setup.meta, skip, clock, summary)]
+    ckpt = checkpoint.Checkpointer(
+        checkpoint.checkpoint_dir(workdir), config.checkpoint, resumed_at=int(setup.state.step)
+    )
+    out = [
+        hooks_lib.NonfiniteGuard(skip),
+        hooks_lib.StepMetrics(writer, summary, throughput, config.run.log_every, total),
+        hooks_lib.Checkpoints(
+            ckpt,
+            checkpoint.SaveSchedule(config.checkpoint, total, signals),
+            setup.pipeline.state,
+            setup.meta,
+            skip,
+            clock,
+            summary,
+        ),
+    ]
     if config.run.eval_batches:
-        out.append(hooks_lib.Evaluation(lambda params: evaluate_params(trainer, params, eval_sets),
-                                        writer, summary, config.run.eval_every, total))
+        out.append(
+            hooks_lib.Evaluation(
+                lambda params: evaluate_params(trainer, params, eval_sets),
+                writer,
+                summary,
+                config.run.eval_every,
+                total,
+            )
+        )
     if config.run.sample_tokens and setup.tokenizer is not None:
-        out.append(hooks_lib.EndSample(lambda params: _sample(trainer, params, setup.tokenizer),
-                                       summary))
-    if config.run.profile_steps and (config.run.profile_all_processes
-                                     or jax.process_index() == 0):
-        out.append(hooks_lib.Profile(*profile_window(config.run.profile_steps),
-                                     os.path.join(workdir, "tensorboard")))
+        out.append(
+            hooks_lib.EndSample(lambda params: _sample(trainer, params, setup.tokenizer), summary)
+        )
+    if config.run.profile_steps and (config.run.profile_all_processes or jax.process_index() == 0):
+        out.append(
+            hooks_lib.Profile(
+                *profile_window(config.run.profile_steps), os.path.join(workdir, "tensorboard")
+            )
+        )
     return out
 
 
-def train(config: Config, workdir: str, *, restore_from: str | None = None,
-          init_from: str | None = None, hooks: tuple[loop.Hook, ...] = ()) -> dict[str, float]:
+def train(
+    config: Config,
+    workdir: str,
+    *,
+    restore_from: str | None = None,
+    init_from: str | None = None,
+    hooks: tuple[loop.Hook, ...] = (),
+) -> dict[str, float]:
     """Trains `config` in `workdir` and returns the final metrics.
 
     Resumes from the newest readable checkpoint in `workdir/checkpoints` when there is one;
@@ -118,8 +186,14 @@ def train(config: Config, workdir: str, *, restore_from: str | None = None,
         return _train(config, workdir, restore_from, init_from, hooks, clock)
 
 
-def _train(config: Config, workdir: str, restore_from: str | None, init_from: str | None,
-           hooks: tuple[loop.Hook, ...], clock: goodput.Clock) -> dict[str, float]:
+def _train(
+    config: Config,
+    workdir: str,
+    restore_from: str | None,
+    init_from: str | None,
+    hooks: tuple[loop.Hook, ...],
+    clock: goodput.Clock,
+) -> dict[str, float]:
     setup = _set_up(config, workdir, restore_from, init_from)
     primary = jax.process_index() == 0
     redo_until = goodput.last_reached_step(workdir) if primary else 0
@@ -127,43 +201,55 @@ def _train(config: Config, workdir: str, restore_from: str | None, init_from: st
     step, summary = int(setup.state.step), {}
     if setup.source != "fresh init":
         writer.write(step, checkpoint.describe_resume(step, setup.source))
-    batches = (global_batch(b, setup.trainer.batch_sharding)
-               for b in setup.pipeline.train_batches(step))
+    batches = (
+        global_batch(b, setup.trainer.batch_sharding) for b in setup.pipeline.train_batches(step)
+    )
     signals = checkpoint.StopSignals()
     goodput_log = hooks_lib.GoodputLog(clock, writer, setup.config.run.log_every, step)
     all_hooks = [*_hooks(setup, workdir, writer, summary, clock, signals), *hooks, goodput_log]
     try:
         with signals:
-            loop.run(setup.trainer.step_fn, setup.state, batches, setup.config.run.steps, all_hooks,
-                     clock, redo_until=redo_until)
+            loop.run(
+                setup.trainer.step_fn,
+                setup.state,
+                batches,
+                setup.config.run.steps,
+                all_hooks,
+                clock,
+                redo_until=redo_until,
+            )
     finally:
         batches.close()  # releases the tf.data iterator now, inside the accounted time
         writer.close(final=goodput_log.final)
     return summary
 
 
-def _writer(config: Config, workdir: str, primary: bool,
-            start_step: int) -> metrics_lib.MetricsWriter:
+def _writer(
+    config: Config, workdir: str, primary: bool, start_step: int
+) -> metrics_lib.MetricsWriter:
     """metrics.jsonl, TensorBoard and, with run.wandb_project, W&B (process 0 only)."""
     outputs = ()
     if primary and config.run.wandb_project:
         outputs = (wandb_log.WandbWriter(config.run.wandb_project, workdir, config),)
-    return metrics_lib.MetricsWriter(workdir, config.run.steps, enabled=primary,
-                                     start_step=start_step, outputs=outputs)
+    return metrics_lib.MetricsWriter(
+        workdir, config.run.steps, enabled=primary, start_step=start_step, outputs=outputs
+    )
 
 
 def _sample(trainer: Trainer, params, tokenizer) -> str:
     """Greedy continuation of `run.sample_prompt`, computed on the training mesh."""
     run_cfg = trainer.config.run
     with sharding.activation_sharding(trainer.mesh, trainer.rules):
-        text = generate.sample_text(params, trainer.config.model, tokenizer,
-                                    run_cfg.sample_prompt, run_cfg.sample_tokens)
+        text = generate.sample_text(
+            params, trainer.config.model, tokenizer, run_cfg.sample_prompt, run_cfg.sample_tokens
+        )
     log.info("sample: %r", text)
     return text
 
 
-def _tokenizer(config: Config, workdir: str, primary: bool,
-               resume: checkpoint.ResumePlan) -> tuple[Config, Any]:
+def _tokenizer(
+    config: Config, workdir: str, primary: bool, resume: checkpoint.ResumePlan
+) -> tuple[Config, Any]:
     """(config naming the tokenizer's path, the tokenizer; None for synthetic tokens): loaded
     or trained once (by process 0), and checked against the checkpoint resumed from, the
     model's vocabulary and the sample prompt's length."""
@@ -171,8 +257,9 @@ def _tokenizer(config: Config, workdir: str, primary: bool,
     resume.check_tokenizer(tokenizer.fingerprint if tokenizer is not None else None)
     if tokenizer is None:
         return config, None
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data,
-                                                                  tokenizer=tokenizer.path))
+    config = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, tokenizer=tokenizer.path)
+    )
     prompt = tokenizer.encode_documents([config.run.sample_prompt], eos=False)[0]
     validate_tokenizer(config, tokenizer.vocab_size, len(prompt))
     return config, tokenizer

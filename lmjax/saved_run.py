@@ -1,5 +1,6 @@
 """A saved run read back: its config, params and tokenizer, and the data pipeline it reads
 (for `lmjax eval`, `generate`, `data`, `bench data` and the smoke checks)."""
+
 from __future__ import annotations
 
 from lmjax import checkpoint, data
@@ -17,13 +18,15 @@ def load(workdir: str, step: int | None):
     return config, params, data.load_tokenizer(tokenizer_path) if tokenizer_path else None
 
 
-def pipeline(config: Config, workdir: str, process_index: int = 0,
-                        process_count: int = 1) -> data.Pipeline:
+def pipeline(
+    config: Config, workdir: str, process_index: int = 0, process_count: int = 1
+) -> data.Pipeline:
     """`prepare.run_pipeline` with the run's tokenizer, trained here first when it is missing
     (the store, too, is prepared here when missing)."""
     tokenizer = prepare.prepare_tokenizer(config.data, workdir)
-    return prepare.run_pipeline(config, tokenizer, workdir, process_index=process_index,
-                                process_count=process_count)
+    return prepare.run_pipeline(
+        config, tokenizer, workdir, process_index=process_index, process_count=process_count
+    )
 
 
 def eval_batches(config: Config, tokenizer, workdir: str) -> list[dict]:

@@ -4,6 +4,7 @@ The model names axes logically (`embed`, `heads`, `act_batch`, ...); this module
 knows mesh axes (`data`, `fsdp`, `tensor`). Rules are data: a tuple of
 `(logical_name, mesh_axes)` pairs, overridable from `MeshConfig.rules`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,19 +50,26 @@ def rules_from_config(cfg: MeshConfig) -> dict[str, tuple[str, ...]]:
         name, sep, axes = item.partition("=")
         name = name.strip()
         if not sep or name not in rules:
-            raise ConfigError(f"mesh.rules entry {item!r}: expected logical=mesh_axis[+mesh_axis] "
-                              f"with logical one of {sorted(rules)}")
+            raise ConfigError(
+                f"mesh.rules entry {item!r}: expected logical=mesh_axis[+mesh_axis] "
+                f"with logical one of {sorted(rules)}"
+            )
         parts = tuple(a.strip() for a in axes.split("+") if a.strip())
         bad = [a for a in parts if a not in MESH_AXES]
         if bad:
-            raise ConfigError(f"mesh.rules entry {item!r}: unknown mesh axes {bad}; "
-                              f"mesh axes are {MESH_AXES}")
+            raise ConfigError(
+                f"mesh.rules entry {item!r}: unknown mesh axes {bad}; mesh axes are {MESH_AXES}"
+            )
         rules[name] = parts
     return rules
 
 
-def logical_to_spec(axes: Sequence[str | None], rules: dict[str, tuple[str, ...]],
-                    mesh: Mesh | None = None, shape: Sequence[int] | None = None) -> P:
+def logical_to_spec(
+    axes: Sequence[str | None],
+    rules: dict[str, tuple[str, ...]],
+    mesh: Mesh | None = None,
+    shape: Sequence[int] | None = None,
+) -> P:
     """PartitionSpec for an array whose dimensions have logical names `axes`.
 
     A mesh axis that two dimensions map to is a rule conflict and raises, whatever its size;
@@ -74,8 +82,10 @@ def logical_to_spec(axes: Sequence[str | None], rules: dict[str, tuple[str, ...]
         mesh_axes = rules.get(name, ()) if name else ()
         for a in mesh_axes:
             if a in used:
-                raise ConfigError(f"sharding rule conflict: logical axes {used[a]!r} and {name!r} of "
-                                  f"{tuple(axes)} both map to mesh axis {a!r}; change mesh.rules")
+                raise ConfigError(
+                    f"sharding rule conflict: logical axes {used[a]!r} and {name!r} of "
+                    f"{tuple(axes)} both map to mesh axis {a!r}; change mesh.rules"
+                )
             used[a] = name
         if mesh is not None:
             mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
@@ -85,7 +95,8 @@ def logical_to_spec(axes: Sequence[str | None], rules: dict[str, tuple[str, ...]
                 raise ConfigError(
                     f"dimension {name!r} of size {shape[dim]} (array {tuple(axes)} {tuple(shape)}) is "
                     f"not divisible by mesh axes {mesh_axes} of size {size}: change the mesh shape "
-                    f"(mesh.*) or map {name!r} elsewhere with mesh.rules")
+                    f"(mesh.*) or map {name!r} elsewhere with mesh.rules"
+                )
         spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
     return P(*spec)
 
@@ -144,8 +155,11 @@ def tree_shardings(axes_tree: Any, mesh: Mesh, rules, shapes_tree: Any = None) -
     with `shapes_tree`, also checks that the mesh divides every sharded dimension (the error
     names the leaf, e.g. `params/layers/wk`)."""
     if shapes_tree is None:
-        return jax.tree.map(lambda a: NamedSharding(mesh, logical_to_spec(a, rules, mesh)),
-                            axes_tree, is_leaf=is_axes)
+        return jax.tree.map(
+            lambda a: NamedSharding(mesh, logical_to_spec(a, rules, mesh)),
+            axes_tree,
+            is_leaf=is_axes,
+        )
 
     def one(path, a, s):
         try:
@@ -173,24 +187,31 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     n_dcn = math.prod(dcn)
     ici = [cfg.data, cfg.fsdp, cfg.tensor]
     if any(d <= 0 for d in dcn) or n % n_dcn:
-        raise ConfigError(f"mesh.dcn_data={cfg.dcn_data} x mesh.dcn_fsdp={cfg.dcn_fsdp} must be positive "
-                          f"and divide the {n} devices")
+        raise ConfigError(
+            f"mesh.dcn_data={cfg.dcn_data} x mesh.dcn_fsdp={cfg.dcn_fsdp} must be positive "
+            f"and divide the {n} devices"
+        )
     per_slice = n // n_dcn
     free = [i for i, d in enumerate(ici) if d == -1]
     if len(free) > 1 or any(d == 0 or d < -1 for d in ici):
-        raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(ici)}: sizes must be positive, "
-                          "with at most one -1 to take the remaining devices")
+        raise ConfigError(
+            f"mesh (data, fsdp, tensor) = {tuple(ici)}: sizes must be positive, "
+            "with at most one -1 to take the remaining devices"
+        )
     if free:
         fixed = math.prod(d for d in ici if d != -1)
         if per_slice % fixed:
-            raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(ici)}: {fixed} does not divide "
-                              f"the {per_slice} devices per slice")
+            raise ConfigError(
+                f"mesh (data, fsdp, tensor) = {tuple(ici)}: {fixed} does not divide "
+                f"the {per_slice} devices per slice"
+            )
         ici[free[0]] = per_slice // fixed
     if math.prod(ici) != per_slice:
         raise ConfigError(
             f"mesh (data, fsdp, tensor) = {tuple(ici)} has {math.prod(ici)} devices but there are "
             f"{per_slice} per slice ({n} devices / {n_dcn} dcn groups): make the product match, "
-            "or set one axis to -1")
+            "or set one axis to -1"
+        )
     shape = tuple(i * d for i, d in zip(ici, dcn))
     if n_dcn > 1:
         grid = _hybrid_grid(ici, dcn, devices)
@@ -211,10 +232,15 @@ def _hybrid_grid(ici: Sequence[int], dcn: Sequence[int], devices: list) -> np.nd
         raise ConfigError(
             f"mesh.dcn_data={dcn[0]} x mesh.dcn_fsdp={dcn[1]} = {math.prod(dcn)} must equal the "
             f"number of {unit} ({granules}): dcn axes span {unit}, the other mesh axes the "
-            f"devices within one")
+            f"devices within one"
+        )
     return mesh_utils.create_hybrid_device_mesh(
-        list(ici), list(dcn), devices=devices, process_is_granule=not by_slice,
-        allow_split_physical_axes=True)
+        list(ici),
+        list(dcn),
+        devices=devices,
+        process_is_granule=not by_slice,
+        allow_split_physical_axes=True,
+    )
 
 
 def batch_sharding(mesh: Mesh, rules: dict[str, tuple[str, ...]]) -> NamedSharding:
@@ -238,17 +264,20 @@ def process_rows(batch: NamedSharding, global_rows: int) -> np.ndarray:
     """
     shards = batch_shard_count(batch)
     if global_rows % shards:
-        raise ConfigError(f"data.batch_size={global_rows} is not divisible by the {shards} batch "
-                          f"shards of the mesh (act_batch -> {batch.spec[0]}): change "
-                          f"data.batch_size or the mesh")
+        raise ConfigError(
+            f"data.batch_size={global_rows} is not divisible by the {shards} batch "
+            f"shards of the mesh (act_batch -> {batch.spec[0]}): change "
+            f"data.batch_size or the mesh"
+        )
     rows: set[int] = set()
     for index in batch.addressable_devices_indices_map((global_rows, 1)).values():
         rows.update(range(global_rows)[index[0]])
     return np.array(sorted(rows), np.int64)
 
 
-def shard_map_logical(fn: Callable, in_axes: Sequence[Sequence[str | None]],
-                      out_axes: Sequence[str | None]) -> Callable:
+def shard_map_logical(
+    fn: Callable, in_axes: Sequence[Sequence[str | None]], out_axes: Sequence[str | None]
+) -> Callable:
     """`fn` mapped over shards of the active `activation_sharding` mesh, with each argument
     (and the single output) split by its logical axes; `fn` itself outside that context.
 
@@ -258,12 +287,23 @@ def shard_map_logical(fn: Callable, in_axes: Sequence[Sequence[str | None]],
     if ctx is None:
         return fn
     mesh, rules = ctx
-    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(logical_to_spec(a, rules, mesh) for a in in_axes),
-                         out_specs=logical_to_spec(out_axes, rules, mesh), check_vma=False)
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=tuple(logical_to_spec(a, rules, mesh) for a in in_axes),
+        out_specs=logical_to_spec(out_axes, rules, mesh),
+        check_vma=False,
+    )
 
 
-def describe_params(param_shapes: Any, axes: Any, mesh: Mesh, rules: dict[str, tuple[str, ...]],
-                    *, replicated_warn_elements: int = 1_000_000) -> str:
+def describe_params(
+    param_shapes: Any,
+    axes: Any,
+    mesh: Mesh,
+    rules: dict[str, tuple[str, ...]],
+    *,
+    replicated_warn_elements: int = 1_000_000,
+) -> str:
     """A table of every parameter: shape, logical axes, PartitionSpec and bytes per device.
 
     param_shapes: pytree of arrays or ShapeDtypeStructs; axes: the same tree of logical-axes
@@ -279,13 +319,22 @@ def describe_params(param_shapes: Any, axes: Any, mesh: Mesh, rules: dict[str, t
         local = NamedSharding(mesh, spec).shard_shape(tuple(shaped.shape))
         nbytes = math.prod(local) * np.dtype(shaped.dtype).itemsize
         total += nbytes
-        rows.append((name, "x".join(map(str, shaped.shape)), ",".join(n or "-" for n in names),
-                     str(tuple(spec)), format_bytes(nbytes)))
+        rows.append(
+            (
+                name,
+                "x".join(map(str, shaped.shape)),
+                ",".join(n or "-" for n in names),
+                str(tuple(spec)),
+                format_bytes(nbytes),
+            )
+        )
         size = math.prod(shaped.shape)
         if mesh.size > 1 and all(s is None for s in spec) and size > replicated_warn_elements:
-            warnings.append(f"WARNING: {name} {tuple(shaped.shape)} ({size / 1e6:.1f}M elements) is "
-                            f"replicated on all {mesh.size} devices: map one of its logical axes "
-                            f"{tuple(names)} to a mesh axis of size > 1 (mesh.* or mesh.rules)")
+            warnings.append(
+                f"WARNING: {name} {tuple(shaped.shape)} ({size / 1e6:.1f}M elements) is "
+                f"replicated on all {mesh.size} devices: map one of its logical axes "
+                f"{tuple(names)} to a mesh axis of size > 1 (mesh.* or mesh.rules)"
+            )
     header = ("parameter", "shape", "logical axes", "partition spec", "bytes/device")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731

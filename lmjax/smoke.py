@@ -6,6 +6,7 @@ the loss falls, resumes from a mid-run checkpoint in a second run and checks tha
 bit for bit, checks that `lmjax eval` on the last checkpoint reproduces the eval loss training
 logged, generates a few tokens, and reports. Each check that fails says what to look at.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ from lmjax.config import Config, apply_overrides
 @dataclasses.dataclass
 class Check:
     """One line of the report: what was checked, whether it passed, and what was seen."""
+
     name: str
     ok: bool
     detail: str
@@ -64,7 +66,9 @@ def _devices(expect_platform: str) -> Check:
     """The devices jax sees; failed when they are not on `expect_platform` (when given)."""
     device = jax.devices()[0]
     ok = not expect_platform or device.platform == expect_platform
-    detail = f"{jax.device_count()} x {device.device_kind} ({device.platform}), jax {jax.__version__}"
+    detail = (
+        f"{jax.device_count()} x {device.device_kind} ({device.platform}), jax {jax.__version__}"
+    )
     if not ok:
         detail += f"; expected {expect_platform} -> {PLATFORM_HINT}"
     return Check("devices", ok, detail)
@@ -75,21 +79,26 @@ def _trains(config: Config, workdir: str) -> Check:
     run.train(config, workdir)
     losses = _losses(workdir)
     start, end = losses[min(losses)], losses[max(losses)]
-    return Check("loss falls", end < start,
-                 f"step 1 loss {start:.3f} -> step {max(losses)} {end:.3f}")
+    return Check(
+        "loss falls", end < start, f"step 1 loss {start:.3f} -> step {max(losses)} {end:.3f}"
+    )
 
 
 def _resumes(config: Config, first: str, second: str, half: int) -> Check:
     """Trains again in `second` from `first`'s checkpoint of step `half`; passes when every
     later loss equals `first`'s bit for bit."""
-    run.train(config, second, restore_from=os.path.join(checkpoint.checkpoint_dir(first),
-                                                          str(half)))
+    run.train(
+        config, second, restore_from=os.path.join(checkpoint.checkpoint_dir(first), str(half))
+    )
     a, b = _losses(first), _losses(second)
     after = [s for s in a if s > half]
     same = bool(after) and all(a[s] == b.get(s) for s in after)
-    return Check("resume is exact", same,
-                 f"steps {half + 1}-{max(a)} after restoring step {half}: "
-                 + ("bitwise equal" if same else f"differ: {[(s, a[s], b.get(s)) for s in after]}"))
+    return Check(
+        "resume is exact",
+        same,
+        f"steps {half + 1}-{max(a)} after restoring step {half}: "
+        + ("bitwise equal" if same else f"differ: {[(s, a[s], b.get(s)) for s in after]}"),
+    )
 
 
 def _evaluates(workdir: str) -> Check:
@@ -98,8 +107,11 @@ def _evaluates(workdir: str) -> Check:
     cfg, params, tokenizer = saved_run.load(workdir, None)
     loss = evaluate.eval_loss(params, cfg.model, saved_run.eval_batches(cfg, tokenizer, workdir))
     ok = math.isclose(loss["loss"], logged, rel_tol=1e-4)
-    return Check("evaluates", ok, f"eval loss {loss['loss']:.4f} from the checkpoint, "
-                                  f"{logged:.4f} logged by training")
+    return Check(
+        "evaluates",
+        ok,
+        f"eval loss {loss['loss']:.4f} from the checkpoint, {logged:.4f} logged by training",
+    )
 
 
 def _generates(workdir: str) -> Check:
@@ -107,27 +119,42 @@ def _generates(workdir: str) -> Check:
     cfg, params, tokenizer = saved_run.load(workdir, None)
     start = time.perf_counter()
     text = generate.sample_text(params, cfg.model, tokenizer, cfg.run.sample_prompt, 16)
-    return Check("generates", len(text) > len(cfg.run.sample_prompt),
-                 f"{text!r} ({time.perf_counter() - start:.1f} s with compile)")
+    return Check(
+        "generates",
+        len(text) > len(cfg.run.sample_prompt),
+        f"{text!r} ({time.perf_counter() - start:.1f} s with compile)",
+    )
 
 
-def run_checks(config: Config, steps: int, workdir: str,
-               expect_platform: str = "") -> list[Check]:
+def run_checks(config: Config, steps: int, workdir: str, expect_platform: str = "") -> list[Check]:
     """Runs every check in `workdir` and returns them. `expect_platform` ("gpu", "tpu")
     fails the device check when jax came up on another platform (e.g. fell back to CPU)."""
     half = max(steps // 2, 1)
-    config = apply_overrides(config, [f"run.steps={steps}", "run.log_every=1", "run.eval_every=0",
-                                      f"checkpoint.every_steps={half}", "run.sample_tokens=0"])
+    config = apply_overrides(
+        config,
+        [
+            f"run.steps={steps}",
+            "run.log_every=1",
+            "run.eval_every=0",
+            f"checkpoint.every_steps={half}",
+            "run.sample_tokens=0",
+        ],
+    )
     first, second = os.path.join(workdir, "run"), os.path.join(workdir, "resumed")
     return [
         _guard("devices", PLATFORM_HINT, lambda: _devices(expect_platform)),
         _guard("loss falls", "check the data path and optim.lr", lambda: _trains(config, first)),
-        _guard("resume is exact", "look at checkpoint saving (orbax) and the data position",
-               lambda: _resumes(config, first, second, half)),
-        _guard("evaluates", "look at lmjax.evaluate and the saved params",
-               lambda: _evaluates(first)),
-        _guard("generates", "look at lmjax.generate and the saved params",
-               lambda: _generates(first)),
+        _guard(
+            "resume is exact",
+            "look at checkpoint saving (orbax) and the data position",
+            lambda: _resumes(config, first, second, half),
+        ),
+        _guard(
+            "evaluates", "look at lmjax.evaluate and the saved params", lambda: _evaluates(first)
+        ),
+        _guard(
+            "generates", "look at lmjax.generate and the saved params", lambda: _generates(first)
+        ),
     ]
 
 
@@ -137,14 +164,22 @@ def report(checks: list[Check], workdir: str) -> str:
     lines = ["lmjax smoke report"]
     for c in checks:
         lines.append(f"  [{'PASS' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
-    records = [r for r in metrics.read_records(os.path.join(workdir, "run"), missing_ok=True)
-               if "step_seconds" in r]
+    records = [
+        r
+        for r in metrics.read_records(os.path.join(workdir, "run"), missing_ok=True)
+        if "step_seconds" in r
+    ]
     if len(records) > 1:
         steady = records[1:]  # the first step includes compilation
-        lines.append(f"  step time {statistics.median(r['step_seconds'] for r in steady):.3f} s, "
-                     f"{statistics.median(r['tokens_per_second'] for r in steady):.0f} tokens/s, "
-                     f"MFU {statistics.median(r['mfu'] for r in steady):.1%}")
+        lines.append(
+            f"  step time {statistics.median(r['step_seconds'] for r in steady):.3f} s, "
+            f"{statistics.median(r['tokens_per_second'] for r in steady):.0f} tokens/s, "
+            f"MFU {statistics.median(r['mfu'] for r in steady):.1%}"
+        )
     lines.append(f"  memory: {_memory()}")
-    lines.append("all checks passed" if all(c.ok for c in checks) else
-                 f"{sum(not c.ok for c in checks)} check(s) FAILED")
+    lines.append(
+        "all checks passed"
+        if all(c.ok for c in checks)
+        else f"{sum(not c.ok for c in checks)} check(s) FAILED"
+    )
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 compiles init and step for a (config, mesh), `global_batch` places host rows, and
 `evaluate_params` runs the evaluator on the trainer's mesh. The run around them (resume,
 data, hooks) is `lmjax.run`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,9 @@ def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: i
     """A fresh state; jit it with out_shardings to create it already sharded."""
     rng = jax.random.PRNGKey(seed)
     params = model.init(model_cfg, jax.random.fold_in(rng, 0))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng
+    )
 
 
 def state_axes(model_cfg: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
@@ -43,8 +45,11 @@ def state_axes(model_cfg: ModelConfig, tx: optax.GradientTransformation) -> Trai
     shapes = jax.eval_shape(functools.partial(init_state, model_cfg, tx, 0))
     params_def = jax.tree.structure(shapes.params)
     is_params = lambda x: jax.tree.structure(x) == params_def  # noqa: E731
-    opt_axes = jax.tree.map(lambda x: params_axes if is_params(x) else (None,) * x.ndim,
-                            shapes.opt_state, is_leaf=is_params)
+    opt_axes = jax.tree.map(
+        lambda x: params_axes if is_params(x) else (None,) * x.ndim,
+        shapes.opt_state,
+        is_leaf=is_params,
+    )
     return TrainState(step=(), params=params_axes, opt_state=opt_axes, rng=(None,))
 
 
@@ -72,8 +77,12 @@ def summed_grads(params, batch: Batch, model_cfg: ModelConfig, optim_cfg: OptimC
         return grad_fn(params, batch, model_cfg, optim_cfg.z_loss)
     micro = jax.tree.map(lambda x: microbatches(x, n_micro), batch)
     params_axes = model.param_axes(model_cfg)
-    like_params = lambda tree: jax.tree.map(sharding.constrain, tree, params_axes,  # noqa: E731
-                                            is_leaf=sharding.is_axes)
+    like_params = lambda tree: jax.tree.map(
+        sharding.constrain,
+        tree,
+        params_axes,  # noqa: E731
+        is_leaf=sharding.is_axes,
+    )
 
     def accumulate(carry, mb):
         g, a = grad_fn(params, mb, model_cfg, optim_cfg.z_loss)
@@ -86,8 +95,16 @@ def summed_grads(params, batch: Batch, model_cfg: ModelConfig, optim_cfg: OptimC
     return grads, aux
 
 
-def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, optim_cfg: OptimConfig,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, skip_nonfinite: bool):
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model_cfg: ModelConfig,
+    optim_cfg: OptimConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    skip_nonfinite: bool,
+):
     """One optimizer update over `optim_cfg.grad_accum` microbatches. Pure.
 
     batch: arrays [batch, seq]. Returns (new_state, metrics of this step).
@@ -104,8 +121,13 @@ def train_step(state: TrainState, batch: Batch, *, model_cfg: ModelConfig, optim
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if skip_nonfinite:
         new_state = _unless_finite(finite, new_state, state)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-               "tokens": aux["tokens"], "finite": finite}
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(state.step),
+        "tokens": aux["tokens"],
+        "finite": finite,
+    }
     if optim_cfg.z_loss:
         metrics["z_loss"] = aux["z_sum"] / tokens
     return new_state, metrics
@@ -115,11 +137,14 @@ def _unless_finite(finite: jax.Array, new: TrainState, old: TrainState) -> Train
     """`new`, except that a non-finite step keeps the old params and moments. The optimizer's
     integer leaves (its step counts, which drive the schedule) advance with `step` either way,
     so the learning rate applied after a skip is still schedule(step), the one logged."""
+
     def keep_old(n, o):
         return jnp.where(finite, n, o) if jnp.issubdtype(n.dtype, jnp.inexact) else n
 
-    return new.replace(params=jax.tree.map(keep_old, new.params, old.params),
-                       opt_state=jax.tree.map(keep_old, new.opt_state, old.opt_state))
+    return new.replace(
+        params=jax.tree.map(keep_old, new.params, old.params),
+        opt_state=jax.tree.map(keep_old, new.opt_state, old.opt_state),
+    )
 
 
 # ---------------------------------------------------------------- compiled pieces
@@ -149,21 +174,33 @@ def make_trainer(config: Config, mesh: Mesh) -> Trainer:
     axes = state_axes(config.model, tx)
     state_shardings = sharding.tree_shardings(axes, mesh, rules, shapes)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    init_fn = jax.jit(functools.partial(init_state, config.model, tx, config.run.seed),
-                      out_shardings=state_shardings)
-    step = functools.partial(train_step, model_cfg=config.model, optim_cfg=config.optim, tx=tx,
-                             schedule=schedule,
-                             skip_nonfinite=config.checkpoint.on_nonfinite == "skip")
+    init_fn = jax.jit(
+        functools.partial(init_state, config.model, tx, config.run.seed),
+        out_shardings=state_shardings,
+    )
+    step = functools.partial(
+        train_step,
+        model_cfg=config.model,
+        optim_cfg=config.optim,
+        tx=tx,
+        schedule=schedule,
+        skip_nonfinite=config.checkpoint.on_nonfinite == "skip",
+    )
 
     def step_with_rules(state, batch):
         with sharding.activation_sharding(mesh, rules):
             return step(state, batch)
 
     replicated = NamedSharding(mesh, P())
-    step_fn = jax.jit(step_with_rules, in_shardings=(state_shardings, batch_sharding),
-                      out_shardings=(state_shardings, replicated), donate_argnums=0)
-    return Trainer(config, mesh, rules, tx, schedule, state_shardings, batch_sharding, init_fn,
-                   step_fn)
+    step_fn = jax.jit(
+        step_with_rules,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+    return Trainer(
+        config, mesh, rules, tx, schedule, state_shardings, batch_sharding, init_fn, step_fn
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -190,6 +227,7 @@ def global_batch(local: dict[str, np.ndarray], batch_sharding: NamedSharding) ->
     def assemble(x: np.ndarray) -> jax.Array:
         def block(index):
             return x[np.searchsorted(rows, np.arange(global_rows)[index[0]])][:, *index[1:]]
+
         return jax.make_array_from_callback((global_rows, *x.shape[1:]), batch_sharding, block)
 
     return {k: assemble(np.asarray(local[k])) for k in BATCH_KEYS}
@@ -201,11 +239,14 @@ def evaluate_params(trainer: Trainer, params, sets: dict[str, list[dict]]) -> di
     with several sources, eval_loss/SOURCE of each."""
     place = functools.partial(global_batch, batch_sharding=trainer.batch_sharding)
     with sharding.activation_sharding(trainer.mesh, trainer.rules):
-        sums = {name: evaluate.eval_sums(params, trainer.config.model, batches, place=place)
-                for name, batches in sets.items()}
+        sums = {
+            name: evaluate.eval_sums(params, trainer.config.model, batches, place=place)
+            for name, batches in sets.items()
+        }
     total = evaluate.summarize(sum(n for n, _ in sums.values()), sum(t for _, t in sums.values()))
     result = {f"eval_{k}": v for k, v in total.items()}
     if len(sums) > 1:
-        result.update({f"eval_loss/{name}": evaluate.summarize(*s)["loss"]
-                       for name, s in sums.items()})
+        result.update(
+            {f"eval_loss/{name}": evaluate.summarize(*s)["loss"] for name, s in sums.items()}
+        )
     return result

@@ -5,6 +5,7 @@ W&B run. Without an API key (WANDB_API_KEY or a `wandb login` entry in ~/.netrc)
 written offline under WORKDIR/wandb/ (`wandb sync` uploads it later); WANDB_MODE, when set,
 decides instead.
 """
+
 from __future__ import annotations
 
 import netrc
@@ -41,13 +42,24 @@ class WandbWriter:
 
     def __init__(self, project: str, workdir: str, config: Config):
         import wandb  # config.validate checked that it is installed
+
         mode = os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
-        self.run = wandb.init(project=project, id=_run_id(workdir), resume="allow", dir=workdir,
-                              name=config.run.name, config=to_dict(config), mode=mode)
+        self.run = wandb.init(
+            project=project,
+            id=_run_id(workdir),
+            resume="allow",
+            dir=workdir,
+            name=config.run.name,
+            config=to_dict(config),
+            mode=mode,
+        )
 
     def write(self, step: int, record: dict[str, Any]) -> None:
-        values = {k: v for k, v in record.items()
-                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        values = {
+            k: v
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if values:
             self.run.log(values, step=step)
 

@@ -4,6 +4,7 @@ document (a scene or a sonnet) drawn at random, with a numbered title line so no
 
     python scripts/make_bench_corpus.py --out /tmp/corpus_1g --size-mb 1000 --files 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,10 @@ def main() -> None:
         with open(os.path.join(args.out, f"part-{i:04d}.txt"), "w", encoding="utf-8") as f:
             written = 0
             while written < per_file:
-                text = f"{'' if written == 0 else documents.DOCUMENT_SEPARATOR}#{number}\n" \
-                       f"{docs[rng.integers(len(docs))]}"
+                text = (
+                    f"{'' if written == 0 else documents.DOCUMENT_SEPARATOR}#{number}\n"
+                    f"{docs[rng.integers(len(docs))]}"
+                )
                 f.write(text)
                 written += len(text.encode())
                 number += 1

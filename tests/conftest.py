@@ -2,6 +2,7 @@
 
 These variables must be set before jax is imported anywhere in the test process.
 """
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

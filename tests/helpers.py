@@ -3,6 +3,7 @@ model held both in lmjax's layout and as HF-named tensors for tests/numpy_llama.
 sentencepiece tokenizer trained on a slice of Hamlet. Test modules import these from here,
 never from one another.
 """
+
 import io
 
 import jax.numpy as jnp
@@ -17,18 +18,27 @@ from tests import numpy_llama
 
 def hf_config(cfg: ModelConfig) -> dict:
     """The Hugging Face config.json of `cfg`: the keys tests/numpy_llama.py reads."""
-    config = {"hidden_size": cfg.d_model, "intermediate_size": cfg.d_mlp,
-              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-              "head_dim": cfg.head_dim, "num_hidden_layers": cfg.n_layers,
-              "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
-              "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
-              "rope_scaling": None}
+    config = {
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_mlp,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_scaling": None,
+    }
     if cfg.rope_scaling_factor > 0:
         config["rope_scaling"] = {
-            "rope_type": "llama3", "factor": cfg.rope_scaling_factor,
+            "rope_type": "llama3",
+            "factor": cfg.rope_scaling_factor,
             "low_freq_factor": cfg.rope_low_freq_factor,
             "high_freq_factor": cfg.rope_high_freq_factor,
-            "original_max_position_embeddings": cfg.rope_original_max_len}
+            "original_max_position_embeddings": cfg.rope_original_max_len,
+        }
     return config
 
 
@@ -40,7 +50,9 @@ def params_from_hf(t: dict, cfg: ModelConfig) -> dict:
     D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
     def stack(name, fn):
-        return jnp.asarray(np.stack([fn(t[f"model.layers.{i}.{name}"]) for i in range(cfg.n_layers)]))
+        return jnp.asarray(
+            np.stack([fn(t[f"model.layers.{i}.{name}"]) for i in range(cfg.n_layers)])
+        )
 
     params = {
         "embed": jnp.asarray(t["model.embed_tokens.weight"]),
@@ -76,6 +88,13 @@ def hamlet_tokenizer(bos_id: int) -> Tokenizer:
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([line for line in text.splitlines() if line.strip()]),
-        model_writer=proto, vocab_size=300, pad_id=0, unk_id=1, bos_id=bos_id, eos_id=3,
-        normalization_rule_name="identity", minloglevel=2)
+        model_writer=proto,
+        vocab_size=300,
+        pad_id=0,
+        unk_id=1,
+        bos_id=bos_id,
+        eos_id=3,
+        normalization_rule_name="identity",
+        minloglevel=2,
+    )
     return Tokenizer(proto.getvalue())

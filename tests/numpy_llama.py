@@ -5,6 +5,7 @@ treats every Linear weight as `[out, in]` (y = x @ W.T), and applies RoPE in the
 rotate-half form of HF's `LlamaForCausalLM`. It shares no code with lmjax, so the tests
 can hold lmjax (and its HF converter) against it. Everything is computed in float64.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,9 @@ import math
 import numpy as np
 
 
-def llama3_scaled_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor,
-                              original_max_len):
+def llama3_scaled_frequencies(
+    inv_freq, factor, low_freq_factor, high_freq_factor, original_max_len
+):
     """The Llama-3.1 RoPE frequency scaling, transcribed frequency by frequency from the
     published reference (`apply_scaling` in Meta's llama-models)."""
     low_freq_wavelen = original_max_len / low_freq_factor
@@ -26,8 +28,9 @@ def llama3_scaled_frequencies(inv_freq, factor, low_freq_factor, high_freq_facto
         elif wavelen > low_freq_wavelen:
             out.append(freq / factor)
         else:
-            smooth = ((original_max_len / wavelen - low_freq_factor)
-                      / (high_freq_factor - low_freq_factor))
+            smooth = (original_max_len / wavelen - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
             out.append((1 - smooth) * freq / factor + smooth * freq)
     return np.array(out, dtype=np.float64)
 
@@ -41,8 +44,12 @@ def inverse_frequencies(config: dict):
     if scaling:
         assert scaling["rope_type"] == "llama3", scaling
         inv = llama3_scaled_frequencies(
-            inv, scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
-            scaling["original_max_position_embeddings"])
+            inv,
+            scaling["factor"],
+            scaling["low_freq_factor"],
+            scaling["high_freq_factor"],
+            scaling["original_max_position_embeddings"],
+        )
     return inv
 
 
@@ -115,8 +122,11 @@ def forward(tensors: dict, config: dict, tokens, *, positions=None, segment_ids=
     if segment_ids is None:
         segment_ids = np.zeros((batch, seq), np.int64)
     causal = np.tril(np.ones((seq, seq), bool))
-    lm_head = (w["model.embed_tokens.weight"] if config.get("tie_word_embeddings", False)
-               else w["lm_head.weight"])
+    lm_head = (
+        w["model.embed_tokens.weight"]
+        if config.get("tie_word_embeddings", False)
+        else w["lm_head.weight"]
+    )
 
     logits = []
     for b in range(batch):
@@ -147,8 +157,11 @@ def random_checkpoint(config: dict, seed: int = 0, std: float = 0.1) -> dict:
     Norm weights are drawn around 1 so that a transposed or swapped norm would show.
     """
     rng = np.random.default_rng(seed)
-    hidden, mlp_dim, vocab = (config["hidden_size"], config["intermediate_size"],
-                              config["vocab_size"])
+    hidden, mlp_dim, vocab = (
+        config["hidden_size"],
+        config["intermediate_size"],
+        config["vocab_size"],
+    )
     n_heads = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads", n_heads)
     head_dim = config.get("head_dim") or hidden // n_heads

@@ -1,4 +1,5 @@
 """Attention numerics (float32): masks, grouped-query and multi-query against references."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +25,11 @@ def _reference(q, k, v, segment_ids=None):
         allowed = np.tril(np.ones((seq, seq), bool))
         if segment_ids is not None:
             allowed &= segment_ids[b][:, None] == segment_ids[b][None, :]
-        out.append(numpy_llama.attention(q[b].astype(np.float64), k[b].astype(np.float64),
-                                         v[b].astype(np.float64), allowed))
+        out.append(
+            numpy_llama.attention(
+                q[b].astype(np.float64), k[b].astype(np.float64), v[b].astype(np.float64), allowed
+            )
+        )
     return np.stack(out)
 
 
@@ -55,26 +59,42 @@ def test_grouped_query_equals_mha_with_repeated_kv(kv_heads):
     q, k, v = _qkv(1, heads=heads, kv_heads=kv_heads)
     group = heads // kv_heads
     seg = np.array([[0] * 5 + [1] * 7, [3] * 12])
-    grouped = attn_lib.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                 segment_ids=jnp.asarray(seg), impl="xla")
+    grouped = attn_lib.attention(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), segment_ids=jnp.asarray(seg), impl="xla"
+    )
     k_rep, v_rep = (np.repeat(x, group, axis=2) for x in (k, v))
-    full = attn_lib.attention(jnp.asarray(q), jnp.asarray(k_rep), jnp.asarray(v_rep),
-                              segment_ids=jnp.asarray(seg), impl="xla")
+    full = attn_lib.attention(
+        jnp.asarray(q),
+        jnp.asarray(k_rep),
+        jnp.asarray(v_rep),
+        segment_ids=jnp.asarray(seg),
+        impl="xla",
+    )
     np.testing.assert_allclose(np.asarray(grouped), np.asarray(full), atol=1e-6, rtol=1e-6)
 
 
 def test_segments_match_numpy_loop_and_do_not_leak():
     q, k, v = _qkv(2)
     seg = np.array([[1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3], [5] * 6 + [6] * 6])
-    out = np.asarray(attn_lib.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                        segment_ids=jnp.asarray(seg), impl="xla"))
+    out = np.asarray(
+        attn_lib.attention(
+            jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), segment_ids=jnp.asarray(seg), impl="xla"
+        )
+    )
     np.testing.assert_allclose(out, _reference(q, k, v, seg), atol=1e-5, rtol=1e-5)
     # Replacing the keys/values of document 2 (row 0, positions 4..6) changes only document 2.
     k2, v2 = k.copy(), v.copy()
     k2[0, 4:7] += 3.0
     v2[0, 4:7] -= 3.0
-    out2 = np.asarray(attn_lib.attention(jnp.asarray(q), jnp.asarray(k2), jnp.asarray(v2),
-                                         segment_ids=jnp.asarray(seg), impl="xla"))
+    out2 = np.asarray(
+        attn_lib.attention(
+            jnp.asarray(q),
+            jnp.asarray(k2),
+            jnp.asarray(v2),
+            segment_ids=jnp.asarray(seg),
+            impl="xla",
+        )
+    )
     changed = np.abs(out2 - out).max(axis=(2, 3)) > 1e-6
     expected = np.zeros_like(changed)
     expected[0, 4:7] = True
@@ -87,7 +107,9 @@ def test_future_keys_do_not_change_past_outputs():
     k2, v2 = k.copy(), v.copy()
     k2[:, 7:] = 10.0
     v2[:, 7:] = -10.0
-    out2 = np.asarray(attn_lib.attention(jnp.asarray(q), jnp.asarray(k2), jnp.asarray(v2), impl="xla"))
+    out2 = np.asarray(
+        attn_lib.attention(jnp.asarray(q), jnp.asarray(k2), jnp.asarray(v2), impl="xla")
+    )
     np.testing.assert_array_equal(out[:, :7], out2[:, :7])
     assert np.abs(out[:, 7:] - out2[:, 7:]).min() > 0
 
@@ -123,13 +145,19 @@ def test_cudnn_refuses_what_its_kernel_cannot_do_and_names_the_fix():
         attn_lib.attention(q, k, v, impl="cudnn")
     seg = jnp.ones(q.shape[:2], jnp.int32)
     with pytest.raises(ValueError, match="no packed documents"):
-        attn_lib.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), segment_ids=seg,
-                           impl="cudnn")
+        attn_lib.attention(
+            *(x.astype(jnp.bfloat16) for x in (q, k, v)), segment_ids=seg, impl="cudnn"
+        )
 
 
-@pytest.mark.parametrize("heads, kv_heads, packed, dtype", [
-    (4, 2, True, jnp.float32), (4, 1, False, jnp.bfloat16),
-], ids=["gqa-packed-f32", "mqa-unpacked-bf16"])
+@pytest.mark.parametrize(
+    "heads, kv_heads, packed, dtype",
+    [
+        (4, 2, True, jnp.float32),
+        (4, 1, False, jnp.bfloat16),
+    ],
+    ids=["gqa-packed-f32", "mqa-unpacked-bf16"],
+)
 @pytest.mark.slow
 def test_pallas_gpu_kernel_matches_numpy_loop_with_gradients(heads, kv_heads, packed, dtype):
     """The GPU flash kernel that `auto` picks on GPUs, run by the Pallas interpreter: values
@@ -137,8 +165,11 @@ def test_pallas_gpu_kernel_matches_numpy_loop_with_gradients(heads, kv_heads, pa
     q, k, v = _qkv(8, batch=2, seq=128, heads=heads, kv_heads=kv_heads, head_dim=16)
     seg = np.sort(np.random.default_rng(8).integers(0, 3, (2, 128)), axis=1) if packed else None
     args = [jnp.asarray(x, dtype) for x in (q, k, v)]
-    kernel = lambda *a: attn_lib._pallas_gpu(*a, None if seg is None else jnp.asarray(seg),  # noqa: E731
-                                             interpret=True)
+    kernel = lambda *a: attn_lib._pallas_gpu(
+        *a,
+        None if seg is None else jnp.asarray(seg),  # noqa: E731
+        interpret=True,
+    )
     out = jax.jit(kernel)(*args)
     assert out.dtype == dtype
     tol = 1e-5 if dtype == jnp.float32 else 3e-2
@@ -148,15 +179,19 @@ def test_pallas_gpu_kernel_matches_numpy_loop_with_gradients(heads, kv_heads, pa
     def loss(fn):
         return lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2)
 
-    xla = lambda *a: attn_lib.attention(*a, segment_ids=None if seg is None else jnp.asarray(seg),  # noqa: E731
-                                        impl="xla")
+    xla = lambda *a: attn_lib.attention(
+        *a,
+        segment_ids=None if seg is None else jnp.asarray(seg),  # noqa: E731
+        impl="xla",
+    )
     f32 = [a.astype(jnp.float32) for a in args]
     got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(*args)
     want = jax.grad(loss(xla), argnums=(0, 1, 2))(*f32)
     for g, w in zip(got, want):
         scale = float(jnp.abs(w).max())
-        np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(w) / scale,
-                                   atol=tol * 3, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32) / scale, np.asarray(w) / scale, atol=tol * 3, rtol=0
+        )
 
 
 @pytest.mark.slow
@@ -167,13 +202,17 @@ def test_block_causal_path_matches_numpy_loop_with_documents_across_blocks():
     seg = np.ones((2, seq), np.int32)
     seg[0, 100:300] = 2  # a document that spans the first block boundaries
     seg[0, 300:] = 3
-    out = attn_lib.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                             segment_ids=jnp.asarray(seg), impl="xla")
+    out = attn_lib.attention(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), segment_ids=jnp.asarray(seg), impl="xla"
+    )
     np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, seg), atol=1e-5, rtol=1e-5)
-    grads = jax.grad(lambda q: attn_lib.attention(q, jnp.asarray(k), jnp.asarray(v),
-                                                  impl="xla").sum())(jnp.asarray(q))
+    grads = jax.grad(
+        lambda q: attn_lib.attention(q, jnp.asarray(k), jnp.asarray(v), impl="xla").sum()
+    )(jnp.asarray(q))
     index = jnp.arange(seq)
-    full = jax.grad(lambda q: attn_lib.attention_with_mask(
-        q, jnp.asarray(k), jnp.asarray(v), attn_lib.make_mask(None, None, index, index)).sum())(
-        jnp.asarray(q))
+    full = jax.grad(
+        lambda q: attn_lib.attention_with_mask(
+            q, jnp.asarray(k), jnp.asarray(v), attn_lib.make_mask(None, None, index, index)
+        ).sum()
+    )(jnp.asarray(q))
     np.testing.assert_allclose(np.asarray(grads), np.asarray(full), atol=1e-5, rtol=1e-5)

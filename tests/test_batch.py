@@ -1,5 +1,6 @@
 """The batch format: the dtype table and the abstract batch agree with what the pipeline
 really produces, and the data layer still loads without jax."""
+
 import subprocess
 import sys
 
@@ -18,8 +19,9 @@ def test_a_pipeline_batch_has_the_keys_shapes_and_dtypes_of_the_abstract_batch(p
     assert {k: str(v.dtype) for k, v in real.items()} == batch_lib.BATCH_DTYPES
     abstract = batch_lib.abstract_batch(3, 16)
     assert list(abstract) == list(batch_lib.BATCH_KEYS)
-    assert ({k: (v.shape, v.dtype) for k, v in abstract.items()}
-            == {k: (v.shape, v.dtype) for k, v in real.items()})
+    assert {k: (v.shape, v.dtype) for k, v in abstract.items()} == {
+        k: (v.shape, v.dtype) for k, v in real.items()
+    }
 
 
 def test_the_abstract_batch_carries_its_sharding():

@@ -4,6 +4,7 @@ state, restoring onto another mesh, resume rules, export and params-only loading
 Whole training runs (SIGKILL, SIGTERM, torn checkpoints, device-count changes) are in
 tests/test_resume.py.
 """
+
 import dataclasses
 import os
 import signal
@@ -18,13 +19,31 @@ import numpy as np
 import pytest
 
 from lmjax import checkpoint, optim, sharding, train
-from lmjax.config import (CheckpointConfig, Config, ConfigError, DataConfig, MeshConfig,
-                          ModelConfig, RunConfig, apply_overrides)
+from lmjax.config import (
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    RunConfig,
+    apply_overrides,
+)
 from lmjax.data.pipeline import synthetic_batch
 
 TINY = Config(
-    model=ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                      d_mlp=64, max_seq_len=32, dtype="float32", remat="none"),
+    model=ModelConfig(
+        vocab_size=256,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        d_mlp=64,
+        max_seq_len=32,
+        dtype="float32",
+        remat="none",
+    ),
     data=DataConfig(source="synthetic", batch_size=8, seq_len=16),
     checkpoint=CheckpointConfig(keep=2, keep_every=3),
     run=RunConfig(steps=10),
@@ -42,8 +61,9 @@ def trained():
     state = trainer.init_fn()
     states, metrics = [], []
     for step in range(1, 8):
-        batch = synthetic_batch(0, 0, step, range(TINY.data.batch_size), TINY.data.seq_len,
-                                TINY.model.vocab_size)
+        batch = synthetic_batch(
+            0, 0, step, range(TINY.data.batch_size), TINY.data.seq_len, TINY.model.vocab_size
+        )
         state, m = trainer.step_fn(state, train.global_batch(batch, trainer.batch_sharding))
         states.append(jax.tree.map(np.asarray, state))
         metrics.append(m)
@@ -69,8 +89,13 @@ def test_save_keeps_newest_and_milestones_and_restores_bitwise(tmp_path, trained
     trainer, states, metrics, _ = trained
     ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
     for step, (host, m) in enumerate(zip(states, metrics), start=1):
-        ckpt.save(step, _device_state(trainer, host), data_state={"pos": step}, meta=META,
-                  step_finite=m["finite"])
+        ckpt.save(
+            step,
+            _device_state(trainer, host),
+            data_state={"pos": step},
+            meta=META,
+            step_finite=m["finite"],
+        )
     ckpt.close()
     # keep=2 newest (6, 7) plus every multiple of keep_every=3 (3, 6)
     reader = checkpoint.Checkpointer(str(tmp_path / "ck"), read_only=True)
@@ -90,9 +115,15 @@ def test_nonfinite_state_or_step_is_never_saved(tmp_path, trained):
     with pytest.raises(FloatingPointError, match="step 1"):
         ckpt.save(1, good, data_state={}, meta=META, step_finite=jnp.bool_(False))
     bad_host = states[1]
-    bad = _device_state(trainer, bad_host.replace(
-        opt_state=jax.tree.map(lambda x: np.full_like(x, np.inf) if x.dtype == np.float32 else x,
-                               bad_host.opt_state)))
+    bad = _device_state(
+        trainer,
+        bad_host.replace(
+            opt_state=jax.tree.map(
+                lambda x: np.full_like(x, np.inf) if x.dtype == np.float32 else x,
+                bad_host.opt_state,
+            )
+        ),
+    )
     with pytest.raises(FloatingPointError, match="step 2"):
         ckpt.save(2, bad, data_state={}, meta=META, step_finite=True)
     # on_nonfinite=skip kept the old params: the state is finite, so it may be saved
@@ -117,14 +148,21 @@ def test_restore_onto_another_mesh(tmp_path, trained):
 
 
 def test_resume_rules_refuse_model_and_tokenizer_changes():
-    meta = {"config": checkpoint.compat.config_lib.to_dict(TINY), "param_layout_version": 1,
-            "tokenizer_fingerprint": "abc"}
-    allowed = apply_overrides(TINY, ["run.steps=50", "optim.lr=1e-3", "run.log_every=3",
-                                     "model.remat=full", "mesh.tensor=2"])
+    meta = {
+        "config": checkpoint.compat.config_lib.to_dict(TINY),
+        "param_layout_version": 1,
+        "tokenizer_fingerprint": "abc",
+    }
+    allowed = apply_overrides(
+        TINY,
+        ["run.steps=50", "optim.lr=1e-3", "run.log_every=3", "model.remat=full", "mesh.tensor=2"],
+    )
     changes = checkpoint.check_resumable(meta, allowed, "ck step 5")
     assert set(changes) == {"run.steps", "optim.lr", "run.log_every", "model.remat", "mesh.tensor"}
-    refused = apply_overrides(TINY, ["model.d_model=64", "model.n_layers=3", "run.steps=50",
-                                     "data.tokenizer_vocab_size=1000"])
+    refused = apply_overrides(
+        TINY,
+        ["model.d_model=64", "model.n_layers=3", "run.steps=50", "data.tokenizer_vocab_size=1000"],
+    )
     with pytest.raises(checkpoint.ResumeError) as e:
         checkpoint.check_resumable(meta, refused, "ck step 5")
     message = str(e.value)
@@ -142,8 +180,12 @@ def _save_run(workdir, trainer, host_states, steps, config=TINY):
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(workdir)), config.checkpoint)
     mesh = trainer.mesh
     for step in steps:
-        ckpt.save(step, _device_state(trainer, host_states[step - 1]), data_state={"pos": step},
-                  meta=checkpoint.make_metadata(config, None, mesh))
+        ckpt.save(
+            step,
+            _device_state(trainer, host_states[step - 1]),
+            data_state={"pos": step},
+            meta=checkpoint.make_metadata(config, None, mesh),
+        )
     ckpt.close()
 
 
@@ -156,30 +198,38 @@ def _tear(step_dir, item="params"):
 
 
 def test_torn_step_is_skipped_at_resume_and_set_aside_by_the_save_that_needs_its_slot(
-        tmp_path, trained, caplog):
+    tmp_path, trained, caplog
+):
     trainer, states, _, _ = trained
     _save_run(tmp_path, trainer, states, [2, 4])
     _tear(tmp_path / "checkpoints" / "4")
     plan = checkpoint.plan_resume(str(tmp_path), TINY)
     assert [c.step for c in plan.candidates] == [4, 2]
-    state, data_state, source = plan.load(trainer.init_fn, trainer.state_shardings,
-                                          str(tmp_path), TINY.model)
+    state, data_state, source = plan.load(
+        trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model
+    )
     assert source.endswith("step 2") and data_state["pos"] == 2
     _assert_trees_equal(state, states[1])
     assert [s for _, s, _ in plan.unreadable] == [4]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # resume moves nothing
     assert not (tmp_path / "checkpoints" / "unreadable").exists()
     # the run continues from 2; its save at 4 sets the torn 4 aside (logged) and writes 4
-    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(tmp_path)), TINY.checkpoint,
-                                   resumed_at=2)
+    ckpt = checkpoint.Checkpointer(
+        checkpoint.checkpoint_dir(str(tmp_path)), TINY.checkpoint, resumed_at=2
+    )
     with caplog.at_level("WARNING", logger="lmjax"):
-        ckpt.save(4, _device_state(trainer, states[3]), data_state={"pos": 4},
-                  meta=checkpoint.make_metadata(TINY, None, trainer.mesh))
+        ckpt.save(
+            4,
+            _device_state(trainer, states[3]),
+            data_state={"pos": 4},
+            meta=checkpoint.make_metadata(TINY, None, trainer.mesh),
+        )
     ckpt.close()
     assert [r for r in caplog.messages if "moved checkpoint directory" in r and "/4" in r]
     assert os.listdir(tmp_path / "checkpoints" / "unreadable")[0].startswith("4-")
     restored, _ = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True).restore(
-        4, checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings))
+        4, checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings)
+    )
     _assert_trees_equal(restored, states[3])
     # eval and generate read the newest readable step
     _tear(tmp_path / "checkpoints" / "4")
@@ -200,11 +250,13 @@ def test_plan_resume_never_starts_from_scratch_over_unreadable_checkpoints(tmp_p
     # asked to: a fresh start; the first save sets the unreadable step aside
     fresh = apply_overrides(TINY, ["checkpoint.allow_fresh=true"])
     plan = checkpoint.plan_resume(str(tmp_path), fresh)
-    state, data_state, source = plan.load(trainer.init_fn, trainer.state_shardings,
-                                          str(tmp_path), TINY.model)
+    state, data_state, source = plan.load(
+        trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model
+    )
     assert source == "fresh init" and int(state.step) == 0 and data_state is None
-    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(tmp_path)), TINY.checkpoint,
-                                   resumed_at=0)
+    ckpt = checkpoint.Checkpointer(
+        checkpoint.checkpoint_dir(str(tmp_path)), TINY.checkpoint, resumed_at=0
+    )
     ckpt.save(1, _device_state(trainer, states[0]), data_state={}, meta=META)
     ckpt.close()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "unreadable"]
@@ -217,24 +269,35 @@ def _clip_trainer(clip_norm):
 
 @pytest.mark.parametrize("saved_clip, new_clip", [(1.0, 0.0), (0.0, 1.0)])
 def test_clipping_change_restores_the_saved_moments_into_the_new_layout(
-        tmp_path, trained, saved_clip, new_clip):
+    tmp_path, trained, saved_clip, new_clip
+):
     """optim.clip_norm on <-> off adds or drops a stateless wrapper around AdamW: the saved
     moments, counts, step and params come back in the new layout, value for value."""
     _, states, _, _ = trained  # trained with clipping (TINY's clip_norm=1.0)
     saver = _clip_trainer(saved_clip)
     layout = jax.eval_shape(saver.init_fn).opt_state
-    host = states[4].replace(opt_state=jax.tree.unflatten(
-        jax.tree.structure(layout), jax.tree.leaves(states[4].opt_state)))
-    _save_run(tmp_path, saver, states[:4] + [host], [5],
-              config=apply_overrides(TINY, [f"optim.clip_norm={saved_clip}"]))
+    host = states[4].replace(
+        opt_state=jax.tree.unflatten(
+            jax.tree.structure(layout), jax.tree.leaves(states[4].opt_state)
+        )
+    )
+    _save_run(
+        tmp_path,
+        saver,
+        states[:4] + [host],
+        [5],
+        config=apply_overrides(TINY, [f"optim.clip_norm={saved_clip}"]),
+    )
     loader = _clip_trainer(new_clip)
     config = apply_overrides(TINY, [f"optim.clip_norm={new_clip}"])
     plan = checkpoint.plan_resume(str(tmp_path), config)
-    restored, _, source = plan.load(loader.init_fn, loader.state_shardings, str(tmp_path),
-                                    config.model)
+    restored, _, source = plan.load(
+        loader.init_fn, loader.state_shardings, str(tmp_path), config.model
+    )
     assert source.endswith("step 5") and int(restored.step) == 5
-    assert (jax.tree.structure(restored.opt_state)
-            == jax.tree.structure(jax.eval_shape(loader.init_fn).opt_state))
+    assert jax.tree.structure(restored.opt_state) == jax.tree.structure(
+        jax.eval_shape(loader.init_fn).opt_state
+    )
     _assert_trees_equal(restored.params, host.params)
     new_opt = jax.tree.leaves(restored.opt_state)
     _assert_trees_equal(jax.tree.leaves(host.opt_state), new_opt)  # counts, mu, nu in order
@@ -244,14 +307,15 @@ def test_clipping_change_restores_the_saved_moments_into_the_new_layout(
 
 
 def test_a_state_structure_the_config_cannot_take_is_refused_before_anything_moves(
-        tmp_path, trained, monkeypatch):
+    tmp_path, trained, monkeypatch
+):
     import optax
+
     trainer, states, _, _ = trained
     _save_run(tmp_path, trainer, states, [2, 4])
     before = sorted(os.listdir(tmp_path / "checkpoints"))
     # an optimizer with other state (SGD momentum: one trace per parameter, no counts)
-    monkeypatch.setattr(optim, "make_optimizer",
-                        lambda cfg, steps: optax.sgd(0.1, momentum=0.9))
+    monkeypatch.setattr(optim, "make_optimizer", lambda cfg, steps: optax.sgd(0.1, momentum=0.9))
     config = apply_overrides(TINY, ["optim.b1=0.8"])
     other = _trainer(config)
     plan = checkpoint.plan_resume(str(tmp_path), config)
@@ -266,6 +330,7 @@ def test_a_state_structure_the_config_cannot_take_is_refused_before_anything_mov
 
 def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, monkeypatch):
     import errno
+
     trainer, states, _, _ = trained
     _save_run(tmp_path, trainer, states, [2, 4])
     monkeypatch.setattr(checkpoint.store, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
@@ -278,6 +343,7 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
                 failures.append(step)
                 raise OSError(errno.EIO, "Input/output error")
             return real_restore(self, step, target)
+
         return restore
 
     def plan_load():
@@ -296,12 +362,14 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
 
     def out_of_memory(self, step, target):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
+
     monkeypatch.setattr(checkpoint.store.Checkpointer, "restore", out_of_memory)
     with pytest.raises(checkpoint.ResumeError, match="out of memory restoring .*step 4"):
         plan_load()
 
     def bug(self, step, target):
         raise ValueError("some internal mismatch")
+
     monkeypatch.setattr(checkpoint.store.Checkpointer, "restore", bug)
     with pytest.raises(checkpoint.FaultError, match="some internal mismatch"):
         plan_load()
@@ -316,10 +384,12 @@ def test_restore_from_step_and_path(tmp_path, trained):
         checkpoint.plan_resume(str(tmp_path / "a"), TINY, restore_from="2")
     with pytest.raises(checkpoint.ResumeError, match="no committed step 3"):
         checkpoint.plan_resume(str(tmp_path / "a"), TINY, restore_from="3")
-    plan = checkpoint.plan_resume(str(tmp_path / "b"), TINY,
-                                  restore_from=str(tmp_path / "a" / "checkpoints" / "2"))
+    plan = checkpoint.plan_resume(
+        str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "a" / "checkpoints" / "2")
+    )
     assert [(c.directory, c.step) for c in plan.candidates] == [
-        (str(tmp_path / "a" / "checkpoints"), 2)]
+        (str(tmp_path / "a" / "checkpoints"), 2)
+    ]
     plan = checkpoint.plan_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "a"))
     assert [c.step for c in plan.candidates] == [5, 2]
     with pytest.raises(checkpoint.ResumeError, match="no committed checkpoint"):
@@ -336,20 +406,23 @@ def test_export_load_params_and_init_from(tmp_path, trained):
     assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params))
     checkpoint.export_params(str(tmp_path / "run"), 5, str(tmp_path / "out"))
     from lmjax.convert import hf
+
     model_cfg, exported = hf.load_params_dir(str(tmp_path / "out"))
     assert model_cfg == TINY.model
     _assert_trees_equal(exported, states[4].params)
     # --init-from: those params, a fresh optimizer and step 0
     plan = checkpoint.plan_resume(str(tmp_path / "new"), TINY, init_from=str(tmp_path / "out"))
-    state, data_state, source = plan.load(trainer.init_fn, trainer.state_shardings,
-                                          str(tmp_path / "new"), TINY.model)
+    state, data_state, source = plan.load(
+        trainer.init_fn, trainer.state_shardings, str(tmp_path / "new"), TINY.model
+    )
     _assert_trees_equal(state.params, states[4].params)
     assert int(state.step) == 0 and data_state is None and "params from" in source
     fresh = trainer.init_fn()
     _assert_trees_equal(state.opt_state, fresh.opt_state)
     plan.check_tokenizer(None)  # the run that wrote it had no tokenizer (synthetic data)
-    with pytest.raises(checkpoint.ResumeError, match="trained with tokenizer None, this run "
-                                                     "loads tokenizer abc"):
+    with pytest.raises(
+        checkpoint.ResumeError, match="trained with tokenizer None, this run loads tokenizer abc"
+    ):
         plan.check_tokenizer("abc")
     os.remove(tmp_path / "out" / checkpoint.TOKENIZER_RECORD)  # an HF import: a warning only
     plan.check_tokenizer("abc")
@@ -384,8 +457,9 @@ def test_save_schedule():
         assert signals.received == signal.SIGTERM
         assert schedule(3) == (True, True)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    timed = checkpoint.SaveSchedule(CheckpointConfig(every_steps=1000, every_minutes=0.002), 10,
-                                    checkpoint.StopSignals())
+    timed = checkpoint.SaveSchedule(
+        CheckpointConfig(every_steps=1000, every_minutes=0.002), 10, checkpoint.StopSignals()
+    )
     assert timed(1) == (False, False)
     time.sleep(0.2)
     assert timed(2) == (True, False)
@@ -404,8 +478,13 @@ def test_second_signal_exits_at_once():
             time.sleep(5)
             print("still alive", flush=True)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert out.stdout.strip() == "first True"
     assert out.returncode == -signal.SIGTERM
 
@@ -416,8 +495,9 @@ def small_disk(tmp_path):
     is not permitted (not root)."""
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                      capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
         yield None
         return
     try:
@@ -427,27 +507,36 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_stops_the_run_cleanly_and_keeps_the_last_checkpoint(
-        tmp_path, trained, small_disk, monkeypatch):
+    tmp_path, trained, small_disk, monkeypatch
+):
     import errno
+
     trainer, states, _, _ = trained
     directory = str((small_disk or tmp_path) / "checkpoints")
     ckpt = checkpoint.Checkpointer(directory, TINY.checkpoint)
     ckpt.save(1, _device_state(trainer, states[0]), data_state={}, meta=META)
     ckpt.wait()
     if small_disk is None:  # no tmpfs: the write itself reports ENOSPC
+
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
+
         monkeypatch.setattr(ckpt._manager, "save", full)
     else:  # fill the disk, leaving less than a checkpoint
-        (small_disk / "ballast").write_bytes(b"\0" * (os.statvfs(small_disk).f_bavail
-                                                      * os.statvfs(small_disk).f_frsize - 20000))
-    with pytest.raises(checkpoint.FaultError, match=r"checkpoint 2 could not be written .*"
-                       r"newest committed checkpoint, 1, is untouched"):
+        (small_disk / "ballast").write_bytes(
+            b"\0" * (os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize - 20000)
+        )
+    with pytest.raises(
+        checkpoint.FaultError,
+        match=r"checkpoint 2 could not be written .*"
+        r"newest committed checkpoint, 1, is untouched",
+    ):
         ckpt.save(2, _device_state(trainer, states[1]), data_state={}, meta=META)
         ckpt.wait()
     ckpt.close()
     reader = checkpoint.Checkpointer(directory, read_only=True)
     assert reader.steps() == [1]
-    restored, _ = reader.restore(1, checkpoint.abstract_state(trainer.init_fn,
-                                                              trainer.state_shardings))
+    restored, _ = reader.restore(
+        1, checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings)
+    )
     _assert_trees_equal(restored, states[0])

@@ -1,4 +1,5 @@
 """The user-facing commands on one real smoke run: eval, generate, checkpoint, convert, bench."""
+
 import json
 import os
 
@@ -17,8 +18,22 @@ def run_dir(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("cli"))
     try:
-        assert cli.main(["train", "--experiment", "smoke", "--workdir", "run",
-                         "--set", "run.steps=6", "--set", "checkpoint.every_steps=3"]) == 0
+        assert (
+            cli.main(
+                [
+                    "train",
+                    "--experiment",
+                    "smoke",
+                    "--workdir",
+                    "run",
+                    "--set",
+                    "run.steps=6",
+                    "--set",
+                    "checkpoint.every_steps=3",
+                ]
+            )
+            == 0
+        )
         yield "run"
     finally:
         os.chdir(cwd)
@@ -31,8 +46,9 @@ def test_eval_on_text_files_and_on_experiment_data(run_dir, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["bytes"] == len(text.read_text().encode()) and result["tokens"] > 0
     assert 0 < result["bits_per_byte"] < 20
-    assert cli.main(["eval", "--workdir", run_dir, "--experiment-data", "--step", "3",
-                     "--json"]) == 0
+    assert (
+        cli.main(["eval", "--workdir", run_dir, "--experiment-data", "--step", "3", "--json"]) == 0
+    )
     at_3 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cli.main(["eval", "--workdir", run_dir, "--experiment-data", "--json"]) == 0
     at_6 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -58,31 +74,71 @@ def test_checkpoint_list_export_and_hf_round_trip(run_dir, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["step"] for r in rows] == [3, 6] and all(r["complete"] for r in rows)
     exported, hf_dir, back = "export", "hf", "back"  # relative, like the workdir
-    assert cli.main(["checkpoint", "export", run_dir, "--step", "6", "--params-only", exported]) == 0
+    assert (
+        cli.main(["checkpoint", "export", run_dir, "--step", "6", "--params-only", exported]) == 0
+    )
     assert cli.main(["convert", "to-hf", exported, hf_dir]) == 0
     assert os.path.exists(os.path.join(hf_dir, "model.safetensors"))
     assert cli.main(["convert", "from-hf", hf_dir, back]) == 0
     capsys.readouterr()
     fresh = "finetune"
-    assert cli.main(["train", "--experiment", "smoke", "--workdir", fresh, "--init-from", back,
-                     "--set", "run.steps=1", "--set", "optim.lr=0"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--experiment",
+                "smoke",
+                "--workdir",
+                fresh,
+                "--init-from",
+                back,
+                "--set",
+                "run.steps=1",
+                "--set",
+                "optim.lr=0",
+            ]
+        )
+        == 0
+    )
     with open(os.path.join(fresh, "metrics.jsonl")) as f:
         first = [json.loads(line) for line in f if '"loss"' in line][0]
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         final_eval = [json.loads(line) for line in f if "eval_loss" in line][-1]
     # lr 0: the imported params are the trained ones, so eval matches the source run's.
-    fresh_eval = [json.loads(line) for line in open(os.path.join(fresh, "metrics.jsonl"))
-                  if "eval_loss" in line][-1]
+    fresh_eval = [
+        json.loads(line)
+        for line in open(os.path.join(fresh, "metrics.jsonl"))
+        if "eval_loss" in line
+    ][-1]
     assert fresh_eval["eval_loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-5)
     assert first["loss"] < 6.0
 
 
 def test_bench_tables(capsys):
-    assert cli.main(["bench", "generate", "--experiment", "smoke", "--batch", "2",
-                     "--prompt-len", "8", "--new-tokens", "4"]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "generate",
+                "--experiment",
+                "smoke",
+                "--batch",
+                "2",
+                "--prompt-len",
+                "8",
+                "--new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert "decode" in capsys.readouterr().out
-    assert cli.main(["bench", "--experiment", "smoke", "--steps", "1",
-                     "--sweep", "model.remat=none,full"]) == 0
+    assert (
+        cli.main(
+            ["bench", "--experiment", "smoke", "--steps", "1", "--sweep", "model.remat=none,full"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "model.remat=none" in out and "model.remat=full" in out and "tokens/s" in out
 
@@ -90,11 +146,15 @@ def test_bench_tables(capsys):
 def test_bad_values_stop_before_any_work_in_one_line(run_dir, tmp_path, capsys):
     """Config mistakes, the mesh's batch split and the tokenizer's vocabulary are all checked
     before a tokenizer is trained or anything compiles: exit 2, one line, nothing written."""
-    cases = [(["--set", "run.eval_every=-1"], "run.eval_every=-1 must be 0"),
-             (["--set", "checkpoint.every_steps=0"], "checkpoint.every_steps=0"),
-             (["--set", "data.batch_size=6"], "data.batch_size=6 is not divisible by the 8"),
-             (["--set", f"data.tokenizer={run_dir}/tokenizer.model", "--set",
-               "model.vocab_size=300"], "has 512 ids but model.vocab_size=300")]
+    cases = [
+        (["--set", "run.eval_every=-1"], "run.eval_every=-1 must be 0"),
+        (["--set", "checkpoint.every_steps=0"], "checkpoint.every_steps=0"),
+        (["--set", "data.batch_size=6"], "data.batch_size=6 is not divisible by the 8"),
+        (
+            ["--set", f"data.tokenizer={run_dir}/tokenizer.model", "--set", "model.vocab_size=300"],
+            "has 512 ids but model.vocab_size=300",
+        ),
+    ]
     for i, (extra, fragment) in enumerate(cases):
         work = tmp_path / f"w{i}"
         assert cli.main(["train", "--experiment", "smoke", "--workdir", str(work), *extra]) == 2
@@ -102,8 +162,18 @@ def test_bad_values_stop_before_any_work_in_one_line(run_dir, tmp_path, capsys):
         assert fragment in err and "Traceback" not in err, err
         assert not (work / "tokenizer.model").exists() and not (work / "checkpoints").exists()
     with pytest.raises(ConfigError):  # -v shows the traceback
-        cli.main(["-v", "train", "--experiment", "smoke", "--workdir", str(tmp_path / "v"),
-                  "--set", "run.eval_batches=0"])
+        cli.main(
+            [
+                "-v",
+                "train",
+                "--experiment",
+                "smoke",
+                "--workdir",
+                str(tmp_path / "v"),
+                "--set",
+                "run.eval_batches=0",
+            ]
+        )
 
 
 def test_non_utf8_input_names_the_file(run_dir, tmp_path, capsys):
@@ -121,6 +191,7 @@ def test_internal_errors_are_not_dressed_as_user_mistakes(run_dir, monkeypatch):
 
     def broken(workdir):
         raise ValueError("an internal inconsistency")
+
     monkeypatch.setattr(checkpoint, "list_checkpoints", broken)
     with pytest.raises(ValueError, match="internal inconsistency"):
         cli.main(["checkpoint", "list", run_dir])

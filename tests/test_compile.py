@@ -1,5 +1,6 @@
 """Ahead-of-time TPU compiles with libtpu's compile-only devices, and the chunked loss that
 keeps full logits out of memory."""
+
 import dataclasses
 import functools
 import sys
@@ -9,44 +10,54 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.batch import BATCH_KEYS
-from lmjax.objective import loss_terms
 from lmjax import cli, compile as compile_lib, hardware, metrics, model, optim, train
+from lmjax.batch import BATCH_KEYS
 from lmjax.config import ConfigError, ModelConfig
+from lmjax.objective import loss_terms
 from tests import tpu_compiler
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 # ---------------------------------------------------------------- topology names
 
 
-@pytest.mark.parametrize("name, topology, chips, hbm_gib", [
-    ("v5p-8", "v5p:2x2x1", 4, 95),
-    ("v5p-64", "v5p:2x4x4", 32, 95),
-    ("v5p-128", "v5p:4x4x4", 64, 95),
-    ("v5p-512", "v5p:4x8x8", 256, 95),
-    ("v4-16", "v4:2x2x2", 8, 32),
-    ("v4-256", "v4:4x4x8", 128, 32),
-    ("v5litepod-4", "v5e:2x2", 4, 16),
-    ("v5litepod-32", "v5e:4x8", 32, 16),
-    ("v5e-256", "v5e:16x16", 256, 16),
-    ("v6e-8", "v6e:2x4", 8, 32),
-    ("v6e-1", "v6e:1x1", 1, 32),
-    ("v5p:4x4x12", "v5p:4x4x12", 192, 95),
-])
+@pytest.mark.parametrize(
+    "name, topology, chips, hbm_gib",
+    [
+        ("v5p-8", "v5p:2x2x1", 4, 95),
+        ("v5p-64", "v5p:2x4x4", 32, 95),
+        ("v5p-128", "v5p:4x4x4", 64, 95),
+        ("v5p-512", "v5p:4x8x8", 256, 95),
+        ("v4-16", "v4:2x2x2", 8, 32),
+        ("v4-256", "v4:4x4x8", 128, 32),
+        ("v5litepod-4", "v5e:2x2", 4, 16),
+        ("v5litepod-32", "v5e:4x8", 32, 16),
+        ("v5e-256", "v5e:16x16", 256, 16),
+        ("v6e-8", "v6e:2x4", 8, 32),
+        ("v6e-1", "v6e:1x1", 1, 32),
+        ("v5p:4x4x12", "v5p:4x4x12", 192, 95),
+    ],
+)
 def test_cloud_names_map_to_topologies(name, topology, chips, hbm_gib):
     target = hardware.parse_target(name)
-    assert (target.topology, target.chips, target.generation.hbm_bytes) == (topology, chips, hbm_gib * GiB)
+    assert (target.topology, target.chips, target.generation.hbm_bytes) == (
+        topology,
+        chips,
+        hbm_gib * GiB,
+    )
 
 
-@pytest.mark.parametrize("name, message", [
-    ("v5p-127", "N must be even"),
-    ("v5p-24", "only power-of-two slices"),
-    ("v7-8", "expected a Cloud TPU name"),
-    ("v5e:2x2x2", "v5e topologies have 2 dimensions"),
-    ("tpu", "expected a Cloud TPU name"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("v5p-127", "N must be even"),
+        ("v5p-24", "only power-of-two slices"),
+        ("v7-8", "expected a Cloud TPU name"),
+        ("v5e:2x2x2", "v5e topologies have 2 dimensions"),
+        ("tpu", "expected a Cloud TPU name"),
+    ],
+)
 def test_bad_topology_names_say_what_is_expected(name, message):
     with pytest.raises(ConfigError, match=message):
         hardware.parse_target(name)
@@ -74,24 +85,39 @@ def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
     # Arguments hold a quarter of the state and of the batch (fsdp=4 divides every sharded
     # dimension of smoke), padded to TPU tiles: at least the exact quarter, and less than
     # one whole copy of the state.
-    state = jax.eval_shape(functools.partial(train.init_state, config.model,
-                                             optim.make_optimizer(config.optim, 20), 0))
+    state = jax.eval_shape(
+        functools.partial(train.init_state, config.model, optim.make_optimizer(config.optim, 20), 0)
+    )
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     batch_bytes = len(BATCH_KEYS) * 8 * 128 * 4
     assert report.argument_bytes >= (state_bytes + batch_bytes) / 4
     assert report.argument_bytes < state_bytes
     assert report.alias_bytes > 0.9 * report.output_bytes  # donated state is updated in place
-    assert 0 < report.total_bytes < 64 * 1024 ** 2 and report.fits
+    assert 0 < report.total_bytes < 64 * 1024**2 and report.fits
     assert report.model_flops == pytest.approx(
-        metrics.flops_per_token(config.model, 128) * 8 * 128 / 4)
+        metrics.flops_per_token(config.model, 128) * 8 * 128 / 4
+    )
     assert report.compile_seconds > 0
 
 
 @pytest.mark.slow
 def test_cli_compile_multislice_prints_the_report(capsys):
     tpu_compiler.require()
-    code = cli.main(["compile", "--experiment", "smoke", "--topology", "v5e:2x2", "--num-slices", "2",
-                     "--set", "data.seq_len=128", "--set", "mesh.dcn_data=2"])
+    code = cli.main(
+        [
+            "compile",
+            "--experiment",
+            "smoke",
+            "--topology",
+            "v5e:2x2",
+            "--num-slices",
+            "2",
+            "--set",
+            "data.seq_len=128",
+            "--set",
+            "mesh.dcn_data=2",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "v5e-4 (v5e:2x2 x 2 slices), 8 chips, mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in out
@@ -102,9 +128,23 @@ def test_cli_compile_multislice_prints_the_report(capsys):
 def test_cli_compile_fails_when_the_step_does_not_fit(capsys):
     tpu_compiler.require()
     # 2 x 4M x 1024 float32 params + Adam moments = 96 GiB, 24 GiB per chip > 16 GiB.
-    code = cli.main(["compile", "--experiment", "smoke", "--topology", "v5e-4",
-                     "--set", "data.seq_len=128", "--set", "model.vocab_size=4194304",
-                     "--set", "model.d_model=1024", "--set", "model.n_layers=1"])
+    code = cli.main(
+        [
+            "compile",
+            "--experiment",
+            "smoke",
+            "--topology",
+            "v5e-4",
+            "--set",
+            "data.seq_len=128",
+            "--set",
+            "model.vocab_size=4194304",
+            "--set",
+            "model.d_model=1024",
+            "--set",
+            "model.n_layers=1",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1
     assert "DOES NOT FIT" in out
@@ -113,8 +153,9 @@ def test_cli_compile_fails_when_the_step_does_not_fit(capsys):
 @pytest.mark.slow
 def test_cli_compile_rejects_a_batch_the_mesh_does_not_divide(capsys):
     tpu_compiler.require()
-    code = cli.main(["compile", "--experiment", "smoke", "--topology", "v5e-16",
-                     "--set", "data.seq_len=128"])
+    code = cli.main(
+        ["compile", "--experiment", "smoke", "--topology", "v5e-16", "--set", "data.seq_len=128"]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "'act_batch' of size 8" in err and "of size 16" in err
@@ -122,9 +163,19 @@ def test_cli_compile_rejects_a_batch_the_mesh_does_not_divide(capsys):
 
 # ---------------------------------------------------------------- chunked loss
 
-CHUNKED = ModelConfig(vocab_size=1024, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
-                      head_dim=16, d_mlp=64, max_seq_len=128, dtype="float32", attention="xla",
-                      logits_chunk=16)
+CHUNKED = ModelConfig(
+    vocab_size=1024,
+    d_model=32,
+    n_layers=1,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=16,
+    d_mlp=64,
+    max_seq_len=128,
+    dtype="float32",
+    attention="xla",
+    logits_chunk=16,
+)
 
 
 def _batch(rows, seq, vocab):
@@ -133,9 +184,13 @@ def _batch(rows, seq, vocab):
     segments = np.sort(rng.integers(0, 3, (rows, seq)), axis=1)
     positions = np.concatenate([np.arange(seq)[None]] * rows)
     mask = (rng.random((rows, seq)) > 0.1).astype(np.int32)
-    return {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
-            "segment_ids": jnp.asarray(segments), "positions": jnp.asarray(positions),
-            "loss_mask": jnp.asarray(mask)}
+    return {
+        "inputs": jnp.asarray(tokens[:, :-1]),
+        "targets": jnp.asarray(tokens[:, 1:]),
+        "segment_ids": jnp.asarray(segments),
+        "positions": jnp.asarray(positions),
+        "loss_mask": jnp.asarray(mask),
+    }
 
 
 @pytest.mark.slow
@@ -145,15 +200,23 @@ def test_chunked_loss_matches_the_full_projection_and_its_gradients():
     batch = _batch(3, 64, full.vocab_size)
 
     def value_and_grad(cfg):
-        return jax.jit(jax.value_and_grad(loss_terms, has_aux=True),
-                       static_argnums=(2, 3))(params, batch, cfg, 1e-3)
+        return jax.jit(jax.value_and_grad(loss_terms, has_aux=True), static_argnums=(2, 3))(
+            params, batch, cfg, 1e-3
+        )
 
     (obj_full, aux_full), g_full = value_and_grad(full)
     (obj_chunk, aux_chunk), g_chunk = value_and_grad(CHUNKED)
     # an independent reference: numpy logsumexp over explicit logits
-    logits = np.asarray(model.forward(params, batch["inputs"], full,
-                                      segment_ids=batch["segment_ids"], positions=batch["positions"]),
-                        np.float64)
+    logits = np.asarray(
+        model.forward(
+            params,
+            batch["inputs"],
+            full,
+            segment_ids=batch["segment_ids"],
+            positions=batch["positions"],
+        ),
+        np.float64,
+    )
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     target = np.take_along_axis(logits, np.asarray(batch["targets"])[..., None], -1)[..., 0]
     nll = np.sum((logz - target) * np.asarray(batch["loss_mask"]))
@@ -182,6 +245,7 @@ def test_chunked_loss_never_holds_the_full_logits():
 
 
 def test_logits_chunk_must_divide_the_sequence():
-    with pytest.raises(ConfigError, match="model.logits_chunk=48 must be 0 .off. or divide "
-                                          "data.seq_len=64"):
+    with pytest.raises(
+        ConfigError, match="model.logits_chunk=48 must be 0 .off. or divide data.seq_len=64"
+    ):
         cli.load_experiment("smoke", ["model.logits_chunk=48"])

@@ -1,4 +1,5 @@
 """Config overrides, validation messages and serialization."""
+
 import dataclasses
 
 import pytest
@@ -8,22 +9,33 @@ from lmjax.config import Config, ConfigError, apply_overrides, diff, from_dict, 
 
 
 def test_overrides_parse_to_field_types():
-    c = apply_overrides(Config(), ["run.steps=50", "optim.lr=1e-3", "model.tie_embeddings=true",
-                                   "model.dtype=float32", "mesh.rules=mlp=fsdp,embed=tensor",
-                                   "run.steps=60"])
+    c = apply_overrides(
+        Config(),
+        [
+            "run.steps=50",
+            "optim.lr=1e-3",
+            "model.tie_embeddings=true",
+            "model.dtype=float32",
+            "mesh.rules=mlp=fsdp,embed=tensor",
+            "run.steps=60",
+        ],
+    )
     assert c.run.steps == 60 and isinstance(c.run.steps, int)
     assert c.optim.lr == 1e-3 and c.model.tie_embeddings is True
     assert c.mesh.rules == ("mlp=fsdp", "embed=tensor")
 
 
-@pytest.mark.parametrize("item, fragment", [
-    ("run.stepz=3", "Did you mean 'steps'"),
-    ("rum.steps=3", "Did you mean 'run'"),
-    ("run.steps=1.5", "expected an integer"),
-    ("model.tie_embeddings=maybe", "expected a boolean"),
-    ("optim.lr=fast", "expected a number"),
-    ("steps", "expected section.field=value"),
-])
+@pytest.mark.parametrize(
+    "item, fragment",
+    [
+        ("run.stepz=3", "Did you mean 'steps'"),
+        ("rum.steps=3", "Did you mean 'run'"),
+        ("run.steps=1.5", "expected an integer"),
+        ("model.tie_embeddings=maybe", "expected a boolean"),
+        ("optim.lr=fast", "expected a number"),
+        ("steps", "expected section.field=value"),
+    ],
+)
 def test_bad_overrides_name_the_fix(item, fragment):
     with pytest.raises(ConfigError, match=fragment):
         apply_overrides(Config(), [item])
@@ -35,14 +47,17 @@ def test_unknown_field_lists_valid_keys():
     assert "data.seq_len" in str(e.value)
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["model.n_heads=6", "model.n_kv_heads=4"], "divisible by model.n_kv_heads"),
-    (["model.head_dim=63"], "must be even"),
-    (["data.batch_size=6", "optim.grad_accum=4"], "divisible by optim.grad_accum"),
-    (["data.seq_len=4096"], "exceeds model.max_seq_len"),
-    (["model.remat=some"], "choose one of"),
-    (["data.source=tfds"], "needs data.tfds_name"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["model.n_heads=6", "model.n_kv_heads=4"], "divisible by model.n_kv_heads"),
+        (["model.head_dim=63"], "must be even"),
+        (["data.batch_size=6", "optim.grad_accum=4"], "divisible by optim.grad_accum"),
+        (["data.seq_len=4096"], "exceeds model.max_seq_len"),
+        (["model.remat=some"], "choose one of"),
+        (["data.source=tfds"], "needs data.tfds_name"),
+    ],
+)
 def test_validation_messages(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         validate(apply_overrides(Config(), overrides))
@@ -63,8 +78,16 @@ def test_round_trip_and_diff():
 
 def test_every_experiment_loads_and_validates():
     names = cli.experiment_names()
-    for required in ("smoke", "quickstart", "bench_512", "llama_125m", "llama_1b", "llama2_7b",
-                     "llama3_8b", "llama3_70b"):
+    for required in (
+        "smoke",
+        "quickstart",
+        "bench_512",
+        "llama_125m",
+        "llama_1b",
+        "llama2_7b",
+        "llama3_8b",
+        "llama3_70b",
+    ):
         assert required in names
     for name in names:
         cli.load_experiment(name)
@@ -80,27 +103,33 @@ def test_cli_reports_config_error_with_exit_2(capsys):
     assert "head_dim" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["run.eval_every=-1"], "run.eval_every=-1 must be 0"),
-    (["checkpoint.every_steps=0"], "checkpoint.every_steps=0 must be at least 1"),
-    (["run.eval_batches=0"], "run.eval_batches=0 must be at least 1"),
-    (["run.sample_tokens=5000"], "run.sample_tokens=5000 must lie in"),
-    (["optim.warmup_steps=-5"], "optim.warmup_steps=-5 must not be negative"),
-    (["checkpoint.keep_every=-1"], "checkpoint.keep_every=-1 must be 0"),
-    (["optim.wsd_decay_fraction=1.5"], r"optim.wsd_decay_fraction=1.5 must lie in \(0, 1\]"),
-    (["optim.wsd_decay_fraction=0"], "optim.wsd_decay_fraction=0.0 must lie in"),
-    (["data.tokenizer_vocab_size=40000"], "data.tokenizer_vocab_size=40000 exceeds model.vocab_size"),
-    (["optim.b2=1"], "optim.b2=1.0 must lie in"),
-    (["optim.eps=0"], "optim.eps=0.0 must be positive"),
-    (["optim.lr=nan"], "optim.lr=nan must be a finite number"),
-    (["mesh.data=0"], "mesh sizes"),
-    (["mesh.fsdp=-1", "mesh.tensor=-1"], "at most one -1"),
-    (["mesh.rules=mlp"], "mesh.rules entry 'mlp'"),
-    (["model.rope_scaling_factor=8", "model.rope_low_freq_factor=4"], "0 < low < high"),
-    (["data.validation_fraction=1"], "data.validation_fraction=1.0 must lie in"),
-    (["checkpoint.every_minutes=-1"], "checkpoint.every_minutes=-1.0"),
-    (["model.norm_eps=0"], "model.norm_eps must be positive"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["run.eval_every=-1"], "run.eval_every=-1 must be 0"),
+        (["checkpoint.every_steps=0"], "checkpoint.every_steps=0 must be at least 1"),
+        (["run.eval_batches=0"], "run.eval_batches=0 must be at least 1"),
+        (["run.sample_tokens=5000"], "run.sample_tokens=5000 must lie in"),
+        (["optim.warmup_steps=-5"], "optim.warmup_steps=-5 must not be negative"),
+        (["checkpoint.keep_every=-1"], "checkpoint.keep_every=-1 must be 0"),
+        (["optim.wsd_decay_fraction=1.5"], r"optim.wsd_decay_fraction=1.5 must lie in \(0, 1\]"),
+        (["optim.wsd_decay_fraction=0"], "optim.wsd_decay_fraction=0.0 must lie in"),
+        (
+            ["data.tokenizer_vocab_size=40000"],
+            "data.tokenizer_vocab_size=40000 exceeds model.vocab_size",
+        ),
+        (["optim.b2=1"], "optim.b2=1.0 must lie in"),
+        (["optim.eps=0"], "optim.eps=0.0 must be positive"),
+        (["optim.lr=nan"], "optim.lr=nan must be a finite number"),
+        (["mesh.data=0"], "mesh sizes"),
+        (["mesh.fsdp=-1", "mesh.tensor=-1"], "at most one -1"),
+        (["mesh.rules=mlp"], "mesh.rules entry 'mlp'"),
+        (["model.rope_scaling_factor=8", "model.rope_low_freq_factor=4"], "0 < low < high"),
+        (["data.validation_fraction=1"], "data.validation_fraction=1.0 must lie in"),
+        (["checkpoint.every_minutes=-1"], "checkpoint.every_minutes=-1.0"),
+        (["model.norm_eps=0"], "model.norm_eps must be positive"),
+    ],
+)
 def test_every_invalid_value_names_its_field(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         validate(apply_overrides(Config(), overrides))
@@ -114,8 +143,16 @@ def test_a_wrong_type_from_an_experiment_file_names_the_field():
 
 def test_what_needs_the_tokenizer_is_checked_once_it_is_known():
     from lmjax.config import validate_tokenizer
-    config = apply_overrides(Config(), ["model.vocab_size=1000", "model.max_seq_len=64",
-                                        "data.seq_len=64", "run.sample_tokens=60"])
+
+    config = apply_overrides(
+        Config(),
+        [
+            "model.vocab_size=1000",
+            "model.max_seq_len=64",
+            "data.seq_len=64",
+            "run.sample_tokens=60",
+        ],
+    )
     validate_tokenizer(config, 1000, 4)
     with pytest.raises(ConfigError, match="1200 ids but model.vocab_size=1000"):
         validate_tokenizer(config, 1200, 4)

@@ -5,6 +5,7 @@ safetensors, not through lmjax.convert.hf.TABLE), loaded with `lmjax.convert.hf.
 the lmjax float32 logits are held against tests/numpy_llama.py, which reads the HF tensors
 directly ([out, in] weights, rotate-half RoPE).
 """
+
 import dataclasses
 import json
 
@@ -23,26 +24,48 @@ from lmjax.convert import hf
 from tests import numpy_llama
 
 BASE = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-    "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-    "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-    "tie_word_embeddings": False, "torch_dtype": "float32",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
 }
-LLAMA31 = {**BASE, "rope_theta": 10000.0, "rope_scaling": {
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-    # A short original context puts all three frequency bands within 32 positions.
-    "original_max_position_embeddings": 64}}
+LLAMA31 = {
+    **BASE,
+    "rope_theta": 10000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        # A short original context puts all three frequency bands within 32 positions.
+        "original_max_position_embeddings": 64,
+    },
+}
 VARIANTS = {
     "gqa-untied": BASE,
     "gqa-tied": {**BASE, "tie_word_embeddings": True},
     "mqa": {**BASE, "num_key_value_heads": 1},
     "llama31-rope": LLAMA31,
     # Llama-2 style: no head_dim or num_key_value_heads keys (defaults: hidden/heads, MHA).
-    "llama2-defaults": {k: v for k, v in BASE.items() if k not in ("head_dim", "num_key_value_heads")},
+    "llama2-defaults": {
+        k: v for k, v in BASE.items() if k not in ("head_dim", "num_key_value_heads")
+    },
     # transformers >= 5 style rope settings.
-    "rope-parameters": {**{k: v for k, v in LLAMA31.items() if k not in ("rope_scaling", "rope_theta")},
-                        "rope_parameters": {**LLAMA31["rope_scaling"], "rope_theta": 10000.0}},
+    "rope-parameters": {
+        **{k: v for k, v in LLAMA31.items() if k not in ("rope_scaling", "rope_theta")},
+        "rope_parameters": {**LLAMA31["rope_scaling"], "rope_theta": 10000.0},
+    },
 }
 
 
@@ -61,8 +84,10 @@ def write_hf_dir(path, config, tensors, *, shards=1, dtype=np.float32):
         part = {n: tensors[n] for n in names[k::shards]}
         save_file(part, str(path / filename), metadata={"format": "pt"})
         weight_map.update({n: filename for n in part})
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-             "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+        "weight_map": weight_map,
+    }
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     return path
 
@@ -98,11 +123,24 @@ def test_loaded_checkpoint_matches_numpy_reference(tmp_path, name):
 def test_config_fields_are_read(tmp_path):
     config = {**LLAMA31, "num_hidden_layers": 1, "rope_theta": 500000, "rms_norm_eps": 1e-6}
     cfg = hf.config_from_hf(config)
-    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-            cfg.d_mlp, cfg.max_seq_len) == (256, 32, 1, 4, 2, 16, 64, 64)
+    assert (
+        cfg.vocab_size,
+        cfg.d_model,
+        cfg.n_layers,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.d_mlp,
+        cfg.max_seq_len,
+    ) == (256, 32, 1, 4, 2, 16, 64, 64)
     assert cfg.rope_theta == 500000.0 and isinstance(cfg.rope_theta, float)
-    assert (cfg.norm_eps, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
-            cfg.rope_high_freq_factor, cfg.rope_original_max_len) == (1e-6, 8.0, 1.0, 4.0, 64)
+    assert (
+        cfg.norm_eps,
+        cfg.rope_scaling_factor,
+        cfg.rope_low_freq_factor,
+        cfg.rope_high_freq_factor,
+        cfg.rope_original_max_len,
+    ) == (1e-6, 8.0, 1.0, 4.0, 64)
     assert cfg.param_dtype == "float32"
     assert hf.config_from_hf(BASE).rope_scaling_factor == 0
 
@@ -124,12 +162,17 @@ def test_bfloat16_checkpoint_upcasts_exactly(tmp_path):
     rounded = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in tensors.items()}
     assert params["embed"].dtype == np.float32
     np.testing.assert_array_equal(params["embed"], rounded["model.embed_tokens.weight"])
-    np.testing.assert_allclose(lmjax_logits(cfg, params, TOKENS),
-                               numpy_llama.forward(rounded, BASE, TOKENS), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        lmjax_logits(cfg, params, TOKENS),
+        numpy_llama.forward(rounded, BASE, TOKENS),
+        atol=1e-4,
+        rtol=0,
+    )
 
 
-@pytest.mark.parametrize("config", [BASE, {**LLAMA31, "tie_word_embeddings": True}],
-                         ids=["untied", "tied-llama31"])
+@pytest.mark.parametrize(
+    "config", [BASE, {**LLAMA31, "tie_word_embeddings": True}], ids=["untied", "tied-llama31"]
+)
 def test_save_load_round_trip_is_exact(tmp_path, config):
     tensors = numpy_llama.random_checkpoint(config, seed=4)
     cfg, params = hf.load(write_hf_dir(tmp_path / "hf", config, tensors))
@@ -144,10 +187,24 @@ def test_save_load_round_trip_is_exact(tmp_path, config):
     jax.tree.map(np.testing.assert_array_equal, params, params2)
 
     out = json.loads((tmp_path / "out" / "config.json").read_text())
-    for key in ("architectures", "model_type", "hidden_size", "intermediate_size",
-                "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings", "vocab_size",
-                "max_position_embeddings", "torch_dtype", "hidden_act"):
+    for key in (
+        "architectures",
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "tie_word_embeddings",
+        "vocab_size",
+        "max_position_embeddings",
+        "torch_dtype",
+        "hidden_act",
+    ):
         assert out[key] == config.get(key), key
     with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="np") as f:
         assert f.metadata() == {"format": "pt"}
@@ -168,8 +225,10 @@ def test_save_shards_and_casts(tmp_path):
         assert written[name].dtype == ml_dtypes.bfloat16
         np.testing.assert_array_equal(written[name], array.astype(ml_dtypes.bfloat16), err_msg=name)
     _, params2 = hf.load(tmp_path / "out")
-    np.testing.assert_array_equal(params2["layers"]["wo"],
-                                  params["layers"]["wo"].astype(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(
+        params2["layers"]["wo"],
+        params["layers"]["wo"].astype(ml_dtypes.bfloat16).astype(np.float32),
+    )
     with pytest.raises(ConfigError, match="do not match the model config"):
         hf.save(dataclasses.replace(cfg, n_layers=3), params, tmp_path / "other")
     with pytest.raises(ConfigError, match="not empty"):
@@ -180,8 +239,10 @@ def test_table_covers_every_parameter_exactly_once():
     for tie in (False, True):
         cfg = dataclasses.replace(hf.config_from_hf(BASE), tie_embeddings=tie)
         paths = [e.path for e, _, layer, _ in hf._entries(cfg) if layer in (None, 0)]
-        leaves = [tuple(k.key for k in p) for p, _ in
-                  jax.tree_util.tree_leaves_with_path(model.param_shapes(cfg))]
+        leaves = [
+            tuple(k.key for k in p)
+            for p, _ in jax.tree_util.tree_leaves_with_path(model.param_shapes(cfg))
+        ]
         assert sorted(paths) == sorted(leaves)
 
 
@@ -222,13 +283,16 @@ def test_pickle_checkpoints_are_refused_and_never_opened(tmp_path):
     assert cfg.n_layers == 2
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"model_type": "mistral"}, "only Llama"),
-    ({"attention_bias": True}, "without biases"),
-    ({"hidden_act": "gelu"}, "silu"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
-    ({"num_key_value_heads": 3}, "multiple of key/value heads"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"model_type": "mistral"}, "only Llama"),
+        ({"attention_bias": True}, "without biases"),
+        ({"hidden_act": "gelu"}, "silu"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
+        ({"num_key_value_heads": 3}, "multiple of key/value heads"),
+    ],
+)
 def test_unsupported_configs_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
         hf.config_from_hf({**BASE, **change})
@@ -254,8 +318,9 @@ def test_transformers_loads_the_saved_checkpoint(tmp_path):
     tensors = numpy_llama.random_checkpoint(LLAMA31, seed=9)
     cfg, params = hf.load(write_hf_dir(tmp_path / "hf", LLAMA31, tensors))
     hf.save(cfg, params, tmp_path / "out")
-    hf_model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out"),
-                                                             torch_dtype=torch.float32)
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(
+        str(tmp_path / "out"), torch_dtype=torch.float32
+    )
     with torch.no_grad():
         want = hf_model(torch.tensor(TOKENS)).logits.numpy()
     np.testing.assert_allclose(lmjax_logits(cfg, params, TOKENS), want, atol=1e-4, rtol=0)

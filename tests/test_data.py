@@ -1,5 +1,6 @@
 """Preparation into the ArrayRecord store and the random-access pipeline, checked against naive
 references (sentencepiece on the raw documents, a Python loop over tokens)."""
+
 import dataclasses
 import gzip
 import hashlib
@@ -20,8 +21,18 @@ import pytest
 from lmjax import cli
 from lmjax.commands import bench as bench_command
 from lmjax.config import Config, ConfigError, DataConfig
-from lmjax.data import BATCH_KEYS, DataStateError, documents, load_tokenizer, make_pipeline
-from lmjax.data import beam_engine, prepare, shuffle, store, train_tokenizer
+from lmjax.data import (
+    BATCH_KEYS,
+    DataStateError,
+    beam_engine,
+    documents,
+    load_tokenizer,
+    make_pipeline,
+    prepare,
+    shuffle,
+    store,
+    train_tokenizer,
+)
 from lmjax.data.prepare import prepare_tokenizer
 
 SONNETS = os.path.join(documents.PACKAGED_DIR, "sonnets.txt")
@@ -42,16 +53,27 @@ def corpus(tmp_path_factory):
     sonnets = documents.split_text(open(SONNETS).read())[1:61]
     (root / "a.txt").write_text("\f\n".join(sonnets[:30]) + "\f\n\f")  # two empty documents
     (root / "b.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in sonnets[30:50]))
-    (root / "c.jsonl.gz").write_bytes(gzip.compress(
-        "".join(json.dumps({"text": s}) + "\n" for s in sonnets[50:]).encode()))
+    (root / "c.jsonl.gz").write_bytes(
+        gzip.compress("".join(json.dumps({"text": s}) + "\n" for s in sonnets[50:]).encode())
+    )
     (root / "d.txt").write_text("")
-    return str(root), {"a.txt": sonnets[:30], "b.jsonl": sonnets[30:50], "c.jsonl.gz": sonnets[50:],
-                       "d.txt": []}
+    return str(root), {
+        "a.txt": sonnets[:30],
+        "b.jsonl": sonnets[30:50],
+        "c.jsonl.gz": sonnets[50:],
+        "d.txt": [],
+    }
 
 
 def text_cfg(corpus, **kw):
-    base = DataConfig(source="text", text_files=corpus[0], seq_len=SEQ, batch_size=BATCH,
-                      validation_fraction=0.1, seed=3)
+    base = DataConfig(
+        source="text",
+        text_files=corpus[0],
+        seq_len=SEQ,
+        batch_size=BATCH,
+        validation_fraction=0.1,
+        seed=3,
+    )
     return dataclasses.replace(base, **kw)
 
 
@@ -68,8 +90,12 @@ def naive_streams(corpus, tok, fraction=0.1):
     streams = {"train": [], "validation": []}
     for name in sorted(corpus[1]):
         for i, text in enumerate(corpus[1][name]):
-            held = int(hashlib.sha256(f"{name}:{i}".encode()).hexdigest(), 16) < fraction * 2 ** 256
-            streams["validation" if held else "train"] += [tok.bos_id, *tok.encode(text), tok.eos_id]
+            held = int(hashlib.sha256(f"{name}:{i}".encode()).hexdigest(), 16) < fraction * 2**256
+            streams["validation" if held else "train"] += [
+                tok.bos_id,
+                *tok.encode(text),
+                tok.eos_id,
+            ]
     return {k: np.array(v) for k, v in streams.items()}
 
 
@@ -80,9 +106,12 @@ def naive_batch(stream, step, seq, batch, seed, shuffled=True):
     for r in range(batch):
         epoch, j = divmod(step * batch + r, n_windows)
         if shuffled:
-            j = int(shuffle.permute(np.array([j]), n_windows,
-                                    shuffle.derive_key(seed, 0, 0x5EED, epoch))[0])
-        rows.append(stream[j * seq:j * seq + seq + 1])
+            j = int(
+                shuffle.permute(
+                    np.array([j]), n_windows, shuffle.derive_key(seed, 0, 0x5EED, epoch)
+                )[0]
+            )
+        rows.append(stream[j * seq : j * seq + seq + 1])
     return np.stack(rows)
 
 
@@ -99,7 +128,9 @@ def naive_pack_check(batch, eos):
         for t in range(len(inp) - 1):
             assert tgt[t] == inp[t + 1]  # targets are inputs shifted by one
         for t in range(len(inp)):
-            assert mask[t] == (0.0 if inp[t] == eos else 1.0)  # an EOS has no target in its document
+            assert mask[t] == (
+                0.0 if inp[t] == eos else 1.0
+            )  # an EOS has no target in its document
 
 
 def assert_batches_equal(a, b):
@@ -127,15 +158,20 @@ def test_prepare_writes_the_naive_token_streams_and_counts(corpus, tok, prepared
     reference = naive_streams(corpus, tok)
     for split in store.SPLITS:
         np.testing.assert_array_equal(stream_of(directory, meta, split), reference[split])
-    assert len(reference["validation"]) and len(reference["train"]) > 5 * len(reference["validation"])
+    assert len(reference["validation"]) and len(reference["train"]) > 5 * len(
+        reference["validation"]
+    )
     s = meta["summary"]
     assert (s["documents"], s["empty_documents"], s["empty_files"], s["bad_utf8"]) == (60, 2, 1, 0)
     assert s["train_tokens"] + s["validation_tokens"] == sum(map(len, reference.values()))
     assert meta["dtype"] == "uint16" and meta["tokenizer"] == tok.fingerprint
     assert len(meta["shards"]) == 4 and os.path.exists(os.path.join(directory, store.META))
     # A record holds RECORD_TOKENS tokens: the stream crosses records and shards.
-    assert meta["shards"][0]["train"]["records"] == -(-meta["shards"][0]["train"]["tokens"]
-                                                      // store.RECORD_TOKENS) > 1
+    assert (
+        meta["shards"][0]["train"]["records"]
+        == -(-meta["shards"][0]["train"]["tokens"] // store.RECORD_TOKENS)
+        > 1
+    )
     # Idempotent: preparing again finds the store and writes nothing.
     stamp = os.stat(os.path.join(directory, store.META)).st_mtime_ns
     again, _ = prepare.prepare(text_cfg(corpus), tok, os.path.dirname(directory))
@@ -148,13 +184,22 @@ def test_prepare_writes_the_naive_token_streams_and_counts(corpus, tok, prepared
 def test_bad_utf8_is_an_error_naming_file_and_byte_or_skipped_and_counted(tok, tmp_path):
     good = "first document\f" + "second document ok"
     (tmp_path / "x.txt").write_bytes(good.encode() + b"\fthird \xff broken\fand a fourth")
-    cfg = DataConfig(source="text", text_files=str(tmp_path / "x.txt"), validation_fraction=0.5,
-                     seq_len=4, batch_size=1)
+    cfg = DataConfig(
+        source="text",
+        text_files=str(tmp_path / "x.txt"),
+        validation_fraction=0.5,
+        seq_len=4,
+        batch_size=1,
+    )
     offset = len(good.encode()) + 1 + len("third ")
-    with pytest.raises(ConfigError, match=rf"x.txt: byte {offset} is not UTF-8.*data.bad_utf8=skip"):
+    with pytest.raises(
+        ConfigError, match=rf"x.txt: byte {offset} is not UTF-8.*data.bad_utf8=skip"
+    ):
         prepare.prepare(cfg, tok, str(tmp_path / "stores"))
     assert not any(p.endswith(store.META) for _, _, files in os.walk(tmp_path) for p in files)
-    _, meta = prepare.prepare(dataclasses.replace(cfg, bad_utf8="skip"), tok, str(tmp_path / "stores"))
+    _, meta = prepare.prepare(
+        dataclasses.replace(cfg, bad_utf8="skip"), tok, str(tmp_path / "stores")
+    )
     assert meta["summary"]["bad_utf8"] == 1 and meta["summary"]["documents"] == 3
 
 
@@ -162,23 +207,29 @@ def _corpus_files(root, n):
     root.mkdir()
     sonnets = documents.split_text(open(SONNETS).read())
     for i in range(n):
-        (root / f"part{i:02d}.txt").write_text("\f".join(sonnets[i * 10:(i + 1) * 10]))
-    return DataConfig(source="text", text_files=str(root), validation_fraction=0.1, seq_len=SEQ,
-                      batch_size=BATCH)
+        (root / f"part{i:02d}.txt").write_text("\f".join(sonnets[i * 10 : (i + 1) * 10]))
+    return DataConfig(
+        source="text", text_files=str(root), validation_fraction=0.1, seq_len=SEQ, batch_size=BATCH
+    )
 
 
 def same_store(directory, other):
     """Asserts two stores hold the same files with the same bytes; their JSON records may
     differ only in timings (seconds, tokens_per_second, megabytes_per_second). Temporary files
     of killed writers (NAME.tmp-PID) are not part of a store."""
+
     def untimed(x):
         if isinstance(x, dict):
-            return {k: untimed(v) for k, v in x.items()
-                    if k not in ("seconds", "tokens_per_second", "megabytes_per_second")}
+            return {
+                k: untimed(v)
+                for k, v in x.items()
+                if k not in ("seconds", "tokens_per_second", "megabytes_per_second")
+            }
         return [untimed(v) for v in x] if isinstance(x, list) else x
 
-    names, other_names = (sorted(f for f in os.listdir(d) if ".tmp-" not in f)
-                          for d in (directory, other))
+    names, other_names = (
+        sorted(f for f in os.listdir(d) if ".tmp-" not in f) for d in (directory, other)
+    )
     assert names == other_names and store.META in names
     for name in names:
         a, b = (open(os.path.join(d, name), "rb").read() for d in (directory, other))
@@ -194,13 +245,15 @@ def _run_files(tmp_path, cfg, tok):
     workdir.mkdir()
     (workdir / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
     experiment = tmp_path / "exp.py"
-    experiment.write_text("from lmjax.config import *\n"
-                          f"def config():\n    return Config(data={cfg!r})\n")
+    experiment.write_text(
+        f"from lmjax.config import *\ndef config():\n    return Config(data={cfg!r})\n"
+    )
     return workdir, experiment
 
 
-def test_beam_in_memory_prepare_equals_inline_byte_for_byte(corpus, tok, prepared, tmp_path,
-                                                            caplog):
+def test_beam_in_memory_prepare_equals_inline_byte_for_byte(
+    corpus, tok, prepared, tmp_path, caplog
+):
     root = str(tmp_path / "stores")
     options = beam_engine.pipeline_options("DirectRunner", 1, "", root)
     with caplog.at_level(logging.INFO):
@@ -228,13 +281,27 @@ def test_killed_beam_prepare_leaves_no_store_and_a_rerun_finishes_it(tok, tmp_pa
     preparation."""
     cfg = _corpus_files(tmp_path / "corpus", 12)
     workdir, experiment = _run_files(tmp_path, cfg, tok)
-    command = [sys.executable, "-m", "lmjax", "data", "prepare", "--experiment", str(experiment),
-               "--workdir", str(workdir), "--workers", "2"]
-    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "lmjax",
+        "data",
+        "prepare",
+        "--experiment",
+        str(experiment),
+        "--workdir",
+        str(workdir),
+        "--workers",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     directory = prepare.locate(cfg, tok, str(workdir / "data"))[0]
     deadline = time.monotonic() + 180
-    while not (os.path.isdir(directory) and any(f.startswith("shard-") for f in os.listdir(directory))):
+    while not (
+        os.path.isdir(directory) and any(f.startswith("shard-") for f in os.listdir(directory))
+    ):
         assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before the kill"
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -244,30 +311,35 @@ def test_killed_beam_prepare_leaves_no_store_and_a_rerun_finishes_it(tok, tmp_pa
         make_pipeline(cfg, tok, stores={"text": directory})
     done_by_workers = [f for f in os.listdir(directory) if f.startswith("shard-")]
     assert 0 < len(done_by_workers) < 12
-    assert cli.main(["data", "prepare", "--experiment", str(experiment), "--workdir",
-                     str(workdir)]) == 0  # the rerun: Beam in this process
+    assert (
+        cli.main(["data", "prepare", "--experiment", str(experiment), "--workdir", str(workdir)])
+        == 0
+    )  # the rerun: Beam in this process
     fresh_dir, _ = prepare.prepare(cfg, tok, str(tmp_path / "fresh"))
     same_store(directory, fresh_dir)
 
 
-def test_beam_runner_and_options_mistakes_are_config_errors_before_any_work(corpus, tok, tmp_path,
-                                                                          capsys):
+def test_beam_runner_and_options_mistakes_are_config_errors_before_any_work(
+    corpus, tok, tmp_path, capsys
+):
     workdir, experiment = _run_files(tmp_path, text_cfg(corpus), tok)
     base = ["data", "prepare", "--experiment", str(experiment), "--workdir", str(workdir)]
     for extra, message in [
-            (["--beam-runner", "SparkRuner"], "SparkRuner.*choose one of DirectRunner, Dataflow"),
-            (["--workers", "0"], "--workers=0"),
-            (["--beam-runner", "FlinkRunner", "--workers", "2"], "sizes the DirectRunner only"),
-            (["--beam-runner", "DataflowRunner"], "set data.store_dir=gs://"),
-            (["--beam-options=--projet=p"], "'--projet=p' is not a Beam pipeline option"),
-            (["--beam-options=--runner=FlinkRunner"], "use --beam-runner"),
-            (["--beam-options=--project='p"], "cannot be split like a shell line"),
-            (["--beam-options=--direct_num_workers=two"], "a value is invalid")]:
+        (["--beam-runner", "SparkRuner"], "SparkRuner.*choose one of DirectRunner, Dataflow"),
+        (["--workers", "0"], "--workers=0"),
+        (["--beam-runner", "FlinkRunner", "--workers", "2"], "sizes the DirectRunner only"),
+        (["--beam-runner", "DataflowRunner"], "set data.store_dir=gs://"),
+        (["--beam-options=--projet=p"], "'--projet=p' is not a Beam pipeline option"),
+        (["--beam-options=--runner=FlinkRunner"], "use --beam-runner"),
+        (["--beam-options=--project='p"], "cannot be split like a shell line"),
+        (["--beam-options=--direct_num_workers=two"], "a value is invalid"),
+    ]:
         assert cli.main(base + extra) == 2, extra
         assert re.search(message, capsys.readouterr().err), extra
     assert os.listdir(workdir) == ["tokenizer.model"]
     options = beam_engine.pipeline_options(
-        "DataflowRunner", 1, "--project=p --region=us-central1 --temp_location=gs://b/t", "gs://b/s")
+        "DataflowRunner", 1, "--project=p --region=us-central1 --temp_location=gs://b/t", "gs://b/s"
+    )
     assert options.get_all_options()["project"] == "p"
 
 
@@ -278,7 +350,7 @@ def test_missing_or_truncated_store_file_is_a_clear_error(corpus, tok, prepared,
     shutil.copytree(prepared[0], directory)
     victim = os.path.join(directory, store.shard_file("train", 0, 4))
     data = open(victim, "rb").read()
-    open(victim, "wb").write(data[:len(data) // 2])
+    open(victim, "wb").write(data[: len(data) // 2])
     pipe = make_pipeline(text_cfg(corpus), tok, stores={"text": directory})
     with pytest.raises(ConfigError, match=f"store file {victim} holds .* truncated"):
         take(pipe, 0, 40)
@@ -296,7 +368,7 @@ def test_permutation_is_a_keyed_bijection():
         assert sorted(p) == list(range(n))
     p1, p2 = (shuffle.permute(np.arange(1000), 1000, key=k) for k in (1, 2))
     assert (p1 != np.arange(1000)).mean() > 0.9 and (p1 != p2).mean() > 0.9
-    big = 10 ** 12  # pointwise: no array of the domain's size
+    big = 10**12  # pointwise: no array of the domain's size
     x = shuffle.permute(np.array([0, 1, big - 1]), big, key=3)
     assert len(set(x)) == 3 and (x < big).all()
 
@@ -304,14 +376,16 @@ def test_permutation_is_a_keyed_bijection():
 def test_batches_at_steps_0_1_and_10_to_the_7_equal_the_naive_reference(corpus, tok, prepared):
     stream = naive_streams(corpus, tok)["train"]
     pipe = make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]})
-    for step in (0, 1, 10 ** 7):
+    for step in (0, 1, 10**7):
         batch = pipe.train_batch(step)
         expected = naive_batch(stream, step, SEQ, BATCH, seed=3)
         np.testing.assert_array_equal(batch["inputs"], expected[:, :-1])
         np.testing.assert_array_equal(batch["targets"], expected[:, 1:])
         naive_pack_check(batch, tok.eos_id)
         assert all(batch[k].shape == (BATCH, SEQ) for k in BATCH_KEYS)
-    assert_batches_equal(take(pipe, 10 ** 7, 2), [pipe.train_batch(10 ** 7), pipe.train_batch(10 ** 7 + 1)])
+    assert_batches_equal(
+        take(pipe, 10**7, 2), [pipe.train_batch(10**7), pipe.train_batch(10**7 + 1)]
+    )
     after_eos = batch["inputs"][:, 1:][batch["inputs"][:, :-1] == tok.eos_id]
     assert (after_eos == tok.bos_id).all()  # every document starts with BOS
 
@@ -321,21 +395,29 @@ def test_each_epoch_is_every_window_once_in_a_fresh_order(corpus, tok, prepared)
     stream = naive_streams(corpus, tok)["train"]
     n = (len(stream) - 1) // SEQ
     epochs = [[pipe.train_batch(e * n + i)["inputs"][0] for i in range(n)] for e in range(2)]
-    windows = sorted(tuple(stream[w * SEQ:(w + 1) * SEQ]) for w in range(n))
+    windows = sorted(tuple(stream[w * SEQ : (w + 1) * SEQ]) for w in range(n))
     assert sorted(map(tuple, epochs[0])) == windows == sorted(map(tuple, epochs[1]))
     assert [tuple(x) for x in epochs[0]] != [tuple(x) for x in epochs[1]]
-    plain = make_pipeline(text_cfg(corpus, batch_size=1, shuffle=False), tok, stores={"text": prepared[0]})
-    np.testing.assert_array_equal(plain.train_batch(n + 2)["inputs"][0], stream[2 * SEQ:3 * SEQ])
+    plain = make_pipeline(
+        text_cfg(corpus, batch_size=1, shuffle=False), tok, stores={"text": prepared[0]}
+    )
+    np.testing.assert_array_equal(plain.train_batch(n + 2)["inputs"][0], stream[2 * SEQ : 3 * SEQ])
 
 
 def test_any_process_count_sees_the_same_global_batches(corpus, tok, prepared):
     cfg = text_cfg(corpus)
-    whole = [make_pipeline(cfg, tok, stores={"text": prepared[0]}).train_batch(s) for s in (0, 5, 10 ** 6)]
+    whole = [
+        make_pipeline(cfg, tok, stores={"text": prepared[0]}).train_batch(s) for s in (0, 5, 10**6)
+    ]
     for n in (2, 4):
-        parts = [make_pipeline(cfg, tok, process_index=i, process_count=n, stores={"text": prepared[0]})
-                 for i in range(n)]
-        glued = [{k: np.concatenate([p.train_batch(s)[k] for p in parts]) for k in BATCH_KEYS}
-                 for s in (0, 5, 10 ** 6)]
+        parts = [
+            make_pipeline(cfg, tok, process_index=i, process_count=n, stores={"text": prepared[0]})
+            for i in range(n)
+        ]
+        glued = [
+            {k: np.concatenate([p.train_batch(s)[k] for p in parts]) for k in BATCH_KEYS}
+            for s in (0, 5, 10**6)
+        ]
         assert_batches_equal(glued, whole)
         assert parts[0].train_batch(0)["inputs"].shape == (BATCH // n, SEQ)
     # A process may feed any ascending set of global rows (the rows its devices hold).
@@ -348,16 +430,21 @@ def test_any_process_count_sees_the_same_global_batches(corpus, tok, prepared):
 
 def test_deterministic_given_seed_and_state_checks(corpus, tok, prepared, tmp_path):
     a = take(make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]}), 0, 3)
-    assert_batches_equal(a, take(make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]}), 0, 3))
+    assert_batches_equal(
+        a, take(make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]}), 0, 3)
+    )
     other = take(make_pipeline(text_cfg(corpus, seed=4), tok, stores={"text": prepared[0]}), 0, 1)
     assert not np.array_equal(a[0]["inputs"], other[0]["inputs"])
     pipe = make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]})
     state = json.loads(json.dumps(pipe.state(12)))
     assert state["step"] == 12 and state["tokenizer"] == tok.fingerprint
-    make_pipeline(text_cfg(corpus), tok, process_index=1, process_count=2,
-                  stores={"text": prepared[0]}).check_state(state)
+    make_pipeline(
+        text_cfg(corpus), tok, process_index=1, process_count=2, stores={"text": prepared[0]}
+    ).check_state(state)
     with pytest.raises(DataStateError, match="seq_len: checkpoint 32, now 16"):
-        make_pipeline(text_cfg(corpus, seq_len=16), tok, stores={"text": prepared[0]}).check_state(state)
+        make_pipeline(text_cfg(corpus, seq_len=16), tok, stores={"text": prepared[0]}).check_state(
+            state
+        )
     other_tok = load_tokenizer(train_tokenizer([SONNETS], 320, "bpe", str(tmp_path / "t")))
     with pytest.raises(ConfigError, match="tokenized with tokenizer"):
         make_pipeline(text_cfg(corpus), other_tok, stores={"text": prepared[0]})
@@ -368,15 +455,18 @@ def test_eval_batches_are_the_validation_stream_in_order(corpus, tok, prepared):
     val = naive_streams(corpus, tok)["validation"]
     first = pipe.eval_batches(2)
     for s, batch in enumerate(first):
-        np.testing.assert_array_equal(batch["inputs"],
-                                      naive_batch(val, s, SEQ, BATCH, 0, shuffled=False)[:, :-1])
+        np.testing.assert_array_equal(
+            batch["inputs"], naive_batch(val, s, SEQ, BATCH, 0, shuffled=False)[:, :-1]
+        )
     seeded = make_pipeline(text_cfg(corpus, seed=9), tok, stores={"text": prepared[0]})
     assert_batches_equal(first, seeded.eval_batches(2))
 
 
 def test_concatenate_and_split_without_packing(corpus, tok, prepared):
     packed = make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]}).train_batch(5)
-    plain = make_pipeline(text_cfg(corpus, packing=False), tok, stores={"text": prepared[0]}).train_batch(5)
+    plain = make_pipeline(
+        text_cfg(corpus, packing=False), tok, stores={"text": prepared[0]}
+    ).train_batch(5)
     np.testing.assert_array_equal(packed["inputs"], plain["inputs"])
     assert (plain["segment_ids"] == 1).all() and (plain["loss_mask"] == 1).all()
     np.testing.assert_array_equal(plain["positions"], np.broadcast_to(np.arange(SEQ), (BATCH, SEQ)))
@@ -389,8 +479,9 @@ def test_followers_wait_for_the_leaders_store_and_time_out_clearly(corpus, tok, 
     cfg = text_cfg(corpus, prepare_timeout_s=60.0)
     root = str(tmp_path / "stores")
     found = []
-    follower = threading.Thread(target=lambda: found.append(
-        prepare.ensure_store(cfg, tok, root, leader=False)))
+    follower = threading.Thread(
+        target=lambda: found.append(prepare.ensure_store(cfg, tok, root, leader=False))
+    )
     follower.start()
     time.sleep(0.5)
     assert follower.is_alive() and not found  # waiting, not preparing
@@ -398,11 +489,18 @@ def test_followers_wait_for_the_leaders_store_and_time_out_clearly(corpus, tok, 
     follower.join(timeout=30)
     assert found == [leader] and store.open_store(leader)
     with pytest.raises(ConfigError, match="waited 0 s for process 0 to prepare.*prepare_timeout_s"):
-        prepare.ensure_store(text_cfg(corpus, seed=1, validation_fraction=0.3,
-                                      prepare_timeout_s=0.0), tok, root, leader=False)
+        prepare.ensure_store(
+            text_cfg(corpus, seed=1, validation_fraction=0.3, prepare_timeout_s=0.0),
+            tok,
+            root,
+            leader=False,
+        )
     with pytest.raises(ConfigError, match="waited 0 s for process 0 to train the tokenizer"):
-        prepare_tokenizer(cfg.__class__(source="packaged", prepare_timeout_s=0.0),
-                          str(tmp_path / "w"), leader=False)
+        prepare_tokenizer(
+            cfg.__class__(source="packaged", prepare_timeout_s=0.0),
+            str(tmp_path / "w"),
+            leader=False,
+        )
 
 
 # ---------------------------------------------------------------- errors, synthetic, tools
@@ -410,14 +508,17 @@ def test_followers_wait_for_the_leaders_store_and_time_out_clearly(corpus, tok, 
 
 def test_clear_errors_before_work(corpus, tok, tmp_path):
     with pytest.raises(ConfigError, match="matched no files"):
-        prepare.prepare(text_cfg(corpus, text_files=str(tmp_path / "none/*.txt")), tok, str(tmp_path))
+        prepare.prepare(
+            text_cfg(corpus, text_files=str(tmp_path / "none/*.txt")), tok, str(tmp_path)
+        )
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(ConfigError, match="data.text_feature"):
         prepare.prepare(text_cfg(corpus, text_files=str(bad)), tok, str(tmp_path))
     with pytest.raises(ConfigError, match="unknown TFDS dataset"):
-        prepare.prepare(text_cfg(corpus, source="tfds", tfds_name="no_such_dataset_xyz"), tok,
-                        str(tmp_path))
+        prepare.prepare(
+            text_cfg(corpus, source="tfds", tfds_name="no_such_dataset_xyz"), tok, str(tmp_path)
+        )
     with pytest.raises(ConfigError, match="divisible"):
         make_pipeline(text_cfg(corpus), tok, process_count=3)
     with pytest.raises(ConfigError, match="needs a tokenizer"):
@@ -432,7 +533,7 @@ def test_synthetic_source():
     assert all(b["inputs"].max() < 50 for b in whole)
     assert_batches_equal(take(make_pipeline(cfg, None, vocab_size=50), 2, 2), whole[2:])
     half = take(make_pipeline(cfg, None, vocab_size=50, process_index=1, process_count=2), 2, 2)
-    assert_batches_equal(half, [{k: b[k][BATCH // 2:] for k in BATCH_KEYS} for b in whole[2:]])
+    assert_batches_equal(half, [{k: b[k][BATCH // 2 :] for k in BATCH_KEYS} for b in whole[2:]])
     for b in whole:
         naive_pack_check(b, eos=-1)
     with pytest.raises(ConfigError, match="vocab_size"):
@@ -445,29 +546,48 @@ def test_preview_prepare_and_bench_commands(corpus, tok, capsys, tmp_path):
     (workdir / "tokenizer.model").write_bytes(open(tok.path, "rb").read())
     config = Config(data=text_cfg(corpus))
     experiment = tmp_path / "exp.py"
-    experiment.write_text("from lmjax.config import *\n"
-                          f"def config():\n    return Config(data={config.data!r})\n")
+    experiment.write_text(
+        f"from lmjax.config import *\ndef config():\n    return Config(data={config.data!r})\n"
+    )
     base = ["--experiment", str(experiment), "--workdir", str(workdir)]
     assert cli.main(["data", "prepare", *base]) == 0
     out = capsys.readouterr().out
     assert "4 shards, 60 documents" in out and "2 empty documents, 1 empty files" in out
     assert cli.main(["data", "preview", *base, "--start-step", "2", "--batches", "2"]) == 0
     whole = capsys.readouterr().out.splitlines()
-    assert cli.main(["data", "preview", *base, "--start-step", "3", "--batches", "1",
-                     "--process-index", "1", "--process-count", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "preview",
+                *base,
+                "--start-step",
+                "3",
+                "--batches",
+                "1",
+                "--process-index",
+                "1",
+                "--process-count",
+                "2",
+            ]
+        )
+        == 0
+    )
     half = capsys.readouterr().out.splitlines()
     assert half[0] == "process 1 of 2: global rows [4, 8)"
     # step 3's line, then its rows 4..7 exactly as the whole batch shows them
     step3 = whole.index(next(line for line in whole if line.split()[:1] == ["3"] and "%" in line))
-    assert half[2].split()[0] == "3" and half[3:] == whole[step3 + 5:step3 + 9]
+    assert half[2].split()[0] == "3" and half[3:] == whole[step3 + 5 : step3 + 9]
     assert "text" in half[3]
     rate = bench_command.data(config, str(workdir), seconds=0.2)
     assert rate > 0 and "tokens/s" in capsys.readouterr().out
 
 
 def test_import_lmjax_data_does_not_import_tensorflow():
-    code = ("import sys, lmjax, lmjax.data; "
-            "print('tensorflow' in sys.modules, 'tensorflow_datasets' in sys.modules)")
+    code = (
+        "import sys, lmjax, lmjax.data; "
+        "print('tensorflow' in sys.modules, 'tensorflow_datasets' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -475,6 +595,7 @@ def test_import_lmjax_data_does_not_import_tensorflow():
 def test_closing_the_training_iterator_stops_its_prefetch_thread(corpus, tok, prepared):
     """Batches are made ahead in a background thread; the trainer drops its iterator at every
     return (end of run, signal, error), which must end that thread."""
+
     def data_threads():
         return [t for t in threading.enumerate() if t.name.startswith("lmjax-data")]
 
@@ -499,24 +620,39 @@ def test_a_registered_tfds_dataset_goes_through_prepare(tok, tmp_path):
 
         def _info(self):
             return self.dataset_info_from_configs(
-                features=tfds.features.FeaturesDict({"body": tfds.features.Text()}))
+                features=tfds.features.FeaturesDict({"body": tfds.features.Text()})
+            )
 
         def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(sonnets[:30]),
-                    "test": self._generate_examples(sonnets[30:])}
+            return {
+                "train": self._generate_examples(sonnets[:30]),
+                "test": self._generate_examples(sonnets[30:]),
+            }
 
         def _generate_examples(self, texts):
             for i, text in enumerate(texts):
                 yield i, {"body": text}
 
     LmjaxTestSonnets(data_dir=str(tmp_path)).download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    cfg = DataConfig(source="tfds", tfds_name="lmjax_test_sonnets", data_dir=str(tmp_path),
-                     text_feature="body", eval_split="test", seq_len=SEQ, batch_size=BATCH)
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+    cfg = DataConfig(
+        source="tfds",
+        tfds_name="lmjax_test_sonnets",
+        data_dir=str(tmp_path),
+        text_feature="body",
+        eval_split="test",
+        seq_len=SEQ,
+        batch_size=BATCH,
+    )
     directory, meta = prepare.prepare(cfg, tok, str(tmp_path / "stores"))
     for split, texts in (("train", sonnets[:30]), ("validation", sonnets[30:])):
-        order = [t.decode() for t in prepare.tfds_texts("lmjax_test_sonnets", str(tmp_path),
-                                                        "train" if split == "train" else "test", "body")]
+        order = [
+            t.decode()
+            for t in prepare.tfds_texts(
+                "lmjax_test_sonnets", str(tmp_path), "train" if split == "train" else "test", "body"
+            )
+        ]
         assert sorted(order) == sorted(texts)
         expected = [x for ids in tok.encode_documents(order) for x in ids]
         np.testing.assert_array_equal(stream_of(directory, meta, split), expected)
@@ -542,7 +678,7 @@ def test_mixture_rows_follow_the_weights_and_each_source_walks_its_own_rows():
         assert abs(len(mine) / len(rows) - w) < 0.01
         np.testing.assert_array_equal(mine, np.arange(len(mine)))  # consecutive, none skipped
     # A pure function of (seed, row): any subset, in any call, gives the same answer.
-    some = np.array([3, 700, 5000, 10 ** 9])
+    some = np.array([3, 700, 5000, 10**9])
     far = mixture.assign(5, some, quota)
     np.testing.assert_array_equal(far[0][:3], source[some[:3]])
     np.testing.assert_array_equal(far[1][:3], index[some[:3]])
@@ -566,19 +702,26 @@ def test_mixture_pipeline_reads_each_source_by_its_own_windows(corpus, tok, prep
 
     quota = mixture.quotas([0.75, 0.25])
     # each source alone: its windows by the single-source rule, keyed by (seed, source number)
-    alone = [pipeline.WindowReader(store.StoreSplit(stores[n], "train", store.open_store(stores[n])),
-                                   seq_len=SEQ, shuffle_key=(3, k)) for k, n in enumerate(stores)]
+    alone = [
+        pipeline.WindowReader(
+            store.StoreSplit(stores[n], "train", store.open_store(stores[n])),
+            seq_len=SEQ,
+            shuffle_key=(3, k),
+        )
+        for k, n in enumerate(stores)
+    ]
     text_alone = make_pipeline(text_cfg(corpus, batch_size=1), tok, stores={"text": stores["text"]})
-    for step in (0, 10 ** 6):
+    for step in (0, 10**6):
         batch, names = pipe.train_batch(step), pipe.row_sources(step)
         source, index = mixture.assign(3, step * BATCH + np.arange(BATCH), quota)
         assert names == [["text", "plays"][k] for k in source] and set(names) == {"text", "plays"}
         for r in range(BATCH):
-            expected = alone[source[r]].tokens(index[r:r + 1])[0]
+            expected = alone[source[r]].tokens(index[r : r + 1])[0]
             np.testing.assert_array_equal(batch["inputs"][r], expected[:-1])
             if source[r] == 0:  # the first source's rows are a single-source run's rows
-                np.testing.assert_array_equal(batch["inputs"][r],
-                                              text_alone.train_batch(int(index[r]))["inputs"][0])
+                np.testing.assert_array_equal(
+                    batch["inputs"][r], text_alone.train_batch(int(index[r]))["inputs"][0]
+                )
         naive_pack_check(batch, tok.eos_id)
     singles = {n: make_pipeline(text_cfg(corpus), tok, stores={n: d}) for n, d in stores.items()}
     sets = pipe.eval_sets(1)

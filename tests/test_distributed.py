@@ -1,4 +1,5 @@
 """lmjax.distributed: rendezvous choice, hints, and real 2-process runs over gloo."""
+
 import os
 import socket
 import subprocess
@@ -12,9 +13,17 @@ from lmjax import distributed
 from lmjax.distributed import Rendezvous, plan_rendezvous, rendezvous_hint
 
 PY = sys.executable
-_ALL_RENDEZVOUS_VARS = ("LMJAX_COORDINATOR", "LMJAX_NUM_PROCESSES", "LMJAX_PROCESS_ID",
-                        "LMJAX_LOCAL_DEVICES", "LMJAX_INIT_TIMEOUT", "SLURM_JOB_ID",
-                        "SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS", "XLA_FLAGS")
+_ALL_RENDEZVOUS_VARS = (
+    "LMJAX_COORDINATOR",
+    "LMJAX_NUM_PROCESSES",
+    "LMJAX_PROCESS_ID",
+    "LMJAX_LOCAL_DEVICES",
+    "LMJAX_INIT_TIMEOUT",
+    "SLURM_JOB_ID",
+    "SLURM_NTASKS",
+    "JAX_COORDINATOR_ADDRESS",
+    "XLA_FLAGS",
+)
 
 
 def _free_port():
@@ -31,38 +40,56 @@ def _clean_env(**extra):
 
 # --- choosing how to start ------------------------------------------------------------------
 
+
 def test_nothing_set_is_single_process():
     assert plan_rendezvous({}).kind == "single"
     assert plan_rendezvous({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}).kind == "single"
 
 
 def test_explicit_from_environment_and_arguments_win():
-    env = {"LMJAX_COORDINATOR": "10.0.0.2:8476", "LMJAX_NUM_PROCESSES": "4",
-           "LMJAX_PROCESS_ID": "3"}
+    env = {
+        "LMJAX_COORDINATOR": "10.0.0.2:8476",
+        "LMJAX_NUM_PROCESSES": "4",
+        "LMJAX_PROCESS_ID": "3",
+    }
     assert plan_rendezvous(env) == Rendezvous("explicit", "10.0.0.2:8476", 4, 3)
     assert plan_rendezvous(env, process_id=1) == Rendezvous("explicit", "10.0.0.2:8476", 4, 1)
     assert plan_rendezvous({}, "h:1", 2, 0) == Rendezvous("explicit", "h:1", 2, 0)
     assert plan_rendezvous({"LMJAX_NUM_PROCESSES": "1"}).kind == "single"
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"LMJAX_COORDINATOR": "h:1", "LMJAX_NUM_PROCESSES": "2"}, "LMJAX_PROCESS_ID"),
-    ({"LMJAX_NUM_PROCESSES": "2", "LMJAX_PROCESS_ID": "0"}, "LMJAX_COORDINATOR"),
-    ({"LMJAX_COORDINATOR": "hostonly", "LMJAX_NUM_PROCESSES": "2", "LMJAX_PROCESS_ID": "0"},
-     "host:port"),
-    ({"LMJAX_COORDINATOR": "h:1", "LMJAX_NUM_PROCESSES": "2", "LMJAX_PROCESS_ID": "2"},
-     "0 <= process_id < num_processes"),
-    ({"LMJAX_COORDINATOR": "h:1", "LMJAX_NUM_PROCESSES": "two", "LMJAX_PROCESS_ID": "0"},
-     "LMJAX_NUM_PROCESSES='two' is not an integer"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"LMJAX_COORDINATOR": "h:1", "LMJAX_NUM_PROCESSES": "2"}, "LMJAX_PROCESS_ID"),
+        ({"LMJAX_NUM_PROCESSES": "2", "LMJAX_PROCESS_ID": "0"}, "LMJAX_COORDINATOR"),
+        (
+            {"LMJAX_COORDINATOR": "hostonly", "LMJAX_NUM_PROCESSES": "2", "LMJAX_PROCESS_ID": "0"},
+            "host:port",
+        ),
+        (
+            {"LMJAX_COORDINATOR": "h:1", "LMJAX_NUM_PROCESSES": "2", "LMJAX_PROCESS_ID": "2"},
+            "0 <= process_id < num_processes",
+        ),
+        (
+            {"LMJAX_COORDINATOR": "h:1", "LMJAX_NUM_PROCESSES": "two", "LMJAX_PROCESS_ID": "0"},
+            "LMJAX_NUM_PROCESSES='two' is not an integer",
+        ),
+    ],
+)
 def test_explicit_errors_name_the_fix(env, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         plan_rendezvous(env)
 
 
 def test_slurm_detected_under_srun_and_refused_outside_it():
-    step = {"SLURM_JOB_ID": "42", "SLURM_NTASKS": "16", "SLURM_PROCID": "5",
-            "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "node[001-004]"}
+    step = {
+        "SLURM_JOB_ID": "42",
+        "SLURM_NTASKS": "16",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NODELIST": "node[001-004]",
+    }
     assert plan_rendezvous(step) == Rendezvous("slurm", None, 16, 5)
     batch_only = {"SLURM_JOB_ID": "42", "SLURM_NTASKS": "16"}
     with pytest.raises(ValueError, match="srun"):
@@ -127,23 +154,34 @@ def test_two_processes_agree_on_a_global_sum(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([PY, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=_clean_env(LMJAX_COORDINATOR=coordinator,
-                                                        LMJAX_NUM_PROCESSES="2",
-                                                        LMJAX_PROCESS_ID=str(i),
-                                                        LMJAX_LOCAL_DEVICES="3"))
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [PY, str(script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_clean_env(
+                LMJAX_COORDINATOR=coordinator,
+                LMJAX_NUM_PROCESSES="2",
+                LMJAX_PROCESS_ID=str(i),
+                LMJAX_LOCAL_DEVICES="3",
+            ),
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=240) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    expected = float(sum(range(1, 7)))   # 2 processes x 3 devices hold 1..6
+    expected = float(sum(range(1, 7)))  # 2 processes x 3 devices hold 1..6
     for i, (out, err) in enumerate(outputs):
         result = next(line.split() for line in out.splitlines() if line.startswith("RESULT"))
         assert result[1:5] == [str(i), "2", "3", "6"]
         assert float(result[5]) == expected and float(result[6]) == expected
         assert result[7] == str(i == 0)
-        assert (f"lmjax.distributed: process {i}/2 (explicit start, coordinator {coordinator}): "
-                f"3 local cpu devices, 6 global") in err
+        assert (
+            f"lmjax.distributed: process {i}/2 (explicit start, coordinator {coordinator}): "
+            f"3 local cpu devices, 6 global"
+        ) in err
 
 
 @pytest.mark.slow
@@ -151,12 +189,21 @@ def test_missing_peer_fails_with_a_hint_within_the_timeout():
     """Process 0 alone and process 1 alone (different ports) both give up after 6 s."""
     ports = [_free_port(), _free_port()]
     code = "from lmjax import distributed; distributed.initialize(); print('JOINED')"
-    procs = [subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=_clean_env(LMJAX_COORDINATOR=f"127.0.0.1:{port}",
-                                                        LMJAX_NUM_PROCESSES="2",
-                                                        LMJAX_PROCESS_ID=str(i),
-                                                        LMJAX_INIT_TIMEOUT="6"))
-             for i, port in enumerate(ports)]
+    procs = [
+        subprocess.Popen(
+            [PY, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_clean_env(
+                LMJAX_COORDINATOR=f"127.0.0.1:{port}",
+                LMJAX_NUM_PROCESSES="2",
+                LMJAX_PROCESS_ID=str(i),
+                LMJAX_INIT_TIMEOUT="6",
+            ),
+        )
+        for i, port in enumerate(ports)
+    ]
     (out0, err0), (out1, err1) = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [distributed.RENDEZVOUS_TIMEOUT_EXIT] * 2
     assert "JOINED" not in out0 + out1
@@ -166,10 +213,13 @@ def test_missing_peer_fails_with_a_hint_within_the_timeout():
 
 
 def test_initialize_after_jax_started_is_refused():
-    code = ("import jax; jax.devices()\n"
-            "from lmjax import distributed\n"
-            "distributed.initialize('127.0.0.1:1', 2, 1)")
-    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=_clean_env(),
-                       timeout=120)
+    code = (
+        "import jax; jax.devices()\n"
+        "from lmjax import distributed\n"
+        "distributed.initialize('127.0.0.1:1', 2, 1)"
+    )
+    p = subprocess.run(
+        [PY, "-c", code], capture_output=True, text=True, env=_clean_env(), timeout=120
+    )
     assert p.returncode == 1
     assert "must run before any jax computation" in p.stderr

@@ -3,6 +3,7 @@
 A tiny sentencepiece model is trained once per session on a slice of Hamlet (the `tokenizer`
 fixture of tests/conftest.py); the texts scored are from other plays.
 """
+
 import dataclasses
 import json
 import math
@@ -20,9 +21,20 @@ from tests.helpers import hf_config, random_model
 
 # The Shakespeare slice shipped inside the package, so a fresh clone needs nothing beside it.
 CORPUS = PACKAGED_DIR
-CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                  d_mlp=64, max_seq_len=64, dtype="float32", param_dtype="float32", remat="none",
-                  attention="xla")
+CFG = ModelConfig(
+    vocab_size=320,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    d_mlp=64,
+    max_seq_len=64,
+    dtype="float32",
+    param_dtype="float32",
+    remat="none",
+    attention="xla",
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +47,7 @@ def passages(n_chars: int, count: int) -> list[str]:
     """Non-empty, non-ASCII-free (curly quotes added) passages from Macbeth."""
     with open(f"{CORPUS}/macbeth.txt", encoding="utf-8") as f:
         text = f.read()[5000:]
-    out = [text[i * n_chars:(i + 1) * n_chars] for i in range(count)]
+    out = [text[i * n_chars : (i + 1) * n_chars] for i in range(count)]
     out[0] = "\u201cThus\u201d \u2014 " + out[0]  # multi-byte UTF-8 characters
     return out
 
@@ -55,8 +67,10 @@ def reference_target_nll(tensors, config, inputs, targets):
 # ---------------------------------------------------------------- windows
 
 
-@pytest.mark.parametrize("n,context_len,stride", [
-    (0, 8, 4), (1, 8, 4), (8, 8, 3), (9, 8, 3), (50, 8, 3), (50, 8, 8), (50, 8, 1), (23, 16, 5)])
+@pytest.mark.parametrize(
+    "n,context_len,stride",
+    [(0, 8, 4), (1, 8, 4), (8, 8, 3), (9, 8, 3), (50, 8, 3), (50, 8, 8), (50, 8, 1), (23, 16, 5)],
+)
 def test_sliding_windows_score_every_target_once_with_most_context(n, context_len, stride):
     windows = evaluate.sliding_windows(n, context_len, stride)
     scored = [i for _, first, end in windows for i in range(first, end)]
@@ -87,8 +101,15 @@ def test_eval_loss_matches_numpy_per_document(model_and_ref):
         segment_ids = np.array([[1] * 10 + [2] * 6, [1] * 16])
         positions = np.array([list(range(10)) + list(range(6)), list(range(16))])
         loss_mask = (rng.random((2, 16)) < 0.7).astype(np.float32)
-        batches.append(dict(inputs=inputs, targets=targets, segment_ids=segment_ids,
-                            positions=positions, loss_mask=loss_mask))
+        batches.append(
+            dict(
+                inputs=inputs,
+                targets=targets,
+                segment_ids=segment_ids,
+                positions=positions,
+                loss_mask=loss_mask,
+            )
+        )
         for b in range(2):
             for seg in np.unique(segment_ids[b]):
                 idx = np.flatnonzero(segment_ids[b] == seg)
@@ -106,8 +127,12 @@ def test_eval_loss_errors_name_the_problem(model_and_ref):
     batch = dict(inputs=np.zeros((1, 4), int), targets=np.zeros((1, 4), int))
     with pytest.raises(ValueError, match="lacks"):
         evaluate.eval_loss(params, CFG, [batch])
-    full = dict(batch, segment_ids=np.ones((1, 4), int), positions=np.zeros((1, 4), int),
-                loss_mask=np.zeros((1, 4), np.float32))
+    full = dict(
+        batch,
+        segment_ids=np.ones((1, 4), int),
+        positions=np.zeros((1, 4), int),
+        loss_mask=np.zeros((1, 4), np.float32),
+    )
     with pytest.raises(ValueError, match="no tokens"):
         evaluate.eval_loss(params, CFG, [full])
 
@@ -121,14 +146,18 @@ def test_score_texts_matches_numpy_full_context(model_and_ref, tokenizer):
     texts = passages(60, 3) + [""]
     docs = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
     assert 1 < max(len(d) for d in docs) <= CFG.max_seq_len
-    total = sum(float(reference_target_nll(tensors, config, d[:-1], d[1:]).sum())
-                for d in docs if len(d) > 1)
+    total = sum(
+        float(reference_target_nll(tensors, config, d[:-1], d[1:]).sum())
+        for d in docs
+        if len(d) > 1
+    )
     n_tokens = sum(len(d) - 1 for d in docs)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     assert n_bytes > sum(len(t) for t in texts)  # the multi-byte characters count as bytes
 
-    result = evaluate.score_texts(params, CFG, tokenizer, texts, context_len=64, stride=7,
-                                  batch_size=2)
+    result = evaluate.score_texts(
+        params, CFG, tokenizer, texts, context_len=64, stride=7, batch_size=2
+    )
     assert result["tokens"] == n_tokens and result["bytes"] == n_bytes
     np.testing.assert_allclose(result["loss"], total / n_tokens, rtol=1e-5)
     np.testing.assert_allclose(result["perplexity"], math.exp(total / n_tokens), rtol=1e-5)
@@ -145,19 +174,25 @@ def test_score_texts_sliding_window_matches_naive_loop(model_and_ref, tokenizer)
     assert n > 3 * context_len
     total = 0.0
     for i in range(n):
-        end = context_len if i < context_len else min(
-            n, context_len + stride * math.ceil((i + 1 - context_len) / stride))
+        end = (
+            context_len
+            if i < context_len
+            else min(n, context_len + stride * math.ceil((i + 1 - context_len) / stride))
+        )
         start = max(0, end - context_len)
-        nll = reference_target_nll(tensors, config, ids[start:end], ids[start + 1:end + 1])
+        nll = reference_target_nll(tensors, config, ids[start:end], ids[start + 1 : end + 1])
         total += float(nll[i - start])
-    result = evaluate.score_texts(params, CFG, tokenizer, [text], context_len=context_len,
-                                  stride=stride, batch_size=4)
+    result = evaluate.score_texts(
+        params, CFG, tokenizer, [text], context_len=context_len, stride=stride, batch_size=4
+    )
     assert result["tokens"] == n
     np.testing.assert_allclose(result["loss"] * n, total, rtol=1e-5)
     # With a window as long as the document, stride no longer matters.
     assert len(tokenizer.encode(text[:50])) < 64
-    wide = [evaluate.score_texts(params, CFG, tokenizer, [text[:50]], context_len=64, stride=s)
-            for s in (3, 64)]
+    wide = [
+        evaluate.score_texts(params, CFG, tokenizer, [text[:50]], context_len=64, stride=s)
+        for s in (3, 64)
+    ]
     assert wide[0] == wide[1]
 
 
@@ -195,10 +230,20 @@ def test_main_scores_text_files_and_experiment_data(model_and_ref, tokenizer, tm
 
     rng = np.random.default_rng(3)
     seq = rng.integers(0, CFG.vocab_size, (2, 9))
-    batch = dict(inputs=seq[:, :-1], targets=seq[:, 1:], segment_ids=np.ones((2, 8), int),
-                 positions=np.tile(np.arange(8), (2, 1)), loss_mask=np.ones((2, 8), np.float32))
-    result = eval_command.main("run_dir", None, use_experiment_data=True, load=load,
-                           batches_for=lambda cfg, tok, workdir: [batch])
+    batch = dict(
+        inputs=seq[:, :-1],
+        targets=seq[:, 1:],
+        segment_ids=np.ones((2, 8), int),
+        positions=np.tile(np.arange(8), (2, 1)),
+        loss_mask=np.ones((2, 8), np.float32),
+    )
+    result = eval_command.main(
+        "run_dir",
+        None,
+        use_experiment_data=True,
+        load=load,
+        batches_for=lambda cfg, tok, workdir: [batch],
+    )
     assert result == evaluate.eval_loss(params, CFG, [batch])
     assert "loss" in capsys.readouterr().out
 
@@ -213,10 +258,14 @@ def test_main_scores_text_files_and_experiment_data(model_and_ref, tokenizer, tm
 def test_main_evaluates_a_saved_checkpoint(model_and_ref, tmp_path, tokenizer, capsys):
     """The default loader on a real orbax checkpoint with the run's tokenizer.model."""
     params = model_and_ref[0]
-    config = Config(model=CFG, data=DataConfig(source="synthetic", batch_size=8, seq_len=16),
-                    run=RunConfig(eval_batches=2))
-    state = train.TrainState(step=np.int32(5), params=params, opt_state={},
-                             rng=jax.random.PRNGKey(0))
+    config = Config(
+        model=CFG,
+        data=DataConfig(source="synthetic", batch_size=8, seq_len=16),
+        run=RunConfig(eval_batches=2),
+    )
+    state = train.TrainState(
+        step=np.int32(5), params=params, opt_state={}, rng=jax.random.PRNGKey(0)
+    )
     mesh = sharding.make_mesh(config.mesh)
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(tmp_path)), config.checkpoint)
     ckpt.save(5, state, data_state={}, meta=checkpoint.make_metadata(config, None, mesh))
@@ -242,8 +291,13 @@ def test_eval_loss_sharded_matches_unsharded(model_and_ref):
     mesh, rules = sharding.make_mesh(mesh_cfg), sharding.rules_from_config(mesh_cfg)
     placed = jax.device_put(params, sharding.tree_shardings(model.param_axes(CFG), mesh, rules))
     seq = np.random.default_rng(5).integers(0, CFG.vocab_size, (4, 17))
-    batch = dict(inputs=seq[:, :-1], targets=seq[:, 1:], segment_ids=np.ones((4, 16), int),
-                 positions=np.tile(np.arange(16), (4, 1)), loss_mask=np.ones((4, 16), np.float32))
+    batch = dict(
+        inputs=seq[:, :-1],
+        targets=seq[:, 1:],
+        segment_ids=np.ones((4, 16), int),
+        positions=np.tile(np.arange(16), (4, 1)),
+        loss_mask=np.ones((4, 16), np.float32),
+    )
     plain = evaluate.eval_loss(params, CFG, [batch])
     with sharding.activation_sharding(mesh, rules):
         sharded = evaluate.eval_loss(placed, CFG, [batch])

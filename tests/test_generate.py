@@ -1,4 +1,5 @@
 """KV-cache decoding against repeated full forward passes, sampling filters against numpy."""
+
 import contextlib
 
 import jax
@@ -6,15 +7,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import generate as gen
-from lmjax import model, sharding
+from lmjax import generate as gen, model, sharding
 from lmjax.commands import bench as bench_command
 from lmjax.config import MeshConfig, ModelConfig
 from tests.helpers import hamlet_tokenizer, random_model
 
-CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                  d_mlp=64, max_seq_len=64, dtype="float32", param_dtype="float32", remat="none",
-                  attention="xla")
+CFG = ModelConfig(
+    vocab_size=320,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    d_mlp=64,
+    max_seq_len=64,
+    dtype="float32",
+    param_dtype="float32",
+    remat="none",
+    attention="xla",
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +46,9 @@ def greedy_by_full_forward(params, prompt, steps):
     seq = list(prompt)
     for _ in range(steps):
         padded = np.zeros((1, len(prompt) + steps), np.int32)
-        padded[0, :len(seq)] = seq
+        padded[0, : len(seq)] = seq
         seq.append(int(jnp.argmax(_forward(params, padded, CFG)[0, len(seq) - 1])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 @contextlib.contextmanager
@@ -88,9 +99,8 @@ def test_mixed_length_batch_gives_each_prompt_its_solo_output(params):
     rows = [prompts(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
     padded = np.zeros((3, 6), np.int64)
     for i, row in enumerate(rows):
-        padded[i, :len(row)] = row
-    batch = np.asarray(gen.generate(params, CFG, padded, max_new_tokens=12,
-                                    prompt_lengths=lengths))
+        padded[i, : len(row)] = row
+    batch = np.asarray(gen.generate(params, CFG, padded, max_new_tokens=12, prompt_lengths=lengths))
     for i, row in enumerate(rows):
         alone = np.asarray(gen.generate(params, CFG, row[None], max_new_tokens=12))[0]
         assert batch[i].tolist() == alone.tolist()
@@ -110,7 +120,7 @@ def test_rows_stop_at_eos_and_are_filled_with_it(params):
     for b in range(2):
         hits = np.flatnonzero(free[b] == eos)
         stop = int(hits[0]) if hits.size else 12
-        assert out[b, :stop + 1].tolist() == free[b, :stop + 1].tolist()
+        assert out[b, : stop + 1].tolist() == free[b, : stop + 1].tolist()
         assert (out[b, stop:] == eos).all()
     assert first <= 3 and (out[0, first:] == eos).all()
 
@@ -128,8 +138,9 @@ def test_no_compile_per_token(params):
     assert len(short) > 0
     assert len(long) == len(short)  # ten times the tokens, the same number of compiles
     with count_compiles() as again:
-        gen.generate(params, CFG, prompts(2, 5, seed=4), max_new_tokens=30, seed=9,
-                     prompt_lengths=[5, 2])
+        gen.generate(
+            params, CFG, prompts(2, 5, seed=4), max_new_tokens=30, seed=9, prompt_lengths=[5, 2]
+        )
         gen.generate(params, CFG, prompt, max_new_tokens=30, temperature=0.0, eos_id=None)
     assert again == []
 
@@ -201,13 +212,17 @@ def test_sharded_generation_matches_unsharded(params):
     placed = jax.device_put(params, sharding.tree_shardings(model.param_axes(CFG), mesh, rules))
     assert not placed["layers"]["wq"].sharding.is_fully_replicated
     prompt, lengths = prompts(4, 6, seed=6), [6, 3, 5, 1]
-    plain = np.asarray(gen.generate(params, CFG, prompt, max_new_tokens=8,
-                                    prompt_lengths=lengths))
+    plain = np.asarray(gen.generate(params, CFG, prompt, max_new_tokens=8, prompt_lengths=lengths))
     with sharding.activation_sharding(mesh, rules):
         out = gen.generate(placed, CFG, prompt, max_new_tokens=8, prompt_lengths=lengths)
-        logits, cache = gen.prefill_jit(placed, prompt.astype(np.int32),
-                                        np.asarray(lengths, np.int32), cfg=CFG, max_len=14,
-                                        context=sharding.context_key())
+        logits, cache = gen.prefill_jit(
+            placed,
+            prompt.astype(np.int32),
+            np.asarray(lengths, np.int32),
+            cfg=CFG,
+            max_len=14,
+            context=sharding.context_key(),
+        )
     np.testing.assert_array_equal(np.asarray(out), plain)
     # The cache follows the rules: batch over fsdp, kv heads over tensor.
     assert cache["k"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor")
@@ -220,9 +235,10 @@ def test_sample_text_continues_the_prompt(params, tokenizer):
     prompt = "To be, or not to be"
     text = gen.sample_text(params, CFG, tokenizer, prompt, 12)
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    new = np.asarray(gen.generate(params, CFG, np.asarray([ids]), max_new_tokens=12,
-                                  eos_id=tokenizer.eos_id))[0].tolist()
-    new = new[:new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
+    new = np.asarray(
+        gen.generate(params, CFG, np.asarray([ids]), max_new_tokens=12, eos_id=tokenizer.eos_id)
+    )[0].tolist()
+    new = new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
     assert text.startswith(prompt)
     assert tokenizer.encode(text) == tokenizer.encode(tokenizer.decode(ids[1:] + new))
     assert text == gen.sample_text(params, CFG, tokenizer, prompt, 12)
@@ -247,7 +263,8 @@ def test_a_prompt_is_fed_after_bos_when_the_tokenizer_has_one(params, bos_id):
     fed = [bos_id] * (bos_id >= 0) + tok.encode(prompt)
     assert tok.encode_documents([prompt], eos=False) == [fed]
     text = gen.sample_text(params, CFG, tok, prompt, 6)
-    new = np.asarray(gen.generate(params, CFG, np.asarray([fed]), max_new_tokens=6,
-                                  eos_id=tok.eos_id))[0].tolist()
-    new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
+    new = np.asarray(
+        gen.generate(params, CFG, np.asarray([fed]), max_new_tokens=6, eos_id=tok.eos_id)
+    )[0].tolist()
+    new = new[: new.index(tok.eos_id)] if tok.eos_id in new else new
     assert text == tok.decode(tok.encode(prompt) + new)

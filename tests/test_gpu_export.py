@@ -1,5 +1,6 @@
 """The smoke and quickstart train steps lower for CUDA on this CPU-only machine (jax.export),
 with the attention `auto` picks on a GPU: the Pallas (Triton) flash kernel."""
+
 import dataclasses
 
 import jax
@@ -27,8 +28,10 @@ def export_train_step_for_cuda(experiment: str, sets=()) -> jax.export.Exported:
         # The kernel's Triton custom call is not on export's list of stable custom calls;
         # it is compiled by the XLA of the same jax on the GPU, never deserialized elsewhere.
         return jax.export.export(
-            trainer.step_fn, platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(state, batch)
+            trainer.step_fn,
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+        )(state, batch)
 
 
 @pytest.mark.slow

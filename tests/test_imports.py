@@ -1,5 +1,6 @@
 """The package's import graph, read from the source (function-local imports included): it has
 no cycle, and nothing below the command layer imports it."""
+
 import ast
 import pathlib
 
@@ -39,7 +40,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = "done"
@@ -73,8 +74,11 @@ def test_lmjax_imports_have_no_cycle():
 def test_only_the_command_layer_imports_commands_and_cli(top):
     graph = import_graph()
     above = ("lmjax.cli", "lmjax.__main__", "lmjax.commands")
-    offenders = sorted(m for m, targets in graph.items() if not m.startswith(above)
-                       and any(t == top or t.startswith(top + ".") for t in targets))
+    offenders = sorted(
+        m
+        for m, targets in graph.items()
+        if not m.startswith(above) and any(t == top or t.startswith(top + ".") for t in targets)
+    )
     assert not offenders, f"{offenders} import {top}: library modules must not depend on it"
 
 
@@ -87,9 +91,12 @@ def test_lmjax_modules_are_imported_at_the_top_of_each_module():
             continue
         for fn in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                late += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
-                         for node in ast.walk(fn)
-                         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lmjax")
-                         or isinstance(node, ast.Import)
-                         and any(a.name.startswith("lmjax") for a in node.names)]
+                late += [
+                    f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+                    for node in ast.walk(fn)
+                    if isinstance(node, ast.ImportFrom)
+                    and (node.module or "").startswith("lmjax")
+                    or isinstance(node, ast.Import)
+                    and any(a.name.startswith("lmjax") for a in node.names)
+                ]
     assert not late, f"function-local lmjax imports: {late}"

@@ -1,5 +1,6 @@
 """Launchers: local processes for real; TPU/GKE/SLURM through their dry-run commands, with the
 remote and container scripts executed by a real bash against fake gcloud-side tools."""
+
 import io
 import os
 import re
@@ -17,18 +18,26 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from test_distributed import WORKER_SCRIPT  # noqa: E402
+
 from launch import gke, slurm, tpu  # noqa: E402
 from launch.local import TIMEOUT_EXIT, launch_local, process_env  # noqa: E402
 from lmjax.hardware import slice_shape  # noqa: E402
-from test_distributed import WORKER_SCRIPT  # noqa: E402
 
 PY = sys.executable
-HOSTILE = ["x; rm -rf ~", "$(id)", "`id`", "it's \"both\"", "a\nb", "*", "~"]
+HOSTILE = ["x; rm -rf ~", "$(id)", "`id`", 'it\'s "both"', "a\nb", "*", "~"]
 
 
 def _clean_env(**extra):
-    drop = ("XLA_FLAGS", "LMJAX_COORDINATOR", "LMJAX_NUM_PROCESSES", "LMJAX_PROCESS_ID",
-            "LMJAX_LOCAL_DEVICES", "SLURM_JOB_ID", "SLURM_NTASKS")
+    drop = (
+        "XLA_FLAGS",
+        "LMJAX_COORDINATOR",
+        "LMJAX_NUM_PROCESSES",
+        "LMJAX_PROCESS_ID",
+        "LMJAX_LOCAL_DEVICES",
+        "SLURM_JOB_ID",
+        "SLURM_NTASKS",
+    )
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(JAX_PLATFORMS="cpu", **extra)
     return env
@@ -42,13 +51,20 @@ def _executable(path: Path, text: str) -> Path:
 
 # --- local: real processes --------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_local_two_processes_run_a_global_sum(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
     out = io.StringIO()
-    code = launch_local([PY, str(script)], processes=2, devices_per_process=2,
-                        env=_clean_env(), timeout=240, out=out)
+    code = launch_local(
+        [PY, str(script)],
+        processes=2,
+        devices_per_process=2,
+        env=_clean_env(),
+        timeout=240,
+        out=out,
+    )
     lines = out.getvalue().splitlines()
     assert code == 0, "\n".join(lines[-40:])
     for i in range(2):
@@ -69,27 +85,60 @@ def test_local_failure_stops_the_others_and_returns_its_code(tmp_path):
         open({str(pid_file)!r}, "w").write(str(os.getpid()))
         print("sleeping", flush=True); time.sleep(120); print("woke up")
     """)
-    p = subprocess.run([PY, str(REPO / "launch" / "local.py"), "--processes", "2",
-                        "--devices-per-process", "1", "--", PY, "-c", code],
-                       capture_output=True, text=True, env=_clean_env(), timeout=100)
+    p = subprocess.run(
+        [
+            PY,
+            str(REPO / "launch" / "local.py"),
+            "--processes",
+            "2",
+            "--devices-per-process",
+            "1",
+            "--",
+            PY,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=100,
+    )
     assert p.returncode == 3, p.stderr
     assert "[p1] failing now" in p.stdout and "woke up" not in p.stdout
     assert "process 1 exited with code 3" in p.stderr
-    if pid_file.exists():   # process 0 got as far as sleeping: it must be gone now
+    if pid_file.exists():  # process 0 got as far as sleeping: it must be gone now
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid_file.read_text()), 0)
 
 
 @pytest.mark.slow
 def test_local_environment_and_timeout(tmp_path):
-    env = process_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/d"},
-                      "127.0.0.1:5", 4, 2, 3)
+    env = process_env(
+        {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/d"},
+        "127.0.0.1:5",
+        4,
+        2,
+        3,
+    )
     assert env["XLA_FLAGS"] == "--xla_dump_to=/d --xla_force_host_platform_device_count=3"
-    assert (env["LMJAX_COORDINATOR"], env["LMJAX_NUM_PROCESSES"], env["LMJAX_PROCESS_ID"],
-            env["LMJAX_LOCAL_DEVICES"], env["JAX_PLATFORMS"]) == ("127.0.0.1:5", "4", "2", "3", "cpu")
+    assert (
+        env["LMJAX_COORDINATOR"],
+        env["LMJAX_NUM_PROCESSES"],
+        env["LMJAX_PROCESS_ID"],
+        env["LMJAX_LOCAL_DEVICES"],
+        env["JAX_PLATFORMS"],
+    ) == ("127.0.0.1:5", "4", "2", "3", "cpu")
     out = io.StringIO()
-    assert launch_local([PY, "-c", "import time; print('up', flush=True); time.sleep(60)"],
-                        2, 1, timeout=3, out=out) == TIMEOUT_EXIT
+    assert (
+        launch_local(
+            [PY, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+            2,
+            1,
+            timeout=3,
+            out=out,
+        )
+        == TIMEOUT_EXIT
+    )
     with pytest.raises(ValueError, match="no command"):
         launch_local([], 2, 1)
 
@@ -105,22 +154,51 @@ def _tpu(*argv):
 
 def test_tpu_create_single_slice():
     args = _tpu("create", *WHERE, "--accelerator-type", "v5litepod-16", "--spot")
-    assert tpu.plan(args) == [[
-        "gcloud", "compute", "tpus", "tpu-vm", "create", "my-tpu", "--zone=us-east5-a",
-        "--project=my-proj", "--accelerator-type=v5litepod-16", "--version=v2-alpha-tpuv5-lite",
-        "--spot"]]
-    args = _tpu("create", *WHERE, "--accelerator-type", "v4-32", "--preemptible",
-                "--runtime-version", "tpu-vm-v4-base")
+    assert tpu.plan(args) == [
+        [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "create",
+            "my-tpu",
+            "--zone=us-east5-a",
+            "--project=my-proj",
+            "--accelerator-type=v5litepod-16",
+            "--version=v2-alpha-tpuv5-lite",
+            "--spot",
+        ]
+    ]
+    args = _tpu(
+        "create",
+        *WHERE,
+        "--accelerator-type",
+        "v4-32",
+        "--preemptible",
+        "--runtime-version",
+        "tpu-vm-v4-base",
+    )
     assert tpu.plan(args)[0][-2:] == ["--version=tpu-vm-v4-base", "--preemptible"]
 
 
 def test_tpu_create_multi_slice_queued_resource(tmp_path):
     args = _tpu("create", *WHERE, "--accelerator-type", "v5p-64", "--num-slices", "4", "--spot")
     create, wait = tpu.plan(args)
-    assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "my-tpu",
-                      "--zone=us-east5-a", "--project=my-proj", "--accelerator-type=v5p-64",
-                      "--runtime-version=v2-alpha-tpuv5", "--node-count=4",
-                      "--node-prefix=my-tpu", "--spot"]
+    assert create == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "queued-resources",
+        "create",
+        "my-tpu",
+        "--zone=us-east5-a",
+        "--project=my-proj",
+        "--accelerator-type=v5p-64",
+        "--runtime-version=v2-alpha-tpuv5",
+        "--node-count=4",
+        "--node-prefix=my-tpu",
+        "--spot",
+    ]
     # The wait loop is real bash: run it against a fake gcloud that reports ACTIVE.
     assert wait[:2] == ["bash", "-c"]
     bin_dir = tmp_path / "bin"
@@ -129,25 +207,69 @@ def test_tpu_create_multi_slice_queued_resource(tmp_path):
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(tmp_path / "calls"))
     assert subprocess.run(wait, env=env, timeout=30).returncode == 0
     assert (tmp_path / "calls").read_text().split() == [
-        "compute", "tpus", "queued-resources", "describe", "my-tpu", "--zone=us-east5-a",
-        "--project=my-proj", "--format=value(state.state)"]
+        "compute",
+        "tpus",
+        "queued-resources",
+        "describe",
+        "my-tpu",
+        "--zone=us-east5-a",
+        "--project=my-proj",
+        "--format=value(state.state)",
+    ]
     single_queued = _tpu("create", *WHERE, "--accelerator-type", "v6e-256", "--queued")
     assert "--node-id=my-tpu" in tpu.plan(single_queued)[0]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["create", "--name", "x; rm -rf ~", "--zone", "z", "--project", "p",
-      "--accelerator-type", "v5p-8"], "--name 'x; rm -rf ~'"),
-    (["create", "--name", "$(id)", "--zone", "z", "--project", "p",
-      "--accelerator-type", "v5p-8"], "lowercase letters"),
-    (["create", *WHERE, "--accelerator-type", "v5p-64", "--num-slices", "2", "--preemptible"],
-     "take --spot, not --preemptible"),
-    (["create", *WHERE, "--accelerator-type", "v9z-8"], "expected PREFIX-N"),
-    (["create", *WHERE], "needs --accelerator-type"),
-    (["run", *WHERE], "give the command to run after --"),
-    (["install", *WHERE, "--source", "/nonexistent"], "not an lmjax checkout"),
-    (["install", *WHERE, "--git", "https://github.com/me/lmjax"], "pin a revision"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            [
+                "create",
+                "--name",
+                "x; rm -rf ~",
+                "--zone",
+                "z",
+                "--project",
+                "p",
+                "--accelerator-type",
+                "v5p-8",
+            ],
+            "--name 'x; rm -rf ~'",
+        ),
+        (
+            [
+                "create",
+                "--name",
+                "$(id)",
+                "--zone",
+                "z",
+                "--project",
+                "p",
+                "--accelerator-type",
+                "v5p-8",
+            ],
+            "lowercase letters",
+        ),
+        (
+            [
+                "create",
+                *WHERE,
+                "--accelerator-type",
+                "v5p-64",
+                "--num-slices",
+                "2",
+                "--preemptible",
+            ],
+            "take --spot, not --preemptible",
+        ),
+        (["create", *WHERE, "--accelerator-type", "v9z-8"], "expected PREFIX-N"),
+        (["create", *WHERE], "needs --accelerator-type"),
+        (["run", *WHERE], "give the command to run after --"),
+        (["install", *WHERE, "--source", "/nonexistent"], "not an lmjax checkout"),
+        (["install", *WHERE, "--git", "https://github.com/me/lmjax"], "pin a revision"),
+    ],
+)
 def test_tpu_bad_arguments_fail_before_any_command(argv, message, capsys):
     with pytest.raises(SystemExit):
         tpu.parse_args(argv)
@@ -175,33 +297,43 @@ def test_tpu_run_quotes_hostile_arguments_at_every_level(capsys):
     # Remote levels: one bash -c argument; inside it the user's words come back literally.
     script = _remote_script(ssh)
     for branch in script.split("; then ")[1].split("; else "):
-        assert shlex.split(branch)[:len(user_command)] == user_command
+        assert shlex.split(branch)[: len(user_command)] == user_command
 
 
 def test_tpu_remote_script_runs_literally_in_bash(tmp_path):
     """Execute the worker script with bash: fake metadata (curl) says worker 0, then 1."""
     marker_words = ["x; touch INJECTED", "$(touch INJECTED)", "`touch INJECTED`", *HOSTILE]
-    script = _remote_script(tpu.plan(_tpu("run", *WHERE, "--", "printf", "<%s>\n",
-                                          *marker_words))[0])
+    script = _remote_script(
+        tpu.plan(_tpu("run", *WHERE, "--", "printf", "<%s>\n", *marker_words))[0]
+    )
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for worker in ("0", "1"):
         _executable(bin_dir / "curl", f"#!/bin/sh\necho {worker}\n")
         home = tmp_path / f"home{worker}"
         home.mkdir()
-        p = subprocess.run(["bash", "-c", script], cwd=home, capture_output=True, text=True,
-                           env=dict(os.environ, HOME=str(home),
-                                    PATH=f"{bin_dir}:{os.environ['PATH']}"), timeout=30)
+        p = subprocess.run(
+            ["bash", "-c", script],
+            cwd=home,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}"),
+            timeout=30,
+        )
         assert p.returncode == 0, p.stderr
         expected = "".join(f"<{w}>\n" for w in marker_words)
         assert (home / "lmjax-run.log").read_text() == expected
-        assert p.stdout == (expected if worker == "0" else "")   # only worker 0 streams
+        assert p.stdout == (expected if worker == "0" else "")  # only worker 0 streams
         assert not list(home.glob("INJECTED*")) and not list(tmp_path.glob("INJECTED*"))
     # The exit code of the command survives the tee pipe.
     failing = _remote_script(tpu.plan(_tpu("run", *WHERE, "--", "sh", "-c", "exit 7"))[0])
-    p = subprocess.run(["bash", "-c", failing], cwd=tmp_path, capture_output=True,
-                       env=dict(os.environ, HOME=str(tmp_path),
-                                PATH=f"{bin_dir}:{os.environ['PATH']}"), timeout=30)
+    p = subprocess.run(
+        ["bash", "-c", failing],
+        cwd=tmp_path,
+        capture_output=True,
+        env=dict(os.environ, HOME=str(tmp_path), PATH=f"{bin_dir}:{os.environ['PATH']}"),
+        timeout=30,
+    )
     assert p.returncode == 7
 
 
@@ -218,8 +350,14 @@ def test_tpu_multi_slice_run_targets_every_slice():
 
 
 def _fake_checkout(root):
-    for name in ("setup.cfg", "lmjax/__init__.py", ".git/HEAD", "lmjax/__pycache__/m.pyc",
-                 ".venv/bin/python", "runs/r/metrics.jsonl"):
+    for name in (
+        "setup.cfg",
+        "lmjax/__init__.py",
+        ".git/HEAD",
+        "lmjax/__pycache__/m.pyc",
+        ".venv/bin/python",
+        "runs/r/metrics.jsonl",
+    ):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("x")
     return root
@@ -247,7 +385,9 @@ def test_tpu_install_makes_a_python_312_env_from_this_checkout_and_run_uses_it(t
     subprocess.run(tar, check=True)
     listed = subprocess.run(["tar", "-tzf", tar[2]], capture_output=True, text=True).stdout
     assert sorted(n for n in listed.split() if not n.endswith("/")) == [
-        "./lmjax/__init__.py", "./setup.cfg"]
+        "./lmjax/__init__.py",
+        "./setup.cfg",
+    ]
     assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tar[2]]
     assert scp[6] == "my-tpu:lmjax-src.tar.gz" and "--worker=all" in scp
     home = tmp_path / "home"
@@ -256,18 +396,26 @@ def test_tpu_install_makes_a_python_312_env_from_this_checkout_and_run_uses_it(t
     _executable(home / "bin" / "uv", _FAKE_UV)
     _executable(home / "bin" / "curl", "#!/bin/sh\nexit 9\n")  # uv is there: never fetched
     env = dict(os.environ, HOME=str(home), PATH=f"{home / 'bin'}:{os.environ['PATH']}")
-    p = subprocess.run(["bash", "-c", _remote_script(ssh)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=30)
+    p = subprocess.run(
+        ["bash", "-c", _remote_script(ssh)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert p.returncode == 0, p.stderr
     assert (home / "lmjax-src" / "setup.cfg").exists()
     venv = home / "lmjax-venv"
     assert (home / "uv-calls").read_text().splitlines() == [
         f"{home}/lmjax-src: venv --allow-existing --python 3.12 {venv}",
-        f"{home}/lmjax-src: pip install --python {venv}/bin/python --upgrade .[tpu]"]
+        f"{home}/lmjax-src: pip install --python {venv}/bin/python --upgrade .[tpu]",
+    ]
     _executable(home / "bin" / "curl", "#!/bin/sh\necho 0\n")  # metadata: worker 0
     run = _remote_script(tpu.plan(_tpu("run", *WHERE, "--", "lmjax", "train", "--x"))[0])
-    p = subprocess.run(["bash", "-c", run], cwd=home, env=env, capture_output=True, text=True,
-                       timeout=30)
+    p = subprocess.run(
+        ["bash", "-c", run], cwd=home, env=env, capture_output=True, text=True, timeout=30
+    )
     assert p.returncode == 0 and p.stdout == f"lmjax from {venv}: train --x\n", p.stderr
 
 
@@ -277,10 +425,22 @@ def test_tpu_install_pinned_git_revision_and_delete():
     assert "uv venv --allow-existing --python 3.12" in script
     assert script.endswith("'lmjax[tpu] @ git+https://github.com/me/lmjax@3f2c1a0'")
     assert tpu.plan(_tpu("delete", *WHERE)) == [
-        ["gcloud", "compute", "tpus", "tpu-vm", "delete", "my-tpu", "--zone=us-east5-a",
-         "--project=my-proj", "--quiet"]]
+        [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "delete",
+            "my-tpu",
+            "--zone=us-east5-a",
+            "--project=my-proj",
+            "--quiet",
+        ]
+    ]
     assert tpu.plan(_tpu("delete", *WHERE, "--num-slices", "2"))[0][3:5] == [
-        "queued-resources", "delete"]
+        "queued-resources",
+        "delete",
+    ]
     assert "--force" in tpu.plan(_tpu("delete", *WHERE, "--num-slices", "2"))[0]
 
 
@@ -303,11 +463,28 @@ class _FakeCloud:
 
 
 def _supervise(fake, *extra):
-    args = _tpu("supervise", *WHERE, "--accelerator-type", "v5p-64", "--spot",
-                "--retry-wait", "5", *extra, "--", "lmjax", "train")
+    args = _tpu(
+        "supervise",
+        *WHERE,
+        "--accelerator-type",
+        "v5p-64",
+        "--spot",
+        "--retry-wait",
+        "5",
+        *extra,
+        "--",
+        "lmjax",
+        "train",
+    )
     slept = []
-    code = tpu.supervise(args, together=fake.together, each=fake.each, status=fake.status,
-                         sleep=slept.append, log=lambda msg: None)
+    code = tpu.supervise(
+        args,
+        together=fake.together,
+        each=fake.each,
+        status=fake.status,
+        sleep=slept.append,
+        log=lambda msg: None,
+    )
     return code, slept
 
 
@@ -332,25 +509,38 @@ def test_supervise_gives_up_after_max_restarts():
 
 
 def test_supervise_dry_run_lists_the_recovery():
-    lines = tpu.dry_run_lines(_tpu("supervise", *WHERE, "--accelerator-type", "v5p-64",
-                                   "--spot", "--", "lmjax", "train"))
+    lines = tpu.dry_run_lines(
+        _tpu("supervise", *WHERE, "--accelerator-type", "v5p-64", "--spot", "--", "lmjax", "train")
+    )
     assert lines[0].startswith("gcloud compute tpus tpu-vm ssh my-tpu ")
     assert lines[1].startswith("# if the run fails")
     commands = [shlex.split(l) for l in lines[2:]]
     assert [c[3:5] for c in commands if c[0] == "gcloud"] == [
-        ["tpu-vm", "describe"], ["tpu-vm", "delete"], ["tpu-vm", "create"], ["tpu-vm", "scp"],
-        ["tpu-vm", "ssh"]]
+        ["tpu-vm", "describe"],
+        ["tpu-vm", "delete"],
+        ["tpu-vm", "create"],
+        ["tpu-vm", "scp"],
+        ["tpu-vm", "ssh"],
+    ]
     assert commands[3][0] == "tar" and "python 3.12" in commands[-1][-1]  # reinstall: checkout
     assert commands[2][-1] == "--spot"
 
 
 # --- GKE -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("accelerator, chips, hosts, per_host, topology", [
-    ("v5p-64", 32, 8, 4, "2x4x4"), ("v4-32", 16, 4, 4, "2x2x4"), ("v5p-8", 4, 1, 4, "2x2x1"),
-    ("v5litepod-16", 16, 4, 4, "4x4"), ("v5litepod-8", 8, 1, 8, "2x4"),
-    ("v6e-256", 256, 64, 4, "16x16"), ("v6e-4", 4, 1, 4, "2x2"),
-])
+
+@pytest.mark.parametrize(
+    "accelerator, chips, hosts, per_host, topology",
+    [
+        ("v5p-64", 32, 8, 4, "2x4x4"),
+        ("v4-32", 16, 4, 4, "2x2x4"),
+        ("v5p-8", 4, 1, 4, "2x2x1"),
+        ("v5litepod-16", 16, 4, 4, "4x4"),
+        ("v5litepod-8", 8, 1, 8, "2x4"),
+        ("v6e-256", 256, 64, 4, "16x16"),
+        ("v6e-4", 4, 1, 4, "2x2"),
+    ],
+)
 def test_slice_shapes(accelerator, chips, hosts, per_host, topology):
     s = slice_shape(accelerator)
     assert (s.chips, s.hosts, s.chips_per_host, s.topology) == (chips, hosts, per_host, topology)
@@ -368,50 +558,103 @@ def test_slice_shape_errors():
 
 def test_gke_jobset_manifest(capsys):
     user_command = ["lmjax", "train", "--set", *HOSTILE]
-    argv = ["--name", "run1", "--accelerator-type", "v5p-64", "--num-slices", "2", "--spot",
-            "--image", "us-docker.pkg.dev/p/r/lmjax:tpu",
-            "--cluster", "c1", "--project", "p", "--zone", "z", "--dry-run", "--", *user_command]
+    argv = [
+        "--name",
+        "run1",
+        "--accelerator-type",
+        "v5p-64",
+        "--num-slices",
+        "2",
+        "--spot",
+        "--image",
+        "us-docker.pkg.dev/p/r/lmjax:tpu",
+        "--cluster",
+        "c1",
+        "--project",
+        "p",
+        "--zone",
+        "z",
+        "--dry-run",
+        "--",
+        *user_command,
+    ]
     assert gke.main(argv) == 0
     text = capsys.readouterr().out
     doc = yaml.safe_load(text)
-    assert doc == gke.jobset(gke.parse_args(argv))   # nothing in the header leaked into YAML
+    assert doc == gke.jobset(gke.parse_args(argv))  # nothing in the header leaked into YAML
     assert doc["kind"] == "JobSet" and doc["metadata"]["name"] == "run1"
     (rjob,) = doc["spec"]["replicatedJobs"]
     assert rjob["replicas"] == 2
     job = rjob["template"]["spec"]
     assert job["parallelism"] == job["completions"] == 8 and job["backoffLimit"] == 0
     pod = job["template"]["spec"]
-    assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
-                                   "cloud.google.com/gke-tpu-topology": "2x4x4",
-                                   "cloud.google.com/gke-spot": "true"}
+    assert pod["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+        "cloud.google.com/gke-tpu-topology": "2x4x4",
+        "cloud.google.com/gke-spot": "true",
+    }
     assert pod["tolerations"][0]["key"] == "cloud.google.com/gke-spot"
     (container,) = pod["containers"]
     assert container["resources"]["limits"] == {"google.com/tpu": 4}
     assert container["command"][:2] == ["bash", "-c"]
     words = shlex.split(container["command"][2])
-    assert words == ["exec", *user_command]   # the image has lmjax: nothing installed at start
+    assert words == ["exec", *user_command]  # the image has lmjax: nothing installed at start
     assert container["image"] == "us-docker.pkg.dev/p/r/lmjax:tpu"
     xpk = next(l for l in text.splitlines() if l.startswith("# equivalent: "))
-    assert xpk.startswith("# equivalent: xpk workload create --cluster=c1 --workload=run1 "
-                          "--tpu-type=v5p-64 --num-slices=2 ")
+    assert xpk.startswith(
+        "# equivalent: xpk workload create --cluster=c1 --workload=run1 "
+        "--tpu-type=v5p-64 --num-slices=2 "
+    )
 
 
 def test_gke_container_script_runs_in_bash(tmp_path):
-    args = gke.parse_args(["--name", "r", "--accelerator-type", "v6e-8", "--image", "i",
-                           "--", "printf", "<%s>\n", *HOSTILE])
-    script = gke.jobset(args)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"][
-        "spec"]["containers"][0]["command"]
+    args = gke.parse_args(
+        [
+            "--name",
+            "r",
+            "--accelerator-type",
+            "v6e-8",
+            "--image",
+            "i",
+            "--",
+            "printf",
+            "<%s>\n",
+            *HOSTILE,
+        ]
+    )
+    script = gke.jobset(args)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]["command"]
     p = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert p.returncode == 0 and p.stdout == "".join(f"<{w}>\n" for w in HOSTILE)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--name", "Bad_Name", "--accelerator-type", "v5p-8", "--image", "i", "--", "lmjax"], "--name"),
-    (["--name", "r", "--accelerator-type", "v5litepod-8", "--num-slices", "2", "--image", "i",
-      "--", "lmjax"], "multi-host slices"),
-    (["--name", "r", "--accelerator-type", "v5p-64", "--image", "i"], "give the command"),
-    (["--name", "r", "--accelerator-type", "v5p-64", "--", "lmjax"], "--image"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--name", "Bad_Name", "--accelerator-type", "v5p-8", "--image", "i", "--", "lmjax"],
+            "--name",
+        ),
+        (
+            [
+                "--name",
+                "r",
+                "--accelerator-type",
+                "v5litepod-8",
+                "--num-slices",
+                "2",
+                "--image",
+                "i",
+                "--",
+                "lmjax",
+            ],
+            "multi-host slices",
+        ),
+        (["--name", "r", "--accelerator-type", "v5p-64", "--image", "i"], "give the command"),
+        (["--name", "r", "--accelerator-type", "v5p-64", "--", "lmjax"], "--image"),
+    ],
+)
 def test_gke_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         gke.parse_args(argv)
@@ -420,13 +663,15 @@ def test_gke_bad_arguments(argv, message, capsys):
 
 # --- SLURM -----------------------------------------------------------------------------------
 
+
 def test_checked_in_sbatch_is_the_default_rendering():
     assert (REPO / "launch" / "slurm.sbatch").read_text() == slurm.render()
 
 
 def test_sbatch_layouts(tmp_path):
-    per_gpu = slurm.render(["printf", "<%s>\n", *HOSTILE], nodes=4, gpus_per_node=4,
-                           partition="gpu", time="2:00:00")
+    per_gpu = slurm.render(
+        ["printf", "<%s>\n", *HOSTILE], nodes=4, gpus_per_node=4, partition="gpu", time="2:00:00"
+    )
     assert "#SBATCH --nodes=4\n#SBATCH --ntasks-per-node=4\n#SBATCH --gpus-per-node=4\n" in per_gpu
     assert "#SBATCH --partition=gpu\n" in per_gpu and "JAX_LOCAL_DEVICE_IDS" not in per_gpu
     assert "\nsrun --kill-on-bad-exit=1 printf " in per_gpu
@@ -434,8 +679,14 @@ def test_sbatch_layouts(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _executable(bin_dir / "srun", '#!/bin/sh\nshift\nexec "$@"\n')
-    p = subprocess.run(["bash", "-c", per_gpu], cwd=tmp_path, capture_output=True, text=True,
-                       env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"), timeout=30)
+    p = subprocess.run(
+        ["bash", "-c", per_gpu],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}"),
+        timeout=30,
+    )
     assert p.returncode == 0 and p.stdout == "".join(f"<{w}>\n" for w in HOSTILE)
     per_node = slurm.render(["lmjax", "train"], nodes=2, gpus_per_node=8, tasks="node")
     assert "#SBATCH --ntasks-per-node=1\n" in per_node
@@ -474,18 +725,29 @@ def test_sbatch_script_runs_jax_slurm_detection_end_to_end(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = _clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
-                     SLURM_NTASKS="2", JAX_COORDINATOR_PORT=str(port), LMJAX_LOCAL_DEVICES="2",
-                     FAKE_SRUN_OUT=str(tmp_path))
-    p = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), PY, str(worker)],
-                       capture_output=True, text=True, env=env, timeout=240)
+    env = _clean_env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_NTASKS="2",
+        JAX_COORDINATOR_PORT=str(port),
+        LMJAX_LOCAL_DEVICES="2",
+        FAKE_SRUN_OUT=str(tmp_path),
+    )
+    p = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), PY, str(worker)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     stdout = "".join((tmp_path / f"task{i}.out").read_text() for i in range(2))
     results = sorted(m.split() for m in re.findall(r"RESULT ((?:\S+ ){5}\S+)", stdout))
     assert results == [["0", "2", "2", "4", "10.0", "10.0"], ["1", "2", "2", "4", "10.0", "10.0"]]
     assert p.stderr.count("(slurm start): 2 local cpu devices, 4 global") == 2
-    no_command = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch")],
-                                capture_output=True, text=True, env=env)
+    no_command = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm.sbatch")], capture_output=True, text=True, env=env
+    )
     assert no_command.returncode == 2 and "usage: sbatch" in no_command.stderr
 
 
@@ -494,7 +756,7 @@ def test_sbatch_runs_the_command_from_the_given_python_environment(tmp_path):
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
-    _executable(venv / "bin" / "lmjax", f"#!/bin/sh\necho \"lmjax from {venv}: $*\"\n")
+    _executable(venv / "bin" / "lmjax", f'#!/bin/sh\necho "lmjax from {venv}: $*"\n')
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _executable(bin_dir / "srun", '#!/bin/sh\nshift\nexec "$@"\n')
@@ -502,24 +764,36 @@ def test_sbatch_runs_the_command_from_the_given_python_environment(tmp_path):
     baked = slurm.render(["lmjax", "train"], venv=str(venv))
     p = subprocess.run(["bash", "-c", baked], capture_output=True, text=True, env=env, timeout=30)
     assert p.returncode == 0 and p.stdout == f"lmjax from {venv}: train\n", p.stderr
-    p = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "lmjax", "eval"],
-                       capture_output=True, text=True, env=dict(env, LMJAX_VENV=str(venv)),
-                       timeout=30)
+    p = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), "lmjax", "eval"],
+        capture_output=True,
+        text=True,
+        env=dict(env, LMJAX_VENV=str(venv)),
+        timeout=30,
+    )
     assert p.returncode == 0 and p.stdout == f"lmjax from {venv}: eval\n", p.stderr
 
 
 # --- every documented command parses ----------------------------------------------------------
 
-_PLACEHOLDERS = {"NAME": "my-run", "Z": "us-east5-a", "P": "my-proj", "X": "smoke",
-                 "IMAGE": "us-docker.pkg.dev/my-proj/lmjax/lmjax:tpu"}
+_PLACEHOLDERS = {
+    "NAME": "my-run",
+    "Z": "us-east5-a",
+    "P": "my-proj",
+    "X": "smoke",
+    "IMAGE": "us-docker.pkg.dev/my-proj/lmjax/lmjax:tpu",
+}
 
 
 def _documented_commands() -> list[list[str]]:
     """Commands in the READMEs' bash blocks and the launcher docstrings that start with
     `python launch/`, `sbatch` or `lmjax` (continuation lines joined, $T expanded as
     launch/README.md sets it)."""
-    texts = [block for doc in ("README.md", "launch/README.md")
-             for block in re.findall(r"```bash\n(.*?)```", (REPO / doc).read_text(), re.S)]
+    texts = [
+        block
+        for doc in ("README.md", "launch/README.md")
+        for block in re.findall(r"```bash\n(.*?)```", (REPO / doc).read_text(), re.S)
+    ]
     texts += [m.__doc__ for m in (tpu, gke, slurm)]
     commands = []
     for text in texts:
@@ -527,39 +801,44 @@ def _documented_commands() -> list[list[str]]:
         for line in joined.splitlines():
             line = line.strip().split(" > ")[0].split(" # ")[0]
             line = line.replace("$T", "--name my-run --zone us-east5-a --project my-project")
-            line = re.sub(r" \[[^\]]*\]", "", line)   # usage lines: [optional] parts
+            line = re.sub(r" \[[^\]]*\]", "", line)  # usage lines: [optional] parts
             line = re.sub(r"\b(NAME|Z|P|IMAGE|X)\b", lambda m: _PLACEHOLDERS[m.group(1)], line)
             if re.match(r"(python launch/\w+\.py|sbatch|lmjax) ", line):
                 words = shlex.split(line.replace("...", "x"))
-                if "x" not in words:   # "... -- lmjax train ..." elides arguments: skipped
+                if "x" not in words:  # "... -- lmjax train ..." elides arguments: skipped
                     commands.append(words)
     return commands
 
 
 def _check_lmjax(argv: list[str]) -> None:
     from lmjax import cli
+
     args = cli.build_parser().parse_args(argv)
     if hasattr(args, "overrides"):
-        cli.load_experiment(args.experiment, args.overrides)   # every --set key exists
+        cli.load_experiment(args.experiment, args.overrides)  # every --set key exists
 
 
 def test_every_documented_launch_command_parses(monkeypatch, capsys):
-    monkeypatch.chdir(REPO)   # --source . is this checkout
+    monkeypatch.chdir(REPO)  # --source . is this checkout
     commands = _documented_commands()
-    launchers = {"tpu": tpu.parse_args, "gke": gke.parse_args,
-                 "slurm": lambda a: slurm.main(a) == 0 or pytest.fail(str(a))}
+    launchers = {
+        "tpu": tpu.parse_args,
+        "gke": gke.parse_args,
+        "slurm": lambda a: slurm.main(a) == 0 or pytest.fail(str(a)),
+    }
     seen = set()
     for words in commands:
         if words[0] == "python":
             name = Path(words[1]).stem
             seen.add(name)
             if name == "local":
-                continue   # exercised for real above
+                continue  # exercised for real above
             args = launchers[name](words[2:])
-            inner = getattr(args, "command", None) or (words[words.index("--") + 1:]
-                                                       if "--" in words else [])
+            inner = getattr(args, "command", None) or (
+                words[words.index("--") + 1 :] if "--" in words else []
+            )
         elif words[0] == "sbatch":
-            inner = words[next(i for i, w in enumerate(words) if w.endswith(".sbatch")) + 1:]
+            inner = words[next(i for i, w in enumerate(words) if w.endswith(".sbatch")) + 1 :]
         else:
             inner = words
         if inner[:1] == ["lmjax"]:
@@ -572,9 +851,11 @@ def test_dockerfile_installs_this_checkout_on_python_312_with_existing_extras():
     text = (REPO / "docker" / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.12", text, re.M)
     assert "COPY . ." in text and 'pip install --no-cache-dir ".[${EXTRA}]"' in text
-    extras = re.search(r"\[options.extras_require\]\n((?:.*\n)*?)\n", (REPO / "setup.cfg").read_text())
+    extras = re.search(
+        r"\[options.extras_require\]\n((?:.*\n)*?)\n", (REPO / "setup.cfg").read_text()
+    )
     names = set(re.findall(r"^(\w+) =", extras.group(1), re.M))
     assert {"tpu", "gpu"} <= names
     assert re.search(r"^ARG EXTRA=tpu$", text, re.M)
     requires = re.search(r"python_requires\s*=\s*>=\s*3\.(\d+)", (REPO / "setup.cfg").read_text())
-    assert int(requires.group(1)) <= 12   # the image's Python satisfies setup.cfg
+    assert int(requires.group(1)) <= 12  # the image's Python satisfies setup.cfg

@@ -1,6 +1,7 @@
 """lmjax.matmul: projections with row-major backward matmuls, against numpy, and the property
 they exist for: on XLA:CPU every matmul of a bfloat16 projection and its gradients stays in
 bfloat16 (the transposed forms autodiff produces are converted to float32)."""
+
 import re
 
 import jax
@@ -20,11 +21,13 @@ def test_dense_and_its_gradients_match_numpy(impl, contract):
     y = matmul.dense(jnp.asarray(x), jnp.asarray(w), contract=contract, impl=impl)
     k = int(np.prod(w.shape[:contract]))
     x2, w2 = x.reshape(-1, k).astype(np.float64), w.reshape(k, -1).astype(np.float64)
-    np.testing.assert_allclose(np.asarray(y).reshape(x2.shape[0], -1), x2 @ w2, rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(y).reshape(x2.shape[0], -1), x2 @ w2, rtol=1e-5, atol=1e-5
+    )
     g = rng.standard_normal(y.shape).astype(np.float32)
-    dx, dw = jax.grad(lambda x, w: jnp.sum(matmul.dense(x, w, contract=contract, impl=impl) * g),
-                      argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+    dx, dw = jax.grad(
+        lambda x, w: jnp.sum(matmul.dense(x, w, contract=contract, impl=impl) * g), argnums=(0, 1)
+    )(jnp.asarray(x), jnp.asarray(w))
     g2 = g.reshape(x2.shape[0], -1).astype(np.float64)
     np.testing.assert_allclose(np.asarray(dx).reshape(x2.shape), g2 @ w2.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dw).reshape(w2.shape), x2.T @ g2, rtol=1e-5, atol=1e-5)
@@ -45,8 +48,10 @@ def _dot_operand_dtypes(hlo: str) -> list[tuple[str, ...]]:
     """The operand dtypes of every dot in compiled HLO text."""
     dtype_of = dict(re.findall(r"%?([\w.\-]+) = (\w+)\[", hlo))
     dtype_of.update(re.findall(r"([\w.\-]+): (\w+)\[", hlo))  # computation parameters
-    return [tuple(dtype_of[name] for name in re.findall(r"%([\w.\-]+)", operands))
-            for operands in re.findall(r" dot\(([^)]*)\)", hlo)]
+    return [
+        tuple(dtype_of[name] for name in re.findall(r"%([\w.\-]+)", operands))
+        for operands in re.findall(r" dot\(([^)]*)\)", hlo)
+    ]
 
 
 @pytest.mark.parametrize("impl", ["xla", "row_major"])
@@ -84,15 +89,29 @@ def test_row_major_trains_like_xla_on_a_sharded_bfloat16_mesh():
     results = {}
     for impl in ("xla", "row_major"):
         cfg = Config(
-            model=ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                              head_dim=16, d_mlp=192, max_seq_len=64, dtype="bfloat16",
-                              remat="full", matmul=impl),
+            model=ModelConfig(
+                vocab_size=256,
+                d_model=64,
+                n_layers=2,
+                n_heads=4,
+                n_kv_heads=2,
+                head_dim=16,
+                d_mlp=192,
+                max_seq_len=64,
+                dtype="bfloat16",
+                remat="full",
+                matmul=impl,
+            ),
             mesh=MeshConfig(data=2, fsdp=2, tensor=2),
             data=DataConfig(source="synthetic", batch_size=8, seq_len=64),
-            optim=OptimConfig(lr=1e-2, warmup_steps=0), run=RunConfig(steps=3))
+            optim=OptimConfig(lr=1e-2, warmup_steps=0),
+            run=RunConfig(steps=3),
+        )
         trainer = train.make_trainer(cfg, sharding.make_mesh(cfg.mesh))
         state = trainer.init_fn()
-        batch = train.global_batch(synthetic_batch(0, 0, 0, range(8), 64, 256), trainer.batch_sharding)
+        batch = train.global_batch(
+            synthetic_batch(0, 0, 0, range(8), 64, 256), trainer.batch_sharding
+        )
         results[impl] = []
         for _ in range(3):
             state, m = trainer.step_fn(state, batch)
@@ -109,8 +128,18 @@ def test_save_dots_keeps_row_major_projection_outputs_instead_of_recomputing_the
     from lmjax import model
     from lmjax.config import ModelConfig
 
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                      head_dim=8, d_mlp=64, max_seq_len=16, dtype="bfloat16", matmul="row_major")
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        d_mlp=64,
+        max_seq_len=16,
+        dtype="bfloat16",
+        matmul="row_major",
+    )
     tokens = jnp.zeros((2, 16), jnp.int32)
 
     def dots(remat):

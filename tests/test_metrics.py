@@ -1,5 +1,6 @@
 """Peak FLOP/s for MFU: the right chip variant, and the float32 peak for float32 compute;
 metrics.jsonl read back as MetricsWriter wrote it."""
+
 import types
 
 import pytest
@@ -12,14 +13,17 @@ def _device(kind, platform):
     return types.SimpleNamespace(device_kind=kind, platform=platform)
 
 
-@pytest.mark.parametrize("kind, dtype, peak, says", [
-    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12, "16-bit"),
-    ("NVIDIA H100 PCIe", "bfloat16", 756e12, "16-bit"),
-    ("NVIDIA H100 NVL", "bfloat16", 835e12, "16-bit"),
-    ("NVIDIA H100 PCIe", "float32", 378e12, "TF32"),
-    ("NVIDIA A100-SXM4-80GB", "float32", 156e12, "TF32"),
-    ("NVIDIA A100-PCIE-40GB", "bfloat16", 312e12, "16-bit"),
-])
+@pytest.mark.parametrize(
+    "kind, dtype, peak, says",
+    [
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12, "16-bit"),
+        ("NVIDIA H100 PCIe", "bfloat16", 756e12, "16-bit"),
+        ("NVIDIA H100 NVL", "bfloat16", 835e12, "16-bit"),
+        ("NVIDIA H100 PCIe", "float32", 378e12, "TF32"),
+        ("NVIDIA A100-SXM4-80GB", "float32", 156e12, "TF32"),
+        ("NVIDIA A100-PCIE-40GB", "bfloat16", 312e12, "16-bit"),
+    ],
+)
 def test_gpu_peaks_by_variant_and_dtype(kind, dtype, peak, says):
     got, source = metrics.peak_flops(_device(kind, "gpu"), dtype)
     assert got == peak and kind in source and says in source
@@ -30,7 +34,9 @@ def test_unknown_h100_variant_has_no_peak_and_tpu_float32_is_the_bf16_rate():
     assert got != got  # NaN: no guess from another variant
     assert "unknown device kind" in source
     assert metrics.peak_flops(_device("TPU v5p", "tpu"), "float32") == (
-        459e12, "table (TPU v5p, float32 matmuls as bf16 passes at default precision)")
+        459e12,
+        "table (TPU v5p, float32 matmuls as bf16 passes at default precision)",
+    )
 
 
 def test_read_records_gives_every_start_in_order_and_skips_a_torn_last_line(tmp_path):
@@ -41,8 +47,12 @@ def test_read_records_gives_every_start_in_order_and_skips_a_torn_last_line(tmp_
     second = metrics.MetricsWriter(str(tmp_path), total_steps=3, start_step=2)  # a restart
     second.write(3, {"loss": 2.0}, progress=False)
     second.close()
-    written = [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25, "note": "x"},
-               {"step": 2, "event": "end"}, {"step": 3, "loss": 2.0}]
+    written = [
+        {"step": 1, "loss": 2.5},
+        {"step": 2, "loss": 2.25, "note": "x"},
+        {"step": 2, "event": "end"},
+        {"step": 3, "loss": 2.0},
+    ]
     assert metrics.read_records(tmp_path) == written
     with open(tmp_path / metrics.METRICS_FILE, "a") as f:
         f.write('{"step": 4, "lo')  # a process killed in the middle of a write
@@ -77,8 +87,13 @@ def test_a_restart_after_a_torn_write_cuts_the_torn_record_and_appends_cleanly(t
 
 def test_drop_torn_tail_leaves_complete_files_alone_and_empties_a_lone_torn_line(tmp_path):
     path = tmp_path / "f"
-    for content, kept in [(b"", b""), (b"a\n", b"a\n"), (b"a\nb\n", b"a\nb\n"), (b"abc", b""),
-                          (b"a\n" + b"y" * 9000, b"a\n")]:
+    for content, kept in [
+        (b"", b""),
+        (b"a\n", b"a\n"),
+        (b"a\nb\n", b"a\nb\n"),
+        (b"abc", b""),
+        (b"a\n" + b"y" * 9000, b"a\n"),
+    ]:
         path.write_bytes(content)
         metrics.drop_torn_tail(str(path))
         assert path.read_bytes() == kept

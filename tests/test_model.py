@@ -4,6 +4,7 @@ Parameters are drawn as a random HF-named state dict and placed into the lmjax l
 `tests.helpers.params_from_hf`, a direct transcription of the layouts documented in
 lmjax/model.py (deliberately not lmjax.convert.hf, which tests/test_convert.py checks on its own).
 """
+
 import dataclasses
 import functools
 
@@ -18,13 +19,32 @@ from lmjax.config import ModelConfig
 from tests import numpy_llama
 from tests.helpers import hf_config, random_model
 
-CFG = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                  d_mlp=64, max_seq_len=64, rope_theta=10000.0, norm_eps=1e-5, dtype="float32",
-                  param_dtype="float32", remat="none", attention="xla", scan_layers=True)
+CFG = ModelConfig(
+    vocab_size=256,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    d_mlp=64,
+    max_seq_len=64,
+    rope_theta=10000.0,
+    norm_eps=1e-5,
+    dtype="float32",
+    param_dtype="float32",
+    remat="none",
+    attention="xla",
+    scan_layers=True,
+)
 # Llama-3.1 scaling with a short original context, so that all three frequency bands
 # (kept, blended, divided by the factor) fall on frequencies that matter at 32 positions.
-SCALED = dataclasses.replace(CFG, rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
-                             rope_high_freq_factor=4.0, rope_original_max_len=64)
+SCALED = dataclasses.replace(
+    CFG,
+    rope_scaling_factor=8.0,
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_max_len=64,
+)
 
 
 def tokens_for(seed, batch=2, seq=32, vocab=256):
@@ -55,8 +75,9 @@ def test_rms_norm_matches_numpy():
     x = rng.standard_normal((2, 5, 32)).astype(np.float32) * 3
     w = rng.standard_normal(32).astype(np.float32)
     got = model.rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-5)
-    np.testing.assert_allclose(np.asarray(got), numpy_llama.rms_norm(x.astype(np.float64), w, 1e-5),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(got), numpy_llama.rms_norm(x.astype(np.float64), w, 1e-5), rtol=1e-5, atol=1e-6
+    )
     assert model.rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), 1e-5).dtype == jnp.bfloat16
 
 
@@ -66,9 +87,15 @@ def test_rope_frequencies_unscaled_match_numpy():
 
 
 def test_llama31_rope_scaling_matches_published_formula():
-    cfg = dataclasses.replace(CFG, head_dim=128, rope_theta=500000.0, rope_scaling_factor=8.0,
-                              rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                              rope_original_max_len=8192)
+    cfg = dataclasses.replace(
+        CFG,
+        head_dim=128,
+        rope_theta=500000.0,
+        rope_scaling_factor=8.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_original_max_len=8192,
+    )
     got = np.asarray(model.rope_frequencies(cfg), np.float64)
     inv = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)
     want = numpy_llama.llama3_scaled_frequencies(inv, 8.0, 1.0, 4.0, 8192)
@@ -86,7 +113,9 @@ def test_apply_rope_matches_numpy():
     sin, cos = model.rope_tables(jnp.asarray(pos), SCALED)
     got = np.asarray(model.apply_rope(jnp.asarray(x), sin, cos))
     inv = numpy_llama.inverse_frequencies(hf_config(SCALED))
-    want = np.stack([numpy_llama.apply_rope(x[b].astype(np.float64), pos[b], inv) for b in range(2)])
+    want = np.stack(
+        [numpy_llama.apply_rope(x[b].astype(np.float64), pos[b], inv) for b in range(2)]
+    )
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
@@ -110,7 +139,8 @@ def test_rope_scores_depend_only_on_relative_position(cfg):
     # Rotation preserves norms; position 0 is the identity.
     s, c = model.rope_tables(jnp.array([[37]]), cfg)
     assert float(jnp.linalg.norm(model.apply_rope(q, s, c))) == pytest.approx(
-        float(jnp.linalg.norm(q)), rel=1e-6)
+        float(jnp.linalg.norm(q)), rel=1e-6
+    )
     s, c = model.rope_tables(jnp.array([[0]]), cfg)
     np.testing.assert_allclose(np.asarray(model.apply_rope(q, s, c)), np.asarray(q), atol=1e-7)
 
@@ -118,13 +148,17 @@ def test_rope_scores_depend_only_on_relative_position(cfg):
 # ---------------------------------------------------------------- full forward
 
 
-@pytest.mark.parametrize("cfg", [
-    CFG,
-    dataclasses.replace(CFG, tie_embeddings=True),
-    dataclasses.replace(CFG, n_kv_heads=1),
-    dataclasses.replace(CFG, n_kv_heads=4, head_dim=8),
-    SCALED,
-], ids=["gqa-untied", "gqa-tied", "mqa", "mha", "llama31-rope"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CFG,
+        dataclasses.replace(CFG, tie_embeddings=True),
+        dataclasses.replace(CFG, n_kv_heads=1),
+        dataclasses.replace(CFG, n_kv_heads=4, head_dim=8),
+        SCALED,
+    ],
+    ids=["gqa-untied", "gqa-tied", "mqa", "mha", "llama31-rope"],
+)
 def test_forward_matches_numpy_reference(cfg):
     params, tensors = random_model(cfg, seed=3)
     tokens = tokens_for(4)
@@ -146,8 +180,9 @@ def packed_batch():
 def test_packed_forward_matches_numpy_reference():
     params, tensors = random_model(CFG, seed=6)
     tokens, seg, pos, _ = packed_batch()
-    got = model.forward(params, jnp.asarray(tokens), CFG, segment_ids=jnp.asarray(seg),
-                        positions=jnp.asarray(pos))
+    got = model.forward(
+        params, jnp.asarray(tokens), CFG, segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos)
+    )
     want = numpy_llama.forward(tensors, hf_config(CFG), tokens, positions=pos, segment_ids=seg)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
 
@@ -156,22 +191,35 @@ def test_packed_forward_matches_numpy_reference():
 def test_packed_row_equals_each_document_alone():
     params, _ = random_model(SCALED, seed=7)
     tokens, seg, pos, lengths = packed_batch()
-    packed = np.asarray(model.forward(params, jnp.asarray(tokens), SCALED,
-                                      segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos)))
+    packed = np.asarray(
+        model.forward(
+            params,
+            jnp.asarray(tokens),
+            SCALED,
+            segment_ids=jnp.asarray(seg),
+            positions=jnp.asarray(pos),
+        )
+    )
     for row in range(2):
         start = 0
         for n in lengths[row]:
-            alone = model.forward(params, jnp.asarray(tokens[row:row + 1, start:start + n]), SCALED)
-            np.testing.assert_allclose(packed[row, start:start + n], np.asarray(alone)[0],
-                                       atol=2e-5, rtol=0)
+            alone = model.forward(
+                params, jnp.asarray(tokens[row : row + 1, start : start + n]), SCALED
+            )
+            np.testing.assert_allclose(
+                packed[row, start : start + n], np.asarray(alone)[0], atol=2e-5, rtol=0
+            )
             start += n
 
 
 def test_changing_one_document_leaves_the_others_unchanged():
     params, _ = random_model(CFG, seed=8)
     tokens, seg, pos, _ = packed_batch()
-    fwd = jax.jit(lambda t: model.forward(params, t, CFG, segment_ids=jnp.asarray(seg),
-                                          positions=jnp.asarray(pos)))
+    fwd = jax.jit(
+        lambda t: model.forward(
+            params, t, CFG, segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos)
+        )
+    )
     before = np.asarray(fwd(jnp.asarray(tokens)))
     changed = tokens.copy()
     changed[0, 5:14] = (changed[0, 5:14] + 1) % CFG.vocab_size  # the middle document of row 0
@@ -210,16 +258,23 @@ def test_remat_policies_layer_scan_and_row_major_matmuls_give_the_same_gradients
     assert float(optax.tree.norm(ref_grads)) > 1e-3
     variants = [dataclasses.replace(CFG, remat=p) for p in ("full", "save_dots", "save_attn")]
     variants.append(dataclasses.replace(CFG, scan_layers=False, remat="save_attn"))
-    variants += [dataclasses.replace(CFG, matmul="row_major", remat=p) for p in ("none", "save_dots")]
+    variants += [
+        dataclasses.replace(CFG, matmul="row_major", remat=p) for p in ("none", "save_dots")
+    ]
     for cfg in variants:
         loss, grads = _grads(cfg, params, tokens)
         assert float(loss) == pytest.approx(float(ref_loss), abs=1e-6), cfg
-        for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads),
-                                jax.tree.leaves(ref_grads)):
+        for (path, g), r in zip(
+            jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)
+        ):
             np.testing.assert_allclose(
-                np.asarray(g), np.asarray(r), atol=1e-6, rtol=1e-5,
+                np.asarray(g),
+                np.asarray(r),
+                atol=1e-6,
+                rtol=1e-5,
                 err_msg=f"remat={cfg.remat} scan={cfg.scan_layers} matmul={cfg.matmul} "
-                        f"{jax.tree_util.keystr(path)}")
+                f"{jax.tree_util.keystr(path)}",
+            )
 
 
 def test_scan_layers_forward_equals_python_loop():

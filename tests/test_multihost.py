@@ -1,5 +1,6 @@
 """Two real processes x 4 CPU devices (gloo collectives, started by launch/local.py) train
 with the losses of one process with 8 devices."""
+
 import json
 import os
 import subprocess
@@ -12,8 +13,14 @@ import pytest
 from lmjax import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN_SETS = ["run.steps=3", "run.log_every=1", "run.eval_batches=1",
-              "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.every_steps=1000"]
+TRAIN_SETS = [
+    "run.steps=3",
+    "run.log_every=1",
+    "run.eval_batches=1",
+    "optim.warmup_steps=0",
+    "optim.schedule=constant",
+    "checkpoint.every_steps=1000",
+]
 
 
 def _losses(workdir) -> list[float]:
@@ -29,23 +36,41 @@ def _sets(sets):
 def one_process(tmp_path_factory):
     """Losses of this (8-device) process, and the tokenizer it trained for the others."""
     workdir = tmp_path_factory.mktemp("one_process")
-    assert cli.main(["train", "--experiment", "smoke", "--workdir", str(workdir),
-                     *_sets(TRAIN_SETS)]) == 0
+    assert (
+        cli.main(["train", "--experiment", "smoke", "--workdir", str(workdir), *_sets(TRAIN_SETS)])
+        == 0
+    )
     return _losses(workdir), str(workdir / "tokenizer.model")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh_sets", [
-    [],  # fsdp over all 8 devices of both processes
-    ["mesh.dcn_data=2", "mesh.fsdp=-1"],  # hybrid: data across processes, fsdp within one
-])
+@pytest.mark.parametrize(
+    "mesh_sets",
+    [
+        [],  # fsdp over all 8 devices of both processes
+        ["mesh.dcn_data=2", "mesh.fsdp=-1"],  # hybrid: data across processes, fsdp within one
+    ],
+)
 def test_two_processes_train_like_one(tmp_path, one_process, mesh_sets):
     losses, tokenizer = one_process
-    command = [sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
-               "--devices-per-process", "4", "--",
-               sys.executable, "-m", "lmjax", "train", "--experiment", "smoke",
-               "--workdir", str(tmp_path),
-               *_sets(TRAIN_SETS + mesh_sets + [f"data.tokenizer={tokenizer}"])]
+    command = [
+        sys.executable,
+        str(ROOT / "launch" / "local.py"),
+        "--processes",
+        "2",
+        "--devices-per-process",
+        "4",
+        "--",
+        sys.executable,
+        "-m",
+        "lmjax",
+        "train",
+        "--experiment",
+        "smoke",
+        "--workdir",
+        str(tmp_path),
+        *_sets(TRAIN_SETS + mesh_sets + [f"data.tokenizer={tokenizer}"]),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -57,8 +82,17 @@ def test_two_processes_train_like_one(tmp_path, one_process, mesh_sets):
 
 
 def _train_command(workdir, sets):
-    return [sys.executable, "-m", "lmjax", "train", "--experiment", "smoke",
-            "--workdir", str(workdir), *_sets(TRAIN_SETS + sets)]
+    return [
+        sys.executable,
+        "-m",
+        "lmjax",
+        "train",
+        "--experiment",
+        "smoke",
+        "--workdir",
+        str(workdir),
+        *_sets(TRAIN_SETS + sets),
+    ]
 
 
 def _run(command, **env):
@@ -73,22 +107,39 @@ WIDE = ["model.n_heads=8", "model.n_kv_heads=8", "model.head_dim=8"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices_per_process, sets", [
-    (1, ["mesh.tensor=2", "mesh.fsdp=1"]),  # the batch is not split: both processes feed it all
-    (2, ["mesh.tensor=4", "mesh.fsdp=1"] + WIDE),  # tensor spans the processes
-], ids=["2x1-tensor2", "2x2-tensor4"])
-def test_tensor_axis_across_processes_trains_like_one_process(tmp_path, one_process,
-                                                              devices_per_process, sets):
+@pytest.mark.parametrize(
+    "devices_per_process, sets",
+    [
+        (1, ["mesh.tensor=2", "mesh.fsdp=1"]),  # the batch is not split: both processes feed it all
+        (2, ["mesh.tensor=4", "mesh.fsdp=1"] + WIDE),  # tensor spans the processes
+    ],
+    ids=["2x1-tensor2", "2x2-tensor4"],
+)
+def test_tensor_axis_across_processes_trains_like_one_process(
+    tmp_path, one_process, devices_per_process, sets
+):
     """A mesh axis that does not split the batch spans the processes: every process must
     feed the rows its devices hold (here all of them), not an equal share."""
     sets = sets + [f"data.tokenizer={one_process[1]}"]
     total = 2 * devices_per_process
-    _run(_train_command(tmp_path / "one", sets),
-         XLA_FLAGS=f"--xla_force_host_platform_device_count={total}", JAX_PLATFORMS="cpu")
+    _run(
+        _train_command(tmp_path / "one", sets),
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={total}",
+        JAX_PLATFORMS="cpu",
+    )
     reference = _losses(tmp_path / "one")
-    output = _run([sys.executable, str(ROOT / "launch" / "local.py"), "--processes", "2",
-                   "--devices-per-process", str(devices_per_process), "--",
-                   *_train_command(tmp_path / "two", sets)])
+    output = _run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "local.py"),
+            "--processes",
+            "2",
+            "--devices-per-process",
+            str(devices_per_process),
+            "--",
+            *_train_command(tmp_path / "two", sets),
+        ]
+    )
     assert "process 1/2" in output
     got = _losses(tmp_path / "two")
     assert len(got) == 3 and len(set(got)) == 3

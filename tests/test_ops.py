@@ -5,6 +5,7 @@ One run of the smoke experiment (packaged corpus, real tf.data and orbax) crashe
 (a hook raises, after checkpoint 4) while tracing steps 2-3; a second call resumes it from
 step 4, redoing steps 5 and 6.
 """
+
 import glob
 import json
 import os
@@ -20,8 +21,15 @@ from lmjax.loop import Hook
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, CRASH = 10, 7
-SETS = [f"run.steps={STEPS}", "run.log_every=1", "checkpoint.every_steps=4", "run.eval_every=0",
-        "run.eval_batches=1", "run.profile_steps=2:4", "run.wandb_project=lmjax-test"]
+SETS = [
+    f"run.steps={STEPS}",
+    "run.log_every=1",
+    "checkpoint.every_steps=4",
+    "run.eval_every=0",
+    "run.eval_batches=1",
+    "run.profile_steps=2:4",
+    "run.wandb_project=lmjax-test",
+]
 
 
 class _Crash(Hook):
@@ -92,7 +100,8 @@ def test_goodput_buckets_add_up_to_wall_time_across_a_restart(crashed_and_resume
     assert total["lost"] == second["goodput/lost_s"]
     assert total["total"] == pytest.approx(sum(walls) + total["between_starts"], rel=0.01)
     assert total["goodput"] == pytest.approx(
-        (first["goodput/train_s"] + second["goodput/train_s"]) / total["total"])
+        (first["goodput/train_s"] + second["goodput/train_s"]) / total["total"]
+    )
 
 
 def test_report_prints_totals_and_writes_a_png(crashed_and_resumed, capsys):
@@ -122,6 +131,7 @@ def _hlo_op_names(xplane_path: str) -> set[str]:
     """The op_name metadata of every HLO module recorded in a profile (XSpace)."""
     from tensorflow.compiler.xla.service import hlo_pb2
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
     with open(xplane_path, "rb") as f:
         space = xplane_pb2.XSpace.FromString(f.read())
     names = set()
@@ -131,15 +141,17 @@ def _hlo_op_names(xplane_path: str) -> set[str]:
             for stat in event.stats:
                 if stat.metadata_id in hlo_stat:
                     module = hlo_pb2.HloProto.FromString(stat.bytes_value).hlo_module
-                    names.update(i.metadata.op_name for c in module.computations
-                                 for i in c.instructions)
+                    names.update(
+                        i.metadata.op_name for c in module.computations for i in c.instructions
+                    )
     return names
 
 
 def test_profile_trace_has_the_named_scopes(crashed_and_resumed):
     workdir, _ = crashed_and_resumed
-    traces = glob.glob(os.path.join(workdir, "tensorboard", "plugins", "profile", "*",
-                                    "*.xplane.pb"))
+    traces = glob.glob(
+        os.path.join(workdir, "tensorboard", "plugins", "profile", "*", "*.xplane.pb")
+    )
     assert len(traces) == 1, traces  # only the first start traced (the resume began at 5)
     step_ops = [n for n in _hlo_op_names(traces[0]) if "step_with_rules" in n]
     for scope in ("attention", "mlp", "loss", "optimizer"):
@@ -161,12 +173,22 @@ print("cache hits:", len(hits))
 
 @pytest.mark.slow
 def test_second_compile_in_a_fresh_process_hits_the_cache(tmp_path):
-    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
     hits = []
     for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", _CACHE_PROBE, str(tmp_path / "cache")],
-                             env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            [sys.executable, "-c", _CACHE_PROBE, str(tmp_path / "cache")],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         hits.append(int(out.stdout.split("cache hits:")[1]))
     assert hits[0] == 0 and hits[1] >= 2, hits  # the init and the train step, at least

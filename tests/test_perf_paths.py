@@ -3,6 +3,7 @@
 float32 throughout; the hand-written VJP must give the gradients autodiff gives through
 explicit logits, for every chunking, with a loss mask and a z-loss.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,7 @@ def _numpy_sums(x, w, targets, weights, z_loss):
     logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
     target = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
     nll = np.sum((logz - target) * weights)
-    z = np.sum(logz ** 2 * weights)
+    z = np.sum(logz**2 * weights)
     return nll + z_loss * z, nll, z
 
 
@@ -36,7 +37,7 @@ def _autodiff_objective(x, w, targets, weights, z_loss):
     logits = jnp.einsum("bsd,dv->bsv", x, w)
     logz = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((logz - target) * weights) + z_loss * jnp.sum(logz ** 2 * weights)
+    return jnp.sum((logz - target) * weights) + z_loss * jnp.sum(logz**2 * weights)
 
 
 @pytest.mark.parametrize("chunk,impl", [(0, "xla"), (4, "xla"), (16, "xla"), (4, "row_major")])
@@ -44,16 +45,23 @@ def _autodiff_objective(x, w, targets, weights, z_loss):
 def test_fused_loss_values_and_gradients_match_references(chunk, impl, z_loss):
     x, w, targets, weights = _inputs()
     sums = jax.jit(lambda *a: loss.loss_sums(*a, z_loss=z_loss, chunk=chunk, impl=impl))(
-        x, w, targets, weights)
+        x, w, targets, weights
+    )
     for got, want in zip(sums, _numpy_sums(x, w, targets, weights, z_loss)):
         np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
-    fused_grad = jax.jit(jax.grad(
-        lambda x, w: 3.0 * loss.loss_sums(x, w, targets, weights, z_loss=z_loss, chunk=chunk,
-                                          impl=impl)[0],
-        argnums=(0, 1)))(x, w)
-    ref_grad = jax.grad(lambda x, w: 3.0 * _autodiff_objective(x, w, targets, weights, z_loss),
-                        argnums=(0, 1))(x, w)
+    fused_grad = jax.jit(
+        jax.grad(
+            lambda x, w: (
+                3.0
+                * loss.loss_sums(x, w, targets, weights, z_loss=z_loss, chunk=chunk, impl=impl)[0]
+            ),
+            argnums=(0, 1),
+        )
+    )(x, w)
+    ref_grad = jax.grad(
+        lambda x, w: 3.0 * _autodiff_objective(x, w, targets, weights, z_loss), argnums=(0, 1)
+    )(x, w)
     for got, want in zip(fused_grad, ref_grad):
         # float32: softmax as exp(logits - logsumexp) vs autodiff's form, values up to ~10
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """`lmjax plan`: candidate enumeration, the roofline arithmetic, HLO collective parsing, and
 (slow) real ahead-of-time TPU compiles in worker processes."""
+
 import dataclasses
 import json
 import math
@@ -7,12 +8,11 @@ import math
 import jax
 import pytest
 
-from lmjax import cli, hardware, plan, roofline
-from lmjax import compile as compile_lib
+from lmjax import cli, compile as compile_lib, hardware, plan, roofline
 from lmjax.config import ConfigError, ModelConfig
 from tests import tpu_compiler
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 # ---------------------------------------------------------------- enumeration
@@ -27,31 +27,50 @@ def _space(**dims):
 def test_enumeration_respects_divisibility_and_the_mesh_size():
     config = cli.load_experiment("smoke")  # 4 heads / 2 KV heads, d_model 64, d_mlp 192
     candidates, rejected = plan.enumerate_candidates(
-        config, 8, 2, _space(mesh__tensor=(1, 2, 3, 4), mesh__data=(1, 2), mesh__dcn_data=(1, 2),
-                             rows_per_chip=(1,), model__remat=("full",),
-                             optim__grad_accum=(1, 2, 16)))
+        config,
+        8,
+        2,
+        _space(
+            mesh__tensor=(1, 2, 3, 4),
+            mesh__data=(1, 2),
+            mesh__dcn_data=(1, 2),
+            rows_per_chip=(1,),
+            model__remat=("full",),
+            optim__grad_accum=(1, 2, 16),
+        ),
+    )
     assert candidates and rejected
     for c in candidates:
         m = c.config.mesh
         assert m.data * m.fsdp * m.tensor == 8 and m.dcn_data * m.dcn_fsdp == 2
-        assert config.model.n_kv_heads % m.tensor == 0 and config.model.d_model % (
-            m.fsdp * m.dcn_fsdp) == 0
+        assert (
+            config.model.n_kv_heads % m.tensor == 0
+            and config.model.d_model % (m.fsdp * m.dcn_fsdp) == 0
+        )
         assert c.config.data.batch_size == 16  # 1 row per chip, 16 chips
         shards = m.data * m.fsdp * m.dcn_data * m.dcn_fsdp
         assert (c.config.data.batch_size // c.config.optim.grad_accum) % shards == 0
         assert "data.batch_size=16" in c.overrides
     reasons = {r.reason for r in rejected}
     assert "mesh.data x mesh.tensor = 1 x 3 does not divide 8 chips per slice" in reasons
-    assert ("params/layers/wk dimension 'kv_heads' of size 2 is not divisible by mesh axes "
-            "tensor of size 4") in reasons
+    assert (
+        "params/layers/wk dimension 'kv_heads' of size 2 is not divisible by mesh axes "
+        "tensor of size 4"
+    ) in reasons
     # 16 rows in 16 microbatches of 1 row: no batch shards
-    assert any(r.startswith("batch dimension 'act_batch' of size 1 is not divisible by mesh "
-                            "axes data+fsdp of size") for r in reasons)
+    assert any(
+        r.startswith(
+            "batch dimension 'act_batch' of size 1 is not divisible by mesh axes data+fsdp of size"
+        )
+        for r in reasons
+    )
     # the rules decide: with KV heads replicated, tensor=4 fits 2 KV heads
-    replicated = dataclasses.replace(config, mesh=dataclasses.replace(
-        config.mesh, rules=("kv_heads=", "act_kv_heads=")))
-    ok, _ = plan.enumerate_candidates(replicated, 8, 1, _space(
-        mesh__tensor=(4,), rows_per_chip=(1,), model__remat=("full",)))
+    replicated = dataclasses.replace(
+        config, mesh=dataclasses.replace(config.mesh, rules=("kv_heads=", "act_kv_heads="))
+    )
+    ok, _ = plan.enumerate_candidates(
+        replicated, 8, 1, _space(mesh__tensor=(4,), rows_per_chip=(1,), model__remat=("full",))
+    )
     assert [c.config.mesh.tensor for c in ok] == [4]
     # every point of the space is accounted for
     assert len(candidates) + len(rejected) == 4 * 2 * 2 * 3
@@ -78,7 +97,8 @@ def test_remat_recompute_flops_worked_by_hand():
     # q, k, v, o: 64 x 16 x (4 + 2 + 2 + 4) = 12288; MLP 3 x 64 x 192 = 36864;
     # attention at seq 128: 2 x 4 x 16 x 128 = 16384 per token per layer.
     flops = lambda remat: roofline.remat_recompute_flops_per_token(
-        ModelConfig(**{**cfg.__dict__, "remat": remat}), 128)
+        ModelConfig(**{**cfg.__dict__, "remat": remat}), 128
+    )
     assert flops("none") == 0
     assert flops("full") == 2 * (2 * (12288 + 36864) + 16384)
     assert flops("save_dots") == 2 * 16384
@@ -86,19 +106,37 @@ def test_remat_recompute_flops_worked_by_hand():
 
 
 def test_roofline_estimate_worked_by_hand():
-    hw = roofline.Hardware(peak_flops=100e12, hbm_bytes_per_s=1e12, ici_bytes_per_s=400e9,
-                           dcn_bytes_per_s=5e9, overlapped=True)
+    hw = roofline.Hardware(
+        peak_flops=100e12,
+        hbm_bytes_per_s=1e12,
+        ici_bytes_per_s=400e9,
+        dcn_bytes_per_s=5e9,
+        overlapped=True,
+    )
     # compute (600 + 200) TFLOP / 100 TFLOP/s = 8 s; memory 2 TB / 1 TB/s = 2 s;
     # ICI 1.6 TB / 200 GB/s (one direction) = 8 s; DCN 10 GB / 5 GB/s = 2 s added.
-    e = roofline.estimate(hw, model_flops=600e12, recompute_flops=200e12, traffic_bytes=2e12,
-                          ici_bytes=1.6e12, dcn_bytes=10e9, tokens=50_000)
+    e = roofline.estimate(
+        hw,
+        model_flops=600e12,
+        recompute_flops=200e12,
+        traffic_bytes=2e12,
+        ici_bytes=1.6e12,
+        dcn_bytes=10e9,
+        tokens=50_000,
+    )
     assert (e.compute_s, e.memory_s, e.ici_s, e.dcn_s) == pytest.approx((8, 2, 8, 2))
     assert e.step_s == pytest.approx(10) and e.bound in ("compute", "ici")
     assert e.mfu == pytest.approx(600e12 / (10 * 100e12))
     assert e.tokens_per_s_per_chip == pytest.approx(5000)
-    serial = roofline.estimate(roofline.Hardware(100e12, 1e12, 400e9, 5e9, overlapped=False),
-                               model_flops=600e12, recompute_flops=200e12, traffic_bytes=2e12,
-                               ici_bytes=1.6e12, dcn_bytes=10e9, tokens=50_000)
+    serial = roofline.estimate(
+        roofline.Hardware(100e12, 1e12, 400e9, 5e9, overlapped=False),
+        model_flops=600e12,
+        recompute_flops=200e12,
+        traffic_bytes=2e12,
+        ici_bytes=1.6e12,
+        dcn_bytes=10e9,
+        tokens=50_000,
+    )
     assert serial.step_s == pytest.approx(8 + 2 + 8 + 2)
     assert roofline.traffic_bytes(argument=10, output=4, temp=3) == 20
 
@@ -137,21 +175,29 @@ def test_hlo_collectives_count_loop_bodies_per_iteration_and_find_dcn():
     # devices 0-3 on slice 0, 4-7 on slice 1
     found = {c.kind: c for c in roofline.collectives(HLO, [0, 0, 0, 0, 1, 1, 1, 1])}
     ag, ar, rs = found["all-gather"], found["all-reduce"], found["reduce-scatter"]
-    assert (ag.result_bytes, ag.group_size, ag.executions, ag.crosses_slices) == (8192, 4, 32, False)
+    assert (ag.result_bytes, ag.group_size, ag.executions, ag.crosses_slices) == (
+        8192,
+        4,
+        32,
+        False,
+    )
     # mesh [data=2, fsdp=4], groups along data: {0,4},{1,5},... -> across the two slices
     assert (ar.result_bytes, ar.group_size, ar.executions, ar.crosses_slices) == (1024, 2, 32, True)
     assert (rs.result_bytes, rs.group_size, rs.executions, rs.crosses_slices) == (64, 8, 1, True)
     assert ag.bytes_sent == 32 * 8192 * 3 / 4
 
 
-@pytest.mark.parametrize("line, groups", [
-    ("replica_groups={{0,2},{1,3}}, x", [[0, 2], [1, 3]]),
-    ("replica_groups=[2,2]<=[4], x", [[0, 1], [2, 3]]),
-    ("replica_groups=[2,2]<=[2,2]T(1,0), x", [[0, 2], [1, 3]]),
-    ("replica_groups=mesh['a'=2,'b'=2] {'a'}, x", [[0, 2], [1, 3]]),
-    ("replica_groups=mesh['a'=2,'b'=2] {'a','b'}, x", [[0, 1, 2, 3]]),
-    ("replica_groups={}, x", [[0, 1, 2, 3]]),
-])
+@pytest.mark.parametrize(
+    "line, groups",
+    [
+        ("replica_groups={{0,2},{1,3}}, x", [[0, 2], [1, 3]]),
+        ("replica_groups=[2,2]<=[4], x", [[0, 1], [2, 3]]),
+        ("replica_groups=[2,2]<=[2,2]T(1,0), x", [[0, 2], [1, 3]]),
+        ("replica_groups=mesh['a'=2,'b'=2] {'a'}, x", [[0, 2], [1, 3]]),
+        ("replica_groups=mesh['a'=2,'b'=2] {'a','b'}, x", [[0, 1, 2, 3]]),
+        ("replica_groups={}, x", [[0, 1, 2, 3]]),
+    ],
+)
 def test_replica_group_spellings(line, groups):
     assert roofline.replica_groups(line, 4) == groups
 
@@ -168,10 +214,14 @@ def test_run_length_and_compute_optimal_budget():
     n, d = plan.compute_optimal(1e6, 100e12, 0.5)
     assert 6 * n * d == pytest.approx(1.8e23) and d == pytest.approx(20 * n)
     shape = plan.derived_shape(8e9, 128256)
-    assert 3072 <= shape["model.d_model"] <= 5120 and shape["model.n_heads"] * 128 == shape[
-        "model.d_model"]
-    presets = {"llama3_8b": cli.load_experiment("llama3_8b").model,
-               "llama_125m": cli.load_experiment("llama_125m").model}
+    assert (
+        3072 <= shape["model.d_model"] <= 5120
+        and shape["model.n_heads"] * 128 == shape["model.d_model"]
+    )
+    presets = {
+        "llama3_8b": cli.load_experiment("llama3_8b").model,
+        "llama_125m": cli.load_experiment("llama_125m").model,
+    }
     budget = plan.budget_proposal(1e6, 100e12, 0.5, presets, 128256)
     assert budget["preset"] == "llama3_8b"
     assert budget["preset_tokens"] == pytest.approx(1.8e23 / (6 * budget["preset_params"]))
@@ -200,14 +250,30 @@ SMOKE = ["data.seq_len=128"]
 def test_plan_on_v5p_8_ranks_like_lmjax_compile_and_reports_failures():
     tpu_compiler.require()
     config = cli.load_experiment("smoke", SMOKE)
-    request = plan.Request("v5p-8", sweeps=("rows_per_chip=1,4", "mesh.tensor=1,2",
-                                            "model.remat=full", "model.attention=splash,bogus"),
-                           workers=2, timeout=600)
+    request = plan.Request(
+        "v5p-8",
+        sweeps=(
+            "rows_per_chip=1,4",
+            "mesh.tensor=1,2",
+            "model.remat=full",
+            "model.attention=splash,bogus",
+        ),
+        workers=2,
+        timeout=600,
+    )
     with pytest.raises(ConfigError, match="model.attention='bogus'"):
         plan.plan(config, request, progress=lambda *a: None)
-    request = plan.Request("v5p-8", sweeps=("rows_per_chip=1,4", "mesh.tensor=1,3",
-                                            "model.remat=full", "model.attention=splash,cudnn"),
-                           workers=2, timeout=600)
+    request = plan.Request(
+        "v5p-8",
+        sweeps=(
+            "rows_per_chip=1,4",
+            "mesh.tensor=1,3",
+            "model.remat=full",
+            "model.attention=splash,cudnn",
+        ),
+        workers=2,
+        timeout=600,
+    )
     result, text = plan.plan(config, request, progress=lambda *a: None)
     json.dumps(result)  # JSON-able
     cands = result["candidates"]
@@ -229,50 +295,105 @@ def test_plan_on_v5p_8_ranks_like_lmjax_compile_and_reports_failures():
     by_rows = sorted(ok, key=lambda c: c["memory"]["total_bytes"])
     assert "data.batch_size=4" in by_rows[0]["overrides"]  # 1 row per chip needs less memory
     assert [c["rank"] for c in ok] == [1, 2] and all(c["fits"] for c in ok)
-    assert ok[0]["estimate"]["tokens_per_second_per_chip"] >= ok[1]["estimate"][
-        "tokens_per_second_per_chip"]
+    assert (
+        ok[0]["estimate"]["tokens_per_second_per_chip"]
+        >= ok[1]["estimate"]["tokens_per_second_per_chip"]
+    )
     assert "best: --set mesh.data=1" in text and "not estimated:" in text
 
 
 def test_plan_json_schema_is_stable():
     """The keys scripts read, from a plan whose compiles are stubbed by outcomes."""
     config = cli.load_experiment("smoke")
-    (cand,), _ = plan.enumerate_candidates(config, 4, 1, _space(
-        mesh__tensor=(1,), rows_per_chip=(1,), model__remat=("full",)))
+    (cand,), _ = plan.enumerate_candidates(
+        config, 4, 1, _space(mesh__tensor=(1,), rows_per_chip=(1,), model__remat=("full",))
+    )
     report = compile_lib.CompileReport(
-        None, 1, {"data": 1, "fsdp": 4, "tensor": 1}, 16 * GiB, 1000, 200, 200, 300, 1.5, 1.5,
-        1e9, float("nan"), 4e9, 256, 0, 1e6, 0.0)
+        None,
+        1,
+        {"data": 1, "fsdp": 4, "tensor": 1},
+        16 * GiB,
+        1000,
+        200,
+        200,
+        300,
+        1.5,
+        1.5,
+        1e9,
+        float("nan"),
+        4e9,
+        256,
+        0,
+        1e6,
+        0.0,
+    )
     failed = plan.Outcome(cand, "error", "RuntimeError: boom")
-    rows = plan.rank([plan.Outcome(cand, "ok", report=report), failed], plan.tpu_hardware(
-        hardware.GENERATIONS["v5p"]))
-    result = plan.to_json(rows, [plan.Rejected(("mesh.tensor=3",), "why")],
-                          target={"accelerator": "v5p-8"}, hw=plan.tpu_hardware(
-                              hardware.GENERATIONS["v5p"]), run=None, budget=None)
+    rows = plan.rank(
+        [plan.Outcome(cand, "ok", report=report), failed],
+        plan.tpu_hardware(hardware.GENERATIONS["v5p"]),
+    )
+    result = plan.to_json(
+        rows,
+        [plan.Rejected(("mesh.tensor=3",), "why")],
+        target={"accelerator": "v5p-8"},
+        hw=plan.tpu_hardware(hardware.GENERATIONS["v5p"]),
+        run=None,
+        budget=None,
+    )
     assert result["schema"] == "lmjax.plan/1"
     assert set(result) == {"schema", "target", "hardware", "candidates", "run", "budget"}
-    keys = {"rank", "overrides", "status", "reason", "fits", "memory", "compile_seconds",
-            "estimate", "measured_step_seconds"}
+    keys = {
+        "rank",
+        "overrides",
+        "status",
+        "reason",
+        "fits",
+        "memory",
+        "compile_seconds",
+        "estimate",
+        "measured_step_seconds",
+    }
     assert all(set(c) == keys for c in result["candidates"])
     first, second, third = result["candidates"]
-    assert set(first["memory"]) == {"total_bytes", "hbm_bytes", "headroom_bytes",
-                                    "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"}
-    assert set(first["estimate"]) == {"step_seconds", "compute_seconds", "memory_seconds",
-                                      "ici_seconds", "dcn_seconds", "bound", "mfu",
-                                      "tokens_per_second_per_chip", "xla_step_seconds"}
+    assert set(first["memory"]) == {
+        "total_bytes",
+        "hbm_bytes",
+        "headroom_bytes",
+        "argument_bytes",
+        "output_bytes",
+        "alias_bytes",
+        "temp_bytes",
+    }
+    assert set(first["estimate"]) == {
+        "step_seconds",
+        "compute_seconds",
+        "memory_seconds",
+        "ici_seconds",
+        "dcn_seconds",
+        "bound",
+        "mfu",
+        "tokens_per_second_per_chip",
+        "xla_step_seconds",
+    }
     assert first["memory"]["total_bytes"] == 1000 + 200 - 200 + 300 and first["fits"]
     assert (second["status"], second["reason"], second["estimate"]) == (
-        "error", "RuntimeError: boom", None)
+        "error",
+        "RuntimeError: boom",
+        None,
+    )
     assert (third["status"], third["rank"]) == ("rejected", None)
     assert math.isfinite(first["estimate"]["step_seconds"])
 
 
 def test_a_candidate_that_times_out_is_killed_and_reported():
     config = cli.load_experiment("smoke")
-    cands, _ = plan.enumerate_candidates(config, 4, 1, _space(
-        mesh__tensor=(1,), rows_per_chip=(1,), model__remat=("full", "none")))
+    cands, _ = plan.enumerate_candidates(
+        config, 4, 1, _space(mesh__tensor=(1,), rows_per_chip=(1,), model__remat=("full", "none"))
+    )
     seen = []
-    outcomes = plan.compile_all(cands, "v5p-8", 1, workers=2, timeout=0.5,
-                                progress=lambda *a: seen.append(a))
+    outcomes = plan.compile_all(
+        cands, "v5p-8", 1, workers=2, timeout=0.5, progress=lambda *a: seen.append(a)
+    )
     assert [o.status for o in outcomes] == ["timeout", "timeout"]
     assert "--timeout=0.5 s" in outcomes[0].reason
     assert seen[-1] == (2, 2, 2)

@@ -4,6 +4,7 @@ on the smoke experiment (packaged Shakespeare corpus, real tf.data and orbax).
 The reference run trains the tokenizer and prepares the data store once; the other runs
 reuse both (data.tokenizer, data.store_dir), so each costs a process start and a compile.
 """
+
 import json
 import os
 import random
@@ -24,14 +25,28 @@ pytestmark = pytest.mark.slow  # every test trains in subprocesses (SIGKILL, 2 p
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 12
-BASE = ["--experiment", "smoke", "--set", f"run.steps={STEPS}", "--set", "run.log_every=1",
-        "--set", "checkpoint.every_steps=4", "--set", "run.eval_batches=1"]
+BASE = [
+    "--experiment",
+    "smoke",
+    "--set",
+    f"run.steps={STEPS}",
+    "--set",
+    "run.log_every=1",
+    "--set",
+    "checkpoint.every_steps=4",
+    "--set",
+    "run.eval_batches=1",
+]
 
 
 def _env(devices: int = 8) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("LMJAX_NUM_PROCESSES", None)
     return env
 
@@ -41,8 +56,14 @@ def _command(workdir, *extra) -> list[str]:
 
 
 def _run(workdir, *extra, devices: int = 8, expect: int = 0) -> subprocess.CompletedProcess:
-    out = subprocess.run(_command(workdir, *extra), env=_env(devices), capture_output=True,
-                         text=True, timeout=600, cwd=REPO)
+    out = subprocess.run(
+        _command(workdir, *extra),
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
@@ -59,7 +80,7 @@ def _losses_after_last_start(workdir) -> tuple[int, dict[int, float]]:
     starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
     assert starts, "the resumed run did not note its resume in metrics.jsonl"
     restored = records[starts[-1]]["restored_step"]
-    return restored, {r["step"]: r["loss"] for r in records[starts[-1] + 1:] if "loss" in r}
+    return restored, {r["step"]: r["loss"] for r in records[starts[-1] + 1 :] if "loss" in r}
 
 
 def _logged_steps(workdir) -> list[int]:
@@ -86,9 +107,12 @@ def _kill_at_a_random_step(workdir, proc, steps: int, pids) -> None:
     """SIGKILLs `pids()` once the first checkpoint is committed and a random later step is
     logged (metrics arrive one step late, so the run is still training then)."""
     target = random.randint(5, steps - 2)
-    _wait_for(lambda: _committed_steps(workdir) and max(_logged_steps(workdir), default=0) >= target,
-              proc,
-              timeout=500, what=f"checkpoint 4 and step {target}")
+    _wait_for(
+        lambda: _committed_steps(workdir) and max(_logged_steps(workdir), default=0) >= target,
+        proc,
+        timeout=500,
+        what=f"checkpoint 4 and step {target}",
+    )
     time.sleep(random.uniform(0.0, 0.05))
     victims = pids()
     assert proc.poll() is None and victims, "the run ended before it could be killed"
@@ -101,8 +125,12 @@ def reference(tmp_path_factory):
     """The uninterrupted run: workdir, {step: loss}, and the overrides that reuse its data."""
     workdir = tmp_path_factory.mktemp("reference")
     _run(workdir)
-    shared = ["--set", f"data.tokenizer={workdir / 'tokenizer.model'}",
-              "--set", f"data.store_dir={workdir / 'data'}"]
+    shared = [
+        "--set",
+        f"data.tokenizer={workdir / 'tokenizer.model'}",
+        "--set",
+        f"data.store_dir={workdir / 'data'}",
+    ]
     losses = {r["step"]: r["loss"] for r in _records(workdir) if "loss" in r}
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert _committed_steps(workdir) == [4, 8, 12]
@@ -116,8 +144,15 @@ def test_sigkill_inside_a_save_then_resume_is_bitwise_identical(reference, tmp_p
     the first or a later async save is being written, rerun, every loss equals the
     uninterrupted run's."""
     ref_dir, _, shared = reference
-    row = soak.run_trial(moment, _command(tmp_path, *shared), _env(), tmp_path, STEPS,
-                         soak.losses(ref_dir), random.Random(0))
+    row = soak.run_trial(
+        moment,
+        _command(tmp_path, *shared),
+        _env(),
+        tmp_path,
+        STEPS,
+        soak.losses(ref_dir),
+        random.Random(0),
+    )
     assert row["killed"] and row["rerun_exit"] == 0, row
     assert row["equal"], row
     assert row["restored"] == max(row["committed"], default=0), row
@@ -135,10 +170,14 @@ def test_sigterm_saves_within_a_step_then_torn_checkpoint_and_mesh_change(refere
     _, ref_losses, shared = reference
     log_path = tmp_path / "log.txt"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(_command(tmp_path, *shared), env=_env(), cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT)
-        _wait_for(lambda: len(_logged_steps(tmp_path)) >= 5 and 4 in _committed_steps(tmp_path), proc,
-                  what="step 5 and checkpoint 4")
+        proc = subprocess.Popen(
+            _command(tmp_path, *shared), env=_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        )
+        _wait_for(
+            lambda: len(_logged_steps(tmp_path)) >= 5 and 4 in _committed_steps(tmp_path),
+            proc,
+            what="step 5 and checkpoint 4",
+        )
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     output = log_path.read_text()
@@ -147,7 +186,7 @@ def test_sigterm_saves_within_a_step_then_torn_checkpoint_and_mesh_change(refere
     assert stopped < STEPS and max(_logged_steps(tmp_path)) == stopped, output[-3000:]
     # the progress line of step k prints one step late, at the boundary of step k + 1; the
     # signal handler's line shows when the signal arrived, so the save is at k + 1 or k + 2
-    before = output[:output.index("received SIGTERM")]
+    before = output[: output.index("received SIGTERM")]
     progress = [line for line in before.splitlines() if f"/{STEPS} grad_norm" in line]
     last_logged = int(progress[-1].split()[1].split("/")[0])  # "step 6/12 grad_norm=..."
     assert stopped - last_logged in (1, 2), (last_logged, stopped)
@@ -166,11 +205,14 @@ def test_sigterm_saves_within_a_step_then_torn_checkpoint_and_mesh_change(refere
     restored, losses = _losses_after_last_start(tmp_path)
     assert restored == previous < stopped
     assert sorted(losses) == list(range(previous + 1, STEPS + 1))
-    np.testing.assert_allclose([losses[s] for s in losses], [ref_losses[s] for s in losses],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        [losses[s] for s in losses], [ref_losses[s] for s in losses], rtol=1e-5
+    )
     assert _committed_steps(tmp_path)[-1] == STEPS
-    assert any(p.name.startswith(f"{stopped}-")
-               for p in (tmp_path / "checkpoints" / "unreadable").iterdir())
+    assert any(
+        p.name.startswith(f"{stopped}-")
+        for p in (tmp_path / "checkpoints" / "unreadable").iterdir()
+    )
 
 
 def test_model_shape_change_is_refused_with_the_fields(reference, tmp_path):
@@ -178,8 +220,17 @@ def test_model_shape_change_is_refused_with_the_fields(reference, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(ref_dir, work, ignore=shutil.ignore_patterns("tensorboard"))
     before = (work / "config.json").read_text()
-    out = _run(work, *shared, "--set", "model.d_mlp=128", "--set", "model.n_layers=3",
-               "--set", "run.steps=20", expect=2)
+    out = _run(
+        work,
+        *shared,
+        "--set",
+        "model.d_mlp=128",
+        "--set",
+        "model.n_layers=3",
+        "--set",
+        "run.steps=20",
+        expect=2,
+    )
     assert "model.d_mlp: checkpoint 192, now 128" in out.stderr
     assert "model.n_layers: checkpoint 2, now 3" in out.stderr
     assert "run.steps" not in out.stderr
@@ -203,13 +254,15 @@ def test_turning_clipping_off_on_resume_keeps_every_checkpoint(reference, tmp_pa
 
 def test_a_nonfinite_loss_never_reaches_disk(reference, tmp_path):
     _, _, shared = reference
-    out = _run(tmp_path, *shared, "--set", "optim.lr=1e30", "--set", "checkpoint.every_steps=1",
-               expect=1)
+    out = _run(
+        tmp_path, *shared, "--set", "optim.lr=1e30", "--set", "checkpoint.every_steps=1", expect=1
+    )
     message = [line for line in out.stderr.splitlines() if "non-finite" in line][-1]
     bad_step = int(message.split("step ")[1].split(":")[0].split()[0])
     saved = _committed_steps(tmp_path)
     assert saved and max(saved) < bad_step, (saved, message)
     from lmjax import checkpoint
+
     reader = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
     for step in saved:
         _, params, _ = checkpoint.load_params(str(tmp_path), step)
@@ -228,14 +281,29 @@ def test_two_processes_sigkill_then_resume_is_bitwise_identical(reference, tmp_p
     steps = 8
 
     def launch(workdir):
-        return [sys.executable, str(REPO / "launch" / "local.py"), "--processes", "2",
-                "--devices-per-process", "4", "--", "lmjax", "train", "--workdir", str(workdir),
-                *BASE, *shared, "--set", f"run.steps={steps}"]
+        return [
+            sys.executable,
+            str(REPO / "launch" / "local.py"),
+            "--processes",
+            "2",
+            "--devices-per-process",
+            "4",
+            "--",
+            "lmjax",
+            "train",
+            "--workdir",
+            str(workdir),
+            *BASE,
+            *shared,
+            "--set",
+            f"run.steps={steps}",
+        ]
 
     env = _env()
     env.pop("XLA_FLAGS")
-    whole = subprocess.run(launch(tmp_path / "whole"), env=env, cwd=REPO, capture_output=True,
-                           text=True, timeout=900)
+    whole = subprocess.run(
+        launch(tmp_path / "whole"), env=env, cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     assert whole.returncode == 0, whole.stdout[-4000:]
     whole_losses = {r["step"]: r["loss"] for r in _records(tmp_path / "whole") if "loss" in r}
     assert sorted(whole_losses) == list(range(1, steps + 1))
@@ -246,17 +314,36 @@ def test_two_processes_sigkill_then_resume_is_bitwise_identical(reference, tmp_p
     # process 1 is SIGKILLed, process 0 must notice within the heartbeat timeout and exit
     sys.path.insert(0, str(REPO))
     from launch.local import free_port, process_env
+
     work = tmp_path / "killed"
     coordinator, heartbeat = f"127.0.0.1:{free_port()}", 10
     survivor_log = tmp_path / "p0.log"
-    command = [sys.executable, "-m", "lmjax", "train", "--workdir", str(work), *BASE, *shared,
-               "--set", f"run.steps={steps}"]
+    command = [
+        sys.executable,
+        "-m",
+        "lmjax",
+        "train",
+        "--workdir",
+        str(work),
+        *BASE,
+        *shared,
+        "--set",
+        f"run.steps={steps}",
+    ]
     with open(survivor_log, "w") as log:
-        procs = [subprocess.Popen(command, cwd=REPO, stdout=log if i == 0 else subprocess.DEVNULL,
-                                  stderr=subprocess.STDOUT,
-                                  env={**process_env(env, coordinator, 2, i, 4),
-                                       "LMJAX_HEARTBEAT_TIMEOUT": str(heartbeat)})
-                 for i in range(2)]
+        procs = [
+            subprocess.Popen(
+                command,
+                cwd=REPO,
+                stdout=log if i == 0 else subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                env={
+                    **process_env(env, coordinator, 2, i, 4),
+                    "LMJAX_HEARTBEAT_TIMEOUT": str(heartbeat),
+                },
+            )
+            for i in range(2)
+        ]
         try:
             _kill_at_a_random_step(work, procs[0], steps, lambda: [procs[1].pid])
             killed_at, committed = time.monotonic(), _committed_steps(work)
@@ -269,8 +356,9 @@ def test_two_processes_sigkill_then_resume_is_bitwise_identical(reference, tmp_p
     assert "tasks are unhealthy (stopped sending heartbeats):\n1\n" in survivor_log.read_text()
     assert waited < heartbeat + 120, waited
     assert _committed_steps(work) == committed  # nothing committed lost or half-written
-    out = subprocess.run(launch(work), env=env, cwd=REPO, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run(
+        launch(work), env=env, cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stdout[-4000:]
     restored, losses = _losses_after_last_start(work)
     assert sorted(losses) == list(range(restored + 1, steps + 1))
@@ -281,9 +369,16 @@ def test_two_processes_sigkill_then_resume_is_bitwise_identical(reference, tmp_p
 
     # the 2-process checkpoint continues in one process with 8 devices: same numbers up to
     # summation order, and the data position carries over
-    _run(tmp_path / "single", *shared, "--set", f"run.steps={steps}", "--restore-from",
-         str(work / "checkpoints" / "4"))
+    _run(
+        tmp_path / "single",
+        *shared,
+        "--set",
+        f"run.steps={steps}",
+        "--restore-from",
+        str(work / "checkpoints" / "4"),
+    )
     restored, losses = _losses_after_last_start(tmp_path / "single")
     assert restored == 4 and sorted(losses) == list(range(5, steps + 1))
-    np.testing.assert_allclose([losses[s] for s in losses], [whole_losses[s] for s in losses],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        [losses[s] for s in losses], [whole_losses[s] for s in losses], rtol=1e-5
+    )

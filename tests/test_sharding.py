@@ -1,5 +1,6 @@
 """Meshes, logical-axis rules, parameter tables, sharded init, and training losses that do
 not depend on the mesh (8 CPU devices against a 1-device run)."""
+
 import json
 import os
 import subprocess
@@ -11,12 +12,21 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lmjax.batch import BATCH_KEYS
 from lmjax import cli, hardware, model, sharding, train
+from lmjax.batch import BATCH_KEYS
 from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, RunConfig
 
-TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                   d_mlp=192, max_seq_len=64, dtype="float32")
+TINY = ModelConfig(
+    vocab_size=256,
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    d_mlp=192,
+    max_seq_len=64,
+    dtype="float32",
+)
 
 
 def mesh_of(**kw):
@@ -34,15 +44,18 @@ def test_make_mesh_fills_the_free_axis_and_keeps_device_order():
     assert dict(four.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
 
 
-@pytest.mark.parametrize("cfg, message", [
-    (MeshConfig(data=3, fsdp=1), r"\(3, 1, 1\) has 3 devices but there are 8 per slice"),
-    (MeshConfig(data=2, fsdp=2, tensor=4), r"\(2, 2, 4\) has 16 devices but there are 8"),
-    (MeshConfig(data=-1, fsdp=-1), "at most one -1"),
-    (MeshConfig(data=3, fsdp=-1), "3 does not divide the 8 devices"),
-    (MeshConfig(fsdp=0), "sizes must be positive"),
-    (MeshConfig(dcn_data=3), "dcn_data=3 x mesh.dcn_fsdp=1 must be positive and divide the 8"),
-    (MeshConfig(dcn_data=2), r"= 2 must equal the number of processes \(1\)"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (MeshConfig(data=3, fsdp=1), r"\(3, 1, 1\) has 3 devices but there are 8 per slice"),
+        (MeshConfig(data=2, fsdp=2, tensor=4), r"\(2, 2, 4\) has 16 devices but there are 8"),
+        (MeshConfig(data=-1, fsdp=-1), "at most one -1"),
+        (MeshConfig(data=3, fsdp=-1), "3 does not divide the 8 devices"),
+        (MeshConfig(fsdp=0), "sizes must be positive"),
+        (MeshConfig(dcn_data=3), "dcn_data=3 x mesh.dcn_fsdp=1 must be positive and divide the 8"),
+        (MeshConfig(dcn_data=2), r"= 2 must equal the number of processes \(1\)"),
+    ],
+)
 def test_make_mesh_errors_show_the_numbers(cfg, message):
     with pytest.raises(ConfigError, match=message):
         sharding.make_mesh(cfg)
@@ -51,6 +64,7 @@ def test_make_mesh_errors_show_the_numbers(cfg, message):
 def _tpu_devices(accelerator, num_slices):
     from lmjax import compile as compile_lib
     from tests import tpu_compiler
+
     tpu_compiler.require()
     return compile_lib.topology_devices(hardware.parse_target(accelerator), num_slices)
 
@@ -103,9 +117,12 @@ def test_rule_conflict_is_an_error_even_on_a_size_one_axis():
 def test_default_rules_shard_params_zero3_style_and_activations_by_batch():
     rules = sharding.rules_from_config(MeshConfig())
     mesh = mesh_of(data=2, fsdp=2, tensor=2)
-    assert sharding.logical_to_spec(("layers", "embed", "mlp"), rules, mesh) == P(None, "fsdp", "tensor")
-    assert sharding.logical_to_spec(("act_batch", "act_seq", "act_embed"), rules, mesh) == \
-        P(("data", "fsdp"), None, None)
+    assert sharding.logical_to_spec(("layers", "embed", "mlp"), rules, mesh) == P(
+        None, "fsdp", "tensor"
+    )
+    assert sharding.logical_to_spec(("act_batch", "act_seq", "act_embed"), rules, mesh) == P(
+        ("data", "fsdp"), None, None
+    )
     # size-1 axes vanish from specs
     assert sharding.logical_to_spec(("vocab", "embed"), rules, mesh_of(data=8)) == P(None, None)
 
@@ -114,8 +131,9 @@ def test_kv_heads_not_divisible_by_tensor_names_the_parameter_and_the_fix():
     mesh = mesh_of(data=2, tensor=4)
     axes = model.param_axes(TINY)
     with pytest.raises(ConfigError) as e:
-        sharding.tree_shardings(axes, mesh, sharding.rules_from_config(MeshConfig()),
-                                model.param_shapes(TINY))
+        sharding.tree_shardings(
+            axes, mesh, sharding.rules_from_config(MeshConfig()), model.param_shapes(TINY)
+        )
     text = str(e.value)
     assert "layers/wk" in text and "'kv_heads' of size 2" in text
     assert "mesh axes ('tensor',) of size 4" in text and "mesh.rules" in text
@@ -128,8 +146,11 @@ def test_describe_params_lists_specs_and_bytes_per_device():
     mesh = mesh_of(fsdp=4, tensor=2)
     rules = sharding.rules_from_config(MeshConfig())
     text = sharding.describe_params(model.param_shapes(TINY), model.param_axes(TINY), mesh, rules)
-    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:] if "/" in line or
-            line.startswith(("embed", "unembed", "final_norm"))}
+    rows = {
+        line.split()[0]: line.split()
+        for line in text.splitlines()[2:]
+        if "/" in line or line.startswith(("embed", "unembed", "final_norm"))
+    }
     # wq [2, 64, 4, 16] f32 = 32 KiB, split 4 ways on embed and 2 on heads: 4 KiB per device
     assert rows["layers/wq"][1] == "2x64x4x16"
     assert rows["layers/wq"][2] == "layers,embed,heads,head_dim"
@@ -150,15 +171,19 @@ def test_describe_params_lists_specs_and_bytes_per_device():
 def test_describe_params_warns_about_big_replicated_parameters():
     rules = sharding.rules_from_config(MeshConfig(rules=("embed=", "vocab=")))
     shapes, axes = model.param_shapes(TINY), model.param_axes(TINY)
-    text = sharding.describe_params(shapes, axes, mesh_of(fsdp=8), rules,
-                                    replicated_warn_elements=10_000)
+    text = sharding.describe_params(
+        shapes, axes, mesh_of(fsdp=8), rules, replicated_warn_elements=10_000
+    )
     warnings = [line for line in text.splitlines() if line.startswith("WARNING")]
-    assert any(w.startswith("WARNING: embed (256, 64)") and "replicated on all 8 devices" in w
-               for w in warnings)
+    assert any(
+        w.startswith("WARNING: embed (256, 64)") and "replicated on all 8 devices" in w
+        for w in warnings
+    )
     assert not any("final_norm" in w for w in warnings)  # 64 elements: below the threshold
     one_device = sharding.make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])
-    assert "WARNING" not in sharding.describe_params(shapes, axes, one_device, rules,
-                                                     replicated_warn_elements=10_000)
+    assert "WARNING" not in sharding.describe_params(
+        shapes, axes, one_device, rules, replicated_warn_elements=10_000
+    )
 
 
 def test_shard_map_logical_gives_each_device_its_block():
@@ -193,14 +218,22 @@ def test_state_is_created_sharded_without_a_full_copy_per_device():
     assert wq.sharding.spec == P(None, "fsdp", None, None)
     assert {s.data.shape for s in wq.addressable_shards} == {(2, 8, 4, 16)}
     mu = jax.tree.leaves(state.opt_state)[1:]
-    assert any(getattr(m, "shape", None) == (2, 64, 4, 16) and m.sharding.spec == wq.sharding.spec
-               for m in mu)
+    assert any(
+        getattr(m, "shape", None) == (2, 64, 4, 16) and m.sharding.spec == wq.sharding.spec
+        for m in mu
+    )
 
 
 # ---------------------------------------------------------------- same losses on any mesh
 
-TRAIN_SETS = ["run.steps=3", "run.log_every=1", "run.eval_batches=1",
-              "optim.warmup_steps=0", "optim.schedule=constant", "checkpoint.every_steps=1000"]
+TRAIN_SETS = [
+    "run.steps=3",
+    "run.log_every=1",
+    "run.eval_batches=1",
+    "optim.warmup_steps=0",
+    "optim.schedule=constant",
+    "checkpoint.every_steps=1000",
+]
 # 8 query and 8 KV heads, MLP 192: every dimension divides by a tensor axis of 8 or 4.
 WIDE = ["model.n_heads=8", "model.n_kv_heads=8", "model.head_dim=8"]
 
@@ -212,9 +245,21 @@ def _losses(workdir) -> list[float]:
 
 
 def _one_device_run(workdir, sets) -> list[float]:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_PLATFORMS": "cpu"}
-    args = [sys.executable, "-m", "lmjax", "train", "--experiment", "smoke", "--workdir", str(workdir)]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "JAX_PLATFORMS": "cpu",
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "lmjax",
+        "train",
+        "--experiment",
+        "smoke",
+        "--workdir",
+        str(workdir),
+    ]
     for s in sets:
         args += ["--set", s]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
@@ -234,14 +279,28 @@ def references(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh, variant", [
-    ((8, 1, 1), "base"), ((1, 8, 1), "base"), ((2, 2, 2), "base"),
-    ((1, 1, 8), "wide"), ((1, 2, 4), "wide"),
-], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+@pytest.mark.parametrize(
+    "mesh, variant",
+    [
+        ((8, 1, 1), "base"),
+        ((1, 8, 1), "base"),
+        ((2, 2, 2), "base"),
+        ((1, 1, 8), "wide"),
+        ((1, 2, 4), "wide"),
+    ],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v,
+)
 def test_eight_device_meshes_train_like_one_device(tmp_path, references, mesh, variant):
-    sets = TRAIN_SETS + (WIDE if variant == "wide" else []) + [
-        f"data.tokenizer={references['tokenizer']}",
-        f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}"]
+    sets = (
+        TRAIN_SETS
+        + (WIDE if variant == "wide" else [])
+        + [
+            f"data.tokenizer={references['tokenizer']}",
+            f"mesh.data={mesh[0]}",
+            f"mesh.fsdp={mesh[1]}",
+            f"mesh.tensor={mesh[2]}",
+        ]
+    )
     argv = ["train", "--experiment", "smoke", "--workdir", str(tmp_path)]
     for s in sets:
         argv += ["--set", s]
@@ -254,19 +313,25 @@ def test_eight_device_meshes_train_like_one_device(tmp_path, references, mesh, v
 # ---------------------------------------------------------------- splash under a mesh
 
 
-@pytest.mark.parametrize("mesh, heads, kv_heads, rules", [
-    ((2, 2, 2), 4, 2, ()),  # kv heads split like query heads: the kernel's own grouping
-    ((1, 2, 4), 8, 2, ("kv_heads=", "act_kv_heads=")),  # kv heads replicated (the error's fix)
-    ((1, 2, 4), 8, 2, ()),  # 2 kv heads cannot split 4 ways: every device gets them all
-    ((1, 1, 8), 8, 8, ("act_heads=",)),  # query heads whole, kv heads split
-    ((2, 2, 2), 12, 3, ("kv_heads=", "act_kv_heads=")),  # groups of 4 across shards of 6
-], ids=["aligned", "kv-replicated", "kv-indivisible", "q-replicated", "groups-straddle"])
+@pytest.mark.parametrize(
+    "mesh, heads, kv_heads, rules",
+    [
+        ((2, 2, 2), 4, 2, ()),  # kv heads split like query heads: the kernel's own grouping
+        ((1, 2, 4), 8, 2, ("kv_heads=", "act_kv_heads=")),  # kv heads replicated (the error's fix)
+        ((1, 2, 4), 8, 2, ()),  # 2 kv heads cannot split 4 ways: every device gets them all
+        ((1, 1, 8), 8, 8, ("act_heads=",)),  # query heads whole, kv heads split
+        ((2, 2, 2), 12, 3, ("kv_heads=", "act_kv_heads=")),  # groups of 4 across shards of 6
+    ],
+    ids=["aligned", "kv-replicated", "kv-indivisible", "q-replicated", "groups-straddle"],
+)
 @pytest.mark.slow
-def test_splash_kernel_per_device_matches_reference_with_packed_documents(mesh, heads, kv_heads,
-                                                                          rules):
+def test_splash_kernel_per_device_matches_reference_with_packed_documents(
+    mesh, heads, kv_heads, rules
+):
     """The TPU kernel, run by the Pallas interpreter under shard_map: rows over data x fsdp,
     heads by the rules, documents masked, on every head layout the rules accept."""
     from lmjax import attention
+
     b, t, d = mesh[0] * mesh[1], 128, 8
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     q = jax.random.normal(keys[0], (b, t, heads, d))
@@ -277,7 +342,9 @@ def test_splash_kernel_per_device_matches_reference_with_packed_documents(mesh, 
     mesh = mesh_of(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
 
     def splash_loss(q, k, v):
-        with sharding.activation_sharding(mesh, sharding.rules_from_config(MeshConfig(rules=rules))):
+        with sharding.activation_sharding(
+            mesh, sharding.rules_from_config(MeshConfig(rules=rules))
+        ):
             return jnp.sum(attention._splash(q, k, v, segments, interpret=True) ** 2)
 
     def xla_loss(q, k, v):
@@ -295,14 +362,17 @@ def test_splash_kernel_per_device_matches_reference_with_packed_documents(mesh, 
 
 def test_pipelines_serve_any_set_of_global_rows():
     """A process feeds the rows its devices hold (`process_rows`), not necessarily a
-    contiguous share: every source serves an arbitrary ascending set of global rows (stores:
-tests/test_data.py)."""
+        contiguous share: every source serves an arbitrary ascending set of global rows (stores:
+    tests/test_data.py)."""
     from lmjax.data import pipeline
+
     data_cfg = DataConfig(source="synthetic", batch_size=8, seq_len=16)
     full = pipeline.make_pipeline(data_cfg, None, vocab_size=97)
     part = pipeline.make_pipeline(data_cfg, None, rows=[1, 2, 6], vocab_size=97)
-    for got, want in zip(part.eval_batches(1) + [next(part.train_batches(3))],
-                         full.eval_batches(1) + [next(full.train_batches(3))]):
+    for got, want in zip(
+        part.eval_batches(1) + [next(part.train_batches(3))],
+        full.eval_batches(1) + [next(full.train_batches(3))],
+    ):
         for k in BATCH_KEYS:
             np.testing.assert_array_equal(got[k], want[k][[1, 2, 6]])
     with pytest.raises(ConfigError, match="ascending global row indices"):

@@ -1,4 +1,5 @@
 """`lmjax smoke` end to end on the CPU: real data, training, checkpoint resume, evaluation, generation."""
+
 import pytest
 
 from lmjax import cli
@@ -7,8 +8,9 @@ pytestmark = pytest.mark.slow  # trains twice, resumes, evaluates and generates 
 
 
 def test_smoke_passes_and_a_wrong_platform_fails_its_check(tmp_path, capsys):
-    code = cli.main(["smoke", "--steps", "6", "--workdir", str(tmp_path),
-                     "--expect-platform", "tpu"])
+    code = cli.main(
+        ["smoke", "--steps", "6", "--workdir", str(tmp_path), "--expect-platform", "tpu"]
+    )
     out = capsys.readouterr().out
     assert code == 1, out
     assert "[FAIL] devices" in out and "lmjax[tpu]" in out

@@ -1,4 +1,5 @@
 """SentencePiece training, loading (local and a non-local tf.io.gfile filesystem), round trips."""
+
 import json
 import os
 
@@ -40,7 +41,9 @@ def test_unigram_from_jsonl_glob_with_text_key(tmp_path):
     with open(tmp_path / "a.jsonl", "w") as f:
         for d in docs:
             f.write(json.dumps({"body": d}) + "\n")
-    path = train_tokenizer(str(tmp_path / "*.jsonl"), 320, "unigram", str(tmp_path / "uni"), text_key="body")
+    path = train_tokenizer(
+        str(tmp_path / "*.jsonl"), 320, "unigram", str(tmp_path / "uni"), text_key="body"
+    )
     tok = load_tokenizer(path)
     assert tok.vocab_size == 320 and tok.decode(tok.encode(docs[5])) == docs[5]
     with pytest.raises(ConfigError, match="text_feature"):
@@ -50,8 +53,23 @@ def test_unigram_from_jsonl_glob_with_text_key(tmp_path):
 def test_cli_tokenizer_train(tmp_path, capsys):
     from lmjax import cli
 
-    assert cli.main(["tokenizer", "train", "--input", SONNETS, "--vocab-size", "320",
-                     "--model-type", "bpe", "--output", str(tmp_path / "cli")]) == 0
+    assert (
+        cli.main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                SONNETS,
+                "--vocab-size",
+                "320",
+                "--model-type",
+                "bpe",
+                "--output",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 0
+    )
     tok = load_tokenizer(str(tmp_path / "cli.model"))
     assert f"fingerprint={tok.fingerprint}" in capsys.readouterr().out
 

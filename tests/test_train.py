@@ -1,4 +1,5 @@
 """The train step: gradient accumulation, loss normalization, optimizer, a short fit."""
+
 import dataclasses
 import math
 import re
@@ -9,18 +10,33 @@ import numpy as np
 import optax
 import pytest
 
-from lmjax.objective import loss_terms
 from lmjax import loop, optim, sharding, train
 from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig
 from lmjax.data.pipeline import synthetic_batch
+from lmjax.objective import loss_terms
 
-TINY = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                   d_mlp=64, max_seq_len=32, dtype="float32", remat="none")
+TINY = ModelConfig(
+    vocab_size=128,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    d_mlp=64,
+    max_seq_len=32,
+    dtype="float32",
+    remat="none",
+)
 
 
 def _config(**optim_kw) -> Config:
-    return Config(model=TINY, mesh=MeshConfig(fsdp=1), data=DataConfig(batch_size=8, seq_len=16),
-                  optim=OptimConfig(warmup_steps=0, lr=1e-2, **optim_kw), run=RunConfig(steps=50))
+    return Config(
+        model=TINY,
+        mesh=MeshConfig(fsdp=1),
+        data=DataConfig(batch_size=8, seq_len=16),
+        optim=OptimConfig(warmup_steps=0, lr=1e-2, **optim_kw),
+        run=RunConfig(steps=50),
+    )
 
 
 def _trainer(config):
@@ -62,7 +78,9 @@ def _loop_collectives(hlo: str) -> list[str]:
         elif current is not None:
             current.append(line)
     calls = r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)"
-    todo = [b for lines in comps.values() for l in lines for b in re.findall(r"body=%?([\w.\-]+)", l)]
+    todo = [
+        b for lines in comps.values() for l in lines for b in re.findall(r"body=%?([\w.\-]+)", l)
+    ]
     seen = set(todo)
     while todo:
         for name in re.findall(calls, "\n".join(comps.get(todo.pop(), []))):
@@ -82,10 +100,12 @@ def test_microbatches_stay_on_their_devices_and_sum_to_the_big_batch():
     batch["loss_mask"][np.arange(32) % 3 == 0, 10:] = 0.0
     results = []
     for mesh, accum in (((1, 1, 1), 1), ((2, 2, 2), 4), ((8, 1, 1), 4)):
-        config = dataclasses.replace(_config(grad_accum=accum, eps=1.0),
-                                     mesh=MeshConfig(data=mesh[0], fsdp=mesh[1], tensor=mesh[2]),
-                                     data=DataConfig(batch_size=32, seq_len=16))
-        devices = jax.devices()[:math.prod(mesh)]
+        config = dataclasses.replace(
+            _config(grad_accum=accum, eps=1.0),
+            mesh=MeshConfig(data=mesh[0], fsdp=mesh[1], tensor=mesh[2]),
+            data=DataConfig(batch_size=32, seq_len=16),
+        )
+        devices = jax.devices()[: math.prod(mesh)]
         tr = train.make_trainer(config, sharding.make_mesh(config.mesh, devices))
         state, global_batch = tr.init_fn(), train.global_batch(batch, tr.batch_sharding)
         step = tr.step_fn.lower(state, global_batch).compile()
@@ -110,11 +130,23 @@ def test_loss_is_mean_over_unmasked_targets():
     batch = _batch(padded=True)
     tr = _trainer(_config())
     state = tr.init_fn()
-    logits = np.asarray(jax.jit(lambda p: __import__("lmjax.model").model.forward(
-        p, batch["inputs"], TINY, segment_ids=batch["segment_ids"],
-        positions=batch["positions"]))(state.params), np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    logits = np.asarray(
+        jax.jit(
+            lambda p: __import__("lmjax.model").model.forward(
+                p,
+                batch["inputs"],
+                TINY,
+                segment_ids=batch["segment_ids"],
+                positions=batch["positions"],
+            )
+        )(state.params),
+        np.float64,
+    )
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     expected = (nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
     _, m = tr.step_fn(state, train.global_batch(batch, tr.batch_sharding))
@@ -139,8 +171,11 @@ def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
     """on_nonfinite=skip: params and moments stay, `step` and the optimizer's counts both
     advance, so the next step applies (and logs) schedule(step)."""
     cfg = _config()
-    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, warmup_steps=4),
-                              checkpoint=dataclasses.replace(cfg.checkpoint, on_nonfinite="skip"))
+    cfg = dataclasses.replace(
+        cfg,
+        optim=dataclasses.replace(cfg.optim, warmup_steps=4),
+        checkpoint=dataclasses.replace(cfg.checkpoint, on_nonfinite="skip"),
+    )
     tr = _trainer(cfg)
     state, _ = tr.step_fn(tr.init_fn(), train.global_batch(_batch(1), tr.batch_sharding))
     before = jax.device_get(state)
@@ -158,20 +193,33 @@ def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
     # same moments and a count of 2, optax's own AdamW gives the same params
     state, m = tr.step_fn(state, train.global_batch(_batch(3), tr.batch_sharding))
     assert loop.fetch(m)["learning_rate"] == pytest.approx(0.5 * cfg.optim.lr)
-    grads = jax.grad(lambda p: loss_terms(p, train.global_batch(_batch(3), tr.batch_sharding),
-                                                TINY, 0.0)[0])(after.params)
+    grads = jax.grad(
+        lambda p: loss_terms(p, train.global_batch(_batch(3), tr.batch_sharding), TINY, 0.0)[0]
+    )(after.params)
     tokens = float(np.sum(_batch(3)["loss_mask"]))
     grads = jax.tree.map(lambda g: g / tokens, grads)
-    reference = optax.chain(optax.clip_by_global_norm(cfg.optim.clip_norm), optax.adamw(
-        0.5 * cfg.optim.lr, b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay, mask=lambda p: optim.weight_decay_mask(p, cfg.optim)))
+    reference = optax.chain(
+        optax.clip_by_global_norm(cfg.optim.clip_norm),
+        optax.adamw(
+            0.5 * cfg.optim.lr,
+            b1=cfg.optim.b1,
+            b2=cfg.optim.b2,
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+            mask=lambda p: optim.weight_decay_mask(p, cfg.optim),
+        ),
+    )
     # lmjax's state holds optax's leaves (Adam count, mu, nu) and then the schedule's count
-    ref_state = jax.tree.unflatten(jax.tree.structure(reference.init(after.params)),
-                                   jax.tree.leaves(after.opt_state)[:-1])
+    ref_state = jax.tree.unflatten(
+        jax.tree.structure(reference.init(after.params)), jax.tree.leaves(after.opt_state)[:-1]
+    )
     updates, _ = reference.update(grads, ref_state, after.params)
     expected = optax.apply_updates(after.params, updates)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 jax.device_get(state.params), expected)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        jax.device_get(state.params),
+        expected,
+    )
     assert int(state.step) == 3
 
 
@@ -181,8 +229,9 @@ def test_schedules():
     assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5)
     assert float(s(10)) == pytest.approx(1.0) and float(s(110)) == pytest.approx(0.1)
     assert float(s(60)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)
-    wsd = optim.learning_rate_schedule(dataclasses.replace(cfg, schedule="wsd",
-                                                           wsd_decay_fraction=0.2), 110)
+    wsd = optim.learning_rate_schedule(
+        dataclasses.replace(cfg, schedule="wsd", wsd_decay_fraction=0.2), 110
+    )
     assert float(wsd(50)) == pytest.approx(1.0) and float(wsd(88)) == pytest.approx(1.0)
     assert float(wsd(99)) == pytest.approx(1.0 - 0.9 * 11 / 22, rel=1e-5)
     assert float(wsd(110)) == pytest.approx(0.1)
@@ -202,8 +251,16 @@ def test_adamw_update_matches_a_numpy_reference_over_several_steps():
     """make_optimizer over 3 steps == AdamW written out in numpy: global-norm clipping (active:
     every gradient's norm exceeds clip_norm), bias-corrected moments, decoupled decay on
     matrices only, and the warmup learning rate of each step (0, lr/2, lr)."""
-    cfg = OptimConfig(lr=0.1, warmup_steps=2, schedule="constant", clip_norm=0.5,
-                      weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8)
+    cfg = OptimConfig(
+        lr=0.1,
+        warmup_steps=2,
+        schedule="constant",
+        clip_norm=0.5,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+    )
     rng = np.random.default_rng(0)
     params = {"w": rng.normal(size=(3, 3)), "norm": rng.normal(size=3)}
     tx = optim.make_optimizer(cfg, 10)
@@ -213,13 +270,13 @@ def test_adamw_update_matches_a_numpy_reference_over_several_steps():
     nu = {k: np.zeros_like(v) for k, v in params.items()}
     for t, lr in enumerate([0.0, 0.05, 0.1], start=1):
         grads = {k: rng.normal(size=v.shape) * 3 for k, v in params.items()}
-        norm = np.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        norm = np.sqrt(sum((g**2).sum() for g in grads.values()))
         assert norm > cfg.clip_norm
         for k, g in grads.items():
             g = g * cfg.clip_norm / norm
             mu[k] = cfg.b1 * mu[k] + (1 - cfg.b1) * g
             nu[k] = cfg.b2 * nu[k] + (1 - cfg.b2) * g * g
-            step = (mu[k] / (1 - cfg.b1 ** t)) / (np.sqrt(nu[k] / (1 - cfg.b2 ** t)) + cfg.eps)
+            step = (mu[k] / (1 - cfg.b1**t)) / (np.sqrt(nu[k] / (1 - cfg.b2**t)) + cfg.eps)
             decay = cfg.weight_decay * want[k] if k == "w" else 0.0
             want[k] = want[k] - lr * (step + decay)
         updates, state = tx.update(jax.tree.map(jnp.float32, grads), state, got)
@@ -231,6 +288,7 @@ def test_adamw_update_matches_a_numpy_reference_over_several_steps():
 
 def test_eta_after_a_resume_counts_this_process_steps(tmp_path, capsys):
     from lmjax import metrics
+
     writer = metrics.MetricsWriter(str(tmp_path), 100, start_step=90)
     writer.start -= 10.0  # 10 s in this process, 5 steps done since step 90, 5 to go
     writer.write(95, {"loss": 1.0})

@@ -3,6 +3,7 @@
 libtpu is part of the test extra wherever PyPI has a wheel for it (x86_64 Linux), so there a
 missing libtpu is a broken install and the tests fail; elsewhere they skip, saying why.
 """
+
 import platform
 
 import pytest

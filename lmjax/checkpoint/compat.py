@@ -1,5 +1,6 @@
 """Config compatibility: what a checkpoint records about its run, and which changes a resume
 or `--init-from` accepts (config fields, tokenizer, optimizer-state layout)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,16 @@ log = logging.getLogger("lmjax")
 # scan_layers, logits_chunk), the fresh-init scale (init_std) and the length limit
 # (max_seq_len). Every other model field changes the parameters' shapes or meaning, and a
 # resume refuses it.
-COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "remat", "attention", "matmul", "scan_layers",
-                             "max_seq_len", "init_std", "logits_chunk")
+COMPUTE_ONLY_MODEL_FIELDS = (
+    "dtype",
+    "remat",
+    "attention",
+    "matmul",
+    "scan_layers",
+    "max_seq_len",
+    "init_std",
+    "logits_chunk",
+)
 TOKENIZER_FIELDS = ("data.tokenizer_vocab_size",)
 
 
@@ -39,19 +48,27 @@ def config_fingerprint(config: Config) -> str:
 
 def make_metadata(config: Config, tokenizer_fingerprint: str | None, mesh) -> dict:
     """What a checkpoint records about the run that wrote it (JSON-able)."""
-    return {"lmjax_version": __version__, "config_fingerprint": config_fingerprint(config),
-            "config": config_lib.to_dict(config), "tokenizer_fingerprint": tokenizer_fingerprint,
-            "mesh_shape": {k: int(v) for k, v in mesh.shape.items()},
-            "process_count": jax.process_count(), "device_count": jax.device_count(),
-            "param_layout_version": model.PARAM_LAYOUT_VERSION}
+    return {
+        "lmjax_version": __version__,
+        "config_fingerprint": config_fingerprint(config),
+        "config": config_lib.to_dict(config),
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "mesh_shape": {k: int(v) for k, v in mesh.shape.items()},
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+        "param_layout_version": model.PARAM_LAYOUT_VERSION,
+    }
 
 
 def refused_fields(changes: dict[str, tuple]) -> list[str]:
     """The changed fields (from `config.diff`) a resume must refuse: parameter shapes or
     meaning, and the tokenizer."""
-    return sorted(k for k in changes
-                  if (k.startswith("model.") and k[len("model."):] not in COMPUTE_ONLY_MODEL_FIELDS)
-                  or k in TOKENIZER_FIELDS)
+    return sorted(
+        k
+        for k in changes
+        if (k.startswith("model.") and k[len("model.") :] not in COMPUTE_ONLY_MODEL_FIELDS)
+        or k in TOKENIZER_FIELDS
+    )
 
 
 def check_resumable(meta: dict, config: Config, where: str) -> dict[str, tuple]:
@@ -62,28 +79,35 @@ def check_resumable(meta: dict, config: Config, where: str) -> dict[str, tuple]:
     """
     layout = meta.get("param_layout_version")
     if layout != model.PARAM_LAYOUT_VERSION:
-        raise ResumeError(f"{where} has parameter layout version {layout}, this lmjax expects "
-                          f"{model.PARAM_LAYOUT_VERSION}: convert it with the lmjax version "
-                          f"{meta.get('lmjax_version')} that wrote it, or start a new workdir.")
+        raise ResumeError(
+            f"{where} has parameter layout version {layout}, this lmjax expects "
+            f"{model.PARAM_LAYOUT_VERSION}: convert it with the lmjax version "
+            f"{meta.get('lmjax_version')} that wrote it, or start a new workdir."
+        )
     saved = config_lib.from_dict(meta["config"])
     changes = {k: v for k, v in config_lib.diff(saved, config).items() if k != "data.tokenizer"}
     refused = refused_fields(changes)
     if refused:
-        lines = "\n  ".join(f"{k}: checkpoint {changes[k][0]!r}, now {changes[k][1]!r}"
-                            for k in refused)
-        raise ResumeError(f"cannot resume {where}: these fields change the model or tokenizer:\n  "
-                          f"{lines}\nFix: resume with the checkpoint's values (--set FIELD=VALUE), "
-                          "start a new workdir, or load only the params with --init-from.")
+        lines = "\n  ".join(
+            f"{k}: checkpoint {changes[k][0]!r}, now {changes[k][1]!r}" for k in refused
+        )
+        raise ResumeError(
+            f"cannot resume {where}: these fields change the model or tokenizer:\n  "
+            f"{lines}\nFix: resume with the checkpoint's values (--set FIELD=VALUE), "
+            "start a new workdir, or load only the params with --init-from."
+        )
     return changes
 
 
 def check_tokenizer(meta: dict, fingerprint: str | None, where: str) -> None:
     saved = meta.get("tokenizer_fingerprint")
     if saved != fingerprint:
-        raise ResumeError(f"cannot resume {where}: it was trained with tokenizer {saved}, this run "
-                          f"loads tokenizer {fingerprint}. Fix: set data.tokenizer to the "
-                          "checkpoint's tokenizer (the workdir's tokenizer.model) or start a new "
-                          "workdir.")
+        raise ResumeError(
+            f"cannot resume {where}: it was trained with tokenizer {saved}, this run "
+            f"loads tokenizer {fingerprint}. Fix: set data.tokenizer to the "
+            "checkpoint's tokenizer (the workdir's tokenizer.model) or start a new "
+            "workdir."
+        )
 
 
 def _leaf_names(path) -> tuple[str, ...]:
@@ -100,14 +124,18 @@ def _leaf_names(path) -> tuple[str, ...]:
 
 def positions(tree) -> list[str]:
     """Each leaf's full key path, positions included."""
+
     def part(k):
         return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
     return ["/".join(map(part, p)) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _signature(tree) -> list[tuple]:
-    return [(_leaf_names(p), tuple(x.shape), np.dtype(x.dtype).name)
-            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [
+        (_leaf_names(p), tuple(x.shape), np.dtype(x.dtype).name)
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
 
 
 def in_saved_layout(saved, target, item: str):
@@ -122,15 +150,16 @@ def in_saved_layout(saved, target, item: str):
     if have != want:
         only_saved = ["/".join(n) + f" {s}" for n, s, _ in have if (n, s, _) not in want][:4]
         only_new = ["/".join(n) + f" {s}" for n, s, _ in want if (n, s, _) not in have][:4]
-        raise StructureMismatch(f"the saved {item} state has {len(have)} arrays, this config "
-                                f"builds {len(want)} (only saved: {only_saved or 'none'}; only "
-                                f"new: {only_new or 'none'})")
+        raise StructureMismatch(
+            f"the saved {item} state has {len(have)} arrays, this config "
+            f"builds {len(want)} (only saved: {only_saved or 'none'}; only "
+            f"new: {only_new or 'none'})"
+        )
     return jax.tree.unflatten(jax.tree.structure(saved), jax.tree.leaves(target))
 
 
 def model_diff(a, b) -> dict[str, tuple]:
     return config_lib.diff(Config(model=a), Config(model=b))
-
 
 
 # Beside an exported params directory: the fingerprint of the tokenizer the params were trained
@@ -143,12 +172,16 @@ def check_init_tokenizer(init_from: str, fingerprint: str | None) -> None:
     without a record (an HF import) are only warned about."""
     record = epath.Path(absolute(init_from)) / TOKENIZER_RECORD
     if not record.exists():
-        log.warning("--init-from %s records no tokenizer (an HF import?): make sure "
-                    "data.tokenizer is the one its params were trained with", init_from)
+        log.warning(
+            "--init-from %s records no tokenizer (an HF import?): make sure "
+            "data.tokenizer is the one its params were trained with",
+            init_from,
+        )
         return
     saved = json.loads(record.read_text()).get("tokenizer_fingerprint")
     if saved != fingerprint:
-        raise ResumeError(f"--init-from {init_from}: its params were trained with tokenizer "
-                          f"{saved}, this run loads tokenizer {fingerprint}. Fix: set "
-                          "data.tokenizer to the tokenizer of the run it was exported from.")
-
+        raise ResumeError(
+            f"--init-from {init_from}: its params were trained with tokenizer "
+            f"{saved}, this run loads tokenizer {fingerprint}. Fix: set "
+            "data.tokenizer to the tokenizer of the run it was exported from."
+        )

@@ -1,5 +1,6 @@
 """Reading checkpoints outside training: list them, load their params (eval, generation) and
 export params-only directories (`--init-from`, HF export)."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,15 @@ from etils import epath
 from lmjax import config as config_lib, model
 from lmjax.checkpoint.compat import TOKENIZER_RECORD, ResumeError
 from lmjax.checkpoint.paths import ITEMS, absolute, checkpoint_dir
-from lmjax.checkpoint.store import (Checkpointer, ReadOnly, TornCheckpoint, classify,
-                                    damage_evidence, retrying, steps_in)
+from lmjax.checkpoint.store import (
+    Checkpointer,
+    ReadOnly,
+    TornCheckpoint,
+    classify,
+    damage_evidence,
+    retrying,
+    steps_in,
+)
 from lmjax.config import Config, ConfigError
 from lmjax.convert import hf
 from lmjax.errors import FaultError
@@ -25,9 +33,12 @@ log = logging.getLogger("lmjax")
 
 def _params_target(model_cfg) -> Any:
     device = jax.local_devices()[0]
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(
-        s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-        model.param_shapes(model_cfg))
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(
+            s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)
+        ),
+        model.param_shapes(model_cfg),
+    )
 
 
 def load_params(workdir: str, step: int | None = None) -> tuple[Config, Any, str]:
@@ -80,11 +91,16 @@ def export_params(workdir: str, step: int | None, out: str) -> str:
     one-line summary."""
     step, meta, params = _load_params(workdir, step)
     hf.save_params_dir(config_lib.from_dict(meta["config"]).model, params, out)
-    (epath.Path(absolute(out)) / TOKENIZER_RECORD).write_text(json.dumps(
-        {"tokenizer_fingerprint": meta.get("tokenizer_fingerprint"), "workdir": workdir,
-         "step": step}))
+    (epath.Path(absolute(out)) / TOKENIZER_RECORD).write_text(
+        json.dumps(
+            {
+                "tokenizer_fingerprint": meta.get("tokenizer_fingerprint"),
+                "workdir": workdir,
+                "step": step,
+            }
+        )
+    )
     return f"wrote params of {workdir} step {step} to {out}"
-
 
 
 def _dir_size(path) -> int:
@@ -107,17 +123,35 @@ def list_checkpoints(workdir: str) -> list[dict]:
             if not step_text.isdigit():
                 continue
             step = int(step_text)
-            row = {"step": step, "path": str(p), "bytes": _dir_size(p),
-                   "complete": False, "problem": "not committed (a save in progress or torn)"}
+            row = {
+                "step": step,
+                "path": str(p),
+                "bytes": _dir_size(p),
+                "complete": False,
+                "problem": "not committed (a save in progress or torn)",
+            }
             if step in committed and p.name == str(step):
                 missing = [i for i in ITEMS if not (p / i).exists()]
                 try:
                     meta = ckpt.read_json(step, "meta") if not missing else None
-                    row.update(complete=not missing, problem=f"missing {missing}" if missing else "")
+                    row.update(
+                        complete=not missing, problem=f"missing {missing}" if missing else ""
+                    )
                     if meta:
-                        row.update({k: meta.get(k) for k in (
-                            "lmjax_version", "config_fingerprint", "tokenizer_fingerprint",
-                            "mesh_shape", "process_count", "device_count", "saved_at")})
+                        row.update(
+                            {
+                                k: meta.get(k)
+                                for k in (
+                                    "lmjax_version",
+                                    "config_fingerprint",
+                                    "tokenizer_fingerprint",
+                                    "mesh_shape",
+                                    "process_count",
+                                    "device_count",
+                                    "saved_at",
+                                )
+                            }
+                        )
                 except Exception as e:  # noqa: BLE001 - reported in the table
                     row["problem"] = f"metadata unreadable: {str(e).splitlines()[0][:120]}"
             rows.append(row)
@@ -132,15 +166,16 @@ def format_listing(rows: list[dict]) -> str:
         size = f"{r['bytes'] / 2**20:.2f}MiB"
         if r["complete"]:
             saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("saved_at") or 0))
-            detail = (f"saved {saved} config {r['config_fingerprint']} tokenizer "
-                      f"{r['tokenizer_fingerprint']} mesh {r['mesh_shape']} processes "
-                      f"{r['process_count']} devices {r['device_count']} lmjax "
-                      f"{r['lmjax_version']}")
+            detail = (
+                f"saved {saved} config {r['config_fingerprint']} tokenizer "
+                f"{r['tokenizer_fingerprint']} mesh {r['mesh_shape']} processes "
+                f"{r['process_count']} devices {r['device_count']} lmjax "
+                f"{r['lmjax_version']}"
+            )
         else:
             detail = r["problem"]
         lines.append(f"{r['step']:>8} {size:>10} {str(r['complete']).lower():>8}  {detail}")
     return "\n".join(lines)
-
 
 
 def json_summary(rows: list[dict]) -> str:

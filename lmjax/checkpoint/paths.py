@@ -1,10 +1,13 @@
 """Where checkpoints live: the names inside a workdir and inside one step directory."""
+
 from __future__ import annotations
 
 import os
 
 CHECKPOINTS = "checkpoints"
-UNREADABLE = "unreadable"  # CHECKPOINTS/UNREADABLE/: steps set aside (no step number: orbax skips it)
+UNREADABLE = (
+    "unreadable"  # CHECKPOINTS/UNREADABLE/: steps set aside (no step number: orbax skips it)
+)
 ITEMS = ("params", "train", "data", "meta")
 
 

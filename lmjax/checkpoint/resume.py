@@ -1,5 +1,6 @@
 """Resume policy: where a run's state comes from (`plan_resume`) and how it is loaded
 (`ResumePlan.load`): newest readable checkpoint first, damage skipped, anything else stops."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,12 +13,26 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from lmjax.checkpoint.compat import (COMPUTE_ONLY_MODEL_FIELDS, ResumeError, StructureMismatch,
-                                     check_init_tokenizer, check_resumable, check_tokenizer,
-                                     model_diff)
+from lmjax.checkpoint.compat import (
+    COMPUTE_ONLY_MODEL_FIELDS,
+    ResumeError,
+    StructureMismatch,
+    check_init_tokenizer,
+    check_resumable,
+    check_tokenizer,
+    model_diff,
+)
 from lmjax.checkpoint.paths import CHECKPOINTS, UNREADABLE, absolute, checkpoint_dir
-from lmjax.checkpoint.store import (ReadOnly, TornCheckpoint, abstract_state, classify,
-                                    damage_evidence, retrying, step_dirs, steps_in)
+from lmjax.checkpoint.store import (
+    ReadOnly,
+    TornCheckpoint,
+    abstract_state,
+    classify,
+    damage_evidence,
+    retrying,
+    step_dirs,
+    steps_in,
+)
 from lmjax.config import Config, ConfigError
 from lmjax.convert import hf
 from lmjax.errors import FaultError
@@ -25,8 +40,9 @@ from lmjax.errors import FaultError
 log = logging.getLogger("lmjax")
 
 
-def plan_resume(workdir: str, config: Config, *, restore_from: str | None = None,
-                init_from: str | None = None) -> ResumePlan:
+def plan_resume(
+    workdir: str, config: Config, *, restore_from: str | None = None, init_from: str | None = None
+) -> ResumePlan:
     """Decides where the state comes from; reads only metadata.
 
     - the workdir has checkpoints: resume from the newest readable one (the flags are then
@@ -39,24 +55,29 @@ def plan_resume(workdir: str, config: Config, *, restore_from: str | None = None
     Raises ResumeError on a refused config change or when checkpoints exist but none is readable.
     """
     if restore_from and init_from:
-        raise ResumeError("--restore-from and --init-from exclude each other: the first "
-                          "continues a run (state, optimizer, data position), the second only "
-                          "loads parameters.")
+        raise ResumeError(
+            "--restore-from and --init-from exclude each other: the first "
+            "continues a run (state, optimizer, data position), the second only "
+            "loads parameters."
+        )
     own = checkpoint_dir(workdir)
     own_steps = steps_in(own)
     directory, steps = _source(own, own_steps, restore_from)
     if steps and init_from:
-        log.warning("ignoring --init-from %s: resuming from the checkpoints in %s", init_from,
-                    directory)
+        log.warning(
+            "ignoring --init-from %s: resuming from the checkpoints in %s", init_from, directory
+        )
         init_from = None
     _refuse_later_steps(own, own_steps, directory, steps)
     _refuse_torn_only(own, steps, config)
     plan = ResumePlan([], init_from, allow_fresh=config.checkpoint.allow_fresh)
     plan.candidates = _read_candidates(directory, steps, config, plan.unreadable) if steps else []
     if steps and not plan.candidates and not plan.allow_fresh:
-        raise ResumeError(f"checkpoints {steps} exist in {directory} but none has readable "
-                          "metadata. Nothing was moved or deleted. Fix: restore them, or start "
-                          "over with --set checkpoint.allow_fresh=true.")
+        raise ResumeError(
+            f"checkpoints {steps} exist in {directory} but none has readable "
+            "metadata. Nothing was moved or deleted. Fix: restore them, or start "
+            "over with --set checkpoint.allow_fresh=true."
+        )
     return plan
 
 
@@ -66,14 +87,20 @@ def _source(own: str, own_steps: list[int], restore_from: str | None) -> tuple[s
     if restore_from is not None and restore_from.strip().isdigit():
         step = int(restore_from)
         if step not in own_steps:
-            raise ResumeError(f"--restore-from {step}: {own} has no committed step {step} "
-                              f"(it has {own_steps or 'none'}).")
+            raise ResumeError(
+                f"--restore-from {step}: {own} has no committed step {step} "
+                f"(it has {own_steps or 'none'})."
+            )
         return own, [step]
     if restore_from is not None and not own_steps:
         return _parse_checkpoint_path(restore_from)
     if restore_from is not None:
-        log.warning("%s already has checkpoints %s: resuming from them, not from --restore-from "
-                    "%s", own, own_steps, restore_from)
+        log.warning(
+            "%s already has checkpoints %s: resuming from them, not from --restore-from %s",
+            own,
+            own_steps,
+            restore_from,
+        )
     return own, own_steps
 
 
@@ -86,20 +113,23 @@ def _parse_checkpoint_path(path: str) -> tuple[str, list[int]]:
         steps = steps_in(str(root)) if root.exists() else []
         if steps:
             return str(root), steps
-    raise ResumeError(f"--restore-from {path}: no committed checkpoint there. Give a workdir, "
-                      "its checkpoints/ directory, one checkpoints/STEP directory, or a step "
-                      "number of this workdir.")
+    raise ResumeError(
+        f"--restore-from {path}: no committed checkpoint there. Give a workdir, "
+        "its checkpoints/ directory, one checkpoints/STEP directory, or a step "
+        "number of this workdir."
+    )
 
 
-def _refuse_later_steps(own: str, own_steps: list[int], directory: str,
-                        steps: list[int]) -> None:
+def _refuse_later_steps(own: str, own_steps: list[int], directory: str, steps: list[int]) -> None:
     """Restoring an older step of the workdir itself: later steps would collide with new saves."""
     later = [s for s in own_steps if steps and directory == own and s > max(steps)]
     if later:
-        raise ResumeError(f"--restore-from step {max(steps)}: {own} also has later steps {later}, "
-                          "which new saves would collide with. Fix: move them away, or restore "
-                          "into a new workdir with --restore-from "
-                          f"{os.path.join(own, str(max(steps)))}.")
+        raise ResumeError(
+            f"--restore-from step {max(steps)}: {own} also has later steps {later}, "
+            "which new saves would collide with. Fix: move them away, or restore "
+            "into a new workdir with --restore-from "
+            f"{os.path.join(own, str(max(steps)))}."
+        )
 
 
 def _refuse_torn_only(own: str, steps: list[int], config: Config) -> None:
@@ -107,9 +137,11 @@ def _refuse_torn_only(own: str, steps: list[int], config: Config) -> None:
     checkpoint.allow_fresh says so."""
     uncommitted = [p.name for p, _ in step_dirs(own) if p.name.isdigit()]
     if not steps and uncommitted and not config.checkpoint.allow_fresh:
-        raise ResumeError(f"{own} has step directories {uncommitted} but none is committed "
-                          "(torn saves). Nothing was moved or deleted. Fix: restore them, or "
-                          "start over with --set checkpoint.allow_fresh=true.")
+        raise ResumeError(
+            f"{own} has step directories {uncommitted} but none is committed "
+            "(torn saves). Nothing was moved or deleted. Fix: restore them, or "
+            "start over with --set checkpoint.allow_fresh=true."
+        )
 
 
 @dataclasses.dataclass
@@ -148,7 +180,9 @@ class ResumePlan:
         if self.init_from and not self.candidates:
             check_init_tokenizer(self.init_from, fingerprint)
 
-    def load(self, init_fn: Callable, shardings, workdir: str, model_cfg) -> tuple[Any, dict | None, str]:
+    def load(
+        self, init_fn: Callable, shardings, workdir: str, model_cfg
+    ) -> tuple[Any, dict | None, str]:
         """(state, saved data position or None, description): the newest checkpoint that
         restores, else `init_from` params on a fresh optimizer, else a fresh init.
 
@@ -164,15 +198,22 @@ class ResumePlan:
                 log.info("resumed from %s", c.where)
                 return (*restored, c.where)
         if self.unreadable and not self.allow_fresh:
-            listing = "; ".join(f"step {s}: {e.splitlines()[0][:200]}" for _, s, e in self.unreadable)
-            raise ResumeError(f"checkpoints exist but none could be read ({listing}). Nothing was "
-                              "moved or deleted. Fix: restore them, point --restore-from at a "
-                              "readable checkpoint, or start over with --set "
-                              "checkpoint.allow_fresh=true (the first save then moves them to "
-                              f"{os.path.join(checkpoint_dir(workdir), UNREADABLE)}/).")
+            listing = "; ".join(
+                f"step {s}: {e.splitlines()[0][:200]}" for _, s, e in self.unreadable
+            )
+            raise ResumeError(
+                f"checkpoints exist but none could be read ({listing}). Nothing was "
+                "moved or deleted. Fix: restore them, point --restore-from at a "
+                "readable checkpoint, or start over with --set "
+                "checkpoint.allow_fresh=true (the first save then moves them to "
+                f"{os.path.join(checkpoint_dir(workdir), UNREADABLE)}/)."
+            )
         if self.unreadable:
-            log.warning("checkpoint.allow_fresh: starting from scratch although steps %s exist "
-                        "(unreadable)", [s for _, s, _ in self.unreadable])
+            log.warning(
+                "checkpoint.allow_fresh: starting from scratch although steps %s exist "
+                "(unreadable)",
+                [s for _, s, _ in self.unreadable],
+            )
         state = init_fn()
         if self.init_from is None:
             return state, None, "fresh init"
@@ -196,22 +237,35 @@ class ResumePlan:
             return result
         if outcome == "torn":
             text = f"{type(error).__name__}: {error}" if error else "torn on another process"
-            log.error("checkpoint %s is unreadable (%s); trying the previous one", c.where,
-                      text.splitlines()[0][:300])
+            log.error(
+                "checkpoint %s is unreadable (%s); trying the previous one",
+                c.where,
+                text.splitlines()[0][:300],
+            )
             self.unreadable.append((c.directory, c.step, text))
             return None
         raise _stop_error(c, error)
 
     def _with_init_params(self, state, target, model_cfg) -> tuple[Any, None, str]:
         saved_cfg, params = hf.load_params_dir(self.init_from)
-        changes = {k: v for k, v in model_diff(saved_cfg, model_cfg).items()
-                   if k[len("model."):] not in COMPUTE_ONLY_MODEL_FIELDS}
+        changes = {
+            k: v
+            for k, v in model_diff(saved_cfg, model_cfg).items()
+            if k[len("model.") :] not in COMPUTE_ONLY_MODEL_FIELDS
+        }
         if changes:
             lines = "\n  ".join(f"{k}: params {a!r}, config {b!r}" for k, (a, b) in changes.items())
-            raise ResumeError(f"--init-from {self.init_from} does not fit this model:\n  {lines}\n"
-                              "Fix: set those model fields to the params' values.")
-        params = jax.tree.map(lambda x, t: jax.make_array_from_callback(
-            t.shape, t.sharding, lambda idx: np.asarray(x, t.dtype)[idx]), params, target.params)
+            raise ResumeError(
+                f"--init-from {self.init_from} does not fit this model:\n  {lines}\n"
+                "Fix: set those model fields to the params' values."
+            )
+        params = jax.tree.map(
+            lambda x, t: jax.make_array_from_callback(
+                t.shape, t.sharding, lambda idx: np.asarray(x, t.dtype)[idx]
+            ),
+            params,
+            target.params,
+        )
         log.info("initialized params from %s", self.init_from)
         return state.replace(params=params), None, f"params from {self.init_from}"
 
@@ -220,25 +274,35 @@ def _stop_error(c: Candidate, error: BaseException | None) -> Exception:
     """The error that stops a resume which failed for a reason other than damage."""
     untouched = "No checkpoint was moved or deleted."
     if error is None:
-        return FaultError(f"another process could not restore {c.where} (see its log). "
-                          f"{untouched}")
+        return FaultError(f"another process could not restore {c.where} (see its log). {untouched}")
     if isinstance(error, StructureMismatch):
-        fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(c.changes.items())
-                           if k.startswith("optim.")) or "no optim field (another lmjax version?)"
-        return ResumeError(f"cannot resume {c.where}: {error}. Changed since it was saved: "
-                           f"{fields}. Fix: resume with the checkpoint's values (--set "
-                           "FIELD=VALUE), or start a new workdir from its params (lmjax "
-                           f"checkpoint export, then --init-from). {untouched}")
+        fields = (
+            "; ".join(
+                f"{k}: {a!r} -> {b!r}"
+                for k, (a, b) in sorted(c.changes.items())
+                if k.startswith("optim.")
+            )
+            or "no optim field (another lmjax version?)"
+        )
+        return ResumeError(
+            f"cannot resume {c.where}: {error}. Changed since it was saved: "
+            f"{fields}. Fix: resume with the checkpoint's values (--set "
+            "FIELD=VALUE), or start a new workdir from its params (lmjax "
+            f"checkpoint export, then --init-from). {untouched}"
+        )
     if classify(error) == "oom":
-        return ResumeError(f"out of memory restoring {c.where} on this mesh "
-                           f"({str(error).splitlines()[0][:200]}). {untouched} Fix: more "
-                           "devices or processes, or shard the state wider (mesh.fsdp).")
+        return ResumeError(
+            f"out of memory restoring {c.where} on this mesh "
+            f"({str(error).splitlines()[0][:200]}). {untouched} Fix: more "
+            "devices or processes, or shard the state wider (mesh.fsdp)."
+        )
     if isinstance(error, (ConfigError, FaultError)):
         return error
-    return FaultError(f"restoring {c.where} failed: {type(error).__name__}: "
-                      f"{str(error).splitlines()[0][:300] if str(error) else ''}. {untouched} "
-                      "Rerun with -v for the traceback.")
-
+    return FaultError(
+        f"restoring {c.where} failed: {type(error).__name__}: "
+        f"{str(error).splitlines()[0][:300] if str(error) else ''}. {untouched} "
+        "Rerun with -v for the traceback."
+    )
 
 
 def _worst(outcome: str) -> str:
@@ -249,21 +313,27 @@ def _worst(outcome: str) -> str:
     return OUTCOMES[int(np.max(codes))]
 
 
-
-def _read_candidates(directory: str, steps: list[int], config: Config,
-                     unreadable: list) -> list[Candidate]:
+def _read_candidates(
+    directory: str, steps: list[int], config: Config, unreadable: list
+) -> list[Candidate]:
     """Newest first, those whose metadata reads; refuses (raises) on a changed model."""
     out = []
     with ReadOnly(directory) as ckpt:
         for step in sorted(steps, reverse=True):
             try:
-                meta = retrying(f"reading {directory} step {step}",
-                                lambda step=step: ckpt.read_json(step, "meta"))
+                meta = retrying(
+                    f"reading {directory} step {step}",
+                    lambda step=step: ckpt.read_json(step, "meta"),
+                )
             except FaultError:
                 raise
             except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
-                log.error("checkpoint %s step %d: metadata unreadable (%s)", directory, step,
-                          str(e).splitlines()[0][:300])
+                log.error(
+                    "checkpoint %s step %d: metadata unreadable (%s)",
+                    directory,
+                    step,
+                    str(e).splitlines()[0][:300],
+                )
                 unreadable.append((directory, step, f"metadata: {e}"))
                 continue
             changes = check_resumable(meta, config, f"{directory} step {step}")
@@ -274,8 +344,6 @@ def _read_candidates(directory: str, steps: list[int], config: Config,
     return out
 
 
-
 def describe_resume(step: int, source: str) -> dict:
     """The metrics.jsonl record that marks where a run (re)started."""
     return {"event": "start", "restored_step": step, "restored_from": source}
-

@@ -1,5 +1,6 @@
 """When to save and when to stop: SIGTERM/SIGINT handling and the save schedule, agreed by
 all processes at the same step."""
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,11 @@ class StopSignals:
             os.kill(os.getpid(), signum)
             return
         self.received = signum
-        log.warning("received %s: saving at the next step boundary, then exiting (send it "
-                    "again to exit at once)", signal.Signals(signum).name)
+        log.warning(
+            "received %s: saving at the next step boundary, then exiting (send it "
+            "again to exit at once)",
+            signal.Signals(signum).name,
+        )
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -74,8 +78,11 @@ class SaveSchedule:
         self.last_save = time.monotonic()
 
     def _local_flags(self) -> np.ndarray:
-        time_due = (self.cfg.every_minutes > 0 and jax.process_index() == 0
-                    and time.monotonic() - self.last_save >= 60 * self.cfg.every_minutes)
+        time_due = (
+            self.cfg.every_minutes > 0
+            and jax.process_index() == 0
+            and time.monotonic() - self.last_save >= 60 * self.cfg.every_minutes
+        )
         return np.array([self.signals.received is not None, time_due], np.int32)
 
     def __call__(self, step: int) -> tuple[bool, bool]:
@@ -91,9 +98,13 @@ class SaveSchedule:
             flags = np.zeros(2, np.int32) if agreed is None else np.asarray(agreed)
             stop, time_due = bool(flags[0]), bool(flags[1])
         stop = stop or preempted
-        save = (stop or time_due or step == self.total
-                or step % self.cfg.every_steps == 0
-                or (self.cfg.keep_every > 0 and step % self.cfg.keep_every == 0))
+        save = (
+            stop
+            or time_due
+            or step == self.total
+            or step % self.cfg.every_steps == 0
+            or (self.cfg.keep_every > 0 and step % self.cfg.keep_every == 0)
+        )
         return save, stop
 
 
@@ -105,9 +116,10 @@ def _make_flag_reduce() -> Callable[[np.ndarray], jax.Array]:
 
     def dispatch(flags: np.ndarray) -> jax.Array:
         local = np.tile(flags[None], (jax.local_device_count(), 1))
-        return reduce(jax.make_array_from_process_local_data(
-            rows, local, (jax.device_count(), flags.shape[0])))
+        return reduce(
+            jax.make_array_from_process_local_data(
+                rows, local, (jax.device_count(), flags.shape[0])
+            )
+        )
 
     return dispatch
-
-

@@ -1,5 +1,6 @@
 """orbax I/O: the Checkpointer (async saves, restores, set-aside of newer steps), the
 finiteness check before a save, and the storage-fault rules (damage vs. transient, retries)."""
+
 from __future__ import annotations
 
 import errno
@@ -27,20 +28,25 @@ class TornCheckpoint(Exception):
 
 def _ocp():
     import orbax.checkpoint as ocp
+
     return ocp
 
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _split(state) -> dict[str, Any]:
-    return {"params": state.params,
-            "train": {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}}
-
+    return {
+        "params": state.params,
+        "train": {"step": state.step, "opt_state": state.opt_state, "rng": state.rng},
+    }
 
 
 # tensorstore statuses and messages that mean a checkpoint's files are bad: an array file that
@@ -49,8 +55,15 @@ _DAMAGE_MARKERS = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "Data corruption", 
 # Storage errors that say nothing about the files (the service, the network or the mount
 # failed): retried with backoff, then reported; the checkpoint stays where it is.
 _TRANSIENT_MARKERS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED")
-_TRANSIENT_ERRNOS = (errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET,
-                     errno.ECONNABORTED, errno.EBUSY, errno.ESTALE)
+_TRANSIENT_ERRNOS = (
+    errno.EIO,
+    errno.EAGAIN,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.EBUSY,
+    errno.ESTALE,
+)
 RETRY_DELAYS_S = (1.0, 4.0, 16.0)
 
 
@@ -83,9 +96,11 @@ def retrying(what: str, fn: Callable[[], Any]) -> Any:
                 raise
             first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             if delay is None:
-                raise FaultError(f"{what}: storage kept failing after {len(RETRY_DELAYS_S)} "
-                                 f"retries ({first}). No checkpoint was moved or deleted: rerun "
-                                 "the same command once the storage is reachable.") from e
+                raise FaultError(
+                    f"{what}: storage kept failing after {len(RETRY_DELAYS_S)} "
+                    f"retries ({first}). No checkpoint was moved or deleted: rerun "
+                    "the same command once the storage is reachable."
+                ) from e
             log.warning("%s: transient storage error (%s); retrying in %g s", what, first, delay)
             time.sleep(delay)
 
@@ -97,8 +112,12 @@ def damage_evidence(step_dir: str) -> str | None:
     missing = [i for i in ITEMS if not (root / i).is_dir()]
     if missing:
         return f"items {missing} are missing"
-    for item, name in (("params", "_METADATA"), ("train", "_METADATA"), ("data", "metadata"),
-                       ("meta", "metadata")):
+    for item, name in (
+        ("params", "_METADATA"),
+        ("train", "_METADATA"),
+        ("data", "metadata"),
+        ("meta", "metadata"),
+    ):
         path = root / item / name
         if not path.exists():
             return f"{item}/{name} is missing"
@@ -117,21 +136,31 @@ class Checkpointer:
     background and a save is logged as committed only when orbax has committed it.
     """
 
-    def __init__(self, directory: str, cfg: CheckpointConfig = CheckpointConfig(), *,
-                 read_only: bool = False, resumed_at: int | None = None):
+    def __init__(
+        self,
+        directory: str,
+        cfg: CheckpointConfig = CheckpointConfig(),
+        *,
+        read_only: bool = False,
+        resumed_at: int | None = None,
+    ):
         """resumed_at: the step the run restored (0 for a fresh start); step directories newer
         than it are set aside before the first save (see `_clear_newer`)."""
         ocp = _ocp()
         from orbax.checkpoint import checkpoint_managers as policies
+
         self.directory = directory
         self.cfg = cfg
         keep = [policies.LatestN(cfg.keep)]
         if cfg.keep_every:
             keep.append(policies.EveryNSteps(cfg.keep_every))
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=cfg.async_save, read_only=read_only,
-            create=not read_only, save_interval_steps=0 if read_only else 1,
-            preservation_policy=policies.AnyPreservationPolicy(keep))
+            enable_async_checkpointing=cfg.async_save,
+            read_only=read_only,
+            create=not read_only,
+            save_interval_steps=0 if read_only else 1,
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+        )
         self._manager = ocp.CheckpointManager(directory, options=options)
         self._uncommitted: int | None = None
         self._last_saved: int | None = None
@@ -142,8 +171,16 @@ class Checkpointer:
         """Committed steps, oldest first (not yet checked for readability)."""
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state, *, data_state: dict, meta: dict,
-             step_finite: jax.Array | bool = True, allow_nonfinite_step: bool = False) -> float:
+    def save(
+        self,
+        step: int,
+        state,
+        *,
+        data_state: dict,
+        meta: dict,
+        step_finite: jax.Array | bool = True,
+        allow_nonfinite_step: bool = False,
+    ) -> float:
         """Starts saving `state` as `step`; returns the seconds training was blocked.
 
         Checks first, synchronously, that the step's loss and gradients (`step_finite`, the
@@ -155,13 +192,17 @@ class Checkpointer:
         step_finite = bool(jax.block_until_ready(step_finite))
         start = time.perf_counter()
         if not (allow_nonfinite_step or step_finite):
-            raise FloatingPointError(f"non-finite loss or gradient at step {step}: not saving "
-                                     "it; the newest checkpoint is still "
-                                     f"{self.latest_step()}.")
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {step}: not saving "
+                "it; the newest checkpoint is still "
+                f"{self.latest_step()}."
+            )
         if not bool(_all_finite(state)):
-            raise FloatingPointError(f"the train state after step {step} holds non-finite "
-                                     "values: not saving it; the newest checkpoint is still "
-                                     f"{self.latest_step()}.")
+            raise FloatingPointError(
+                f"the train state after step {step} holds non-finite "
+                "values: not saving it; the newest checkpoint is still "
+                f"{self.latest_step()}."
+            )
         self._clear_newer()
         if step in self._manager.all_steps():
             return 0.0
@@ -170,11 +211,16 @@ class Checkpointer:
         self._note_committed(wait=True)
         self._uncommitted = self._last_saved = step
         try:
-            self._manager.save(step, force=True, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(items["params"]),
-                train=ocp.args.StandardSave(items["train"]),
-                data=ocp.args.JsonSave({**data_state, "step": int(step)}),
-                meta=ocp.args.JsonSave({**meta, "step": int(step), "saved_at": time.time()})))
+            self._manager.save(
+                step,
+                force=True,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(items["params"]),
+                    train=ocp.args.StandardSave(items["train"]),
+                    data=ocp.args.JsonSave({**data_state, "step": int(step)}),
+                    meta=ocp.args.JsonSave({**meta, "step": int(step), "saved_at": time.time()}),
+                ),
+            )
         except Exception as e:  # noqa: BLE001 - any failed write stops the run cleanly
             raise self._save_failed(step, e) from e
         blocked = time.perf_counter() - start
@@ -197,8 +243,12 @@ class Checkpointer:
         newer = [p for p, step in step_dirs(self.directory) if step > self._resumed_at]
         self._resumed_at = None
         for path in newer:
-            set_aside(path, "an unfinished save" if "." in path.name else
-                       "unreadable when the run resumed, or checkpoint.allow_fresh")
+            set_aside(
+                path,
+                "an unfinished save"
+                if "." in path.name
+                else "unreadable when the run resumed, or checkpoint.allow_fresh",
+            )
         if newer:
             _barrier("lmjax_cleared_newer")
             self._manager.reload()
@@ -226,10 +276,12 @@ class Checkpointer:
         self._manager.reload()
         text = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
         log.error("CHECKPOINT %d FAILED: %s", step, text)
-        return FaultError(f"checkpoint {step} could not be written ({text}): training stopped. "
-                          f"The newest committed checkpoint, {self._manager.latest_step()}, is "
-                          "untouched: free space (or fix the storage) and rerun the same command "
-                          "to resume from it.")
+        return FaultError(
+            f"checkpoint {step} could not be written ({text}): training stopped. "
+            f"The newest committed checkpoint, {self._manager.latest_step()}, is "
+            "untouched: free space (or fix the storage) and rerun the same command "
+            "to resume from it."
+        )
 
     def poll(self) -> None:
         """Logs a background save that has committed since the last call; never blocks."""
@@ -255,8 +307,9 @@ class Checkpointer:
 
     def read_json(self, step: int, item: str) -> dict:
         ocp = _ocp()
-        return self._manager.restore(step, args=ocp.args.Composite(
-            **{item: ocp.args.JsonRestore()}))[item]
+        return self._manager.restore(
+            step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+        )[item]
 
     def saved_tree(self, step: int, item: str):
         """The structure of a saved array item, leaves being orbax ArrayMetadata."""
@@ -275,30 +328,47 @@ class Checkpointer:
         saved = {k: self.saved_tree(step, k) for k in ("params", "train")}
         layout = {k: in_saved_layout(saved[k], target[k], k) for k in saved}
         if positions(saved["train"]) != positions(target["train"]):
-            log.warning("checkpoint %d: the optimizer state's layout changed (a stateless "
-                        "wrapper such as clipping was added or removed); restoring its saved "
-                        "moments and counts into the new layout", step)
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(layout["params"]),
-            train=ocp.args.StandardRestore(layout["train"]),
-            data=ocp.args.JsonRestore()))
-        out = {**out, **{k: jax.tree.unflatten(jax.tree.structure(target[k]),
-                                               jax.tree.leaves(out[k])) for k in layout}}
+            log.warning(
+                "checkpoint %d: the optimizer state's layout changed (a stateless "
+                "wrapper such as clipping was added or removed); restoring its saved "
+                "moments and counts into the new layout",
+                step,
+            )
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(layout["params"]),
+                train=ocp.args.StandardRestore(layout["train"]),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        out = {
+            **out,
+            **{
+                k: jax.tree.unflatten(jax.tree.structure(target[k]), jax.tree.leaves(out[k]))
+                for k in layout
+            },
+        }
         train = out["train"]
-        state = abstract_state.replace(params=out["params"], step=train["step"],
-                                       opt_state=train["opt_state"], rng=train["rng"])
+        state = abstract_state.replace(
+            params=out["params"], step=train["step"], opt_state=train["opt_state"], rng=train["rng"]
+        )
         return state, out["data"]
 
     def restore_params(self, step: int, abstract_params) -> Any:
         ocp = _ocp()
-        return self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))["params"]
+        return self._manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+        )["params"]
 
 
 def abstract_state(init_fn: Callable, shardings) -> Any:
     """The state `init_fn` would create, as ShapeDtypeStructs carrying `shardings`."""
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        jax.eval_shape(init_fn), shardings)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(init_fn),
+        shardings,
+    )
 
 
 def _barrier(name: str) -> None:
@@ -341,10 +411,8 @@ class ReadOnly:
         self.ckpt._manager.close()
 
 
-
 def steps_in(directory: str) -> list[int]:
     if not epath.Path(directory).exists():
         return []
     with ReadOnly(directory) as ckpt:
         return ckpt.steps()
-

@@ -1,4 +1,5 @@
 """`lmjax bench step|data|generate`: each prints a table of one part's speed on this machine."""
+
 from __future__ import annotations
 
 import jax
@@ -13,23 +14,32 @@ def step(config: Config, sweeps: list[str], steps: int, profile_dir: str = "") -
     device = jax.devices()[0]
     m, d = config.model, config.data
     print(f"device: {device.device_kind} x {jax.device_count()}")
-    print(f"model: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads x "
-          f"{m.head_dim}, mlp {m.d_mlp}, vocab {m.vocab_size}; batch {d.batch_size} x seq {d.seq_len}")
+    print(
+        f"model: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads x "
+        f"{m.head_dim}, mlp {m.d_mlp}, vocab {m.vocab_size}; batch {d.batch_size} x seq {d.seq_len}"
+    )
     cases = bench.time_sweep(config, sweeps, steps, profile_dir)
     for dtype in sorted({cfg.model.dtype for _, cfg, _ in cases}):
         peak, source = metrics.peak_flops(device, dtype)
         print(f"MFU peak for {dtype}: {peak / 1e12:.3f} TFLOP/s ({source})")
     width = max(44, *(len(name) for name, _, _ in cases))
-    print(f"{'config':<{width}} {'compile s':>9} {'step s':>8} {'best s':>7} {'cpu s':>7} "
-          f"{'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6}")
+    print(
+        f"{'config':<{width}} {'compile s':>9} {'step s':>8} {'best s':>7} {'cpu s':>7} "
+        f"{'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6}"
+    )
     rows = []
     for name, _, r in cases:
         rows.append({"config": name, **r})
-        print(f"{name:<{width}} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['best_s']:>7.3f} "
-              f"{r['cpu_s']:>7.2f} {r['tokens_per_second']:>9.0f} "
-              f"{r['tflops_per_device']:>8.3f} {r['mfu']:>6.1%}", flush=True)
-    print("step s: median wall seconds; best s: fastest step; cpu s: process CPU seconds per step "
-          "(all threads), a load-robust measure of work on a shared machine.")
+        print(
+            f"{name:<{width}} {r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['best_s']:>7.3f} "
+            f"{r['cpu_s']:>7.2f} {r['tokens_per_second']:>9.0f} "
+            f"{r['tflops_per_device']:>8.3f} {r['mfu']:>6.1%}",
+            flush=True,
+        )
+    print(
+        "step s: median wall seconds; best s: fastest step; cpu s: process CPU seconds per step "
+        "(all threads), a load-robust measure of work on a shared machine."
+    )
     return rows
 
 
@@ -43,18 +53,27 @@ def data(config: Config, workdir: str, seconds: float = 10.0, start_step: int = 
     return r["tokens_per_second"]
 
 
-def generation(model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *,
-               seed: int = 0) -> dict[str, float]:
+def generation(
+    model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *, seed: int = 0
+) -> dict[str, float]:
     """Prints a table of prefill and decode speed (`bench.time_generation`); returns it."""
     r = bench.time_generation(model_cfg, batch, prompt_len, new_tokens, seed=seed)
-    print(f"generate benchmark on {jax.devices()[0].device_kind}: "
-          f"{model.count_params(model_cfg):,} params, {model_cfg.dtype}, batch {batch}, "
-          f"prompt {prompt_len}, new {new_tokens}")
+    print(
+        f"generate benchmark on {jax.devices()[0].device_kind}: "
+        f"{model.count_params(model_cfg):,} params, {model_cfg.dtype}, batch {batch}, "
+        f"prompt {prompt_len}, new {new_tokens}"
+    )
     print(f"{'phase':<8}{'tokens':>10}{'seconds':>10}{'tokens/s':>12}")
-    print(f"{'prefill':<8}{batch * prompt_len:>10}{r['prefill_s']:>10.4f}"
-          f"{r['prefill_tokens_per_s']:>12.1f}")
-    print(f"{'decode':<8}{batch * new_tokens:>10}{r['decode_s']:>10.4f}"
-          f"{r['decode_tokens_per_s']:>12.1f}")
-    print(f"KV cache: {r['cache_bytes']:,} bytes (k and v, [layers, batch, "
-          f"max_len={prompt_len + new_tokens}, kv_heads, head_dim])")
+    print(
+        f"{'prefill':<8}{batch * prompt_len:>10}{r['prefill_s']:>10.4f}"
+        f"{r['prefill_tokens_per_s']:>12.1f}"
+    )
+    print(
+        f"{'decode':<8}{batch * new_tokens:>10}{r['decode_s']:>10.4f}"
+        f"{r['decode_tokens_per_s']:>12.1f}"
+    )
+    print(
+        f"KV cache: {r['cache_bytes']:,} bytes (k and v, [layers, batch, "
+        f"max_len={prompt_len + new_tokens}, kv_heads, head_dim])"
+    )
     return r

@@ -1,4 +1,5 @@
 """`lmjax checkpoint list|export`: what a run has saved, and params-only copies of it."""
+
 from __future__ import annotations
 
 from lmjax import checkpoint

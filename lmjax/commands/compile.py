@@ -1,4 +1,5 @@
 """`lmjax compile`: does the train step fit a TPU topology? Compiled ahead of time with libtpu."""
+
 from __future__ import annotations
 
 from lmjax import compile as compile_lib

@@ -1,4 +1,5 @@
 """`lmjax convert from-hf|to-hf`: Hugging Face Llama safetensors <-> lmjax params directories."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,10 @@ def from_hf(hf_dir: str, out_dir: str) -> int:
     hf.require_new_params_dir(out)  # before the slow read
     cfg, params = hf.load(hf_dir)
     hf.save_params_dir(cfg, params, out)
-    print(f"wrote {model.count_params(cfg):,} parameters ({cfg.n_layers} layers, d_model "
-          f"{cfg.d_model}) to {out}/params and {out}/model_config.json")
+    print(
+        f"wrote {model.count_params(cfg):,} parameters ({cfg.n_layers} layers, d_model "
+        f"{cfg.d_model}) to {out}/params and {out}/model_config.json"
+    )
     return 0
 
 
@@ -23,6 +26,7 @@ def to_hf(params_dir: str, out_dir: str, dtype: str | None = None) -> int:
     hf.require_empty(Path(out_dir))  # before the slow read
     cfg, params = hf.load_params_dir(params_dir)
     hf.save(cfg, params, out_dir, dtype=dtype)
-    print(f"wrote a LlamaForCausalLM checkpoint ({model.count_params(cfg):,} parameters) to "
-          f"{out_dir}")
+    print(
+        f"wrote a LlamaForCausalLM checkpoint ({model.count_params(cfg):,} parameters) to {out_dir}"
+    )
     return 0

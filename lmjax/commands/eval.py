@@ -1,4 +1,5 @@
 """`lmjax eval`: loss, perplexity and bits-per-byte of a saved checkpoint."""
+
 from __future__ import annotations
 
 import glob
@@ -10,10 +11,18 @@ from lmjax.config import ConfigError
 from lmjax.data.documents import read_utf8
 
 
-def main(workdir: str, step: int | None = None, text_files: Sequence[str] = (),
-         use_experiment_data: bool = False, as_json: bool = False, *,
-         context_len: int | None = None, stride: int | None = None,
-         load: Callable = saved_run.load, batches_for: Callable = saved_run.eval_batches) -> dict:
+def main(
+    workdir: str,
+    step: int | None = None,
+    text_files: Sequence[str] = (),
+    use_experiment_data: bool = False,
+    as_json: bool = False,
+    *,
+    context_len: int | None = None,
+    stride: int | None = None,
+    load: Callable = saved_run.load,
+    batches_for: Callable = saved_run.eval_batches,
+) -> dict:
     """`lmjax eval`: scores a checkpoint on text files or on the experiment's eval split.
 
     text_files: globs of UTF-8 files, one document each (see `evaluate.score_texts`). context_len
@@ -29,19 +38,25 @@ def main(workdir: str, step: int | None = None, text_files: Sequence[str] = (),
     config, params, tokenizer = load(workdir, step)
     if paths:
         if tokenizer is None:
-            raise ConfigError(f"the run in {workdir} has no tokenizer (synthetic data): it can "
-                              "only be evaluated with --experiment-data.")
+            raise ConfigError(
+                f"the run in {workdir} has no tokenizer (synthetic data): it can "
+                "only be evaluated with --experiment-data."
+            )
         texts = [read_utf8(path) for path in paths]
         context_len = context_len or config.data.seq_len
         stride = stride or max(1, context_len // 2)
-        result = evaluate.score_texts(params, config.model, tokenizer, texts,
-                                      context_len=context_len, stride=stride)
+        result = evaluate.score_texts(
+            params, config.model, tokenizer, texts, context_len=context_len, stride=stride
+        )
         result["files"] = len(paths)
     else:
         result = evaluate.eval_loss(params, config.model, batches_for(config, tokenizer, workdir))
     if as_json:
         print(json.dumps(result, sort_keys=True))
     else:
-        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in result.items()))
+        print(
+            "  ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+            )
+        )
     return result

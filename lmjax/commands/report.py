@@ -1,4 +1,5 @@
 """`lmjax report`: where a run's time went, across its restarts, and a PNG of it."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """`lmjax smoke`: is this machine ready to train? The checks of `lmjax.smoke`, and the report."""
+
 from __future__ import annotations
 
 import tempfile

@@ -1,4 +1,5 @@
 """`lmjax soak`: SIGKILL training at chosen moments, resume, and count the bitwise-equal runs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,11 +7,19 @@ from pathlib import Path
 from lmjax import soak
 
 
-def main(root: str, trials: int, experiment: str, overrides: list[str], steps: int,
-         seed: int) -> int:
+def main(
+    root: str, trials: int, experiment: str, overrides: list[str], steps: int, seed: int
+) -> int:
     """Prints one line per trial and `N/N trials resumed bit for bit`; exit 1 unless all did."""
-    rows = soak.soak(Path(root).absolute(), trials, experiment, overrides, steps=steps, seed=seed,
-                     on_trial=lambda i, row: print(soak.format_row(i, row), flush=True))
+    rows = soak.soak(
+        Path(root).absolute(),
+        trials,
+        experiment,
+        overrides,
+        steps=steps,
+        seed=seed,
+        on_trial=lambda i, row: print(soak.format_row(i, row), flush=True),
+    )
     passed = sum(r["ok"] for r in rows)
     cut = sum(r["save_cut"] for r in rows)
     print(f"{passed}/{len(rows)} trials resumed bit for bit ({cut} kills cut a save in flight)")

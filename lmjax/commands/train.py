@@ -1,12 +1,14 @@
 """`lmjax train`: joins the job's processes, then trains (or resumes) a run in its workdir."""
+
 from __future__ import annotations
 
 from lmjax import distributed, run
 from lmjax.config import Config
 
 
-def main(config: Config, workdir: str, restore_from: str | None = None,
-         init_from: str | None = None) -> int:
+def main(
+    config: Config, workdir: str, restore_from: str | None = None, init_from: str | None = None
+) -> int:
     """Prints the final losses (and the end-of-run sample); see `run.train` for the rest."""
     distributed.initialize()
     result = run.train(config, workdir, restore_from=restore_from, init_from=init_from)

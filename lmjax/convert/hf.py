@@ -9,6 +9,7 @@ lmjax applies RoPE in HF's rotate-half form, so q/k need no permutation.
 Only safetensors are read: PyTorch `.bin`/`.pt` files are pickles, which can run code when
 loaded, and are refused with instructions to convert them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,7 +47,7 @@ class Entry:
         """The HF shape for an lmjax (per-layer) shape."""
         if self.in_axes == 0:
             return shape
-        return (math.prod(shape[self.in_axes:]), math.prod(shape[:self.in_axes]))
+        return (math.prod(shape[self.in_axes :]), math.prod(shape[: self.in_axes]))
 
     def to_lmjax(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return array.reshape(shape) if self.in_axes == 0 else array.T.reshape(shape)
@@ -54,7 +55,7 @@ class Entry:
     def to_hf(self, array: np.ndarray) -> np.ndarray:
         if self.in_axes == 0:
             return array
-        return array.reshape(math.prod(array.shape[:self.in_axes]), -1).T
+        return array.reshape(math.prod(array.shape[: self.in_axes]), -1).T
 
 
 TABLE: tuple[Entry, ...] = (
@@ -74,15 +75,22 @@ TABLE: tuple[Entry, ...] = (
 
 # HF config.json key <-> ModelConfig field, and the keys of a "llama3" rope_scaling block.
 CONFIG_KEYS = (
-    ("vocab_size", "vocab_size"), ("hidden_size", "d_model"), ("num_hidden_layers", "n_layers"),
-    ("num_attention_heads", "n_heads"), ("num_key_value_heads", "n_kv_heads"),
-    ("head_dim", "head_dim"), ("intermediate_size", "d_mlp"),
-    ("max_position_embeddings", "max_seq_len"), ("rope_theta", "rope_theta"),
-    ("rms_norm_eps", "norm_eps"), ("tie_word_embeddings", "tie_embeddings"),
+    ("vocab_size", "vocab_size"),
+    ("hidden_size", "d_model"),
+    ("num_hidden_layers", "n_layers"),
+    ("num_attention_heads", "n_heads"),
+    ("num_key_value_heads", "n_kv_heads"),
+    ("head_dim", "head_dim"),
+    ("intermediate_size", "d_mlp"),
+    ("max_position_embeddings", "max_seq_len"),
+    ("rope_theta", "rope_theta"),
+    ("rms_norm_eps", "norm_eps"),
+    ("tie_word_embeddings", "tie_embeddings"),
     ("initializer_range", "init_std"),
 )
 ROPE_SCALING_KEYS = (
-    ("factor", "rope_scaling_factor"), ("low_freq_factor", "rope_low_freq_factor"),
+    ("factor", "rope_scaling_factor"),
+    ("low_freq_factor", "rope_low_freq_factor"),
     ("high_freq_factor", "rope_high_freq_factor"),
     ("original_max_position_embeddings", "rope_original_max_len"),
 )
@@ -115,15 +123,28 @@ def _entries(cfg: ModelConfig):
 def _check_llama(hf: dict) -> None:
     """A ConfigError unless `hf` describes a Llama that lmjax's model implements."""
     if hf.get("model_type") != "llama":
-        raise ConfigError(f"config.json has model_type={hf.get('model_type')!r}; only Llama "
-                          "(model_type \"llama\") checkpoints can be converted")
-    for key, ok, what in (("hidden_act", "silu", "a SwiGLU MLP with silu"),
-                          ("attention_bias", False, "attention without biases"),
-                          ("mlp_bias", False, "an MLP without biases")):
+        raise ConfigError(
+            f"config.json has model_type={hf.get('model_type')!r}; only Llama "
+            '(model_type "llama") checkpoints can be converted'
+        )
+    for key, ok, what in (
+        ("hidden_act", "silu", "a SwiGLU MLP with silu"),
+        ("attention_bias", False, "attention without biases"),
+        ("mlp_bias", False, "an MLP without biases"),
+    ):
         if hf.get(key, ok) != ok:
             raise ConfigError(f"config.json has {key}={hf[key]!r}; lmjax's Llama uses {what}")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in hf]
+    missing = [
+        k
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
+        if k not in hf
+    ]
     if missing:
         raise ConfigError(f"config.json lacks {missing}: is this a Llama config.json?")
 
@@ -137,7 +158,9 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
     values = {
         "num_key_value_heads": hf["num_attention_heads"],
         "head_dim": hf["hidden_size"] // hf["num_attention_heads"],
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
         "rope_theta": rope.get("rope_theta", 10000.0),
         "initializer_range": ModelConfig.init_std,
     }
@@ -150,25 +173,36 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
             raise ConfigError(f"config.json rope_scaling of type llama3 lacks {absent}")
         fields.update({field: _FIELD_TYPES[field](rope[key]) for key, field in ROPE_SCALING_KEYS})
     elif rope_type != "default":
-        raise ConfigError(f"config.json uses rope_type={rope_type!r}; lmjax implements plain "
-                          "RoPE and Llama-3.1 (\"llama3\") scaling only")
+        raise ConfigError(
+            f"config.json uses rope_type={rope_type!r}; lmjax implements plain "
+            'RoPE and Llama-3.1 ("llama3") scaling only'
+        )
     cfg = ModelConfig(**fields, param_dtype=param_dtype)
     if cfg.n_heads % cfg.n_kv_heads or cfg.head_dim % 2:
-        raise ConfigError(f"config.json has {cfg.n_heads} attention heads, {cfg.n_kv_heads} "
-                          f"key/value heads and head_dim {cfg.head_dim}: heads must be a "
-                          "multiple of key/value heads and head_dim even")
+        raise ConfigError(
+            f"config.json has {cfg.n_heads} attention heads, {cfg.n_kv_heads} "
+            f"key/value heads and head_dim {cfg.head_dim}: heads must be a "
+            "multiple of key/value heads and head_dim even"
+        )
     return cfg
 
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict:
     """The `config.json` of `LlamaForCausalLM` for `cfg`."""
-    hf: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                          "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+    hf: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
     hf.update({key: getattr(cfg, field) for key, field in CONFIG_KEYS})
     hf["rope_scaling"] = None
     if cfg.rope_scaling_factor > 0:
-        hf["rope_scaling"] = {"rope_type": "llama3", **{
-            key: getattr(cfg, field) for key, field in ROPE_SCALING_KEYS}}
+        hf["rope_scaling"] = {
+            "rope_type": "llama3",
+            **{key: getattr(cfg, field) for key, field in ROPE_SCALING_KEYS},
+        }
     hf["torch_dtype"] = torch_dtype
     return hf
 
@@ -194,9 +228,11 @@ def _tensor_files(hf_dir: Path) -> dict[str, Path]:
                 f"{hf_dir} holds only PyTorch pickle files ({', '.join(pickles)}). lmjax never "
                 "loads pickles (they can run arbitrary code). Convert them to safetensors "
                 "first, e.g. with transformers: LlamaForCausalLM.from_pretrained(dir)"
-                ".save_pretrained(new_dir, safe_serialization=True)")
+                ".save_pretrained(new_dir, safe_serialization=True)"
+            )
         raise ConfigError(f"{hf_dir} has no *.safetensors files")
     from safetensors import safe_open
+
     files = {}
     for shard in shards:
         with safe_open(str(shard), framework="np") as f:
@@ -225,32 +261,43 @@ def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mo
     wanted = {name for _, name, _, _ in _entries(cfg)}
     missing = sorted(wanted - set(files))
     if missing:
-        raise ConfigError(f"{hf_dir} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-                          " that a Llama with this config.json needs")
+        raise ConfigError(
+            f"{hf_dir} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+            " that a Llama with this config.json needs"
+        )
     ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    unknown = sorted(n for n in set(files) - wanted - ignorable if not n.endswith(_IGNORED_SUFFIXES))
+    unknown = sorted(
+        n for n in set(files) - wanted - ignorable if not n.endswith(_IGNORED_SUFFIXES)
+    )
     if unknown:
-        raise ConfigError(f"{hf_dir} has tensors lmjax's Llama does not use: {unknown[:5]}; "
-                          "biases or extra modules mean this is not a plain Llama")
+        raise ConfigError(
+            f"{hf_dir} has tensors lmjax's Llama does not use: {unknown[:5]}; "
+            "biases or extra modules mean this is not a plain Llama"
+        )
 
     dtype = np.dtype(param_dtype)
     shapes = model.param_shapes(cfg)
     params = _map_tree(lambda s: np.empty(s.shape, dtype), shapes)
     with contextlib.ExitStack() as stack:
-        handles = {p: stack.enter_context(safe_open(str(p), framework="np"))
-                   for p in sorted(set(files[n] for n in wanted))}
+        handles = {
+            p: stack.enter_context(safe_open(str(p), framework="np"))
+            for p in sorted(set(files[n] for n in wanted))
+        }
         for entry, name, layer, shape in _entries(cfg):
             array = handles[files[name]].get_tensor(name)
             if tuple(array.shape) != entry.hf_shape(shape):
-                raise ConfigError(f"{name} has shape {tuple(array.shape)} but config.json implies "
-                                  f"{entry.hf_shape(shape)}")
+                raise ConfigError(
+                    f"{name} has shape {tuple(array.shape)} but config.json implies "
+                    f"{entry.hf_shape(shape)}"
+                )
             target = _get(params, entry.path)
             target[layer if layer is not None else ...] = entry.to_lmjax(array, shape).astype(dtype)
     return cfg, params
 
 
-def _plan_shards(cfg: ModelConfig, itemsize: int, max_shard_bytes: int
-                 ) -> tuple[list[list[tuple[Entry, str, int | None]]], int]:
+def _plan_shards(
+    cfg: ModelConfig, itemsize: int, max_shard_bytes: int
+) -> tuple[list[list[tuple[Entry, str, int | None]]], int]:
     """([shard: [(table entry, HF name, layer or None)]], total bytes): tensors in table
     order, a new shard whenever the next tensor would take one past `max_shard_bytes`."""
     shards: list[list[tuple[Entry, str, int | None]]] = [[]]
@@ -266,8 +313,14 @@ def _plan_shards(cfg: ModelConfig, itemsize: int, max_shard_bytes: int
     return shards, total
 
 
-def save(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike, *,
-         dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
+def save(
+    cfg: ModelConfig,
+    params: Params,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
     """Writes an HF Llama directory that `LlamaForCausalLM.from_pretrained` loads.
 
     Args:
@@ -291,8 +344,11 @@ def save(cfg: ModelConfig, params: Params, out_dir: str | os.PathLike, *,
     np_dtype = np.dtype(dtype)
     # The shards are planned from shapes alone, then converted one shard at a time.
     shards, total = _plan_shards(cfg, np_dtype.itemsize, max_shard_bytes)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_map = {}
     for filename, shard in zip(names, shards):
@@ -336,14 +392,18 @@ def load_params_dir(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
     path = Path(path).absolute()
     config_file = path / "model_config.json"
     if not config_file.exists() or not (path / "params").exists():
-        raise ConfigError(f"{path} is not an lmjax params directory: expected model_config.json "
-                          "and params/ (as written by `lmjax convert from-hf` or `lmjax checkpoint "
-                          "export --params-only`)")
+        raise ConfigError(
+            f"{path} is not an lmjax params directory: expected model_config.json "
+            "and params/ (as written by `lmjax convert from-hf` or `lmjax checkpoint "
+            "export --params-only`)"
+        )
     data = json.loads(config_file.read_text())
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     if set(data) - known:
-        raise ConfigError(f"{config_file} has unknown keys {sorted(set(data) - known)}: "
-                          "written by another lmjax version?")
+        raise ConfigError(
+            f"{config_file} has unknown keys {sorted(set(data) - known)}: "
+            "written by another lmjax version?"
+        )
     cfg = ModelConfig(**data)
     with ocp.StandardCheckpointer() as ckptr:  # ShapeDtypeStruct targets restore as numpy
         params = ckptr.restore(path / "params", model.param_shapes(cfg))
@@ -370,7 +430,9 @@ def _check_tree(cfg: ModelConfig, params: Params) -> None:
     except AttributeError:
         got = None
     if got != want:
-        raise ConfigError(f"params do not match the model config: expected shapes {want}, got {got}")
+        raise ConfigError(
+            f"params do not match the model config: expected shapes {want}, got {got}"
+        )
 
 
 def require_new_params_dir(path: Path) -> None:

@@ -4,6 +4,7 @@ Two file formats, local or `gs://` (read through `tf.io.gfile`):
   * `.txt`: documents are separated by a form feed (`\\f`); a file without one is one document.
   * `.jsonl` (or gzipped `.jsonl.gz`): one JSON object per line, the text under a configurable key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,21 +38,27 @@ def expand_files(spec: str, *, what: str = "data.text_files") -> list[str]:
         else:
             matched = io.glob(item)
         if not matched:
-            raise ConfigError(f"{what}={item!r} matched no files: give an existing directory or a glob "
-                              "of .txt/.jsonl files, e.g. /data/books/*.txt")
+            raise ConfigError(
+                f"{what}={item!r} matched no files: give an existing directory or a glob "
+                "of .txt/.jsonl files, e.g. /data/books/*.txt"
+            )
         files.extend(matched)
     if not files:
         raise ConfigError(f"{what} is empty: give a directory or a glob of .txt/.jsonl files.")
     bad = [f for f in files if not f.endswith(SUFFIXES)]
     if bad:
-        raise ConfigError(f"{what} names unsupported files {bad[:3]}: only .txt (documents split "
-                          "by form feeds) and .jsonl (one JSON object per line) are read.")
+        raise ConfigError(
+            f"{what} names unsupported files {bad[:3]}: only .txt (documents split "
+            "by form feeds) and .jsonl (one JSON object per line) are read."
+        )
     return sorted(set(files))
 
 
 def packaged_files() -> list[str]:
     """The Shakespeare slice shipped inside the package (see corpus/README.md)."""
-    return sorted(os.path.join(PACKAGED_DIR, f) for f in os.listdir(PACKAGED_DIR) if f.endswith(".txt"))
+    return sorted(
+        os.path.join(PACKAGED_DIR, f) for f in os.listdir(PACKAGED_DIR) if f.endswith(".txt")
+    )
 
 
 def split_text(text: str) -> list[str]:
@@ -68,9 +75,11 @@ def read_utf8(path: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r}"
-                          "): convert it, e.g. iconv -f LATIN1 -t UTF-8, or remove it from the "
-                          "inputs.") from None
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {e.start}: {data[e.start : e.start + 4]!r}"
+            "): convert it, e.g. iconv -f LATIN1 -t UTF-8, or remove it from the "
+            "inputs."
+        ) from None
 
 
 @dataclasses.dataclass
@@ -105,26 +114,32 @@ def _decode(raw: bytes, path: str, offset: int, bad_utf8: str, counts: ReadCount
         if bad_utf8 == "skip":
             counts.bad_utf8 += 1
             return None
-        raise ConfigError(f"{path}: byte {offset + e.start} is not UTF-8 ({e.reason}): fix the "
-                          "file, or set data.bad_utf8=skip to skip such documents and count "
-                          "them.") from None
+        raise ConfigError(
+            f"{path}: byte {offset + e.start} is not UTF-8 ({e.reason}): fix the "
+            "file, or set data.bad_utf8=skip to skip such documents and count "
+            "them."
+        ) from None
 
 
 def _jsonl_text(line: str, path: str, number: int, text_key: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{number} is not valid JSON ({e}); .jsonl files hold one "
-                          "JSON object per line.") from None
+        raise ConfigError(
+            f"{path}:{number} is not valid JSON ({e}); .jsonl files hold one JSON object per line."
+        ) from None
     if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ConfigError(f"{path}:{number} has no string field {text_key!r} (found {keys}): "
-                          "set data.text_feature to the key holding the document text.")
+        raise ConfigError(
+            f"{path}:{number} has no string field {text_key!r} (found {keys}): "
+            "set data.text_feature to the key holding the document text."
+        )
     return record[text_key]
 
 
-def read_documents(path: str, text_key: str = "text", *, bad_utf8: str = "error",
-                   counts: ReadCounts | None = None) -> Iterator[str]:
+def read_documents(
+    path: str, text_key: str = "text", *, bad_utf8: str = "error", counts: ReadCounts | None = None
+) -> Iterator[str]:
     """Yields the non-empty documents of one `.txt`, `.jsonl` or `.jsonl.gz` file, in file order.
 
     Bytes that are not UTF-8 raise ConfigError naming the file and byte offset (of the

@@ -8,6 +8,7 @@ row number `block * quota[k] + (rows of source k before g in its block)`: each s
 own windows (and epochs) independently, and finding the source and index of any row costs one
 block's permutation, whatever the step.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,7 +21,7 @@ BLOCK = 512
 
 
 def parse(spec: str) -> list[tuple[str, float]]:
-    """"web:0.7,code:0.3" -> [("web", 0.7), ("code", 0.3)], weights normalized to sum 1."""
+    """ "web:0.7,code:0.3" -> [("web", 0.7), ("code", 0.3)], weights normalized to sum 1."""
     entries = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         name, sep, weight = item.rpartition(":")
@@ -29,8 +30,10 @@ def parse(spec: str) -> list[tuple[str, float]]:
         except ValueError:
             value = -1.0
         if not sep or not name or value <= 0:
-            raise ConfigError(f"data.mixture entry {item!r}: expected NAME:WEIGHT with a positive "
-                              "weight, e.g. web:0.7,books:0.3")
+            raise ConfigError(
+                f"data.mixture entry {item!r}: expected NAME:WEIGHT with a positive "
+                "weight, e.g. web:0.7,books:0.3"
+            )
         entries.append((name, value))
     names = [n for n, _ in entries]
     if len(set(names)) != len(names):
@@ -46,8 +49,10 @@ def quotas(weights: list[float]) -> np.ndarray:
     short = BLOCK - int(quota.sum())
     quota[np.argsort(-(exact - quota), kind="stable")[:short]] += 1
     if (quota == 0).any():
-        raise ConfigError(f"data.mixture weight {min(weights):.2g} is below 1/{BLOCK}: that source "
-                          "would never be read; raise it or drop the source.")
+        raise ConfigError(
+            f"data.mixture weight {min(weights):.2g} is below 1/{BLOCK}: that source "
+            "would never be read; raise it or drop the source."
+        )
     return quota
 
 

@@ -12,12 +12,15 @@ overlap by one token and no target is lost at a window edge. Nothing is ever pad
   * packing off: plain concatenate-and-split: one segment per row, positions 0..T-1, every
     target kept.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 
-def rows_from_windows(tokens: np.ndarray, doc_ids: np.ndarray, packing: bool) -> dict[str, np.ndarray]:
+def rows_from_windows(
+    tokens: np.ndarray, doc_ids: np.ndarray, packing: bool
+) -> dict[str, np.ndarray]:
     """tokens, doc_ids: [rows, T+1] (doc_ids: any id, equal within a document) -> batch of [rows, T]."""
     rows, width = tokens.shape
     length = width - 1
@@ -25,14 +28,22 @@ def rows_from_windows(tokens: np.ndarray, doc_ids: np.ndarray, packing: bool) ->
     targets = tokens[:, 1:].astype(np.int32)
     index = np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length))
     if not packing:
-        return {"inputs": inputs, "targets": targets,
-                "segment_ids": np.ones((rows, length), np.int32), "positions": index.copy(),
-                "loss_mask": np.ones((rows, length), np.float32)}
+        return {
+            "inputs": inputs,
+            "targets": targets,
+            "segment_ids": np.ones((rows, length), np.int32),
+            "positions": index.copy(),
+            "loss_mask": np.ones((rows, length), np.float32),
+        }
     docs = doc_ids[:, :-1]
     starts = np.ones((rows, length), bool)
     starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
     segment_ids = np.cumsum(starts, axis=1, dtype=np.int32)
     segment_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-    return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
-            "positions": (index - segment_start).astype(np.int32),
-            "loss_mask": (doc_ids[:, 1:] == docs).astype(np.float32)}
+    return {
+        "inputs": inputs,
+        "targets": targets,
+        "segment_ids": segment_ids,
+        "positions": (index - segment_start).astype(np.int32),
+        "loss_mask": (doc_ids[:, 1:] == docs).astype(np.float32),
+    }

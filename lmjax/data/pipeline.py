@@ -24,6 +24,7 @@ reads each source's validation split separately (`eval_sets`).
 Training batches are made `_PREFETCH` steps ahead in a background thread; ArrayRecord reads the
 records of a batch in parallel.
 """
+
 from __future__ import annotations
 
 import collections
@@ -53,9 +54,15 @@ class DataStateError(ConfigError):
 class Pipeline:
     """Batches for the trainer. `state(step)` is what a checkpoint stores about the data."""
 
-    def __init__(self, *, tokenizer: Tokenizer | None, identity: dict,
-                 train: Callable[[int], Batch], evaluation: dict[str, Callable[[int], Batch]],
-                 row_sources: Callable[[int], list[str]]):
+    def __init__(
+        self,
+        *,
+        tokenizer: Tokenizer | None,
+        identity: dict,
+        train: Callable[[int], Batch],
+        evaluation: dict[str, Callable[[int], Batch]],
+        row_sources: Callable[[int], list[str]],
+    ):
         self.tokenizer = tokenizer
         self._identity = identity
         self._train = train
@@ -91,14 +98,19 @@ class Pipeline:
     def check_state(self, state: dict) -> None:
         """Raises `DataStateError` naming every field that differs from the checkpoint's."""
         saved = {k: v for k, v in state.items() if k != "step"}
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {self._identity.get(k)!r}"
-                 for k in sorted(set(saved) | set(self._identity)) if saved.get(k) != self._identity.get(k)]
+        diffs = [
+            f"{k}: checkpoint {saved.get(k)!r}, now {self._identity.get(k)!r}"
+            for k in sorted(set(saved) | set(self._identity))
+            if saved.get(k) != self._identity.get(k)
+        ]
         if diffs:
             raise DataStateError(
                 "the checkpoint's data position does not match this data pipeline:\n  "
-                + "\n  ".join(diffs) + "\nFix: resume with the data settings the checkpoint was "
+                + "\n  ".join(diffs)
+                + "\nFix: resume with the data settings the checkpoint was "
                 "written with (--set data.FIELD=...) and the same tokenizer and sources, or "
-                "start a new workdir.")
+                "start a new workdir."
+            )
 
 
 def _prefetched(batches: Iterator[Batch], depth: int = _PREFETCH) -> Iterator[Batch]:
@@ -121,8 +133,9 @@ def _prefetched(batches: Iterator[Batch], depth: int = _PREFETCH) -> Iterator[Ba
 # ---------------------------------------------------------------- windows of a store
 
 
-def window_starts(global_windows: np.ndarray, n_windows: int, seq_len: int, *,
-                  shuffle_key: tuple[int, ...] | None) -> np.ndarray:
+def window_starts(
+    global_windows: np.ndarray, n_windows: int, seq_len: int, *, shuffle_key: tuple[int, ...] | None
+) -> np.ndarray:
     """Stream start positions of global windows g (int [k]) -> int64 [k] (module docstring).
 
     shuffle_key: integers the permutation key of each epoch derives from (with the epoch);
@@ -147,14 +160,18 @@ def doc_ids_of(tokens: np.ndarray, eos_id: int) -> np.ndarray:
 class WindowReader:
     """Windows of one split of a store: `tokens(windows)` -> [k, seq_len+1]."""
 
-    def __init__(self, split: store.StoreSplit, *, seq_len: int, shuffle_key: tuple[int, ...] | None):
+    def __init__(
+        self, split: store.StoreSplit, *, seq_len: int, shuffle_key: tuple[int, ...] | None
+    ):
         self.split = split
         self.seq_len = seq_len
         self.n_windows = (split.n_tokens - 1) // seq_len
         if self.n_windows < 1:
-            raise ConfigError(f"the {split.split} split of {split.directory} has "
-                              f"{split.n_tokens} tokens, fewer than data.seq_len+1="
-                              f"{seq_len + 1}: add documents or lower data.seq_len.")
+            raise ConfigError(
+                f"the {split.split} split of {split.directory} has "
+                f"{split.n_tokens} tokens, fewer than data.seq_len+1="
+                f"{seq_len + 1}: add documents or lower data.seq_len."
+            )
         self._key = shuffle_key
 
     def tokens(self, global_windows: np.ndarray) -> np.ndarray:
@@ -167,8 +184,16 @@ class MixedReader:
     """Rows of several sources: which source and which of its windows a global row reads is
     `mixture.assign` (one source: row g reads window g)."""
 
-    def __init__(self, names: list[str], readers: list[WindowReader], weights: list[float], *,
-                 seed: int, eos_id: int, pack: bool):
+    def __init__(
+        self,
+        names: list[str],
+        readers: list[WindowReader],
+        weights: list[float],
+        *,
+        seed: int,
+        eos_id: int,
+        pack: bool,
+    ):
         self.names = names
         self._readers = readers
         self._quota = mixture.quotas(weights)
@@ -192,38 +217,70 @@ class MixedReader:
 # ---------------------------------------------------------------- synthetic
 
 
-def synthetic_batch(seed: int, stream: int, step: int, rows: Sequence[int], seq_len: int,
-                    vocab_size: int, pack: bool = True) -> Batch:
+def synthetic_batch(
+    seed: int,
+    stream: int,
+    step: int,
+    rows: Sequence[int],
+    seq_len: int,
+    vocab_size: int,
+    pack: bool = True,
+) -> Batch:
     """Seeded random tokens, one document per row: rows `rows` of global batch `step`."""
-    tokens = np.stack([np.random.default_rng([seed, stream, step, r]).integers(
-        0, vocab_size, seq_len + 1, dtype=np.int32) for r in rows])
+    tokens = np.stack(
+        [
+            np.random.default_rng([seed, stream, step, r]).integers(
+                0, vocab_size, seq_len + 1, dtype=np.int32
+            )
+            for r in rows
+        ]
+    )
     return packing.rows_from_windows(tokens, np.zeros_like(tokens, np.int64), pack)
 
 
 # ---------------------------------------------------------------- construction
 
 
-def _rows(data_cfg: DataConfig, process_index: int, process_count: int,
-          rows: Sequence[int] | None) -> np.ndarray:
+def _rows(
+    data_cfg: DataConfig, process_index: int, process_count: int, rows: Sequence[int] | None
+) -> np.ndarray:
     """The ascending global row indices this process feeds (default: its equal share)."""
     if not 0 <= process_index < process_count:
-        raise ConfigError(f"process_index={process_index} must lie in [0, process_count={process_count}).")
+        raise ConfigError(
+            f"process_index={process_index} must lie in [0, process_count={process_count})."
+        )
     if rows is None:
         if data_cfg.batch_size % process_count:
-            raise ConfigError(f"data.batch_size={data_cfg.batch_size} must be divisible by the number "
-                              f"of processes ({process_count}): each process feeds an equal share.")
+            raise ConfigError(
+                f"data.batch_size={data_cfg.batch_size} must be divisible by the number "
+                f"of processes ({process_count}): each process feeds an equal share."
+            )
         share = data_cfg.batch_size // process_count
         rows = range(process_index * share, (process_index + 1) * share)
     mine = np.asarray(rows, np.int64)
-    if not len(mine) or np.any(np.diff(mine) <= 0) or mine[0] < 0 or mine[-1] >= data_cfg.batch_size:
-        raise ConfigError(f"rows {list(rows)[:8]}...: expected ascending global row indices in "
-                          f"[0, data.batch_size={data_cfg.batch_size})")
+    if (
+        not len(mine)
+        or np.any(np.diff(mine) <= 0)
+        or mine[0] < 0
+        or mine[-1] >= data_cfg.batch_size
+    ):
+        raise ConfigError(
+            f"rows {list(rows)[:8]}...: expected ascending global row indices in "
+            f"[0, data.batch_size={data_cfg.batch_size})"
+        )
     return mine
 
 
-def make_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer | None, *, process_index: int = 0,
-                  process_count: int = 1, rows: Sequence[int] | None = None,
-                  stores: dict[str, str] | None = None, vocab_size: int | None = None) -> Pipeline:
+def make_pipeline(
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer | None,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    rows: Sequence[int] | None = None,
+    stores: dict[str, str] | None = None,
+    vocab_size: int | None = None,
+) -> Pipeline:
     """The pipeline for process `process_index` of `process_count`.
 
     `rows`: the global row indices (ascending) of every batch that this process feeds, as
@@ -233,22 +290,31 @@ def make_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer | None, *, process_
     source.
     """
     mine = _rows(data_cfg, process_index, process_count, rows)
-    identity = {"source": data_cfg.source, "seq_len": data_cfg.seq_len,
-                "batch_size": data_cfg.batch_size, "packing": data_cfg.packing,
-                "seed": data_cfg.seed, "shuffle": data_cfg.shuffle}
+    identity = {
+        "source": data_cfg.source,
+        "seq_len": data_cfg.seq_len,
+        "batch_size": data_cfg.batch_size,
+        "packing": data_cfg.packing,
+        "seed": data_cfg.seed,
+        "shuffle": data_cfg.shuffle,
+    }
     if data_cfg.source == "synthetic" and not data_cfg.mixture:
         return _synthetic_pipeline(data_cfg, mine, identity, vocab_size)
     if tokenizer is None:
-        raise ConfigError(f"data.source={data_cfg.source} needs a tokenizer: call "
-                          "prepare_tokenizer first.")
+        raise ConfigError(
+            f"data.source={data_cfg.source} needs a tokenizer: call prepare_tokenizer first."
+        )
     if not stores:
-        raise ConfigError(f"data.source={data_cfg.source} reads prepared stores: pass stores "
-                          "(see lmjax.data.prepare.run_stores).")
+        raise ConfigError(
+            f"data.source={data_cfg.source} reads prepared stores: pass stores "
+            "(see lmjax.data.prepare.run_stores)."
+        )
     return _store_pipeline(data_cfg, tokenizer, mine, identity, stores)
 
 
-def _synthetic_pipeline(data_cfg: DataConfig, mine: np.ndarray, identity: dict,
-                        vocab_size: int | None) -> Pipeline:
+def _synthetic_pipeline(
+    data_cfg: DataConfig, mine: np.ndarray, identity: dict, vocab_size: int | None
+) -> Pipeline:
     if not vocab_size or vocab_size < 1:
         raise ConfigError("data.source=synthetic needs vocab_size (pass model.vocab_size).")
     seed, seq_len, pack = data_cfg.seed, data_cfg.seq_len, data_cfg.packing
@@ -256,48 +322,79 @@ def _synthetic_pipeline(data_cfg: DataConfig, mine: np.ndarray, identity: dict,
     def stream(k: int) -> Callable[[int], Batch]:  # 0: training, 1: evaluation
         return lambda s: synthetic_batch(seed, k, s, mine, seq_len, vocab_size, pack)
 
-    return Pipeline(tokenizer=None, identity={**identity, "vocab_size": vocab_size},
-                    train=stream(0), evaluation={"synthetic": stream(1)},
-                    row_sources=lambda s: ["synthetic"] * len(mine))
+    return Pipeline(
+        tokenizer=None,
+        identity={**identity, "vocab_size": vocab_size},
+        train=stream(0),
+        evaluation={"synthetic": stream(1)},
+        row_sources=lambda s: ["synthetic"] * len(mine),
+    )
 
 
-def _open_stores(data_cfg: DataConfig, tokenizer: Tokenizer,
-                 stores: dict[str, str]) -> tuple[dict[str, float], dict[str, dict]]:
+def _open_stores(
+    data_cfg: DataConfig, tokenizer: Tokenizer, stores: dict[str, str]
+) -> tuple[dict[str, float], dict[str, dict]]:
     """({source: mixture weight}, {source: store metadata}); a ConfigError for a store that
     another tokenizer wrote."""
-    weights = dict(mixture.parse(data_cfg.mixture)) if data_cfg.mixture else {n: 1.0 for n in stores}
+    weights = (
+        dict(mixture.parse(data_cfg.mixture)) if data_cfg.mixture else {n: 1.0 for n in stores}
+    )
     metas = {name: store.open_store(stores[name]) for name in weights}
     for name, meta in metas.items():
         if meta["tokenizer"] != tokenizer.fingerprint:
-            raise ConfigError(f"store {stores[name]} was tokenized with tokenizer "
-                              f"{meta['tokenizer']}, not {tokenizer.fingerprint}: prepare the "
-                              "store with this tokenizer.")
+            raise ConfigError(
+                f"store {stores[name]} was tokenized with tokenizer "
+                f"{meta['tokenizer']}, not {tokenizer.fingerprint}: prepare the "
+                "store with this tokenizer."
+            )
     return weights, metas
 
 
-def _store_pipeline(data_cfg: DataConfig, tokenizer: Tokenizer, mine: np.ndarray, identity: dict,
-                    stores: dict[str, str]) -> Pipeline:
+def _store_pipeline(
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer,
+    mine: np.ndarray,
+    identity: dict,
+    stores: dict[str, str],
+) -> Pipeline:
     weights, metas = _open_stores(data_cfg, tokenizer, stores)
     names, batch_size = list(weights), data_cfg.batch_size
-    identity = {**identity, "mixture": data_cfg.mixture, "tokenizer": tokenizer.fingerprint,
-                "stores": {n: os.path.basename(os.path.normpath(stores[n])) for n in names}}
+    identity = {
+        **identity,
+        "mixture": data_cfg.mixture,
+        "tokenizer": tokenizer.fingerprint,
+        "stores": {n: os.path.basename(os.path.normpath(stores[n])) for n in names},
+    }
 
     def reader(mix: dict[str, float], split: str, shuffled: bool, seed: int) -> MixedReader:
-        windows = [WindowReader(store.StoreSplit(stores[n], split, metas[n]),
-                                seq_len=data_cfg.seq_len,
-                                shuffle_key=(data_cfg.seed, names.index(n)) if shuffled else None)
-                   for n in mix]
-        return MixedReader(list(mix), windows, list(mix.values()), seed=seed,
-                           eos_id=tokenizer.eos_id, pack=data_cfg.packing)
+        windows = [
+            WindowReader(
+                store.StoreSplit(stores[n], split, metas[n]),
+                seq_len=data_cfg.seq_len,
+                shuffle_key=(data_cfg.seed, names.index(n)) if shuffled else None,
+            )
+            for n in mix
+        ]
+        return MixedReader(
+            list(mix),
+            windows,
+            list(mix.values()),
+            seed=seed,
+            eos_id=tokenizer.eos_id,
+            pack=data_cfg.packing,
+        )
 
     train = reader(weights, "train", data_cfg.shuffle, data_cfg.seed)
     evaluation = {n: reader({n: 1.0}, "validation", False, 0) for n in names}
     return Pipeline(
-        tokenizer=tokenizer, identity=identity,
+        tokenizer=tokenizer,
+        identity=identity,
         train=lambda s: train.batch(s * batch_size + mine),
-        evaluation={n: functools.partial(_eval_batch, r, batch_size, mine)
-                    for n, r in evaluation.items()},
-        row_sources=lambda s: [names[k] for k in train.assign(s * batch_size + mine)[0]])
+        evaluation={
+            n: functools.partial(_eval_batch, r, batch_size, mine) for n, r in evaluation.items()
+        },
+        row_sources=lambda s: [names[k] for k in train.assign(s * batch_size + mine)[0]],
+    )
 
 
 def _eval_batch(reader: MixedReader, batch_size: int, rows: np.ndarray, step: int) -> Batch:

@@ -20,6 +20,7 @@ its index in the file), read as a fraction of 2**256, is below data.validation_f
 decision needs no other document, so shards are independent. TFDS sources use the dataset's
 own train and eval splits.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,25 +85,35 @@ def _tfds_builder(data_cfg: DataConfig):
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ConfigError(f"unknown TFDS dataset data.tfds_name={name!r}: give a registered name "
-                          "with optional config and version (e.g. c4/en:3.1.0, lm1b) or a dataset "
-                          "prepared under data.data_dir.") from None
+        raise ConfigError(
+            f"unknown TFDS dataset data.tfds_name={name!r}: give a registered name "
+            "with optional config and version (e.g. c4/en:3.1.0, lm1b) or a dataset "
+            "prepared under data.data_dir."
+        ) from None
     except (ValueError, AssertionError) as e:
-        raise ConfigError(f"TFDS dataset data.tfds_name={name!r} cannot be loaded from "
-                          f"data.data_dir={data_cfg.data_dir!r}: {e}") from None
+        raise ConfigError(
+            f"TFDS dataset data.tfds_name={name!r} cannot be loaded from "
+            f"data.data_dir={data_cfg.data_dir!r}: {e}"
+        ) from None
     if not builder.is_prepared():
-        raise ConfigError(f"TFDS dataset {name!r} is not prepared under {builder.data_dir!r}; lmjax "
-                          f"never downloads data: run `tfds build {name} --data_dir DIR` (or "
-                          "download_and_prepare) first and set data.data_dir=DIR.")
+        raise ConfigError(
+            f"TFDS dataset {name!r} is not prepared under {builder.data_dir!r}; lmjax "
+            f"never downloads data: run `tfds build {name} --data_dir DIR` (or "
+            "download_and_prepare) first and set data.data_dir=DIR."
+        )
     available = sorted(builder.info.splits.keys())
     for split in (data_cfg.train_split, data_cfg.eval_split):
         if split.split("[", 1)[0] not in available:
-            raise ConfigError(f"dataset {name!r} has no split {split!r} (it has {available}): set "
-                              "data.train_split and data.eval_split to existing splits.")
+            raise ConfigError(
+                f"dataset {name!r} has no split {split!r} (it has {available}): set "
+                "data.train_split and data.eval_split to existing splits."
+            )
     features = sorted(builder.info.features.keys())
     if data_cfg.text_feature not in features:
-        raise ConfigError(f"dataset {name!r} has no feature data.text_feature="
-                          f"{data_cfg.text_feature!r}; its features are {features}.")
+        raise ConfigError(
+            f"dataset {name!r} has no feature data.text_feature="
+            f"{data_cfg.text_feature!r}; its features are {features}."
+        )
     return builder
 
 
@@ -113,11 +124,21 @@ def _tfds_shards(data_cfg: DataConfig) -> tuple[list[Shard], list]:
     for role, split in (("train", data_cfg.train_split), ("validation", data_cfg.eval_split)):
         files = builder.info.splits[split.split("[", 1)[0]].num_shards
         sliced = "[" in split or files <= 1
-        parts += [(role, split if sliced else f"{split}[{i}shard]") for i in range(1 if sliced else files)]
-    shards = [Shard(i, len(parts), part, tfds_name=data_cfg.tfds_name,
-                    tfds_dir=data_cfg.data_dir, role=role) for i, (role, part) in enumerate(parts)]
-    identity = [f"{builder.name}/{builder.builder_config.name if builder.builder_config else ''}:"
-                f"{builder.version}", data_cfg.train_split, data_cfg.eval_split]
+        parts += [
+            (role, split if sliced else f"{split}[{i}shard]") for i in range(1 if sliced else files)
+        ]
+    shards = [
+        Shard(
+            i, len(parts), part, tfds_name=data_cfg.tfds_name, tfds_dir=data_cfg.data_dir, role=role
+        )
+        for i, (role, part) in enumerate(parts)
+    ]
+    identity = [
+        f"{builder.name}/{builder.builder_config.name if builder.builder_config else ''}:"
+        f"{builder.version}",
+        data_cfg.train_split,
+        data_cfg.eval_split,
+    ]
     return shards, identity
 
 
@@ -125,27 +146,44 @@ def plan(data_cfg: DataConfig) -> tuple[str, list[Shard], list]:
     """(label, shards, identity): the work for the run's source and what its content depends on."""
     if data_cfg.source == "tfds":
         shards, identity = _tfds_shards(data_cfg)
-        return data_cfg.name or re.sub(r"[^A-Za-z0-9_.-]+", "_", data_cfg.tfds_name), shards, identity
+        return (
+            data_cfg.name or re.sub(r"[^A-Za-z0-9_.-]+", "_", data_cfg.tfds_name),
+            shards,
+            identity,
+        )
     if data_cfg.source == "packaged":
         files = documents.packaged_files()
     elif data_cfg.source == "text":
         files = documents.expand_files(data_cfg.text_files)
     else:
-        raise ConfigError(f"data.source={data_cfg.source!r} has no documents to prepare; choose "
-                          "packaged, text or tfds.")
+        raise ConfigError(
+            f"data.source={data_cfg.source!r} has no documents to prepare; choose "
+            "packaged, text or tfds."
+        )
     names = _relative_names(files)
     io = documents.gfile()
     identity = []
     for path, name in zip(files, names):
         stat = io.stat(path)
         identity.append([name, stat.length, stat.mtime_nsec])
-    shards = [Shard(i, len(files), name, path=path) for i, (path, name) in enumerate(zip(files, names))]
+    shards = [
+        Shard(i, len(files), name, path=path) for i, (path, name) in enumerate(zip(files, names))
+    ]
     return data_cfg.name or data_cfg.source, shards, identity
 
 
 def store_key(data_cfg: DataConfig, identity: list, tokenizer: Tokenizer) -> str:
-    described = repr((store.FORMAT_VERSION, store.RECORD_TOKENS, identity, data_cfg.text_feature,
-                      data_cfg.validation_fraction, data_cfg.bad_utf8, tokenizer.fingerprint))
+    described = repr(
+        (
+            store.FORMAT_VERSION,
+            store.RECORD_TOKENS,
+            identity,
+            data_cfg.text_feature,
+            data_cfg.validation_fraction,
+            data_cfg.bad_utf8,
+            tokenizer.fingerprint,
+        )
+    )
     return hashlib.sha256(described.encode()).hexdigest()[:12]
 
 
@@ -153,8 +191,9 @@ def store_root(data_cfg: DataConfig, workdir: str) -> str:
     if data_cfg.store_dir:
         return data_cfg.store_dir
     if not workdir:
-        raise ConfigError("there is no place for the prepared store: set data.store_dir or give "
-                          "a workdir.")
+        raise ConfigError(
+            "there is no place for the prepared store: set data.store_dir or give a workdir."
+        )
     return os.path.join(workdir, "data")
 
 
@@ -166,15 +205,23 @@ def held_out(key: str, fraction: float) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest(), 16) < fraction * (1 << 256)
 
 
-def _shard_documents(shard: Shard, settings: Settings,
-                     counts: documents.ReadCounts) -> Iterator[tuple[str, str]]:
+def _shard_documents(
+    shard: Shard, settings: Settings, counts: documents.ReadCounts
+) -> Iterator[tuple[str, str]]:
     """(split, text) of the shard's documents, in order."""
     if shard.path:
-        texts = documents.read_documents(shard.path, settings.text_key,
-                                         bad_utf8=settings.bad_utf8, counts=counts)
+        texts = documents.read_documents(
+            shard.path, settings.text_key, bad_utf8=settings.bad_utf8, counts=counts
+        )
         for i, text in enumerate(texts):
-            yield ("validation" if held_out(f"{shard.name}:{i}", settings.validation_fraction)
-                   else "train"), text
+            yield (
+                (
+                    "validation"
+                    if held_out(f"{shard.name}:{i}", settings.validation_fraction)
+                    else "train"
+                ),
+                text,
+            )
         return
     for text in tfds_texts(shard.tfds_name, shard.tfds_dir, shard.name, settings.text_key):
         counts.documents += 1
@@ -188,17 +235,21 @@ def _shard_documents(shard: Shard, settings: Settings,
 def training_texts(data_cfg: DataConfig) -> Iterator[str]:
     """The source's training documents in shard order (what a tokenizer is trained on)."""
     _, shards, _ = plan(data_cfg)
-    settings = Settings("", b"", data_cfg.text_feature, data_cfg.validation_fraction,
-                        data_cfg.bad_utf8)
+    settings = Settings(
+        "", b"", data_cfg.text_feature, data_cfg.validation_fraction, data_cfg.bad_utf8
+    )
     for shard in shards:
         if shard.role in ("", "train"):
-            yield from (text for split, text in _shard_documents(shard, settings,
-                                                                 documents.ReadCounts())
-                        if split == "train")
+            yield from (
+                text
+                for split, text in _shard_documents(shard, settings, documents.ReadCounts())
+                if split == "train"
+            )
 
 
-def prepare_tokenizer(data_cfg: DataConfig, workdir: str, *, leader: bool = True,
-                      max_chars: int = 200_000_000) -> Tokenizer | None:
+def prepare_tokenizer(
+    data_cfg: DataConfig, workdir: str, *, leader: bool = True, max_chars: int = 200_000_000
+) -> Tokenizer | None:
     """The run's tokenizer: `data.tokenizer` if set, else `workdir/tokenizer.model`, trained once.
 
     Only the leader (process 0) trains: on the first `max_chars` characters of the source's
@@ -210,23 +261,28 @@ def prepare_tokenizer(data_cfg: DataConfig, workdir: str, *, leader: bool = True
     if data_cfg.source == "synthetic":
         return None
     if not workdir:
-        raise ConfigError("data.tokenizer is empty and there is no workdir to train one into: set "
-                          "data.tokenizer to a SentencePiece .model file.")
+        raise ConfigError(
+            "data.tokenizer is empty and there is no workdir to train one into: set "
+            "data.tokenizer to a SentencePiece .model file."
+        )
     path = os.path.join(workdir, "tokenizer.model")
     io_ = documents.gfile()
     if not leader:
         deadline = time.monotonic() + data_cfg.prepare_timeout_s
         while not io_.exists(path):
             if time.monotonic() > deadline:
-                raise ConfigError(f"waited {data_cfg.prepare_timeout_s:.0f} s for process 0 to "
-                                  f"train the tokenizer {path}: check process 0's log, or set "
-                                  "data.tokenizer to a trained model.")
+                raise ConfigError(
+                    f"waited {data_cfg.prepare_timeout_s:.0f} s for process 0 to "
+                    f"train the tokenizer {path}: check process 0's log, or set "
+                    "data.tokenizer to a trained model."
+                )
             time.sleep(1.0)
     if io_.exists(path):
         return load_tokenizer(path)
     texts = _within(training_texts(data_cfg), max_chars)
-    return load_tokenizer(train_from_texts(texts, data_cfg.tokenizer_vocab_size, "bpe",
-                                           path[: -len(".model")]))
+    return load_tokenizer(
+        train_from_texts(texts, data_cfg.tokenizer_vocab_size, "bpe", path[: -len(".model")])
+    )
 
 
 def _within(texts: Iterable[str], max_chars: int) -> Iterator[str]:
@@ -270,16 +326,21 @@ def prepare_shard(shard: Shard, settings: Settings) -> dict:
     start = time.perf_counter()
     tokenizer = Tokenizer(settings.tokenizer_proto)
     dtype = store.token_dtype(tokenizer.vocab_size)
-    writers = {split: store.RecordWriter(os.path.join(
-        settings.directory, store.shard_file(split, shard.index, shard.count)), dtype)
-        for split in store.SPLITS}
+    writers = {
+        split: store.RecordWriter(
+            os.path.join(settings.directory, store.shard_file(split, shard.index, shard.count)),
+            dtype,
+        )
+        for split in store.SPLITS
+    }
     counts = documents.ReadCounts()
     for batch in _batched(_shard_documents(shard, settings, counts), _ENCODE_BATCH):
         for (split, _), ids in zip(batch, tokenizer.encode_documents([t for _, t in batch])):
             writers[split].add(np.asarray(ids, np.int64))
     record = {split: w.close() for split, w in writers.items()}
-    record.update(input=shard.name, seconds=time.perf_counter() - start,
-                  **dataclasses.asdict(counts))
+    record.update(
+        input=shard.name, seconds=time.perf_counter() - start, **dataclasses.asdict(counts)
+    )
     store.write_json_atomic(meta_path, record)
     log.info("prepared shard %d/%d (%s)", shard.index + 1, shard.count, shard.name)
     return record
@@ -289,40 +350,68 @@ def prepare_shard(shard: Shard, settings: Settings) -> dict:
 
 
 def _summary(records: list[dict], seconds: float) -> dict:
-    total = {k: sum(r[k] for r in records) for k in
-             ("documents", "bytes", "empty_documents", "empty_files", "bad_utf8")}
+    total = {
+        k: sum(r[k] for r in records)
+        for k in ("documents", "bytes", "empty_documents", "empty_files", "bad_utf8")
+    }
     total.update({f"{s}_tokens": sum(r[s]["tokens"] for r in records) for s in store.SPLITS})
     tokens = total["train_tokens"] + total["validation_tokens"]
-    total.update(shards=len(records), seconds=seconds, tokens_per_second=tokens / max(seconds, 1e-9),
-                 megabytes_per_second=total["bytes"] / 1e6 / max(seconds, 1e-9))
+    total.update(
+        shards=len(records),
+        seconds=seconds,
+        tokens_per_second=tokens / max(seconds, 1e-9),
+        megabytes_per_second=total["bytes"] / 1e6 / max(seconds, 1e-9),
+    )
     return total
 
 
-def _commit(directory: str, label: str, identity: list, tokenizer: Tokenizer, records: list[dict],
-            seconds: float) -> dict:
+def _commit(
+    directory: str,
+    label: str,
+    identity: list,
+    tokenizer: Tokenizer,
+    records: list[dict],
+    seconds: float,
+) -> dict:
     summary = _summary(records, seconds)
     for split in store.SPLITS:
         if not summary[f"{split}_tokens"]:
-            raise ConfigError(f"no document of the source went to the {split} split: add "
-                              "documents, or change data.validation_fraction (validation takes "
-                              "documents by hash, so a tiny corpus may give it none).")
-    meta = {"format": store.FORMAT_VERSION, "record_tokens": store.RECORD_TOKENS,
-            "dtype": store.token_dtype(tokenizer.vocab_size).name, "label": label,
-            "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-            "sources": identity, "shards": records, "summary": summary}
+            raise ConfigError(
+                f"no document of the source went to the {split} split: add "
+                "documents, or change data.validation_fraction (validation takes "
+                "documents by hash, so a tiny corpus may give it none)."
+            )
+    meta = {
+        "format": store.FORMAT_VERSION,
+        "record_tokens": store.RECORD_TOKENS,
+        "dtype": store.token_dtype(tokenizer.vocab_size).name,
+        "label": label,
+        "tokenizer": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "sources": identity,
+        "shards": records,
+        "summary": summary,
+    }
     store.write_json_atomic(os.path.join(directory, store.META), meta)
     return meta
 
 
-def locate(data_cfg: DataConfig, tokenizer: Tokenizer, root: str) -> tuple[str, str, list[Shard], list]:
+def locate(
+    data_cfg: DataConfig, tokenizer: Tokenizer, root: str
+) -> tuple[str, str, list[Shard], list]:
     """(directory, label, shards, identity) of the store for `data_cfg`'s source under `root`."""
     label, shards, identity = plan(data_cfg)
-    return (os.path.join(root, f"{label}-{store_key(data_cfg, identity, tokenizer)}"), label,
-            shards, identity)
+    return (
+        os.path.join(root, f"{label}-{store_key(data_cfg, identity, tokenizer)}"),
+        label,
+        shards,
+        identity,
+    )
 
 
-def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *,
-            beam_options=None) -> tuple[str, dict]:
+def prepare(
+    data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, beam_options=None
+) -> tuple[str, dict]:
     """Prepares (or finds) the store of `data_cfg`'s source under `root`: (directory, store.json).
 
     beam_options: None prepares inline; Beam PipelineOptions (`beam_engine.pipeline_options`)
@@ -333,8 +422,13 @@ def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *,
     if meta is not None:
         return directory, meta
     documents.gfile().makedirs(directory)
-    settings = Settings(directory, tokenizer.model_proto, data_cfg.text_feature,
-                        data_cfg.validation_fraction, data_cfg.bad_utf8)
+    settings = Settings(
+        directory,
+        tokenizer.model_proto,
+        data_cfg.text_feature,
+        data_cfg.validation_fraction,
+        data_cfg.bad_utf8,
+    )
     fn = _ShardFn(settings)
     start = time.perf_counter()
     if beam_options is None:
@@ -342,8 +436,14 @@ def prepare(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *,
             fn(shard)
     else:
         beam_engine.run(fn, shards, beam_options)
-    return directory, _commit(directory, label, identity, tokenizer, _records(directory, shards),
-                              time.perf_counter() - start)
+    return directory, _commit(
+        directory,
+        label,
+        identity,
+        tokenizer,
+        _records(directory, shards),
+        time.perf_counter() - start,
+    )
 
 
 def _records(directory: str, shards: list[Shard]) -> list[dict]:
@@ -353,8 +453,9 @@ def _records(directory: str, shards: list[Shard]) -> list[dict]:
         path = os.path.join(directory, store.shard_meta_file(shard.index, shard.count))
         record = store.read_json(path)
         if record is None:
-            raise RuntimeError(f"the preparation finished without the shard record {path} of "
-                               f"input {shard.name}")
+            raise RuntimeError(
+                f"the preparation finished without the shard record {path} of input {shard.name}"
+            )
         records.append(record)
     return records
 
@@ -365,36 +466,61 @@ def find_store(root: str, name: str, tokenizer: Tokenizer) -> str:
     found = []
     for path in sorted(io.glob(os.path.join(root, f"{name}-*"))):
         meta = store.read_json(os.path.join(path, store.META))
-        if re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{12}}", os.path.basename(path)) and meta \
-                and meta["tokenizer"] == tokenizer.fingerprint:
+        if (
+            re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{12}}", os.path.basename(path))
+            and meta
+            and meta["tokenizer"] == tokenizer.fingerprint
+        ):
             found.append(path)
     if len(found) != 1:
         what = "no" if not found else f"{len(found)} ({', '.join(found)})"
-        raise ConfigError(f"data.mixture names {name!r}, but {root} holds {what} prepared store "
-                          f"named {name!r} made with tokenizer {tokenizer.fingerprint}: prepare "
-                          f"exactly one with `lmjax data prepare --set data.name={name} --set "
-                          f"data.tokenizer=... --set data.store_dir={root}` and its source settings.")
+        raise ConfigError(
+            f"data.mixture names {name!r}, but {root} holds {what} prepared store "
+            f"named {name!r} made with tokenizer {tokenizer.fingerprint}: prepare "
+            f"exactly one with `lmjax data prepare --set data.name={name} --set "
+            f"data.tokenizer=... --set data.store_dir={root}` and its source settings."
+        )
     return found[0]
 
 
-def run_pipeline(config: Config, tokenizer: Tokenizer | None, workdir: str, *,
-                 leader: bool = True, process_index: int = 0, process_count: int = 1,
-                 rows: Sequence[int] | None = None) -> Pipeline:
+def run_pipeline(
+    config: Config,
+    tokenizer: Tokenizer | None,
+    workdir: str,
+    *,
+    leader: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    rows: Sequence[int] | None = None,
+) -> Pipeline:
     """The pipeline a run of `config` in `workdir` reads with `tokenizer` (None: synthetic
     tokens): `make_pipeline` over `run_stores` (the leader prepares a missing store)."""
-    stores = None if tokenizer is None else run_stores(
-        config.data, tokenizer, store_root(config.data, workdir), leader=leader)
-    return make_pipeline(config.data, tokenizer, process_index=process_index,
-                         process_count=process_count, rows=rows, stores=stores,
-                         vocab_size=config.model.vocab_size)
+    stores = (
+        None
+        if tokenizer is None
+        else run_stores(config.data, tokenizer, store_root(config.data, workdir), leader=leader)
+    )
+    return make_pipeline(
+        config.data,
+        tokenizer,
+        process_index=process_index,
+        process_count=process_count,
+        rows=rows,
+        stores=stores,
+        vocab_size=config.model.vocab_size,
+    )
 
 
-def run_stores(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leader: bool) -> dict[str, str]:
+def run_stores(
+    data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leader: bool
+) -> dict[str, str]:
     """{source name: store directory} a run reads: the stores data.mixture names (prepared
     beforehand), or the run's own source's store (prepared now if missing, `ensure_store`);
     none for the synthetic source, which reads no store."""
     if data_cfg.mixture:
-        return {name: find_store(root, name, tokenizer) for name, _ in mixture.parse(data_cfg.mixture)}
+        return {
+            name: find_store(root, name, tokenizer) for name, _ in mixture.parse(data_cfg.mixture)
+        }
     if data_cfg.source == "synthetic":
         return {}
     label = data_cfg.name or data_cfg.source
@@ -408,8 +534,11 @@ def ensure_store(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leade
     if store.read_json(os.path.join(directory, store.META)) is not None:
         return directory
     if leader:
-        log.info("preparing the data store %s in this process (run `lmjax data prepare` "
-                 "beforehand to use several workers)", directory)
+        log.info(
+            "preparing the data store %s in this process (run `lmjax data prepare` "
+            "beforehand to use several workers)",
+            directory,
+        )
         prepare(data_cfg, tokenizer, root)
     else:
         log.info("waiting for process 0 to prepare the data store %s", directory)
@@ -433,9 +562,11 @@ def wait_for_store(directory: str, timeout_s: float, poll_s: float = 1.0) -> dic
     path = os.path.join(directory, store.META)
     while (meta := store.read_json(path)) is None:
         if time.monotonic() > deadline:
-            raise ConfigError(f"waited {timeout_s:.0f} s for process 0 to prepare the data store "
-                              f"{directory} ({store.META} never appeared): check process 0's log; "
-                              "prepare large corpora beforehand with `lmjax data prepare`, or "
-                              "raise data.prepare_timeout_s.")
+            raise ConfigError(
+                f"waited {timeout_s:.0f} s for process 0 to prepare the data store "
+                f"{directory} ({store.META} never appeared): check process 0's log; "
+                "prepare large corpora beforehand with `lmjax data prepare`, or "
+                "raise data.prepare_timeout_s."
+            )
         time.sleep(poll_s)
     return meta

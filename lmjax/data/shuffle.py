@@ -4,6 +4,7 @@
 only: shuffling billions of windows needs no array of their size, and the window at any
 position of any epoch costs the same to find.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -14,6 +14,7 @@ A split's stream is its shards' streams in shard order. Reading a window needs t
 offsets (one integer per shard) and the records it overlaps: memory does not grow with the
 number of tokens, and ArrayRecord indexes stay on disk (`index_storage_option:offloaded`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -94,7 +95,7 @@ class RecordWriter:
         flat = np.concatenate(self._pending) if self._pending else np.empty(0, self._dtype)
         full = len(flat) // RECORD_TOKENS * RECORD_TOKENS
         for start in range(0, full, RECORD_TOKENS):
-            self._writer.write(flat[start:start + RECORD_TOKENS].tobytes())
+            self._writer.write(flat[start : start + RECORD_TOKENS].tobytes())
         self.records += full // RECORD_TOKENS
         rest = flat[full:]
         if final and len(rest):
@@ -142,14 +143,18 @@ class StoreSplit:
 
         path = os.path.join(self.directory, shard_file(self.split, shard, self._count))
         if not documents.gfile().exists(path):
-            raise ConfigError(f"store file {path} is missing: the store is damaged; delete "
-                              f"{self.directory} and run `lmjax data prepare` again.")
+            raise ConfigError(
+                f"store file {path} is missing: the store is damaged; delete "
+                f"{self.directory} and run `lmjax data prepare` again."
+            )
         reader = ArrayRecordReader(path, _READER_OPTIONS)
         found = reader.num_records() if reader.ok() else -1
         if found != self._records[shard]:
-            raise ConfigError(f"store file {path} holds {max(found, 0)} records but {META} says "
-                              f"{self._records[shard]}: it is truncated or was replaced; delete "
-                              f"{self.directory} and run `lmjax data prepare` again.")
+            raise ConfigError(
+                f"store file {path} holds {max(found, 0)} records but {META} says "
+                f"{self._records[shard]}: it is truncated or was replaced; delete "
+                f"{self.directory} and run `lmjax data prepare` again."
+            )
         with self._lock:
             self._readers[shard] = reader
             while len(self._readers) > _OPEN_READERS:
@@ -170,8 +175,10 @@ class StoreSplit:
     def read(self, starts: np.ndarray, length: int) -> np.ndarray:
         """Tokens at stream positions [s, s+length) for each s in `starts` -> int32 [n, length]."""
         if len(starts) and (min(starts) < 0 or max(starts) + length > self.n_tokens):
-            raise ValueError(f"positions [{min(starts)}, {max(starts) + length}) outside the "
-                             f"{self.split} stream of {self.n_tokens} tokens")
+            raise ValueError(
+                f"positions [{min(starts)}, {max(starts) + length}) outside the "
+                f"{self.split} stream of {self.n_tokens} tokens"
+            )
         plan = [list(self._pieces(int(s), length)) for s in starts]
         wanted: dict[int, set[int]] = collections.defaultdict(set)
         for pieces in plan:
@@ -192,10 +199,14 @@ def open_store(directory: str) -> dict:
     """The committed `store.json` of `directory`; ConfigError when there is none."""
     meta = read_json(os.path.join(directory, META))
     if meta is None:
-        raise ConfigError(f"no prepared store at {directory} ({META} is missing: preparation "
-                          "never ran or did not finish): run `lmjax data prepare` with the run's "
-                          "experiment and settings.")
+        raise ConfigError(
+            f"no prepared store at {directory} ({META} is missing: preparation "
+            "never ran or did not finish): run `lmjax data prepare` with the run's "
+            "experiment and settings."
+        )
     if meta.get("format") != FORMAT_VERSION:
-        raise ConfigError(f"store {directory} has format {meta.get('format')}, this lmjax reads "
-                          f"{FORMAT_VERSION}: prepare it again.")
+        raise ConfigError(
+            f"store {directory} has format {meta.get('format')}, this lmjax reads "
+            f"{FORMAT_VERSION}: prepare it again."
+        )
     return meta

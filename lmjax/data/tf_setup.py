@@ -4,6 +4,7 @@ The data pipeline uses TensorFlow only on the host CPU; JAX owns the GPUs and TP
 through `tensorflow()` keeps `import lmjax` light and makes sure TensorFlow never reserves
 accelerator memory.
 """
+
 from __future__ import annotations
 
 import functools

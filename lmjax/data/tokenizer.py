@@ -4,6 +4,7 @@ Models trained here use byte fallback (no unknown tokens), keep newlines and run
 (identity normalisation, `\\n` as a piece) so `decode(encode(text)) == text`, and fix the
 special ids: pad 0, bos 1, eos 2, unk 3.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,9 +30,11 @@ class Tokenizer:
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.fingerprint = hashlib.sha256(model_proto).hexdigest()[:12]
         if self._sp.eos_id() < 0:
-            raise ConfigError(f"tokenizer {path or '<bytes>'} has no EOS piece, which the data "
-                              "pipeline appends to every document: train one with "
-                              "`lmjax tokenizer train`.")
+            raise ConfigError(
+                f"tokenizer {path or '<bytes>'} has no EOS piece, which the data "
+                "pipeline appends to every document: train one with "
+                "`lmjax tokenizer train`."
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -75,8 +78,10 @@ def load_tokenizer(path: str) -> Tokenizer:
     """Loads a `.model` file from a local or gs:// path."""
     io_ = documents.gfile()
     if not io_.exists(path):
-        raise ConfigError(f"tokenizer model {path!r} does not exist: set data.tokenizer to a "
-                          "SentencePiece .model file, or leave it empty to train one into the workdir.")
+        raise ConfigError(
+            f"tokenizer model {path!r} does not exist: set data.tokenizer to a "
+            "SentencePiece .model file, or leave it empty to train one into the workdir."
+        )
     with io_.GFile(path, "rb") as f:
         proto = f.read()
     try:
@@ -93,29 +98,48 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
-def train_from_texts(texts: Iterable[str], vocab_size: int, model_type: str, output_prefix: str) -> str:
+def train_from_texts(
+    texts: Iterable[str], vocab_size: int, model_type: str, output_prefix: str
+) -> str:
     """Trains on an iterable of documents and writes `output_prefix.model` and `.vocab`."""
     import sentencepiece as spm
 
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"model type {model_type!r}: choose one of {MODEL_TYPES}.")
     if vocab_size < 300:
-        raise ConfigError(f"vocab size {vocab_size} is too small: byte fallback alone takes 256 "
-                          "pieces plus the specials; use at least 300.")
+        raise ConfigError(
+            f"vocab size {vocab_size} is too small: byte fallback alone takes 256 "
+            "pieces plus the specials; use at least 300."
+        )
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_lines(texts), model_writer=model, vocab_size=vocab_size,
-            model_type=model_type, byte_fallback=True, character_coverage=0.9995,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["\n"],
-            pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
-            input_sentence_size=5_000_000, shuffle_input_sentence=True,
-            max_sentence_length=16384, num_threads=os.cpu_count() or 1,
-            minloglevel=2)
+            sentence_iterator=_lines(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=True,
+            character_coverage=0.9995,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            user_defined_symbols=["\n"],
+            pad_id=PAD_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            input_sentence_size=5_000_000,
+            shuffle_input_sentence=True,
+            max_sentence_length=16384,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
     except RuntimeError as e:
-        raise ConfigError(f"SentencePiece training failed: {e}. A vocabulary larger than the "
-                          "text supports is the usual cause: lower the vocab size or add text.") from None
+        raise ConfigError(
+            f"SentencePiece training failed: {e}. A vocabulary larger than the "
+            "text supports is the usual cause: lower the vocab size or add text."
+        ) from None
     _write_model(model.getvalue(), output_prefix)
     return output_prefix + ".model"
 
@@ -133,12 +157,21 @@ def _write_model(proto: bytes, output_prefix: str) -> None:
         f.write(proto)
     io_.rename(tmp, output_prefix + ".model", overwrite=True)
     with io_.GFile(output_prefix + ".vocab", "w") as f:
-        f.write("".join(f"{tok._sp.id_to_piece(i)!r}\t{tok._sp.get_score(i)}\n"
-                        for i in range(tok.vocab_size)))
+        f.write(
+            "".join(
+                f"{tok._sp.id_to_piece(i)!r}\t{tok._sp.get_score(i)}\n"
+                for i in range(tok.vocab_size)
+            )
+        )
 
 
-def train_tokenizer(input_files: list[str] | str, vocab_size: int, model_type: str,
-                    output_prefix: str, text_key: str = "text") -> str:
+def train_tokenizer(
+    input_files: list[str] | str,
+    vocab_size: int,
+    model_type: str,
+    output_prefix: str,
+    text_key: str = "text",
+) -> str:
     """Trains on `.txt`/`.jsonl` files (globs or directories; local or gs://); returns the .model path."""
     spec = input_files if isinstance(input_files, str) else ",".join(input_files)
     files = documents.expand_files(spec, what="--input")
