@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from lmjax import cli
+from lmjax import cli, metrics
 from lmjax.config import ConfigError
 
 pytestmark = pytest.mark.slow  # trains, evaluates, converts and benchmarks through the CLI
@@ -100,16 +100,10 @@ def test_checkpoint_list_export_and_hf_round_trip(run_dir, tmp_path, capsys):
         )
         == 0
     )
-    with open(os.path.join(fresh, "metrics.jsonl")) as f:
-        first = [json.loads(line) for line in f if '"loss"' in line][0]
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        final_eval = [json.loads(line) for line in f if "eval_loss" in line][-1]
+    first = [r for r in metrics.read_records(fresh) if "loss" in r][0]
+    final_eval = [r for r in metrics.read_records(run_dir) if "eval_loss" in r][-1]
     # lr 0: the imported params are the trained ones, so eval matches the source run's.
-    fresh_eval = [
-        json.loads(line)
-        for line in open(os.path.join(fresh, "metrics.jsonl"))
-        if "eval_loss" in line
-    ][-1]
+    fresh_eval = [r for r in metrics.read_records(fresh) if "eval_loss" in r][-1]
     assert fresh_eval["eval_loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-5)
     assert first["loss"] < 6.0
 

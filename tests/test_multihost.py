@@ -1,7 +1,6 @@
 """Two real processes x 4 CPU devices (gloo collectives, started by launch/local.py) train
 with the losses of one process with 8 devices."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmjax import cli
+from lmjax import cli, metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SETS = [
@@ -24,8 +23,7 @@ TRAIN_SETS = [
 
 
 def _losses(workdir) -> list[float]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    return [r["loss"] for r in metrics.read_records(workdir) if "loss" in r]
 
 
 def _sets(sets):

@@ -7,7 +7,6 @@ step 4, redoing steps 5 and 6.
 """
 
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lmjax import cli, goodput, report, run, wandb_log
+from lmjax import cli, goodput, metrics, report, run, wandb_log
 from lmjax.loop import Hook
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,15 +59,10 @@ def crashed_and_resumed(tmp_path_factory):
     return workdir, walls
 
 
-def _records(workdir) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.mark.slow
 def test_goodput_buckets_add_up_to_wall_time_across_a_restart(crashed_and_resumed):
     workdir, walls = crashed_and_resumed
-    records = _records(workdir)
+    records = metrics.read_records(workdir)
     finals = {}
     for r in records:
         if r.get("event") == goodput.EVENT:
@@ -108,7 +102,7 @@ def test_report_prints_totals_and_writes_a_png(crashed_and_resumed, capsys):
     workdir, walls = crashed_and_resumed
     assert cli.main(["report", "--workdir", workdir]) == 0
     out = capsys.readouterr().out
-    total = goodput.summarize(_records(workdir))
+    total = goodput.summarize(metrics.read_records(workdir))
     assert "2 start(s), step 10" in out
     assert f"goodput (training steps / wall time): {total['goodput']:.1%}" in out
     for label in report.LABELS.values():

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from lmjax import cli, soak
+from lmjax import cli, metrics, soak
 
 pytestmark = pytest.mark.slow  # every test trains in subprocesses (SIGKILL, 2 processes)
 
@@ -68,15 +68,9 @@ def _run(workdir, *extra, devices: int = 8, expect: int = 0) -> subprocess.Compl
     return out
 
 
-def _records(workdir) -> list[dict]:
-    """metrics.jsonl's records; a line still being written (no newline yet) is left out."""
-    with open(Path(workdir) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
-
-
 def _losses_after_last_start(workdir) -> tuple[int, dict[int, float]]:
     """(restored step, {step: loss}) of the run segment after the last resume record."""
-    records = _records(workdir)
+    records = metrics.read_records(workdir)
     starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
     assert starts, "the resumed run did not note its resume in metrics.jsonl"
     restored = records[starts[-1]]["restored_step"]
@@ -87,7 +81,7 @@ def _logged_steps(workdir) -> list[int]:
     """Steps whose loss is in metrics.jsonl so far."""
     if not (Path(workdir) / "metrics.jsonl").exists():
         return []
-    return [r["step"] for r in _records(workdir) if "loss" in r]
+    return [r["step"] for r in metrics.read_records(workdir) if "loss" in r]
 
 
 def _committed_steps(workdir) -> list[int]:
@@ -131,7 +125,7 @@ def reference(tmp_path_factory):
         "--set",
         f"data.store_dir={workdir / 'data'}",
     ]
-    losses = {r["step"]: r["loss"] for r in _records(workdir) if "loss" in r}
+    losses = {r["step"]: r["loss"] for r in metrics.read_records(workdir) if "loss" in r}
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert _committed_steps(workdir) == [4, 8, 12]
     return workdir, losses, shared
@@ -305,7 +299,9 @@ def test_two_processes_sigkill_then_resume_is_bitwise_identical(reference, tmp_p
         launch(tmp_path / "whole"), env=env, cwd=REPO, capture_output=True, text=True, timeout=900
     )
     assert whole.returncode == 0, whole.stdout[-4000:]
-    whole_losses = {r["step"]: r["loss"] for r in _records(tmp_path / "whole") if "loss" in r}
+    whole_losses = {
+        r["step"]: r["loss"] for r in metrics.read_records(tmp_path / "whole") if "loss" in r
+    }
     assert sorted(whole_losses) == list(range(1, steps + 1))
     first = min(whole_losses)  # the same numbers as one process, up to summation order
     np.testing.assert_allclose(whole_losses[first], ref_losses[first], rtol=1e-5)

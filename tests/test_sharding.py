@@ -1,7 +1,6 @@
 """Meshes, logical-axis rules, parameter tables, sharded init, and training losses that do
 not depend on the mesh (8 CPU devices against a 1-device run)."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lmjax import cli, hardware, model, sharding, train
+from lmjax import cli, hardware, metrics, model, sharding, train
 from lmjax.batch import BATCH_KEYS
 from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, RunConfig
 
@@ -239,9 +238,7 @@ WIDE = ["model.n_heads=8", "model.n_kv_heads=8", "model.head_dim=8"]
 
 
 def _losses(workdir) -> list[float]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r["loss"] for r in metrics.read_records(workdir) if "loss" in r]
 
 
 def _one_device_run(workdir, sets) -> list[float]:
