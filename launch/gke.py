@@ -29,7 +29,7 @@ import yaml
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lmjax.hardware import slice_shape  # noqa: E402
+from lmjax.hardware import slice_shape
 
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?")
 # TPU runtime, multi-slice (megascale) and TPU metrics ports.

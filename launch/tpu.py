@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lmjax.hardware import generation_of  # noqa: E402
+from lmjax.hardware import generation_of
 
 RUN_LOG = "~/lmjax-run.log"
 PYTHON = "3.12"  # lmjax's minimum (setup.cfg python_requires); TPU VM images have 3.10

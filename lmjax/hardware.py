@@ -44,71 +44,28 @@ class Generation:
     libtpu_kwargs: tuple[tuple[str, str], ...] = ()  # for jax.experimental.topologies
 
 
-GENERATIONS: dict[str, Generation] = {
-    g.name: g
-    for g in (
-        Generation(
-            "v4",
-            "v4",
-            2,
-            3,
-            4,
-            4,
-            "tpu-v4-podslice",
-            "tpu-ubuntu2204-base",
-            32 * GiB,
-            275e12,
-            1200 * GB,
-            600 * GB,
-            50e9 / 8,
-            (("chip_config_name", "megacore"),),
-        ),
-        Generation(
-            "v5p",
-            "v5p",
-            2,
-            3,
-            4,
-            4,
-            "tpu-v5p-slice",
-            "v2-alpha-tpuv5",
-            95 * GiB,
-            459e12,
-            2765 * GB,
-            1200 * GB,
-            50e9 / 8,
-        ),
-        Generation(
-            "v5litepod",
-            "v5e",
-            1,
-            2,
-            4,
-            8,
-            "tpu-v5-lite-podslice",
-            "v2-alpha-tpuv5-lite",
-            16 * GiB,
-            197e12,
-            819 * GB,
-            2 * 1600e9 / 8,
-            2 * 100e9 / 8 / 8,
-        ),
-        Generation(
-            "v6e",
-            "v6e",
-            1,
-            2,
-            4,
-            8,
-            "tpu-v6e-slice",
-            "v2-alpha-tpuv6e",
-            32 * GiB,
-            918e12,
-            1640 * GB,
-            2 * 3584e9 / 8,
-            4 * 200e9 / 8 / 8,
-        ),
-    )
+# A table, one generation a row, in the field order of `Generation`.
+# fmt: off
+GENERATIONS: dict[str, Generation] = {g.name: g for g in (
+    Generation("v4", "v4", 2, 3, 4, 4, "tpu-v4-podslice", "tpu-ubuntu2204-base", 32 * GiB,
+               275e12, 1200 * GB, 600 * GB, 50e9 / 8, (("chip_config_name", "megacore"),)),
+    Generation("v5p", "v5p", 2, 3, 4, 4, "tpu-v5p-slice", "v2-alpha-tpuv5", 95 * GiB,
+               459e12, 2765 * GB, 1200 * GB, 50e9 / 8),
+    Generation("v5litepod", "v5e", 1, 2, 4, 8, "tpu-v5-lite-podslice", "v2-alpha-tpuv5-lite",
+               16 * GiB, 197e12, 819 * GB, 2 * 1600e9 / 8, 2 * 100e9 / 8 / 8),
+    Generation("v6e", "v6e", 1, 2, 4, 8, "tpu-v6e-slice", "v2-alpha-tpuv6e", 32 * GiB,
+               918e12, 1640 * GB, 2 * 3584e9 / 8, 4 * 200e9 / 8 / 8),
+)}
+# fmt: on
+# The generation behind each start of jax's `device.device_kind` on a TPU.
+DEVICE_KINDS = {
+    "TPU v4": "v4",
+    "TPU v5 lite": "v5litepod",
+    "TPU v5e": "v5litepod",
+    "TPU v5p": "v5p",
+    "TPU v5": "v5p",
+    "TPU v6 lite": "v6e",
+    "TPU v6e": "v6e",
 }
 # Other spellings `lmjax compile --topology` accepts (libtpu's and the marketing name).
 ALIASES = {"v5e": "v5litepod"}

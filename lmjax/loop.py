@@ -99,7 +99,7 @@ def run(
 def _drive(
     step_fn, state, batches, total, call: _Hooks, clock: goodput.Clock, redo_until: int
 ) -> tuple[Any, bool]:
-    work = lambda k: "lost" if k <= redo_until else "train"  # noqa: E731
+    work = lambda k: "lost" if k <= redo_until else "train"
     step, pending, stopped, first = int(state.step), None, False, True
     last = time.perf_counter()
 

@@ -16,26 +16,17 @@ import jax.numpy as jnp
 
 from lmjax import model
 from lmjax.config import ModelConfig
-from lmjax.hardware import GENERATIONS
+from lmjax.hardware import DEVICE_KINDS, GENERATIONS
 
 # Dense peak FLOP/s per chip by the start of `device.device_kind` (the longest matching
 # prefix wins): (16-bit matmuls, float32 matmuls). TPUs run float32 matmuls at default
 # precision as bfloat16 MXU passes, so both numbers are the bf16 peak; NVIDIA GPUs run them
 # as TF32 on tensor cores (XLA's default), so the second number is the TF32 peak. H100 kinds
 # are named in full: the PCIe and NVL cards are slower than SXM, and an unknown H100 variant
-# reports no peak rather than a wrong one. TPU peaks come from `hardware.GENERATIONS`; GPU
-# peaks are from NVIDIA's data sheets.
-_TPU_KINDS = {
-    "TPU v4": "v4",
-    "TPU v5 lite": "v5litepod",
-    "TPU v5e": "v5litepod",
-    "TPU v5p": "v5p",
-    "TPU v5": "v5p",
-    "TPU v6 lite": "v6e",
-    "TPU v6e": "v6e",
-}
+# reports no peak rather than a wrong one. TPU peaks come from `hardware.GENERATIONS` (by
+# `hardware.DEVICE_KINDS`); GPU peaks are from NVIDIA's data sheets.
 PEAK_FLOPS: dict[str, tuple[float, float]] = {
-    **{kind: (GENERATIONS[g].peak_flops,) * 2 for kind, g in _TPU_KINDS.items()},
+    **{kind: (GENERATIONS[g].peak_flops,) * 2 for kind, g in DEVICE_KINDS.items()},
     "NVIDIA A100": (312e12, 156e12),  # SXM and PCIe alike
     "NVIDIA L4": (121e12, 60e12),
     "NVIDIA H100 80GB HBM3": (989e12, 495e12),  # SXM5

@@ -19,7 +19,6 @@ import itertools
 import math
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -184,7 +183,7 @@ def _compile_in_worker(
         conn.send(("does_not_fit", str(e), None, float("nan")))
     except ConfigError as e:
         conn.send(("rejected", str(e).replace("\n", " "), None, float("nan")))
-    except Exception as e:  # noqa: BLE001 -- any compiler failure is this candidate's result
+    except Exception as e:  # any compiler failure is this candidate's result
         first = next((line for line in str(e).splitlines() if line.strip()), "")
         conn.send(("error", f"{type(e).__name__}: {first}"[:300], None, float("nan")))
     conn.close()
@@ -589,7 +588,7 @@ def budget_proposal(
     }
 
 
-# ---------------------------------------------------------------- the command
+# ---------------------------------------------------------------- the plan
 
 
 def cpu_hardware(compute_dtype: str) -> roofline.Hardware:
@@ -604,29 +603,9 @@ def cpu_hardware(compute_dtype: str) -> roofline.Hardware:
     )
 
 
-def _progress_bar(stream) -> Callable[[int, int, int], None]:
-    start = time.monotonic()
-    tty = stream.isatty()
-
-    def show(done: int, total: int, failed: int) -> None:
-        bar = "#" * (20 * done // total) + "-" * (20 - 20 * done // total)
-        line = (
-            f"plan [{bar}] {done}/{total} compiled ({failed} failed) "
-            f"{time.monotonic() - start:.0f} s"
-        )
-        print(
-            ("\r" if tty else "") + line,
-            end="" if tty and done < total else "\n",
-            file=stream,
-            flush=True,
-        )
-
-    return show
-
-
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """What `lmjax plan` was asked (the command line, parsed)."""
+    """What a plan is asked: the target, the candidate space, and what to derive."""
 
     topology: str  # a Cloud TPU name or topology, or "cpu" for this machine's devices
     num_slices: int = 1
@@ -656,9 +635,10 @@ def plan(
     config: Config,
     req: Request,
     presets: dict[str, Any] | None = None,
-    progress: Callable[[int, int, int], None] | None = None,
+    progress: Callable[[int, int, int], None] = lambda done, total, failed: None,
 ) -> tuple[dict, str]:
-    """Enumerates, compiles and ranks: (`to_json`'s dict, the text report)."""
+    """Enumerates, compiles and ranks: (`to_json`'s dict, the text report). `progress(done,
+    total, failed)` is called as each compile ends."""
     if req.workers < 1 or req.timeout <= 0 or req.num_slices < 1:
         raise ConfigError("--workers and --num-slices must be at least 1, --timeout positive")
     on_cpu = req.topology == "cpu"
@@ -672,7 +652,7 @@ def plan(
         workers=req.workers,
         timeout=req.timeout,
         xla_estimate=req.xla_estimate and not on_cpu,
-        progress=progress or _progress_bar(sys.stderr),
+        progress=progress,
     )
     rows = rank(outcomes, hw)
     if on_cpu and req.measure > 0:

@@ -219,7 +219,7 @@ def _train(
                 redo_until=redo_until,
             )
     finally:
-        batches.close()  # releases the tf.data iterator now, inside the accounted time
+        batches.close()  # stops the prefetch thread now, inside the accounted time
         writer.close(final=goodput_log.final)
     return summary
 

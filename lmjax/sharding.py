@@ -337,7 +337,7 @@ def describe_params(
             )
     header = ("parameter", "shape", "logical axes", "partition spec", "bytes/device")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
     lines = [f"mesh {dict(mesh.shape)} over {mesh.size} devices", fmt(header)]
     lines += [fmt(r) for r in rows]
     lines.append(f"parameters per device: {format_bytes(total)}")

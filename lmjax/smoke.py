@@ -55,7 +55,7 @@ def _guard(name: str, hint: str, fn: Callable[[], Check]) -> Check:
     """`fn()`, or a failed check named `name` that gives the exception and where to look."""
     try:
         return fn()
-    except Exception as e:  # noqa: BLE001 - every failure becomes a reported check
+    except Exception as e:  # every failure becomes a reported check
         return Check(name, False, f"{type(e).__name__}: {e} -> {hint}")
 
 

@@ -44,7 +44,7 @@ def state_axes(model_cfg: ModelConfig, tx: optax.GradientTransformation) -> Trai
     params_axes = model.param_axes(model_cfg)
     shapes = jax.eval_shape(functools.partial(init_state, model_cfg, tx, 0))
     params_def = jax.tree.structure(shapes.params)
-    is_params = lambda x: jax.tree.structure(x) == params_def  # noqa: E731
+    is_params = lambda x: jax.tree.structure(x) == params_def
     opt_axes = jax.tree.map(
         lambda x: params_axes if is_params(x) else (None,) * x.ndim,
         shapes.opt_state,
@@ -80,7 +80,7 @@ def summed_grads(params, batch: Batch, model_cfg: ModelConfig, optim_cfg: OptimC
     like_params = lambda tree: jax.tree.map(
         sharding.constrain,
         tree,
-        params_axes,  # noqa: E731
+        params_axes,
         is_leaf=sharding.is_axes,
     )
 

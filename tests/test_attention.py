@@ -167,7 +167,7 @@ def test_pallas_gpu_kernel_matches_numpy_loop_with_gradients(heads, kv_heads, pa
     args = [jnp.asarray(x, dtype) for x in (q, k, v)]
     kernel = lambda *a: attn_lib._pallas_gpu(
         *a,
-        None if seg is None else jnp.asarray(seg),  # noqa: E731
+        None if seg is None else jnp.asarray(seg),
         interpret=True,
     )
     out = jax.jit(kernel)(*args)
@@ -181,7 +181,7 @@ def test_pallas_gpu_kernel_matches_numpy_loop_with_gradients(heads, kv_heads, pa
 
     xla = lambda *a: attn_lib.attention(
         *a,
-        segment_ids=None if seg is None else jnp.asarray(seg),  # noqa: E731
+        segment_ids=None if seg is None else jnp.asarray(seg),
         impl="xla",
     )
     f32 = [a.astype(jnp.float32) for a in args]

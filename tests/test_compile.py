@@ -183,7 +183,7 @@ def _batch(rows, seq, vocab):
     tokens = rng.integers(0, vocab, (rows, seq + 1))
     segments = np.sort(rng.integers(0, 3, (rows, seq)), axis=1)
     positions = np.concatenate([np.arange(seq)[None]] * rows)
-    mask = (rng.random((rows, seq)) > 0.1).astype(np.int32)
+    mask = (rng.random((rows, seq)) > 0.1).astype(np.float32)
     return {
         "inputs": jnp.asarray(tokens[:, :-1]),
         "targets": jnp.asarray(tokens[:, 1:]),

@@ -4,13 +4,13 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 
 import jax
 import pytest
 
 from lmjax import distributed
 from lmjax.distributed import Rendezvous, plan_rendezvous, rendezvous_hint
+from tests.helpers import WORKER_SCRIPT
 
 PY = sys.executable
 _ALL_RENDEZVOUS_VARS = (
@@ -127,26 +127,6 @@ def test_single_process_initialize_is_a_no_op(monkeypatch):
 
 
 # --- real processes -------------------------------------------------------------------------
-
-WORKER_SCRIPT = textwrap.dedent("""
-    import logging, sys
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from lmjax import distributed
-    distributed.initialize()
-    n_local, n = jax.local_device_count(), jax.device_count()
-    mesh = Mesh(np.array(jax.devices()), ("d",))
-    # Device k of process p holds the value 1 + (p * n_local + k): the global array is 1..n.
-    shards = [jax.device_put(np.array([1.0 + jax.process_index() * n_local + k]), d)
-              for k, d in enumerate(jax.local_devices())]
-    x = jax.make_array_from_single_device_arrays((n,), NamedSharding(mesh, P("d")), shards)
-    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
-    psum = jax.jit(jax.shard_map(lambda v: jax.lax.psum(v, "d"), mesh=mesh,
-                                 in_specs=P("d"), out_specs=P()))(x)
-    print("RESULT", jax.process_index(), jax.process_count(), n_local, n,
-          float(total), float(psum.addressable_data(0)[0]), distributed.is_primary(), flush=True)
-""")
 
 
 @pytest.mark.slow

@@ -15,13 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launch import gke, slurm, tpu
+from launch.local import TIMEOUT_EXIT, launch_local, process_env
+from tests.helpers import WORKER_SCRIPT
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from test_distributed import WORKER_SCRIPT  # noqa: E402
-
-from launch import gke, slurm, tpu  # noqa: E402
-from launch.local import TIMEOUT_EXIT, launch_local, process_env  # noqa: E402
 from lmjax.hardware import slice_shape  # noqa: E402
 
 PY = sys.executable

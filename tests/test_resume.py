@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from launch.local import free_port, process_env
 from lmjax import cli, metrics, soak
 
 pytestmark = pytest.mark.slow  # every test trains in subprocesses (SIGKILL, 2 processes)
@@ -308,9 +309,6 @@ def test_two_processes_sigkill_then_resume_is_bitwise_identical(reference, tmp_p
 
     # a dead peer: the two processes run without a launcher that would stop the survivor;
     # process 1 is SIGKILLed, process 0 must notice within the heartbeat timeout and exit
-    sys.path.insert(0, str(REPO))
-    from launch.local import free_port, process_env
-
     work = tmp_path / "killed"
     coordinator, heartbeat = f"127.0.0.1:{free_port()}", 10
     survivor_log = tmp_path / "p0.log"

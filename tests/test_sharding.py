@@ -188,7 +188,7 @@ def test_describe_params_warns_about_big_replicated_parameters():
 def test_shard_map_logical_gives_each_device_its_block():
     mesh = mesh_of(data=2, fsdp=2, tensor=2)
     rules = sharding.rules_from_config(MeshConfig())
-    local_rows = lambda x: jnp.full_like(x, x.shape[0] * 100 + x.shape[2])  # noqa: E731
+    local_rows = lambda x: jnp.full_like(x, x.shape[0] * 100 + x.shape[2])
     x = jnp.zeros((8, 3, 4))
     axes = ("act_batch", None, "act_heads")
     assert int(sharding.shard_map_logical(local_rows, [axes], axes)(x)[0, 0, 0]) == 804

@@ -185,7 +185,7 @@ def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
     assert loop.fetch(m)["finite"] == 0.0
     after = jax.device_get(state)
     jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
-    floats = lambda s: [x for x in jax.tree.leaves(s.opt_state) if x.dtype.kind == "f"]  # noqa: E731
+    floats = lambda s: [x for x in jax.tree.leaves(s.opt_state) if x.dtype.kind == "f"]
     jax.tree.map(np.testing.assert_array_equal, floats(after), floats(before))
     counts = [int(x) for x in jax.tree.leaves(after.opt_state) if x.dtype.kind in "iu"]
     assert int(after.step) == 2 and counts == [2, 2]

@@ -67,7 +67,7 @@ def _load_params(workdir: str, step: int | None) -> tuple[int, dict, Any]:
                 return (s, *_read_params(ckpt, s))
             except (ConfigError, FaultError):
                 raise
-            except Exception as e:  # noqa: BLE001 - damage: the previous step is tried
+            except Exception as e:  # damage: the previous step is tried
                 if classify(e) != "damage":
                     raise
                 tried.append(f"step {s}: {str(e).splitlines()[0][:200]}")
@@ -152,7 +152,7 @@ def list_checkpoints(workdir: str) -> list[dict]:
                                 )
                             }
                         )
-                except Exception as e:  # noqa: BLE001 - reported in the table
+                except Exception as e:  # reported in the table
                     row["problem"] = f"metadata unreadable: {str(e).splitlines()[0][:120]}"
             rows.append(row)
     return sorted(rows, key=lambda r: r["step"])

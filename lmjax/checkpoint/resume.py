@@ -14,13 +14,13 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from lmjax.checkpoint.compat import (
-    COMPUTE_ONLY_MODEL_FIELDS,
     ResumeError,
     StructureMismatch,
     check_init_tokenizer,
     check_resumable,
     check_tokenizer,
     model_diff,
+    refused_fields,
 )
 from lmjax.checkpoint.paths import CHECKPOINTS, UNREADABLE, absolute, checkpoint_dir
 from lmjax.checkpoint.store import (
@@ -230,7 +230,7 @@ class ResumePlan:
                 result = retrying(f"restoring {c.where}", lambda: ckpt.restore(c.step, target))
         except StructureMismatch as e:
             outcome, error = "refused", e
-        except Exception as e:  # noqa: BLE001 - classified below; not damage means stop
+        except Exception as e:  # classified below; not damage means stop
             outcome, error = ("torn" if classify(e) == "damage" else "failed"), e
         outcome = _worst(outcome)
         if outcome == "ok":
@@ -248,11 +248,8 @@ class ResumePlan:
 
     def _with_init_params(self, state, target, model_cfg) -> tuple[Any, None, str]:
         saved_cfg, params = hf.load_params_dir(self.init_from)
-        changes = {
-            k: v
-            for k, v in model_diff(saved_cfg, model_cfg).items()
-            if k[len("model.") :] not in COMPUTE_ONLY_MODEL_FIELDS
-        }
+        diff = model_diff(saved_cfg, model_cfg)
+        changes = {k: diff[k] for k in refused_fields(diff)}
         if changes:
             lines = "\n  ".join(f"{k}: params {a!r}, config {b!r}" for k, (a, b) in changes.items())
             raise ResumeError(
@@ -327,7 +324,7 @@ def _read_candidates(
                 )
             except FaultError:
                 raise
-            except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
+            except Exception as e:  # unreadable metadata is damage
                 log.error(
                     "checkpoint %s step %d: metadata unreadable (%s)",
                     directory,

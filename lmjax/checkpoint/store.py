@@ -91,7 +91,7 @@ def retrying(what: str, fn: Callable[[], Any]) -> Any:
     for delay in (*RETRY_DELAYS_S, None):
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - classified; anything else is re-raised
+        except Exception as e:  # classified; anything else is re-raised
             if classify(e) != "transient":
                 raise
             first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
@@ -221,7 +221,7 @@ class Checkpointer:
                     meta=ocp.args.JsonSave({**meta, "step": int(step), "saved_at": time.time()}),
                 ),
             )
-        except Exception as e:  # noqa: BLE001 - any failed write stops the run cleanly
+        except Exception as e:  # any failed write stops the run cleanly
             raise self._save_failed(step, e) from e
         blocked = time.perf_counter() - start
         log.info("checkpoint %d: saving (training blocked %.3f s)", step, blocked)
@@ -263,7 +263,7 @@ class Checkpointer:
             elif self._manager.is_saving_in_progress():
                 return
             self._manager.check_for_errors()
-        except Exception as e:  # noqa: BLE001 - any failed write stops the run cleanly
+        except Exception as e:  # any failed write stops the run cleanly
             raise self._save_failed(self._uncommitted, e) from e
         log.info("checkpoint %d: committed to %s", self._uncommitted, self.directory)
         self._uncommitted = None
@@ -295,7 +295,7 @@ class Checkpointer:
         if not self._failed:
             try:
                 self._manager.wait_until_finished()
-            except Exception as e:  # noqa: BLE001 - any failed write stops the run cleanly
+            except Exception as e:  # any failed write stops the run cleanly
                 raise self._save_failed(self._last_saved or 0, e) from e
 
     def close(self) -> None:
