@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from lmjax import compile_cache, generate, metrics, model, sharding, train
-from lmjax.config import Config, ModelConfig, apply_overrides, validate
+from lmjax.config import Config, ModelConfig, apply_overrides, parse_sweep, validate
 from lmjax.data.pipeline import synthetic_batch
 
 
@@ -93,10 +93,7 @@ def bench_step(config: Config, steps: int = 5) -> dict[str, float]:
 
 def sweep_overrides(sweeps: list[str]) -> list[list[str]]:
     """["a=1,2", "b=x,y"] -> [["a=1", "b=x"], ["a=1", "b=y"], ["a=2", "b=x"], ["a=2", "b=y"]]."""
-    axes = []
-    for s in sweeps:
-        key, _, values = s.partition("=")
-        axes.append([f"{key}={v}" for v in values.split(",")])
+    axes = [[f"{key}={v}" for v in values] for key, values in map(parse_sweep, sweeps)]
     return [list(c) for c in itertools.product(*axes)] if axes else [[]]
 
 

@@ -216,6 +216,15 @@ def _nearest(name: str, options: list[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
+def parse_sweep(text: str) -> tuple[str, tuple[str, ...]]:
+    """`--sweep` "model.remat=full,none" -> ("model.remat", ("full", "none"))."""
+    key, sep, values = text.partition("=")
+    choices = tuple(v.strip() for v in values.split(",") if v.strip())
+    if not sep or not key.strip() or not choices:
+        raise ConfigError(f"--sweep {text!r}: expected KEY=V1,V2, e.g. model.remat=full,none")
+    return key.strip(), choices
+
+
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
     """Returns `config` with each `section.field=value` applied, parsed to the field type."""
     sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

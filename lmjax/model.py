@@ -24,10 +24,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from lmjax import attention as attn_lib, matmul
-from lmjax.config import ModelConfig
+from lmjax.config import ConfigError, ModelConfig
 from lmjax.matmul import dense
 from lmjax.sharding import constrain
 
@@ -90,6 +91,20 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
     return jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(cfg), is_leaf=_is_spec
     )
+
+
+def check_param_shapes(cfg: ModelConfig, params: Any) -> None:
+    """A ConfigError unless `params` (arrays of any kind) has exactly the tree and shapes of
+    `param_shapes(cfg)`."""
+    want = jax.tree.map(lambda s: tuple(s.shape), param_shapes(cfg))
+    try:
+        got = jax.tree.map(lambda a: tuple(np.shape(a)), params)
+    except (AttributeError, TypeError):
+        got = None
+    if got != want:
+        raise ConfigError(
+            f"params do not match the model config: expected shapes {want}, got {got}"
+        )
 
 
 def count_params(cfg: ModelConfig, *, include_embed: bool = True) -> int:

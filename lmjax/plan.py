@@ -26,7 +26,7 @@ from typing import Any
 import jax
 
 from lmjax import bench, compile as compile_lib, metrics, model, roofline, sharding
-from lmjax.config import Config, ConfigError, apply_overrides, validate
+from lmjax.config import Config, ConfigError, apply_overrides, parse_sweep, validate
 from lmjax.hardware import parse_target
 from lmjax.sharding import format_bytes
 
@@ -61,13 +61,7 @@ class Rejected:
 
 def parse_sweeps(sweeps: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """["model.remat=full,none"] -> DEFAULT_SPACE with that dimension replaced."""
-    space = dict(DEFAULT_SPACE)
-    for s in sweeps:
-        key, sep, values = s.partition("=")
-        if not sep or not values:
-            raise ConfigError(f"--sweep {s!r}: expected KEY=V1,V2, e.g. mesh.tensor=1,2,4")
-        space[key.strip()] = tuple(v.strip() for v in values.split(",") if v.strip())
-    return space
+    return {**DEFAULT_SPACE, **dict(map(parse_sweep, sweeps))}
 
 
 def _sharding_problem(config: Config, mesh_sizes: dict[str, int], rows: int) -> str | None:

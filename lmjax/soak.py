@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from lmjax import metrics
+from lmjax.checkpoint.paths import CHECKPOINTS
+from lmjax.data.tokenizer import RUN_TOKENIZER
 
 MOMENTS = ("first save", "async save", "random step")
 _POLL_S = 0.002
@@ -51,7 +53,7 @@ def losses(workdir: Path) -> dict[int, list[float]]:
 def _dirs(workdir: Path) -> tuple[list[str], list[str]]:
     """(committed step names, unfinished save names) under workdir/checkpoints."""
     try:
-        names = os.listdir(workdir / "checkpoints")
+        names = os.listdir(workdir / CHECKPOINTS)
     except FileNotFoundError:
         return [], []
     return [n for n in names if n.isdigit()], [n for n in names if "tmp" in n]
@@ -168,9 +170,9 @@ def soak(
     if done.returncode:
         raise RuntimeError(f"the reference run failed: {done.stderr[-2000:]}")
     reference = losses(ref_dir)
-    if (ref_dir / "tokenizer.model").exists():  # reuse its tokenizer and prepared data
+    if (ref_dir / RUN_TOKENIZER).exists():  # reuse its tokenizer and prepared data
         base += [
-            f"data.tokenizer={ref_dir / 'tokenizer.model'}",
+            f"data.tokenizer={ref_dir / RUN_TOKENIZER}",
             f"data.store_dir={ref_dir / 'data'}",
         ]
     rng = random.Random(seed)

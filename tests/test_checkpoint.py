@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from lmjax import checkpoint, optim, sharding, train
+from lmjax.checkpoint import params_dir
 from lmjax.config import (
     CheckpointConfig,
     Config,
@@ -405,9 +406,8 @@ def test_export_load_params_and_init_from(tmp_path, trained):
     _assert_trees_equal(params, states[6].params)
     assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params))
     checkpoint.export_params(str(tmp_path / "run"), 5, str(tmp_path / "out"))
-    from lmjax.convert import hf
 
-    model_cfg, exported = hf.load_params_dir(str(tmp_path / "out"))
+    model_cfg, exported = params_dir.load(str(tmp_path / "out"))
     assert model_cfg == TINY.model
     _assert_trees_equal(exported, states[4].params)
     # --init-from: those params, a fresh optimizer and step 0

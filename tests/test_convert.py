@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from lmjax import model
+from lmjax.checkpoint import params_dir
 from lmjax.commands import convert as convert_command
 from lmjax.config import ConfigError
 from lmjax.convert import hf
@@ -251,7 +252,7 @@ def test_params_dir_round_trip_through_the_cli_functions(tmp_path, capsys):
     hf_dir = write_hf_dir(tmp_path / "hf", LLAMA31, tensors)
     convert_command.from_hf(str(hf_dir), str(tmp_path / "lmjax"))
     assert (tmp_path / "lmjax" / "params").is_dir()
-    cfg, params = hf.load_params_dir(tmp_path / "lmjax")
+    cfg, params = params_dir.load(tmp_path / "lmjax")
     cfg0, params0 = hf.load(hf_dir)
     assert cfg == cfg0
     jax.tree.map(np.testing.assert_array_equal, params, params0)
@@ -267,7 +268,7 @@ def test_params_dir_round_trip_through_the_cli_functions(tmp_path, capsys):
     with pytest.raises(ConfigError, match="not empty"):
         convert_command.to_hf(str(tmp_path / "lmjax"), str(tmp_path / "back"))
     with pytest.raises(ConfigError, match="not an lmjax params directory"):
-        hf.load_params_dir(tmp_path / "hf")
+        params_dir.load(tmp_path / "hf")
 
 
 def test_pickle_checkpoints_are_refused_and_never_opened(tmp_path):

@@ -13,6 +13,7 @@ import jax
 from etils import epath
 
 from lmjax import config as config_lib, model
+from lmjax.checkpoint import params_dir
 from lmjax.checkpoint.compat import TOKENIZER_RECORD, ResumeError
 from lmjax.checkpoint.paths import ITEMS, absolute, checkpoint_dir
 from lmjax.checkpoint.store import (
@@ -25,7 +26,7 @@ from lmjax.checkpoint.store import (
     steps_in,
 )
 from lmjax.config import Config, ConfigError
-from lmjax.convert import hf
+from lmjax.data.tokenizer import RUN_TOKENIZER
 from lmjax.errors import FaultError
 
 log = logging.getLogger("lmjax")
@@ -47,7 +48,7 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Config, Any, str
     workdir's tokenizer.model when it exists (the run trained it), else data.tokenizer."""
     _, meta, params = _load_params(workdir, step)
     config = config_lib.from_dict(meta["config"])
-    local = os.path.join(workdir, "tokenizer.model")
+    local = os.path.join(workdir, RUN_TOKENIZER)
     tokenizer_path = local if os.path.exists(local) else config.data.tokenizer
     return config, params, tokenizer_path
 
@@ -90,7 +91,7 @@ def export_params(workdir: str, step: int | None, out: str) -> str:
     HF export read) and `out/TOKENIZER_RECORD` from a checkpoint of `workdir`; returns a
     one-line summary."""
     step, meta, params = _load_params(workdir, step)
-    hf.save_params_dir(config_lib.from_dict(meta["config"]).model, params, out)
+    params_dir.save(config_lib.from_dict(meta["config"]).model, params, out)
     (epath.Path(absolute(out)) / TOKENIZER_RECORD).write_text(
         json.dumps(
             {

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 
 CHECKPOINTS = "checkpoints"
-UNREADABLE = (
-    "unreadable"  # CHECKPOINTS/UNREADABLE/: steps set aside (no step number: orbax skips it)
-)
+# CHECKPOINTS/UNREADABLE/: steps set aside (no step number, so orbax never reads it as one)
+UNREADABLE = "unreadable"
 ITEMS = ("params", "train", "data", "meta")
 
 

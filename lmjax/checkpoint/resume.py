@@ -13,6 +13,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from lmjax.checkpoint import params_dir
 from lmjax.checkpoint.compat import (
     ResumeError,
     StructureMismatch,
@@ -34,7 +35,6 @@ from lmjax.checkpoint.store import (
     steps_in,
 )
 from lmjax.config import Config, ConfigError
-from lmjax.convert import hf
 from lmjax.errors import FaultError
 
 log = logging.getLogger("lmjax")
@@ -247,7 +247,7 @@ class ResumePlan:
         raise _stop_error(c, error)
 
     def _with_init_params(self, state, target, model_cfg) -> tuple[Any, None, str]:
-        saved_cfg, params = hf.load_params_dir(self.init_from)
+        saved_cfg, params = params_dir.load(self.init_from)
         diff = model_diff(saved_cfg, model_cfg)
         changes = {k: diff[k] for k in refused_fields(diff)}
         if changes:

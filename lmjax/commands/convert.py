@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmjax import model
+from lmjax.checkpoint import params_dir
 from lmjax.convert import hf
 
 
 def from_hf(hf_dir: str, out_dir: str) -> int:
     """Reads a Hugging Face checkpoint, writes OUT_DIR/params and OUT_DIR/model_config.json."""
     out = Path(out_dir)
-    hf.require_new_params_dir(out)  # before the slow read
+    params_dir.require_new(out)  # before the slow read
     cfg, params = hf.load(hf_dir)
-    hf.save_params_dir(cfg, params, out)
+    params_dir.save(cfg, params, out)
     print(
         f"wrote {model.count_params(cfg):,} parameters ({cfg.n_layers} layers, d_model "
         f"{cfg.d_model}) to {out}/params and {out}/model_config.json"
@@ -21,10 +22,10 @@ def from_hf(hf_dir: str, out_dir: str) -> int:
     return 0
 
 
-def to_hf(params_dir: str, out_dir: str, dtype: str | None = None) -> int:
+def to_hf(source: str, out_dir: str, dtype: str | None = None) -> int:
     """Writes a LlamaForCausalLM checkpoint of a params directory (`dtype`: of the tensors)."""
     hf.require_empty(Path(out_dir))  # before the slow read
-    cfg, params = hf.load_params_dir(params_dir)
+    cfg, params = params_dir.load(source)
     hf.save(cfg, params, out_dir, dtype=dtype)
     print(
         f"wrote a LlamaForCausalLM checkpoint ({model.count_params(cfg):,} parameters) to {out_dir}"

@@ -336,7 +336,7 @@ def save(
 
     out_dir = Path(out_dir)
     require_empty(out_dir)
-    _check_tree(cfg, params)
+    model.check_param_shapes(cfg, params)
     params = _map_tree(np.asarray, params)  # one device-to-host copy per array
     dtype = dtype or str(params["embed"].dtype)
     if dtype not in _TORCH_DTYPES:
@@ -367,49 +367,6 @@ def save(
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
-# ---------------------------------------------------------------- lmjax params-only directories
-
-
-def save_params_dir(cfg: ModelConfig, params: Params, path: str | os.PathLike) -> None:
-    """Writes `path/model_config.json` and an orbax checkpoint of `params` at `path/params`."""
-    import orbax.checkpoint as ocp
-
-    path = Path(path).absolute()
-    require_new_params_dir(path)
-    _check_tree(cfg, params)
-    path.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path / "params", params)
-        ckptr.wait_until_finished()
-    config = json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
-    (path / "model_config.json").write_text(config + "\n")
-
-
-def load_params_dir(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
-    """Reads a directory written by `save_params_dir`: (ModelConfig, numpy params)."""
-    import orbax.checkpoint as ocp
-
-    path = Path(path).absolute()
-    config_file = path / "model_config.json"
-    if not config_file.exists() or not (path / "params").exists():
-        raise ConfigError(
-            f"{path} is not an lmjax params directory: expected model_config.json "
-            "and params/ (as written by `lmjax convert from-hf` or `lmjax checkpoint "
-            "export --params-only`)"
-        )
-    data = json.loads(config_file.read_text())
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    if set(data) - known:
-        raise ConfigError(
-            f"{config_file} has unknown keys {sorted(set(data) - known)}: "
-            "written by another lmjax version?"
-        )
-    cfg = ModelConfig(**data)
-    with ocp.StandardCheckpointer() as ckptr:  # ShapeDtypeStruct targets restore as numpy
-        params = ckptr.restore(path / "params", model.param_shapes(cfg))
-    return cfg, params
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -421,24 +378,6 @@ def _get(tree: Params, path: tuple[str, ...]):
 
 def _map_tree(fn, tree):
     return {k: _map_tree(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
-
-
-def _check_tree(cfg: ModelConfig, params: Params) -> None:
-    want = _map_tree(lambda s: tuple(s.shape), model.param_shapes(cfg))
-    try:
-        got = _map_tree(lambda a: tuple(np.shape(a)), params)
-    except AttributeError:
-        got = None
-    if got != want:
-        raise ConfigError(
-            f"params do not match the model config: expected shapes {want}, got {got}"
-        )
-
-
-def require_new_params_dir(path: Path) -> None:
-    """A ConfigError unless `path` holds no params directory yet (checked before slow reads)."""
-    if (path / "params").exists() or (path / "model_config.json").exists():
-        raise ConfigError(f"{path} already holds a converted checkpoint; choose a new directory")
 
 
 def require_empty(out_dir: Path) -> None:

@@ -37,7 +37,7 @@ from lmjax.config import Config, ConfigError, DataConfig
 from lmjax.data import beam_engine, documents, mixture, store
 from lmjax.data.pipeline import Pipeline, make_pipeline
 from lmjax.data.tf_setup import tensorflow
-from lmjax.data.tokenizer import Tokenizer, load_tokenizer, train_from_texts
+from lmjax.data.tokenizer import RUN_TOKENIZER, Tokenizer, load_tokenizer, train_from_texts
 
 log = logging.getLogger(__name__)
 _ENCODE_BATCH = 256  # documents per tokenizer call (sentencepiece encodes a list in threads)
@@ -265,7 +265,7 @@ def prepare_tokenizer(
             "data.tokenizer is empty and there is no workdir to train one into: set "
             "data.tokenizer to a SentencePiece .model file."
         )
-    path = os.path.join(workdir, "tokenizer.model")
+    path = os.path.join(workdir, RUN_TOKENIZER)
     io_ = documents.gfile()
     if not leader:
         deadline = time.monotonic() + data_cfg.prepare_timeout_s

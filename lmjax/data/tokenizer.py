@@ -16,6 +16,8 @@ from lmjax.config import ConfigError
 from lmjax.data import documents
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+# A run without data.tokenizer trains its tokenizer into WORKDIR/RUN_TOKENIZER.
+RUN_TOKENIZER = "tokenizer.model"
 MODEL_TYPES = ("bpe", "unigram")
 
 

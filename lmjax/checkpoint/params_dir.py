@@ -1,0 +1,60 @@
+"""Params-only directories: `PATH/params` (an orbax checkpoint of the params) and
+`PATH/model_config.json`. `lmjax checkpoint export --params-only` and `lmjax convert from-hf`
+write them; `--init-from`, `lmjax convert to-hf`, eval and generation read them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lmjax import model
+from lmjax.config import ConfigError, ModelConfig
+
+
+def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
+    """Writes `path/model_config.json` and an orbax checkpoint of `params` at `path/params`."""
+    import orbax.checkpoint as ocp  # orbax is slow to import; only this call needs it
+
+    path = Path(path).absolute()
+    require_new(path)
+    model.check_param_shapes(cfg, params)
+    path.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / "params", params)
+        ckptr.wait_until_finished()
+    config = json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+    (path / "model_config.json").write_text(config + "\n")
+
+
+def load(path: str | os.PathLike) -> tuple[ModelConfig, Any]:
+    """Reads a directory written by `save`: (ModelConfig, numpy params)."""
+    import orbax.checkpoint as ocp  # orbax is slow to import; only this call needs it
+
+    path = Path(path).absolute()
+    config_file = path / "model_config.json"
+    if not config_file.exists() or not (path / "params").exists():
+        raise ConfigError(
+            f"{path} is not an lmjax params directory: expected model_config.json "
+            "and params/ (as written by `lmjax convert from-hf` or `lmjax checkpoint "
+            "export --params-only`)"
+        )
+    data = json.loads(config_file.read_text())
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    if set(data) - known:
+        raise ConfigError(
+            f"{config_file} has unknown keys {sorted(set(data) - known)}: "
+            "written by another lmjax version?"
+        )
+    cfg = ModelConfig(**data)
+    with ocp.StandardCheckpointer() as ckptr:  # ShapeDtypeStruct targets restore as numpy
+        params = ckptr.restore(path / "params", model.param_shapes(cfg))
+    return cfg, params
+
+
+def require_new(path: Path) -> None:
+    """A ConfigError unless `path` holds no params directory yet (checked before slow reads)."""
+    if (path / "params").exists() or (path / "model_config.json").exists():
+        raise ConfigError(f"{path} already holds a converted checkpoint; choose a new directory")
