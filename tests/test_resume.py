@@ -80,9 +80,7 @@ def _losses_after_last_start(workdir) -> tuple[int, dict[int, float]]:
 
 def _logged_steps(workdir) -> list[int]:
     """Steps whose loss is in metrics.jsonl so far."""
-    if not (Path(workdir) / "metrics.jsonl").exists():
-        return []
-    return [r["step"] for r in metrics.read_records(workdir) if "loss" in r]
+    return [r["step"] for r in metrics.read_records(workdir, missing_ok=True) if "loss" in r]
 
 
 def _committed_steps(workdir) -> list[int]:

@@ -10,14 +10,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import orbax.checkpoint as ocp
+
 from lmjax import model
 from lmjax.config import ConfigError, ModelConfig
 
 
 def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
     """Writes `path/model_config.json` and an orbax checkpoint of `params` at `path/params`."""
-    import orbax.checkpoint as ocp  # orbax is slow to import; only this call needs it
-
     path = Path(path).absolute()
     require_new(path)
     model.check_param_shapes(cfg, params)
@@ -31,8 +31,6 @@ def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike) -> tuple[ModelConfig, Any]:
     """Reads a directory written by `save`: (ModelConfig, numpy params)."""
-    import orbax.checkpoint as ocp  # orbax is slow to import; only this call needs it
-
     path = Path(path).absolute()
     config_file = path / "model_config.json"
     if not config_file.exists() or not (path / "params").exists():

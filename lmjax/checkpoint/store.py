@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -24,12 +25,6 @@ log = logging.getLogger("lmjax")
 
 class TornCheckpoint(Exception):
     """Evidence that a checkpoint's own files are damaged."""
-
-
-def _ocp():
-    import orbax.checkpoint as ocp
-
-    return ocp
 
 
 @jax.jit
@@ -146,20 +141,18 @@ class Checkpointer:
     ):
         """resumed_at: the step the run restored (0 for a fresh start); step directories newer
         than it are set aside before the first save (see `_clear_newer`)."""
-        ocp = _ocp()
-        from orbax.checkpoint import checkpoint_managers as policies
 
         self.directory = directory
         self.cfg = cfg
-        keep = [policies.LatestN(cfg.keep)]
+        keep = [ocp.checkpoint_managers.LatestN(cfg.keep)]
         if cfg.keep_every:
-            keep.append(policies.EveryNSteps(cfg.keep_every))
+            keep.append(ocp.checkpoint_managers.EveryNSteps(cfg.keep_every))
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=cfg.async_save,
             read_only=read_only,
             create=not read_only,
             save_interval_steps=0 if read_only else 1,
-            preservation_policy=policies.AnyPreservationPolicy(keep),
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
         )
         self._manager = ocp.CheckpointManager(directory, options=options)
         self._uncommitted: int | None = None
@@ -206,7 +199,6 @@ class Checkpointer:
         self._clear_newer()
         if step in self._manager.all_steps():
             return 0.0
-        ocp = _ocp()
         items = _split(state)
         self._note_committed(wait=True)
         self._uncommitted = self._last_saved = step
@@ -306,14 +298,13 @@ class Checkpointer:
             self._manager.close()
 
     def read_json(self, step: int, item: str) -> dict:
-        ocp = _ocp()
         return self._manager.restore(
             step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
         )[item]
 
     def saved_tree(self, step: int, item: str):
         """The structure of a saved array item, leaves being orbax ArrayMetadata."""
-        handler = _ocp().StandardCheckpointHandler()
+        handler = ocp.StandardCheckpointHandler()
         return handler.metadata(epath.Path(self.directory) / str(step) / item).tree
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
@@ -323,7 +314,6 @@ class Checkpointer:
         The saved structure may differ from the target's by stateless wrappers only
         (`in_saved_layout`); any other difference raises StructureMismatch before reading.
         """
-        ocp = _ocp()
         target = _split(abstract_state)
         saved = {k: self.saved_tree(step, k) for k in ("params", "train")}
         layout = {k: in_saved_layout(saved[k], target[k], k) for k in saved}
@@ -356,7 +346,6 @@ class Checkpointer:
         return state, out["data"]
 
     def restore_params(self, step: int, abstract_params) -> Any:
-        ocp = _ocp()
         return self._manager.restore(
             step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
         )["params"]
