@@ -29,6 +29,10 @@ SETS = [
     "run.profile_steps=2:4",
     "run.wandb_project=lmjax-test",
 ]
+# Seconds of the two starts that fall outside every goodput clock: 0.09 s measured on the
+# 2-core CI machine, so 0.5 s leaves room under load and still fails if the clock started
+# after start-up and compilation (over 7 s here) or stopped before the last save.
+OUTSIDE_CLOCKS_S = 0.5
 
 
 class _Crash(Hook):
@@ -70,11 +74,14 @@ def test_goodput_buckets_add_up_to_wall_time_across_a_restart(crashed_and_resume
     assert len(finals) == 2
     first, second = (finals[k] for k in sorted(finals))
     buckets = [sum(final[f"goodput/{b}_s"] for b in goodput.BUCKETS) for final in (first, second)]
-    # the run as a whole (both starts): freeing train()'s objects after its last record
-    # takes tens of milliseconds, within 1% of a run but not of a short start
-    # 1% of the wall time, or 0.1 s: the walls also hold the calls into and out of train()
-    # that no clock inside it can see (tens of ms on a loaded 2-core machine).
-    assert sum(buckets) == pytest.approx(sum(walls), rel=0.01, abs=0.1), (buckets, walls)
+    # The run as a whole (both starts), within 1% or OUTSIDE_CLOCKS_S: the walls also hold
+    # what no clock inside run.train() can see, a fixed cost per start whatever the run's
+    # length (the call itself; after the final record, releasing the compiled step, the state
+    # and the data readers; for the crash, unwinding the exception).
+    assert sum(buckets) == pytest.approx(sum(walls), rel=0.01, abs=OUTSIDE_CLOCKS_S), (
+        buckets,
+        walls,
+    )
     for final, in_buckets in zip((first, second), buckets):
         assert in_buckets == pytest.approx(final["goodput/wall_s"], rel=1e-9)
         assert final["goodput/startup_s"] > 0 and final["goodput/train_s"] > 0
@@ -92,7 +99,9 @@ def test_goodput_buckets_add_up_to_wall_time_across_a_restart(crashed_and_resume
     total = goodput.summarize(records)
     assert total["starts"] == 2
     assert total["lost"] == second["goodput/lost_s"]
-    assert total["total"] == pytest.approx(sum(walls) + total["between_starts"], rel=0.01)
+    assert total["total"] == pytest.approx(
+        sum(walls) + total["between_starts"], rel=0.01, abs=OUTSIDE_CLOCKS_S
+    )
     assert total["goodput"] == pytest.approx(
         (first["goodput/train_s"] + second["goodput/train_s"]) / total["total"]
     )
