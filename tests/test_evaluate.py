@@ -14,27 +14,13 @@ import pytest
 
 from lmjax import checkpoint, data, evaluate, model, sharding, train
 from lmjax.commands import eval as eval_command
-from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, RunConfig
+from lmjax.config import Config, DataConfig, MeshConfig, RunConfig
 from lmjax.data.documents import PACKAGED_DIR
 from tests import numpy_llama
-from tests.helpers import hf_config, random_model
+from tests.helpers import SMALL_LM as CFG, hf_config, random_model
 
 # The Shakespeare slice shipped inside the package, so a fresh clone needs nothing beside it.
 CORPUS = PACKAGED_DIR
-CFG = ModelConfig(
-    vocab_size=320,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=8,
-    d_mlp=64,
-    max_seq_len=64,
-    dtype="float32",
-    param_dtype="float32",
-    remat="none",
-    attention="xla",
-)
 
 
 @pytest.fixture(scope="module")

@@ -9,23 +9,8 @@ import pytest
 
 from lmjax import generate as gen, model, sharding
 from lmjax.commands import bench as bench_command
-from lmjax.config import MeshConfig, ModelConfig
-from tests.helpers import hamlet_tokenizer, random_model
-
-CFG = ModelConfig(
-    vocab_size=320,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=8,
-    d_mlp=64,
-    max_seq_len=64,
-    dtype="float32",
-    param_dtype="float32",
-    remat="none",
-    attention="xla",
-)
+from lmjax.config import MeshConfig
+from tests.helpers import SMALL_LM as CFG, hamlet_tokenizer, random_model
 
 
 @pytest.fixture(scope="module")
