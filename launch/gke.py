@@ -11,7 +11,7 @@ command in it as it is, installing nothing at start.
 One replicated Job per slice (replicas = slices), one pod per host (parallelism = completions
 = hosts per slice), each pod asking for the host's chips (google.com/tpu). GKE's TPU webhook
 gives every pod TPU_WORKER_ID / TPU_WORKER_HOSTNAMES and, for several slices, MEGASCALE_*;
-`lmjax.distributed.initialize()` lets jax read them. The JobSet restarts all pods on any
+`lmjax.parallel.distributed.initialize()` lets jax read them. The JobSet restarts all pods on any
 failure (up to --max-restarts); the run resumes from its checkpoint in the gs:// workdir.
 """
 

@@ -4,7 +4,7 @@
 
 Each process gets LMJAX_COORDINATOR (a free localhost port), LMJAX_NUM_PROCESSES,
 LMJAX_PROCESS_ID, LMJAX_LOCAL_DEVICES, XLA_FLAGS (M host devices) and JAX_PLATFORMS=cpu;
-`lmjax.distributed.initialize()` picks them up. Output lines are prefixed `[p0]`, `[p1]`, ...
+`lmjax.parallel.distributed.initialize()` picks them up. Output lines are prefixed `[p0]`, `[p1]`, ...
 If one process fails, the others are stopped and its exit code is returned.
 """
 

@@ -26,7 +26,7 @@ from typing import Sequence
 TEMPLATE = """\
 #!/bin/bash
 # lmjax on SLURM ({layout}), rendered by launch/slurm.py.
-# jax.distributed reads SLURM_* in each task (lmjax/distributed.py); re-submitting the same
+# jax.distributed reads SLURM_* in each task (lmjax/parallel/distributed.py); re-submitting the same
 # command with the same run workdir resumes from its newest checkpoint.
 {alternative}#SBATCH --job-name={job_name}
 #SBATCH --nodes={nodes}

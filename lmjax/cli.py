@@ -14,7 +14,7 @@ from lmjax.errors import FaultError
 
 EXPERIMENT_DIRS = (
     Path.cwd() / "experiments",
-    Path(__file__).resolve().parent.parent / "experiments",
+    Path(__file__).resolve().parent / "experiments",
 )
 
 
@@ -139,7 +139,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from lmjax.commands import eval as eval_command
+    from lmjax.commands import evaluate as eval_command
 
     eval_command.main(
         args.workdir,
@@ -219,7 +219,7 @@ def _cmd_compile(args) -> int:
     # The compile targets TPU devices described by libtpu; this machine's accelerators are not
     # needed, so unless told otherwise jax stays on the CPU instead of probing for a TPU.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from lmjax.commands import compile as compile_command
+    from lmjax.commands import aot as compile_command
 
     config = load_experiment(args.experiment, args.overrides)
     return compile_command.main(config, args.topology, args.num_slices)
@@ -228,7 +228,7 @@ def _cmd_compile(args) -> int:
 def _cmd_plan(args) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # as for compile: the TPU is described, not used
     from lmjax.commands import plan as plan_command
-    from lmjax.plan import Request
+    from lmjax.tools.plan import Request
 
     config = load_experiment(args.experiment, args.overrides)
     presets = None
@@ -455,7 +455,7 @@ def _add_plan(sub) -> None:
         metavar="N",
         help="with --topology cpu: also time the best N candidates here",
     )
-    p.add_argument("--json", action="store_true", help="print JSON (schema lmjax.plan/1)")
+    p.add_argument("--json", action="store_true", help="print JSON (schema lmjax.tools.plan/1)")
     p.set_defaults(func=_cmd_plan)
 
 

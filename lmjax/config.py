@@ -19,7 +19,7 @@ from typing import Any
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn")
 ATTENTION_IMPLS = ("auto", "xla", "pallas_gpu", "cudnn", "splash")
-MATMUL_IMPLS = ("auto", "xla", "row_major")  # lmjax/matmul.py
+MATMUL_IMPLS = ("auto", "xla", "row_major")  # lmjax/model/matmul.py
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -51,11 +51,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "full"
     attention: str = "auto"
-    # How projections run their backward matmuls (lmjax/matmul.py): auto, xla, row_major.
+    # How projections run their backward matmuls (lmjax/model/matmul.py): auto, xla, row_major.
     matmul: str = "auto"
     scan_layers: bool = True
     # >0: the loss projects to the vocabulary in sequence chunks of this many tokens, so
-    # full [batch, seq, vocab] float32 logits never exist at once (lmjax/loss.py).
+    # full [batch, seq, vocab] float32 logits never exist at once (lmjax/model/cross_entropy.py).
     logits_chunk: int = 0
 
 
@@ -150,12 +150,12 @@ class RunConfig:
     eval_batches: int = 8
     sample_tokens: int = 0  # >0: print a greedy sample of this many tokens after training
     sample_prompt: str = "ROMEO:"
-    # Persistent compilation cache (lmjax/compile_cache.py): "auto", "" (off), a path or gs://.
+    # Persistent compilation cache (lmjax/train/compile_cache.py): "auto", "" (off), a path or gs://.
     compile_cache_dir: str = "auto"
     # "A:B": a jax.profiler trace of steps A..B-1 into WORKDIR/tensorboard/plugins/profile/.
     profile_steps: str = ""
     profile_all_processes: bool = True  # False: process 0 only
-    # Weights & Biases project to log to as well (lmjax/wandb_log.py); "": TensorBoard only.
+    # Weights & Biases project to log to as well (lmjax/observe/wandb_log.py); "": TensorBoard only.
     wandb_project: str = ""
 
 

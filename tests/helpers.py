@@ -62,7 +62,7 @@ def hf_config(cfg: ModelConfig) -> dict:
 
 def params_from_hf(t: dict, cfg: ModelConfig) -> dict:
     """HF-named tensors `t` in lmjax's parameter layout, transcribed from the layouts that
-    lmjax/model.py documents (deliberately not lmjax.convert.hf, which tests/test_convert.py
+    lmjax/model/transformer.py documents (deliberately not lmjax.convert.hf, which tests/test_convert.py
     checks on its own). HF Linear weights are [out, in]; lmjax stores [in, out] with heads
     split out."""
     D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -118,14 +118,14 @@ def hamlet_tokenizer(bos_id: int) -> Tokenizer:
     return Tokenizer(proto.getvalue())
 
 
-# A worker for real multi-process runs: joins the job with lmjax.distributed, then checks a
+# A worker for real multi-process runs: joins the job with lmjax.parallel.distributed, then checks a
 # cross-process sum and psum over a 1-D mesh of every device; prints one RESULT line.
 WORKER_SCRIPT = textwrap.dedent("""
     import logging, sys
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from lmjax import distributed
+    from lmjax.parallel import distributed
     distributed.initialize()
     n_local, n = jax.local_device_count(), jax.device_count()
     mesh = Mesh(np.array(jax.devices()), ("d",))

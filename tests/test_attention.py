@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import attention as attn_lib
+from lmjax.model import attention as attn_lib
 from tests import numpy_llama
 
 

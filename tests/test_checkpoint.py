@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import checkpoint, optim, sharding, train
+from lmjax import checkpoint
 from lmjax.checkpoint import params_dir
 from lmjax.config import (
     CheckpointConfig,
@@ -31,6 +31,8 @@ from lmjax.config import (
     apply_overrides,
 )
 from lmjax.data.pipeline import synthetic_batch
+from lmjax.parallel import sharding
+from lmjax.train import optim, trainer as trainer_lib
 
 TINY = Config(
     model=ModelConfig(
@@ -52,7 +54,7 @@ TINY = Config(
 
 
 def _trainer(config=TINY, devices=None):
-    return train.make_trainer(config, sharding.make_mesh(config.mesh, devices))
+    return trainer_lib.make_trainer(config, sharding.make_mesh(config.mesh, devices))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def trained():
         batch = synthetic_batch(
             0, 0, step, range(TINY.data.batch_size), TINY.data.seq_len, TINY.model.vocab_size
         )
-        state, m = trainer.step_fn(state, train.global_batch(batch, trainer.batch_sharding))
+        state, m = trainer.step_fn(state, trainer_lib.global_batch(batch, trainer.batch_sharding))
         states.append(jax.tree.map(np.asarray, state))
         metrics.append(m)
     return trainer, states, metrics, state
@@ -334,8 +336,8 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
 
     trainer, states, _, _ = trained
     _save_run(tmp_path, trainer, states, [2, 4])
-    monkeypatch.setattr(checkpoint.store, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
-    real_restore = checkpoint.store.Checkpointer.restore
+    monkeypatch.setattr(checkpoint.checkpointer, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    real_restore = checkpoint.checkpointer.Checkpointer.restore
     failures = []
 
     def flaky(errors):
@@ -351,12 +353,12 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
         plan = checkpoint.plan_resume(str(tmp_path), TINY)
         return plan.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model)
 
-    monkeypatch.setattr(checkpoint.store.Checkpointer, "restore", flaky(2))
+    monkeypatch.setattr(checkpoint.checkpointer.Checkpointer, "restore", flaky(2))
     state, _, source = plan_load()  # two failures, then the third attempt reads step 4
     assert source.endswith("step 4") and failures == [4, 4]
     _assert_trees_equal(state, states[3])
     failures.clear()
-    monkeypatch.setattr(checkpoint.store.Checkpointer, "restore", flaky(100))
+    monkeypatch.setattr(checkpoint.checkpointer.Checkpointer, "restore", flaky(100))
     with pytest.raises(checkpoint.FaultError, match="kept failing after 3 retries"):
         plan_load()
     assert len(failures) == 4  # one attempt and 3 retries of step 4, then stop: 2 untried
@@ -364,14 +366,14 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
     def out_of_memory(self, step, target):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
 
-    monkeypatch.setattr(checkpoint.store.Checkpointer, "restore", out_of_memory)
+    monkeypatch.setattr(checkpoint.checkpointer.Checkpointer, "restore", out_of_memory)
     with pytest.raises(checkpoint.ResumeError, match="out of memory restoring .*step 4"):
         plan_load()
 
     def bug(self, step, target):
         raise ValueError("some internal mismatch")
 
-    monkeypatch.setattr(checkpoint.store.Checkpointer, "restore", bug)
+    monkeypatch.setattr(checkpoint.checkpointer.Checkpointer, "restore", bug)
     with pytest.raises(checkpoint.FaultError, match="some internal mismatch"):
         plan_load()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]

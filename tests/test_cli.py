@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from lmjax import cli, metrics
+from lmjax import cli
 from lmjax.config import ConfigError
+from lmjax.observe import metrics
 
 pytestmark = pytest.mark.slow  # trains, evaluates, converts and benchmarks through the CLI
 

@@ -10,10 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import cli, compile as compile_lib, hardware, metrics, model, optim, train
+from lmjax import cli, hardware
 from lmjax.batch import BATCH_KEYS
 from lmjax.config import ConfigError, ModelConfig
-from lmjax.objective import loss_terms
+from lmjax.model import transformer
+from lmjax.model.objective import loss_terms
+from lmjax.observe import metrics
+from lmjax.tools import aot
+from lmjax.train import optim, trainer
 from tests import tpu_compiler
 
 GiB = 1024**3
@@ -67,7 +71,7 @@ def test_missing_libtpu_names_the_package(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # as if not installed
     monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
     with pytest.raises(ConfigError, match=r"pip install 'lmjax\[tpu\]'"):
-        compile_lib.require_libtpu()
+        aot.require_libtpu()
     assert cli.main(["compile", "--experiment", "smoke", "--topology", "v5e-4"]) == 2
     assert "needs libtpu" in capsys.readouterr().err
 
@@ -79,14 +83,16 @@ def test_missing_libtpu_names_the_package(monkeypatch, capsys):
 def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
     tpu_compiler.require()
     config = cli.load_experiment("smoke", ["data.seq_len=128"])
-    report = compile_lib.compile_train_step(config, hardware.parse_target("v5litepod-4"))
+    report = aot.compile_train_step(config, hardware.parse_target("v5litepod-4"))
     assert report.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}
     assert report.pallas_calls > 0  # attention="auto" became the splash kernel
     # Arguments hold a quarter of the state and of the batch (fsdp=4 divides every sharded
     # dimension of smoke), padded to TPU tiles: at least the exact quarter, and less than
     # one whole copy of the state.
     state = jax.eval_shape(
-        functools.partial(train.init_state, config.model, optim.make_optimizer(config.optim, 20), 0)
+        functools.partial(
+            trainer.init_state, config.model, optim.make_optimizer(config.optim, 20), 0
+        )
     )
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     batch_bytes = len(BATCH_KEYS) * 8 * 128 * 4
@@ -196,7 +202,7 @@ def _batch(rows, seq, vocab):
 @pytest.mark.slow
 def test_chunked_loss_matches_the_full_projection_and_its_gradients():
     full = dataclasses.replace(CHUNKED, logits_chunk=0)
-    params = model.init(full, jax.random.PRNGKey(1))
+    params = transformer.init(full, jax.random.PRNGKey(1))
     batch = _batch(3, 64, full.vocab_size)
 
     def value_and_grad(cfg):
@@ -208,7 +214,7 @@ def test_chunked_loss_matches_the_full_projection_and_its_gradients():
     (obj_chunk, aux_chunk), g_chunk = value_and_grad(CHUNKED)
     # an independent reference: numpy logsumexp over explicit logits
     logits = np.asarray(
-        model.forward(
+        transformer.forward(
             params,
             batch["inputs"],
             full,
@@ -231,7 +237,7 @@ def test_chunked_loss_matches_the_full_projection_and_its_gradients():
 @pytest.mark.slow
 def test_chunked_loss_never_holds_the_full_logits():
     batch = _batch(4, 128, CHUNKED.vocab_size)
-    params = jax.eval_shape(lambda: model.init(CHUNKED, jax.random.PRNGKey(0)))
+    params = jax.eval_shape(lambda: transformer.init(CHUNKED, jax.random.PRNGKey(0)))
     logits_bytes = 4 * 128 * CHUNKED.vocab_size * 4  # 2 MiB of float32 logits
 
     def temp_bytes(cfg):

@@ -17,11 +17,11 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from lmjax import model
 from lmjax.checkpoint import params_dir
 from lmjax.commands import convert as convert_command
 from lmjax.config import ConfigError
 from lmjax.convert import hf
+from lmjax.model import transformer
 from tests import numpy_llama
 
 BASE = {
@@ -102,7 +102,9 @@ def read_hf_tensors(path):
 
 def lmjax_logits(cfg, params, tokens):
     cfg = dataclasses.replace(cfg, dtype="float32", attention="xla", remat="none")
-    return np.asarray(model.forward(jax.tree.map(jnp.asarray, params), jnp.asarray(tokens), cfg))
+    return np.asarray(
+        transformer.forward(jax.tree.map(jnp.asarray, params), jnp.asarray(tokens), cfg)
+    )
 
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 32))
@@ -242,7 +244,7 @@ def test_table_covers_every_parameter_exactly_once():
         paths = [e.path for e, _, layer, _ in hf._entries(cfg) if layer in (None, 0)]
         leaves = [
             tuple(k.key for k in p)
-            for p, _ in jax.tree_util.tree_leaves_with_path(model.param_shapes(cfg))
+            for p, _ in jax.tree_util.tree_leaves_with_path(transformer.param_shapes(cfg))
         ]
         assert sorted(paths) == sorted(leaves)
 

@@ -1,4 +1,4 @@
-"""lmjax.distributed: rendezvous choice, hints, and real 2-process runs over gloo."""
+"""lmjax.parallel.distributed: rendezvous choice, hints, and real 2-process runs over gloo."""
 
 import os
 import socket
@@ -8,8 +8,8 @@ import sys
 import jax
 import pytest
 
-from lmjax import distributed
-from lmjax.distributed import Rendezvous, plan_rendezvous, rendezvous_hint
+from lmjax.parallel import distributed
+from lmjax.parallel.distributed import Rendezvous, plan_rendezvous, rendezvous_hint
 from tests.helpers import WORKER_SCRIPT
 
 PY = sys.executable
@@ -159,7 +159,7 @@ def test_two_processes_agree_on_a_global_sum(tmp_path):
         assert float(result[5]) == expected and float(result[6]) == expected
         assert result[7] == str(i == 0)
         assert (
-            f"lmjax.distributed: process {i}/2 (explicit start, coordinator {coordinator}): "
+            f"lmjax.parallel.distributed: process {i}/2 (explicit start, coordinator {coordinator}): "
             f"3 local cpu devices, 6 global"
         ) in err
 
@@ -168,7 +168,7 @@ def test_two_processes_agree_on_a_global_sum(tmp_path):
 def test_missing_peer_fails_with_a_hint_within_the_timeout():
     """Process 0 alone and process 1 alone (different ports) both give up after 6 s."""
     ports = [_free_port(), _free_port()]
-    code = "from lmjax import distributed; distributed.initialize(); print('JOINED')"
+    code = "from lmjax.parallel import distributed; distributed.initialize(); print('JOINED')"
     procs = [
         subprocess.Popen(
             [PY, "-c", code],
@@ -195,7 +195,7 @@ def test_missing_peer_fails_with_a_hint_within_the_timeout():
 def test_initialize_after_jax_started_is_refused():
     code = (
         "import jax; jax.devices()\n"
-        "from lmjax import distributed\n"
+        "from lmjax.parallel import distributed\n"
         "distributed.initialize('127.0.0.1:1', 2, 1)"
     )
     p = subprocess.run(

@@ -12,10 +12,14 @@ import jax
 import numpy as np
 import pytest
 
-from lmjax import checkpoint, data, evaluate, model, sharding, train
-from lmjax.commands import eval as eval_command
+from lmjax import checkpoint, data
+from lmjax.commands import evaluate as eval_command
 from lmjax.config import Config, DataConfig, MeshConfig, RunConfig
 from lmjax.data.documents import PACKAGED_DIR
+from lmjax.inference import evaluate
+from lmjax.model import transformer
+from lmjax.parallel import sharding
+from lmjax.train import trainer
 from tests import numpy_llama
 from tests.helpers import SMALL_LM as CFG, hf_config, random_model
 
@@ -249,7 +253,7 @@ def test_main_evaluates_a_saved_checkpoint(model_and_ref, tmp_path, tokenizer, c
         data=DataConfig(source="synthetic", batch_size=8, seq_len=16),
         run=RunConfig(eval_batches=2),
     )
-    state = train.TrainState(
+    state = trainer.TrainState(
         step=np.int32(5), params=params, opt_state={}, rng=jax.random.PRNGKey(0)
     )
     mesh = sharding.make_mesh(config.mesh)
@@ -275,7 +279,9 @@ def test_eval_loss_sharded_matches_unsharded(model_and_ref):
     params = model_and_ref[0]
     mesh_cfg = MeshConfig(data=1, fsdp=4, tensor=2)
     mesh, rules = sharding.make_mesh(mesh_cfg), sharding.rules_from_config(mesh_cfg)
-    placed = jax.device_put(params, sharding.tree_shardings(model.param_axes(CFG), mesh, rules))
+    placed = jax.device_put(
+        params, sharding.tree_shardings(transformer.param_axes(CFG), mesh, rules)
+    )
     seq = np.random.default_rng(5).integers(0, CFG.vocab_size, (4, 17))
     batch = dict(
         inputs=seq[:, :-1],

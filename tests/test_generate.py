@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import generate as gen, model, sharding
 from lmjax.commands import bench as bench_command
 from lmjax.config import MeshConfig
+from lmjax.inference import generate as gen
+from lmjax.model import transformer
+from lmjax.parallel import sharding
 from tests.helpers import SMALL_LM as CFG, hamlet_tokenizer, random_model
 
 
@@ -22,7 +24,7 @@ def prompts(batch, length, seed=0):
     return np.random.default_rng(seed).integers(4, CFG.vocab_size, (batch, length))
 
 
-_forward = jax.jit(model.forward, static_argnums=2)
+_forward = jax.jit(transformer.forward, static_argnums=2)
 
 
 def greedy_by_full_forward(params, prompt, steps):
@@ -194,7 +196,9 @@ def test_bad_arguments_fail_before_compiling(params):
 def test_sharded_generation_matches_unsharded(params):
     mesh_cfg = MeshConfig(data=1, fsdp=4, tensor=2)
     mesh, rules = sharding.make_mesh(mesh_cfg), sharding.rules_from_config(mesh_cfg)
-    placed = jax.device_put(params, sharding.tree_shardings(model.param_axes(CFG), mesh, rules))
+    placed = jax.device_put(
+        params, sharding.tree_shardings(transformer.param_axes(CFG), mesh, rules)
+    )
     assert not placed["layers"]["wq"].sharding.is_fully_replicated
     prompt, lengths = prompts(4, 6, seed=6), [6, 3, 5, 1]
     plain = np.asarray(gen.generate(params, CFG, prompt, max_new_tokens=8, prompt_lengths=lengths))

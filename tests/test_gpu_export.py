@@ -7,8 +7,11 @@ import jax
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-from lmjax import attention, checkpoint, cli, sharding, train
+from lmjax import checkpoint, cli
 from lmjax.batch import abstract_batch
+from lmjax.model import attention
+from lmjax.parallel import sharding
+from lmjax.train import trainer as trainer_lib
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 # Triton lowering asks which GPU it compiles for; with none attached, an abstract one says so.
@@ -21,7 +24,7 @@ def export_train_step_for_cuda(experiment: str, sets=()) -> jax.export.Exported:
     on_gpu = attention.resolve_impl(config.model.attention, "gpu")
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention=on_gpu))
     mesh = AbstractMesh((1, 1, 1), sharding.MESH_AXES, (AxisType.Auto,) * 3, abstract_device=H100)
-    trainer = train.make_trainer(config, mesh)
+    trainer = trainer_lib.make_trainer(config, mesh)
     state = checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings)
     batch = abstract_batch(config.data.batch_size, config.data.seq_len, trainer.batch_sharding)
     with jax.sharding.use_abstract_mesh(mesh):

@@ -1,4 +1,4 @@
-"""lmjax.matmul: projections with row-major backward matmuls, against numpy, and the property
+"""lmjax.model.matmul: projections with row-major backward matmuls, against numpy, and the property
 they exist for: on XLA:CPU every matmul of a bfloat16 projection and its gradients stays in
 bfloat16 (the transposed forms autodiff produces are converted to float32)."""
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import matmul
+from lmjax.model import matmul
 
 
 @pytest.mark.parametrize("impl", ["xla", "row_major"])
@@ -82,9 +82,10 @@ def test_auto_picks_row_major_only_for_bfloat16_on_cpu():
 def test_row_major_trains_like_xla_on_a_sharded_bfloat16_mesh():
     """The flattened row-major copies meet sharded activations (data, fsdp and tensor axes):
     the step must compute the same loss and gradient norm as plain autodiff."""
-    from lmjax import sharding, train
     from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig
     from lmjax.data.pipeline import synthetic_batch
+    from lmjax.parallel import sharding
+    from lmjax.train import trainer as trainer_lib
 
     results = {}
     for impl in ("xla", "row_major"):
@@ -107,9 +108,9 @@ def test_row_major_trains_like_xla_on_a_sharded_bfloat16_mesh():
             optim=OptimConfig(lr=1e-2, warmup_steps=0),
             run=RunConfig(steps=3),
         )
-        trainer = train.make_trainer(cfg, sharding.make_mesh(cfg.mesh))
+        trainer = trainer_lib.make_trainer(cfg, sharding.make_mesh(cfg.mesh))
         state = trainer.init_fn()
-        batch = train.global_batch(
+        batch = trainer_lib.global_batch(
             synthetic_batch(0, 0, 0, range(8), 64, 256), trainer.batch_sharding
         )
         results[impl] = []
@@ -125,8 +126,8 @@ def test_save_dots_keeps_row_major_projection_outputs_instead_of_recomputing_the
     """Remat policies see the custom VJP, not a dot; its named output must still be saved."""
     import dataclasses
 
-    from lmjax import model
     from lmjax.config import ModelConfig
+    from lmjax.model import transformer
 
     cfg = ModelConfig(
         vocab_size=64,
@@ -144,8 +145,8 @@ def test_save_dots_keeps_row_major_projection_outputs_instead_of_recomputing_the
 
     def dots(remat):
         c = dataclasses.replace(cfg, remat=remat)
-        params = jax.eval_shape(lambda: model.init(c, jax.random.PRNGKey(0)))
-        grad = jax.jit(jax.grad(lambda p: jnp.sum(model.forward(p, tokens, c))))
+        params = jax.eval_shape(lambda: transformer.init(c, jax.random.PRNGKey(0)))
+        grad = jax.jit(jax.grad(lambda p: jnp.sum(transformer.forward(p, tokens, c))))
         return len(_dot_operand_dtypes(grad.lower(params).compile().as_text()))
 
     # full remat runs the projections' forward matmuls again in the backward; save_dots not

@@ -5,8 +5,8 @@ import types
 
 import pytest
 
-from lmjax import goodput, metrics, report
 from lmjax.config import ConfigError
+from lmjax.observe import goodput, metrics, report
 
 
 def _device(kind, platform):

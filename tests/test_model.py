@@ -2,7 +2,7 @@
 
 Parameters are drawn as a random HF-named state dict and placed into the lmjax layout by
 `tests.helpers.params_from_hf`, a direct transcription of the layouts documented in
-lmjax/model.py (deliberately not lmjax.convert.hf, which tests/test_convert.py checks on its own).
+lmjax/model/transformer.py (deliberately not lmjax.convert.hf, which tests/test_convert.py checks on its own).
 """
 
 import dataclasses
@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from lmjax import model
 from lmjax.config import ModelConfig
+from lmjax.model import transformer
 from tests import numpy_llama
 from tests.helpers import hf_config, random_model
 
@@ -52,7 +52,7 @@ def tokens_for(seed, batch=2, seq=32, vocab=256):
 
 
 def loss_fn(params, tokens, cfg):
-    logits = model.forward(params, tokens[:, :-1], cfg)
+    logits = transformer.forward(params, tokens[:, :-1], cfg)
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
@@ -60,29 +60,34 @@ def loss_fn(params, tokens, cfg):
 
 
 def test_param_tree_matches_specs_and_init():
-    params = jax.eval_shape(functools.partial(model.init, CFG), jax.random.key(0))
+    params = jax.eval_shape(functools.partial(transformer.init, CFG), jax.random.key(0))
     shapes = jax.tree.map(lambda x: (x.shape, x.dtype), params)
-    expected = jax.tree.map(lambda s: (s.shape, s.dtype), model.param_shapes(CFG))
+    expected = jax.tree.map(lambda s: (s.shape, s.dtype), transformer.param_shapes(CFG))
     assert shapes == expected
-    assert model.count_params(CFG) == sum(x.size for x in jax.tree.leaves(params))
+    assert transformer.count_params(CFG) == sum(x.size for x in jax.tree.leaves(params))
     assert jax.tree.structure(random_model(CFG)[0]) == jax.tree.structure(params)
     tied = dataclasses.replace(CFG, tie_embeddings=True)
-    assert "unembed" not in jax.eval_shape(functools.partial(model.init, tied), jax.random.key(0))
+    assert "unembed" not in jax.eval_shape(
+        functools.partial(transformer.init, tied), jax.random.key(0)
+    )
 
 
 def test_rms_norm_matches_numpy():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 5, 32)).astype(np.float32) * 3
     w = rng.standard_normal(32).astype(np.float32)
-    got = model.rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-5)
+    got = transformer.rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-5)
     np.testing.assert_allclose(
         np.asarray(got), numpy_llama.rms_norm(x.astype(np.float64), w, 1e-5), rtol=1e-5, atol=1e-6
     )
-    assert model.rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), 1e-5).dtype == jnp.bfloat16
+    assert (
+        transformer.rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), 1e-5).dtype
+        == jnp.bfloat16
+    )
 
 
 def test_rope_frequencies_unscaled_match_numpy():
-    got = np.asarray(model.rope_frequencies(CFG))
+    got = np.asarray(transformer.rope_frequencies(CFG))
     np.testing.assert_allclose(got, numpy_llama.inverse_frequencies(hf_config(CFG)), rtol=1e-6)
 
 
@@ -96,7 +101,7 @@ def test_llama31_rope_scaling_matches_published_formula():
         rope_high_freq_factor=4.0,
         rope_original_max_len=8192,
     )
-    got = np.asarray(model.rope_frequencies(cfg), np.float64)
+    got = np.asarray(transformer.rope_frequencies(cfg), np.float64)
     inv = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)
     want = numpy_llama.llama3_scaled_frequencies(inv, 8.0, 1.0, 4.0, 8192)
     np.testing.assert_allclose(got, want, rtol=2e-6)
@@ -110,8 +115,8 @@ def test_apply_rope_matches_numpy():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 7, 3, 16)).astype(np.float32)
     pos = np.stack([np.arange(7), np.array([0, 1, 2, 0, 1, 5, 40])])
-    sin, cos = model.rope_tables(jnp.asarray(pos), SCALED)
-    got = np.asarray(model.apply_rope(jnp.asarray(x), sin, cos))
+    sin, cos = transformer.rope_tables(jnp.asarray(pos), SCALED)
+    got = np.asarray(transformer.apply_rope(jnp.asarray(x), sin, cos))
     inv = numpy_llama.inverse_frequencies(hf_config(SCALED))
     want = np.stack(
         [numpy_llama.apply_rope(x[b].astype(np.float64), pos[b], inv) for b in range(2)]
@@ -126,9 +131,9 @@ def test_rope_scores_depend_only_on_relative_position(cfg):
     k = jnp.asarray(rng.standard_normal((1, 1, 1, 16)), jnp.float32)
 
     def score(m, n):
-        sq, cq = model.rope_tables(jnp.array([[m]]), cfg)
-        sk, ck = model.rope_tables(jnp.array([[n]]), cfg)
-        return float(jnp.sum(model.apply_rope(q, sq, cq) * model.apply_rope(k, sk, ck)))
+        sq, cq = transformer.rope_tables(jnp.array([[m]]), cfg)
+        sk, ck = transformer.rope_tables(jnp.array([[n]]), cfg)
+        return float(jnp.sum(transformer.apply_rope(q, sq, cq) * transformer.apply_rope(k, sk, ck)))
 
     for m, n in [(5, 2), (9, 9), (3, 11)]:
         base = score(m, n)
@@ -137,12 +142,14 @@ def test_rope_scores_depend_only_on_relative_position(cfg):
     # ... and does depend on it.
     assert abs(score(5, 2) - score(6, 2)) > 1e-3
     # Rotation preserves norms; position 0 is the identity.
-    s, c = model.rope_tables(jnp.array([[37]]), cfg)
-    assert float(jnp.linalg.norm(model.apply_rope(q, s, c))) == pytest.approx(
+    s, c = transformer.rope_tables(jnp.array([[37]]), cfg)
+    assert float(jnp.linalg.norm(transformer.apply_rope(q, s, c))) == pytest.approx(
         float(jnp.linalg.norm(q)), rel=1e-6
     )
-    s, c = model.rope_tables(jnp.array([[0]]), cfg)
-    np.testing.assert_allclose(np.asarray(model.apply_rope(q, s, c)), np.asarray(q), atol=1e-7)
+    s, c = transformer.rope_tables(jnp.array([[0]]), cfg)
+    np.testing.assert_allclose(
+        np.asarray(transformer.apply_rope(q, s, c)), np.asarray(q), atol=1e-7
+    )
 
 
 # ---------------------------------------------------------------- full forward
@@ -162,7 +169,9 @@ def test_rope_scores_depend_only_on_relative_position(cfg):
 def test_forward_matches_numpy_reference(cfg):
     params, tensors = random_model(cfg, seed=3)
     tokens = tokens_for(4)
-    got = np.asarray(jax.jit(model.forward, static_argnums=2)(params, jnp.asarray(tokens), cfg))
+    got = np.asarray(
+        jax.jit(transformer.forward, static_argnums=2)(params, jnp.asarray(tokens), cfg)
+    )
     want = numpy_llama.forward(tensors, hf_config(cfg), tokens)
     assert np.abs(want).max() > 1.0  # logits carry signal, so 1e-4 is a real bound
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
@@ -180,7 +189,7 @@ def packed_batch():
 def test_packed_forward_matches_numpy_reference():
     params, tensors = random_model(CFG, seed=6)
     tokens, seg, pos, _ = packed_batch()
-    got = model.forward(
+    got = transformer.forward(
         params, jnp.asarray(tokens), CFG, segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos)
     )
     want = numpy_llama.forward(tensors, hf_config(CFG), tokens, positions=pos, segment_ids=seg)
@@ -192,7 +201,7 @@ def test_packed_row_equals_each_document_alone():
     params, _ = random_model(SCALED, seed=7)
     tokens, seg, pos, lengths = packed_batch()
     packed = np.asarray(
-        model.forward(
+        transformer.forward(
             params,
             jnp.asarray(tokens),
             SCALED,
@@ -203,7 +212,7 @@ def test_packed_row_equals_each_document_alone():
     for row in range(2):
         start = 0
         for n in lengths[row]:
-            alone = model.forward(
+            alone = transformer.forward(
                 params, jnp.asarray(tokens[row : row + 1, start : start + n]), SCALED
             )
             np.testing.assert_allclose(
@@ -216,7 +225,7 @@ def test_changing_one_document_leaves_the_others_unchanged():
     params, _ = random_model(CFG, seed=8)
     tokens, seg, pos, _ = packed_batch()
     fwd = jax.jit(
-        lambda t: model.forward(
+        lambda t: transformer.forward(
             params, t, CFG, segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos)
         )
     )
@@ -234,7 +243,7 @@ def test_changing_one_document_leaves_the_others_unchanged():
 def test_future_tokens_do_not_change_past_logits():
     params, _ = random_model(CFG, seed=9)
     tokens = tokens_for(10)
-    fwd = jax.jit(lambda t: model.forward(params, t, CFG))
+    fwd = jax.jit(lambda t: transformer.forward(params, t, CFG))
     before = np.asarray(fwd(jnp.asarray(tokens)))
     changed = tokens.copy()
     changed[:, 20:] = (changed[:, 20:] + 7) % CFG.vocab_size
@@ -280,8 +289,8 @@ def test_remat_policies_layer_scan_and_row_major_matmuls_give_the_same_gradients
 def test_scan_layers_forward_equals_python_loop():
     params, _ = random_model(SCALED, seed=13)
     tokens = jnp.asarray(tokens_for(14))
-    a = model.forward(params, tokens, SCALED)
-    b = model.forward(params, tokens, dataclasses.replace(SCALED, scan_layers=False))
+    a = transformer.forward(params, tokens, SCALED)
+    b = transformer.forward(params, tokens, dataclasses.replace(SCALED, scan_layers=False))
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
 
@@ -289,8 +298,8 @@ def test_scan_layers_forward_equals_python_loop():
 def test_bfloat16_compute_stays_close_to_float32():
     params, _ = random_model(CFG, seed=15)
     tokens = jnp.asarray(tokens_for(16))
-    f32 = np.asarray(model.forward(params, tokens, CFG))
-    bf16_logits = model.forward(params, tokens, dataclasses.replace(CFG, dtype="bfloat16"))
+    f32 = np.asarray(transformer.forward(params, tokens, CFG))
+    bf16_logits = transformer.forward(params, tokens, dataclasses.replace(CFG, dtype="bfloat16"))
     assert bf16_logits.dtype == jnp.float32  # logits are accumulated in float32
     bf16 = np.asarray(bf16_logits)
     rel = np.linalg.norm(bf16 - f32) / np.linalg.norm(f32)

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmjax import cli, metrics
+from lmjax import cli
+from lmjax.observe import metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SETS = [

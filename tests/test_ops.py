@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from lmjax import cli, goodput, metrics, report, run, wandb_log
-from lmjax.loop import Hook
+from lmjax import cli
+from lmjax.observe import goodput, metrics, report, wandb_log
+from lmjax.train import run
+from lmjax.train.loop import Hook
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, CRASH = 10, 7
@@ -167,7 +169,9 @@ from jax import monitoring
 hits = []
 monitoring.register_event_listener(
     lambda event, **kw: hits.append(event) if event.endswith("/cache_hits") else None)
-from lmjax import bench, cli, compile_cache
+from lmjax import cli
+from lmjax.tools import bench
+from lmjax.train import compile_cache
 with compile_cache.enabled(sys.argv[1]):
     bench.bench_step(cli.load_experiment("smoke", ["mesh.fsdp=2"]), steps=1)
 print("cache hits:", len(hits))

@@ -1,4 +1,4 @@
-"""The fused cross-entropy (lmjax/loss.py) against a numpy reference and against autodiff.
+"""The fused cross-entropy (lmjax/model/cross_entropy.py) against a numpy reference and against autodiff.
 
 float32 throughout; the hand-written VJP must give the gradients autodiff gives through
 explicit logits, for every chunking, with a loss mask and a z-loss.
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import loss
+from lmjax.model import cross_entropy
 
 B, S, D, V = 2, 16, 8, 64
 
@@ -44,7 +44,7 @@ def _autodiff_objective(x, w, targets, weights, z_loss):
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
 def test_fused_loss_values_and_gradients_match_references(chunk, impl, z_loss):
     x, w, targets, weights = _inputs()
-    sums = jax.jit(lambda *a: loss.loss_sums(*a, z_loss=z_loss, chunk=chunk, impl=impl))(
+    sums = jax.jit(lambda *a: cross_entropy.loss_sums(*a, z_loss=z_loss, chunk=chunk, impl=impl))(
         x, w, targets, weights
     )
     for got, want in zip(sums, _numpy_sums(x, w, targets, weights, z_loss)):
@@ -54,7 +54,9 @@ def test_fused_loss_values_and_gradients_match_references(chunk, impl, z_loss):
         jax.grad(
             lambda x, w: (
                 3.0
-                * loss.loss_sums(x, w, targets, weights, z_loss=z_loss, chunk=chunk, impl=impl)[0]
+                * cross_entropy.loss_sums(
+                    x, w, targets, weights, z_loss=z_loss, chunk=chunk, impl=impl
+                )[0]
             ),
             argnums=(0, 1),
         )
@@ -70,22 +72,26 @@ def test_fused_loss_values_and_gradients_match_references(chunk, impl, z_loss):
 def test_masked_tokens_get_no_gradient_and_reported_sums_carry_none():
     x, w, targets, weights = _inputs(1)
     weights[0, 3] = 0.0
-    gx = jax.grad(lambda x: loss.loss_sums(x, w, targets, weights, chunk=4)[0])(x)
+    gx = jax.grad(lambda x: cross_entropy.loss_sums(x, w, targets, weights, chunk=4)[0])(x)
     assert np.all(np.asarray(gx)[0, 3] == 0.0) and np.any(np.asarray(gx)[0, 2] != 0.0)
-    g_reported = jax.grad(lambda x: loss.loss_sums(x, w, targets, weights, z_loss=0.1)[1])(x)
+    g_reported = jax.grad(lambda x: cross_entropy.loss_sums(x, w, targets, weights, z_loss=0.1)[1])(
+        x
+    )
     assert not np.any(np.asarray(g_reported))
 
 
 def test_bfloat16_inputs_stay_close_to_float32():
     x, w, targets, weights = _inputs(2)
-    f32 = loss.loss_sums(x, w, targets, weights)[0]
-    bf16 = loss.loss_sums(jnp.asarray(x, jnp.bfloat16), w, targets, weights)[0]
+    f32 = cross_entropy.loss_sums(x, w, targets, weights)[0]
+    bf16 = cross_entropy.loss_sums(jnp.asarray(x, jnp.bfloat16), w, targets, weights)[0]
     np.testing.assert_allclose(float(bf16), float(f32), rtol=2e-2)
-    gx = jax.grad(lambda x: loss.loss_sums(x, w, targets, weights)[0])(jnp.asarray(x, jnp.bfloat16))
+    gx = jax.grad(lambda x: cross_entropy.loss_sums(x, w, targets, weights)[0])(
+        jnp.asarray(x, jnp.bfloat16)
+    )
     assert gx.dtype == jnp.bfloat16
 
 
 def test_chunk_must_divide_the_sequence():
     x, w, targets, weights = _inputs()
     with pytest.raises(ValueError, match="loss chunk 5 must divide the sequence length 16"):
-        loss.loss_sums(x, w, targets, weights, chunk=5)
+        cross_entropy.loss_sums(x, w, targets, weights, chunk=5)

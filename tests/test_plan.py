@@ -8,8 +8,9 @@ import math
 import jax
 import pytest
 
-from lmjax import cli, compile as compile_lib, hardware, plan, roofline
+from lmjax import cli, hardware
 from lmjax.config import ConfigError, ModelConfig
+from lmjax.tools import aot, plan, roofline
 from tests import tpu_compiler
 
 GiB = 1024**3
@@ -290,7 +291,7 @@ def test_plan_on_v5p_8_ranks_like_lmjax_compile_and_reports_failures():
     for c in ok:
         cfg = cli.load_experiment("smoke", SMOKE + c["overrides"])
         with jax.default_matmul_precision("default"):
-            report = compile_lib.compile_train_step(cfg, hardware.parse_target("v5p-8"))
+            report = aot.compile_train_step(cfg, hardware.parse_target("v5p-8"))
         assert c["memory"]["total_bytes"] == report.total_bytes
     by_rows = sorted(ok, key=lambda c: c["memory"]["total_bytes"])
     assert "data.batch_size=4" in by_rows[0]["overrides"]  # 1 row per chip needs less memory
@@ -308,7 +309,7 @@ def test_plan_json_schema_is_stable():
     (cand,), _ = plan.enumerate_candidates(
         config, 4, 1, _space(mesh__tensor=(1,), rows_per_chip=(1,), model__remat=("full",))
     )
-    report = compile_lib.CompileReport(
+    report = aot.CompileReport(
         None,
         1,
         {"data": 1, "fsdp": 4, "tensor": 1},
@@ -340,7 +341,7 @@ def test_plan_json_schema_is_stable():
         run=None,
         budget=None,
     )
-    assert result["schema"] == "lmjax.plan/1"
+    assert result["schema"] == "lmjax.tools.plan/1"
     assert set(result) == {"schema", "target", "hardware", "candidates", "run", "budget"}
     keys = {
         "rank",

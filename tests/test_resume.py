@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from launch.local import free_port, process_env
-from lmjax import cli, metrics, soak
+from lmjax import cli
+from lmjax.observe import metrics
+from lmjax.tools import soak
 
 pytestmark = pytest.mark.slow  # every test trains in subprocesses (SIGKILL, 2 processes)
 

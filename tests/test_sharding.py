@@ -11,9 +11,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lmjax import cli, hardware, metrics, model, sharding, train
+from lmjax import cli, hardware
 from lmjax.batch import BATCH_KEYS
 from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, RunConfig
+from lmjax.model import transformer
+from lmjax.observe import metrics
+from lmjax.parallel import sharding
+from lmjax.train import trainer as trainer_lib
 
 TINY = ModelConfig(
     vocab_size=256,
@@ -61,11 +65,11 @@ def test_make_mesh_errors_show_the_numbers(cfg, message):
 
 
 def _tpu_devices(accelerator, num_slices):
-    from lmjax import compile as compile_lib
+    from lmjax.tools import aot
     from tests import tpu_compiler
 
     tpu_compiler.require()
-    return compile_lib.topology_devices(hardware.parse_target(accelerator), num_slices)
+    return aot.topology_devices(hardware.parse_target(accelerator), num_slices)
 
 
 def test_hybrid_mesh_puts_dcn_factors_across_tpu_slices():
@@ -128,10 +132,10 @@ def test_default_rules_shard_params_zero3_style_and_activations_by_batch():
 
 def test_kv_heads_not_divisible_by_tensor_names_the_parameter_and_the_fix():
     mesh = mesh_of(data=2, tensor=4)
-    axes = model.param_axes(TINY)
+    axes = transformer.param_axes(TINY)
     with pytest.raises(ConfigError) as e:
         sharding.tree_shardings(
-            axes, mesh, sharding.rules_from_config(MeshConfig()), model.param_shapes(TINY)
+            axes, mesh, sharding.rules_from_config(MeshConfig()), transformer.param_shapes(TINY)
         )
     text = str(e.value)
     assert "layers/wk" in text and "'kv_heads' of size 2" in text
@@ -144,7 +148,9 @@ def test_kv_heads_not_divisible_by_tensor_names_the_parameter_and_the_fix():
 def test_describe_params_lists_specs_and_bytes_per_device():
     mesh = mesh_of(fsdp=4, tensor=2)
     rules = sharding.rules_from_config(MeshConfig())
-    text = sharding.describe_params(model.param_shapes(TINY), model.param_axes(TINY), mesh, rules)
+    text = sharding.describe_params(
+        transformer.param_shapes(TINY), transformer.param_axes(TINY), mesh, rules
+    )
     rows = {
         line.split()[0]: line.split()
         for line in text.splitlines()[2:]
@@ -169,7 +175,7 @@ def test_describe_params_lists_specs_and_bytes_per_device():
 
 def test_describe_params_warns_about_big_replicated_parameters():
     rules = sharding.rules_from_config(MeshConfig(rules=("embed=", "vocab=")))
-    shapes, axes = model.param_shapes(TINY), model.param_axes(TINY)
+    shapes, axes = transformer.param_shapes(TINY), transformer.param_axes(TINY)
     text = sharding.describe_params(
         shapes, axes, mesh_of(fsdp=8), rules, replicated_warn_elements=10_000
     )
@@ -204,7 +210,7 @@ def test_shard_map_logical_gives_each_device_its_block():
 def test_state_is_created_sharded_without_a_full_copy_per_device():
     config = Config(model=TINY, mesh=MeshConfig(fsdp=-1), run=RunConfig(steps=10))
     mesh = sharding.make_mesh(config.mesh)
-    trainer = train.make_trainer(config, mesh)
+    trainer = trainer_lib.make_trainer(config, mesh)
     shapes = jax.eval_shape(trainer.init_fn)
     full = sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
     memory = trainer.init_fn.lower().compile().memory_analysis()
@@ -327,7 +333,7 @@ def test_splash_kernel_per_device_matches_reference_with_packed_documents(
 ):
     """The TPU kernel, run by the Pallas interpreter under shard_map: rows over data x fsdp,
     heads by the rules, documents masked, on every head layout the rules accept."""
-    from lmjax import attention
+    from lmjax.model import attention
 
     b, t, d = mesh[0] * mesh[1], 128, 8
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -384,7 +390,7 @@ def test_process_rows_and_global_batch_on_one_process():
     with pytest.raises(ConfigError, match="data.batch_size=6 is not divisible by the 4 batch"):
         sharding.process_rows(batch_sharding, 6)
     local = {k: np.arange(8 * 3).reshape(8, 3) + i for i, k in enumerate(BATCH_KEYS)}
-    batch = train.global_batch(local, batch_sharding)
+    batch = trainer_lib.global_batch(local, batch_sharding)
     for k in BATCH_KEYS:
         assert batch[k].sharding == batch_sharding
         np.testing.assert_array_equal(np.asarray(batch[k]), local[k])

@@ -10,10 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from lmjax import loop, optim, sharding, train
 from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig
 from lmjax.data.pipeline import synthetic_batch
-from lmjax.objective import loss_terms
+from lmjax.model.objective import loss_terms
+from lmjax.parallel import sharding
+from lmjax.train import loop, optim, trainer
 
 TINY = ModelConfig(
     vocab_size=128,
@@ -41,7 +42,7 @@ def _config(**optim_kw) -> Config:
 
 def _trainer(config):
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    return train.make_trainer(config, mesh)
+    return trainer.make_trainer(config, mesh)
 
 
 def _batch(seed=0, padded=False):
@@ -59,7 +60,7 @@ def test_grad_accumulation_equals_large_batch():
         # A large Adam eps makes the update smooth in the gradient, so params compare tightly.
         tr = _trainer(_config(grad_accum=accum, eps=1.0))
         state = tr.init_fn()
-        state, m = tr.step_fn(state, train.global_batch(batch, tr.batch_sharding))
+        state, m = tr.step_fn(state, trainer.global_batch(batch, tr.batch_sharding))
         results.append((state.params, loop.fetch(m)))
     (p1, m1), (p4, m4) = results
     assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-6)
@@ -106,8 +107,8 @@ def test_microbatches_stay_on_their_devices_and_sum_to_the_big_batch():
             data=DataConfig(batch_size=32, seq_len=16),
         )
         devices = jax.devices()[: math.prod(mesh)]
-        tr = train.make_trainer(config, sharding.make_mesh(config.mesh, devices))
-        state, global_batch = tr.init_fn(), train.global_batch(batch, tr.batch_sharding)
+        tr = trainer.make_trainer(config, sharding.make_mesh(config.mesh, devices))
+        state, global_batch = tr.init_fn(), trainer.global_batch(batch, tr.batch_sharding)
         step = tr.step_fn.lower(state, global_batch).compile()
         if mesh == (8, 1, 1):  # replicated params: nothing in the loop needs another device
             assert _loop_collectives(step.as_text()) == []
@@ -122,7 +123,7 @@ def test_microbatches_stay_on_their_devices_and_sum_to_the_big_batch():
 
 def test_microbatch_m_takes_every_nth_row():
     x = jnp.arange(12).reshape(6, 2)
-    np.testing.assert_array_equal(train.microbatches(x, 3)[1], [[2, 3], [8, 9]])
+    np.testing.assert_array_equal(trainer.microbatches(x, 3)[1], [[2, 3], [8, 9]])
 
 
 @pytest.mark.slow
@@ -132,7 +133,7 @@ def test_loss_is_mean_over_unmasked_targets():
     state = tr.init_fn()
     logits = np.asarray(
         jax.jit(
-            lambda p: __import__("lmjax.model").model.forward(
+            lambda p: __import__("lmjax.model.transformer").model.forward(
                 p,
                 batch["inputs"],
                 TINY,
@@ -149,7 +150,7 @@ def test_loss_is_mean_over_unmasked_targets():
     )
     nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     expected = (nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
-    _, m = tr.step_fn(state, train.global_batch(batch, tr.batch_sharding))
+    _, m = tr.step_fn(state, trainer.global_batch(batch, tr.batch_sharding))
     assert loop.fetch(m)["loss"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -157,7 +158,7 @@ def test_loss_is_mean_over_unmasked_targets():
 def test_loss_decreases_on_a_fixed_batch():
     tr = _trainer(_config())
     state = tr.init_fn()
-    batch = train.global_batch(_batch(), tr.batch_sharding)
+    batch = trainer.global_batch(_batch(), tr.batch_sharding)
     losses = []
     for _ in range(30):
         state, m = tr.step_fn(state, batch)
@@ -177,11 +178,11 @@ def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
         checkpoint=dataclasses.replace(cfg.checkpoint, on_nonfinite="skip"),
     )
     tr = _trainer(cfg)
-    state, _ = tr.step_fn(tr.init_fn(), train.global_batch(_batch(1), tr.batch_sharding))
+    state, _ = tr.step_fn(tr.init_fn(), trainer.global_batch(_batch(1), tr.batch_sharding))
     before = jax.device_get(state)
     bad = _batch()
     bad["loss_mask"] = np.full_like(bad["loss_mask"], np.inf)
-    state, m = tr.step_fn(state, train.global_batch(bad, tr.batch_sharding))
+    state, m = tr.step_fn(state, trainer.global_batch(bad, tr.batch_sharding))
     assert loop.fetch(m)["finite"] == 0.0
     after = jax.device_get(state)
     jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
@@ -191,10 +192,10 @@ def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
     assert int(after.step) == 2 and counts == [2, 2]
     # the next good step applies schedule(2) = 0.5 lr, the learning rate it logs: with the
     # same moments and a count of 2, optax's own AdamW gives the same params
-    state, m = tr.step_fn(state, train.global_batch(_batch(3), tr.batch_sharding))
+    state, m = tr.step_fn(state, trainer.global_batch(_batch(3), tr.batch_sharding))
     assert loop.fetch(m)["learning_rate"] == pytest.approx(0.5 * cfg.optim.lr)
     grads = jax.grad(
-        lambda p: loss_terms(p, train.global_batch(_batch(3), tr.batch_sharding), TINY, 0.0)[0]
+        lambda p: loss_terms(p, trainer.global_batch(_batch(3), tr.batch_sharding), TINY, 0.0)[0]
     )(after.params)
     tokens = float(np.sum(_batch(3)["loss_mask"]))
     grads = jax.tree.map(lambda g: g / tokens, grads)
@@ -239,7 +240,7 @@ def test_schedules():
 
 @pytest.mark.slow
 def test_weight_decay_mask_spares_norms_and_embeddings():
-    params = __import__("lmjax.model").model.init(TINY, jax.random.PRNGKey(0))
+    params = __import__("lmjax.model.transformer").model.init(TINY, jax.random.PRNGKey(0))
     mask = optim.weight_decay_mask(params, OptimConfig())
     assert mask["layers"]["wq"] and mask["layers"]["w_down"]
     assert not mask["layers"]["attn_norm"] and not mask["final_norm"]
@@ -287,7 +288,7 @@ def test_adamw_update_matches_a_numpy_reference_over_several_steps():
 
 
 def test_eta_after_a_resume_counts_this_process_steps(tmp_path, capsys):
-    from lmjax import metrics
+    from lmjax.observe import metrics
 
     writer = metrics.MetricsWriter(str(tmp_path), 100, start_step=90)
     writer.start -= 10.0  # 10 s in this process, 5 steps done since step 90, 5 to go
@@ -302,8 +303,8 @@ def test_evaluate_reports_each_source_and_their_token_weighted_whole():
     tr = _trainer(_config())
     params = tr.init_fn().params
     sets = {"web": [_batch(0)], "books": [_batch(1, padded=True), _batch(2)]}
-    alone = {n: train.evaluate_params(tr, params, {n: b}) for n, b in sets.items()}
-    both = train.evaluate_params(tr, params, sets)
+    alone = {n: trainer.evaluate_params(tr, params, {n: b}) for n, b in sets.items()}
+    both = trainer.evaluate_params(tr, params, sets)
     assert "eval_loss/web" not in alone["web"]  # one source: the overall figures only
     for n in sets:
         assert both[f"eval_loss/{n}"] == pytest.approx(alone[n]["eval_loss"], rel=1e-6)

@@ -8,13 +8,13 @@ import platform
 
 import pytest
 
-from lmjax import compile as compile_lib
 from lmjax.config import ConfigError
+from lmjax.tools import aot
 
 
 def require():
     try:
-        compile_lib.require_libtpu()
+        aot.require_libtpu()
     except ConfigError as e:
         if platform.machine() == "x86_64":
             raise  # `pip install -e '.[test]'` installs libtpu here: the install is broken

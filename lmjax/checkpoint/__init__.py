@@ -16,12 +16,13 @@ checkpoint restores onto another mesh or device count.
 Modules, each importing only those above it:
   paths     names of the checkpoint directories and items
   compat    metadata, and which config, tokenizer and optimizer-layout changes a resume accepts
-  store     orbax I/O: the Checkpointer, finiteness before a save, storage faults and retries
+  checkpointer  orbax I/O: the Checkpointer, finiteness before a save, storage faults and retries
   resume    the resume policy: plan_resume and ResumePlan
   listing   list, load params of and export checkpoints outside training
   schedule  stop signals and the save schedule (independent of the others)
 """
 
+from lmjax.checkpoint.checkpointer import Checkpointer, TornCheckpoint, abstract_state, classify
 from lmjax.checkpoint.compat import (
     TOKENIZER_RECORD,
     ResumeError,
@@ -42,7 +43,6 @@ from lmjax.checkpoint.listing import (
 from lmjax.checkpoint.paths import CHECKPOINTS, UNREADABLE, absolute, checkpoint_dir
 from lmjax.checkpoint.resume import ResumePlan, describe_resume, plan_resume
 from lmjax.checkpoint.schedule import SaveSchedule, StopSignals
-from lmjax.checkpoint.store import Checkpointer, TornCheckpoint, abstract_state, classify
 from lmjax.errors import FaultError
 
 __all__ = [

@@ -11,9 +11,10 @@ import jax
 import numpy as np
 from etils import epath
 
-from lmjax import __version__, config as config_lib, model
+from lmjax import __version__, config as config_lib
 from lmjax.checkpoint.paths import absolute
 from lmjax.config import Config, ConfigError
+from lmjax.model import transformer
 
 log = logging.getLogger("lmjax")
 
@@ -56,7 +57,7 @@ def make_metadata(config: Config, tokenizer_fingerprint: str | None, mesh) -> di
         "mesh_shape": {k: int(v) for k, v in mesh.shape.items()},
         "process_count": jax.process_count(),
         "device_count": jax.device_count(),
-        "param_layout_version": model.PARAM_LAYOUT_VERSION,
+        "param_layout_version": transformer.PARAM_LAYOUT_VERSION,
     }
 
 
@@ -78,10 +79,10 @@ def check_resumable(meta: dict, config: Config, where: str) -> dict[str, tuple]:
     `data.tokenizer` (a path) is not compared: the tokenizer fingerprint is, once loaded.
     """
     layout = meta.get("param_layout_version")
-    if layout != model.PARAM_LAYOUT_VERSION:
+    if layout != transformer.PARAM_LAYOUT_VERSION:
         raise ResumeError(
             f"{where} has parameter layout version {layout}, this lmjax expects "
-            f"{model.PARAM_LAYOUT_VERSION}: convert it with the lmjax version "
+            f"{transformer.PARAM_LAYOUT_VERSION}: convert it with the lmjax version "
             f"{meta.get('lmjax_version')} that wrote it, or start a new workdir."
         )
     saved = config_lib.from_dict(meta["config"])

@@ -12,11 +12,9 @@ from typing import Any
 import jax
 from etils import epath
 
-from lmjax import config as config_lib, model
+from lmjax import config as config_lib
 from lmjax.checkpoint import params_dir
-from lmjax.checkpoint.compat import TOKENIZER_RECORD, ResumeError
-from lmjax.checkpoint.paths import ITEMS, absolute, checkpoint_dir
-from lmjax.checkpoint.store import (
+from lmjax.checkpoint.checkpointer import (
     Checkpointer,
     ReadOnly,
     TornCheckpoint,
@@ -25,9 +23,12 @@ from lmjax.checkpoint.store import (
     retrying,
     steps_in,
 )
+from lmjax.checkpoint.compat import TOKENIZER_RECORD, ResumeError
+from lmjax.checkpoint.paths import ITEMS, absolute, checkpoint_dir
 from lmjax.config import Config, ConfigError
 from lmjax.data.tokenizer import RUN_TOKENIZER
 from lmjax.errors import FaultError
+from lmjax.model import transformer
 
 log = logging.getLogger("lmjax")
 
@@ -38,7 +39,7 @@ def _params_target(model_cfg) -> Any:
         lambda s: jax.ShapeDtypeStruct(
             s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)
         ),
-        model.param_shapes(model_cfg),
+        transformer.param_shapes(model_cfg),
     )
 
 

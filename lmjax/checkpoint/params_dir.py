@@ -12,15 +12,15 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from lmjax import model
 from lmjax.config import ConfigError, ModelConfig
+from lmjax.model import transformer
 
 
 def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
     """Writes `path/model_config.json` and an orbax checkpoint of `params` at `path/params`."""
     path = Path(path).absolute()
     require_new(path)
-    model.check_param_shapes(cfg, params)
+    transformer.check_param_shapes(cfg, params)
     path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / "params", params)
@@ -48,7 +48,7 @@ def load(path: str | os.PathLike) -> tuple[ModelConfig, Any]:
         )
     cfg = ModelConfig(**data)
     with ocp.StandardCheckpointer() as ckptr:  # ShapeDtypeStruct targets restore as numpy
-        params = ckptr.restore(path / "params", model.param_shapes(cfg))
+        params = ckptr.restore(path / "params", transformer.param_shapes(cfg))
     return cfg, params
 
 

@@ -14,6 +14,16 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from lmjax.checkpoint import params_dir
+from lmjax.checkpoint.checkpointer import (
+    ReadOnly,
+    TornCheckpoint,
+    abstract_state,
+    classify,
+    damage_evidence,
+    retrying,
+    step_dirs,
+    steps_in,
+)
 from lmjax.checkpoint.compat import (
     ResumeError,
     StructureMismatch,
@@ -24,16 +34,6 @@ from lmjax.checkpoint.compat import (
     refused_fields,
 )
 from lmjax.checkpoint.paths import CHECKPOINTS, UNREADABLE, absolute, checkpoint_dir
-from lmjax.checkpoint.store import (
-    ReadOnly,
-    TornCheckpoint,
-    abstract_state,
-    classify,
-    damage_evidence,
-    retrying,
-    step_dirs,
-    steps_in,
-)
 from lmjax.config import Config, ConfigError
 from lmjax.errors import FaultError
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import jax
 
-from lmjax import bench, metrics, model, saved_run
 from lmjax.config import Config, ModelConfig
+from lmjax.inference import saved_run
+from lmjax.model import transformer
+from lmjax.observe import metrics
+from lmjax.tools import bench
 
 
 def step(config: Config, sweeps: list[str], steps: int, profile_dir: str = "") -> list[dict]:
@@ -60,7 +63,7 @@ def generation(
     r = bench.time_generation(model_cfg, batch, prompt_len, new_tokens, seed=seed)
     print(
         f"generate benchmark on {jax.devices()[0].device_kind}: "
-        f"{model.count_params(model_cfg):,} params, {model_cfg.dtype}, batch {batch}, "
+        f"{transformer.count_params(model_cfg):,} params, {model_cfg.dtype}, batch {batch}, "
         f"prompt {prompt_len}, new {new_tokens}"
     )
     print(f"{'phase':<8}{'tokens':>10}{'seconds':>10}{'tokens/s':>12}")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmjax import model
 from lmjax.checkpoint import params_dir
 from lmjax.convert import hf
+from lmjax.model import transformer
 
 
 def from_hf(hf_dir: str, out_dir: str) -> int:
@@ -16,7 +16,7 @@ def from_hf(hf_dir: str, out_dir: str) -> int:
     cfg, params = hf.load(hf_dir)
     params_dir.save(cfg, params, out)
     print(
-        f"wrote {model.count_params(cfg):,} parameters ({cfg.n_layers} layers, d_model "
+        f"wrote {transformer.count_params(cfg):,} parameters ({cfg.n_layers} layers, d_model "
         f"{cfg.d_model}) to {out}/params and {out}/model_config.json"
     )
     return 0
@@ -28,6 +28,6 @@ def to_hf(source: str, out_dir: str, dtype: str | None = None) -> int:
     cfg, params = params_dir.load(source)
     hf.save(cfg, params, out_dir, dtype=dtype)
     print(
-        f"wrote a LlamaForCausalLM checkpoint ({model.count_params(cfg):,} parameters) to {out_dir}"
+        f"wrote a LlamaForCausalLM checkpoint ({transformer.count_params(cfg):,} parameters) to {out_dir}"
     )
     return 0

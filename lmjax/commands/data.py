@@ -7,11 +7,11 @@ import itertools
 
 import numpy as np
 
-from lmjax import saved_run
 from lmjax.batch import Batch
 from lmjax.config import Config
 from lmjax.data import beam_engine, prepare as prepare_lib
 from lmjax.data.pipeline import Pipeline
+from lmjax.inference import saved_run
 
 
 def prepare(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lmjax import generate, saved_run
 from lmjax.config import ConfigError
 from lmjax.data.documents import read_utf8
+from lmjax.inference import generate, saved_run
 
 
 def main(

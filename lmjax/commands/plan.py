@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lmjax import plan
 from lmjax.config import Config
+from lmjax.tools import plan
 
 
 def main(
@@ -18,7 +18,7 @@ def main(
     presets: dict[str, Any] | None = None,
     as_json: bool = False,
 ) -> int:
-    """Prints the ranked table (or JSON, schema lmjax.plan/1); exit 1 when nothing fits.
+    """Prints the ranked table (or JSON, schema lmjax.tools.plan/1); exit 1 when nothing fits.
     `presets`: {experiment name: ModelConfig}, the model sizes a budget proposal may name."""
     result, text = plan.plan(config, request, presets, progress=_progress_bar(sys.stderr))
     print(json.dumps(result, indent=2) if as_json else text, flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from lmjax import report
+from lmjax.observe import report
 
 
 def main(workdir: str, png: str = "") -> int:

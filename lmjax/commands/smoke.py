@@ -1,11 +1,12 @@
-"""`lmjax smoke`: is this machine ready to train? The checks of `lmjax.smoke`, and the report."""
+"""`lmjax smoke`: is this machine ready to train? The checks of `lmjax.tools.smoke`, and the report."""
 
 from __future__ import annotations
 
 import tempfile
 
-from lmjax import distributed, smoke
 from lmjax.config import Config
+from lmjax.parallel import distributed
+from lmjax.tools import smoke
 
 
 def main(config: Config, steps: int, workdir: str = "", expect_platform: str = "") -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmjax import soak
+from lmjax.tools import soak
 
 
 def main(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from lmjax import distributed, run
 from lmjax.config import Config
+from lmjax.parallel import distributed
+from lmjax.train import run
 
 
 def main(

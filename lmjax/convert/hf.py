@@ -24,8 +24,8 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers np.dtype("bfloat16"))
 import numpy as np
 
-from lmjax import model
 from lmjax.config import ConfigError, ModelConfig
+from lmjax.model import transformer
 
 Params = dict[str, Any]
 
@@ -103,7 +103,7 @@ _FIELD_TYPES = typing.get_type_hints(ModelConfig)
 
 def _entries(cfg: ModelConfig):
     """Yields (entry, hf_name, layer index or None, per-layer lmjax shape) for `cfg`."""
-    specs = model.param_specs(cfg)
+    specs = transformer.param_specs(cfg)
     for entry in TABLE:
         node = specs
         for key in entry.path:
@@ -251,7 +251,7 @@ def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mo
     """Reads an HF Llama directory (config.json + safetensors, single or sharded).
 
     Returns (ModelConfig, params) with params as host numpy arrays in `param_dtype`, shaped
-    as `lmjax.model.param_shapes`. bfloat16/float16 checkpoints are upcast exactly.
+    as `lmjax.model.transformer.param_shapes`. bfloat16/float16 checkpoints are upcast exactly.
     """
     from safetensors import safe_open
 
@@ -276,7 +276,7 @@ def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mo
         )
 
     dtype = np.dtype(param_dtype)
-    shapes = model.param_shapes(cfg)
+    shapes = transformer.param_shapes(cfg)
     params = _map_tree(lambda s: np.empty(s.shape, dtype), shapes)
     with contextlib.ExitStack() as stack:
         handles = {
@@ -336,7 +336,7 @@ def save(
 
     out_dir = Path(out_dir)
     require_empty(out_dir)
-    model.check_param_shapes(cfg, params)
+    transformer.check_param_shapes(cfg, params)
     params = _map_tree(np.asarray, params)  # one device-to-host copy per array
     dtype = dtype or str(params["embed"].dtype)
     if dtype not in _TORCH_DTYPES:

@@ -25,13 +25,16 @@ from typing import Any
 
 import jax
 
-from lmjax import bench, compile as compile_lib, metrics, model, roofline, sharding
 from lmjax.config import Config, ConfigError, apply_overrides, parse_sweep, validate
 from lmjax.hardware import parse_target
-from lmjax.sharding import format_bytes
+from lmjax.model import transformer
+from lmjax.observe import metrics
+from lmjax.parallel import sharding
+from lmjax.parallel.sharding import format_bytes
+from lmjax.tools import aot, bench, roofline
 
 GiB = 1024**3
-SCHEMA = "lmjax.plan/1"
+SCHEMA = "lmjax.tools.plan/1"
 # rows_per_chip: sequences per chip (global batch = rows_per_chip x all chips, as MaxText's
 # per_device_batch_size). "-" in mesh.dcn_data means: all slices data-parallel.
 DEFAULT_SPACE: dict[str, tuple[str, ...]] = {
@@ -68,10 +71,10 @@ def _sharding_problem(config: Config, mesh_sizes: dict[str, int], rows: int) -> 
     """The first parameter dimension (or the batch of `rows`) that the mesh axes its logical
     axis maps to (under the config's rules) do not divide; None when all divide."""
     rules = sharding.rules_from_config(config.mesh)
-    specs = model.param_specs(config.model)
+    specs = transformer.param_specs(config.model)
     named = [(f"params/{k}", v) for k, v in specs.items() if k != "layers"]
     named += [(f"params/layers/{k}", v) for k, v in specs["layers"].items()]
-    named.append(("batch", model.ParamSpec((rows,), ("act_batch",), "")))
+    named.append(("batch", transformer.ParamSpec((rows,), ("act_batch",), "")))
     for name, spec in named:
         for size, axis in zip(spec.shape, spec.axes):
             mesh_axes = rules.get(axis, ())
@@ -170,10 +173,10 @@ def _compile_in_worker(
     """Runs in a spawned process: compiles one candidate, sends (status, reason, report, xla)."""
     try:
         target = parse_target(topology) if topology else None
-        report = compile_lib.compile_train_step(config, target, num_slices)
+        report = aot.compile_train_step(config, target, num_slices)
         xla = xla_step_seconds(config, target, num_slices) if xla_estimate else float("nan")
         conn.send(("ok", "", report, xla))
-    except compile_lib.DoesNotFit as e:
+    except aot.DoesNotFit as e:
         conn.send(("does_not_fit", str(e), None, float("nan")))
     except ConfigError as e:
         conn.send(("rejected", str(e).replace("\n", " "), None, float("nan")))
@@ -200,7 +203,7 @@ def xla_step_seconds(config: Config, target, num_slices: int) -> float:
             data=dataclasses.replace(config.data, batch_size=config.data.batch_size // accum),
             optim=dataclasses.replace(config.optim, grad_accum=1),
         )
-        times.append(compile_lib.compile_train_step(one, target, num_slices).xla_optimal_seconds)
+        times.append(aot.compile_train_step(one, target, num_slices).xla_optimal_seconds)
     return accum * (times[0] + (config.model.n_layers - 1) * (times[1] - times[0]))
 
 
@@ -565,7 +568,7 @@ def budget_proposal(
     """The compute-optimal N and D for the budget, the preset closest in N (with the tokens
     the budget buys it) and a derived shape. presets: {name: ModelConfig}."""
     n, d = compute_optimal(chip_hours, peak_flops, mfu)
-    sizes = {name: model.count_params(cfg) for name, cfg in presets.items()}
+    sizes = {name: transformer.count_params(cfg) for name, cfg in presets.items()}
     nearest = min(sizes, key=lambda k: abs(math.log(sizes[k] / n))) if sizes else None
     flops = chip_hours * 3600 * peak_flops * mfu
     return {

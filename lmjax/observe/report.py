@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from lmjax import goodput, metrics
 from lmjax.config import ConfigError
+from lmjax.observe import goodput, metrics
 
 LABELS = {
     "startup": "start-up & compile",

@@ -19,9 +19,13 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from lmjax import compile_cache, generate, metrics, model, sharding, train
 from lmjax.config import Config, ModelConfig, apply_overrides, parse_sweep, validate
 from lmjax.data.pipeline import synthetic_batch
+from lmjax.inference import generate
+from lmjax.model import transformer
+from lmjax.observe import metrics
+from lmjax.parallel import sharding
+from lmjax.train import compile_cache, trainer as trainer_lib
 
 
 @dataclasses.dataclass
@@ -40,9 +44,9 @@ class _Case:
 def _prepare(name: str, config: Config) -> _Case:
     """Builds the trainer, compiles the step and runs one warm-up step."""
     mesh = sharding.make_mesh(config.mesh)
-    trainer = train.make_trainer(config, mesh)
+    trainer = trainer_lib.make_trainer(config, mesh)
     state = trainer.init_fn()
-    batch = train.global_batch(
+    batch = trainer_lib.global_batch(
         synthetic_batch(
             0, 0, 0, range(config.data.batch_size), config.data.seq_len, config.model.vocab_size
         ),
@@ -153,7 +157,7 @@ def time_generation(
         None,
         new_tokens,
     )
-    params = jax.jit(model.init, static_argnums=0)(model_cfg, jax.random.PRNGKey(seed))
+    params = jax.jit(transformer.init, static_argnums=0)(model_cfg, jax.random.PRNGKey(seed))
     max_len = prompt_len + new_tokens
     sampling = generate.Sampling()
 

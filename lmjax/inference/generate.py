@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax import attention as attn_lib, model, sharding
 from lmjax.config import ConfigError, ModelConfig
+from lmjax.model import attention as attn_lib, transformer
+from lmjax.parallel import sharding
 
 Cache = dict[str, jax.Array]  # "k", "v": [layers, batch, max_len, kv_heads, head_dim]
 CACHE_AXES = (None, "act_batch", "act_seq", "act_kv_heads", None)
@@ -59,8 +60,8 @@ def extend(params, cfg: ModelConfig, tokens, positions, cache: Cache):
     Returns:
       (hidden states before the final norm [batch, t, embed], updated cache).
     """
-    sin, cos = model.rope_tables(positions, cfg)
-    x = model.embed(params, tokens, cfg)
+    sin, cos = transformer.rope_tables(positions, cfg)
+    x = transformer.embed(params, tokens, cfg)
     max_len = cache["k"].shape[2]
     mask = attn_lib.make_mask(None, None, positions, jnp.arange(max_len))
     rows = jnp.arange(tokens.shape[0])[:, None]
@@ -73,7 +74,7 @@ def extend(params, cfg: ModelConfig, tokens, positions, cache: Cache):
             v_all = v_cache.at[rows, positions].set(v.astype(v_cache.dtype))
             return attn_lib.attention_with_mask(q, k_all, v_all, mask), (k_all, v_all)
 
-        return model.decoder_layer(x, layer, sin, cos, attend, cfg)
+        return transformer.decoder_layer(x, layer, sin, cos, attend, cfg)
 
     x, (k, v) = jax.lax.scan(layer_step, x, (params["layers"], cache["k"], cache["v"]))
     return x, {"k": sharding.constrain(k, CACHE_AXES), "v": sharding.constrain(v, CACHE_AXES)}
@@ -92,13 +93,13 @@ def prefill(params, cfg: ModelConfig, tokens, lengths, max_len: int):
     positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
     hidden, cache = extend(params, cfg, tokens, positions, init_cache(cfg, batch, max_len))
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
-    return model.unembed(params, last, cfg)[:, 0], cache
+    return transformer.unembed(params, last, cfg)[:, 0], cache
 
 
 def decode_step(params, cfg: ModelConfig, tokens, positions, cache: Cache):
     """One token per row. tokens, positions: [batch] int -> (logits [batch, vocab], cache)."""
     hidden, cache = extend(params, cfg, tokens[:, None], positions[:, None], cache)
-    return model.unembed(params, hidden, cfg)[:, 0], cache
+    return transformer.unembed(params, hidden, cfg)[:, 0], cache
 
 
 # ---------------------------------------------------------------- sampling

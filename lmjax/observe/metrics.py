@@ -14,9 +14,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lmjax import model
 from lmjax.config import ModelConfig
 from lmjax.hardware import DEVICE_KINDS, GENERATIONS
+from lmjax.model import transformer
 
 # Dense peak FLOP/s per chip by the start of `device.device_kind` (the longest matching
 # prefix wins): (16-bit matmuls, float32 matmuls). TPUs run float32 matmuls at default
@@ -43,7 +43,7 @@ METRICS_FILE = "metrics.jsonl"
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul params, plus causal attention counted once per
     (query, key) pair: 3 passes x 2 matmuls x 2 flops x heads x head_dim x seq/2 per layer."""
-    n_matmul = model.count_params(cfg, include_embed=False)
+    n_matmul = transformer.count_params(cfg, include_embed=False)
     if cfg.tie_embeddings:  # the tied embedding still costs a vocab projection
         n_matmul += cfg.vocab_size * cfg.d_model
     attention = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from lmjax import attention as attn_lib, matmul
 from lmjax.config import ConfigError, ModelConfig
-from lmjax.matmul import dense
-from lmjax.sharding import constrain
+from lmjax.model import attention as attn_lib, matmul
+from lmjax.model.matmul import dense
+from lmjax.parallel.sharding import constrain
 
 # Bump when the parameter tree changes shape or meaning; checkpoints record it.
 PARAM_LAYOUT_VERSION = 1
@@ -175,7 +175,7 @@ def apply_rope(x, sin, cos):
 
 def qkv_projection(x, layer: Params, sin, cos, impl: str):
     """x: [batch, seq, embed] -> q [b, s, heads, head_dim], k, v [b, s, kv_heads, head_dim].
-    `impl`: the resolved matmul implementation (`lmjax.matmul`)."""
+    `impl`: the resolved matmul implementation (`lmjax.model.matmul`)."""
     q = dense(x, layer["wq"], impl=impl)
     k = dense(x, layer["wk"], impl=impl)
     v = dense(x, layer["wv"], impl=impl)

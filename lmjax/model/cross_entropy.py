@@ -7,7 +7,7 @@ into the gradients of the hidden states and of the projection; only those two (a
 logits) are kept for the backward pass, which merely scales them by the incoming cotangent.
 The three matmuls are the minimum (no recomputed projection, unlike a rematerialized
 chunked loss), and the logits gradient enters both gradient matmuls in the compute dtype
-(accumulated in float32), through `lmjax.matmul` so that on a CPU they stay on the fast
+(accumulated in float32), through `lmjax.model.matmul` so that on a CPU they stay on the fast
 bfloat16 path.
 """
 
@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax.matmul import transpose
-from lmjax.sharding import constrain
+from lmjax.model.matmul import transpose
+from lmjax.parallel.sharding import constrain
 
 
 def _chunks(a, chunk: int):
@@ -121,7 +121,7 @@ def loss_sums(x, w, targets, weights, *, z_loss: float = 0.0, chunk: int = 0, im
       z_loss: coefficient of the logsumexp**2 regularizer in the objective.
       chunk: sequence chunk length (0: the whole sequence at once); only
         [batch, chunk, vocab] logits exist at a time.
-      impl: how the gradient matmuls run, "xla" or "row_major" (`lmjax.matmul`).
+      impl: how the gradient matmuls run, "xla" or "row_major" (`lmjax.model.matmul`).
     Returns:
       (objective, nll_sum, z_sum) float32 scalars, objective = nll_sum + z_loss * z_sum.
       Only `objective` carries gradients (to x and w); the other two are for reporting.

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax import objective, sharding
 from lmjax.batch import BATCH_DTYPES, BATCH_KEYS, Batch, select
 from lmjax.config import ConfigError, ModelConfig
+from lmjax.model import objective
+from lmjax.parallel import sharding
 
 
 def _accumulate(totals, params, batch: Batch, cfg: ModelConfig, context):

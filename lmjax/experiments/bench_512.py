@@ -4,7 +4,7 @@
 Defaults suit a CPU (chosen with `lmjax bench --sweep model.dtype=... --sweep model.remat=...
 --sweep model.matmul=...`; figures in the README's Benchmarks): bfloat16 compute with
 `model.matmul=auto`, so every projection's backward matmuls take row-major operands and stay
-in bfloat16 (lmjax/matmul.py); `save_dots` remat, which keeps the projection outputs and
+in bfloat16 (lmjax/model/matmul.py); `save_dots` remat, which keeps the projection outputs and
 recomputes only attention (`full`, MaxText's choice, also recomputes the projections); and a
 fused loss over 128-token sequence chunks, so only [batch, 128, vocab] logits exist at a time.
 """

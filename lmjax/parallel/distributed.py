@@ -164,7 +164,9 @@ def rendezvous_hint(
     r: Rendezvous, timeout_s: float, port_open: Callable[[str], bool] = _port_open
 ) -> str:
     """What this process waited for and what to check, after peers failed to arrive."""
-    head = f"lmjax.distributed: peers did not arrive within {timeout_s:g} s ({r.kind} start"
+    head = (
+        f"lmjax.parallel.distributed: peers did not arrive within {timeout_s:g} s ({r.kind} start"
+    )
     wait = f" To wait longer, set {ENV_TIMEOUT} (seconds)."
     if r.kind == "explicit":
         others = r.num_processes - 1
@@ -230,7 +232,7 @@ def _set_local_device_count(count: int) -> None:
     except RuntimeError as e:
         raise RuntimeError(
             f"cannot give this process {count} CPU devices: jax is already "
-            f"running. Call lmjax.distributed.initialize() before any jax "
+            f"running. Call lmjax.parallel.distributed.initialize() before any jax "
             f"computation, or set XLA_FLAGS=--xla_force_host_platform_device_count="
             f"{count} before starting Python."
         ) from e
@@ -281,7 +283,7 @@ def _join(r: Rendezvous, env, timeout_s: float) -> None:
 
     if xla_bridge.backends_are_initialized():
         raise RuntimeError(
-            "lmjax.distributed.initialize() must run before any jax "
+            "lmjax.parallel.distributed.initialize() must run before any jax "
             "computation (jax.devices(), jnp arrays, ...): move the call "
             "to the top of the entry point"
         )

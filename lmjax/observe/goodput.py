@@ -14,7 +14,7 @@ import contextlib
 import time
 from typing import Iterator
 
-from lmjax import metrics
+from lmjax.observe import metrics
 
 BUCKETS = ("startup", "data", "train", "lost", "checkpoint", "eval", "profile")
 EVENT = "goodput"

@@ -1,4 +1,4 @@
-"""The training loop's built-in hooks (`lmjax.loop`), one job each.
+"""The training loop's built-in hooks (`lmjax.train.loop`), one job each.
 
 They share two sinks: the `MetricsWriter` (metrics.jsonl, TensorBoard, the progress line;
 silent on processes other than 0) and `summary`, the dict `train()` returns (the latest
@@ -12,8 +12,8 @@ import os
 
 import jax
 
-from lmjax import goodput, metrics as metrics_lib
-from lmjax.loop import Hook
+from lmjax.observe import goodput, metrics as metrics_lib
+from lmjax.train.loop import Hook
 
 log = logging.getLogger("lmjax")
 

@@ -19,8 +19,11 @@ from typing import Callable
 
 import jax
 
-from lmjax import checkpoint, evaluate, generate, metrics, run, saved_run
+from lmjax import checkpoint
 from lmjax.config import Config, apply_overrides
+from lmjax.inference import evaluate, generate, saved_run
+from lmjax.observe import metrics
+from lmjax.train import run
 
 # (config, tokenizer or None, workdir) -> the run's evaluation batches, as `lmjax eval
 # --experiment-data` builds them; the caller passes it so that this module stays below the
@@ -150,10 +153,14 @@ def run_checks(config: Config, steps: int, workdir: str, expect_platform: str = 
             lambda: _resumes(config, first, second, half),
         ),
         _guard(
-            "evaluates", "look at lmjax.evaluate and the saved params", lambda: _evaluates(first)
+            "evaluates",
+            "look at lmjax.inference.evaluate and the saved params",
+            lambda: _evaluates(first),
         ),
         _guard(
-            "generates", "look at lmjax.generate and the saved params", lambda: _generates(first)
+            "generates",
+            "look at lmjax.inference.generate and the saved params",
+            lambda: _generates(first),
         ),
     ]
 

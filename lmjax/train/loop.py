@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 
-from lmjax import goodput
+from lmjax.observe import goodput
 
 
 class Hook:

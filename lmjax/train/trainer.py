@@ -1,7 +1,7 @@
 """The train state, the jitted train step, and what runs it on a mesh: `make_trainer`
 compiles init and step for a (config, mesh), `global_batch` places host rows, and
 `evaluate_params` runs the evaluator on the trainer's mesh. The run around them (resume,
-data, hooks) is `lmjax.run`."""
+data, hooks) is `lmjax.train.run`."""
 
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lmjax import evaluate, model, optim, sharding
 from lmjax.batch import BATCH_KEYS, Batch
 from lmjax.config import Config, ModelConfig, OptimConfig
-from lmjax.objective import loss_terms
+from lmjax.inference import evaluate
+from lmjax.model import transformer
+from lmjax.model.objective import loss_terms
+from lmjax.parallel import sharding
+from lmjax.train import optim
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -32,7 +35,7 @@ class TrainState(flax.struct.PyTreeNode):
 def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
     """A fresh state; jit it with out_shardings to create it already sharded."""
     rng = jax.random.PRNGKey(seed)
-    params = model.init(model_cfg, jax.random.fold_in(rng, 0))
+    params = transformer.init(model_cfg, jax.random.fold_in(rng, 0))
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng
     )
@@ -41,7 +44,7 @@ def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: i
 def state_axes(model_cfg: ModelConfig, tx: optax.GradientTransformation) -> TrainState:
     """Logical axes of every state leaf: optimizer moments follow their parameter, the
     other optimizer leaves (counts) are replicated."""
-    params_axes = model.param_axes(model_cfg)
+    params_axes = transformer.param_axes(model_cfg)
     shapes = jax.eval_shape(functools.partial(init_state, model_cfg, tx, 0))
     params_def = jax.tree.structure(shapes.params)
     is_params = lambda x: jax.tree.structure(x) == params_def
@@ -76,7 +79,7 @@ def summed_grads(params, batch: Batch, model_cfg: ModelConfig, optim_cfg: OptimC
     if n_micro == 1:
         return grad_fn(params, batch, model_cfg, optim_cfg.z_loss)
     micro = jax.tree.map(lambda x: microbatches(x, n_micro), batch)
-    params_axes = model.param_axes(model_cfg)
+    params_axes = transformer.param_axes(model_cfg)
     like_params = lambda tree: jax.tree.map(
         sharding.constrain,
         tree,

@@ -2,7 +2,7 @@
 
 `lmjax compile --experiment NAME --topology v5p-128` builds compile-only TPU devices with
 libtpu (`jax.experimental.topologies`), makes the run's mesh over them, lowers the jitted
-train step of `train.make_trainer` with sharded `ShapeDtypeStruct`s and compiles it. The
+train step of `trainer_lib.make_trainer` with sharded `ShapeDtypeStruct`s and compiles it. The
 report gives per-chip memory against the chip's HBM, FLOPs per step and the compile time;
 a step that does not fit is an error (exit code 1) before any TPU time is paid for.
 """
@@ -16,11 +16,15 @@ import time
 
 import jax
 
-from lmjax import checkpoint, metrics, roofline, sharding, train
+from lmjax import checkpoint
 from lmjax.batch import abstract_batch
 from lmjax.config import Config, ConfigError, validate
 from lmjax.hardware import Target
-from lmjax.sharding import format_bytes
+from lmjax.observe import metrics
+from lmjax.parallel import sharding
+from lmjax.parallel.sharding import format_bytes
+from lmjax.tools import roofline
+from lmjax.train import trainer as trainer_lib
 
 GiB = 1024**3
 
@@ -95,7 +99,7 @@ class CompileReport:
 
 
 def compile_train_step(config: Config, target: Target | None, num_slices: int = 1) -> CompileReport:
-    """Lowers and compiles `train.make_trainer(config, mesh).step_fn` for `target`, or for
+    """Lowers and compiles `trainer_lib.make_trainer(config, mesh).step_fn` for `target`, or for
     this machine's devices when `target` is None.
 
     For a TPU target, `model.attention` and `model.matmul` "auto" resolve as they would on
@@ -113,7 +117,7 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
     config = validate(config)
     devices = topology_devices(target, num_slices) if target else jax.devices()
     mesh = sharding.make_mesh(config.mesh, devices)
-    trainer = train.make_trainer(config, mesh)
+    trainer = trainer_lib.make_trainer(config, mesh)
     state = checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings)
     rows = config.data.batch_size
     # Raises a ConfigError naming the numbers when the mesh does not divide the batch.

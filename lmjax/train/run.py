@@ -1,6 +1,6 @@
 """A training run: `train(config, workdir)` plans the resume, builds the mesh, tokenizer, data
-and compiled step (`lmjax.train`), restores or initializes the state, and drives `lmjax.loop`
-with the built-in hooks (`lmjax.hooks`)."""
+and compiled step (`lmjax.train.trainer`), restores or initializes the state, and drives `lmjax.train.loop`
+with the built-in hooks (`lmjax.train.hooks`)."""
 
 from __future__ import annotations
 
@@ -12,21 +12,15 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from lmjax import (
-    checkpoint,
-    compile_cache,
-    generate,
-    goodput,
-    hooks as hooks_lib,
-    loop,
-    metrics as metrics_lib,
-    model,
-    sharding,
-    wandb_log,
-)
+from lmjax import checkpoint
 from lmjax.config import Config, profile_window, to_json, validate, validate_tokenizer
 from lmjax.data import prepare
-from lmjax.train import Trainer, TrainState, evaluate_params, global_batch, make_trainer
+from lmjax.inference import generate
+from lmjax.model import transformer
+from lmjax.observe import goodput, metrics as metrics_lib, wandb_log
+from lmjax.parallel import sharding
+from lmjax.train import compile_cache, hooks as hooks_lib, loop
+from lmjax.train.trainer import Trainer, TrainState, evaluate_params, global_batch, make_trainer
 
 log = logging.getLogger("lmjax")
 
@@ -86,8 +80,8 @@ def _set_up(
         log.info(
             "parameters:\n%s",
             sharding.describe_params(
-                model.param_shapes(config.model),
-                model.param_axes(config.model),
+                transformer.param_shapes(config.model),
+                transformer.param_axes(config.model),
                 mesh,
                 trainer.rules,
             ),

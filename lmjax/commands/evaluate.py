@@ -6,9 +6,9 @@ import glob
 import json
 from typing import Callable, Sequence
 
-from lmjax import evaluate, saved_run
 from lmjax.config import ConfigError
 from lmjax.data.documents import read_utf8
+from lmjax.inference import evaluate, saved_run
 
 
 def main(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lmjax import loss, matmul, model
 from lmjax.batch import Batch
 from lmjax.config import ModelConfig
+from lmjax.model import cross_entropy, matmul, transformer
 
 
 def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
@@ -17,19 +17,19 @@ def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
     dividing by the token count of the whole step gives the mean, so microbatches add up to
     the big batch.
     """
-    x = model.hidden_states(
+    x = transformer.hidden_states(
         params,
         batch["inputs"],
         model_cfg,
         segment_ids=batch["segment_ids"],
         positions=batch["positions"],
     )
-    x = model.rms_norm(x, params["final_norm"], model_cfg.norm_eps)
+    x = transformer.rms_norm(x, params["final_norm"], model_cfg.norm_eps)
     mask = batch["loss_mask"].astype(jnp.float32)
     with jax.named_scope("loss"):
-        objective, nll_sum, z_sum = loss.loss_sums(
+        objective, nll_sum, z_sum = cross_entropy.loss_sums(
             x,
-            model.vocab_projection(params, model_cfg),
+            transformer.vocab_projection(params, model_cfg),
             batch["targets"],
             mask,
             z_loss=z_loss,

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from lmjax import metrics
 from lmjax.checkpoint.paths import CHECKPOINTS
 from lmjax.data.tokenizer import RUN_TOKENIZER
+from lmjax.observe import metrics
 
 MOMENTS = ("first save", "async save", "random step")
 _POLL_S = 0.002

@@ -27,8 +27,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from lmjax import sharding
 from lmjax.config import ATTENTION_IMPLS
+from lmjax.parallel import sharding
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 

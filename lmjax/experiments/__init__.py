@@ -1,0 +1,3 @@
+"""The presets, installed with the package: one module a named experiment, each defining
+`config() -> lmjax.config.Config`. `lmjax train --experiment NAME` loads `NAME.py` from here
+(or from `./experiments/` of the working directory, or a path to a .py file)."""
