@@ -18,8 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import checkpoint
-from lmjax.checkpoint import params_dir
+from lmjax import config as config_lib, errors
+from lmjax.checkpoint import (
+    checkpointer,
+    compat,
+    listing,
+    params_dir,
+    paths,
+    resume,
+    schedule as schedule_lib,
+)
 from lmjax.config import (
     CheckpointConfig,
     Config,
@@ -90,7 +98,7 @@ META = {"note": "test"}
 @pytest.mark.slow
 def test_save_keeps_newest_and_milestones_and_restores_bitwise(tmp_path, trained):
     trainer, states, metrics, _ = trained
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
+    ckpt = checkpointer.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
     for step, (host, m) in enumerate(zip(states, metrics), start=1):
         ckpt.save(
             step,
@@ -101,9 +109,9 @@ def test_save_keeps_newest_and_milestones_and_restores_bitwise(tmp_path, trained
         )
     ckpt.close()
     # keep=2 newest (6, 7) plus every multiple of keep_every=3 (3, 6)
-    reader = checkpoint.Checkpointer(str(tmp_path / "ck"), read_only=True)
+    reader = checkpointer.Checkpointer(str(tmp_path / "ck"), read_only=True)
     assert reader.steps() == [3, 6, 7]
-    target = checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings)
+    target = checkpointer.abstract_state(trainer.init_fn, trainer.state_shardings)
     restored, data_state = reader.restore(6, target)
     _assert_trees_equal(restored, states[5])
     assert data_state == {"pos": 6, "step": 6}
@@ -113,7 +121,7 @@ def test_save_keeps_newest_and_milestones_and_restores_bitwise(tmp_path, trained
 
 def test_nonfinite_state_or_step_is_never_saved(tmp_path, trained):
     trainer, states, metrics, _ = trained
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
+    ckpt = checkpointer.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
     good = _device_state(trainer, states[0])
     with pytest.raises(FloatingPointError, match="step 1"):
         ckpt.save(1, good, data_state={}, meta=META, step_finite=jnp.bool_(False))
@@ -132,18 +140,18 @@ def test_nonfinite_state_or_step_is_never_saved(tmp_path, trained):
     # on_nonfinite=skip kept the old params: the state is finite, so it may be saved
     ckpt.save(3, good, data_state={}, meta=META, step_finite=False, allow_nonfinite_step=True)
     ckpt.close()
-    assert checkpoint.Checkpointer(str(tmp_path / "ck"), read_only=True).steps() == [3]
+    assert checkpointer.Checkpointer(str(tmp_path / "ck"), read_only=True).steps() == [3]
 
 
 def test_restore_onto_another_mesh(tmp_path, trained):
     trainer, states, metrics, _ = trained
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
+    ckpt = checkpointer.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
     ckpt.save(4, _device_state(trainer, states[3]), data_state={}, meta=META)
     ckpt.close()
     other_cfg = dataclasses.replace(TINY, mesh=MeshConfig(fsdp=1, tensor=2, data=2))
     other = _trainer(other_cfg, jax.devices()[:4])
-    target = checkpoint.abstract_state(other.init_fn, other.state_shardings)
-    restored, _ = checkpoint.Checkpointer(str(tmp_path / "ck"), read_only=True).restore(4, target)
+    target = checkpointer.abstract_state(other.init_fn, other.state_shardings)
+    restored, _ = checkpointer.Checkpointer(str(tmp_path / "ck"), read_only=True).restore(4, target)
     _assert_trees_equal(restored, states[3])
     wq = restored.params["layers"]["wq"]
     assert wq.sharding == other.state_shardings.params["layers"]["wq"]
@@ -152,7 +160,7 @@ def test_restore_onto_another_mesh(tmp_path, trained):
 
 def test_resume_rules_refuse_model_and_tokenizer_changes():
     meta = {
-        "config": checkpoint.compat.config_lib.to_dict(TINY),
+        "config": config_lib.to_dict(TINY),
         "param_layout_version": 1,
         "tokenizer_fingerprint": "abc",
     }
@@ -160,34 +168,34 @@ def test_resume_rules_refuse_model_and_tokenizer_changes():
         TINY,
         ["run.steps=50", "optim.lr=1e-3", "run.log_every=3", "model.remat=full", "mesh.tensor=2"],
     )
-    changes = checkpoint.check_resumable(meta, allowed, "ck step 5")
+    changes = compat.check_resumable(meta, allowed, "ck step 5")
     assert set(changes) == {"run.steps", "optim.lr", "run.log_every", "model.remat", "mesh.tensor"}
     refused = apply_overrides(
         TINY,
         ["model.d_model=64", "model.n_layers=3", "run.steps=50", "data.tokenizer_vocab_size=1000"],
     )
-    with pytest.raises(checkpoint.ResumeError) as e:
-        checkpoint.check_resumable(meta, refused, "ck step 5")
+    with pytest.raises(compat.ResumeError) as e:
+        compat.check_resumable(meta, refused, "ck step 5")
     message = str(e.value)
     for field in ("model.d_model", "model.n_layers", "data.tokenizer_vocab_size"):
         assert field in message
     assert "run.steps" not in message
     assert isinstance(e.value, ConfigError)
-    with pytest.raises(checkpoint.ResumeError, match="tokenizer"):
-        checkpoint.check_tokenizer(meta, "def", "ck step 5")
-    with pytest.raises(checkpoint.ResumeError, match="layout version"):
-        checkpoint.check_resumable({**meta, "param_layout_version": 0}, TINY, "ck step 5")
+    with pytest.raises(compat.ResumeError, match="tokenizer"):
+        compat.check_tokenizer(meta, "def", "ck step 5")
+    with pytest.raises(compat.ResumeError, match="layout version"):
+        compat.check_resumable({**meta, "param_layout_version": 0}, TINY, "ck step 5")
 
 
 def _save_run(workdir, trainer, host_states, steps, config=TINY):
-    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(workdir)), config.checkpoint)
+    ckpt = checkpointer.Checkpointer(paths.checkpoint_dir(str(workdir)), config.checkpoint)
     mesh = trainer.mesh
     for step in steps:
         ckpt.save(
             step,
             _device_state(trainer, host_states[step - 1]),
             data_state={"pos": step},
-            meta=checkpoint.make_metadata(config, None, mesh),
+            meta=compat.make_metadata(config, None, mesh),
         )
     ckpt.close()
 
@@ -206,7 +214,7 @@ def test_torn_step_is_skipped_at_resume_and_set_aside_by_the_save_that_needs_its
     trainer, states, _, _ = trained
     _save_run(tmp_path, trainer, states, [2, 4])
     _tear(tmp_path / "checkpoints" / "4")
-    plan = checkpoint.plan_resume(str(tmp_path), TINY)
+    plan = resume.plan_resume(str(tmp_path), TINY)
     assert [c.step for c in plan.candidates] == [4, 2]
     state, data_state, source = plan.load(
         trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model
@@ -217,26 +225,26 @@ def test_torn_step_is_skipped_at_resume_and_set_aside_by_the_save_that_needs_its
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # resume moves nothing
     assert not (tmp_path / "checkpoints" / "unreadable").exists()
     # the run continues from 2; its save at 4 sets the torn 4 aside (logged) and writes 4
-    ckpt = checkpoint.Checkpointer(
-        checkpoint.checkpoint_dir(str(tmp_path)), TINY.checkpoint, resumed_at=2
+    ckpt = checkpointer.Checkpointer(
+        paths.checkpoint_dir(str(tmp_path)), TINY.checkpoint, resumed_at=2
     )
     with caplog.at_level("WARNING", logger="lmjax"):
         ckpt.save(
             4,
             _device_state(trainer, states[3]),
             data_state={"pos": 4},
-            meta=checkpoint.make_metadata(TINY, None, trainer.mesh),
+            meta=compat.make_metadata(TINY, None, trainer.mesh),
         )
     ckpt.close()
     assert [r for r in caplog.messages if "moved checkpoint directory" in r and "/4" in r]
     assert os.listdir(tmp_path / "checkpoints" / "unreadable")[0].startswith("4-")
-    restored, _ = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True).restore(
-        4, checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings)
+    restored, _ = checkpointer.Checkpointer(str(tmp_path / "checkpoints"), read_only=True).restore(
+        4, checkpointer.abstract_state(trainer.init_fn, trainer.state_shardings)
     )
     _assert_trees_equal(restored, states[3])
     # eval and generate read the newest readable step
     _tear(tmp_path / "checkpoints" / "4")
-    _, params, _ = checkpoint.load_params(str(tmp_path))
+    _, params, _ = listing.load_params(str(tmp_path))
     _assert_trees_equal(params, states[1].params)
 
 
@@ -246,19 +254,19 @@ def test_plan_resume_never_starts_from_scratch_over_unreadable_checkpoints(tmp_p
     for root, _, files in os.walk(tmp_path / "checkpoints" / "3" / "train"):
         for name in files:
             os.remove(os.path.join(root, name))
-    plan = checkpoint.plan_resume(str(tmp_path), TINY)
-    with pytest.raises(checkpoint.ResumeError, match="none could be read.*allow_fresh"):
+    plan = resume.plan_resume(str(tmp_path), TINY)
+    with pytest.raises(compat.ResumeError, match="none could be read.*allow_fresh"):
         plan.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model)
     assert os.listdir(tmp_path / "checkpoints") == ["3"]
     # asked to: a fresh start; the first save sets the unreadable step aside
     fresh = apply_overrides(TINY, ["checkpoint.allow_fresh=true"])
-    plan = checkpoint.plan_resume(str(tmp_path), fresh)
+    plan = resume.plan_resume(str(tmp_path), fresh)
     state, data_state, source = plan.load(
         trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model
     )
     assert source == "fresh init" and int(state.step) == 0 and data_state is None
-    ckpt = checkpoint.Checkpointer(
-        checkpoint.checkpoint_dir(str(tmp_path)), TINY.checkpoint, resumed_at=0
+    ckpt = checkpointer.Checkpointer(
+        paths.checkpoint_dir(str(tmp_path)), TINY.checkpoint, resumed_at=0
     )
     ckpt.save(1, _device_state(trainer, states[0]), data_state={}, meta=META)
     ckpt.close()
@@ -293,7 +301,7 @@ def test_clipping_change_restores_the_saved_moments_into_the_new_layout(
     )
     loader = _clip_trainer(new_clip)
     config = apply_overrides(TINY, [f"optim.clip_norm={new_clip}"])
-    plan = checkpoint.plan_resume(str(tmp_path), config)
+    plan = resume.plan_resume(str(tmp_path), config)
     restored, _, source = plan.load(
         loader.init_fn, loader.state_shardings, str(tmp_path), config.model
     )
@@ -321,8 +329,8 @@ def test_a_state_structure_the_config_cannot_take_is_refused_before_anything_mov
     monkeypatch.setattr(optim, "make_optimizer", lambda cfg, steps: optax.sgd(0.1, momentum=0.9))
     config = apply_overrides(TINY, ["optim.b1=0.8"])
     other = _trainer(config)
-    plan = checkpoint.plan_resume(str(tmp_path), config)
-    with pytest.raises(checkpoint.ResumeError) as e:
+    plan = resume.plan_resume(str(tmp_path), config)
+    with pytest.raises(compat.ResumeError) as e:
         plan.load(other.init_fn, other.state_shardings, str(tmp_path), config.model)
     message = str(e.value)
     assert "step 4" in message and "optim.b1: 0.9 -> 0.8" in message
@@ -336,8 +344,8 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
 
     trainer, states, _, _ = trained
     _save_run(tmp_path, trainer, states, [2, 4])
-    monkeypatch.setattr(checkpoint.checkpointer, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
-    real_restore = checkpoint.checkpointer.Checkpointer.restore
+    monkeypatch.setattr(checkpointer, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    real_restore = checkpointer.Checkpointer.restore
     failures = []
 
     def flaky(errors):
@@ -350,31 +358,31 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
         return restore
 
     def plan_load():
-        plan = checkpoint.plan_resume(str(tmp_path), TINY)
+        plan = resume.plan_resume(str(tmp_path), TINY)
         return plan.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model)
 
-    monkeypatch.setattr(checkpoint.checkpointer.Checkpointer, "restore", flaky(2))
+    monkeypatch.setattr(checkpointer.Checkpointer, "restore", flaky(2))
     state, _, source = plan_load()  # two failures, then the third attempt reads step 4
     assert source.endswith("step 4") and failures == [4, 4]
     _assert_trees_equal(state, states[3])
     failures.clear()
-    monkeypatch.setattr(checkpoint.checkpointer.Checkpointer, "restore", flaky(100))
-    with pytest.raises(checkpoint.FaultError, match="kept failing after 3 retries"):
+    monkeypatch.setattr(checkpointer.Checkpointer, "restore", flaky(100))
+    with pytest.raises(errors.FaultError, match="kept failing after 3 retries"):
         plan_load()
     assert len(failures) == 4  # one attempt and 3 retries of step 4, then stop: 2 untried
 
     def out_of_memory(self, step, target):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
 
-    monkeypatch.setattr(checkpoint.checkpointer.Checkpointer, "restore", out_of_memory)
-    with pytest.raises(checkpoint.ResumeError, match="out of memory restoring .*step 4"):
+    monkeypatch.setattr(checkpointer.Checkpointer, "restore", out_of_memory)
+    with pytest.raises(compat.ResumeError, match="out of memory restoring .*step 4"):
         plan_load()
 
     def bug(self, step, target):
         raise ValueError("some internal mismatch")
 
-    monkeypatch.setattr(checkpoint.checkpointer.Checkpointer, "restore", bug)
-    with pytest.raises(checkpoint.FaultError, match="some internal mismatch"):
+    monkeypatch.setattr(checkpointer.Checkpointer, "restore", bug)
+    with pytest.raises(errors.FaultError, match="some internal mismatch"):
         plan_load()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
     assert not (tmp_path / "checkpoints" / "unreadable").exists()
@@ -383,37 +391,37 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
 def test_restore_from_step_and_path(tmp_path, trained):
     trainer, states, _, _ = trained
     _save_run(tmp_path / "a", trainer, states, [2, 5])
-    with pytest.raises(checkpoint.ResumeError, match="later steps"):
-        checkpoint.plan_resume(str(tmp_path / "a"), TINY, restore_from="2")
-    with pytest.raises(checkpoint.ResumeError, match="no committed step 3"):
-        checkpoint.plan_resume(str(tmp_path / "a"), TINY, restore_from="3")
-    plan = checkpoint.plan_resume(
+    with pytest.raises(compat.ResumeError, match="later steps"):
+        resume.plan_resume(str(tmp_path / "a"), TINY, restore_from="2")
+    with pytest.raises(compat.ResumeError, match="no committed step 3"):
+        resume.plan_resume(str(tmp_path / "a"), TINY, restore_from="3")
+    plan = resume.plan_resume(
         str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "a" / "checkpoints" / "2")
     )
     assert [(c.directory, c.step) for c in plan.candidates] == [
         (str(tmp_path / "a" / "checkpoints"), 2)
     ]
-    plan = checkpoint.plan_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "a"))
+    plan = resume.plan_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "a"))
     assert [c.step for c in plan.candidates] == [5, 2]
-    with pytest.raises(checkpoint.ResumeError, match="no committed checkpoint"):
-        checkpoint.plan_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "nothing"))
+    with pytest.raises(compat.ResumeError, match="no committed checkpoint"):
+        resume.plan_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "nothing"))
 
 
 @pytest.mark.slow
 def test_export_load_params_and_init_from(tmp_path, trained):
     trainer, states, _, _ = trained
     _save_run(tmp_path / "run", trainer, states, [5, 7])
-    config, params, _ = checkpoint.load_params(str(tmp_path / "run"))
+    config, params, _ = listing.load_params(str(tmp_path / "run"))
     assert config == TINY
     _assert_trees_equal(params, states[6].params)
     assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params))
-    checkpoint.export_params(str(tmp_path / "run"), 5, str(tmp_path / "out"))
+    listing.export_params(str(tmp_path / "run"), 5, str(tmp_path / "out"))
 
     model_cfg, exported = params_dir.load(str(tmp_path / "out"))
     assert model_cfg == TINY.model
     _assert_trees_equal(exported, states[4].params)
     # --init-from: those params, a fresh optimizer and step 0
-    plan = checkpoint.plan_resume(str(tmp_path / "new"), TINY, init_from=str(tmp_path / "out"))
+    plan = resume.plan_resume(str(tmp_path / "new"), TINY, init_from=str(tmp_path / "out"))
     state, data_state, source = plan.load(
         trainer.init_fn, trainer.state_shardings, str(tmp_path / "new"), TINY.model
     )
@@ -423,15 +431,15 @@ def test_export_load_params_and_init_from(tmp_path, trained):
     _assert_trees_equal(state.opt_state, fresh.opt_state)
     plan.check_tokenizer(None)  # the run that wrote it had no tokenizer (synthetic data)
     with pytest.raises(
-        checkpoint.ResumeError, match="trained with tokenizer None, this run loads tokenizer abc"
+        compat.ResumeError, match="trained with tokenizer None, this run loads tokenizer abc"
     ):
         plan.check_tokenizer("abc")
-    os.remove(tmp_path / "out" / checkpoint.TOKENIZER_RECORD)  # an HF import: a warning only
+    os.remove(tmp_path / "out" / compat.TOKENIZER_RECORD)  # an HF import: a warning only
     plan.check_tokenizer("abc")
     bigger = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, d_mlp=128))
-    plan = checkpoint.plan_resume(str(tmp_path / "new2"), bigger, init_from=str(tmp_path / "out"))
+    plan = resume.plan_resume(str(tmp_path / "new2"), bigger, init_from=str(tmp_path / "out"))
     big = _trainer(bigger)
-    with pytest.raises(checkpoint.ResumeError, match="model.d_mlp"):
+    with pytest.raises(compat.ResumeError, match="model.d_mlp"):
         plan.load(big.init_fn, big.state_shardings, str(tmp_path / "new2"), bigger.model)
 
 
@@ -439,18 +447,18 @@ def test_list_checkpoints_reports_complete_and_uncommitted(tmp_path, trained):
     trainer, states, _, _ = trained
     _save_run(tmp_path, trainer, states, [1, 2])
     os.makedirs(tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-123" / "params")
-    rows = checkpoint.list_checkpoints(str(tmp_path))
+    rows = listing.list_checkpoints(str(tmp_path))
     assert [(r["step"], r["complete"]) for r in rows] == [(1, True), (2, True), (3, False)]
     assert rows[0]["bytes"] > 1000 and rows[0]["process_count"] == 1
     assert rows[1]["mesh_shape"] == {"data": 1, "fsdp": 8, "tensor": 1}
-    table = checkpoint.format_listing(rows)
+    table = listing.format_listing(rows)
     assert "not committed" in table and len(table.splitlines()) == 4
 
 
 def test_save_schedule():
     cfg = CheckpointConfig(every_steps=4, keep_every=6)
-    signals = checkpoint.StopSignals()
-    schedule = checkpoint.SaveSchedule(cfg, 10, signals)
+    signals = schedule_lib.StopSignals()
+    schedule = schedule_lib.SaveSchedule(cfg, 10, signals)
     decisions = {s: schedule(s) for s in range(1, 11)}
     assert [s for s, (save, _) in decisions.items() if save] == [4, 6, 8, 10]
     assert not any(stop for _, stop in decisions.values())
@@ -459,8 +467,8 @@ def test_save_schedule():
         assert signals.received == signal.SIGTERM
         assert schedule(3) == (True, True)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    timed = checkpoint.SaveSchedule(
-        CheckpointConfig(every_steps=1000, every_minutes=0.002), 10, checkpoint.StopSignals()
+    timed = schedule_lib.SaveSchedule(
+        CheckpointConfig(every_steps=1000, every_minutes=0.002), 10, schedule_lib.StopSignals()
     )
     assert timed(1) == (False, False)
     time.sleep(0.2)
@@ -472,8 +480,8 @@ def test_save_schedule():
 def test_second_signal_exits_at_once():
     code = textwrap.dedent("""
         import os, signal, time
-        from lmjax import checkpoint
-        with checkpoint.StopSignals() as s:
+        from lmjax.checkpoint import schedule
+        with schedule.StopSignals() as s:
             os.kill(os.getpid(), signal.SIGTERM)
             print("first", s.received == signal.SIGTERM, flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -515,7 +523,7 @@ def test_a_full_disk_stops_the_run_cleanly_and_keeps_the_last_checkpoint(
 
     trainer, states, _, _ = trained
     directory = str((small_disk or tmp_path) / "checkpoints")
-    ckpt = checkpoint.Checkpointer(directory, TINY.checkpoint)
+    ckpt = checkpointer.Checkpointer(directory, TINY.checkpoint)
     ckpt.save(1, _device_state(trainer, states[0]), data_state={}, meta=META)
     ckpt.wait()
     if small_disk is None:  # no tmpfs: the write itself reports ENOSPC
@@ -529,16 +537,16 @@ def test_a_full_disk_stops_the_run_cleanly_and_keeps_the_last_checkpoint(
             b"\0" * (os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize - 20000)
         )
     with pytest.raises(
-        checkpoint.FaultError,
+        errors.FaultError,
         match=r"checkpoint 2 could not be written .*"
         r"newest committed checkpoint, 1, is untouched",
     ):
         ckpt.save(2, _device_state(trainer, states[1]), data_state={}, meta=META)
         ckpt.wait()
     ckpt.close()
-    reader = checkpoint.Checkpointer(directory, read_only=True)
+    reader = checkpointer.Checkpointer(directory, read_only=True)
     assert reader.steps() == [1]
     restored, _ = reader.restore(
-        1, checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings)
+        1, checkpointer.abstract_state(trainer.init_fn, trainer.state_shardings)
     )
     _assert_trees_equal(restored, states[0])

@@ -182,11 +182,11 @@ def test_non_utf8_input_names_the_file(run_dir, tmp_path, capsys):
 
 
 def test_internal_errors_are_not_dressed_as_user_mistakes(run_dir, monkeypatch):
-    from lmjax import checkpoint
+    from lmjax.checkpoint import listing
 
     def broken(workdir):
         raise ValueError("an internal inconsistency")
 
-    monkeypatch.setattr(checkpoint, "list_checkpoints", broken)
+    monkeypatch.setattr(listing, "list_checkpoints", broken)
     with pytest.raises(ValueError, match="internal inconsistency"):
         cli.main(["checkpoint", "list", run_dir])

@@ -19,21 +19,13 @@ import numpy as np
 import pytest
 
 from lmjax import cli
+from lmjax.batch import BATCH_KEYS
 from lmjax.commands import bench as bench_command
 from lmjax.config import Config, ConfigError, DataConfig
-from lmjax.data import (
-    BATCH_KEYS,
-    DataStateError,
-    beam_engine,
-    documents,
-    load_tokenizer,
-    make_pipeline,
-    prepare,
-    shuffle,
-    store,
-    train_tokenizer,
-)
+from lmjax.data import beam_engine, documents, prepare, shuffle, store
+from lmjax.data.pipeline import DataStateError, make_pipeline
 from lmjax.data.prepare import prepare_tokenizer
+from lmjax.data.tokenizer import load_tokenizer, train_tokenizer
 
 SONNETS = os.path.join(documents.PACKAGED_DIR, "sonnets.txt")
 SEQ, BATCH = 32, 8

@@ -12,9 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from lmjax import checkpoint, data
+from lmjax.checkpoint import checkpointer, compat, paths
 from lmjax.commands import evaluate as eval_command
 from lmjax.config import Config, DataConfig, MeshConfig, RunConfig
+from lmjax.data import pipeline
 from lmjax.data.documents import PACKAGED_DIR
 from lmjax.inference import evaluate
 from lmjax.model import transformer
@@ -257,8 +258,8 @@ def test_main_evaluates_a_saved_checkpoint(model_and_ref, tmp_path, tokenizer, c
         step=np.int32(5), params=params, opt_state={}, rng=jax.random.PRNGKey(0)
     )
     mesh = sharding.make_mesh(config.mesh)
-    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(str(tmp_path)), config.checkpoint)
-    ckpt.save(5, state, data_state={}, meta=checkpoint.make_metadata(config, None, mesh))
+    ckpt = checkpointer.Checkpointer(paths.checkpoint_dir(str(tmp_path)), config.checkpoint)
+    ckpt.save(5, state, data_state={}, meta=compat.make_metadata(config, None, mesh))
     ckpt.close()
     (tmp_path / "tokenizer.model").write_bytes(tokenizer.model_proto)
     text = passages(200, 1)[0]
@@ -270,7 +271,7 @@ def test_main_evaluates_a_saved_checkpoint(model_and_ref, tmp_path, tokenizer, c
     assert result == {**expected, "files": 1}
 
     result = eval_command.main(str(tmp_path), None, use_experiment_data=True)
-    batches = data.make_pipeline(config.data, None, vocab_size=CFG.vocab_size).eval_batches(2)
+    batches = pipeline.make_pipeline(config.data, None, vocab_size=CFG.vocab_size).eval_batches(2)
     assert result == evaluate.eval_loss(params, CFG, batches)
     assert result["tokens"] == 2 * 8 * 16
 

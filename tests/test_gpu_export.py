@@ -7,8 +7,9 @@ import jax
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-from lmjax import checkpoint, cli
+from lmjax import cli
 from lmjax.batch import abstract_batch
+from lmjax.checkpoint import checkpointer
 from lmjax.model import attention
 from lmjax.parallel import sharding
 from lmjax.train import trainer as trainer_lib
@@ -25,7 +26,7 @@ def export_train_step_for_cuda(experiment: str, sets=()) -> jax.export.Exported:
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention=on_gpu))
     mesh = AbstractMesh((1, 1, 1), sharding.MESH_AXES, (AxisType.Auto,) * 3, abstract_device=H100)
     trainer = trainer_lib.make_trainer(config, mesh)
-    state = checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings)
+    state = checkpointer.abstract_state(trainer.init_fn, trainer.state_shardings)
     batch = abstract_batch(config.data.batch_size, config.data.seq_len, trainer.batch_sharding)
     with jax.sharding.use_abstract_mesh(mesh):
         # The kernel's Triton custom call is not on export's list of stable custom calls;

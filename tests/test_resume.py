@@ -256,11 +256,11 @@ def test_a_nonfinite_loss_never_reaches_disk(reference, tmp_path):
     bad_step = int(message.split("step ")[1].split(":")[0].split()[0])
     saved = _committed_steps(tmp_path)
     assert saved and max(saved) < bad_step, (saved, message)
-    from lmjax import checkpoint
+    from lmjax.checkpoint import checkpointer, listing
 
-    reader = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
+    reader = checkpointer.Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
     for step in saved:
-        _, params, _ = checkpoint.load_params(str(tmp_path), step)
+        _, params, _ = listing.load_params(str(tmp_path), step)
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
         assert reader.read_json(step, "meta")["step"] == step
 

@@ -6,8 +6,9 @@ import os
 import pytest
 
 from lmjax.config import ConfigError, DataConfig
-from lmjax.data import documents, load_tokenizer, prepare_tokenizer, train_tokenizer
-from lmjax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from lmjax.data import documents
+from lmjax.data.prepare import prepare_tokenizer
+from lmjax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer, train_tokenizer
 
 SONNETS = os.path.join(documents.PACKAGED_DIR, "sonnets.txt")
 

@@ -20,57 +20,7 @@ Modules, each importing only those above it:
   resume    the resume policy: plan_resume and ResumePlan
   listing   list, load params of and export checkpoints outside training
   schedule  stop signals and the save schedule (independent of the others)
+
+May import: lmjax.config, lmjax.errors, lmjax.parallel, lmjax.model, lmjax.data. Re-exports
+nothing: import the module you need.
 """
-
-from lmjax.checkpoint.checkpointer import Checkpointer, TornCheckpoint, abstract_state, classify
-from lmjax.checkpoint.compat import (
-    TOKENIZER_RECORD,
-    ResumeError,
-    StructureMismatch,
-    check_init_tokenizer,
-    check_resumable,
-    check_tokenizer,
-    config_fingerprint,
-    make_metadata,
-)
-from lmjax.checkpoint.listing import (
-    export_params,
-    format_listing,
-    json_summary,
-    list_checkpoints,
-    load_params,
-)
-from lmjax.checkpoint.paths import CHECKPOINTS, UNREADABLE, absolute, checkpoint_dir
-from lmjax.checkpoint.resume import ResumePlan, describe_resume, plan_resume
-from lmjax.checkpoint.schedule import SaveSchedule, StopSignals
-from lmjax.errors import FaultError
-
-__all__ = [
-    "CHECKPOINTS",
-    "UNREADABLE",
-    "TOKENIZER_RECORD",
-    "Checkpointer",
-    "FaultError",
-    "ResumeError",
-    "ResumePlan",
-    "SaveSchedule",
-    "StopSignals",
-    "StructureMismatch",
-    "TornCheckpoint",
-    "abstract_state",
-    "absolute",
-    "check_init_tokenizer",
-    "check_resumable",
-    "check_tokenizer",
-    "checkpoint_dir",
-    "classify",
-    "config_fingerprint",
-    "describe_resume",
-    "export_params",
-    "format_listing",
-    "json_summary",
-    "list_checkpoints",
-    "load_params",
-    "make_metadata",
-    "plan_resume",
-]

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from lmjax import checkpoint
+from lmjax.checkpoint import listing
 
 
 def list_steps(workdir: str, as_json: bool = False) -> int:
     """Prints every step with its size, completeness and metadata (a table or JSON)."""
-    rows = checkpoint.list_checkpoints(workdir)
-    print(checkpoint.json_summary(rows) if as_json else checkpoint.format_listing(rows))
+    rows = listing.list_checkpoints(workdir)
+    print(listing.json_summary(rows) if as_json else listing.format_listing(rows))
     return 0
 
 
 def export(workdir: str, step: int | None, out: str) -> int:
     """Writes OUT/params and OUT/model_config.json from a step (default: the newest)."""
-    print(checkpoint.export_params(workdir, step, out))
+    print(listing.export_params(workdir, step, out))
     return 0

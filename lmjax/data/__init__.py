@@ -2,23 +2,7 @@
 
 TensorFlow (tf.io.gfile for local and gs:// paths) and tensorflow_datasets are imported on
 first use, with every accelerator hidden from TensorFlow.
+
+May import: lmjax.config, lmjax.errors, lmjax.batch; never jax (Beam workers import this floor
+without it). Re-exports nothing: import the module you need.
 """
-
-from lmjax.batch import BATCH_KEYS
-from lmjax.data.packing import rows_from_windows
-from lmjax.data.pipeline import DataStateError, Pipeline, make_pipeline, synthetic_batch
-from lmjax.data.prepare import prepare_tokenizer
-from lmjax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-
-__all__ = [
-    "BATCH_KEYS",
-    "DataStateError",
-    "Pipeline",
-    "Tokenizer",
-    "load_tokenizer",
-    "make_pipeline",
-    "prepare_tokenizer",
-    "rows_from_windows",
-    "synthetic_batch",
-    "train_tokenizer",
-]

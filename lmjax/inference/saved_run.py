@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from lmjax import checkpoint, data
+from lmjax.checkpoint import listing
 from lmjax.config import Config
-from lmjax.data import prepare
+from lmjax.data import pipeline as pipeline_lib, prepare, tokenizer as tokenizer_lib
 
 
 def load(workdir: str, step: int | None):
@@ -14,13 +14,13 @@ def load(workdir: str, step: int | None):
     `step` None: the newest readable one. The tokenizer is the run's sentencepiece model
     (None for a run on synthetic tokens).
     """
-    config, params, tokenizer_path = checkpoint.load_params(workdir, step)
-    return config, params, data.load_tokenizer(tokenizer_path) if tokenizer_path else None
+    config, params, tokenizer_path = listing.load_params(workdir, step)
+    return config, params, tokenizer_lib.load_tokenizer(tokenizer_path) if tokenizer_path else None
 
 
 def pipeline(
     config: Config, workdir: str, process_index: int = 0, process_count: int = 1
-) -> data.Pipeline:
+) -> pipeline_lib.Pipeline:
     """`prepare.run_pipeline` with the run's tokenizer, trained here first when it is missing
     (the store, too, is prepared here when missing)."""
     tokenizer = prepare.prepare_tokenizer(config.data, workdir)

@@ -16,8 +16,8 @@ import time
 
 import jax
 
-from lmjax import checkpoint
 from lmjax.batch import abstract_batch
+from lmjax.checkpoint import checkpointer
 from lmjax.config import Config, ConfigError, validate
 from lmjax.hardware import Target
 from lmjax.observe import metrics
@@ -118,7 +118,7 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
     devices = topology_devices(target, num_slices) if target else jax.devices()
     mesh = sharding.make_mesh(config.mesh, devices)
     trainer = trainer_lib.make_trainer(config, mesh)
-    state = checkpoint.abstract_state(trainer.init_fn, trainer.state_shardings)
+    state = checkpointer.abstract_state(trainer.init_fn, trainer.state_shardings)
     rows = config.data.batch_size
     # Raises a ConfigError naming the numbers when the mesh does not divide the batch.
     sharding.logical_to_spec(("act_batch", None), trainer.rules, mesh, (rows, config.data.seq_len))

@@ -19,7 +19,7 @@ from typing import Callable
 
 import jax
 
-from lmjax import checkpoint
+from lmjax.checkpoint import paths
 from lmjax.config import Config, apply_overrides
 from lmjax.inference import evaluate, generate, saved_run
 from lmjax.observe import metrics
@@ -90,9 +90,7 @@ def _trains(config: Config, workdir: str) -> Check:
 def _resumes(config: Config, first: str, second: str, half: int) -> Check:
     """Trains again in `second` from `first`'s checkpoint of step `half`; passes when every
     later loss equals `first`'s bit for bit."""
-    run.train(
-        config, second, restore_from=os.path.join(checkpoint.checkpoint_dir(first), str(half))
-    )
+    run.train(config, second, restore_from=os.path.join(paths.checkpoint_dir(first), str(half)))
     a, b = _losses(first), _losses(second)
     after = [s for s in a if s > half]
     same = bool(after) and all(a[s] == b.get(s) for s in after)

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from lmjax import checkpoint
+from lmjax.checkpoint import checkpointer, compat, paths, resume as resume_lib, schedule
 from lmjax.config import Config, profile_window, to_json, validate, validate_tokenizer
 from lmjax.data import prepare
 from lmjax.inference import generate
@@ -40,7 +40,7 @@ class _Setup:
     config: Config
     trainer: Trainer
     state: TrainState
-    source: str  # where the state came from (checkpoint.describe_resume)
+    source: str  # where the state came from (resume_lib.describe_resume)
     pipeline: Any
     tokenizer: Any
     meta: dict  # what each checkpoint records about the run
@@ -54,7 +54,7 @@ def _set_up(
     config = validate(config)
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    resume = checkpoint.plan_resume(workdir, config, restore_from=restore_from, init_from=init_from)
+    resume = resume_lib.plan_resume(workdir, config, restore_from=restore_from, init_from=init_from)
     mesh = sharding.make_mesh(config.mesh)
     log.info(_describe_devices(mesh))
     rows = sharding.process_rows(
@@ -98,7 +98,7 @@ def _set_up(
         source,
         pipeline,
         tokenizer,
-        checkpoint.make_metadata(config, fingerprint, mesh),
+        compat.make_metadata(config, fingerprint, mesh),
     )
 
 
@@ -118,15 +118,15 @@ def _hooks(
     )
     log.info("peak FLOP/s per device: %.3g (%s)", throughput.peak, throughput.peak_source)
     eval_sets = setup.pipeline.eval_sets(config.run.eval_batches)
-    ckpt = checkpoint.Checkpointer(
-        checkpoint.checkpoint_dir(workdir), config.checkpoint, resumed_at=int(setup.state.step)
+    ckpt = checkpointer.Checkpointer(
+        paths.checkpoint_dir(workdir), config.checkpoint, resumed_at=int(setup.state.step)
     )
     out = [
         hooks_lib.NonfiniteGuard(skip),
         hooks_lib.StepMetrics(writer, summary, throughput, config.run.log_every, total),
         hooks_lib.Checkpoints(
             ckpt,
-            checkpoint.SaveSchedule(config.checkpoint, total, signals),
+            schedule.SaveSchedule(config.checkpoint, total, signals),
             setup.pipeline.state,
             setup.meta,
             skip,
@@ -169,7 +169,7 @@ def train(
 
     Resumes from the newest readable checkpoint in `workdir/checkpoints` when there is one;
     otherwise `restore_from` (a checkpoint of another run, or a step of this one) or
-    `init_from` (a params-only directory) or a fresh init (rules: `checkpoint.plan_resume`).
+    `init_from` (a params-only directory) or a fresh init (rules: `resume_lib.plan_resume`).
     Writes `config.json`, `metrics.jsonl` (appended), TensorBoard events and checkpoints.
     SIGTERM/SIGINT save at the next step boundary and return early with "stopped_at_step".
     `hooks`: more `loop.Hook`s, called after the built-in ones except GoodputLog, which runs
@@ -194,11 +194,11 @@ def _train(
     writer = _writer(setup.config, workdir, primary, int(setup.state.step))
     step, summary = int(setup.state.step), {}
     if setup.source != "fresh init":
-        writer.write(step, checkpoint.describe_resume(step, setup.source))
+        writer.write(step, resume_lib.describe_resume(step, setup.source))
     batches = (
         global_batch(b, setup.trainer.batch_sharding) for b in setup.pipeline.train_batches(step)
     )
-    signals = checkpoint.StopSignals()
+    signals = schedule.StopSignals()
     goodput_log = hooks_lib.GoodputLog(clock, writer, setup.config.run.log_every, step)
     all_hooks = [*_hooks(setup, workdir, writer, summary, clock, signals), *hooks, goodput_log]
     try:
@@ -242,7 +242,7 @@ def _sample(trainer: Trainer, params, tokenizer) -> str:
 
 
 def _tokenizer(
-    config: Config, workdir: str, primary: bool, resume: checkpoint.ResumePlan
+    config: Config, workdir: str, primary: bool, resume: resume_lib.ResumePlan
 ) -> tuple[Config, Any]:
     """(config naming the tokenizer's path, the tokenizer; None for synthetic tokens): loaded
     or trained once (by process 0), and checked against the checkpoint resumed from, the
