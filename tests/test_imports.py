@@ -100,3 +100,82 @@ def test_lmjax_modules_are_imported_at_the_top_of_each_module():
                     and any(a.name.startswith("lmjax") for a in node.names)
                 ]
     assert not late, f"function-local lmjax imports: {late}"
+
+
+# Which floors each floor may import (besides itself and the top-level modules: config, errors,
+# batch, hardware and the other modules directly under lmjax/, which import only each other).
+# A floor's __init__.py docstring states the same rule for its readers.
+FLOORS = {
+    "parallel": set(),
+    "model": {"parallel"},
+    "data": set(),
+    "observe": {"model"},  # FLOPs per token for throughput and MFU
+    "convert": {"model"},
+    "checkpoint": {"model", "parallel", "data"},
+    "inference": {"model", "parallel", "data", "checkpoint"},
+    "train": {"model", "parallel", "data", "checkpoint", "inference", "observe"},
+    "tools": {
+        "model",
+        "parallel",
+        "data",
+        "checkpoint",
+        "inference",
+        "observe",
+        "train",
+        "convert",
+    },
+    "experiments": set(),
+}
+COMMAND_LAYER = {"cli", "__main__", "commands"}
+
+
+def floor_of(module: str) -> str:
+    """lmjax.model.attention -> 'model'; lmjax.config -> 'top'; lmjax.cli -> 'cli'."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "top"
+    name = parts[1]
+    return name if name in FLOORS or name in COMMAND_LAYER else "top"
+
+
+def floor_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for module, targets in graph.items():
+        src = floor_of(module)
+        if src in COMMAND_LAYER:
+            continue
+        allowed = {src, "top"} | FLOORS.get(src, set())
+        bad += [f"{module} -> {t}" for t in sorted(targets) if floor_of(t) not in allowed]
+    return bad
+
+
+def test_floor_rules_catch_an_upward_import():
+    assert floor_violations({"lmjax.model.transformer": {"lmjax.train.trainer"}})
+    assert floor_violations({"lmjax.config": {"lmjax.model.transformer"}})
+    assert not floor_violations({"lmjax.train.run": {"lmjax.model.transformer", "lmjax.config"}})
+
+
+def test_floors_import_only_the_floors_below_them():
+    bad = floor_violations(import_graph())
+    assert not bad, f"imports against the floors (see FLOORS): {bad}"
+
+
+def test_every_floor_says_what_it_may_import():
+    for name in FLOORS:
+        doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text())) or ""
+        assert "import" in doc, f"lmjax/{name}/__init__.py must state what the floor may import"
+
+
+def test_floor_init_files_re_export_nothing():
+    for init in PACKAGE.rglob("__init__.py"):
+        body = ast.parse(init.read_text()).body
+        stray = [
+            n for n in body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+        ]
+        if init.parent == PACKAGE:  # lmjax/__init__.py carries only __version__
+            stray = [
+                n
+                for n in stray
+                if not (isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "__version__")
+            ]
+        assert not stray, f"{init.relative_to(PACKAGE.parent)} must hold only its docstring"
