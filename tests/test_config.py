@@ -1,11 +1,22 @@
 """Config overrides, validation messages and serialization."""
 
 import dataclasses
+import os
+import pathlib
 
 import pytest
 
 from lmjax import cli
-from lmjax.config import Config, ConfigError, apply_overrides, diff, from_dict, to_dict, validate
+from lmjax.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    diff,
+    from_dict,
+    to_dict,
+    to_json,
+    validate,
+)
 
 
 def test_overrides_parse_to_field_types():
@@ -91,6 +102,24 @@ def test_every_experiment_loads_and_validates():
         assert required in names
     for name in names:
         cli.load_experiment(name)
+
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize("name", cli.experiment_names())
+def test_every_preset_resolves_to_its_golden_config(name):
+    """A change of a preset's resolved config shows in review as a change of
+    tests/golden/NAME.json; `LMJAX_UPDATE_GOLDEN=1 pytest tests/test_config.py` rewrites them."""
+    resolved = to_json(cli.load_experiment(name)) + "\n"
+    golden = GOLDEN / f"{name}.json"
+    if os.environ.get("LMJAX_UPDATE_GOLDEN") == "1":
+        golden.write_text(resolved)
+    assert golden.is_file(), f"no {golden}: run LMJAX_UPDATE_GOLDEN=1 pytest {__file__}"
+    assert resolved == golden.read_text(), (
+        f"preset {name!r} resolves to a config other than {golden.name}: review the change, then "
+        f"LMJAX_UPDATE_GOLDEN=1 pytest {__file__}"
+    )
 
 
 def test_unknown_experiment_names_known_ones():
