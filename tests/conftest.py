@@ -3,7 +3,9 @@
 These variables must be set before jax is imported anywhere in the test process.
 """
 
+import itertools
 import os
+import re
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -16,7 +18,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
-from tests.helpers import hamlet_tokenizer  # noqa: E402  (imports jax: after the set-up)
+from tests.helpers import FakeGcs, hamlet_tokenizer  # noqa: E402  (imports jax: after the set-up)
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +28,30 @@ def tokenizer():
     tok = hamlet_tokenizer(bos_id=2)
     assert tok.vocab_size == 300
     return tok
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """One fake-gcs-server (tests/helpers.FakeGcs) for the whole session, on 127.0.0.1 at a
+    free port, in memory; stopped when the session ends. Tests use `gcs_bucket` instead."""
+    server = FakeGcs(str(tmp_path_factory.mktemp("fake-gcs")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, monkeypatch, request):
+    """A fresh, empty bucket on the session's GCS server, as "gs://NAME", with
+    STORAGE_EMULATOR_HOST set (for this test and the subprocesses it starts) and nothing else:
+    lmjax derives every other client's setting from that one variable, as a user's process
+    would. Usage:
+
+        def test_x(gcs_bucket):
+            workdir = f"{gcs_bucket}/run"   # then `lmjax train --workdir {workdir}` etc.
+    """
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
+    return gcs_server.bucket(f"{name}-{next(_BUCKET_NUMBERS)}")
+
+
+_BUCKET_NUMBERS = itertools.count()

