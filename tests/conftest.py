@@ -15,6 +15,8 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Implicit rank promotion ([B, T] + [T]) hides shape bugs: every test runs with it an error.
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import pytest  # noqa: E402
 

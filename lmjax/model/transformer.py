@@ -137,7 +137,8 @@ def rms_norm(x, weight, eps: float):
     """x: [..., embed] -> same shape and dtype; statistics in float32."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+    w = weight.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + weight.shape)
+    return (y * w).astype(x.dtype)
 
 
 def rope_frequencies(cfg: ModelConfig):
@@ -161,7 +162,7 @@ def rope_frequencies(cfg: ModelConfig):
 
 def rope_tables(positions, cfg: ModelConfig):
     """positions: [batch, seq] int -> (sin, cos), each [batch, seq, 1, head_dim // 2] f32."""
-    angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(cfg)
+    angles = positions.astype(jnp.float32)[:, :, None] * rope_frequencies(cfg)[None, None, :]
     return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
 
 
