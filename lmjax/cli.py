@@ -203,7 +203,13 @@ def _cmd_tokenizer_train(args) -> int:
     from lmjax.commands import tokenizer
 
     return tokenizer.train(
-        args.input, args.vocab_size, args.model_type, args.output, text_key=args.text_key
+        args.input,
+        args.vocab_size,
+        args.model_type,
+        args.output,
+        text_key=args.text_key,
+        kind=args.kind,
+        seed=args.seed,
     )
 
 
@@ -530,10 +536,11 @@ def _add_soak(sub) -> None:
 
 
 def _add_tokenizer(sub) -> None:
-    p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
+    p = sub.add_parser("tokenizer", help="train a SentencePiece or tokenizer.json tokenizer")
     tk = p.add_subparsers(dest="tokenizer_command", required=True)
     q = tk.add_parser(
-        "train", help="train on .txt/.jsonl files (byte fallback, pad/bos/eos/unk 0-3)"
+        "train",
+        help="train on text files (.txt, .jsonl, .parquet, gzip or zstd); pad/bos/eos = 0-2",
     )
     q.add_argument(
         "--input",
@@ -545,9 +552,22 @@ def _add_tokenizer(sub) -> None:
     q.add_argument("--vocab-size", type=int, required=True)
     q.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     q.add_argument(
-        "--output", required=True, metavar="PREFIX", help="writes PREFIX.model, PREFIX.vocab"
+        "--kind",
+        choices=["sentencepiece", "tokenizers"],
+        default="sentencepiece",
+        help="sentencepiece: PREFIX.model (byte fallback); tokenizers: a Hugging Face "
+        "PREFIX.json (byte-level BPE, Llama 3's split)",
     )
-    q.add_argument("--text-key", default="text", help="JSON key of the text in .jsonl files")
+    q.add_argument(
+        "--output",
+        required=True,
+        metavar="PREFIX",
+        help="writes PREFIX.model and PREFIX.vocab, or PREFIX.json",
+    )
+    q.add_argument(
+        "--text-key", default="text", help="JSON key (.jsonl) or column (.parquet) of the text"
+    )
+    q.add_argument("--seed", type=int, default=0, help="seeds SentencePiece's sentence sample")
     q.set_defaults(func=_cmd_tokenizer_train)
 
 

@@ -22,7 +22,7 @@ import sentencepiece as spm
 
 from lmjax.config import ModelConfig
 from lmjax.data.documents import PACKAGED_DIR
-from lmjax.data.tokenizer import Tokenizer
+from lmjax.data.tokenizer import SentencePieceTokenizer
 from tests import numpy_llama
 
 # The float32 model the evaluation and generation tests compare against numpy_llama: small
@@ -107,7 +107,7 @@ def random_model(cfg: ModelConfig, seed: int = 0):
     return params_from_hf(tensors, cfg), tensors
 
 
-def hamlet_tokenizer(bos_id: int) -> Tokenizer:
+def hamlet_tokenizer(bos_id: int) -> SentencePieceTokenizer:
     """A 300-piece model of a slice of Hamlet (pad 0, unk 1, eos 3; bos_id -1: none), from the
     Shakespeare text shipped inside the package, so that a fresh clone needs nothing beside it."""
     with open(f"{PACKAGED_DIR}/hamlet.txt", encoding="utf-8") as f:
@@ -124,7 +124,7 @@ def hamlet_tokenizer(bos_id: int) -> Tokenizer:
         normalization_rule_name="identity",
         minloglevel=2,
     )
-    return Tokenizer(proto.getvalue())
+    return SentencePieceTokenizer(proto.getvalue())
 
 
 # A worker for real multi-process runs: joins the job with lmjax.parallel.distributed, then checks a

@@ -78,11 +78,11 @@ def prepared(corpus, tok, tmp_path_factory):
 
 def naive_streams(corpus, tok, fraction=0.1):
     """{split: token stream} built directly: files in name order, documents in file order, a
-    document held out when sha256("FILE:INDEX") < fraction * 2**256, each BOS text EOS."""
+    document held out when sha256(its text) < fraction * 2**256, each BOS text EOS."""
     streams = {"train": [], "validation": []}
     for name in sorted(corpus[1]):
-        for i, text in enumerate(corpus[1][name]):
-            held = int(hashlib.sha256(f"{name}:{i}".encode()).hexdigest(), 16) < fraction * 2**256
+        for text in corpus[1][name]:
+            held = int(hashlib.sha256(text.encode()).hexdigest(), 16) < fraction * 2**256
             streams["validation" if held else "train"] += [
                 tok.bos_id,
                 *tok.encode(text),

@@ -261,7 +261,7 @@ def test_main_evaluates_a_saved_checkpoint(model_and_ref, tmp_path, tokenizer, c
     ckpt = checkpointer.Checkpointer(paths.checkpoint_dir(str(tmp_path)), config.checkpoint)
     ckpt.save(5, state, data_state={}, meta=compat.make_metadata(config, None, mesh))
     ckpt.close()
-    (tmp_path / "tokenizer.model").write_bytes(tokenizer.model_proto)
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer.serialized)
     text = passages(200, 1)[0]
     (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
 

@@ -1,14 +1,28 @@
-"""SentencePiece training, loading (local and a non-local tf.io.gfile filesystem), round trips."""
+"""Tokenizers of both kinds (SentencePiece, Hugging Face tokenizer.json): training (seeded),
+loading (local and a non-local tf.io.gfile filesystem), special tokens, round trips, identity."""
 
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from lmjax.config import ConfigError, DataConfig
 from lmjax.data import documents
 from lmjax.data.prepare import prepare_tokenizer
-from lmjax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer, train_tokenizer
+from lmjax.data.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    HFTokenizer,
+    from_serialized,
+    load_tokenizer,
+    sample_lines,
+    train_from_texts,
+    train_tokenizer,
+)
 
 SONNETS = os.path.join(documents.PACKAGED_DIR, "sonnets.txt")
 
@@ -110,3 +124,135 @@ def test_prepare_tokenizer_trains_once_into_workdir(tmp_path):
     assert os.stat(model).st_mtime_ns == stamp  # reused, not retrained
     assert prepare_tokenizer(DataConfig(source="synthetic"), workdir) is None
     assert prepare_tokenizer(DataConfig(tokenizer=model), "").fingerprint == tok.fingerprint
+
+
+# ---------------------------------------------------------------- Hugging Face tokenizer.json
+
+
+@pytest.fixture(scope="module")
+def hf_path(tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("hf") / "tokenizer")
+    return train_tokenizer([SONNETS], 400, "bpe", prefix, kind="tokenizers")
+
+
+def test_tokenizer_json_round_trip_specials_and_fingerprint(hf_path, bpe_path, tmp_path):
+    tok = load_tokenizer(hf_path)
+    assert isinstance(tok, HFTokenizer) and hf_path.endswith("tokenizer.json")
+    text = open(SONNETS).read()[:2000] + "\n\n  two  spaces\ttab, ünïcödé ✓ 12345\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and max(ids) < tok.vocab_size == 400
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (PAD_ID, BOS_ID, EOS_ID)
+    docs = ["Shall I compare thee", "to a summer's day?"]
+    assert tok.encode_documents(docs) == [[BOS_ID, *tok.encode(d), EOS_ID] for d in docs]
+    assert tok.encode_documents(docs[:1], eos=False) == [[BOS_ID, *tok.encode(docs[0])]]
+    assert tok.decode(tok.encode_documents(docs[:1])[0]) == docs[0]  # specials are dropped
+    # Identity: the file's bytes. Training is deterministic; another tokenizer differs.
+    again = train_tokenizer([SONNETS], 400, "bpe", str(tmp_path / "again"), kind="tokenizers")
+    assert open(again, "rb").read() == open(hf_path, "rb").read()
+    assert (
+        load_tokenizer(again).fingerprint == tok.fingerprint != load_tokenizer(bpe_path).fingerprint
+    )
+    # Workers rebuild it from its bytes.
+    assert from_serialized(tok.serialized).encode(text) == ids
+
+
+def _published_style(tmp_path, specials: list[str]) -> str:
+    """A byte-level BPE tokenizer.json with the special tokens of a published family."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tk.train_from_iterator([open(SONNETS).read()[:5000]], trainer)
+    tk.add_special_tokens(specials)
+    path = tmp_path / f"{len(specials)}" / "tokenizer.json"
+    path.parent.mkdir()
+    path.write_text(tk.to_str())
+    return str(path)
+
+
+def test_published_tokenizer_json_specials_name_bos_eos_and_pad(tmp_path):
+    # Llama 3: BOS and EOS by name, no pad (EOS pads); the vocabulary counts added tokens.
+    llama = load_tokenizer(
+        _published_style(tmp_path, ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"])
+    )
+    assert (llama.bos_id, llama.eos_id, llama.pad_id) == (300, 301, 301)
+    assert llama.vocab_size == 303
+    assert llama.encode_documents(["hi"]) == [[300, *llama.encode("hi"), 301]]
+    # Qwen / GPT-2: one end-of-text token, no BOS: documents start without one.
+    qwen = load_tokenizer(_published_style(tmp_path, ["<|endoftext|>", "<|im_start|>"]))
+    assert (qwen.bos_id, qwen.eos_id, qwen.pad_id) == (-1, 300, 300)
+    assert qwen.encode_documents(["hi"]) == [[*qwen.encode("hi"), 300]]
+    with pytest.raises(ConfigError, match="has no EOS token"):
+        load_tokenizer(_published_style(tmp_path, ["<|im_start|>"]))
+    (tmp_path / "bad.json").write_text('{"not": "a tokenizer"}')
+    with pytest.raises(ConfigError, match="is not a Hugging Face tokenizer.json"):
+        load_tokenizer(str(tmp_path / "bad.json"))
+
+
+def test_tokenizer_json_through_cli_non_local_filesystem_and_run_config(hf_path, tmp_path, capsys):
+    import tensorflow as tf
+
+    from lmjax import cli
+
+    out = str(tmp_path / "cli")
+    argv = ["tokenizer", "train", "--input", SONNETS, "--vocab-size", "320", "--output", out]
+    assert cli.main(argv + ["--kind", "tokenizers"]) == 0
+    tok = load_tokenizer(out + ".json")
+    assert f"fingerprint={tok.fingerprint}" in capsys.readouterr().out and tok.vocab_size == 320
+    with pytest.raises(ConfigError, match="byte-level BPE"):
+        train_tokenizer([SONNETS], 320, "unigram", out, kind="tokenizers")
+    with open(hf_path, "rb") as src, tf.io.gfile.GFile("ram://tok/tokenizer.json", "wb") as dst:
+        dst.write(src.read())
+    remote = prepare_tokenizer(DataConfig(tokenizer="ram://tok/tokenizer.json"), "")
+    assert remote.fingerprint == load_tokenizer(hf_path).fingerprint
+
+
+def test_store_and_checkpoint_record_the_tokenizer_and_refuse_another(hf_path, bpe_path, tmp_path):
+    from lmjax.checkpoint import compat
+    from lmjax.data import prepare, store
+
+    hf, sp = load_tokenizer(hf_path), load_tokenizer(bpe_path)
+    cfg = DataConfig(source="text", text_files=SONNETS, validation_fraction=0.1)
+    directory, meta = prepare.prepare(cfg, hf, str(tmp_path))
+    assert meta["tokenizer"] == hf.fingerprint and meta["vocab_size"] == 400
+    split = store.StoreSplit(directory, "train", meta)
+    first = split.read(np.array([0]), 40)[0]
+    texts = [t for t in documents.read_documents(SONNETS) if not prepare.held_out(t, 0.1)]
+    np.testing.assert_array_equal(first, np.concatenate(hf.encode_documents(texts[:3]))[:40])
+    assert (
+        prepare.locate(cfg, sp, str(tmp_path))[0] != directory
+    )  # another tokenizer: another store
+    with pytest.raises(ConfigError, match="made with tokenizer"):
+        prepare.find_store(str(tmp_path), "text", sp)
+    saved = {"tokenizer_fingerprint": hf.fingerprint}  # what compat.make_metadata records
+    compat.check_tokenizer(saved, hf.fingerprint, "run")
+    with pytest.raises(compat.ResumeError, match=f"tokenizer {hf.fingerprint}"):
+        compat.check_tokenizer(saved, sp.fingerprint, "run")
+
+
+@pytest.mark.slow
+def test_sentencepiece_training_is_seeded(tmp_path):
+    """The same texts and seed give the same model bytes, in this process and in another (where
+    SentencePiece's own sampler would draw another sample); another seed another sample."""
+    texts = list(documents.read_documents(SONNETS))
+
+    def train(prefix, seed):
+        return open(
+            train_from_texts(texts, 320, "bpe", prefix, seed=seed, sample_sentences=500), "rb"
+        ).read()
+
+    here = train(str(tmp_path / "a"), 0)
+    script = (
+        "import sys; from lmjax.data import documents, tokenizer as t; "
+        "texts = documents.split_text(open(sys.argv[1]).read()); "
+        "sys.stdout.buffer.write(t.train_sentencepiece(texts, 320, 'bpe', 0, 500))"
+    )
+    there = subprocess.run([sys.executable, "-c", script, SONNETS], capture_output=True, check=True)
+    assert there.stdout == here == train(str(tmp_path / "c"), 0)
+    assert train(str(tmp_path / "d"), 1) != here
+    assert len(sample_lines(["a\nb\nc", "d\ne"], 3, 0)) == 3
+    assert sample_lines(["a\nb\nc", "d\ne"], 9, 0) == ["a", "b", "c", "d", "e"]

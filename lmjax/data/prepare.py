@@ -1,6 +1,7 @@
 """`lmjax data prepare`: tokenize a run's documents once into a store (see `store.py`).
 
-The work is split into input shards (one per text file; one per part of a TFDS split) and
+The work is split into input shards (one per part of a text file, `documents.file_parts`:
+the file, a byte range of a large one, or a Parquet row group; one per part of a TFDS split) and
 each shard is a pure function of its input: `prepare_shard` tokenizes its documents and writes
 its ArrayRecord files and shard record. An engine maps it over the shards:
   * inline: in this process, one shard after another (what `lmjax train` uses on first start,
@@ -15,10 +16,11 @@ policy, the tokenizer and the store format), so a changed input or tokenizer get
 and preparing an existing store is a no-op.
 
 Train/validation split, by document: a document of a text file is held out for validation
-when the SHA-256 of "FILE:INDEX" (its file's name relative to the sources' common directory and
-its index in the file), read as a fraction of 2**256, is below data.validation_fraction. The
-decision needs no other document, so shards are independent. TFDS sources use the dataset's
-own train and eval splits.
+when the SHA-256 of its text (UTF-8), read as a fraction of 2**256, is below
+data.validation_fraction. The decision needs no other document, so shards are independent, and
+it does not depend on the file's name, format or place in the corpus (however the corpus is
+cut into files, the same documents are held out; copies of a document fall on one side).
+TFDS sources use the dataset's own train and eval splits.
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ from lmjax.config import Config, ConfigError, DataConfig
 from lmjax.data import beam_engine, documents, mixture, store
 from lmjax.data.pipeline import Pipeline, make_pipeline
 from lmjax.data.tf_setup import tensorflow
-from lmjax.data.tokenizer import RUN_TOKENIZER, Tokenizer, load_tokenizer, train_from_texts
+from lmjax.data.tokenizer import (
+    RUN_TOKENIZER,
+    Tokenizer,
+    from_serialized,
+    load_tokenizer,
+    train_from_texts,
+)
 
 log = logging.getLogger(__name__)
 _ENCODE_BATCH = 256  # documents per tokenizer call (sentencepiece encodes a list in threads)
@@ -49,8 +57,10 @@ class Shard:
 
     index: int
     count: int
-    name: str  # relative file name (validation keys), or the TFDS split part
+    name: str  # relative file name (and part), or the TFDS split part
     path: str = ""
+    start: int = 0  # the file's part (`documents.file_parts`): bytes or row groups
+    stop: int = -1
     tfds_name: str = ""
     tfds_dir: str = ""
     role: str = ""  # TFDS shards: which store split their documents go to
@@ -61,7 +71,7 @@ class Settings:
     """What every shard needs besides its input: pickled to the engine's workers."""
 
     directory: str
-    tokenizer_proto: bytes
+    tokenizer_bytes: bytes
     text_key: str
     validation_fraction: float
     bad_utf8: str
@@ -160,16 +170,27 @@ def plan(data_cfg: DataConfig) -> tuple[str, list[Shard], list]:
             f"data.source={data_cfg.source!r} has no documents to prepare; choose "
             "packaged, text or tfds."
         )
-    names = _relative_names(files)
-    io = documents.gfile()
-    identity = []
-    for path, name in zip(files, names):
-        stat = io.stat(path)
-        identity.append([name, stat.length, stat.mtime_nsec])
+    identity, parts = _file_parts(files)
     shards = [
-        Shard(i, len(files), name, path=path) for i, (path, name) in enumerate(zip(files, names))
+        Shard(i, len(parts), name, path=path, start=start, stop=stop)
+        for i, (path, name, start, stop) in enumerate(parts)
     ]
     return data_cfg.name or data_cfg.source, shards, identity
+
+
+def _file_parts(files: list[str]) -> tuple[list, list[tuple[str, str, int, int]]]:
+    """(identity: [name, size, mtime, parts] per file; [(path, name, start, stop)] per part)."""
+    io = documents.gfile()
+    identity, parts = [], []
+    for path, name in zip(files, _relative_names(files)):
+        stat = io.stat(path)
+        cuts = documents.file_parts(path, stat.length)
+        identity.append([name, stat.length, stat.mtime_nsec, len(cuts)])
+        unit = "row groups" if documents.file_format(path) == "parquet" else "bytes"
+        parts += [
+            (path, name if len(cuts) == 1 else f"{name} {unit} {a}:{b}", a, b) for a, b in cuts
+        ]
+    return identity, parts
 
 
 def store_key(data_cfg: DataConfig, identity: list, tokenizer: Tokenizer) -> str:
@@ -200,9 +221,10 @@ def store_root(data_cfg: DataConfig, workdir: str) -> str:
 # ---------------------------------------------------------------- one shard
 
 
-def held_out(key: str, fraction: float) -> bool:
-    """Whether document `key` ("FILE:INDEX") belongs to the validation split (module docstring)."""
-    return int(hashlib.sha256(key.encode()).hexdigest(), 16) < fraction * (1 << 256)
+def held_out(text: str, fraction: float) -> bool:
+    """Whether document `text` belongs to the validation split (module docstring)."""
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return int(digest, 16) < fraction * (1 << 256)
 
 
 def _shard_documents(
@@ -211,17 +233,15 @@ def _shard_documents(
     """(split, text) of the shard's documents, in order."""
     if shard.path:
         texts = documents.read_documents(
-            shard.path, settings.text_key, bad_utf8=settings.bad_utf8, counts=counts
+            shard.path,
+            settings.text_key,
+            start=shard.start,
+            stop=shard.stop,
+            bad_utf8=settings.bad_utf8,
+            counts=counts,
         )
-        for i, text in enumerate(texts):
-            yield (
-                (
-                    "validation"
-                    if held_out(f"{shard.name}:{i}", settings.validation_fraction)
-                    else "train"
-                ),
-                text,
-            )
+        for text in texts:
+            yield "validation" if held_out(text, settings.validation_fraction) else "train", text
         return
     for text in tfds_texts(shard.tfds_name, shard.tfds_dir, shard.name, settings.text_key):
         counts.documents += 1
@@ -263,7 +283,7 @@ def prepare_tokenizer(
     if not workdir:
         raise ConfigError(
             "data.tokenizer is empty and there is no workdir to train one into: set "
-            "data.tokenizer to a SentencePiece .model file."
+            "data.tokenizer to a SentencePiece .model or a tokenizer.json file."
         )
     path = os.path.join(workdir, RUN_TOKENIZER)
     io_ = documents.gfile()
@@ -324,7 +344,7 @@ def prepare_shard(shard: Shard, settings: Settings) -> dict:
     if done is not None:
         return done
     start = time.perf_counter()
-    tokenizer = Tokenizer(settings.tokenizer_proto)
+    tokenizer = from_serialized(settings.tokenizer_bytes)
     dtype = store.token_dtype(tokenizer.vocab_size)
     writers = {
         split: store.RecordWriter(
@@ -424,7 +444,7 @@ def prepare(
     documents.gfile().makedirs(directory)
     settings = Settings(
         directory,
-        tokenizer.model_proto,
+        tokenizer.serialized,
         data_cfg.text_feature,
         data_cfg.validation_fraction,
         data_cfg.bad_utf8,
