@@ -67,6 +67,23 @@ DEVICE_KINDS = {
     "TPU v6 lite": "v6e",
     "TPU v6e": "v6e",
 }
+# Dense peak FLOP/s per chip by the start of `device.device_kind` (the longest matching
+# prefix wins): (16-bit matmuls, float32 matmuls). TPUs run float32 matmuls at default
+# precision as bfloat16 MXU passes, so both numbers are the bf16 peak; NVIDIA GPUs run them
+# as TF32 on tensor cores (XLA's default), so the second number is the TF32 peak. H100 kinds
+# are named in full: the PCIe and NVL cards are slower than SXM, and an unknown H100 variant
+# reports no peak rather than a wrong one. TPU peaks come from `GENERATIONS` (by
+# `DEVICE_KINDS`); GPU peaks are from NVIDIA's data sheets.
+PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    **{kind: (GENERATIONS[g].peak_flops,) * 2 for kind, g in DEVICE_KINDS.items()},
+    "NVIDIA A100": (312e12, 156e12),  # SXM and PCIe alike
+    "NVIDIA L4": (121e12, 60e12),
+    "NVIDIA H100 80GB HBM3": (989e12, 495e12),  # SXM5
+    "NVIDIA H100 SXM": (989e12, 495e12),
+    "NVIDIA H100 PCIe": (756e12, 378e12),
+    "NVIDIA H100 NVL": (835e12, 418e12),
+    "NVIDIA H200": (989e12, 495e12),
+}
 # Other spellings `lmjax compile --topology` accepts (libtpu's and the marketing name).
 ALIASES = {"v5e": "v5litepod"}
 

@@ -13,9 +13,8 @@ import pytest
 from lmjax import cli, hardware
 from lmjax.batch import BATCH_KEYS
 from lmjax.config import ConfigError, ModelConfig
-from lmjax.model import transformer
+from lmjax.model import flops, transformer
 from lmjax.model.objective import loss_terms
-from lmjax.observe import metrics
 from lmjax.tools import aot
 from lmjax.train import optim, trainer
 from tests import tpu_compiler
@@ -101,7 +100,7 @@ def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
     assert report.alias_bytes > 0.9 * report.output_bytes  # donated state is updated in place
     assert 0 < report.total_bytes < 64 * 1024**2 and report.fits
     assert report.model_flops == pytest.approx(
-        metrics.flops_per_token(config.model, 128) * 8 * 128 / 4
+        flops.flops_per_token(config.model, 128) * 8 * 128 / 4
     )
     assert report.compile_seconds > 0
 

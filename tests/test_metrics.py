@@ -6,7 +6,7 @@ import types
 import pytest
 
 from lmjax.config import ConfigError
-from lmjax.observe import goodput, metrics, report
+from lmjax.observe import goodput, metrics, report, throughput
 
 
 def _device(kind, platform):
@@ -25,15 +25,15 @@ def _device(kind, platform):
     ],
 )
 def test_gpu_peaks_by_variant_and_dtype(kind, dtype, peak, says):
-    got, source = metrics.peak_flops(_device(kind, "gpu"), dtype)
+    got, source = throughput.peak_flops(_device(kind, "gpu"), dtype)
     assert got == peak and kind in source and says in source
 
 
 def test_unknown_h100_variant_has_no_peak_and_tpu_float32_is_the_bf16_rate():
-    got, source = metrics.peak_flops(_device("NVIDIA H100", "gpu"))
+    got, source = throughput.peak_flops(_device("NVIDIA H100", "gpu"))
     assert got != got  # NaN: no guess from another variant
     assert "unknown device kind" in source
-    assert metrics.peak_flops(_device("TPU v5p", "tpu"), "float32") == (
+    assert throughput.peak_flops(_device("TPU v5p", "tpu"), "float32") == (
         459e12,
         "table (TPU v5p, float32 matmuls as bf16 passes at default precision)",
     )

@@ -10,7 +10,8 @@ import pytest
 
 from lmjax import cli, hardware
 from lmjax.config import ConfigError, ModelConfig
-from lmjax.tools import aot, plan, roofline
+from lmjax.model import flops
+from lmjax.tools import aot, hlo, plan, roofline
 from tests import tpu_compiler
 
 GiB = 1024**3
@@ -97,13 +98,13 @@ def test_remat_recompute_flops_worked_by_hand():
     cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=192)
     # q, k, v, o: 64 x 16 x (4 + 2 + 2 + 4) = 12288; MLP 3 x 64 x 192 = 36864;
     # attention at seq 128: 2 x 4 x 16 x 128 = 16384 per token per layer.
-    flops = lambda remat: roofline.remat_recompute_flops_per_token(
+    recompute = lambda remat: flops.remat_recompute_flops_per_token(
         ModelConfig(**{**cfg.__dict__, "remat": remat}), 128
     )
-    assert flops("none") == 0
-    assert flops("full") == 2 * (2 * (12288 + 36864) + 16384)
-    assert flops("save_dots") == 2 * 16384
-    assert flops("save_attn") == 2 * (2 * (64 * 16 * 4 + 36864) + 16384)
+    assert recompute("none") == 0
+    assert recompute("full") == 2 * (2 * (12288 + 36864) + 16384)
+    assert recompute("save_dots") == 2 * 16384
+    assert recompute("save_attn") == 2 * (2 * (64 * 16 * 4 + 36864) + 16384)
 
 
 def test_roofline_estimate_worked_by_hand():
@@ -143,10 +144,10 @@ def test_roofline_estimate_worked_by_hand():
 
 
 def test_ring_bytes():
-    assert roofline.ring_bytes("all-gather", 800, 8) == 700
-    assert roofline.ring_bytes("reduce-scatter", 100, 8) == 700
-    assert roofline.ring_bytes("all-reduce", 800, 8) == 1400
-    assert roofline.ring_bytes("all-reduce", 800, 1) == 0
+    assert hlo.ring_bytes("all-gather", 800, 8) == 700
+    assert hlo.ring_bytes("reduce-scatter", 100, 8) == 700
+    assert hlo.ring_bytes("all-reduce", 800, 8) == 1400
+    assert hlo.ring_bytes("all-reduce", 800, 1) == 0
 
 
 HLO = """\
@@ -174,7 +175,7 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 def test_hlo_collectives_count_loop_bodies_per_iteration_and_find_dcn():
     # devices 0-3 on slice 0, 4-7 on slice 1
-    found = {c.kind: c for c in roofline.collectives(HLO, [0, 0, 0, 0, 1, 1, 1, 1])}
+    found = {c.kind: c for c in hlo.collectives(HLO, [0, 0, 0, 0, 1, 1, 1, 1])}
     ag, ar, rs = found["all-gather"], found["all-reduce"], found["reduce-scatter"]
     assert (ag.result_bytes, ag.group_size, ag.executions, ag.crosses_slices) == (
         8192,
@@ -200,7 +201,7 @@ def test_hlo_collectives_count_loop_bodies_per_iteration_and_find_dcn():
     ],
 )
 def test_replica_group_spellings(line, groups):
-    assert roofline.replica_groups(line, 4) == groups
+    assert hlo.replica_groups(line, 4) == groups
 
 
 # ---------------------------------------------------------------- run length and budget

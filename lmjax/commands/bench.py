@@ -7,7 +7,7 @@ import jax
 from lmjax.config import Config, ModelConfig
 from lmjax.inference import saved_run
 from lmjax.model import transformer
-from lmjax.observe import metrics
+from lmjax.observe import throughput
 from lmjax.tools import bench
 
 
@@ -23,7 +23,7 @@ def step(config: Config, sweeps: list[str], steps: int, profile_dir: str = "") -
     )
     cases = bench.time_sweep(config, sweeps, steps, profile_dir)
     for dtype in sorted({cfg.model.dtype for _, cfg, _ in cases}):
-        peak, source = metrics.peak_flops(device, dtype)
+        peak, source = throughput.peak_flops(device, dtype)
         print(f"MFU peak for {dtype}: {peak / 1e12:.3f} TFLOP/s ({source})")
     width = max(44, *(len(name) for name, _, _ in cases))
     print(

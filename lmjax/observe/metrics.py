@@ -1,139 +1,16 @@
-"""FLOPs accounting, MFU, metric writers (JSONL, TensorBoard, terminal progress), and the one
-reader of a run's metrics.jsonl."""
+"""A run's records: the writers (metrics.jsonl, TensorBoard, terminal progress, extra outputs
+such as W&B) and the one reader of metrics.jsonl."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import resource
 import sys
 import time
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
-
-from lmjax.config import ModelConfig
-from lmjax.hardware import DEVICE_KINDS, GENERATIONS
-from lmjax.model import transformer
-
-# Dense peak FLOP/s per chip by the start of `device.device_kind` (the longest matching
-# prefix wins): (16-bit matmuls, float32 matmuls). TPUs run float32 matmuls at default
-# precision as bfloat16 MXU passes, so both numbers are the bf16 peak; NVIDIA GPUs run them
-# as TF32 on tensor cores (XLA's default), so the second number is the TF32 peak. H100 kinds
-# are named in full: the PCIe and NVL cards are slower than SXM, and an unknown H100 variant
-# reports no peak rather than a wrong one. TPU peaks come from `hardware.GENERATIONS` (by
-# `hardware.DEVICE_KINDS`); GPU peaks are from NVIDIA's data sheets.
-PEAK_FLOPS: dict[str, tuple[float, float]] = {
-    **{kind: (GENERATIONS[g].peak_flops,) * 2 for kind, g in DEVICE_KINDS.items()},
-    "NVIDIA A100": (312e12, 156e12),  # SXM and PCIe alike
-    "NVIDIA L4": (121e12, 60e12),
-    "NVIDIA H100 80GB HBM3": (989e12, 495e12),  # SXM5
-    "NVIDIA H100 SXM": (989e12, 495e12),
-    "NVIDIA H100 PCIe": (756e12, 378e12),
-    "NVIDIA H100 NVL": (835e12, 418e12),
-    "NVIDIA H200": (989e12, 495e12),
-}
-
 # A run's log, in its workdir: one JSON object a line, appended by every start of the run.
 METRICS_FILE = "metrics.jsonl"
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul params, plus causal attention counted once per
-    (query, key) pair: 3 passes x 2 matmuls x 2 flops x heads x head_dim x seq/2 per layer."""
-    n_matmul = transformer.count_params(cfg, include_embed=False)
-    if cfg.tie_embeddings:  # the tied embedding still costs a vocab projection
-        n_matmul += cfg.vocab_size * cfg.d_model
-    attention = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-    return 6.0 * n_matmul + attention
-
-
-def _best_seconds(fn, x, repeats: int = 5, *, chain: bool = False) -> float:
-    """The fastest of `repeats` timed calls of the jitted `fn(x)`, after one warm-up call;
-    with `chain`, each call takes the previous result (so a donating `fn` reuses its buffer)."""
-    y = fn(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        y = fn(y if chain else x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-@functools.cache
-def _measured_cpu_peak(dtype: str) -> float:
-    n = 1024
-    return 2 * n**3 / _best_seconds(jax.jit(lambda x: x @ x), jnp.ones((n, n), dtype))
-
-
-@functools.cache
-def measured_cpu_bandwidth(n_bytes: int = 256 * 1024**2) -> float:
-    """Memory bytes per second of this CPU: a jitted `x + 1` over `n_bytes` of float32 reads
-    and writes each element once, in place (a donated buffer: no fresh pages to fault in)."""
-    add = jax.jit(lambda a: a + 1, donate_argnums=0)
-    return 2 * n_bytes / _best_seconds(add, jnp.zeros(n_bytes // 4), chain=True)
-
-
-def peak_flops(device: jax.Device, compute_dtype: str = "bfloat16") -> tuple[float, str]:
-    """(peak FLOP/s of one device for matmuls in `compute_dtype`, where the number comes from)."""
-    kind = device.device_kind
-    float32 = jnp.dtype(compute_dtype) == jnp.float32
-    for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if kind.startswith(prefix):
-            peak = PEAK_FLOPS[prefix][1 if float32 else 0]
-            if not float32:
-                return peak, f"table ({kind}, 16-bit)"
-            unit = "TF32" if device.platform == "gpu" else "bf16 passes at default precision"
-            return peak, f"table ({kind}, float32 matmuls as {unit})"
-    if device.platform == "cpu":
-        return _measured_cpu_peak(compute_dtype), f"measured {compute_dtype} matmul on this CPU"
-    return float("nan"), f"unknown device kind {kind!r}: no peak, so no MFU"
-
-
-class Throughput:
-    """Tokens/s, TFLOP/s per device and MFU of a step of `seconds` (the one home of this
-    arithmetic: training logs it, `lmjax bench` prints it)."""
-
-    def __init__(
-        self, model_cfg: ModelConfig, batch_size: int, seq_len: int, devices: list[jax.Device]
-    ):
-        self.tokens = batch_size * seq_len
-        self.flops = flops_per_token(model_cfg, seq_len) * self.tokens
-        self.peak, self.peak_source = peak_flops(devices[0], model_cfg.dtype)
-        self.n_devices = len(devices)
-
-    def __call__(self, seconds: float) -> dict[str, float]:
-        per_device = self.flops / seconds / self.n_devices
-        return {
-            "tokens_per_second": self.tokens / seconds,
-            "tflops_per_device": per_device / 1e12,
-            "mfu": per_device / self.peak,
-        }
-
-
-def memory_usage() -> dict[str, float]:
-    """GiB: device memory in use and its peak on the first local device (when the backend
-    reports it; the CPU backend does not), and this process's resident host memory."""
-    out = {}
-    stats = jax.local_devices()[0].memory_stats() or {}
-    for key, name in (
-        ("bytes_in_use", "device_memory_gib"),
-        ("peak_bytes_in_use", "device_memory_peak_gib"),
-    ):
-        if key in stats:
-            out[name] = stats[key] / 2**30
-    out["host_rss_gib"] = _host_rss_bytes() / 2**30
-    return out
-
-
-def _host_rss_bytes() -> int:
-    try:  # Linux: the current resident set; elsewhere the peak is the best available
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class MetricsWriter:

@@ -20,10 +20,10 @@ from lmjax.batch import abstract_batch
 from lmjax.checkpoint import checkpointer
 from lmjax.config import Config, ConfigError, validate
 from lmjax.hardware import Target
-from lmjax.observe import metrics
+from lmjax.model import flops
 from lmjax.parallel import sharding
 from lmjax.parallel.sharding import format_bytes
-from lmjax.tools import roofline
+from lmjax.tools import hlo
 from lmjax.train import trainer as trainer_lib
 
 GiB = 1024**3
@@ -83,7 +83,7 @@ class CompileReport:
     compile_cpu_seconds: float  # this process's CPU time (the wall clock on an idle machine)
     xla_flops: float  # per chip per step, XLA's cost analysis: loop bodies counted once
     xla_optimal_seconds: float  # the TPU compiler's own estimate (nan elsewhere); loops once
-    model_flops: float  # per chip per step, from metrics.flops_per_token
+    model_flops: float  # per chip per step, from flops.flops_per_token
     tokens_per_step: int
     pallas_calls: int  # tpu_custom_call ops (Pallas kernels such as splash attention)
     ici_bytes: float  # per chip per step, sent by collectives within a slice (roofline.py)
@@ -157,11 +157,11 @@ def _report(
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     tokens = config.data.batch_size * config.data.seq_len
-    hlo = compiled.as_text()
-    pallas_calls = hlo.count('custom_call_target="tpu_custom_call"')
-    model_flops = metrics.flops_per_token(config.model, config.data.seq_len) * tokens / mesh.size
+    hlo_text = compiled.as_text()
+    pallas_calls = hlo_text.count('custom_call_target="tpu_custom_call"')
+    model_flops = flops.flops_per_token(config.model, config.data.seq_len) * tokens / mesh.size
     slice_of = [getattr(d, "slice_index", 0) for d in mesh.devices.flat]
-    sent = roofline.collectives(hlo, slice_of)
+    sent = hlo.collectives(hlo_text, slice_of)
     return CompileReport(
         target,
         num_slices,

@@ -23,7 +23,7 @@ from lmjax.config import Config, ModelConfig, apply_overrides, parse_sweep, vali
 from lmjax.data.pipeline import synthetic_batch
 from lmjax.inference import generate
 from lmjax.model import transformer
-from lmjax.observe import metrics
+from lmjax.observe import throughput
 from lmjax.parallel import sharding
 from lmjax.train import compile_cache, trainer as trainer_lib
 
@@ -74,7 +74,7 @@ def _summary(case: _Case) -> dict[str, float]:
     device, MFU."""
     config = case.config
     step_s = statistics.median(case.wall)
-    rates = metrics.Throughput(
+    rates = throughput.Throughput(
         config.model, config.data.batch_size, config.data.seq_len, jax.devices()
     )(step_s)
     return {

@@ -27,8 +27,8 @@ import jax
 
 from lmjax.config import Config, ConfigError, apply_overrides, parse_sweep, validate
 from lmjax.hardware import parse_target
-from lmjax.model import transformer
-from lmjax.observe import metrics
+from lmjax.model import flops, transformer
+from lmjax.observe import throughput
 from lmjax.parallel import sharding
 from lmjax.parallel.sharding import format_bytes
 from lmjax.tools import aot, bench, roofline
@@ -318,7 +318,7 @@ def estimate_step(report, config: Config, hw: roofline.Hardware) -> roofline.Est
     """The roofline estimate of one compiled candidate (per chip, per step)."""
     chips = math.prod(report.mesh_shape.values())
     tokens = report.tokens_per_step / chips
-    recompute = roofline.remat_recompute_flops_per_token(config.model, config.data.seq_len)
+    recompute = flops.remat_recompute_flops_per_token(config.model, config.data.seq_len)
     return roofline.estimate(
         hw,
         model_flops=report.model_flops,
@@ -528,8 +528,8 @@ def run_length(
 def compute_optimal(chip_hours: float, peak_flops: float, mfu: float) -> tuple[float, float]:
     """(parameters N, tokens D) that spend `chip_hours` at `mfu` of `peak_flops` per chip with
     C = 6 N D and D = CHINCHILLA_TOKENS_PER_PARAM x N."""
-    flops = chip_hours * 3600 * peak_flops * mfu
-    n = math.sqrt(flops / (6 * CHINCHILLA_TOKENS_PER_PARAM))
+    budget = chip_hours * 3600 * peak_flops * mfu
+    n = math.sqrt(budget / (6 * CHINCHILLA_TOKENS_PER_PARAM))
     return n, CHINCHILLA_TOKENS_PER_PARAM * n
 
 
@@ -570,17 +570,17 @@ def budget_proposal(
     n, d = compute_optimal(chip_hours, peak_flops, mfu)
     sizes = {name: transformer.count_params(cfg) for name, cfg in presets.items()}
     nearest = min(sizes, key=lambda k: abs(math.log(sizes[k] / n))) if sizes else None
-    flops = chip_hours * 3600 * peak_flops * mfu
+    budget = chip_hours * 3600 * peak_flops * mfu
     return {
         "chip_hours": chip_hours,
         "mfu_assumed": mfu,
-        "flops": flops,
+        "flops": budget,
         "optimal_params": n,
         "optimal_tokens": d,
         "tokens_per_param": CHINCHILLA_TOKENS_PER_PARAM,
         "preset": nearest,
         "preset_params": sizes.get(nearest),
-        "preset_tokens": flops / (6 * sizes[nearest]) if nearest else None,
+        "preset_tokens": budget / (6 * sizes[nearest]) if nearest else None,
         "derived_shape": derived_shape(n, vocab_size),
     }
 
@@ -593,8 +593,8 @@ def cpu_hardware(compute_dtype: str) -> roofline.Hardware:
     and memory bandwidth (`metrics`), shared equally by the devices (they run on the same
     cores); collectives are copies at memory bandwidth; nothing overlaps."""
     n = jax.device_count()
-    peak, _ = metrics.peak_flops(jax.devices()[0], compute_dtype)
-    bandwidth = metrics.measured_cpu_bandwidth()
+    peak, _ = throughput.peak_flops(jax.devices()[0], compute_dtype)
+    bandwidth = throughput.measured_cpu_bandwidth()
     return roofline.Hardware(
         peak / n, bandwidth / n, 2 * bandwidth / n, bandwidth / n, overlapped=False
     )

@@ -12,7 +12,7 @@ import os
 
 import jax
 
-from lmjax.observe import goodput, metrics as metrics_lib
+from lmjax.observe import goodput, metrics as metrics_lib, throughput
 from lmjax.train.loop import Hook
 
 log = logging.getLogger("lmjax")
@@ -45,19 +45,19 @@ class StepMetrics(Hook):
         self,
         writer: metrics_lib.MetricsWriter,
         summary: dict,
-        throughput: metrics_lib.Throughput,
+        rates: throughput.Throughput,
         log_every: int,
         total: int,
     ):
-        self.writer, self.summary, self.throughput = writer, summary, throughput
+        self.writer, self.summary, self.rates = writer, summary, rates
         self.log_every, self.total = log_every, total
 
     def on_metrics(self, step, values, seconds):
         values = {k: v for k, v in values.items() if k != "finite"}
-        values.update(step_seconds=seconds, **self.throughput(seconds))
+        values.update(step_seconds=seconds, **self.rates(seconds))
         self.summary.update(values)
         if step % self.log_every == 0 or step == self.total:
-            self.writer.write(step, {**values, **metrics_lib.memory_usage()})
+            self.writer.write(step, {**values, **throughput.memory_usage()})
 
 
 class Checkpoints(Hook):

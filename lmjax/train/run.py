@@ -17,7 +17,7 @@ from lmjax.config import Config, profile_window, to_json, validate, validate_tok
 from lmjax.data import prepare
 from lmjax.inference import generate
 from lmjax.model import transformer
-from lmjax.observe import goodput, metrics as metrics_lib, wandb_log
+from lmjax.observe import goodput, metrics as metrics_lib, throughput, wandb_log
 from lmjax.parallel import sharding
 from lmjax.train import compile_cache, hooks as hooks_lib, loop
 from lmjax.train.trainer import Trainer, TrainState, evaluate_params, global_batch, make_trainer
@@ -113,17 +113,17 @@ def _hooks(
     """The built-in hooks, in the order they see each event."""
     config, trainer = setup.config, setup.trainer
     total, skip = config.run.steps, config.checkpoint.on_nonfinite == "skip"
-    throughput = metrics_lib.Throughput(
+    rates = throughput.Throughput(
         config.model, config.data.batch_size, config.data.seq_len, jax.devices()
     )
-    log.info("peak FLOP/s per device: %.3g (%s)", throughput.peak, throughput.peak_source)
+    log.info("peak FLOP/s per device: %.3g (%s)", rates.peak, rates.peak_source)
     eval_sets = setup.pipeline.eval_sets(config.run.eval_batches)
     ckpt = checkpointer.Checkpointer(
         paths.checkpoint_dir(workdir), config.checkpoint, resumed_at=int(setup.state.step)
     )
     out = [
         hooks_lib.NonfiniteGuard(skip),
-        hooks_lib.StepMetrics(writer, summary, throughput, config.run.log_every, total),
+        hooks_lib.StepMetrics(writer, summary, rates, config.run.log_every, total),
         hooks_lib.Checkpoints(
             ckpt,
             schedule.SaveSchedule(config.checkpoint, total, signals),

@@ -1,0 +1,38 @@
+"""FLOPs per token of a model: what training computes (6N plus causal attention, for MFU) and
+what a remat policy makes the backward pass recompute (for the step-time model)."""
+
+from __future__ import annotations
+
+from lmjax.config import ModelConfig
+from lmjax.model import transformer
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul params, plus causal attention counted once per
+    (query, key) pair: 3 passes x 2 matmuls x 2 flops x heads x head_dim x seq/2 per layer."""
+    n_matmul = transformer.count_params(cfg, include_embed=False)
+    if cfg.tie_embeddings:  # the tied embedding still costs a vocab projection
+        n_matmul += cfg.vocab_size * cfg.d_model
+    attention = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    return 6.0 * n_matmul + attention
+
+
+def remat_recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token that the backward pass recomputes under `cfg.remat`.
+
+    none: nothing. full: each layer's whole forward (projections, MLP, attention).
+    save_dots: the attention scores and context (dots with batch dimensions are not saved;
+    the projections are). save_attn: the output projection, the MLP and the attention core
+    (only the named q/k/v and attention output are kept). The loss is never recomputed.
+    """
+    proj = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    out_proj = cfg.d_model * cfg.head_dim * cfg.n_heads
+    mlp = 3 * cfg.d_model * cfg.d_mlp
+    attention = 2 * cfg.n_heads * cfg.head_dim * seq_len  # causal: half of the S x S pairs
+    per_layer = {
+        "none": 0.0,
+        "full": 2.0 * (proj + mlp) + attention,
+        "save_dots": float(attention),
+        "save_attn": 2.0 * (out_proj + mlp) + attention,
+    }[cfg.remat]
+    return cfg.n_layers * per_layer
