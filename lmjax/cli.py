@@ -189,6 +189,12 @@ def _cmd_data_preview(args) -> int:
     return 0
 
 
+def _cmd_data_verify(args) -> int:
+    from lmjax.commands import data
+
+    return data.verify(args.store, args.workers)
+
+
 def _cmd_data_prepare(args) -> int:
     from lmjax.commands import data
 
@@ -518,6 +524,13 @@ def _add_data(sub) -> None:
         "--region=us-central1 --temp_location=gs://b/tmp' for Dataflow",
     )
     q.set_defaults(func=_cmd_data_prepare)
+
+    q = dt.add_parser(
+        "verify", help="read every record of a store (checksums) in parallel; name bad shards"
+    )
+    q.add_argument("store", help="the store directory (holding store.json), local or gs://")
+    q.add_argument("--workers", type=int, default=16, help="objects read at once")
+    q.set_defaults(func=_cmd_data_verify)
 
 
 def _add_soak(sub) -> None:

@@ -6,6 +6,7 @@ These variables must be set before jax is imported anywhere in the test process.
 import itertools
 import os
 import re
+import subprocess
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -57,3 +58,20 @@ def gcs_bucket(gcs_server, monkeypatch, request):
 
 
 _BUCKET_NUMBERS = itertools.count()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a 1 MiB tmpfs (room for a few TINY checkpoints), or None where mounting
+    is not permitted (not root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
+        yield None
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -499,23 +499,6 @@ def test_second_signal_exits_at_once():
     assert out.returncode == -signal.SIGTERM
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A directory on a 1 MiB tmpfs (room for a few TINY checkpoints), or None where mounting
-    is not permitted (not root)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
-    ).returncode:
-        yield None
-        return
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_stops_the_run_cleanly_and_keeps_the_last_checkpoint(
     tmp_path, trained, small_disk, monkeypatch
 ):

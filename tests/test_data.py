@@ -1,4 +1,4 @@
-"""Preparation into the ArrayRecord store and the random-access pipeline, checked against naive
+"""Preparation into the TensorStore (zarr3) store and the random-access pipeline, checked against naive
 references (sentencepiece on the raw documents, a Python loop over tokens)."""
 
 import dataclasses
@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from lmjax import cli
 from lmjax.batch import BATCH_KEYS
@@ -26,6 +27,7 @@ from lmjax.data import beam_engine, documents, prepare, shuffle, store
 from lmjax.data.pipeline import DataStateError, make_pipeline
 from lmjax.data.prepare import prepare_tokenizer
 from lmjax.data.tokenizer import load_tokenizer, train_tokenizer
+from lmjax.errors import FaultError
 
 SONNETS = os.path.join(documents.PACKAGED_DIR, "sonnets.txt")
 SEQ, BATCH = 32, 8
@@ -207,26 +209,23 @@ def _corpus_files(root, n):
 
 def same_store(directory, other):
     """Asserts two stores hold the same files with the same bytes; their JSON records may
-    differ only in timings (seconds, tokens_per_second, megabytes_per_second). Temporary files
-    of killed writers (NAME.tmp-PID) are not part of a store."""
-
-    def untimed(x):
-        if isinstance(x, dict):
-            return {
-                k: untimed(v)
-                for k, v in x.items()
-                if k not in ("seconds", "tokens_per_second", "megabytes_per_second")
-            }
-        return [untimed(v) for v in x] if isinstance(x, list) else x
+    differ only in timings (seconds, tokens_per_second, megabytes_per_second). Lock files of
+    killed writers (NAME.__lock) are not part of a store."""
 
     names, other_names = (
-        sorted(f for f in os.listdir(d) if ".tmp-" not in f) for d in (directory, other)
+        sorted(
+            os.path.relpath(os.path.join(parent, f), d)
+            for parent, _, files in os.walk(d)
+            for f in files
+            if not f.endswith(".__lock")
+        )
+        for d in (directory, other)
     )
     assert names == other_names and store.META in names
     for name in names:
         a, b = (open(os.path.join(d, name), "rb").read() for d in (directory, other))
         if name.endswith(".json"):
-            assert untimed(json.loads(a)) == untimed(json.loads(b)), name
+            assert _untimed(json.loads(a)) == _untimed(json.loads(b)), name
         else:
             assert a == b, name
 
@@ -335,20 +334,140 @@ def test_beam_runner_and_options_mistakes_are_config_errors_before_any_work(
     assert options.get_all_options()["project"] == "p"
 
 
-def test_missing_or_truncated_store_file_is_a_clear_error(corpus, tok, prepared, tmp_path):
+def test_damaged_store_object_is_named_with_its_repair_and_verify_finds_it(
+    corpus, tok, prepared, tmp_path, capsys
+):
+    """A flipped byte, a truncation and a missing object each raise one line naming the object
+    and the repair; `lmjax data verify` names the shard; the repair redoes only that shard."""
     import shutil
 
     directory = str(tmp_path / os.path.basename(prepared[0]))
     shutil.copytree(prepared[0], directory)
-    victim = os.path.join(directory, store.shard_file("train", 0, 4))
+    victim = os.path.join(directory, store.shard_array("train", 0, 4), "c", "0")
+    record = os.path.join(directory, store.shard_meta_file(0, 4))
     data = open(victim, "rb").read()
-    open(victim, "wb").write(data[: len(data) // 2])
-    pipe = make_pipeline(text_cfg(corpus), tok, stores={"text": directory})
-    with pytest.raises(ConfigError, match=f"store file {victim} holds .* truncated"):
-        take(pipe, 0, 40)
-    os.remove(victim)
-    with pytest.raises(ConfigError, match=f"store file {victim} is missing"):
-        make_pipeline(text_cfg(corpus), tok, stores={"text": directory}).train_batch(3)
+    assert cli.main(["data", "verify", directory]) == 0
+    assert "all 4 shards sound" in capsys.readouterr().out
+    for damaged, reason in [
+        (data[:100] + bytes([data[100] ^ 1]) + data[101:], "Digest mismatch"),
+        (data[: len(data) // 2], "Digest mismatch"),
+        (None, "is missing"),
+    ]:
+        if damaged is None:
+            os.remove(victim)
+        else:
+            open(victim, "wb").write(damaged)
+        pipe = make_pipeline(text_cfg(corpus), tok, stores={"text": directory})
+        with pytest.raises(FaultError) as caught:
+            take(pipe, 0, 40)
+        message = str(caught.value)
+        assert "\n" not in message and reason in message
+        assert message.startswith(f"store object {victim} (tokens [") and (
+            f"delete {record} and run `lmjax data prepare`" in message
+        )
+        assert cli.main(["data", "verify", directory]) == 1
+        out = capsys.readouterr().out
+        assert out.startswith(f"shard 0: store object {victim}") and "1 of 4 shards damaged" in out
+    os.remove(record)
+    stamps = {
+        i: os.stat(os.path.join(directory, store.shard_meta_file(i, 4))).st_mtime_ns
+        for i in (1, 2, 3)
+    }
+    again, _ = prepare.prepare(text_cfg(corpus), tok, str(tmp_path))
+    assert again == directory and open(victim, "rb").read() == data
+    assert stamps == {
+        i: os.stat(os.path.join(directory, store.shard_meta_file(i, 4))).st_mtime_ns
+        for i in (1, 2, 3)
+    }  # only shard 0 was redone
+    same_store(directory, prepared[0])
+    assert cli.main(["data", "verify", directory]) == 0
+
+
+def _store_objects(directory):
+    """{relative name: bytes} of every object of a store, local or gs:// (TensorStore's
+    listing: the same client lmjax uses), lock files of killed writers left out."""
+    kv = ts.KvStore.open(store.kvstore_spec(directory)).result()
+    return {
+        key.decode(): kv.read(key).result().value
+        for key in kv.list().result()
+        if not key.endswith(b".__lock")
+    }
+
+
+def _untimed_objects(objects):
+    return {k: _untimed(json.loads(v)) if k.endswith(".json") else v for k, v in objects.items()}
+
+
+def _untimed(x):
+    if isinstance(x, dict):
+        return {
+            k: _untimed(v)
+            for k, v in x.items()
+            if k not in ("seconds", "tokens_per_second", "megabytes_per_second")
+        }
+    return [_untimed(v) for v in x] if isinstance(x, list) else x
+
+
+def test_a_run_finds_its_store_from_the_workdir_record_in_o1(corpus, tok, tmp_path, monkeypatch):
+    """Process 0 resolves the store once and records it in the workdir; later starts and the
+    other processes read the record without listing an input, so renamed or re-uploaded
+    inputs never orphan the store; changed settings resolve again."""
+    import shutil
+
+    inputs = tmp_path / "inputs"
+    shutil.copytree(corpus[0], inputs)
+    cfg = text_cfg((str(inputs), corpus[1]), prepare_timeout_s=0.0)
+    workdir = str(tmp_path / "run")
+    stores = prepare.run_stores(cfg, tok, workdir, leader=True)
+    record = store.read_json(os.path.join(workdir, prepare.STORE_RECORD))
+    assert record["stores"] == stores and store.open_store(stores["text"])
+    for name in os.listdir(inputs):  # a re-upload: same bytes, new modification times
+        (inputs / name).write_bytes((inputs / name).read_bytes())
+    assert prepare.resolve_stores(cfg, tok, str(tmp_path / "run" / "data"), leader=False) == stores
+    (inputs / "a.txt").rename(inputs / "renamed.txt")
+
+    def listed(*args, **kwargs):
+        raise AssertionError("a start with a matching record listed the inputs")
+
+    monkeypatch.setattr(prepare, "plan", listed)
+    for leader in (True, False):
+        assert prepare.run_stores(cfg, tok, workdir, leader=leader) == stores
+    changed = dataclasses.replace(cfg, validation_fraction=0.3)
+    with pytest.raises(ConfigError, match="waited 0 s for process 0 to prepare.*record"):
+        prepare.run_stores(changed, tok, workdir, leader=False)
+    monkeypatch.undo()
+    other = prepare.run_stores(changed, tok, workdir, leader=True)
+    assert other != stores
+    assert prepare.run_stores(changed, tok, workdir, leader=False) == other
+
+
+def test_a_full_disk_during_preparation_is_one_line_and_leaves_no_partial_shard(
+    tok, tmp_path, small_disk, monkeypatch
+):
+    cfg = _corpus_files(tmp_path / "corpus", 6)
+    root = str((small_disk or tmp_path) / "stores")
+    if small_disk is None:  # no tmpfs: the write itself reports ENOSPC
+        import errno
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(store.TokenWriter, "close", full)
+    else:  # fill the disk, leaving room for about one shard
+        (small_disk / "ballast").write_bytes(
+            b"\0" * (os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize - 40000)
+        )
+    with pytest.raises(FaultError, match=r"the disk under .* is full .* finished shards are kept"):
+        prepare.prepare(cfg, tok, root)
+    directory = prepare.locate(cfg, tok, root)[0]
+    names = {
+        os.path.relpath(os.path.join(p, f), directory)
+        for p, _, fs in os.walk(directory)
+        for f in fs
+    }
+    done = {n[len("shard-") : len("shard-00000")] for n in names if n.startswith("shard-")}
+    assert len(done) < 6 and store.META not in names
+    assert all(n.startswith("shard-") or n.split("-")[1] in done for n in names), names
 
 
 # ---------------------------------------------------------------- reading by random access
@@ -687,7 +806,7 @@ def test_mixture_pipeline_reads_each_source_by_its_own_windows(corpus, tok, prep
     other = _corpus_files(tmp_path / "other", 4)
     prepare.prepare(dataclasses.replace(other, name="plays"), tok, root)
     cfg = text_cfg(corpus, mixture="text:0.75,plays:0.25", tokenizer=tok.path, store_dir=root)
-    stores = prepare.run_stores(cfg, tok, root, leader=False)
+    stores = prepare.resolve_stores(cfg, tok, root, leader=False)
     assert stores["text"] == prepared[0] and os.path.basename(stores["plays"]).startswith("plays-")
     pipe = make_pipeline(cfg, tok, stores=stores)
     from lmjax.data import mixture, pipeline
@@ -721,4 +840,4 @@ def test_mixture_pipeline_reads_each_source_by_its_own_windows(corpus, tok, prep
     assert_batches_equal(sets["plays"], singles["plays"].eval_batches(1))
     assert pipe.state(0)["stores"] == {n: os.path.basename(d) for n, d in stores.items()}
     with pytest.raises(ConfigError, match="holds no prepared store named 'web'.*data.name=web"):
-        prepare.run_stores(text_cfg(corpus, mixture="web:1"), tok, root, leader=False)
+        prepare.resolve_stores(text_cfg(corpus, mixture="web:1"), tok, root, leader=False)

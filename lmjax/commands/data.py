@@ -1,4 +1,4 @@
-"""`lmjax data prepare|preview`: make a run's data store, look at its batches."""
+"""`lmjax data prepare|verify|preview`: make a run's data store, check it, look at its batches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 
 from lmjax.batch import Batch
 from lmjax.config import Config
-from lmjax.data import beam_engine, prepare as prepare_lib
+from lmjax.data import beam_engine, prepare as prepare_lib, store
 from lmjax.data.pipeline import Pipeline
 from lmjax.inference import saved_run
 
@@ -45,6 +45,24 @@ def prepare(
         f"{s['megabytes_per_second']:.2f} MB/s (figures of the run that wrote the store)"
     )
     return s
+
+
+def verify(directory: str, workers: int = 16) -> int:
+    """Reads every record of the store at `directory`, `workers` objects at a time; prints
+    each damaged shard with its repair. Returns the exit code: 0 sound, 1 damaged."""
+    meta = store.open_store(directory)
+    problems = store.verify(directory, meta["vocab_size"], workers)
+    for shard, problem in problems.items():
+        print(f"shard {shard}: {problem}")
+    shards, tokens = (
+        len(meta["shards"]),
+        sum(s[split]["tokens"] for s in meta["shards"] for split in store.SPLITS),
+    )
+    if problems:
+        print(f"store {directory}: {len(problems)} of {shards} shards damaged")
+        return 1
+    print(f"store {directory}: all {shards} shards sound ({tokens:,} tokens read)")
+    return 0
 
 
 def batch_hash(batch: Batch) -> str:

@@ -2,7 +2,7 @@
 
     Create(shards) | Map(prepare one shard)
 
-Each shard's output (its ArrayRecord files, then its shard record) is written by the worker
+Each shard's output (its token arrays, then its shard record) is written by the worker
 that prepared it, into the store directory; the pipeline returns nothing to the launcher, so
 the same pipeline runs where results never come back (Dataflow, Spark, Flink). The launcher
 reads the shard records once the pipeline has finished and commits the store (`prepare.py`).

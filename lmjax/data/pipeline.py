@@ -21,8 +21,8 @@ global row g reads and which of that source's rows it is; each source then maps 
 numbers to windows by the rule above, with its own epochs and permutation keys. Evaluation
 reads each source's validation split separately (`eval_sets`).
 
-Training batches are made `_PREFETCH` steps ahead in a background thread; ArrayRecord reads the
-records of a batch in parallel.
+Training batches are made `_PREFETCH` steps ahead in a background thread; the store issues
+every read of a batch at once (`store.StoreSplit.fetch`).
 """
 
 from __future__ import annotations

@@ -3,17 +3,23 @@
 The work is split into input shards (one per part of a text file, `documents.file_parts`:
 the file, a byte range of a large one, or a Parquet row group; one per part of a TFDS split) and
 each shard is a pure function of its input: `prepare_shard` tokenizes its documents and writes
-its ArrayRecord files and shard record. An engine maps it over the shards:
+its token arrays and shard record (a failed shard leaves nothing behind). An engine maps it over the shards:
   * inline: in this process, one shard after another (what `lmjax train` uses on first start,
     so training needs no Apache Beam);
   * Beam: the pipeline of `beam_engine.py` (`lmjax data prepare`), on the DirectRunner's worker
     processes or on Dataflow, Spark or Flink.
 Either way the launcher then reads the shard records and writes store.json last, the commit
-marker: a store without it is never read, and a rerun prepares only the shards without a record.
-A store's directory name holds a hash of everything its content depends on (the sources'
-names, sizes and modification times, the text key, the validation fraction, the UTF-8
-policy, the tokenizer and the store format), so a changed input or tokenizer gets a new store
-and preparing an existing store is a no-op.
+marker: a store without it is never read, and a rerun prepares only the shards without a record
+(also the repair of a damaged shard: delete its record, run `lmjax data prepare` again).
+A store's directory name holds a hash of what its content depends on (the sources' relative
+names and sizes, the text key, the validation fraction, the UTF-8 policy, the tokenizer and
+the store format), so another input set or tokenizer gets a new store, re-uploading the same
+files (new modification times) finds the old one, and preparing an existing store is a no-op.
+
+Finding a run's stores costs O(1) per start: process 0 resolves them once (listing and sizing
+the inputs) and records them in WORKDIR/`STORE_RECORD` with the settings that chose them;
+later starts and the other processes read that record while those settings are unchanged,
+so renaming or re-uploading inputs never orphans a run's store.
 
 Train/validation split, by document: a document of a text file is held out for validation
 when the SHA-256 of its text (UTF-8), read as a fraction of 2**256, is below
@@ -26,6 +32,7 @@ TFDS sources use the dataset's own train and eval splits.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -46,8 +53,15 @@ from lmjax.data.tokenizer import (
     load_tokenizer,
     train_from_texts,
 )
+from lmjax.errors import FaultError
 
 log = logging.getLogger(__name__)
+STORE_RECORD = "data_stores.json"  # in the workdir: the stores a run reads (module docstring)
+# Settings that do not change which stores a run reads (the tokenizer enters by fingerprint).
+_NOT_STORE_SETTINGS = (
+    "store_dir", "prepare_timeout_s", "tokenizer", "tokenizer_vocab_size", "batch_size",
+    "seq_len", "packing", "shuffle", "seed",
+)  # fmt: skip
 _ENCODE_BATCH = 256  # documents per tokenizer call (sentencepiece encodes a list in threads)
 
 
@@ -179,13 +193,13 @@ def plan(data_cfg: DataConfig) -> tuple[str, list[Shard], list]:
 
 
 def _file_parts(files: list[str]) -> tuple[list, list[tuple[str, str, int, int]]]:
-    """(identity: [name, size, mtime, parts] per file; [(path, name, start, stop)] per part)."""
+    """(identity: [name, size, parts] per file; [(path, name, start, stop)] per part)."""
     io = documents.gfile()
     identity, parts = [], []
     for path, name in zip(files, _relative_names(files)):
         stat = io.stat(path)
         cuts = documents.file_parts(path, stat.length)
-        identity.append([name, stat.length, stat.mtime_nsec, len(cuts)])
+        identity.append([name, stat.length, len(cuts)])
         unit = "row groups" if documents.file_format(path) == "parquet" else "bytes"
         parts += [
             (path, name if len(cuts) == 1 else f"{name} {unit} {a}:{b}", a, b) for a, b in cuts
@@ -197,7 +211,7 @@ def store_key(data_cfg: DataConfig, identity: list, tokenizer: Tokenizer) -> str
     described = repr(
         (
             store.FORMAT_VERSION,
-            store.RECORD_TOKENS,
+            store.layout(),
             identity,
             data_cfg.text_feature,
             data_cfg.validation_fraction,
@@ -335,35 +349,46 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
 
 
 def prepare_shard(shard: Shard, settings: Settings) -> dict:
-    """Tokenizes one shard into its ArrayRecord files, then writes its shard record; returns it.
+    """Tokenizes one shard into its token arrays, then writes its shard record; returns it.
 
-    A shard whose record exists is already done: returned without work.
+    A shard whose record exists is already done: returned without work. A shard that fails
+    leaves no array behind; a full disk is a FaultError saying so.
     """
     meta_path = os.path.join(settings.directory, store.shard_meta_file(shard.index, shard.count))
     done = store.read_json(meta_path)
     if done is not None:
         return done
     start = time.perf_counter()
+    try:
+        record = _tokenize_shard(shard, settings)
+        record.update(input=shard.name, seconds=time.perf_counter() - start)
+        store.write_json(meta_path, record)
+    except BaseException as e:
+        store.delete_shard(settings.directory, shard.index, shard.count)
+        if "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
+            raise FaultError(
+                f"the disk under {settings.directory} is full (preparing input shard "
+                f"{shard.index}, {shard.name}): free space or set data.store_dir elsewhere, "
+                "then rerun; finished shards are kept."
+            ) from None
+        raise
+    log.info("prepared shard %d/%d (%s)", shard.index + 1, shard.count, shard.name)
+    return record
+
+
+def _tokenize_shard(shard: Shard, settings: Settings) -> dict:
+    """Writes the shard's arrays: {split: {"tokens", "records"}, plus the read counts}."""
     tokenizer = from_serialized(settings.tokenizer_bytes)
     dtype = store.token_dtype(tokenizer.vocab_size)
     writers = {
-        split: store.RecordWriter(
-            os.path.join(settings.directory, store.shard_file(split, shard.index, shard.count)),
-            dtype,
-        )
+        split: store.TokenWriter(settings.directory, split, shard.index, shard.count, dtype)
         for split in store.SPLITS
     }
     counts = documents.ReadCounts()
     for batch in _batched(_shard_documents(shard, settings, counts), _ENCODE_BATCH):
         for (split, _), ids in zip(batch, tokenizer.encode_documents([t for _, t in batch])):
             writers[split].add(np.asarray(ids, np.int64))
-    record = {split: w.close() for split, w in writers.items()}
-    record.update(
-        input=shard.name, seconds=time.perf_counter() - start, **dataclasses.asdict(counts)
-    )
-    store.write_json_atomic(meta_path, record)
-    log.info("prepared shard %d/%d (%s)", shard.index + 1, shard.count, shard.name)
-    return record
+    return {**{split: w.close() for split, w in writers.items()}, **dataclasses.asdict(counts)}
 
 
 # ---------------------------------------------------------------- the whole preparation
@@ -401,9 +426,11 @@ def _commit(
                 "documents, or change data.validation_fraction (validation takes "
                 "documents by hash, so a tiny corpus may give it none)."
             )
+    object_tokens, record_tokens = store.layout()
     meta = {
         "format": store.FORMAT_VERSION,
-        "record_tokens": store.RECORD_TOKENS,
+        "object_tokens": object_tokens,
+        "record_tokens": record_tokens,
         "dtype": store.token_dtype(tokenizer.vocab_size).name,
         "label": label,
         "tokenizer": tokenizer.fingerprint,
@@ -412,7 +439,7 @@ def _commit(
         "shards": records,
         "summary": summary,
     }
-    store.write_json_atomic(os.path.join(directory, store.META), meta)
+    store.write_json(os.path.join(directory, store.META), meta)
     return meta
 
 
@@ -439,9 +466,8 @@ def prepare(
     """
     directory, label, shards, identity = locate(data_cfg, tokenizer, root)
     meta = store.read_json(os.path.join(directory, store.META))
-    if meta is not None:
+    if meta is not None and not _without_record(directory, shards):
         return directory, meta
-    documents.gfile().makedirs(directory)
     settings = Settings(
         directory,
         tokenizer.serialized,
@@ -456,14 +482,32 @@ def prepare(
             fn(shard)
     else:
         beam_engine.run(fn, shards, beam_options)
+    records = _records(directory, shards)
+    if meta is not None:
+        _check_redone(directory, meta, records)
     return directory, _commit(
-        directory,
-        label,
-        identity,
-        tokenizer,
-        _records(directory, shards),
-        time.perf_counter() - start,
+        directory, label, identity, tokenizer, records, time.perf_counter() - start
     )
+
+
+def _without_record(directory: str, shards: list[Shard]) -> list[Shard]:
+    """The shards of a committed store whose record was deleted (to redo a damaged shard)."""
+    return [
+        s
+        for s in shards
+        if store.read_json(os.path.join(directory, store.shard_meta_file(s.index, s.count))) is None
+    ]
+
+
+def _check_redone(directory: str, meta: dict, records: list[dict]) -> None:
+    """A redone shard must hold what the committed store said, or readers' positions move."""
+    for index, (old, new) in enumerate(zip(meta["shards"], records)):
+        if any(old[s]["tokens"] != new[s]["tokens"] for s in store.SPLITS):
+            raise ConfigError(
+                f"input shard {index} ({new['input']}) of {directory} now gives other tokens "
+                "than when the store was made (its input changed): prepare a new store (set "
+                "data.name or data.store_dir) instead of repairing this one."
+            )
 
 
 def _records(directory: str, shards: list[Shard]) -> list[dict]:
@@ -516,9 +560,7 @@ def run_pipeline(
     """The pipeline a run of `config` in `workdir` reads with `tokenizer` (None: synthetic
     tokens): `make_pipeline` over `run_stores` (the leader prepares a missing store)."""
     stores = (
-        None
-        if tokenizer is None
-        else run_stores(config.data, tokenizer, store_root(config.data, workdir), leader=leader)
+        None if tokenizer is None else run_stores(config.data, tokenizer, workdir, leader=leader)
     )
     return make_pipeline(
         config.data,
@@ -531,12 +573,59 @@ def run_pipeline(
     )
 
 
+def store_request(data_cfg: DataConfig, tokenizer: Tokenizer, root: str) -> dict:
+    """What chooses a run's stores, from its settings alone (no input is listed)."""
+    chosen = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in _NOT_STORE_SETTINGS}
+    return {
+        **chosen,
+        "root": root,
+        "tokenizer": tokenizer.fingerprint,
+        "format": store.FORMAT_VERSION,
+    }
+
+
 def run_stores(
+    data_cfg: DataConfig, tokenizer: Tokenizer, workdir: str, *, leader: bool
+) -> dict[str, str]:
+    """{source name: store directory} a run in `workdir` reads (`resolve_stores`), found in
+    O(1) from the workdir's `STORE_RECORD` when its settings match; else the leader resolves
+    and records them, and the other processes wait for the record (data.prepare_timeout_s)."""
+    root = store_root(data_cfg, workdir)
+    if not workdir:
+        return resolve_stores(data_cfg, tokenizer, root, leader=leader)
+    request = store_request(data_cfg, tokenizer, root)
+    path = os.path.join(workdir, STORE_RECORD)
+    record = store.read_json(path)
+    if record is not None and record["request"] == request:
+        return record["stores"]
+    if not leader:
+        return _wait_for_record(path, request, data_cfg.prepare_timeout_s)
+    stores = resolve_stores(data_cfg, tokenizer, root, leader=True)
+    store.write_json(path, {"request": request, "stores": stores})
+    return stores
+
+
+def _wait_for_record(path: str, request: dict, timeout_s: float, poll_s: float = 1.0) -> dict:
+    """The stores process 0 records in `path` for `request` (it prepares missing ones first)."""
+    log.info("waiting for process 0 to find or prepare the data stores (%s)", path)
+    deadline = time.monotonic() + timeout_s
+    while (record := store.read_json(path)) is None or record["request"] != request:
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"waited {timeout_s:.0f} s for process 0 to prepare the data store and record "
+                f"it in {path}: check process 0's log; prepare large corpora beforehand "
+                "with `lmjax data prepare`, or raise data.prepare_timeout_s."
+            )
+        time.sleep(poll_s)
+    return record["stores"]
+
+
+def resolve_stores(
     data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leader: bool
 ) -> dict[str, str]:
-    """{source name: store directory} a run reads: the stores data.mixture names (prepared
-    beforehand), or the run's own source's store (prepared now if missing, `ensure_store`);
-    none for the synthetic source, which reads no store."""
+    """{source name: store directory} for the settings: the stores data.mixture names
+    (prepared beforehand), or the run's own source's store (prepared now if missing,
+    `ensure_store`); none for the synthetic source, which reads no store."""
     if data_cfg.mixture:
         return {
             name: find_store(root, name, tokenizer) for name, _ in mixture.parse(data_cfg.mixture)
