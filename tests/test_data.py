@@ -408,6 +408,32 @@ def _untimed(x):
     return [_untimed(v) for v in x] if isinstance(x, list) else x
 
 
+@pytest.mark.slow
+def test_prepare_to_gcs_inline_and_by_beam_equals_local_and_reads_the_same_batches(
+    corpus, tok, prepared, gcs_bucket, tmp_path, capsys
+):
+    """A store written on a GCS server (only STORAGE_EMULATOR_HOST set), inline and by
+    `lmjax data prepare` (Beam DirectRunner), holds the local store's bytes, and a pipeline
+    reading it gives the local batches at steps 0 and 10**7."""
+    local = _untimed_objects(_store_objects(prepared[0]))
+    inline, _ = prepare.prepare(text_cfg(corpus), tok, f"{gcs_bucket}/inline")
+    assert inline == f"{gcs_bucket}/inline/{os.path.basename(prepared[0])}"
+    assert _untimed_objects(_store_objects(inline)) == local
+    workdir, experiment = _run_files(tmp_path, text_cfg(corpus), tok)
+    base = ["data", "prepare", "--experiment", str(experiment), "--workdir", str(workdir)]
+    assert cli.main([*base, "--set", f"data.store_dir={gcs_bucket}/beam"]) == 0
+    beam = f"{gcs_bucket}/beam/{os.path.basename(prepared[0])}"
+    assert f"store: {beam}" in capsys.readouterr().out
+    assert _untimed_objects(_store_objects(beam)) == local
+    for step in (0, 10**7):
+        assert_batches_equal(
+            take(make_pipeline(text_cfg(corpus), tok, stores={"text": beam}), step, 2),
+            take(make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]}), step, 2),
+        )
+    assert cli.main(["data", "verify", beam]) == 0
+    assert not any("gs:" in f for _, dirs, files in os.walk(tmp_path) for f in dirs + files)
+
+
 def test_a_run_finds_its_store_from_the_workdir_record_in_o1(corpus, tok, tmp_path, monkeypatch):
     """Process 0 resolves the store once and records it in the workdir; later starts and the
     other processes read the record without listing an input, so renamed or re-uploaded
