@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:  # the user's mistake; anything else is a bug
+    except ConfigError as e:  # the user's mistake; anything else is a bug
         if args.verbose:
             raise
         print(f"lmjax: {e}", file=sys.stderr)

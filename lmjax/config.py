@@ -138,6 +138,9 @@ class CheckpointConfig:
     # True: when checkpoints exist but none can be read, start from scratch instead of
     # stopping (the unreadable steps are moved to checkpoints/unreadable/ by the first save).
     allow_fresh: bool = False
+    # The workdir's lease (lmjax/checkpoint/lease.py) is renewed every lease_timeout_s / 6 s;
+    # one not renewed for lease_timeout_s is taken over by the next run on the workdir.
+    lease_timeout_s: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,6 +420,16 @@ def _check_data(config: Config, need) -> None:
         f"data.validation_fraction={d.validation_fraction} must lie in [0, 1).",
     )
     need(
+        d.validation_fraction > 0 or d.source not in ("packaged", "text") or d.mixture != "",
+        "data.validation_fraction=0 holds out no document, but every run evaluates on the "
+        "validation split (run.eval_batches >= 1): set a fraction such as 0.05.",
+    )
+    need(
+        d.seed >= 0 or d.source != "synthetic",
+        f"data.seed={d.seed} must not be negative with data.source=synthetic (it seeds numpy's "
+        "generator).",
+    )
+    need(
         d.prepare_timeout_s >= 0,
         f"data.prepare_timeout_s={d.prepare_timeout_s} must not be negative.",
     )
@@ -465,6 +478,10 @@ def _check_checkpoint(config: Config, need) -> None:
     )
     need(c.keep > 0, f"checkpoint.keep={c.keep} must be at least 1.")
     need(c.keep_every >= 0, f"checkpoint.keep_every={c.keep_every} must be 0 (off) or positive.")
+    need(
+        c.lease_timeout_s > 0,
+        f"checkpoint.lease_timeout_s={c.lease_timeout_s} must be positive (60 s is the default).",
+    )
     need(
         c.on_nonfinite in ("stop", "skip"),
         f"checkpoint.on_nonfinite={c.on_nonfinite!r}: choose stop or skip.",

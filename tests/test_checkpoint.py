@@ -437,10 +437,10 @@ def test_export_load_params_and_init_from(tmp_path, trained):
     os.remove(tmp_path / "out" / compat.TOKENIZER_RECORD)  # an HF import: a warning only
     plan.check_tokenizer("abc")
     bigger = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, d_mlp=128))
-    plan = resume.plan_resume(str(tmp_path / "new2"), bigger, init_from=str(tmp_path / "out"))
-    big = _trainer(bigger)
-    with pytest.raises(compat.ResumeError, match="model.d_mlp"):
-        plan.load(big.init_fn, big.state_shardings, str(tmp_path / "new2"), bigger.model)
+    with pytest.raises(compat.ResumeError, match="model.d_mlp"):  # refused before any load
+        resume.plan_resume(str(tmp_path / "new2"), bigger, init_from=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="is not an lmjax params directory"):
+        resume.plan_resume(str(tmp_path / "new3"), TINY, init_from=str(tmp_path / "missing"))
 
 
 def test_list_checkpoints_reports_complete_and_uncommitted(tmp_path, trained):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -139,12 +140,18 @@ def test_bench_tables(capsys):
 
 
 def test_bad_values_stop_before_any_work_in_one_line(run_dir, tmp_path, capsys):
-    """Config mistakes, the mesh's batch split and the tokenizer's vocabulary are all checked
-    before a tokenizer is trained or anything compiles: exit 2, one line, nothing written."""
+    """Config mistakes, every parameter's sharding on the mesh, the mesh's batch split, a
+    missing --init-from and the tokenizer's vocabulary are all checked before a tokenizer is
+    trained, a store prepared or anything compiles: exit 2, one line, nothing written."""
     cases = [
         (["--set", "run.eval_every=-1"], "run.eval_every=-1 must be 0"),
         (["--set", "checkpoint.every_steps=0"], "checkpoint.every_steps=0"),
         (["--set", "data.batch_size=6"], "data.batch_size=6 is not divisible by the 8"),
+        (["--set", "mesh.rules=embed=tensor", "--set", "mesh.tensor=2"], "rule conflict"),
+        (["--set", "mesh.tensor=4"], "'kv_heads' of size 2"),
+        (["--set", "data.validation_fraction=0"], "data.validation_fraction=0 holds out no"),
+        (["--set", "data.source=synthetic", "--set", "data.seed=-1"], "data.seed=-1 must not"),
+        (["--init-from", str(tmp_path / "none")], "is not an lmjax params directory"),
         (
             ["--set", f"data.tokenizer={run_dir}/tokenizer.model", "--set", "model.vocab_size=300"],
             "has 512 ids but model.vocab_size=300",
@@ -155,7 +162,18 @@ def test_bad_values_stop_before_any_work_in_one_line(run_dir, tmp_path, capsys):
         assert cli.main(["train", "--experiment", "smoke", "--workdir", str(work), *extra]) == 2
         err = capsys.readouterr().err
         assert fragment in err and "Traceback" not in err, err
-        assert not (work / "tokenizer.model").exists() and not (work / "checkpoints").exists()
+        written = {p.name for p in work.iterdir()} if work.exists() else set()
+        assert written <= {"lease.json.lock"}, (extra, written)  # no tokenizer, store, config
+    # a resume that would change the data position: refused from the checkpoint's metadata,
+    # before the restore, and config.json still describes the checkpoints
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed, ignore=shutil.ignore_patterns("tensorboard"))
+    before = (resumed / "config.json").read_text()
+    argv = ["train", "--experiment", "smoke", "--workdir", str(resumed), "--set", "run.steps=8"]
+    assert cli.main([*argv, "--set", "data.seq_len=32"]) == 2
+    err = capsys.readouterr().err
+    assert "data.seq_len: checkpoint 64, now 32" in err and "resumed from" not in err, err
+    assert (resumed / "config.json").read_text() == before
     with pytest.raises(ConfigError):  # -v shows the traceback
         cli.main(
             [
@@ -184,9 +202,11 @@ def test_non_utf8_input_names_the_file(run_dir, tmp_path, capsys):
 def test_internal_errors_are_not_dressed_as_user_mistakes(run_dir, monkeypatch):
     from lmjax.checkpoint import listing
 
-    def broken(workdir):
-        raise ValueError("an internal inconsistency")
+    for error in (ValueError("an internal inconsistency"), FileNotFoundError("an internal file")):
 
-    monkeypatch.setattr(listing, "list_checkpoints", broken)
-    with pytest.raises(ValueError, match="internal inconsistency"):
-        cli.main(["checkpoint", "list", run_dir])
+        def broken(workdir, error=error):
+            raise error
+
+        monkeypatch.setattr(listing, "list_checkpoints", broken)
+        with pytest.raises(type(error), match="internal"):  # the traceback is kept
+            cli.main(["checkpoint", "list", run_dir])

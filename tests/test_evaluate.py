@@ -14,7 +14,7 @@ import pytest
 
 from lmjax.checkpoint import checkpointer, compat, paths
 from lmjax.commands import evaluate as eval_command
-from lmjax.config import Config, DataConfig, MeshConfig, RunConfig
+from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, RunConfig
 from lmjax.data import pipeline
 from lmjax.data.documents import PACKAGED_DIR
 from lmjax.inference import evaluate
@@ -240,7 +240,7 @@ def test_main_scores_text_files_and_experiment_data(model_and_ref, tokenizer, tm
 
     with pytest.raises(ValueError, match="--text-files"):
         eval_command.main("run_dir", None, load=load)
-    with pytest.raises(FileNotFoundError, match="matched no files"):
+    with pytest.raises(ConfigError, match="matched no files"):
         eval_command.main("run_dir", None, [str(tmp_path / "*.jsonl")], load=load)
     assert len(loads) == 2  # bad arguments fail before loading
 

@@ -80,6 +80,18 @@ def test_two_processes_train_like_one(tmp_path, one_process, mesh_sets):
     np.testing.assert_allclose(got, losses, rtol=1e-5)
 
 
+def _two_processes(devices_per_process: int) -> list[str]:
+    """launch/local.py starting two processes (the command follows a "--")."""
+    return [
+        sys.executable,
+        str(ROOT / "launch" / "local.py"),
+        "--processes",
+        "2",
+        "--devices-per-process",
+        str(devices_per_process),
+    ]
+
+
 def _train_command(workdir, sets):
     return [
         sys.executable,
@@ -128,18 +140,52 @@ def test_tensor_axis_across_processes_trains_like_one_process(
     )
     reference = _losses(tmp_path / "one")
     output = _run(
-        [
-            sys.executable,
-            str(ROOT / "launch" / "local.py"),
-            "--processes",
-            "2",
-            "--devices-per-process",
-            str(devices_per_process),
-            "--",
-            *_train_command(tmp_path / "two", sets),
-        ]
+        [*_two_processes(devices_per_process), "--", *_train_command(tmp_path / "two", sets)]
     )
     assert "process 1/2" in output
     got = _losses(tmp_path / "two")
     assert len(got) == 3 and len(set(got)) == 3
     np.testing.assert_allclose(got, reference, rtol=1e-5)
+
+
+SET_ASIDE = """
+import sys, time
+from lmjax.parallel import distributed
+distributed.initialize()
+import jax
+from lmjax.checkpoint import checkpointer
+from lmjax.config import Config, DataConfig, ModelConfig
+from lmjax.parallel import sharding
+from lmjax.train import trainer
+cfg = Config(
+    model=ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                      head_dim=8, d_mlp=32, max_seq_len=16, dtype="float32"),
+    data=DataConfig(source="synthetic", batch_size=2, seq_len=8),
+)
+state = trainer.make_trainer(cfg, sharding.make_mesh(cfg.mesh)).init_fn()
+ckpt = checkpointer.Checkpointer(sys.argv[1], cfg.checkpoint, resumed_at=4)
+if jax.process_index() == 1:
+    time.sleep(3)  # process 0 has moved the newer steps before this process could list them
+ckpt.save(5, state, data_state={}, meta={})
+ckpt.close()
+print("committed", ckpt.steps())
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_set_aside_torn_steps_once_and_save(tmp_path):
+    """A run resumed at step 4 finds a torn step 6 and an unfinished save of 5: process 0 alone
+    moves them, and both processes pass the same barriers even when one lists after the
+    move (a per-process listing would leave it out of the barrier: a deadlock)."""
+    root = tmp_path / "checkpoints"
+    (root / "6" / "params").mkdir(parents=True)
+    (root / "6" / "params" / "junk").write_bytes(b"torn")
+    (root / "5.orbax-checkpoint-tmp-99").mkdir()
+    script = tmp_path / "set_aside.py"
+    script.write_text(SET_ASIDE)
+    command = [*_two_processes(1), "--timeout", "120", "--", sys.executable, str(script), str(root)]
+    output = _run(command, PYTHONPATH=os.environ.get("PYTHONPATH", str(ROOT)))
+    assert "[p0] committed [5]" in output and "[p1] committed [5]" in output, output[-3000:]
+    moved = sorted(p.name.rsplit("-", 1)[0] for p in (root / "unreadable").iterdir())
+    assert moved == ["5.orbax-checkpoint-tmp-99", "6"]
+    assert sorted(p.name for p in root.iterdir()) == ["5", "unreadable"]

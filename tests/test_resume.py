@@ -350,11 +350,21 @@ def test_two_processes_sigkill_then_resume_is_bitwise_identical(reference, tmp_p
     assert "tasks are unhealthy (stopped sending heartbeats):\n1\n" in survivor_log.read_text()
     assert waited < heartbeat + 120, waited
     assert _committed_steps(work) == committed  # nothing committed lost or half-written
+    # a torn step newer than every committed one: both processes skip it, and the first save
+    # sets it aside once (process 0 moves it, both pass the same barrier)
+    torn = work / "checkpoints" / str(max(committed) + 1)
+    shutil.copytree(work / "checkpoints" / str(max(committed)), torn)
+    for path in (torn / "params").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(path.read_bytes()[:10])
     out = subprocess.run(
         launch(work), env=env, cwd=REPO, capture_output=True, text=True, timeout=900
     )
     assert out.returncode == 0, out.stdout[-4000:]
+    assert f"step {torn.name} is unreadable" in out.stdout
+    assert any(p.name.startswith(f"{torn.name}-") for p in (torn.parent / "unreadable").iterdir())
     restored, losses = _losses_after_last_start(work)
+    assert restored == max(committed)
     assert sorted(losses) == list(range(restored + 1, steps + 1))
     meta = json.loads((work / "checkpoints" / str(steps) / "meta" / "metadata").read_text())
     assert meta["process_count"] == 2

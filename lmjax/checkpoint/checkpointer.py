@@ -138,9 +138,12 @@ class Checkpointer:
         *,
         read_only: bool = False,
         resumed_at: int | None = None,
+        guard: Callable[[], None] = lambda: None,
     ):
         """resumed_at: the step the run restored (0 for a fresh start); step directories newer
-        than it are set aside before the first save (see `_clear_newer`)."""
+        than it are set aside before the first save (see `_clear_newer`). guard: called by
+        every process before each save; raises to stop the run instead (the workdir's lease,
+        `lease.held`)."""
 
         self.directory = directory
         self.cfg = cfg
@@ -159,6 +162,7 @@ class Checkpointer:
         self._last_saved: int | None = None
         self._failed = False
         self._resumed_at = resumed_at
+        self._guard = guard
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first (not yet checked for readability)."""
@@ -196,6 +200,7 @@ class Checkpointer:
                 "values: not saving it; the newest checkpoint is still "
                 f"{self.latest_step()}."
             )
+        self._guard()
         self._clear_newer()
         if step in self._manager.all_steps():
             return 0.0
@@ -228,22 +233,24 @@ class Checkpointer:
 
         The resume tried those steps first and found them torn (or checkpoint.allow_fresh
         started over them): left in place they would take their step's slot, so that save
-        would be skipped, and count among the `keep` newest.
+        would be skipped, and count among the `keep` newest. Process 0 alone lists and moves
+        them; then every process passes the same barrier and re-reads the steps, whatever it
+        would have listed itself (process 0's renames may land before another process lists).
         """
         if self._resumed_at is None:
             return
-        newer = [p for p, step in step_dirs(self.directory) if step > self._resumed_at]
+        if jax.process_index() == 0:
+            for path, step in step_dirs(self.directory):
+                if step > self._resumed_at:
+                    set_aside(
+                        path,
+                        "an unfinished save"
+                        if "." in path.name
+                        else "unreadable when the run resumed, or checkpoint.allow_fresh",
+                    )
         self._resumed_at = None
-        for path in newer:
-            set_aside(
-                path,
-                "an unfinished save"
-                if "." in path.name
-                else "unreadable when the run resumed, or checkpoint.allow_fresh",
-            )
-        if newer:
-            _barrier("lmjax_cleared_newer")
-            self._manager.reload()
+        _barrier("lmjax_cleared_newer")
+        self._manager.reload()
 
     def _note_committed(self, wait: bool) -> None:
         """Logs the pending save as committed once it is; a failed write raises FaultError."""
@@ -379,14 +386,13 @@ def step_dirs(directory: str) -> list[tuple[Any, int]]:
 
 
 def set_aside(path, reason: str) -> None:
-    """Moves a step directory to CHECKPOINTS/UNREADABLE/ (process 0), logging where and why.
-    Inside the checkpoints directory, because a rename cannot leave its filesystem (it may be
-    a mount of its own)."""
-    if jax.process_index() == 0:
-        dst = path.parent / UNREADABLE / f"{path.name}-{int(time.time())}"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        path.rename(dst)
-        log.warning("moved checkpoint directory %s to %s (%s)", path, dst, reason)
+    """Moves a step directory to CHECKPOINTS/UNREADABLE/, logging where and why. Inside the
+    checkpoints directory, because a rename cannot leave its filesystem (it may be a mount of
+    its own)."""
+    dst = path.parent / UNREADABLE / f"{path.name}-{int(time.time())}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(dst)
+    log.warning("moved checkpoint directory %s to %s (%s)", path, dst, reason)
 
 
 class ReadOnly:

@@ -33,6 +33,17 @@ COMPUTE_ONLY_MODEL_FIELDS = (
     "logits_chunk",
 )
 TOKENIZER_FIELDS = ("data.tokenizer_vocab_size",)
+# Data fields the saved data position depends on (the pipeline's identity, `check_state`):
+# refused from the checkpoint's metadata before anything is prepared or restored.
+DATA_POSITION_FIELDS = (
+    "data.source",
+    "data.mixture",
+    "data.seq_len",
+    "data.batch_size",
+    "data.packing",
+    "data.shuffle",
+    "data.seed",
+)
 
 
 class ResumeError(ConfigError):
@@ -63,12 +74,13 @@ def make_metadata(config: Config, tokenizer_fingerprint: str | None, mesh) -> di
 
 def refused_fields(changes: dict[str, tuple]) -> list[str]:
     """The changed fields (from `config.diff`) a resume must refuse: parameter shapes or
-    meaning, and the tokenizer."""
+    meaning, the tokenizer, and what the data position depends on."""
     return sorted(
         k
         for k in changes
         if (k.startswith("model.") and k[len("model.") :] not in COMPUTE_ONLY_MODEL_FIELDS)
         or k in TOKENIZER_FIELDS
+        or k in DATA_POSITION_FIELDS
     )
 
 
@@ -93,9 +105,9 @@ def check_resumable(meta: dict, config: Config, where: str) -> dict[str, tuple]:
             f"{k}: checkpoint {changes[k][0]!r}, now {changes[k][1]!r}" for k in refused
         )
         raise ResumeError(
-            f"cannot resume {where}: these fields change the model or tokenizer:\n  "
-            f"{lines}\nFix: resume with the checkpoint's values (--set FIELD=VALUE), "
-            "start a new workdir, or load only the params with --init-from."
+            f"cannot resume {where}: these fields change the model, the tokenizer or the "
+            f"data position:\n  {lines}\nFix: resume with the checkpoint's values (--set "
+            "FIELD=VALUE), start a new workdir, or load only the params with --init-from."
         )
     return changes
 

@@ -29,8 +29,9 @@ def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
     (path / "model_config.json").write_text(config + "\n")
 
 
-def load(path: str | os.PathLike) -> tuple[ModelConfig, Any]:
-    """Reads a directory written by `save`: (ModelConfig, numpy params)."""
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a directory written by `save` (read before any slow work); a
+    ConfigError when `path` is not one."""
     path = Path(path).absolute()
     config_file = path / "model_config.json"
     if not config_file.exists() or not (path / "params").exists():
@@ -46,9 +47,14 @@ def load(path: str | os.PathLike) -> tuple[ModelConfig, Any]:
             f"{config_file} has unknown keys {sorted(set(data) - known)}: "
             "written by another lmjax version?"
         )
-    cfg = ModelConfig(**data)
+    return ModelConfig(**data)
+
+
+def load(path: str | os.PathLike) -> tuple[ModelConfig, Any]:
+    """Reads a directory written by `save`: (ModelConfig, numpy params)."""
+    cfg = read_config(path)
     with ocp.StandardCheckpointer() as ckptr:  # ShapeDtypeStruct targets restore as numpy
-        params = ckptr.restore(path / "params", transformer.param_shapes(cfg))
+        params = ckptr.restore(Path(path).absolute() / "params", transformer.param_shapes(cfg))
     return cfg, params
 
 

@@ -68,6 +68,8 @@ def plan_resume(
             "ignoring --init-from %s: resuming from the checkpoints in %s", init_from, directory
         )
         init_from = None
+    if init_from and not steps:
+        _check_init_from(init_from, config.model)
     _refuse_later_steps(own, own_steps, directory, steps)
     _refuse_torn_only(own, steps, config)
     plan = ResumePlan([], init_from, allow_fresh=config.checkpoint.allow_fresh)
@@ -247,15 +249,7 @@ class ResumePlan:
         raise _stop_error(c, error)
 
     def _with_init_params(self, state, target, model_cfg) -> tuple[Any, None, str]:
-        saved_cfg, params = params_dir.load(self.init_from)
-        diff = model_diff(saved_cfg, model_cfg)
-        changes = {k: diff[k] for k in refused_fields(diff)}
-        if changes:
-            lines = "\n  ".join(f"{k}: params {a!r}, config {b!r}" for k, (a, b) in changes.items())
-            raise ResumeError(
-                f"--init-from {self.init_from} does not fit this model:\n  {lines}\n"
-                "Fix: set those model fields to the params' values."
-            )
+        _, params = params_dir.load(self.init_from)
         params = jax.tree.map(
             lambda x, t: jax.make_array_from_callback(
                 t.shape, t.sharding, lambda idx: np.asarray(x, t.dtype)[idx]
@@ -265,6 +259,19 @@ class ResumePlan:
         )
         log.info("initialized params from %s", self.init_from)
         return state.replace(params=params), None, f"params from {self.init_from}"
+
+
+def _check_init_from(init_from: str, model_cfg) -> None:
+    """Refuses `--init-from` params that are missing or do not fit `model_cfg` (reads only
+    their config)."""
+    diff = model_diff(params_dir.read_config(init_from), model_cfg)
+    changes = {k: diff[k] for k in refused_fields(diff)}
+    if changes:
+        lines = "\n  ".join(f"{k}: params {a!r}, config {b!r}" for k, (a, b) in changes.items())
+        raise ResumeError(
+            f"--init-from {init_from} does not fit this model:\n  {lines}\n"
+            "Fix: set those model fields to the params' values."
+        )
 
 
 def _stop_error(c: Candidate, error: BaseException | None) -> Exception:

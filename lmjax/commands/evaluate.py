@@ -34,7 +34,7 @@ def main(
         raise ConfigError("choose what to evaluate: --text-files GLOB... or --experiment-data.")
     paths = sorted({p for pattern in text_files for p in glob.glob(pattern)})
     if text_files and not paths:
-        raise FileNotFoundError(f"--text-files {' '.join(text_files)} matched no files.")
+        raise ConfigError(f"--text-files {' '.join(text_files)} matched no files.")
     config, params, tokenizer = load(workdir, step)
     if paths:
         if tokenizer is None:

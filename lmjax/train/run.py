@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from lmjax.checkpoint import checkpointer, compat, paths, resume as resume_lib, schedule
+from lmjax.checkpoint import checkpointer, compat, lease, paths, resume as resume_lib, schedule
 from lmjax.config import Config, profile_window, to_json, validate, validate_tokenizer
 from lmjax.data import prepare
 from lmjax.inference import generate
@@ -49,23 +49,19 @@ class _Setup:
 def _set_up(
     config: Config, workdir: str, restore_from: str | None, init_from: str | None
 ) -> _Setup:
-    """Validates, plans the resume (before anything expensive), builds the mesh, tokenizer,
-    data pipeline and compiled trainer, and restores or initializes the state."""
-    config = validate(config)
+    """Refuses what the config, the devices and the mesh rule out (every parameter's sharding,
+    through `jax.eval_shape`) and plans the resume (reading only metadata) before anything
+    expensive; then builds the tokenizer, data pipeline and state (restored or initialized).
+    config.json is written once the state is restored."""
     primary = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    resume = resume_lib.plan_resume(workdir, config, restore_from=restore_from, init_from=init_from)
     mesh = sharding.make_mesh(config.mesh)
     log.info(_describe_devices(mesh))
-    rows = sharding.process_rows(
-        sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh)),
-        config.data.batch_size,
-    )
+    trainer = make_trainer(config, mesh)
+    rows = sharding.process_rows(trainer.batch_sharding, config.data.batch_size)
+    resume = resume_lib.plan_resume(workdir, config, restore_from=restore_from, init_from=init_from)
     config, tokenizer = _tokenizer(config, workdir, primary, resume)
+    trainer = dataclasses.replace(trainer, config=config)
     fingerprint = tokenizer.fingerprint if tokenizer is not None else None
-    if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(to_json(config))
     pipeline = prepare.run_pipeline(
         config,
         tokenizer,
@@ -75,7 +71,6 @@ def _set_up(
         process_count=jax.process_count(),
         rows=rows,
     )
-    trainer = make_trainer(config, mesh)
     if primary:
         log.info(
             "parameters:\n%s",
@@ -91,6 +86,9 @@ def _set_up(
     )
     if data_state is not None:
         pipeline.check_state(data_state)
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(to_json(config))
     return _Setup(
         config,
         trainer,
@@ -109,6 +107,7 @@ def _hooks(
     summary: dict,
     clock: goodput.Clock,
     signals,
+    guard,
 ) -> list[loop.Hook]:
     """The built-in hooks, in the order they see each event."""
     config, trainer = setup.config, setup.trainer
@@ -119,7 +118,10 @@ def _hooks(
     log.info("peak FLOP/s per device: %.3g (%s)", rates.peak, rates.peak_source)
     eval_sets = setup.pipeline.eval_sets(config.run.eval_batches)
     ckpt = checkpointer.Checkpointer(
-        paths.checkpoint_dir(workdir), config.checkpoint, resumed_at=int(setup.state.step)
+        paths.checkpoint_dir(workdir),
+        config.checkpoint,
+        resumed_at=int(setup.state.step),
+        guard=guard,
     )
     out = [
         hooks_lib.NonfiniteGuard(skip),
@@ -170,14 +172,22 @@ def train(
     Resumes from the newest readable checkpoint in `workdir/checkpoints` when there is one;
     otherwise `restore_from` (a checkpoint of another run, or a step of this one) or
     `init_from` (a params-only directory) or a fresh init (rules: `resume_lib.plan_resume`).
+    Holds the workdir's lease (`lease.held`: a second run on a live workdir is refused) from
+    before any checkpoint is read until the end.
     Writes `config.json`, `metrics.jsonl` (appended), TensorBoard events and checkpoints.
     SIGTERM/SIGINT save at the next step boundary and return early with "stopped_at_step".
     `hooks`: more `loop.Hook`s, called after the built-in ones except GoodputLog, which runs
     last so that its record counts their time.
     """
+    config = validate(config)
     clock = goodput.Clock()
-    with compile_cache.enabled(config.run.compile_cache_dir):
-        return _train(config, workdir, restore_from, init_from, hooks, clock)
+    if "://" not in workdir:
+        os.makedirs(workdir, exist_ok=True)
+    with (
+        lease.held(workdir, config.checkpoint.lease_timeout_s) as guard,
+        compile_cache.enabled(config.run.compile_cache_dir),
+    ):
+        return _train(config, workdir, restore_from, init_from, hooks, clock, guard)
 
 
 def _train(
@@ -187,6 +197,7 @@ def _train(
     init_from: str | None,
     hooks: tuple[loop.Hook, ...],
     clock: goodput.Clock,
+    guard,
 ) -> dict[str, float]:
     setup = _set_up(config, workdir, restore_from, init_from)
     primary = jax.process_index() == 0
@@ -200,7 +211,11 @@ def _train(
     )
     signals = schedule.StopSignals()
     goodput_log = hooks_lib.GoodputLog(clock, writer, setup.config.run.log_every, step)
-    all_hooks = [*_hooks(setup, workdir, writer, summary, clock, signals), *hooks, goodput_log]
+    all_hooks = [
+        *_hooks(setup, workdir, writer, summary, clock, signals, guard),
+        *hooks,
+        goodput_log,
+    ]
     try:
         with signals:
             loop.run(

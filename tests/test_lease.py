@@ -1,0 +1,267 @@
+"""The workdir lease (lmjax/checkpoint/lease.py): in-process rules on a real lease file, then
+real `lmjax train` processes: a second run beside a live one, and a hung holder taken over."""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lmjax.checkpoint import lease
+from lmjax.observe import metrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _remote_record(path: Path, timeout_s: float, renewed: float | None = None) -> None:
+    """The lease as a run on another host writes it."""
+    record = {
+        "host": "another-host",
+        "pidns": "pid:[1]",
+        "pid": 4242,
+        "proc_start": "1",
+        "token": "remote",
+        "started": time.time() - 100,
+        "renewed": time.time() if renewed is None else renewed,
+        "timeout_s": timeout_s,
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def test_a_live_holder_elsewhere_is_refused_once_it_renews(tmp_path):
+    """A holder on another host that renews: the new run exits within one renewal interval,
+    naming host, pid, start time and last renewal; the record is left as it was."""
+    path = tmp_path / lease.LEASE
+    _remote_record(path, 1.2)
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(0.2):
+            _remote_record(path, 1.2)
+
+    holder = threading.Thread(target=renew)
+    holder.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(lease.WorkdirHeld) as refused:
+            lease.Lease(lease.record_for(str(tmp_path)), 1.2, str(tmp_path)).acquire()
+        waited = time.monotonic() - start
+    finally:
+        stop.set()
+        holder.join()
+    message = str(refused.value)
+    assert "host another-host, pid 4242, started " in message and "last renewed 0 s ago" in message
+    assert "\n" not in message, message  # refused, so before the 1.2 s timeout expired
+    print(f"refused after {waited:.2f} s")
+    assert json.loads(path.read_text())["token"] == "remote"
+
+
+def test_a_holder_that_stops_renewing_is_taken_over_after_its_timeout(tmp_path, caplog):
+    path = tmp_path / lease.LEASE
+    _remote_record(path, 1.0)
+    caplog.set_level(logging.WARNING, "lmjax")
+    start = time.monotonic()
+    taker = lease.Lease(lease.record_for(str(tmp_path)), 5.0, str(tmp_path))
+    taker.acquire()
+    waited = time.monotonic() - start
+    try:
+        assert waited > 0.9, waited  # not before the holder's 1 s timeout
+        assert "taking over the lease" in caplog.text and "host another-host" in caplog.text
+        mine = json.loads(path.read_text())
+        assert mine["pid"] == os.getpid() and mine["host"] == socket.gethostname()
+        assert taker.healthy() is None
+    finally:
+        taker.release()
+    assert not path.exists()  # released at the end
+
+
+def test_racing_takers_of_a_stale_lease_one_wins(tmp_path):
+    """Stale lease, four takers at once: one holds it, the others see it held (by a live
+    process of this host) and are refused."""
+    _remote_record(tmp_path / lease.LEASE, 1.0, renewed=time.time() - 10)
+    outcomes, takers = (
+        [],
+        [lease.Lease(lease.record_for(str(tmp_path)), 5.0, "w") for _ in range(4)],
+    )
+
+    def take(t):
+        try:
+            t.acquire()
+            outcomes.append("won")
+        except lease.WorkdirHeld:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=take, args=(t,)) for t in takers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for t in takers:
+        t.release()
+    assert sorted(outcomes) == ["refused"] * 3 + ["won"], outcomes
+
+
+def test_release_leaves_a_lease_that_another_run_took(tmp_path):
+    held = lease.Lease(lease.record_for(str(tmp_path)), 5.0, "w")
+    held.acquire()
+    _remote_record(tmp_path / lease.LEASE, 5.0)  # taken over while this holder hung
+    held.release()
+    assert json.loads((tmp_path / lease.LEASE).read_text())["token"] == "remote"
+
+
+def test_on_gcs_each_change_is_one_generation_precondition(gcs_bucket):
+    """The same rules on gs:// (the tests' GCS server): racing takers of a stale lease, one
+    wins and the others are refused (its holder lives); release changes only the holder's own
+    generation."""
+    workdir = f"{gcs_bucket}/run"
+    record = lease.record_for(workdir)
+    assert record.read() == (None, 0)
+    stale = json.dumps({"host": "another-host", "renewed": time.time() - 10, "timeout_s": 1.0})
+    assert record.swap(0, stale) and not record.swap(0, stale)  # create: only if absent
+    outcomes, takers = [], [lease.Lease(lease.record_for(workdir), 5.0, workdir) for _ in range(3)]
+
+    def take(t):
+        try:
+            t.acquire()
+            outcomes.append(t)
+        except lease.WorkdirHeld:
+            pass
+
+    threads = [threading.Thread(target=take, args=(t,)) for t in takers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 1, outcomes
+    winner = outcomes[0]
+    text, generation = record.read()
+    assert json.loads(text)["pid"] == os.getpid()
+    assert not record.swap(generation - 1, None)  # a stale generation changes nothing
+    for t in takers:
+        if t is not winner:
+            t.release()
+    assert record.read()[1] == generation
+    winner.release()
+    assert record.read()[0] == ""  # released: reads as no lease
+    again = lease.Lease(lease.record_for(workdir), 5.0, workdir)
+    again.acquire()
+    again.release()
+
+
+# ---------------------------------------------------------------- real processes
+
+SYNTHETIC = [
+    "--experiment",
+    "smoke",
+    "--set",
+    "data.source=synthetic",
+    "--set",
+    "run.log_every=1",
+    "--set",
+    "run.eval_batches=1",
+]
+
+
+def _env() -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env.pop("LMJAX_NUM_PROCESSES", None)
+    return env
+
+
+def _start(workdir, log_path, *sets) -> subprocess.Popen:
+    args = [a for s in sets for a in ("--set", s)]
+    command = [sys.executable, "-m", "lmjax", "train", "--workdir", str(workdir), *SYNTHETIC, *args]
+    with open(log_path, "w") as log:
+        return subprocess.Popen(command, env=_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for(predicate, proc, what, timeout=240.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run exited with {proc.returncode} before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _steps(workdir) -> list[int]:
+    return [r["step"] for r in metrics.read_records(workdir, missing_ok=True) if "loss" in r]
+
+
+def _committed(workdir) -> list[int]:
+    root = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_live_workdir_exits_at_once_and_the_first_finishes(tmp_path):
+    work = tmp_path / "run"
+    first = _start(work, tmp_path / "first.log", "run.steps=100000", "checkpoint.every_steps=5")
+    try:
+        _wait_for(lambda: 5 in _committed(work), first, "checkpoint 5")
+        config_before = (work / "config.json").read_text()
+        start = time.monotonic()
+        second = subprocess.run(
+            [sys.executable, "-m", "lmjax", "train", "--workdir", str(work), *SYNTHETIC],
+            env=_env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        took = time.monotonic() - start
+        assert first.poll() is None, "the first run died while the second started"
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        first.kill()
+    assert second.returncode == 2, second.stderr[-3000:]
+    line = [s for s in second.stderr.splitlines() if s.startswith("lmjax:")]
+    assert len(line) == 1 and f"pid {first.pid}, started " in line[0], second.stderr[-3000:]
+    assert "last renewed" in line[0] and "Traceback" not in second.stderr
+    assert "restoring" not in second.stderr and "resumed" not in second.stderr
+    print(f"second run refused after {took:.1f} s")
+    assert not (work / "checkpoints" / "unreadable").exists()  # nothing set aside
+    assert (work / "config.json").read_text() == config_before
+    records = metrics.read_records(work)
+    assert not [r for r in records if r.get("event") == "start"]  # the second never started
+    assert max(_committed(work)) == max(_steps(work)) and not (work / lease.LEASE).exists()
+
+
+@pytest.mark.slow
+def test_a_hung_holder_is_taken_over_and_stops_before_its_next_save(tmp_path):
+    """The holder is stopped (SIGSTOP: alive, not renewing); once its lease is past the 3 s
+    timeout a new run takes it over with a log line and trains to the end. Woken up, the old
+    holder stops before its next save (exit 1) and has moved nothing."""
+    work, timeout = tmp_path / "run", 3.0
+    sets = [f"checkpoint.lease_timeout_s={timeout}", "checkpoint.every_steps=2"]
+    hung = _start(work, tmp_path / "hung.log", "run.steps=100000", *sets)
+    try:
+        _wait_for(lambda: 2 in _committed(work) and len(_steps(work)) >= 3, hung, "step 3")
+        hung.send_signal(signal.SIGSTOP)
+        renewed = json.loads((work / lease.LEASE).read_text())["renewed"]
+        time.sleep(max(0.0, renewed + timeout - time.time()))
+        taker = _start(work, tmp_path / "taker.log", "run.steps=12", *sets)
+        assert taker.wait(timeout=240) == 0, (tmp_path / "taker.log").read_text()[-3000:]
+        hung.send_signal(signal.SIGCONT)
+        assert hung.wait(timeout=120) == 1
+    finally:
+        hung.send_signal(signal.SIGCONT)
+        hung.kill()
+    taker_log, hung_log = (tmp_path / "taker.log").read_text(), (tmp_path / "hung.log").read_text()
+    assert (
+        f"taking over the lease of {work} from host {socket.gethostname()}, pid {hung.pid}"
+        in taker_log
+    )
+    assert "past its 3 s timeout" in taker_log
+    assert "lease of" in hung_log and "is lost" in hung_log, hung_log[-3000:]
+    assert _committed(work)[-1] == 12 and not (work / lease.LEASE).exists()
