@@ -22,6 +22,8 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas_gpu", "cudnn", "splash")
 MATMUL_IMPLS = ("auto", "xla", "row_major")  # lmjax/model/matmul.py
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama, Qwen, Mistral), GeGLU (Gemma)
+ROPE_SCALING_TYPES = ("llama3", "linear")
 
 
 class ConfigError(ValueError):
@@ -44,6 +46,8 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    # "llama3": Llama-3.1 frequency bands; "linear": every frequency / rope_scaling_factor.
+    rope_scaling_type: str = "llama3"
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -57,6 +61,21 @@ class ModelConfig:
     # >0: the loss projects to the vocabulary in sequence chunks of this many tokens, so
     # full [batch, seq, vocab] float32 logits never exist at once (lmjax/model/cross_entropy.py).
     logits_chunk: int = 0
+    # Model-family switches on the same blocks (Qwen, Mistral, Gemma: lmjax/convert/families.py).
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
+    norm_offset: bool = False  # every norm scales by (1 + weight), weights start at 0 (Gemma)
+    scale_embeddings: bool = False  # embeddings times sqrt(d_model) (Gemma)
+    mlp_activation: str = "silu"  # the gate's activation: silu (SwiGLU) or gelu_tanh (GeGLU)
+    post_norms: bool = False  # norms on the attention and MLP outputs before each residual add
+    # >0: local layers attend to the sliding_window most recent positions (self included).
+    sliding_window: int = 0
+    # With sliding_window: layers n-1, 2n-1, ... are global (Gemma 2: 2, Gemma 3: 6); 0: all local.
+    global_every: int = 0
+    rope_local_theta: float = 0.0  # >0: RoPE base of local layers, unscaled (Gemma 3)
+    attn_softcap: float = 0.0  # >0: attention scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float = 0.0  # >0: the same on the output logits (Gemma 2)
+    query_pre_attn_scalar: float = 0.0  # >0: scores scaled by its -1/2 power, not head_dim's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +370,7 @@ def _check_model(config: Config, need) -> None:
             m.rope_original_max_len > 0,
             f"model.rope_original_max_len={m.rope_original_max_len} must be positive.",
         )
+    _check_families(m, need)
     need(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: choose one of {DTYPES}.")
     need(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: choose one of {DTYPES}.")
     need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {REMAT_POLICIES}.")
@@ -367,6 +387,41 @@ def _check_model(config: Config, need) -> None:
         d.seq_len <= m.max_seq_len,
         f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
         "raise model.max_seq_len or lower data.seq_len.",
+    )
+
+
+def _check_families(m: ModelConfig, need) -> None:
+    """The model-family switches: each value in range, and no switch without what it acts on."""
+    need(
+        m.rope_scaling_type in ROPE_SCALING_TYPES,
+        f"model.rope_scaling_type={m.rope_scaling_type!r}: choose one of {ROPE_SCALING_TYPES}.",
+    )
+    need(
+        m.mlp_activation in MLP_ACTIVATIONS,
+        f"model.mlp_activation={m.mlp_activation!r}: choose one of {MLP_ACTIVATIONS}.",
+    )
+    for name in (
+        "sliding_window",
+        "global_every",
+        "rope_local_theta",
+        "attn_softcap",
+        "final_softcap",
+        "query_pre_attn_scalar",
+    ):
+        value = getattr(m, name)
+        need(value >= 0, f"model.{name}={value} must be 0 (off) or positive.")
+    for name in ("global_every", "rope_local_theta"):
+        need(
+            getattr(m, name) <= 0 or m.sliding_window > 0,
+            f"model.{name}={getattr(m, name)} acts on local layers, and there are none: set "
+            f"model.sliding_window (e.g. 4096) or model.{name}=0.",
+        )
+    kernel_lacks = m.attn_softcap > 0 or (m.sliding_window > 0 and m.attention == "pallas_gpu")
+    need(
+        m.attention not in ("pallas_gpu", "cudnn") or not kernel_lacks,
+        f"model.attention={m.attention} implements no attention soft-capping (nor, for "
+        "pallas_gpu, a sliding window): use model.attention=xla, or auto (which picks xla "
+        "on GPUs for such models).",
     )
 
 

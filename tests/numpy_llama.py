@@ -1,9 +1,21 @@
-"""An independent pure-numpy Llama forward, written in Hugging Face conventions.
+"""An independent pure-numpy forward of Hugging Face's Llama, Mistral, Qwen2, Qwen3, Gemma 2
+and Gemma 3 (text) causal LMs, written in Hugging Face conventions.
 
 It reads tensors by their HF names (`model.layers.{i}.self_attn.q_proj.weight`, ...),
-treats every Linear weight as `[out, in]` (y = x @ W.T), and applies RoPE in the
-rotate-half form of HF's `LlamaForCausalLM`. It shares no code with lmjax, so the tests
-can hold lmjax (and its HF converter) against it. Everything is computed in float64.
+treats every Linear weight as `[out, in]` (y = x @ W.T + b), and applies RoPE in the
+rotate-half form of HF's `LlamaForCausalLM`. The family features follow each HF modeling
+file, keyed by config.json's `model_type`:
+  qwen2: q/k/v projections with biases. qwen3: RMSNorm over head_dim on q and k before RoPE.
+  mistral: every layer attends to the last `sliding_window` positions (q - k < window).
+  gemma2 / gemma3_text: RMSNorm scaling by (1 + w); embeddings times sqrt(hidden_size);
+  gelu_pytorch_tanh gate; norms after attention (`post_attention_layernorm`) and after the
+  MLP; scores scaled by query_pre_attn_scalar**-0.5 and soft-capped (gemma2:
+  attn_logit_softcapping, final_logit_softcapping); sliding layers (gemma2: even layers;
+  gemma3: all but every sliding_window_pattern-th, or `layer_types`). gemma3 adds (1 + w)
+  q/k norms and a local RoPE base `rope_local_base_freq` for sliding layers, the global
+  layers keeping `rope_theta` and `rope_scaling` ("linear": frequencies / factor).
+It shares no code with lmjax, so the tests can hold lmjax (and its HF converter) against
+it. Everything is computed in float64.
 """
 
 from __future__ import annotations
@@ -35,12 +47,18 @@ def llama3_scaled_frequencies(
     return np.array(out, dtype=np.float64)
 
 
-def inverse_frequencies(config: dict):
-    """[head_dim // 2] RoPE inverse frequencies from an HF config dict."""
+def inverse_frequencies(config: dict, sliding: bool = False):
+    """[head_dim // 2] RoPE inverse frequencies from an HF config dict (of a sliding layer's
+    own rotary embedding in Gemma 3)."""
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if sliding and config.get("model_type") == "gemma3_text":
+        theta = config["rope_local_base_freq"]
+        return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     theta = config.get("rope_theta", 10000.0)
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     scaling = config.get("rope_scaling")
+    if scaling and scaling["rope_type"] == "linear":
+        return inv / scaling["factor"]
     if scaling:
         assert scaling["rope_type"] == "llama3", scaling
         inv = llama3_scaled_frequencies(
@@ -53,9 +71,9 @@ def inverse_frequencies(config: dict):
     return inv
 
 
-def rms_norm(x, weight, eps):
-    """x: [..., hidden] -> x / rms(x) * weight."""
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+def rms_norm(x, weight, eps, gemma: bool = False):
+    """x: [..., hidden] -> x / rms(x) * weight (Gemma: * (1 + weight))."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (weight + gemma)
 
 
 def rotate_half(x):
@@ -80,25 +98,102 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def attention(q, k, v, allowed):
+def gelu_pytorch_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def softcap(x, cap):
+    """HF's soft-capping: x / cap, tanh, * cap; None or 0 leaves x unchanged."""
+    return np.tanh(x / cap) * cap if cap else x
+
+
+def attention(q, k, v, allowed, scaling=None, cap=None):
     """One sequence, a loop over query heads.
 
     q: [seq, heads, head_dim]; k, v: [seq, kv_heads, head_dim];
     allowed: [seq, seq] bool (query, key) -> [seq, heads, head_dim].
     Query head h reads key/value head h // (heads // kv_heads), as HF `repeat_kv` does.
+    scaling: the factor on q . k (None: head_dim**-0.5); cap: soft cap of the scores.
     """
     heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
     group = heads // kv_heads
+    scaling = head_dim**-0.5 if scaling is None else scaling
     out = np.zeros_like(q)
     for h in range(heads):
-        scores = q[:, h, :] @ k[:, h // group, :].T / math.sqrt(head_dim)
+        scores = softcap(q[:, h, :] @ k[:, h // group, :].T * scaling, cap)
         scores = np.where(allowed, scores, -np.inf)
         out[:, h, :] = softmax(scores) @ v[:, h // group, :]
     return out
 
 
+GEMMA = ("gemma2", "gemma3_text")
+
+
+def sliding_layers(config: dict) -> list[bool]:
+    """Per layer, True where HF's model attends within `sliding_window`."""
+    n, kind = config["num_hidden_layers"], config.get("model_type", "llama")
+    if config.get("layer_types"):
+        return [t == "sliding_attention" for t in config["layer_types"]]
+    if kind == "mistral" and config.get("sliding_window"):
+        return [True] * n
+    if kind == "gemma2":
+        return [i % 2 == 0 for i in range(n)]
+    if kind == "gemma3_text":
+        return [(i + 1) % config.get("sliding_window_pattern", 6) != 0 for i in range(n)]
+    return [False] * n
+
+
+def _project(w, p, name, h, heads, head_dim, config):
+    """HF's `{name}_proj(h).view(seq, heads, head_dim)`, then q_norm/k_norm where the model
+    has them (Qwen3, Gemma 3)."""
+    y = h @ w[p + f"self_attn.{name}_proj.weight"].T
+    if p + f"self_attn.{name}_proj.bias" in w:
+        y = y + w[p + f"self_attn.{name}_proj.bias"]
+    y = y.reshape(h.shape[0], heads, head_dim)
+    if name != "v" and p + f"self_attn.{name}_norm.weight" in w:
+        gemma = config.get("model_type") in GEMMA
+        y = rms_norm(y, w[p + f"self_attn.{name}_norm.weight"], config["rms_norm_eps"], gemma)
+    return y
+
+
+def _layer(w, p, x, pos, allowed, sliding, config):
+    """One decoder layer of one sequence. x: [seq, hidden] -> same."""
+    seq = x.shape[0]
+    n_heads = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads", n_heads)
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
+    eps, gemma = config["rms_norm_eps"], config.get("model_type") in GEMMA
+    inv_freq = inverse_frequencies(config, sliding)
+    h = rms_norm(x, w[p + "input_layernorm.weight"], eps, gemma)
+    q = _project(w, p, "q", h, n_heads, head_dim, config)
+    k = _project(w, p, "k", h, n_kv, head_dim, config)
+    v = _project(w, p, "v", h, n_kv, head_dim, config)
+    q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
+    if sliding:
+        index = np.arange(seq)
+        allowed = allowed & (index[:, None] - index[None, :] < config["sliding_window"])
+    scaling = config["query_pre_attn_scalar"] ** -0.5 if gemma else None
+    cap = config.get("attn_logit_softcapping") if gemma else None
+    ctx = attention(q, k, v, allowed, scaling, cap).reshape(seq, n_heads * head_dim)
+    out = ctx @ w[p + "self_attn.o_proj.weight"].T
+    if gemma:
+        x = x + rms_norm(out, w[p + "post_attention_layernorm.weight"], eps, True)
+        h = rms_norm(x, w[p + "pre_feedforward_layernorm.weight"], eps, True)
+    else:
+        x = x + out
+        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+    act = gelu_pytorch_tanh if gemma else silu
+    gate = h @ w[p + "mlp.gate_proj.weight"].T
+    up = h @ w[p + "mlp.up_proj.weight"].T
+    out = (act(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+    if gemma:
+        out = rms_norm(out, w[p + "post_feedforward_layernorm.weight"], eps, True)
+    return x + out
+
+
 def forward(tensors: dict, config: dict, tokens, *, positions=None, segment_ids=None):
-    """Logits of `LlamaForCausalLM` for one batch.
+    """Logits of the HF `...ForCausalLM` of `config["model_type"]` (default llama) for one
+    batch.
 
     Args:
       tensors: HF state dict, name -> array (any float dtype).
@@ -112,11 +207,7 @@ def forward(tensors: dict, config: dict, tokens, *, positions=None, segment_ids=
     w = {name: np.asarray(t, dtype=np.float64) for name, t in tensors.items()}
     tokens = np.asarray(tokens)
     batch, seq = tokens.shape
-    n_heads = config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads", n_heads)
-    head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
-    eps = config["rms_norm_eps"]
-    inv_freq = inverse_frequencies(config)
+    gemma = config.get("model_type") in GEMMA
     if positions is None:
         positions = np.broadcast_to(np.arange(seq), (batch, seq))
     if segment_ids is None:
@@ -124,37 +215,32 @@ def forward(tensors: dict, config: dict, tokens, *, positions=None, segment_ids=
     causal = np.tril(np.ones((seq, seq), bool))
     lm_head = (
         w["model.embed_tokens.weight"]
-        if config.get("tie_word_embeddings", False)
+        if config.get("tie_word_embeddings", gemma)
         else w["lm_head.weight"]
     )
+    sliding = sliding_layers(config)
 
     logits = []
     for b in range(batch):
         x = w["model.embed_tokens.weight"][tokens[b]]  # [seq, hidden]
+        if gemma:
+            x = x * config["hidden_size"] ** 0.5
         pos = np.asarray(positions[b])
         allowed = causal & (segment_ids[b][:, None] == segment_ids[b][None, :])
         for i in range(config["num_hidden_layers"]):
-            p = f"model.layers.{i}."
-            h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
-            q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(seq, n_heads, head_dim)
-            k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(seq, n_kv, head_dim)
-            v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(seq, n_kv, head_dim)
-            q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
-            ctx = attention(q, k, v, allowed).reshape(seq, n_heads * head_dim)
-            x = x + ctx @ w[p + "self_attn.o_proj.weight"].T
-            h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
-            gate = h @ w[p + "mlp.gate_proj.weight"].T
-            up = h @ w[p + "mlp.up_proj.weight"].T
-            x = x + (silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
-        x = rms_norm(x, w["model.norm.weight"], eps)
-        logits.append(x @ lm_head.T)
+            x = _layer(w, f"model.layers.{i}.", x, pos, allowed, sliding[i], config)
+        x = rms_norm(x, w["model.norm.weight"], config["rms_norm_eps"], gemma)
+        cap = config.get("final_logit_softcapping") if gemma else None
+        logits.append(softcap(x @ lm_head.T, cap))
     return np.stack(logits)
 
 
 def random_checkpoint(config: dict, seed: int = 0, std: float = 0.1) -> dict:
-    """A random HF Llama state dict (float32) for `config`, named and shaped as HF does.
+    """A random HF state dict (float32) for `config` (of its `model_type`), named and shaped
+    as HF does.
 
-    Norm weights are drawn around 1 so that a transposed or swapped norm would show.
+    Norm scales are drawn around 1 (Gemma's w around 0, its scale being 1 + w) so that a
+    transposed or swapped norm would show; biases around 0.
     """
     rng = np.random.default_rng(seed)
     hidden, mlp_dim, vocab = (
@@ -169,8 +255,11 @@ def random_checkpoint(config: dict, seed: int = 0, std: float = 0.1) -> dict:
     def normal(*shape):
         return (std * rng.standard_normal(shape)).astype(np.float32)
 
-    def norm_weight():
-        return (1.0 + 0.2 * rng.standard_normal(hidden)).astype(np.float32)
+    kind = config.get("model_type", "llama")
+    gemma = kind in GEMMA
+
+    def norm_weight(dim=hidden):
+        return (float(not gemma) + 0.2 * rng.standard_normal(dim)).astype(np.float32)
 
     t = {"model.embed_tokens.weight": normal(vocab, hidden), "model.norm.weight": norm_weight()}
     for i in range(config["num_hidden_layers"]):
@@ -184,6 +273,15 @@ def random_checkpoint(config: dict, seed: int = 0, std: float = 0.1) -> dict:
         t[p + "mlp.gate_proj.weight"] = normal(mlp_dim, hidden)
         t[p + "mlp.up_proj.weight"] = normal(mlp_dim, hidden)
         t[p + "mlp.down_proj.weight"] = normal(hidden, mlp_dim)
-    if not config.get("tie_word_embeddings", False):
+        if kind == "qwen2":
+            for name, rows in (("q", n_heads), ("k", n_kv), ("v", n_kv)):
+                t[p + f"self_attn.{name}_proj.bias"] = normal(rows * head_dim)
+        if kind in ("qwen3", "gemma3_text"):
+            t[p + "self_attn.q_norm.weight"] = norm_weight(head_dim)
+            t[p + "self_attn.k_norm.weight"] = norm_weight(head_dim)
+        if gemma:
+            t[p + "pre_feedforward_layernorm.weight"] = norm_weight()
+            t[p + "post_feedforward_layernorm.weight"] = norm_weight()
+    if not config.get("tie_word_embeddings", gemma):
         t["lm_head.weight"] = normal(vocab, hidden)
     return t

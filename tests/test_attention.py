@@ -17,20 +17,89 @@ def _qkv(seed, batch=2, seq=12, heads=4, kv_heads=2, head_dim=8):
     return q, k, v
 
 
-def _reference(q, k, v, segment_ids=None):
-    """The numpy loop of tests/numpy_llama.py, row by row. Returns [batch, seq, heads, head_dim]."""
+def _reference(q, k, v, segment_ids=None, spec=attn_lib.PLAIN):
+    """The numpy loop of tests/numpy_llama.py, row by row, with `spec`'s window, scale and
+    soft cap. Returns [batch, seq, heads, head_dim]."""
     seq = q.shape[1]
     out = []
     for b in range(q.shape[0]):
         allowed = np.tril(np.ones((seq, seq), bool))
+        if spec.window:
+            allowed &= np.subtract.outer(np.arange(seq), np.arange(seq)) < spec.window
         if segment_ids is not None:
             allowed &= segment_ids[b][:, None] == segment_ids[b][None, :]
         out.append(
             numpy_llama.attention(
-                q[b].astype(np.float64), k[b].astype(np.float64), v[b].astype(np.float64), allowed
+                *(x[b].astype(np.float64) for x in (q, k, v)), allowed, spec.scale, spec.softcap
             )
         )
     return np.stack(out)
+
+
+SPEC = attn_lib.Scores(scale=0.3, softcap=0.8, window=5)
+
+
+def test_window_scale_and_soft_cap_match_numpy_loop(monkeypatch):
+    """The XLA path, whole and in query blocks of 4 that skip the key blocks wholly before
+    the window (XLA_BLOCK shrunk so that 16 tokens make 4 blocks), and the decoding path."""
+    q, k, v = _qkv(11, seq=16)
+    seg = np.repeat([[1, 2]], [10, 6], axis=1).repeat(2, 0)
+    want = _reference(q, k, v, seg, SPEC)
+    args = [jnp.asarray(x) for x in (q, k, v, seg)]
+
+    def causal(q, k, v, seg):
+        return attn_lib.attention(q, k, v, segment_ids=seg, impl="xla", spec=SPEC)
+
+    def cached(q, k, v, seg):
+        mask = attn_lib.make_mask(seg, seg, jnp.arange(16), jnp.arange(16), SPEC.window)
+        return attn_lib.attention_with_mask(q, k, v, mask, SPEC)
+
+    for fn in (causal, cached):
+        np.testing.assert_allclose(np.asarray(jax.jit(fn)(*args)), want, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(attn_lib, "XLA_BLOCK", 4)
+    blocks = jax.jit(causal)(*args)
+    np.testing.assert_allclose(np.asarray(blocks), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_splash_kernel_with_local_mask_and_soft_cap_matches_xla_with_gradients():
+    """The TPU kernel (Pallas interpreter) with a window of 100 over 256 tokens in blocks of
+    128 (a key block wholly outside the window), documents, scale and soft cap: values
+    and gradients of q, k and v against the XLA path."""
+    spec = attn_lib.Scores(scale=0.3, softcap=0.8, window=100)
+    q, k, v = (jnp.asarray(x) for x in _qkv(12, batch=1, seq=256, heads=2, kv_heads=1))
+    seg = jnp.asarray(np.repeat([[1, 2]], [200, 56], axis=1))
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a) ** 2)
+
+    def kernel(q, k, v):
+        return attn_lib._splash_local(q, k, v, seg, spec, interpret=True)
+
+    def xla(q, k, v):
+        return attn_lib.attention(q, k, v, segment_ids=seg, impl="xla", spec=spec)
+
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(kernel)(q, k, v)),
+        _reference(*map(np.asarray, (q, k, v)), np.asarray(seg), spec),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+
+
+def test_gpu_kernels_refuse_what_they_lack_and_auto_picks_xla():
+    q, k, v = (jnp.asarray(x) for x in _qkv(13, seq=16))
+    for spec in (attn_lib.Scores(window=4), attn_lib.Scores(softcap=1.0)):
+        assert attn_lib.resolve_impl("auto", "gpu", seq_len=1024, spec=spec) == "xla"
+        with pytest.raises(ValueError, match="pallas_gpu implements no .*model.attention=xla"):
+            attn_lib._pallas_gpu_local(q, k, v, None, spec, interpret=True)
+    assert attn_lib.resolve_impl("auto", "tpu", seq_len=1024, spec=SPEC) == "splash"
+    with pytest.raises(ValueError, match="cudnn implements no attention soft-capping"):
+        attn_lib.attention(q, k, v, impl="cudnn", spec=attn_lib.Scores(softcap=1.0))
 
 
 def test_make_mask_is_causal_and_block_diagonal():

@@ -289,7 +289,7 @@ def test_pickle_checkpoints_are_refused_and_never_opened(tmp_path):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"model_type": "mistral"}, "only Llama"),
+        ({"model_type": "falcon"}, "lmjax converts 'llama'"),
         ({"attention_bias": True}, "without biases"),
         ({"hidden_act": "gelu"}, "silu"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),

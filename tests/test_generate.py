@@ -1,6 +1,7 @@
 """KV-cache decoding against repeated full forward passes, sampling filters against numpy."""
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -65,19 +66,54 @@ def test_greedy_with_cache_equals_repeated_full_forward(params):
         assert out[b].tolist() == greedy_by_full_forward(params, prompt[b].tolist(), 12)
 
 
-def test_logits_of_each_cached_step_match_full_forward(params):
+def check_cached_steps(params, cfg):
+    """Prefill of 4 tokens, then one-token steps to 12: each step's logits equal the full
+    forward's at that position."""
     seq = prompts(2, 12, seed=1)
     prompt_len = 4
-    full = np.asarray(_forward(params, jnp.asarray(seq), CFG))  # [2, 12, vocab]
+    full = np.asarray(_forward(params, jnp.asarray(seq), cfg))  # [2, 12, vocab]
     lengths = jnp.full((2,), prompt_len)
     prefill = jax.jit(gen.prefill, static_argnums=(1, 4))
-    logits, cache = prefill(params, CFG, jnp.asarray(seq[:, :prompt_len]), lengths, 16)
-    assert cache["k"].shape == (CFG.n_layers, 2, 16, CFG.n_kv_heads, CFG.head_dim)
+    logits, cache = prefill(params, cfg, jnp.asarray(seq[:, :prompt_len]), lengths, 16)
+    assert cache["k"].shape == (cfg.n_layers, 2, 16, cfg.n_kv_heads, cfg.head_dim)
     np.testing.assert_allclose(logits, full[:, prompt_len - 1], atol=1e-5, rtol=1e-5)
     step = jax.jit(gen.decode_step, static_argnums=1)
     for pos in range(prompt_len, 12):
-        logits, cache = step(params, CFG, jnp.asarray(seq[:, pos]), jnp.full((2,), pos), cache)
+        logits, cache = step(params, cfg, jnp.asarray(seq[:, pos]), jnp.full((2,), pos), cache)
         np.testing.assert_allclose(logits, full[:, pos], atol=1e-5, rtol=1e-5)
+
+
+def test_logits_of_each_cached_step_match_full_forward(params):
+    check_cached_steps(params, CFG)
+
+
+# Every model-family switch at once (tests/test_families.py holds the forward against HF's
+# conventions): a local layer with a window of 3 and its own RoPE base, then a global one.
+FAMILY_LM = dataclasses.replace(
+    CFG,
+    sliding_window=3,
+    global_every=2,
+    rope_local_theta=500.0,
+    qkv_bias=True,
+    qk_norm=True,
+    norm_offset=True,
+    scale_embeddings=True,
+    mlp_activation="gelu_tanh",
+    post_norms=True,
+    attn_softcap=2.0,
+    final_softcap=5.0,
+    query_pre_attn_scalar=4.0,
+)
+
+
+@pytest.mark.slow
+def test_cached_steps_of_a_sliding_window_model_match_full_forward():
+    """The cache of a local layer is read only within its window, in prefill and decoding."""
+    params = transformer.init(FAMILY_LM, jax.random.PRNGKey(0))
+    leaves, tree = jax.tree.flatten(params)  # non-zero biases and norm weights
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    noise = [0.2 * jax.random.normal(key, leaf.shape) for key, leaf in zip(keys, leaves)]
+    check_cached_steps(jax.tree.unflatten(tree, [a + b for a, b in zip(leaves, noise)]), FAMILY_LM)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import pytest
 
 from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig
 from lmjax.data.pipeline import synthetic_batch
+from lmjax.model import transformer
 from lmjax.model.objective import loss_terms
 from lmjax.parallel import sharding
 from lmjax.train import loop, optim, trainer
@@ -133,7 +134,7 @@ def test_loss_is_mean_over_unmasked_targets():
     state = tr.init_fn()
     logits = np.asarray(
         jax.jit(
-            lambda p: __import__("lmjax.model.transformer").model.forward(
+            lambda p: transformer.forward(
                 p,
                 batch["inputs"],
                 TINY,
@@ -240,12 +241,16 @@ def test_schedules():
 
 @pytest.mark.slow
 def test_weight_decay_mask_spares_norms_and_embeddings():
-    params = __import__("lmjax.model.transformer").model.init(TINY, jax.random.PRNGKey(0))
+    params = transformer.init(TINY, jax.random.PRNGKey(0))
     mask = optim.weight_decay_mask(params, OptimConfig())
     assert mask["layers"]["wq"] and mask["layers"]["w_down"]
     assert not mask["layers"]["attn_norm"] and not mask["final_norm"]
     assert not mask["embed"] and not mask["unembed"]
     assert optim.weight_decay_mask(params, OptimConfig(decay_embeddings=True))["embed"]
+    family = dataclasses.replace(TINY, qkv_bias=True, qk_norm=True, post_norms=True)
+    layers = optim.weight_decay_mask(transformer.param_shapes(family), OptimConfig())["layers"]
+    spared = ("q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "attn_post_norm", "mlp_post_norm")
+    assert layers["wq"] and not any(layers[name] for name in spared)
 
 
 def test_adamw_update_matches_a_numpy_reference_over_several_steps():

@@ -1,11 +1,12 @@
-"""`lmjax convert from-hf|to-hf`: Hugging Face Llama safetensors <-> lmjax params directories."""
+"""`lmjax convert from-hf|to-hf`: Hugging Face safetensors (Llama, Mistral, Qwen2, Qwen3,
+Gemma 2, Gemma 3) <-> lmjax params directories."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from lmjax.checkpoint import params_dir
-from lmjax.convert import hf
+from lmjax.convert import families, hf
 from lmjax.model import transformer
 
 
@@ -23,11 +24,14 @@ def from_hf(hf_dir: str, out_dir: str) -> int:
 
 
 def to_hf(source: str, out_dir: str, dtype: str | None = None) -> int:
-    """Writes a LlamaForCausalLM checkpoint of a params directory (`dtype`: of the tensors)."""
+    """Writes a Hugging Face checkpoint of a params directory, of the family its model
+    switches name (`dtype`: of the tensors)."""
     hf.require_empty(Path(out_dir))  # before the slow read
     cfg, params = params_dir.load(source)
     hf.save(cfg, params, out_dir, dtype=dtype)
+    architecture = families.of_config(cfg).architecture
     print(
-        f"wrote a LlamaForCausalLM checkpoint ({transformer.count_params(cfg):,} parameters) to {out_dir}"
+        f"wrote a {architecture} checkpoint ({transformer.count_params(cfg):,} parameters) "
+        f"to {out_dir}"
     )
     return 0

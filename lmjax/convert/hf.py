@@ -1,7 +1,9 @@
-"""Hugging Face Llama checkpoints <-> lmjax parameters, through one name-and-transform table.
+"""Hugging Face checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3) <-> lmjax
+parameters: the shared core (config keys, safetensors files, load and save) that walks one
+family's name-and-transform table (lmjax/convert/families.py).
 
-`TABLE` pairs each HF tensor name with an lmjax parameter path and says how the array
-moves between them; `load` and `save` both walk it. HF `nn.Linear` weights are
+Each table entry pairs an HF tensor name with an lmjax parameter path and says how the
+array moves between them; `load` and `save` both walk it. HF `nn.Linear` weights are
 `[out, in]`; lmjax keeps `[in, out]` with the heads split out (wq `[embed, heads,
 head_dim]`, wo `[heads, head_dim, embed]`) and the layers stacked on a leading axis.
 lmjax applies RoPE in HF's rotate-half form, so q/k need no permutation.
@@ -13,7 +15,6 @@ loaded, and are refused with instructions to convert them.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -25,55 +26,15 @@ import ml_dtypes  # noqa: F401  (registers np.dtype("bfloat16"))
 import numpy as np
 
 from lmjax.config import ConfigError, ModelConfig
+from lmjax.convert import families
+from lmjax.convert.families import Entry, Family
 from lmjax.model import transformer
 
 Params = dict[str, Any]
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One HF tensor <-> one lmjax parameter (one layer's slice for `layers/...`).
-
-    `in_axes` is 0 for arrays stored identically on both sides (embeddings, norms). For a
-    Linear weight it is how many leading lmjax axes make up the input dimension: the HF
-    array is the transpose of the lmjax array flattened to `[prod(in axes), prod(rest)]`.
-    """
-
-    hf: str  # "{i}" stands for the layer index
-    path: tuple[str, ...]
-    in_axes: int
-
-    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The HF shape for an lmjax (per-layer) shape."""
-        if self.in_axes == 0:
-            return shape
-        return (math.prod(shape[self.in_axes :]), math.prod(shape[: self.in_axes]))
-
-    def to_lmjax(self, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        return array.reshape(shape) if self.in_axes == 0 else array.T.reshape(shape)
-
-    def to_hf(self, array: np.ndarray) -> np.ndarray:
-        if self.in_axes == 0:
-            return array
-        return array.reshape(math.prod(array.shape[: self.in_axes]), -1).T
-
-
-TABLE: tuple[Entry, ...] = (
-    Entry("model.embed_tokens.weight", ("embed",), 0),
-    Entry("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm"), 0),
-    Entry("model.layers.{i}.self_attn.q_proj.weight", ("layers", "wq"), 1),
-    Entry("model.layers.{i}.self_attn.k_proj.weight", ("layers", "wk"), 1),
-    Entry("model.layers.{i}.self_attn.v_proj.weight", ("layers", "wv"), 1),
-    Entry("model.layers.{i}.self_attn.o_proj.weight", ("layers", "wo"), 2),
-    Entry("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm"), 0),
-    Entry("model.layers.{i}.mlp.gate_proj.weight", ("layers", "w_gate"), 1),
-    Entry("model.layers.{i}.mlp.up_proj.weight", ("layers", "w_up"), 1),
-    Entry("model.layers.{i}.mlp.down_proj.weight", ("layers", "w_down"), 1),
-    Entry("model.norm.weight", ("final_norm",), 0),
-    Entry("lm_head.weight", ("unembed",), 1),  # absent when the embeddings are tied
-)
-
-# HF config.json key <-> ModelConfig field, and the keys of a "llama3" rope_scaling block.
+# HF config.json key <-> ModelConfig field (every family), and the keys of a "llama3"
+# rope_scaling block.
 CONFIG_KEYS = (
     ("vocab_size", "vocab_size"),
     ("hidden_size", "d_model"),
@@ -101,10 +62,11 @@ _TORCH_DTYPES = ("float32", "bfloat16", "float16")
 _FIELD_TYPES = typing.get_type_hints(ModelConfig)
 
 
-def _entries(cfg: ModelConfig):
-    """Yields (entry, hf_name, layer index or None, per-layer lmjax shape) for `cfg`."""
+def _entries(cfg: ModelConfig, family: Family | None = None):
+    """Yields (entry, hf_name, layer index or None, per-layer lmjax shape) for `cfg`, from
+    `family`'s table (default: the family of `cfg`'s switches)."""
     specs = transformer.param_specs(cfg)
-    for entry in TABLE:
+    for entry in (family or families.of_config(cfg)).table:
         node = specs
         for key in entry.path:
             node = node.get(key) if isinstance(node, dict) else None
@@ -120,20 +82,13 @@ def _entries(cfg: ModelConfig):
 # ---------------------------------------------------------------- config
 
 
-def _check_llama(hf: dict) -> None:
-    """A ConfigError unless `hf` describes a Llama that lmjax's model implements."""
-    if hf.get("model_type") != "llama":
-        raise ConfigError(
-            f"config.json has model_type={hf.get('model_type')!r}; only Llama "
-            '(model_type "llama") checkpoints can be converted'
-        )
-    for key, ok, what in (
-        ("hidden_act", "silu", "a SwiGLU MLP with silu"),
-        ("attention_bias", False, "attention without biases"),
-        ("mlp_bias", False, "an MLP without biases"),
-    ):
+def _check_family(hf: dict, family: Family) -> None:
+    """A ConfigError unless `hf` describes a model of `family` that lmjax implements."""
+    for key, ok, what in family.required:
         if hf.get(key, ok) != ok:
-            raise ConfigError(f"config.json has {key}={hf[key]!r}; lmjax's Llama uses {what}")
+            raise ConfigError(
+                f"config.json has {key}={hf[key]!r}; lmjax's {family.model_type} uses {what}"
+            )
     missing = [
         k
         for k in (
@@ -146,15 +101,40 @@ def _check_llama(hf: dict) -> None:
         if k not in hf
     ]
     if missing:
-        raise ConfigError(f"config.json lacks {missing}: is this a Llama config.json?")
+        raise ConfigError(
+            f"config.json lacks {missing}: is this a {family.model_type} config.json?"
+        )
+
+
+def _rope_fields(rope: dict) -> dict[str, Any]:
+    """The ModelConfig rope-scaling fields of an HF rope_scaling (or rope_parameters) block."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return {}
+    if rope_type == "linear":
+        return {"rope_scaling_type": "linear", "rope_scaling_factor": float(rope["factor"])}
+    if rope_type != "llama3":
+        raise ConfigError(
+            f"config.json uses rope_type={rope_type!r}; lmjax implements plain RoPE, "
+            'linear scaling and Llama-3.1 ("llama3") scaling only'
+        )
+    absent = [k for k, _ in ROPE_SCALING_KEYS if k not in rope]
+    if absent:
+        raise ConfigError(f"config.json rope_scaling of type llama3 lacks {absent}")
+    return {field: _FIELD_TYPES[field](rope[key]) for key, field in ROPE_SCALING_KEYS}
 
 
 def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
-    """A ModelConfig from an HF Llama `config.json` dict; unsupported features are errors."""
-    _check_llama(hf)
+    """A ModelConfig from an HF `config.json` dict of any family in `families.FAMILIES`;
+    unsupported features are errors."""
+    family = families.by_model_type(hf.get("model_type"))
+    _check_family(hf, family)
     # transformers >= 5 writes rope settings as "rope_parameters"; older files as
     # "rope_theta" plus "rope_scaling".
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if "full_attention" in rope:  # per layer kind (transformers >= 5, Gemma 3)
+        local = rope.get("sliding_attention", {})
+        rope = {**rope["full_attention"], "rope_local_base_freq": local.get("rope_theta")}
     values = {
         "num_key_value_heads": hf["num_attention_heads"],
         "head_dim": hf["hidden_size"] // hf["num_attention_heads"],
@@ -163,42 +143,63 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
         "tie_word_embeddings": False,
         "rope_theta": rope.get("rope_theta", 10000.0),
         "initializer_range": ModelConfig.init_std,
+        **dict(family.defaults),
     }
     values.update({k: v for k, v in hf.items() if v is not None})
+    if rope.get("rope_local_base_freq") is not None:
+        values["rope_local_base_freq"] = rope["rope_local_base_freq"]
     fields = {field: _FIELD_TYPES[field](values[key]) for key, field in CONFIG_KEYS}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "llama3":
-        absent = [k for k, _ in ROPE_SCALING_KEYS if k not in rope]
-        if absent:
-            raise ConfigError(f"config.json rope_scaling of type llama3 lacks {absent}")
-        fields.update({field: _FIELD_TYPES[field](rope[key]) for key, field in ROPE_SCALING_KEYS})
-    elif rope_type != "default":
-        raise ConfigError(
-            f"config.json uses rope_type={rope_type!r}; lmjax implements plain "
-            'RoPE and Llama-3.1 ("llama3") scaling only'
-        )
+    for key, field in family.keys:  # present and null: off
+        value = None if key in hf and hf[key] is None else values.get(key)
+        fields[field] = _FIELD_TYPES[field](value or 0)
+    fields.update(family.switches)
+    fields.update(_rope_fields(rope))
     cfg = ModelConfig(**fields, param_dtype=param_dtype)
+    _check_shapes(cfg, hf)
+    return cfg
+
+
+def _check_shapes(cfg: ModelConfig, hf: dict) -> None:
+    """A ConfigError unless the heads group evenly and the local/global layer pattern of
+    `hf` ("layer_types") is the one lmjax derives (`transformer.layer_is_local`)."""
     if cfg.n_heads % cfg.n_kv_heads or cfg.head_dim % 2:
         raise ConfigError(
             f"config.json has {cfg.n_heads} attention heads, {cfg.n_kv_heads} "
             f"key/value heads and head_dim {cfg.head_dim}: heads must be a "
             "multiple of key/value heads and head_dim even"
         )
-    return cfg
+    types = hf.get("layer_types")
+    if types is not None and [t == "sliding_attention" for t in types] != list(
+        transformer.layer_is_local(cfg)
+    ):
+        raise ConfigError(
+            f"config.json has layer_types={types}, but lmjax places global layers at every "
+            f"global_every-th layer (here {transformer.layer_is_local(cfg)} local): this "
+            "pattern cannot be converted"
+        )
 
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict:
-    """The `config.json` of `LlamaForCausalLM` for `cfg`."""
+    """The `config.json` of `cfg`'s family (`families.of_config`)."""
+    family = families.of_config(cfg)
     hf: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        **{key: ok for key, ok, _ in family.required},
     }
     hf.update({key: getattr(cfg, field) for key, field in CONFIG_KEYS})
+    hf.update({key: getattr(cfg, field) or None for key, field in family.keys})
+    if "query_pre_attn_scalar" in hf:
+        hf["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar or cfg.head_dim
+    if cfg.sliding_window > 0:
+        hf["layer_types"] = [
+            "sliding_attention" if local else "full_attention"
+            for local in transformer.layer_is_local(cfg)
+        ]
     hf["rope_scaling"] = None
-    if cfg.rope_scaling_factor > 0:
+    if cfg.rope_scaling_factor > 0 and cfg.rope_scaling_type == "linear":
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling_factor}
+    elif cfg.rope_scaling_factor > 0:
         hf["rope_scaling"] = {
             "rope_type": "llama3",
             **{key: getattr(cfg, field) for key, field in ROPE_SCALING_KEYS},
@@ -248,7 +249,8 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
 
 
 def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[ModelConfig, Params]:
-    """Reads an HF Llama directory (config.json + safetensors, single or sharded).
+    """Reads an HF directory of any family in `families.FAMILIES` (config.json +
+    safetensors, single or sharded).
 
     Returns (ModelConfig, params) with params as host numpy arrays in `param_dtype`, shaped
     as `lmjax.model.transformer.param_shapes`. bfloat16/float16 checkpoints are upcast exactly.
@@ -256,14 +258,16 @@ def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mo
     from safetensors import safe_open
 
     hf_dir = Path(hf_dir)
-    cfg = config_from_hf(read_hf_config(hf_dir), param_dtype=param_dtype)
+    hf_config = read_hf_config(hf_dir)
+    cfg = config_from_hf(hf_config, param_dtype=param_dtype)
+    family = families.by_model_type(hf_config["model_type"])
     files = _tensor_files(hf_dir)
-    wanted = {name for _, name, _, _ in _entries(cfg)}
+    wanted = {name for _, name, _, _ in _entries(cfg, family)}
     missing = sorted(wanted - set(files))
     if missing:
         raise ConfigError(
             f"{hf_dir} lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-            " that a Llama with this config.json needs"
+            f" that a {family.model_type} with this config.json needs"
         )
     ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
     unknown = sorted(
@@ -271,8 +275,8 @@ def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mo
     )
     if unknown:
         raise ConfigError(
-            f"{hf_dir} has tensors lmjax's Llama does not use: {unknown[:5]}; "
-            "biases or extra modules mean this is not a plain Llama"
+            f"{hf_dir} has tensors lmjax's {family.model_type} does not use: {unknown[:5]}; "
+            f"biases or extra modules mean this is not a plain {family.model_type}"
         )
 
     dtype = np.dtype(param_dtype)
@@ -283,7 +287,7 @@ def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mo
             p: stack.enter_context(safe_open(str(p), framework="np"))
             for p in sorted(set(files[n] for n in wanted))
         }
-        for entry, name, layer, shape in _entries(cfg):
+        for entry, name, layer, shape in _entries(cfg, family):
             array = handles[files[name]].get_tensor(name)
             if tuple(array.shape) != entry.hf_shape(shape):
                 raise ConfigError(
@@ -321,7 +325,8 @@ def save(
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
 ) -> None:
-    """Writes an HF Llama directory that `LlamaForCausalLM.from_pretrained` loads.
+    """Writes an HF directory of `cfg`'s family (`families.of_config`), which that family's
+    `...ForCausalLM.from_pretrained` loads.
 
     Args:
       cfg: the model's config.
@@ -354,9 +359,7 @@ def save(
     for filename, shard in zip(names, shards):
         tensors = {}
         for entry, name, layer in shard:
-            array = _get(params, entry.path)
-            array = array[layer] if layer is not None else array
-            tensors[name] = np.ascontiguousarray(entry.to_hf(array).astype(np_dtype))
+            tensors[name] = np.ascontiguousarray(_hf_tensor(params, entry, layer).astype(np_dtype))
             weight_map[name] = filename
         # transformers requires the "format" header field.
         save_file(tensors, str(out_dir / filename), metadata={"format": "pt"})
@@ -365,6 +368,18 @@ def save(
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     hf_config = config_to_hf(cfg, dtype)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+def _hf_tensor(params: Params, entry: Entry, layer: int | None) -> np.ndarray:
+    """The HF tensor of `entry` (one layer's slice for `layers/...`) from host params."""
+    array = np.asarray(_get(params, entry.path))
+    return entry.to_hf(array[layer] if layer is not None else array)
+
+
+def to_hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
+    """HF name -> tensor for `params` (any pytree of arrays shaped as the params, e.g.
+    their gradients), in memory; `save` writes the same tensors shard by shard."""
+    return {name: _hf_tensor(params, entry, layer) for entry, name, layer, _ in _entries(cfg)}
 
 
 # ---------------------------------------------------------------- helpers

@@ -7,7 +7,8 @@ Conventions:
     [layers, batch, max_len, kv_heads, head_dim] with max_len = prompt_len + max_new_tokens.
     Cache slot i holds the token at position i; a token at position p attends to slots
     0..p, so padding written past a short prompt is never read and is overwritten by its
-    continuation.
+    continuation; a local (sliding-window) layer reads only the last `sliding_window` slots
+    up to p.
   * The prompt is prefilled in one jitted call; the new tokens come from one jitted
     `lax.while_loop` of one-token steps over the fixed-size cache (no per-token compiles).
     Both attend through `attention.attention_with_mask` (the XLA path) over the whole
@@ -60,23 +61,25 @@ def extend(params, cfg: ModelConfig, tokens, positions, cache: Cache):
     Returns:
       (hidden states before the final norm [batch, t, embed], updated cache).
     """
-    sin, cos = transformer.rope_tables(positions, cfg)
     x = transformer.embed(params, tokens, cfg)
-    max_len = cache["k"].shape[2]
-    mask = attn_lib.make_mask(None, None, positions, jnp.arange(max_len))
+    slots = jnp.arange(cache["k"].shape[2])
     rows = jnp.arange(tokens.shape[0])[:, None]
 
-    def layer_step(x, xs):
+    def layer_step(x, xs, local: bool):
         layer, k_cache, v_cache = xs
+        spec = transformer.scores_spec(cfg, local)
+        mask = attn_lib.make_mask(None, None, positions, slots, spec.window)
 
         def attend(q, k, v):
             k_all = k_cache.at[rows, positions].set(k.astype(k_cache.dtype))
             v_all = v_cache.at[rows, positions].set(v.astype(v_cache.dtype))
-            return attn_lib.attention_with_mask(q, k_all, v_all, mask), (k_all, v_all)
+            return attn_lib.attention_with_mask(q, k_all, v_all, mask, spec), (k_all, v_all)
 
+        sin, cos = transformer.rope_tables(positions, cfg, local)
         return transformer.decoder_layer(x, layer, sin, cos, attend, cfg)
 
-    x, (k, v) = jax.lax.scan(layer_step, x, (params["layers"], cache["k"], cache["v"]))
+    xs = (params["layers"], cache["k"], cache["v"])
+    x, (k, v) = transformer.scan_layers(layer_step, x, xs, cfg)
     return x, {"k": sharding.constrain(k, CACHE_AXES), "v": sharding.constrain(v, CACHE_AXES)}
 
 

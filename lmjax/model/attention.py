@@ -13,6 +13,10 @@ Implementations:
   * ``auto``: splash on TPU, pallas_gpu on GPU, xla elsewhere or when the sequence length
     is not a multiple of the kernel's block.
 
+`Scores` says how the scores are formed: their scale, a tanh soft cap and a sliding window
+(Mistral, Gemma). xla and splash implement all three, cudnn the scale and the window, and
+pallas_gpu the scale only; ``auto`` picks xla on GPUs where the kernel lacks what is asked.
+
 The Pallas GPU kernel module is deprecated in favour of tokamax, whose attention takes
 packed documents only as a dense [T, T] boolean mask (and depends on xprof and qwix), so the
 kernel here is jax's own until tokamax takes segment ids.
@@ -20,6 +24,7 @@ kernel here is jax's own until tokamax takes segment ids.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -33,7 +38,33 @@ from lmjax.parallel import sharding
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def make_mask(q_segment_ids, kv_segment_ids, q_index, kv_index):
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """How attention scores are formed from q . k.
+
+    scale: the factor on q . k; None: head_dim ** -0.5.
+    softcap: >0: scores -> softcap * tanh(scores / softcap) after scaling (Gemma 2).
+    window: >0: a query at index i sees the keys at indices i - window < j <= i only.
+    """
+
+    scale: float | None = None
+    softcap: float = 0.0
+    window: int = 0
+
+    def factor(self, head_dim: int) -> float:
+        return head_dim**-0.5 if self.scale is None else self.scale
+
+    def cap(self, scores):
+        """scores (float32) soft-capped when `softcap` > 0, else unchanged."""
+        if self.softcap <= 0:
+            return scores
+        return self.softcap * jnp.tanh(scores / self.softcap)
+
+
+PLAIN = Scores()
+
+
+def make_mask(q_segment_ids, kv_segment_ids, q_index, kv_index, window: int = 0):
     """Boolean attention mask, True where a query may attend to a key.
 
     Args:
@@ -41,23 +72,26 @@ def make_mask(q_segment_ids, kv_segment_ids, q_index, kv_index):
       kv_segment_ids: [batch, kv_len] int document ids of the keys (None: one document).
       q_index: [batch, q_len] or [q_len] absolute position of each query in the sequence.
       kv_index: [kv_len] absolute position of each key.
+      window: >0: a query sees only the `window` most recent positions (itself included).
     Returns:
       [batch, q_len, kv_len] bool (batch is 1 when nothing depends on it).
     """
     q_index = jnp.atleast_2d(q_index)
     mask = q_index[:, :, None] >= kv_index[None, None, :]
+    if window > 0:
+        mask = mask & (q_index[:, :, None] - kv_index[None, None, :] < window)
     if q_segment_ids is not None:
         mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
     return mask
 
 
-def _xla(q, k, v, mask):
+def _xla(q, k, v, mask, spec: Scores = PLAIN):
     """q: [b, t, h, d]; k, v: [b, s, kv, d]; mask: [b|1, t, s] -> [b, t, h, d]."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
+    scores = spec.cap(scores * spec.factor(d))
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -67,8 +101,9 @@ def _xla(q, k, v, mask):
 XLA_BLOCK = 128  # query rows per block of the block-causal XLA path
 
 
-def _xla_causal(q, k, v, segment_ids):
-    """Causal attention that skips the key blocks above the diagonal.
+def _xla_causal(q, k, v, segment_ids, spec: Scores = PLAIN):
+    """Causal attention that skips the key blocks above the diagonal (and, with a sliding
+    window, the blocks wholly before it).
 
     Query block i (XLA_BLOCK rows) attends only to keys [0, (i + 1) * XLA_BLOCK): with n
     blocks this computes (n + 1) / 2n of the full score matrix (62% at n = 4), exactly.
@@ -77,19 +112,22 @@ def _xla_causal(q, k, v, segment_ids):
     t = q.shape[1]
     if t % XLA_BLOCK or t <= XLA_BLOCK:
         index = jnp.arange(t)
-        return _xla(q, k, v, make_mask(segment_ids, segment_ids, index, index))
+        return _xla(q, k, v, make_mask(segment_ids, segment_ids, index, index, spec.window), spec)
     outs = []
     for start in range(0, t, XLA_BLOCK):
         end = start + XLA_BLOCK
+        first = max(0, start - spec.window + 1) // XLA_BLOCK * XLA_BLOCK if spec.window else 0
         seg_q = None if segment_ids is None else segment_ids[:, start:end]
-        seg_k = None if segment_ids is None else segment_ids[:, :end]
-        mask = make_mask(seg_q, seg_k, jnp.arange(start, end), jnp.arange(end))
-        outs.append(_xla(q[:, start:end], k[:, :end], v[:, :end], mask))
+        seg_k = None if segment_ids is None else segment_ids[:, first:end]
+        mask = make_mask(seg_q, seg_k, jnp.arange(start, end), jnp.arange(first, end), spec.window)
+        outs.append(_xla(q[:, start:end], k[:, first:end], v[:, first:end], mask, spec))
     return jnp.concatenate(outs, axis=1)
 
 
-def _cudnn(q, k, v, segment_ids):
+def _cudnn(q, k, v, segment_ids, spec: Scores = PLAIN):
     """cuDNN flash attention through jax.nn: causal by the kernel's own mask, no mask array."""
+    if spec.softcap > 0:
+        raise ValueError(_lacks("cudnn", "soft-capping"))
     if q.dtype not in (jnp.bfloat16, jnp.float16) or segment_ids is not None:
         raise ValueError(
             f"model.attention=cudnn takes bfloat16/float16 inputs and no packed "
@@ -97,12 +135,29 @@ def _cudnn(q, k, v, segment_ids):
             f"model.attention=pallas_gpu (or auto), or data.packing=false with "
             f"model.dtype=bfloat16"
         )
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=spec.factor(q.shape[-1]),
+        is_causal=True,
+        local_window_size=(spec.window - 1, 0) if spec.window else None,
+        implementation="cudnn",
+    )
 
 
-def _pallas_gpu_local(q, k, v, segment_ids, *, interpret: bool = False):
+def _lacks(impl: str, what: str) -> str:
+    return (
+        f"model.attention={impl} implements no attention {what}: use model.attention=xla, "
+        "or auto (which picks xla on GPUs for such models)"
+    )
+
+
+def _pallas_gpu_local(q, k, v, segment_ids, spec: Scores = PLAIN, *, interpret: bool = False):
     """The Pallas GPU flash kernel on one device's heads: q [b, t, h, d]; k, v [b, t, kv, d]
     with local query head j using kv head j // (h / kv); segment_ids [b, t] or None."""
+    if spec.softcap > 0 or spec.window > 0:
+        raise ValueError(_lacks("pallas_gpu", "soft-capping or sliding window"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from jax.experimental.pallas.ops.gpu import attention as gpu_attention
@@ -129,7 +184,7 @@ def _pallas_gpu_local(q, k, v, segment_ids, *, interpret: bool = False):
         k,
         v,
         segment_ids,
-        sm_scale=q.shape[-1] ** -0.5,
+        sm_scale=spec.factor(q.shape[-1]),
         causal=True,
         block_sizes=sizes,
         interpret=interpret,
@@ -137,9 +192,12 @@ def _pallas_gpu_local(q, k, v, segment_ids, *, interpret: bool = False):
 
 
 @functools.cache
-def _splash_kernel(q_len: int, kv_len: int, heads: int, interpret: bool = False):
-    """A causal splash-attention kernel over q [heads, q_len, head_dim] and k, v
-    [kv_heads, kv_len, head_dim] (one batch row; grouped-query when kv_heads < heads).
+def _splash_kernel(
+    q_len: int, kv_len: int, heads: int, spec: Scores = PLAIN, interpret: bool = False
+):
+    """A causal splash-attention kernel over q [heads, q_len, head_dim] (already scaled) and
+    k, v [kv_heads, kv_len, head_dim] (one batch row; grouped-query when kv_heads < heads),
+    with `spec`'s sliding window as a local mask and its soft cap.
     `interpret` runs the Pallas kernel in the interpreter (any backend, for tests)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk,
@@ -162,18 +220,26 @@ def _splash_kernel(q_len: int, kv_len: int, heads: int, interpret: bool = False)
         block_q_dq=block,
         block_kv_dq=block,
     )
-    mask = sm.MultiHeadMask([sm.CausalMask((q_len, kv_len))] * heads)
+    shape = (q_len, kv_len)
+    one = sm.LocalMask(shape, (spec.window - 1, 0), 0) if spec.window else sm.CausalMask(shape)
+    mask = sm.MultiHeadMask([one] * heads)
     # Concrete (not traced) mask tables, so the cached kernel never holds a tracer.
     with jax.ensure_compile_time_eval():
-        return sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+        return sk.make_splash_mha_single_device(
+            mask,
+            block_sizes=sizes,
+            attn_logits_soft_cap=spec.softcap or None,
+            interpret=interpret,
+        )
 
 
-def _splash_local(q, k, v, segment_ids, *, interpret: bool = False):
+def _splash_local(q, k, v, segment_ids, spec: Scores = PLAIN, *, interpret: bool = False):
     """The TPU splash kernel on one device's heads (arguments as `_pallas_gpu_local`)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
-    kernel = _splash_kernel(q.shape[1], k.shape[1], q.shape[2], interpret)
-    qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q * (q.shape[-1] ** -0.5), k, v))
+    kernel = _splash_kernel(q.shape[1], k.shape[1], q.shape[2], spec, interpret)
+    q = q * jnp.asarray(spec.factor(q.shape[-1]), q.dtype)
+    qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     if segment_ids is not None:
         out = jax.vmap(kernel)(qt, kt, vt, segment_ids=sk.SegmentIds(q=segment_ids, kv=segment_ids))
     else:
@@ -209,14 +275,14 @@ def _per_device(local, q, k, v, segment_ids):
     return sharding.shard_map_logical(per_device, in_axes, q_axes)(*args)
 
 
-def _splash(q, k, v, segment_ids, *, interpret: bool = False):
-    return _per_device(functools.partial(_splash_local, interpret=interpret), q, k, v, segment_ids)
+def _splash(q, k, v, segment_ids, spec: Scores = PLAIN, *, interpret: bool = False):
+    local = functools.partial(_splash_local, spec=spec, interpret=interpret)
+    return _per_device(local, q, k, v, segment_ids)
 
 
-def _pallas_gpu(q, k, v, segment_ids, *, interpret: bool = False):
-    return _per_device(
-        functools.partial(_pallas_gpu_local, interpret=interpret), q, k, v, segment_ids
-    )
+def _pallas_gpu(q, k, v, segment_ids, spec: Scores = PLAIN, *, interpret: bool = False):
+    local = functools.partial(_pallas_gpu_local, spec=spec, interpret=interpret)
+    return _per_device(local, q, k, v, segment_ids)
 
 
 def _kv_for_local_heads(k, v, heads: int, local_heads: int, head_axes: dict[str, int]):
@@ -244,9 +310,12 @@ def _kv_for_local_heads(k, v, heads: int, local_heads: int, head_axes: dict[str,
 _KERNEL_SEQ_MULTIPLE = {"splash": 128, "pallas_gpu": 16}
 
 
-def resolve_impl(impl: str, backend: str | None = None, seq_len: int | None = None) -> str:
+def resolve_impl(
+    impl: str, backend: str | None = None, seq_len: int | None = None, spec: Scores = PLAIN
+) -> str:
     """Maps ``auto`` to the implementation for `backend` (default: jax's default backend):
-    the backend's kernel, or xla when `seq_len` does not fit the kernel's blocks."""
+    the backend's kernel, or xla when `seq_len` does not fit the kernel's blocks or the
+    kernel lacks what `spec` asks for."""
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
@@ -255,10 +324,12 @@ def resolve_impl(impl: str, backend: str | None = None, seq_len: int | None = No
     )
     if seq_len is not None and seq_len % _KERNEL_SEQ_MULTIPLE.get(impl, 1):
         return "xla"
+    if impl == "pallas_gpu" and (spec.softcap > 0 or spec.window > 0):
+        return "xla"
     return impl
 
 
-def attention(q, k, v, *, segment_ids=None, impl: str = "auto"):
+def attention(q, k, v, *, segment_ids=None, impl: str = "auto", spec: Scores = PLAIN):
     """Causal self-attention over a full sequence (training and prefill).
 
     Args:
@@ -266,28 +337,30 @@ def attention(q, k, v, *, segment_ids=None, impl: str = "auto"):
       k, v: [batch, seq, kv_heads, head_dim]; heads % kv_heads == 0 (grouped-query).
       segment_ids: [batch, seq] int document ids; tokens attend only within their document.
       impl: one of `config.ATTENTION_IMPLS`.
+      spec: the scores' scale, soft cap and sliding window.
     Returns:
       [batch, seq, heads, head_dim] in q's dtype.
     """
-    impl = resolve_impl(impl, seq_len=q.shape[1])
+    impl = resolve_impl(impl, seq_len=q.shape[1], spec=spec)
     if impl == "splash":
-        return _splash(q, k, v, segment_ids).astype(q.dtype)
+        return _splash(q, k, v, segment_ids, spec).astype(q.dtype)
     if impl == "pallas_gpu":
-        return _pallas_gpu(q, k, v, segment_ids).astype(q.dtype)
+        return _pallas_gpu(q, k, v, segment_ids, spec).astype(q.dtype)
     if impl == "xla":
-        return _xla_causal(q, k, v, segment_ids).astype(q.dtype)
+        return _xla_causal(q, k, v, segment_ids, spec).astype(q.dtype)
     if impl == "cudnn":
-        return _cudnn(q, k, v, segment_ids)
+        return _cudnn(q, k, v, segment_ids, spec)
     raise ValueError(f"unknown attention implementation {impl!r}: use one of {ATTENTION_IMPLS}")
 
 
-def attention_with_mask(q, k, v, mask):
+def attention_with_mask(q, k, v, mask, spec: Scores = PLAIN):
     """Attention under an explicit mask (decoding against a KV cache).
 
     Args:
       q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
-      mask: [batch, q_len, kv_len] bool.
+      mask: [batch, q_len, kv_len] bool (the caller applies `spec.window` to it).
+      spec: the scores' scale and soft cap.
     Returns:
       [batch, q_len, heads, head_dim]
     """
-    return _xla(q, k, v, mask).astype(q.dtype)
+    return _xla(q, k, v, mask, spec).astype(q.dtype)

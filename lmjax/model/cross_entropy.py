@@ -35,10 +35,13 @@ def _unchunk(a):
     return a.swapaxes(0, 1).reshape(b, n * c, *a.shape[3:])
 
 
-def _chunk_stats(x, w, targets):
+def _chunk_stats(x, w, targets, softcap: float):
     """x: [batch, chunk, embed]; w: [embed, vocab]; targets: [batch, chunk] ->
-    (logits [batch, chunk, vocab] f32, logsumexp [batch, chunk], target logit [batch, chunk])."""
+    (logits [batch, chunk, vocab] f32, logsumexp [batch, chunk], target logit [batch, chunk]),
+    the logits soft-capped (softcap * tanh(logits / softcap)) when softcap > 0."""
     logits = jnp.einsum("bcd,dv->bcv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    if softcap > 0:
+        logits = softcap * jnp.tanh(logits / softcap)
     logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return logits, jax.nn.logsumexp(logits, axis=-1), target_logit
@@ -50,11 +53,11 @@ def _sums(logz, target_logit, weights, z_loss: float):
     return nll_sum + z_loss * z_sum, nll_sum, z_sum
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(x, w, targets, weights, z_loss: float, chunk: int, impl: str):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused(x, w, targets, weights, z_loss: float, softcap: float, chunk: int, impl: str):
     def body(carry, xtw):
         x_c, t_c, w_c = xtw
-        _, logz, target_logit = _chunk_stats(x_c, w, t_c)
+        _, logz, target_logit = _chunk_stats(x_c, w, t_c, softcap)
         return jax.tree.map(jnp.add, carry, _sums(logz, target_logit, w_c, z_loss)), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -66,17 +69,19 @@ def _fused(x, w, targets, weights, z_loss: float, chunk: int, impl: str):
     return sums
 
 
-def _fused_fwd(x, w, targets, weights, z_loss: float, chunk: int, impl: str):
+def _fused_fwd(x, w, targets, weights, z_loss: float, softcap: float, chunk: int, impl: str):
     w_t = transpose(w.astype(x.dtype), impl)  # [vocab, embed], made once, not per chunk
 
     def body(carry, xtw):
         sums, dw = carry
         x_c, t_c, w_c = xtw
-        logits, logz, target_logit = _chunk_stats(x_c, w, t_c)
+        logits, logz, target_logit = _chunk_stats(x_c, w, t_c, softcap)
         # d objective / d logits = weight * ((1 + 2 z logz) softmax - onehot(target))
         scale = (w_c * (1.0 + 2.0 * z_loss * logz))[..., None]
         onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t_c[..., None]
         dlogits = scale * jnp.exp(logits - logz[..., None]) - jnp.where(onehot, w_c[..., None], 0.0)
+        if softcap > 0:  # through the cap: d(c tanh(u / c)) / du = 1 - (capped / c)**2
+            dlogits = dlogits * (1.0 - jnp.square(logits / softcap))
         dlogits = constrain(dlogits, ("act_batch", "act_seq", "act_vocab")).astype(x_c.dtype)
         # [batch * chunk, vocab] and [batch * chunk, embed] rows for the two gradient matmuls
         dl_rows, x_rows = dlogits.reshape(-1, dlogits.shape[-1]), x_c.reshape(-1, x_c.shape[-1])
@@ -95,7 +100,7 @@ def _fused_fwd(x, w, targets, weights, z_loss: float, chunk: int, impl: str):
     return sums, (_unchunk(dx), dw.astype(w.dtype), targets, weights)
 
 
-def _fused_bwd(z_loss, chunk, impl, res, cotangents):
+def _fused_bwd(z_loss, softcap, chunk, impl, res, cotangents):
     dx, dw, targets, weights = res
     g = cotangents[0]  # only the objective is differentiable; see `loss_sums`
     # targets are integers (float0 cotangent); weights enter through stop_gradient
@@ -110,7 +115,17 @@ def _fused_bwd(z_loss, chunk, impl, res, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def loss_sums(x, w, targets, weights, *, z_loss: float = 0.0, chunk: int = 0, impl: str = "xla"):
+def loss_sums(
+    x,
+    w,
+    targets,
+    weights,
+    *,
+    z_loss: float = 0.0,
+    softcap: float = 0.0,
+    chunk: int = 0,
+    impl: str = "xla",
+):
     """Summed next-token cross-entropy of the projection `x @ w`.
 
     Args:
@@ -119,6 +134,7 @@ def loss_sums(x, w, targets, weights, *, z_loss: float = 0.0, chunk: int = 0, im
       targets: [batch, seq] int target token ids.
       weights: [batch, seq] per-token weights (the loss mask); not differentiated.
       z_loss: coefficient of the logsumexp**2 regularizer in the objective.
+      softcap: >0: the logits are softcap * tanh((x @ w) / softcap) (Gemma 2).
       chunk: sequence chunk length (0: the whole sequence at once); only
         [batch, chunk, vocab] logits exist at a time.
       impl: how the gradient matmuls run, "xla" or "row_major" (`lmjax.model.matmul`).
@@ -131,5 +147,7 @@ def loss_sums(x, w, targets, weights, *, z_loss: float = 0.0, chunk: int = 0, im
     if seq % chunk:
         raise ValueError(f"loss chunk {chunk} must divide the sequence length {seq}")
     weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
-    objective, nll_sum, z_sum = _fused(x, w, targets, weights, float(z_loss), chunk, impl)
+    objective, nll_sum, z_sum = _fused(
+        x, w, targets, weights, float(z_loss), float(softcap), chunk, impl
+    )
     return objective, jax.lax.stop_gradient(nll_sum), jax.lax.stop_gradient(z_sum)

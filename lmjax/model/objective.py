@@ -24,7 +24,7 @@ def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
         segment_ids=batch["segment_ids"],
         positions=batch["positions"],
     )
-    x = transformer.rms_norm(x, params["final_norm"], model_cfg.norm_eps)
+    x = transformer.final_norm(params, x, model_cfg)
     mask = batch["loss_mask"].astype(jnp.float32)
     with jax.named_scope("loss"):
         objective, nll_sum, z_sum = cross_entropy.loss_sums(
@@ -33,6 +33,7 @@ def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
             batch["targets"],
             mask,
             z_loss=z_loss,
+            softcap=model_cfg.final_softcap,
             chunk=model_cfg.logits_chunk,
             impl=matmul.resolve_impl(model_cfg.matmul, model_cfg.dtype),
         )

@@ -10,15 +10,25 @@ Parameters (layers stacked on a leading axis, scanned):
   layers/w_gate, layers/w_up [layers, embed, mlp]      layers/w_down [layers, mlp, embed]
   final_norm  [embed]
   unembed     [embed, vocab]  (absent when the embedding is tied)
+and, when the model-family switches of `ModelConfig` ask for them:
+  layers/q_bias [layers, heads, head_dim], layers/k_bias, layers/v_bias [layers, kv_heads,
+    head_dim]  (qkv_bias)
+  layers/q_norm, layers/k_norm [layers, head_dim]  (qk_norm)
+  layers/attn_post_norm, layers/mlp_post_norm [layers, embed]  (post_norms)
 
 `param_axes(cfg)` gives the same tree with a tuple of logical axis names per leaf; the
 sharding rules map those names onto mesh axes. RoPE uses the rotate-half convention of
 Hugging Face Llama checkpoints, so their q/k weights load without permutation.
+
+One set of blocks serves every family: Qwen's biases and QK-norm, Mistral's and Gemma's
+sliding-window layers (`layer_is_local`), Gemma's (1 + w) norms, scaled embeddings, GeGLU,
+post-norms and soft caps are config switches, never a copy of the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -42,7 +52,7 @@ Params = dict[str, Any]
 class ParamSpec:
     shape: tuple[int, ...]
     axes: tuple[str, ...]
-    init: str  # "normal", "out" (normal scaled by depth) or "ones"
+    init: str  # "normal", "out" (normal scaled by depth), "ones" or "zeros"
 
 
 def param_specs(cfg: ModelConfig) -> dict[str, Any]:
@@ -71,8 +81,32 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
         },
         "final_norm": ParamSpec((D,), ("embed",), "ones"),
     }
+    specs["layers"].update(_family_specs(cfg))
     if not cfg.tie_embeddings:
         specs["unembed"] = ParamSpec((D, V), ("embed", "vocab"), "normal")
+    if cfg.norm_offset:  # (1 + w) norms start at w = 0, the same identity scale
+        specs = jax.tree.map(
+            lambda s: dataclasses.replace(s, init="zeros") if s.init == "ones" else s,
+            specs,
+            is_leaf=_is_spec,
+        )
+    return specs
+
+
+def _family_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """The per-layer parameters that only some model families have."""
+    L, D, H, K, Dh = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    specs = {}
+    if cfg.qkv_bias:
+        specs["q_bias"] = ParamSpec((L, H, Dh), ("layers", "heads", "head_dim"), "zeros")
+        specs["k_bias"] = ParamSpec((L, K, Dh), ("layers", "kv_heads", "head_dim"), "zeros")
+        specs["v_bias"] = ParamSpec((L, K, Dh), ("layers", "kv_heads", "head_dim"), "zeros")
+    if cfg.qk_norm:
+        specs["q_norm"] = ParamSpec((L, Dh), ("layers", "head_dim"), "ones")
+        specs["k_norm"] = ParamSpec((L, Dh), ("layers", "head_dim"), "ones")
+    if cfg.post_norms:
+        specs["attn_post_norm"] = ParamSpec((L, D), ("layers", "embed"), "ones")
+        specs["mlp_post_norm"] = ParamSpec((L, D), ("layers", "embed"), "ones")
     return specs
 
 
@@ -122,8 +156,8 @@ def init(cfg: ModelConfig, rng: jax.Array) -> Params:
     out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
 
     def one(spec: ParamSpec, key):
-        if spec.init == "ones":
-            return jnp.ones(spec.shape, dtype)
+        if spec.init in ("ones", "zeros"):
+            return jnp.full(spec.shape, 1.0 if spec.init == "ones" else 0.0, dtype)
         std = out_std if spec.init == "out" else cfg.init_std
         return (std * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
 
@@ -133,21 +167,47 @@ def init(cfg: ModelConfig, rng: jax.Array) -> Params:
 # ---------------------------------------------------------------- building blocks
 
 
-def rms_norm(x, weight, eps: float):
-    """x: [..., embed] -> same shape and dtype; statistics in float32."""
+def rms_norm(x, weight, eps: float, offset: bool = False):
+    """x: [..., dim] -> same shape and dtype, scaled by weight (by 1 + weight with `offset`,
+    Gemma's form); statistics in float32."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    w = weight.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + weight.shape)
-    return (y * w).astype(x.dtype)
+    w = weight.astype(jnp.float32) + (1.0 if offset else 0.0)
+    return (y * w.reshape((1,) * (x.ndim - 1) + weight.shape)).astype(x.dtype)
 
 
-def rope_frequencies(cfg: ModelConfig):
-    """Inverse frequencies [head_dim // 2], with Llama-3.1 scaling when configured."""
-    inv = 1.0 / (
-        cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim)
-    )
-    if cfg.rope_scaling_factor <= 0:
+def norm(x, weight, cfg: ModelConfig):
+    """`rms_norm` as the model configures it (eps, Gemma's offset)."""
+    return rms_norm(x, weight, cfg.norm_eps, cfg.norm_offset)
+
+
+def layer_is_local(cfg: ModelConfig) -> tuple[bool, ...]:
+    """Per layer, True where it attends within `sliding_window` (local), False if global:
+    with global_every n, layers n-1, 2n-1, ... are global, as Gemma 2 (n = 2) and Gemma 3
+    (n = 6) alternate; with global_every 0 every layer is local (Mistral)."""
+    if cfg.sliding_window <= 0:
+        return (False,) * cfg.n_layers
+    n = cfg.global_every
+    return tuple(n <= 0 or (i + 1) % n != 0 for i in range(cfg.n_layers))
+
+
+def scores_spec(cfg: ModelConfig, local: bool) -> attn_lib.Scores:
+    """How a local or global layer forms its attention scores."""
+    scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar > 0 else None
+    window = cfg.sliding_window if local else 0
+    return attn_lib.Scores(scale=scale, softcap=cfg.attn_softcap, window=window)
+
+
+def rope_frequencies(cfg: ModelConfig, local: bool = False):
+    """Inverse frequencies [head_dim // 2] of a global layer (with the configured scaling)
+    or of a local one (from rope_local_theta, unscaled, when that is set)."""
+    own_base = local and cfg.rope_local_theta > 0
+    theta = cfg.rope_local_theta if own_base else cfg.rope_theta
+    inv = 1.0 / (theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    if cfg.rope_scaling_factor <= 0 or own_base:
         return inv
+    if cfg.rope_scaling_type == "linear":
+        return inv / cfg.rope_scaling_factor
     factor, lo, hi, old = (
         cfg.rope_scaling_factor,
         cfg.rope_low_freq_factor,
@@ -160,9 +220,11 @@ def rope_frequencies(cfg: ModelConfig):
     return jnp.where(wavelen < old / hi, inv, jnp.where(wavelen > old / lo, inv / factor, blended))
 
 
-def rope_tables(positions, cfg: ModelConfig):
-    """positions: [batch, seq] int -> (sin, cos), each [batch, seq, 1, head_dim // 2] f32."""
-    angles = positions.astype(jnp.float32)[:, :, None] * rope_frequencies(cfg)[None, None, :]
+def rope_tables(positions, cfg: ModelConfig, local: bool = False):
+    """positions: [batch, seq] int -> (sin, cos), each [batch, seq, 1, head_dim // 2] f32,
+    for a global or a local layer (`rope_frequencies`)."""
+    inv = rope_frequencies(cfg, local)
+    angles = positions.astype(jnp.float32)[:, :, None] * inv[None, None, :]
     return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
 
 
@@ -174,12 +236,21 @@ def apply_rope(x, sin, cos):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def qkv_projection(x, layer: Params, sin, cos, impl: str):
+def _projection(x, layer: Params, name: str, cfg: ModelConfig, impl: str):
+    """One of q, k, v ("q", ...): x [b, s, embed] -> [b, s, heads, head_dim], with its
+    bias (qkv_bias) and, for q and k, its norm over head_dim (qk_norm)."""
+    y = dense(x, layer["w" + name], impl=impl)
+    if cfg.qkv_bias:
+        y = y + layer[name + "_bias"].astype(y.dtype)[None, None]
+    if cfg.qk_norm and name != "v":
+        y = norm(y, layer[name + "_norm"], cfg)
+    return y
+
+
+def qkv_projection(x, layer: Params, sin, cos, cfg: ModelConfig, impl: str):
     """x: [batch, seq, embed] -> q [b, s, heads, head_dim], k, v [b, s, kv_heads, head_dim].
     `impl`: the resolved matmul implementation (`lmjax.model.matmul`)."""
-    q = dense(x, layer["wq"], impl=impl)
-    k = dense(x, layer["wk"], impl=impl)
-    v = dense(x, layer["wv"], impl=impl)
+    q, k, v = (_projection(x, layer, name, cfg, impl) for name in ("q", "k", "v"))
     q = constrain(apply_rope(q, sin, cos), ("act_batch", "act_seq", "act_heads", None))
     k = constrain(apply_rope(k, sin, cos), ("act_batch", "act_seq", "act_kv_heads", None))
     v = constrain(v, ("act_batch", "act_seq", "act_kv_heads", None))
@@ -191,16 +262,29 @@ def output_projection(ctx, layer: Params, impl: str):
     return dense(ctx, layer["wo"], contract=2, impl=impl)
 
 
-def mlp(x, layer: Params, impl: str):
-    """SwiGLU. x: [batch, seq, embed] -> [batch, seq, embed]."""
+_ACTIVATIONS: dict[str, Callable] = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+def mlp(x, layer: Params, cfg: ModelConfig, impl: str):
+    """SwiGLU, or GeGLU with mlp_activation gelu_tanh. x: [batch, seq, embed] -> same."""
     gate = dense(x, layer["w_gate"], impl=impl)
     up = dense(x, layer["w_up"], impl=impl)
-    hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
+    hidden = _ACTIVATIONS[cfg.mlp_activation](gate) * up
+    hidden = constrain(hidden, ("act_batch", "act_seq", "act_mlp"))
     return dense(hidden, layer["w_down"], impl=impl)
 
 
+def _post_norm(y, layer: Params, name: str, cfg: ModelConfig):
+    """A sublayer's output [batch, seq, embed], normed by `name` when post_norms is set."""
+    return norm(y, layer[name], cfg) if cfg.post_norms else y
+
+
 def decoder_layer(x, layer: Params, sin, cos, attend: Callable, cfg: ModelConfig):
-    """One pre-norm decoder layer around a pluggable attention.
+    """One pre-norm decoder layer around a pluggable attention (with post_norms, each
+    sublayer's output is normed before its residual add).
 
     `attend(q, k, v) -> (ctx, aux)` with q [batch, seq, heads, head_dim], k, v
     [batch, seq, kv_heads, head_dim] and ctx like q; `aux` (e.g. an updated KV cache) is
@@ -209,23 +293,55 @@ def decoder_layer(x, layer: Params, sin, cos, attend: Callable, cfg: ModelConfig
     impl = matmul.resolve_impl(cfg.matmul, cfg.dtype)
     # The named scopes label the ops in profiles (and HLO metadata); they change no numerics.
     with jax.named_scope("attention"):
-        h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-        q, k, v = qkv_projection(h, layer, sin, cos, impl)
+        h = norm(x, layer["attn_norm"], cfg)
+        q, k, v = qkv_projection(h, layer, sin, cos, cfg, impl)
         ctx, aux = attend(q, k, v)
         ctx = checkpoint_name(ctx, "attn_out")
-        x = x + output_projection(ctx, layer, impl)
+        x = x + _post_norm(output_projection(ctx, layer, impl), layer, "attn_post_norm", cfg)
     with jax.named_scope("mlp"):
-        x = x + mlp(rms_norm(x, layer["mlp_norm"], cfg.norm_eps), layer, impl)
+        h = mlp(norm(x, layer["mlp_norm"], cfg), layer, cfg, impl)
+        x = x + _post_norm(h, layer, "mlp_post_norm", cfg)
     return constrain(x, ("act_batch", "act_seq", "act_embed")), aux
 
 
-def block(x, layer: Params, sin, cos, segment_ids, cfg: ModelConfig):
-    """One pre-norm decoder layer. x: [batch, seq, embed] -> same."""
+def block(x, layer: Params, sin, cos, segment_ids, cfg: ModelConfig, local: bool = False):
+    """One pre-norm decoder layer, local (sliding window) or global. x: [batch, seq, embed]
+    -> same."""
+    spec = scores_spec(cfg, local)
 
     def attend(q, k, v):
-        return attn_lib.attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention), None
+        ctx = attn_lib.attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention, spec=spec)
+        return ctx, None
 
     return decoder_layer(x, layer, sin, cos, attend, cfg)[0]
+
+
+def scan_layers(step: Callable, x, xs, cfg: ModelConfig, *, scan: bool = True):
+    """Runs `step(x, xs_i, local) -> (x, y_i)` over the layers, `local` a Python bool from
+    `layer_is_local`; xs: arrays with a leading [layers] axis. Returns (x, ys stacked).
+
+    Under a scan a layer's kind is known only at run time: when the model mixes local and
+    global layers, `lax.cond` picks the branch traced for each kind.
+    """
+    kinds = layer_is_local(cfg)
+    if not scan:
+        ys = []
+        for i, local in enumerate(kinds):
+            x, y = step(x, jax.tree.map(lambda a, i=i: a[i], xs), local)
+            ys.append(y)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+    if len(set(kinds)) == 1:
+        return jax.lax.scan(lambda x, xs_i: step(x, xs_i, kinds[0]), x, xs)
+
+    def mixed(x, xs_local):
+        xs_i, local = xs_local
+
+        def branch(kind: bool):
+            return lambda x, xs_i: step(x, xs_i, kind)
+
+        return jax.lax.cond(local, branch(True), branch(False), x, xs_i)
+
+    return jax.lax.scan(mixed, x, (xs, jnp.asarray(kinds)))
 
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
@@ -245,8 +361,11 @@ def _remat(fn, policy: str):
 
 
 def embed(params: Params, tokens, cfg: ModelConfig):
-    """tokens: [batch, seq] int -> [batch, seq, embed] in the compute dtype."""
+    """tokens: [batch, seq] int -> [batch, seq, embed] in the compute dtype (times
+    sqrt(d_model), rounded to that dtype as Gemma does, with scale_embeddings)."""
     x = jnp.take(params["embed"], tokens, axis=0).astype(cfg.dtype)
+    if cfg.scale_embeddings:
+        x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
     return constrain(x, ("act_batch", "act_seq", "act_embed"))
 
 
@@ -255,11 +374,23 @@ def vocab_projection(params: Params, cfg: ModelConfig):
     return params["embed"].T if cfg.tie_embeddings else params["unembed"]
 
 
+def final_norm(params: Params, x, cfg: ModelConfig):
+    """The norm before the vocabulary projection. x: [batch, seq, embed] -> same."""
+    return norm(x, params["final_norm"], cfg)
+
+
+def softcap(logits, cap: float):
+    """cap * tanh(logits / cap) when cap > 0 (Gemma 2's soft cap), else logits unchanged."""
+    return cap * jnp.tanh(logits / cap) if cap > 0 else logits
+
+
 def unembed(params: Params, x, cfg: ModelConfig):
-    """x: [batch, seq, embed] -> float32 logits [batch, seq, vocab] (final norm included)."""
-    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    """x: [batch, seq, embed] -> float32 logits [batch, seq, vocab] (final norm and soft cap
+    included)."""
+    x = final_norm(params, x, cfg)
     w = vocab_projection(params, cfg)
     logits = jnp.einsum("bsd,dv->bsv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    logits = softcap(logits, cfg.final_softcap)
     return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
 
@@ -267,19 +398,16 @@ def hidden_states(params: Params, tokens, cfg: ModelConfig, *, segment_ids=None,
     """The decoder stack before the final norm. tokens: [batch, seq] -> [batch, seq, embed]."""
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    sin, cos = rope_tables(positions, cfg)
+    ropes = {local: rope_tables(positions, cfg, local) for local in set(layer_is_local(cfg))}
     x = embed(params, tokens, cfg)
 
-    def step(x, layer):
-        return block(x, layer, sin, cos, segment_ids, cfg), None
+    def step(x, layer, local: bool):
+        def one(x, layer):
+            return block(x, layer, *ropes[local], segment_ids, cfg, local), None
 
-    step = _remat(step, cfg.remat)
-    if cfg.scan_layers:
-        x, _ = jax.lax.scan(step, x, params["layers"])
-    else:
-        for i in range(cfg.n_layers):
-            x, _ = step(x, jax.tree.map(lambda p, i=i: p[i], params["layers"]))
-    return x
+        return _remat(one, cfg.remat)(x, layer)
+
+    return scan_layers(step, x, params["layers"], cfg, scan=cfg.scan_layers)[0]
 
 
 def forward(params: Params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None):

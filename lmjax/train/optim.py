@@ -42,11 +42,12 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 
 
 def weight_decay_mask(params: Any, cfg: OptimConfig) -> Any:
-    """True for the leaves that get weight decay: matrices, not norms (nor embeddings)."""
+    """True for the leaves that get weight decay: matrices, not norms or biases (nor
+    embeddings)."""
 
     def decays(path, _):
         name = jax.tree_util.keystr(path)
-        if "norm" in name:
+        if "norm" in name or "bias" in name:
             return False
         if "embed" in name:  # embed and unembed
             return cfg.decay_embeddings
