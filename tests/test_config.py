@@ -98,6 +98,9 @@ def test_every_experiment_loads_and_validates():
         "llama2_7b",
         "llama3_8b",
         "llama3_70b",
+        "qwen3_8b",
+        "mistral_7b",
+        "gemma3_12b",
     ):
         assert required in names
     for name in names:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lmjax import cli
 from lmjax.config import Config, ConfigError, ModelConfig, validate
 from lmjax.convert import families, hf
 from lmjax.model import objective, transformer
@@ -266,3 +267,17 @@ def test_mixed_local_global_scan_equals_unrolled_layers(tmp_path):
 def test_family_fields_are_validated_with_the_fix(change, message):
     with pytest.raises(ConfigError, match=message):
         validate(Config(model=dataclasses.replace(ModelConfig(), **change)))
+
+
+@pytest.mark.parametrize(
+    "name, total",
+    [
+        # the bfloat16 total_size of each model.safetensors.index.json, halved
+        ("mistral_7b", 7_241_732_096),  # mistralai/Mistral-7B-v0.1
+        ("qwen3_8b", 8_190_735_360),  # Qwen/Qwen3-8B
+    ],
+)
+def test_family_presets_have_the_published_parameter_counts(name, total):
+    cfg = cli.load_experiment(name).model
+    assert transformer.count_params(cfg) == total
+    assert families.of_config(cfg).model_type == name.split("_")[0]
