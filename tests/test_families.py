@@ -20,7 +20,7 @@ import pytest
 from lmjax import cli
 from lmjax.config import Config, ConfigError, ModelConfig, validate
 from lmjax.convert import families, hf
-from lmjax.model import objective, transformer
+from lmjax.model import flops, objective, transformer
 from tests import numpy_llama
 from tests.test_convert import read_hf_tensors, write_hf_dir
 
@@ -281,3 +281,17 @@ def test_family_presets_have_the_published_parameter_counts(name, total):
     cfg = cli.load_experiment(name).model
     assert transformer.count_params(cfg) == total
     assert families.of_config(cfg).model_type == name.split("_")[0]
+
+
+def test_flops_count_only_the_keys_inside_each_window():
+    """Gemma-style: 2 of 3 layers local with window 4 over 16 tokens: a local layer's
+    queries see 1, 2, 3, then 4 keys (58 of 256 pairs, counted as 16 * (4 - 16/32) = 56
+    in the same continuous form as the global layers' 16**2 / 2 = 128)."""
+    base = ModelConfig(n_layers=3, n_heads=2, head_dim=8)
+    gemma = dataclasses.replace(base, sliding_window=4, global_every=3)
+    assert flops.attended_keys(base, 16) == 3 * 8
+    assert flops.attended_keys(gemma, 16) == 2 * 3.5 + 8
+    wide = dataclasses.replace(gemma, sliding_window=16)
+    assert flops.flops_per_token(wide, 16) == flops.flops_per_token(base, 16)
+    saved = flops.flops_per_token(base, 16) - flops.flops_per_token(gemma, 16)
+    assert saved == 12 * 2 * 8 * 2 * (8 - 3.5)

@@ -7,13 +7,22 @@ from lmjax.config import ModelConfig
 from lmjax.model import transformer
 
 
+def attended_keys(cfg: ModelConfig, seq_len: int) -> float:
+    """Keys a query attends to, on average over the sequence, summed over the layers: seq/2
+    for a causal global layer (the square's half); for a local layer with window w < seq,
+    w - w**2 / (2 seq), the band of width w less the triangle its first queries miss."""
+    w, half = cfg.sliding_window, seq_len / 2
+    local = w - w * w / (2 * seq_len) if 0 < w < seq_len else half
+    return sum(local if is_local else half for is_local in transformer.layer_is_local(cfg))
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul params, plus causal attention counted once per
-    (query, key) pair: 3 passes x 2 matmuls x 2 flops x heads x head_dim x seq/2 per layer."""
+    (query, key) pair: 3 passes x 2 matmuls x 2 flops x heads x head_dim per attended key."""
     n_matmul = transformer.count_params(cfg, include_embed=False)
     if cfg.tie_embeddings:  # the tied embedding still costs a vocab projection
         n_matmul += cfg.vocab_size * cfg.d_model
-    attention = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    attention = 12 * cfg.n_heads * cfg.head_dim * attended_keys(cfg, seq_len)
     return 6.0 * n_matmul + attention
 
 
@@ -28,11 +37,11 @@ def remat_recompute_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     proj = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
     out_proj = cfg.d_model * cfg.head_dim * cfg.n_heads
     mlp = 3 * cfg.d_model * cfg.d_mlp
-    attention = 2 * cfg.n_heads * cfg.head_dim * seq_len  # causal: half of the S x S pairs
+    attention = 4 * cfg.n_heads * cfg.head_dim * attended_keys(cfg, seq_len)  # all layers
     per_layer = {
         "none": 0.0,
-        "full": 2.0 * (proj + mlp) + attention,
-        "save_dots": float(attention),
-        "save_attn": 2.0 * (out_proj + mlp) + attention,
+        "full": 2.0 * (proj + mlp),
+        "save_dots": 0.0,
+        "save_attn": 2.0 * (out_proj + mlp),
     }[cfg.remat]
-    return cfg.n_layers * per_layer
+    return cfg.n_layers * per_layer + (attention if cfg.remat != "none" else 0.0)
