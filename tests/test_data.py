@@ -434,6 +434,31 @@ def test_prepare_to_gcs_inline_and_by_beam_equals_local_and_reads_the_same_batch
     assert not any("gs:" in f for _, dirs, files in os.walk(tmp_path) for f in dirs + files)
 
 
+def test_the_delay_proxy_relays_gcs_requests_late_and_serves_loopback_only(
+    gcs_bucket, gcs_server, monkeypatch
+):
+    from lmjax.tools import delay_proxy
+
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "lmjax.tools.delay_proxy"]
+        + [f"--target=127.0.0.1:{gcs_server.port}", "--delay-ms=300"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = "http://" + proxy.stdout.readline().split()[-1]
+        store.write_json(f"{gcs_bucket}/direct.json", {"a": 1})
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+        start = time.perf_counter()
+        assert store.read_json(f"{gcs_bucket}/direct.json") == {"a": 1}
+        assert time.perf_counter() - start >= 0.3  # the request waited in the proxy
+    finally:
+        proxy.terminate()
+        proxy.wait()
+    with pytest.raises(SystemExit, match="loopback addresses only, not 10.0.0.1"):
+        delay_proxy.main(["--target", "10.0.0.1:80"])
+
+
 def test_a_run_finds_its_store_from_the_workdir_record_in_o1(corpus, tok, tmp_path, monkeypatch):
     """Process 0 resolves the store once and records it in the workdir; later starts and the
     other processes read the record without listing an input, so renamed or re-uploaded

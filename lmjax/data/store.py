@@ -92,10 +92,12 @@ def kvstore_spec(directory: str) -> dict:
 
 
 def context() -> ts.Context:
-    """This process's TensorStore context: request concurrency, retries and a bounded cache."""
+    """This process's TensorStore context: request concurrency, retries and a bounded cache.
+    One per GCS endpoint: a context keeps the endpoint its gcs driver first used."""
+    endpoint = os.environ.get("TENSORSTORE_GCS_HTTP_URL", "")
     with _context_lock:
-        if "" not in _contexts:
-            _contexts[""] = ts.Context(
+        if endpoint not in _contexts:
+            _contexts[endpoint] = ts.Context(
                 {
                     "cache_pool": {"total_bytes_limit": 64 << 20},  # object indexes, hot records
                     "gcs_request_concurrency": {"limit": 128},
@@ -107,7 +109,7 @@ def context() -> ts.Context:
                     "file_io_concurrency": {"limit": 64},
                 }
             )
-        return _contexts[""]
+        return _contexts[endpoint]
 
 
 def _kvstore(directory: str) -> ts.KvStore:
