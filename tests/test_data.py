@@ -28,6 +28,7 @@ from lmjax.data.pipeline import DataStateError, make_pipeline
 from lmjax.data.prepare import prepare_tokenizer
 from lmjax.data.tokenizer import load_tokenizer, train_tokenizer
 from lmjax.errors import FaultError
+from lmjax.workdir_names import STORE_RECORD
 
 SONNETS = os.path.join(documents.PACKAGED_DIR, "sonnets.txt")
 SEQ, BATCH = 32, 8
@@ -470,7 +471,7 @@ def test_a_run_finds_its_store_from_the_workdir_record_in_o1(corpus, tok, tmp_pa
     cfg = text_cfg((str(inputs), corpus[1]), prepare_timeout_s=0.0)
     workdir = str(tmp_path / "run")
     stores = prepare.run_stores(cfg, tok, workdir, leader=True)
-    record = store.read_json(os.path.join(workdir, prepare.STORE_RECORD))
+    record = store.read_json(os.path.join(workdir, STORE_RECORD))
     assert record["stores"] == stores and store.open_store(stores["text"])
     for name in os.listdir(inputs):  # a re-upload: same bytes, new modification times
         (inputs / name).write_bytes((inputs / name).read_bytes())

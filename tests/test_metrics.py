@@ -7,6 +7,7 @@ import pytest
 
 from lmjax.config import ConfigError
 from lmjax.observe import goodput, metrics, report, throughput
+from lmjax.workdir_names import METRICS
 
 
 def _device(kind, platform):
@@ -54,7 +55,7 @@ def test_read_records_gives_every_start_in_order_and_skips_a_torn_last_line(tmp_
         {"step": 3, "loss": 2.0},
     ]
     assert metrics.read_records(tmp_path) == written
-    with open(tmp_path / metrics.METRICS_FILE, "a") as f:
+    with open(tmp_path / METRICS, "a") as f:
         f.write('{"step": 4, "lo')  # a process killed in the middle of a write
     assert metrics.read_records(str(tmp_path)) == written
     assert report.load(str(tmp_path)) == written
@@ -77,7 +78,7 @@ def test_a_restart_after_a_torn_write_cuts_the_torn_record_and_appends_cleanly(t
     first = metrics.MetricsWriter(str(tmp_path), total_steps=4)
     first.write(1, {"loss": 2.5}, progress=False)
     first.close()
-    with open(tmp_path / metrics.METRICS_FILE, "a") as f:
+    with open(tmp_path / METRICS, "a") as f:
         f.write(torn)  # the process was killed in the middle of this write
     second = metrics.MetricsWriter(str(tmp_path), total_steps=4, start_step=1)
     second.write(2, {"loss": 2.0}, progress=False)

@@ -19,6 +19,7 @@ from lmjax import cli
 from lmjax.observe import goodput, metrics, report, wandb_log
 from lmjax.train import run
 from lmjax.train.loop import Hook
+from lmjax.workdir_names import WANDB_RUN_ID
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, CRASH = 10, 7
@@ -124,7 +125,7 @@ def test_report_prints_totals_and_writes_a_png(crashed_and_resumed, capsys):
 
 def test_wandb_offline_run_resumed_under_one_id(crashed_and_resumed):
     workdir, _ = crashed_and_resumed
-    run_id = (Path(workdir) / wandb_log.RUN_ID_FILE).read_text().strip()
+    run_id = (Path(workdir) / WANDB_RUN_ID).read_text().strip()
     runs = sorted((Path(workdir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
     logged = [(r / f"run-{run_id}.wandb").read_bytes() for r in runs]

@@ -16,9 +16,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from lmjax.checkpoint.compat import in_saved_layout, positions
-from lmjax.checkpoint.paths import ITEMS, UNREADABLE
+from lmjax.checkpoint.paths import ITEMS
 from lmjax.config import CheckpointConfig
 from lmjax.errors import FaultError
+from lmjax.workdir_names import UNREADABLE
 
 log = logging.getLogger("lmjax")
 

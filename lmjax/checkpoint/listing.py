@@ -26,9 +26,9 @@ from lmjax.checkpoint.checkpointer import (
 from lmjax.checkpoint.compat import TOKENIZER_RECORD, ResumeError
 from lmjax.checkpoint.paths import ITEMS, absolute, checkpoint_dir
 from lmjax.config import Config, ConfigError
-from lmjax.data.tokenizer import RUN_TOKENIZER
 from lmjax.errors import FaultError
 from lmjax.model import transformer
+from lmjax.workdir_names import TOKENIZER
 
 log = logging.getLogger("lmjax")
 
@@ -49,7 +49,7 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Config, Any, str
     workdir's tokenizer.model when it exists (the run trained it), else data.tokenizer."""
     _, meta, params = _load_params(workdir, step)
     config = config_lib.from_dict(meta["config"])
-    local = os.path.join(workdir, RUN_TOKENIZER)
+    local = os.path.join(workdir, TOKENIZER)
     tokenizer_path = local if os.path.exists(local) else config.data.tokenizer
     return config, params, tokenizer_path
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
-CHECKPOINTS = "checkpoints"
-# CHECKPOINTS/UNREADABLE/: steps set aside (no step number, so orbax never reads it as one)
-UNREADABLE = "unreadable"
+from lmjax.workdir_names import CHECKPOINTS
+
 ITEMS = ("params", "train", "data", "meta")
 
 

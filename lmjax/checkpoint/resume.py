@@ -33,9 +33,10 @@ from lmjax.checkpoint.compat import (
     model_diff,
     refused_fields,
 )
-from lmjax.checkpoint.paths import CHECKPOINTS, UNREADABLE, absolute, checkpoint_dir
+from lmjax.checkpoint.paths import absolute, checkpoint_dir
 from lmjax.config import Config, ConfigError
 from lmjax.errors import FaultError
+from lmjax.workdir_names import CHECKPOINTS, UNREADABLE
 
 log = logging.getLogger("lmjax")
 

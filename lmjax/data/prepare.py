@@ -46,17 +46,11 @@ from lmjax.config import Config, ConfigError, DataConfig
 from lmjax.data import beam_engine, documents, mixture, store
 from lmjax.data.pipeline import Pipeline, make_pipeline
 from lmjax.data.tf_setup import tensorflow
-from lmjax.data.tokenizer import (
-    RUN_TOKENIZER,
-    Tokenizer,
-    from_serialized,
-    load_tokenizer,
-    train_from_texts,
-)
+from lmjax.data.tokenizer import Tokenizer, from_serialized, load_tokenizer, train_from_texts
 from lmjax.errors import FaultError
+from lmjax.workdir_names import DATA, STORE_RECORD, TOKENIZER
 
 log = logging.getLogger(__name__)
-STORE_RECORD = "data_stores.json"  # in the workdir: the stores a run reads (module docstring)
 # Settings that do not change which stores a run reads (the tokenizer enters by fingerprint).
 _NOT_STORE_SETTINGS = (
     "store_dir", "prepare_timeout_s", "tokenizer", "tokenizer_vocab_size", "batch_size",
@@ -229,7 +223,7 @@ def store_root(data_cfg: DataConfig, workdir: str) -> str:
         raise ConfigError(
             "there is no place for the prepared store: set data.store_dir or give a workdir."
         )
-    return os.path.join(workdir, "data")
+    return os.path.join(workdir, DATA)
 
 
 # ---------------------------------------------------------------- one shard
@@ -299,7 +293,7 @@ def prepare_tokenizer(
             "data.tokenizer is empty and there is no workdir to train one into: set "
             "data.tokenizer to a SentencePiece .model or a tokenizer.json file."
         )
-    path = os.path.join(workdir, RUN_TOKENIZER)
+    path = os.path.join(workdir, TOKENIZER)
     io_ = documents.gfile()
     if not leader:
         deadline = time.monotonic() + data_cfg.prepare_timeout_s

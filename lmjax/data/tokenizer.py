@@ -29,8 +29,6 @@ from lmjax.config import ConfigError
 from lmjax.data import documents
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
-# A run without data.tokenizer trains its tokenizer into WORKDIR/RUN_TOKENIZER.
-RUN_TOKENIZER = "tokenizer.model"
 MODEL_TYPES = ("bpe", "unigram")
 KINDS = ("sentencepiece", "tokenizers")
 # Special tokens of published tokenizer.json files, in order of preference: Llama 3,

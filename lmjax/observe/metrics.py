@@ -9,8 +9,7 @@ import sys
 import time
 from typing import Any, Callable
 
-# A run's log, in its workdir: one JSON object a line, appended by every start of the run.
-METRICS_FILE = "metrics.jsonl"
+from lmjax.workdir_names import METRICS, TENSORBOARD
 
 
 class MetricsWriter:
@@ -38,12 +37,12 @@ class MetricsWriter:
         self._jsonl = self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            path = os.path.join(workdir, METRICS_FILE)
+            path = os.path.join(workdir, METRICS)
             drop_torn_tail(path)
             self._jsonl = open(path, "a")
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD))
 
     def write(self, step: int, values: dict[str, Any], *, progress: bool = True) -> None:
         """Appends `{"step": step, **values}`; `progress=False` keeps it off the terminal."""
@@ -120,7 +119,7 @@ def read_records(workdir: str | os.PathLike, *, missing_ok: bool = False) -> lis
     not logged yet).
     """
     try:
-        with open(os.path.join(workdir, METRICS_FILE)) as f:
+        with open(os.path.join(workdir, METRICS)) as f:
             return [json.loads(line) for line in f if line.endswith("\n")]
     except FileNotFoundError:
         if missing_ok:

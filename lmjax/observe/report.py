@@ -7,6 +7,7 @@ import os
 
 from lmjax.config import ConfigError
 from lmjax.observe import goodput, metrics
+from lmjax.workdir_names import METRICS
 
 LABELS = {
     "startup": "start-up & compile",
@@ -25,7 +26,7 @@ def load(workdir: str) -> list[dict]:
     try:
         return metrics.read_records(workdir)
     except FileNotFoundError:
-        path = os.path.join(workdir, metrics.METRICS_FILE)
+        path = os.path.join(workdir, METRICS)
         raise ConfigError(f"{path} does not exist: give the --workdir of a training run.") from None
 
 

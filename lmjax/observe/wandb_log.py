@@ -14,8 +14,7 @@ import secrets
 from typing import Any
 
 from lmjax.config import Config, to_dict
-
-RUN_ID_FILE = "wandb_run_id"
+from lmjax.workdir_names import WANDB_RUN_ID
 
 
 def _has_api_key() -> bool:
@@ -29,7 +28,7 @@ def _has_api_key() -> bool:
 
 def _run_id(workdir: str) -> str:
     """This workdir's W&B run id, created on the first start."""
-    path = os.path.join(workdir, RUN_ID_FILE)
+    path = os.path.join(workdir, WANDB_RUN_ID)
     if not os.path.exists(path):
         with open(path, "w") as f:
             f.write(secrets.token_hex(6))  # W&B ids: lowercase letters and digits

@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from lmjax.checkpoint.paths import CHECKPOINTS
-from lmjax.data.tokenizer import RUN_TOKENIZER
 from lmjax.observe import metrics
+from lmjax.workdir_names import CHECKPOINTS, TOKENIZER
 
 MOMENTS = ("first save", "async save", "random step")
 _POLL_S = 0.002
@@ -170,9 +169,9 @@ def soak(
     if done.returncode:
         raise RuntimeError(f"the reference run failed: {done.stderr[-2000:]}")
     reference = losses(ref_dir)
-    if (ref_dir / RUN_TOKENIZER).exists():  # reuse its tokenizer and prepared data
+    if (ref_dir / TOKENIZER).exists():  # reuse its tokenizer and prepared data
         base += [
-            f"data.tokenizer={ref_dir / RUN_TOKENIZER}",
+            f"data.tokenizer={ref_dir / TOKENIZER}",
             f"data.store_dir={ref_dir / 'data'}",
         ]
     rng = random.Random(seed)

@@ -21,6 +21,7 @@ from lmjax.observe import goodput, metrics as metrics_lib, throughput, wandb_log
 from lmjax.parallel import sharding
 from lmjax.train import compile_cache, hooks as hooks_lib, loop
 from lmjax.train.trainer import Trainer, TrainState, evaluate_params, global_batch, make_trainer
+from lmjax.workdir_names import CONFIG, TENSORBOARD
 
 log = logging.getLogger("lmjax")
 
@@ -87,7 +88,7 @@ def _set_up(
     if data_state is not None:
         pipeline.check_state(data_state)
     if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        with open(os.path.join(workdir, CONFIG), "w") as f:
             f.write(to_json(config))
     return _Setup(
         config,
@@ -153,7 +154,7 @@ def _hooks(
     if config.run.profile_steps and (config.run.profile_all_processes or jax.process_index() == 0):
         out.append(
             hooks_lib.Profile(
-                *profile_window(config.run.profile_steps), os.path.join(workdir, "tensorboard")
+                *profile_window(config.run.profile_steps), os.path.join(workdir, TENSORBOARD)
             )
         )
     return out

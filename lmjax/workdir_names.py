@@ -1,0 +1,25 @@
+"""Every name a run writes into its workdir (`WORKDIR/NAME`), in one place, so that a reader
+sees the whole layout at once and two modules never pick the same name.
+
+  config.json        the resolved config of the run, written once its resume succeeded
+  metrics.jsonl      one JSON record a line, appended by every start (observe.metrics)
+  tensorboard/       TensorBoard event files; jax.profiler writes profiles into its plugins/profile/
+  wandb_run_id       the W&B run every restart logs into
+  report.png         `lmjax report`'s plot (unless --png says otherwise)
+  tokenizer.model    the tokenizer a run without data.tokenizer trains on first use
+  data/              prepared stores when data.store_dir is unset
+  data_stores.json   the stores the run reads, found once (data.prepare)
+  checkpoints/       orbax step directories; checkpoints/unreadable/ holds steps set aside
+"""
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+WANDB_RUN_ID = "wandb_run_id"
+REPORT = "report.png"
+TOKENIZER = "tokenizer.model"
+DATA = "data"
+STORE_RECORD = "data_stores.json"
+CHECKPOINTS = "checkpoints"
+# CHECKPOINTS/UNREADABLE/: steps set aside (no step number, so orbax never reads it as one)
+UNREADABLE = "unreadable"
