@@ -38,10 +38,10 @@ from jax.experimental import multihost_utils
 
 from lmjax.config import ConfigError
 from lmjax.errors import FaultError
+from lmjax.workdir_names import LEASE
 
 log = logging.getLogger("lmjax")
 
-LEASE = "lease.json"
 RENEWALS = 6  # renewals per timeout: a live holder renews every timeout_s / RENEWALS
 
 
