@@ -613,16 +613,26 @@ def test_deterministic_given_seed_and_state_checks(corpus, tok, prepared, tmp_pa
         make_pipeline(text_cfg(corpus), other_tok, stores={"text": prepared[0]})
 
 
-def test_eval_batches_are_the_validation_stream_in_order(corpus, tok, prepared):
+def test_eval_batches_score_each_validation_window_once_in_order(corpus, tok, prepared, caplog):
     pipe = make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]})
     val = naive_streams(corpus, tok)["validation"]
-    first = pipe.eval_batches(2)
-    for s, batch in enumerate(first):
-        np.testing.assert_array_equal(
-            batch["inputs"], naive_batch(val, s, SEQ, BATCH, 0, shuffled=False)[:, :-1]
-        )
+    n_windows = (len(val) - 1) // SEQ
+    assert BATCH < n_windows < 20 * BATCH and n_windows % BATCH
+    with caplog.at_level("WARNING"):
+        batches = pipe.eval_batches(20)  # more than the split holds
+    assert len(batches) == -(-n_windows // BATCH)
+    assert f"has {n_windows} windows, {len(batches)} batches" in caplog.text
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in BATCH_KEYS}
+    scored = rows["loss_mask"].any(axis=1)
+    assert scored.tolist() == [w < n_windows for w in range(len(scored))]
+    for w in range(n_windows):
+        np.testing.assert_array_equal(rows["inputs"][w], val[w * SEQ : w * SEQ + SEQ])
+    # every target of windows 0..W-1 once, less those whose input is an EOS (another document)
+    inputs = val[: n_windows * SEQ]
+    assert rows["loss_mask"].sum() == inputs.size - np.count_nonzero(inputs == tok.eos_id)
+    assert_batches_equal(batches[:2], pipe.eval_batches(2))
     seeded = make_pipeline(text_cfg(corpus, seed=9), tok, stores={"text": prepared[0]})
-    assert_batches_equal(first, seeded.eval_batches(2))
+    assert_batches_equal(batches, seeded.eval_batches(20))
 
 
 def test_concatenate_and_split_without_packing(corpus, tok, prepared):

@@ -309,11 +309,15 @@ def test_evaluate_reports_each_source_and_their_token_weighted_whole():
     params = tr.init_fn().params
     sets = {"web": [_batch(0)], "books": [_batch(1, padded=True), _batch(2)]}
     alone = {n: trainer.evaluate_params(tr, params, {n: b}) for n, b in sets.items()}
-    both = trainer.evaluate_params(tr, params, sets)
+    weights = {"web": 0.75, "books": 0.25}
+    both = trainer.evaluate_params(tr, params, sets, weights)
     assert "eval_loss/web" not in alone["web"]  # one source: the overall figures only
     for n in sets:
         assert both[f"eval_loss/{n}"] == pytest.approx(alone[n]["eval_loss"], rel=1e-6)
+        assert both[f"eval_tokens/{n}"] == alone[n]["eval_tokens"]
     tokens = {n: alone[n]["eval_tokens"] for n in sets}
+    by_weight = 0.75 * alone["web"]["eval_loss"] + 0.25 * alone["books"]["eval_loss"]
+    assert both["eval_loss_weighted"] == pytest.approx(by_weight, rel=1e-6)
     assert tokens["books"] < 2 * tokens["web"]  # the padded batch has fewer targets
     whole = sum(alone[n]["eval_loss"] * tokens[n] for n in sets) / sum(tokens.values())
     assert both["eval_loss"] == pytest.approx(whole, rel=1e-6)

@@ -14,7 +14,9 @@ stream positions [w*T, w*T+T+1)); window `g` lies in epoch `g // W` and is windo
 shuffling). Each process computes only the rows it feeds (`make_pipeline(rows=...)`). Hence resuming at any
 step costs the same as starting, needs no replay, and every process count sees the same
 global batches: a checkpoint moves between host counts. Evaluation reads the validation
-split's windows 0, 1, ... in order.
+split's windows 0, 1, ... in order, each at most once: eval batch `s` row `r` is window
+`s*batch_size + r` while that is below W, and an unscored row (loss_mask 0) past it, so at most
+ceil(W / batch_size) batches exist (`eval_sets` caps a larger request and logs it).
 
 With data.mixture (several prepared stores with weights), `mixture.assign` decides which source
 global row g reads and which of that source's rows it is; each source then maps its own row
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import itertools
 import logging
@@ -51,6 +54,21 @@ class DataStateError(ConfigError):
     """A checkpoint's data position cannot be honoured by the current data configuration."""
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSource:
+    """One source's evaluation batches: `batch(s)` is this process's rows of eval batch s."""
+
+    batch: Callable[[int], Batch]
+    n_windows: int | None  # distinct windows of its validation split; None: unbounded
+    batch_size: int
+    weight: float = 1.0  # its mixture weight
+
+    @property
+    def n_batches(self) -> int | None:
+        """Batches that hold every window once (the last one partly unscored)."""
+        return None if self.n_windows is None else -(-self.n_windows // self.batch_size)
+
+
 class Pipeline:
     """Batches for the trainer. `state(step)` is what a checkpoint stores about the data."""
 
@@ -60,7 +78,7 @@ class Pipeline:
         tokenizer: Tokenizer | None,
         identity: dict,
         train: Callable[[int], Batch],
-        evaluation: dict[str, Callable[[int], Batch]],
+        evaluation: dict[str, EvalSource],
         row_sources: Callable[[int], list[str]],
     ):
         self.tokenizer = tokenizer
@@ -85,8 +103,29 @@ class Pipeline:
         return self._row_sources(step)
 
     def eval_sets(self, n: int) -> dict[str, list[Batch]]:
-        """{source: its first `n` evaluation batches (this process's rows)}."""
-        return {name: [batch(s) for s in range(n)] for name, batch in self._evaluation.items()}
+        """{source: its first `n` evaluation batches (this process's rows)}, or all of them
+        where its validation split has fewer: a window is never scored twice."""
+        out = {}
+        for name, source in self._evaluation.items():
+            k = n if source.n_batches is None else min(n, source.n_batches)
+            if k < n:
+                log.warning(
+                    "run.eval_batches=%d: the validation split of %s has %d windows, %d "
+                    "batches of data.batch_size=%d; evaluating those, each window once "
+                    "(raise data.validation_fraction for more)",
+                    n,
+                    name,
+                    source.n_windows,
+                    k,
+                    source.batch_size,
+                )
+            out[name] = [source.batch(s) for s in range(k)]
+        return out
+
+    @property
+    def eval_weights(self) -> dict[str, float]:
+        """{source: its mixture weight} (1.0 for a single source)."""
+        return {name: source.weight for name, source in self._evaluation.items()}
 
     def eval_batches(self, n: int) -> list[Batch]:
         """Every source's first `n` evaluation batches, one source after another."""
@@ -200,6 +239,12 @@ class MixedReader:
         self._seed = seed
         self._eos = eos_id
         self._pack = pack
+
+    @property
+    def n_windows(self) -> int:
+        """The windows of its one source (evaluation readers have one)."""
+        (reader,) = self._readers
+        return reader.n_windows
 
     def assign(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if len(self._readers) == 1:
@@ -326,7 +371,7 @@ def _synthetic_pipeline(
         tokenizer=None,
         identity={**identity, "vocab_size": vocab_size},
         train=stream(0),
-        evaluation={"synthetic": stream(1)},
+        evaluation={"synthetic": EvalSource(stream(1), None, data_cfg.batch_size)},
         row_sources=lambda s: ["synthetic"] * len(mine),
     )
 
@@ -391,11 +436,22 @@ def _store_pipeline(
         identity=identity,
         train=lambda s: train.batch(s * batch_size + mine),
         evaluation={
-            n: functools.partial(_eval_batch, r, batch_size, mine) for n, r in evaluation.items()
+            n: EvalSource(
+                functools.partial(_eval_batch, r, batch_size, mine),
+                r.n_windows,
+                batch_size,
+                weights[n],
+            )
+            for n, r in evaluation.items()
         },
         row_sources=lambda s: [names[k] for k in train.assign(s * batch_size + mine)[0]],
     )
 
 
 def _eval_batch(reader: MixedReader, batch_size: int, rows: np.ndarray, step: int) -> Batch:
-    return reader.batch(step * batch_size + rows)
+    """Rows `rows` of eval batch `step`: window g = step*batch_size + row, or, for g past the
+    split's last window, that last window again with nothing scored (loss_mask 0)."""
+    windows = step * batch_size + rows
+    batch = reader.batch(np.minimum(windows, reader.n_windows - 1))
+    batch["loss_mask"][windows >= reader.n_windows] = 0.0
+    return batch

@@ -140,7 +140,9 @@ def _hooks(
     if config.run.eval_batches:
         out.append(
             hooks_lib.Evaluation(
-                lambda params: evaluate_params(trainer, params, eval_sets),
+                lambda params: evaluate_params(
+                    trainer, params, eval_sets, setup.pipeline.eval_weights
+                ),
                 writer,
                 summary,
                 config.run.eval_every,

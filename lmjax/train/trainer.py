@@ -236,10 +236,17 @@ def global_batch(local: dict[str, np.ndarray], batch_sharding: NamedSharding) ->
     return {k: assemble(np.asarray(local[k])) for k in BATCH_KEYS}
 
 
-def evaluate_params(trainer: Trainer, params, sets: dict[str, list[dict]]) -> dict[str, float]:
+def evaluate_params(
+    trainer: Trainer,
+    params,
+    sets: dict[str, list[dict]],
+    weights: dict[str, float] | None = None,
+) -> dict[str, float]:
     """The evaluator (`evaluate.eval_sums`) on process-local rows of each source, on the
-    trainer's mesh: eval_loss, eval_perplexity and eval_tokens of all sources together and,
-    with several sources, eval_loss/SOURCE of each."""
+    trainer's mesh: eval_loss, eval_perplexity and eval_tokens (scored targets) of all sources
+    together, so eval_loss is token-weighted; with several sources also eval_loss/SOURCE and
+    eval_tokens/SOURCE of each and eval_loss_weighted, the mean of the sources' losses under
+    `weights` (their mixture weights; default equal)."""
     place = functools.partial(global_batch, batch_sharding=trainer.batch_sharding)
     with sharding.activation_sharding(trainer.mesh, trainer.rules):
         sums = {
@@ -249,7 +256,11 @@ def evaluate_params(trainer: Trainer, params, sets: dict[str, list[dict]]) -> di
     total = evaluate.summarize(sum(n for n, _ in sums.values()), sum(t for _, t in sums.values()))
     result = {f"eval_{k}": v for k, v in total.items()}
     if len(sums) > 1:
-        result.update(
-            {f"eval_loss/{name}": evaluate.summarize(*s)["loss"] for name, s in sums.items()}
+        each = {name: evaluate.summarize(*s) for name, s in sums.items()}
+        weights = weights or {name: 1.0 for name in sums}
+        for name, r in each.items():
+            result.update({f"eval_loss/{name}": r["loss"], f"eval_tokens/{name}": r["tokens"]})
+        result["eval_loss_weighted"] = sum(weights[n] * each[n]["loss"] for n in each) / sum(
+            weights[n] for n in each
         )
     return result
