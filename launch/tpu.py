@@ -43,6 +43,9 @@ _UV = (
 )
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,50}[a-z0-9])?")
 _HEALTHY = ("READY", "ACTIVE")  # tpu-vm state, queued-resource state
+# EX_TEMPFAIL from lmjax: its progress watchdog fired (a hung process) or peers did not all
+# arrive; the TPU is fine, so the same command is run again and resumes from its checkpoint.
+RETRY_EXIT = 75
 _QUEUE_POLL_S = 30
 
 
@@ -279,7 +282,8 @@ def supervise(
 ) -> int:
     """Run; when the run fails and the TPU is no longer READY/ACTIVE (preempted), wait,
     recreate, reinstall and run the same command again, up to args.max_restarts times.
-    The command resumes from the newest checkpoint in its (gs://) workdir. A failure on a
+    The command resumes from the newest checkpoint in its (gs://) workdir. Exit code
+    RETRY_EXIT on a healthy TPU reruns in place (counted as a restart); any other failure on a
     healthy TPU is the run's own error and is returned, not retried."""
     restarts = 0
     while True:
@@ -287,6 +291,16 @@ def supervise(
         if code == 0:
             return 0
         state = status(args)
+        if state in _HEALTHY and code == RETRY_EXIT:
+            restarts += 1
+            if restarts > args.max_restarts:
+                log(f"[tpu] giving up after {args.max_restarts} restarts")
+                return code
+            log(
+                f"[tpu] run exited {code} (a hung process or a late peer) on a {state} TPU: "
+                f"rerunning in place (restart {restarts}/{args.max_restarts})"
+            )
+            continue
         if state in _HEALTHY:
             log(
                 f"[tpu] run failed with exit code {code} on a {state} TPU: not a preemption, "

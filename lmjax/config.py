@@ -153,7 +153,12 @@ class CheckpointConfig:
     keep: int = 3
     keep_every: int = 0  # 0: off; otherwise steps divisible by it are kept forever
     async_save: bool = True
-    on_nonfinite: str = "stop"  # "stop" or "skip"
+    # A non-finite loss or gradient: "stop", "skip" (keep the old params) or "rewind" (back to
+    # the newest checkpoint, the step's batch skipped; lmjax/train/hooks.py LossGuard).
+    on_nonfinite: str = "stop"
+    # >1: a loss above this multiple of the mean of the last 20 steps rewinds too; 0: off.
+    spike_factor: float = 0.0
+    max_rewinds: int = 3  # rewinds before the run stops instead
     # True: when checkpoints exist but none can be read, start from scratch instead of
     # stopping (the unreadable steps are moved to checkpoints/unreadable/ by the first save).
     allow_fresh: bool = False
@@ -179,6 +184,13 @@ class RunConfig:
     profile_all_processes: bool = True  # False: process 0 only
     # Weights & Biases project to log to as well (lmjax/observe/wandb_log.py); "": TensorBoard only.
     wandb_project: str = ""
+    # Progress watchdog (lmjax/train/watchdog.py): no step, save or evaluation finished within
+    # max(watchdog_min_seconds, watchdog_factor x the longest recent one) dumps every thread's
+    # stack and exits 75; watchdog_startup_seconds covers the first step and the first of each
+    # kind (compilation). watchdog_factor=0: off.
+    watchdog_factor: float = 10.0
+    watchdog_min_seconds: float = 300.0
+    watchdog_startup_seconds: float = 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -538,9 +550,15 @@ def _check_checkpoint(config: Config, need) -> None:
         f"checkpoint.lease_timeout_s={c.lease_timeout_s} must be positive (60 s is the default).",
     )
     need(
-        c.on_nonfinite in ("stop", "skip"),
-        f"checkpoint.on_nonfinite={c.on_nonfinite!r}: choose stop or skip.",
+        c.on_nonfinite in ("stop", "skip", "rewind"),
+        f"checkpoint.on_nonfinite={c.on_nonfinite!r}: choose stop, skip or rewind.",
     )
+    need(
+        c.spike_factor == 0 or c.spike_factor > 1,
+        f"checkpoint.spike_factor={c.spike_factor} must be 0 (off) or above 1 (a multiple of "
+        "the recent mean loss).",
+    )
+    need(c.max_rewinds >= 0, f"checkpoint.max_rewinds={c.max_rewinds} must be 0 or positive.")
 
 
 def _check_run(config: Config, need) -> None:
@@ -563,6 +581,16 @@ def _check_run(config: Config, need) -> None:
         not r.wandb_project or importlib.util.find_spec("wandb") is not None,
         f"run.wandb_project={r.wandb_project!r} needs the wandb package: pip install "
         "'lmjax[wandb]', or unset run.wandb_project.",
+    )
+    need(
+        r.watchdog_factor == 0 or r.watchdog_factor >= 1,
+        f"run.watchdog_factor={r.watchdog_factor} must be 0 (off) or at least 1 (a multiple "
+        "of the measured step time).",
+    )
+    need(
+        r.watchdog_min_seconds > 0 and r.watchdog_startup_seconds > 0,
+        f"run.watchdog_min_seconds={r.watchdog_min_seconds} and run.watchdog_startup_seconds="
+        f"{r.watchdog_startup_seconds} must be positive.",
     )
     if r.profile_steps:
         try:

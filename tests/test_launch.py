@@ -499,6 +499,14 @@ def test_supervise_does_not_retry_a_failure_on_a_healthy_tpu():
     assert fake.calls == [("run", 1)]
 
 
+def test_supervise_reruns_in_place_after_the_watchdog_exit_on_a_healthy_tpu():
+    fake = _FakeCloud(run_codes=[tpu.RETRY_EXIT, 0], states=["READY"])
+    assert _supervise(fake) == (0, [])
+    assert fake.calls == [("run", 1), ("run", 1)]  # nothing deleted or recreated
+    fake = _FakeCloud(run_codes=[tpu.RETRY_EXIT] * 3, states=["READY"] * 3)
+    assert _supervise(fake, "--max-restarts", "2")[0] == tpu.RETRY_EXIT
+
+
 def test_supervise_gives_up_after_max_restarts():
     fake = _FakeCloud(run_codes=[255, 255, 255], states=["", "PREEMPTED", "PREEMPTED"])
     code, slept = _supervise(fake, "--max-restarts", "2")

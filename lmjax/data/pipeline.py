@@ -13,10 +13,14 @@ stream positions [w*T, w*T+T+1)); window `g` lies in epoch `g // W` and is windo
 `permute(g % W, W, key(seed, epoch))` of the stream (`shuffle.py`; the identity without
 shuffling). Each process computes only the rows it feeds (`make_pipeline(rows=...)`). Hence resuming at any
 step costs the same as starting, needs no replay, and every process count sees the same
-global batches: a checkpoint moves between host counts. Evaluation reads the validation
-split's windows 0, 1, ... in order, each at most once: eval batch `s` row `r` is window
-`s*batch_size + r` while that is below W, and an unscored row (loss_mask 0) past it, so at most
-ceil(W / batch_size) batches exist (`eval_sets` caps a larger request and logs it).
+global batches: a checkpoint moves between host counts. Step k (0-based) reads global batch
+k, or, once the loss-spike guard has skipped some (`Pipeline.skipped`, kept in the
+checkpoint's data position), the k-th batch that is not skipped (`data_positions`).
+
+Evaluation reads the validation split's windows 0, 1, ... in order, each at most once: eval
+batch `s` row `r` is window `s*batch_size + r` while that is below W, and an unscored row
+(loss_mask 0) past it, so at most ceil(W / batch_size) batches exist (`eval_sets` caps a
+larger request and logs it).
 
 With data.mixture (several prepared stores with weights), `mixture.assign` decides which source
 global row g reads and which of that source's rows it is; each source then maps its own row
@@ -86,6 +90,8 @@ class Pipeline:
         self._train = train
         self._evaluation = evaluation
         self._row_sources = row_sources
+        # Global batches no step reads (the loss-spike guard's rewinds), ascending.
+        self.skipped: tuple[int, ...] = ()
 
     def train_batch(self, step: int) -> Batch:
         """This process's rows of global batch `step`."""
@@ -94,9 +100,16 @@ class Pipeline:
         return self._train(step)
 
     def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
-        """This process's rows of the global batches for steps start_step, start_step+1, ..."""
-        self.train_batch(start_step)  # fail here, not in the prefetch thread, on a bad step
-        return _prefetched(self._train(s) for s in itertools.count(start_step))
+        """This process's rows of the global batches that steps start_step, start_step+1, ...
+        read: those at `data_positions(start_step, self.skipped)`."""
+        positions = data_positions(start_step, self.skipped)
+        first = next(positions)
+        self.train_batch(first)  # fail here, not in the prefetch thread, on a bad step
+        return _prefetched(self._train(p) for p in itertools.chain([first], positions))
+
+    def position(self, step: int) -> int:
+        """The global batch that step `step` (0-based) reads, past the skipped ones."""
+        return next(data_positions(step, self.skipped))
 
     def row_sources(self, step: int) -> list[str]:
         """The source each of this process's rows of batch `step` comes from."""
@@ -132,11 +145,14 @@ class Pipeline:
         return [b for batches in self.eval_sets(n).values() for b in batches]
 
     def state(self, step: int) -> dict:
-        return {**self._identity, "step": int(step)}
+        """What a checkpoint records: the identity, the step and any skipped batches."""
+        skipped = {"skipped": list(self.skipped)} if self.skipped else {}
+        return {**self._identity, "step": int(step), **skipped}
 
     def check_state(self, state: dict) -> None:
-        """Raises `DataStateError` naming every field that differs from the checkpoint's."""
-        saved = {k: v for k, v in state.items() if k != "step"}
+        """Raises `DataStateError` naming every field that differs from the checkpoint's;
+        adopts its skipped batches."""
+        saved = {k: v for k, v in state.items() if k not in ("step", "skipped")}
         diffs = [
             f"{k}: checkpoint {saved.get(k)!r}, now {self._identity.get(k)!r}"
             for k in sorted(set(saved) | set(self._identity))
@@ -150,6 +166,17 @@ class Pipeline:
                 "written with (--set data.FIELD=...) and the same tokenizer and sources, or "
                 "start a new workdir."
             )
+        self.skipped = tuple(state.get("skipped", ()))
+
+
+def data_positions(start_step: int, skipped: Sequence[int]) -> Iterator[int]:
+    """The global batches that steps start_step, start_step+1, ... read: 0, 1, 2, ... without
+    `skipped`, from the start_step-th (0-based) on."""
+    skip = set(skipped)
+    position = start_step
+    for s in sorted(skip):
+        position += s <= position
+    yield from (p for p in itertools.count(position) if p not in skip)
 
 
 def _prefetched(batches: Iterator[Batch], depth: int = _PREFETCH) -> Iterator[Batch]:

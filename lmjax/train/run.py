@@ -4,9 +4,11 @@ with the built-in hooks (`lmjax.train.hooks`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -19,7 +21,7 @@ from lmjax.inference import generate
 from lmjax.model import transformer
 from lmjax.observe import goodput, metrics as metrics_lib, throughput, wandb_log
 from lmjax.parallel import sharding
-from lmjax.train import compile_cache, hooks as hooks_lib, loop
+from lmjax.train import compile_cache, hooks as hooks_lib, loop, watchdog
 from lmjax.train.trainer import Trainer, TrainState, evaluate_params, global_batch, make_trainer
 from lmjax.workdir_names import CONFIG, TENSORBOARD
 
@@ -108,7 +110,8 @@ def _hooks(
     summary: dict,
     clock: goodput.Clock,
     signals,
-    guard,
+    lease_guard,
+    loss_guard: hooks_lib.LossGuard,
 ) -> list[loop.Hook]:
     """The built-in hooks, in the order they see each event."""
     config, trainer = setup.config, setup.trainer
@@ -122,10 +125,18 @@ def _hooks(
         paths.checkpoint_dir(workdir),
         config.checkpoint,
         resumed_at=int(setup.state.step),
-        guard=guard,
+        guard=lease_guard,
     )
-    out = [
-        hooks_lib.NonfiniteGuard(skip),
+    r = config.run
+    watch = (
+        watchdog.Watchdog(r.watchdog_factor, r.watchdog_min_seconds, r.watchdog_startup_seconds)
+        if r.watchdog_factor
+        else None
+    )
+    busy = watch.busy if watch else contextlib.nullcontext
+    out: list[loop.Hook] = [
+        *([watch] if watch else []),
+        loss_guard,
         hooks_lib.StepMetrics(writer, summary, rates, config.run.log_every, total),
         hooks_lib.Checkpoints(
             ckpt,
@@ -135,6 +146,8 @@ def _hooks(
             skip,
             clock,
             summary,
+            busy,
+            loss_guard.check,
         ),
     ]
     if config.run.eval_batches:
@@ -147,6 +160,7 @@ def _hooks(
                 summary,
                 config.run.eval_every,
                 total,
+                busy,
             )
         )
     if config.run.sample_tokens and setup.tokenizer is not None:
@@ -179,6 +193,8 @@ def train(
     before any checkpoint is read until the end.
     Writes `config.json`, `metrics.jsonl` (appended), TensorBoard events and checkpoints.
     SIGTERM/SIGINT save at the next step boundary and return early with "stopped_at_step".
+    A step the loss guard rejects (checkpoint.on_nonfinite=rewind, checkpoint.spike_factor)
+    sends the run back to its newest checkpoint with that step's batch skipped (`_rewind`).
     `hooks`: more `loop.Hook`s, called after the built-in ones except GoodputLog, which runs
     last so that its record counts their time.
     """
@@ -200,7 +216,7 @@ def _train(
     init_from: str | None,
     hooks: tuple[loop.Hook, ...],
     clock: goodput.Clock,
-    guard,
+    lease_guard,
 ) -> dict[str, float]:
     setup = _set_up(config, workdir, restore_from, init_from)
     primary = jax.process_index() == 0
@@ -209,16 +225,51 @@ def _train(
     step, summary = int(setup.state.step), {}
     if setup.source != "fresh init":
         writer.write(step, resume_lib.describe_resume(step, setup.source))
+    c = setup.config.checkpoint
+    loss_guard = hooks_lib.LossGuard(c.on_nonfinite, c.spike_factor, c.max_rewinds)
+    goodput_log = hooks_lib.GoodputLog(clock, writer, setup.config.run.log_every, step)
+    try:
+        while True:
+            try:
+                _run_loop(
+                    setup,
+                    workdir,
+                    writer,
+                    summary,
+                    clock,
+                    (lease_guard, loss_guard),
+                    hooks,
+                    goodput_log,
+                    redo_until,
+                )
+                return summary
+            except hooks_lib.Rewind as rewind:
+                setup = _rewind(setup, workdir, restore_from, init_from, rewind, loss_guard, writer)
+                redo_until = max(redo_until, rewind.step)
+    finally:
+        writer.close(final=goodput_log.final)
+
+
+def _run_loop(
+    setup: _Setup,
+    workdir: str,
+    writer: metrics_lib.MetricsWriter,
+    summary: dict,
+    clock: goodput.Clock,
+    guards: tuple[Any, hooks_lib.LossGuard],
+    hooks: tuple[loop.Hook, ...],
+    goodput_log: hooks_lib.GoodputLog,
+    redo_until: int,
+) -> None:
+    """One pass of the training loop from `setup.state`, with fresh built-in hooks (a
+    `hooks_lib.Rewind` from the loss guard ends it). guards: (the workdir lease's, the loss
+    guard)."""
     batches = (
-        global_batch(b, setup.trainer.batch_sharding) for b in setup.pipeline.train_batches(step)
+        global_batch(b, setup.trainer.batch_sharding)
+        for b in setup.pipeline.train_batches(int(setup.state.step))
     )
     signals = schedule.StopSignals()
-    goodput_log = hooks_lib.GoodputLog(clock, writer, setup.config.run.log_every, step)
-    all_hooks = [
-        *_hooks(setup, workdir, writer, summary, clock, signals, guard),
-        *hooks,
-        goodput_log,
-    ]
+    built_in = _hooks(setup, workdir, writer, summary, clock, signals, *guards)
     try:
         with signals:
             loop.run(
@@ -226,14 +277,55 @@ def _train(
                 setup.state,
                 batches,
                 setup.config.run.steps,
-                all_hooks,
+                [*built_in, *hooks, goodput_log],
                 clock,
                 redo_until=redo_until,
             )
     finally:
         batches.close()  # stops the prefetch thread now, inside the accounted time
-        writer.close(final=goodput_log.final)
-    return summary
+
+
+def _rewind(
+    setup: _Setup,
+    workdir: str,
+    restore_from: str | None,
+    init_from: str | None,
+    rewind: hooks_lib.Rewind,
+    guard: hooks_lib.LossGuard,
+    writer: metrics_lib.MetricsWriter,
+) -> _Setup:
+    """`setup` back at the newest checkpoint (or where the run started), with the batch that
+    the rejected step read skipped from now on; logged and written to metrics.jsonl."""
+    pipeline, start = setup.pipeline, time.perf_counter()
+    bad = pipeline.position(rewind.step - 1)
+    plan = resume_lib.plan_resume(
+        workdir, setup.config, restore_from=restore_from, init_from=init_from
+    )
+    state, _, source = plan.load(
+        setup.trainer.init_fn, setup.trainer.state_shardings, workdir, setup.config.model
+    )
+    pipeline.skipped = tuple(sorted({*pipeline.skipped, bad}))
+    guard.rewound(int(state.step))
+    log.warning(
+        "rewind %d/%d: %s; back to %s, skipping global batch %d",
+        guard.rewinds,
+        guard.max_rewinds,
+        rewind.reason,
+        source,
+        bad,
+    )
+    writer.write(
+        int(state.step),
+        {
+            "rewind": guard.rewinds,
+            "rewind_from_step": rewind.step,
+            "rejected_loss": rewind.loss,
+            "skipped_batch": bad,
+            "rewind_seconds": time.perf_counter() - start,  # the restore
+        },
+        progress=False,
+    )
+    return dataclasses.replace(setup, state=state, source=source)
 
 
 def _writer(

@@ -1,0 +1,256 @@
+"""Reliability on the real path: the progress watchdog (a stall injected into one of two real
+processes), the loss-spike guard (a poisoned batch) and host memory across many saves."""
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmjax import cli
+from lmjax.checkpoint import checkpointer
+from lmjax.data import pipeline, prepare
+from lmjax.observe import metrics
+from lmjax.train import hooks, run, watchdog
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Process 1 blocks for good right after dispatching step 5, as in a storage read without a
+# timeout: its threads, jax's heartbeat among them, go on.
+STALL_SCRIPT = """
+import logging, sys, threading, time
+import jax
+from lmjax import cli
+from lmjax.checkpoint import checkpointer
+from lmjax.parallel import distributed
+from lmjax.train import loop, run
+
+def stall_forever():
+    print(f"stalled at {time.time():.3f}", flush=True)
+    threading.Event().wait()
+
+class Stall(loop.Hook):
+    def after_step(self, step, state, metrics):
+        if step == 5 and jax.process_index() == 1:
+            stall_forever()
+        return False
+
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+distributed.initialize()
+run.train(cli.load_experiment("smoke", sys.argv[2:]), sys.argv[1], hooks=(Stall(),))
+"""
+
+
+def test_watchdog_deadline_follows_the_measured_steps_and_fires_with_the_stacks(capfd):
+    dog = watchdog.Watchdog(10.0, 0.2, 5.0)  # not armed (no step began): only the arithmetic
+    assert dog._deadline == 5.0  # the first step compiles
+    dog.on_metrics(1, {}, 4.0)  # includes the compilation: not a step time
+    assert dog._deadline == 5.0
+    dog.on_metrics(2, {}, 0.01)
+    assert dog._deadline == pytest.approx(0.2)  # 10 x 0.01 s is under the floor
+    dog.on_metrics(3, {}, 0.05)
+    assert dog._deadline == pytest.approx(0.5)
+    with dog.busy("save"):
+        assert dog._deadline == 5.0  # the first save
+    with dog.busy("save"):
+        assert dog._deadline == pytest.approx(max(0.2, 10 * dog._kinds["save"][0]))
+    assert dog._deadline == pytest.approx(0.5)
+    exits = []
+    armed = watchdog.Watchdog(10.0, 0.3, 0.3, exit=exits.append, poll_seconds=0.02)
+    start = time.monotonic()
+    armed.before_step(1)  # then nothing: fires after 0.3 s, dumps, waits 0.3 s, exits
+    while not exits and time.monotonic() - start < 30:
+        time.sleep(0.02)
+    assert exits == [watchdog.STALL_EXIT] and time.monotonic() - start >= 0.6
+    armed.close()
+    err = capfd.readouterr().err
+    assert "most recent call first" in err and "test_watchdog_deadline_follows" in err
+
+
+@pytest.mark.slow
+def test_a_stalled_process_and_its_peer_dump_their_stacks_and_exit(tmp_path):
+    """2 processes x 1 CPU device (gloo) through launch/local.py; process 1 stalls after step
+    5 while its heartbeat goes on. Both watchdogs fire within the deadline (3 s floor), dump
+    every thread's stack and exit 75; without the watchdog this run would never end."""
+    script = tmp_path / "stall.py"
+    script.write_text(STALL_SCRIPT)
+    sets = [
+        "data.source=synthetic",
+        "run.steps=40",
+        "run.log_every=1",
+        "run.eval_batches=1",
+        "checkpoint.every_steps=1000",
+        "run.watchdog_min_seconds=3",
+        "run.watchdog_startup_seconds=120",
+    ]
+    command = [
+        sys.executable,
+        str(REPO / "launch" / "local.py"),
+        "--processes",
+        "2",
+        "--devices-per-process",
+        "1",
+        "--timeout",
+        "300",
+        "--",
+        sys.executable,
+        str(script),
+        str(tmp_path / "run"),
+        *sets,
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    ended = time.time()
+    out = done.stdout + done.stderr
+    assert done.returncode == watchdog.STALL_EXIT, out[-4000:]
+    stalled = float(re.search(r"\[p1\] stalled at ([\d.]+)", out).group(1))
+    for p in ("p0", "p1"):
+        lines = [line for line in out.splitlines() if line.startswith(f"[{p}] ")]
+        fired = [line for line in lines if "watchdog: no progress for" in line]
+        assert len(fired) == 1, out[-4000:]
+        assert any("most recent call first" in line for line in lines), out[-4000:]
+    assert "waiting for step 6" in out  # process 0: process 1 never dispatched step 6
+    assert any(line.startswith("[p1] ") and "in stall_forever" in line for line in out.splitlines())
+    idle = [float(x) for x in re.findall(r"no progress for ([\d.]+) s", out)]
+    print(
+        f"\nwatchdog: fired after {idle} s without progress; both processes ended "
+        f"{ended - stalled:.1f} s after the stall"
+    )
+    assert ended - stalled < 60
+
+
+POISONED = (5, 9)  # global batches with a NaN loss weight: a non-finite loss
+
+
+def _poisoned(run_pipeline):
+    """`prepare.run_pipeline` whose training batches POISONED have a NaN loss weight."""
+
+    def make(*args, **kwargs):
+        pipe = run_pipeline(*args, **kwargs)
+        clean = pipe._train
+
+        def train(position):
+            batch = clean(position)
+            if position in POISONED:
+                batch["loss_mask"][0, 0] = np.nan
+            return batch
+
+        pipe._train = train
+        return pipe
+
+    return make
+
+
+def _losses(workdir) -> dict[int, float]:
+    """{step: loss} of the last time each step was logged (replays overwrite)."""
+    return {r["step"]: r["loss"] for r in metrics.read_records(workdir) if "loss" in r}
+
+
+@pytest.mark.slow
+def test_poisoned_batches_are_rewound_skipped_and_recorded(tmp_path, monkeypatch):
+    """Batches 5 and 9 poison steps 6 and 9 (batch 5 skipped, step 9 reads batch 9): each
+    rewinds to the newest checkpoint (4, 8) and is skipped; the checkpoints record the skips,
+    so a run restored from step 8 elsewhere reads the same batches and logs the same losses
+    bit for bit."""
+    monkeypatch.setattr(prepare, "run_pipeline", _poisoned(prepare.run_pipeline))
+    config = cli.load_experiment(
+        "smoke",
+        [
+            "data.source=synthetic",
+            "run.steps=12",
+            "run.log_every=1",
+            "run.eval_batches=1",
+            "checkpoint.every_steps=4",
+            "checkpoint.on_nonfinite=rewind",
+            "checkpoint.spike_factor=1.5",  # on, and never fooled by the ordinary steps
+            "checkpoint.max_rewinds=2",
+        ],
+    )
+    run.train(config, str(tmp_path / "run"))
+    records = metrics.read_records(tmp_path / "run")
+    rewinds = [r for r in records if "rewind" in r]
+    assert [(r["step"], r["rewind_from_step"], r["skipped_batch"]) for r in rewinds] == [
+        (4, 6, 5),
+        (8, 9, 9),
+    ]
+    assert all(np.isnan(r["rejected_loss"]) for r in rewinds)
+    print("\nrewinds took", [round(r["rewind_seconds"], 2) for r in rewinds], "s")
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 13)) and np.isfinite(list(losses.values())).all()
+    with checkpointer.ReadOnly(str(tmp_path / "run" / "checkpoints")) as ckpt:
+        assert ckpt.read_json(12, "data")["skipped"] == [5, 9]
+        assert ckpt.read_json(8, "data")["skipped"] == [5]
+    run.train(config, str(tmp_path / "again"), restore_from=str(tmp_path / "run/checkpoints/8"))
+    again = _losses(tmp_path / "again")
+    assert again == {s: losses[s] for s in range(9, 13)}
+
+
+def test_loss_guard_rejects_spikes_and_gives_up_after_max_rewinds():
+    guard = hooks.LossGuard("stop", spike_factor=2.0, max_rewinds=1)
+
+    def ok(loss):
+        return {"loss": loss, "grad_norm": 1.0, "finite": 1.0}
+
+    for step, loss in enumerate([9.0, 6.0, 5.0, 4.0, 4.0], start=1):
+        guard.on_metrics(step, ok(loss), 0.1)  # falling losses are never spikes
+    guard.on_metrics(6, ok(11.0), 0.1)  # below 2 x the mean of the last 5 (5.6)
+    with pytest.raises(hooks.Rewind, match=r"loss 16 at step 7 is above .*=2 x .* 6 steps"):
+        guard.on_metrics(7, ok(16.0), 0.1)
+    guard.on_metrics(7, ok(16.0), 0.1)  # judged once: the save's check and the metrics agree
+    guard.rewound(4)  # steps 5.. are judged again, with the history before them
+    assert [s for s, _ in guard.accepted] == [1, 2, 3, 4]
+    guard.on_metrics(5, ok(4.0), 0.1)
+    with pytest.raises(FloatingPointError, match="gave up after checkpoint.max_rewinds=1"):
+        guard.on_metrics(6, ok(100.0), 0.1)
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 9"):
+        guard.on_metrics(9, {"loss": float("nan"), "grad_norm": 1.0, "finite": 0.0}, 0.1)
+
+
+def test_data_positions_skip_batches_from_any_start():
+    for skipped in ([], [0], [3], [2, 3, 7], [0, 1, 5, 6]):
+        naive = [p for p in range(40) if p not in skipped]
+        for start in range(20):
+            got = list(itertools.islice(pipeline.data_positions(start, skipped), 10))
+            assert got == naive[start : start + 10], (skipped, start)
+
+
+SAVES = 50
+MIB = 2**20
+
+
+@pytest.mark.slow
+def test_host_memory_stays_flat_across_50_saves(tmp_path):
+    """The smoke model saved after every step (async, keep 2): host RSS after save 50 is
+    within 40 MiB of its value after save 10. Holding on to one copy of the 2 MiB state per
+    save would add 80 MiB."""
+    config = cli.load_experiment(
+        "smoke",
+        [
+            "data.source=synthetic",
+            f"run.steps={SAVES}",
+            "run.log_every=1",
+            "run.eval_batches=1",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep=2",
+        ],
+    )
+    run.train(config, str(tmp_path))
+    rss = {
+        r["step"]: r["host_rss_gib"] * 2**30
+        for r in metrics.read_records(tmp_path)
+        if "host_rss_gib" in r
+    }
+    with checkpointer.ReadOnly(str(tmp_path / "checkpoints")) as ckpt:
+        assert ckpt.steps() == [SAVES - 1, SAVES]
+    # the metrics of step k are read after save k - 1 was started
+    print(
+        "\nhost RSS after save 1, 10, 25, 50: "
+        + ", ".join(f"{rss[k + 1] / MIB:.0f}" for k in (1, 10, 25))
+        + f", {rss[SAVES] / MIB:.0f} MiB"
+    )
+    assert rss[SAVES] - rss[11] < 40 * MIB
