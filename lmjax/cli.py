@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from lmjax import storage
 from lmjax.config import Config, ConfigError, apply_overrides, validate
 from lmjax.errors import FaultError
 
@@ -615,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    storage.follow_emulator()  # before any command creates a Cloud Storage client
     if not args.verbose:  # orbax and tfds log every file operation at INFO
         logging.getLogger("absl").setLevel(logging.ERROR)
     try:

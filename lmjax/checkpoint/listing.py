@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from lmjax import config as config_lib
+from lmjax import config as config_lib, storage
 from lmjax.checkpoint import params_dir
 from lmjax.checkpoint.checkpointer import (
     Checkpointer,
@@ -50,7 +50,7 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Config, Any, str
     _, meta, params = _load_params(workdir, step)
     config = config_lib.from_dict(meta["config"])
     local = os.path.join(workdir, TOKENIZER)
-    tokenizer_path = local if os.path.exists(local) else config.data.tokenizer
+    tokenizer_path = local if storage.path(local).exists() else config.data.tokenizer
     return config, params, tokenizer_path
 
 

@@ -7,18 +7,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 
+from lmjax import storage
 from lmjax.config import ConfigError, ModelConfig
 from lmjax.model import transformer
 
 
 def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
     """Writes `path/model_config.json` and an orbax checkpoint of `params` at `path/params`."""
-    path = Path(path).absolute()
+    path = storage.path(path)
     require_new(path)
     transformer.check_param_shapes(cfg, params)
     path.mkdir(parents=True, exist_ok=True)
@@ -32,7 +32,7 @@ def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a directory written by `save` (read before any slow work); a
     ConfigError when `path` is not one."""
-    path = Path(path).absolute()
+    path = storage.path(path)
     config_file = path / "model_config.json"
     if not config_file.exists() or not (path / "params").exists():
         raise ConfigError(
@@ -54,11 +54,12 @@ def load(path: str | os.PathLike) -> tuple[ModelConfig, Any]:
     """Reads a directory written by `save`: (ModelConfig, numpy params)."""
     cfg = read_config(path)
     with ocp.StandardCheckpointer() as ckptr:  # ShapeDtypeStruct targets restore as numpy
-        params = ckptr.restore(Path(path).absolute() / "params", transformer.param_shapes(cfg))
+        params = ckptr.restore(storage.path(path) / "params", transformer.param_shapes(cfg))
     return cfg, params
 
 
-def require_new(path: Path) -> None:
+def require_new(path: str | os.PathLike) -> None:
     """A ConfigError unless `path` holds no params directory yet (checked before slow reads)."""
+    path = storage.path(path)
     if (path / "params").exists() or (path / "model_config.json").exists():
         raise ConfigError(f"{path} already holds a converted checkpoint; choose a new directory")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import glob
 import json
 from typing import Callable, Sequence
 
+from lmjax import storage
 from lmjax.config import ConfigError
 from lmjax.data.documents import read_utf8
 from lmjax.inference import evaluate, saved_run
@@ -32,7 +32,7 @@ def main(
     """
     if bool(text_files) == bool(use_experiment_data):
         raise ConfigError("choose what to evaluate: --text-files GLOB... or --experiment-data.")
-    paths = sorted({p for pattern in text_files for p in glob.glob(pattern)})
+    paths = sorted({p for pattern in text_files for p in storage.glob(pattern)})
     if text_files and not paths:
         raise ConfigError(f"--text-files {' '.join(text_files)} matched no files.")
     config, params, tokenizer = load(workdir, step)

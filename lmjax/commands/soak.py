@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from lmjax import storage
 from lmjax.tools import soak
 
 
@@ -12,7 +11,7 @@ def main(
 ) -> int:
     """Prints one line per trial and `N/N trials resumed bit for bit`; exit 1 unless all did."""
     rows = soak.soak(
-        Path(root).absolute(),
+        storage.path(root),
         trials,
         experiment,
         overrides,

@@ -19,12 +19,13 @@ import json
 import math
 import os
 import typing
-from pathlib import Path
 from typing import Any
 
 import ml_dtypes  # noqa: F401  (registers np.dtype("bfloat16"))
 import numpy as np
+from etils import epath
 
+from lmjax import storage
 from lmjax.config import ConfigError, ModelConfig
 from lmjax.convert import families
 from lmjax.convert.families import Entry, Family
@@ -211,7 +212,7 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict:
 # ---------------------------------------------------------------- safetensors files
 
 
-def _tensor_files(hf_dir: Path) -> dict[str, Path]:
+def _tensor_files(hf_dir: epath.Path) -> dict[str, epath.Path]:
     """Tensor name -> the safetensors file holding it; refuses pickle-only directories."""
     index = hf_dir / "model.safetensors.index.json"
     if index.exists():
@@ -232,17 +233,20 @@ def _tensor_files(hf_dir: Path) -> dict[str, Path]:
                 ".save_pretrained(new_dir, safe_serialization=True)"
             )
         raise ConfigError(f"{hf_dir} has no *.safetensors files")
-    from safetensors import safe_open
+    return {name: shard for shard in shards for name in _tensor_names(shard)}
 
-    files = {}
-    for shard in shards:
-        with safe_open(str(shard), framework="np") as f:
-            files.update({name: shard for name in f.keys()})
-    return files
+
+def _tensor_names(shard: epath.Path) -> list[str]:
+    """The tensor names in a safetensors file's header (8 bytes of little-endian length, then
+    that many bytes of JSON), read without fetching the tensors."""
+    with shard.open("rb") as f:
+        (length,) = np.frombuffer(f.read(8), "<u8")
+        header = json.loads(f.read(int(length)))
+    return [name for name in header if name != "__metadata__"]
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> dict:
-    path = Path(hf_dir) / "config.json"
+    path = storage.path(hf_dir) / "config.json"
     if not path.exists():
         raise ConfigError(f"{hf_dir} is not a Hugging Face model directory: config.json is missing")
     return json.loads(path.read_text())
@@ -257,7 +261,7 @@ def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mo
     """
     from safetensors import safe_open
 
-    hf_dir = Path(hf_dir)
+    hf_dir = storage.path(hf_dir)
     hf_config = read_hf_config(hf_dir)
     cfg = config_from_hf(hf_config, param_dtype=param_dtype)
     family = families.by_model_type(hf_config["model_type"])
@@ -283,8 +287,10 @@ def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mo
     shapes = transformer.param_shapes(cfg)
     params = _map_tree(lambda s: np.empty(s.shape, dtype), shapes)
     with contextlib.ExitStack() as stack:
-        handles = {
-            p: stack.enter_context(safe_open(str(p), framework="np"))
+        handles = {  # a gs:// shard is read from a local copy (safetensors maps files)
+            p: stack.enter_context(
+                safe_open(stack.enter_context(storage.local_copy(p)), framework="np")
+            )
             for p in sorted(set(files[n] for n in wanted))
         }
         for entry, name, layer, shape in _entries(cfg, family):
@@ -339,8 +345,8 @@ def save(
     """
     from safetensors.numpy import save_file
 
-    out_dir = Path(out_dir)
     require_empty(out_dir)
+    out_dir = storage.path(out_dir)
     transformer.check_param_shapes(cfg, params)
     params = _map_tree(np.asarray, params)  # one device-to-host copy per array
     dtype = dtype or str(params["embed"].dtype)
@@ -362,7 +368,8 @@ def save(
             tensors[name] = np.ascontiguousarray(_hf_tensor(params, entry, layer).astype(np_dtype))
             weight_map[name] = filename
         # transformers requires the "format" header field.
-        save_file(tensors, str(out_dir / filename), metadata={"format": "pt"})
+        with storage.staged(out_dir / filename) as local:
+            save_file(tensors, local, metadata={"format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -395,7 +402,8 @@ def _map_tree(fn, tree):
     return {k: _map_tree(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
-def require_empty(out_dir: Path) -> None:
+def require_empty(out_dir: str | os.PathLike) -> None:
     """A ConfigError unless `out_dir` is new or empty (checked before slow reads)."""
+    out_dir = storage.path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} is not empty; choose a new directory for the HF checkpoint")

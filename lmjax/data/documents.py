@@ -1,7 +1,7 @@
 """Documents of text corpora: which files a source names, how a file is cut into shards, and
 its documents, read as a stream.
 
-File formats, local or `gs://` (read through `tf.io.gfile`):
+File formats, local or `gs://` (read through `lmjax.storage`):
   * `.txt`: documents are separated by a form feed (`\\f`); a file without one is one document.
   * `.jsonl`: one JSON object per line, the text under a configurable key (data.text_feature).
   * either compressed: `.txt.gz`, `.txt.zst`, `.jsonl.gz`, `.jsonl.zst` (gzip, zstandard).
@@ -33,6 +33,7 @@ from typing import IO, Iterator
 
 import zstandard
 
+from lmjax import storage
 from lmjax.config import ConfigError
 from lmjax.data.tf_setup import tensorflow
 
@@ -66,15 +67,16 @@ def file_format(path: str) -> str:
 
 def expand_files(spec: str, *, what: str = "data.text_files") -> list[str]:
     """Sorted text files named by `spec`: comma-separated directories or globs."""
-    io_ = gfile()
     files: list[str] = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
-        if io_.isdir(item):
-            matched = [p for suffix in SUFFIXES for p in io_.glob(os.path.join(item, "*" + suffix))]
+        if storage.path(item).is_dir():
+            matched = [
+                p for suffix in SUFFIXES for p in storage.glob(storage.join(item, "*" + suffix))
+            ]
         else:
-            matched = io_.glob(item)
+            matched = storage.glob(item)
         if not matched:
             raise ConfigError(
                 f"{what}={item!r} matched no files: give an existing directory or a glob "
@@ -108,8 +110,7 @@ def split_text(text: str) -> list[str]:
 def read_utf8(path: str) -> str:
     """The text of a UTF-8 file (local or gs://); ConfigError naming the file and the byte
     offset when it is not UTF-8."""
-    with gfile().GFile(path, "rb") as f:
-        data = f.read()
+    data = storage.path(path).read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -140,7 +141,8 @@ class ReadCounts:
 
 
 class _RandomAccess(io.RawIOBase):
-    """A `tf.io.gfile.GFile` as a standard seekable binary file (what pyarrow reads)."""
+    """A file of `lmjax.storage` (fsspec's) as a standard seekable binary file (what pyarrow
+    reads)."""
 
     def __init__(self, f):
         self._f = f
@@ -168,7 +170,7 @@ class _RandomAccess(io.RawIOBase):
 def _parquet(path: str) -> Iterator:
     import pyarrow.parquet as pq
 
-    with gfile().GFile(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         try:
             # Column chunks are read through a buffer, not loaded whole (pre_buffer off).
             pf = pq.ParquetFile(_RandomAccess(f), buffer_size=1 << 20, pre_buffer=False)
@@ -199,7 +201,7 @@ def file_parts(path: str, size: int) -> list[tuple[int, int]]:
 @contextlib.contextmanager
 def _stream(path: str, start: int) -> Iterator[IO[bytes]]:
     """The (decompressed) bytes of a file from byte `start` (uncompressed files only seek)."""
-    with gfile().GFile(path, "rb") as raw:
+    with storage.path(path).open("rb") as raw:
         if path.endswith(".gz"):
             yield gzip.GzipFile(fileobj=raw)
         elif path.endswith(".zst"):

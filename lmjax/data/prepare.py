@@ -42,6 +42,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from lmjax import storage
 from lmjax.config import Config, ConfigError, DataConfig
 from lmjax.data import beam_engine, documents, mixture, store
 from lmjax.data.pipeline import Pipeline, make_pipeline
@@ -293,11 +294,10 @@ def prepare_tokenizer(
             "data.tokenizer is empty and there is no workdir to train one into: set "
             "data.tokenizer to a SentencePiece .model or a tokenizer.json file."
         )
-    path = os.path.join(workdir, TOKENIZER)
-    io_ = documents.gfile()
+    path = storage.join(workdir, TOKENIZER)
     if not leader:
         deadline = time.monotonic() + data_cfg.prepare_timeout_s
-        while not io_.exists(path):
+        while not storage.path(path).exists():
             if time.monotonic() > deadline:
                 raise ConfigError(
                     f"waited {data_cfg.prepare_timeout_s:.0f} s for process 0 to "
@@ -305,7 +305,7 @@ def prepare_tokenizer(
                     "data.tokenizer to a trained model."
                 )
             time.sleep(1.0)
-    if io_.exists(path):
+    if storage.path(path).exists():
         return load_tokenizer(path)
     texts = _within(training_texts(data_cfg), max_chars)
     return load_tokenizer(

@@ -25,6 +25,7 @@ import os
 import random
 from typing import Iterable, Iterator, Protocol
 
+from lmjax import storage
 from lmjax.config import ConfigError
 from lmjax.data import documents
 
@@ -184,15 +185,15 @@ def from_serialized(serialized: bytes, path: str = "") -> Tokenizer:
 
 def load_tokenizer(path: str) -> Tokenizer:
     """Loads a SentencePiece `.model` or a `tokenizer.json` from a local or gs:// path."""
-    io_ = documents.gfile()
-    if not io_.exists(path):
+    try:
+        serialized = storage.path(path).read_bytes()
+    except FileNotFoundError:
         raise ConfigError(
             f"tokenizer {path!r} does not exist: set data.tokenizer to a SentencePiece "
             ".model or a Hugging Face tokenizer.json, or leave it empty to train one into "
             "the workdir."
-        )
-    with io_.GFile(path, "rb") as f:
-        return from_serialized(f.read(), path)
+        ) from None
+    return from_serialized(serialized, path)
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
@@ -256,8 +257,8 @@ def train_from_texts(
     proto = train_sentencepiece(texts, vocab_size, model_type, seed, sample_sentences)
     tok = SentencePieceTokenizer(proto, output_prefix + ".model")
     _write_atomic(tok.path, proto)
-    with documents.gfile().GFile(output_prefix + ".vocab", "w") as f:
-        f.write("".join(f"{piece!r}\t{score}\n" for piece, score in tok.pieces()))
+    vocab = "".join(f"{piece!r}\t{score}\n" for piece, score in tok.pieces())
+    storage.path(output_prefix + ".vocab").write_text(vocab)
     return tok.path
 
 
@@ -322,16 +323,10 @@ def _train_bytelevel_bpe(texts: Iterable[str], vocab_size: int) -> bytes:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    """Written under a temporary name and renamed, so concurrent processes never read half a
-    file."""
-    io_ = documents.gfile()
-    parent = os.path.dirname(path)
-    if parent:
-        io_.makedirs(parent)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with io_.GFile(tmp, "wb") as f:
-        f.write(data)
-    io_.rename(tmp, path, overwrite=True)
+    """Written whole or not at all (`storage.write_atomic`), so concurrent processes never
+    read half a file, into a folder made when missing."""
+    storage.path(path).parent.mkdir(parents=True, exist_ok=True)
+    storage.write_atomic(path, data)
 
 
 def train_tokenizer(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from lmjax import storage
 from lmjax.config import ConfigError
 from lmjax.observe import goodput, metrics
 from lmjax.workdir_names import METRICS
@@ -102,6 +103,7 @@ def plot(records: list[dict], path: str) -> str:
         xlabel=f"{unit} since the first start", ylabel=f"{unit} spent", title="where the time went"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with storage.path(path).open("wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return path

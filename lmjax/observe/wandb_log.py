@@ -2,17 +2,21 @@
 
 The run id is kept in WORKDIR/wandb_run_id, so every restart of a workdir logs into the same
 W&B run. Without an API key (WANDB_API_KEY or a `wandb login` entry in ~/.netrc) the run is
-written offline under WORKDIR/wandb/ (`wandb sync` uploads it later); WANDB_MODE, when set,
+written offline under WORKDIR/wandb/ (`wandb sync` uploads it later; for a gs:// workdir,
+under $TMPDIR/lmjax-wandb/, since wandb writes only local files); WANDB_MODE, when set,
 decides instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import netrc
 import os
 import secrets
+import tempfile
 from typing import Any
 
+from lmjax import storage
 from lmjax.config import Config, to_dict
 from lmjax.workdir_names import WANDB_RUN_ID
 
@@ -28,12 +32,21 @@ def _has_api_key() -> bool:
 
 def _run_id(workdir: str) -> str:
     """This workdir's W&B run id, created on the first start."""
-    path = os.path.join(workdir, WANDB_RUN_ID)
-    if not os.path.exists(path):
-        with open(path, "w") as f:
-            f.write(secrets.token_hex(6))  # W&B ids: lowercase letters and digits
-    with open(path) as f:
-        return f.read().strip()
+    path = storage.path(storage.join(workdir, WANDB_RUN_ID))
+    if not path.exists():
+        path.write_text(secrets.token_hex(6))  # W&B ids: lowercase letters and digits
+    return path.read_text().strip()
+
+
+def _files_dir(workdir: str) -> str:
+    """Where wandb keeps its files: WORKDIR/wandb, or for a gs:// workdir (wandb writes
+    only local files) a local directory named after the workdir."""
+    if not storage.is_url(workdir):
+        return workdir
+    name = hashlib.sha256(workdir.encode()).hexdigest()[:12]
+    local = os.path.join(tempfile.gettempdir(), "lmjax-wandb", name)
+    os.makedirs(local, exist_ok=True)  # a local directory by construction
+    return local
 
 
 class WandbWriter:
@@ -47,7 +60,7 @@ class WandbWriter:
             project=project,
             id=_run_id(workdir),
             resume="allow",
-            dir=workdir,
+            dir=_files_dir(workdir),
             name=config.run.name,
             config=to_dict(config),
             mode=mode,

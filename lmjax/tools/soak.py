@@ -15,8 +15,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Callable
+
+from etils.epath import Path
 
 from lmjax.observe import metrics
 from lmjax.workdir_names import CHECKPOINTS, TOKENIZER
@@ -52,7 +53,7 @@ def losses(workdir: Path) -> dict[int, list[float]]:
 def _dirs(workdir: Path) -> tuple[list[str], list[str]]:
     """(committed step names, unfinished save names) under workdir/checkpoints."""
     try:
-        names = os.listdir(workdir / CHECKPOINTS)
+        names = [p.name for p in (workdir / CHECKPOINTS).iterdir()]
     except FileNotFoundError:
         return [], []
     return [n for n in names if n.isdigit()], [n for n in names if "tmp" in n]

@@ -18,6 +18,8 @@ from typing import Iterator
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+from lmjax import storage
+
 log = logging.getLogger("lmjax")
 
 
@@ -44,8 +46,8 @@ def enabled(setting: str) -> Iterator[str | None]:
     """Within the block, jax's persistent cache is `resolve(setting)` (or off); the process's
     previous setting is restored after it. Yields the directory."""
     path = resolve(setting)
-    if path is not None and "://" not in path:
-        os.makedirs(path, exist_ok=True)
+    if path is not None:
+        storage.path(path).mkdir(parents=True, exist_ok=True)
     previous = jax.config.jax_compilation_cache_dir
     log.info("compilation cache: %s", path or "off")
     _use(path)

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from lmjax import storage
 from lmjax.checkpoint import checkpointer, compat, lease, paths, resume as resume_lib, schedule
 from lmjax.config import Config, profile_window, to_json, validate, validate_tokenizer
 from lmjax.data import prepare
@@ -90,8 +91,7 @@ def _set_up(
     if data_state is not None:
         pipeline.check_state(data_state)
     if primary:
-        with open(os.path.join(workdir, CONFIG), "w") as f:
-            f.write(to_json(config))
+        storage.path(storage.join(workdir, CONFIG)).write_text(to_json(config))
     return _Setup(
         config,
         trainer,
@@ -191,7 +191,8 @@ def train(
     `init_from` (a params-only directory) or a fresh init (rules: `resume_lib.plan_resume`).
     Holds the workdir's lease (`lease.held`: a second run on a live workdir is refused) from
     before any checkpoint is read until the end.
-    Writes `config.json`, `metrics.jsonl` (appended), TensorBoard events and checkpoints.
+    Writes `config.json`, its records (WORKDIR/metrics/, one object per start), TensorBoard
+    events and checkpoints.
     SIGTERM/SIGINT save at the next step boundary and return early with "stopped_at_step".
     A step the loss guard rejects (checkpoint.on_nonfinite=rewind, checkpoint.spike_factor)
     sends the run back to its newest checkpoint with that step's batch skipped (`_rewind`).
@@ -200,8 +201,7 @@ def train(
     """
     config = validate(config)
     clock = goodput.Clock()
-    if "://" not in workdir:
-        os.makedirs(workdir, exist_ok=True)
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)
     with (
         lease.held(workdir, config.checkpoint.lease_timeout_s) as guard,
         compile_cache.enabled(config.run.compile_cache_dir),
