@@ -2,7 +2,8 @@
 sees the whole layout at once and two modules never pick the same name.
 
   config.json        the resolved config of the run, written once its resume succeeded
-  metrics.jsonl      one JSON record a line, appended by every start (observe.metrics)
+  metrics/           JSONL objects START-CHUNK.jsonl, one record a line (observe.metrics)
+  metrics.jsonl      the records of runs begun before metrics/, read before it
   tensorboard/       TensorBoard event files; jax.profiler writes profiles into its plugins/profile/
   wandb_run_id       the W&B run every restart logs into
   report.png         `lmjax report`'s plot (unless --png says otherwise)
@@ -14,7 +15,8 @@ sees the whole layout at once and two modules never pick the same name.
 """
 
 CONFIG = "config.json"
-METRICS = "metrics.jsonl"
+METRICS = "metrics"
+LEGACY_METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 WANDB_RUN_ID = "wandb_run_id"
 REPORT = "report.png"

@@ -75,3 +75,16 @@ def small_disk(tmp_path):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture(params=["local", "gs"])
+def storage_root(request, tmp_path, monkeypatch):
+    """Runs the test twice: with a local directory and with a folder of a fresh bucket (as a
+    string). The cwd is tmp_path both times, and the gs:// run fails if a local folder named
+    `gs:` appeared in it (a user path that bypassed lmjax.storage)."""
+    monkeypatch.chdir(tmp_path)
+    if request.param == "local":
+        yield str(tmp_path / "root")
+        return
+    yield request.getfixturevalue("gcs_bucket") + "/root"
+    assert not [p for p in tmp_path.rglob("gs:")], "a local gs: folder appeared"

@@ -28,10 +28,7 @@ ALLOWED = {
     ("lmjax/cli.py", "<module>"): "the experiments shipped inside the package",
     ("lmjax/observe/metrics.py", "_host_rss_bytes"): "/proc/self/statm, this process's memory",
     ("lmjax/tools/aot.py", "require_libtpu"): "the libtpu shared library on this machine",
-    # Still local-only until per-start metric objects replace the append-only metrics.jsonl.
-    ("lmjax/observe/metrics.py", "__init__"): "metrics.jsonl (append-only): being replaced",
-    ("lmjax/observe/metrics.py", "drop_torn_tail"): "metrics.jsonl (append-only): being replaced",
-    ("lmjax/observe/metrics.py", "read_records"): "metrics.jsonl (append-only): being replaced",
+    ("lmjax/observe/metrics.py", "_upload"): "TensorBoard's local staging folder (a temp dir)",
     # The ArrayRecord store and how it is located, which the gcs-store branch replaces.
     ("lmjax/data/documents.py", "gfile"): "tf.io.gfile for the ArrayRecord store only",
     ("lmjax/data/prepare.py", "plan"): "the store key's input stats (gcs-store branch)",

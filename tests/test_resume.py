@@ -75,13 +75,13 @@ def _losses_after_last_start(workdir) -> tuple[int, dict[int, float]]:
     """(restored step, {step: loss}) of the run segment after the last resume record."""
     records = metrics.read_records(workdir)
     starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
-    assert starts, "the resumed run did not note its resume in metrics.jsonl"
+    assert starts, "the resumed run did not note its resume in its records"
     restored = records[starts[-1]]["restored_step"]
     return restored, {r["step"]: r["loss"] for r in records[starts[-1] + 1 :] if "loss" in r}
 
 
 def _logged_steps(workdir) -> list[int]:
-    """Steps whose loss is in metrics.jsonl so far."""
+    """Steps whose loss is in the run's records so far."""
     return [r["step"] for r in metrics.read_records(workdir, missing_ok=True) if "loss" in r]
 
 

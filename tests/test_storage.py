@@ -28,63 +28,53 @@ def test_the_gcs_fixture_serves_a_bucket_to_a_client_given_only_the_emulator_hos
     assert fs.cat(f"{bucket}/a/b.txt") == b"hello"
 
 
-@pytest.fixture(params=["local", "gs"])
-def root(request, tmp_path, monkeypatch):
-    """A directory to write into: a local one, or a fresh bucket (cwd is tmp_path either way,
-    so that a stray local `gs:` folder would show up there)."""
-    monkeypatch.chdir(tmp_path)
-    if request.param == "local":
-        yield str(tmp_path / "root")
-        return
-    yield request.getfixturevalue("gcs_bucket") + "/root"
-    assert not any(p.name == "gs:" for p in tmp_path.rglob("*")), "a local gs: tree appeared"
-
-
-def test_storage_writes_globs_and_reads_back(root):
-    storage.path(root).mkdir(parents=True, exist_ok=True)
+def test_storage_writes_globs_and_reads_back(storage_root):
+    storage.path(storage_root).mkdir(parents=True, exist_ok=True)
     for name in ("b.txt", "a.txt", "c.jsonl"):
-        storage.write_atomic(storage.join(root, name), name.encode())
-    assert storage.glob(storage.join(root, "*.txt")) == [
-        storage.join(root, "a.txt"),
-        storage.join(root, "b.txt"),
+        storage.write_atomic(storage.join(storage_root, name), name.encode())
+    assert storage.glob(storage.join(storage_root, "*.txt")) == [
+        storage.join(storage_root, "a.txt"),
+        storage.join(storage_root, "b.txt"),
     ]
-    assert storage.path(storage.join(root, "c.jsonl")).read_text() == "c.jsonl"
-    assert storage.read_text_or_none(storage.join(root, "absent")) is None
-    with storage.staged(storage.join(root, "big.bin")) as local:
+    assert storage.path(storage.join(storage_root, "c.jsonl")).read_text() == "c.jsonl"
+    assert storage.read_text_or_none(storage.join(storage_root, "absent")) is None
+    with storage.staged(storage.join(storage_root, "big.bin")) as local:
         with open(local, "wb") as f:
             f.write(bytes(range(256)) * 1000)
-    with storage.local_copy(storage.join(root, "big.bin")) as local:
+    with storage.local_copy(storage.join(storage_root, "big.bin")) as local:
         assert os.path.isfile(local) and open(local, "rb").read() == bytes(range(256)) * 1000
-    assert storage.glob(storage.join(root, "nothing-*")) == []
+    assert storage.glob(storage.join(storage_root, "nothing-*")) == []
 
 
-def test_documents_and_tokenizers_read_and_write_through_storage(root, tokenizer):
-    storage.path(root).mkdir(parents=True, exist_ok=True)
-    storage.path(storage.join(root, "a.txt")).write_text("one\fthe second\f\n")
-    storage.path(storage.join(root, "b.jsonl.gz")).write_bytes(gzip.compress(b'{"text": "x"}\n'))
-    files = documents.expand_files(root)
-    assert files == [storage.join(root, "a.txt"), storage.join(root, "b.jsonl.gz")]
+def test_documents_and_tokenizers_read_and_write_through_storage(storage_root, tokenizer):
+    storage.path(storage_root).mkdir(parents=True, exist_ok=True)
+    storage.path(storage.join(storage_root, "a.txt")).write_text("one\fthe second\f\n")
+    storage.path(storage.join(storage_root, "b.jsonl.gz")).write_bytes(
+        gzip.compress(b'{"text": "x"}\n')
+    )
+    files = documents.expand_files(storage_root)
+    assert files == [storage.join(storage_root, "a.txt"), storage.join(storage_root, "b.jsonl.gz")]
     assert [d for f in files for d in documents.read_documents(f)] == ["one", "the second", "x"]
-    prefix = storage.join(root, "tok", "tokenizer")
+    prefix = storage.join(storage_root, "tok", "tokenizer")
     tokenizer_lib._write_model(tokenizer.model_proto, prefix)
     loaded = tokenizer_lib.load_tokenizer(prefix + ".model")
     assert loaded.fingerprint == tokenizer.fingerprint
     with pytest.raises(ConfigError, match="does not exist"):
-        tokenizer_lib.load_tokenizer(storage.join(root, "absent.model"))
+        tokenizer_lib.load_tokenizer(storage.join(storage_root, "absent.model"))
 
 
-def test_params_and_hf_directories_round_trip(root):
+def test_params_and_hf_directories_round_trip(storage_root):
     params, _ = random_model(SMALL_LM)
-    params_dir.save(SMALL_LM, params, storage.join(root, "params"))
-    cfg, loaded = params_dir.load(storage.join(root, "params"))
+    params_dir.save(SMALL_LM, params, storage.join(storage_root, "params"))
+    cfg, loaded = params_dir.load(storage.join(storage_root, "params"))
     assert cfg == SMALL_LM
     with pytest.raises(ConfigError, match="already holds"):
-        params_dir.require_new(storage.join(root, "params"))
-    hf.save(cfg, loaded, storage.join(root, "hf"), max_shard_bytes=40_000)  # several shards
-    assert len(storage.glob(storage.join(root, "hf", "*.safetensors"))) > 1
-    cfg2, from_hf = hf.load(storage.join(root, "hf"))
+        params_dir.require_new(storage.join(storage_root, "params"))
+    hf.save(cfg, loaded, storage.join(storage_root, "hf"), max_shard_bytes=40_000)  # several shards
+    assert len(storage.glob(storage.join(storage_root, "hf", "*.safetensors"))) > 1
+    cfg2, from_hf = hf.load(storage.join(storage_root, "hf"))
     assert cfg2.n_layers == SMALL_LM.n_layers
     np.testing.assert_array_equal(from_hf["layers"]["wq"], np.asarray(params["layers"]["wq"]))
     np.testing.assert_array_equal(from_hf["embed"], np.asarray(params["embed"]))
     with pytest.raises(ConfigError, match="not empty"):
-        hf.require_empty(storage.join(root, "hf"))
+        hf.require_empty(storage.join(storage_root, "hf"))

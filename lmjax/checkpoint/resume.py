@@ -350,5 +350,5 @@ def _read_candidates(
 
 
 def describe_resume(step: int, source: str) -> dict:
-    """The metrics.jsonl record that marks where a run (re)started."""
+    """The record that marks where a run (re)started."""
     return {"event": "start", "restored_step": step, "restored_from": source}

@@ -1,5 +1,5 @@
 """Goodput: where a run's wall time goes. A `Clock` charges every second to exactly one
-bucket; `summarize` adds the buckets up across the restarts recorded in metrics.jsonl.
+bucket; `summarize` adds the buckets up across the restarts in the run's records.
 
 Buckets: startup (set-up, restore and the first compile), data (waiting for the next
 batch), train (steps that advance the run), lost (steps redone after a restart: they had
@@ -52,7 +52,7 @@ class Clock:
         self._stack[0] = bucket
 
     def record(self) -> dict[str, object]:
-        """The metrics.jsonl record of the time so far (cumulative since the clock began)."""
+        """The record of the time so far (cumulative since the clock began)."""
         self._charge()
         wall = self._since - self._start
         out = {
@@ -67,7 +67,7 @@ class Clock:
 
 
 def last_reached_step(workdir: str) -> int:
-    """The highest step any earlier start of this run recorded in metrics.jsonl (0: none)."""
+    """The highest step any earlier start of this run recorded (metrics.read_records; 0: none)."""
     records = metrics.read_records(workdir, missing_ok=True)
     return max((r.get("step", 0) for r in records), default=0)
 

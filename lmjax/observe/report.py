@@ -1,14 +1,11 @@
 """A run's goodput totals across all its restarts, and a PNG of loss, eval loss, throughput
-and the goodput buckets over time, both from WORKDIR/metrics.jsonl (`lmjax report` prints them)."""
+and the goodput buckets over time, both from the run's records (`lmjax report` prints them)."""
 
 from __future__ import annotations
-
-import os
 
 from lmjax import storage
 from lmjax.config import ConfigError
 from lmjax.observe import goodput, metrics
-from lmjax.workdir_names import METRICS
 
 LABELS = {
     "startup": "start-up & compile",
@@ -23,12 +20,11 @@ LABELS = {
 
 
 def load(workdir: str) -> list[dict]:
-    """The run's metrics records (`metrics.read_records`); no metrics.jsonl is a user error."""
+    """The run's metrics records (`metrics.read_records`); none at all is a user error."""
     try:
         return metrics.read_records(workdir)
-    except FileNotFoundError:
-        path = os.path.join(workdir, METRICS)
-        raise ConfigError(f"{path} does not exist: give the --workdir of a training run.") from None
+    except FileNotFoundError as e:
+        raise ConfigError(f"{e}: give the --workdir of a training run.") from None
 
 
 def format_totals(records: list[dict]) -> str:

@@ -1,6 +1,6 @@
 """The training loop's built-in hooks (`lmjax.train.loop`), one job each.
 
-They share two sinks: the `MetricsWriter` (metrics.jsonl, TensorBoard, the progress line;
+They share two sinks: the `MetricsWriter` (WORKDIR/metrics/, TensorBoard, the progress line;
 silent on processes other than 0) and `summary`, the dict `train()` returns (the latest
 value of every step metric, the last evaluation, the sample, where a stop happened).
 Saves and evaluations run inside `busy(kind)`, the progress watchdog's allowance for them

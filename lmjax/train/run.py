@@ -331,7 +331,7 @@ def _rewind(
 def _writer(
     config: Config, workdir: str, primary: bool, start_step: int
 ) -> metrics_lib.MetricsWriter:
-    """metrics.jsonl, TensorBoard and, with run.wandb_project, W&B (process 0 only)."""
+    """The run's records, TensorBoard and, with run.wandb_project, W&B (process 0 only)."""
     outputs = ()
     if primary and config.run.wandb_project:
         outputs = (wandb_log.WandbWriter(config.run.wandb_project, workdir, config),)
