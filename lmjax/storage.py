@@ -129,3 +129,14 @@ def write_atomic(p: PathLike, data: bytes) -> None:
     tmp = f"{os.path.abspath(p)}.tmp-{os.getpid()}-{threading.get_ident()}"
     path(tmp).write_bytes(data)
     os.replace(tmp, os.path.abspath(p))
+
+
+def rename(src: PathLike, dst: PathLike) -> None:
+    """Moves the file or directory `src` to the new name `dst`: one rename locally; on gs://,
+    which has neither folders nor renames, a copy of each object, then its deletion (not
+    atomic: a kill in between leaves both copies, never neither)."""
+    if not is_url(src):
+        path(src).rename(path(dst))
+        return
+    fs, _ = fsspec.core.url_to_fs(os.fspath(src))
+    fs.mv(os.fspath(src), os.fspath(dst), recursive=True)

@@ -44,6 +44,16 @@ def test_storage_writes_globs_and_reads_back(storage_root):
     with storage.local_copy(storage.join(storage_root, "big.bin")) as local:
         assert os.path.isfile(local) and open(local, "rb").read() == bytes(range(256)) * 1000
     assert storage.glob(storage.join(storage_root, "nothing-*")) == []
+    moved = storage.join(storage_root, "aside", "moved")
+    storage.path(moved).parent.mkdir(parents=True, exist_ok=True)
+    step = storage.join(storage_root, "step")
+    for name in ("x", "sub/y"):
+        storage.path(storage.join(step, name)).parent.mkdir(parents=True, exist_ok=True)
+        storage.path(storage.join(step, name)).write_text(name)
+    storage.rename(step, moved)  # a directory, into a folder that has no object yet
+    assert not storage.path(step).exists()
+    assert storage.path(storage.join(moved, "sub", "y")).read_text() == "sub/y"
+    assert storage.path(storage.join(moved, "x")).read_text() == "x"
 
 
 def test_documents_and_tokenizers_read_and_write_through_storage(storage_root, tokenizer):

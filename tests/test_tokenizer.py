@@ -89,16 +89,6 @@ def test_cli_tokenizer_train(tmp_path, capsys):
     assert f"fingerprint={tok.fingerprint}" in capsys.readouterr().out
 
 
-def test_load_through_non_local_filesystem(bpe_path):
-    # ram:// is a tf.io.gfile filesystem like gs://: loading must not assume a local path.
-    import tensorflow as tf
-
-    with open(bpe_path, "rb") as src, tf.io.gfile.GFile("ram://tokenizers/t.model", "wb") as dst:
-        dst.write(src.read())
-    tok = load_tokenizer("ram://tokenizers/t.model")
-    assert tok.fingerprint == load_tokenizer(bpe_path).fingerprint
-
-
 def test_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_tokenizer(str(tmp_path / "missing.model"))

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from lmjax import storage
 from lmjax.checkpoint.compat import in_saved_layout, positions
 from lmjax.checkpoint.paths import ITEMS
 from lmjax.config import CheckpointConfig
@@ -392,7 +393,7 @@ def set_aside(path, reason: str) -> None:
     its own)."""
     dst = path.parent / UNREADABLE / f"{path.name}-{int(time.time())}"
     dst.parent.mkdir(parents=True, exist_ok=True)
-    path.rename(dst)
+    storage.rename(path, dst)
     log.warning("moved checkpoint directory %s to %s (%s)", path, dst, reason)
 
 

@@ -118,13 +118,13 @@ class MetricsWriter:
         self.outputs = outputs
         self.total_steps = total_steps
         self.start_step = start_step
-        self.start = time.time()
         self.tty = sys.stdout.isatty()
         if flush_s is None:
             flush_s = REMOTE_FLUSH_S if storage.is_url(workdir) else 0.0
         if enabled:
             self._log = RecordLog(workdir, flush_s)
             self._tb = EventFiles(workdir, flush_s)
+        self.start = time.time()  # once the sinks are open: the ETA counts steps only
 
     def write(self, step: int, values: dict[str, Any], *, progress: bool = True) -> None:
         """Records `{"step": step, **values}`; `progress=False` keeps it off the terminal."""
