@@ -1,10 +1,10 @@
 """The gs:// tier: lmjax's commands with every run record, checkpoint, export, HF directory,
-report, tokenizer, eval text and compile cache in a bucket of the tests' GCS server
+report, tokenizer, data store, eval text and compile cache in a bucket of the tests' GCS server
 (tests/conftest.py's gcs_server), and only STORAGE_EMULATOR_HOST set, as a user on a Cloud TPU
-VM would run them. The data store stays local (the ArrayRecord writer is local-only).
+VM would run them.
 
 One uninterrupted run (in process) trains the tokenizer into its gs:// workdir and prepares
-the store; a second run, a `python -m lmjax` subprocess, is SIGKILLed after its first
+the gs:// store; a second run, a `python -m lmjax` subprocess, is SIGKILLed after its first
 checkpoint and resumed, and must log the reference's losses bit for bit. Every test checks
 that no local folder named `gs:` appeared (a gs:// path that bypassed lmjax.storage).
 """
@@ -57,7 +57,7 @@ def no_local_gs_folder(cwd):
     assert not strays, f"a gs:// path was written locally: {strays}"
 
 
-def _train_args(workdir: str, cwd: Path, *extra: str) -> list[str]:
+def _train_args(workdir: str, bucket: str, *extra: str) -> list[str]:
     return [
         "train",
         "--experiment",
@@ -73,7 +73,7 @@ def _train_args(workdir: str, cwd: Path, *extra: str) -> list[str]:
         "--set",
         "run.eval_batches=1",
         "--set",
-        f"data.store_dir={cwd / 'store'}",
+        f"data.store_dir={bucket}/stores",
         *extra,
     ]
 
@@ -82,9 +82,10 @@ def _train_args(workdir: str, cwd: Path, *extra: str) -> list[str]:
 def reference(bucket, cwd):
     """gs://tier/ref, trained in process: (workdir, {step: loss})."""
     workdir = f"{bucket}/ref"
-    assert cli.main(_train_args(workdir, cwd)) == 0
+    assert cli.main(_train_args(workdir, bucket)) == 0
     losses = {r["step"]: r["loss"] for r in metrics.read_records(workdir) if "loss" in r}
     assert sorted(losses) == list(range(1, STEPS + 1))
+    assert storage.glob(f"{bucket}/stores/*/store.json"), "the store is not in the bucket"
     return workdir, losses
 
 
@@ -100,7 +101,7 @@ def test_sigkill_and_resume_on_gs_log_the_uninterrupted_losses_bit_for_bit(
     cache = f"{bucket}/compile-cache"
     command = [sys.executable, "-m", "lmjax"] + _train_args(
         workdir,
-        cwd,
+        bucket,
         "--set",
         f"data.tokenizer={ref_dir}/tokenizer.model",
         "--set",

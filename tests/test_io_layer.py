@@ -26,18 +26,9 @@ FORBIDDEN_CALLS = {
 ALLOWED = {
     ("lmjax/cli.py", "load_experiment"): "an experiment file is Python to import: local",
     ("lmjax/cli.py", "<module>"): "the experiments shipped inside the package",
-    ("lmjax/observe/metrics.py", "_host_rss_bytes"): "/proc/self/statm, this process's memory",
+    ("lmjax/observe/throughput.py", "_host_rss_bytes"): "/proc/self/statm, this process's memory",
     ("lmjax/tools/aot.py", "require_libtpu"): "the libtpu shared library on this machine",
     ("lmjax/observe/metrics.py", "_upload"): "TensorBoard's local staging folder (a temp dir)",
-    # The ArrayRecord store and how it is located, which the gcs-store branch replaces.
-    ("lmjax/data/documents.py", "gfile"): "tf.io.gfile for the ArrayRecord store only",
-    ("lmjax/data/prepare.py", "plan"): "the store key's input stats (gcs-store branch)",
-    ("lmjax/data/prepare.py", "prepare"): "the store directory (gcs-store branch)",
-    ("lmjax/data/prepare.py", "find_store"): "the store directory (gcs-store branch)",
-    ("lmjax/data/store.py", "write_json_atomic"): "the store (gcs-store branch)",
-    ("lmjax/data/store.py", "read_json"): "the store (gcs-store branch)",
-    ("lmjax/data/store.py", "close"): "the store (gcs-store branch)",
-    ("lmjax/data/store.py", "_reader"): "the store (gcs-store branch)",
     ("lmjax/data/documents.py", "packaged_files"): "the corpus shipped inside the package",
     ("lmjax/observe/wandb_log.py", "_files_dir"): "wandb's own files, local by construction",
 }

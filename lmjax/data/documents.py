@@ -35,7 +35,6 @@ import zstandard
 
 from lmjax import storage
 from lmjax.config import ConfigError
-from lmjax.data.tf_setup import tensorflow
 
 SUFFIXES = (
     ".txt",
@@ -52,11 +51,6 @@ DOCUMENT_SEPARATOR = "\f"
 CHUNK_BYTES = 1 << 20  # read at a time from a (decompressed) stream
 PARQUET_ROWS = 1024  # rows decoded at a time
 PART_BYTES = 256 << 20  # an uncompressed text file larger than this is read in byte ranges
-
-
-def gfile():
-    """`tf.io.gfile`, with TensorFlow kept off every accelerator (imported on first use)."""
-    return tensorflow().io.gfile
 
 
 def file_format(path: str) -> str:

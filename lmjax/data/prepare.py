@@ -189,10 +189,9 @@ def plan(data_cfg: DataConfig) -> tuple[str, list[Shard], list]:
 
 def _file_parts(files: list[str]) -> tuple[list, list[tuple[str, str, int, int]]]:
     """(identity: [name, size, parts] per file; [(path, name, start, stop)] per part)."""
-    io = documents.gfile()
     identity, parts = [], []
     for path, name in zip(files, _relative_names(files)):
-        stat = io.stat(path)
+        stat = storage.path(path).stat()
         cuts = documents.file_parts(path, stat.length)
         identity.append([name, stat.length, len(cuts)])
         unit = "row groups" if documents.file_format(path) == "parquet" else "bytes"
@@ -520,9 +519,8 @@ def _records(directory: str, shards: list[Shard]) -> list[dict]:
 
 def find_store(root: str, name: str, tokenizer: Tokenizer) -> str:
     """The committed store named `name` under `root` that `tokenizer` made (data.mixture)."""
-    io = documents.gfile()
     found = []
-    for path in sorted(io.glob(os.path.join(root, f"{name}-*"))):
+    for path in storage.glob(storage.join(root, f"{name}-*")):
         meta = store.read_json(os.path.join(path, store.META))
         if (
             re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{12}}", os.path.basename(path))

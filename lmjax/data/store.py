@@ -36,6 +36,7 @@ from typing import Iterable
 import numpy as np
 import tensorstore as ts
 
+from lmjax import storage
 from lmjax.config import ConfigError
 from lmjax.errors import FaultError
 
@@ -70,18 +71,10 @@ def object_name(directory: str, array: str, position: int, object_tokens: int) -
     return f"{directory.rstrip('/')}/{array}/c/{position // object_tokens}"
 
 
-def _gcs_emulator() -> None:
-    """Points TensorStore's gcs driver at `STORAGE_EMULATOR_HOST` when that is set."""
-    host = os.environ.get("STORAGE_EMULATOR_HOST")
-    if host:
-        os.environ["TENSORSTORE_GCS_HTTP_URL"] = host if "://" in host else f"http://{host}"
-        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
-
-
 def kvstore_spec(directory: str) -> dict:
     """TensorStore kvstore spec of a directory: `gs://BUCKET/PATH` or a local path."""
     if directory.startswith("gs://"):
-        _gcs_emulator()
+        storage.follow_emulator()  # TensorStore reads TENSORSTORE_GCS_HTTP_URL when it opens
         bucket, _, path = directory[len("gs://") :].partition("/")
         return {"driver": "gcs", "bucket": bucket, "path": path.strip("/") + "/"}
     if "://" in directory:
