@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from lmjax import storage
 from lmjax.config import ConfigError, DataConfig
 from lmjax.data import documents, prepare, store
 from lmjax.data.tokenizer import load_tokenizer, train_tokenizer
@@ -182,20 +183,20 @@ def test_bad_utf8_empty_files_and_format_errors(tmp_path):
         documents.expand_files(str(tmp_path / "c.csv"))
 
 
-def test_formats_and_parts_read_through_a_non_local_filesystem(docs, tmp_path, monkeypatch):
-    # ram:// is a tf.io.gfile filesystem like gs://: reading must not assume a local path.
-    import tensorflow as tf
-
+def test_formats_and_parts_read_through_gcs(docs, tmp_path, monkeypatch, gcs_bucket):
+    # On the tests' GCS server: reading (seeks into byte ranges and row groups) must not
+    # assume a local path.
     monkeypatch.setattr(documents, "PART_BYTES", 4000)
     for form in ("txt", "jsonl.zst", "parquet"):
         local = str(tmp_path / f"c.{form}")
         write(local, form, docs)
-        remote = f"ram://inputs/c.{form}"
-        with open(local, "rb") as src, tf.io.gfile.GFile(remote, "wb") as dst:
-            dst.write(src.read())
-        parts = documents.file_parts(remote, tf.io.gfile.stat(remote).length)
+        remote = f"{gcs_bucket}/inputs/c.{form}"
+        storage.upload(local, remote)
+        parts = documents.file_parts(remote, storage.path(remote).stat().length)
         assert len(parts) > 1 or form == "jsonl.zst"
         got = [d for a, b in parts for d in documents.read_documents(remote, start=a, stop=b)]
         assert got == docs, form
-    cfg = DataConfig(source="text", text_files="ram://inputs/*.parquet", validation_fraction=0.2)
+    cfg = DataConfig(
+        source="text", text_files=f"{gcs_bucket}/inputs/*.parquet", validation_fraction=0.2
+    )
     assert [s.start for s in prepare.plan(cfg)[1]] == list(range(len(docs) // 7 + 1))

@@ -65,9 +65,9 @@ def test_documents_and_tokenizers_read_and_write_through_storage(storage_root, t
     files = documents.expand_files(storage_root)
     assert files == [storage.join(storage_root, "a.txt"), storage.join(storage_root, "b.jsonl.gz")]
     assert [d for f in files for d in documents.read_documents(f)] == ["one", "the second", "x"]
-    prefix = storage.join(storage_root, "tok", "tokenizer")
-    tokenizer_lib._write_model(tokenizer.model_proto, prefix)
-    loaded = tokenizer_lib.load_tokenizer(prefix + ".model")
+    path = storage.join(storage_root, "tok", "tokenizer.model")
+    tokenizer_lib._write_atomic(path, tokenizer.serialized)  # into a folder not made yet
+    loaded = tokenizer_lib.load_tokenizer(path)
     assert loaded.fingerprint == tokenizer.fingerprint
     with pytest.raises(ConfigError, match="does not exist"):
         tokenizer_lib.load_tokenizer(storage.join(storage_root, "absent.model"))

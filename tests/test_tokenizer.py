@@ -183,10 +183,8 @@ def test_published_tokenizer_json_specials_name_bos_eos_and_pad(tmp_path):
         load_tokenizer(str(tmp_path / "bad.json"))
 
 
-def test_tokenizer_json_through_cli_non_local_filesystem_and_run_config(hf_path, tmp_path, capsys):
-    import tensorflow as tf
-
-    from lmjax import cli
+def test_tokenizer_json_through_cli_gcs_and_run_config(hf_path, tmp_path, capsys, gcs_bucket):
+    from lmjax import cli, storage
 
     out = str(tmp_path / "cli")
     argv = ["tokenizer", "train", "--input", SONNETS, "--vocab-size", "320", "--output", out]
@@ -195,9 +193,8 @@ def test_tokenizer_json_through_cli_non_local_filesystem_and_run_config(hf_path,
     assert f"fingerprint={tok.fingerprint}" in capsys.readouterr().out and tok.vocab_size == 320
     with pytest.raises(ConfigError, match="byte-level BPE"):
         train_tokenizer([SONNETS], 320, "unigram", out, kind="tokenizers")
-    with open(hf_path, "rb") as src, tf.io.gfile.GFile("ram://tok/tokenizer.json", "wb") as dst:
-        dst.write(src.read())
-    remote = prepare_tokenizer(DataConfig(tokenizer="ram://tok/tokenizer.json"), "")
+    storage.upload(hf_path, f"{gcs_bucket}/tok/tokenizer.json")
+    remote = prepare_tokenizer(DataConfig(tokenizer=f"{gcs_bucket}/tok/tokenizer.json"), "")
     assert remote.fingerprint == load_tokenizer(hf_path).fingerprint
 
 
