@@ -31,6 +31,10 @@ ALLOWED = {
     ("lmjax/observe/metrics.py", "_upload"): "TensorBoard's local staging folder (a temp dir)",
     ("lmjax/data/documents.py", "packaged_files"): "the corpus shipped inside the package",
     ("lmjax/observe/wandb_log.py", "_files_dir"): "wandb's own files, local by construction",
+    # LocalRecord (a gs:// workdir's lease is GcsRecord's, through gcsfs)
+    ("lmjax/checkpoint/lease.py", "read"): "a local workdir's lease file, under an flock",
+    ("lmjax/checkpoint/lease.py", "swap"): "a local workdir's lease file, under an flock",
+    ("lmjax/checkpoint/lease.py", "_process_start"): "/proc/PID/stat of a process on this host",
 }
 
 
