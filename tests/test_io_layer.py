@@ -51,7 +51,9 @@ def violations(source: str, module: str, allowed=ALLOWED) -> list[str]:
                 else function
             )
             name = ast.unparse(child.func) if isinstance(child, ast.Call) else None
-            gfile = isinstance(child, ast.Attribute) and child.attr == "gfile"
+            gfile = (isinstance(child, ast.Attribute) and child.attr == "gfile") or (
+                isinstance(child, ast.Name) and child.id == "gfile"
+            )
             if (name in FORBIDDEN_CALLS or gfile) and (module, function) not in allowed:
                 found.append(f"{module}:{child.lineno} {function}: {name or 'gfile'}")
             visit(child, inner)

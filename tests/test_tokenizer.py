@@ -1,5 +1,5 @@
 """Tokenizers of both kinds (SentencePiece, Hugging Face tokenizer.json): training (seeded),
-loading (local and a non-local tf.io.gfile filesystem), special tokens, round trips, identity."""
+loading (local and from the tests' GCS server), special tokens, round trips, identity."""
 
 import json
 import os

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from lmjax import storage
 from lmjax.config import ConfigError
-from lmjax.data.documents import gfile, read_utf8
+from lmjax.data.documents import read_utf8
 from lmjax.inference import generate, saved_run
 
 
@@ -26,7 +27,7 @@ def main(
     `prompts_file`: more prompts, one per non-blank line. See `generate.complete`. Prints and
     returns the completions.
     """
-    if prompts_file and not gfile().exists(prompts_file):
+    if prompts_file and not storage.path(prompts_file).exists():
         raise ConfigError(f"--prompts-file {prompts_file} does not exist.")
     if prompts_file:
         prompts = [
