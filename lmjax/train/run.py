@@ -295,7 +295,7 @@ def _rewind(
     writer: metrics_lib.MetricsWriter,
 ) -> _Setup:
     """`setup` back at the newest checkpoint (or where the run started), with the batch that
-    the rejected step read skipped from now on; logged and written to metrics.jsonl."""
+    the rejected step read skipped from now on; logged and written to the run's records."""
     pipeline, start = setup.pipeline, time.perf_counter()
     bad = pipeline.position(rewind.step - 1)
     plan = resume_lib.plan_resume(
