@@ -39,6 +39,7 @@ from lmjax.config import (
     apply_overrides,
 )
 from lmjax.data.pipeline import synthetic_batch
+from lmjax.model import transformer
 from lmjax.parallel import sharding
 from lmjax.train import optim, trainer as trainer_lib
 
@@ -90,6 +91,17 @@ def _assert_trees_equal(a, b):
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _assert_split_over_local_devices(params, model_cfg):
+    """Every parameter with an `embed` dimension lies in equal parts on all local devices
+    (offline commands never hold the model on one device); the rest is replicated."""
+    n = jax.local_device_count()
+    axes = jax.tree.leaves(transformer.param_axes(model_cfg), is_leaf=sharding.is_axes)
+    for x, names in zip(jax.tree.leaves(params), axes, strict=True):
+        assert len(x.sharding.device_set) == n
+        parts = n if "embed" in names else 1
+        assert all(s.data.size * parts == x.size for s in x.addressable_shards), names
 
 
 META = {"note": "test"}
@@ -414,18 +426,23 @@ def test_export_load_params_and_init_from(tmp_path, trained):
     config, params, _ = listing.load_params(str(tmp_path / "run"))
     assert config == TINY
     _assert_trees_equal(params, states[6].params)
-    assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params))
+    _assert_split_over_local_devices(params, TINY.model)
     listing.export_params(str(tmp_path / "run"), 5, str(tmp_path / "out"))
 
     model_cfg, exported = params_dir.load(str(tmp_path / "out"))
     assert model_cfg == TINY.model
     _assert_trees_equal(exported, states[4].params)
+    _assert_split_over_local_devices(exported, TINY.model)
     # --init-from: those params, a fresh optimizer and step 0
     plan = resume.plan_resume(str(tmp_path / "new"), TINY, init_from=str(tmp_path / "out"))
     state, data_state, source = plan.load(
         trainer.init_fn, trainer.state_shardings, str(tmp_path / "new"), TINY.model
     )
     _assert_trees_equal(state.params, states[4].params)
+    for x, want in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(trainer.state_shardings.params)
+    ):
+        assert x.sharding.is_equivalent_to(want, x.ndim)  # restored onto training's layout
     assert int(state.step) == 0 and data_state is None and "params from" in source
     fresh = trainer.init_fn()
     _assert_trees_equal(state.opt_state, fresh.opt_state)

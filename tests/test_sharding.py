@@ -1,6 +1,7 @@
 """Meshes, logical-axis rules, parameter tables, sharded init, and training losses that do
 not depend on the mesh (8 CPU devices against a 1-device run)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -140,6 +141,33 @@ def test_kv_heads_not_divisible_by_tensor_names_the_parameter_and_the_fix():
     text = str(e.value)
     assert "layers/wk" in text and "'kv_heads' of size 2" in text
     assert "mesh axes ('tensor',) of size 4" in text and "mesh.rules" in text
+
+
+def test_offline_layout_puts_all_local_devices_on_fsdp_and_replicates_what_cannot_split(caplog):
+    """Offline commands (eval, generate, export, to-hf) put every local device on fsdp, keep
+    the run's rules, and replicate (naming them) only leaves the mesh cannot divide."""
+    mesh, rules = sharding.offline_mesh(MeshConfig(data=4, tensor=2, rules=("mlp=fsdp", "embed=")))
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert rules["mlp"] == ("fsdp",) and rules["embed"] == ()
+
+    def layout(model_cfg, rules):
+        return sharding.tree_shardings(
+            transformer.param_axes(model_cfg),
+            mesh,
+            rules,
+            transformer.param_shapes(model_cfg),
+            replicate_indivisible=True,
+        )
+
+    assert layout(TINY, rules)["layers"]["w_up"].spec == P(None, None, "fsdp")
+    odd = dataclasses.replace(TINY, d_mlp=100)  # 100 % 8 != 0: mlp cannot split
+    with caplog.at_level("WARNING", logger="lmjax"):
+        assert layout(odd, rules)["layers"]["w_up"].spec == P()
+    assert "layers/w_up" in caplog.text and "layers/w_down" in caplog.text
+    assert "layers/wq" not in caplog.text  # replicated by the rules, not for want of a divisor
+    conflict = sharding.rules_from_config(MeshConfig(rules=("mlp=fsdp",)))  # embed=fsdp too
+    with pytest.raises(ConfigError, match="rule conflict"):  # conflicts never fall back
+        layout(odd, conflict)
 
 
 # ---------------------------------------------------------------- tables and shard_map

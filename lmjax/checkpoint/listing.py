@@ -9,7 +9,6 @@ import os
 import time
 from typing import Any
 
-import jax
 from etils import epath
 
 from lmjax import config as config_lib, storage
@@ -27,25 +26,15 @@ from lmjax.checkpoint.compat import TOKENIZER_RECORD, ResumeError
 from lmjax.checkpoint.paths import ITEMS, absolute, checkpoint_dir
 from lmjax.config import Config, ConfigError
 from lmjax.errors import FaultError
-from lmjax.model import transformer
 from lmjax.workdir_names import TOKENIZER
 
 log = logging.getLogger("lmjax")
 
 
-def _params_target(model_cfg) -> Any:
-    device = jax.local_devices()[0]
-    return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(
-            s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(device)
-        ),
-        transformer.param_shapes(model_cfg),
-    )
-
-
 def load_params(workdir: str, step: int | None = None) -> tuple[Config, Any, str]:
-    """(Config, params on one local device, tokenizer path) of a checkpoint: `step`, or the
-    newest readable one (damaged steps are logged and skipped). The tokenizer path is the
+    """(Config, params, tokenizer path) of a checkpoint: `step`, or the newest readable one
+    (damaged steps are logged and skipped). The params are sharded over this process's
+    devices (`params_dir.offline_target`). The tokenizer path is the
     workdir's tokenizer.model when it exists (the run trained it), else data.tokenizer."""
     _, meta, params = _load_params(workdir, step)
     config = config_lib.from_dict(meta["config"])
@@ -83,8 +72,9 @@ def _read_params(ckpt: Checkpointer, step: int) -> tuple[dict, Any]:
         raise TornCheckpoint(evidence)
     where = f"reading {ckpt.directory} step {step}"
     meta = retrying(where, lambda: ckpt.read_json(step, "meta"))
-    model_cfg = config_lib.from_dict(meta["config"]).model
-    return meta, retrying(where, lambda: ckpt.restore_params(step, _params_target(model_cfg)))
+    config = config_lib.from_dict(meta["config"])
+    target = params_dir.offline_target(config.model, config.mesh)
+    return meta, retrying(where, lambda: ckpt.restore_params(step, target))
 
 
 def export_params(workdir: str, step: int | None, out: str) -> str:

@@ -9,11 +9,13 @@ import json
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from lmjax import storage
-from lmjax.config import ConfigError, ModelConfig
+from lmjax.config import ConfigError, MeshConfig, ModelConfig
 from lmjax.model import transformer
+from lmjax.parallel import sharding
 
 
 def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
@@ -50,11 +52,31 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig(**data)
 
 
-def load(path: str | os.PathLike) -> tuple[ModelConfig, Any]:
-    """Reads a directory written by `save`: (ModelConfig, numpy params)."""
+def offline_target(cfg: ModelConfig, mesh_cfg: MeshConfig | None = None) -> Any:
+    """ShapeDtypeStructs of `cfg`'s params, each sharded over this process's devices as
+    `sharding.offline_mesh` lays them out (a leaf whose dimensions the mesh does not divide
+    is replicated): what offline commands restore onto, so that no device holds the model.
+    mesh_cfg: the run's (its rules apply); default the default rules."""
+    mesh, rules = sharding.offline_mesh(mesh_cfg or MeshConfig())
+    shapes = transformer.param_shapes(cfg)
+    shardings = sharding.tree_shardings(
+        transformer.param_axes(cfg), mesh, rules, shapes, replicate_indivisible=True
+    )
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+
+
+def load(path: str | os.PathLike, target: Any = None) -> tuple[ModelConfig, Any]:
+    """Reads a directory written by `save`: (ModelConfig, params as jax arrays).
+
+    target: ShapeDtypeStructs with shardings to restore onto (training's, for `--init-from`);
+    by default `offline_target` of the directory's config. Each process reads only its shards.
+    """
     cfg = read_config(path)
-    with ocp.StandardCheckpointer() as ckptr:  # ShapeDtypeStruct targets restore as numpy
-        params = ckptr.restore(storage.path(path) / "params", transformer.param_shapes(cfg))
+    target = offline_target(cfg) if target is None else target
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(storage.path(path) / "params", target)
     return cfg, params
 
 

@@ -250,14 +250,8 @@ class ResumePlan:
         raise _stop_error(c, error)
 
     def _with_init_params(self, state, target, model_cfg) -> tuple[Any, None, str]:
-        _, params = params_dir.load(self.init_from)
-        params = jax.tree.map(
-            lambda x, t: jax.make_array_from_callback(
-                t.shape, t.sharding, lambda idx: np.asarray(x, t.dtype)[idx]
-            ),
-            params,
-            target.params,
-        )
+        # Restored onto training's shardings: each process reads only its own shards.
+        _, params = params_dir.load(self.init_from, target.params)
         log.info("initialized params from %s", self.init_from)
         return state.replace(params=params), None, f"params from {self.init_from}"
 

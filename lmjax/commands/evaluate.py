@@ -36,21 +36,23 @@ def main(
     if text_files and not paths:
         raise ConfigError(f"--text-files {' '.join(text_files)} matched no files.")
     config, params, tokenizer = load(workdir, step)
-    if paths:
-        if tokenizer is None:
-            raise ConfigError(
-                f"the run in {workdir} has no tokenizer (synthetic data): it can "
-                "only be evaluated with --experiment-data."
-            )
-        texts = [read_utf8(path) for path in paths]
-        context_len = context_len or config.data.seq_len
-        stride = stride or max(1, context_len // 2)
-        result = evaluate.score_texts(
-            params, config.model, tokenizer, texts, context_len=context_len, stride=stride
+    if paths and tokenizer is None:
+        raise ConfigError(
+            f"the run in {workdir} has no tokenizer (synthetic data): it can "
+            "only be evaluated with --experiment-data."
         )
-        result["files"] = len(paths)
-    else:
-        result = evaluate.eval_loss(params, config.model, batches_for(config, tokenizer, workdir))
+    with saved_run.context(config):
+        if paths:
+            texts = [read_utf8(path) for path in paths]
+            context_len = context_len or config.data.seq_len
+            stride = stride or max(1, context_len // 2)
+            result = evaluate.score_texts(
+                params, config.model, tokenizer, texts, context_len=context_len, stride=stride
+            )
+            result["files"] = len(paths)
+        else:
+            batches = batches_for(config, tokenizer, workdir)
+            result = evaluate.eval_loss(params, config.model, batches)
     if as_json:
         print(json.dumps(result, sort_keys=True))
     else:

@@ -42,17 +42,18 @@ def main(
             f"the run in {workdir} has no tokenizer (synthetic data): nothing to "
             "decode prompts with."
         )
-    completions = generate.complete(
-        params,
-        config.model,
-        tokenizer,
-        prompts,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-    )
+    with saved_run.context(config):
+        completions = generate.complete(
+            params,
+            config.model,
+            tokenizer,
+            prompts,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
     for text in completions:
         print(text)
         print("-" * 40)

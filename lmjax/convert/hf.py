@@ -336,7 +336,9 @@ def save(
 
     Args:
       cfg: the model's config.
-      params: host-addressable params (numpy or fully addressable jax arrays).
+      params: numpy or fully addressable jax arrays (sharded ones are copied to the host a
+        tensor at a time, a layer's slice for stacked layers: host memory stays about one
+        file of `max_shard_bytes`).
       out_dir: a new or empty directory.
       dtype: "float32", "bfloat16" or "float16" for the written tensors; None keeps the
         params' dtype.
@@ -348,7 +350,6 @@ def save(
     require_empty(out_dir)
     out_dir = storage.path(out_dir)
     transformer.check_param_shapes(cfg, params)
-    params = _map_tree(np.asarray, params)  # one device-to-host copy per array
     dtype = dtype or str(params["embed"].dtype)
     if dtype not in _TORCH_DTYPES:
         raise ConfigError(f"cannot write dtype {dtype!r}; choose one of {sorted(_TORCH_DTYPES)}")
@@ -378,9 +379,9 @@ def save(
 
 
 def _hf_tensor(params: Params, entry: Entry, layer: int | None) -> np.ndarray:
-    """The HF tensor of `entry` (one layer's slice for `layers/...`) from host params."""
-    array = np.asarray(_get(params, entry.path))
-    return entry.to_hf(array[layer] if layer is not None else array)
+    """The HF tensor of `entry` (one layer's slice for `layers/...`), copied to the host."""
+    array = _get(params, entry.path)
+    return entry.to_hf(np.asarray(array[layer] if layer is not None else array))
 
 
 def to_hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:

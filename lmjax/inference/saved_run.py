@@ -3,19 +3,29 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from lmjax.checkpoint import listing
 from lmjax.config import Config
 from lmjax.data import pipeline as pipeline_lib, prepare, tokenizer as tokenizer_lib
+from lmjax.parallel import sharding
 
 
 def load(workdir: str, step: int | None):
-    """(Config, params on one device, tokenizer or None) of a checkpoint of `workdir`.
+    """(Config, params, tokenizer or None) of a checkpoint of `workdir`.
 
-    `step` None: the newest readable one. The tokenizer is the run's sentencepiece model
-    (None for a run on synthetic tokens).
+    `step` None: the newest readable one. The params are sharded over this process's devices
+    (`sharding.offline_mesh`); compute on them inside `context(config)`. The tokenizer is the
+    run's (None for a run on synthetic tokens).
     """
     config, params, tokenizer_path = listing.load_params(workdir, step)
     return config, params, tokenizer_lib.load_tokenizer(tokenizer_path) if tokenizer_path else None
+
+
+def context(config: Config) -> contextlib.AbstractContextManager:
+    """The activation sharding that goes with `load`'s params: the offline mesh of
+    `config.mesh` and its rules (evaluation and generation run inside it)."""
+    return sharding.activation_sharding(*sharding.offline_mesh(config.mesh))
 
 
 def pipeline(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -20,6 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lmjax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+log = logging.getLogger("lmjax")
 
 # Parameters shard `embed` over fsdp (ZeRO-3 style) and heads/mlp/vocab over tensor;
 # activations (act_*) shard their batch over data and fsdp.
@@ -150,24 +153,48 @@ def is_axes(x: Any) -> bool:
     return type(x) is tuple and all(isinstance(e, (str, type(None))) for e in x)
 
 
-def tree_shardings(axes_tree: Any, mesh: Mesh, rules, shapes_tree: Any = None) -> Any:
-    """NamedShardings for a pytree whose leaves are logical-axes tuples (`is_axes`);
-    with `shapes_tree`, also checks that the mesh divides every sharded dimension (the error
-    names the leaf, e.g. `params/layers/wk`)."""
+def tree_shardings(
+    axes_tree: Any,
+    mesh: Mesh,
+    rules,
+    shapes_tree: Any = None,
+    *,
+    replicate_indivisible: bool = False,
+) -> Any:
+    """NamedShardings for a pytree whose leaves are logical-axes tuples (`is_axes`).
+
+    With `shapes_tree`, also checks that the mesh divides every sharded dimension: the error
+    names the leaf (e.g. `params/layers/wk`), or, with `replicate_indivisible`, such a leaf
+    is replicated instead and named in one warning (offline work on whatever devices exist).
+    Rule conflicts always raise.
+    """
     if shapes_tree is None:
         return jax.tree.map(
             lambda a: NamedSharding(mesh, logical_to_spec(a, rules, mesh)),
             axes_tree,
             is_leaf=is_axes,
         )
+    replicated: list[str] = []
 
     def one(path, a, s):
         try:
             return NamedSharding(mesh, logical_to_spec(a, rules, mesh, s.shape))
         except ConfigError as e:
-            raise ConfigError(f"{_path_name(path)}: {e}") from None
+            logical_to_spec(a, rules, mesh)  # a rule conflict raises whatever the shape
+            if not replicate_indivisible:
+                raise ConfigError(f"{_path_name(path)}: {e}") from None
+            replicated.append(_path_name(path))
+            return NamedSharding(mesh, P())
 
-    return jax.tree_util.tree_map_with_path(one, axes_tree, shapes_tree, is_leaf=is_axes)
+    shardings = jax.tree_util.tree_map_with_path(one, axes_tree, shapes_tree, is_leaf=is_axes)
+    if replicated:
+        log.warning(
+            "replicated on all %d devices (a dimension does not divide the mesh %s): %s",
+            mesh.size,
+            dict(mesh.shape),
+            ", ".join(replicated),
+        )
+    return shardings
 
 
 def _path_name(path) -> str:
@@ -220,6 +247,20 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     else:
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
+
+
+def offline_mesh(
+    cfg: MeshConfig, devices: Sequence[jax.Device] | None = None
+) -> tuple[Mesh, dict[str, tuple[str, ...]]]:
+    """(mesh, rules) for work outside training (eval, generation, export, conversion): every
+    device of this process (default `jax.local_devices()`) on `fsdp`, with `cfg`'s rules.
+
+    A run trained on a pod is read back on one host, so its own mesh shape rarely fits;
+    all-fsdp splits every parameter's `embed` dimension over all devices, the least memory
+    per device whatever the run's layout.
+    """
+    devices = list(jax.local_devices() if devices is None else devices)
+    return make_mesh(MeshConfig(rules=cfg.rules), devices), rules_from_config(cfg)
 
 
 def _hybrid_grid(ici: Sequence[int], dcn: Sequence[int], devices: list) -> np.ndarray:

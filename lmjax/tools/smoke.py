@@ -106,7 +106,9 @@ def _evaluates(workdir: str) -> Check:
     """`lmjax eval --experiment-data` on the last checkpoint gives the run's final eval loss."""
     logged = [r["eval_loss"] for r in metrics.read_records(workdir) if "eval_loss" in r][-1]
     cfg, params, tokenizer = saved_run.load(workdir, None)
-    loss = evaluate.eval_loss(params, cfg.model, saved_run.eval_batches(cfg, tokenizer, workdir))
+    with saved_run.context(cfg):
+        batches = saved_run.eval_batches(cfg, tokenizer, workdir)
+        loss = evaluate.eval_loss(params, cfg.model, batches)
     ok = math.isclose(loss["loss"], logged, rel_tol=1e-4)
     return Check(
         "evaluates",
@@ -119,7 +121,8 @@ def _generates(workdir: str) -> Check:
     """Samples 16 tokens from the last checkpoint; passes when the prompt grew."""
     cfg, params, tokenizer = saved_run.load(workdir, None)
     start = time.perf_counter()
-    text = generate.sample_text(params, cfg.model, tokenizer, cfg.run.sample_prompt, 16)
+    with saved_run.context(cfg):
+        text = generate.sample_text(params, cfg.model, tokenizer, cfg.run.sample_prompt, 16)
     return Check(
         "generates",
         len(text) > len(cfg.run.sample_prompt),
