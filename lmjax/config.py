@@ -24,6 +24,11 @@ SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama, Qwen, Mistral), GeGLU (Gemma)
 ROPE_SCALING_TYPES = ("llama3", "linear")
+# How a mixture-of-experts router weights its top-k experts (lmjax/model/moe.py):
+# "softmax_topk": softmax over all experts, the top k probabilities as they are (Qwen3-MoE with
+# norm_topk_prob=False); "softmax_topk_renorm": the same, renormalized to sum to 1 per token
+# (Mixtral; Qwen3-MoE with norm_topk_prob=True).
+MOE_ROUTERS = ("softmax_topk", "softmax_topk_renorm")
 
 
 class ConfigError(ValueError):
@@ -76,6 +81,18 @@ class ModelConfig:
     attn_softcap: float = 0.0  # >0: attention scores -> cap * tanh(scores / cap) (Gemma 2)
     final_softcap: float = 0.0  # >0: the same on the output logits (Gemma 2)
     query_pre_attn_scalar: float = 0.0  # >0: scores scaled by its -1/2 power, not head_dim's
+    # Mixture of experts (lmjax/model/moe.py): moe_experts > 0 replaces the MLP of the MoE
+    # layers by moe_experts SwiGLU experts of width moe_d_mlp, moe_top_k of them per token.
+    moe_experts: int = 0  # 0: a dense model
+    moe_top_k: int = 2
+    moe_router: str = "softmax_topk_renorm"  # MOE_ROUTERS
+    moe_d_mlp: int = 0  # each expert's hidden width; 0: d_mlp
+    moe_shared_d_mlp: int = 0  # >0: an always-on shared SwiGLU expert of this width
+    moe_first_dense_layers: int = 0  # the first layers keep a dense MLP (DeepSeek)
+    moe_every: int = 1  # after those, every n-th layer is MoE (layer i: (i + 1) % n == 0)
+    # 0: dropless (tokens grouped by expert, a grouped matmul); >0: each expert takes at most
+    # ceil(factor x tokens x top_k / experts) tokens per batch, fixed shapes, the rest dropped.
+    moe_capacity_factor: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +161,11 @@ class OptimConfig:
     clip_norm: float = 1.0  # 0 disables clipping
     grad_accum: int = 1  # microbatches per step, accumulated inside the jitted step
     z_loss: float = 0.0
+    # Mixture-of-experts terms of the objective (per MoE layer, summed over layers): the
+    # load-balancing loss (experts x sum_e tokens_e / tokens x mean router prob_e; top_k when
+    # balanced) and the router z-loss (mean squared logsumexp of the router logits).
+    moe_aux_loss: float = 0.0
+    moe_router_z_loss: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,6 +405,7 @@ def _check_model(config: Config, need) -> None:
             f"model.rope_original_max_len={m.rope_original_max_len} must be positive.",
         )
     _check_families(m, need)
+    _check_moe(m, need)
     need(m.dtype in DTYPES, f"model.dtype={m.dtype!r}: choose one of {DTYPES}.")
     need(m.param_dtype in DTYPES, f"model.param_dtype={m.param_dtype!r}: choose one of {DTYPES}.")
     need(m.remat in REMAT_POLICIES, f"model.remat={m.remat!r}: choose one of {REMAT_POLICIES}.")
@@ -435,6 +458,45 @@ def _check_families(m: ModelConfig, need) -> None:
         "pallas_gpu, a sliding window): use model.attention=xla, or auto (which picks xla "
         "on GPUs for such models).",
     )
+
+
+def _check_moe(m: ModelConfig, need) -> None:
+    """The mixture-of-experts fields: in range, and consistent with each other."""
+    need(
+        m.moe_experts >= 0,
+        f"model.moe_experts={m.moe_experts} must be 0 (a dense model) or positive.",
+    )
+    if m.moe_experts <= 0:
+        return
+    need(
+        1 <= m.moe_top_k <= m.moe_experts,
+        f"model.moe_top_k={m.moe_top_k} must lie in [1, model.moe_experts={m.moe_experts}].",
+    )
+    need(
+        m.moe_router in MOE_ROUTERS,
+        f"model.moe_router={m.moe_router!r}: choose one of {MOE_ROUTERS}.",
+    )
+    for name in ("moe_d_mlp", "moe_shared_d_mlp", "moe_first_dense_layers", "moe_capacity_factor"):
+        value = getattr(m, name)
+        need(value >= 0, f"model.{name}={value} must be 0 or positive.")
+    need(m.moe_every >= 1, f"model.moe_every={m.moe_every} must be at least 1 (1: every layer).")
+    need(
+        any(moe_layer(m, i) for i in range(m.n_layers)),
+        f"model.moe_first_dense_layers={m.moe_first_dense_layers} and model.moe_every="
+        f"{m.moe_every} leave no MoE layer among the {m.n_layers}: lower them, or set "
+        "model.moe_experts=0 for a dense model.",
+    )
+    need(
+        m.mlp_activation == "silu",
+        f"model.mlp_activation={m.mlp_activation!r}: experts are SwiGLU; use silu.",
+    )
+
+
+def moe_layer(m: ModelConfig, i: int) -> bool:
+    """Whether layer i (0-based) has a mixture-of-experts MLP: after the first
+    moe_first_dense_layers, every moe_every-th layer (all of them with moe_every 1)."""
+    j = i - m.moe_first_dense_layers
+    return m.moe_experts > 0 and j >= 0 and (j + 1) % max(m.moe_every, 1) == 0
 
 
 def _check_mesh(config: Config, need) -> None:
@@ -516,7 +578,16 @@ def _check_data(config: Config, need) -> None:
 def _check_optim(config: Config, need) -> None:
     o = config.optim
     need(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: choose one of {SCHEDULES}.")
-    for name in ("lr", "warmup_steps", "decay_steps", "weight_decay", "clip_norm", "z_loss"):
+    for name in (
+        "lr",
+        "warmup_steps",
+        "decay_steps",
+        "weight_decay",
+        "clip_norm",
+        "z_loss",
+        "moe_aux_loss",
+        "moe_router_z_loss",
+    ):
         need(getattr(o, name) >= 0, f"optim.{name}={getattr(o, name)} must not be negative.")
     need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1].")
     need(

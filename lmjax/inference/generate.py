@@ -76,10 +76,15 @@ def extend(params, cfg: ModelConfig, tokens, positions, cache: Cache):
             return attn_lib.attention_with_mask(q, k_all, v_all, mask, spec), (k_all, v_all)
 
         sin, cos = transformer.rope_tables(positions, cfg, local)
-        return transformer.decoder_layer(x, layer, sin, cos, attend, cfg)
+        return transformer.decoder_layer(x, layer, sin, cos, attend, cfg)[:2]
 
-    xs = (params["layers"], cache["k"], cache["v"])
-    x, (k, v) = transformer.scan_layers(layer_step, x, xs, cfg)
+    ks, vs = [], []
+    for start, end, stack in transformer.run_stacks(params, cfg):
+        xs = (stack, cache["k"][start:end], cache["v"][start:end])
+        x, (k, v) = transformer.scan_layers(layer_step, x, xs, cfg, layers=range(start, end))
+        ks.append(k)
+        vs.append(v)
+    k, v = jnp.concatenate(ks), jnp.concatenate(vs)
     return x, {"k": sharding.constrain(k, CACHE_AXES), "v": sharding.constrain(v, CACHE_AXES)}
 
 

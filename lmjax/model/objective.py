@@ -10,14 +10,25 @@ from lmjax.config import ModelConfig
 from lmjax.model import cross_entropy, matmul, transformer
 
 
-def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
+def loss_terms(
+    params,
+    batch: Batch,
+    model_cfg: ModelConfig,
+    z_loss: float,
+    moe_aux_loss: float = 0.0,
+    moe_router_z_loss: float = 0.0,
+):
     """Summed (not averaged) objective terms of one (micro)batch of [batch, seq] arrays.
 
     Returns (objective_sum, aux) with aux = {nll_sum, z_sum, tokens}, float32 scalars;
     dividing by the token count of the whole step gives the mean, so microbatches add up to
-    the big batch.
+    the big batch. A mixture-of-experts model adds its balance and router z-losses (means
+    over the microbatch's tokens, summed over layers) times the microbatch's loss tokens,
+    weighted by `moe_aux_loss` and `moe_router_z_loss`, and aux gains their sums and the
+    per-layer `moe_load_sum` [moe layers, experts], `moe_dropped` and `moe_copies` [moe
+    layers] (`moe_aux`).
     """
-    x = transformer.hidden_states(
+    x, stats = transformer.hidden_states_and_stats(
         params,
         batch["inputs"],
         model_cfg,
@@ -37,4 +48,22 @@ def loss_terms(params, batch: Batch, model_cfg: ModelConfig, z_loss: float):
             chunk=model_cfg.logits_chunk,
             impl=matmul.resolve_impl(model_cfg.matmul, model_cfg.dtype),
         )
-    return objective, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask)}
+    aux = {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": jnp.sum(mask)}
+    if stats is not None:
+        moe = moe_aux(stats, aux["tokens"])
+        objective += moe_aux_loss * moe["moe_balance_sum"] + moe_router_z_loss * moe["moe_z_sum"]
+        aux.update(jax.lax.stop_gradient(moe))
+    return objective, aux
+
+
+def moe_aux(stats, tokens):
+    """The MoE layers' stats (`moe.moe_mlp`, stacked over layers) as sums that add up over
+    microbatches: each mean times the microbatch's `tokens`; copies (token x top_k routed)
+    and dropped copies as counted."""
+    return {
+        "moe_balance_sum": jnp.sum(stats["balance"]) * tokens,
+        "moe_z_sum": jnp.sum(stats["z"]) * tokens,
+        "moe_load_sum": stats["load"] * tokens,
+        "moe_dropped": stats["dropped"],
+        "moe_copies": stats["copies"],
+    }

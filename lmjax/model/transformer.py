@@ -15,6 +15,10 @@ and, when the model-family switches of `ModelConfig` ask for them:
     head_dim]  (qkv_bias)
   layers/q_norm, layers/k_norm [layers, head_dim]  (qk_norm)
   layers/attn_post_norm, layers/mlp_post_norm [layers, embed]  (post_norms)
+With mixture-of-experts (moe_experts > 0) the MLP weights leave `layers`: the dense layers'
+w_gate, w_up, w_down sit in `dense_mlp` [dense layers, ...] and the MoE layers' router and
+experts in `moe` [moe layers, ...] (lmjax/model/moe.py); runs of layers of one kind are
+scanned in turn (`layer_runs`).
 
 `param_axes(cfg)` gives the same tree with a tuple of logical axis names per leaf; the
 sharding rules map those names onto mesh axes. RoPE uses the rotate-half convention of
@@ -37,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from lmjax.config import ConfigError, ModelConfig
-from lmjax.model import attention as attn_lib, matmul
+from lmjax.config import ConfigError, ModelConfig, moe_layer
+from lmjax.model import attention as attn_lib, matmul, moe as moe_lib
 from lmjax.model.matmul import dense
 from lmjax.parallel.sharding import constrain
 
@@ -75,12 +79,16 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
             "wv": ParamSpec((L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
             "wo": ParamSpec((L, H, Dh, D), ("layers", "heads", "head_dim", "embed"), "out"),
             "mlp_norm": ParamSpec((L, D), ("layers", "embed"), "ones"),
-            "w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
-            "w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
-            "w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "out"),
         },
         "final_norm": ParamSpec((D,), ("embed",), "ones"),
     }
+    n_moe = sum(layer_is_moe(cfg))
+    if n_moe == 0:
+        specs["layers"].update(_mlp_specs(L, D, F))
+    else:
+        if n_moe < L:
+            specs["dense_mlp"] = _mlp_specs(L - n_moe, D, F)
+        specs["moe"] = _moe_specs(cfg, n_moe)
     specs["layers"].update(_family_specs(cfg))
     if not cfg.tie_embeddings:
         specs["unembed"] = ParamSpec((D, V), ("embed", "vocab"), "normal")
@@ -90,6 +98,35 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
             specs,
             is_leaf=_is_spec,
         )
+    return specs
+
+
+def _mlp_specs(n: int, D: int, F: int) -> dict[str, ParamSpec]:
+    """The SwiGLU weights of n stacked layers."""
+    return {
+        "w_gate": ParamSpec((n, D, F), ("layers", "embed", "mlp"), "normal"),
+        "w_up": ParamSpec((n, D, F), ("layers", "embed", "mlp"), "normal"),
+        "w_down": ParamSpec((n, F, D), ("layers", "mlp", "embed"), "out"),
+    }
+
+
+def _moe_specs(cfg: ModelConfig, n: int) -> dict[str, ParamSpec]:
+    """The router, experts and shared expert of n stacked MoE layers."""
+    D, E = cfg.d_model, cfg.moe_experts
+    F = cfg.moe_d_mlp or cfg.d_mlp
+    expert_in, expert_out = (
+        ("layers", "expert", "embed", "mlp"),
+        ("layers", "expert", "mlp", "embed"),
+    )
+    specs = {
+        "router": ParamSpec((n, D, E), ("layers", "embed", None), "normal"),
+        "w_gate": ParamSpec((n, E, D, F), expert_in, "normal"),
+        "w_up": ParamSpec((n, E, D, F), expert_in, "normal"),
+        "w_down": ParamSpec((n, E, F, D), expert_out, "out"),
+    }
+    if cfg.moe_shared_d_mlp > 0:
+        shared = _mlp_specs(n, D, cfg.moe_shared_d_mlp)
+        specs.update({"shared_" + k[2:]: v for k, v in shared.items()})
     return specs
 
 
@@ -141,9 +178,16 @@ def check_param_shapes(cfg: ModelConfig, params: Any) -> None:
         )
 
 
-def count_params(cfg: ModelConfig, *, include_embed: bool = True) -> int:
+def count_params(cfg: ModelConfig, *, include_embed: bool = True, active: bool = False) -> int:
+    """Parameters of the model; with `active`, those one token uses: of each expert stack
+    (logical axis `expert`) only moe_top_k of moe_experts count."""
     specs = param_specs(cfg)
-    n = sum(math.prod(s.shape) for s in jax.tree.leaves(specs, is_leaf=_is_spec))
+
+    def size(s: ParamSpec) -> float:
+        n = math.prod(s.shape)
+        return n * cfg.moe_top_k / cfg.moe_experts if active and "expert" in s.axes else n
+
+    n = round(sum(size(s) for s in jax.tree.leaves(specs, is_leaf=_is_spec)))
     return n if include_embed else n - math.prod(specs["embed"].shape)
 
 
@@ -284,11 +328,13 @@ def _post_norm(y, layer: Params, name: str, cfg: ModelConfig):
 
 def decoder_layer(x, layer: Params, sin, cos, attend: Callable, cfg: ModelConfig):
     """One pre-norm decoder layer around a pluggable attention (with post_norms, each
-    sublayer's output is normed before its residual add).
+    sublayer's output is normed before its residual add); its MLP is the mixture of experts
+    `layer["moe"]` where the layer has one.
 
     `attend(q, k, v) -> (ctx, aux)` with q [batch, seq, heads, head_dim], k, v
     [batch, seq, kv_heads, head_dim] and ctx like q; `aux` (e.g. an updated KV cache) is
-    passed through. Returns (x [batch, seq, embed], aux).
+    passed through. Returns (x [batch, seq, embed], aux, the MoE stats of `moe.moe_mlp` or
+    None).
     """
     impl = matmul.resolve_impl(cfg.matmul, cfg.dtype)
     # The named scopes label the ops in profiles (and HLO metadata); they change no numerics.
@@ -299,31 +345,83 @@ def decoder_layer(x, layer: Params, sin, cos, attend: Callable, cfg: ModelConfig
         ctx = checkpoint_name(ctx, "attn_out")
         x = x + _post_norm(output_projection(ctx, layer, impl), layer, "attn_post_norm", cfg)
     with jax.named_scope("mlp"):
-        h = mlp(norm(x, layer["mlp_norm"], cfg), layer, cfg, impl)
+        h = norm(x, layer["mlp_norm"], cfg)
+        stats = None
+        if "moe" in layer:
+            h, stats = moe_lib.moe_mlp(h, layer["moe"], cfg)
+        else:
+            h = mlp(h, layer, cfg, impl)
         x = x + _post_norm(h, layer, "mlp_post_norm", cfg)
-    return constrain(x, ("act_batch", "act_seq", "act_embed")), aux
+    return constrain(x, ("act_batch", "act_seq", "act_embed")), aux, stats
 
 
 def block(x, layer: Params, sin, cos, segment_ids, cfg: ModelConfig, local: bool = False):
     """One pre-norm decoder layer, local (sliding window) or global. x: [batch, seq, embed]
-    -> same."""
+    -> (same, the layer's MoE stats or None)."""
     spec = scores_spec(cfg, local)
 
     def attend(q, k, v):
         ctx = attn_lib.attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention, spec=spec)
         return ctx, None
 
-    return decoder_layer(x, layer, sin, cos, attend, cfg)[0]
+    x, _, stats = decoder_layer(x, layer, sin, cos, attend, cfg)
+    return x, stats
 
 
-def scan_layers(step: Callable, x, xs, cfg: ModelConfig, *, scan: bool = True):
-    """Runs `step(x, xs_i, local) -> (x, y_i)` over the layers, `local` a Python bool from
-    `layer_is_local`; xs: arrays with a leading [layers] axis. Returns (x, ys stacked).
+def layer_is_moe(cfg: ModelConfig) -> tuple[bool, ...]:
+    """Per layer, True where its MLP is a mixture of experts (`config.moe_layer`)."""
+    return tuple(moe_layer(cfg, i) for i in range(cfg.n_layers))
+
+
+def layer_runs(cfg: ModelConfig) -> list[tuple[bool, int, int]]:
+    """The layers as maximal runs (is_moe, start, end) of one MLP kind, in order."""
+    runs: list[tuple[bool, int, int]] = []
+    for i, is_moe in enumerate(layer_is_moe(cfg)):
+        if runs and runs[-1][0] == is_moe:
+            runs[-1] = (is_moe, runs[-1][1], i + 1)
+        else:
+            runs.append((is_moe, i, i + 1))
+    return runs
+
+
+def run_stacks(params: Params, cfg: ModelConfig) -> list[tuple[int, int, Params]]:
+    """(start, end, per-layer stacks [end - start, ...]) for each of `layer_runs`: the
+    `layers` slice, with the run's MLP weights merged in (dense) or under "moe"."""
+    L = cfg.n_layers
+    if cfg.moe_experts <= 0:
+        return [(0, L, params["layers"])]
+    taken = {False: 0, True: 0}
+    out = []
+    for is_moe, start, end in layer_runs(cfg):
+        first, n = taken[is_moe], end - start
+        taken[is_moe] += n
+        stack = dict(_rows(params["layers"], start, end))
+        mlp_stack = params["moe" if is_moe else "dense_mlp"]
+        mlp_rows = _rows(mlp_stack, first, first + n)
+        if is_moe:
+            stack["moe"] = mlp_rows
+        else:
+            stack.update(mlp_rows)
+        out.append((start, end, stack))
+    return out
+
+
+def _rows(tree: Params, start: int, end: int) -> Params:
+    """Rows start:end of every stacked leaf; the tree itself when that is all of them."""
+    if (start, end) == (0, jax.tree.leaves(tree)[0].shape[0]):
+        return tree
+    return jax.tree.map(lambda a: a[start:end], tree)
+
+
+def scan_layers(step: Callable, x, xs, cfg: ModelConfig, *, scan: bool = True, layers=None):
+    """Runs `step(x, xs_i, local) -> (x, y_i)` over the layers `layers` (a range; default
+    all), `local` a Python bool from `layer_is_local`; xs: arrays with a leading axis of
+    those layers. Returns (x, ys stacked).
 
     Under a scan a layer's kind is known only at run time: when the model mixes local and
     global layers, `lax.cond` picks the branch traced for each kind.
     """
-    kinds = layer_is_local(cfg)
+    kinds = layer_is_local(cfg)[slice(None) if layers is None else slice(layers.start, layers.stop)]
     if not scan:
         ys = []
         for i, local in enumerate(kinds):
@@ -394,8 +492,11 @@ def unembed(params: Params, x, cfg: ModelConfig):
     return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
 
-def hidden_states(params: Params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None):
-    """The decoder stack before the final norm. tokens: [batch, seq] -> [batch, seq, embed]."""
+def hidden_states_and_stats(
+    params: Params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None
+):
+    """The decoder stack before the final norm. tokens: [batch, seq] -> ([batch, seq, embed],
+    the MoE layers' stats of `moe.moe_mlp` stacked [moe layers, ...], or None if dense)."""
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     ropes = {local: rope_tables(positions, cfg, local) for local in set(layer_is_local(cfg))}
@@ -403,11 +504,25 @@ def hidden_states(params: Params, tokens, cfg: ModelConfig, *, segment_ids=None,
 
     def step(x, layer, local: bool):
         def one(x, layer):
-            return block(x, layer, *ropes[local], segment_ids, cfg, local), None
+            return block(x, layer, *ropes[local], segment_ids, cfg, local)
 
         return _remat(one, cfg.remat)(x, layer)
 
-    return scan_layers(step, x, params["layers"], cfg, scan=cfg.scan_layers)[0]
+    stats = []
+    for start, end, stack in run_stacks(params, cfg):
+        x, ys = scan_layers(step, x, stack, cfg, scan=cfg.scan_layers, layers=range(start, end))
+        if ys is not None:
+            stats.append(ys)
+    if not stats:
+        return x, None
+    return x, jax.tree.map(lambda *a: jnp.concatenate(a), *stats)
+
+
+def hidden_states(params: Params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None):
+    """The decoder stack before the final norm. tokens: [batch, seq] -> [batch, seq, embed]."""
+    return hidden_states_and_stats(
+        params, tokens, cfg, segment_ids=segment_ids, positions=positions
+    )[0]
 
 
 def forward(params: Params, tokens, cfg: ModelConfig, *, segment_ids=None, positions=None):

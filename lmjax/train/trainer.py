@@ -74,10 +74,16 @@ def summed_grads(params, batch: Batch, model_cfg: ModelConfig, optim_cfg: OptimC
     """(gradients of the summed NLL (+ z-loss), {"nll_sum", "z_sum", "tokens"}) over
     `optim_cfg.grad_accum` microbatches of `batch` (arrays [batch, seq]), summed, not averaged:
     the caller divides by the step's token count."""
-    grad_fn = jax.grad(loss_terms, has_aux=True)
+    grad_fn = functools.partial(
+        jax.grad(loss_terms, has_aux=True),
+        model_cfg=model_cfg,
+        z_loss=optim_cfg.z_loss,
+        moe_aux_loss=optim_cfg.moe_aux_loss,
+        moe_router_z_loss=optim_cfg.moe_router_z_loss,
+    )
     n_micro = optim_cfg.grad_accum
     if n_micro == 1:
-        return grad_fn(params, batch, model_cfg, optim_cfg.z_loss)
+        return grad_fn(params, batch)
     micro = jax.tree.map(lambda x: microbatches(x, n_micro), batch)
     params_axes = transformer.param_axes(model_cfg)
     like_params = lambda tree: jax.tree.map(
@@ -88,12 +94,13 @@ def summed_grads(params, batch: Batch, model_cfg: ModelConfig, optim_cfg: OptimC
     )
 
     def accumulate(carry, mb):
-        g, a = grad_fn(params, mb, model_cfg, optim_cfg.z_loss)
+        g, a = grad_fn(params, mb)
         g, a = jax.tree.map(jnp.add, carry, (g, a))
         return (like_params(g), a), None
 
     zeros = like_params(jax.tree.map(jnp.zeros_like, params))
-    zero_aux = jax.tree.map(jnp.float32, {"nll_sum": 0.0, "z_sum": 0.0, "tokens": 0.0})
+    first = jax.tree.map(lambda x: x[0], micro)
+    zero_aux = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first)[1])
     (grads, aux), _ = jax.lax.scan(accumulate, (zeros, zero_aux), micro)
     return grads, aux
 
@@ -133,7 +140,28 @@ def train_step(
     }
     if optim_cfg.z_loss:
         metrics["z_loss"] = aux["z_sum"] / tokens
+    if "moe_load_sum" in aux:
+        metrics.update(moe_metrics(aux, tokens, model_cfg))
     return new_state, metrics
+
+
+def moe_metrics(aux: dict, tokens, model_cfg: ModelConfig) -> dict:
+    """Scalars of a mixture-of-experts step from its summed aux (`objective.moe_aux`):
+    moe_balance and moe_router_z (token means, summed over layers), and for each MoE layer
+    (its index i among all layers) moe_load_max/i, the busiest expert's share of the copies
+    times the experts (1: even), and in capacity mode moe_dropped/i, the fraction of its
+    copies dropped."""
+    load = aux["moe_load_sum"] / tokens  # [moe layers, experts], rows sum to 1
+    out = {
+        "moe_balance": aux["moe_balance_sum"] / tokens,
+        "moe_router_z": aux["moe_z_sum"] / tokens,
+    }
+    layers = [i for i, is_moe in enumerate(transformer.layer_is_moe(model_cfg)) if is_moe]
+    for row, i in enumerate(layers):
+        out[f"moe_load_max/{i}"] = jnp.max(load[row]) * model_cfg.moe_experts
+        if model_cfg.moe_capacity_factor > 0:
+            out[f"moe_dropped/{i}"] = aux["moe_dropped"][row] / aux["moe_copies"][row]
+    return out
 
 
 def _unless_finite(finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:

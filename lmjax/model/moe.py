@@ -1,0 +1,177 @@
+"""The mixture-of-experts MLP: a router picks top-k SwiGLU experts per token.
+
+Parameters of one MoE layer (the `moe` subtree of `transformer.param_specs`, stacked over the
+MoE layers):
+  router    [embed, experts]
+  w_gate, w_up [experts, embed, moe_mlp]      w_down [experts, moe_mlp, embed]
+  shared_gate, shared_up [embed, shared_mlp]  shared_down [shared_mlp, embed]  (moe_shared_d_mlp)
+
+Two dispatch modes, the same function of the parameters wherever no token is dropped:
+  dropless (moe_capacity_factor 0): the token copies are sorted by expert and multiplied in
+    one grouped matmul (`jax.lax.ragged_dot`), then unsorted;
+  capacity (> 0): each expert holds at most `capacity` copies in a fixed [experts, capacity,
+    embed] buffer; copies past it (first choices of all tokens first, then second choices, in
+    token order) are dropped and counted, and contribute nothing to their token.
+Expert parallelism swaps the buffers between expert shards (`lmjax.parallel.sharding`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lmjax.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+class Routing(NamedTuple):
+    weights: jax.Array  # [tokens, top_k] float32, the combine weight of each chosen expert
+    experts: jax.Array  # [tokens, top_k] int32, the chosen experts, best first
+    logits: jax.Array  # [tokens, experts] float32 router logits
+
+
+def route(x, router, cfg: ModelConfig) -> Routing:
+    """x: [tokens, embed], router [embed, experts] -> the top-k choice of each token
+    (`cfg.moe_router`: softmax over all experts, top k, renormalized or not)."""
+    logits = jnp.einsum("td,de->te", x, router.astype(x.dtype), preferred_element_type=jnp.float32)
+    weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.moe_top_k)
+    if cfg.moe_router == "softmax_topk_renorm":
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(weights, experts.astype(jnp.int32), logits)
+
+
+def expert_counts(experts, n_experts: int):
+    """experts: [tokens, top_k] int -> [experts] float32, copies routed to each expert."""
+    return jnp.sum(jax.nn.one_hot(experts, n_experts, dtype=jnp.float32), axis=(0, 1))
+
+
+def balance_loss(routing: Routing, n_experts: int):
+    """Switch/Mixtral load balancing: experts x sum_e (copies_e / tokens) x mean_t p_t(e),
+    with p the full softmax; equals top_k when routing is uniform. Scalar float32."""
+    tokens = routing.experts.shape[0]
+    frac = expert_counts(routing.experts, n_experts) / tokens
+    prob = jnp.mean(jax.nn.softmax(routing.logits, axis=-1), axis=0)
+    return n_experts * jnp.sum(jax.lax.stop_gradient(frac) * prob)
+
+
+def router_z_loss(logits):
+    """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)**2. Scalar float32."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+
+
+def capacity(tokens: int, cfg: ModelConfig) -> int:
+    """Copies each expert holds in capacity mode: ceil(factor x tokens x top_k / experts)."""
+    return max(1, math.ceil(cfg.moe_capacity_factor * tokens * cfg.moe_top_k / cfg.moe_experts))
+
+
+def _swiglu(h_gate, h_up):
+    return jax.nn.silu(h_gate) * h_up
+
+
+def grouped_experts(xs, group_sizes, p: Params):
+    """xs: [copies, embed] sorted by expert, group_sizes [experts] int32 -> [copies, embed]:
+    row r through the expert whose group holds it (`jax.lax.ragged_dot`)."""
+
+    def gmm(lhs, w):
+        out = jax.lax.ragged_dot(
+            lhs, w.astype(lhs.dtype), group_sizes, preferred_element_type=jnp.float32
+        )
+        return out.astype(lhs.dtype)
+
+    return gmm(_swiglu(gmm(xs, p["w_gate"]), gmm(xs, p["w_up"])), p["w_down"])
+
+
+def buffered_experts(buf, p: Params):
+    """buf: [experts, capacity, embed] -> same: slot (e, c) through expert e."""
+
+    def mm(lhs, w):
+        return jnp.einsum(
+            "ecd,edf->ecf", lhs, w.astype(lhs.dtype), preferred_element_type=jnp.float32
+        ).astype(lhs.dtype)
+
+    return mm(_swiglu(mm(buf, p["w_gate"]), mm(buf, p["w_up"])), p["w_down"])
+
+
+def dropless(x, experts, p: Params, n_experts: int):
+    """x: [tokens, embed], experts [tokens, top_k] -> ([tokens, top_k, embed] each copy's
+    expert output, dropped copies = 0)."""
+    tokens, k = experts.shape
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    ys = grouped_experts(x[order // k], group_sizes, p)
+    y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
+    return y.reshape(tokens, k, -1), jnp.zeros((), jnp.float32)
+
+
+def slots(experts, n_experts: int, cap: int):
+    """experts: [tokens, top_k] -> (slot [tokens, top_k] int32, each copy's place in its
+    expert's buffer in priority order (all first choices in token order, then all second
+    choices, ...), kept [tokens, top_k] bool: slot < cap)."""
+    onehot = jax.nn.one_hot(experts.T, n_experts, dtype=jnp.int32)  # [k, tokens, experts]
+    ahead = jnp.cumsum(onehot.reshape(-1, n_experts), axis=0).reshape(onehot.shape) - onehot
+    slot = jnp.sum(ahead * onehot, axis=-1).T
+    return slot, slot < cap
+
+
+def dispatch(x, experts, slot, n_experts: int, cap: int):
+    """x: [tokens, embed] -> the [experts, cap, embed] buffer holding each kept copy at
+    (its expert, its slot); empty slots are 0."""
+    k = experts.shape[1]
+    buf = jnp.zeros((n_experts, cap, x.shape[-1]), x.dtype)
+    src = jnp.repeat(x, k, axis=0)
+    return buf.at[experts.reshape(-1), slot.reshape(-1)].set(src, mode="drop")
+
+
+def collect(buf, experts, slot):
+    """buf: [experts, cap, embed] -> [tokens, top_k, embed], each copy's row (0 if dropped)."""
+    tokens, k = experts.shape
+    rows = buf.at[experts.reshape(-1), slot.reshape(-1)].get(mode="fill", fill_value=0)
+    return rows.reshape(tokens, k, -1)
+
+
+def with_capacity(x, experts, p: Params, cfg: ModelConfig):
+    """Capacity-mode twin of `dropless`: (copies' outputs [tokens, top_k, embed], number of
+    dropped copies, float32)."""
+    E, cap = cfg.moe_experts, capacity(x.shape[0], cfg)
+    slot, kept = slots(experts, E, cap)
+    out = collect(buffered_experts(dispatch(x, experts, slot, E, cap), p), experts, slot)
+    return out, jnp.sum(~kept).astype(jnp.float32)
+
+
+def shared_expert(x, p: Params):
+    """x: [tokens, embed] -> [tokens, embed] through the always-on shared SwiGLU expert."""
+
+    def mm(lhs, w):
+        return jnp.einsum("td,df->tf", lhs, w.astype(lhs.dtype))
+
+    return mm(_swiglu(mm(x, p["shared_gate"]), mm(x, p["shared_up"])), p["shared_down"])
+
+
+def moe_mlp(x, p: Params, cfg: ModelConfig):
+    """x: [batch, seq, embed] -> (y like x, stats) with stats float32: load [experts]
+    (fraction of the copies each expert received), copies (tokens x top_k), dropped (copies
+    dropped), balance and z
+    (`balance_loss`, `router_z_loss`)."""
+    b, s, d = x.shape
+    flat = x.reshape(b * s, d)
+    r = route(flat, p["router"], cfg)
+    if cfg.moe_capacity_factor > 0:
+        copies, dropped = with_capacity(flat, r.experts, p, cfg)
+    else:
+        copies, dropped = dropless(flat, r.experts, p, cfg.moe_experts)
+    y = jnp.einsum("tk,tkd->td", r.weights.astype(copies.dtype), copies)
+    if cfg.moe_shared_d_mlp > 0:
+        y = y + shared_expert(flat, p)
+    stats = {
+        "load": expert_counts(r.experts, cfg.moe_experts) / r.experts.size,
+        "dropped": dropped,
+        "copies": jnp.float32(r.experts.size),
+        "balance": balance_loss(r, cfg.moe_experts),
+        "z": router_z_loss(r.logits),
+    }
+    return y.reshape(b, s, d), stats

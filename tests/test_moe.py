@@ -1,0 +1,206 @@
+"""The mixture-of-experts MLP against a float64 numpy loop over tokens and their experts
+(tests/numpy_moe.py), forward and gradients, for every router, with and without the shared
+expert, dropless and with capacity; the layer pattern, config checks, active FLOPs, and a
+short MoE fit that resumes from its checkpoint."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax.checkpoint import checkpointer
+from lmjax.config import (
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    validate,
+)
+from lmjax.data.pipeline import synthetic_batch
+from lmjax.model import flops, moe, transformer
+from lmjax.parallel import sharding
+from lmjax.train import loop, trainer as trainer_lib
+from tests import numpy_moe
+
+TINY = ModelConfig(
+    vocab_size=64,
+    d_model=8,
+    n_layers=4,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=4,
+    d_mlp=12,
+    max_seq_len=32,
+    dtype="float32",
+    remat="none",
+    moe_experts=4,
+    moe_top_k=2,
+    moe_d_mlp=6,
+)
+TOKENS = 12
+
+
+def _layer(cfg: ModelConfig, seed: int = 0):
+    """Random params of one MoE layer (scaled so that experts and router matter) and x."""
+    rng = np.random.default_rng(seed)
+    specs = transformer.param_specs(cfg)["moe"]
+    p = {k: jnp.asarray(0.5 * rng.normal(size=s.shape[1:]), jnp.float32) for k, s in specs.items()}
+    return p, jnp.asarray(rng.normal(size=(TOKENS, cfg.d_model)), jnp.float32)
+
+
+def _reference(cfg: ModelConfig, p, x):
+    cap = moe.capacity(TOKENS, cfg) if cfg.moe_capacity_factor > 0 else None
+    host = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    return numpy_moe.moe_mlp(
+        np.asarray(x, np.float64),
+        host,
+        top_k=cfg.moe_top_k,
+        renorm=cfg.moe_router == "softmax_topk_renorm",
+        capacity=cap,
+    )
+
+
+def _directional_derivative(cfg, p, x, direction, cotangent, eps=1e-5):
+    """Central difference of sum(reference(p, x) * cotangent) along (dp, dx), float64."""
+    dp, dx = direction
+
+    def at(sign):
+        q = {k: np.asarray(v, np.float64) + sign * eps * dp[k] for k, v in p.items()}
+        y = _reference(cfg, q, np.asarray(x, np.float64) + sign * eps * dx)[0]
+        return np.sum(y * cotangent)
+
+    return (at(1) - at(-1)) / (2 * eps)
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "softmax_topk_renorm"])
+@pytest.mark.parametrize("shared", [0, 5])
+def test_moe_mlp_equals_a_numpy_loop_forward_and_gradients(router, shared):
+    """Dropless, capacity with room for all (factor 2: nothing dropped) and tight capacity
+    (factor 0.5: the over-capacity copies dropped, exactly those of the reference)."""
+    base = dataclasses.replace(TINY, moe_router=router, moe_shared_d_mlp=shared)
+    p, x = _layer(base)
+    rng = np.random.default_rng(0)
+    cotangent = rng.normal(size=(TOKENS, base.d_model))
+    direction = {k: rng.normal(size=v.shape) for k, v in p.items()}
+    dx = rng.normal(size=x.shape)
+    for factor, drops in ((0.0, False), (2.0, False), (0.5, True)):
+        cfg = dataclasses.replace(base, moe_capacity_factor=factor)
+        want, want_dropped = _reference(cfg, p, x)
+        assert (want_dropped > 0) == drops
+        y, stats = moe.moe_mlp(x[None], p, cfg)
+        np.testing.assert_allclose(y[0], want, rtol=1e-5, atol=1e-6)
+        assert float(stats["dropped"]) == want_dropped
+        np.testing.assert_allclose(np.sum(stats["load"]), 1.0, rtol=1e-6)
+
+        def objective(p, x, cfg=cfg):
+            return jnp.sum(moe.moe_mlp(x[None], p, cfg)[0][0] * cotangent)
+
+        grads, grad_x = jax.grad(objective, argnums=(0, 1))(p, x)
+        analytic = sum(np.vdot(grads[k], direction[k]) for k in p) + np.vdot(grad_x, dx)
+        numeric = _directional_derivative(cfg, p, x, (direction, dx), cotangent)
+        assert analytic == pytest.approx(numeric, rel=1e-4), (router, shared, factor)
+
+
+def test_balance_and_router_z_losses_follow_their_definitions():
+    p, x = _layer(TINY)
+    r = moe.route(x, p["router"], TINY)
+    probs = np.asarray(jax.nn.softmax(r.logits, axis=-1))
+    chosen = np.asarray(r.experts)
+    frac = np.array([(chosen == e).sum() for e in range(4)]) / TOKENS
+    assert float(moe.balance_loss(r, 4)) == pytest.approx(
+        4 * np.sum(frac * probs.mean(0)), rel=1e-5
+    )
+    lse = np.log(np.exp(np.asarray(r.logits, np.float64)).sum(-1))
+    assert float(moe.router_z_loss(r.logits)) == pytest.approx(np.mean(lse**2), rel=1e-5)
+    uniform = moe.Routing(r.weights, jnp.asarray(np.arange(24).reshape(12, 2) % 4), 0 * r.logits)
+    assert float(moe.balance_loss(uniform, 4)) == pytest.approx(2.0)  # top_k when balanced
+
+
+def test_layer_pattern_param_table_and_scan_free_equivalence():
+    cfg = dataclasses.replace(TINY, moe_first_dense_layers=1, moe_every=2)
+    assert transformer.layer_is_moe(cfg) == (False, False, True, False)
+    assert transformer.layer_runs(cfg) == [(False, 0, 2), (True, 2, 3), (False, 3, 4)]
+    axes = transformer.param_axes(cfg)
+    assert axes["moe"]["w_gate"] == ("layers", "expert", "embed", "mlp")
+    assert axes["dense_mlp"]["w_down"] == ("layers", "mlp", "embed")
+    assert "w_gate" not in axes["layers"]
+    shapes = transformer.param_shapes(cfg)
+    assert shapes["moe"]["w_up"].shape == (1, 4, 8, 6)
+    assert shapes["dense_mlp"]["w_up"].shape == (3, 8, 12)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype), shapes)
+    tokens = jnp.arange(16).reshape(2, 8)
+    run = jax.jit(transformer.hidden_states_and_stats, static_argnums=2)
+    x, stats = run(params, tokens, cfg)
+    x2, stats2 = run(params, tokens, dataclasses.replace(cfg, scan_layers=False))
+    np.testing.assert_allclose(x, x2, rtol=1e-5, atol=1e-6)
+    assert stats["load"].shape == (1, 4)
+    np.testing.assert_array_equal(stats["load"], stats2["load"])
+
+
+def test_active_params_and_flops_count_top_k_experts():
+    cfg = dataclasses.replace(TINY, moe_shared_d_mlp=5, moe_first_dense_layers=1)
+    total = transformer.count_params(cfg, include_embed=False)
+    active = transformer.count_params(cfg, include_embed=False, active=True)
+    experts = 3 * 3 * 4 * 8 * 6  # 3 MoE layers x 3 matrices x 4 experts x embed x moe_mlp
+    assert total - active == experts // 2  # 2 of 4 experts active
+    dense_twin = dataclasses.replace(cfg, moe_experts=0)
+    attention = flops.flops_per_token(dense_twin, 16) - 6 * transformer.count_params(
+        dense_twin, include_embed=False
+    )
+    assert flops.flops_per_token(cfg, 16) == pytest.approx(6 * active + attention)
+
+
+def test_moe_config_errors_name_the_fix():
+    def bad(**kw):
+        with pytest.raises(ConfigError) as e:
+            validate(Config(model=dataclasses.replace(TINY, **kw)))
+        return str(e.value)
+
+    assert "moe_top_k=5 must lie in [1, model.moe_experts=4]" in bad(moe_top_k=5)
+    assert "choose one of" in bad(moe_router="sigmoid")
+    assert "leave no MoE layer" in bad(moe_first_dense_layers=4)
+    assert "moe_capacity_factor=-1.0" in bad(moe_capacity_factor=-1.0)
+    assert "moe_every=0" in bad(moe_every=0)
+
+
+MOE_RUN = Config(
+    model=TINY,
+    mesh=MeshConfig(fsdp=1),
+    data=DataConfig(source="synthetic", batch_size=4, seq_len=16),
+    optim=OptimConfig(lr=1e-2, warmup_steps=0, moe_aux_loss=0.01, moe_router_z_loss=1e-3),
+    checkpoint=CheckpointConfig(async_save=False),
+    run=RunConfig(steps=40),
+)
+
+
+@pytest.mark.slow
+def test_a_tiny_moe_learns_logs_its_load_and_resumes_bitwise(tmp_path):
+    tr = trainer_lib.make_trainer(MOE_RUN, sharding.make_mesh(MOE_RUN.mesh, jax.devices()[:1]))
+    batch = synthetic_batch(0, 0, 0, range(4), 16, TINY.vocab_size)
+    batch = trainer_lib.global_batch(batch, tr.batch_sharding)
+    state = tr.init_fn()
+    losses = []
+    for _ in range(20):
+        state, m = tr.step_fn(state, batch)
+        losses.append(loop.fetch(m)["loss"])
+    assert losses[-1] < 0.75 * losses[0]
+    logged = loop.fetch(m)
+    assert 1.0 <= logged["moe_load_max/0"] <= 4.0 and logged["moe_balance"] >= 2.0 - 1e-5
+    ckpt = checkpointer.Checkpointer(str(tmp_path / "ck"), MOE_RUN.checkpoint)
+    ckpt.save(20, state, data_state={}, meta={})
+    ckpt.close()
+    target = checkpointer.abstract_state(tr.init_fn, tr.state_shardings)
+    restored, _ = checkpointer.Checkpointer(str(tmp_path / "ck"), read_only=True).restore(
+        20, target
+    )
+    after, _ = tr.step_fn(state, batch)
+    resumed, _ = tr.step_fn(restored, batch)
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
