@@ -451,12 +451,10 @@ def _check_families(m: ModelConfig, need) -> None:
             f"model.{name}={getattr(m, name)} acts on local layers, and there are none: set "
             f"model.sliding_window (e.g. 4096) or model.{name}=0.",
         )
-    kernel_lacks = m.attn_softcap > 0 or (m.sliding_window > 0 and m.attention == "pallas_gpu")
     need(
-        m.attention not in ("pallas_gpu", "cudnn") or not kernel_lacks,
-        f"model.attention={m.attention} implements no attention soft-capping (nor, for "
-        "pallas_gpu, a sliding window): use model.attention=xla, or auto (which picks xla "
-        "on GPUs for such models).",
+        m.attention != "cudnn" or m.attn_softcap <= 0,
+        "model.attention=cudnn implements no attention soft-capping: use "
+        "model.attention=pallas_gpu or xla, or auto (which picks pallas_gpu on GPUs).",
     )
 
 

@@ -1,4 +1,5 @@
-"""Cloud TPU generations: one table of chip facts, and the parsers of slice names.
+"""Cloud TPU generations: one table of chip facts, and the parsers of slice names; GPU peaks
+and shared memory.
 
 `GENERATIONS` is the only place these facts live: `lmjax compile` and `lmjax plan` read HBM,
 peaks and bandwidths from it; `launch/tpu.py` and `launch/gke.py` read host layout, GKE labels
@@ -84,6 +85,35 @@ PEAK_FLOPS: dict[str, tuple[float, float]] = {
     "NVIDIA H100 NVL": (835e12, 418e12),
     "NVIDIA H200": (989e12, 495e12),
 }
+# Shared memory one thread block may use, in bytes, by NVIDIA compute capability (major * 10
+# + minor): the opt-in maximum per block, 1 KiB under the per-SM capacity (the CUDA runtime
+# keeps 1 KiB per block). Sources: the CUDA C++ Programming Guide's "Technical Specifications
+# per Compute Capability" table and NVIDIA's tuning guides (docs.nvidia.com/cuda/
+# {ampere,ada,hopper}-tuning-guide): 8.0 (A100) 164 KiB per SM, 163 per block; 8.6 (A10, RTX
+# 30) and 8.9 (L4, L40, RTX 40) 100 KiB per SM, 99 per block; 9.0 (H100, H200) and 10.0
+# (B200) 228 KiB per SM, 227 per block; 7.0 (V100) 96 KiB and 7.5 (T4) 64 KiB, all of it per
+# block; 12.0 (RTX PRO Blackwell) 100 KiB per SM, 99 per block. The attention kernel sizes
+# its tiles from this (`lmjax.model.flash_gpu`).
+KiB = 1024
+SHARED_MEMORY_PER_BLOCK: dict[int, int] = {
+    70: 96 * KiB,
+    75: 64 * KiB,
+    80: 163 * KiB,
+    86: 99 * KiB,
+    89: 99 * KiB,
+    90: 227 * KiB,
+    100: 227 * KiB,
+    120: 99 * KiB,
+}
+
+
+def shared_memory_per_block(compute_capability: int) -> int:
+    """Bytes of shared memory a thread block may use on a GPU of `compute_capability` (e.g.
+    90 for an H100); a capability missing from `SHARED_MEMORY_PER_BLOCK` gets the table's
+    smallest budget, which every listed GPU has."""
+    return SHARED_MEMORY_PER_BLOCK.get(compute_capability, min(SHARED_MEMORY_PER_BLOCK.values()))
+
+
 # Other spellings `lmjax compile --topology` accepts (libtpu's and the marketing name).
 ALIASES = {"v5e": "v5litepod"}
 

@@ -3,23 +3,20 @@
 Implementations:
   * ``xla``: einsum/softmax in float32, runs everywhere; long sequences are split into
     128-row query blocks that skip the fully masked key blocks above the diagonal.
-  * ``pallas_gpu``: the Pallas (Triton) flash-attention kernel of jax.experimental.pallas.ops
-    with causal masking and segment ids inside the kernel, forward and backward, in float32
-    and bfloat16: no [T, T] mask or score matrix in memory.
+  * ``pallas_gpu``: lmjax's Pallas (Triton) flash-attention kernels (`flash_gpu`): causal
+    masking, segment ids, sliding window and soft cap inside the kernel, grouped-query heads
+    read in place, forward and backward, float32 and bfloat16, tiles sized for the GPU's
+    shared memory; no [T, T] mask or score matrix in memory.
   * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)``,
     cuDNN flash attention: bfloat16/float16 only and one document per row (cuDNN's API
     takes lengths, not segment ids), so ``auto`` never picks it.
   * ``splash``: the Pallas TPU splash-attention kernel (TPU only).
   * ``auto``: splash on TPU, pallas_gpu on GPU, xla elsewhere or when the sequence length
-    is not a multiple of the kernel's block.
+    (or, on GPU, the head dimension) does not fit the kernel's tiles.
 
 `Scores` says how the scores are formed: their scale, a tanh soft cap and a sliding window
-(Mistral, Gemma). xla and splash implement all three, cudnn the scale and the window, and
-pallas_gpu the scale only; ``auto`` picks xla on GPUs where the kernel lacks what is asked.
-
-The Pallas GPU kernel module is deprecated in favour of tokamax, whose attention takes
-packed documents only as a dense [T, T] boolean mask (and depends on xprof and qwix), so the
-kernel here is jax's own until tokamax takes segment ids.
+(Mistral, Gemma). xla, splash and pallas_gpu implement all three, cudnn the scale and the
+window.
 """
 
 from __future__ import annotations
@@ -27,12 +24,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
 
 from lmjax.config import ATTENTION_IMPLS
+from lmjax.model import flash_gpu
 from lmjax.parallel import sharding
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -148,45 +145,29 @@ def _cudnn(q, k, v, segment_ids, spec: Scores = PLAIN):
 
 def _lacks(impl: str, what: str) -> str:
     return (
-        f"model.attention={impl} implements no attention {what}: use model.attention=xla, "
-        "or auto (which picks xla on GPUs for such models)"
+        f"model.attention={impl} implements no attention {what}: use model.attention=pallas_gpu "
+        "or xla, or auto (which picks pallas_gpu on GPUs)"
     )
 
 
-def _pallas_gpu_local(q, k, v, segment_ids, spec: Scores = PLAIN, *, interpret: bool = False):
-    """The Pallas GPU flash kernel on one device's heads: q [b, t, h, d]; k, v [b, t, kv, d]
-    with local query head j using kv head j // (h / kv); segment_ids [b, t] or None."""
-    if spec.softcap > 0 or spec.window > 0:
-        raise ValueError(_lacks("pallas_gpu", "soft-capping or sliding window"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas.ops.gpu import attention as gpu_attention
-    t = q.shape[1]
-    block = next((b for b in (128, 64, 32, 16) if t % b == 0), None)
-    if block is None:
+def _pallas_gpu_local(q, k, v, segment_ids, spec: Scores = PLAIN, *, tiles=None, interpret=False):
+    """lmjax's Pallas GPU flash kernel on one device's heads: q [b, t, h, d]; k, v [b, t, kv, d]
+    with local query head j reading kv head j // (h / kv) in place; segment_ids [b, t] or None.
+    `tiles`: (forward, backward) `flash_gpu.Tiles`; None: picked for the GPU compiled for."""
+    if q.shape[1] % 16:
         raise ValueError(
             f"model.attention=pallas_gpu needs data.seq_len divisible by 16 (got "
-            f"{t}): change data.seq_len or use model.attention=xla"
+            f"{q.shape[1]}): change data.seq_len or use model.attention=xla"
         )
-    small = min(block, 32)
-    sizes = gpu_attention.BlockSizes(
-        block_q=block,
-        block_k=block,
-        block_q_dkv=small,
-        block_kv_dkv=small,
-        block_q_dq=small,
-        block_kv_dq=small,
-    )
-    # The kernel pairs query head i with kv head i; repeating on the device is GQA's grouping.
-    k, v = (jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
-    return gpu_attention.mha(
+    return flash_gpu.flash_attention(
         q,
         k,
         v,
         segment_ids,
-        sm_scale=spec.factor(q.shape[-1]),
-        causal=True,
-        block_sizes=sizes,
+        scale=spec.factor(q.shape[-1]),
+        softcap=spec.softcap,
+        window=spec.window,
+        tiles=tiles,
         interpret=interpret,
     )
 
@@ -280,8 +261,8 @@ def _splash(q, k, v, segment_ids, spec: Scores = PLAIN, *, interpret: bool = Fal
     return _per_device(local, q, k, v, segment_ids)
 
 
-def _pallas_gpu(q, k, v, segment_ids, spec: Scores = PLAIN, *, interpret: bool = False):
-    local = functools.partial(_pallas_gpu_local, spec=spec, interpret=interpret)
+def _pallas_gpu(q, k, v, segment_ids, spec: Scores = PLAIN, *, tiles=None, interpret=False):
+    local = functools.partial(_pallas_gpu_local, spec=spec, tiles=tiles, interpret=interpret)
     return _per_device(local, q, k, v, segment_ids)
 
 
@@ -311,11 +292,11 @@ _KERNEL_SEQ_MULTIPLE = {"splash": 128, "pallas_gpu": 16}
 
 
 def resolve_impl(
-    impl: str, backend: str | None = None, seq_len: int | None = None, spec: Scores = PLAIN
+    impl: str, backend: str | None = None, seq_len: int | None = None, head_dim: int | None = None
 ) -> str:
     """Maps ``auto`` to the implementation for `backend` (default: jax's default backend):
-    the backend's kernel, or xla when `seq_len` does not fit the kernel's blocks or the
-    kernel lacks what `spec` asks for."""
+    the backend's kernel, or xla when `seq_len` does not fit the kernel's blocks or the GPU
+    kernel's tiles cannot be `head_dim` wide."""
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
@@ -324,7 +305,7 @@ def resolve_impl(
     )
     if seq_len is not None and seq_len % _KERNEL_SEQ_MULTIPLE.get(impl, 1):
         return "xla"
-    if impl == "pallas_gpu" and (spec.softcap > 0 or spec.window > 0):
+    if impl == "pallas_gpu" and head_dim is not None and not flash_gpu.supports_head_dim(head_dim):
         return "xla"
     return impl
 
@@ -341,7 +322,7 @@ def attention(q, k, v, *, segment_ids=None, impl: str = "auto", spec: Scores = P
     Returns:
       [batch, seq, heads, head_dim] in q's dtype.
     """
-    impl = resolve_impl(impl, seq_len=q.shape[1], spec=spec)
+    impl = resolve_impl(impl, seq_len=q.shape[1], head_dim=q.shape[3])
     if impl == "splash":
         return _splash(q, k, v, segment_ids, spec).astype(q.dtype)
     if impl == "pallas_gpu":

@@ -1,0 +1,147 @@
+"""lmjax's Pallas GPU flash kernels: the tile picker against hand-computed rows and its own
+search rules, and the kernels (Pallas interpreter on CPU) against the numpy loop, forward,
+and against the XLA path's gradients, backward."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax import hardware
+from lmjax.model import attention as attn_lib, flash_gpu
+from lmjax.model.flash_gpu import Tiles
+from tests.test_attention import _qkv, _reference
+
+KiB = 1024
+H100, A100, L4 = (hardware.shared_memory_per_block(cc) for cc in (90, 80, 89))
+
+
+def test_shared_memory_table_rows_and_unknown_chips():
+    assert (H100, A100, L4) == (227 * KiB, 163 * KiB, 99 * KiB)
+    assert hardware.shared_memory_per_block(87) == 64 * KiB  # unlisted: the smallest budget
+
+
+@pytest.mark.parametrize(
+    "smem, itemsize, head_dim, backward, want",
+    [
+        # bf16, d 128: q 32 KiB + 2 stages x (k 32 + v 32) + p 32 = 192 KiB <= 227
+        (H100, 2, 128, False, Tiles(128, 128, 2, 8)),
+        # A100: 128x128 needs 192 > 163; 128x64: 32 + 3 x 32 + 16 = 144 (4 stages: 176)
+        (A100, 2, 128, False, Tiles(128, 64, 3, 8)),
+        # L4: 128x64 needs 112 > 99 at 2 stages; 128x32: 32 + 3 x 16 + 8 = 88 (4: 104)
+        (L4, 2, 128, False, Tiles(128, 32, 3, 8)),
+        # f32 on H100: 128x128 needs 384; 128x64: 64 + 2 x 64 + 32 = 224 (3: 288)
+        (H100, 4, 128, False, Tiles(128, 64, 2, 8)),
+        # d 64, bf16, L4: 128x128: 16 + 2 x 32 + 32 = 112 > 99; 128x64: 16 + 4 x 16 + 16 = 96
+        (L4, 2, 64, False, Tiles(128, 64, 4, 4)),
+        # backward bf16 d 128 on H100: 64x64: (2 + 4 x 2) x 16 + 8 = 168 KiB at 4 stages
+        (H100, 2, 128, True, Tiles(64, 64, 4, 8)),
+        # ... on L4: 64x64 at 2 stages: 6 x 16 + 8 = 104 > 99; 32x32: (2 + 4 x 2) x 8 + 2 = 82
+        (L4, 2, 128, True, Tiles(32, 32, 4, 4)),
+    ],
+)
+def test_pick_tiles_hand_computed_rows(smem, itemsize, head_dim, backward, want):
+    assert flash_gpu.pick_tiles(4096, head_dim, itemsize, smem, backward=backward) == want
+
+
+def _preferred_before(got: Tiles, seq_len: int, backward: bool):
+    """The (block_q, block_k) pairs the picker must have tried before `got`."""
+    blocks = [b for b in (128, 64, 32, 16) if seq_len % b == 0]
+    if backward:
+        pairs = [(b, b) for b in blocks if b <= 64]
+    else:
+        pairs = [(q, k) for q in blocks for k in blocks if k <= q]
+    return pairs[: pairs.index((got.block_q, got.block_k))]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_pick_tiles_fit_double_buffered_and_are_the_largest_that_do(backward):
+    for seq_len, head_dim, itemsize, smem in itertools.product(
+        (48, 128, 4096), (64, 128, 256), (2, 4), (64 * KiB, L4, A100, H100)
+    ):
+        try:
+            got = flash_gpu.pick_tiles(seq_len, head_dim, itemsize, smem, backward=backward)
+        except ValueError as e:
+            assert "model.attention=xla" in str(e)
+            assert flash_gpu.tile_bytes(16, 16, 2, head_dim, itemsize, backward=backward) > smem
+            continue
+
+        size = functools.partial(
+            flash_gpu.tile_bytes, head_dim=head_dim, itemsize=itemsize, backward=backward
+        )
+
+        case = (seq_len, head_dim, itemsize, smem, got)
+        assert seq_len % got.block_q == 0 and got.block_q % got.block_k == 0, case
+        assert 2 <= got.num_stages <= 4 and size(got.block_q, got.block_k, got.num_stages) <= smem
+        assert got.num_stages == 4 or size(got.block_q, got.block_k, got.num_stages + 1) > smem
+        for q, k in _preferred_before(got, seq_len, backward):
+            assert size(q, k, 2) > smem, (case, q, k)
+        assert got.num_warps in (4, 8)
+
+
+# Small tiles over 64 or 128 tokens, so that every kernel loops over several blocks (and the
+# window and documents cross block edges): forward 32 x 16, backward 16 x 16.
+SMALL = (Tiles(32, 16, 2, 4), Tiles(16, 16, 2, 4))
+
+
+def _check_kernel(heads, kv_heads, head_dim, dtype, packed, spec, seq=128):
+    q, k, v = _qkv(21, batch=1, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    # three documents, the first two ending inside blocks
+    ends = [0, seq * 2 // 5 + 1, seq * 3 // 4 - 3, seq]
+    seg = np.repeat([[1, 2, 3]], np.diff(ends), axis=1) if packed else None
+    args = [jnp.asarray(x, dtype) for x in (q, k, v)]
+    seg_j = None if seg is None else jnp.asarray(seg)
+
+    def kernel(q, k, v):
+        return attn_lib._pallas_gpu(q, k, v, seg_j, spec, tiles=SMALL, interpret=True)
+
+    def xla(q, k, v):
+        return attn_lib.attention(q, k, v, segment_ids=seg_j, impl="xla", spec=spec)
+
+    out = jax.jit(kernel)(*args)
+    assert out.dtype == dtype
+    tol = 2e-5 if dtype == jnp.float32 else 3e-2
+    exact = _reference(*(np.asarray(a, np.float32) for a in args), seg, spec)
+    np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=tol, rtol=tol)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2)
+
+    got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(*args)
+    want = jax.grad(loss(xla), argnums=(0, 1, 2))(*(a.astype(jnp.float32) for a in args))
+    for name, g, w in zip("qkv", got, want):
+        assert g.dtype == dtype
+        scale = float(jnp.abs(w).max())
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32) / scale, np.asarray(w) / scale, atol=3 * tol, err_msg=name
+        )
+
+
+def test_kernel_gqa_packed_float32_head_dim_64():
+    """Grouped-query (2 query heads on 1 kv head), three documents, float32, 64 tokens."""
+    _check_kernel(2, 1, 64, jnp.float32, True, attn_lib.PLAIN, seq=64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim, dtype, packed, spec",
+    [
+        (4, 1, 128, jnp.bfloat16, False, attn_lib.PLAIN),
+        (2, 1, 128, jnp.float32, True, attn_lib.Scores(scale=0.2, softcap=0.8, window=40)),
+        (4, 2, 64, jnp.bfloat16, True, attn_lib.Scores(softcap=1.5, window=24)),
+    ],
+    ids=["mqa-causal-bf16-d128", "packed-window-softcap-f32-d128", "gqa-packed-window-bf16-d64"],
+)
+def test_kernel_matches_numpy_loop_with_gradients(heads, kv_heads, head_dim, dtype, packed, spec):
+    _check_kernel(heads, kv_heads, head_dim, dtype, packed, spec)
+
+
+def test_head_dims_the_kernel_cannot_tile_go_to_xla_or_are_refused():
+    assert attn_lib.resolve_impl("auto", "gpu", seq_len=1024, head_dim=80) == "xla"
+    assert attn_lib.resolve_impl("auto", "gpu", seq_len=1024, head_dim=128) == "pallas_gpu"
+    q, k, v = (jnp.asarray(x) for x in _qkv(22, seq=16, head_dim=8))
+    with pytest.raises(ValueError, match="power-of-two head_dim >= 16 .*model.attention=xla"):
+        attn_lib._pallas_gpu_local(q, k, v, None, tiles=SMALL, interpret=True)
