@@ -93,7 +93,7 @@ def test_splash_kernel_with_local_mask_and_soft_cap_matches_xla_with_gradients()
 
 def test_auto_keeps_the_gpu_and_tpu_kernels_for_windows_and_soft_caps_and_cudnn_refuses():
     for backend, kernel in (("gpu", "pallas_gpu"), ("tpu", "splash")):
-        assert attn_lib.resolve_impl("auto", backend, seq_len=1024, head_dim=128) == kernel
+        assert attn_lib.resolve_impl("auto", backend, seq_len=1024) == kernel
     q, k, v = (jnp.asarray(x) for x in _qkv(13, seq=16))
     with pytest.raises(ValueError, match="cudnn implements no attention soft-capping"):
         attn_lib.attention(q, k, v, impl="cudnn", spec=attn_lib.Scores(softcap=1.0))

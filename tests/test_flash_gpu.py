@@ -19,6 +19,12 @@ KiB = 1024
 H100, A100, L4 = (hardware.shared_memory_per_block(cc) for cc in (90, 80, 89))
 
 
+def test_tile_width_pads_head_dims_to_powers_of_two_of_at_least_16():
+    assert [flash_gpu.tile_width(d) for d in (8, 16, 24, 64, 80, 96, 128, 256)] == [
+        16, 16, 32, 64, 128, 128, 128, 256
+    ]  # fmt: skip
+
+
 def test_shared_memory_table_rows_and_unknown_chips():
     assert (H100, A100, L4) == (227 * KiB, 163 * KiB, 99 * KiB)
     assert hardware.shared_memory_per_block(87) == 64 * KiB  # unlisted: the smallest budget
@@ -132,16 +138,14 @@ def test_kernel_gqa_packed_float32_head_dim_64():
         (4, 1, 128, jnp.bfloat16, False, attn_lib.PLAIN),
         (2, 1, 128, jnp.float32, True, attn_lib.Scores(scale=0.2, softcap=0.8, window=40)),
         (4, 2, 64, jnp.bfloat16, True, attn_lib.Scores(softcap=1.5, window=24)),
+        (2, 1, 24, jnp.float32, True, attn_lib.PLAIN),  # zero-padded to 32 columns
     ],
-    ids=["mqa-causal-bf16-d128", "packed-window-softcap-f32-d128", "gqa-packed-window-bf16-d64"],
+    ids=[
+        "mqa-causal-bf16-d128",
+        "packed-window-softcap-f32-d128",
+        "gqa-packed-window-bf16-d64",
+        "packed-f32-d24-padded",
+    ],
 )
 def test_kernel_matches_numpy_loop_with_gradients(heads, kv_heads, head_dim, dtype, packed, spec):
     _check_kernel(heads, kv_heads, head_dim, dtype, packed, spec)
-
-
-def test_head_dims_the_kernel_cannot_tile_go_to_xla_or_are_refused():
-    assert attn_lib.resolve_impl("auto", "gpu", seq_len=1024, head_dim=80) == "xla"
-    assert attn_lib.resolve_impl("auto", "gpu", seq_len=1024, head_dim=128) == "pallas_gpu"
-    q, k, v = (jnp.asarray(x) for x in _qkv(22, seq=16, head_dim=8))
-    with pytest.raises(ValueError, match="power-of-two head_dim >= 16 .*model.attention=xla"):
-        attn_lib._pallas_gpu_local(q, k, v, None, tiles=SMALL, interpret=True)

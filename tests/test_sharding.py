@@ -2,6 +2,7 @@
 not depend on the mesh (8 CPU devices against a 1-device run)."""
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -341,29 +342,53 @@ def test_eight_device_meshes_train_like_one_device(tmp_path, references, mesh, v
     np.testing.assert_allclose(losses, references[variant], rtol=1e-5)
 
 
-# ---------------------------------------------------------------- splash under a mesh
+# ---------------------------------------------------------------- Pallas kernels under a mesh
+
+
+def _kernel_under_mesh(kernel: str):
+    """The per-device attention of `kernel`, run by the Pallas interpreter."""
+    from lmjax.model import attention
+    from lmjax.model.flash_gpu import Tiles
+
+    if kernel == "splash":
+        return functools.partial(attention._splash, interpret=True)
+    # small GPU tiles, so that each device's kernels loop over several blocks
+    tiles = (Tiles(32, 16, 2, 4), Tiles(16, 16, 2, 4))
+    return functools.partial(attention._pallas_gpu, tiles=tiles, interpret=True)
 
 
 @pytest.mark.parametrize(
-    "mesh, heads, kv_heads, rules",
+    "kernel, mesh, heads, kv_heads, rules",
     [
-        ((2, 2, 2), 4, 2, ()),  # kv heads split like query heads: the kernel's own grouping
-        ((1, 2, 4), 8, 2, ("kv_heads=", "act_kv_heads=")),  # kv heads replicated (the error's fix)
-        ((1, 2, 4), 8, 2, ()),  # 2 kv heads cannot split 4 ways: every device gets them all
-        ((1, 1, 8), 8, 8, ("act_heads=",)),  # query heads whole, kv heads split
-        ((2, 2, 2), 12, 3, ("kv_heads=", "act_kv_heads=")),  # groups of 4 across shards of 6
+        ("splash", (2, 2, 2), 4, 2, ()),  # kv heads split like query heads: the kernel's grouping
+        ("splash", (1, 2, 4), 8, 2, ("kv_heads=", "act_kv_heads=")),  # kv heads replicated
+        ("splash", (1, 2, 4), 8, 2, ()),  # 2 kv heads cannot split 4 ways: every device gets all
+        ("splash", (1, 1, 8), 8, 8, ("act_heads=",)),  # query heads whole, kv heads split
+        ("splash", (2, 2, 2), 12, 3, ("kv_heads=", "act_kv_heads=")),  # groups of 4, shards of 6
+        ("pallas_gpu", (2, 2, 2), 8, 4, ()),  # 2 query heads on 1 kv head per device, in place
+        ("pallas_gpu", (2, 2, 2), 12, 3, ("kv_heads=", "act_kv_heads=")),
     ],
-    ids=["aligned", "kv-replicated", "kv-indivisible", "q-replicated", "groups-straddle"],
+    ids=[
+        "aligned",
+        "kv-replicated",
+        "kv-indivisible",
+        "q-replicated",
+        "groups-straddle",
+        "gpu-aligned",
+        "gpu-groups-straddle",
+    ],
 )
 @pytest.mark.slow
-def test_splash_kernel_per_device_matches_reference_with_packed_documents(
-    mesh, heads, kv_heads, rules
+def test_pallas_kernels_per_device_match_reference_with_packed_documents(
+    kernel, mesh, heads, kv_heads, rules
 ):
-    """The TPU kernel, run by the Pallas interpreter under shard_map: rows over data x fsdp,
-    heads by the rules, documents masked, on every head layout the rules accept."""
+    """The TPU splash and GPU flash kernels, run by the Pallas interpreter under shard_map:
+    rows over data x fsdp, heads by the rules, documents masked, on every head layout the
+    rules accept."""
     from lmjax.model import attention
 
-    b, t, d = mesh[0] * mesh[1], 128, 8
+    per_device = _kernel_under_mesh(kernel)
+    b, t, d = mesh[0] * mesh[1], 128, 8  # head_dim 8: the GPU kernel pads it to 16
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     q = jax.random.normal(keys[0], (b, t, heads, d))
     k, v = (jax.random.normal(key, (b, t, kv_heads, d)) for key in keys[1:])
@@ -372,16 +397,16 @@ def test_splash_kernel_per_device_matches_reference_with_packed_documents(
     mask = attention.make_mask(segments, segments, index, index)
     mesh = mesh_of(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
 
-    def splash_loss(q, k, v):
+    def kernel_loss(q, k, v):
         with sharding.activation_sharding(
             mesh, sharding.rules_from_config(MeshConfig(rules=rules))
         ):
-            return jnp.sum(attention._splash(q, k, v, segments, interpret=True) ** 2)
+            return jnp.sum(per_device(q, k, v, segments) ** 2)
 
     def xla_loss(q, k, v):
         return jnp.sum(attention._xla(q, k, v, mask) ** 2)
 
-    got = jax.jit(jax.value_and_grad(splash_loss, argnums=(0, 1, 2)))(q, k, v)
+    got = jax.jit(jax.value_and_grad(kernel_loss, argnums=(0, 1, 2)))(q, k, v)
     want = jax.value_and_grad(xla_loss, argnums=(0, 1, 2))(q, k, v)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     for g, w in zip(got[1], want[1]):

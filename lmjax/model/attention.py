@@ -12,7 +12,7 @@ Implementations:
     takes lengths, not segment ids), so ``auto`` never picks it.
   * ``splash``: the Pallas TPU splash-attention kernel (TPU only).
   * ``auto``: splash on TPU, pallas_gpu on GPU, xla elsewhere or when the sequence length
-    (or, on GPU, the head dimension) does not fit the kernel's tiles.
+    is not a multiple of the kernel's block.
 
 `Scores` says how the scores are formed: their scale, a tanh soft cap and a sliding window
 (Mistral, Gemma). xla, splash and pallas_gpu implement all three, cudnn the scale and the
@@ -291,12 +291,9 @@ def _kv_for_local_heads(k, v, heads: int, local_heads: int, head_axes: dict[str,
 _KERNEL_SEQ_MULTIPLE = {"splash": 128, "pallas_gpu": 16}
 
 
-def resolve_impl(
-    impl: str, backend: str | None = None, seq_len: int | None = None, head_dim: int | None = None
-) -> str:
+def resolve_impl(impl: str, backend: str | None = None, seq_len: int | None = None) -> str:
     """Maps ``auto`` to the implementation for `backend` (default: jax's default backend):
-    the backend's kernel, or xla when `seq_len` does not fit the kernel's blocks or the GPU
-    kernel's tiles cannot be `head_dim` wide."""
+    the backend's kernel, or xla when `seq_len` does not fit the kernel's blocks."""
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
@@ -304,8 +301,6 @@ def resolve_impl(
         backend, "xla"
     )
     if seq_len is not None and seq_len % _KERNEL_SEQ_MULTIPLE.get(impl, 1):
-        return "xla"
-    if impl == "pallas_gpu" and head_dim is not None and not flash_gpu.supports_head_dim(head_dim):
         return "xla"
     return impl
 
@@ -322,7 +317,7 @@ def attention(q, k, v, *, segment_ids=None, impl: str = "auto", spec: Scores = P
     Returns:
       [batch, seq, heads, head_dim] in q's dtype.
     """
-    impl = resolve_impl(impl, seq_len=q.shape[1], head_dim=q.shape[3])
+    impl = resolve_impl(impl, seq_len=q.shape[1])
     if impl == "splash":
         return _splash(q, k, v, segment_ids, spec).astype(q.dtype)
     if impl == "pallas_gpu":

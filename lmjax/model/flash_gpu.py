@@ -350,9 +350,10 @@ def _flash_bwd(cfg: _Config, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def supports_head_dim(head_dim: int) -> bool:
-    """Triton's dots take power-of-two tile widths of at least 16."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+def tile_width(head_dim: int) -> int:
+    """The kernels' head width: Triton's dots take power-of-two tiles of at least 16 columns,
+    so other head dims are zero-padded up to the next one (80 -> 128)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def flash_attention(
@@ -371,7 +372,8 @@ def flash_attention(
 
     Args:
       q: [b, t, h, d]; k, v: [b, t, kv, d], h % kv == 0 (query head i reads kv head
-        i // (h / kv)); d a power of two >= 16; t divisible by 16.
+        i // (h / kv)); t divisible by 16; d other than a power of two >= 16 is
+        zero-padded to one (`tile_width`), at the cost of a padded copy of q, k and v.
       segment_ids: [b, t] int document ids, or None (one document a row).
       scale: the factor on q . k; softcap: >0: scores -> softcap * tanh(scores / softcap);
       window: >0: query i sees keys i - window < j <= i only.
@@ -381,14 +383,13 @@ def flash_attention(
       [b, t, h, d] in q's dtype.
     """
     t, d = q.shape[1], q.shape[3]
-    if not supports_head_dim(d):
-        raise ValueError(
-            f"model.attention=pallas_gpu needs a power-of-two head_dim >= 16 (got {d}): use "
-            "model.attention=xla (auto does so), or cudnn"
-        )
-    forward, backward = tiles or device_tiles(t, d, q.dtype)
+    width = tile_width(d)
+    if width != d:  # zero columns add nothing to q . k, and give zero output columns
+        pad = [(0, 0)] * 3 + [(0, width - d)]
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    forward, backward = tiles or device_tiles(t, width, q.dtype)
     if t % forward.block_q or t % forward.block_k or t % backward.block_q:
         raise ValueError(f"tiles {forward}, {backward} do not divide the sequence length {t}")
     cfg = _Config(float(scale), float(softcap), int(window), forward, backward, interpret)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-    return _flash(q, k, v, seg, cfg)
+    return _flash(q, k, v, seg, cfg)[..., :d]
