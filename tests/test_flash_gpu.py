@@ -25,6 +25,12 @@ def test_tile_width_pads_head_dims_to_powers_of_two_of_at_least_16():
     ]  # fmt: skip
 
 
+def test_the_kernel_off_a_gpu_names_the_fix():
+    q, k, v = (jnp.asarray(x) for x in _qkv(23, seq=32, head_dim=16))
+    with pytest.raises(ValueError, match="NVIDIA GPUs only .*model.attention=auto"):
+        attn_lib.attention(q, k, v, impl="pallas_gpu")
+
+
 def test_shared_memory_table_rows_and_unknown_chips():
     assert (H100, A100, L4) == (227 * KiB, 163 * KiB, 99 * KiB)
     assert hardware.shared_memory_per_block(87) == 64 * KiB  # unlisted: the smallest budget

@@ -94,7 +94,14 @@ def pick_tiles(
 def device_tiles(seq_len: int, head_dim: int, dtype) -> tuple[Tiles, Tiles]:
     """(forward, backward) tiles for the GPU being compiled for (jax's default device, or an
     abstract mesh's device when lowering ahead of time)."""
-    smem = hardware.shared_memory_per_block(plgpu.get_gpu_info().compute_capability)
+    try:
+        capability = plgpu.get_gpu_info().compute_capability
+    except ValueError as e:  # not compiling for a GPU
+        raise ValueError(
+            f"model.attention=pallas_gpu runs on NVIDIA GPUs only ({e}): use "
+            "model.attention=auto (which picks the backend's kernel) or xla"
+        ) from e
+    smem = hardware.shared_memory_per_block(capability)
     itemsize = jnp.dtype(dtype).itemsize
     return (
         pick_tiles(seq_len, head_dim, itemsize, smem),
@@ -115,7 +122,8 @@ class _Config:
 
 
 def _scores(q, k, cfg: _Config):
-    """q [m, d], k [n, d] -> (scores, tanh of the capped scores or None), both [m, n] f32."""
+    """q [m, d], k [n, d] -> (scaled and capped scores, tanh(scaled / softcap) or None when
+    there is no cap), both [m, n] float32."""
     s = plgpu.dot(q, k, trans_b=True) * cfg.scale
     if cfg.softcap <= 0:
         return s, None
