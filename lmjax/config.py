@@ -97,10 +97,13 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh. One of data/fsdp/tensor may be -1: it takes the remaining devices."""
+    """Device mesh. One of data/fsdp/expert/tensor may be -1: it takes the remaining devices."""
 
     data: int = 1
     fsdp: int = -1
+    # Expert parallelism: an MoE layer's experts split over this axis, tokens exchanged with
+    # all-to-all (lmjax/model/moe.py); it also splits the batch, as data does. Within a slice.
+    expert: int = 1
     tensor: int = 1
     dcn_data: int = 1  # across slices (multi-slice TPU) or across hosts on a DCN
     dcn_fsdp: int = 1
@@ -499,7 +502,7 @@ def moe_layer(m: ModelConfig, i: int) -> bool:
 
 def _check_mesh(config: Config, need) -> None:
     mesh = config.mesh
-    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "expert": mesh.expert, "tensor": mesh.tensor}
     need(
         all(v >= 1 or v == -1 for v in sizes.values())
         and sum(v == -1 for v in sizes.values()) <= 1,

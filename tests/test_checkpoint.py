@@ -467,7 +467,7 @@ def test_list_checkpoints_reports_complete_and_uncommitted(tmp_path, trained):
     rows = listing.list_checkpoints(str(tmp_path))
     assert [(r["step"], r["complete"]) for r in rows] == [(1, True), (2, True), (3, False)]
     assert rows[0]["bytes"] > 1000 and rows[0]["process_count"] == 1
-    assert rows[1]["mesh_shape"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert rows[1]["mesh_shape"] == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
     table = listing.format_listing(rows)
     assert "not committed" in table and len(table.splitlines()) == 4
 

@@ -27,7 +27,7 @@ def export_train_step_for_cuda(experiment: str, sets=()) -> jax.export.Exported:
     config = cli.load_experiment(experiment, list(sets))
     on_gpu = attention.resolve_impl(config.model.attention, "gpu")
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention=on_gpu))
-    mesh = AbstractMesh((1, 1, 1), sharding.MESH_AXES, (AxisType.Auto,) * 3, abstract_device=H100)
+    mesh = AbstractMesh((1,) * 4, sharding.MESH_AXES, (AxisType.Auto,) * 4, abstract_device=H100)
     trainer = trainer_lib.make_trainer(config, mesh)
     state = checkpointer.abstract_state(trainer.init_fn, trainer.state_shardings)
     batch = abstract_batch(config.data.batch_size, config.data.seq_len, trainer.batch_sharding)
@@ -84,7 +84,7 @@ def test_flash_kernel_reads_grouped_kv_heads_in_place_with_tiles_for_the_gpu():
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
     q_arg, kv_arg = (jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16) for n in (h, kv))
-    mesh = AbstractMesh((1, 1, 1), sharding.MESH_AXES, (AxisType.Auto,) * 3, abstract_device=H100)
+    mesh = AbstractMesh((1,) * 4, sharding.MESH_AXES, (AxisType.Auto,) * 4, abstract_device=H100)
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.export.export(
             jax.jit(jax.grad(loss, argnums=(0, 1, 2))),

@@ -170,6 +170,25 @@ def test_moe_config_errors_name_the_fix():
     assert "moe_every=0" in bad(moe_every=0)
 
 
+def _fresh_state(tr, seed: int = 0):
+    """A train state as `tr.init_fn` lays it out, with params drawn by numpy after the
+    parameter table's initializers (jitting the model's init costs seconds on a CPU), moments
+    and counts zero, on `tr`'s shardings."""
+    rng = np.random.default_rng(seed)
+    cfg = tr.config.model
+
+    def draw(spec):
+        if spec.init in ("ones", "zeros"):
+            return np.full(spec.shape, 1.0 if spec.init == "ones" else 0.0, np.float32)
+        return (cfg.init_std * rng.normal(size=spec.shape)).astype(np.float32)
+
+    specs = transformer.param_specs(cfg)
+    params = jax.tree.map(draw, specs, is_leaf=lambda x: isinstance(x, transformer.ParamSpec))
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(tr.init_fn))
+    state = zeros.replace(params=params, rng=np.asarray(jax.random.PRNGKey(seed)))
+    return jax.device_put(state, tr.state_shardings)
+
+
 MOE_RUN = Config(
     model=TINY,
     mesh=MeshConfig(fsdp=1),
@@ -185,7 +204,7 @@ def test_a_tiny_moe_learns_logs_its_load_and_resumes_bitwise(tmp_path):
     tr = trainer_lib.make_trainer(MOE_RUN, sharding.make_mesh(MOE_RUN.mesh, jax.devices()[:1]))
     batch = synthetic_batch(0, 0, 0, range(4), 16, TINY.vocab_size)
     batch = trainer_lib.global_batch(batch, tr.batch_sharding)
-    state = tr.init_fn()
+    state = _fresh_state(tr)
     losses = []
     for _ in range(20):
         state, m = tr.step_fn(state, batch)
@@ -204,3 +223,32 @@ def test_a_tiny_moe_learns_logs_its_load_and_resumes_bitwise(tmp_path):
     resumed, _ = tr.step_fn(restored, batch)
     for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_expert_parallel_meshes_train_with_the_losses_of_one_device():
+    """expert x fsdp and expert x tensor on 8 devices: tokens cross expert shards by
+    all-to-all (dropless), and two steps give one device's losses (the second after an
+    update computed from expert-parallel gradients)."""
+    model = dataclasses.replace(TINY, n_kv_heads=2, n_layers=2)
+    base = dataclasses.replace(MOE_RUN, model=model, data=DataConfig(batch_size=8, seq_len=16))
+    batch = synthetic_batch(0, 0, 0, range(8), 16, TINY.vocab_size)
+    runs = {}
+    for mesh_cfg, devices in (
+        (MeshConfig(fsdp=1), 1),
+        (MeshConfig(expert=2, fsdp=4), 8),
+        (MeshConfig(expert=4, fsdp=1, tensor=2), 8),
+    ):
+        cfg = dataclasses.replace(base, mesh=mesh_cfg)
+        tr = trainer_lib.make_trainer(cfg, sharding.make_mesh(mesh_cfg, jax.devices()[:devices]))
+        state = _fresh_state(tr)
+        losses = []
+        for _ in range(2):
+            state, m = tr.step_fn(state, trainer_lib.global_batch(batch, tr.batch_sharding))
+            losses.append(loop.fetch(m)["loss"])
+        runs[(mesh_cfg.expert, mesh_cfg.tensor)] = losses, tr
+    one = runs[(1, 1)][0]
+    for key in ((2, 1), (4, 2)):
+        np.testing.assert_allclose(runs[key][0], one, rtol=1e-5)
+    ep = runs[(4, 2)][1].state_shardings.params["moe"]["w_gate"].spec
+    assert ep[1] == "expert"

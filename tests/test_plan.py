@@ -62,7 +62,8 @@ def test_enumeration_respects_divisibility_and_the_mesh_size():
     # 16 rows in 16 microbatches of 1 row: no batch shards
     assert any(
         r.startswith(
-            "batch dimension 'act_batch' of size 1 is not divisible by mesh axes data+fsdp of size"
+            "batch dimension 'act_batch' of size 1 is not divisible by mesh axes "
+            "data+fsdp+expert of size"
         )
         for r in reasons
     )
@@ -76,6 +77,21 @@ def test_enumeration_respects_divisibility_and_the_mesh_size():
     assert [c.config.mesh.tensor for c in ok] == [4]
     # every point of the space is accounted for
     assert len(candidates) + len(rejected) == 4 * 2 * 2 * 3
+
+
+def test_expert_axis_candidates_split_the_experts_or_are_rejected():
+    config = cli.load_experiment("moe_small")  # d_model 64, 4 heads / 2 KV heads
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, moe_experts=6))
+    space = _space(mesh__expert=(1, 2, 4), mesh__tensor=(1,), rows_per_chip=(1,))
+    candidates, rejected = plan.enumerate_candidates(config, 8, 1, space)
+    by_expert = {c.config.mesh.expert: c for c in candidates}
+    assert "mesh.expert=2" in by_expert[2].overrides and by_expert[2].config.mesh.fsdp == 4
+    assert "mesh.expert=1" not in by_expert[1].overrides  # the default stays implicit
+    assert set(by_expert) == {1, 2}
+    assert (
+        "params/moe/w_down dimension 'expert' of size 6 is not divisible by mesh axes expert "
+        "of size 4"
+    ) in {r.reason for r in rejected}
 
 
 def test_sweeps_replace_dimensions_and_bad_values_are_config_errors():

@@ -43,17 +43,19 @@ def mesh_of(**kw):
 
 def test_make_mesh_fills_the_free_axis_and_keeps_device_order():
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
     assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]
     four = sharding.make_mesh(MeshConfig(fsdp=-1), devices=jax.devices()[4:])
-    assert dict(four.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert dict(four.shape) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
+    experts = sharding.make_mesh(MeshConfig(expert=4, fsdp=-1))
+    assert dict(experts.shape) == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
 
 
 @pytest.mark.parametrize(
     "cfg, message",
     [
-        (MeshConfig(data=3, fsdp=1), r"\(3, 1, 1\) has 3 devices but there are 8 per slice"),
-        (MeshConfig(data=2, fsdp=2, tensor=4), r"\(2, 2, 4\) has 16 devices but there are 8"),
+        (MeshConfig(data=3, fsdp=1), r"\(3, 1, 1, 1\) has 3 devices but there are 8 per slice"),
+        (MeshConfig(data=2, fsdp=2, tensor=4), r"\(2, 2, 1, 4\) has 16 devices but there are 8"),
         (MeshConfig(data=-1, fsdp=-1), "at most one -1"),
         (MeshConfig(data=3, fsdp=-1), "3 does not divide the 8 devices"),
         (MeshConfig(fsdp=0), "sizes must be positive"),
@@ -79,12 +81,12 @@ def test_hybrid_mesh_puts_dcn_factors_across_tpu_slices():
     assert sorted({d.slice_index for d in devices}) == [0, 1]
 
     mesh = sharding.make_mesh(MeshConfig(dcn_data=2, fsdp=-1), devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
     for i in range(2):  # each data index is one whole slice
         assert {d.slice_index for d in mesh.devices[i].flat} == {i}
 
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, dcn_fsdp=2), devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
     for j in range(4):  # fsdp is (slice, chip within slice), slice-major
         assert {d.slice_index for d in mesh.devices[:, j].flat} == {j // 2}
 
@@ -95,7 +97,7 @@ def test_hybrid_mesh_puts_dcn_factors_across_tpu_slices():
 def test_single_slice_tpu_mesh_uses_every_chip_once():
     devices = _tpu_devices("v5p-16", num_slices=1)  # 2x2x2 chips
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2), devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
 
 
@@ -148,7 +150,7 @@ def test_offline_layout_puts_all_local_devices_on_fsdp_and_replicates_what_canno
     """Offline commands (eval, generate, export, to-hf) put every local device on fsdp, keep
     the run's rules, and replicate (naming them) only leaves the mesh cannot divide."""
     mesh, rules = sharding.offline_mesh(MeshConfig(data=4, tensor=2, rules=("mlp=fsdp", "embed=")))
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
     assert rules["mlp"] == ("fsdp",) and rules["embed"] == ()
 
     def layout(model_cfg, rules):
@@ -196,7 +198,7 @@ def test_describe_params_lists_specs_and_bytes_per_device():
     matrices = 2 * 256 * 64 + 2 * 64 * (4 + 2 + 2 + 4) * 16 + 3 * 2 * 64 * 192
     norms = 2 * 64 + 2 * 64 + 64
     total = (matrices / 8 + norms / 4) * 4
-    assert text.splitlines()[0].startswith("mesh {'data': 1, 'fsdp': 4, 'tensor': 2}")
+    assert text.splitlines()[0].startswith("mesh {'data': 1, 'fsdp': 4, 'expert': 1, 'tensor': 2}")
     assert "WARNING" not in text
     per_device = [line for line in text.splitlines() if line.startswith("parameters per device")]
     assert per_device == [f"parameters per device: {total / 1024:.2f} KiB"]

@@ -19,9 +19,9 @@ from lmjax.model import transformer
 log = logging.getLogger("lmjax")
 
 # Model fields a resume may change: how the step is computed (dtype, remat, attention, matmul,
-# scan_layers, logits_chunk), the fresh-init scale (init_std) and the length limit
-# (max_seq_len). Every other model field changes the parameters' shapes or meaning, and a
-# resume refuses it.
+# scan_layers, logits_chunk, the MoE dispatch mode moe_capacity_factor), the fresh-init scale
+# (init_std) and the length limit (max_seq_len). Every other model field changes the
+# parameters' shapes or meaning, and a resume refuses it.
 COMPUTE_ONLY_MODEL_FIELDS = (
     "dtype",
     "remat",
@@ -31,6 +31,7 @@ COMPUTE_ONLY_MODEL_FIELDS = (
     "max_seq_len",
     "init_std",
     "logits_chunk",
+    "moe_capacity_factor",
 )
 TOKENIZER_FIELDS = ("data.tokenizer_vocab_size",)
 # Data fields the saved data position depends on (the pipeline's identity, `check_state`):

@@ -12,7 +12,9 @@ Two dispatch modes, the same function of the parameters wherever no token is dro
   capacity (> 0): each expert holds at most `capacity` copies in a fixed [experts, capacity,
     embed] buffer; copies past it (first choices of all tokens first, then second choices, in
     token order) are dropped and counted, and contribute nothing to their token.
-Expert parallelism swaps the buffers between expert shards (`lmjax.parallel.sharding`).
+With expert parallelism (logical axis `expert` on a mesh axis of size > 1) each device fills
+capacity buffers from its own tokens and an all-to-all swaps them between the expert shards
+and back (`expert_parallel`); dropless then means a capacity of the device's token count.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.config import ModelConfig
+from lmjax.parallel import sharding
 
 Params = dict[str, Any]
 
@@ -143,6 +146,42 @@ def with_capacity(x, experts, p: Params, cfg: ModelConfig):
     return out, jnp.sum(~kept).astype(jnp.float32)
 
 
+def expert_parallel(x, experts, p: Params, cfg: ModelConfig):
+    """x: [batch, seq, embed], experts [batch, seq, top_k] -> (copies' outputs [batch, seq,
+    top_k, embed], dropped copies) with the experts split over the mesh.
+
+    Each device routes its own rows into an [experts, capacity, embed] buffer (capacity: the
+    configured one, or its token count when dropless, which no expert can exceed as a token's
+    k experts differ), sends each expert shard its block by all-to-all, runs its local experts
+    on what it received from every device, and sends the results back the same way.
+    Dropless, the result equals one device's; with capacity, each device's tokens compete for
+    their own share of it.
+    """
+    E = cfg.moe_experts
+
+    def local(x, experts, w_gate, w_up, w_down):
+        b, s, d = x.shape
+        tokens, flat = b * s, experts.reshape(b * s, -1)
+        cap = capacity(tokens, cfg) if cfg.moe_capacity_factor > 0 else tokens
+        slot, kept = slots(flat, E, cap)
+        buf = dispatch(x.reshape(tokens, d), flat, slot, E, cap)
+        buf = sharding.all_to_all_logical(buf, "expert", 0, 1)  # [local experts, devices x cap, d]
+        buf = buffered_experts(buf, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
+        buf = sharding.all_to_all_logical(buf, "expert", 1, 0)
+        out = collect(buf, flat, slot).reshape(b, s, -1, d)
+        return out, jnp.sum(~kept).astype(jnp.float32)[None]
+
+    rows = ("act_batch", "act_seq", None)
+    weight = ("expert", None, None)
+    fn = sharding.shard_map_logical(
+        local,
+        in_axes=(rows, rows, weight, weight, weight),
+        out_axes=(("act_batch", "act_seq", None, None), ("act_batch",)),
+    )
+    out, dropped = fn(x, experts, p["w_gate"], p["w_up"], p["w_down"])
+    return out, jnp.sum(dropped)
+
+
 def shared_expert(x, p: Params):
     """x: [tokens, embed] -> [tokens, embed] through the always-on shared SwiGLU expert."""
 
@@ -160,7 +199,10 @@ def moe_mlp(x, p: Params, cfg: ModelConfig):
     b, s, d = x.shape
     flat = x.reshape(b * s, d)
     r = route(flat, p["router"], cfg)
-    if cfg.moe_capacity_factor > 0:
+    if sharding.active_mesh_axes("expert"):
+        copies, dropped = expert_parallel(x, r.experts.reshape(b, s, -1), p, cfg)
+        copies = copies.reshape(b * s, -1, d)
+    elif cfg.moe_capacity_factor > 0:
         copies, dropped = with_capacity(flat, r.experts, p, cfg)
     else:
         copies, dropped = dropless(flat, r.experts, p, cfg.moe_experts)

@@ -1,7 +1,7 @@
 """Device meshes and the logical-axis rules that map model axis names onto them.
 
 The model names axes logically (`embed`, `heads`, `act_batch`, ...); this module alone
-knows mesh axes (`data`, `fsdp`, `tensor`). Rules are data: a tuple of
+knows mesh axes (`data`, `fsdp`, `expert`, `tensor`). Rules are data: a tuple of
 `(logical_name, mesh_axes)` pairs, overridable from `MeshConfig.rules`.
 """
 
@@ -20,12 +20,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmjax.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 log = logging.getLogger("lmjax")
 
-# Parameters shard `embed` over fsdp (ZeRO-3 style) and heads/mlp/vocab over tensor;
-# activations (act_*) shard their batch over data and fsdp.
+# Parameters shard `embed` over fsdp (ZeRO-3 style), heads/mlp/vocab over tensor and the
+# experts of an MoE layer over expert; activations (act_*) shard their batch over data, fsdp
+# and expert (expert parallelism borrows data-parallel devices: each holds its own tokens).
 DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("layers", ()),
     ("vocab", ("tensor",)),
@@ -34,7 +35,8 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kv_heads", ("tensor",)),
     ("head_dim", ()),
     ("mlp", ("tensor",)),
-    ("act_batch", ("data", "fsdp")),
+    ("expert", ("expert",)),
+    ("act_batch", ("data", "fsdp", "expert")),
     ("act_seq", ()),
     ("act_embed", ()),
     ("act_heads", ("tensor",)),
@@ -202,7 +204,7 @@ def _path_name(path) -> str:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices).
+    """A ("data", "fsdp", "expert", "tensor") mesh over `devices` (default: all devices).
 
     Each mesh axis is (dcn factor) x (ICI factor). With dcn_data/dcn_fsdp > 1 the mesh is
     hybrid: the dcn factors span slices (multi-slice TPU: devices of several `slice_index`)
@@ -210,9 +212,9 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    dcn = (cfg.dcn_data, cfg.dcn_fsdp, 1)
+    dcn = (cfg.dcn_data, cfg.dcn_fsdp, 1, 1)
     n_dcn = math.prod(dcn)
-    ici = [cfg.data, cfg.fsdp, cfg.tensor]
+    ici = [cfg.data, cfg.fsdp, cfg.expert, cfg.tensor]
     if any(d <= 0 for d in dcn) or n % n_dcn:
         raise ConfigError(
             f"mesh.dcn_data={cfg.dcn_data} x mesh.dcn_fsdp={cfg.dcn_fsdp} must be positive "
@@ -222,20 +224,20 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     free = [i for i, d in enumerate(ici) if d == -1]
     if len(free) > 1 or any(d == 0 or d < -1 for d in ici):
         raise ConfigError(
-            f"mesh (data, fsdp, tensor) = {tuple(ici)}: sizes must be positive, "
+            f"mesh (data, fsdp, expert, tensor) = {tuple(ici)}: sizes must be positive, "
             "with at most one -1 to take the remaining devices"
         )
     if free:
         fixed = math.prod(d for d in ici if d != -1)
         if per_slice % fixed:
             raise ConfigError(
-                f"mesh (data, fsdp, tensor) = {tuple(ici)}: {fixed} does not divide "
+                f"mesh (data, fsdp, expert, tensor) = {tuple(ici)}: {fixed} does not divide "
                 f"the {per_slice} devices per slice"
             )
         ici[free[0]] = per_slice // fixed
     if math.prod(ici) != per_slice:
         raise ConfigError(
-            f"mesh (data, fsdp, tensor) = {tuple(ici)} has {math.prod(ici)} devices but there are "
+            f"mesh (data, fsdp, expert, tensor) = {tuple(ici)} has {math.prod(ici)} devices but there are "
             f"{per_slice} per slice ({n} devices / {n_dcn} dcn groups): make the product match, "
             "or set one axis to -1"
         )
@@ -317,23 +319,38 @@ def process_rows(batch: NamedSharding, global_rows: int) -> np.ndarray:
 
 
 def shard_map_logical(
-    fn: Callable, in_axes: Sequence[Sequence[str | None]], out_axes: Sequence[str | None]
+    fn: Callable, in_axes: Sequence[Sequence[str | None]], out_axes: Any
 ) -> Callable:
     """`fn` mapped over shards of the active `activation_sharding` mesh, with each argument
-    (and the single output) split by its logical axes; `fn` itself outside that context.
+    (and each output: `out_axes` is one logical-axes tuple, or a tuple of them for a tuple of
+    outputs) split by its logical axes; `fn` itself outside that context.
 
-    For kernels that XLA cannot partition (Pallas/Mosaic calls): `fn` sees per-device blocks.
+    For kernels that XLA cannot partition (Pallas/Mosaic calls) and for explicit collectives
+    (`all_to_all_logical`): `fn` sees per-device blocks.
     """
     ctx = _CONTEXT.get()
     if ctx is None:
         return fn
     mesh, rules = ctx
+    spec = lambda a: logical_to_spec(a, rules, mesh)
     return jax.shard_map(
         fn,
         mesh=mesh,
-        in_specs=tuple(logical_to_spec(a, rules, mesh) for a in in_axes),
-        out_specs=logical_to_spec(out_axes, rules, mesh),
+        in_specs=tuple(spec(a) for a in in_axes),
+        out_specs=jax.tree.map(spec, out_axes, is_leaf=is_axes),
         check_vma=False,
+    )
+
+
+def all_to_all_logical(x: jax.Array, name: str, split_axis: int, concat_axis: int) -> jax.Array:
+    """Inside `shard_map_logical`: the tiled all-to-all over the mesh axes that logical axis
+    `name` maps to (block i of `split_axis` goes to device i, the blocks received are
+    concatenated along `concat_axis`); `x` itself when `name` spans no mesh axis."""
+    axes = tuple(active_mesh_axes(name))
+    if not axes:
+        return x
+    return jax.lax.all_to_all(
+        x, axes[0] if len(axes) == 1 else axes, split_axis, concat_axis, tiled=True
     )
 
 

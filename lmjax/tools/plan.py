@@ -1,7 +1,7 @@
 """`lmjax plan`: which mesh, per-chip batch and remat policy fit a TPU slice, and which is fastest.
 
 Candidates are the product of a few dimensions (`DEFAULT_SPACE`, each replaceable with
-`--sweep KEY=V1,V2`): the ICI mesh (data x fsdp x tensor, fsdp taking the chips left), the
+`--sweep KEY=V1,V2`): the ICI mesh (data x fsdp x expert x tensor, fsdp taking the chips left), the
 split of `--num-slices` between DCN data and DCN fsdp parallelism, sequences per chip, remat
 policy and gradient accumulation; `--sweep` also adds any other config field as a dimension
 (e.g. model.attention=splash,xla). Those the model's shapes or the mesh cannot
@@ -39,6 +39,7 @@ SCHEMA = "lmjax.tools.plan/1"
 # per_device_batch_size). "-" in mesh.dcn_data means: all slices data-parallel.
 DEFAULT_SPACE: dict[str, tuple[str, ...]] = {
     "mesh.data": ("1",),
+    "mesh.expert": ("1",),  # MoE models: e.g. --sweep mesh.expert=1,8
     "mesh.tensor": ("1", "2"),
     "mesh.dcn_data": ("-",),
     "rows_per_chip": ("1", "2", "4"),
@@ -71,9 +72,11 @@ def _sharding_problem(config: Config, mesh_sizes: dict[str, int], rows: int) -> 
     """The first parameter dimension (or the batch of `rows`) that the mesh axes its logical
     axis maps to (under the config's rules) do not divide; None when all divide."""
     rules = sharding.rules_from_config(config.mesh)
-    specs = transformer.param_specs(config.model)
-    named = [(f"params/{k}", v) for k, v in specs.items() if k != "layers"]
-    named += [(f"params/layers/{k}", v) for k, v in specs["layers"].items()]
+    leaves = jax.tree_util.tree_flatten_with_path(
+        transformer.param_specs(config.model),
+        is_leaf=lambda x: isinstance(x, transformer.ParamSpec),
+    )[0]
+    named = [("params/" + "/".join(k.key for k in path), v) for path, v in leaves]
     named.append(("batch", transformer.ParamSpec((rows,), ("act_batch",), "")))
     for name, spec in named:
         for size, axis in zip(spec.shape, spec.axes):
@@ -87,14 +90,20 @@ def _sharding_problem(config: Config, mesh_sizes: dict[str, int], rows: int) -> 
     return None
 
 
+def _ici(point: dict[str, str]) -> tuple[int, int, int]:
+    """(data, expert, tensor) of a point; fsdp takes the chips they leave."""
+    return int(point["mesh.data"]), int(point.get("mesh.expert", "1")), int(point["mesh.tensor"])
+
+
 def _mesh_problem(config: Config, chips: int, slices: int, point: dict[str, str]) -> str | None:
     """Why the mesh of `point` cannot hold `config` (None when it can)."""
-    data, tensor = int(point["mesh.data"]), int(point["mesh.tensor"])
+    data, expert, tensor = _ici(point)
     dcn_data = slices if point["mesh.dcn_data"] == "-" else int(point["mesh.dcn_data"])
-    if data < 1 or tensor < 1 or chips % (data * tensor):
-        return (
-            f"mesh.data x mesh.tensor = {data} x {tensor} does not divide {chips} chips per slice"
-        )
+    if data < 1 or expert < 1 or tensor < 1 or chips % (data * expert * tensor):
+        named = f"mesh.data x mesh.tensor = {data} x {tensor}"
+        if expert != 1:
+            named = f"mesh.data x mesh.expert x mesh.tensor = {data} x {expert} x {tensor}"
+        return f"{named} does not divide {chips} chips per slice"
     if dcn_data < 1 or slices % dcn_data:
         return f"mesh.dcn_data={dcn_data} does not divide {slices} slices"
     accum = int(point["optim.grad_accum"])
@@ -103,7 +112,8 @@ def _mesh_problem(config: Config, chips: int, slices: int, point: dict[str, str]
         return f"optim.grad_accum={accum} does not divide the batch of {rows} rows"
     sizes = {
         "data": data * dcn_data,
-        "fsdp": chips // (data * tensor) * (slices // dcn_data),
+        "fsdp": chips // (data * expert * tensor) * (slices // dcn_data),
+        "expert": expert,
         "tensor": tensor,
     }
     return _sharding_problem(config, sizes, rows // accum)
@@ -111,14 +121,17 @@ def _mesh_problem(config: Config, chips: int, slices: int, point: dict[str, str]
 
 def _overrides(chips: int, slices: int, point: dict[str, str]) -> tuple[str, ...]:
     """The --set items of one point of the space (mesh and batch made explicit)."""
-    data, tensor = int(point["mesh.data"]), int(point["mesh.tensor"])
+    data, expert, tensor = _ici(point)
     dcn_data = slices if point["mesh.dcn_data"] == "-" else int(point["mesh.dcn_data"])
-    fsdp = chips // (data * tensor) if data * tensor and chips % (data * tensor) == 0 else -1
+    ici = data * expert * tensor
+    fsdp = chips // ici if ici and chips % ici == 0 else -1
     items = [f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"]
+    if expert != 1:
+        items.append(f"mesh.expert={expert}")
     if slices > 1:
         items += [f"mesh.dcn_data={dcn_data}", f"mesh.dcn_fsdp={slices // dcn_data}"]
     items.append(f"data.batch_size={int(point['rows_per_chip']) * chips * slices}")
-    special = ("mesh.data", "mesh.tensor", "mesh.dcn_data", "rows_per_chip")
+    special = ("mesh.data", "mesh.expert", "mesh.tensor", "mesh.dcn_data", "rows_per_chip")
     items += [f"{k}={v}" for k, v in point.items() if k not in special]
     return tuple(items)
 
