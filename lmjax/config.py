@@ -190,6 +190,24 @@ class CheckpointConfig:
     # The workdir's lease (lmjax/checkpoint/lease.py) is renewed every lease_timeout_s / 6 s;
     # one not renewed for lease_timeout_s is taken over by the next run on the workdir.
     lease_timeout_s: float = 60.0
+    # Fields a resume may change although they are refused by default, e.g.
+    # ("data.batch_size",) for a batch-size ramp or ("data.seq_len", "model.rope_theta") for
+    # a context extension: the data position carries over (lmjax/data/pipeline.py). One of
+    # RESUME_ACCEPTABLE; a field not changed is ignored, so the same command resumes again.
+    accept_changes: tuple[str, ...] = ()
+
+
+RESUME_ACCEPTABLE = (
+    "data.batch_size",
+    "data.seq_len",
+    "model.rope_theta",
+    "model.rope_scaling_factor",
+    "model.rope_low_freq_factor",
+    "model.rope_high_freq_factor",
+    "model.rope_original_max_len",
+    "model.rope_scaling_type",
+    "model.rope_local_theta",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -631,6 +649,13 @@ def _check_checkpoint(config: Config, need) -> None:
         "the recent mean loss).",
     )
     need(c.max_rewinds >= 0, f"checkpoint.max_rewinds={c.max_rewinds} must be 0 or positive.")
+    unknown = sorted(set(c.accept_changes) - set(RESUME_ACCEPTABLE))
+    need(
+        not unknown,
+        f"checkpoint.accept_changes: {unknown} cannot change on a resume; the fields that can "
+        f"are {', '.join(RESUME_ACCEPTABLE)} (others change the parameters or the tokenizer: "
+        "start a new workdir, or load only the params with --init-from).",
+    )
 
 
 def _check_run(config: Config, need) -> None:

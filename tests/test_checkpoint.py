@@ -197,6 +197,24 @@ def test_resume_rules_refuse_model_and_tokenizer_changes():
         compat.check_tokenizer(meta, "def", "ck step 5")
     with pytest.raises(compat.ResumeError, match="layout version"):
         compat.check_resumable({**meta, "param_layout_version": 0}, TINY, "ck step 5")
+    # a batch-size ramp or a context extension only when asked for, field by field
+    ramp = ["data.batch_size=16", "data.seq_len=32", "model.rope_theta=5e5"]
+    with pytest.raises(compat.ResumeError, match="accept_changes") as e:
+        compat.check_resumable(meta, apply_overrides(TINY, ramp), "ck step 5")
+    assert all(f.split("=")[0] in str(e.value) for f in ramp)
+    partly = apply_overrides(TINY, [*ramp, "checkpoint.accept_changes=data.batch_size"])
+    with pytest.raises(compat.ResumeError) as e:
+        compat.check_resumable(meta, partly, "ck step 5")
+    assert "data.seq_len" in str(e.value) and "data.batch_size:" not in str(e.value)
+    accepted = "checkpoint.accept_changes=data.batch_size,data.seq_len,model.rope_theta"
+    assert set(compat.check_resumable(meta, apply_overrides(TINY, [*ramp, accepted]), "c")) == {
+        "data.batch_size",
+        "data.seq_len",
+        "model.rope_theta",
+        "checkpoint.accept_changes",
+    }
+    with pytest.raises(ConfigError, match="model.d_model.. cannot change on a resume"):
+        config_lib.validate(apply_overrides(TINY, ["checkpoint.accept_changes=model.d_model"]))
 
 
 def _save_run(workdir, trainer, host_states, steps, config=TINY):

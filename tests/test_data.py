@@ -613,6 +613,45 @@ def test_deterministic_given_seed_and_state_checks(corpus, tok, prepared, tmp_pa
         make_pipeline(text_cfg(corpus), other_tok, stores={"text": prepared[0]})
 
 
+def test_accepted_batch_size_and_seq_len_changes_carry_the_data_position_over(
+    corpus, tok, prepared
+):
+    """A resume with another batch size reads on from the next unread window; one with another
+    seq_len (unshuffled) from the next unread token, with nothing read twice or skipped."""
+    stores = {"text": prepared[0]}
+    old = make_pipeline(text_cfg(corpus, batch_size=4), tok, stores=stores)
+    old.skipped = (1,)  # a batch the loss-spike guard skipped
+    state = json.loads(json.dumps(old.state(3)))  # step 3 reads batch 4
+    bigger = make_pipeline(text_cfg(corpus, batch_size=8), tok, stores=stores)
+    with pytest.raises(DataStateError, match="accept_changes=data.FIELD"):
+        bigger.check_state(state)
+    bigger.check_state(state, accept=("data.batch_size",))
+    for step, pair in ((3, (4, 5)), (4, (6, 7))):  # batch 8 rows = two old batches of 4 rows
+        expected = np.concatenate([old.train_batch(p)["inputs"] for p in pair])
+        np.testing.assert_array_equal(bigger.train_batch(bigger.position(step))["inputs"], expected)
+    again = json.loads(json.dumps(bigger.state(9)))
+    assert again["origin"] == {"position": 4, "window": 16}  # after batches 0-3 of 4 windows
+    assert again["changes"] == [
+        {"step": 3, "batch_size": [4, 8], "origin": {"position": 4, "window": 16}}
+    ]
+    resumed = make_pipeline(text_cfg(corpus, batch_size=8), tok, stores=stores)
+    resumed.check_state(again, accept=("data.batch_size",))  # nothing changed: nothing new
+    assert resumed.state(9) == again
+    with pytest.raises(ValueError, match="precedes this run's data change"):
+        resumed.train_batch(3)
+
+    stream = naive_streams(corpus, tok)["train"]
+    short = make_pipeline(text_cfg(corpus, batch_size=2, shuffle=False), tok, stores=stores)
+    longer = make_pipeline(
+        text_cfg(corpus, batch_size=2, seq_len=2 * SEQ, shuffle=False), tok, stores=stores
+    )
+    longer.check_state(short.state(3), accept=("data.seq_len",))
+    assert longer.origin.window == 3  # 6 windows of 32 tokens read: 3 of 64
+    rows = longer.train_batch(3)["inputs"]
+    np.testing.assert_array_equal(rows.reshape(-1), stream[6 * SEQ : 10 * SEQ])
+    np.testing.assert_array_equal(short.train_batch(2)["inputs"][1], stream[5 * SEQ : 6 * SEQ])
+
+
 def test_eval_batches_score_each_validation_window_once_in_order(corpus, tok, prepared, caplog):
     pipe = make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]})
     val = naive_streams(corpus, tok)["validation"]

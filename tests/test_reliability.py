@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lmjax import cli
-from lmjax.checkpoint import checkpointer
+from lmjax.checkpoint import checkpointer, compat
 from lmjax.data import pipeline, prepare
 from lmjax.observe import metrics
 from lmjax.train import hooks, run, watchdog
@@ -26,7 +26,7 @@ STALL_SCRIPT = """
 import logging, sys, threading, time
 import jax
 from lmjax import cli
-from lmjax.checkpoint import checkpointer
+from lmjax.checkpoint import checkpointer, compat
 from lmjax.parallel import distributed
 from lmjax.train import loop, run
 
@@ -132,15 +132,15 @@ def _poisoned(run_pipeline):
 
     def make(*args, **kwargs):
         pipe = run_pipeline(*args, **kwargs)
-        clean = pipe._train
+        clean = pipe.train_batch
 
-        def train(position):
+        def train_batch(position):
             batch = clean(position)
             if position in POISONED:
                 batch["loss_mask"][0, 0] = np.nan
             return batch
 
-        pipe._train = train
+        pipe.train_batch = train_batch
         return pipe
 
     return make
@@ -188,6 +188,35 @@ def test_poisoned_batches_are_rewound_skipped_and_recorded(tmp_path, monkeypatch
     run.train(config, str(tmp_path / "again"), restore_from=str(tmp_path / "run/checkpoints/8"))
     again = _losses(tmp_path / "again")
     assert again == {s: losses[s] for s in range(9, 13)}
+
+
+@pytest.mark.slow
+def test_a_resume_with_an_accepted_batch_size_and_seq_len_change_reads_on(tmp_path):
+    """The smoke run stopped at step 4, resumed with twice the batch and sequence length:
+    refused unless checkpoint.accept_changes names both; then it trains on from step 4, from
+    the windows read so far (tests/test_data.py checks which, on a real store), and its
+    checkpoints record it."""
+    workdir = str(tmp_path / "run")
+    base = [
+        "data.source=synthetic",
+        "run.log_every=1",
+        "run.eval_batches=1",
+        "checkpoint.every_steps=4",
+    ]
+    run.train(cli.load_experiment("smoke", [*base, "run.steps=4"]), workdir)
+    longer = [*base, "run.steps=6", "data.batch_size=16", "data.seq_len=128"]
+    with pytest.raises(compat.ResumeError, match="data.batch_size: checkpoint 8, now 16"):
+        run.train(cli.load_experiment("smoke", longer), workdir)
+    accept = "checkpoint.accept_changes=data.batch_size,data.seq_len"
+    run.train(cli.load_experiment("smoke", [*longer, accept]), workdir)
+    assert sorted(_losses(workdir)) == list(range(1, 7))
+    with checkpointer.ReadOnly(os.path.join(workdir, "checkpoints")) as ckpt:
+        data = ckpt.read_json(6, "data")
+    # steps 0-3 read 4 x 8 windows of 64 tokens: 16 windows of 128
+    assert data["origin"] == {"position": 4, "window": 16}
+    assert data["changes"] == [
+        {"step": 4, "batch_size": [8, 16], "seq_len": [64, 128], "origin": data["origin"]}
+    ]
 
 
 def test_loss_guard_rejects_spikes_and_gives_up_after_max_rewinds():

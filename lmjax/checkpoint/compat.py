@@ -73,15 +73,19 @@ def make_metadata(config: Config, tokenizer_fingerprint: str | None, mesh) -> di
     }
 
 
-def refused_fields(changes: dict[str, tuple]) -> list[str]:
+def refused_fields(changes: dict[str, tuple], accepted: tuple[str, ...] = ()) -> list[str]:
     """The changed fields (from `config.diff`) a resume must refuse: parameter shapes or
-    meaning, the tokenizer, and what the data position depends on."""
+    meaning, the tokenizer, and what the data position depends on, except those the user
+    `accepted` (`checkpoint.accept_changes`)."""
     return sorted(
         k
         for k in changes
-        if (k.startswith("model.") and k[len("model.") :] not in COMPUTE_ONLY_MODEL_FIELDS)
-        or k in TOKENIZER_FIELDS
-        or k in DATA_POSITION_FIELDS
+        if k not in accepted
+        and (
+            (k.startswith("model.") and k[len("model.") :] not in COMPUTE_ONLY_MODEL_FIELDS)
+            or k in TOKENIZER_FIELDS
+            or k in DATA_POSITION_FIELDS
+        )
     )
 
 
@@ -100,7 +104,7 @@ def check_resumable(meta: dict, config: Config, where: str) -> dict[str, tuple]:
         )
     saved = config_lib.from_dict(meta["config"])
     changes = {k: v for k, v in config_lib.diff(saved, config).items() if k != "data.tokenizer"}
-    refused = refused_fields(changes)
+    refused = refused_fields(changes, config.checkpoint.accept_changes)
     if refused:
         lines = "\n  ".join(
             f"{k}: checkpoint {changes[k][0]!r}, now {changes[k][1]!r}" for k in refused
@@ -108,7 +112,9 @@ def check_resumable(meta: dict, config: Config, where: str) -> dict[str, tuple]:
         raise ResumeError(
             f"cannot resume {where}: these fields change the model, the tokenizer or the "
             f"data position:\n  {lines}\nFix: resume with the checkpoint's values (--set "
-            "FIELD=VALUE), start a new workdir, or load only the params with --init-from."
+            "FIELD=VALUE), start a new workdir, or load only the params with --init-from "
+            "(a batch-size, sequence-length or rope change is accepted with --set "
+            "checkpoint.accept_changes=FIELD[,FIELD])."
         )
     return changes
 

@@ -17,6 +17,14 @@ global batches: a checkpoint moves between host counts. Step k (0-based) reads g
 k, or, once the loss-spike guard has skipped some (`Pipeline.skipped`, kept in the
 checkpoint's data position), the k-th batch that is not skipped (`data_positions`).
 
+A resume that changes data.batch_size or data.seq_len (only when `checkpoint.accept_changes`
+names them) starts a new `Origin`: from the batch it resumes at on, batch p reads global
+windows `origin.window + (p - origin.position) * batch_size + r`, where origin.window is the
+number of old windows read so far converted to new ones by tokens (rounded up). Without
+shuffling no token is read twice or skipped (windows follow the stream); with shuffling the
+run stays in the same epoch at the same fraction of it, but the rest of that one epoch is drawn
+from the new windows' permutation, so it may repeat or miss text of the old windows.
+
 Evaluation reads the validation split's windows 0, 1, ... in order, each at most once: eval
 batch `s` row `r` is window `s*batch_size + r` while that is below W, and an unscored row
 (loss_mask 0) past it, so at most ceil(W / batch_size) batches exist (`eval_sets` caps a
@@ -73,6 +81,19 @@ class EvalSource:
         return None if self.n_windows is None else -(-self.n_windows // self.batch_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """Global batch `position` and later read windows `window + (p - position) * batch_size
+    + row` (the start of the run, or of the last accepted batch-size or seq_len change)."""
+
+    position: int = 0
+    window: int = 0
+
+
+# What a resume may change in the data position (`checkpoint.accept_changes`), carried over.
+CARRIED_FIELDS = ("batch_size", "seq_len")
+
+
 class Pipeline:
     """Batches for the trainer. `state(step)` is what a checkpoint stores about the data."""
 
@@ -81,23 +102,43 @@ class Pipeline:
         *,
         tokenizer: Tokenizer | None,
         identity: dict,
-        train: Callable[[int], Batch],
+        rows: np.ndarray,
+        train: Callable[[np.ndarray], Batch],
         evaluation: dict[str, EvalSource],
-        row_sources: Callable[[int], list[str]],
+        row_sources: Callable[[np.ndarray], list[str]],
     ):
+        """rows: this process's rows of each batch; train(windows) and row_sources(windows):
+        the batch and the source names of int64 [rows] global windows."""
         self.tokenizer = tokenizer
         self._identity = identity
+        self._rows = rows
         self._train = train
         self._evaluation = evaluation
         self._row_sources = row_sources
         # Global batches no step reads (the loss-spike guard's rewinds), ascending.
         self.skipped: tuple[int, ...] = ()
+        self.origin = Origin()
+        self.changes: list[dict] = []  # accepted changes, as the checkpoints record them
+
+    def windows(self, position: int) -> np.ndarray:
+        """int64 [rows]: the global windows this process's rows of batch `position` read."""
+        if position < self.origin.position:
+            raise ValueError(
+                f"batch {position} precedes this run's data change at batch "
+                f"{self.origin.position} (another batch size or seq_len): it cannot be rebuilt"
+            )
+        first = self.origin.window + (position - self.origin.position) * self.batch_size
+        return first + self._rows
+
+    @property
+    def batch_size(self) -> int:
+        return self._identity["batch_size"]
 
     def train_batch(self, step: int) -> Batch:
         """This process's rows of global batch `step`."""
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}")
-        return self._train(step)
+        return self._train(self.windows(step))
 
     def train_batches(self, start_step: int = 0) -> Iterator[Batch]:
         """This process's rows of the global batches that steps start_step, start_step+1, ...
@@ -105,7 +146,7 @@ class Pipeline:
         positions = data_positions(start_step, self.skipped)
         first = next(positions)
         self.train_batch(first)  # fail here, not in the prefetch thread, on a bad step
-        return _prefetched(self._train(p) for p in itertools.chain([first], positions))
+        return _prefetched(self.train_batch(p) for p in itertools.chain([first], positions))
 
     def position(self, step: int) -> int:
         """The global batch that step `step` (0-based) reads, past the skipped ones."""
@@ -113,7 +154,7 @@ class Pipeline:
 
     def row_sources(self, step: int) -> list[str]:
         """The source each of this process's rows of batch `step` comes from."""
-        return self._row_sources(step)
+        return self._row_sources(self.windows(step))
 
     def eval_sets(self, n: int) -> dict[str, list[Batch]]:
         """{source: its first `n` evaluation batches (this process's rows)}, or all of them
@@ -145,18 +186,32 @@ class Pipeline:
         return [b for batches in self.eval_sets(n).values() for b in batches]
 
     def state(self, step: int) -> dict:
-        """What a checkpoint records: the identity, the step and any skipped batches."""
-        skipped = {"skipped": list(self.skipped)} if self.skipped else {}
-        return {**self._identity, "step": int(step), **skipped}
+        """What a checkpoint records: the identity, the step, and any skipped batches, data
+        origin and accepted changes."""
+        extra: dict = {"skipped": list(self.skipped)} if self.skipped else {}
+        if self.origin != Origin():
+            extra["origin"] = dataclasses.asdict(self.origin)
+        if self.changes:
+            extra["changes"] = self.changes
+        return {**self._identity, "step": int(step), **extra}
 
-    def check_state(self, state: dict) -> None:
-        """Raises `DataStateError` naming every field that differs from the checkpoint's;
-        adopts its skipped batches."""
-        saved = {k: v for k, v in state.items() if k not in ("step", "skipped")}
-        diffs = [
-            f"{k}: checkpoint {saved.get(k)!r}, now {self._identity.get(k)!r}"
+    def check_state(self, state: dict, accept: Sequence[str] = ()) -> None:
+        """Adopts a checkpoint's data position: its skipped batches and origin.
+
+        A changed batch_size or seq_len named in `accept` ("data.batch_size", as in
+        `checkpoint.accept_changes`) starts a new `Origin` at the batch the resume reads, with
+        the windows read so far converted by tokens; the change is logged and recorded.
+        Raises `DataStateError` naming every other field that differs from the checkpoint's.
+        """
+        saved = {k: v for k, v in state.items() if k not in _POSITION_KEYS}
+        changed = {
+            k: (saved.get(k), self._identity.get(k))
             for k in sorted(set(saved) | set(self._identity))
             if saved.get(k) != self._identity.get(k)
+        }
+        carried = {k for k in changed if k in CARRIED_FIELDS and f"data.{k}" in accept}
+        diffs = [
+            f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items() if k not in carried
         ]
         if diffs:
             raise DataStateError(
@@ -164,9 +219,38 @@ class Pipeline:
                 + "\n  ".join(diffs)
                 + "\nFix: resume with the data settings the checkpoint was "
                 "written with (--set data.FIELD=...) and the same tokenizer and sources, or "
-                "start a new workdir."
+                "start a new workdir (a batch-size or seq_len change is accepted with --set "
+                "checkpoint.accept_changes=data.FIELD)."
             )
         self.skipped = tuple(state.get("skipped", ()))
+        self.origin = Origin(**state.get("origin", {}))
+        self.changes = list(state.get("changes", ()))
+        if carried:
+            self._carry_over(state, {k: changed[k] for k in sorted(carried)})
+
+    def _carry_over(self, state: dict, changed: dict[str, tuple]) -> None:
+        """New origin at the batch that step state["step"] reads: the old windows read before
+        it, as new windows of the same tokens (rounded up, so none is read twice)."""
+        position = next(data_positions(state["step"], self.skipped))
+        old_windows = self.origin.window + (position - self.origin.position) * state["batch_size"]
+        window = -(-old_windows * state["seq_len"] // self._identity["seq_len"])
+        self.origin = Origin(position, window)
+        record = {"step": int(state["step"]), **{k: list(v) for k, v in changed.items()}}
+        self.changes.append({**record, "origin": dataclasses.asdict(self.origin)})
+        log.warning(
+            "data position carried over at step %d: %s; batch %d on reads windows from %d "
+            "(%d windows of %d tokens were read before)",
+            state["step"],
+            ", ".join(f"data.{k} {a} -> {b}" for k, (a, b) in changed.items()),
+            position,
+            window,
+            old_windows,
+            state["seq_len"],
+        )
+
+
+# Keys of a data state that say where the run is, not what it reads.
+_POSITION_KEYS = ("step", "skipped", "origin", "changes")
 
 
 def data_positions(start_step: int, skipped: Sequence[int]) -> Iterator[int]:
@@ -292,19 +376,21 @@ class MixedReader:
 def synthetic_batch(
     seed: int,
     stream: int,
-    step: int,
-    rows: Sequence[int],
+    step: int | np.ndarray,
+    rows: Sequence[int] | np.ndarray,
     seq_len: int,
     vocab_size: int,
     pack: bool = True,
 ) -> Batch:
-    """Seeded random tokens, one document per row: rows `rows` of global batch `step`."""
+    """Seeded random tokens, one document per row: rows `rows` of global batch `step` (an int,
+    or one per row)."""
+    steps = np.broadcast_to(np.asarray(step, np.int64), (len(rows),))
     tokens = np.stack(
         [
-            np.random.default_rng([seed, stream, step, r]).integers(
+            np.random.default_rng([seed, stream, int(s), int(r)]).integers(
                 0, vocab_size, seq_len + 1, dtype=np.int32
             )
-            for r in rows
+            for s, r in zip(steps, rows)
         ]
     )
     return packing.rows_from_windows(tokens, np.zeros_like(tokens, np.int64), pack)
@@ -389,17 +475,27 @@ def _synthetic_pipeline(
 ) -> Pipeline:
     if not vocab_size or vocab_size < 1:
         raise ConfigError("data.source=synthetic needs vocab_size (pass model.vocab_size).")
-    seed, seq_len, pack = data_cfg.seed, data_cfg.seq_len, data_cfg.packing
+    seed, seq_len, pack, size = (
+        data_cfg.seed,
+        data_cfg.seq_len,
+        data_cfg.packing,
+        data_cfg.batch_size,
+    )
 
-    def stream(k: int) -> Callable[[int], Batch]:  # 0: training, 1: evaluation
-        return lambda s: synthetic_batch(seed, k, s, mine, seq_len, vocab_size, pack)
+    def train(windows: np.ndarray) -> Batch:  # window g: row g % size of batch g // size
+        return synthetic_batch(seed, 0, windows // size, windows % size, seq_len, vocab_size, pack)
 
     return Pipeline(
         tokenizer=None,
         identity={**identity, "vocab_size": vocab_size},
-        train=stream(0),
-        evaluation={"synthetic": EvalSource(stream(1), None, data_cfg.batch_size)},
-        row_sources=lambda s: ["synthetic"] * len(mine),
+        rows=mine,
+        train=train,
+        evaluation={
+            "synthetic": EvalSource(
+                lambda s: synthetic_batch(seed, 1, s, mine, seq_len, vocab_size, pack), None, size
+            )
+        },
+        row_sources=lambda windows: ["synthetic"] * len(windows),
     )
 
 
@@ -461,7 +557,8 @@ def _store_pipeline(
     return Pipeline(
         tokenizer=tokenizer,
         identity=identity,
-        train=lambda s: train.batch(s * batch_size + mine),
+        rows=mine,
+        train=train.batch,
         evaluation={
             n: EvalSource(
                 functools.partial(_eval_batch, r, batch_size, mine),
@@ -471,7 +568,7 @@ def _store_pipeline(
             )
             for n, r in evaluation.items()
         },
-        row_sources=lambda s: [names[k] for k in train.assign(s * batch_size + mine)[0]],
+        row_sources=lambda windows: [names[k] for k in train.assign(windows)[0]],
     )
 
 

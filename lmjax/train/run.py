@@ -89,7 +89,7 @@ def _set_up(
         trainer.init_fn, trainer.state_shardings, workdir, config.model
     )
     if data_state is not None:
-        pipeline.check_state(data_state)
+        pipeline.check_state(data_state, config.checkpoint.accept_changes)
     if primary:
         storage.path(storage.join(workdir, CONFIG)).write_text(to_json(config))
     return _Setup(
