@@ -1,0 +1,61 @@
+"""lmjax installed as a user installs it (a wheel, not the checkout) runs its presets on its
+packaged corpus from any directory: what `launch/tpu.py run` does on a TPU VM."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_a_wheel_installed_elsewhere_trains_the_smoke_preset_from_another_directory(tmp_path):
+    source, wheels, target, elsewhere = (
+        tmp_path / d for d in ("source", "wheels", "site", "elsewhere")
+    )
+    # Built from a copy of what a wheel is made of: setuptools builds in the source tree, and
+    # a checkout's stale build/ or untracked files must not leak into the wheel.
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.cfg", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "lmjax", source / "lmjax", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(source)], check=True)
+    (wheel,) = wheels.glob("lmjax-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    elsewhere.mkdir()
+    # Only the installed copy is importable: not the checkout, not the editable install.
+    env = {**os.environ, "PYTHONPATH": str(target), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    where = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import lmjax, lmjax.cli as c; print(lmjax.__file__, c.experiment_names())",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert where.startswith(str(target)), where
+    for preset in ("smoke", "quickstart", "llama3_8b", "llama3_70b"):
+        assert f"'{preset}'" in where
+    settings = ["run.steps=2", "checkpoint.every_steps=2", "run.eval_batches=1"]
+    out = subprocess.run(
+        [sys.executable, "-m", "lmjax", "train", "--experiment", "smoke", "--workdir", "w"]
+        + [arg for s in [*settings, "run.compile_cache_dir="] for arg in ("--set", s)],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "eval_loss=" in out.stdout
+    assert (elsewhere / "w" / "checkpoints" / "2").is_dir()
+    assert (elsewhere / "w" / "tokenizer.model").exists()  # trained on the packaged corpus
