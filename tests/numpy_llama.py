@@ -14,6 +14,10 @@ file, keyed by config.json's `model_type`:
   gemma3: all but every sliding_window_pattern-th, or `layer_types`). gemma3 adds (1 + w)
   q/k norms and a local RoPE base `rope_local_base_freq` for sliding layers, the global
   layers keeping `rope_theta` and `rope_scaling` ("linear": frequencies / factor).
+  mixtral / qwen3_moe: the MLP is a mixture of experts (router `block_sparse_moe.gate` /
+  `mlp.gate`, experts `...experts.{j}.w1/w3/w2` / `gate_proj/up_proj/down_proj`), the top
+  `num_experts_per_tok` of the softmax over all experts, renormalized for mixtral and where
+  qwen3_moe's `norm_topk_prob` says so (the loop of tests/numpy_moe.py).
 It shares no code with lmjax, so the tests can hold lmjax (and its HF converter) against
 it. Everything is computed in float64.
 """
@@ -23,6 +27,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from tests import numpy_moe
+
+# model_type -> (router, experts' prefix, their gate, up and down projections) in HF names.
+MOE = {
+    "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts", "w1", "w3", "w2"),
+    "qwen3_moe": ("mlp.gate", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
+}
 
 
 def llama3_scaled_frequencies(
@@ -182,6 +194,8 @@ def _layer(w, p, x, pos, allowed, sliding, config):
     else:
         x = x + out
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+    if config.get("model_type") in MOE:
+        return x + _moe_mlp(w, p, h, config)
     act = gelu_pytorch_tanh if gemma else silu
     gate = h @ w[p + "mlp.gate_proj.weight"].T
     up = h @ w[p + "mlp.up_proj.weight"].T
@@ -189,6 +203,25 @@ def _layer(w, p, x, pos, allowed, sliding, config):
     if gemma:
         out = rms_norm(out, w[p + "post_feedforward_layernorm.weight"], eps, True)
     return x + out
+
+
+def _moe_mlp(w, p, h, config):
+    """The mixture-of-experts MLP of one sequence. h: [seq, hidden] -> same."""
+    router, experts, gate, up, down = MOE[config["model_type"]]
+    n = _n_experts(config)
+    stack = lambda name: np.stack([w[p + f"{experts}.{j}.{name}.weight"].T for j in range(n)])
+    layer = {
+        "router": w[p + router + ".weight"].T,
+        "w_gate": stack(gate),
+        "w_up": stack(up),
+        "w_down": stack(down),
+    }
+    renorm = config["model_type"] == "mixtral" or config.get("norm_topk_prob", False)
+    return numpy_moe.moe_mlp(h, layer, top_k=config["num_experts_per_tok"], renorm=renorm)[0]
+
+
+def _n_experts(config: dict) -> int:
+    return config["num_local_experts" if config["model_type"] == "mixtral" else "num_experts"]
 
 
 def forward(tensors: dict, config: dict, tokens, *, positions=None, segment_ids=None):
@@ -270,13 +303,22 @@ def random_checkpoint(config: dict, seed: int = 0, std: float = 0.1) -> dict:
         t[p + "self_attn.k_proj.weight"] = normal(n_kv * head_dim, hidden)
         t[p + "self_attn.v_proj.weight"] = normal(n_kv * head_dim, hidden)
         t[p + "self_attn.o_proj.weight"] = normal(hidden, n_heads * head_dim)
-        t[p + "mlp.gate_proj.weight"] = normal(mlp_dim, hidden)
-        t[p + "mlp.up_proj.weight"] = normal(mlp_dim, hidden)
-        t[p + "mlp.down_proj.weight"] = normal(hidden, mlp_dim)
+        if kind in MOE:
+            router, experts, gate, up, down = MOE[kind]
+            width = config.get("moe_intermediate_size", mlp_dim)
+            t[p + router + ".weight"] = normal(_n_experts(config), hidden)
+            for j in range(_n_experts(config)):
+                t[p + f"{experts}.{j}.{gate}.weight"] = normal(width, hidden)
+                t[p + f"{experts}.{j}.{up}.weight"] = normal(width, hidden)
+                t[p + f"{experts}.{j}.{down}.weight"] = normal(hidden, width)
+        else:
+            t[p + "mlp.gate_proj.weight"] = normal(mlp_dim, hidden)
+            t[p + "mlp.up_proj.weight"] = normal(mlp_dim, hidden)
+            t[p + "mlp.down_proj.weight"] = normal(hidden, mlp_dim)
         if kind == "qwen2":
             for name, rows in (("q", n_heads), ("k", n_kv), ("v", n_kv)):
                 t[p + f"self_attn.{name}_proj.bias"] = normal(rows * head_dim)
-        if kind in ("qwen3", "gemma3_text"):
+        if kind in ("qwen3", "qwen3_moe", "gemma3_text"):
             t[p + "self_attn.q_norm.weight"] = norm_weight(head_dim)
             t[p + "self_attn.k_norm.weight"] = norm_weight(head_dim)
         if gemma:

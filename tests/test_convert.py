@@ -241,7 +241,7 @@ def test_save_shards_and_casts(tmp_path):
 def test_table_covers_every_parameter_exactly_once():
     for tie in (False, True):
         cfg = dataclasses.replace(hf.config_from_hf(BASE), tie_embeddings=tie)
-        paths = [e.path for e, _, layer, _ in hf._entries(cfg) if layer in (None, 0)]
+        paths = [e.path for e, _, index, _ in hf._entries(cfg) if not any(index or ())]
         leaves = [
             tuple(k.key for k in p)
             for p, _ in jax.tree_util.tree_leaves_with_path(transformer.param_shapes(cfg))

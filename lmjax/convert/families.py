@@ -2,7 +2,9 @@
 parameter, its config.json keys, and the `ModelConfig` switches it implies.
 
 Every family runs on lmjax's one model (lmjax/model/transformer.py); a family differs only
-in the switches of `FAMILY_FIELDS` and in the names of its tensors. Gemma names its four
+in the switches of `FAMILY_FIELDS` and in the names of its tensors. The mixture-of-experts
+families (mixtral, qwen3_moe) name one tensor per layer and expert ("{i}" the layer, "{j}"
+the expert), held in lmjax's `moe` stacks. Gemma names its four
 norms differently from Llama: its `post_attention_layernorm` normalizes the attention
 output (lmjax `attn_post_norm`), and `pre_feedforward_layernorm` is the MLP's input norm.
 """
@@ -20,7 +22,8 @@ from lmjax.config import ConfigError, ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One HF tensor <-> one lmjax parameter (one layer's slice for `layers/...`).
+    """One HF tensor <-> one lmjax parameter (one layer's slice for the stacks `layers/...`,
+    `dense_mlp/...` and `moe/...`, one layer's and expert's for an expert weight).
 
     `in_axes` is 0 for arrays stored identically on both sides (embeddings, norms; with
     `flat`, HF holds the lmjax array flattened, as a bias [heads * head_dim]). For a Linear
@@ -28,7 +31,7 @@ class Entry:
     the transpose of the lmjax array flattened to `[prod(in axes), prod(rest)]`.
     """
 
-    hf: str  # "{i}" stands for the layer index
+    hf: str  # "{i}" stands for the layer index, "{j}" for the expert
     path: tuple[str, ...]
     in_axes: int
     flat: bool = False
@@ -50,6 +53,10 @@ class Entry:
 
 def _layer(hf: str, name: str, in_axes: int, flat: bool = False) -> Entry:
     return Entry(f"model.layers.{{i}}.{hf}", ("layers", name), in_axes, flat)
+
+
+def _moe(hf: str, name: str) -> Entry:
+    return Entry(f"model.layers.{{i}}.{hf}", ("moe", name), 1)
 
 
 _EMBED = Entry("model.embed_tokens.weight", ("embed",), 0)
@@ -94,6 +101,30 @@ GEMMA_TABLE = (
     *_HEAD,
 )
 
+_LLAMA_ATTENTION_NORMS = (
+    _EMBED,
+    _layer("input_layernorm.weight", "attn_norm", 0),
+    *_ATTENTION,
+    _layer("post_attention_layernorm.weight", "mlp_norm", 0),
+    *_HEAD,
+)
+MIXTRAL_TABLE = _LLAMA_ATTENTION_NORMS + (
+    _moe("block_sparse_moe.gate.weight", "router"),
+    _moe("block_sparse_moe.experts.{j}.w1.weight", "w_gate"),
+    _moe("block_sparse_moe.experts.{j}.w3.weight", "w_up"),
+    _moe("block_sparse_moe.experts.{j}.w2.weight", "w_down"),
+)
+QWEN3_MOE_TABLE = (
+    _LLAMA_ATTENTION_NORMS
+    + _QK_NORMS
+    + (
+        _moe("mlp.gate.weight", "router"),
+        _moe("mlp.experts.{j}.gate_proj.weight", "w_gate"),
+        _moe("mlp.experts.{j}.up_proj.weight", "w_up"),
+        _moe("mlp.experts.{j}.down_proj.weight", "w_down"),
+    )
+)
+
 # The ModelConfig fields in which families differ; a family fixes each (`switches`), reads
 # it from config.json (`keys`) or leaves it at its default.
 FAMILY_FIELDS = (
@@ -109,6 +140,13 @@ FAMILY_FIELDS = (
     "attn_softcap",
     "final_softcap",
     "query_pre_attn_scalar",
+    "moe_experts",
+    "moe_top_k",
+    "moe_router",
+    "moe_d_mlp",
+    "moe_shared_d_mlp",
+    "moe_first_dense_layers",
+    "moe_every",
 )
 _GEMMA_SWITCHES = (
     ("norm_offset", True),
@@ -139,6 +177,8 @@ class Family:
     field) read and written beside the shared ones; a null value reads as 0 (off).
     defaults: config.json values assumed where a key is absent (the family's HF defaults).
     required: (key, value, what it means) that config.json must hold (or lack); written too.
+    router_key: a config.json boolean that picks the MoE router: true softmax_topk_renorm,
+    false softmax_topk ("": the switches fix it).
     """
 
     model_type: str
@@ -148,10 +188,11 @@ class Family:
     keys: tuple[tuple[str, str], ...] = ()
     defaults: tuple[tuple[str, Any], ...] = ()
     required: tuple[tuple[str, Any, str], ...] = _SILU_REQUIRED
+    router_key: str = ""
 
     def fixed(self) -> dict[str, Any]:
         """The FAMILY_FIELDS values every model of this family has."""
-        read = {field for _, field in self.keys}
+        read = {field for _, field in self.keys} | ({"moe_router"} if self.router_key else set())
         fixed = {f: getattr(ModelConfig, f) for f in FAMILY_FIELDS if f not in read}
         return {**fixed, **dict(self.switches)}
 
@@ -224,6 +265,38 @@ FAMILIES = (
             ("query_pre_attn_scalar", 256),
         ),
         required=_GEMMA_REQUIRED,
+    ),
+    Family(
+        "mixtral",
+        "MixtralForCausalLM",
+        MIXTRAL_TABLE,
+        switches=(("moe_router", "softmax_topk_renorm"),),
+        keys=(
+            ("num_local_experts", "moe_experts"),
+            ("num_experts_per_tok", "moe_top_k"),
+            ("sliding_window", "sliding_window"),
+        ),
+        defaults=(("num_local_experts", 8), ("num_experts_per_tok", 2)),
+    ),
+    Family(
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        QWEN3_MOE_TABLE,
+        switches=(("qk_norm", True),),
+        keys=(
+            ("num_experts", "moe_experts"),
+            ("num_experts_per_tok", "moe_top_k"),
+            ("moe_intermediate_size", "moe_d_mlp"),
+        ),
+        defaults=(("head_dim", 128), ("num_experts", 128), ("num_experts_per_tok", 8)),
+        required=_SILU_REQUIRED
+        + _NO_SLIDING
+        + (
+            ("attention_bias", False, "attention without biases"),
+            ("decoder_sparse_step", 1, "an MoE MLP in every layer"),
+            ("mlp_only_layers", [], "an MoE MLP in every layer"),
+        ),
+        router_key="norm_topk_prob",
     ),
 )
 _BY_TYPE = {f.model_type: f for f in FAMILIES}

@@ -64,20 +64,31 @@ _FIELD_TYPES = typing.get_type_hints(ModelConfig)
 
 
 def _entries(cfg: ModelConfig, family: Family | None = None):
-    """Yields (entry, hf_name, layer index or None, per-layer lmjax shape) for `cfg`, from
-    `family`'s table (default: the family of `cfg`'s switches)."""
+    """Yields (entry, hf_name, index into the lmjax array or None, lmjax shape there) for
+    `cfg`, from `family`'s table (default: the family of `cfg`'s switches): the index of a
+    stacked parameter is (its row,) or, for an expert weight, (row, expert)."""
     specs = transformer.param_specs(cfg)
+    is_moe = transformer.layer_is_moe(cfg)
+    layers_of = {
+        "layers": list(range(cfg.n_layers)),
+        "moe": [i for i, m in enumerate(is_moe) if m],
+        "dense_mlp": [i for i, m in enumerate(is_moe) if not m],
+    }
     for entry in (family or families.of_config(cfg)).table:
         node = specs
         for key in entry.path:
             node = node.get(key) if isinstance(node, dict) else None
         if node is None:  # e.g. unembed of a tied model
             continue
-        if entry.path[0] == "layers":
-            for i in range(cfg.n_layers):
-                yield entry, entry.hf.format(i=i), i, node.shape[1:]
-        else:
+        if entry.path[0] not in layers_of:
             yield entry, entry.hf, None, node.shape
+            continue
+        for row, i in enumerate(layers_of[entry.path[0]]):
+            if "{j}" not in entry.hf:
+                yield entry, entry.hf.format(i=i), (row,), node.shape[1:]
+                continue
+            for j in range(cfg.moe_experts):
+                yield entry, entry.hf.format(i=i, j=j), (row, j), node.shape[2:]
 
 
 # ---------------------------------------------------------------- config
@@ -154,6 +165,9 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
         value = None if key in hf and hf[key] is None else values.get(key)
         fields[field] = _FIELD_TYPES[field](value or 0)
     fields.update(family.switches)
+    if family.router_key:
+        renorm = bool(values.get(family.router_key, False))
+        fields["moe_router"] = "softmax_topk_renorm" if renorm else "softmax_topk"
     fields.update(_rope_fields(rope))
     cfg = ModelConfig(**fields, param_dtype=param_dtype)
     _check_shapes(cfg, hf)
@@ -190,6 +204,8 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict:
     }
     hf.update({key: getattr(cfg, field) for key, field in CONFIG_KEYS})
     hf.update({key: getattr(cfg, field) or None for key, field in family.keys})
+    if family.router_key:
+        hf[family.router_key] = cfg.moe_router == "softmax_topk_renorm"
     if "query_pre_attn_scalar" in hf:
         hf["query_pre_attn_scalar"] = cfg.query_pre_attn_scalar or cfg.head_dim
     if cfg.sliding_window > 0:
@@ -293,7 +309,7 @@ def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mo
             )
             for p in sorted(set(files[n] for n in wanted))
         }
-        for entry, name, layer, shape in _entries(cfg, family):
+        for entry, name, index, shape in _entries(cfg, family):
             array = handles[files[name]].get_tensor(name)
             if tuple(array.shape) != entry.hf_shape(shape):
                 raise ConfigError(
@@ -301,23 +317,23 @@ def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mo
                     f"{entry.hf_shape(shape)}"
                 )
             target = _get(params, entry.path)
-            target[layer if layer is not None else ...] = entry.to_lmjax(array, shape).astype(dtype)
+            target[index if index is not None else ...] = entry.to_lmjax(array, shape).astype(dtype)
     return cfg, params
 
 
 def _plan_shards(
     cfg: ModelConfig, itemsize: int, max_shard_bytes: int
-) -> tuple[list[list[tuple[Entry, str, int | None]]], int]:
-    """([shard: [(table entry, HF name, layer or None)]], total bytes): tensors in table
+) -> tuple[list[list[tuple[Entry, str, tuple[int, ...] | None]]], int]:
+    """([shard: [(table entry, HF name, index or None)]], total bytes): tensors in table
     order, a new shard whenever the next tensor would take one past `max_shard_bytes`."""
-    shards: list[list[tuple[Entry, str, int | None]]] = [[]]
+    shards: list[list[tuple[Entry, str, tuple[int, ...] | None]]] = [[]]
     size = total = 0
-    for entry, name, layer, shape in _entries(cfg):
+    for entry, name, index, shape in _entries(cfg):
         nbytes = math.prod(shape) * itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append((entry, name, layer))
+        shards[-1].append((entry, name, index))
         size += nbytes
         total += nbytes
     return shards, total
@@ -365,8 +381,8 @@ def save(
     weight_map = {}
     for filename, shard in zip(names, shards):
         tensors = {}
-        for entry, name, layer in shard:
-            tensors[name] = np.ascontiguousarray(_hf_tensor(params, entry, layer).astype(np_dtype))
+        for entry, name, index in shard:
+            tensors[name] = np.ascontiguousarray(_hf_tensor(params, entry, index).astype(np_dtype))
             weight_map[name] = filename
         # transformers requires the "format" header field.
         with storage.staged(out_dir / filename) as local:
@@ -378,16 +394,17 @@ def save(
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
-def _hf_tensor(params: Params, entry: Entry, layer: int | None) -> np.ndarray:
-    """The HF tensor of `entry` (one layer's slice for `layers/...`), copied to the host."""
+def _hf_tensor(params: Params, entry: Entry, index: tuple[int, ...] | None) -> np.ndarray:
+    """The HF tensor of `entry` (a layer's or a layer's expert's slice of a stack: `index`),
+    copied to the host."""
     array = _get(params, entry.path)
-    return entry.to_hf(np.asarray(array[layer] if layer is not None else array))
+    return entry.to_hf(np.asarray(array[index] if index is not None else array))
 
 
 def to_hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     """HF name -> tensor for `params` (any pytree of arrays shaped as the params, e.g.
     their gradients), in memory; `save` writes the same tensors shard by shard."""
-    return {name: _hf_tensor(params, entry, layer) for entry, name, layer, _ in _entries(cfg)}
+    return {name: _hf_tensor(params, entry, index) for entry, name, index, _ in _entries(cfg)}
 
 
 # ---------------------------------------------------------------- helpers

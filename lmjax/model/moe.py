@@ -12,9 +12,10 @@ Two dispatch modes, the same function of the parameters wherever no token is dro
   capacity (> 0): each expert holds at most `capacity` copies in a fixed [experts, capacity,
     embed] buffer; copies past it (first choices of all tokens first, then second choices, in
     token order) are dropped and counted, and contribute nothing to their token.
-With expert parallelism (logical axis `expert` on a mesh axis of size > 1) each device fills
-capacity buffers from its own tokens and an all-to-all swaps them between the expert shards
-and back (`expert_parallel`); dropless then means a capacity of the device's token count.
+Under a mesh each device dispatches its own tokens (`per_device`; capacity is then per
+device). With expert parallelism (logical axis `expert` on a mesh axis of size > 1) each
+device fills capacity buffers from its own tokens and an all-to-all swaps them between the
+expert shards and back; dropless then means a capacity of the device's token count.
 """
 
 from __future__ import annotations
@@ -99,13 +100,13 @@ def buffered_experts(buf, p: Params):
     return mm(_swiglu(mm(buf, p["w_gate"]), mm(buf, p["w_up"])), p["w_down"])
 
 
-def dropless(x, experts, p: Params, n_experts: int):
+def dropless(x, experts, p: Params, cfg: ModelConfig):
     """x: [tokens, embed], experts [tokens, top_k] -> ([tokens, top_k, embed] each copy's
     expert output, dropped copies = 0)."""
     tokens, k = experts.shape
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat, length=cfg.moe_experts).astype(jnp.int32)
     ys = grouped_experts(x[order // k], group_sizes, p)
     y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
     return y.reshape(tokens, k, -1), jnp.zeros((), jnp.float32)
@@ -146,27 +147,35 @@ def with_capacity(x, experts, p: Params, cfg: ModelConfig):
     return out, jnp.sum(~kept).astype(jnp.float32)
 
 
-def expert_parallel(x, experts, p: Params, cfg: ModelConfig):
+def per_device(x, experts, p: Params, cfg: ModelConfig):
     """x: [batch, seq, embed], experts [batch, seq, top_k] -> (copies' outputs [batch, seq,
-    top_k, embed], dropped copies) with the experts split over the mesh.
+    top_k, embed], dropped copies): each device dispatches its own rows (under a mesh; the
+    whole batch without one), so that no sort or buffer spans the global batch.
 
-    Each device routes its own rows into an [experts, capacity, embed] buffer (capacity: the
-    configured one, or its token count when dropless, which no expert can exceed as a token's
-    k experts differ), sends each expert shard its block by all-to-all, runs its local experts
-    on what it received from every device, and sends the results back the same way.
-    Dropless, the result equals one device's; with capacity, each device's tokens compete for
-    their own share of it.
+    Without an expert axis a device runs every expert on its rows (`dropless` or
+    `with_capacity`, the weights gathered as FSDP gathers them). With one (`expert` on a
+    mesh axis of size > 1) it fills an [experts, capacity, embed] buffer (capacity: the
+    configured one, or its token count when dropless, which no expert can exceed as a
+    token's k experts differ), sends each expert shard its block by all-to-all, runs its
+    local experts on what it received from every device and sends the results back the same
+    way. Dropless, the result equals one device's; with capacity, each device's tokens
+    compete for their own share of it.
     """
     E = cfg.moe_experts
 
     def local(x, experts, w_gate, w_up, w_down):
         b, s, d = x.shape
         tokens, flat = b * s, experts.reshape(b * s, -1)
+        w = {"w_gate": w_gate, "w_up": w_up, "w_down": w_down}
+        if not sharding.active_mesh_axes("expert"):
+            run = with_capacity if cfg.moe_capacity_factor > 0 else dropless
+            out, dropped = run(x.reshape(tokens, d), flat, w, cfg)
+            return out.reshape(b, s, -1, d), dropped[None]
         cap = capacity(tokens, cfg) if cfg.moe_capacity_factor > 0 else tokens
         slot, kept = slots(flat, E, cap)
         buf = dispatch(x.reshape(tokens, d), flat, slot, E, cap)
         buf = sharding.all_to_all_logical(buf, "expert", 0, 1)  # [local experts, devices x cap, d]
-        buf = buffered_experts(buf, {"w_gate": w_gate, "w_up": w_up, "w_down": w_down})
+        buf = buffered_experts(buf, w)
         buf = sharding.all_to_all_logical(buf, "expert", 1, 0)
         out = collect(buf, flat, slot).reshape(b, s, -1, d)
         return out, jnp.sum(~kept).astype(jnp.float32)[None]
@@ -199,13 +208,8 @@ def moe_mlp(x, p: Params, cfg: ModelConfig):
     b, s, d = x.shape
     flat = x.reshape(b * s, d)
     r = route(flat, p["router"], cfg)
-    if sharding.active_mesh_axes("expert"):
-        copies, dropped = expert_parallel(x, r.experts.reshape(b, s, -1), p, cfg)
-        copies = copies.reshape(b * s, -1, d)
-    elif cfg.moe_capacity_factor > 0:
-        copies, dropped = with_capacity(flat, r.experts, p, cfg)
-    else:
-        copies, dropped = dropless(flat, r.experts, p, cfg.moe_experts)
+    copies, dropped = per_device(x, r.experts.reshape(b, s, -1), p, cfg)
+    copies = copies.reshape(b * s, -1, d)
     y = jnp.einsum("tk,tkd->td", r.weights.astype(copies.dtype), copies)
     if cfg.moe_shared_d_mlp > 0:
         y = y + shared_expert(flat, p)
