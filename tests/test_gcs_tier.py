@@ -22,6 +22,8 @@ import pytest
 
 from lmjax import cli, storage
 from lmjax.checkpoint import checkpointer, paths
+from lmjax.data import documents
+from lmjax.data.tokenizer import load_tokenizer
 from lmjax.observe import metrics
 
 pytestmark = pytest.mark.slow  # trains twice (once SIGKILLed and resumed) on gs://
@@ -162,3 +164,23 @@ def test_checkpoint_export_convert_eval_generate_and_report_on_gs(bucket, refere
     assert "goodput" in capsys.readouterr().out
     assert storage.path(f"{workdir}/report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(storage.path(f"{workdir}/config.json").read_text())["run"]["steps"] == STEPS
+
+
+def test_tokenizer_train_from_gs_text_to_gs_equals_training_on_local_files(bucket, cwd, capsys):
+    """`lmjax tokenizer train` on gs:// inputs, written to gs://, is the tokenizer that the
+    same command trains from local copies of the files (training is seeded)."""
+    sonnets = Path(documents.PACKAGED_DIR) / "sonnets.txt"
+    storage.path(f"{bucket}/corpus/sonnets.txt").write_text(sonnets.read_text())
+    args = ["--vocab-size", "384", "--seed", "1"]
+    remote, local = f"{bucket}/tok/sp", str(cwd / "tok" / "sp")
+    assert (
+        cli.main(
+            ["tokenizer", "train", "--input", f"{bucket}/corpus/*.txt", "--output", remote, *args]
+        )
+        == 0
+    )
+    assert cli.main(["tokenizer", "train", "--input", str(sonnets), "--output", local, *args]) == 0
+    printed = capsys.readouterr().out
+    assert f"{remote}.model" in printed
+    remote_tok, local_tok = (load_tokenizer(f"{p}.model") for p in (remote, local))
+    assert remote_tok.fingerprint == local_tok.fingerprint and remote_tok.vocab_size == 384
