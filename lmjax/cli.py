@@ -20,7 +20,7 @@ EXPERIMENT_DIRS = (
 
 
 def experiment_names() -> list[str]:
-    names = set()
+    names: set[str] = set()
     for d in EXPERIMENT_DIRS:
         if d.is_dir():
             names.update(p.stem for p in d.glob("*.py") if not p.stem.startswith("_"))

@@ -749,7 +749,7 @@ def from_dict(data: dict) -> Config:
     """Inverse of `to_dict`; unknown keys are an error (a config from another version)."""
     sections = {}
     for f in dataclasses.fields(Config):
-        cls = type(f.default)
+        cls: Any = type(f.default)
         values = dict(data.get(f.name, {}))
         types_ = _field_types(cls)
         unknown = set(values) - set(types_)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Callable
@@ -316,13 +317,13 @@ def _read_candidates(
     directory: str, steps: list[int], config: Config, unreadable: list
 ) -> list[Candidate]:
     """Newest first, those whose metadata reads; refuses (raises) on a changed model."""
-    out = []
+    out: list[Candidate] = []
     with ReadOnly(directory) as ckpt:
         for step in sorted(steps, reverse=True):
             try:
                 meta = retrying(
                     f"reading {directory} step {step}",
-                    lambda step=step: ckpt.read_json(step, "meta"),
+                    functools.partial(ckpt.read_json, step, "meta"),
                 )
             except FaultError:
                 raise

@@ -27,7 +27,7 @@ class StopSignals:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 

@@ -29,7 +29,7 @@ import gzip
 import io
 import json
 import os
-from typing import IO, Iterator
+from typing import IO, Iterator, cast
 
 import zstandard
 
@@ -197,7 +197,7 @@ def _stream(path: str, start: int) -> Iterator[IO[bytes]]:
     """The (decompressed) bytes of a file from byte `start` (uncompressed files only seek)."""
     with storage.path(path).open("rb") as raw:
         if path.endswith(".gz"):
-            yield gzip.GzipFile(fileobj=raw)
+            yield cast(IO[bytes], gzip.GzipFile(fileobj=raw))
         elif path.endswith(".zst"):
             with zstandard.ZstdDecompressor().stream_reader(
                 raw, read_across_frames=True, closefd=False

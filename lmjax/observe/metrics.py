@@ -30,7 +30,8 @@ class RecordLog:
         starts = [int(os.path.basename(p)[:6]) for p in _record_objects(workdir)]
         self.start = max(starts, default=-1) + 1  # one listing per start
         self.flush_s = flush_s
-        self.chunk, self.lines, self.flushed = 0, [], -math.inf
+        self.chunk, self.flushed = 0, -math.inf
+        self.lines: list[str] = []
 
     def append(self, record: dict) -> None:
         self.lines.append(json.dumps(record) + "\n")

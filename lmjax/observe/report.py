@@ -45,8 +45,10 @@ def _goodput_over_time(records: list[dict]) -> tuple[list[float], dict[str, list
     """(seconds since the first start, {bucket: cumulative seconds over all starts so far})."""
     keys = [*goodput.BUCKETS, "between_starts"]
     done = dict.fromkeys(keys, 0.0)  # totals of the starts before the current one
-    current, start, first_start, last_time = {}, None, None, None
-    times, series = [], {k: [] for k in keys}
+    current: dict[str, float] = {}
+    start, first_start, last_time = None, None, None
+    times: list[float] = []
+    series: dict[str, list[float]] = {k: [] for k in keys}
     for r in records:
         if r.get("event") != goodput.EVENT:
             continue

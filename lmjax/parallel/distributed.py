@@ -30,7 +30,7 @@ import os
 import socket
 import sys
 import threading
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 
@@ -288,7 +288,7 @@ def _join(r: Rendezvous, env, timeout_s: float) -> None:
             "to the top of the entry point"
         )
     heartbeat = _int_setting(None, env, ENV_HEARTBEAT_TIMEOUT) or DEFAULT_HEARTBEAT_TIMEOUT_S
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "initialization_timeout": int(timeout_s) + _JAX_DEADLINE_GRACE_S,
         "heartbeat_timeout_seconds": heartbeat,
     }

@@ -314,7 +314,7 @@ def process_rows(batch: NamedSharding, global_rows: int) -> np.ndarray:
         )
     rows: set[int] = set()
     for index in batch.addressable_devices_indices_map((global_rows, 1)).values():
-        rows.update(range(global_rows)[index[0]])
+        rows.update(range(global_rows)[index[0]] if index else range(global_rows))
     return np.array(sorted(rows), np.int64)
 
 

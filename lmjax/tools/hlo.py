@@ -106,7 +106,8 @@ def replica_groups(line: str, n_devices: int) -> list[list[int]]:
 def _computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
     """{computation name: its instruction lines}, and the entry computation's name (None
     when the text has no ENTRY)."""
-    comps, entry, current = {}, None, None
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
     for line in hlo.splitlines():
         header = re.match(r"^(ENTRY )?(%[\w.\-]+) .*\{$", line)
         if header:

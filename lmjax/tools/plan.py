@@ -251,7 +251,9 @@ def compile_all(
     """Compiles every candidate in at most `workers` spawned processes at once; a process
     still running after `timeout` seconds is killed and its candidate marked "timeout"."""
     ctx = multiprocessing.get_context("spawn")
-    pending, running, outcomes = list(candidates), {}, {}
+    pending = list(candidates)
+    running: dict[Any, Any] = {}
+    outcomes: dict[Any, Any] = {}
     while pending or running:
         while pending and len(running) < workers:
             cand = pending.pop(0)
@@ -550,7 +552,7 @@ def derived_shape(n_params: float, vocab_size: int) -> dict[str, int]:
     """A Llama shape of about `n_params` parameters: 128-wide heads, 4 query heads per KV
     head, MLP 3.5 x d_model (multiple of 256), depth d_model / 128 (per layer 13 x
     d_model^2 parameters with those ratios, plus 2 x vocab x d_model of embeddings)."""
-    best = None
+    best: tuple[int, dict[str, int]] | None = None
     for d_model in range(256, 32769, 256):
         layers = max(2, d_model // 128)
         d_mlp = 256 * round(3.5 * d_model / 256)
@@ -572,6 +574,7 @@ def derived_shape(n_params: float, vocab_size: int) -> dict[str, int]:
                     "model.d_mlp": d_mlp,
                 },
             )
+    assert best is not None  # the loop runs at least once
     return best[1]
 
 

@@ -222,7 +222,7 @@ def _train(
     primary = jax.process_index() == 0
     redo_until = goodput.last_reached_step(workdir) if primary else 0
     writer = _writer(setup.config, workdir, primary, int(setup.state.step))
-    step, summary = int(setup.state.step), {}
+    step, summary = int(setup.state.step), dict[str, Any]()
     if setup.source != "fresh init":
         writer.write(step, resume_lib.describe_resume(step, setup.source))
     c = setup.config.checkpoint
