@@ -26,7 +26,7 @@ from lmjax.data.pipeline import synthetic_batch
 from lmjax.model import flops, moe, transformer
 from lmjax.parallel import sharding
 from lmjax.train import loop, trainer as trainer_lib
-from tests import numpy_moe
+from tests import numpy_moe, test_generate as generate_tests
 
 TINY = ModelConfig(
     vocab_size=64,
@@ -170,12 +170,10 @@ def test_moe_config_errors_name_the_fix():
     assert "moe_every=0" in bad(moe_every=0)
 
 
-def _fresh_state(tr, seed: int = 0):
-    """A train state as `tr.init_fn` lays it out, with params drawn by numpy after the
-    parameter table's initializers (jitting the model's init costs seconds on a CPU), moments
-    and counts zero, on `tr`'s shardings."""
+def _random_params(cfg: ModelConfig, seed: int = 0):
+    """Params drawn by numpy after the parameter table's initializers (jitting the model's
+    init costs seconds on a CPU)."""
     rng = np.random.default_rng(seed)
-    cfg = tr.config.model
 
     def draw(spec):
         if spec.init in ("ones", "zeros"):
@@ -183,10 +181,34 @@ def _fresh_state(tr, seed: int = 0):
         return (cfg.init_std * rng.normal(size=spec.shape)).astype(np.float32)
 
     specs = transformer.param_specs(cfg)
-    params = jax.tree.map(draw, specs, is_leaf=lambda x: isinstance(x, transformer.ParamSpec))
+    return jax.tree.map(draw, specs, is_leaf=lambda x: isinstance(x, transformer.ParamSpec))
+
+
+def _fresh_state(tr, seed: int = 0):
+    """A train state as `tr.init_fn` lays it out: `_random_params`, moments and counts zero,
+    on `tr`'s shardings."""
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(tr.init_fn))
-    state = zeros.replace(params=params, rng=np.asarray(jax.random.PRNGKey(seed)))
+    state = zeros.replace(
+        params=_random_params(tr.config.model, seed), rng=np.asarray(jax.random.PRNGKey(seed))
+    )
     return jax.device_put(state, tr.state_shardings)
+
+
+@pytest.mark.slow
+def test_kv_cache_generation_of_a_dense_and_moe_layered_model_matches_full_forward():
+    """Prefill and one-token decoding through runs of dense and MoE layers (the cache split
+    by run) give the full forward's logits."""
+    cfg = dataclasses.replace(
+        generate_tests.CFG,
+        n_layers=4,
+        moe_experts=4,
+        moe_top_k=2,
+        moe_first_dense_layers=1,
+        moe_every=2,
+    )
+    assert transformer.layer_runs(cfg)[0][0] is False and len(transformer.layer_runs(cfg)) > 1
+    params = jax.tree.map(lambda a: jnp.asarray(a * 10), _random_params(cfg, seed=3))
+    generate_tests.check_cached_steps(params, cfg)
 
 
 MOE_RUN = Config(

@@ -187,7 +187,9 @@ def per_device(x, experts, p: Params, cfg: ModelConfig):
         in_axes=(rows, rows, weight, weight, weight),
         out_axes=(("act_batch", "act_seq", None, None), ("act_batch",)),
     )
-    out, dropped = fn(x, experts, p["w_gate"], p["w_up"], p["w_down"])
+    # Cast before the shard_map: the weights are gathered into it in the compute dtype.
+    weights = (p[k].astype(x.dtype) for k in ("w_gate", "w_up", "w_down"))
+    out, dropped = fn(x, experts, *weights)
     return out, jnp.sum(dropped)
 
 
