@@ -750,6 +750,13 @@ def test_synthetic_source():
         naive_pack_check(b, eos=-1)
     with pytest.raises(ConfigError, match="vocab_size"):
         make_pipeline(cfg, None)
+    # an accepted batch-size and seq_len change reads windows never read before
+    old = make_pipeline(dataclasses.replace(cfg, batch_size=4), None, vocab_size=50)
+    seen = {tuple(row[:SEQ]) for b in take(old, 0, 8) for row in b["inputs"]}
+    new = make_pipeline(dataclasses.replace(cfg, seq_len=2 * SEQ), None, vocab_size=50)
+    new.check_state(old.state(4), accept=("data.batch_size", "data.seq_len"))
+    rows = [tuple(row[:SEQ]) for b in take(new, 4, 2) for row in b["inputs"]]
+    assert len(set(rows)) == len(rows) and not seen & set(rows)
 
 
 def test_preview_prepare_and_bench_commands(corpus, tok, capsys, tmp_path):

@@ -20,10 +20,13 @@ checkpoint's data position), the k-th batch that is not skipped (`data_positions
 A resume that changes data.batch_size or data.seq_len (only when `checkpoint.accept_changes`
 names them) starts a new `Origin`: from the batch it resumes at on, batch p reads global
 windows `origin.window + (p - origin.position) * batch_size + r`, where origin.window is the
-number of old windows read so far converted to new ones by tokens (rounded up). Without
-shuffling no token is read twice or skipped (windows follow the stream); with shuffling the
-run stays in the same epoch at the same fraction of it, but the rest of that one epoch is drawn
-from the new windows' permutation, so it may repeat or miss text of the old windows.
+number of old windows read so far converted to new ones by tokens (rounded up). For one
+source without shuffling, no token is read twice and fewer than one new window's tokens are
+skipped (windows follow the stream); with shuffling the run stays in the same epoch at the
+same fraction of it, but the rest of that one epoch is drawn from the new windows'
+permutation, so it may repeat or miss text of the old windows. With a mixture each source's
+position is carried over on average (`mixture.assign` deals rows out in seeded blocks), so a
+few windows per source may repeat or be skipped.
 
 Evaluation reads the validation split's windows 0, 1, ... in order, each at most once: eval
 batch `s` row `r` is window `s*batch_size + r` while that is below W, and an unscored row
@@ -60,6 +63,7 @@ from lmjax.data.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 _PREFETCH = 2  # training batches made ahead of the trainer
 _SHUFFLE_STREAM = 0x5EED  # separates window-permutation keys from other uses of the seed
+_SYNTHETIC_TRAIN, _SYNTHETIC_EVAL = 2, 1  # synthetic_batch streams (0: benchmarks and tests)
 
 
 class DataStateError(ConfigError):
@@ -210,6 +214,12 @@ class Pipeline:
             if saved.get(k) != self._identity.get(k)
         }
         carried = {k for k in changed if k in CARRIED_FIELDS and f"data.{k}" in accept}
+        hint = (
+            " (a batch-size or seq_len change is accepted with --set "
+            "checkpoint.accept_changes=data.FIELD)"
+            if set(changed) - carried <= set(CARRIED_FIELDS)
+            else ""
+        )
         diffs = [
             f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items() if k not in carried
         ]
@@ -219,8 +229,7 @@ class Pipeline:
                 + "\n  ".join(diffs)
                 + "\nFix: resume with the data settings the checkpoint was "
                 "written with (--set data.FIELD=...) and the same tokenizer and sources, or "
-                "start a new workdir (a batch-size or seq_len change is accepted with --set "
-                "checkpoint.accept_changes=data.FIELD)."
+                f"start a new workdir{hint}."
             )
         self.skipped = tuple(state.get("skipped", ()))
         self.origin = Origin(**state.get("origin", {}))
@@ -376,21 +385,19 @@ class MixedReader:
 def synthetic_batch(
     seed: int,
     stream: int,
-    step: int | np.ndarray,
+    step: int,
     rows: Sequence[int] | np.ndarray,
     seq_len: int,
     vocab_size: int,
     pack: bool = True,
 ) -> Batch:
-    """Seeded random tokens, one document per row: rows `rows` of global batch `step` (an int,
-    or one per row)."""
-    steps = np.broadcast_to(np.asarray(step, np.int64), (len(rows),))
+    """Seeded random tokens, one document per row: rows `rows` of global batch `step`."""
     tokens = np.stack(
         [
-            np.random.default_rng([seed, stream, int(s), int(r)]).integers(
+            np.random.default_rng([seed, stream, step, int(r)]).integers(
                 0, vocab_size, seq_len + 1, dtype=np.int32
             )
-            for s, r in zip(steps, rows)
+            for r in rows
         ]
     )
     return packing.rows_from_windows(tokens, np.zeros_like(tokens, np.int64), pack)
@@ -482,8 +489,10 @@ def _synthetic_pipeline(
         data_cfg.batch_size,
     )
 
-    def train(windows: np.ndarray) -> Batch:  # window g: row g % size of batch g // size
-        return synthetic_batch(seed, 0, windows // size, windows % size, seq_len, vocab_size, pack)
+    def train(windows: np.ndarray) -> Batch:
+        # Window g is row g of one endless batch per seq_len: an accepted batch-size or
+        # seq_len change never re-reads a window (nor the prefix of one).
+        return synthetic_batch(seed, _SYNTHETIC_TRAIN, seq_len, windows, seq_len, vocab_size, pack)
 
     return Pipeline(
         tokenizer=None,
@@ -492,7 +501,11 @@ def _synthetic_pipeline(
         train=train,
         evaluation={
             "synthetic": EvalSource(
-                lambda s: synthetic_batch(seed, 1, s, mine, seq_len, vocab_size, pack), None, size
+                lambda s: synthetic_batch(
+                    seed, _SYNTHETIC_EVAL, s, mine, seq_len, vocab_size, pack
+                ),
+                None,
+                size,
             )
         },
         row_sources=lambda windows: ["synthetic"] * len(windows),
