@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.checkpoint import checkpointer
+from lmjax.checkpoint import checkpointer, params_dir
 from lmjax.config import (
     CheckpointConfig,
     Config,
@@ -23,6 +23,7 @@ from lmjax.config import (
     validate,
 )
 from lmjax.data.pipeline import synthetic_batch
+from lmjax.inference import generate
 from lmjax.model import flops, moe, transformer
 from lmjax.parallel import sharding
 from lmjax.train import loop, trainer as trainer_lib
@@ -209,6 +210,28 @@ def test_kv_cache_generation_of_a_dense_and_moe_layered_model_matches_full_forwa
     assert transformer.layer_runs(cfg)[0][0] is False and len(transformer.layer_runs(cfg)) > 1
     params = jax.tree.map(lambda a: jnp.asarray(a * 10), _random_params(cfg, seed=3))
     generate_tests.check_cached_steps(params, cfg)
+
+
+@pytest.mark.slow
+def test_moe_generation_on_the_offline_mesh_takes_any_batch_and_matches_one_device():
+    """3 prompts on the 8-device offline mesh (rows that do not split over the devices) give
+    one device's greedy tokens; with an expert axis such a batch is refused naming the fix."""
+    params = jax.tree.map(lambda a: jnp.asarray(a * 10), _random_params(TINY, seed=5))
+    prompts = np.random.default_rng(0).integers(0, TINY.vocab_size, (3, 5))
+    alone = generate.generate(params, TINY, prompts, max_new_tokens=4)
+    placed = jax.device_put(
+        params, jax.tree.map(lambda t: t.sharding, params_dir.offline_target(TINY))
+    )
+    with sharding.activation_sharding(*sharding.offline_mesh(MeshConfig())):
+        np.testing.assert_array_equal(
+            generate.generate(placed, TINY, prompts, max_new_tokens=4), alone
+        )
+    expert = MeshConfig(fsdp=4, expert=2)
+    with sharding.activation_sharding(
+        sharding.make_mesh(expert), sharding.rules_from_config(expert)
+    ):
+        with pytest.raises(ConfigError, match="divisible by the data x fsdp x expert"):
+            generate.generate(params, TINY, prompts, max_new_tokens=4)
 
 
 MOE_RUN = Config(

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lmjax.config import ModelConfig
+from lmjax.config import ConfigError, ModelConfig
 from lmjax.parallel import sharding
 
 Params = dict[str, Any]
@@ -188,7 +188,18 @@ def per_device(x, experts, p: Params, cfg: ModelConfig):
         out_axes=(("act_batch", "act_seq", None, None), ("act_batch",)),
     )
     # Cast before the shard_map: the weights are gathered into it in the compute dtype.
-    weights = (p[k].astype(x.dtype) for k in ("w_gate", "w_up", "w_down"))
+    weights = [p[k].astype(x.dtype) for k in ("w_gate", "w_up", "w_down")]
+    if not sharding.splits_evenly(x.shape, rows):
+        if sharding.active_mesh_axes("expert"):
+            raise ConfigError(
+                f"an MoE batch of {x.shape[0]} rows x {x.shape[1]} positions does not split "
+                "evenly over the mesh's act_batch/act_seq axes, which expert parallelism "
+                "needs: give a batch divisible by the data x fsdp x expert devices"
+            )
+        # A generation or evaluation batch smaller than the devices (3 prompts on 8 chips):
+        # one dispatch over the whole batch, which XLA partitions as it can.
+        out, dropped = local(x, experts, *weights)
+        return out, jnp.sum(dropped)
     out, dropped = fn(x, experts, *weights)
     return out, jnp.sum(dropped)
 

@@ -58,11 +58,12 @@ def loss_terms(
 
 def moe_aux(stats, tokens):
     """The MoE layers' stats (`moe.moe_mlp`, stacked over layers) as sums that add up over
-    microbatches: each mean times the microbatch's `tokens`; copies (token x top_k routed)
-    and dropped copies as counted."""
+    microbatches: the balance and z-losses averaged over the MoE layers (the scale of Hugging
+    Face's `router_aux_loss_coef`, which scores all layers' routing at once) times the
+    microbatch's `tokens`; copies (token x top_k routed) and dropped copies as counted."""
     return {
-        "moe_balance_sum": jnp.sum(stats["balance"]) * tokens,
-        "moe_z_sum": jnp.sum(stats["z"]) * tokens,
+        "moe_balance_sum": jnp.mean(stats["balance"]) * tokens,
+        "moe_z_sum": jnp.mean(stats["z"]) * tokens,
         "moe_load_sum": stats["load"] * tokens,
         "moe_dropped": stats["dropped"],
         "moe_copies": stats["copies"],

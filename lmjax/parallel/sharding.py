@@ -150,6 +150,16 @@ def active_mesh_axes(name: str) -> dict[str, int]:
     return {a: mesh.shape[a] for a in rules.get(name, ()) if mesh.shape[a] > 1}
 
 
+def splits_evenly(shape: Sequence[int], axes: Sequence[str | None]) -> bool:
+    """Whether each dimension of `shape` divides by the mesh axes its logical name maps to
+    under the active `activation_sharding` context (True outside one): what shard_map needs."""
+    return all(
+        size % math.prod(active_mesh_axes(name).values()) == 0
+        for size, name in zip(shape, axes)
+        if name
+    )
+
+
 def is_axes(x: Any) -> bool:
     """A logical-axes leaf: a plain tuple of names or None (not a NamedTuple state)."""
     return type(x) is tuple and all(isinstance(e, (str, type(None))) for e in x)
