@@ -112,6 +112,13 @@ def _cmd_smoke(args) -> int:
     return smoke.main(config, args.steps, args.workdir, args.expect_platform)
 
 
+def _cmd_doctor(args) -> int:
+    from lmjax.commands import doctor
+
+    config = load_experiment(args.experiment, args.overrides)
+    return doctor.main(config, args.workdir, args.expect_platform)
+
+
 def _cmd_convert(args) -> int:
     from lmjax.commands import convert
 
@@ -281,18 +288,36 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
-def _add_smoke(sub) -> None:
-    p = sub.add_parser("smoke", help="check this machine end to end: train, resume, generate")
-    _add_experiment_args(p, default="smoke")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--workdir", default="", help="where to keep the runs (default: a temp dir)")
+def _add_expect_platform(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--expect-platform",
         choices=["", "cpu", "gpu", "tpu"],
         default="",
         help="fail unless jax runs on this platform (catches a silent CPU fallback)",
     )
+
+
+def _add_smoke(sub) -> None:
+    p = sub.add_parser("smoke", help="check this machine end to end: train, resume, generate")
+    _add_experiment_args(p, default="smoke")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--workdir", default="", help="where to keep the runs (default: a temp dir)")
+    _add_expect_platform(p)
     p.set_defaults(func=_cmd_smoke)
+
+
+def _add_doctor(sub) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="the preflight checks of `lmjax train`, nothing compiled: versions, devices, "
+        "mesh, attention kernel, writable dirs, and that every process of the job agrees",
+    )
+    _add_experiment_args(p, default="smoke")
+    p.add_argument(
+        "--workdir", default="", help="the run directory to check (local or gs://; default: none)"
+    )
+    _add_expect_platform(p)
+    p.set_defaults(func=_cmd_doctor)
 
 
 def _add_checkpoint(sub) -> None:
@@ -592,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_train,
         _add_smoke,
+        _add_doctor,
         _add_checkpoint,
         _add_convert,
         _add_bench,

@@ -129,6 +129,35 @@ def hamlet_tokenizer(bos_id: int) -> SentencePieceTokenizer:
 
 # A worker for real multi-process runs: joins the job with lmjax.parallel.distributed, then checks a
 # cross-process sum and psum over a 1-D mesh of every device; prints one RESULT line.
+# Every variable that tells a process how to join a job; `clean_env` drops them.
+RENDEZVOUS_VARS = (
+    "LMJAX_COORDINATOR",
+    "LMJAX_NUM_PROCESSES",
+    "LMJAX_PROCESS_ID",
+    "LMJAX_LOCAL_DEVICES",
+    "LMJAX_INIT_TIMEOUT",
+    "SLURM_JOB_ID",
+    "SLURM_NTASKS",
+    "JAX_COORDINATOR_ADDRESS",
+    "XLA_FLAGS",
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (just now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without `RENDEZVOUS_VARS`, on the CPU, unbuffered, plus `extra`: for a
+    process that joins a job only as `extra` says."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
 WORKER_SCRIPT = textwrap.dedent("""
     import logging, sys
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

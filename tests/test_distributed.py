@@ -1,7 +1,5 @@
 """lmjax.parallel.distributed: rendezvous choice, hints, and real 2-process runs over gloo."""
 
-import os
-import socket
 import subprocess
 import sys
 
@@ -10,34 +8,9 @@ import pytest
 
 from lmjax.parallel import distributed
 from lmjax.parallel.distributed import Rendezvous, plan_rendezvous, rendezvous_hint
-from tests.helpers import WORKER_SCRIPT
+from tests.helpers import RENDEZVOUS_VARS, WORKER_SCRIPT, clean_env, free_port
 
 PY = sys.executable
-_ALL_RENDEZVOUS_VARS = (
-    "LMJAX_COORDINATOR",
-    "LMJAX_NUM_PROCESSES",
-    "LMJAX_PROCESS_ID",
-    "LMJAX_LOCAL_DEVICES",
-    "LMJAX_INIT_TIMEOUT",
-    "SLURM_JOB_ID",
-    "SLURM_NTASKS",
-    "JAX_COORDINATOR_ADDRESS",
-    "XLA_FLAGS",
-)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in _ALL_RENDEZVOUS_VARS}
-    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
 # --- choosing how to start ------------------------------------------------------------------
 
 
@@ -119,7 +92,7 @@ def test_hints_say_where_and_what_to_check():
 
 
 def test_single_process_initialize_is_a_no_op(monkeypatch):
-    for k in _ALL_RENDEZVOUS_VARS[:-1]:
+    for k in RENDEZVOUS_VARS[:-1]:
         monkeypatch.delenv(k, raising=False)
     distributed.initialize()
     assert not jax.distributed.is_initialized()
@@ -133,14 +106,14 @@ def test_single_process_initialize_is_a_no_op(monkeypatch):
 def test_two_processes_agree_on_a_global_sum(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT)
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
     procs = [
         subprocess.Popen(
             [PY, str(script)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_clean_env(
+            env=clean_env(
                 LMJAX_COORDINATOR=coordinator,
                 LMJAX_NUM_PROCESSES="2",
                 LMJAX_PROCESS_ID=str(i),
@@ -167,7 +140,7 @@ def test_two_processes_agree_on_a_global_sum(tmp_path):
 @pytest.mark.slow
 def test_missing_peer_fails_with_a_hint_within_the_timeout():
     """Process 0 alone and process 1 alone (different ports) both give up after 6 s."""
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     code = "from lmjax.parallel import distributed; distributed.initialize(); print('JOINED')"
     procs = [
         subprocess.Popen(
@@ -175,7 +148,7 @@ def test_missing_peer_fails_with_a_hint_within_the_timeout():
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_clean_env(
+            env=clean_env(
                 LMJAX_COORDINATOR=f"127.0.0.1:{port}",
                 LMJAX_NUM_PROCESSES="2",
                 LMJAX_PROCESS_ID=str(i),
@@ -199,7 +172,7 @@ def test_initialize_after_jax_started_is_refused():
         "distributed.initialize('127.0.0.1:1', 2, 1)"
     )
     p = subprocess.run(
-        [PY, "-c", code], capture_output=True, text=True, env=_clean_env(), timeout=120
+        [PY, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=120
     )
     assert p.returncode == 1
     assert "must run before any jax computation" in p.stderr

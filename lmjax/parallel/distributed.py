@@ -13,7 +13,10 @@
 
 LMJAX_LOCAL_DEVICES=M (or `local_device_count=M`) gives this process M CPU devices.
 If peers do not all arrive within the timeout (LMJAX_INIT_TIMEOUT, default 300 s), the
-process prints what it waited for and what to check, and exits with code 75.
+process prints what it waited for and what to check, and exits with code 75. An explicit
+process 0 that finds its coordinator address already answering (a second process claiming
+index 0) refuses to start instead. Once joined, `lmjax.parallel.agreement` checks that the
+processes agree (counts, devices, config) before anything compiles.
 
 A peer that dies later (SIGKILL, a lost host) stops sending heartbeats to the coordination
 service; once LMJAX_HEARTBEAT_TIMEOUT seconds (default 100) pass without one, jax terminates
@@ -245,16 +248,17 @@ def initialize(
     *,
     local_device_count: int | None = None,
     timeout_s: float | None = None,
-) -> None:
+) -> Rendezvous:
     """Join the other processes of this run (see the module docstring); no-op when alone.
+    Returns how this process was started (what `lmjax.parallel.agreement` checks it against).
 
     Call before any jax computation. Calling it again after success does nothing.
-    timeout_s: how long to wait for all peers (default LMJAX_INIT_TIMEOUT or 300 s); past it
-    the process prints a hint and exits with RENDEZVOUS_TIMEOUT_EXIT.
+    timeout_s: how long to wait for all peers (default `timeout()`); past it the process
+    prints a hint and exits with RENDEZVOUS_TIMEOUT_EXIT.
     """
     env = os.environ
     if timeout_s is None:
-        timeout_s = float(env.get(ENV_TIMEOUT) or DEFAULT_TIMEOUT_S)
+        timeout_s = timeout()
     count = _int_setting(local_device_count, env, ENV_LOCAL_DEVICES)
     if count is not None:
         _set_local_device_count(count)
@@ -274,6 +278,26 @@ def initialize(
         jax.default_backend(),
         jax.device_count(),
     )
+    return r
+
+
+def timeout() -> float:
+    """Seconds to wait for peers: LMJAX_INIT_TIMEOUT, or 300."""
+    return float(os.environ.get(ENV_TIMEOUT) or DEFAULT_TIMEOUT_S)
+
+
+def _refuse_second_coordinator(r: Rendezvous, port_open: Callable[[str], bool]) -> None:
+    """Process 0 hosts the coordinator; when something already answers at its address,
+    another process claims index 0 (or an earlier run still holds the port), and joining would
+    end in jax aborting both with "a request from a newer incarnation"."""
+    if r.kind == "explicit" and r.process_id == 0 and port_open(r.coordinator_address):
+        raise ConfigError(
+            f"this process has {ENV_PROCESS_ID}=0 and so hosts the coordinator, but something "
+            f"already answers at {ENV_COORDINATOR}={r.coordinator_address}: another process "
+            f"claims index 0, or an earlier run still holds the port. Give each process a "
+            f"distinct {ENV_PROCESS_ID} 0..{r.num_processes - 1} (only the one on the "
+            f"coordinator's host is 0), or stop the earlier run"
+        )
 
 
 def _join(r: Rendezvous, env, timeout_s: float) -> None:
@@ -287,6 +311,7 @@ def _join(r: Rendezvous, env, timeout_s: float) -> None:
             "computation (jax.devices(), jnp arrays, ...): move the call "
             "to the top of the entry point"
         )
+    _refuse_second_coordinator(r, _port_open)
     heartbeat = _int_setting(None, env, ENV_HEARTBEAT_TIMEOUT) or DEFAULT_HEARTBEAT_TIMEOUT_S
     kwargs: dict[str, Any] = {
         "initialization_timeout": int(timeout_s) + _JAX_DEADLINE_GRACE_S,

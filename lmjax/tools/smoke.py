@@ -9,13 +9,11 @@ logged, generates a few tokens, and reports. Each check that fails says what to 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import resource
 import statistics
 import time
-from typing import Callable
 
 import jax
 
@@ -23,20 +21,13 @@ from lmjax.checkpoint import paths
 from lmjax.config import Config, apply_overrides
 from lmjax.inference import evaluate, generate, saved_run
 from lmjax.observe import metrics
+from lmjax.tools import checklist, doctor
+from lmjax.tools.checklist import Check, guard
 from lmjax.train import run
 
 # (config, tokenizer or None, workdir) -> the run's evaluation batches, as `lmjax eval
 # --experiment-data` builds them; the caller passes it so that this module stays below the
 # command layer.
-
-
-@dataclasses.dataclass
-class Check:
-    """One line of the report: what was checked, whether it passed, and what was seen."""
-
-    name: str
-    ok: bool
-    detail: str
 
 
 def _losses(workdir: str) -> dict[int, float]:
@@ -52,29 +43,6 @@ def _memory() -> str:
         return f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB peak of {limit / 2**30:.1f} GiB"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return f"{rss:.2f} GiB peak process RSS (host memory)"
-
-
-def _guard(name: str, hint: str, fn: Callable[[], Check]) -> Check:
-    """`fn()`, or a failed check named `name` that gives the exception and where to look."""
-    try:
-        return fn()
-    except Exception as e:  # every failure becomes a reported check
-        return Check(name, False, f"{type(e).__name__}: {e} -> {hint}")
-
-
-PLATFORM_HINT = "is jax installed with the right extra: pip install 'lmjax[gpu]' or 'lmjax[tpu]'?"
-
-
-def _devices(expect_platform: str) -> Check:
-    """The devices jax sees; failed when they are not on `expect_platform` (when given)."""
-    device = jax.devices()[0]
-    ok = not expect_platform or device.platform == expect_platform
-    detail = (
-        f"{jax.device_count()} x {device.device_kind} ({device.platform}), jax {jax.__version__}"
-    )
-    if not ok:
-        detail += f"; expected {expect_platform} -> {PLATFORM_HINT}"
-    return Check("devices", ok, detail)
 
 
 def _trains(config: Config, workdir: str) -> Check:
@@ -146,19 +114,19 @@ def run_checks(config: Config, steps: int, workdir: str, expect_platform: str = 
     )
     first, second = os.path.join(workdir, "run"), os.path.join(workdir, "resumed")
     return [
-        _guard("devices", PLATFORM_HINT, lambda: _devices(expect_platform)),
-        _guard("loss falls", "check the data path and optim.lr", lambda: _trains(config, first)),
-        _guard(
+        guard("devices", doctor.PLATFORM_HINT, lambda: doctor.devices(expect_platform)),
+        guard("loss falls", "check the data path and optim.lr", lambda: _trains(config, first)),
+        guard(
             "resume is exact",
             "look at checkpoint saving (orbax) and the data position",
             lambda: _resumes(config, first, second, half),
         ),
-        _guard(
+        guard(
             "evaluates",
             "look at lmjax.inference.evaluate and the saved params",
             lambda: _evaluates(first),
         ),
-        _guard(
+        guard(
             "generates",
             "look at lmjax.inference.generate and the saved params",
             lambda: _generates(first),
@@ -170,8 +138,7 @@ def report(checks: list[Check], workdir: str) -> str:
     """The report: a PASS/FAIL line a check, the first run's median step time, tokens/s and
     MFU after its compiling first step, device memory, and the verdict."""
     lines = ["lmjax smoke report"]
-    for c in checks:
-        lines.append(f"  [{'PASS' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+    lines += checklist.lines(checks)
     records = [
         r
         for r in metrics.read_records(os.path.join(workdir, "run"), missing_ok=True)
