@@ -30,7 +30,7 @@ def test_doctor_passes_here_and_names_what_it_checked(tmp_path):
     ]
     assert "jax 0.1" in checks["versions"].detail and "tested: jax<" in checks["versions"].detail
     assert "x cpu (cpu), process 0 of 1" in checks["devices"].detail
-    assert checks["attention"].detail == "xla on every layer"
+    assert checks["attention"].detail == "xla"
     assert checks["store"].detail == f"{tmp_path}/run/data can be created ({tmp_path} is writable)"
     assert checks["compile cache"].detail.startswith(f"{tmp_path}/cache can be created")
     assert list(tmp_path.iterdir()) == []  # no probe left, no directory made
@@ -46,19 +46,22 @@ def test_doctor_fails_a_kernel_this_platform_lacks_a_wrong_platform_and_a_misfit
     assert checks["workdir"].detail == "not used (no workdir)"
 
 
-def test_attention_names_each_kind_of_layer_and_the_kernel_a_gpu_would_run():
-    mistral = cli.load_experiment("smoke", ["model.sliding_window=8", "model.global_every=2"])
-    assert doctor.attention_impls(mistral, "gpu") == {
-        "local layers": "xla",  # the GPU kernel has no window
-        "global layers": "pallas_gpu",
-    }
-    odd = cli.load_experiment("smoke", ["data.seq_len=40", "model.max_seq_len=40"])
-    assert doctor.attention_impls(odd, "tpu") == {"every layer": "xla"}
+def test_attention_is_the_kernel_of_the_platform_or_xla_when_the_length_does_not_fit():
+    fits = cli.load_experiment("smoke", ["data.seq_len=128"])
+    assert [doctor.attention_impl(fits, b) for b in ("gpu", "tpu", "cpu")] == [
+        "pallas_gpu",
+        "splash",
+        "xla",
+    ]
+    assert doctor.attention_impl(cli.load_experiment("smoke"), "tpu") == "xla"  # 64 tokens
 
 
 def test_preflight_raises_naming_every_failed_check_before_anything_compiles(tmp_path):
     config = cli.load_experiment("smoke", ["model.attention=cudnn"])
-    with pytest.raises(ConfigError, match=r"preflight failed.*\n  attention: cudnn on every"):
+    with pytest.raises(
+        ConfigError,
+        match=r"preflight failed.*\n  attention: model.attention=cudnn runs only on gpu",
+    ):
         doctor.preflight(config, str(tmp_path), None)
 
 

@@ -4,8 +4,8 @@ only; nothing compiles.
 - versions: jax, jaxlib, libtpu and the CUDA plugin against setup.cfg's tested ranges;
 - devices: platform, device kind, local and global counts (and the platform expected);
 - mesh: the config's mesh over these devices;
-- attention: the implementation each kind of layer will run, refusing a kernel that this
-  platform does not have;
+- attention: the implementation the model will run, refusing a kernel that this platform
+  does not have;
 - workdir, store, compile cache: each reachable and writable (a probe file, local or gs://,
   deleted again);
 - processes: on a multi-process job, that every process was started for the count that
@@ -27,7 +27,7 @@ from lmjax import storage, versions
 from lmjax.checkpoint import compat
 from lmjax.config import Config, ConfigError, to_json
 from lmjax.data import prepare
-from lmjax.model import attention, transformer
+from lmjax.model import attention
 from lmjax.parallel import agreement, distributed, sharding
 from lmjax.tools.checklist import Check, guard
 from lmjax.train import compile_cache
@@ -38,7 +38,7 @@ PLATFORM_HINT = "is jax installed with the right extra: pip install 'lmjax[gpu]'
 # The platform each kernel runs on (the others run anywhere).
 KERNEL_PLATFORM = {"pallas_gpu": "gpu", "cudnn": "gpu", "splash": "tpu"}
 WHY_XLA = {
-    "gpu": "the GPU kernel needs data.seq_len divisible by 16 and no window or soft cap",
+    "gpu": "the GPU kernel needs data.seq_len divisible by 16",
     "tpu": "splash needs data.seq_len divisible by 128",
 }
 
@@ -72,35 +72,25 @@ def _mesh(config: Config) -> Check:
     return Check("mesh", True, f"{dict(mesh.shape)} over {jax.device_count()} devices")
 
 
-def attention_impls(config: Config, backend: str) -> dict[str, str]:
-    """{"local layers" / "global layers" / "every layer": the implementation that runs there}
-    on `backend`, as the model resolves `model.attention`."""
-    m = config.model
-    kinds = sorted(set(transformer.layer_is_local(m)))
-    name = {True: "local layers", False: "global layers"}
-    return {
-        name[local] if len(kinds) > 1 else "every layer": attention.resolve_impl(
-            m.attention, backend, config.data.seq_len, transformer.scores_spec(m, local)
-        )
-        for local in kinds
-    }
+def attention_impl(config: Config, backend: str) -> str:
+    """The attention implementation the model runs on `backend`, as it resolves
+    `model.attention` for `data.seq_len`."""
+    return attention.resolve_impl(config.model.attention, backend, config.data.seq_len)
 
 
 def _attention(config: Config) -> Check:
     backend = jax.default_backend()
-    impls = attention_impls(config, backend)
-    wrong = sorted({i for i in impls.values() if KERNEL_PLATFORM.get(i, backend) != backend})
-    detail = ", ".join(f"{impl} on {where}" for where, impl in impls.items())
-    if wrong:
+    impl = attention_impl(config, backend)
+    need = KERNEL_PLATFORM.get(impl, backend)
+    if need != backend:
         return Check(
             "attention",
             False,
-            f"{detail}: model.attention={wrong[0]} runs only on "
-            f"{KERNEL_PLATFORM[wrong[0]]}, this job runs on {backend}; use model.attention=auto",
+            f"model.attention={impl} runs only on {need}, this job runs on {backend}; "
+            f"use model.attention=auto",
         )
-    if config.model.attention == "auto" and "xla" in impls.values() and backend in WHY_XLA:
-        detail += f" ({WHY_XLA[backend]})"
-    return Check("attention", True, detail)
+    why = WHY_XLA.get(backend) if impl == "xla" and config.model.attention == "auto" else None
+    return Check("attention", True, impl + (f" ({why})" if why else ""))
 
 
 def _writable(name: str, directory: str | None, unset: str) -> Check:
