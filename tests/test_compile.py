@@ -83,7 +83,7 @@ def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
     tpu_compiler.require()
     config = cli.load_experiment("smoke", ["data.seq_len=128"])
     report = aot.compile_train_step(config, hardware.parse_target("v5litepod-4"))
-    assert report.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert report.mesh_shape == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
     assert report.pallas_calls > 0  # attention="auto" became the splash kernel
     # Arguments hold a quarter of the state and of the batch (fsdp=4 divides every sharded
     # dimension of smoke), padded to TPU tiles: at least the exact quarter, and less than
@@ -125,7 +125,10 @@ def test_cli_compile_multislice_prints_the_report(capsys):
     )
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "v5e-4 (v5e:2x2 x 2 slices), 8 chips, mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in out
+    assert (
+        "v5e-4 (v5e:2x2 x 2 slices), 8 chips, mesh {'data': 2, 'fsdp': 4, 'expert': 1, 'tensor': 1}"
+        in out
+    )
     assert "of 16 GiB HBM" in out and out.rstrip().endswith("fits")
 
 
