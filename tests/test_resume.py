@@ -195,7 +195,7 @@ def test_sigterm_saves_within_a_step_then_torn_checkpoint_and_mesh_change(refere
             path.write_bytes(path.read_bytes()[:10])
     out = _run(tmp_path, *shared, "--set", "mesh.fsdp=2", "--set", "mesh.tensor=2", devices=4)
     assert f"step {stopped} is unreadable" in out.stderr
-    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}" in out.stderr
+    assert "mesh {'data': 1, 'fsdp': 2, 'expert': 1, 'tensor': 2}" in out.stderr
     assert "resuming with a changed config: mesh.fsdp" in out.stderr
     restored, losses = _losses_after_last_start(tmp_path)
     assert restored == previous < stopped
