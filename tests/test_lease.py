@@ -247,6 +247,15 @@ def test_a_hung_holder_is_taken_over_and_stops_before_its_next_save(tmp_path):
     hung = _start(work, tmp_path / "hung.log", "run.steps=100000", *sets)
     try:
         _wait_for(lambda: 2 in _committed(work) and len(_steps(work)) >= 3, hung, "step 3")
+        # Stopped just after a renewal, not inside one: a holder stopped while it holds the
+        # record's flock (a swap takes microseconds) would block the taker's swap.
+        seen = json.loads((work / lease.LEASE).read_text())["renewed"]
+        _wait_for(
+            lambda: json.loads((work / lease.LEASE).read_text())["renewed"] != seen,
+            hung,
+            "a renewal",
+        )
+        time.sleep(0.05)
         hung.send_signal(signal.SIGSTOP)
         renewed = json.loads((work / lease.LEASE).read_text())["renewed"]
         time.sleep(max(0.0, renewed + timeout - time.time()))
