@@ -120,6 +120,16 @@ def upload(local: str, p: PathLike) -> None:
         shutil.copyfileobj(src, dst, 16 << 20)
 
 
+def upload_tree(local: str, p: PathLike) -> None:
+    """Copies every file under the local directory `local` to the same relative name under
+    `p` (one object write per file on gs://)."""
+    for root, _, files in os.walk(local):  # a local directory by contract
+        rel = os.path.relpath(root, local)
+        for name in files:
+            parts = (name,) if rel == "." else (*rel.split(os.sep), name)
+            upload(os.path.join(root, name), join(p, *parts))
+
+
 def write_atomic(p: PathLike, data: bytes) -> None:
     """Writes `data` to `p` so that a concurrent reader sees all of it or nothing: one object
     write on gs:// (atomic there), a temporary file renamed over `p` locally."""

@@ -6,6 +6,7 @@ sees the whole layout at once and two modules never pick the same name.
   metrics.jsonl      the records of runs begun before metrics/, read before it
   tensorboard/       TensorBoard event files; jax.profiler writes profiles into its plugins/profile/
   wandb_run_id       the W&B run every restart logs into
+  wandb/             W&B's offline files (for a gs:// workdir, copied there when the run ends)
   report.png         `lmjax report`'s plot (unless --png says otherwise)
   tokenizer.model    the tokenizer a run without data.tokenizer trains on first use
   data/              prepared stores when data.store_dir is unset
@@ -19,6 +20,7 @@ METRICS = "metrics"
 LEGACY_METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 WANDB_RUN_ID = "wandb_run_id"
+WANDB = "wandb"  # also the folder name wandb itself gives its files under its `dir`
 REPORT = "report.png"
 TOKENIZER = "tokenizer.model"
 DATA = "data"

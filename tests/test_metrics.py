@@ -2,6 +2,7 @@
 the run's records and TensorBoard events read back as MetricsWriter wrote them, local and
 on gs://."""
 
+import os
 import struct
 import types
 
@@ -9,9 +10,9 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from lmjax import storage
-from lmjax.config import ConfigError
-from lmjax.observe import goodput, metrics, report, throughput
-from lmjax.workdir_names import LEGACY_METRICS
+from lmjax.config import Config, ConfigError
+from lmjax.observe import goodput, metrics, report, throughput, wandb_log
+from lmjax.workdir_names import LEGACY_METRICS, WANDB, WANDB_RUN_ID
 
 
 def _device(kind, platform):
@@ -142,3 +143,27 @@ def test_a_missing_metrics_file_is_an_error_unless_allowed(tmp_path):
     assert goodput.last_reached_step(str(tmp_path)) == 0
     with pytest.raises(ConfigError, match="metrics does not exist: give the --workdir"):
         report.load(str(tmp_path))
+
+
+def test_wandb_offline_files_land_in_the_workdir(storage_root, monkeypatch):
+    """An offline W&B run of a gs:// workdir is copied into WORKDIR/wandb/ when it closes
+    (wandb writes local files only, and a recreated VM's disk is gone), every file byte for
+    byte, and a restart logs into the same run id; a local workdir holds wandb's own folder."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    storage.path(storage_root).mkdir(parents=True, exist_ok=True)  # as a run's start does
+    ids = []
+    for start in range(2):
+        writer = wandb_log.WandbWriter("lmjax-test", storage_root, Config())
+        writer.write(start, {"step": start, "loss": 1.5 - start, "note": "text"})
+        writer.close()
+        ids.append(storage.path(storage.join(storage_root, WANDB_RUN_ID)).read_text().strip())
+    assert ids[0] == ids[1]
+    logs = storage.glob(storage.join(storage_root, WANDB, f"offline-run-*-{ids[0]}", "*.wandb"))
+    assert logs, "no offline run in the workdir"
+    local = os.path.join(writer.files_dir, WANDB)
+    for root, _, files in os.walk(local):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), local).split(os.sep)
+            copy = storage.path(storage.join(storage_root, WANDB, *rel))
+            assert copy.read_bytes() == open(os.path.join(root, name), "rb").read(), rel

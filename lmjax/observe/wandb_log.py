@@ -2,9 +2,10 @@
 
 The run id is kept in WORKDIR/wandb_run_id, so every restart of a workdir logs into the same
 W&B run. Without an API key (WANDB_API_KEY or a `wandb login` entry in ~/.netrc) the run is
-written offline under WORKDIR/wandb/ (`wandb sync` uploads it later; for a gs:// workdir,
-under $TMPDIR/lmjax-wandb/, since wandb writes only local files); WANDB_MODE, when set,
-decides instead.
+written offline under WORKDIR/wandb/ (`wandb sync` uploads it later); WANDB_MODE, when set,
+decides instead. wandb writes only local files, so for a gs:// workdir they are written under
+$TMPDIR/lmjax-wandb/ and copied to WORKDIR/wandb/ when the writer closes: a preempted VM's
+boot disk is gone when the supervisor recreates it, the bucket is not.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from lmjax import storage
 from lmjax.config import Config, to_dict
-from lmjax.workdir_names import WANDB_RUN_ID
+from lmjax.workdir_names import WANDB, WANDB_RUN_ID
 
 
 def _has_api_key() -> bool:
@@ -56,11 +57,13 @@ class WandbWriter:
         import wandb  # config.validate checked that it is installed
 
         mode = os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
+        self.workdir = workdir
+        self.files_dir = _files_dir(workdir)
         self.run = wandb.init(
             project=project,
             id=_run_id(workdir),
             resume="allow",
-            dir=_files_dir(workdir),
+            dir=self.files_dir,
             name=config.run.name,
             config=to_dict(config),
             mode=mode,
@@ -77,3 +80,6 @@ class WandbWriter:
 
     def close(self) -> None:
         self.run.finish()
+        if storage.is_url(self.workdir):
+            local = os.path.join(self.files_dir, WANDB)
+            storage.upload_tree(local, storage.join(self.workdir, WANDB))
