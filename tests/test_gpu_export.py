@@ -15,6 +15,7 @@ from lmjax.batch import abstract_batch
 from lmjax.checkpoint import checkpointer
 from lmjax.model import attention, flash_gpu
 from lmjax.parallel import sharding
+from lmjax.tools import checklist, fused_kernel
 from lmjax.train import trainer as trainer_lib
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -51,6 +52,8 @@ def test_train_step_lowers_for_cuda_with_the_flash_kernel(experiment, dtype):
     assert text.count(f"@{TRITON_CALL}") >= 2
     assert all(f"lmjax_flash_{k}" in text for k in ("forward", "dq", "dkv"))
     assert f"tensor<{'f32' if dtype == 'float32' else 'bf16'}" in text
+    check = fused_kernel.verdict(text, cli.load_experiment(experiment), "gpu")
+    assert check.ok and check.detail.startswith("pallas_gpu: "), check
 
 
 def kv_expansions(text: str, kv_shape: tuple[int, ...]) -> list[str]:
@@ -71,6 +74,53 @@ def kv_expansions(text: str, kv_shape: tuple[int, ...]) -> list[str]:
     return found
 
 
+def export_attention_grad_for_cuda(impl, shape, spec=attention.PLAIN) -> str:
+    """StableHLO, lowered for CUDA (an H100), of the gradient of a loss of packed-document
+    attention by `impl`: q [b, t, h, d], k and v [b, t, kv, d] in bfloat16."""
+    b, t, h, kv, d = shape
+
+    def loss(q, k, v, seg):
+        out = attention.attention(q, k, v, segment_ids=seg, impl=impl, spec=spec)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    q_arg, kv_arg = (jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16) for n in (h, kv))
+    mesh = AbstractMesh((1,) * 4, sharding.MESH_AXES, (AxisType.Auto,) * 4, abstract_device=H100)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.export.export(
+            jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+        )(q_arg, kv_arg, kv_arg, jax.ShapeDtypeStruct((b, t), jnp.int32)).mlir_module()
+
+
+def test_smoke_kernel_check_passes_the_flash_kernel_and_fails_xla_attention_for_cuda():
+    """`lmjax smoke`'s verdict on real CUDA lowerings: the Pallas kernel's module passes, the
+    XLA attention's fails naming the fix; the CPU, model.attention=xla and an `auto` that
+    fell back to XLA on a GPU (seq_len 40) are told apart."""
+    config = cli.load_experiment("smoke")  # auto, seq_len 64: pallas_gpu on a GPU
+    shape = (1, 64, 4, 2, 64)
+    kernel = fused_kernel.verdict(
+        export_attention_grad_for_cuda("pallas_gpu", shape), config, "gpu"
+    )
+    assert kernel.ok and kernel.detail.startswith(f"pallas_gpu: 3 {TRITON_CALL} call(s)"), kernel
+    xla_text = export_attention_grad_for_cuda("xla", shape)
+    assert TRITON_CALL not in xla_text
+    fallback = fused_kernel.verdict(xla_text, config, "gpu")
+    assert not fallback.ok and f"has no {TRITON_CALL} custom call" in fallback.detail
+    assert "model.attention=xla" in fallback.detail
+
+    cpu = fused_kernel.verdict(xla_text, config, "cpu")
+    assert cpu.ok and not cpu.applicable and cpu.detail.startswith("not applicable: cpu")
+    chosen = fused_kernel.verdict(
+        xla_text, cli.load_experiment("smoke", ["model.attention=xla"]), "gpu"
+    )
+    assert chosen.ok and not chosen.applicable
+    short = fused_kernel.verdict(xla_text, cli.load_experiment("smoke", ["data.seq_len=40"]), "gpu")
+    assert not short.ok and "fell back to XLA attention on gpu" in short.detail
+    assert "multiple of 16" in short.detail
+    assert checklist.lines([kernel, cpu, short])[1].startswith("  [N/A] attention kernel")
+
+
 def test_flash_kernel_reads_grouped_kv_heads_in_place_with_tiles_for_the_gpu():
     """Forward and backward of the GPU kernel lowered for an H100, 8 query heads on 2 kv
     heads: every kernel takes the exported K and V arguments themselves, nothing in the
@@ -78,19 +128,8 @@ def test_flash_kernel_reads_grouped_kv_heads_in_place_with_tiles_for_the_gpu():
     each kernel's launch (grid, stages, warps) is the one picked for 227 KiB."""
     b, t, h, kv, d = 1, 512, 8, 2, 128
     spec = attention.Scores(softcap=30.0, window=256)
-
-    def loss(q, k, v, seg):
-        out = attention.attention(q, k, v, segment_ids=seg, impl="pallas_gpu", spec=spec)
-        return jnp.sum(out.astype(jnp.float32) ** 2)
-
+    text = export_attention_grad_for_cuda("pallas_gpu", (b, t, h, kv, d), spec)
     q_arg, kv_arg = (jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16) for n in (h, kv))
-    mesh = AbstractMesh((1,) * 4, sharding.MESH_AXES, (AxisType.Auto,) * 4, abstract_device=H100)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.export.export(
-            jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
-            platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
-        )(q_arg, kv_arg, kv_arg, jax.ShapeDtypeStruct((b, t), jnp.int32)).mlir_module()
     calls = re.findall(rf"custom_call @{re.escape(TRITON_CALL)}\(([^)]*)\).*", text)
     assert len(calls) == 3
     for operands in calls:

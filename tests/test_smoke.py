@@ -16,4 +16,5 @@ def test_smoke_passes_and_a_wrong_platform_fails_its_check(tmp_path, capsys):
     assert "[FAIL] devices" in out and "lmjax[tpu]" in out
     for name in ("loss falls", "resume is exact", "evaluates", "generates"):
         assert f"[PASS] {name}" in out, out
+    assert "[N/A] attention kernel: not applicable: cpu runs XLA attention" in out, out
     assert "bitwise equal" in out and "tokens/s" in out and "1 check(s) FAILED" in out

@@ -14,6 +14,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    applicable: bool = True  # False: nothing to check here (it passes, and says so: [N/A])
 
 
 def guard(name: str, hint: str, fn: Callable[[], Check]) -> Check:
@@ -25,5 +26,8 @@ def guard(name: str, hint: str, fn: Callable[[], Check]) -> Check:
 
 
 def lines(checks: list[Check]) -> list[str]:
-    """A "[PASS] name: detail" or "[FAIL] name: detail" line per check."""
-    return [f"  [{'PASS' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in checks]
+    """A "[PASS] name: detail", "[FAIL] name: detail" or "[N/A] name: detail" line per check."""
+    return [
+        f"  [{'N/A' if not c.applicable else 'PASS' if c.ok else 'FAIL'}] {c.name}: {c.detail}"
+        for c in checks
+    ]

@@ -1,10 +1,12 @@
 """The checks of `lmjax smoke`: is this machine ready to train? A few real steps, end to end.
 
 Runs on whatever devices are present (one GPU, TPU or the CPU; the mesh is the experiment's):
-trains a few steps of the experiment (the default, `smoke`, reads the packaged corpus), checks
-the loss falls, resumes from a mid-run checkpoint in a second run and checks that it continues
-bit for bit, checks that `lmjax eval` on the last checkpoint reproduces the eval loss training
-logged, generates a few tokens, and reports. Each check that fails says what to look at.
+checks that the train step runs the fused attention kernel the platform selects (a GPU or
+TPU smoke test must not pass on the XLA fallback; `fused_kernel`), trains a few steps of the
+experiment (the default, `smoke`, reads the packaged corpus), checks the loss falls, resumes
+from a mid-run checkpoint in a second run and checks that it continues bit for bit, checks
+that `lmjax eval` on the last checkpoint reproduces the eval loss training logged, generates
+a few tokens, and reports. Each check that fails says what to look at.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from lmjax.checkpoint import paths
 from lmjax.config import Config, apply_overrides
 from lmjax.inference import evaluate, generate, saved_run
 from lmjax.observe import metrics
-from lmjax.tools import checklist, doctor
+from lmjax.tools import checklist, doctor, fused_kernel
 from lmjax.tools.checklist import Check, guard
 from lmjax.train import run
 
@@ -115,6 +117,13 @@ def run_checks(config: Config, steps: int, workdir: str, expect_platform: str = 
     first, second = os.path.join(workdir, "run"), os.path.join(workdir, "resumed")
     return [
         guard("devices", doctor.PLATFORM_HINT, lambda: doctor.devices(expect_platform)),
+        guard(
+            "attention kernel",
+            "set model.attention=xla to run without a fused kernel",
+            lambda: fused_kernel.verdict(
+                fused_kernel.train_step_program(config), config, jax.default_backend()
+            ),
+        ),
         guard("loss falls", "check the data path and optim.lr", lambda: _trains(config, first)),
         guard(
             "resume is exact",
