@@ -27,8 +27,10 @@ ROPE_SCALING_TYPES = ("llama3", "linear")
 # How a mixture-of-experts router weights its top-k experts (lmjax/model/moe.py):
 # "softmax_topk": softmax over all experts, the top k probabilities as they are (Qwen3-MoE with
 # norm_topk_prob=False); "softmax_topk_renorm": the same, renormalized to sum to 1 per token
-# (Mixtral; Qwen3-MoE with norm_topk_prob=True).
-MOE_ROUTERS = ("softmax_topk", "softmax_topk_renorm")
+# (Mixtral; Qwen3-MoE with norm_topk_prob=True); "sigmoid_topk_bias" (DeepSeek-V3): sigmoid
+# scores, the top k of scores + a per-expert bias chosen (the bias is set by
+# optim.moe_bias_rate, not trained), their unbiased scores renormalized to sum to 1.
+MOE_ROUTERS = ("softmax_topk", "softmax_topk_renorm", "sigmoid_topk_bias")
 
 
 class ConfigError(ValueError):
@@ -86,6 +88,7 @@ class ModelConfig:
     moe_experts: int = 0  # 0: a dense model
     moe_top_k: int = 2
     moe_router: str = "softmax_topk_renorm"  # MOE_ROUTERS
+    moe_routed_scale: float = 1.0  # multiplies the routed experts' weights (DeepSeek-V3: 2.5)
     moe_d_mlp: int = 0  # each expert's hidden width; 0: d_mlp
     moe_shared_d_mlp: int = 0  # >0: an always-on shared SwiGLU expert of this width
     moe_first_dense_layers: int = 0  # the first layers keep a dense MLP (DeepSeek)
@@ -169,6 +172,9 @@ class OptimConfig:
     # balanced) and the router z-loss (mean squared logsumexp of the router logits).
     moe_aux_loss: float = 0.0
     moe_router_z_loss: float = 0.0
+    # sigmoid_topk_bias router: after each step every MoE layer's router_bias moves by
+    # moe_bias_rate x sign(mean load - load) per expert (DeepSeek-V3's gamma, 0.001).
+    moe_bias_rate: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,6 +505,7 @@ def _check_moe(m: ModelConfig, need) -> None:
         value = getattr(m, name)
         need(value >= 0, f"model.{name}={value} must be 0 or positive.")
     need(m.moe_every >= 1, f"model.moe_every={m.moe_every} must be at least 1 (1: every layer).")
+    need(m.moe_routed_scale > 0, f"model.moe_routed_scale={m.moe_routed_scale} must be positive.")
     need(
         any(moe_layer(m, i) for i in range(m.n_layers)),
         f"model.moe_first_dense_layers={m.moe_first_dense_layers} and model.moe_every="
@@ -606,6 +613,7 @@ def _check_optim(config: Config, need) -> None:
         "z_loss",
         "moe_aux_loss",
         "moe_router_z_loss",
+        "moe_bias_rate",
     ):
         need(getattr(o, name) >= 0, f"optim.{name}={getattr(o, name)} must not be negative.")
     need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1].")
@@ -620,6 +628,18 @@ def _check_optim(config: Config, need) -> None:
     )
     need(o.eps > 0, f"optim.eps={o.eps} must be positive.")
     need(o.grad_accum > 0, f"optim.grad_accum={o.grad_accum} must be positive.")
+    need(
+        o.moe_bias_rate <= 0 or config.model.moe_router == "sigmoid_topk_bias",
+        f"optim.moe_bias_rate={o.moe_bias_rate} moves the router bias of "
+        f"model.moe_router='sigmoid_topk_bias', and this model routes with "
+        f"{config.model.moe_router!r}: set that router or optim.moe_bias_rate=0.",
+    )
+    need(
+        o.moe_bias_rate <= 0 or config.model.param_dtype == "float32",
+        f"optim.moe_bias_rate={o.moe_bias_rate} steps the router bias, which is stored in "
+        f"model.param_dtype={config.model.param_dtype!r}, where steps that small round away: "
+        "use model.param_dtype=float32.",
+    )
 
 
 def _check_checkpoint(config: Config, need) -> None:

@@ -217,7 +217,8 @@ def _moe_mlp(w, p, h, config):
         "w_down": stack(down),
     }
     renorm = config["model_type"] == "mixtral" or config.get("norm_topk_prob", False)
-    return numpy_moe.moe_mlp(h, layer, top_k=config["num_experts_per_tok"], renorm=renorm)[0]
+    router = "softmax_topk_renorm" if renorm else "softmax_topk"
+    return numpy_moe.moe_mlp(h, layer, top_k=config["num_experts_per_tok"], router=router)[0]
 
 
 def _n_experts(config: dict) -> int:

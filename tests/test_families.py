@@ -257,6 +257,11 @@ def test_to_hf_refuses_switches_no_family_has():
     cfg = ModelConfig(qkv_bias=True, norm_offset=True)
     with pytest.raises(ConfigError, match="no Hugging Face family has.*qkv_bias"):
         hf.config_to_hf(cfg, "float32")
+    # qwen3_moe reads its router from norm_topk_prob, which cannot say sigmoid (nor a scale)
+    for switch in ({"moe_router": "sigmoid_topk_bias"}, {"moe_routed_scale": 2.5}):
+        moe = ModelConfig(qk_norm=True, moe_experts=4, **switch)
+        with pytest.raises(ConfigError, match="no Hugging Face family has"):
+            hf.config_to_hf(moe, "float32")
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import pytest
 
 from lmjax.checkpoint import checkpointer, params_dir
 from lmjax.config import (
+    MOE_ROUTERS,
     CheckpointConfig,
     Config,
     ConfigError,
@@ -62,8 +63,9 @@ def _reference(cfg: ModelConfig, p, x):
         np.asarray(x, np.float64),
         host,
         top_k=cfg.moe_top_k,
-        renorm=cfg.moe_router == "softmax_topk_renorm",
+        router=cfg.moe_router,
         capacity=cap,
+        scale=cfg.moe_routed_scale,
     )
 
 
@@ -79,13 +81,22 @@ def _directional_derivative(cfg, p, x, direction, cotangent, eps=1e-5):
     return (at(1) - at(-1)) / (2 * eps)
 
 
-@pytest.mark.parametrize("router", ["softmax_topk", "softmax_topk_renorm"])
+@pytest.mark.parametrize("router", MOE_ROUTERS)
 @pytest.mark.parametrize("shared", [0, 5])
 def test_moe_mlp_equals_a_numpy_loop_forward_and_gradients(router, shared):
     """Dropless, capacity with room for all (factor 2: nothing dropped) and tight capacity
-    (factor 0.5: the over-capacity copies dropped, exactly those of the reference)."""
-    base = dataclasses.replace(TINY, moe_router=router, moe_shared_d_mlp=shared)
+    (factor 0.5: the over-capacity copies dropped, exactly those of the reference). The
+    sigmoid router runs with a random bias (that changes some token's choice) and a scale."""
+    scale = 2.5 if router == "sigmoid_topk_bias" else 1.0
+    base = dataclasses.replace(
+        TINY, moe_router=router, moe_shared_d_mlp=shared, moe_routed_scale=scale
+    )
     p, x = _layer(base)
+    if router == "sigmoid_topk_bias":
+        unbiased = {**p, "router_bias": 0 * p["router_bias"]}
+        assert not np.array_equal(
+            moe.route(x, p, base).experts, moe.route(x, unbiased, base).experts
+        )
     rng = np.random.default_rng(0)
     cotangent = rng.normal(size=(TOKENS, base.d_model))
     direction = {k: rng.normal(size=v.shape) for k, v in p.items()}
@@ -97,7 +108,7 @@ def test_moe_mlp_equals_a_numpy_loop_forward_and_gradients(router, shared):
         y, stats = moe.moe_mlp(x[None], p, cfg)
         np.testing.assert_allclose(y[0], want, rtol=1e-5, atol=1e-6)
         assert float(stats["dropped"]) == want_dropped
-        np.testing.assert_allclose(np.sum(stats["load"]), 1.0, rtol=1e-6)
+        assert float(np.sum(stats["counts"])) == TOKENS * base.moe_top_k
 
         def objective(p, x, cfg=cfg):
             return jnp.sum(moe.moe_mlp(x[None], p, cfg)[0][0] * cotangent)
@@ -108,19 +119,47 @@ def test_moe_mlp_equals_a_numpy_loop_forward_and_gradients(router, shared):
         assert analytic == pytest.approx(numeric, rel=1e-4), (router, shared, factor)
 
 
-def test_balance_and_router_z_losses_follow_their_definitions():
-    p, x = _layer(TINY)
-    r = moe.route(x, p["router"], TINY)
-    probs = np.asarray(jax.nn.softmax(r.logits, axis=-1))
+@pytest.mark.parametrize("router", ["softmax_topk_renorm", "sigmoid_topk_bias"])
+def test_balance_and_router_z_losses_follow_their_definitions(router):
+    """The balance loss scores each token's full distribution: the softmax, or the sigmoid
+    scores normalized over the experts (DeepSeek-V3)."""
+    cfg = dataclasses.replace(TINY, moe_router=router)
+    p, x = _layer(cfg)
+    r = moe.route(x, p, cfg)
+    logits = np.asarray(r.logits, np.float64)
+    if router == "sigmoid_topk_bias":
+        probs = 1 / (1 + np.exp(-logits))
+        probs /= probs.sum(-1, keepdims=True)
+    else:
+        probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     chosen = np.asarray(r.experts)
     frac = np.array([(chosen == e).sum() for e in range(4)]) / TOKENS
     assert float(moe.balance_loss(r, 4)) == pytest.approx(
         4 * np.sum(frac * probs.mean(0)), rel=1e-5
     )
-    lse = np.log(np.exp(np.asarray(r.logits, np.float64)).sum(-1))
+    lse = np.log(np.exp(logits).sum(-1))
     assert float(moe.router_z_loss(r.logits)) == pytest.approx(np.mean(lse**2), rel=1e-5)
-    uniform = moe.Routing(r.weights, jnp.asarray(np.arange(24).reshape(12, 2) % 4), 0 * r.logits)
+    even = jnp.asarray(np.arange(24).reshape(12, 2) % 4)
+    uniform = moe.Routing(r.weights, even, 0 * r.logits, jnp.full_like(r.probs, 0.25))
     assert float(moe.balance_loss(uniform, 4)) == pytest.approx(2.0)  # top_k when balanced
+
+
+def test_router_bias_moves_by_the_sign_rule_of_the_numpy_reference():
+    """Counts from the numpy router's choices (over, under and exactly at the experts' mean)
+    move the bias as tests/numpy_moe.py says, elementwise over stacked layers."""
+    cfg = dataclasses.replace(TINY, moe_router="sigmoid_topk_bias", moe_experts=6)
+    p, x = _layer(cfg)
+    host = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    chosen, _ = numpy_moe.route(np.asarray(x, np.float64), host, top_k=2, router=cfg.moe_router)
+    counts = np.bincount(chosen.ravel(), minlength=6)
+    tied = np.array([4, 4, 0, 8, 2, 6])  # mean 4: experts 0 and 1 stay
+    stacked = np.stack([counts, tied]).astype(np.float32)
+    bias = np.stack([host["router_bias"], np.zeros(6)]).astype(np.float32)
+    got = np.asarray(moe.bias_update(jnp.asarray(bias), jnp.asarray(stacked), 1e-3))
+    for row in range(2):
+        want = numpy_moe.bias_after_step(bias[row], stacked[row], 1e-3)
+        np.testing.assert_allclose(got[row], want, rtol=0, atol=1e-7)
+    assert np.count_nonzero(got[1] - bias[1]) == 4
 
 
 def test_layer_pattern_param_table_and_scan_free_equivalence():
@@ -141,8 +180,8 @@ def test_layer_pattern_param_table_and_scan_free_equivalence():
     x, stats = run(params, tokens, cfg)
     x2, stats2 = run(params, tokens, dataclasses.replace(cfg, scan_layers=False))
     np.testing.assert_allclose(x, x2, rtol=1e-5, atol=1e-6)
-    assert stats["load"].shape == (1, 4)
-    np.testing.assert_array_equal(stats["load"], stats2["load"])
+    assert stats["counts"].shape == (1, 4)
+    np.testing.assert_array_equal(stats["counts"], stats2["counts"])
 
 
 def test_active_params_and_flops_count_top_k_experts():
@@ -244,25 +283,66 @@ MOE_RUN = Config(
 )
 
 
+# The sigmoid router with its bias moving, over 2 microbatches: the learning test also checks
+# the bias rule on the whole step's counts and that the bias resumes.
+BIAS_RUN = dataclasses.replace(
+    MOE_RUN,
+    model=dataclasses.replace(TINY, moe_router="sigmoid_topk_bias", moe_routed_scale=2.0),
+    optim=dataclasses.replace(MOE_RUN.optim, moe_bias_rate=1e-3, grad_accum=2),
+)
+
+
+def _step_counts(params, batch, cfg: ModelConfig):
+    """[moe layers, experts] copies per expert over the whole batch in one forward (routing is
+    per token, so this is the sum over any microbatches)."""
+    fwd = jax.jit(
+        lambda p, b: transformer.hidden_states_and_stats(
+            p, b["inputs"], cfg, segment_ids=b["segment_ids"], positions=b["positions"]
+        )
+    )
+    _, stats = fwd(params, batch)
+    return np.asarray(stats["counts"])
+
+
 @pytest.mark.slow
-def test_a_tiny_moe_learns_logs_its_load_and_resumes_bitwise(tmp_path):
-    tr = trainer_lib.make_trainer(MOE_RUN, sharding.make_mesh(MOE_RUN.mesh, jax.devices()[:1]))
+def test_a_tiny_moe_learns_moves_its_router_bias_and_resumes_bitwise(tmp_path):
+    """Sigmoid router, bias rate 1e-3, 2 microbatches: the loss falls, the bias after a step
+    is the numpy rule on that step's counts over both microbatches, the optimizer never moves
+    it (its moments stay 0), and a checkpoint restores it and resumes bitwise."""
+    tr = trainer_lib.make_trainer(BIAS_RUN, sharding.make_mesh(BIAS_RUN.mesh, jax.devices()[:1]))
     batch = synthetic_batch(0, 0, 0, range(4), 16, TINY.vocab_size)
     batch = trainer_lib.global_batch(batch, tr.batch_sharding)
     state = _fresh_state(tr)
     losses = []
-    for _ in range(20):
+    for step in range(20):
+        bias = np.asarray(state.params["moe"]["router_bias"])
+        counts = _step_counts(state.params, batch, BIAS_RUN.model) if step in (0, 19) else None
         state, m = tr.step_fn(state, batch)
         losses.append(loop.fetch(m)["loss"])
+        if counts is not None:
+            got = np.asarray(state.params["moe"]["router_bias"])
+            for row in range(len(counts)):
+                want = numpy_moe.bias_after_step(bias[row], counts[row], 1e-3)
+                np.testing.assert_allclose(got[row], want, rtol=0, atol=1e-6)
     assert losses[-1] < 0.75 * losses[0]
+    assert np.abs(np.asarray(state.params["moe"]["router_bias"])).max() > 5e-3
+    moments = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+        if "router_bias" in jax.tree_util.keystr(path)
+    ]
+    assert moments and all(not np.any(np.asarray(a)) for a in moments)
     logged = loop.fetch(m)
-    assert 1.0 <= logged["moe_load_max/0"] <= 4.0 and logged["moe_balance"] >= 2.0 - 1e-5
-    ckpt = checkpointer.Checkpointer(str(tmp_path / "ck"), MOE_RUN.checkpoint)
+    assert 1.0 <= logged["moe_load_max/0"] <= 4.0 and logged["moe_balance"] > 0
+    ckpt = checkpointer.Checkpointer(str(tmp_path / "ck"), BIAS_RUN.checkpoint)
     ckpt.save(20, state, data_state={}, meta={})
     ckpt.close()
     target = checkpointer.abstract_state(tr.init_fn, tr.state_shardings)
     restored, _ = checkpointer.Checkpointer(str(tmp_path / "ck"), read_only=True).restore(
         20, target
+    )
+    np.testing.assert_array_equal(
+        restored.params["moe"]["router_bias"], state.params["moe"]["router_bias"]
     )
     after, _ = tr.step_fn(state, batch)
     resumed, _ = tr.step_fn(restored, batch)

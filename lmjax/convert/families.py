@@ -143,6 +143,7 @@ FAMILY_FIELDS = (
     "moe_experts",
     "moe_top_k",
     "moe_router",
+    "moe_routed_scale",
     "moe_d_mlp",
     "moe_shared_d_mlp",
     "moe_first_dense_layers",
@@ -178,7 +179,7 @@ class Family:
     defaults: config.json values assumed where a key is absent (the family's HF defaults).
     required: (key, value, what it means) that config.json must hold (or lack); written too.
     router_key: a config.json boolean that picks the MoE router: true softmax_topk_renorm,
-    false softmax_topk ("": the switches fix it).
+    false softmax_topk ("": the switches fix it); no family has the sigmoid router.
     """
 
     model_type: str
@@ -318,9 +319,11 @@ def by_model_type(model_type: Any) -> Family:
 
 
 def of_config(cfg: ModelConfig) -> Family:
-    """The first family (in FAMILIES order) whose fixed switches `cfg` has."""
+    """The first family (in FAMILIES order) whose fixed switches `cfg` has (a router_key
+    reads only the softmax routers)."""
+    softmax = cfg.moe_router in ("softmax_topk", "softmax_topk_renorm")
     for family in FAMILIES:
-        if all(getattr(cfg, f) == v for f, v in family.fixed().items()):
+        if softmax and all(getattr(cfg, f) == v for f, v in family.fixed().items()):
             return family
     switches = {
         f: getattr(cfg, f) for f in FAMILY_FIELDS if getattr(cfg, f) != getattr(ModelConfig, f)

@@ -2,7 +2,7 @@
 
 Parameters of one MoE layer (the `moe` subtree of `transformer.param_specs`, stacked over the
 MoE layers):
-  router    [embed, experts]
+  router    [embed, experts]      router_bias [experts] (sigmoid_topk_bias: set, not trained)
   w_gate, w_up [experts, embed, moe_mlp]      w_down [experts, moe_mlp, embed]
   shared_gate, shared_up [embed, shared_mlp]  shared_down [shared_mlp, embed]  (moe_shared_d_mlp)
 
@@ -36,16 +36,34 @@ class Routing(NamedTuple):
     weights: jax.Array  # [tokens, top_k] float32, the combine weight of each chosen expert
     experts: jax.Array  # [tokens, top_k] int32, the chosen experts, best first
     logits: jax.Array  # [tokens, experts] float32 router logits
+    probs: jax.Array  # [tokens, experts] float32, each token's router distribution (sums to 1)
 
 
-def route(x, router, cfg: ModelConfig) -> Routing:
-    """x: [tokens, embed], router [embed, experts] -> the top-k choice of each token
-    (`cfg.moe_router`: softmax over all experts, top k, renormalized or not)."""
-    logits = jnp.einsum("td,de->te", x, router.astype(x.dtype), preferred_element_type=jnp.float32)
-    weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.moe_top_k)
-    if cfg.moe_router == "softmax_topk_renorm":
+def route(x, p: Params, cfg: ModelConfig) -> Routing:
+    """x: [tokens, embed], p the layer's `router` [embed, experts] (and `router_bias`
+    [experts]) -> the top-k choice of each token, by `cfg.moe_router`:
+      softmax_topk(_renorm): softmax over all experts, the k largest (renormalized to sum 1);
+      sigmoid_topk_bias (DeepSeek-V3): scores = sigmoid(logits), the k largest of
+        scores + router_bias chosen, weighted by their unbiased scores renormalized to sum 1.
+    The weights are then times `cfg.moe_routed_scale`. The bias only selects (it is under
+    stop_gradient: its gradient is 0, `bias_update` moves it); `probs` is the softmax, or
+    the scores normalized over the experts, as the balance loss needs a distribution."""
+    logits = jnp.einsum(
+        "td,de->te", x, p["router"].astype(x.dtype), preferred_element_type=jnp.float32
+    )
+    if cfg.moe_router == "sigmoid_topk_bias":
+        scores = jax.nn.sigmoid(logits)
+        bias = jax.lax.stop_gradient(p["router_bias"].astype(jnp.float32))[None, :]
+        _, experts = jax.lax.top_k(scores + bias, cfg.moe_top_k)
+        weights = jnp.take_along_axis(scores, experts, axis=-1)
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    else:
+        probs = jax.nn.softmax(logits, axis=-1)
+        weights, experts = jax.lax.top_k(probs, cfg.moe_top_k)
+    if cfg.moe_router != "softmax_topk":
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return Routing(weights, experts.astype(jnp.int32), logits)
+    weights = weights * cfg.moe_routed_scale
+    return Routing(weights, experts.astype(jnp.int32), logits, probs)
 
 
 def expert_counts(experts, n_experts: int):
@@ -55,11 +73,20 @@ def expert_counts(experts, n_experts: int):
 
 def balance_loss(routing: Routing, n_experts: int):
     """Switch/Mixtral load balancing: experts x sum_e (copies_e / tokens) x mean_t p_t(e),
-    with p the full softmax; equals top_k when routing is uniform. Scalar float32."""
+    with p the router's full distribution (`Routing.probs`); equals top_k when routing is
+    uniform. Scalar float32."""
     tokens = routing.experts.shape[0]
     frac = expert_counts(routing.experts, n_experts) / tokens
-    prob = jnp.mean(jax.nn.softmax(routing.logits, axis=-1), axis=0)
+    prob = jnp.mean(routing.probs, axis=0)
     return n_experts * jnp.sum(jax.lax.stop_gradient(frac) * prob)
+
+
+def bias_update(bias, counts, rate: float):
+    """DeepSeek-V3's auxiliary-loss-free balancing: bias [..., experts] += rate x
+    sign(mean count - count), counts [..., experts] the copies each expert received in the
+    step: an overloaded expert's bias falls, an underloaded one's rises (an even one's stays)."""
+    mean = jnp.mean(counts, axis=-1, keepdims=True)
+    return bias + rate * jnp.sign(mean - counts).astype(bias.dtype)
 
 
 def router_z_loss(logits):
@@ -214,20 +241,19 @@ def shared_expert(x, p: Params):
 
 
 def moe_mlp(x, p: Params, cfg: ModelConfig):
-    """x: [batch, seq, embed] -> (y like x, stats) with stats float32: load [experts]
-    (fraction of the copies each expert received), copies (tokens x top_k), dropped (copies
-    dropped), balance and z
-    (`balance_loss`, `router_z_loss`)."""
+    """x: [batch, seq, embed] -> (y like x, stats) with stats float32: counts [experts]
+    (copies each expert received), copies (tokens x top_k), dropped (copies dropped),
+    balance and z (`balance_loss`, `router_z_loss`)."""
     b, s, d = x.shape
     flat = x.reshape(b * s, d)
-    r = route(flat, p["router"], cfg)
+    r = route(flat, p, cfg)
     copies, dropped = per_device(x, r.experts.reshape(b, s, -1), p, cfg)
     copies = copies.reshape(b * s, -1, d)
     y = jnp.einsum("tk,tkd->td", r.weights.astype(copies.dtype), copies)
     if cfg.moe_shared_d_mlp > 0:
         y = y + shared_expert(flat, p)
     stats = {
-        "load": expert_counts(r.experts, cfg.moe_experts) / r.experts.size,
+        "counts": expert_counts(r.experts, cfg.moe_experts),
         "dropped": dropped,
         "copies": jnp.float32(r.experts.size),
         "balance": balance_loss(r, cfg.moe_experts),

@@ -25,7 +25,7 @@ def loss_terms(
     the big batch. A mixture-of-experts model adds its balance and router z-losses (means
     over the microbatch's tokens, summed over layers) times the microbatch's loss tokens,
     weighted by `moe_aux_loss` and `moe_router_z_loss`, and aux gains their sums and the
-    per-layer `moe_load_sum` [moe layers, experts], `moe_dropped` and `moe_copies` [moe
+    per-layer `moe_counts` [moe layers, experts], `moe_dropped` and `moe_copies` [moe
     layers] (`moe_aux`).
     """
     x, stats = transformer.hidden_states_and_stats(
@@ -60,11 +60,12 @@ def moe_aux(stats, tokens):
     """The MoE layers' stats (`moe.moe_mlp`, stacked over layers) as sums that add up over
     microbatches: the balance and z-losses averaged over the MoE layers (the scale of Hugging
     Face's `router_aux_loss_coef`, which scores all layers' routing at once) times the
-    microbatch's `tokens`; copies (token x top_k routed) and dropped copies as counted."""
+    microbatch's `tokens`; each expert's copies, all copies (token x top_k routed) and
+    dropped copies as counted."""
     return {
         "moe_balance_sum": jnp.mean(stats["balance"]) * tokens,
         "moe_z_sum": jnp.mean(stats["z"]) * tokens,
-        "moe_load_sum": stats["load"] * tokens,
+        "moe_counts": stats["counts"],
         "moe_dropped": stats["dropped"],
         "moe_copies": stats["copies"],
     }

@@ -124,6 +124,10 @@ def _moe_specs(cfg: ModelConfig, n: int) -> dict[str, ParamSpec]:
         "w_up": ParamSpec((n, E, D, F), expert_in, "normal"),
         "w_down": ParamSpec((n, E, F, D), expert_out, "out"),
     }
+    if cfg.moe_router == "sigmoid_topk_bias":
+        # Set by the train step (`moe.bias_update`), not trained; replicated, as the router is
+        # over experts; "bias" in its name keeps it out of weight decay.
+        specs["router_bias"] = ParamSpec((n, E), ("layers", None), "zeros")
     if cfg.moe_shared_d_mlp > 0:
         shared = _mlp_specs(n, D, cfg.moe_shared_d_mlp)
         specs.update({"shared_" + k[2:]: v for k, v in shared.items()})

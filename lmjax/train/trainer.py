@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lmjax.batch import BATCH_KEYS, Batch
 from lmjax.config import Config, ModelConfig, OptimConfig
 from lmjax.inference import evaluate
-from lmjax.model import transformer
+from lmjax.model import moe, transformer
 from lmjax.model.objective import loss_terms
 from lmjax.parallel import sharding
 from lmjax.train import optim
@@ -127,6 +127,8 @@ def train_step(
     with jax.named_scope("optimizer"):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+    if optim_cfg.moe_bias_rate > 0:
+        params = _with_bias_update(params, state.params, aux["moe_counts"], optim_cfg)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if skip_nonfinite:
@@ -140,7 +142,7 @@ def train_step(
     }
     if optim_cfg.z_loss:
         metrics["z_loss"] = aux["z_sum"] / tokens
-    if "moe_load_sum" in aux:
+    if "moe_counts" in aux:
         metrics.update(moe_metrics(aux, tokens, model_cfg))
     return new_state, metrics
 
@@ -151,7 +153,7 @@ def moe_metrics(aux: dict, tokens, model_cfg: ModelConfig) -> dict:
     (its index i among all layers) moe_load_max/i, the busiest expert's share of the copies
     times the experts (1: even), and in capacity mode moe_dropped/i, the fraction of its
     copies dropped."""
-    load = aux["moe_load_sum"] / tokens  # [moe layers, experts], rows sum to 1
+    load = aux["moe_counts"] / aux["moe_copies"][:, None]  # [moe layers, experts], rows sum to 1
     out = {
         "moe_balance": aux["moe_balance_sum"] / tokens,
         "moe_router_z": aux["moe_z_sum"] / tokens,
@@ -162,6 +164,17 @@ def moe_metrics(aux: dict, tokens, model_cfg: ModelConfig) -> dict:
         if model_cfg.moe_capacity_factor > 0:
             out[f"moe_dropped/{i}"] = aux["moe_dropped"][row] / aux["moe_copies"][row]
     return out
+
+
+def _with_bias_update(params, old, counts, optim_cfg: OptimConfig):
+    """`params` with each MoE layer's router_bias set from its value before the step by
+    `moe.bias_update`, from counts [moe layers, experts], the copies each expert received over
+    the whole step (all microbatches, all devices). Its gradient is 0 (it only selects), so the
+    optimizer moved it by nothing; setting it from the old value keeps that so whatever the
+    optimizer."""
+    old_bias = old["moe"]["router_bias"]
+    new_bias = moe.bias_update(old_bias, counts, optim_cfg.moe_bias_rate)
+    return {**params, "moe": {**params["moe"], "router_bias": new_bias}}
 
 
 def _unless_finite(finite: jax.Array, new: TrainState, old: TrainState) -> TrainState:
