@@ -4,6 +4,7 @@ expert, dropless and with capacity; the layer pattern, config checks, active FLO
 short MoE fit that resumes from its checkpoint."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -292,23 +293,39 @@ BIAS_RUN = dataclasses.replace(
 )
 
 
-def _step_counts(params, batch, cfg: ModelConfig):
-    """[moe layers, experts] copies per expert over the whole batch in one forward (routing is
-    per token, so this is the sum over any microbatches)."""
-    fwd = jax.jit(
-        lambda p, b: transformer.hidden_states_and_stats(
-            p, b["inputs"], cfg, segment_ids=b["segment_ids"], positions=b["positions"]
-        )
-    )
-    _, stats = fwd(params, batch)
-    return np.asarray(stats["counts"])
+@functools.partial(jax.jit, static_argnums=2)
+def _stats(params, batch, cfg: ModelConfig):
+    return transformer.hidden_states_and_stats(
+        params, batch["inputs"], cfg, segment_ids=batch["segment_ids"], positions=batch["positions"]
+    )[1]
+
+
+def _forward_stats(params, batch, cfg: ModelConfig):
+    """The MoE stats [moe layers, ...] of one forward over `batch` (numpy)."""
+    return jax.tree.map(np.asarray, _stats(params, batch, cfg))
+
+
+def _check_balance_metrics(params, batch, logged, cfg: ModelConfig):
+    """With 2 microbatches (rows m, m + 2, ...) the objective's moe_balance is the token-weighted
+    mean of the microbatches' balance losses, and moe_balance_batch the whole batch's; here
+    they differ."""
+    whole = np.mean(_forward_stats(params, batch, cfg)["balance"])
+    parts, tokens = [], []
+    for m in range(2):
+        micro = jax.tree.map(lambda a, m=m: a[m::2], batch)
+        parts.append(np.mean(_forward_stats(params, micro, cfg)["balance"]))
+        tokens.append(np.sum(np.asarray(micro["loss_mask"])))
+    assert logged["moe_balance"] == pytest.approx(np.average(parts, weights=tokens), rel=1e-5)
+    assert logged["moe_balance_batch"] == pytest.approx(whole, rel=1e-5)
+    assert abs(whole - logged["moe_balance"]) > 1e-4
 
 
 @pytest.mark.slow
 def test_a_tiny_moe_learns_moves_its_router_bias_and_resumes_bitwise(tmp_path):
     """Sigmoid router, bias rate 1e-3, 2 microbatches: the loss falls, the bias after a step
     is the numpy rule on that step's counts over both microbatches, the optimizer never moves
-    it (its moments stay 0), and a checkpoint restores it and resumes bitwise."""
+    it (its moments stay 0), the balance metrics are the microbatches' and the batch's, and a
+    checkpoint restores the bias and resumes bitwise."""
     tr = trainer_lib.make_trainer(BIAS_RUN, sharding.make_mesh(BIAS_RUN.mesh, jax.devices()[:1]))
     batch = synthetic_batch(0, 0, 0, range(4), 16, TINY.vocab_size)
     batch = trainer_lib.global_batch(batch, tr.batch_sharding)
@@ -316,10 +333,14 @@ def test_a_tiny_moe_learns_moves_its_router_bias_and_resumes_bitwise(tmp_path):
     losses = []
     for step in range(20):
         bias = np.asarray(state.params["moe"]["router_bias"])
-        counts = _step_counts(state.params, batch, BIAS_RUN.model) if step in (0, 19) else None
+        checked = step in (0, 19)
+        if checked:
+            before = jax.tree.map(np.asarray, state.params)
+            counts = _forward_stats(before, batch, BIAS_RUN.model)["counts"]
         state, m = tr.step_fn(state, batch)
         losses.append(loop.fetch(m)["loss"])
-        if counts is not None:
+        if checked:
+            _check_balance_metrics(before, batch, loop.fetch(m), BIAS_RUN.model)
             got = np.asarray(state.params["moe"]["router_bias"])
             for row in range(len(counts)):
                 want = numpy_moe.bias_after_step(bias[row], counts[row], 1e-3)
@@ -351,14 +372,16 @@ def test_a_tiny_moe_learns_moves_its_router_bias_and_resumes_bitwise(tmp_path):
 
 
 @pytest.mark.slow
-def test_expert_parallel_meshes_train_with_the_losses_of_one_device():
+def test_expert_parallel_meshes_train_with_the_losses_of_one_device(tmp_path):
     """expert x fsdp and expert x tensor on 8 devices: tokens cross expert shards by
-    all-to-all (dropless), and two steps give one device's losses (the second after an
-    update computed from expert-parallel gradients)."""
+    all-to-all (dropless), and two steps give one device's losses and balance losses (the
+    second after an update computed from expert-parallel gradients). A checkpoint saved after
+    the first step with experts split 2 ways restores bitwise onto 4 ways and onto 1 device,
+    and gives there the second step's loss."""
     model = dataclasses.replace(TINY, n_kv_heads=2, n_layers=2)
     base = dataclasses.replace(MOE_RUN, model=model, data=DataConfig(batch_size=8, seq_len=16))
     batch = synthetic_batch(0, 0, 0, range(8), 16, TINY.vocab_size)
-    runs = {}
+    runs, saved = {}, None
     for mesh_cfg, devices in (
         (MeshConfig(fsdp=1), 1),
         (MeshConfig(expert=2, fsdp=4), 8),
@@ -367,13 +390,31 @@ def test_expert_parallel_meshes_train_with_the_losses_of_one_device():
         cfg = dataclasses.replace(base, mesh=mesh_cfg)
         tr = trainer_lib.make_trainer(cfg, sharding.make_mesh(mesh_cfg, jax.devices()[:devices]))
         state = _fresh_state(tr)
-        losses = []
-        for _ in range(2):
+        logged = []
+        for step in range(2):
+            if step == 1 and mesh_cfg.expert == 2:
+                saved = jax.tree.map(np.asarray, state)
+                ckpt = checkpointer.Checkpointer(str(tmp_path / "ck"), cfg.checkpoint)
+                ckpt.save(1, state, data_state={}, meta={})
+                ckpt.close()
             state, m = tr.step_fn(state, trainer_lib.global_batch(batch, tr.batch_sharding))
-            losses.append(loop.fetch(m)["loss"])
-        runs[(mesh_cfg.expert, mesh_cfg.tensor)] = losses, tr
+            logged.append(loop.fetch(m))
+        runs[(mesh_cfg.expert, mesh_cfg.tensor)] = logged, tr
     one = runs[(1, 1)][0]
     for key in ((2, 1), (4, 2)):
-        np.testing.assert_allclose(runs[key][0], one, rtol=1e-5)
+        for name in ("loss", "moe_balance"):
+            got = [m[name] for m in runs[key][0]]
+            np.testing.assert_allclose(got, [m[name] for m in one], rtol=1e-5)
     ep = runs[(4, 2)][1].state_shardings.params["moe"]["w_gate"].spec
     assert ep[1] == "expert"
+    for key in ((4, 2), (1, 1)):
+        tr = runs[key][1]
+        target = checkpointer.abstract_state(tr.init_fn, tr.state_shardings)
+        restored, _ = checkpointer.Checkpointer(str(tmp_path / "ck"), read_only=True).restore(
+            1, target
+        )
+        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+            np.testing.assert_array_equal(np.asarray(a), b)
+        _, m = tr.step_fn(restored, trainer_lib.global_batch(batch, tr.batch_sharding))
+        second = runs[(2, 1)][0][1]["loss"]
+        np.testing.assert_allclose(loop.fetch(m)["loss"], second, rtol=1e-5)

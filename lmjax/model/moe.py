@@ -242,7 +242,8 @@ def shared_expert(x, p: Params):
 
 def moe_mlp(x, p: Params, cfg: ModelConfig):
     """x: [batch, seq, embed] -> (y like x, stats) with stats float32: counts [experts]
-    (copies each expert received), copies (tokens x top_k), dropped (copies dropped),
+    (copies each expert received), prob_sum [experts] (the router distributions summed over
+    tokens), copies (tokens x top_k), dropped (copies dropped),
     balance and z (`balance_loss`, `router_z_loss`)."""
     b, s, d = x.shape
     flat = x.reshape(b * s, d)
@@ -254,6 +255,7 @@ def moe_mlp(x, p: Params, cfg: ModelConfig):
         y = y + shared_expert(flat, p)
     stats = {
         "counts": expert_counts(r.experts, cfg.moe_experts),
+        "prob_sum": jnp.sum(r.probs, axis=0),
         "dropped": dropped,
         "copies": jnp.float32(r.experts.size),
         "balance": balance_loss(r, cfg.moe_experts),

@@ -60,12 +60,13 @@ def moe_aux(stats, tokens):
     """The MoE layers' stats (`moe.moe_mlp`, stacked over layers) as sums that add up over
     microbatches: the balance and z-losses averaged over the MoE layers (the scale of Hugging
     Face's `router_aux_loss_coef`, which scores all layers' routing at once) times the
-    microbatch's `tokens`; each expert's copies, all copies (token x top_k routed) and
-    dropped copies as counted."""
+    microbatch's `tokens`; each expert's copies and summed router probability, all copies
+    (token x top_k routed) and dropped copies as counted."""
     return {
         "moe_balance_sum": jnp.mean(stats["balance"]) * tokens,
         "moe_z_sum": jnp.mean(stats["z"]) * tokens,
         "moe_counts": stats["counts"],
+        "moe_prob_sum": stats["prob_sum"],
         "moe_dropped": stats["dropped"],
         "moe_copies": stats["copies"],
     }

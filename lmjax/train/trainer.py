@@ -149,13 +149,21 @@ def train_step(
 
 def moe_metrics(aux: dict, tokens, model_cfg: ModelConfig) -> dict:
     """Scalars of a mixture-of-experts step from its summed aux (`objective.moe_aux`):
-    moe_balance and moe_router_z (token means, summed over layers), and for each MoE layer
+    moe_balance and moe_router_z (token means of the objective's terms, averaged over
+    layers), moe_balance_batch (the balance loss of the whole step's batch at once, which
+    the objective's per-microbatch one equals without accumulation), and for each MoE layer
     (its index i among all layers) moe_load_max/i, the busiest expert's share of the copies
     times the experts (1: even), and in capacity mode moe_dropped/i, the fraction of its
     copies dropped."""
-    load = aux["moe_counts"] / aux["moe_copies"][:, None]  # [moe layers, experts], rows sum to 1
+    copies = aux["moe_copies"][:, None]  # [moe layers, 1]
+    load = aux["moe_counts"] / copies  # [moe layers, experts], rows sum to 1
+    routed = copies / model_cfg.moe_top_k  # tokens routed per layer
+    balance = model_cfg.moe_experts * jnp.sum(
+        (aux["moe_counts"] / routed) * (aux["moe_prob_sum"] / routed), axis=-1
+    )
     out = {
         "moe_balance": aux["moe_balance_sum"] / tokens,
+        "moe_balance_batch": jnp.mean(balance),
         "moe_router_z": aux["moe_z_sum"] / tokens,
     }
     layers = [i for i, is_moe in enumerate(transformer.layer_is_moe(model_cfg)) if is_moe]
