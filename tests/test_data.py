@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 import pytest
-import tensorstore as ts
 
 from lmjax import cli
 from lmjax.batch import BATCH_KEYS
@@ -29,6 +28,7 @@ from lmjax.data.prepare import prepare_tokenizer
 from lmjax.data.tokenizer import load_tokenizer, train_tokenizer
 from lmjax.errors import FaultError
 from lmjax.workdir_names import STORE_RECORD
+from tests.helpers import store_objects, untimed, untimed_objects
 
 SONNETS = os.path.join(documents.PACKAGED_DIR, "sonnets.txt")
 SEQ, BATCH = 32, 8
@@ -226,7 +226,7 @@ def same_store(directory, other):
     for name in names:
         a, b = (open(os.path.join(d, name), "rb").read() for d in (directory, other))
         if name.endswith(".json"):
-            assert _untimed(json.loads(a)) == _untimed(json.loads(b)), name
+            assert untimed(json.loads(a)) == untimed(json.loads(b)), name
         else:
             assert a == b, name
 
@@ -384,31 +384,6 @@ def test_damaged_store_object_is_named_with_its_repair_and_verify_finds_it(
     assert cli.main(["data", "verify", directory]) == 0
 
 
-def _store_objects(directory):
-    """{relative name: bytes} of every object of a store, local or gs:// (TensorStore's
-    listing: the same client lmjax uses), lock files of killed writers left out."""
-    kv = ts.KvStore.open(store.kvstore_spec(directory)).result()
-    return {
-        key.decode(): kv.read(key).result().value
-        for key in kv.list().result()
-        if not key.endswith(b".__lock")
-    }
-
-
-def _untimed_objects(objects):
-    return {k: _untimed(json.loads(v)) if k.endswith(".json") else v for k, v in objects.items()}
-
-
-def _untimed(x):
-    if isinstance(x, dict):
-        return {
-            k: _untimed(v)
-            for k, v in x.items()
-            if k not in ("seconds", "tokens_per_second", "megabytes_per_second")
-        }
-    return [_untimed(v) for v in x] if isinstance(x, list) else x
-
-
 @pytest.mark.slow
 def test_prepare_to_gcs_inline_and_by_beam_equals_local_and_reads_the_same_batches(
     corpus, tok, prepared, gcs_bucket, tmp_path, capsys
@@ -416,16 +391,16 @@ def test_prepare_to_gcs_inline_and_by_beam_equals_local_and_reads_the_same_batch
     """A store written on a GCS server (only STORAGE_EMULATOR_HOST set), inline and by
     `lmjax data prepare` (Beam DirectRunner), holds the local store's bytes, and a pipeline
     reading it gives the local batches at steps 0 and 10**7."""
-    local = _untimed_objects(_store_objects(prepared[0]))
+    local = untimed_objects(store_objects(prepared[0]))
     inline, _ = prepare.prepare(text_cfg(corpus), tok, f"{gcs_bucket}/inline")
     assert inline == f"{gcs_bucket}/inline/{os.path.basename(prepared[0])}"
-    assert _untimed_objects(_store_objects(inline)) == local
+    assert untimed_objects(store_objects(inline)) == local
     workdir, experiment = _run_files(tmp_path, text_cfg(corpus), tok)
     base = ["data", "prepare", "--experiment", str(experiment), "--workdir", str(workdir)]
     assert cli.main([*base, "--set", f"data.store_dir={gcs_bucket}/beam"]) == 0
     beam = f"{gcs_bucket}/beam/{os.path.basename(prepared[0])}"
     assert f"store: {beam}" in capsys.readouterr().out
-    assert _untimed_objects(_store_objects(beam)) == local
+    assert untimed_objects(store_objects(beam)) == local
     for step in (0, 10**7):
         assert_batches_equal(
             take(make_pipeline(text_cfg(corpus), tok, stores={"text": beam}), step, 2),
