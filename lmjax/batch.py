@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
-# The dtype of each key, as every producer emits it (tests/test_batch.py holds the synthetic
+# The dtype of each key, as every producer emits it (tests/unit/test_batch.py holds the synthetic
 # pipeline to it) and as ahead-of-time compiles assume it (`abstract_batch`).
 BATCH_DTYPES = {
     "inputs": "int32",
@@ -45,7 +45,7 @@ def abstract_batch(
     """A `[rows, seq_len]` batch as `jax.ShapeDtypeStruct`s of BATCH_DTYPES carrying
     `sharding` (a jax Sharding, or None): the batch argument to lower a step without data."""
     # jax is imported here, not at the top: the data layer (Beam workers, the input
-    # pipeline) imports this module and loads no jax (tests/test_batch.py checks it).
+    # pipeline) imports this module and loads no jax (tests/unit/test_batch.py checks it).
     import jax
 
     return {

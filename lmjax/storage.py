@@ -1,7 +1,7 @@
 """Every path a user gives lmjax, local or `gs://`, read and written through one layer:
 `etils.epath` (which orbax also uses) over fsspec, whose gcsfs backend serves `gs://`.
 
-Never `open`, `os.path`, `glob` or `pathlib` on a user path (tests/test_storage_layer.py reads
+Never `open`, `os.path`, `glob` or `pathlib` on a user path (tests/unit/test_io_layer.py reads
 the package's source and fails on one): they silently turn `gs://b/x` into a local `./gs:/b/x`.
 
 `STORAGE_EMULATOR_HOST` (the convention of Google's client libraries and gcsfs), when set, sends

@@ -1,10 +1,15 @@
-"""Test-wide JAX set-up: 8 CPU devices, float32 numerics at full matmul precision.
+"""Test-wide JAX set-up: 8 CPU devices, float32 numerics at full matmul precision; the tiers.
+
+Tests live by tier: tests/unit/ is the fast tier (`pytest tests/unit`, about a minute), and
+everything under tests/integration/ (real processes, orbax runs, the GCS server, installs,
+compiles, end-to-end training) is marked `slow` here, so `-m "not slow"` selects the same set.
 
 These variables must be set before jax is imported anywhere in the test process.
 """
 
 import itertools
 import os
+import pathlib
 import re
 import subprocess
 
@@ -88,3 +93,22 @@ def storage_root(request, tmp_path, monkeypatch):
         return
     yield request.getfixturevalue("gcs_bucket") + "/root"
     assert not [p for p in tmp_path.rglob("gs:")], "a local gs: folder appeared"
+
+
+_INTEGRATION = pathlib.Path(__file__).resolve().parent / "integration"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """The folder is the tier: every test under integration/ gets the `slow` marker, and a
+    `slow` marker written on a test elsewhere is an error (move the test instead)."""
+    misplaced = []
+    for item in items:
+        if item.path.is_relative_to(_INTEGRATION):
+            item.add_marker(pytest.mark.slow)
+        elif item.get_closest_marker("slow"):
+            misplaced.append(item.nodeid)
+    if misplaced:
+        raise pytest.UsageError(
+            "marked slow outside tests/integration/ (move them there): " + ", ".join(misplaced)
+        )

@@ -27,6 +27,9 @@ from lmjax.data.documents import PACKAGED_DIR
 from lmjax.data.tokenizer import SentencePieceTokenizer
 from tests import numpy_llama
 
+# The checkout's root: tests/unit/ and tests/integration/ name repository files from it.
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
 # The float32 model the evaluation and generation tests compare against numpy_llama: small
 # enough for a naive loop, with grouped KV heads and a vocabulary above the test tokenizer's.
 SMALL_LM = ModelConfig(
@@ -73,7 +76,7 @@ def hf_config(cfg: ModelConfig) -> dict:
 
 def params_from_hf(t: dict, cfg: ModelConfig) -> dict:
     """HF-named tensors `t` in lmjax's parameter layout, transcribed from the layouts that
-    lmjax/model/transformer.py documents (deliberately not lmjax.convert.hf, which tests/test_convert.py
+    lmjax/model/transformer.py documents (deliberately not lmjax.convert.hf, which tests/unit/test_convert.py
     checks on its own). HF Linear weights are [out, in]; lmjax stores [in, out] with heads
     split out."""
     D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim

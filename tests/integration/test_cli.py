@@ -10,8 +10,6 @@ from lmjax import cli
 from lmjax.config import ConfigError
 from lmjax.observe import metrics
 
-pytestmark = pytest.mark.slow  # trains, evaluates, converts and benchmarks through the CLI
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

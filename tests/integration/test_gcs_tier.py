@@ -25,11 +25,9 @@ from lmjax.checkpoint import checkpointer, paths
 from lmjax.data import documents
 from lmjax.data.tokenizer import load_tokenizer
 from lmjax.observe import metrics
-
-pytestmark = pytest.mark.slow  # trains twice (once SIGKILLed and resumed) on gs://
+from tests.helpers import REPO
 
 STEPS = 8
-REPO = Path(__file__).resolve().parent.parent
 # What the test process may have derived from STORAGE_EMULATOR_HOST (lmjax.storage does so in
 # process): kept out of the subprocess, which must derive them itself.
 DERIVED = ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "EPATH_USE_TF")

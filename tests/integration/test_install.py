@@ -2,17 +2,13 @@
 packaged corpus from any directory: what `launch/tpu.py run` does on a TPU VM."""
 
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
 
-import pytest
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
 
 
-@pytest.mark.slow
 def test_a_wheel_installed_elsewhere_trains_the_smoke_preset_from_another_directory(tmp_path):
     source, wheels, target, elsewhere = (
         tmp_path / d for d in ("source", "wheels", "site", "elsewhere")

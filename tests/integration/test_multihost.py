@@ -4,15 +4,14 @@ with the losses of one process with 8 devices."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lmjax import cli
 from lmjax.observe import metrics
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SETS = [
     "run.steps=3",
     "run.log_every=1",
@@ -42,7 +41,6 @@ def one_process(tmp_path_factory):
     return _losses(workdir), str(workdir / "tokenizer.model")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "mesh_sets",
     [
@@ -54,7 +52,7 @@ def test_two_processes_train_like_one(tmp_path, one_process, mesh_sets):
     losses, tokenizer = one_process
     command = [
         sys.executable,
-        str(ROOT / "launch" / "local.py"),
+        str(REPO / "launch" / "local.py"),
         "--processes",
         "2",
         "--devices-per-process",
@@ -71,7 +69,7 @@ def test_two_processes_train_like_one(tmp_path, one_process, mesh_sets):
         *_sets(TRAIN_SETS + mesh_sets + [f"data.tokenizer={tokenizer}"]),
     ]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "[p1]" in done.stdout + done.stderr  # both processes ran
     assert "process 1/2" in done.stdout + done.stderr
@@ -84,7 +82,7 @@ def _two_processes(devices_per_process: int) -> list[str]:
     """launch/local.py starting two processes (the command follows a "--")."""
     return [
         sys.executable,
-        str(ROOT / "launch" / "local.py"),
+        str(REPO / "launch" / "local.py"),
         "--processes",
         "2",
         "--devices-per-process",
@@ -108,7 +106,7 @@ def _train_command(workdir, sets):
 
 def _run(command, **env):
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, **env}
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout + done.stderr
 
@@ -117,7 +115,6 @@ def _run(command, **env):
 WIDE = ["model.n_heads=8", "model.n_kv_heads=8", "model.head_dim=8"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "devices_per_process, sets",
     # tensor 4 over 2 processes of 2 devices: tensor spans the processes and the batch is not
@@ -171,7 +168,6 @@ print("committed", ckpt.steps())
 """
 
 
-@pytest.mark.slow
 def test_two_processes_set_aside_torn_steps_once_and_save(tmp_path):
     """A run resumed at step 4 finds a torn step 6 and an unfinished save of 5: process 0 alone
     moves them, and both processes pass the same barriers even when one lists after the
@@ -183,7 +179,7 @@ def test_two_processes_set_aside_torn_steps_once_and_save(tmp_path):
     script = tmp_path / "set_aside.py"
     script.write_text(SET_ASIDE)
     command = [*_two_processes(1), "--timeout", "120", "--", sys.executable, str(script), str(root)]
-    output = _run(command, PYTHONPATH=os.environ.get("PYTHONPATH", str(ROOT)))
+    output = _run(command, PYTHONPATH=os.environ.get("PYTHONPATH", str(REPO)))
     assert "[p0] committed [5]" in output and "[p1] committed [5]" in output, output[-3000:]
     moved = sorted(p.name.rsplit("-", 1)[0] for p in (root / "unreadable").iterdir())
     assert moved == ["5.orbax-checkpoint-tmp-99", "6"]

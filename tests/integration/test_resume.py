@@ -23,10 +23,8 @@ from launch.local import free_port, process_env
 from lmjax import cli
 from lmjax.observe import metrics
 from lmjax.tools import soak
+from tests.helpers import REPO
 
-pytestmark = pytest.mark.slow  # every test trains in subprocesses (SIGKILL, 2 processes)
-
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 12
 BASE = [
     "--experiment",
@@ -132,7 +130,6 @@ def reference(tmp_path_factory):
     return workdir, losses, shared
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["first save", "async save"])
 def test_sigkill_inside_a_save_then_resume_is_bitwise_identical(reference, tmp_path, moment):
     """The small kill soak (`lmjax soak` runs 10 trials, random steps included): SIGKILL while
@@ -265,7 +262,6 @@ def test_a_nonfinite_loss_never_reaches_disk(reference, tmp_path):
         assert reader.read_json(step, "meta")["step"] == step
 
 
-@pytest.mark.slow
 def test_two_processes_sigkill_then_resume_is_bitwise_identical(reference, tmp_path):
     """2 processes x 4 devices (gloo): an uninterrupted run through launch/local.py; a run whose
     process 1 is SIGKILLed after a checkpoint, so that process 0 exits on the heartbeat

@@ -1,10 +1,6 @@
 """`lmjax smoke` end to end on the CPU: real data, training, checkpoint resume, evaluation, generation."""
 
-import pytest
-
 from lmjax import cli
-
-pytestmark = pytest.mark.slow  # trains twice, resumes, evaluates and generates end to end
 
 
 def test_smoke_passes_and_a_wrong_platform_fails_its_check(tmp_path, capsys):

@@ -2,7 +2,6 @@
 
 import dataclasses
 import os
-import pathlib
 
 import pytest
 
@@ -17,6 +16,7 @@ from lmjax.config import (
     to_json,
     validate,
 )
+from tests.helpers import REPO
 
 
 def test_overrides_parse_to_field_types():
@@ -107,13 +107,13 @@ def test_every_experiment_loads_and_validates():
         cli.load_experiment(name)
 
 
-GOLDEN = pathlib.Path(__file__).parent / "golden"
+GOLDEN = REPO / "tests" / "golden"
 
 
 @pytest.mark.parametrize("name", cli.experiment_names())
 def test_every_preset_resolves_to_its_golden_config(name):
     """A change of a preset's resolved config shows in review as a change of
-    tests/golden/NAME.json; `LMJAX_UPDATE_GOLDEN=1 pytest tests/test_config.py` rewrites them."""
+    tests/golden/NAME.json; `LMJAX_UPDATE_GOLDEN=1 pytest tests/unit/test_config.py` rewrites them."""
     resolved = to_json(cli.load_experiment(name)) + "\n"
     golden = GOLDEN / f"{name}.json"
     if os.environ.get("LMJAX_UPDATE_GOLDEN") == "1":

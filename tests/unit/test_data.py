@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -28,9 +27,11 @@ from lmjax.data.prepare import prepare_tokenizer
 from lmjax.data.tokenizer import load_tokenizer, train_tokenizer
 from lmjax.errors import FaultError
 from lmjax.workdir_names import STORE_RECORD
-from tests.helpers import store_objects, untimed, untimed_objects
+from tests.helpers import untimed
 
 SONNETS = os.path.join(documents.PACKAGED_DIR, "sonnets.txt")
+
+
 SEQ, BATCH = 32, 8
 
 
@@ -145,9 +146,6 @@ def stream_of(directory, meta, split):
     return s.read(np.array([0]), s.n_tokens)[0]
 
 
-# ---------------------------------------------------------------- preparation
-
-
 def test_prepare_writes_the_naive_token_streams_and_counts(corpus, tok, prepared, tmp_path):
     directory, meta = prepared
     reference = naive_streams(corpus, tok)
@@ -255,62 +253,6 @@ def test_beam_in_memory_prepare_equals_inline_byte_for_byte(
     assert "prism" not in caplog.text.lower()
 
 
-@pytest.mark.slow
-def test_beam_direct_runner_with_2_worker_processes_equals_inline_byte_for_byte(tok, tmp_path):
-    cfg = _corpus_files(tmp_path / "corpus", 6)
-    inline_dir, _ = prepare.prepare(cfg, tok, str(tmp_path / "inline"))
-    root = str(tmp_path / "beam")
-    options = beam_engine.pipeline_options("DirectRunner", 2, "", root)
-    directory, meta = prepare.prepare(cfg, tok, root, beam_options=options)
-    assert meta["summary"]["shards"] == 6
-    same_store(directory, inline_dir)
-
-
-@pytest.mark.slow
-def test_killed_beam_prepare_leaves_no_store_and_a_rerun_finishes_it(tok, tmp_path):
-    """`lmjax data prepare --workers 2` (Beam DirectRunner worker processes) killed after its
-    first shards: nothing readable as a store; a rerun completes it, equal to an uninterrupted
-    preparation."""
-    cfg = _corpus_files(tmp_path / "corpus", 12)
-    workdir, experiment = _run_files(tmp_path, cfg, tok)
-    command = [
-        sys.executable,
-        "-m",
-        "lmjax",
-        "data",
-        "prepare",
-        "--experiment",
-        str(experiment),
-        "--workdir",
-        str(workdir),
-        "--workers",
-        "2",
-    ]
-    proc = subprocess.Popen(
-        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    directory = prepare.locate(cfg, tok, str(workdir / "data"))[0]
-    deadline = time.monotonic() + 180
-    while not (
-        os.path.isdir(directory) and any(f.startswith("shard-") for f in os.listdir(directory))
-    ):
-        assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before the kill"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(directory, store.META))
-    with pytest.raises(ConfigError, match="no prepared store.*lmjax data prepare"):
-        make_pipeline(cfg, tok, stores={"text": directory})
-    done_by_workers = [f for f in os.listdir(directory) if f.startswith("shard-")]
-    assert 0 < len(done_by_workers) < 12
-    assert (
-        cli.main(["data", "prepare", "--experiment", str(experiment), "--workdir", str(workdir)])
-        == 0
-    )  # the rerun: Beam in this process
-    fresh_dir, _ = prepare.prepare(cfg, tok, str(tmp_path / "fresh"))
-    same_store(directory, fresh_dir)
-
-
 def test_beam_runner_and_options_mistakes_are_config_errors_before_any_work(
     corpus, tok, tmp_path, capsys
 ):
@@ -382,32 +324,6 @@ def test_damaged_store_object_is_named_with_its_repair_and_verify_finds_it(
     }  # only shard 0 was redone
     same_store(directory, prepared[0])
     assert cli.main(["data", "verify", directory]) == 0
-
-
-@pytest.mark.slow
-def test_prepare_to_gcs_inline_and_by_beam_equals_local_and_reads_the_same_batches(
-    corpus, tok, prepared, gcs_bucket, tmp_path, capsys
-):
-    """A store written on a GCS server (only STORAGE_EMULATOR_HOST set), inline and by
-    `lmjax data prepare` (Beam DirectRunner), holds the local store's bytes, and a pipeline
-    reading it gives the local batches at steps 0 and 10**7."""
-    local = untimed_objects(store_objects(prepared[0]))
-    inline, _ = prepare.prepare(text_cfg(corpus), tok, f"{gcs_bucket}/inline")
-    assert inline == f"{gcs_bucket}/inline/{os.path.basename(prepared[0])}"
-    assert untimed_objects(store_objects(inline)) == local
-    workdir, experiment = _run_files(tmp_path, text_cfg(corpus), tok)
-    base = ["data", "prepare", "--experiment", str(experiment), "--workdir", str(workdir)]
-    assert cli.main([*base, "--set", f"data.store_dir={gcs_bucket}/beam"]) == 0
-    beam = f"{gcs_bucket}/beam/{os.path.basename(prepared[0])}"
-    assert f"store: {beam}" in capsys.readouterr().out
-    assert untimed_objects(store_objects(beam)) == local
-    for step in (0, 10**7):
-        assert_batches_equal(
-            take(make_pipeline(text_cfg(corpus), tok, stores={"text": beam}), step, 2),
-            take(make_pipeline(text_cfg(corpus), tok, stores={"text": prepared[0]}), step, 2),
-        )
-    assert cli.main(["data", "verify", beam]) == 0
-    assert not any("gs:" in f for _, dirs, files in os.walk(tmp_path) for f in dirs + files)
 
 
 def test_the_delay_proxy_relays_gcs_requests_late_and_serves_loopback_only(
@@ -495,9 +411,6 @@ def test_a_full_disk_during_preparation_is_one_line_and_leaves_no_partial_shard(
     done = {n[len("shard-") : len("shard-00000")] for n in names if n.startswith("shard-")}
     assert len(done) < 6 and store.META not in names
     assert all(n.startswith("shard-") or n.split("-")[1] in done for n in names), names
-
-
-# ---------------------------------------------------------------- reading by random access
 
 
 def test_permutation_is_a_keyed_bijection():
@@ -659,9 +572,6 @@ def test_concatenate_and_split_without_packing(corpus, tok, prepared):
     np.testing.assert_array_equal(plain["positions"], np.broadcast_to(np.arange(SEQ), (BATCH, SEQ)))
 
 
-# ---------------------------------------------------------------- leader and followers
-
-
 def test_followers_wait_for_the_leaders_store_and_time_out_clearly(corpus, tok, tmp_path):
     cfg = text_cfg(corpus, prepare_timeout_s=60.0)
     root = str(tmp_path / "stores")
@@ -688,9 +598,6 @@ def test_followers_wait_for_the_leaders_store_and_time_out_clearly(corpus, tok, 
             str(tmp_path / "w"),
             leader=False,
         )
-
-
-# ---------------------------------------------------------------- errors, synthetic, tools
 
 
 def test_clear_errors_before_work(corpus, tok, tmp_path):
@@ -854,9 +761,6 @@ def test_a_registered_tfds_dataset_goes_through_prepare(tok, tmp_path):
         prepare.prepare(dataclasses.replace(cfg, text_feature="text"), tok, str(tmp_path))
     with pytest.raises(ConfigError, match="no split 'validation'"):
         prepare.prepare(dataclasses.replace(cfg, eval_split="validation"), tok, str(tmp_path))
-
-
-# ---------------------------------------------------------------- mixtures
 
 
 def test_mixture_rows_follow_the_weights_and_each_source_walks_its_own_rows():

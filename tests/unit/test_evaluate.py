@@ -12,15 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from lmjax.checkpoint import checkpointer, compat, paths
 from lmjax.commands import evaluate as eval_command
-from lmjax.config import Config, ConfigError, DataConfig, MeshConfig, RunConfig
-from lmjax.data import pipeline
+from lmjax.config import Config, ConfigError, DataConfig, MeshConfig
 from lmjax.data.documents import PACKAGED_DIR
 from lmjax.inference import evaluate
 from lmjax.model import transformer
 from lmjax.parallel import sharding
-from lmjax.train import trainer
 from tests import numpy_llama
 from tests.helpers import SMALL_LM as CFG, hf_config, random_model
 
@@ -55,9 +52,6 @@ def reference_target_nll(tensors, config, inputs, targets):
     return -logp[np.arange(len(targets)), targets]
 
 
-# ---------------------------------------------------------------- windows
-
-
 @pytest.mark.parametrize(
     "n,context_len,stride",
     [(0, 8, 4), (1, 8, 4), (8, 8, 3), (9, 8, 3), (50, 8, 3), (50, 8, 8), (50, 8, 1), (23, 16, 5)],
@@ -76,9 +70,6 @@ def test_sliding_windows_reject_bad_stride():
     for stride in (0, 9):
         with pytest.raises(ValueError, match="stride"):
             evaluate.sliding_windows(10, 8, stride)
-
-
-# ---------------------------------------------------------------- eval_loss
 
 
 def test_eval_loss_matches_numpy_per_document(model_and_ref):
@@ -126,9 +117,6 @@ def test_eval_loss_errors_name_the_problem(model_and_ref):
     )
     with pytest.raises(ValueError, match="no tokens"):
         evaluate.eval_loss(params, CFG, [full])
-
-
-# ---------------------------------------------------------------- score_texts
 
 
 def test_score_texts_matches_numpy_full_context(model_and_ref, tokenizer):
@@ -198,9 +186,6 @@ def test_score_texts_rejects_bad_arguments_before_scoring(model_and_ref, tokeniz
         evaluate.score_texts(params, small, tokenizer, ["the king"], context_len=16, stride=4)
 
 
-# ---------------------------------------------------------------- command line
-
-
 def test_main_scores_text_files_and_experiment_data(model_and_ref, tokenizer, tmp_path, capsys):
     params = model_and_ref[0]
     config = Config(model=CFG, data=DataConfig(seq_len=32))
@@ -244,37 +229,6 @@ def test_main_scores_text_files_and_experiment_data(model_and_ref, tokenizer, tm
     with pytest.raises(ConfigError, match="matched no files"):
         eval_command.main("run_dir", None, [str(tmp_path / "*.jsonl")], load=load)
     assert len(loads) == 2  # bad arguments fail before loading
-
-
-@pytest.mark.slow
-def test_main_evaluates_a_saved_checkpoint(model_and_ref, tmp_path, tokenizer, capsys):
-    """The default loader on a real orbax checkpoint with the run's tokenizer.model."""
-    params = model_and_ref[0]
-    config = Config(
-        model=CFG,
-        data=DataConfig(source="synthetic", batch_size=8, seq_len=16),
-        run=RunConfig(eval_batches=2),
-    )
-    state = trainer.TrainState(
-        step=np.int32(5), params=params, opt_state={}, rng=jax.random.PRNGKey(0)
-    )
-    mesh = sharding.make_mesh(config.mesh)
-    ckpt = checkpointer.Checkpointer(paths.checkpoint_dir(str(tmp_path)), config.checkpoint)
-    ckpt.save(5, state, data_state={}, meta=compat.make_metadata(config, None, mesh))
-    ckpt.close()
-    (tmp_path / "tokenizer.model").write_bytes(tokenizer.serialized)
-    text = passages(200, 1)[0]
-    (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
-
-    result = eval_command.main(str(tmp_path), 5, [str(tmp_path / "doc.txt")], as_json=True)
-    assert json.loads(capsys.readouterr().out) == result
-    expected = evaluate.score_texts(params, CFG, tokenizer, [text], context_len=16, stride=8)
-    assert result == pytest.approx({**expected, "files": 1}, rel=1e-5)
-
-    result = eval_command.main(str(tmp_path), None, use_experiment_data=True)
-    batches = pipeline.make_pipeline(config.data, None, vocab_size=CFG.vocab_size).eval_batches(2)
-    assert result == pytest.approx(evaluate.eval_loss(params, CFG, batches), rel=1e-5)
-    assert result["tokens"] == 2 * 8 * 16
 
 
 def test_eval_loss_sharded_matches_unsharded(model_and_ref):

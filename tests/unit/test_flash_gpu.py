@@ -13,9 +13,11 @@ import pytest
 from lmjax import hardware
 from lmjax.model import attention as attn_lib, flash_gpu
 from lmjax.model.flash_gpu import Tiles
-from tests.test_attention import _qkv, _reference
+from tests.unit.test_attention import _qkv, _reference
 
 KiB = 1024
+
+
 H100, A100, L4 = (hardware.shared_memory_per_block(cc) for cc in (90, 80, 89))
 
 
@@ -135,23 +137,3 @@ def _check_kernel(heads, kv_heads, head_dim, dtype, packed, spec, seq=128):
 def test_kernel_gqa_packed_float32_head_dim_64():
     """Grouped-query (2 query heads on 1 kv head), three documents, float32, 64 tokens."""
     _check_kernel(2, 1, 64, jnp.float32, True, attn_lib.PLAIN, seq=64)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "heads, kv_heads, head_dim, dtype, packed, spec",
-    [
-        (4, 1, 128, jnp.bfloat16, False, attn_lib.PLAIN),
-        (2, 1, 128, jnp.float32, True, attn_lib.Scores(scale=0.2, softcap=0.8, window=40)),
-        (4, 2, 64, jnp.bfloat16, True, attn_lib.Scores(softcap=1.5, window=24)),
-        (2, 1, 24, jnp.float32, True, attn_lib.PLAIN),  # zero-padded to 32 columns
-    ],
-    ids=[
-        "mqa-causal-bf16-d128",
-        "packed-window-softcap-f32-d128",
-        "gqa-packed-window-bf16-d64",
-        "packed-f32-d24-padded",
-    ],
-)
-def test_kernel_matches_numpy_loop_with_gradients(heads, kv_heads, head_dim, dtype, packed, spec):
-    _check_kernel(heads, kv_heads, head_dim, dtype, packed, spec)

@@ -6,7 +6,9 @@ import pathlib
 
 import pytest
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lmjax"
+from tests.helpers import REPO
+
+PACKAGE = REPO / "lmjax"
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import json
 import os
-import tracemalloc
 
 import numpy as np
 import pyarrow as pa
@@ -129,24 +128,6 @@ def test_parts_of_a_file_hold_each_document_once_whatever_the_cut(docs, tmp_path
         ]
         assert got == whole and counts.bytes == size, part_bytes
         assert counts.empty_files == 0 and counts.empty_documents == 0
-
-
-@pytest.mark.slow
-def test_reading_holds_a_chunk_not_the_file(tmp_path, monkeypatch):
-    """tracemalloc's peak while reading an 8 MB file: a few chunks (or batches), not the file."""
-    monkeypatch.setattr(documents, "CHUNK_BYTES", 1 << 16)
-    monkeypatch.setattr(documents, "PARQUET_ROWS", 64)
-    texts = [f"document {i} " + "words " * 150 for i in range(9000)]
-    for form in ("txt", "jsonl.gz", "jsonl.zst", "parquet"):
-        path = str(tmp_path / f"big.{form}")
-        write(path, form, texts, row_group=1000)
-        documents.read_documents(path).__next__()  # imports and first-use allocations
-        tracemalloc.start()
-        n = sum(1 for _ in documents.read_documents(path))
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        assert n == len(texts)
-        assert peak < 1e6, (form, peak)  # the file is 8.2 MB
 
 
 def test_bad_utf8_empty_files_and_format_errors(tmp_path):

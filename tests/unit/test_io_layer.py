@@ -5,9 +5,10 @@ getsize`, `glob.glob`, `pathlib.Path` or `tf.io.gfile` (which would turn gs://b/
 that are local by nature are listed in ALLOWED with the reason."""
 
 import ast
-import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lmjax"
+from tests.helpers import REPO
+
+PACKAGE = REPO / "lmjax"
 LAYER = PACKAGE / "storage.py"
 
 FORBIDDEN_CALLS = {

@@ -8,8 +8,6 @@ step 4, redoing steps 5 and 6.
 
 import glob
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,8 +19,9 @@ from lmjax.train import run
 from lmjax.train.loop import Hook
 from lmjax.workdir_names import WANDB_RUN_ID
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS, CRASH = 10, 7
+
+
 SETS = [
     f"run.steps={STEPS}",
     "run.log_every=1",
@@ -32,10 +31,6 @@ SETS = [
     "run.profile_steps=2:4",
     "run.wandb_project=lmjax-test",
 ]
-# Seconds of the two starts that fall outside every goodput clock: 0.09 s measured on the
-# 2-core CI machine, so 0.5 s leaves room under load and still fails if the clock started
-# after start-up and compilation (over 7 s here) or stopped before the last save.
-OUTSIDE_CLOCKS_S = 0.5
 
 
 class _Crash(Hook):
@@ -64,50 +59,6 @@ def crashed_and_resumed(tmp_path_factory):
         run.train(config, workdir)
         walls.append(time.perf_counter() - start)
     return workdir, walls
-
-
-@pytest.mark.slow
-def test_goodput_buckets_add_up_to_wall_time_across_a_restart(crashed_and_resumed):
-    workdir, walls = crashed_and_resumed
-    records = metrics.read_records(workdir)
-    finals = {}
-    for r in records:
-        if r.get("event") == goodput.EVENT:
-            finals[r["run_start"]] = r
-    assert len(finals) == 2
-    first, second = (finals[k] for k in sorted(finals))
-    buckets = [sum(final[f"goodput/{b}_s"] for b in goodput.BUCKETS) for final in (first, second)]
-    # The run as a whole (both starts), within 1% or OUTSIDE_CLOCKS_S: the walls also hold
-    # what no clock inside run.train() can see, a fixed cost per start whatever the run's
-    # length (the call itself; after the final record, releasing the compiled step, the state
-    # and the data readers; for the crash, unwinding the exception).
-    assert sum(buckets) == pytest.approx(sum(walls), rel=0.01, abs=OUTSIDE_CLOCKS_S), (
-        buckets,
-        walls,
-    )
-    for final, in_buckets in zip((first, second), buckets):
-        assert in_buckets == pytest.approx(final["goodput/wall_s"], rel=1e-9)
-        assert final["goodput/startup_s"] > 0 and final["goodput/train_s"] > 0
-        assert final["goodput/checkpoint_s"] > 0 and final["goodput/data_s"] > 0
-    # the crash came after step 6's metrics; the resume from checkpoint 4 redid 5 and 6
-    assert first["step"] == CRASH - 1 and first["goodput/lost_s"] == 0.0
-    assert first["goodput/profile_s"] > 0 and first["goodput/eval_s"] < 0.01
-    assert second["step"] == STEPS and second["goodput/lost_s"] > 0
-    assert second["goodput/eval_s"] > 0 and second["goodput/profile_s"] < 0.01
-    losses = [r["step"] for r in records if "loss" in r]
-    assert losses == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8, 9, 10]
-    memory = [r for r in records if "loss" in r][-1]
-    assert 0.1 < memory["host_rss_gib"] < 64
-
-    total = goodput.summarize(records)
-    assert total["starts"] == 2
-    assert total["lost"] == second["goodput/lost_s"]
-    assert total["total"] == pytest.approx(
-        sum(walls) + total["between_starts"], rel=0.01, abs=OUTSIDE_CLOCKS_S
-    )
-    assert total["goodput"] == pytest.approx(
-        (first["goodput/train_s"] + second["goodput/train_s"]) / total["total"]
-    )
 
 
 def test_report_prints_totals_and_writes_a_png(crashed_and_resumed, capsys):
@@ -162,42 +113,3 @@ def test_profile_trace_has_the_named_scopes(crashed_and_resumed):
     step_ops = [n for n in _hlo_op_names(traces[0]) if "step_with_rules" in n]
     for scope in ("attention", "mlp", "loss", "optimizer"):
         assert any(f"/{scope}/" in n or f"({scope})" in n for n in step_ops), scope
-
-
-_CACHE_PROBE = """
-import sys
-from jax import monitoring
-hits = []
-monitoring.register_event_listener(
-    lambda event, **kw: hits.append(event) if event.endswith("/cache_hits") else None)
-from lmjax import cli
-from lmjax.tools import bench
-from lmjax.train import compile_cache
-with compile_cache.enabled(sys.argv[1]):
-    bench.bench_step(cli.load_experiment("smoke", ["mesh.fsdp=2"]), steps=1)
-print("cache hits:", len(hits))
-"""
-
-
-@pytest.mark.slow
-def test_second_compile_in_a_fresh_process_hits_the_cache(tmp_path):
-    env = {
-        **os.environ,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-    }
-    hits = []
-    for _ in range(2):
-        out = subprocess.run(
-            [sys.executable, "-c", _CACHE_PROBE, str(tmp_path / "cache")],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        hits.append(int(out.stdout.split("cache hits:")[1]))
-    assert hits[0] == 0 and hits[1] >= 2, hits  # the init and the train step, at least
-    assert len(list((tmp_path / "cache").iterdir())) >= 2

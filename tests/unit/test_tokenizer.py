@@ -3,8 +3,6 @@ loading (local and from the tests' GCS server), special tokens, round trips, ide
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,8 +17,6 @@ from lmjax.data.tokenizer import (
     HFTokenizer,
     from_serialized,
     load_tokenizer,
-    sample_lines,
-    train_from_texts,
     train_tokenizer,
 )
 
@@ -114,9 +110,6 @@ def test_prepare_tokenizer_trains_once_into_workdir(tmp_path):
     assert os.stat(model).st_mtime_ns == stamp  # reused, not retrained
     assert prepare_tokenizer(DataConfig(source="synthetic"), workdir) is None
     assert prepare_tokenizer(DataConfig(tokenizer=model), "").fingerprint == tok.fingerprint
-
-
-# ---------------------------------------------------------------- Hugging Face tokenizer.json
 
 
 @pytest.fixture(scope="module")
@@ -219,27 +212,3 @@ def test_store_and_checkpoint_record_the_tokenizer_and_refuse_another(hf_path, b
     compat.check_tokenizer(saved, hf.fingerprint, "run")
     with pytest.raises(compat.ResumeError, match=f"tokenizer {hf.fingerprint}"):
         compat.check_tokenizer(saved, sp.fingerprint, "run")
-
-
-@pytest.mark.slow
-def test_sentencepiece_training_is_seeded(tmp_path):
-    """The same texts and seed give the same model bytes, in this process and in another (where
-    SentencePiece's own sampler would draw another sample); another seed another sample."""
-    texts = list(documents.read_documents(SONNETS))
-
-    def train(prefix, seed):
-        return open(
-            train_from_texts(texts, 320, "bpe", prefix, seed=seed, sample_sentences=500), "rb"
-        ).read()
-
-    here = train(str(tmp_path / "a"), 0)
-    script = (
-        "import sys; from lmjax.data import documents, tokenizer as t; "
-        "texts = documents.split_text(open(sys.argv[1]).read()); "
-        "sys.stdout.buffer.write(t.train_sentencepiece(texts, 320, 'bpe', 0, 500))"
-    )
-    there = subprocess.run([sys.executable, "-c", script, SONNETS], capture_output=True, check=True)
-    assert there.stdout == here == train(str(tmp_path / "c"), 0)
-    assert train(str(tmp_path / "d"), 1) != here
-    assert len(sample_lines(["a\nb\nc", "d\ne"], 3, 0)) == 3
-    assert sample_lines(["a\nb\nc", "d\ne"], 9, 0) == ["a", "b", "c", "d", "e"]

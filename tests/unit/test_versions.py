@@ -2,14 +2,14 @@
 names jax gives the same range, and the check names what lies outside."""
 
 import configparser
-import pathlib
 
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from lmjax import versions
+from tests.helpers import REPO
 
-SETUP_CFG = pathlib.Path(__file__).resolve().parent.parent / "setup.cfg"
+SETUP_CFG = REPO / "setup.cfg"
 
 
 def setup_cfg_requirements() -> list[str]:
