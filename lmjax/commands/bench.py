@@ -76,7 +76,7 @@ def generation(
         f"{r['decode_tokens_per_s']:>12.1f}"
     )
     print(
-        f"KV cache: {r['cache_bytes']:,} bytes (k and v, [layers, batch, "
-        f"max_len={prompt_len + new_tokens}, kv_heads, head_dim])"
+        f"KV cache: {r['cache_bytes']:,} bytes (k and v, [layers, batch, slots, kv_heads, "
+        f"head_dim]; slots: max_len={prompt_len + new_tokens}, a local layer's its window)"
     )
     return r

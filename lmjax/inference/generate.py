@@ -3,16 +3,20 @@
 Conventions:
   * Prompts are int ids [batch, prompt_len], right-padded when `prompt_lengths` is given;
     nothing is prepended (`sample_text` adds the tokenizer's BOS).
-  * The cache holds keys and values of the kv heads (grouped-query attention), each
-    [layers, batch, max_len, kv_heads, head_dim] with max_len = prompt_len + max_new_tokens.
-    Cache slot i holds the token at position i; a token at position p attends to slots
-    0..p, so padding written past a short prompt is never read and is overwritten by its
-    continuation; a local (sliding-window) layer reads only the last `sliding_window` slots
-    up to p.
-  * The prompt is prefilled in one jitted call; the new tokens come from one jitted
-    `lax.while_loop` of one-token steps over the fixed-size cache (no per-token compiles).
-    Both attend through `attention.attention_with_mask` (the XLA path) over the whole
-    cache, whatever `model.attention` selects for training.
+  * The cache holds keys and values of the kv heads (grouped-query attention), one stack
+    per kind of layer: "global" [global layers, batch, max_len, kv_heads, head_dim] with
+    max_len = prompt_len + max_new_tokens, and "local" (sliding-window layers) [local
+    layers, batch, min(sliding_window, max_len), kv_heads, head_dim]. Either is a ring:
+    position p goes to slot p % slots, and a token attends to the slots whose held position
+    (`held_positions`, from its own absolute position) exists; a global ring never wraps,
+    a local one keeps exactly the window. Prefill writes into each slot the key of the
+    prompt position it holds, taken from the row's true length, so a short row's padding is
+    never read and a long row keeps its last `sliding_window` positions.
+  * The prompt is prefilled in one jitted call (attending to itself on the XLA path); the
+    new tokens come from one jitted `lax.while_loop` of one-token steps over the fixed-size
+    cache (no per-token compiles), attending through `attention.attention_with_mask`,
+    whatever `model.attention` selects for training. The layer scan carries the cache, each
+    layer updating its row of its kind's stack, so mixed local/global stacks still scan.
   * After a row emits `eos_id` the rest of its row is `eos_id` (the eos token itself is the
     pad); the loop stops when every row has finished or after `max_new_tokens`.
   * Sampling: temperature 0 is greedy (argmax). Otherwise logits / temperature, then
@@ -35,61 +39,87 @@ from lmjax.config import ConfigError, ModelConfig
 from lmjax.model import attention as attn_lib, transformer
 from lmjax.parallel import sharding
 
-Cache = dict[str, jax.Array]  # "k", "v": [layers, batch, max_len, kv_heads, head_dim]
+Cache = dict[str, dict[str, jax.Array]]  # kind -> "k", "v": [its layers, batch, slots, kv, hd]
 CACHE_AXES = (None, "act_batch", "act_seq", "act_kv_heads", None)
 
 
 # ---------------------------------------------------------------- cached forward
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Cache:
-    """Zeroed keys and values, each [layers, batch, max_len, kv_heads, head_dim], cfg.dtype."""
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-    return {"k": sharding.constrain(zeros, CACHE_AXES), "v": sharding.constrain(zeros, CACHE_AXES)}
+def _kind(local: bool) -> str:
+    return "local" if local else "global"
 
 
-def extend(params, cfg: ModelConfig, tokens, positions, cache: Cache):
-    """Runs new tokens through the decoder against the cache.
+def cache_slots(cfg: ModelConfig, max_len: int, *, window_cache: bool = True) -> dict:
+    """{kind: (its number of layers, its cache slots)} for each kind ("global", "local") of
+    layer the model has: a global layer keeps max_len slots, a local one min(sliding_window,
+    max_len) (max_len without `window_cache`, the full cache kept for comparison)."""
+    kinds = transformer.layer_is_local(cfg)
+    out = {}
+    for local in sorted(set(kinds)):
+        slots = min(cfg.sliding_window, max_len) if local and window_cache else max_len
+        out[_kind(local)] = (kinds.count(local), slots)
+    return out
 
-    Each token's key and value are written to the cache slot of its position; it then
-    attends to every slot at or before its position.
 
-    Args:
-      tokens: [batch, t] int ids; positions: [batch, t] int positions (cache slots).
-      cache: from `init_cache`, max_len > every position.
-    Returns:
-      (hidden states before the final norm [batch, t, embed], updated cache).
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, *, window_cache: bool = True) -> Cache:
+    """Zeroed keys and values per kind of layer, each [layers of the kind, batch,
+    `cache_slots`, kv_heads, head_dim], cfg.dtype."""
+    cache = {}
+    for kind, (layers, slots) in cache_slots(cfg, max_len, window_cache=window_cache).items():
+        zeros = jnp.zeros((layers, batch, slots, cfg.n_kv_heads, cfg.head_dim), cfg.dtype)
+        cache[kind] = {"k": zeros, "v": zeros}
+    return _constrain(cache)
+
+
+def _constrain(cache: Cache) -> Cache:
+    return jax.tree.map(lambda a: sharding.constrain(a, CACHE_AXES), cache)
+
+
+def held_positions(positions, slots: int):
+    """The absolute position each cache slot holds once `positions` is written: slot s
+    holds the latest position p <= q with p % slots == s (negative: none yet).
+
+    positions: [batch, t] int (q) -> [batch, t, slots] int.
     """
-    x = transformer.embed(params, tokens, cfg)
-    slots = jnp.arange(cache["k"].shape[2])
-    rows = jnp.arange(tokens.shape[0])[:, None]
+    q = positions[:, :, None]
+    return q - (q - jnp.arange(slots)[None, None, :]) % slots
 
-    def layer_step(x, xs, local: bool):
-        layer, k_cache, v_cache = xs
+
+def _run_layers(params, cfg: ModelConfig, x, positions, cache: Cache, attend):
+    """x [batch, t, embed] at `positions` [batch, t] through every layer, the cache in the
+    scan's carry (each kind's stack has its own shape, so it cannot be a per-layer input).
+    `attend(q, k, v, own, index, spec) -> (ctx, own)` attends for a layer that is row
+    `index` of its kind's stack `own` ({"k", "v"}) and returns that stack updated."""
+    kinds = transformer.layer_is_local(cfg)
+    index = [kinds[:i].count(local) for i, local in enumerate(kinds)]
+    ropes = {local: transformer.rope_tables(positions, cfg, local) for local in set(kinds)}
+
+    def layer_step(carry, xs, local: bool):
+        (x, cache), (layer, i), kind = carry, xs, _kind(local)
         spec = transformer.scores_spec(cfg, local)
-        mask = attn_lib.make_mask(None, None, positions, slots, spec.window)
 
-        def attend(q, k, v):
-            k_all = k_cache.at[rows, positions].set(k.astype(k_cache.dtype))
-            v_all = v_cache.at[rows, positions].set(v.astype(v_cache.dtype))
-            return attn_lib.attention_with_mask(q, k_all, v_all, mask, spec), (k_all, v_all)
+        def attend_layer(q, k, v):
+            return attend(q, k, v, cache[kind], i, spec)
 
-        sin, cos = transformer.rope_tables(positions, cfg, local)
-        return transformer.decoder_layer(x, layer, sin, cos, attend, cfg)[:2]
+        sin, cos = ropes[local]
+        x, own = transformer.decoder_layer(x, layer, sin, cos, attend_layer, cfg)[:2]
+        return (x, {**cache, kind: own}), None
 
-    ks, vs = [], []
     for start, end, stack in transformer.run_stacks(params, cfg):
-        xs = (stack, cache["k"][start:end], cache["v"][start:end])
-        x, (k, v) = transformer.scan_layers(layer_step, x, xs, cfg, layers=range(start, end))
-        ks.append(k)
-        vs.append(v)
-    k, v = jnp.concatenate(ks), jnp.concatenate(vs)
-    return x, {"k": sharding.constrain(k, CACHE_AXES), "v": sharding.constrain(v, CACHE_AXES)}
+        xs = (stack, jnp.asarray(index[start:end]))
+        layers = range(start, end)
+        (x, cache), _ = transformer.scan_layers(layer_step, (x, cache), xs, cfg, layers=layers)
+    return x, _constrain(cache)
 
 
-def prefill(params, cfg: ModelConfig, tokens, lengths, max_len: int):
-    """Fills a fresh cache with right-padded prompts.
+def prefill(params, cfg: ModelConfig, tokens, lengths, max_len: int, *, window_cache=True):
+    """Runs right-padded prompts and fills a fresh cache.
+
+    The prompt attends to itself (the XLA path, causal, within each local layer's window);
+    every slot of a layer's cache then receives the key and value of the prompt position it
+    holds (`held_positions` of the row's last true position): a local layer keeps each
+    row's last `sliding_window` true positions, never its padding.
 
     Args:
       tokens: [batch, prompt_len] int ids; lengths: [batch] int true prompt lengths (>= 1).
@@ -99,14 +129,49 @@ def prefill(params, cfg: ModelConfig, tokens, lengths, max_len: int):
     """
     batch, prompt_len = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
-    hidden, cache = extend(params, cfg, tokens, positions, init_cache(cfg, batch, max_len))
+    rows = jnp.arange(batch)[:, None]
+
+    def attend(q, k, v, own, i, spec):
+        ctx = attn_lib.attention(q, k, v, impl="xla", spec=spec)
+        held = held_positions((lengths - 1)[:, None], own["k"].shape[2])[:, 0]
+        source = jnp.maximum(held, 0)  # a slot holding nothing yet gets a key never read
+        new = {
+            name: jax.lax.dynamic_update_index_in_dim(
+                own[name], x[rows, source].astype(own[name].dtype), i, 0
+            )
+            for name, x in (("k", k), ("v", v))
+        }
+        return ctx, new
+
+    x = transformer.embed(params, tokens, cfg)
+    cache = init_cache(cfg, batch, max_len, window_cache=window_cache)
+    hidden, cache = _run_layers(params, cfg, x, positions, cache, attend)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
     return transformer.unembed(params, last, cfg)[:, 0], cache
 
 
 def decode_step(params, cfg: ModelConfig, tokens, positions, cache: Cache):
-    """One token per row. tokens, positions: [batch] int -> (logits [batch, vocab], cache)."""
-    hidden, cache = extend(params, cfg, tokens[:, None], positions[:, None], cache)
+    """One token per row: its key and value go to slot `position % slots` of each layer's
+    cache, then it attends to the slots holding positions within its window (`held_positions`).
+    tokens, positions: [batch] int -> (logits [batch, vocab], cache)."""
+    positions = positions[:, None]
+    rows = jnp.arange(positions.shape[0])[:, None]
+
+    def attend(q, k, v, own, i, spec):
+        slots = own["k"].shape[2]
+        new = {
+            name: own[name].at[i, rows, positions % slots].set(x.astype(own[name].dtype))
+            for name, x in (("k", k), ("v", v))
+        }
+        held = held_positions(positions, slots)
+        mask = held >= 0
+        if spec.window:  # only a full-length local cache (window_cache=False) holds older keys
+            mask = mask & (positions[:, :, None] - held < spec.window)
+        ctx = attn_lib.attention_with_mask(q, new["k"][i], new["v"][i], mask, spec)
+        return ctx, new
+
+    x = transformer.embed(params, tokens[:, None], cfg)
+    hidden, cache = _run_layers(params, cfg, x, positions, cache, attend)
     return transformer.unembed(params, hidden, cfg)[:, 0], cache
 
 
@@ -182,7 +247,9 @@ def decode(
     """Samples `max_new_tokens` per row, the first from the prefill `logits` [batch, vocab].
 
     lengths: [batch] prompt lengths (the first new token goes to position lengths).
-    Returns [batch, max_new_tokens] int32; after eos_id a row holds eos_id.
+    Returns ([batch, max_new_tokens] int32, after eos_id a row holds eos_id; the cache after
+    the last step, so that `decode_jit`, which donates the cache, updates it in place instead
+    of copying it).
     """
     batch = logits.shape[0]
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), jnp.arange(batch))
@@ -208,16 +275,17 @@ def decode(
 
     token, out, done = emit(0, logits, out, jnp.zeros((batch,), bool))
     state = (jnp.int32(1), token, cache, out, done)
-    return jax.lax.while_loop(unfinished, step, state)[3]
+    _, _, cache, out, _ = jax.lax.while_loop(unfinished, step, state)
+    return out, cache
 
 
 # `prefill` and `decode` jitted, with keyword-only static arguments; the unused static
 # `context` (`sharding.context_key()`) keys the compile cache on the sharding context.
 prefill_jit = jax.jit(
-    lambda params, tokens, lengths, cfg, max_len, context: prefill(
-        params, cfg, tokens, lengths, max_len
+    lambda params, tokens, lengths, cfg, max_len, context, window_cache=True: prefill(
+        params, cfg, tokens, lengths, max_len, window_cache=window_cache
     ),
-    static_argnames=("cfg", "max_len", "context"),
+    static_argnames=("cfg", "max_len", "context", "window_cache"),
 )
 decode_jit = jax.jit(
     lambda params, logits, cache, lengths, seed, cfg, sampling, eos_id, max_new_tokens, context: (
@@ -234,6 +302,7 @@ decode_jit = jax.jit(
         )
     ),
     static_argnames=("cfg", "sampling", "eos_id", "max_new_tokens", "context"),
+    donate_argnames=("cache",),
 )
 
 
@@ -307,7 +376,7 @@ def generate(
         max_len=tokens.shape[1] + max_new_tokens,
         context=context,
     )
-    return decode_jit(
+    new, _ = decode_jit(
         params,
         logits,
         cache,
@@ -319,6 +388,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         context=context,
     )
+    return new
 
 
 def complete(

@@ -1,7 +1,5 @@
 """KV-cache decoding against repeated full forward passes, sampling filters against numpy."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,15 @@ from lmjax.model import transformer
 from lmjax.parallel import sharding
 from tests.helpers import SMALL_LM as CFG
 from tests.unit import test_generate as fast_tier
-from tests.unit.test_generate import _forward, check_cached_steps, count_compiles, prompts
+from tests.unit.test_generate import (
+    GEMMA3_CONFIG,
+    LENGTHS,
+    _forward,
+    count_compiles,
+    greedy_steps,
+    prompts,
+    window_model,
+)
 
 # The fast tier's module-scoped fixtures these tests share (pytest finds a fixture by the
 # module attribute that holds it).
@@ -37,34 +43,6 @@ def test_greedy_with_cache_equals_repeated_full_forward(params):
     assert out.shape == (2, 12) and out.dtype == np.int32
     for b in range(2):
         assert out[b].tolist() == greedy_by_full_forward(params, prompt[b].tolist(), 12)
-
-
-# Every model-family switch at once (tests/unit/test_families.py holds the forward against HF's
-# conventions): a local layer with a window of 3 and its own RoPE base, then a global one.
-FAMILY_LM = dataclasses.replace(
-    CFG,
-    sliding_window=3,
-    global_every=2,
-    rope_local_theta=500.0,
-    qkv_bias=True,
-    qk_norm=True,
-    norm_offset=True,
-    scale_embeddings=True,
-    mlp_activation="gelu_tanh",
-    post_norms=True,
-    attn_softcap=2.0,
-    final_softcap=5.0,
-    query_pre_attn_scalar=4.0,
-)
-
-
-def test_cached_steps_of_a_sliding_window_model_match_full_forward():
-    """The cache of a local layer is read only within its window, in prefill and decoding."""
-    params = transformer.init(FAMILY_LM, jax.random.PRNGKey(0))
-    leaves, tree = jax.tree.flatten(params)  # non-zero biases and norm weights
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    noise = [0.2 * jax.random.normal(key, leaf.shape) for key, leaf in zip(keys, leaves)]
-    check_cached_steps(jax.tree.unflatten(tree, [a + b for a, b in zip(leaves, noise)]), FAMILY_LM)
 
 
 def test_mixed_length_batch_gives_each_prompt_its_solo_output(params):
@@ -121,7 +99,9 @@ def test_sharded_generation_matches_unsharded(params):
         )
     np.testing.assert_array_equal(np.asarray(out), plain)
     # The cache follows the rules: batch over fsdp, kv heads over tensor.
-    assert cache["k"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor")
+    assert cache["global"]["k"].sharding.spec == jax.sharding.PartitionSpec(
+        None, "fsdp", None, "tensor"
+    )
 
 
 def test_bench_prints_a_table(capsys):
@@ -131,3 +111,40 @@ def test_bench_prints_a_table(capsys):
         assert word in out
     assert result["cache_bytes"] == 2 * CFG.n_layers * 2 * 12 * CFG.n_kv_heads * CFG.head_dim * 4
     assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
+
+
+def test_window_cache_generates_what_the_full_cache_does():
+    """`generate`, greedy and sampled, token for token against local caches of max_len
+    slots; greedy also against the step-by-step decoding that tests/unit/test_generate.py
+    holds to numpy."""
+    _, cfg, params, _, padded = window_model(GEMMA3_CONFIG)
+    lengths = np.int32(LENGTHS)
+    for sampling in (gen.Sampling(), gen.Sampling(temperature=1.5)):
+        out = {}
+        for window_cache in (True, False):
+            logits, cache = gen.prefill_jit(
+                params,
+                padded,
+                lengths,
+                cfg=cfg,
+                max_len=19,
+                context=None,
+                window_cache=window_cache,
+            )
+            out[window_cache] = np.asarray(
+                gen.decode_jit(
+                    params,
+                    logits,
+                    cache,
+                    lengths,
+                    np.int32(3),
+                    cfg=cfg,
+                    sampling=sampling,
+                    eos_id=None,
+                    max_new_tokens=8,
+                    context=None,
+                )[0]
+            )
+        np.testing.assert_array_equal(out[True], out[False])
+    greedy = gen.generate(params, cfg, padded, max_new_tokens=8, prompt_lengths=LENGTHS)
+    np.testing.assert_array_equal(np.asarray(greedy), greedy_steps(params, cfg, padded, 8)[0])
