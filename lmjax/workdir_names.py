@@ -11,7 +11,8 @@ sees the whole layout at once and two modules never pick the same name.
   tokenizer.model    the tokenizer a run without data.tokenizer trains on first use
   data/              prepared stores when data.store_dir is unset
   data_stores.json   the stores the run reads, found once (data.prepare)
-  lease.json         the run that holds the workdir, renewed while it lives (checkpoint.lease)
+  lease(/)           the run that holds the workdir, renewed while it lives (checkpoint.lease):
+                     a directory of generation files locally, one object on gs://
   checkpoints/       orbax step directories; checkpoints/unreadable/ holds steps set aside
 """
 
@@ -25,7 +26,7 @@ REPORT = "report.png"
 TOKENIZER = "tokenizer.model"
 DATA = "data"
 STORE_RECORD = "data_stores.json"
-LEASE = "lease.json"
+LEASE = "lease"
 CHECKPOINTS = "checkpoints"
 # CHECKPOINTS/UNREADABLE/: steps set aside (no step number, so orbax never reads it as one)
 UNREADABLE = "unreadable"

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lmjax.checkpoint import lease
+
 COMMAND = [sys.executable, "-m", "lmjax", "train", "--experiment", "smoke"]
 SETS = ["data.source=synthetic", "run.steps=100000", "run.eval_batches=1"]
 
@@ -38,9 +40,10 @@ def _start(workdir: Path, timeout: float) -> subprocess.Popen:
 
 
 def _holder_pid(workdir: Path) -> int | None:
+    text = lease.record_for(str(workdir)).read()[0]
     try:
-        return json.loads((workdir / "lease.json").read_text())["pid"]
-    except (OSError, ValueError, KeyError):
+        return json.loads(text)["pid"] if text else None
+    except (ValueError, KeyError):
         return None
 
 
@@ -57,8 +60,7 @@ def elsewhere(workdir: Path, timeout: float) -> float:
     renewed = time.time()
     record = {"host": "another-host", "pidns": "", "pid": 1, "proc_start": "0", "token": "x"}
     record.update(started=renewed, renewed=renewed, timeout_s=timeout)
-    workdir.mkdir(parents=True)
-    (workdir / "lease.json").write_text(json.dumps(record))
+    assert lease.record_for(str(workdir)).swap((0, None), json.dumps(record))
     proc = _start(workdir, timeout)
     try:
         return _held_by(workdir, proc) - renewed

@@ -21,6 +21,7 @@ import numpy as np
 import sentencepiece as spm
 import tensorstore as ts
 
+from lmjax.checkpoint import lease
 from lmjax.config import ModelConfig
 from lmjax.data import store
 from lmjax.data.documents import PACKAGED_DIR
@@ -289,3 +290,18 @@ def untimed(x):
             if k not in ("seconds", "tokens_per_second", "megabytes_per_second")
         }
     return [untimed(v) for v in x] if isinstance(x, list) else x
+
+
+def lease_holder(workdir) -> dict | None:
+    """The holder that WORKDIR's lease names (None: no lease, or a released one)."""
+    text = lease.record_for(str(workdir)).read()[0]
+    return json.loads(text) if text else None
+
+
+def process_stopped(pid: int) -> bool:
+    """Whether every thread of process `pid` is stopped (SIGSTOP)."""
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as f:
+            states.append(f.read().rsplit(")", 1)[1].split()[0])
+    return set(states) == {"T"}

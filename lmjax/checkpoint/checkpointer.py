@@ -141,11 +141,14 @@ class Checkpointer:
         read_only: bool = False,
         resumed_at: int | None = None,
         guard: Callable[[], None] = lambda: None,
+        lease_lost: Callable[[], str | None] = lambda: None,
     ):
         """resumed_at: the step the run restored (0 for a fresh start); step directories newer
         than it are set aside before the first save (see `_clear_newer`). guard: called by
         every process before each save; raises to stop the run instead (the workdir's lease,
-        `lease.held`)."""
+        `lease.held`). lease_lost: why this process knows the lease to be lost (None: it does
+        not), named when a save fails: a run that took the workdir over sets aside the
+        unfinished save of the run it took it from."""
 
         self.directory = directory
         self.cfg = cfg
@@ -164,7 +167,7 @@ class Checkpointer:
         self._last_saved: int | None = None
         self._failed = False
         self._resumed_at = resumed_at
-        self._guard = guard
+        self._guard, self._lease_lost = guard, lease_lost
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first (not yet checked for readability)."""
@@ -277,6 +280,13 @@ class Checkpointer:
         self._manager.reload()
         text = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
         log.error("CHECKPOINT %d FAILED: %s", step, text)
+        lost = self._lease_lost()
+        if lost:
+            return FaultError(
+                f"checkpoint {step} could not be written ({text}) after the workdir's lease "
+                f"was lost ({lost}): another run may own the workdir now, so this one stops "
+                "and moves nothing. Rerun the same command to resume once that run has ended."
+            )
         return FaultError(
             f"checkpoint {step} could not be written ({text}): training stopped. "
             f"The newest committed checkpoint, {self._manager.latest_step()}, is "

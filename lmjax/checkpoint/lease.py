@@ -1,7 +1,9 @@
-"""One run per workdir: the lease WORKDIR/lease.json.
+"""One run per workdir: the lease WORKDIR/lease (a directory of generations on a local disk,
+one object on gs://).
 
 Process 0 takes the lease before any checkpoint is read (`held`), a background thread renews
-it every `timeout_s / RENEWALS` seconds, and it is deleted when the run ends. Rules for a run
+it every `timeout_s / RENEWALS` seconds, and it is released (an empty record) when the run
+ends. Rules for a run
 that finds a lease there:
 - no lease: take it;
 - last renewed more than the holder's `timeout_s` ago (by this host's clock, so hosts' clocks
@@ -12,16 +14,18 @@ that finds a lease there:
 - held from elsewhere: watched until it is renewed (its holder lives: refused, within one
   renewal interval) or goes stale (taken over). A supervisor's restart after a lost host
   therefore waits at most `timeout_s`, and a second run beside a live one exits.
-Every change of the lease is a compare-and-swap (`LocalRecord.swap` under an flock,
-`GcsRecord.swap` with a generation-match precondition), so two runs that race for one lease
-cannot both win. A holder whose renewal found another run's lease, or that
-could not renew for `timeout_s`, has lost it: `check` then stops the run before its next save.
+Every change of the lease is a compare-and-swap that waits for no one (`LocalRecord.swap`
+links the next generation's name, `GcsRecord.swap` is one write with a generation-match
+precondition), so two runs that race for one lease cannot both win, and a holder stopped in
+the middle of a change (SIGSTOP, a hung NFS client) delays no other run. A holder whose
+renewal found another run's lease, or that could not renew for `timeout_s` (counted from the
+time its last record was made, so a renewal that a stop delayed does not count as fresh), has
+lost it: `check` then stops the run before its next save.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -29,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Callable, Iterator
+from typing import Iterator
 
 import gcsfs
 import jax
@@ -43,6 +47,7 @@ from lmjax.workdir_names import LEASE
 log = logging.getLogger("lmjax")
 
 RENEWALS = 6  # renewals per timeout: a live holder renews every timeout_s / RENEWALS
+_READ_TRIES = 100
 
 
 class WorkdirHeld(ConfigError):
@@ -50,38 +55,111 @@ class WorkdirHeld(ConfigError):
 
 
 class LocalRecord:
-    """The lease file on a local (or NFS) disk. Each swap holds an exclusive flock on
-    PATH.lock while it compares and writes, and writes by rename, so a reader never sees a
-    partial record and two swaps never interleave."""
+    """The lease on a local (or NFS) disk: the directory PATH/ of generation files
+    GGGGGGGGGGGG.json, the newest being the record. Nothing is ever locked, so a process
+    stopped in the middle of a swap (SIGSTOP, a hung NFS client, a frozen VM) blocks nobody:
+    - a swap from generation g writes its record to a temporary file, then links it to the
+      name of g + 1; link(2) fails when that name exists (atomic on local disks and NFS), so
+      of two swaps from g exactly one wins, and a late one (its holder was stopped) loses;
+    - a file appears whole (linked once written); its first line names its nonce and its
+      predecessor's;
+    - the winner deletes the generations before its predecessor and the temporary files of
+      swaps that lost or died. A name deleted that way could be linked again by a swap that
+      read its predecessor long ago; such a swap is not the newest generation when it looks
+      right after its link, nor the one the next generation names, and so returns False.
+      (A swap that was followed by two more, and collected, before it could look returns
+      False too although it happened: either way its caller finds a newer record than its
+      own, which is all the lease needs to know);
+    - the newest generation is never deleted (a release writes an empty record), so the
+      generations only grow and a reader never sees an older record than one it saw.
+    """
 
     def __init__(self, path: str):
         self.path = path
 
-    def read(self) -> tuple[str | None, str | None]:
-        """(record text or None, version): the version to pass to `swap`."""
-        try:
-            with open(self.path) as f:
-                text = f.read()
-        except FileNotFoundError:
-            return None, None
-        return text, text
+    def _name(self, generation: int) -> str:
+        return os.path.join(self.path, f"{generation:012d}.json")
 
-    def swap(self, version: str | None, text: str | None) -> bool:
-        """Replaces the record by `text` (None: deletes it) if it is still at `version`
-        (None: absent); returns whether it did."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(self.path + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.read()[1] != version:
-                return False
-            if text is None:
-                os.remove(self.path)
-            else:
-                tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
-                with open(tmp, "w") as f:
-                    f.write(text)
-                os.replace(tmp, self.path)
+    def _listing(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.path))
+        except FileNotFoundError:
+            return []
+
+    def _generations(self) -> list[int]:
+        names = self._listing()
+        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
+
+    def _load(self, generation: int) -> tuple[dict, str] | None:
+        """(header, record text) of one generation; None once it is deleted."""
+        try:
+            with open(self._name(generation)) as f:
+                head, _, text = f.read().partition("\n")
+        except FileNotFoundError:
+            return None
+        try:
+            header = json.loads(head)
+        except ValueError:
+            header = None
+        return (header if isinstance(header, dict) else {}), text
+
+    def read(self) -> tuple[str | None, tuple[int, str | None]]:
+        """(record text, None when there is none, and its version for `swap`)."""
+        for _ in range(_READ_TRIES):  # the newest is deleted only once two newer exist
+            generations = self._generations()
+            if not generations:
+                return None, (0, None)
+            loaded = self._load(generations[-1])
+            if loaded is not None:
+                return loaded[1], (generations[-1], loaded[0].get("nonce"))
+        raise OSError(f"{self.path}: its newest generation was replaced {_READ_TRIES} times")
+
+    def swap(self, version: tuple[int, str | None], text: str | None) -> bool:
+        """Writes `text` (None: an empty record, no lease) as the generation after `version`
+        if that is still the newest; returns whether it did (False also where it can no
+        longer tell: see the class)."""
+        generation, previous = version
+        nonce = uuid.uuid4().hex
+        os.makedirs(self.path, exist_ok=True)
+        tmp = os.path.join(self.path, f".{generation + 1:012d}.{nonce}.tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"nonce": nonce, "previous": previous}) + "\n" + (text or ""))
+        try:
+            os.link(tmp, self._name(generation + 1))
+        except (FileExistsError, FileNotFoundError):  # taken; or tmp collected by a winner
+            return False
+        except OSError as e:  # EPERM, ENOTSUP: e.g. a gcsfuse mount
+            raise ConfigError(
+                f"{self.path}: this filesystem cannot hard-link files ({e}), which the lease "
+                "needs. Fix: put the workdir on a local disk or NFS, or pass gs://... itself "
+                "rather than a FUSE mount of it."
+            ) from e
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        if not self._confirmed(generation + 1, nonce):
+            return False
+        self._collect(generation)
+        return True
+
+    def _confirmed(self, generation: int, nonce: str) -> bool:
+        """Whether the file just linked as `generation` is in the chain of records (not a
+        deleted name linked again): the newest, or the predecessor of the next one."""
+        if self._generations()[-1:] == [generation]:
             return True
+        following = self._load(generation + 1)
+        return following is not None and following[0].get("previous") == nonce
+
+    def _collect(self, keep_from: int) -> None:
+        """Deletes the generations before `keep_from` (the winner's predecessor) and the
+        temporary files of swaps to generations up to the winner's: those swaps have lost, or
+        their writer died."""
+        for name in self._listing():
+            tmp = name.startswith(".")
+            stem = name[1:].split(".")[0] if tmp else name.removesuffix(".json")
+            if stem.isdigit() and int(stem) <= (keep_from + 1 if tmp else keep_from - 1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.path, name))
 
 
 class GcsRecord:
@@ -192,7 +270,9 @@ class Lease:
         self.record, self.timeout_s, self.where = record, timeout_s, where
         self._token, self._started = uuid.uuid4().hex, time.time()
         self._text: str | None = None  # the record as this process last wrote it
-        self._renewed = 0.0  # time.monotonic() of the last renewal
+        # time.monotonic() when the newest record this process wrote was made: a swap that a
+        # stop delayed counts from before the stop, as the record's `renewed` does for others
+        self._renewed = 0.0
         self._lost: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, name="lmjax-lease", daemon=True)
@@ -238,9 +318,9 @@ class Lease:
                     describe(holder, now),
                     verdict,
                 )
-            new = self._record()
+            new, made = self._record(), time.monotonic()
             if self.record.swap(version, new):
-                self._text, self._renewed = new, time.monotonic()
+                self._text, self._renewed = new, made
                 self._thread.start()
                 return
 
@@ -270,9 +350,9 @@ class Lease:
             )
             log.error("LOST the lease of %s: %s", self.where, self._lost)
             return
-        new = self._record()
+        new, made = self._record(), time.monotonic()
         if self.record.swap(version, new):
-            self._text, self._renewed = new, time.monotonic()
+            self._text, self._renewed = new, made
 
     def healthy(self) -> str | None:
         """None while the lease is held; otherwise why it may no longer be."""
@@ -313,11 +393,32 @@ def _agree(code: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(code)))
 
 
+class Guard:
+    """What `held` yields. Called by every process before a save (a collective): raises
+    FaultError on all of them once process 0's lease may be lost. `lost()`: why, on process 0
+    alone and without a collective (None elsewhere and while held), so that an error raised
+    on one process (a save that failed) can name the cause."""
+
+    def __init__(self, lease: Lease | None, workdir: str):
+        self._lease, self._workdir = lease, workdir
+
+    def lost(self) -> str | None:
+        return self._lease.healthy() if self._lease is not None else None
+
+    def __call__(self) -> None:
+        reason = self.lost()
+        if _agree(reason is not None):
+            raise FaultError(
+                f"the lease of {self._workdir} is lost ({reason or 'see the log of process 0'})"
+                ": stopping before the next save so that two runs never write one workdir. "
+                "Rerun the same command to resume once the other run has ended."
+            )
+
+
 @contextlib.contextmanager
-def held(workdir: str, timeout_s: float) -> Iterator[Callable[[], None]]:
-    """Holds `workdir`'s lease on process 0 while the block runs, and yields `check`, which
-    every process calls before a save: it raises FaultError on all of them once process 0's
-    lease may be lost. Raises WorkdirHeld (on every process) when another run holds it."""
+def held(workdir: str, timeout_s: float) -> Iterator[Guard]:
+    """Holds `workdir`'s lease on process 0 while the block runs, and yields its `Guard`.
+    Raises WorkdirHeld (on every process) when another run holds it."""
     lease = Lease(record_for(workdir), timeout_s, workdir) if jax.process_index() == 0 else None
     error: Exception | None = None
     if lease is not None:
@@ -331,18 +432,8 @@ def held(workdir: str, timeout_s: float) -> Iterator[Callable[[], None]]:
     if outcome:
         cls = WorkdirHeld if outcome == 1 else FaultError
         raise cls(f"process 0 could not lease {workdir}: see its log.")
-
-    def check() -> None:
-        reason = lease.healthy() if lease is not None else None
-        if _agree(reason is not None):
-            raise FaultError(
-                f"the lease of {workdir} is lost ({reason or 'see the log of process 0'}): "
-                "stopping before the next save so that two runs never write one workdir. "
-                "Rerun the same command to resume once the other run has ended."
-            )
-
     try:
-        yield check
+        yield Guard(lease, workdir)
     finally:
         if lease is not None:
             lease.release()

@@ -110,7 +110,7 @@ def _hooks(
     summary: dict,
     clock: goodput.Clock,
     signals,
-    lease_guard,
+    lease_guard: lease.Guard,
     loss_guard: hooks_lib.LossGuard,
 ) -> list[loop.Hook]:
     """The built-in hooks, in the order they see each event."""
@@ -126,6 +126,7 @@ def _hooks(
         config.checkpoint,
         resumed_at=int(setup.state.step),
         guard=lease_guard,
+        lease_lost=lease_guard.lost,
     )
     r = config.run
     watch = (

@@ -33,8 +33,9 @@ ALLOWED = {
     ("lmjax/data/documents.py", "packaged_files"): "the corpus shipped inside the package",
     ("lmjax/observe/wandb_log.py", "_files_dir"): "wandb's own files, local by construction",
     # LocalRecord (a gs:// workdir's lease is GcsRecord's, through gcsfs)
-    ("lmjax/checkpoint/lease.py", "read"): "a local workdir's lease file, under an flock",
-    ("lmjax/checkpoint/lease.py", "swap"): "a local workdir's lease file, under an flock",
+    ("lmjax/checkpoint/lease.py", "_listing"): "a local workdir's lease generations",
+    ("lmjax/checkpoint/lease.py", "_load"): "a local workdir's lease generation",
+    ("lmjax/checkpoint/lease.py", "swap"): "a local workdir's lease generation, linked",
     ("lmjax/checkpoint/lease.py", "_process_start"): "/proc/PID/stat of a process on this host",
 }
 
