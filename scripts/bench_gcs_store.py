@@ -20,7 +20,7 @@ import sys
 import time
 
 from lmjax import storage
-from lmjax.cli import load_experiment
+from lmjax.commands.experiment import load_experiment
 from lmjax.config import DataConfig
 from lmjax.data import prepare
 from lmjax.data.pipeline import make_pipeline

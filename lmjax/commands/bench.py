@@ -2,18 +2,68 @@
 
 from __future__ import annotations
 
-import jax
+import argparse
 
+from lmjax.commands import experiment
 from lmjax.config import Config, ModelConfig
-from lmjax.inference import saved_run
-from lmjax.model import transformer
-from lmjax.observe import throughput
-from lmjax.tools import bench
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="print a benchmark table: the train step (default), the "
+        "data pipeline alone, or generation",
+    )
+    p.add_argument("what", nargs="?", choices=["step", "data", "generate"], default="step")
+    experiment.add_arguments(p, default="bench_512")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="step: run once per value and compare in one table (repeatable: a grid)",
+    )
+    p.add_argument("--steps", type=int, default=5, help="step: timed steps per configuration")
+    p.add_argument(
+        "--profile",
+        default="",
+        metavar="DIR",
+        help="step: write a jax.profiler trace of the timed steps to "
+        "DIR/plugins/profile/ (open DIR in TensorBoard)",
+    )
+    p.add_argument(
+        "--workdir",
+        default="",
+        help="data: run directory whose tokenizer and store "
+        "to use (default ~/.cache/lmjax/RUN_NAME)",
+    )
+    p.add_argument("--seconds", type=float, default=10.0, help="data: how long to read")
+    p.add_argument("--start-step", type=int, default=0, help="data: the first step read")
+    p.add_argument("--batch", type=int, default=8, help="generate: prompts per batch")
+    p.add_argument("--prompt-len", type=int, default=128, help="generate: prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=128, help="generate: tokens to decode")
+    p.set_defaults(func=from_args)
+
+
+def from_args(args: argparse.Namespace) -> int:
+    config = experiment.load_experiment(args.experiment, args.overrides)
+    if args.what == "step":
+        step(config, sweeps=args.sweep, steps=args.steps, profile_dir=args.profile)
+    elif args.what == "data":
+        data(config, experiment.data_workdir(args.workdir, config), args.seconds, args.start_step)
+    else:
+        generation(config.model, args.batch, args.prompt_len, args.new_tokens)
+    return 0
 
 
 def step(config: Config, sweeps: list[str], steps: int, profile_dir: str = "") -> list[dict]:
     """The train step of every configuration of the sweep (`bench.time_sweep`), one row each:
     compile and step seconds, tokens/s, TFLOP/s per device and MFU. Returns the rows."""
+    import jax
+
+    from lmjax.observe import throughput
+    from lmjax.tools import bench
+
     device = jax.devices()[0]
     m, d = config.model, config.data
     print(f"device: {device.device_kind} x {jax.device_count()}")
@@ -48,6 +98,9 @@ def step(config: Config, sweeps: list[str], steps: int, profile_dir: str = "") -
 
 def data(config: Config, workdir: str, seconds: float = 10.0, start_step: int = 0) -> float:
     """Prints and returns the tokens/s the pipeline alone delivers (`bench.time_pipeline`)."""
+    from lmjax.inference import saved_run
+    from lmjax.tools import bench
+
     r = bench.time_pipeline(lambda: saved_run.pipeline(config, workdir), start_step, seconds)
     d = config.data
     print(f"source={d.source} seq_len={d.seq_len} batch_size={d.batch_size} packing={d.packing}")
@@ -60,6 +113,11 @@ def generation(
     model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *, seed: int = 0
 ) -> dict[str, float]:
     """Prints a table of prefill and decode speed (`bench.time_generation`); returns it."""
+    import jax
+
+    from lmjax.model import transformer
+    from lmjax.tools import bench
+
     r = bench.time_generation(model_cfg, batch, prompt_len, new_tokens, seed=seed)
     print(
         f"generate benchmark on {jax.devices()[0].device_kind}: "

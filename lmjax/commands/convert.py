@@ -3,13 +3,35 @@ Gemma 2, Gemma 3) <-> lmjax params directories."""
 
 from __future__ import annotations
 
-from lmjax.checkpoint import params_dir
-from lmjax.convert import families, hf
-from lmjax.model import transformer
+import argparse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("convert", help="Hugging Face Llama (safetensors) <-> lmjax params")
+    p.add_argument("direction", choices=["from-hf", "to-hf"])
+    p.add_argument("src", help="HF_DIR (from-hf) or a params-only CHECKPOINT_DIR (to-hf)")
+    p.add_argument("out", help="OUT_DIR (must be new or empty)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="to-hf: dtype of the written tensors (default: as stored)",
+    )
+    p.set_defaults(func=from_args)
+
+
+def from_args(args: argparse.Namespace) -> int:
+    if args.direction == "from-hf":
+        return from_hf(args.src, args.out)
+    return to_hf(args.src, args.out, dtype=args.dtype)
 
 
 def from_hf(hf_dir: str, out_dir: str) -> int:
     """Reads a Hugging Face checkpoint, writes OUT_DIR/params and OUT_DIR/model_config.json."""
+    from lmjax.checkpoint import params_dir
+    from lmjax.convert import hf
+    from lmjax.model import transformer
+
     params_dir.require_new(out_dir)  # before the slow read
     cfg, params = hf.load(hf_dir)
     params_dir.save(cfg, params, out_dir)
@@ -23,6 +45,10 @@ def from_hf(hf_dir: str, out_dir: str) -> int:
 def to_hf(source: str, out_dir: str, dtype: str | None = None) -> int:
     """Writes a Hugging Face checkpoint of a params directory, of the family its model
     switches name (`dtype`: of the tensors)."""
+    from lmjax.checkpoint import params_dir
+    from lmjax.convert import families, hf
+    from lmjax.model import transformer
+
     hf.require_empty(out_dir)  # before the slow read
     cfg, params = params_dir.load(source)
     hf.save(cfg, params, out_dir, dtype=dtype)

@@ -2,16 +2,110 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import itertools
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lmjax.batch import Batch
+from lmjax.commands import experiment
 from lmjax.config import Config
-from lmjax.data import beam_engine, prepare as prepare_lib, store
-from lmjax.data.pipeline import Pipeline
-from lmjax.inference import saved_run
+
+if TYPE_CHECKING:
+    from lmjax.data.pipeline import Pipeline
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("data", help="prepare a run's data store; look at its batches")
+    dt = p.add_subparsers(dest="data_command", required=True)
+    q = dt.add_parser(
+        "preview", help="per batch: step, content hash, packing efficiency, a document start"
+    )
+    experiment.add_arguments(q)
+    q.add_argument(
+        "--workdir",
+        default="",
+        help="run directory whose tokenizer and store to use (default ~/.cache/lmjax/RUN_NAME)",
+    )
+    q.add_argument("--start-step", type=int, default=0)
+    q.add_argument("--batches", type=int, default=4)
+    q.add_argument(
+        "--process-index",
+        type=int,
+        default=0,
+        help="show the rows this process of --process-count would read",
+    )
+    q.add_argument("--process-count", type=int, default=1)
+    q.set_defaults(func=preview_from_args)
+    q = dt.add_parser(
+        "prepare",
+        help="tokenize the run's documents once into a store (no-op "
+        "when it exists; reruns finish an interrupted one)",
+    )
+    experiment.add_arguments(q)
+    q.add_argument(
+        "--workdir",
+        default="",
+        help="run directory: its tokenizer.model, and the "
+        "store under WORKDIR/data unless data.store_dir "
+        "is set (default ~/.cache/lmjax/RUN_NAME)",
+    )
+    q.add_argument(
+        "--beam-runner",
+        default="DirectRunner",
+        metavar="RUNNER",
+        help="Apache Beam runner: DirectRunner (this machine), DataflowRunner, "
+        "SparkRunner, FlinkRunner or PortableRunner",
+    )
+    q.add_argument(
+        "--workers", type=int, default=1, help="DirectRunner worker processes (1: in this process)"
+    )
+    q.add_argument(
+        "--beam-options",
+        default="",
+        metavar="'--NAME=VALUE ...'",
+        help="more Beam pipeline options, one quoted string, e.g. '--project=p "
+        "--region=us-central1 --temp_location=gs://b/tmp' for Dataflow",
+    )
+    q.set_defaults(func=prepare_from_args)
+
+    q = dt.add_parser(
+        "verify", help="read every record of a store (checksums) in parallel; name bad shards"
+    )
+    q.add_argument("store", help="the store directory (holding store.json), local or gs://")
+    q.add_argument("--workers", type=int, default=16, help="objects read at once")
+    q.set_defaults(func=verify_from_args)
+
+
+def preview_from_args(args: argparse.Namespace) -> int:
+    config = experiment.load_experiment(args.experiment, args.overrides)
+    preview(
+        config,
+        experiment.data_workdir(args.workdir, config),
+        args.start_step,
+        args.batches,
+        args.process_index,
+        args.process_count,
+    )
+    return 0
+
+
+def verify_from_args(args: argparse.Namespace) -> int:
+    return verify(args.store, args.workers)
+
+
+def prepare_from_args(args: argparse.Namespace) -> int:
+    config = experiment.load_experiment(args.experiment, args.overrides)
+    prepare(
+        config,
+        experiment.data_workdir(args.workdir, config),
+        args.beam_runner,
+        args.workers,
+        args.beam_options,
+    )
+    return 0
 
 
 def prepare(
@@ -23,6 +117,8 @@ def prepare(
 ) -> dict:
     """Prints and returns the summary of preparing the run's store with Apache Beam (a no-op
     when it exists). runner, workers, beam_options: see `beam_engine.pipeline_options`."""
+    from lmjax.data import beam_engine, prepare as prepare_lib
+
     if config.data.source == "synthetic":
         print(f"data.source={config.data.source} has nothing to prepare.")
         return {}
@@ -50,6 +146,8 @@ def prepare(
 def verify(directory: str, workers: int = 16) -> int:
     """Reads every record of the store at `directory`, `workers` objects at a time; prints
     each damaged shard with its repair. Returns the exit code: 0 sound, 1 damaged."""
+    from lmjax.data import store
+
     meta = store.open_store(directory)
     problems = store.verify(directory, meta["vocab_size"], workers)
     for shard, problem in problems.items():
@@ -92,6 +190,8 @@ def preview(
 ) -> None:
     """Prints, per batch: step, content hash and packing efficiency; then per row of this
     process: its global row, source and a document start."""
+    from lmjax.inference import saved_run
+
     pipeline = saved_run.pipeline(config, workdir, process_index, process_count)
     rows = config.data.batch_size // process_count
     print(

@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Callable, Sequence
 
 from lmjax import storage
 from lmjax.config import ConfigError
-from lmjax.data.documents import read_utf8
-from lmjax.inference import evaluate, saved_run
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a checkpoint")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--text-files", nargs="+", metavar="GLOB", help="UTF-8 files, one document each"
+    )
+    src.add_argument(
+        "--experiment-data", action="store_true", help="the run's own evaluation batches"
+    )
+    p.add_argument("--context-len", type=int, default=None, help="default: the run's data.seq_len")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="sliding-window stride for long documents (default: context_len / 2)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=from_args)
+
+
+def from_args(args: argparse.Namespace) -> int:
+    main(
+        args.workdir,
+        args.step,
+        args.text_files or (),
+        args.experiment_data,
+        args.json,
+        context_len=args.context_len,
+        stride=args.stride,
+    )
+    return 0
 
 
 def main(
@@ -20,8 +54,8 @@ def main(
     *,
     context_len: int | None = None,
     stride: int | None = None,
-    load: Callable = saved_run.load,
-    batches_for: Callable = saved_run.eval_batches,
+    load: Callable | None = None,
+    batches_for: Callable | None = None,
 ) -> dict:
     """`lmjax eval`: scores a checkpoint on text files or on the experiment's eval split.
 
@@ -30,6 +64,11 @@ def main(
     `batches_for(config, tokenizer, workdir)` are `saved_run.load` and `saved_run.eval_batches`
     unless replaced. Prints one line (or JSON) and returns the numbers.
     """
+    from lmjax.data.documents import read_utf8
+    from lmjax.inference import evaluate, saved_run
+
+    load = load or saved_run.load
+    batches_for = batches_for or saved_run.eval_batches
     if bool(text_files) == bool(use_experiment_data):
         raise ConfigError("choose what to evaluate: --text-files GLOB... or --experiment-data.")
     paths = sorted({p for pattern in text_files for p in storage.glob(pattern)})

@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Sequence
 
 from lmjax import storage
 from lmjax.config import ConfigError
-from lmjax.data.documents import read_utf8
-from lmjax.inference import generate, saved_run
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="continue prompts with a checkpoint (KV cache)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
+    p.add_argument("--prompt", action="append", default=[], help="repeatable")
+    p.add_argument("--prompts-file", default="", help="one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=from_args)
+
+
+def from_args(args: argparse.Namespace) -> int:
+    main(
+        args.workdir,
+        args.step,
+        list(args.prompt),
+        args.max_new_tokens,
+        prompts_file=args.prompts_file,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    return 0
 
 
 def main(
@@ -27,6 +55,9 @@ def main(
     `prompts_file`: more prompts, one per non-blank line. See `generate.complete`. Prints and
     returns the completions.
     """
+    from lmjax.data.documents import read_utf8
+    from lmjax.inference import generate, saved_run
+
     if prompts_file and not storage.path(prompts_file).exists():
         raise ConfigError(f"--prompts-file {prompts_file} does not exist.")
     if prompts_file:

@@ -11,6 +11,7 @@ import pytest
 
 from lmjax import cli, hardware
 from lmjax.batch import BATCH_KEYS
+from lmjax.commands.experiment import load_experiment
 from lmjax.config import ModelConfig
 from lmjax.model import flops, transformer
 from lmjax.model.objective import loss_terms
@@ -21,7 +22,7 @@ from tests import tpu_compiler
 
 def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
     tpu_compiler.require()
-    config = cli.load_experiment("smoke", ["data.seq_len=128"])
+    config = load_experiment("smoke", ["data.seq_len=128"])
     report = aot.compile_train_step(config, hardware.parse_target("v5litepod-4"))
     assert report.mesh_shape == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}
     assert report.pallas_calls > 0  # attention="auto" became the splash kernel

@@ -7,9 +7,9 @@ import jax
 import pytest
 from jax.sharding import AbstractMesh, AxisType
 
-from lmjax import cli
 from lmjax.batch import abstract_batch
 from lmjax.checkpoint import checkpointer
+from lmjax.commands.experiment import load_experiment
 from lmjax.model import attention
 from lmjax.parallel import sharding
 from lmjax.tools import fused_kernel
@@ -19,7 +19,7 @@ from tests.unit.test_gpu_export import H100, TRITON_CALL
 
 def export_train_step_for_cuda(experiment: str, sets=()) -> jax.export.Exported:
     """The jitted train step of `experiment` on one GPU, lowered to StableHLO for CUDA."""
-    config = cli.load_experiment(experiment, list(sets))
+    config = load_experiment(experiment, list(sets))
     on_gpu = attention.resolve_impl(config.model.attention, "gpu")
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention=on_gpu))
     mesh = AbstractMesh((1,) * 4, sharding.MESH_AXES, (AxisType.Auto,) * 4, abstract_device=H100)
@@ -45,5 +45,5 @@ def test_train_step_lowers_for_cuda_with_the_flash_kernel(experiment, dtype):
     assert text.count(f"@{TRITON_CALL}") >= 2
     assert all(f"lmjax_flash_{k}" in text for k in ("forward", "dq", "dkv"))
     assert f"tensor<{'f32' if dtype == 'float32' else 'bf16'}" in text
-    check = fused_kernel.verdict(text, cli.load_experiment(experiment), "gpu")
+    check = fused_kernel.verdict(text, load_experiment(experiment), "gpu")
     assert check.ok and check.detail.startswith("pallas_gpu: "), check

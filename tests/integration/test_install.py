@@ -30,7 +30,7 @@ def test_a_wheel_installed_elsewhere_trains_the_smoke_preset_from_another_direct
         [
             sys.executable,
             "-c",
-            "import lmjax, lmjax.cli as c; print(lmjax.__file__, c.experiment_names())",
+            "import lmjax, lmjax.commands.experiment as e; print(lmjax.__file__, e.experiment_names())",
         ],
         cwd=elsewhere,
         env=env,

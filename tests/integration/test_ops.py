@@ -76,11 +76,11 @@ from jax import monitoring
 hits = []
 monitoring.register_event_listener(
     lambda event, **kw: hits.append(event) if event.endswith("/cache_hits") else None)
-from lmjax import cli
+from lmjax.commands.experiment import load_experiment
 from lmjax.tools import bench
 from lmjax.train import compile_cache
 with compile_cache.enabled(sys.argv[1]):
-    bench.bench_step(cli.load_experiment("smoke", ["mesh.fsdp=2"]), steps=1)
+    bench.bench_step(load_experiment("smoke", ["mesh.fsdp=2"]), steps=1)
 print("cache hits:", len(hits))
 """
 

@@ -6,7 +6,8 @@ import json
 import jax
 import pytest
 
-from lmjax import cli, hardware
+from lmjax import hardware
+from lmjax.commands.experiment import load_experiment
 from lmjax.config import ConfigError
 from lmjax.tools import aot, plan
 from tests import tpu_compiler
@@ -16,7 +17,7 @@ SMOKE = ["data.seq_len=128"]
 
 def test_plan_on_v5p_8_ranks_like_lmjax_compile_and_reports_failures():
     tpu_compiler.require()
-    config = cli.load_experiment("smoke", SMOKE)
+    config = load_experiment("smoke", SMOKE)
     request = plan.Request(
         "v5p-8",
         sweeps=(
@@ -55,7 +56,7 @@ def test_plan_on_v5p_8_ranks_like_lmjax_compile_and_reports_failures():
     # memory per chip of each candidate equals what `lmjax compile` reports for its --set line
     # (at jax's default matmul precision, as in a fresh process; conftest raises it)
     for c in ok:
-        cfg = cli.load_experiment("smoke", SMOKE + c["overrides"])
+        cfg = load_experiment("smoke", SMOKE + c["overrides"])
         with jax.default_matmul_precision("default"):
             report = aot.compile_train_step(cfg, hardware.parse_target("v5p-8"))
         assert c["memory"]["total_bytes"] == report.total_bytes

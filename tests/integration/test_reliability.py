@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from lmjax import cli
 from lmjax.checkpoint import checkpointer, compat
+from lmjax.commands.experiment import load_experiment
 from lmjax.data import prepare
 from lmjax.observe import metrics
 from lmjax.train import run, watchdog
@@ -22,7 +22,7 @@ from tests.helpers import REPO
 STALL_SCRIPT = """
 import logging, sys, threading, time
 import jax
-from lmjax import cli
+from lmjax.commands.experiment import load_experiment
 from lmjax.checkpoint import checkpointer, compat
 from lmjax.parallel import distributed
 from lmjax.train import loop, run
@@ -39,7 +39,7 @@ class Stall(loop.Hook):
 
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 distributed.initialize()
-run.train(cli.load_experiment("smoke", sys.argv[2:]), sys.argv[1], hooks=(Stall(),))
+run.train(load_experiment("smoke", sys.argv[2:]), sys.argv[1], hooks=(Stall(),))
 """
 
 
@@ -127,7 +127,7 @@ def test_poisoned_batches_are_rewound_skipped_and_recorded(tmp_path, monkeypatch
     so a run restored from step 8 elsewhere reads the same batches and logs the same losses
     bit for bit."""
     monkeypatch.setattr(prepare, "run_pipeline", _poisoned(prepare.run_pipeline))
-    config = cli.load_experiment(
+    config = load_experiment(
         "smoke",
         [
             "data.source=synthetic",
@@ -171,12 +171,12 @@ def test_a_resume_with_an_accepted_batch_size_and_seq_len_change_reads_on(tmp_pa
         "run.eval_batches=1",
         "checkpoint.every_steps=4",
     ]
-    run.train(cli.load_experiment("smoke", [*base, "run.steps=4"]), workdir)
+    run.train(load_experiment("smoke", [*base, "run.steps=4"]), workdir)
     longer = [*base, "run.steps=6", "data.batch_size=16", "data.seq_len=128"]
     with pytest.raises(compat.ResumeError, match="data.batch_size: checkpoint 8, now 16"):
-        run.train(cli.load_experiment("smoke", longer), workdir)
+        run.train(load_experiment("smoke", longer), workdir)
     accept = "checkpoint.accept_changes=data.batch_size,data.seq_len"
-    run.train(cli.load_experiment("smoke", [*longer, accept]), workdir)
+    run.train(load_experiment("smoke", [*longer, accept]), workdir)
     assert sorted(_losses(workdir)) == list(range(1, 7))
     with checkpointer.ReadOnly(os.path.join(workdir, "checkpoints")) as ckpt:
         data = ckpt.read_json(6, "data")
@@ -197,7 +197,7 @@ def test_host_memory_stays_flat_across_50_saves(tmp_path):
     """The smoke model saved after every step (async, keep 2): host RSS after save 50 is
     within 40 MiB of its value after save 10. Holding on to one copy of the 2 MiB state per
     save would add 80 MiB."""
-    config = cli.load_experiment(
+    config = load_experiment(
         "smoke",
         [
             "data.source=synthetic",

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from lmjax import cli, hardware
+from lmjax.commands.experiment import load_experiment
 from lmjax.config import ConfigError
 from lmjax.tools import aot
 
@@ -66,4 +67,4 @@ def test_logits_chunk_must_divide_the_sequence():
     with pytest.raises(
         ConfigError, match="model.logits_chunk=48 must be 0 .off. or divide data.seq_len=64"
     ):
-        cli.load_experiment("smoke", ["model.logits_chunk=48"])
+        load_experiment("smoke", ["model.logits_chunk=48"])

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from lmjax import cli
+from lmjax.commands.experiment import experiment_names, load_experiment
 from lmjax.config import (
     Config,
     ConfigError,
@@ -88,7 +89,7 @@ def test_round_trip_and_diff():
 
 
 def test_every_experiment_loads_and_validates():
-    names = cli.experiment_names()
+    names = experiment_names()
     for required in (
         "smoke",
         "quickstart",
@@ -104,17 +105,17 @@ def test_every_experiment_loads_and_validates():
     ):
         assert required in names
     for name in names:
-        cli.load_experiment(name)
+        load_experiment(name)
 
 
 GOLDEN = REPO / "tests" / "golden"
 
 
-@pytest.mark.parametrize("name", cli.experiment_names())
+@pytest.mark.parametrize("name", experiment_names())
 def test_every_preset_resolves_to_its_golden_config(name):
     """A change of a preset's resolved config shows in review as a change of
     tests/golden/NAME.json; `LMJAX_UPDATE_GOLDEN=1 pytest tests/unit/test_config.py` rewrites them."""
-    resolved = to_json(cli.load_experiment(name)) + "\n"
+    resolved = to_json(load_experiment(name)) + "\n"
     golden = GOLDEN / f"{name}.json"
     if os.environ.get("LMJAX_UPDATE_GOLDEN") == "1":
         golden.write_text(resolved)
@@ -127,7 +128,7 @@ def test_every_preset_resolves_to_its_golden_config(name):
 
 def test_unknown_experiment_names_known_ones():
     with pytest.raises(ConfigError, match="known: .*smoke"):
-        cli.load_experiment("smokey")
+        load_experiment("smokey")
 
 
 def test_cli_reports_config_error_with_exit_2(capsys):

@@ -4,7 +4,7 @@ each of which ends every process in bounded time with a message naming the cause
 
 import pytest
 
-from lmjax import cli
+from lmjax.commands.experiment import load_experiment
 from lmjax.config import ConfigError
 from lmjax.parallel import agreement, distributed
 from lmjax.parallel.agreement import Report
@@ -12,7 +12,7 @@ from lmjax.tools import doctor
 
 
 def _checks(tmp_path, *sets):
-    config = cli.load_experiment("smoke", [f"run.compile_cache_dir={tmp_path}/cache", *sets])
+    config = load_experiment("smoke", [f"run.compile_cache_dir={tmp_path}/cache", *sets])
     return {c.name: c for c in doctor.run_checks(config, str(tmp_path / "run"))}
 
 
@@ -32,7 +32,7 @@ def test_doctor_passes_here_and_names_what_it_checked(tmp_path):
 
 
 def test_doctor_fails_a_kernel_this_platform_lacks_a_wrong_platform_and_a_misfit_mesh(tmp_path):
-    config = cli.load_experiment("smoke", ["model.attention=splash", "mesh.tensor=3"])
+    config = load_experiment("smoke", ["model.attention=splash", "mesh.tensor=3"])
     checks = {c.name: c for c in doctor.run_checks(config, "", expect_platform="gpu")}
     assert [n for n, c in checks.items() if not c.ok] == ["devices", "mesh", "attention"]
     assert "expected gpu" in checks["devices"].detail and "lmjax[gpu]" in checks["devices"].detail
@@ -42,17 +42,17 @@ def test_doctor_fails_a_kernel_this_platform_lacks_a_wrong_platform_and_a_misfit
 
 
 def test_attention_is_the_kernel_of_the_platform_or_xla_when_the_length_does_not_fit():
-    fits = cli.load_experiment("smoke", ["data.seq_len=128"])
+    fits = load_experiment("smoke", ["data.seq_len=128"])
     assert [doctor.attention_impl(fits, b) for b in ("gpu", "tpu", "cpu")] == [
         "pallas_gpu",
         "splash",
         "xla",
     ]
-    assert doctor.attention_impl(cli.load_experiment("smoke"), "tpu") == "xla"  # 64 tokens
+    assert doctor.attention_impl(load_experiment("smoke"), "tpu") == "xla"  # 64 tokens
 
 
 def test_preflight_raises_naming_every_failed_check_before_anything_compiles(tmp_path):
-    config = cli.load_experiment("smoke", ["model.attention=cudnn"])
+    config = load_experiment("smoke", ["model.attention=cudnn"])
     with pytest.raises(
         ConfigError,
         match=r"preflight failed.*\n  attention: model.attention=cudnn runs only on gpu",

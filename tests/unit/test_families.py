@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import cli
+from lmjax.commands.experiment import load_experiment
 from lmjax.config import Config, ConfigError, ModelConfig, validate
 from lmjax.convert import families, hf
 from lmjax.model import flops, transformer
@@ -240,7 +240,7 @@ def test_family_fields_are_validated_with_the_fix(change, message):
     ],
 )
 def test_family_presets_have_the_published_parameter_counts(name, total):
-    cfg = cli.load_experiment(name).model
+    cfg = load_experiment(name).model
     assert transformer.count_params(cfg) == total
     assert families.of_config(cfg).model_type == name.split("_")[0]
 

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-from lmjax import cli, hardware
+from lmjax import hardware
+from lmjax.commands.experiment import load_experiment
 from lmjax.model import attention, flash_gpu
 from lmjax.parallel import sharding
 from lmjax.tools import checklist, fused_kernel
@@ -61,7 +62,7 @@ def test_smoke_kernel_check_passes_the_flash_kernel_and_fails_xla_attention_for_
     """`lmjax smoke`'s verdict on real CUDA lowerings: the Pallas kernel's module passes, the
     XLA attention's fails naming the fix; the CPU, model.attention=xla and an `auto` that
     fell back to XLA on a GPU (seq_len 40) are told apart."""
-    config = cli.load_experiment("smoke")  # auto, seq_len 64: pallas_gpu on a GPU
+    config = load_experiment("smoke")  # auto, seq_len 64: pallas_gpu on a GPU
     shape = (1, 64, 4, 2, 64)
     kernel = fused_kernel.verdict(
         export_attention_grad_for_cuda("pallas_gpu", shape), config, "gpu"
@@ -76,10 +77,10 @@ def test_smoke_kernel_check_passes_the_flash_kernel_and_fails_xla_attention_for_
     cpu = fused_kernel.verdict(xla_text, config, "cpu")
     assert cpu.ok and not cpu.applicable and cpu.detail.startswith("not applicable: cpu")
     chosen = fused_kernel.verdict(
-        xla_text, cli.load_experiment("smoke", ["model.attention=xla"]), "gpu"
+        xla_text, load_experiment("smoke", ["model.attention=xla"]), "gpu"
     )
     assert chosen.ok and not chosen.applicable
-    short = fused_kernel.verdict(xla_text, cli.load_experiment("smoke", ["data.seq_len=40"]), "gpu")
+    short = fused_kernel.verdict(xla_text, load_experiment("smoke", ["data.seq_len=40"]), "gpu")
     assert not short.ok and "fell back to XLA attention on gpu" in short.detail
     assert "multiple of 16" in short.detail
     assert checklist.lines([kernel, cpu, short])[1].startswith("  [N/A] attention kernel")

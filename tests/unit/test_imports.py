@@ -2,7 +2,10 @@
 no cycle, and nothing below the command layer imports it."""
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -64,7 +67,7 @@ def test_find_cycle_finds_a_cycle_and_only_a_cycle():
 def test_the_graph_sees_function_local_imports():
     graph = import_graph()
     assert "lmjax.model.transformer" in graph["lmjax.model.objective"]
-    assert "lmjax.commands.smoke" in graph["lmjax.cli"]  # imported inside a function
+    assert "lmjax.train.run" in graph["lmjax.commands.train"]  # imported inside a function
 
 
 def test_lmjax_imports_have_no_cycle():
@@ -85,11 +88,12 @@ def test_only_the_command_layer_imports_commands_and_cli(top):
 
 
 def test_lmjax_modules_are_imported_at_the_top_of_each_module():
-    """A function-local `lmjax` import hides an edge of the graph from a reader; only the CLI
-    imports its command modules late (so `lmjax --help` loads none of them)."""
+    """A function-local `lmjax` import hides an edge of the graph from a reader; only the
+    command modules import the library late, inside the functions that run a command (so
+    building the parser, `lmjax --help`, loads none of it)."""
     late = []
     for path in PACKAGE.rglob("*.py"):
-        if path == PACKAGE / "cli.py":
+        if path.parent == PACKAGE / "commands":
             continue
         for fn in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -102,6 +106,21 @@ def test_lmjax_modules_are_imported_at_the_top_of_each_module():
                     and any(a.name.startswith("lmjax") for a in node.names)
                 ]
     assert not late, f"function-local lmjax imports: {late}"
+
+
+def test_building_the_parser_loads_neither_jax_nor_tensorflow():
+    """`lmjax --help` (every command's parser) in a fresh process: no jax, TensorFlow, orbax,
+    Beam or TensorStore among the modules it loaded."""
+    code = (
+        "import sys; from lmjax import cli; cli.build_parser(); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[1:])))"
+    )
+    heavy = ["jax", "jaxlib", "tensorflow", "orbax", "apache_beam", "tensorstore", "flax"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *heavy], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 # Which floors each floor may import (besides itself and the top-level modules: config, errors,

@@ -25,8 +25,8 @@ FORBIDDEN_CALLS = {
 }
 # (module, function) -> why the path there is local by nature.
 ALLOWED = {
-    ("lmjax/cli.py", "load_experiment"): "an experiment file is Python to import: local",
-    ("lmjax/cli.py", "<module>"): "the experiments shipped inside the package",
+    ("lmjax/commands/experiment.py", "load_experiment"): "an experiment file is Python to import",
+    ("lmjax/commands/experiment.py", "<module>"): "the experiments shipped inside the package",
     ("lmjax/observe/throughput.py", "_host_rss_bytes"): "/proc/self/statm, this process's memory",
     ("lmjax/tools/aot.py", "require_libtpu"): "the libtpu shared library on this machine",
     ("lmjax/observe/metrics.py", "_upload"): "TensorBoard's local staging folder (a temp dir)",

@@ -637,10 +637,11 @@ def _documented_commands() -> list[list[str]]:
 
 def _check_lmjax(argv: list[str]) -> None:
     from lmjax import cli
+    from lmjax.commands.experiment import load_experiment
 
     args = cli.build_parser().parse_args(argv)
     if hasattr(args, "overrides"):
-        cli.load_experiment(args.experiment, args.overrides)  # every --set key exists
+        load_experiment(args.experiment, args.overrides)  # every --set key exists
 
 
 def test_every_documented_launch_command_parses(monkeypatch, capsys):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lmjax import cli
+from lmjax.commands.experiment import load_experiment
 from lmjax.observe import goodput, metrics, report, wandb_log
 from lmjax.train import run
 from lmjax.train.loop import Hook
@@ -44,7 +45,7 @@ class _Crash(Hook):
 def crashed_and_resumed(tmp_path_factory):
     """(workdir, [wall seconds of each train() call])."""
     workdir = str(tmp_path_factory.mktemp("ops"))
-    config = cli.load_experiment("smoke", SETS)
+    config = load_experiment("smoke", SETS)
     walls = []
     with pytest.MonkeyPatch.context() as env:
         env.delenv("WANDB_API_KEY", raising=False)

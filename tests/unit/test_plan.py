@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from lmjax import cli, hardware
+from lmjax import hardware
+from lmjax.commands.experiment import load_experiment
 from lmjax.config import ConfigError, ModelConfig
 from lmjax.model import flops
 from lmjax.tools import aot, hlo, plan, roofline
@@ -21,7 +22,7 @@ def _space(**dims):
 
 
 def test_enumeration_respects_divisibility_and_the_mesh_size():
-    config = cli.load_experiment("smoke")  # 4 heads / 2 KV heads, d_model 64, d_mlp 192
+    config = load_experiment("smoke")  # 4 heads / 2 KV heads, d_model 64, d_mlp 192
     candidates, rejected = plan.enumerate_candidates(
         config,
         8,
@@ -74,7 +75,7 @@ def test_enumeration_respects_divisibility_and_the_mesh_size():
 
 
 def test_expert_axis_candidates_split_the_experts_or_are_rejected():
-    config = cli.load_experiment("moe_small")  # d_model 64, 4 heads / 2 KV heads
+    config = load_experiment("moe_small")  # d_model 64, 4 heads / 2 KV heads
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, moe_experts=6))
     space = _space(mesh__expert=(1, 2, 4), mesh__tensor=(1,), rows_per_chip=(1,))
     candidates, rejected = plan.enumerate_candidates(config, 8, 1, space)
@@ -92,7 +93,7 @@ def test_sweeps_replace_dimensions_and_bad_values_are_config_errors():
     space = plan.parse_sweeps(["model.remat=none,full", "mesh.tensor=4"])
     assert space["model.remat"] == ("none", "full") and space["mesh.tensor"] == ("4",)
     assert space["rows_per_chip"] == plan.DEFAULT_SPACE["rows_per_chip"]
-    config = cli.load_experiment("smoke")
+    config = load_experiment("smoke")
     with pytest.raises(ConfigError, match="model.remat='fast'"):
         plan.enumerate_candidates(config, 4, 1, _space(model__remat=("fast",)))
     with pytest.raises(ConfigError, match="non-integer"):
@@ -225,8 +226,8 @@ def test_run_length_and_compute_optimal_budget():
         and shape["model.n_heads"] * 128 == shape["model.d_model"]
     )
     presets = {
-        "llama3_8b": cli.load_experiment("llama3_8b").model,
-        "llama_125m": cli.load_experiment("llama_125m").model,
+        "llama3_8b": load_experiment("llama3_8b").model,
+        "llama_125m": load_experiment("llama_125m").model,
     }
     budget = plan.budget_proposal(1e6, 100e12, 0.5, presets, 128256)
     assert budget["preset"] == "llama3_8b"
@@ -246,7 +247,7 @@ def test_one_table_serves_compile_and_the_launchers():
 
 def test_plan_json_schema_is_stable():
     """The keys scripts read, from a plan whose compiles are stubbed by outcomes."""
-    config = cli.load_experiment("smoke")
+    config = load_experiment("smoke")
     (cand,), _ = plan.enumerate_candidates(
         config, 4, 1, _space(mesh__tensor=(1,), rows_per_chip=(1,), model__remat=("full",))
     )
@@ -328,7 +329,7 @@ def test_plan_json_schema_is_stable():
 
 
 def test_a_candidate_that_times_out_is_killed_and_reported():
-    config = cli.load_experiment("smoke")
+    config = load_experiment("smoke")
     cands, _ = plan.enumerate_candidates(
         config, 4, 1, _space(mesh__tensor=(1,), rows_per_chip=(1,), model__remat=("full", "none"))
     )
