@@ -83,7 +83,8 @@ PEAK_FLOPS: dict[str, tuple[float, float]] = {
     "NVIDIA H100 SXM": (989e12, 495e12),
     "NVIDIA H100 PCIe": (756e12, 378e12),
     "NVIDIA H100 NVL": (835e12, 418e12),
-    "NVIDIA H200": (989e12, 495e12),
+    "NVIDIA H200": (989e12, 495e12),  # SXM; the NVL card has its own row (longest prefix)
+    "NVIDIA H200 NVL": (835e12, 418e12),
 }
 # Shared memory one thread block may use, in bytes, by NVIDIA compute capability (major * 10
 # + minor): the opt-in maximum per block, 1 KiB under the per-SM capacity (the CUDA runtime

@@ -5,7 +5,6 @@ and against the XLA path's gradients, backward."""
 import functools
 import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from lmjax import hardware
 from lmjax.model import attention as attn_lib, flash_gpu
 from lmjax.model.flash_gpu import Tiles
+from lmjax.tools import attention_check
 from tests.unit.test_attention import _qkv, _reference
 
 KiB = 1024
@@ -102,36 +102,34 @@ SMALL = (Tiles(32, 16, 2, 4), Tiles(16, 16, 2, 4))
 
 
 def _check_kernel(heads, kv_heads, head_dim, dtype, packed, spec, seq=128):
+    """`attention_check.compare` (values and gradients against XLA, the device check's
+    tolerances) in the interpreter, and the forward against the numpy loop."""
     q, k, v = _qkv(21, batch=1, seq=seq, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
-    # three documents, the first two ending inside blocks
-    ends = [0, seq * 2 // 5 + 1, seq * 3 // 4 - 3, seq]
-    seg = np.repeat([[1, 2, 3]], np.diff(ends), axis=1) if packed else None
+    seg = attention_check.documents(1, seq) if packed else None
     args = [jnp.asarray(x, dtype) for x in (q, k, v)]
     seg_j = None if seg is None else jnp.asarray(seg)
 
     def kernel(q, k, v):
         return attn_lib._pallas_gpu(q, k, v, seg_j, spec, tiles=SMALL, interpret=True)
 
-    def xla(q, k, v):
-        return attn_lib.attention(q, k, v, segment_ids=seg_j, impl="xla", spec=spec)
-
-    out = jax.jit(kernel)(*args)
-    assert out.dtype == dtype
-    tol = 2e-5 if dtype == jnp.float32 else 3e-2
+    result = attention_check.compare(kernel, *args, seg_j, spec)
+    assert result.ok, (result.forward, result.grads, result.dtypes_ok)
     exact = _reference(*(np.asarray(a, np.float32) for a in args), seg, spec)
-    np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=tol, rtol=tol)
+    tol = result.tolerance
+    np.testing.assert_allclose(result.out, exact, atol=tol, rtol=tol)
 
-    def loss(fn):
-        return lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2)
 
-    got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(*args)
-    want = jax.grad(loss(xla), argnums=(0, 1, 2))(*(a.astype(jnp.float32) for a in args))
-    for name, g, w in zip("qkv", got, want):
-        assert g.dtype == dtype
-        scale = float(jnp.abs(w).max())
-        np.testing.assert_allclose(
-            np.asarray(g, np.float32) / scale, np.asarray(w) / scale, atol=3 * tol, err_msg=name
-        )
+def test_compare_fails_a_kernel_off_by_a_little_in_the_wrong_dtype():
+    """The comparison can fail: XLA's own output shifted by 2 tolerances, in float32 for
+    bfloat16 inputs (the passing side: every `_check_kernel`)."""
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _qkv(5, batch=1, seq=16, head_dim=16))
+
+    def shifted(q, k, v):
+        out = attn_lib.attention(q, k, v, impl="xla").astype(jnp.float32)
+        return out + 2 * attention_check.TOLERANCE["bfloat16"]
+
+    off = attention_check.compare(shifted, q, k, v)
+    assert not off.ok and 1.5 < off.forward < 2.5 and not off.dtypes_ok
 
 
 def test_kernel_gqa_packed_float32_head_dim_64():

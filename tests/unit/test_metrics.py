@@ -28,6 +28,8 @@ def _device(kind, platform):
         ("NVIDIA H100 PCIe", "float32", 378e12, "TF32"),
         ("NVIDIA A100-SXM4-80GB", "float32", 156e12, "TF32"),
         ("NVIDIA A100-PCIE-40GB", "bfloat16", 312e12, "16-bit"),
+        ("NVIDIA H200", "bfloat16", 989e12, "16-bit"),
+        ("NVIDIA H200 NVL", "bfloat16", 835e12, "16-bit"),
     ],
 )
 def test_gpu_peaks_by_variant_and_dtype(kind, dtype, peak, says):
