@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import cli
+from lmjax.commands.experiment import load_experiment
 from lmjax.convert import hf
 from lmjax.inference import generate as gen
 from lmjax.model import transformer
@@ -281,7 +281,7 @@ def test_window_cache_decoding_matches_numpy_reference(config, shapes):
 
 def test_local_layers_cache_only_their_window():
     """Gemma 3 12B at a 32k context (bfloat16, batch 1): five of six layers keep 1024 slots."""
-    cfg = cli.load_experiment("gemma3_12b").model
+    cfg = load_experiment("gemma3_12b").model
     caches = {
         window: jax.eval_shape(lambda w=window: gen.init_cache(cfg, 1, 32768, window_cache=w))
         for window in (True, False)
