@@ -61,7 +61,8 @@ def export_attention_grad_for_cuda(impl, shape, spec=attention.PLAIN) -> str:
 def test_smoke_kernel_check_passes_the_flash_kernel_and_fails_xla_attention_for_cuda():
     """`lmjax smoke`'s verdict on real CUDA lowerings: the Pallas kernel's module passes, the
     XLA attention's fails naming the fix; the CPU, model.attention=xla and an `auto` that
-    fell back to XLA on a GPU (seq_len 40) are told apart."""
+    picks XLA for the sequence length (40 tokens on a GPU, the smoke experiment's 64 on a
+    TPU) are not applicable, each saying why."""
     config = load_experiment("smoke")  # auto, seq_len 64: pallas_gpu on a GPU
     shape = (1, 64, 4, 2, 64)
     kernel = fused_kernel.verdict(
@@ -81,9 +82,16 @@ def test_smoke_kernel_check_passes_the_flash_kernel_and_fails_xla_attention_for_
     )
     assert chosen.ok and not chosen.applicable
     short = fused_kernel.verdict(xla_text, load_experiment("smoke", ["data.seq_len=40"]), "gpu")
-    assert not short.ok and "fell back to XLA attention on gpu" in short.detail
-    assert "multiple of 16" in short.detail
-    assert checklist.lines([kernel, cpu, short])[1].startswith("  [N/A] attention kernel")
+    assert short.ok and not short.applicable
+    assert "auto picks XLA on gpu for data.seq_len=40" in short.detail
+    assert "multiple of 16 to check pallas_gpu" in short.detail
+    tpu = fused_kernel.verdict(xla_text, config, "tpu")
+    assert tpu.ok and not tpu.applicable and "multiple of 128 to check splash" in tpu.detail
+    assert [line[:8] for line in checklist.lines([kernel, fallback, short])] == [
+        "  [PASS]",
+        "  [FAIL]",
+        "  [N/A] ",
+    ]
 
 
 def test_flash_kernel_reads_grouped_kv_heads_in_place_with_tiles_for_the_gpu():
