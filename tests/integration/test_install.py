@@ -1,5 +1,6 @@
 """lmjax installed as a user installs it (a wheel, not the checkout) runs its presets on its
-packaged corpus from any directory: what `launch/tpu.py run` does on a TPU VM."""
+packaged corpus from any directory: what `launch/tpu.py run` does on a TPU VM, and what the
+checked-in SLURM script does with an installed environment (`LMJAX_VENV`)."""
 
 import os
 import shutil
@@ -41,12 +42,24 @@ def test_a_wheel_installed_elsewhere_trains_the_smoke_preset_from_another_direct
     assert where.startswith(str(target)), where
     for preset in ("smoke", "quickstart", "llama3_8b", "llama3_70b"):
         assert f"'{preset}'" in where
+    # The training runs as SLURM runs it: launch/slurm.sbatch activates the environment
+    # (LMJAX_VENV: here one whose activate script puts the wheel's console script on PATH) and
+    # hands the command to srun (here one that drops its flags and runs the single task).
+    venv, fake_bin = tmp_path / "venv", tmp_path / "fake-bin"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(
+        f'export PATH="{target}/bin:$PATH" PYTHONPATH="{target}"\n'
+    )
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text('#!/bin/sh\nshift\nexec "$@"\n')
+    (fake_bin / "srun").chmod(0o755)
     settings = ["run.steps=2", "checkpoint.every_steps=2", "run.eval_batches=1"]
     out = subprocess.run(
-        [sys.executable, "-m", "lmjax", "train", "--experiment", "smoke", "--workdir", "w"]
+        ["bash", str(REPO / "launch" / "slurm.sbatch"), "lmjax", "train", "--experiment", "smoke"]
+        + ["--workdir", "w"]
         + [arg for s in [*settings, "run.compile_cache_dir="] for arg in ("--set", s)],
         cwd=elsewhere,
-        env=env,
+        env={**env, "LMJAX_VENV": str(venv), "PATH": f"{fake_bin}:{os.environ['PATH']}"},
         capture_output=True,
         text=True,
         timeout=600,
