@@ -149,8 +149,7 @@ def test_a_missing_metrics_file_is_an_error_unless_allowed(tmp_path):
 
 def test_wandb_offline_files_land_in_the_workdir(storage_root, monkeypatch):
     """An offline W&B run of a gs:// workdir is copied into WORKDIR/wandb/ when it closes
-    (wandb writes local files only, and a recreated VM's disk is gone), every file byte for
-    byte, and a restart logs into the same run id; a local workdir holds wandb's own folder."""
+    (wandb writes local files only, and a recreated VM's disk is gone), and a restart logs into the same run id; a local workdir holds wandb's own folder."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     storage.path(storage_root).mkdir(parents=True, exist_ok=True)  # as a run's start does
@@ -163,9 +162,11 @@ def test_wandb_offline_files_land_in_the_workdir(storage_root, monkeypatch):
     assert ids[0] == ids[1]
     logs = storage.glob(storage.join(storage_root, WANDB, f"offline-run-*-{ids[0]}", "*.wandb"))
     assert logs, "no offline run in the workdir"
+    # The runs' records (NAME.wandb), byte for byte; wandb's debug logs may still grow after
+    # the run finished (its service process writes them), so they are not compared.
     local = os.path.join(writer.files_dir, WANDB)
     for root, _, files in os.walk(local):
-        for name in files:
+        for name in (n for n in files if n.endswith(".wandb")):
             rel = os.path.relpath(os.path.join(root, name), local).split(os.sep)
             copy = storage.path(storage.join(storage_root, WANDB, *rel))
             assert copy.read_bytes() == open(os.path.join(root, name), "rb").read(), rel
