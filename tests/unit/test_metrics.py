@@ -149,7 +149,8 @@ def test_a_missing_metrics_file_is_an_error_unless_allowed(tmp_path):
 
 def test_wandb_offline_files_land_in_the_workdir(storage_root, monkeypatch):
     """An offline W&B run of a gs:// workdir is copied into WORKDIR/wandb/ when it closes
-    (wandb writes local files only, and a recreated VM's disk is gone), and a restart logs into the same run id; a local workdir holds wandb's own folder."""
+    (wandb writes local files only, and a recreated VM's disk is gone), and a restart logs
+    into the same run id; a local workdir holds wandb's own folder."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     storage.path(storage_root).mkdir(parents=True, exist_ok=True)  # as a run's start does
