@@ -14,7 +14,7 @@ from lmjax.commands import aot, experiment
 from lmjax.config import Config
 
 if TYPE_CHECKING:
-    from lmjax.tools.plan import Request
+    from lmjax.tools.plan.search import Request
 
 
 def add_parser(sub) -> None:
@@ -69,7 +69,7 @@ def add_parser(sub) -> None:
 
 def from_args(args: argparse.Namespace) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # as for compile: the TPU is described, not used
-    from lmjax.tools.plan import Request
+    from lmjax.tools.plan.search import Request
 
     config = experiment.load_experiment(args.experiment, args.overrides)
     presets = None
@@ -100,9 +100,9 @@ def main(
 ) -> int:
     """Prints the ranked table (or JSON, schema lmjax.tools.plan/1); exit 1 when nothing fits.
     `presets`: {experiment name: ModelConfig}, the model sizes a budget proposal may name."""
-    from lmjax.tools import plan as plan_lib
+    from lmjax.tools.plan import search
 
-    result, text = plan_lib.plan(config, request, presets, progress=_progress_bar(sys.stderr))
+    result, text = search.plan(config, request, presets, progress=_progress_bar(sys.stderr))
     print(json.dumps(result, indent=2) if as_json else text, flush=True)
     return 0 if any(c["fits"] for c in result["candidates"]) else 1
 

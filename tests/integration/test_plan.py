@@ -9,7 +9,8 @@ import pytest
 from lmjax import hardware
 from lmjax.commands.experiment import load_experiment
 from lmjax.config import ConfigError
-from lmjax.tools import aot, plan
+from lmjax.tools import aot
+from lmjax.tools.plan import search
 from tests import tpu_compiler
 
 SMOKE = ["data.seq_len=128"]
@@ -18,7 +19,7 @@ SMOKE = ["data.seq_len=128"]
 def test_plan_on_v5p_8_ranks_like_lmjax_compile_and_reports_failures():
     tpu_compiler.require()
     config = load_experiment("smoke", SMOKE)
-    request = plan.Request(
+    request = search.Request(
         "v5p-8",
         sweeps=(
             "rows_per_chip=1,4",
@@ -30,8 +31,8 @@ def test_plan_on_v5p_8_ranks_like_lmjax_compile_and_reports_failures():
         timeout=600,
     )
     with pytest.raises(ConfigError, match="model.attention='bogus'"):
-        plan.plan(config, request, progress=lambda *a: None)
-    request = plan.Request(
+        search.plan(config, request, progress=lambda *a: None)
+    request = search.Request(
         "v5p-8",
         sweeps=(
             "rows_per_chip=1,4",
@@ -42,7 +43,7 @@ def test_plan_on_v5p_8_ranks_like_lmjax_compile_and_reports_failures():
         workers=2,
         timeout=600,
     )
-    result, text = plan.plan(config, request, progress=lambda *a: None)
+    result, text = search.plan(config, request, progress=lambda *a: None)
     json.dumps(result)  # JSON-able
     cands = result["candidates"]
     ok = [c for c in cands if c["status"] == "ok"]

@@ -10,20 +10,21 @@ from lmjax import hardware
 from lmjax.commands.experiment import load_experiment
 from lmjax.config import ConfigError, ModelConfig
 from lmjax.model import flops
-from lmjax.tools import aot, hlo, plan, roofline
+from lmjax.tools import aot, hlo, roofline
+from lmjax.tools.plan import budget, candidates, rank, workers
 
 GiB = 1024**3
 
 
 def _space(**dims):
-    space = dict(plan.DEFAULT_SPACE)
+    space = dict(candidates.DEFAULT_SPACE)
     space.update({k.replace("__", "."): tuple(map(str, v)) for k, v in dims.items()})
     return space
 
 
 def test_enumeration_respects_divisibility_and_the_mesh_size():
     config = load_experiment("smoke")  # 4 heads / 2 KV heads, d_model 64, d_mlp 192
-    candidates, rejected = plan.enumerate_candidates(
+    found, rejected = candidates.enumerate_candidates(
         config,
         8,
         2,
@@ -36,8 +37,8 @@ def test_enumeration_respects_divisibility_and_the_mesh_size():
             optim__grad_accum=(1, 2, 16),
         ),
     )
-    assert candidates and rejected
-    for c in candidates:
+    assert found and rejected
+    for c in found:
         m = c.config.mesh
         assert m.data * m.fsdp * m.tensor == 8 and m.dcn_data * m.dcn_fsdp == 2
         assert (
@@ -66,20 +67,20 @@ def test_enumeration_respects_divisibility_and_the_mesh_size():
     replicated = dataclasses.replace(
         config, mesh=dataclasses.replace(config.mesh, rules=("kv_heads=", "act_kv_heads="))
     )
-    ok, _ = plan.enumerate_candidates(
+    ok, _ = candidates.enumerate_candidates(
         replicated, 8, 1, _space(mesh__tensor=(4,), rows_per_chip=(1,), model__remat=("full",))
     )
     assert [c.config.mesh.tensor for c in ok] == [4]
     # every point of the space is accounted for
-    assert len(candidates) + len(rejected) == 4 * 2 * 2 * 3
+    assert len(found) + len(rejected) == 4 * 2 * 2 * 3
 
 
 def test_expert_axis_candidates_split_the_experts_or_are_rejected():
     config = load_experiment("moe_small")  # d_model 64, 4 heads / 2 KV heads
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, moe_experts=6))
     space = _space(mesh__expert=(1, 2, 4), mesh__tensor=(1,), rows_per_chip=(1,))
-    candidates, rejected = plan.enumerate_candidates(config, 8, 1, space)
-    by_expert = {c.config.mesh.expert: c for c in candidates}
+    found, rejected = candidates.enumerate_candidates(config, 8, 1, space)
+    by_expert = {c.config.mesh.expert: c for c in found}
     assert "mesh.expert=2" in by_expert[2].overrides and by_expert[2].config.mesh.fsdp == 4
     assert "mesh.expert=1" not in by_expert[1].overrides  # the default stays implicit
     assert set(by_expert) == {1, 2}
@@ -90,16 +91,16 @@ def test_expert_axis_candidates_split_the_experts_or_are_rejected():
 
 
 def test_sweeps_replace_dimensions_and_bad_values_are_config_errors():
-    space = plan.parse_sweeps(["model.remat=none,full", "mesh.tensor=4"])
+    space = candidates.parse_sweeps(["model.remat=none,full", "mesh.tensor=4"])
     assert space["model.remat"] == ("none", "full") and space["mesh.tensor"] == ("4",)
-    assert space["rows_per_chip"] == plan.DEFAULT_SPACE["rows_per_chip"]
+    assert space["rows_per_chip"] == candidates.DEFAULT_SPACE["rows_per_chip"]
     config = load_experiment("smoke")
     with pytest.raises(ConfigError, match="model.remat='fast'"):
-        plan.enumerate_candidates(config, 4, 1, _space(model__remat=("fast",)))
+        candidates.enumerate_candidates(config, 4, 1, _space(model__remat=("fast",)))
     with pytest.raises(ConfigError, match="non-integer"):
-        plan.enumerate_candidates(config, 4, 1, _space(rows_per_chip=("two",)))
+        candidates.enumerate_candidates(config, 4, 1, _space(rows_per_chip=("two",)))
     with pytest.raises(ConfigError, match="expected KEY=V1,V2"):
-        plan.parse_sweeps(["mesh.tensor"])
+        candidates.parse_sweeps(["mesh.tensor"])
 
 
 def test_remat_recompute_flops_worked_by_hand():
@@ -213,14 +214,14 @@ def test_replica_group_spellings(line, groups):
 
 
 def test_run_length_and_compute_optimal_budget():
-    run = plan.run_length(2.0, 1_000_000, 32, tokens=1e9)
+    run = budget.run_length(2.0, 1_000_000, 32, tokens=1e9)
     assert run["steps"] == 1000 and run["wall_seconds"] == 2000
     assert run["chip_hours"] == pytest.approx(2000 / 3600 * 32)
-    assert plan.run_length(2.0, 10, 4, days=1)["steps"] == 43200
+    assert budget.run_length(2.0, 10, 4, days=1)["steps"] == 43200
     # 1e6 chip-hours x 3600 s x 100 TFLOP/s x 50% = 1.8e23 FLOPs = 6 N (20 N)
-    n, d = plan.compute_optimal(1e6, 100e12, 0.5)
+    n, d = budget.compute_optimal(1e6, 100e12, 0.5)
     assert 6 * n * d == pytest.approx(1.8e23) and d == pytest.approx(20 * n)
-    shape = plan.derived_shape(8e9, 128256)
+    shape = budget.derived_shape(8e9, 128256)
     assert (
         3072 <= shape["model.d_model"] <= 5120
         and shape["model.n_heads"] * 128 == shape["model.d_model"]
@@ -229,9 +230,9 @@ def test_run_length_and_compute_optimal_budget():
         "llama3_8b": load_experiment("llama3_8b").model,
         "llama_125m": load_experiment("llama_125m").model,
     }
-    budget = plan.budget_proposal(1e6, 100e12, 0.5, presets, 128256)
-    assert budget["preset"] == "llama3_8b"
-    assert budget["preset_tokens"] == pytest.approx(1.8e23 / (6 * budget["preset_params"]))
+    proposal = budget.budget_proposal(1e6, 100e12, 0.5, presets, 128256)
+    assert proposal["preset"] == "llama3_8b"
+    assert proposal["preset_tokens"] == pytest.approx(1.8e23 / (6 * proposal["preset_params"]))
 
 
 def test_one_table_serves_compile_and_the_launchers():
@@ -248,7 +249,7 @@ def test_one_table_serves_compile_and_the_launchers():
 def test_plan_json_schema_is_stable():
     """The keys scripts read, from a plan whose compiles are stubbed by outcomes."""
     config = load_experiment("smoke")
-    (cand,), _ = plan.enumerate_candidates(
+    (cand,), _ = candidates.enumerate_candidates(
         config, 4, 1, _space(mesh__tensor=(1,), rows_per_chip=(1,), model__remat=("full",))
     )
     report = aot.CompileReport(
@@ -270,16 +271,16 @@ def test_plan_json_schema_is_stable():
         1e6,
         0.0,
     )
-    failed = plan.Outcome(cand, "error", "RuntimeError: boom")
-    rows = plan.rank(
-        [plan.Outcome(cand, "ok", report=report), failed],
-        plan.tpu_hardware(hardware.GENERATIONS["v5p"]),
+    failed = workers.Outcome(cand, "error", "RuntimeError: boom")
+    rows = rank.rank(
+        [workers.Outcome(cand, "ok", report=report), failed],
+        rank.tpu_hardware(hardware.GENERATIONS["v5p"]),
     )
-    result = plan.to_json(
+    result = rank.to_json(
         rows,
-        [plan.Rejected(("mesh.tensor=3",), "why")],
+        [candidates.Rejected(("mesh.tensor=3",), "why")],
         target={"accelerator": "v5p-8"},
-        hw=plan.tpu_hardware(hardware.GENERATIONS["v5p"]),
+        hw=rank.tpu_hardware(hardware.GENERATIONS["v5p"]),
         run=None,
         budget=None,
     )
@@ -330,11 +331,11 @@ def test_plan_json_schema_is_stable():
 
 def test_a_candidate_that_times_out_is_killed_and_reported():
     config = load_experiment("smoke")
-    cands, _ = plan.enumerate_candidates(
+    cands, _ = candidates.enumerate_candidates(
         config, 4, 1, _space(mesh__tensor=(1,), rows_per_chip=(1,), model__remat=("full", "none"))
     )
     seen = []
-    outcomes = plan.compile_all(
+    outcomes = workers.compile_all(
         cands, "v5p-8", 1, workers=2, timeout=0.5, progress=lambda *a: seen.append(a)
     )
     assert [o.status for o in outcomes] == ["timeout", "timeout"]
