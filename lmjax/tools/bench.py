@@ -146,11 +146,18 @@ def time_pipeline(
 
 
 def time_generation(
-    model_cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *, seed: int = 0
+    model_cfg: ModelConfig,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    *,
+    seed: int = 0,
+    window_cache: bool = True,
 ) -> dict[str, float]:
     """Prefill and decode of random prompts with random weights, each compiled before it is
     timed: seconds and tokens/s of each phase (decode counts every token: nothing stops
-    early), and the KV cache's bytes."""
+    early), and the KV cache's bytes (`window_cache=False`: local layers keep max_len slots,
+    for comparison)."""
     tokens, lengths = generate.check_prompts(
         model_cfg,
         np.random.default_rng(seed).integers(0, model_cfg.vocab_size, (batch, prompt_len)),
@@ -165,7 +172,13 @@ def time_generation(
         t0 = time.perf_counter()
         logits, cache = jax.block_until_ready(
             generate.prefill_jit(
-                params, tokens, lengths, cfg=model_cfg, max_len=max_len, context=None
+                params,
+                tokens,
+                lengths,
+                cfg=model_cfg,
+                max_len=max_len,
+                context=None,
+                window_cache=window_cache,
             )
         )
         t1 = time.perf_counter()
@@ -187,7 +200,9 @@ def time_generation(
 
     run()  # compile
     prefill_s, decode_s = run()
-    cache = jax.eval_shape(functools.partial(generate.init_cache, model_cfg, batch, max_len))
+    cache = jax.eval_shape(
+        functools.partial(generate.init_cache, model_cfg, batch, max_len, window_cache=window_cache)
+    )
     return {
         "prefill_tokens_per_s": batch * prompt_len / prefill_s,
         "decode_tokens_per_s": batch * new_tokens / decode_s,
