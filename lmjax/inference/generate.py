@@ -281,6 +281,8 @@ def decode(
 
 # `prefill` and `decode` jitted, with keyword-only static arguments; the unused static
 # `context` (`sharding.context_key()`) keys the compile cache on the sharding context.
+# `decode_jit` consumes the cache it is given (donated, so that its loop writes the buffers
+# in place rather than a copy of them) and returns (tokens, the final cache).
 prefill_jit = jax.jit(
     lambda params, tokens, lengths, cfg, max_len, context, window_cache=True: prefill(
         params, cfg, tokens, lengths, max_len, window_cache=window_cache
