@@ -235,8 +235,10 @@ class RunConfig:
     wandb_project: str = ""
     # Progress watchdog (lmjax/train/watchdog.py): no step, save or evaluation finished within
     # max(watchdog_min_seconds, watchdog_factor x the longest recent one) dumps every thread's
-    # stack and exits 75; watchdog_startup_seconds covers the first step and the first of each
-    # kind (compilation). watchdog_factor=0: off.
+    # stack and exits 75; watchdog_startup_seconds covers each set-up phase (at least
+    # data.prepare_timeout_s for the tokenizer and stores), the first step and the first of
+    # each kind (compilation), and the end of the run (the sample, the last commit).
+    # watchdog_factor=0: off.
     watchdog_factor: float = 10.0
     watchdog_min_seconds: float = 300.0
     watchdog_startup_seconds: float = 3600.0

@@ -4,7 +4,6 @@ with the built-in hooks (`lmjax.train.hooks`)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -51,18 +50,28 @@ class _Setup:
 
 
 def _set_up(
-    config: Config, workdir: str, restore_from: str | None, init_from: str | None
+    config: Config,
+    workdir: str,
+    restore_from: str | None,
+    init_from: str | None,
+    watch: watchdog.Watchdog,
 ) -> _Setup:
     """Refuses what the config, the devices and the mesh rule out (every parameter's sharding,
     through `jax.eval_shape`) and plans the resume (reading only metadata) before anything
     expensive; then builds the tokenizer, data pipeline and state (restored or initialized).
-    config.json is written once the state is restored."""
+    config.json is written once the state is restored. Each phase is named to `watch`."""
     primary = jax.process_index() == 0
+    watch.expect("the mesh and the step's shardings")
     mesh = sharding.make_mesh(config.mesh)
     log.info(_describe_devices(mesh))
     trainer = make_trainer(config, mesh)
     rows = sharding.process_rows(trainer.batch_sharding, config.data.batch_size)
+    watch.expect("the resume plan (the checkpoints' metadata)")
     resume = resume_lib.plan_resume(workdir, config, restore_from=restore_from, init_from=init_from)
+    watch.expect(
+        "the tokenizer and the data stores (found, or prepared by process 0)",
+        max(watch.startup_seconds, config.data.prepare_timeout_s),
+    )
     config, tokenizer = _tokenizer(config, workdir, primary, resume)
     trainer = dataclasses.replace(trainer, config=config)
     fingerprint = tokenizer.fingerprint if tokenizer is not None else None
@@ -85,6 +94,7 @@ def _set_up(
                 trainer.rules,
             ),
         )
+    watch.expect("the train state (restored or initialized)")
     state, data_state, source = resume.load(
         trainer.init_fn, trainer.state_shardings, workdir, config.model
     )
@@ -112,6 +122,7 @@ def _hooks(
     signals,
     lease_guard: lease.Guard,
     loss_guard: hooks_lib.LossGuard,
+    watch: watchdog.Watchdog,
 ) -> list[loop.Hook]:
     """The built-in hooks, in the order they see each event."""
     config, trainer = setup.config, setup.trainer
@@ -128,15 +139,9 @@ def _hooks(
         guard=lease_guard,
         lease_lost=lease_guard.lost,
     )
-    r = config.run
-    watch = (
-        watchdog.Watchdog(r.watchdog_factor, r.watchdog_min_seconds, r.watchdog_startup_seconds)
-        if r.watchdog_factor
-        else None
-    )
-    busy = watch.busy if watch else contextlib.nullcontext
+    busy = watch.busy
     out: list[loop.Hook] = [
-        *([watch] if watch else []),
+        watch,
         loss_guard,
         hooks_lib.StepMetrics(writer, summary, rates, config.run.log_every, total),
         hooks_lib.Checkpoints(
@@ -191,7 +196,8 @@ def train(
     otherwise `restore_from` (a checkpoint of another run, or a step of this one) or
     `init_from` (a params-only directory) or a fresh init (rules: `resume_lib.plan_resume`).
     Holds the workdir's lease (`lease.held`: a second run on a live workdir is refused) from
-    before any checkpoint is read until the end.
+    before any checkpoint is read until the end. The progress watchdog watches every phase
+    from the lease to the last save's commit (`watchdog.watching`).
     Writes `config.json`, its records (WORKDIR/metrics/, one object per start), TensorBoard
     events and checkpoints.
     SIGTERM/SIGINT save at the next step boundary and return early with "stopped_at_step".
@@ -203,11 +209,13 @@ def train(
     config = validate(config)
     clock = goodput.Clock()
     storage.path(workdir).mkdir(parents=True, exist_ok=True)
-    with (
-        lease.held(workdir, config.checkpoint.lease_timeout_s) as guard,
-        compile_cache.enabled(config.run.compile_cache_dir),
-    ):
-        return _train(config, workdir, restore_from, init_from, hooks, clock, guard)
+    with watchdog.watching(config.run) as watch:
+        watch.expect("the workdir's lease")
+        with (
+            lease.held(workdir, config.checkpoint.lease_timeout_s) as guard,
+            compile_cache.enabled(config.run.compile_cache_dir),
+        ):
+            return _train(config, workdir, restore_from, init_from, hooks, clock, (guard, watch))
 
 
 def _train(
@@ -217,9 +225,11 @@ def _train(
     init_from: str | None,
     hooks: tuple[loop.Hook, ...],
     clock: goodput.Clock,
-    lease_guard,
+    guards: tuple[lease.Guard, watchdog.Watchdog],
 ) -> dict[str, float]:
-    setup = _set_up(config, workdir, restore_from, init_from)
+    lease_guard, watch = guards
+    setup = _set_up(config, workdir, restore_from, init_from, watch)
+    watch.expect("the run's records, evaluation windows and checkpoints")
     primary = jax.process_index() == 0
     redo_until = goodput.last_reached_step(workdir) if primary else 0
     writer = _writer(setup.config, workdir, primary, int(setup.state.step))
@@ -238,13 +248,14 @@ def _train(
                     writer,
                     summary,
                     clock,
-                    (lease_guard, loss_guard),
+                    (lease_guard, loss_guard, watch),
                     hooks,
                     goodput_log,
                     redo_until,
                 )
                 return summary
             except hooks_lib.Rewind as rewind:
+                watch.expect("the rewind's restore")
                 setup = _rewind(setup, workdir, restore_from, init_from, rewind, loss_guard, writer)
                 redo_until = max(redo_until, rewind.step)
     finally:
@@ -257,14 +268,14 @@ def _run_loop(
     writer: metrics_lib.MetricsWriter,
     summary: dict,
     clock: goodput.Clock,
-    guards: tuple[Any, hooks_lib.LossGuard],
+    guards: tuple[lease.Guard, hooks_lib.LossGuard, watchdog.Watchdog],
     hooks: tuple[loop.Hook, ...],
     goodput_log: hooks_lib.GoodputLog,
     redo_until: int,
 ) -> None:
     """One pass of the training loop from `setup.state`, with fresh built-in hooks (a
     `hooks_lib.Rewind` from the loss guard ends it). guards: (the workdir lease's, the loss
-    guard)."""
+    guard, the watchdog)."""
     batches = (
         global_batch(b, setup.trainer.batch_sharding)
         for b in setup.pipeline.train_batches(int(setup.state.step))

@@ -2,14 +2,20 @@
 of every thread (faulthandler) and exits with `STALL_EXIT`, so that `supervise`, SLURM or any
 restart loop starts the job again from its last checkpoint.
 
-Progress is a completed step (its metrics reached the host), a finished save and a finished
-evaluation. A process stuck in I/O (a storage read without a timeout, a wedged save, an NFS
-hang) keeps sending jax's heartbeats, so nothing else notices it; its peers then wait in
-the step's collectives forever, miss their own deadlines and exit the same way.
+It watches the whole run, `lmjax.train.run.train` from before the lease to after the last
+save's commit. Progress is the end of a phase: each set-up phase (`expect` names them: the
+lease, the mesh, the resume plan, the tokenizer and stores, the restore, the records and
+evaluation windows), a completed step (its metrics reached the host), a finished save or
+evaluation, the end of the run. A process stuck in I/O (a storage read without a timeout, a
+wedged save, an NFS hang) keeps sending jax's heartbeats, so nothing else notices it; its
+peers then wait in a collective forever, miss their own deadlines and exit the same way.
 
 Deadlines, with f = run.watchdog_factor, m = run.watchdog_min_seconds and
 s = run.watchdog_startup_seconds:
-  - until the second step has completed (the first compiles the step): s;
+  - each set-up phase, the first step (it compiles the step) and the end of the run (the
+    sample compiles; the last save commits in full): s. The tokenizer and data stores phase:
+    max(s, data.prepare_timeout_s), the time the other processes already wait for process 0
+    to prepare them;
   - waiting for a step: max(m, f * the longest of the last 100 step times);
   - inside a save or an evaluation: s the first time (the evaluation compiles), then
     max(m, f * the longest earlier one of its kind after the first).
@@ -30,6 +36,7 @@ import threading
 import time
 from typing import Callable, Iterator
 
+from lmjax.config import RunConfig
 from lmjax.train.loop import Hook
 
 log = logging.getLogger("lmjax")
@@ -41,8 +48,9 @@ _EXIT_GRACE_S = 10.0
 
 
 class Watchdog(Hook):
-    """Arms at the first step; `busy(kind)` brackets a save or an evaluation; disarms when
-    the loop ends."""
+    """`expect(phase)` starts the watch (the first call) and names what comes next; as a loop
+    hook it follows the steps, `busy(kind)` brackets a save or an evaluation, and `on_end`
+    names the end of the run; `stop` ends the watch. enabled=False: never fires."""
 
     def __init__(
         self,
@@ -50,11 +58,12 @@ class Watchdog(Hook):
         min_seconds: float,
         startup_seconds: float,
         *,
+        enabled: bool = True,
         exit: Callable[[int], None] = os._exit,
         poll_seconds: float = 0.5,
     ):
         self.factor, self.min_seconds, self.startup_seconds = factor, min_seconds, startup_seconds
-        self._exit, self._poll = exit, poll_seconds
+        self.enabled, self._exit, self._poll = enabled, exit, poll_seconds
         self._steps: collections.deque[float] = collections.deque(maxlen=_STEP_HISTORY)
         self._done_steps = 0
         self._kinds: dict[str, list[float]] = {}
@@ -63,12 +72,20 @@ class Watchdog(Hook):
         self._deadline, self._waiting = startup_seconds, "the first step (compiling)"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stepped = False
 
-    def before_step(self, step):
-        if self._thread is None:
-            self._reset(self.startup_seconds, f"step {step} (the first: compiling)")
+    def expect(self, waiting: str, deadline: float | None = None) -> None:
+        """From now on the run is waiting for `waiting` (a phase's name, read after "waiting
+        for"), within `deadline` seconds (None: run.watchdog_startup_seconds)."""
+        self._reset(deadline or self.startup_seconds, waiting)
+        if self._thread is None and self.enabled:
             self._thread = threading.Thread(target=self._watch, name="lmjax-watchdog", daemon=True)
             self._thread.start()
+
+    def before_step(self, step):
+        if not self._stepped:
+            self._stepped = True
+            self.expect(f"step {step} (the first: compiling)")
 
     def on_metrics(self, step, values, seconds):
         self._done_steps += 1
@@ -91,9 +108,9 @@ class Watchdog(Hook):
             self._reset(self._step_deadline(), "the next step")
 
     def on_end(self, state, stopped):
-        self.close()  # what follows (the sample, the last save's commit) is not watched
+        self.expect("the end of the run (the sample, the last save's commit)")
 
-    def close(self):
+    def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -133,3 +150,18 @@ class Watchdog(Hook):
         sys.stderr.flush()
         time.sleep(min(deadline, _EXIT_GRACE_S))
         self._exit(STALL_EXIT)
+
+
+@contextlib.contextmanager
+def watching(run: RunConfig) -> Iterator[Watchdog]:
+    """The run's watchdog (run.watchdog_factor=0: one that never fires), stopped on exit."""
+    dog = Watchdog(
+        run.watchdog_factor,
+        run.watchdog_min_seconds,
+        run.watchdog_startup_seconds,
+        enabled=run.watchdog_factor > 0,
+    )
+    try:
+        yield dog
+    finally:
+        dog.stop()

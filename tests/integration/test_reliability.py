@@ -94,6 +94,27 @@ def test_a_stalled_process_and_its_peer_dump_their_stacks_and_exit(tmp_path):
     assert ended - stalled < 60
 
 
+def test_a_run_hung_in_its_set_up_dumps_its_stacks_and_exits_naming_the_phase(tmp_path):
+    """data.tokenizer names a FIFO that nobody writes: reading it blocks for good, as a read
+    from a hung NFS server or a storage call without a timeout does. With the set-up
+    deadline at 3 s (run.watchdog_startup_seconds, data.prepare_timeout_s) the run names the
+    phase, dumps its stacks (the blocked read among them) and exits 75."""
+    fifo = tmp_path / "tokenizer.model"
+    os.mkfifo(fifo)
+    command = [sys.executable, "-m", "lmjax", "train", "--experiment", "smoke"]
+    command += ["--workdir", str(tmp_path / "run"), "--set", f"data.tokenizer={fifo}"]
+    command += ["--set", "run.watchdog_startup_seconds=3", "--set", "data.prepare_timeout_s=3"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    start = time.monotonic()
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - start
+    assert done.returncode == watchdog.STALL_EXIT, done.stderr[-4000:]
+    assert "while waiting for the tokenizer and the data stores" in done.stderr, done.stderr[-4000:]
+    assert "in load_tokenizer" in done.stderr and "most recent call first" in done.stderr
+    idle = re.search(r"no progress for ([\d.]+) s", done.stderr).group(1)
+    print(f"\nset-up hang: fired after {idle} s in the phase; the process ran {took:.1f} s")
+
+
 POISONED = (5, 9)  # global batches with a NaN loss weight: a non-finite loss
 
 

@@ -2,10 +2,12 @@
 processes), the loss-spike guard (a poisoned batch) and host memory across many saves."""
 
 import itertools
+import logging
 import time
 
 import pytest
 
+from lmjax.config import RunConfig
 from lmjax.data import pipeline
 from lmjax.train import hooks, watchdog
 
@@ -31,9 +33,45 @@ def test_watchdog_deadline_follows_the_measured_steps_and_fires_with_the_stacks(
     while not exits and time.monotonic() - start < 30:
         time.sleep(0.02)
     assert exits == [watchdog.STALL_EXIT] and time.monotonic() - start >= 0.6
-    armed.close()
+    armed.stop()
     err = capfd.readouterr().err
     assert "most recent call first" in err and "test_watchdog_deadline_follows" in err
+
+
+def _fired(dog: watchdog.Watchdog, exits: list, timeout: float = 30.0) -> None:
+    start = time.monotonic()
+    while not exits and time.monotonic() - start < timeout:
+        time.sleep(0.02)
+    dog.stop()
+
+
+def test_watchdog_names_the_set_up_phase_and_the_end_of_the_run(caplog):
+    """Each phase named by `expect` has its own deadline (set-up before any step); `on_end`
+    names the end of the run; a disabled watchdog (run.watchdog_factor=0) never fires, and
+    `watching` stops the watch when the run ends."""
+    caplog.set_level(logging.ERROR, "lmjax")
+    exits: list[int] = []
+    dog = watchdog.Watchdog(10.0, 0.2, 5.0, exit=exits.append, poll_seconds=0.02)
+    dog.expect("the mesh")  # watched from here, with the startup deadline
+    dog.expect("the resume plan", 0.2)  # the mesh was progress; nothing after it
+    _fired(dog, exits)
+    assert exits == [watchdog.STALL_EXIT]
+    assert "(deadline 0.2 s) while waiting for the resume plan" in caplog.text
+    ended: list[int] = []
+    dog = watchdog.Watchdog(10.0, 0.2, 0.2, exit=ended.append, poll_seconds=0.02)
+    dog.before_step(1)
+    dog.on_metrics(1, {}, 1.0)
+    dog.on_end(None, False)  # then the last save never commits
+    _fired(dog, ended)
+    assert ended == [watchdog.STALL_EXIT] and "the last save's commit" in caplog.text
+    off = watchdog.Watchdog(10.0, 0.01, 0.01, enabled=False, exit=exits.append)
+    off.expect("anything")
+    time.sleep(0.1)
+    assert off._thread is None and exits == [watchdog.STALL_EXIT]
+    with watchdog.watching(RunConfig(watchdog_startup_seconds=30.0)) as watch:
+        watch.expect("the lease")
+        assert watch._thread.is_alive()
+    assert not watch._thread.is_alive()
 
 
 def test_loss_guard_rejects_spikes_and_gives_up_after_max_rewinds():
