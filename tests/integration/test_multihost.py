@@ -1,5 +1,7 @@
 """Two real processes x 4 CPU devices (gloo collectives, started by launch/local.py) train
-with the losses of one process with 8 devices."""
+with the losses of one process with 8 devices: a mixture of experts with its experts split
+across the processes, and a hybrid (data across processes) mesh; a tensor axis across
+processes; torn checkpoints set aside once."""
 
 import os
 import subprocess
@@ -22,60 +24,58 @@ TRAIN_SETS = [
 ]
 
 
-def _losses(workdir) -> list[float]:
-    return [r["loss"] for r in metrics.read_records(workdir) if "loss" in r]
+def _losses(workdir, name: str = "loss") -> list[float]:
+    return [r[name] for r in metrics.read_records(workdir) if name in r]
 
 
 def _sets(sets):
     return [a for s in sets for a in ("--set", s)]
 
 
+# 8 query and 8 KV heads: a tensor axis of 4 divides every sharded dimension.
+WIDE = ["model.n_heads=8", "model.n_kv_heads=8", "model.head_dim=8"]
+# The smoke model as a mixture of experts: 4 experts, 2 per token, the sigmoid router with its
+# bias moving (set from the step's counts over all devices of both processes), dropless.
+MOE = WIDE + [
+    "model.moe_experts=4",
+    "model.moe_top_k=2",
+    "model.moe_router=sigmoid_topk_bias",
+    "optim.moe_bias_rate=1e-3",
+    "optim.moe_aux_loss=0.01",
+]
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """Losses of this (8-device) process, and the tokenizer it trained for the others."""
+    """The MoE smoke run of this (8-device, all-fsdp) process: its workdir, and the tokenizer
+    it trained for the others."""
     workdir = tmp_path_factory.mktemp("one_process")
-    assert (
-        cli.main(["train", "--experiment", "smoke", "--workdir", str(workdir), *_sets(TRAIN_SETS)])
-        == 0
-    )
-    return _losses(workdir), str(workdir / "tokenizer.model")
+    argv = ["train", "--experiment", "smoke", "--workdir", str(workdir)]
+    assert cli.main([*argv, *_sets(TRAIN_SETS + MOE)]) == 0
+    return workdir, str(workdir / "tokenizer.model")
 
 
 @pytest.mark.parametrize(
     "mesh_sets",
     [
-        [],  # fsdp over all 8 devices of both processes
+        # expert 2 x tensor 4: the mesh is laid out process by process, so each process holds
+        # one expert shard and the all-to-alls cross the processes
+        ["mesh.expert=2", "mesh.tensor=4", "mesh.fsdp=1"],
         ["mesh.dcn_data=2", "mesh.fsdp=-1"],  # hybrid: data across processes, fsdp within one
     ],
+    ids=["expert-across", "hybrid"],
 )
 def test_two_processes_train_like_one(tmp_path, one_process, mesh_sets):
-    losses, tokenizer = one_process
-    command = [
-        sys.executable,
-        str(REPO / "launch" / "local.py"),
-        "--processes",
-        "2",
-        "--devices-per-process",
-        "4",
-        "--",
-        sys.executable,
-        "-m",
-        "lmjax",
-        "train",
-        "--experiment",
-        "smoke",
-        "--workdir",
-        str(tmp_path),
-        *_sets(TRAIN_SETS + mesh_sets + [f"data.tokenizer={tokenizer}"]),
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert "[p1]" in done.stdout + done.stderr  # both processes ran
-    assert "process 1/2" in done.stdout + done.stderr
-    got = _losses(tmp_path)
-    assert len(got) == 3 and len(set(got)) == 3
-    np.testing.assert_allclose(got, losses, rtol=1e-5)
+    """The losses and balance losses (and so the router biases they depend on) of one
+    process with 8 devices."""
+    reference, tokenizer = one_process
+    sets = MOE + mesh_sets + [f"data.tokenizer={tokenizer}"]
+    output = _run([*_two_processes(4), "--", *_train_command(tmp_path, sets)])
+    assert "[p1]" in output and "process 1/2" in output  # both processes ran
+    for name in ("loss", "moe_balance"):
+        got = _losses(tmp_path, name)
+        assert len(got) == 3 and len(set(got)) == 3
+        np.testing.assert_allclose(got, _losses(reference, name), rtol=1e-5)
 
 
 def _two_processes(devices_per_process: int) -> list[str]:
@@ -109,10 +109,6 @@ def _run(command, **env):
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout + done.stderr
-
-
-# 8 query and 8 KV heads: a tensor axis of 4 divides every sharded dimension.
-WIDE = ["model.n_heads=8", "model.n_kv_heads=8", "model.head_dim=8"]
 
 
 @pytest.mark.parametrize(
