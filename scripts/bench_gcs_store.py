@@ -22,7 +22,7 @@ import time
 from lmjax import storage
 from lmjax.commands.experiment import load_experiment
 from lmjax.config import DataConfig
-from lmjax.data import prepare
+from lmjax.data import run_stores
 from lmjax.data.pipeline import make_pipeline
 from lmjax.data.tokenizer import load_tokenizer
 from tests.helpers import FakeGcs, store_objects, untimed_objects
@@ -114,7 +114,7 @@ def first_batch(experiment: str, workdir: str, step: int) -> None:
     config = load_experiment(experiment, [])
     tok = load_tokenizer(os.path.join(workdir, "tokenizer.model"))
     start = time.perf_counter()
-    stores = prepare.run_stores(config.data, tok, workdir, leader=False)
+    stores = run_stores.run_stores(config.data, tok, workdir, leader=False)
     make_pipeline(config.data, tok, stores=stores).train_batch(step)
     print(
         f"store part of a start, record to first batch at step {step}: "
@@ -147,10 +147,10 @@ def bench_locate(args, env: dict, bucket: str) -> None:
     cfg = DataConfig(source="text", text_files=inputs, store_dir=root, seq_len=4)
     local, remote = os.path.join(args.out, "run1000"), f"{bucket}/run1000"
     for workdir in (local, remote):
-        prepare.run_stores(cfg, tok, workdir, leader=True)  # prepares once, then records
-    listing = _median_s(lambda: prepare.resolve_stores(cfg, tok, root, leader=False))
+        run_stores.run_stores(cfg, tok, workdir, leader=True)  # prepares once, then records
+    listing = _median_s(lambda: run_stores.resolve_stores(cfg, tok, root, leader=False))
     for workdir in (local, remote):
-        record = _median_s(lambda w=workdir: prepare.run_stores(cfg, tok, w, leader=False))
+        record = _median_s(lambda w=workdir: run_stores.run_stores(cfg, tok, w, leader=False))
         print(
             f"find the store of 1,000 local input files: listing and sizing them "
             f"{listing * 1e3:.1f} ms; the record in {workdir} {record * 1e3:.1f} ms",

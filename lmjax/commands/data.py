@@ -117,12 +117,12 @@ def prepare(
 ) -> dict:
     """Prints and returns the summary of preparing the run's store with Apache Beam (a no-op
     when it exists). runner, workers, beam_options: see `beam_engine.pipeline_options`."""
-    from lmjax.data import beam_engine, prepare as prepare_lib
+    from lmjax.data import beam_engine, prepare as prepare_lib, sources
 
     if config.data.source == "synthetic":
         print(f"data.source={config.data.source} has nothing to prepare.")
         return {}
-    root = prepare_lib.store_root(config.data, workdir)
+    root = sources.store_root(config.data, workdir)
     options = beam_engine.pipeline_options(runner, workers, beam_options, root)
     tokenizer = prepare_lib.prepare_tokenizer(config.data, workdir)
     directory, meta = prepare_lib.prepare(config.data, tokenizer, root, beam_options=options)

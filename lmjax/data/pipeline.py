@@ -451,7 +451,7 @@ def make_pipeline(
     `rows`: the global row indices (ascending) of every batch that this process feeds, as
     `sharding.process_rows` computes them from the batch sharding; default the equal share
     `[i*B/n, (i+1)*B/n)`. `stores`: {source name: prepared store directory}, one entry, or
-    those of data.mixture (`prepare.run_stores`). `vocab_size`: needed (only) by the synthetic
+    those of data.mixture (`run_stores.run_stores`). `vocab_size`: needed (only) by the synthetic
     source.
     """
     mine = _rows(data_cfg, process_index, process_count, rows)
@@ -472,7 +472,7 @@ def make_pipeline(
     if not stores:
         raise ConfigError(
             f"data.source={data_cfg.source} reads prepared stores: pass stores "
-            "(see lmjax.data.prepare.run_stores)."
+            "(see lmjax.data.run_stores)."
         )
     return _store_pipeline(data_cfg, tokenizer, mine, identity, stores)
 

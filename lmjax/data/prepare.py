@@ -1,9 +1,8 @@
-"""`lmjax data prepare`: tokenize a run's documents once into a store (see `store.py`).
+"""`lmjax data prepare`: tokenize a source's documents once into a store (see `store.py`).
 
-The work is split into input shards (one per part of a text file, `documents.file_parts`:
-the file, a byte range of a large one, or a Parquet row group; one per part of a TFDS split) and
-each shard is a pure function of its input: `prepare_shard` tokenizes its documents and writes
-its token arrays and shard record (a failed shard leaves nothing behind). An engine maps it over the shards:
+Each input shard (`sources.py`) is a pure function of its input: `prepare_shard` tokenizes its
+documents and writes its token arrays and shard record (a failed shard leaves nothing behind).
+An engine maps it over the shards:
   * inline: in this process, one shard after another (what `lmjax train` uses on first start,
     so training needs no Apache Beam);
   * Beam: the pipeline of `beam_engine.py` (`lmjax data prepare`), on the DirectRunner's worker
@@ -11,15 +10,6 @@ its token arrays and shard record (a failed shard leaves nothing behind). An eng
 Either way the launcher then reads the shard records and writes store.json last, the commit
 marker: a store without it is never read, and a rerun prepares only the shards without a record
 (also the repair of a damaged shard: delete its record, run `lmjax data prepare` again).
-A store's directory name holds a hash of what its content depends on (the sources' relative
-names and sizes, the text key, the validation fraction, the UTF-8 policy, the tokenizer and
-the store format), so another input set or tokenizer gets a new store, re-uploading the same
-files (new modification times) finds the old one, and preparing an existing store is a no-op.
-
-Finding a run's stores costs O(1) per start: process 0 resolves them once (listing and sizing
-the inputs) and records them in WORKDIR/`STORE_RECORD` with the settings that chose them;
-later starts and the other processes read that record while those settings are unchanged,
-so renaming or re-uploading inputs never orphans a run's store.
 
 Train/validation split, by document: a document of a text file is held out for validation
 when the SHA-256 of its text (UTF-8), read as a fraction of 2**256, is below
@@ -36,43 +26,23 @@ import errno
 import hashlib
 import logging
 import os
-import re
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from lmjax import storage
-from lmjax.config import Config, ConfigError, DataConfig
-from lmjax.data import beam_engine, documents, mixture, store
-from lmjax.data.pipeline import Pipeline, make_pipeline
-from lmjax.data.tf_setup import tensorflow
+from lmjax.config import ConfigError, DataConfig
+from lmjax.data import beam_engine, documents, store
+from lmjax.data.sources import Shard, input_shards, locate, tfds_texts
 from lmjax.data.tokenizer import Tokenizer, from_serialized, load_tokenizer, train_from_texts
 from lmjax.errors import FaultError
-from lmjax.workdir_names import DATA, STORE_RECORD, TOKENIZER
+from lmjax.workdir_names import TOKENIZER
 
 log = logging.getLogger(__name__)
-# Settings that do not change which stores a run reads (the tokenizer enters by fingerprint).
-_NOT_STORE_SETTINGS = (
-    "store_dir", "prepare_timeout_s", "tokenizer", "tokenizer_vocab_size", "batch_size",
-    "seq_len", "packing", "shuffle", "seed",
-)  # fmt: skip
+
+
 _ENCODE_BATCH = 256  # documents per tokenizer call (sentencepiece encodes a list in threads)
-
-
-@dataclasses.dataclass(frozen=True)
-class Shard:
-    """One unit of preparation work. `path` for a file shard; `tfds_*` for a TFDS part."""
-
-    index: int
-    count: int
-    name: str  # relative file name (and part), or the TFDS split part
-    path: str = ""
-    start: int = 0  # the file's part (`documents.file_parts`): bytes or row groups
-    stop: int = -1
-    tfds_name: str = ""
-    tfds_dir: str = ""
-    role: str = ""  # TFDS shards: which store split their documents go to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,149 +54,6 @@ class Settings:
     text_key: str
     validation_fraction: float
     bad_utf8: str
-
-
-# ---------------------------------------------------------------- sources -> shards
-
-
-def _relative_names(files: list[str]) -> list[str]:
-    if len(files) <= 1:
-        return [os.path.basename(f) for f in files]
-    root = os.path.commonpath(files) if all("://" not in f for f in files) else ""
-    return [os.path.relpath(f, root) if root else f for f in files]
-
-
-def _tfds_builder(data_cfg: DataConfig):
-    import tensorflow_datasets as tfds
-
-    tensorflow()
-    name, data_dir = data_cfg.tfds_name, data_cfg.data_dir or None
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ConfigError(
-            f"unknown TFDS dataset data.tfds_name={name!r}: give a registered name "
-            "with optional config and version (e.g. c4/en:3.1.0, lm1b) or a dataset "
-            "prepared under data.data_dir."
-        ) from None
-    except (ValueError, AssertionError) as e:
-        raise ConfigError(
-            f"TFDS dataset data.tfds_name={name!r} cannot be loaded from "
-            f"data.data_dir={data_cfg.data_dir!r}: {e}"
-        ) from None
-    if not builder.is_prepared():
-        raise ConfigError(
-            f"TFDS dataset {name!r} is not prepared under {builder.data_dir!r}; lmjax "
-            f"never downloads data: run `tfds build {name} --data_dir DIR` (or "
-            "download_and_prepare) first and set data.data_dir=DIR."
-        )
-    available = sorted(builder.info.splits.keys())
-    for split in (data_cfg.train_split, data_cfg.eval_split):
-        if split.split("[", 1)[0] not in available:
-            raise ConfigError(
-                f"dataset {name!r} has no split {split!r} (it has {available}): set "
-                "data.train_split and data.eval_split to existing splits."
-            )
-    features = sorted(builder.info.features.keys())
-    if data_cfg.text_feature not in features:
-        raise ConfigError(
-            f"dataset {name!r} has no feature data.text_feature="
-            f"{data_cfg.text_feature!r}; its features are {features}."
-        )
-    return builder
-
-
-def _tfds_shards(data_cfg: DataConfig) -> tuple[list[Shard], list]:
-    """One shard per file of each split ("train[3shard]"); a sliced split is one shard."""
-    builder = _tfds_builder(data_cfg)
-    parts = []
-    for role, split in (("train", data_cfg.train_split), ("validation", data_cfg.eval_split)):
-        files = builder.info.splits[split.split("[", 1)[0]].num_shards
-        sliced = "[" in split or files <= 1
-        parts += [
-            (role, split if sliced else f"{split}[{i}shard]") for i in range(1 if sliced else files)
-        ]
-    shards = [
-        Shard(
-            i, len(parts), part, tfds_name=data_cfg.tfds_name, tfds_dir=data_cfg.data_dir, role=role
-        )
-        for i, (role, part) in enumerate(parts)
-    ]
-    identity = [
-        f"{builder.name}/{builder.builder_config.name if builder.builder_config else ''}:"
-        f"{builder.version}",
-        data_cfg.train_split,
-        data_cfg.eval_split,
-    ]
-    return shards, identity
-
-
-def plan(data_cfg: DataConfig) -> tuple[str, list[Shard], list]:
-    """(label, shards, identity): the work for the run's source and what its content depends on."""
-    if data_cfg.source == "tfds":
-        shards, identity = _tfds_shards(data_cfg)
-        return (
-            data_cfg.name or re.sub(r"[^A-Za-z0-9_.-]+", "_", data_cfg.tfds_name),
-            shards,
-            identity,
-        )
-    if data_cfg.source == "packaged":
-        files = documents.packaged_files()
-    elif data_cfg.source == "text":
-        files = documents.expand_files(data_cfg.text_files)
-    else:
-        raise ConfigError(
-            f"data.source={data_cfg.source!r} has no documents to prepare; choose "
-            "packaged, text or tfds."
-        )
-    identity, parts = _file_parts(files)
-    shards = [
-        Shard(i, len(parts), name, path=path, start=start, stop=stop)
-        for i, (path, name, start, stop) in enumerate(parts)
-    ]
-    return data_cfg.name or data_cfg.source, shards, identity
-
-
-def _file_parts(files: list[str]) -> tuple[list, list[tuple[str, str, int, int]]]:
-    """(identity: [name, size, parts] per file; [(path, name, start, stop)] per part)."""
-    identity, parts = [], []
-    for path, name in zip(files, _relative_names(files)):
-        stat = storage.path(path).stat()
-        cuts = documents.file_parts(path, stat.length)
-        identity.append([name, stat.length, len(cuts)])
-        unit = "row groups" if documents.file_format(path) == "parquet" else "bytes"
-        parts += [
-            (path, name if len(cuts) == 1 else f"{name} {unit} {a}:{b}", a, b) for a, b in cuts
-        ]
-    return identity, parts
-
-
-def store_key(data_cfg: DataConfig, identity: list, tokenizer: Tokenizer) -> str:
-    described = repr(
-        (
-            store.FORMAT_VERSION,
-            store.layout(),
-            identity,
-            data_cfg.text_feature,
-            data_cfg.validation_fraction,
-            data_cfg.bad_utf8,
-            tokenizer.fingerprint,
-        )
-    )
-    return hashlib.sha256(described.encode()).hexdigest()[:12]
-
-
-def store_root(data_cfg: DataConfig, workdir: str) -> str:
-    if data_cfg.store_dir:
-        return data_cfg.store_dir
-    if not workdir:
-        raise ConfigError(
-            "there is no place for the prepared store: set data.store_dir or give a workdir."
-        )
-    return os.path.join(workdir, DATA)
-
-
-# ---------------------------------------------------------------- one shard
 
 
 def held_out(text: str, fraction: float) -> bool:
@@ -262,7 +89,7 @@ def _shard_documents(
 
 def training_texts(data_cfg: DataConfig) -> Iterator[str]:
     """The source's training documents in shard order (what a tokenizer is trained on)."""
-    _, shards, _ = plan(data_cfg)
+    _, shards, _ = input_shards(data_cfg)
     settings = Settings(
         "", b"", data_cfg.text_feature, data_cfg.validation_fraction, data_cfg.bad_utf8
     )
@@ -321,15 +148,6 @@ def _within(texts: Iterable[str], max_chars: int) -> Iterator[str]:
             return
 
 
-def tfds_texts(name: str, data_dir: str, split: str, feature: str) -> Iterator[bytes]:
-    """The raw texts of a TFDS split (or split part), in the dataset's order."""
-    import tensorflow_datasets as tfds
-
-    tensorflow()
-    ds = tfds.builder(name, data_dir=data_dir or None).as_dataset(split=split, shuffle_files=False)
-    yield from ds.map(lambda example: example[feature]).as_numpy_iterator()
-
-
 def _batched(items: Iterable, size: int) -> Iterator[list]:
     batch = []
     for item in items:
@@ -384,9 +202,6 @@ def _tokenize_shard(shard: Shard, settings: Settings) -> dict:
     return {**{split: w.close() for split, w in writers.items()}, **dataclasses.asdict(counts)}
 
 
-# ---------------------------------------------------------------- the whole preparation
-
-
 def _summary(records: list[dict], seconds: float) -> dict:
     total = {
         k: sum(r[k] for r in records)
@@ -434,19 +249,6 @@ def _commit(
     }
     store.write_json(os.path.join(directory, store.META), meta)
     return meta
-
-
-def locate(
-    data_cfg: DataConfig, tokenizer: Tokenizer, root: str
-) -> tuple[str, str, list[Shard], list]:
-    """(directory, label, shards, identity) of the store for `data_cfg`'s source under `root`."""
-    label, shards, identity = plan(data_cfg)
-    return (
-        os.path.join(root, f"{label}-{store_key(data_cfg, identity, tokenizer)}"),
-        label,
-        shards,
-        identity,
-    )
 
 
 def prepare(
@@ -517,136 +319,6 @@ def _records(directory: str, shards: list[Shard]) -> list[dict]:
     return records
 
 
-def find_store(root: str, name: str, tokenizer: Tokenizer) -> str:
-    """The committed store named `name` under `root` that `tokenizer` made (data.mixture)."""
-    found = []
-    for path in storage.glob(storage.join(root, f"{name}-*")):
-        meta = store.read_json(os.path.join(path, store.META))
-        if (
-            re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{12}}", os.path.basename(path))
-            and meta
-            and meta["tokenizer"] == tokenizer.fingerprint
-        ):
-            found.append(path)
-    if len(found) != 1:
-        what = "no" if not found else f"{len(found)} ({', '.join(found)})"
-        raise ConfigError(
-            f"data.mixture names {name!r}, but {root} holds {what} prepared store "
-            f"named {name!r} made with tokenizer {tokenizer.fingerprint}: prepare "
-            f"exactly one with `lmjax data prepare --set data.name={name} --set "
-            f"data.tokenizer=... --set data.store_dir={root}` and its source settings."
-        )
-    return found[0]
-
-
-def run_pipeline(
-    config: Config,
-    tokenizer: Tokenizer | None,
-    workdir: str,
-    *,
-    leader: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
-    rows: Sequence[int] | None = None,
-) -> Pipeline:
-    """The pipeline a run of `config` in `workdir` reads with `tokenizer` (None: synthetic
-    tokens): `make_pipeline` over `run_stores` (the leader prepares a missing store)."""
-    stores = (
-        None if tokenizer is None else run_stores(config.data, tokenizer, workdir, leader=leader)
-    )
-    return make_pipeline(
-        config.data,
-        tokenizer,
-        process_index=process_index,
-        process_count=process_count,
-        rows=rows,
-        stores=stores,
-        vocab_size=config.model.vocab_size,
-    )
-
-
-def store_request(data_cfg: DataConfig, tokenizer: Tokenizer, root: str) -> dict:
-    """What chooses a run's stores, from its settings alone (no input is listed)."""
-    chosen = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in _NOT_STORE_SETTINGS}
-    return {
-        **chosen,
-        "root": root,
-        "tokenizer": tokenizer.fingerprint,
-        "format": store.FORMAT_VERSION,
-    }
-
-
-def run_stores(
-    data_cfg: DataConfig, tokenizer: Tokenizer, workdir: str, *, leader: bool
-) -> dict[str, str]:
-    """{source name: store directory} a run in `workdir` reads (`resolve_stores`), found in
-    O(1) from the workdir's `STORE_RECORD` when its settings match; else the leader resolves
-    and records them, and the other processes wait for the record (data.prepare_timeout_s)."""
-    root = store_root(data_cfg, workdir)
-    if not workdir:
-        return resolve_stores(data_cfg, tokenizer, root, leader=leader)
-    request = store_request(data_cfg, tokenizer, root)
-    path = os.path.join(workdir, STORE_RECORD)
-    record = store.read_json(path)
-    if record is not None and record["request"] == request:
-        return record["stores"]
-    if not leader:
-        return _wait_for_record(path, request, data_cfg.prepare_timeout_s)
-    stores = resolve_stores(data_cfg, tokenizer, root, leader=True)
-    store.write_json(path, {"request": request, "stores": stores})
-    return stores
-
-
-def _wait_for_record(path: str, request: dict, timeout_s: float, poll_s: float = 1.0) -> dict:
-    """The stores process 0 records in `path` for `request` (it prepares missing ones first)."""
-    log.info("waiting for process 0 to find or prepare the data stores (%s)", path)
-    deadline = time.monotonic() + timeout_s
-    while (record := store.read_json(path)) is None or record["request"] != request:
-        if time.monotonic() > deadline:
-            raise ConfigError(
-                f"waited {timeout_s:.0f} s for process 0 to prepare the data store and record "
-                f"it in {path}: check process 0's log; prepare large corpora beforehand "
-                "with `lmjax data prepare`, or raise data.prepare_timeout_s."
-            )
-        time.sleep(poll_s)
-    return record["stores"]
-
-
-def resolve_stores(
-    data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leader: bool
-) -> dict[str, str]:
-    """{source name: store directory} for the settings: the stores data.mixture names
-    (prepared beforehand), or the run's own source's store (prepared now if missing,
-    `ensure_store`); none for the synthetic source, which reads no store."""
-    if data_cfg.mixture:
-        return {
-            name: find_store(root, name, tokenizer) for name, _ in mixture.parse(data_cfg.mixture)
-        }
-    if data_cfg.source == "synthetic":
-        return {}
-    label = data_cfg.name or data_cfg.source
-    return {label: ensure_store(data_cfg, tokenizer, root, leader=leader)}
-
-
-def ensure_store(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leader: bool) -> str:
-    """The store directory for a training run: the leader (process 0) prepares it inline when
-    it is missing; the other processes wait for its commit (data.prepare_timeout_s)."""
-    directory = locate(data_cfg, tokenizer, root)[0]
-    if store.read_json(os.path.join(directory, store.META)) is not None:
-        return directory
-    if leader:
-        log.info(
-            "preparing the data store %s in this process (run `lmjax data prepare` "
-            "beforehand to use several workers)",
-            directory,
-        )
-        prepare(data_cfg, tokenizer, root)
-    else:
-        log.info("waiting for process 0 to prepare the data store %s", directory)
-        wait_for_store(directory, data_cfg.prepare_timeout_s)
-    return directory
-
-
 @dataclasses.dataclass(frozen=True)
 class _ShardFn:
     """`prepare_shard` bound to the settings, as a picklable callable for engine workers."""
@@ -655,19 +327,3 @@ class _ShardFn:
 
     def __call__(self, shard: Shard) -> dict:
         return prepare_shard(shard, self.settings)
-
-
-def wait_for_store(directory: str, timeout_s: float, poll_s: float = 1.0) -> dict:
-    """Waits until `directory` holds a committed store (made by process 0); returns store.json."""
-    deadline = time.monotonic() + timeout_s
-    path = os.path.join(directory, store.META)
-    while (meta := store.read_json(path)) is None:
-        if time.monotonic() > deadline:
-            raise ConfigError(
-                f"waited {timeout_s:.0f} s for process 0 to prepare the data store "
-                f"{directory} ({store.META} never appeared): check process 0's log; "
-                "prepare large corpora beforehand with `lmjax data prepare`, or "
-                "raise data.prepare_timeout_s."
-            )
-        time.sleep(poll_s)
-    return meta

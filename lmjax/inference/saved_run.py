@@ -7,7 +7,7 @@ import contextlib
 
 from lmjax.checkpoint import listing
 from lmjax.config import Config
-from lmjax.data import pipeline as pipeline_lib, prepare, tokenizer as tokenizer_lib
+from lmjax.data import pipeline as pipeline_lib, prepare, run_stores, tokenizer as tokenizer_lib
 from lmjax.parallel import sharding
 
 
@@ -31,14 +31,14 @@ def context(config: Config) -> contextlib.AbstractContextManager:
 def pipeline(
     config: Config, workdir: str, process_index: int = 0, process_count: int = 1
 ) -> pipeline_lib.Pipeline:
-    """`prepare.run_pipeline` with the run's tokenizer, trained here first when it is missing
+    """`run_stores.run_pipeline` with the run's tokenizer, trained here first when it is missing
     (the store, too, is prepared here when missing)."""
     tokenizer = prepare.prepare_tokenizer(config.data, workdir)
-    return prepare.run_pipeline(
+    return run_stores.run_pipeline(
         config, tokenizer, workdir, process_index=process_index, process_count=process_count
     )
 
 
 def eval_batches(config: Config, tokenizer, workdir: str) -> list[dict]:
     """The run's own evaluation batches: `config.run.eval_batches` of its eval split."""
-    return prepare.run_pipeline(config, tokenizer, workdir).eval_batches(config.run.eval_batches)
+    return run_stores.run_pipeline(config, tokenizer, workdir).eval_batches(config.run.eval_batches)

@@ -26,7 +26,7 @@ import jax
 from lmjax import storage, versions
 from lmjax.checkpoint import compat
 from lmjax.config import Config, ConfigError, to_json
-from lmjax.data import prepare
+from lmjax.data import sources
 from lmjax.model import attention
 from lmjax.parallel import agreement, distributed, sharding
 from lmjax.tools.checklist import Check, guard
@@ -114,7 +114,7 @@ def _writable(name: str, directory: str | None, unset: str) -> Check:
 
 
 def _local_checks(config: Config, workdir: str, expect_platform: str) -> list[Check]:
-    store = prepare.store_root(config.data, workdir) if workdir or config.data.store_dir else None
+    store = sources.store_root(config.data, workdir) if workdir or config.data.store_dir else None
     where = "check the path, its permissions and (gs://) credentials"
     return [
         guard("versions", "reinstall: pip install -e .", _versions),

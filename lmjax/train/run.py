@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from lmjax import storage
 from lmjax.checkpoint import checkpointer, compat, lease, paths, resume as resume_lib, schedule
 from lmjax.config import Config, profile_window, to_json, validate, validate_tokenizer
-from lmjax.data import prepare
+from lmjax.data import prepare, run_stores
 from lmjax.inference import generate
 from lmjax.model import transformer
 from lmjax.observe import goodput, metrics as metrics_lib, throughput, wandb_log
@@ -75,7 +75,7 @@ def _set_up(
     config, tokenizer = _tokenizer(config, workdir, primary, resume)
     trainer = dataclasses.replace(trainer, config=config)
     fingerprint = tokenizer.fingerprint if tokenizer is not None else None
-    pipeline = prepare.run_pipeline(
+    pipeline = run_stores.run_pipeline(
         config,
         tokenizer,
         workdir,

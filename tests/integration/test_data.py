@@ -11,7 +11,7 @@ import pytest
 
 from lmjax import cli
 from lmjax.config import ConfigError
-from lmjax.data import beam_engine, prepare, store
+from lmjax.data import beam_engine, prepare, sources, store
 from lmjax.data.pipeline import make_pipeline
 from tests.helpers import store_objects, untimed_objects
 from tests.unit import test_data as fast_tier
@@ -63,7 +63,7 @@ def test_killed_beam_prepare_leaves_no_store_and_a_rerun_finishes_it(tok, tmp_pa
     proc = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    directory = prepare.locate(cfg, tok, str(workdir / "data"))[0]
+    directory = sources.locate(cfg, tok, str(workdir / "data"))[0]
     deadline = time.monotonic() + 180
     while not (
         os.path.isdir(directory) and any(f.startswith("shard-") for f in os.listdir(directory))

@@ -12,7 +12,7 @@ import pytest
 
 from lmjax.checkpoint import checkpointer, compat
 from lmjax.commands.experiment import load_experiment
-from lmjax.data import prepare
+from lmjax.data import run_stores
 from lmjax.observe import metrics
 from lmjax.train import run, watchdog
 from tests.helpers import REPO
@@ -119,7 +119,7 @@ POISONED = (5, 9)  # global batches with a NaN loss weight: a non-finite loss
 
 
 def _poisoned(run_pipeline):
-    """`prepare.run_pipeline` whose training batches POISONED have a NaN loss weight."""
+    """`run_stores.run_pipeline` whose training batches POISONED have a NaN loss weight."""
 
     def make(*args, **kwargs):
         pipe = run_pipeline(*args, **kwargs)
@@ -147,7 +147,7 @@ def test_poisoned_batches_are_rewound_skipped_and_recorded(tmp_path, monkeypatch
     rewinds to the newest checkpoint (4, 8) and is skipped; the checkpoints record the skips,
     so a run restored from step 8 elsewhere reads the same batches and logs the same losses
     bit for bit."""
-    monkeypatch.setattr(prepare, "run_pipeline", _poisoned(prepare.run_pipeline))
+    monkeypatch.setattr(run_stores, "run_pipeline", _poisoned(run_stores.run_pipeline))
     config = load_experiment(
         "smoke",
         [

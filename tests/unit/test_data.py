@@ -21,7 +21,7 @@ from lmjax import cli
 from lmjax.batch import BATCH_KEYS
 from lmjax.commands import bench as bench_command
 from lmjax.config import Config, ConfigError, DataConfig
-from lmjax.data import beam_engine, documents, prepare, shuffle, store
+from lmjax.data import beam_engine, documents, prepare, run_stores, shuffle, sources, store
 from lmjax.data.pipeline import DataStateError, make_pipeline
 from lmjax.data.prepare import prepare_tokenizer
 from lmjax.data.tokenizer import load_tokenizer, train_tokenizer
@@ -361,27 +361,29 @@ def test_a_run_finds_its_store_from_the_workdir_record_in_o1(corpus, tok, tmp_pa
     shutil.copytree(corpus[0], inputs)
     cfg = text_cfg((str(inputs), corpus[1]), prepare_timeout_s=0.0)
     workdir = str(tmp_path / "run")
-    stores = prepare.run_stores(cfg, tok, workdir, leader=True)
+    stores = run_stores.run_stores(cfg, tok, workdir, leader=True)
     record = store.read_json(os.path.join(workdir, STORE_RECORD))
     assert record["stores"] == stores and store.open_store(stores["text"])
     for name in os.listdir(inputs):  # a re-upload: same bytes, new modification times
         (inputs / name).write_bytes((inputs / name).read_bytes())
-    assert prepare.resolve_stores(cfg, tok, str(tmp_path / "run" / "data"), leader=False) == stores
+    assert (
+        run_stores.resolve_stores(cfg, tok, str(tmp_path / "run" / "data"), leader=False) == stores
+    )
     (inputs / "a.txt").rename(inputs / "renamed.txt")
 
     def listed(*args, **kwargs):
         raise AssertionError("a start with a matching record listed the inputs")
 
-    monkeypatch.setattr(prepare, "plan", listed)
+    monkeypatch.setattr(sources, "input_shards", listed)
     for leader in (True, False):
-        assert prepare.run_stores(cfg, tok, workdir, leader=leader) == stores
+        assert run_stores.run_stores(cfg, tok, workdir, leader=leader) == stores
     changed = dataclasses.replace(cfg, validation_fraction=0.3)
     with pytest.raises(ConfigError, match="waited 0 s for process 0 to prepare.*record"):
-        prepare.run_stores(changed, tok, workdir, leader=False)
+        run_stores.run_stores(changed, tok, workdir, leader=False)
     monkeypatch.undo()
-    other = prepare.run_stores(changed, tok, workdir, leader=True)
+    other = run_stores.run_stores(changed, tok, workdir, leader=True)
     assert other != stores
-    assert prepare.run_stores(changed, tok, workdir, leader=False) == other
+    assert run_stores.run_stores(changed, tok, workdir, leader=False) == other
 
 
 def test_a_full_disk_during_preparation_is_one_line_and_leaves_no_partial_shard(
@@ -402,7 +404,7 @@ def test_a_full_disk_during_preparation_is_one_line_and_leaves_no_partial_shard(
         )
     with pytest.raises(FaultError, match=r"the disk under .* is full .* finished shards are kept"):
         prepare.prepare(cfg, tok, root)
-    directory = prepare.locate(cfg, tok, root)[0]
+    directory = sources.locate(cfg, tok, root)[0]
     names = {
         os.path.relpath(os.path.join(p, f), directory)
         for p, _, fs in os.walk(directory)
@@ -577,16 +579,16 @@ def test_followers_wait_for_the_leaders_store_and_time_out_clearly(corpus, tok, 
     root = str(tmp_path / "stores")
     found = []
     follower = threading.Thread(
-        target=lambda: found.append(prepare.ensure_store(cfg, tok, root, leader=False))
+        target=lambda: found.append(run_stores.ensure_store(cfg, tok, root, leader=False))
     )
     follower.start()
     time.sleep(0.5)
     assert follower.is_alive() and not found  # waiting, not preparing
-    leader = prepare.ensure_store(cfg, tok, root, leader=True)
+    leader = run_stores.ensure_store(cfg, tok, root, leader=True)
     follower.join(timeout=30)
     assert found == [leader] and store.open_store(leader)
     with pytest.raises(ConfigError, match="waited 0 s for process 0 to prepare.*prepare_timeout_s"):
-        prepare.ensure_store(
+        run_stores.ensure_store(
             text_cfg(corpus, seed=1, validation_fraction=0.3, prepare_timeout_s=0.0),
             tok,
             root,
@@ -750,7 +752,7 @@ def test_a_registered_tfds_dataset_goes_through_prepare(tok, tmp_path):
     for split, texts in (("train", sonnets[:30]), ("validation", sonnets[30:])):
         order = [
             t.decode()
-            for t in prepare.tfds_texts(
+            for t in sources.tfds_texts(
                 "lmjax_test_sonnets", str(tmp_path), "train" if split == "train" else "test", "body"
             )
         ]
@@ -793,7 +795,7 @@ def test_mixture_pipeline_reads_each_source_by_its_own_windows(corpus, tok, prep
     other = _corpus_files(tmp_path / "other", 4)
     prepare.prepare(dataclasses.replace(other, name="plays"), tok, root)
     cfg = text_cfg(corpus, mixture="text:0.75,plays:0.25", tokenizer=tok.path, store_dir=root)
-    stores = prepare.resolve_stores(cfg, tok, root, leader=False)
+    stores = run_stores.resolve_stores(cfg, tok, root, leader=False)
     assert stores["text"] == prepared[0] and os.path.basename(stores["plays"]).startswith("plays-")
     pipe = make_pipeline(cfg, tok, stores=stores)
     from lmjax.data import mixture, pipeline
@@ -827,4 +829,4 @@ def test_mixture_pipeline_reads_each_source_by_its_own_windows(corpus, tok, prep
     assert_batches_equal(sets["plays"], singles["plays"].eval_batches(1))
     assert pipe.state(0)["stores"] == {n: os.path.basename(d) for n, d in stores.items()}
     with pytest.raises(ConfigError, match="holds no prepared store named 'web'.*data.name=web"):
-        prepare.resolve_stores(text_cfg(corpus, mixture="web:1"), tok, root, leader=False)
+        run_stores.resolve_stores(text_cfg(corpus, mixture="web:1"), tok, root, leader=False)

@@ -15,7 +15,7 @@ import zstandard
 
 from lmjax import storage
 from lmjax.config import ConfigError, DataConfig
-from lmjax.data import documents, prepare, store
+from lmjax.data import documents, prepare, sources, store
 from lmjax.data.tokenizer import load_tokenizer, train_tokenizer
 
 SONNETS = os.path.join(documents.PACKAGED_DIR, "sonnets.txt")
@@ -180,4 +180,4 @@ def test_formats_and_parts_read_through_gcs(docs, tmp_path, monkeypatch, gcs_buc
     cfg = DataConfig(
         source="text", text_files=f"{gcs_bucket}/inputs/*.parquet", validation_fraction=0.2
     )
-    assert [s.start for s in prepare.plan(cfg)[1]] == list(range(len(docs) // 7 + 1))
+    assert [s.start for s in sources.input_shards(cfg)[1]] == list(range(len(docs) // 7 + 1))

@@ -193,7 +193,7 @@ def test_tokenizer_json_through_cli_gcs_and_run_config(hf_path, tmp_path, capsys
 
 def test_store_and_checkpoint_record_the_tokenizer_and_refuse_another(hf_path, bpe_path, tmp_path):
     from lmjax.checkpoint import compat
-    from lmjax.data import prepare, store
+    from lmjax.data import prepare, run_stores, sources, store
 
     hf, sp = load_tokenizer(hf_path), load_tokenizer(bpe_path)
     cfg = DataConfig(source="text", text_files=SONNETS, validation_fraction=0.1)
@@ -204,10 +204,10 @@ def test_store_and_checkpoint_record_the_tokenizer_and_refuse_another(hf_path, b
     texts = [t for t in documents.read_documents(SONNETS) if not prepare.held_out(t, 0.1)]
     np.testing.assert_array_equal(first, np.concatenate(hf.encode_documents(texts[:3]))[:40])
     assert (
-        prepare.locate(cfg, sp, str(tmp_path))[0] != directory
+        sources.locate(cfg, sp, str(tmp_path))[0] != directory
     )  # another tokenizer: another store
     with pytest.raises(ConfigError, match="made with tokenizer"):
-        prepare.find_store(str(tmp_path), "text", sp)
+        run_stores.find_store(str(tmp_path), "text", sp)
     saved = {"tokenizer_fingerprint": hf.fingerprint}  # what compat.make_metadata records
     compat.check_tokenizer(saved, hf.fingerprint, "run")
     with pytest.raises(compat.ResumeError, match=f"tokenizer {hf.fingerprint}"):
