@@ -125,13 +125,12 @@ def _hooks(
     watch: watchdog.Watchdog,
 ) -> list[loop.Hook]:
     """The built-in hooks, in the order they see each event."""
-    config, trainer = setup.config, setup.trainer
-    total, skip = config.run.steps, config.checkpoint.on_nonfinite == "skip"
+    config, r = setup.config, setup.config.run
     rates = throughput.Throughput(
         config.model, config.data.batch_size, config.data.seq_len, jax.devices()
     )
     log.info("peak FLOP/s per device: %.3g (%s)", rates.peak, rates.peak_source)
-    eval_sets = setup.pipeline.eval_sets(config.run.eval_batches)
+    eval_sets = setup.pipeline.eval_sets(r.eval_batches)
     ckpt = checkpointer.Checkpointer(
         paths.checkpoint_dir(workdir),
         config.checkpoint,
@@ -139,24 +138,38 @@ def _hooks(
         guard=lease_guard,
         lease_lost=lease_guard.lost,
     )
-    busy = watch.busy
-    out: list[loop.Hook] = [
+    return [
         watch,
         loss_guard,
-        hooks_lib.StepMetrics(writer, summary, rates, config.run.log_every, total),
+        hooks_lib.StepMetrics(writer, summary, rates, r.log_every, r.steps),
         hooks_lib.Checkpoints(
             ckpt,
-            schedule.SaveSchedule(config.checkpoint, total, signals),
+            schedule.SaveSchedule(config.checkpoint, r.steps, signals),
             setup.pipeline.state,
             setup.meta,
-            skip,
+            config.checkpoint.on_nonfinite == "skip",
             clock,
             summary,
-            busy,
+            watch.busy,
             loss_guard.check,
         ),
+        *_optional_hooks(setup, workdir, writer, summary, eval_sets, watch.busy),
     ]
-    if config.run.eval_batches:
+
+
+def _optional_hooks(
+    setup: _Setup,
+    workdir: str,
+    writer: metrics_lib.MetricsWriter,
+    summary: dict,
+    eval_sets,
+    busy,
+) -> list[loop.Hook]:
+    """The hooks the run config turns on, in this order: evaluation (run.eval_batches), the
+    end-of-run sample (run.sample_tokens, with a tokenizer) and the profile (run.profile_steps)."""
+    trainer, r = setup.trainer, setup.config.run
+    out: list[loop.Hook] = []
+    if r.eval_batches:
         out.append(
             hooks_lib.Evaluation(
                 lambda params: evaluate_params(
@@ -164,20 +177,18 @@ def _hooks(
                 ),
                 writer,
                 summary,
-                config.run.eval_every,
-                total,
+                r.eval_every,
+                r.steps,
                 busy,
             )
         )
-    if config.run.sample_tokens and setup.tokenizer is not None:
+    if r.sample_tokens and setup.tokenizer is not None:
         out.append(
             hooks_lib.EndSample(lambda params: _sample(trainer, params, setup.tokenizer), summary)
         )
-    if config.run.profile_steps and (config.run.profile_all_processes or jax.process_index() == 0):
+    if r.profile_steps and (r.profile_all_processes or jax.process_index() == 0):
         out.append(
-            hooks_lib.Profile(
-                *profile_window(config.run.profile_steps), os.path.join(workdir, TENSORBOARD)
-            )
+            hooks_lib.Profile(*profile_window(r.profile_steps), os.path.join(workdir, TENSORBOARD))
         )
     return out
 
