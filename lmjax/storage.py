@@ -19,7 +19,7 @@ import glob as _glob
 import os
 import shutil
 import tempfile
-import threading
+import uuid
 from typing import Iterator
 
 import fsspec
@@ -132,13 +132,20 @@ def upload_tree(local: str, p: PathLike) -> None:
 
 def write_atomic(p: PathLike, data: bytes) -> None:
     """Writes `data` to `p` so that a concurrent reader sees all of it or nothing: one object
-    write on gs:// (atomic there), a temporary file renamed over `p` locally."""
+    write on gs:// (atomic there), a temporary file renamed over `p` locally. The temporary
+    name is random (pids repeat across containers sharing a disk) and the file is removed
+    when the write or the rename fails (a full disk)."""
     if is_url(p):
         path(p).write_bytes(data)
         return
-    tmp = f"{os.path.abspath(p)}.tmp-{os.getpid()}-{threading.get_ident()}"
-    path(tmp).write_bytes(data)
-    os.replace(tmp, os.path.abspath(p))
+    tmp = f"{os.path.abspath(p)}.tmp-{uuid.uuid4().hex}"
+    try:
+        path(tmp).write_bytes(data)
+        os.replace(tmp, os.path.abspath(p))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 def rename(src: PathLike, dst: PathLike) -> None:

@@ -28,6 +28,28 @@ def test_the_gcs_fixture_serves_a_bucket_to_a_client_given_only_the_emulator_hos
     assert fs.cat(f"{bucket}/a/b.txt") == b"hello"
 
 
+def test_write_atomic_leaves_no_temporary_file_when_it_fails(tmp_path, small_disk, monkeypatch):
+    """A write whose rename fails (the name is a folder) and, on a 1 MiB tmpfs where this
+    test may mount one, a write that fills the disk: each raises and leaves nothing but what
+    was there; two writes never share a temporary name."""
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(OSError):
+        storage.write_atomic(str(tmp_path / "folder"), b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "small"]
+    if small_disk is not None:
+        storage.write_atomic(str(small_disk / "kept"), b"old")
+        with pytest.raises(OSError, match="No space left"):
+            storage.write_atomic(str(small_disk / "kept"), b"\0" * 2**21)
+        assert [p.name for p in small_disk.iterdir()] == ["kept"]
+        assert (small_disk / "kept").read_bytes() == b"old"
+        print("the full-disk case ran on a 1 MiB tmpfs")
+    names, real = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (names.append(src), real(src, dst)))
+    for _ in range(2):
+        storage.write_atomic(str(tmp_path / "same"), b"x")
+    assert len(set(names)) == 2
+
+
 def test_storage_writes_globs_and_reads_back(storage_root):
     storage.path(storage_root).mkdir(parents=True, exist_ok=True)
     for name in ("b.txt", "a.txt", "c.jsonl"):
