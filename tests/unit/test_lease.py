@@ -177,6 +177,10 @@ def _stop_inside_the_next_renewal(go: int) -> None:
     os.read(go, 1)
 
 
+# The forked child runs only lease code and os calls, never jax; a lock it inherited held
+# (the risk the fork warnings name) would fail the 30 s wait below, not hang the suite.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_holder_stopped_inside_its_swap_delays_no_taker(tmp_path):
     """A real (forked) holder stops (SIGSTOP) in the middle of a renewal, as a hung NFS
     client or a frozen VM would. While its record is fresh a taker is refused at once; once
