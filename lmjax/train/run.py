@@ -221,7 +221,11 @@ def train(
     clock = goodput.Clock()
     storage.path(workdir).mkdir(parents=True, exist_ok=True)
     with watchdog.watching(config.run) as watch:
-        watch.expect("the workdir's lease")
+        # a run may wait for another host's lease to expire (about one lease timeout)
+        watch.expect(
+            "the workdir's lease",
+            max(watch.startup_seconds, 2 * config.checkpoint.lease_timeout_s),
+        )
         with (
             lease.held(workdir, config.checkpoint.lease_timeout_s) as guard,
             compile_cache.enabled(config.run.compile_cache_dir),

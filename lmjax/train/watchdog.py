@@ -13,9 +13,10 @@ peers then wait in a collective forever, miss their own deadlines and exit the s
 Deadlines, with f = run.watchdog_factor, m = run.watchdog_min_seconds and
 s = run.watchdog_startup_seconds:
   - each set-up phase, the first step (it compiles the step) and the end of the run (the
-    sample compiles; the last save commits in full): s. The tokenizer and data stores phase:
-    max(s, data.prepare_timeout_s), the time the other processes already wait for process 0
-    to prepare them;
+    sample compiles; the last save commits in full): s. The lease: max(s, 2 x
+    checkpoint.lease_timeout_s), as a run may wait for another host's lease to expire. The
+    tokenizer and data stores: max(s, data.prepare_timeout_s), the time the other processes
+    already wait for process 0 to prepare them;
   - waiting for a step: max(m, f * the longest of the last 100 step times);
   - inside a save or an evaluation: s the first time (the evaluation compiles), then
     max(m, f * the longest earlier one of its kind after the first).
