@@ -225,7 +225,8 @@ class ResumePlan:
 
     def _restore(self, c: Candidate, target) -> tuple[Any, dict] | None:
         """(state, data position), or None when `c` is torn on some process."""
-        result, error, outcome = None, None, "ok"
+        result, outcome = None, "ok"
+        error: Exception | None = None
         try:
             evidence = damage_evidence(os.path.join(c.directory, str(c.step)))
             if evidence:

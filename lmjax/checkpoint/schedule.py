@@ -72,7 +72,9 @@ class SaveSchedule:
         self.signals = signals
         self.last_save = time.monotonic()
         self._reduce = _make_flag_reduce() if jax.process_count() > 1 else None
-        self._pending = None  # the all-reduced [stop, time_due] of the previous boundary
+        self._pending: jax.Array | None = (
+            None  # the all-reduced [stop, time_due] of the previous boundary
+        )
 
     def saved(self) -> None:
         self.last_save = time.monotonic()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from lmjax.config import Config, ConfigError, apply_overrides, validate
@@ -28,11 +29,11 @@ def experiment_names() -> list[str]:
     return sorted(names)
 
 
-def load_experiment(name_or_path: str, overrides: list[str] = ()) -> Config:
+def load_experiment(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
     """The Config returned by `config()` in experiments/NAME.py (or a path), with overrides."""
     path = Path(name_or_path)
     if path.suffix != ".py":
-        path = next(
+        preset = next(
             (
                 d / f"{name_or_path}.py"
                 for d in EXPERIMENT_DIRS
@@ -40,11 +41,12 @@ def load_experiment(name_or_path: str, overrides: list[str] = ()) -> Config:
             ),
             None,
         )
-        if path is None:
+        if preset is None:
             raise ConfigError(
                 f"unknown experiment {name_or_path!r}; known: "
                 f"{', '.join(experiment_names())} (or give a path to a .py file)"
             )
+        path = preset
     if not path.is_file():
         raise ConfigError(f"experiment file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"lmjax_experiment_{path.stem}", path)

@@ -75,7 +75,7 @@ def _entries(cfg: ModelConfig, family: Family | None = None):
         "dense_mlp": [i for i, m in enumerate(is_moe) if not m],
     }
     for entry in (family or families.of_config(cfg)).table:
-        node = specs
+        node: Any = specs
         for key in entry.path:
             node = node.get(key) if isinstance(node, dict) else None
         if node is None:  # e.g. unembed of a tied model
@@ -388,8 +388,10 @@ def save(
         with storage.staged(out_dir / filename) as local:
             save_file(tensors, local, metadata={"format": "pt"})
     if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        shard_index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps(shard_index, indent=2) + "\n"
+        )
     hf_config = config_to_hf(cfg, dtype)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 

@@ -78,13 +78,13 @@ def _shard_documents(
         for text in texts:
             yield "validation" if held_out(text, settings.validation_fraction) else "train", text
         return
-    for text in tfds_texts(shard.tfds_name, shard.tfds_dir, shard.name, settings.text_key):
+    for raw in tfds_texts(shard.tfds_name, shard.tfds_dir, shard.name, settings.text_key):
         counts.documents += 1
-        counts.bytes += len(text)
-        if not text.strip():
+        counts.bytes += len(raw)
+        if not raw.strip():
             counts.empty_documents += 1
             continue
-        yield shard.role, text.decode("utf-8")
+        yield shard.role, raw.decode("utf-8")
 
 
 def training_texts(data_cfg: DataConfig) -> Iterator[str]:

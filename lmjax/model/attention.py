@@ -276,7 +276,7 @@ def _kv_for_local_heads(k, v, heads: int, local_heads: int, head_axes: dict[str,
     per query head.
     """
     group = heads // k.shape[2]
-    shard = 0
+    shard: int | jax.Array = 0
     for name, size in head_axes.items():
         shard = shard * size + jax.lax.axis_index(name)
     first = shard * local_heads

@@ -70,7 +70,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
         cfg.d_mlp,
         cfg.vocab_size,
     )
-    specs = {
+    specs: dict[str, Any] = {
         "embed": ParamSpec((V, D), ("vocab", "embed"), "normal"),
         "layers": {
             "attn_norm": ParamSpec((L, D), ("layers", "embed"), "ones"),

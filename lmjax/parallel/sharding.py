@@ -81,7 +81,7 @@ def logical_to_spec(
     so does a dimension that its mesh axes do not divide (given `shape`). Mesh axes of size
     1 are then dropped from the spec.
     """
-    used: dict[str, str] = {}
+    used: dict[str, str | None] = {}
     spec = []
     for dim, name in enumerate(axes):
         mesh_axes = rules.get(name, ()) if name else ()

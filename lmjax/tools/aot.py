@@ -55,7 +55,7 @@ def topology_devices(target: Target, num_slices: int = 1) -> list:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
-    kwargs = dict(target.generation.libtpu_kwargs)
+    kwargs: dict[str, str | int] = dict(target.generation.libtpu_kwargs)
     if num_slices > 1:
         kwargs["num_slices"] = num_slices
     return list(

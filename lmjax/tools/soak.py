@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from etils.epath import Path
 
@@ -142,7 +142,7 @@ def soak(
     root: Path,
     trials: int,
     experiment: str = "smoke",
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     steps: int = 12,
     every: int = 4,
     seed: int = 0,

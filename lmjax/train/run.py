@@ -359,7 +359,7 @@ def _writer(
     config: Config, workdir: str, primary: bool, start_step: int
 ) -> metrics_lib.MetricsWriter:
     """The run's records, TensorBoard and, with run.wandb_project, W&B (process 0 only)."""
-    outputs = ()
+    outputs: tuple[wandb_log.WandbWriter, ...] = ()
     if primary and config.run.wandb_project:
         outputs = (wandb_log.WandbWriter(config.run.wandb_project, workdir, config),)
     return metrics_lib.MetricsWriter(
