@@ -456,6 +456,28 @@ def test_second_signal_exits_at_once():
     assert out.returncode == -signal.SIGTERM
 
 
+def test_a_save_that_fails_after_the_lease_was_lost_names_the_lease(tmp_path, trained):
+    """A holder that hung past its lease timeout finds, woken, that its save in flight fails
+    (the run that took over set its unfinished step aside): the error names the lost lease,
+    not the storage."""
+    trainer, states, _, _ = trained
+    lost = []
+    ckpt = checkpointer.Checkpointer(
+        str(tmp_path / "checkpoints"), TINY.checkpoint, lease_lost=lambda: lost[0] if lost else None
+    )
+    ckpt.save(1, _device_state(trainer, states[0]), data_state={}, meta=META)
+    ckpt.wait()
+    lost.append("taken over by host h, pid 1")
+
+    def set_aside(*args, **kwargs):
+        raise ValueError("Checkpoint directory does not exist: .../2.orbax-checkpoint-tmp")
+
+    ckpt._manager.save = set_aside
+    with pytest.raises(errors.FaultError, match=r"after the workdir's lease was lost \(taken"):
+        ckpt.save(2, _device_state(trainer, states[1]), data_state={}, meta=META)
+    ckpt.close()
+
+
 def test_a_full_disk_stops_the_run_cleanly_and_keeps_the_last_checkpoint(
     tmp_path, trained, small_disk, monkeypatch
 ):
