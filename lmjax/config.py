@@ -175,6 +175,10 @@ class OptimConfig:
     # sigmoid_topk_bias router: after each step every MoE layer's router_bias moves by
     # moe_bias_rate x sign(mean load - load) per expert (DeepSeek-V3's gamma, 0.001).
     moe_bias_rate: float = 0.0
+    # With grad_accum > 1, False: the balance loss is each microbatch's (averaged); True: the
+    # whole step's, exactly as without accumulation, at the cost of a forward pass over the
+    # step's microbatches that first counts each expert's copies (trainer.step_expert_counts).
+    moe_balance_over_step: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

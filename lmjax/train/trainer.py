@@ -20,7 +20,7 @@ from lmjax.batch import BATCH_KEYS, Batch
 from lmjax.config import Config, ModelConfig, OptimConfig
 from lmjax.inference import evaluate
 from lmjax.model import moe, transformer
-from lmjax.model.objective import loss_terms
+from lmjax.model.objective import loss_terms, step_balance_weights
 from lmjax.parallel import sharding
 from lmjax.train import optim
 
@@ -85,6 +85,11 @@ def summed_grads(params, batch: Batch, model_cfg: ModelConfig, optim_cfg: OptimC
     if n_micro == 1:
         return grad_fn(params, batch)
     micro = jax.tree.map(lambda x: microbatches(x, n_micro), batch)
+    if optim_cfg.moe_balance_over_step and optim_cfg.moe_aux_loss and model_cfg.moe_experts:
+        counts = step_expert_counts(params, micro, model_cfg)
+        tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        weights = step_balance_weights(counts, tokens, model_cfg.moe_top_k)
+        grad_fn = functools.partial(grad_fn, balance_weights=weights)
     params_axes = transformer.param_axes(model_cfg)
     like_params = lambda tree: jax.tree.map(
         sharding.constrain,
@@ -103,6 +108,25 @@ def summed_grads(params, batch: Batch, model_cfg: ModelConfig, optim_cfg: OptimC
     zero_aux = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first)[1])
     (grads, aux), _ = jax.lax.scan(accumulate, (zeros, zero_aux), micro)
     return grads, aux
+
+
+def step_expert_counts(params, micro: Batch, model_cfg: ModelConfig):
+    """[moe layers, experts] each expert's copies over all microbatches `micro` ([n, rows,
+    seq] arrays): a forward pass over them, without gradients."""
+
+    def count(total, mb):
+        _, stats = transformer.hidden_states_and_stats(
+            params,
+            mb["inputs"],
+            model_cfg,
+            segment_ids=mb["segment_ids"],
+            positions=mb["positions"],
+        )
+        return total + stats["counts"], None
+
+    n_moe = sum(transformer.layer_is_moe(model_cfg))
+    zeros = jnp.zeros((n_moe, model_cfg.moe_experts), jnp.float32)
+    return jax.lax.stop_gradient(jax.lax.scan(count, zeros, micro)[0])
 
 
 def train_step(

@@ -190,24 +190,28 @@ def test_a_tiny_moe_learns_moves_its_router_bias_and_resumes_bitwise(tmp_path):
 
 
 def test_expert_parallel_mesh_trains_with_the_losses_of_one_device(tmp_path):
-    """expert x fsdp (2 x 4) on 8 devices: tokens cross expert shards by all-to-all
-    (dropless), and two steps give one device's losses and balance losses (the second after
-    an update computed from expert-parallel gradients). Its checkpoint after the first step
-    restores bitwise onto one device (expert 1) and gives there the second step's loss.
-    (expert x tensor runs across two processes in tests/integration/test_multihost.py.)"""
+    """expert x fsdp (2 x 4) on 8 devices, 2 microbatches with the balance loss over the
+    step: tokens cross expert shards by all-to-all (dropless), and two steps give one
+    device's (1 microbatch) losses and balance losses (the second after an update computed
+    from expert-parallel gradients). Its checkpoint after the first step restores bitwise onto
+    one device (expert 1) and gives there the second step's loss. (expert x tensor runs across
+    two processes in tests/integration/test_multihost.py.)"""
     model = dataclasses.replace(TINY, n_kv_heads=2, n_layers=2)
-    base = dataclasses.replace(MOE_RUN, model=model, data=DataConfig(batch_size=8, seq_len=16))
-    host_batch = synthetic_batch(0, 0, 0, range(8), 16, TINY.vocab_size)
+    base = dataclasses.replace(MOE_RUN, model=model, data=DataConfig(batch_size=16, seq_len=16))
+    host_batch = synthetic_batch(0, 0, 0, range(16), 16, TINY.vocab_size)
 
-    def trainer(mesh_cfg, devices):
-        cfg = dataclasses.replace(base, mesh=mesh_cfg)
+    def trainer(mesh_cfg, devices, **optim):
+        cfg = dataclasses.replace(
+            base, mesh=mesh_cfg, optim=dataclasses.replace(base.optim, **optim)
+        )
         return trainer_lib.make_trainer(cfg, sharding.make_mesh(mesh_cfg, jax.devices()[:devices]))
 
     def step(tr, state):
         state, m = tr.step_fn(state, trainer_lib.global_batch(host_batch, tr.batch_sharding))
         return state, loop.fetch(m)
 
-    one, ep = trainer(MeshConfig(fsdp=1), 1), trainer(MeshConfig(expert=2, fsdp=4), 8)
+    one = trainer(MeshConfig(fsdp=1), 1)
+    ep = trainer(MeshConfig(expert=2, fsdp=4), 8, grad_accum=2, moe_balance_over_step=True)
     assert ep.state_shardings.params["moe"]["w_gate"].spec[1] == "expert"
     state, first = step(one, _fresh_state(one))
     _, second = step(one, state)

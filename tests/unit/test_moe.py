@@ -15,9 +15,10 @@ from lmjax.config import (
     Config,
     ConfigError,
     ModelConfig,
+    OptimConfig,
     validate,
 )
-from lmjax.model import flops, moe, transformer
+from lmjax.model import flops, moe, objective, transformer
 from tests import numpy_moe
 
 TINY = ModelConfig(
@@ -200,3 +201,43 @@ def test_moe_config_errors_name_the_fix():
     assert "leave no MoE layer" in bad(moe_first_dense_layers=4)
     assert "moe_capacity_factor=-1.0" in bad(moe_capacity_factor=-1.0)
     assert "moe_every=0" in bad(moe_every=0)
+    assert "moe_routed_scale=0.0 must be positive" in bad(moe_routed_scale=0.0)
+    sigmoid = dataclasses.replace(TINY, moe_router="sigmoid_topk_bias")
+    for model, fix in ((TINY, "set that router"), (sigmoid, "model.param_dtype=float32")):
+        model = dataclasses.replace(model, param_dtype="bfloat16") if model is sigmoid else model
+        with pytest.raises(ConfigError, match=fix):
+            validate(Config(model=model, optim=OptimConfig(moe_bias_rate=1e-3)))
+
+
+def test_step_balance_weights_make_microbatches_add_up_to_the_big_batch():
+    """Two microbatches' balance sums under `step_balance_weights` (from their summed counts)
+    give the big batch's balance loss times the step's tokens, value and router gradient;
+    the unweighted per-microbatch sums (the default) give another value and gradient."""
+    p, x = _layer(TINY)
+    tokens = 11.0  # the step's loss tokens
+
+    def big(p):
+        return tokens * moe.balance_loss(moe.route(x, p, TINY), TINY.moe_experts)
+
+    def micro_stats(p):
+        stacked = lambda s: jax.tree.map(lambda a: jnp.asarray(a)[None], s)  # one MoE layer
+        return [stacked(moe.moe_mlp(xm[None], p, TINY)[1]) for xm in (x[:5], x[5:])]
+
+    def over_step(p):
+        stats = micro_stats(p)
+        w = objective.step_balance_weights(sum(s["counts"] for s in stats), tokens, 2)
+        return sum(objective.moe_aux(s, 0.0, w)["moe_balance_sum"] for s in stats)
+
+    def per_micro(p):  # each microbatch's loss times its share of the tokens
+        stats = micro_stats(p)
+        return sum(
+            objective.moe_aux(s, tokens * n / 12)["moe_balance_sum"] for s, n in zip(stats, (5, 7))
+        )
+
+    (want, want_grad), (got, got_grad), (micro, micro_grad) = (
+        jax.jit(jax.value_and_grad(f))(p) for f in (big, over_step, per_micro)
+    )
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    np.testing.assert_allclose(got_grad["router"], want_grad["router"], rtol=1e-5, atol=1e-7)
+    assert abs(float(micro) - float(want)) > 1e-3
+    assert np.abs(micro_grad["router"] - want_grad["router"]).max() > 1e-3
