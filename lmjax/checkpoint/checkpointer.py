@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
 from lmjax import storage
 from lmjax.checkpoint.compat import in_saved_layout, positions
 from lmjax.checkpoint.paths import ITEMS
 from lmjax.config import CheckpointConfig
 from lmjax.errors import FaultError
+from lmjax.parallel import distributed
 from lmjax.workdir_names import UNREADABLE
 
 log = logging.getLogger("lmjax")
@@ -254,7 +254,7 @@ class Checkpointer:
                         else "unreadable when the run resumed, or checkpoint.allow_fresh",
                     )
         self._resumed_at = None
-        _barrier("lmjax_cleared_newer")
+        distributed.barrier("lmjax_cleared_newer")
         self._manager.reload()
 
     def _note_committed(self, wait: bool) -> None:
@@ -377,11 +377,6 @@ def abstract_state(init_fn: Callable, shardings) -> Any:
         jax.eval_shape(init_fn),
         shardings,
     )
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def step_dirs(directory: str) -> list[tuple[Any, int]]:

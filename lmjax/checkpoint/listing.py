@@ -26,6 +26,7 @@ from lmjax.checkpoint.compat import TOKENIZER_RECORD, ResumeError
 from lmjax.checkpoint.paths import ITEMS, absolute, checkpoint_dir
 from lmjax.config import Config, ConfigError
 from lmjax.errors import FaultError
+from lmjax.parallel import distributed
 from lmjax.workdir_names import TOKENIZER
 
 log = logging.getLogger("lmjax")
@@ -33,8 +34,8 @@ log = logging.getLogger("lmjax")
 
 def load_params(workdir: str, step: int | None = None) -> tuple[Config, Any, str]:
     """(Config, params, tokenizer path) of a checkpoint: `step`, or the newest readable one
-    (damaged steps are logged and skipped). The params are sharded over this process's
-    devices (`params_dir.offline_target`). The tokenizer path is the
+    (damaged steps are logged and skipped). The params are sharded over all devices, every
+    process holding its shards (`params_dir.offline_target`). The tokenizer path is the
     workdir's tokenizer.model when it exists (the run trained it), else data.tokenizer."""
     _, meta, params = _load_params(workdir, step)
     config = config_lib.from_dict(meta["config"])
@@ -80,18 +81,18 @@ def _read_params(ckpt: Checkpointer, step: int) -> tuple[dict, Any]:
 def export_params(workdir: str, step: int | None, out: str) -> str:
     """Writes `out/params` + `out/model_config.json` (what `--init-from`, eval, generation and
     HF export read) and `out/TOKENIZER_RECORD` from a checkpoint of `workdir`; returns a
-    one-line summary."""
+    one-line summary. Started as several processes, each restores and writes its own shards
+    (`params_dir.save`); process 0 writes the records."""
+    params_dir.require_new(out)  # before the slow read
     step, meta, params = _load_params(workdir, step)
     params_dir.save(config_lib.from_dict(meta["config"]).model, params, out)
-    (epath.Path(absolute(out)) / TOKENIZER_RECORD).write_text(
-        json.dumps(
-            {
-                "tokenizer_fingerprint": meta.get("tokenizer_fingerprint"),
-                "workdir": workdir,
-                "step": step,
-            }
-        )
-    )
+    if distributed.is_primary():
+        record = {
+            "tokenizer_fingerprint": meta.get("tokenizer_fingerprint"),
+            "workdir": workdir,
+            "step": step,
+        }
+        (epath.Path(absolute(out)) / TOKENIZER_RECORD).write_text(json.dumps(record))
     return f"wrote params of {workdir} step {step} to {out}"
 
 

@@ -15,20 +15,29 @@ import orbax.checkpoint as ocp
 from lmjax import storage
 from lmjax.config import ConfigError, MeshConfig, ModelConfig
 from lmjax.model import transformer
-from lmjax.parallel import sharding
+from lmjax.parallel import distributed, sharding
 
 
 def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
-    """Writes `path/model_config.json` and an orbax checkpoint of `params` at `path/params`."""
+    """Writes `path/model_config.json` and an orbax checkpoint of `params` at `path/params`.
+
+    Collective when several processes are started: every process calls it with the same
+    arguments and writes its own shards of `params` (host memory: its share of the model);
+    process 0 writes the metadata and, once the params are committed, model_config.json.
+    """
     path = storage.path(path)
     require_new(path)
     transformer.check_param_shapes(cfg, params)
-    path.mkdir(parents=True, exist_ok=True)
+    distributed.barrier("lmjax_params_dir_checked")  # no process writes before all checked
+    if distributed.is_primary():
+        path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / "params", params)
         ckptr.wait_until_finished()
-    config = json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
-    (path / "model_config.json").write_text(config + "\n")
+    if distributed.is_primary():
+        config = json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+        (path / "model_config.json").write_text(config + "\n")
+    distributed.barrier("lmjax_params_dir_saved")
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -53,7 +62,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def offline_target(cfg: ModelConfig, mesh_cfg: MeshConfig | None = None) -> Any:
-    """ShapeDtypeStructs of `cfg`'s params, each sharded over this process's devices as
+    """ShapeDtypeStructs of `cfg`'s params, each sharded over all devices (every process's) as
     `sharding.offline_mesh` lays them out (a leaf whose dimensions the mesh does not divide
     is replicated): what offline commands restore onto, so that no device holds the model.
     mesh_cfg: the run's (its rules apply); default the default rules."""

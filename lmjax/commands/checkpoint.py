@@ -29,6 +29,9 @@ def list_from_args(args: argparse.Namespace) -> int:
 
 
 def export_from_args(args: argparse.Namespace) -> int:
+    from lmjax.parallel import distributed
+
+    distributed.initialize()  # started as several processes, they export together
     return export(args.workdir, args.step, args.params_only)
 
 
@@ -42,8 +45,13 @@ def list_steps(workdir: str, as_json: bool = False) -> int:
 
 
 def export(workdir: str, step: int | None, out: str) -> int:
-    """Writes OUT/params and OUT/model_config.json from a step (default: the newest)."""
+    """Writes OUT/params and OUT/model_config.json from a step (default: the newest). Started
+    as several processes (`distributed.initialize` first), each restores and writes its
+    shards."""
     from lmjax.checkpoint import listing
+    from lmjax.parallel import distributed
 
-    print(listing.export_params(workdir, step, out))
+    summary = listing.export_params(workdir, step, out)
+    if distributed.is_primary():
+        print(summary)
     return 0

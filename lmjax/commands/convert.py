@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
 def from_args(args: argparse.Namespace) -> int:
     if args.direction == "from-hf":
         return from_hf(args.src, args.out)
+    from lmjax.parallel import distributed
+
+    distributed.initialize()  # started as several processes, they export together
     return to_hf(args.src, args.out, dtype=args.dtype)
 
 
@@ -44,17 +47,20 @@ def from_hf(hf_dir: str, out_dir: str) -> int:
 
 def to_hf(source: str, out_dir: str, dtype: str | None = None) -> int:
     """Writes a Hugging Face checkpoint of a params directory, of the family its model
-    switches name (`dtype`: of the tensors)."""
+    switches name (`dtype`: of the tensors). Started as several processes
+    (`distributed.initialize` first), each restores its shards and process 0 writes the files."""
     from lmjax.checkpoint import params_dir
     from lmjax.convert import families, hf
     from lmjax.model import transformer
+    from lmjax.parallel import distributed
 
     hf.require_empty(out_dir)  # before the slow read
     cfg, params = params_dir.load(source)
     hf.save(cfg, params, out_dir, dtype=dtype)
     architecture = families.of_config(cfg).architecture
-    print(
-        f"wrote a {architecture} checkpoint ({transformer.count_params(cfg):,} parameters) "
-        f"to {out_dir}"
-    )
+    if distributed.is_primary():
+        print(
+            f"wrote a {architecture} checkpoint ({transformer.count_params(cfg):,} parameters) "
+            f"to {out_dir}"
+        )
     return 0

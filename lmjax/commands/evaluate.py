@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
 
 
 def from_args(args: argparse.Namespace) -> int:
+    from lmjax.parallel import distributed
+
+    distributed.initialize()  # started as several processes, they evaluate together
     main(
         args.workdir,
         args.step,
@@ -62,10 +65,12 @@ def main(
     text_files: globs of UTF-8 files, one document each (see `evaluate.score_texts`). context_len
     defaults to the run's data.seq_len, stride to half of it. `load(workdir, step)` and
     `batches_for(config, tokenizer, workdir)` are `saved_run.load` and `saved_run.eval_batches`
-    unless replaced. Prints one line (or JSON) and returns the numbers.
+    unless replaced. Prints one line (or JSON), on process 0 of several, and returns the
+    numbers (on every process).
     """
     from lmjax.data.documents import read_utf8
     from lmjax.inference import evaluate, saved_run
+    from lmjax.parallel import distributed
 
     load = load or saved_run.load
     batches_for = batches_for or saved_run.eval_batches
@@ -92,12 +97,12 @@ def main(
         else:
             batches = batches_for(config, tokenizer, workdir)
             result = evaluate.eval_loss(params, config.model, batches)
-    if as_json:
-        print(json.dumps(result, sort_keys=True))
-    else:
-        print(
-            "  ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
-            )
-        )
+    if distributed.is_primary():
+        print(json.dumps(result, sort_keys=True) if as_json else _one_line(result))
     return result
+
+
+def _one_line(result: dict) -> str:
+    return "  ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+    )

@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
 
 
 def from_args(args: argparse.Namespace) -> int:
+    from lmjax.parallel import distributed
+
+    distributed.initialize()  # started as several processes, they generate together
     main(
         args.workdir,
         args.step,
@@ -52,11 +55,12 @@ def main(
 ) -> list[str]:
     """`lmjax generate`: continues every prompt with a checkpoint of `workdir`, in one batch.
 
-    `prompts_file`: more prompts, one per non-blank line. See `generate.complete`. Prints and
-    returns the completions.
+    `prompts_file`: more prompts, one per non-blank line. See `generate.complete`. Prints the
+    completions (on process 0 of several) and returns them (on every process).
     """
     from lmjax.data.documents import read_utf8
     from lmjax.inference import generate, saved_run
+    from lmjax.parallel import distributed
 
     if prompts_file and not storage.path(prompts_file).exists():
         raise ConfigError(f"--prompts-file {prompts_file} does not exist.")
@@ -85,7 +89,7 @@ def main(
             top_p=top_p,
             seed=seed,
         )
-    for text in completions:
+    for text in completions if distributed.is_primary() else ():
         print(text)
         print("-" * 40)
     return completions

@@ -30,6 +30,7 @@ from lmjax.config import ConfigError, ModelConfig
 from lmjax.convert import families
 from lmjax.convert.families import Entry, Family
 from lmjax.model import transformer
+from lmjax.parallel import distributed
 
 Params = dict[str, Any]
 
@@ -352,55 +353,67 @@ def save(
 
     Args:
       cfg: the model's config.
-      params: numpy or fully addressable jax arrays (sharded ones are copied to the host a
-        tensor at a time, a layer's slice for stacked layers: host memory stays about one
-        file of `max_shard_bytes`).
+      params: numpy or jax arrays, sharded or not: each tensor (a layer's slice for stacked
+        layers) is copied to the host alone, gathered from every process when several hold
+        its shards (every process then calls `save` alike; process 0 alone writes). Host
+        memory stays about one file of `max_shard_bytes` on process 0, one tensor elsewhere.
       out_dir: a new or empty directory.
       dtype: "float32", "bfloat16" or "float16" for the written tensors; None keeps the
         params' dtype.
       max_shard_bytes: above this total size the tensors are split into
         `model-0000k-of-0000n.safetensors` files with a `model.safetensors.index.json`.
     """
-    from safetensors.numpy import save_file
-
     require_empty(out_dir)
     out_dir = storage.path(out_dir)
     transformer.check_param_shapes(cfg, params)
     dtype = dtype or str(params["embed"].dtype)
     if dtype not in _TORCH_DTYPES:
         raise ConfigError(f"cannot write dtype {dtype!r}; choose one of {sorted(_TORCH_DTYPES)}")
-    np_dtype = np.dtype(dtype)
     # The shards are planned from shapes alone, then converted one shard at a time.
-    shards, total = _plan_shards(cfg, np_dtype.itemsize, max_shard_bytes)
+    shards, total = _plan_shards(cfg, np.dtype(dtype).itemsize, max_shard_bytes)
     names = (
         ["model.safetensors"]
         if len(shards) == 1
         else [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weight_map = {}
+    distributed.barrier("lmjax_hf_checked")  # no process writes before all checked
+    primary = distributed.is_primary()
+    if primary:
+        out_dir.mkdir(parents=True, exist_ok=True)
     for filename, shard in zip(names, shards):
-        tensors = {}
-        for entry, name, index in shard:
-            tensors[name] = np.ascontiguousarray(_hf_tensor(params, entry, index).astype(np_dtype))
-            weight_map[name] = filename
-        # transformers requires the "format" header field.
-        with storage.staged(out_dir / filename) as local:
-            save_file(tensors, local, metadata={"format": "pt"})
-    if len(shards) > 1:
+        _write_shard(params, shard, out_dir / filename, np.dtype(dtype), write=primary)
+    if primary and len(shards) > 1:
+        weight_map = {name: f for f, shard in zip(names, shards) for _, name, _ in shard}
         shard_index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(
             json.dumps(shard_index, indent=2) + "\n"
         )
-    hf_config = config_to_hf(cfg, dtype)
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if primary:
+        hf_config = config_to_hf(cfg, dtype)
+        (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    distributed.barrier("lmjax_hf_saved")
+
+
+def _write_shard(params: Params, shard, path: epath.Path, dtype: np.dtype, write: bool) -> None:
+    """One safetensors file of `shard`'s tensors in `dtype`; with `write` False the tensors
+    are still gathered (every process takes part in each gather) but dropped at once."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for entry, name, index in shard:
+        tensor = _hf_tensor(params, entry, index)
+        if write:
+            tensors[name] = np.ascontiguousarray(tensor.astype(dtype))
+    if write:  # transformers requires the "format" header field
+        with storage.staged(path) as local:
+            save_file(tensors, local, metadata={"format": "pt"})
 
 
 def _hf_tensor(params: Params, entry: Entry, index: tuple[int, ...] | None) -> np.ndarray:
     """The HF tensor of `entry` (a layer's or a layer's expert's slice of a stack: `index`),
-    copied to the host."""
+    copied to the host (gathered from every process that holds a part of it)."""
     array = _get(params, entry.path)
-    return entry.to_hf(np.asarray(array[index] if index is not None else array))
+    return entry.to_hf(distributed.host_copy(array[index] if index is not None else array))
 
 
 def to_hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:

@@ -37,7 +37,7 @@ import numpy as np
 
 from lmjax.config import ConfigError, ModelConfig
 from lmjax.model import attention as attn_lib, transformer
-from lmjax.parallel import sharding
+from lmjax.parallel import distributed, sharding
 
 Cache = dict[str, dict[str, jax.Array]]  # kind -> "k", "v": [its layers, batch, slots, kv, hd]
 CACHE_AXES = (None, "act_batch", "act_seq", "act_kv_heads", None)
@@ -408,17 +408,16 @@ def complete(
     padded = np.full((len(ids), max(map(len, ids))), tokenizer.pad_id, np.int32)
     for row, seq in zip(padded, ids):
         row[: len(seq)] = seq
-    new = np.asarray(
-        generate(
-            params,
-            model_cfg,
-            padded,
-            max_new_tokens=max_new_tokens,
-            eos_id=tokenizer.eos_id,
-            prompt_lengths=[len(s) for s in ids],
-            **kw,
-        )
-    ).tolist()
+    new = generate(
+        params,
+        model_cfg,
+        padded,
+        max_new_tokens=max_new_tokens,
+        eos_id=tokenizer.eos_id,
+        prompt_lengths=[len(s) for s in ids],
+        **kw,
+    )
+    new = distributed.host_copy(new).tolist()  # rows may lie on several processes' devices
     cut = [row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row for row in new]
     return [tokenizer.decode(p + n) for p, n in zip(ids, cut)]  # decoding drops BOS (control)
 

@@ -337,3 +337,25 @@ def _join(r: Rendezvous, env, timeout_s: float) -> None:
 def is_primary() -> bool:
     """True on the process that writes logs and metrics (process index 0)."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op when alone); `name` must be
+    the same on every process and distinct from other barriers in flight."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def host_copy(x: Any) -> Any:
+    """The whole of array `x` as numpy, on every process: a gather over the processes when
+    some of its shards live on other processes' devices (then every process must call this,
+    in the same order), a plain copy otherwise. Host memory: one copy of `x`."""
+    import numpy as np
+
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)

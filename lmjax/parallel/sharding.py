@@ -265,13 +265,14 @@ def offline_mesh(
     cfg: MeshConfig, devices: Sequence[jax.Device] | None = None
 ) -> tuple[Mesh, dict[str, tuple[str, ...]]]:
     """(mesh, rules) for work outside training (eval, generation, export, conversion): every
-    device of this process (default `jax.local_devices()`) on `fsdp`, with `cfg`'s rules.
+    device (default `jax.devices()`: those of every process started, one host's or a pod's)
+    on `fsdp`, with `cfg`'s rules.
 
-    A run trained on a pod is read back on one host, so its own mesh shape rarely fits;
-    all-fsdp splits every parameter's `embed` dimension over all devices, the least memory
-    per device whatever the run's layout.
+    A run is often read back on fewer chips than it trained on, so its own mesh shape rarely
+    fits; all-fsdp splits every parameter's `embed` dimension over all devices, the least
+    memory per device (and so per host) whatever the run's layout.
     """
-    devices = list(jax.local_devices() if devices is None else devices)
+    devices = list(jax.devices() if devices is None else devices)
     return make_mesh(MeshConfig(rules=cfg.rules), devices), rules_from_config(cfg)
 
 

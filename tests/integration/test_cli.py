@@ -60,15 +60,6 @@ def test_eval_rejects_a_glob_matching_nothing(run_dir, capsys):
     assert "matched no files" in capsys.readouterr().err
 
 
-def test_generate_batches_prompts_like_single_runs(run_dir, capsys):
-    args = ["generate", "--workdir", run_dir, "--max-new-tokens", "8"]
-    assert cli.main(args + ["--prompt", "To be", "--prompt", "ROMEO: What light"]) == 0
-    both = capsys.readouterr().out.split("-" * 40 + "\n")
-    assert cli.main(args + ["--prompt", "ROMEO: What light"]) == 0
-    alone = capsys.readouterr().out.split("-" * 40 + "\n")
-    assert both[0].startswith("To be") and both[1] == alone[0]
-
-
 def test_checkpoint_list_export_and_hf_round_trip(run_dir, tmp_path, capsys):
     assert cli.main(["checkpoint", "list", run_dir, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -131,7 +131,7 @@ FLOORS = {
     "model": {"parallel"},
     "data": set(),
     "observe": {"model"},  # FLOPs per token for throughput and MFU
-    "convert": {"model"},
+    "convert": {"model", "parallel"},  # gathers of sharded params across processes
     "checkpoint": {"model", "parallel", "data"},
     "inference": {"model", "parallel", "data", "checkpoint"},
     "train": {"model", "parallel", "data", "checkpoint", "inference", "observe"},
