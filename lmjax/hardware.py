@@ -203,7 +203,8 @@ def parse_target(text: str) -> Target:
     text = text.strip().lower()
     m = re.fullmatch(r"([a-z0-9]+)-(\d+)", text)
     t = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)+)", text)
-    name = (m or t).group(1) if (m or t) else None
+    found = m or t
+    name = found.group(1) if found else ""
     gen = GENERATIONS.get(ALIASES.get(name, name))
     if gen is None:
         raise ConfigError(
@@ -221,7 +222,7 @@ def parse_target(text: str) -> Target:
             )
         chips = math.prod(shape)
         accelerator = f"{name}-{chips * gen.cores_per_chip}"
-    else:
+    elif m:  # a generation was found, so one of the two patterns matched
         units = int(m.group(2))
         if units % gen.cores_per_chip:
             raise ConfigError(

@@ -25,29 +25,29 @@ def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
     arguments and writes its own shards of `params` (host memory: its share of the model);
     process 0 writes the metadata and, once the params are committed, model_config.json.
     """
-    path = storage.path(path)
-    require_new(path)
+    directory = storage.path(path)
+    require_new(directory)
     transformer.check_param_shapes(cfg, params)
     distributed.barrier("lmjax_params_dir_checked")  # no process writes before all checked
     if distributed.is_primary():
-        path.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path / "params", params)
+        ckptr.save(directory / "params", params)
         ckptr.wait_until_finished()
     if distributed.is_primary():
         config = json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
-        (path / "model_config.json").write_text(config + "\n")
+        (directory / "model_config.json").write_text(config + "\n")
     distributed.barrier("lmjax_params_dir_saved")
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a directory written by `save` (read before any slow work); a
     ConfigError when `path` is not one."""
-    path = storage.path(path)
-    config_file = path / "model_config.json"
-    if not config_file.exists() or not (path / "params").exists():
+    directory = storage.path(path)
+    config_file = directory / "model_config.json"
+    if not config_file.exists() or not (directory / "params").exists():
         raise ConfigError(
-            f"{path} is not an lmjax params directory: expected model_config.json "
+            f"{directory} is not an lmjax params directory: expected model_config.json "
             "and params/ (as written by `lmjax convert from-hf` or `lmjax checkpoint "
             "export --params-only`)"
         )
@@ -91,6 +91,8 @@ def load(path: str | os.PathLike, target: Any = None) -> tuple[ModelConfig, Any]
 
 def require_new(path: str | os.PathLike) -> None:
     """A ConfigError unless `path` holds no params directory yet (checked before slow reads)."""
-    path = storage.path(path)
-    if (path / "params").exists() or (path / "model_config.json").exists():
-        raise ConfigError(f"{path} already holds a converted checkpoint; choose a new directory")
+    directory = storage.path(path)
+    if (directory / "params").exists() or (directory / "model_config.json").exists():
+        raise ConfigError(
+            f"{directory} already holds a converted checkpoint; choose a new directory"
+        )

@@ -50,6 +50,8 @@ def load_experiment(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError(f"experiment file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"lmjax_experiment_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"experiment file {str(path)!r} cannot be imported as Python")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "config"):

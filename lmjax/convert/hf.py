@@ -364,7 +364,7 @@ def save(
         `model-0000k-of-0000n.safetensors` files with a `model.safetensors.index.json`.
     """
     require_empty(out_dir)
-    out_dir = storage.path(out_dir)
+    out = storage.path(out_dir)
     transformer.check_param_shapes(cfg, params)
     dtype = dtype or str(params["embed"].dtype)
     if dtype not in _TORCH_DTYPES:
@@ -379,18 +379,16 @@ def save(
     distributed.barrier("lmjax_hf_checked")  # no process writes before all checked
     primary = distributed.is_primary()
     if primary:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     for filename, shard in zip(names, shards):
-        _write_shard(params, shard, out_dir / filename, np.dtype(dtype), write=primary)
+        _write_shard(params, shard, out / filename, np.dtype(dtype), write=primary)
     if primary and len(shards) > 1:
         weight_map = {name: f for f, shard in zip(names, shards) for _, name, _ in shard}
         shard_index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(
-            json.dumps(shard_index, indent=2) + "\n"
-        )
+        (out / "model.safetensors.index.json").write_text(json.dumps(shard_index, indent=2) + "\n")
     if primary:
         hf_config = config_to_hf(cfg, dtype)
-        (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     distributed.barrier("lmjax_hf_saved")
 
 
@@ -437,6 +435,6 @@ def _map_tree(fn, tree):
 
 def require_empty(out_dir: str | os.PathLike) -> None:
     """A ConfigError unless `out_dir` is new or empty (checked before slow reads)."""
-    out_dir = storage.path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir} is not empty; choose a new directory for the HF checkpoint")
+    out = storage.path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty; choose a new directory for the HF checkpoint")

@@ -104,16 +104,16 @@ def plan_rendezvous(
     if coordinator is not None or n is not None or pid is not None:
         if n == 1 and pid in (None, 0):
             return Rendezvous("single", num_processes=1, process_id=0)
-        missing = [
-            name
-            for name, v in (
-                (ENV_COORDINATOR, coordinator),
-                (ENV_NUM_PROCESSES, n),
-                (ENV_PROCESS_ID, pid),
-            )
-            if v is None
-        ]
-        if missing:
+        if coordinator is None or n is None or pid is None:
+            missing = [
+                name
+                for name, v in (
+                    (ENV_COORDINATOR, coordinator),
+                    (ENV_NUM_PROCESSES, n),
+                    (ENV_PROCESS_ID, pid),
+                )
+                if v is None
+            ]
             raise ConfigError(
                 f"explicit multi-process start needs all of {ENV_COORDINATOR}, "
                 f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} (or the matching "
@@ -172,29 +172,30 @@ def rendezvous_hint(
     )
     wait = f" To wait longer, set {ENV_TIMEOUT} (seconds)."
     if r.kind == "explicit":
-        others = r.num_processes - 1
+        n, address = r.num_processes, r.coordinator_address
+        assert n is not None and address is not None  # an explicit start has both (_rendezvous)
         check = (
-            f"Check: all {r.num_processes} processes were started with "
-            f"{ENV_COORDINATOR}={r.coordinator_address} {ENV_NUM_PROCESSES}={r.num_processes} "
-            f"and distinct {ENV_PROCESS_ID} 0..{r.num_processes - 1}; none crashed before "
+            f"Check: all {n} processes were started with "
+            f"{ENV_COORDINATOR}={address} {ENV_NUM_PROCESSES}={n} "
+            f"and distinct {ENV_PROCESS_ID} 0..{n - 1}; none crashed before "
             f"initialize (read their logs); firewalls allow the port."
         )
         if r.process_id == 0:
             where = (
-                f"This is process 0 of {r.num_processes}, hosting the coordinator at "
-                f"{r.coordinator_address}; not all of the other {others} process(es) "
+                f"This is process 0 of {n}, hosting the coordinator at "
+                f"{address}; not all of the other {n - 1} process(es) "
                 f"registered (jax does not say which)."
             )
-        elif port_open(r.coordinator_address):
+        elif port_open(address):
             where = (
-                f"This is process {r.process_id} of {r.num_processes}; the coordinator at "
-                f"{r.coordinator_address} accepts connections but not all "
-                f"{r.num_processes} processes registered with it."
+                f"This is process {r.process_id} of {n}; the coordinator at "
+                f"{address} accepts connections but not all "
+                f"{n} processes registered with it."
             )
         else:
             where = (
-                f"This is process {r.process_id} of {r.num_processes}; nothing answers at "
-                f"{r.coordinator_address}: process 0 is not running yet, died, or that "
+                f"This is process {r.process_id} of {n}; nothing answers at "
+                f"{address}: process 0 is not running yet, died, or that "
                 f"host:port is wrong or unreachable from here."
             )
         return f"{head}). {where} {check}{wait}"
@@ -290,12 +291,16 @@ def _refuse_second_coordinator(r: Rendezvous, port_open: Callable[[str], bool]) 
     """Process 0 hosts the coordinator; when something already answers at its address,
     another process claims index 0 (or an earlier run still holds the port), and joining would
     end in jax aborting both with "a request from a newer incarnation"."""
-    if r.kind == "explicit" and r.process_id == 0 and port_open(r.coordinator_address):
+    if r.kind != "explicit" or r.process_id != 0:
+        return
+    n, address = r.num_processes, r.coordinator_address
+    assert n is not None and address is not None  # an explicit start has both (_rendezvous)
+    if port_open(address):
         raise ConfigError(
             f"this process has {ENV_PROCESS_ID}=0 and so hosts the coordinator, but something "
-            f"already answers at {ENV_COORDINATOR}={r.coordinator_address}: another process "
+            f"already answers at {ENV_COORDINATOR}={address}: another process "
             f"claims index 0, or an earlier run still holds the port. Give each process a "
-            f"distinct {ENV_PROCESS_ID} 0..{r.num_processes - 1} (only the one on the "
+            f"distinct {ENV_PROCESS_ID} 0..{n - 1} (only the one on the "
             f"coordinator's host is 0), or stop the earlier run"
         )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import time
 
@@ -187,9 +188,10 @@ def format_report(r: CompileReport) -> str:
     """A short table: memory per chip against HBM, FLOPs, compile time, verdict."""
     hbm = r.hbm_bytes
     slices = f" x {r.num_slices} slices" if r.num_slices > 1 else ""
+    where = f"{r.target.accelerator} ({r.target.topology}{slices})" if r.target else "cpu"
+    chips = r.target.chips * r.num_slices if r.target else math.prod(r.mesh_shape.values())
     lines = [
-        f"target     {r.target.accelerator} ({r.target.topology}{slices}), "
-        f"{r.target.chips * r.num_slices} chips, mesh {r.mesh_shape}",
+        f"target     {where}, {chips} chips, mesh {r.mesh_shape}",
         f"compile    {r.compile_seconds:.1f} s wall, {r.compile_cpu_seconds:.1f} s CPU",
         "memory per chip",
         f"  arguments {format_bytes(r.argument_bytes):>12}   (params, optimizer state, batch)",

@@ -46,8 +46,9 @@ def state_axes(model_cfg: ModelConfig, tx: optax.GradientTransformation) -> Trai
     other optimizer leaves (counts) are replicated."""
     params_axes = transformer.param_axes(model_cfg)
     shapes = jax.eval_shape(functools.partial(init_state, model_cfg, tx, 0))
-    params_def = jax.tree.structure(shapes.params)
-    is_params = lambda x: jax.tree.structure(x) == params_def
+    # Any: mypy cannot resolve jax's PyTreeDef, whose == is a tree-structure comparison.
+    params_def: Any = jax.tree.structure(shapes.params)
+    is_params = lambda x: params_def == jax.tree.structure(x)
     opt_axes = jax.tree.map(
         lambda x: params_axes if is_params(x) else (None,) * x.ndim,
         shapes.opt_state,

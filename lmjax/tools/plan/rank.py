@@ -53,6 +53,13 @@ class Row:
     def fits(self) -> bool:
         return self.outcome.status == "ok" and self.outcome.report.fits
 
+    @property
+    def estimated(self) -> roofline.Estimate:
+        """The estimate of a candidate that compiled; an error for one that did not."""
+        if self.estimate is None:
+            raise ValueError(f"{self.outcome.candidate.overrides} did not compile: no estimate")
+        return self.estimate
+
 
 def estimate_step(report, config: Config, hw: roofline.Hardware) -> roofline.Estimate:
     """The roofline estimate of one compiled candidate (per chip, per step)."""
@@ -82,7 +89,7 @@ def rank(outcomes: Sequence[Outcome], hw: roofline.Hardware) -> list[Row]:
 
     def key(row: Row):
         if row.fits:
-            return (0, -row.estimate.tokens_per_s_per_chip)
+            return (0, -row.estimated.tokens_per_s_per_chip)
         if row.estimate is not None:
             return (1, row.outcome.report.total_bytes)
         return (2, 0)
@@ -112,7 +119,7 @@ def _describe(overrides: Sequence[str]) -> dict[str, str]:
 
 def _cells(i: int, row: Row) -> tuple[str, ...]:
     """One line of `format_table`: candidate `i`, compiled and estimated."""
-    r, e, d = row.outcome.report, row.estimate, _describe(row.outcome.candidate.overrides)
+    r, e, d = row.outcome.report, row.estimated, _describe(row.outcome.candidate.overrides)
     mesh = "/".join(str(r.mesh_shape[a]) for a in ("data", "fsdp", "tensor"))
     chips = math.prod(r.mesh_shape.values())
     batch = int(d["data.batch_size"])

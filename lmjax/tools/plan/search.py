@@ -76,7 +76,7 @@ def plan(
     run = budget = None
     if best and (req.tokens > 0 or req.days > 0):
         run = run_length(
-            best.estimate.step_s,
+            best.estimated.step_s,
             best.outcome.report.tokens_per_step,
             target_info["chips"],
             tokens=req.tokens,
@@ -86,7 +86,7 @@ def plan(
         budget = budget_proposal(
             req.budget_chip_hours,
             hw.peak_flops,
-            best.estimate.mfu,
+            best.estimated.mfu,
             presets or {},
             config.model.vocab_size,
         )
