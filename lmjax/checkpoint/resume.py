@@ -221,7 +221,7 @@ class ResumePlan:
         state = init_fn()
         if self.init_from is None:
             return state, None, "fresh init"
-        return self._with_init_params(state, target, model_cfg)
+        return self._with_init_params(state, target, self.init_from)
 
     def _restore(self, c: Candidate, target) -> tuple[Any, dict] | None:
         """(state, data position), or None when `c` is torn on some process."""
@@ -251,11 +251,11 @@ class ResumePlan:
             return None
         raise _stop_error(c, error)
 
-    def _with_init_params(self, state, target, model_cfg) -> tuple[Any, None, str]:
+    def _with_init_params(self, state, target, init_from: str) -> tuple[Any, None, str]:
         # Restored onto training's shardings: each process reads only its own shards.
-        _, params = params_dir.load(self.init_from, target.params)
-        log.info("initialized params from %s", self.init_from)
-        return state.replace(params=params), None, f"params from {self.init_from}"
+        _, params = params_dir.load(init_from, target.params)
+        log.info("initialized params from %s", init_from)
+        return state.replace(params=params), None, f"params from {init_from}"
 
 
 def _check_init_from(init_from: str, model_cfg) -> None:

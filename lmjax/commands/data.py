@@ -125,6 +125,7 @@ def prepare(
     root = sources.store_root(config.data, workdir)
     options = beam_engine.pipeline_options(runner, workers, beam_options, root)
     tokenizer = prepare_lib.prepare_tokenizer(config.data, workdir)
+    assert tokenizer is not None  # only the synthetic source, returned above, has none
     directory, meta = prepare_lib.prepare(config.data, tokenizer, root, beam_options=options)
     s = meta["summary"]
     print(f"store: {directory}")

@@ -407,7 +407,10 @@ def synthetic_batch(
 
 
 def _rows(
-    data_cfg: DataConfig, process_index: int, process_count: int, rows: Sequence[int] | None
+    data_cfg: DataConfig,
+    process_index: int,
+    process_count: int,
+    rows: Sequence[int] | np.ndarray | None,
 ) -> np.ndarray:
     """The ascending global row indices this process feeds (default: its equal share)."""
     if not 0 <= process_index < process_count:
@@ -442,7 +445,7 @@ def make_pipeline(
     *,
     process_index: int = 0,
     process_count: int = 1,
-    rows: Sequence[int] | None = None,
+    rows: Sequence[int] | np.ndarray | None = None,
     stores: dict[str, str] | None = None,
     vocab_size: int | None = None,
 ) -> Pipeline:

@@ -16,6 +16,8 @@ import re
 import time
 from typing import Sequence
 
+import numpy as np
+
 from lmjax import storage
 from lmjax.config import Config, ConfigError, DataConfig
 from lmjax.data import mixture, prepare, store
@@ -42,7 +44,7 @@ def run_pipeline(
     leader: bool = True,
     process_index: int = 0,
     process_count: int = 1,
-    rows: Sequence[int] | None = None,
+    rows: Sequence[int] | np.ndarray | None = None,
 ) -> Pipeline:
     """The pipeline a run of `config` in `workdir` reads with `tokenizer` (None: synthetic
     tokens): `make_pipeline` over `run_stores` (the leader prepares a missing store)."""

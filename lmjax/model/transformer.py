@@ -55,7 +55,7 @@ Params = dict[str, Any]
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     shape: tuple[int, ...]
-    axes: tuple[str, ...]
+    axes: tuple[str | None, ...]  # None: a dimension no rule shards
     init: str  # "normal", "out" (normal scaled by depth), "ones" or "zeros"
 
 

@@ -56,7 +56,7 @@ class WandbWriter:
     def __init__(self, project: str, workdir: str, config: Config):
         import wandb  # config.validate checked that it is installed
 
-        mode = os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
+        mode: Any = os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
         self.workdir = workdir
         self.files_dir = _files_dir(workdir)
         self.run = wandb.init(

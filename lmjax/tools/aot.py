@@ -109,12 +109,13 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
     if num_slices < 1:
         raise ConfigError(f"--num-slices={num_slices} must be at least 1")
     if target is not None:
-        on_tpu = {
-            k: v
-            for k, v in (("attention", "splash"), ("matmul", "xla"))
-            if getattr(config.model, k) == "auto"
-        }
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, **on_tpu))
+        m = config.model
+        on_tpu = dataclasses.replace(
+            m,
+            attention="splash" if m.attention == "auto" else m.attention,
+            matmul="xla" if m.matmul == "auto" else m.matmul,
+        )
+        config = dataclasses.replace(config, model=on_tpu)
     config = validate(config)
     devices = topology_devices(target, num_slices) if target else jax.devices()
     mesh = sharding.make_mesh(config.mesh, devices)

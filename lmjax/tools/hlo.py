@@ -161,6 +161,8 @@ def collectives(hlo: str, slice_of: Sequence[int]) -> list[Collective]:
     mesh's devices in row-major order), which the replica groups number.
     """
     comps, entry = _computations(hlo)
+    if entry is None:  # no ENTRY computation: nothing runs
+        return []
     found = []
     for name, times in _executions(comps, entry).items():
         for line in comps.get(name, ()):

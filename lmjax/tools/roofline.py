@@ -73,7 +73,7 @@ def estimate(
         ici,
         dcn,
         step,
-        max(terms, key=terms.get),
+        max(terms, key=lambda k: terms[k]),
         model_flops / (step * hw.peak_flops),
         tokens / step,
     )

@@ -54,7 +54,8 @@ def state_axes(model_cfg: ModelConfig, tx: optax.GradientTransformation) -> Trai
         shapes.opt_state,
         is_leaf=is_params,
     )
-    return TrainState(step=(), params=params_axes, opt_state=opt_axes, rng=(None,))
+    # The state's own tree, each leaf replaced by its logical axes.
+    return shapes.replace(step=(), params=params_axes, opt_state=opt_axes, rng=(None,))
 
 
 # ---------------------------------------------------------------- the step

@@ -86,7 +86,7 @@ def budget_proposal(
         "optimal_tokens": d,
         "tokens_per_param": CHINCHILLA_TOKENS_PER_PARAM,
         "preset": nearest,
-        "preset_params": sizes.get(nearest),
+        "preset_params": sizes[nearest] if nearest else None,
         "preset_tokens": budget / (6 * sizes[nearest]) if nearest else None,
         "derived_shape": derived_shape(n, vocab_size),
     }
