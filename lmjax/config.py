@@ -20,6 +20,9 @@ from typing import Any
 REMAT_POLICIES = ("none", "full", "save_dots", "save_attn")
 ATTENTION_IMPLS = ("auto", "xla", "pallas_gpu", "cudnn", "splash")
 MATMUL_IMPLS = ("auto", "xla", "row_major")  # lmjax/model/matmul.py
+# The grouped matmul of dropless MoE dispatch (lmjax/model/moe.py): "auto" is megablox on TPU
+# and ragged_dot elsewhere; megablox off TPU runs its kernel in Pallas interpret mode (tests).
+MOE_MATMUL_IMPLS = ("auto", "ragged_dot", "megablox")
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama, Qwen, Mistral), GeGLU (Gemma)
@@ -96,6 +99,7 @@ class ModelConfig:
     # 0: dropless (tokens grouped by expert, a grouped matmul); >0: each expert takes at most
     # ceil(factor x tokens x top_k / experts) tokens per batch, fixed shapes, the rest dropped.
     moe_capacity_factor: float = 0.0
+    moe_matmul: str = "auto"  # MOE_MATMUL_IMPLS: the dropless grouped matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -510,6 +514,15 @@ def _check_moe(m: ModelConfig, need) -> None:
     for name in ("moe_d_mlp", "moe_shared_d_mlp", "moe_first_dense_layers", "moe_capacity_factor"):
         value = getattr(m, name)
         need(value >= 0, f"model.{name}={value} must be 0 or positive.")
+    need(
+        m.moe_matmul in MOE_MATMUL_IMPLS,
+        f"model.moe_matmul={m.moe_matmul!r}: choose one of {MOE_MATMUL_IMPLS}.",
+    )
+    need(
+        m.moe_matmul != "megablox" or m.dtype in ("float32", "bfloat16"),
+        f"model.moe_matmul=megablox takes float32 or bfloat16, not model.dtype={m.dtype!r}: "
+        "set model.moe_matmul=ragged_dot or another dtype.",
+    )
     need(m.moe_every >= 1, f"model.moe_every={m.moe_every} must be at least 1 (1: every layer).")
     need(m.moe_routed_scale > 0, f"model.moe_routed_scale={m.moe_routed_scale} must be positive.")
     need(

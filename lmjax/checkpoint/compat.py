@@ -19,7 +19,8 @@ from lmjax.model import transformer
 log = logging.getLogger("lmjax")
 
 # Model fields a resume may change: how the step is computed (dtype, remat, attention, matmul,
-# scan_layers, logits_chunk, the MoE dispatch mode moe_capacity_factor), the fresh-init scale
+# scan_layers, logits_chunk, the MoE dispatch mode moe_capacity_factor and its grouped matmul
+# moe_matmul), the fresh-init scale
 # (init_std) and the length limit (max_seq_len). Every other model field changes the
 # parameters' shapes or meaning, and a resume refuses it.
 COMPUTE_ONLY_MODEL_FIELDS = (
@@ -32,6 +33,7 @@ COMPUTE_ONLY_MODEL_FIELDS = (
     "init_std",
     "logits_chunk",
     "moe_capacity_factor",
+    "moe_matmul",
 )
 TOKENIZER_FIELDS = ("data.tokenizer_vocab_size",)
 # Data fields the saved data position depends on (the pipeline's identity, `check_state`):

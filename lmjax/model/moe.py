@@ -8,7 +8,8 @@ MoE layers):
 
 Two dispatch modes, the same function of the parameters wherever no token is dropped:
   dropless (moe_capacity_factor 0): the token copies are sorted by expert and multiplied in
-    one grouped matmul (`jax.lax.ragged_dot`), then unsorted;
+    one grouped matmul (`grouped_matmul`: `jax.lax.ragged_dot`, or on TPU the megablox
+    Pallas kernel, by `moe_matmul`), then unsorted;
   capacity (> 0): each expert holds at most `capacity` copies in a fixed [experts, capacity,
     embed] buffer; copies past it (first choices of all tokens first, then second choices, in
     token order) are dropped and counted, and contribute nothing to their token.
@@ -20,13 +21,14 @@ expert shards and back; dropless then means a capacity of the device's token cou
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from lmjax.config import ConfigError, ModelConfig
+from lmjax.config import MOE_MATMUL_IMPLS, ConfigError, ModelConfig
 from lmjax.parallel import sharding
 
 Params = dict[str, Any]
@@ -103,15 +105,70 @@ def _swiglu(h_gate, h_up):
     return jax.nn.silu(h_gate) * h_up
 
 
-def grouped_experts(xs, group_sizes, p: Params):
+def resolve_matmul(impl: str, backend: str | None = None) -> str:
+    """`model.moe_matmul` "auto" -> megablox on TPU, ragged_dot on other backends."""
+    if impl != "auto":
+        return impl
+    return "megablox" if (backend or jax.default_backend()) == "tpu" else "ragged_dot"
+
+
+# Megablox blocks (rows, contracted, output columns) before clamping: MaxText's Mixtral
+# tiling for 2-byte inputs, contracted and output blocks halved for 4-byte ones, so that the
+# double-buffered operand and output blocks and the float32 accumulator stay near 10 MiB, under
+# the 16 MiB of scoped VMEM a TPU kernel gets by default (v5e, v5p; v6e has 32).
+_MEGABLOX_BLOCKS = {2: (512, 1024, 1024), 4: (512, 512, 512)}
+
+
+def megablox_tiling(m: int, k: int, n: int, dtype) -> tuple[int, int, int]:
+    """The (tm, tk, tn) blocks of a megablox grouped matmul lhs [m, k] x rhs [groups, k, n]:
+    `_MEGABLOX_BLOCKS` for the dtype, each clamped to its dimension rounded up to 128. Every
+    block is then a multiple of 128, which the TPU takes in any position (its tiles are 8 or
+    16 sublanes by 128 lanes, and the backward kernels swap k and n); the rows are padded to a
+    multiple of tm (the kernel needs it; padded rows belong to no group and are not computed),
+    and a ragged last k or n block is masked or cut off by the kernel."""
+    pm, pk, pn = _MEGABLOX_BLOCKS[jnp.dtype(dtype).itemsize]
+    up = lambda x: -(-x // 128) * 128
+    return min(pm, up(m)), min(pk, up(k)), min(pn, up(n))
+
+
+def grouped_matmul(lhs, w, group_sizes, impl: str):
+    """lhs: [rows, k] sorted by group, w [groups, k, n] in lhs's dtype, group_sizes [groups]
+    int32 summing to rows -> [rows, n] in lhs's dtype, accumulated in float32: row r times
+    the matrix of the group that holds it. `impl`: ragged_dot (`jax.lax.ragged_dot`) or
+    megablox (the Pallas TPU kernel shipped with jax, its custom VJP running the gmm and tgmm
+    kernels; off TPU in Pallas interpret mode)."""
+    if impl == "ragged_dot":
+        out = jax.lax.ragged_dot(lhs, w, group_sizes, preferred_element_type=jnp.float32)
+        return out.astype(lhs.dtype)
+    if impl != "megablox":
+        raise ValueError(f"unknown model.moe_matmul {impl!r}: use one of {MOE_MATMUL_IMPLS}")
+    from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+
+    (m, k), n = lhs.shape, w.shape[2]
+    tiling = megablox_tiling(m, k, n, lhs.dtype)
+    padded = jnp.pad(lhs, ((0, -m % tiling[0]), (0, 0)))
+
+    def kernel(interpret, padded, w, group_sizes):
+        return megablox.gmm(padded, w, group_sizes, lhs.dtype, tiling=tiling, interpret=interpret)
+
+    # By the platform the program is lowered for, not the one that traces it: `lmjax compile`
+    # traces on a CPU for a TPU and must get the Mosaic kernel.
+    out = jax.lax.platform_dependent(
+        padded,
+        w,
+        group_sizes,
+        tpu=functools.partial(kernel, False),
+        default=functools.partial(kernel, True),
+    )
+    return out[:m]
+
+
+def grouped_experts(xs, group_sizes, p: Params, impl: str):
     """xs: [copies, embed] sorted by expert, group_sizes [experts] int32 -> [copies, embed]:
-    row r through the expert whose group holds it (`jax.lax.ragged_dot`)."""
+    row r through the expert whose group holds it (`grouped_matmul` by `impl`)."""
 
     def gmm(lhs, w):
-        out = jax.lax.ragged_dot(
-            lhs, w.astype(lhs.dtype), group_sizes, preferred_element_type=jnp.float32
-        )
-        return out.astype(lhs.dtype)
+        return grouped_matmul(lhs, w.astype(lhs.dtype), group_sizes, impl)
 
     return gmm(_swiglu(gmm(xs, p["w_gate"]), gmm(xs, p["w_up"])), p["w_down"])
 
@@ -134,7 +191,7 @@ def dropless(x, experts, p: Params, cfg: ModelConfig):
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=cfg.moe_experts).astype(jnp.int32)
-    ys = grouped_experts(x[order // k], group_sizes, p)
+    ys = grouped_experts(x[order // k], group_sizes, p, resolve_matmul(cfg.moe_matmul))
     y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
     return y.reshape(tokens, k, -1), jnp.zeros((), jnp.float32)
 

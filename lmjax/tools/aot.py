@@ -9,10 +9,12 @@ a step that does not fit is an error (exit code 1) before any TPU time is paid f
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.util
 import math
 import os
+import re
 import time
 
 import jax
@@ -86,13 +88,19 @@ class CompileReport:
     xla_optimal_seconds: float  # the TPU compiler's own estimate (nan elsewhere); loops once
     model_flops: float  # per chip per step, from flops.flops_per_token
     tokens_per_step: int
-    pallas_calls: int  # tpu_custom_call ops (Pallas kernels such as splash attention)
+    # tpu_custom_call ops (Pallas kernels) by kernel name: splash attention's, megablox's gmm
+    # and tgmm (the grouped matmuls of dropless MoE); a scanned layer's counted once.
+    pallas_kernels: dict[str, int]
     ici_bytes: float  # per chip per step, sent by collectives within a slice (roofline.py)
     dcn_bytes: float  # ... by collectives whose groups span slices
 
     @property
     def total_bytes(self) -> int:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def pallas_calls(self) -> int:
+        return sum(self.pallas_kernels.values())
 
     @property
     def fits(self) -> bool:
@@ -103,8 +111,8 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
     """Lowers and compiles `trainer_lib.make_trainer(config, mesh).step_fn` for `target`, or for
     this machine's devices when `target` is None.
 
-    For a TPU target, `model.attention` and `model.matmul` "auto" resolve as they would on
-    the TPU (splash, xla), not as on the CPU that compiles.
+    For a TPU target, `model.attention`, `model.matmul` and `model.moe_matmul` "auto" resolve
+    as they would on the TPU (splash, xla, megablox), not as on the CPU that compiles.
     """
     if num_slices < 1:
         raise ConfigError(f"--num-slices={num_slices} must be at least 1")
@@ -114,6 +122,7 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
             m,
             attention="splash" if m.attention == "auto" else m.attention,
             matmul="xla" if m.matmul == "auto" else m.matmul,
+            moe_matmul="megablox" if m.moe_matmul == "auto" else m.moe_matmul,
         )
         config = dataclasses.replace(config, model=on_tpu)
     config = validate(config)
@@ -145,6 +154,13 @@ def compile_train_step(config: Config, target: Target | None, num_slices: int = 
     return _report(config, target, num_slices, mesh, hbm, compiled, seconds, cpu_seconds)
 
 
+# An HLO instruction calling a Pallas TPU kernel: "%gmm.8 = bf16[...] custom-call(...),
+# custom_call_target="tpu_custom_call"": the kernel's name before the instruction's number.
+_PALLAS_CALL = re.compile(
+    r"%([A-Za-z_][\w-]*?)(?:\.\d+)? = [^\n]*custom_call_target=\"tpu_custom_call\""
+)
+
+
 def _report(
     config: Config,
     target: Target | None,
@@ -160,7 +176,7 @@ def _report(
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     tokens = config.data.batch_size * config.data.seq_len
     hlo_text = compiled.as_text()
-    pallas_calls = hlo_text.count('custom_call_target="tpu_custom_call"')
+    pallas_kernels = collections.Counter(m.group(1) for m in _PALLAS_CALL.finditer(hlo_text))
     model_flops = flops.flops_per_token(config.model, config.data.seq_len) * tokens / mesh.size
     slice_of = [getattr(d, "slice_index", 0) for d in mesh.devices.flat]
     sent = hlo.collectives(hlo_text, slice_of)
@@ -179,7 +195,7 @@ def _report(
         float(cost.get("optimal_seconds", float("nan"))),
         model_flops,
         tokens,
-        pallas_calls,
+        dict(pallas_kernels),
         sum(c.bytes_sent for c in sent if not c.crosses_slices),
         sum(c.bytes_sent for c in sent if c.crosses_slices),
     )
@@ -204,7 +220,8 @@ def format_report(r: CompileReport) -> str:
         f"FLOPs per chip per step: {r.model_flops:.4g} (model: 6N + attention, "
         f"{r.tokens_per_step} tokens per step); XLA cost analysis {r.xla_flops:.4g} (counts each "
         "scanned layer once, attention kernels not at all)",
-        f"Pallas kernel calls (splash attention): {r.pallas_calls}",
+        f"Pallas kernel calls: {r.pallas_calls}"
+        + "".join(f", {name} {n}" for name, n in sorted(r.pallas_kernels.items())),
         "fits"
         if r.fits
         else f"DOES NOT FIT: {r.total_bytes / GiB:.2f} GiB > {hbm / GiB:.0f} GiB HBM",

@@ -3,6 +3,7 @@ keeps full logits out of memory."""
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,12 @@ def test_smoke_compiles_for_v5e_with_splash_and_sharded_state():
     assert report.compile_seconds > 0
 
 
-def test_cli_compile_multislice_prints_the_report(capsys):
+def test_cli_compile_multislice_moe_prints_the_report_with_the_megablox_kernels(capsys):
+    """smoke with its 2 layers MoE (4 experts, dropless, model.moe_matmul auto) on
+    2 slices: the compiled TPU program holds megablox's kernels. Per layer (XLA unrolls the
+    2-layer scan, or keeps one body), gmm runs the 3 expert matmuls forward, again in the
+    backward's full remat and for their input gradients (9), and tgmm their weight
+    gradients (3)."""
     tpu_compiler.require()
     code = cli.main(
         [
@@ -61,6 +67,8 @@ def test_cli_compile_multislice_prints_the_report(capsys):
             "data.seq_len=128",
             "--set",
             "mesh.dcn_data=2",
+            "--set",
+            "model.moe_experts=4",
         ]
     )
     out = capsys.readouterr().out
@@ -69,6 +77,8 @@ def test_cli_compile_multislice_prints_the_report(capsys):
         "v5e-4 (v5e:2x2 x 2 slices), 8 chips, mesh {'data': 2, 'fsdp': 4, 'expert': 1, 'tensor': 1}"
         in out
     )
+    gmm, tgmm = (int(re.search(rf", {name} (\d+)", out).group(1)) for name in ("gmm", "tgmm"))
+    assert tgmm in (3, 6) and gmm == 3 * tgmm, out
     assert "of 16 GiB HBM" in out and out.rstrip().endswith("fits")
 
 

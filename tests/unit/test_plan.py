@@ -267,7 +267,7 @@ def test_plan_json_schema_is_stable():
         float("nan"),
         4e9,
         256,
-        0,
+        {},
         1e6,
         0.0,
     )
