@@ -166,40 +166,19 @@ def time_generation(
     )
     params = jax.jit(transformer.init, static_argnums=0)(model_cfg, jax.random.PRNGKey(seed))
     max_len = prompt_len + new_tokens
-    sampling = generate.Sampling()
-
-    def run():
-        t0 = time.perf_counter()
-        logits, cache = jax.block_until_ready(
-            generate.prefill_jit(
-                params,
-                tokens,
-                lengths,
-                cfg=model_cfg,
-                max_len=max_len,
-                context=None,
-                window_cache=window_cache,
-            )
-        )
-        t1 = time.perf_counter()
-        jax.block_until_ready(
-            generate.decode_jit(
-                params,
-                logits,
-                cache,
-                lengths,
-                np.int32(seed),
-                cfg=model_cfg,
-                sampling=sampling,
-                eos_id=None,
-                max_new_tokens=new_tokens,
-                context=None,
-            )
-        )
-        return t1 - t0, time.perf_counter() - t1
-
-    run()  # compile
-    prefill_s, decode_s = run()
+    timed = functools.partial(
+        _prefill_and_decode,
+        params,
+        tokens,
+        lengths,
+        model_cfg,
+        max_len,
+        new_tokens,
+        seed,
+        window_cache,
+    )
+    timed()  # compile
+    prefill_s, decode_s = timed()
     cache = jax.eval_shape(
         functools.partial(generate.init_cache, model_cfg, batch, max_len, window_cache=window_cache)
     )
@@ -210,3 +189,45 @@ def time_generation(
         "decode_s": decode_s,
         "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)),
     }
+
+
+def _prefill_and_decode(
+    params,
+    tokens,
+    lengths,
+    model_cfg: ModelConfig,
+    max_len: int,
+    new_tokens: int,
+    seed: int,
+    window_cache: bool,
+) -> tuple[float, float]:
+    """Seconds of one prefill and of one greedy decode of `new_tokens` (each run to the end)."""
+    sampling = generate.Sampling()
+    t0 = time.perf_counter()
+    logits, cache = jax.block_until_ready(
+        generate.prefill_jit(
+            params,
+            tokens,
+            lengths,
+            cfg=model_cfg,
+            max_len=max_len,
+            context=None,
+            window_cache=window_cache,
+        )
+    )
+    t1 = time.perf_counter()
+    jax.block_until_ready(
+        generate.decode_jit(
+            params,
+            logits,
+            cache,
+            lengths,
+            np.int32(seed),
+            cfg=model_cfg,
+            sampling=sampling,
+            eos_id=None,
+            max_new_tokens=new_tokens,
+            context=None,
+        )
+    )
+    return t1 - t0, time.perf_counter() - t1

@@ -49,6 +49,16 @@ class _Setup:
     meta: dict  # what each checkpoint records about the run
 
 
+def _describe_params(config: Config, mesh, trainer) -> str:
+    """Every parameter's shape, logical axes, partition spec and bytes per device."""
+    return sharding.describe_params(
+        transformer.param_shapes(config.model),
+        transformer.param_axes(config.model),
+        mesh,
+        trainer.rules,
+    )
+
+
 def _set_up(
     config: Config,
     workdir: str,
@@ -85,15 +95,7 @@ def _set_up(
         rows=rows,
     )
     if primary:
-        log.info(
-            "parameters:\n%s",
-            sharding.describe_params(
-                transformer.param_shapes(config.model),
-                transformer.param_axes(config.model),
-                mesh,
-                trainer.rules,
-            ),
-        )
+        log.info("parameters:\n%s", _describe_params(config, mesh, trainer))
     watch.expect("the train state (restored or initialized)")
     state, data_state, source = resume.load(
         trainer.init_fn, trainer.state_shardings, workdir, config.model
