@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from lmjax import storage
 from lmjax.config import ConfigError, MeshConfig, ModelConfig
@@ -38,6 +41,84 @@ def save(cfg: ModelConfig, params: Any, path: str | os.PathLike) -> None:
         config = json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
         (directory / "model_config.json").write_text(config + "\n")
     distributed.barrier("lmjax_params_dir_saved")
+
+
+def save_streamed(
+    cfg: ModelConfig, pieces: Iterable[tuple[tuple[str, ...], Any, np.ndarray]], path: Any
+) -> None:
+    """Writes what `save` writes, from `pieces` consumed one at a time: (leaf path, index into
+    the leaf or None for all of it, numpy array). Host memory: one piece and tensorstore's
+    buffers, never the model.
+
+    Each leaf is a zarr array of the orbax layout that `save` writes for numpy leaves
+    without OCDBT (`path/params/<a.b>/`, named in `params/_METADATA`), which `load` restores
+    like any orbax checkpoint; a stacked leaf is chunked by the first piece's index (one
+    layer's slice, or one expert's), so that each piece is written alone. model_config.json
+    is written last: an interrupted conversion is never taken for a complete one.
+    """
+    from orbax.checkpoint._src.serialization import tensorstore_utils  # orbax's own spec
+
+    path = storage.path(path)
+    require_new(path)
+    shapes = dict(_flat(transformer.param_shapes(cfg)))
+    arrays: dict[tuple[str, ...], Any] = {}
+    written = dict.fromkeys(shapes, 0)
+    for keys, index, value in pieces:
+        shape = shapes[keys].shape
+        if keys not in arrays:
+            chunks = [1] * len(index or ()) + list(shape[len(index or ()) :])
+            spec = tensorstore_utils.build_kvstore_tspec(
+                str(path / "params"), ".".join(keys), use_ocdbt=False
+            )
+            arrays[keys] = ts.open(
+                {"driver": "zarr", "kvstore": spec, "metadata": _ZARR | {"chunks": chunks}},
+                create=True,
+                dtype=ts.dtype(shapes[keys].dtype.name),
+                shape=shape,
+            ).result()
+        target = arrays[keys][index] if index is not None else arrays[keys]
+        target.write(value).result()
+        written[keys] += value.size
+    unwritten = [".".join(k) for k, n in written.items() if n != math.prod(shapes[k].shape)]
+    if unwritten:
+        raise ValueError(f"params {unwritten} were not written whole")
+    (path / "params" / "_METADATA").write_text(json.dumps(_tree_metadata(shapes)))
+    # orbax's commit marker, which it requires on filesystems without atomic renames (gs://)
+    (path / "params" / "commit_success.txt").write_text(
+        f"Checkpoint commit was successful to {path / 'params'}"
+    )
+    config = json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+    (path / "model_config.json").write_text(config + "\n")
+
+
+# How orbax stores a numpy leaf without OCDBT (zarr v2, zstd level 1), and its tree record.
+_ZARR = {"compressor": {"id": "zstd", "level": 1}}
+
+
+def _tree_metadata(shapes: dict[tuple[str, ...], Any]) -> dict:
+    leaf = {"value_type": "np.ndarray", "skip_deserialize": False}
+    tree = {
+        str(keys): {
+            "key_metadata": [{"key": k, "key_type": 2} for k in keys],
+            "value_metadata": leaf,
+        }
+        for keys in shapes
+    }
+    return {
+        "tree_metadata": tree,
+        "use_ocdbt": False,
+        "use_zarr3": False,
+        "store_array_data_equal_to_fill_value": True,
+        "custom_metadata": None,
+    }
+
+
+def _flat(tree: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:

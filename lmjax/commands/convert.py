@@ -30,14 +30,16 @@ def from_args(args: argparse.Namespace) -> int:
 
 
 def from_hf(hf_dir: str, out_dir: str) -> int:
-    """Reads a Hugging Face checkpoint, writes OUT_DIR/params and OUT_DIR/model_config.json."""
+    """Reads a Hugging Face checkpoint, writes OUT_DIR/params and OUT_DIR/model_config.json,
+    one tensor at a time (host memory: about the largest tensor, never the model). One
+    process: it uses no devices."""
     from lmjax.checkpoint import params_dir
     from lmjax.convert import hf
     from lmjax.model import transformer
 
     params_dir.require_new(out_dir)  # before the slow read
-    cfg, params = hf.load(hf_dir)
-    params_dir.save(cfg, params, out_dir)
+    cfg, pieces = hf.read(hf_dir)
+    params_dir.save_streamed(cfg, pieces, out_dir)
     print(
         f"wrote {transformer.count_params(cfg):,} parameters ({cfg.n_layers} layers, d_model "
         f"{cfg.d_model}) to {out_dir}/params and {out_dir}/model_config.json"

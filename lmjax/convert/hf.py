@@ -19,7 +19,7 @@ import json
 import math
 import os
 import typing
-from typing import Any
+from typing import Any, Iterator
 
 import ml_dtypes  # noqa: F401  (registers np.dtype("bfloat16"))
 import numpy as np
@@ -271,13 +271,27 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
 
 def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[ModelConfig, Params]:
     """Reads an HF directory of any family in `families.FAMILIES` (config.json +
-    safetensors, single or sharded).
+    safetensors, single or sharded) into memory.
 
     Returns (ModelConfig, params) with params as host numpy arrays in `param_dtype`, shaped
     as `lmjax.model.transformer.param_shapes`. bfloat16/float16 checkpoints are upcast exactly.
     """
-    from safetensors import safe_open
+    cfg, pieces = read(hf_dir, param_dtype=param_dtype)
+    params = _map_tree(lambda s: np.empty(s.shape, s.dtype), transformer.param_shapes(cfg))
+    for path, index, array in pieces:
+        _get(params, path)[index if index is not None else ...] = array
+    return cfg, params
 
+
+def read(
+    hf_dir: str | os.PathLike, *, param_dtype: str = "float32"
+) -> tuple[ModelConfig, Iterator[tuple[tuple[str, ...], tuple[int, ...] | None, np.ndarray]]]:
+    """(ModelConfig, the params one HF tensor at a time): `load` without holding the model.
+
+    The config and the tensor names are checked first (before anything is read); the
+    iterator then yields (lmjax parameter path, index into it or None, array in `param_dtype`
+    and lmjax layout), each read alone from its safetensors file.
+    """
     hf_dir = storage.path(hf_dir)
     hf_config = read_hf_config(hf_dir)
     cfg = config_from_hf(hf_config, param_dtype=param_dtype)
@@ -299,27 +313,28 @@ def load(hf_dir: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mo
             f"{hf_dir} has tensors lmjax's {family.model_type} does not use: {unknown[:5]}; "
             f"biases or extra modules mean this is not a plain {family.model_type}"
         )
+    return cfg, _pieces(cfg, family, {n: files[n] for n in wanted}, np.dtype(param_dtype))
 
-    dtype = np.dtype(param_dtype)
-    shapes = transformer.param_shapes(cfg)
-    params = _map_tree(lambda s: np.empty(s.shape, dtype), shapes)
+
+def _pieces(cfg: ModelConfig, family: Family, files: dict, dtype: np.dtype):
+    """`read`'s iterator. Each tensor is read from a file opened for it alone: safetensors
+    maps the whole file, and the pages a read touched would otherwise stay in this process's
+    memory until the end (the whole model, by then)."""
+    from safetensors import safe_open
+
     with contextlib.ExitStack() as stack:
-        handles = {  # a gs:// shard is read from a local copy (safetensors maps files)
-            p: stack.enter_context(
-                safe_open(stack.enter_context(storage.local_copy(p)), framework="np")
-            )
-            for p in sorted(set(files[n] for n in wanted))
+        local = {  # a gs:// shard is read from a local copy (safetensors maps files)
+            p: stack.enter_context(storage.local_copy(p)) for p in sorted(set(files.values()))
         }
         for entry, name, index, shape in _entries(cfg, family):
-            array = handles[files[name]].get_tensor(name)
+            with safe_open(local[files[name]], framework="np") as f:
+                array = f.get_tensor(name)
             if tuple(array.shape) != entry.hf_shape(shape):
                 raise ConfigError(
                     f"{name} has shape {tuple(array.shape)} but config.json implies "
                     f"{entry.hf_shape(shape)}"
                 )
-            target = _get(params, entry.path)
-            target[index if index is not None else ...] = entry.to_lmjax(array, shape).astype(dtype)
-    return cfg, params
+            yield entry.path, index, entry.to_lmjax(array, shape).astype(dtype, copy=False)
 
 
 def _plan_shards(

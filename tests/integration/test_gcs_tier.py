@@ -18,10 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from lmjax import cli, storage
-from lmjax.checkpoint import checkpointer, paths
+from lmjax.checkpoint import checkpointer, params_dir, paths
 from lmjax.data import documents
 from lmjax.data.tokenizer import load_tokenizer
 from lmjax.observe import metrics
@@ -142,7 +144,9 @@ def test_checkpoint_export_convert_eval_generate_and_report_on_gs(bucket, refere
     assert cli.main(["checkpoint", "export", workdir, "--params-only", exported]) == 0
     assert cli.main(["convert", "to-hf", exported, hf_dir]) == 0
     assert storage.path(f"{hf_dir}/model.safetensors").exists()
-    assert cli.main(["convert", "from-hf", hf_dir, f"{bucket}/back"]) == 0
+    assert cli.main(["convert", "from-hf", hf_dir, f"{bucket}/back"]) == 0  # streamed to gs://
+    _, back = params_dir.load(f"{bucket}/back")
+    jax.tree.map(np.testing.assert_array_equal, back, params_dir.load(exported)[1])
 
     texts = f"{bucket}/texts"
     storage.path(f"{texts}/a.txt").write_text("ROMEO: But soft, what light?\n")

@@ -8,6 +8,7 @@ directly ([out, in] weights, rotate-half RoPE).
 
 import dataclasses
 import json
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
@@ -327,3 +328,46 @@ def test_transformers_loads_the_saved_checkpoint(tmp_path):
     with torch.no_grad():
         want = hf_model(torch.tensor(TOKENS)).logits.numpy()
     np.testing.assert_allclose(lmjax_logits(cfg, params, TOKENS), want, atol=1e-4, rtol=0)
+
+
+# 8 layers of 64-wide MLPs: 2.1 MB of float32 weights, the largest tensor 64 KiB (1/32).
+DEEP = {**BASE, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 8}
+
+
+@pytest.mark.parametrize("family", ["llama-deep", "mixtral"])
+def test_from_hf_streams_one_tensor_at_a_time_and_writes_what_the_in_memory_path_did(
+    tmp_path, family
+):
+    """`convert from-hf` reads and writes one tensor at a time (numpy's allocations, which
+    tracemalloc sees, peak at a few tensors, not the model), into a params directory that
+    restores to exactly what the in-memory path (`hf.load` + `params_dir.save`) wrote, its
+    stacked leaves chunked one layer's (and one expert's) slice each."""
+    from tests.unit.test_families import FAMILY_CONFIGS  # it imports this module
+
+    config = DEEP if family == "llama-deep" else FAMILY_CONFIGS[family]
+    tensors = numpy_llama.random_checkpoint(config, seed=7)
+    hf_dir = write_hf_dir(tmp_path / "hf", config, tensors, shards=2)
+    largest = max(a.nbytes for a in tensors.values())
+    from orbax.checkpoint._src.serialization import tensorstore_utils  # noqa: F401  (imported
+    from safetensors import safe_open  # noqa: F401  first: tracemalloc counts an import's memory)
+
+    tracemalloc.start()
+    convert_command.from_hf(str(hf_dir), str(tmp_path / "streamed"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    total = sum(a.nbytes for a in tensors.values())
+    # a few copies of the tensor in hand (as read, transposed, cast) and of the one before it
+    assert peak < min(5 * largest, total / 2), (peak, largest, total)
+    cfg, want = hf.load(hf_dir)
+    params_dir.save(cfg, want, tmp_path / "in_memory")
+    _, old = params_dir.load(tmp_path / "in_memory")
+    got_cfg, got = params_dir.load(tmp_path / "streamed")
+    assert got_cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, got, old)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    chunked = [("layers.wq", 1)] + ([("moe.w_up", 2)] if family == "mixtral" else [])
+    for leaf, stacked in chunked:
+        zarray = json.loads((tmp_path / "streamed" / "params" / leaf / ".zarray").read_text())
+        assert zarray["chunks"] == [1] * stacked + zarray["shape"][stacked:]
+    with pytest.raises(ConfigError, match="already holds"):
+        convert_command.from_hf(str(hf_dir), str(tmp_path / "streamed"))
