@@ -8,14 +8,14 @@ import contextlib
 from lmjax.checkpoint import listing
 from lmjax.config import Config
 from lmjax.data import pipeline as pipeline_lib, prepare, run_stores, tokenizer as tokenizer_lib
-from lmjax.parallel import sharding
+from lmjax.parallel import distributed, sharding
 
 
 def load(workdir: str, step: int | None):
     """(Config, params, tokenizer or None) of a checkpoint of `workdir`.
 
-    `step` None: the newest readable one. The params are sharded over this process's devices
-    (`sharding.offline_mesh`); compute on them inside `context(config)`. The tokenizer is the
+    `step` None: the newest readable one. The params are sharded over all devices, every
+    process's (`sharding.offline_mesh`); compute on them inside `context(config)`. The tokenizer is the
     run's (None for a run on synthetic tokens).
     """
     config, params, tokenizer_path = listing.load_params(workdir, step)
@@ -40,5 +40,8 @@ def pipeline(
 
 
 def eval_batches(config: Config, tokenizer, workdir: str) -> list[dict]:
-    """The run's own evaluation batches: `config.run.eval_batches` of its eval split."""
-    return run_stores.run_pipeline(config, tokenizer, workdir).eval_batches(config.run.eval_batches)
+    """The run's own evaluation batches: `config.run.eval_batches` of its eval split (every
+    process reads all of them; of several processes, process 0 alone prepares a missing
+    store and the others wait for it)."""
+    pipe = run_stores.run_pipeline(config, tokenizer, workdir, leader=distributed.is_primary())
+    return pipe.eval_batches(config.run.eval_batches)
