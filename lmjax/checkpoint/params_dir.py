@@ -173,7 +173,12 @@ def load(path: str | os.PathLike, target: Any = None) -> tuple[ModelConfig, Any]
 def require_new(path: str | os.PathLike) -> None:
     """A ConfigError unless `path` holds no params directory yet (checked before slow reads)."""
     directory = storage.path(path)
-    if (directory / "params").exists() or (directory / "model_config.json").exists():
+    if (directory / "model_config.json").exists():
         raise ConfigError(
             f"{directory} already holds a converted checkpoint; choose a new directory"
+        )
+    if (directory / "params").exists():  # model_config.json is written last
+        raise ConfigError(
+            f"{directory} holds an interrupted conversion or export (params/ without "
+            "model_config.json): delete it or choose a new directory"
         )

@@ -371,3 +371,8 @@ def test_from_hf_streams_one_tensor_at_a_time_and_writes_what_the_in_memory_path
         assert zarray["chunks"] == [1] * stacked + zarray["shape"][stacked:]
     with pytest.raises(ConfigError, match="already holds"):
         convert_command.from_hf(str(hf_dir), str(tmp_path / "streamed"))
+    (tmp_path / "streamed" / "model_config.json").unlink()  # as a kill before the end leaves it
+    with pytest.raises(ConfigError, match="not an lmjax params directory"):  # never read
+        params_dir.load(tmp_path / "streamed")
+    with pytest.raises(ConfigError, match="interrupted conversion"):
+        convert_command.from_hf(str(hf_dir), str(tmp_path / "streamed"))
