@@ -24,7 +24,7 @@ from lmjax.data.pipeline import synthetic_batch
 from lmjax.inference import generate
 from lmjax.model import transformer
 from lmjax.observe import throughput
-from lmjax.parallel import sharding
+from lmjax.parallel import host_rows, sharding
 from lmjax.train import compile_cache, trainer as trainer_lib
 
 
@@ -46,7 +46,7 @@ def _prepare(name: str, config: Config) -> _Case:
     mesh = sharding.make_mesh(config.mesh)
     trainer = trainer_lib.make_trainer(config, mesh)
     state = trainer.init_fn()
-    batch = trainer_lib.global_batch(
+    batch = host_rows.global_batch(
         synthetic_batch(
             0, 0, 0, range(config.data.batch_size), config.data.seq_len, config.model.vocab_size
         ),

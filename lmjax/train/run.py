@@ -21,8 +21,9 @@ from lmjax.inference import generate
 from lmjax.model import transformer
 from lmjax.observe import goodput, metrics as metrics_lib, throughput, wandb_log
 from lmjax.parallel import sharding
+from lmjax.parallel.host_rows import global_batch
 from lmjax.train import compile_cache, hooks as hooks_lib, loop, watchdog
-from lmjax.train.trainer import Trainer, TrainState, evaluate_params, global_batch, make_trainer
+from lmjax.train.trainer import Trainer, TrainState, evaluate_params, make_trainer
 from lmjax.workdir_names import CONFIG, TENSORBOARD
 
 log = logging.getLogger("lmjax")

@@ -1,7 +1,7 @@
 """The train state, the jitted train step, and what runs it on a mesh: `make_trainer`
-compiles init and step for a (config, mesh), `global_batch` places host rows, and
-`evaluate_params` runs the evaluator on the trainer's mesh. The run around them (resume,
-data, hooks) is `lmjax.train.run`."""
+compiles init and step for a (config, mesh) and `evaluate_params` runs the evaluator on the
+trainer's mesh (host rows become global arrays in `lmjax.parallel.host_rows`). The run around
+them (resume, data, hooks) is `lmjax.train.run`."""
 
 from __future__ import annotations
 
@@ -12,16 +12,15 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lmjax.batch import BATCH_KEYS, Batch
+from lmjax.batch import Batch
 from lmjax.config import Config, ModelConfig, OptimConfig
 from lmjax.inference import evaluate
 from lmjax.model import moe, transformer
 from lmjax.model.objective import loss_terms, step_balance_weights
-from lmjax.parallel import sharding
+from lmjax.parallel import host_rows, sharding
 from lmjax.train import optim
 
 
@@ -281,36 +280,6 @@ def make_trainer(config: Config, mesh: Mesh) -> Trainer:
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _row_layout(batch_sharding: NamedSharding, n_local: int) -> tuple[int, np.ndarray]:
-    """(global rows, the global row indices this process holds) when it holds `n_local` rows;
-    the same every step, so computed once per layout."""
-    shards = sharding.batch_shard_count(batch_sharding)
-    held = len(sharding.process_rows(batch_sharding, shards))  # batch shards on this process
-    if (n_local * shards) % held:
-        raise ValueError(f"{n_local} local rows cannot be {held} of {shards} equal batch shards")
-    global_rows = n_local * shards // held
-    return global_rows, sharding.process_rows(batch_sharding, global_rows)
-
-
-def global_batch(local: dict[str, np.ndarray], batch_sharding: NamedSharding) -> Batch:
-    """Assembles this process's rows into global arrays laid out by `batch_sharding`.
-
-    local: arrays [rows, seq] holding, in order, the global rows `sharding.process_rows`
-    names for this process (the global batch size follows from their count). Each device
-    gets exactly the rows of its batch shard, also when processes share rows.
-    """
-    global_rows, rows = _row_layout(batch_sharding, len(local["inputs"]))
-
-    def assemble(x: np.ndarray) -> jax.Array:
-        def block(index):
-            return x[np.searchsorted(rows, np.arange(global_rows)[index[0]])][:, *index[1:]]
-
-        return jax.make_array_from_callback((global_rows, *x.shape[1:]), batch_sharding, block)
-
-    return {k: assemble(np.asarray(local[k])) for k in BATCH_KEYS}
-
-
 def evaluate_params(
     trainer: Trainer,
     params,
@@ -322,7 +291,7 @@ def evaluate_params(
     together, so eval_loss is token-weighted; with several sources also eval_loss/SOURCE and
     eval_tokens/SOURCE of each and eval_loss_weighted, the mean of the sources' losses under
     `weights` (their mixture weights; default equal)."""
-    place = functools.partial(global_batch, batch_sharding=trainer.batch_sharding)
+    place = functools.partial(host_rows.global_batch, batch_sharding=trainer.batch_sharding)
     with sharding.activation_sharding(trainer.mesh, trainer.rules):
         sums = {
             name: evaluate.eval_sums(params, trainer.config.model, batches, place=place)

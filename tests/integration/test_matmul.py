@@ -14,7 +14,7 @@ def test_row_major_trains_like_xla_on_a_sharded_bfloat16_mesh():
     the step must compute the same loss and gradient norm as plain autodiff."""
     from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig
     from lmjax.data.pipeline import synthetic_batch
-    from lmjax.parallel import sharding
+    from lmjax.parallel import host_rows, sharding
     from lmjax.train import trainer as trainer_lib
 
     results = {}
@@ -40,7 +40,7 @@ def test_row_major_trains_like_xla_on_a_sharded_bfloat16_mesh():
         )
         trainer = trainer_lib.make_trainer(cfg, sharding.make_mesh(cfg.mesh))
         state = trainer.init_fn()
-        batch = trainer_lib.global_batch(
+        batch = host_rows.global_batch(
             synthetic_batch(0, 0, 0, range(8), 64, 256), trainer.batch_sharding
         )
         results[impl] = []

@@ -25,7 +25,7 @@ from lmjax.config import (
 from lmjax.data.pipeline import synthetic_batch
 from lmjax.inference import generate
 from lmjax.model import transformer
-from lmjax.parallel import sharding
+from lmjax.parallel import host_rows, sharding
 from lmjax.train import loop, trainer as trainer_lib
 from tests import numpy_moe
 from tests.unit import test_generate as generate_tests
@@ -146,7 +146,7 @@ def test_a_tiny_moe_learns_moves_its_router_bias_and_resumes_bitwise(tmp_path):
     checkpoint restores the bias and resumes bitwise."""
     tr = trainer_lib.make_trainer(BIAS_RUN, sharding.make_mesh(BIAS_RUN.mesh, jax.devices()[:1]))
     batch = synthetic_batch(0, 0, 0, range(4), 16, TINY.vocab_size)
-    batch = trainer_lib.global_batch(batch, tr.batch_sharding)
+    batch = host_rows.global_batch(batch, tr.batch_sharding)
     state = _fresh_state(tr)
     losses = []
     for step in range(20):
@@ -207,7 +207,7 @@ def test_expert_parallel_mesh_trains_with_the_losses_of_one_device(tmp_path):
         return trainer_lib.make_trainer(cfg, sharding.make_mesh(mesh_cfg, jax.devices()[:devices]))
 
     def step(tr, state):
-        state, m = tr.step_fn(state, trainer_lib.global_batch(host_batch, tr.batch_sharding))
+        state, m = tr.step_fn(state, host_rows.global_batch(host_batch, tr.batch_sharding))
         return state, loop.fetch(m)
 
     one = trainer(MeshConfig(fsdp=1), 1)

@@ -13,7 +13,7 @@ from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfi
 from lmjax.data.pipeline import synthetic_batch
 from lmjax.model import transformer
 from lmjax.model.objective import loss_terms
-from lmjax.parallel import sharding
+from lmjax.parallel import host_rows, sharding
 from lmjax.train import loop, optim, trainer
 
 TINY = ModelConfig(
@@ -59,7 +59,7 @@ def test_grad_accumulation_equals_large_batch():
         # A large Adam eps makes the update smooth in the gradient, so params compare tightly.
         tr = _trainer(_config(grad_accum=accum, eps=1.0))
         state = tr.init_fn()
-        state, m = tr.step_fn(state, trainer.global_batch(batch, tr.batch_sharding))
+        state, m = tr.step_fn(state, host_rows.global_batch(batch, tr.batch_sharding))
         results.append((state.params, loop.fetch(m)))
     (p1, m1), (p4, m4) = results
     assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-6)
@@ -106,7 +106,7 @@ def test_microbatches_stay_on_their_devices_and_sum_to_the_big_batch():
         )
         devices = jax.devices()[: math.prod(mesh)]
         tr = trainer.make_trainer(config, sharding.make_mesh(config.mesh, devices))
-        state, global_batch = tr.init_fn(), trainer.global_batch(batch, tr.batch_sharding)
+        state, global_batch = tr.init_fn(), host_rows.global_batch(batch, tr.batch_sharding)
         step = tr.step_fn.lower(state, global_batch).compile()
         if mesh == (8, 1, 1):  # replicated params: nothing in the loop needs another device
             assert _loop_collectives(step.as_text()) == []
@@ -142,14 +142,14 @@ def test_loss_is_mean_over_unmasked_targets():
     )
     nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     expected = (nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
-    _, m = tr.step_fn(state, trainer.global_batch(batch, tr.batch_sharding))
+    _, m = tr.step_fn(state, host_rows.global_batch(batch, tr.batch_sharding))
     assert loop.fetch(m)["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_loss_decreases_on_a_fixed_batch():
     tr = _trainer(_config())
     state = tr.init_fn()
-    batch = trainer.global_batch(_batch(), tr.batch_sharding)
+    batch = host_rows.global_batch(_batch(), tr.batch_sharding)
     losses = []
     for _ in range(30):
         state, m = tr.step_fn(state, batch)
@@ -168,11 +168,11 @@ def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
         checkpoint=dataclasses.replace(cfg.checkpoint, on_nonfinite="skip"),
     )
     tr = _trainer(cfg)
-    state, _ = tr.step_fn(tr.init_fn(), trainer.global_batch(_batch(1), tr.batch_sharding))
+    state, _ = tr.step_fn(tr.init_fn(), host_rows.global_batch(_batch(1), tr.batch_sharding))
     before = jax.device_get(state)
     bad = _batch()
     bad["loss_mask"] = np.full_like(bad["loss_mask"], np.inf)
-    state, m = tr.step_fn(state, trainer.global_batch(bad, tr.batch_sharding))
+    state, m = tr.step_fn(state, host_rows.global_batch(bad, tr.batch_sharding))
     assert loop.fetch(m)["finite"] == 0.0
     after = jax.device_get(state)
     jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
@@ -182,10 +182,10 @@ def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
     assert int(after.step) == 2 and counts == [2, 2]
     # the next good step applies schedule(2) = 0.5 lr, the learning rate it logs: with the
     # same moments and a count of 2, optax's own AdamW gives the same params
-    state, m = tr.step_fn(state, trainer.global_batch(_batch(3), tr.batch_sharding))
+    state, m = tr.step_fn(state, host_rows.global_batch(_batch(3), tr.batch_sharding))
     assert loop.fetch(m)["learning_rate"] == pytest.approx(0.5 * cfg.optim.lr)
     grads = jax.grad(
-        lambda p: loss_terms(p, trainer.global_batch(_batch(3), tr.batch_sharding), TINY, 0.0)[0]
+        lambda p: loss_terms(p, host_rows.global_batch(_batch(3), tr.batch_sharding), TINY, 0.0)[0]
     )(after.params)
     tokens = float(np.sum(_batch(3)["loss_mask"]))
     grads = jax.tree.map(lambda g: g / tokens, grads)

@@ -38,7 +38,7 @@ from lmjax.config import (
     apply_overrides,
 )
 from lmjax.data.pipeline import synthetic_batch
-from lmjax.parallel import sharding
+from lmjax.parallel import host_rows, sharding
 from lmjax.train import optim, trainer as trainer_lib
 
 TINY = Config(
@@ -74,7 +74,7 @@ def trained():
         batch = synthetic_batch(
             0, 0, step, range(TINY.data.batch_size), TINY.data.seq_len, TINY.model.vocab_size
         )
-        state, m = trainer.step_fn(state, trainer_lib.global_batch(batch, trainer.batch_sharding))
+        state, m = trainer.step_fn(state, host_rows.global_batch(batch, trainer.batch_sharding))
         states.append(jax.tree.map(np.asarray, state))
         metrics.append(m)
     return trainer, states, metrics, state

@@ -13,8 +13,7 @@ from lmjax import hardware
 from lmjax.batch import BATCH_KEYS
 from lmjax.config import ConfigError, DataConfig, MeshConfig, ModelConfig
 from lmjax.model import transformer
-from lmjax.parallel import sharding
-from lmjax.train import trainer as trainer_lib
+from lmjax.parallel import host_rows, sharding
 
 TINY = ModelConfig(
     vocab_size=256,
@@ -247,7 +246,7 @@ def test_process_rows_and_global_batch_on_one_process():
     with pytest.raises(ConfigError, match="data.batch_size=6 is not divisible by the 4 batch"):
         sharding.process_rows(batch_sharding, 6)
     local = {k: np.arange(8 * 3).reshape(8, 3) + i for i, k in enumerate(BATCH_KEYS)}
-    batch = trainer_lib.global_batch(local, batch_sharding)
+    batch = host_rows.global_batch(local, batch_sharding)
     for k in BATCH_KEYS:
         assert batch[k].sharding == batch_sharding
         np.testing.assert_array_equal(np.asarray(batch[k]), local[k])
