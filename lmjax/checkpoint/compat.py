@@ -14,6 +14,7 @@ from etils import epath
 from lmjax import __version__, config as config_lib
 from lmjax.checkpoint.paths import absolute
 from lmjax.config import Config, ConfigError
+from lmjax.key_paths import path_name
 from lmjax.model import transformer
 
 log = logging.getLogger("lmjax")
@@ -146,11 +147,7 @@ def _leaf_names(path) -> tuple[str, ...]:
 
 def positions(tree) -> list[str]:
     """Each leaf's full key path, positions included."""
-
-    def part(k):
-        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-
-    return ["/".join(map(part, p)) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _signature(tree) -> list[tuple]:

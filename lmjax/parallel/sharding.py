@@ -19,6 +19,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmjax.config import ConfigError, MeshConfig
+from lmjax.key_paths import path_name
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -194,8 +195,8 @@ def tree_shardings(
         except ConfigError as e:
             logical_to_spec(a, rules, mesh)  # a rule conflict raises whatever the shape
             if not replicate_indivisible:
-                raise ConfigError(f"{_path_name(path)}: {e}") from None
-            replicated.append(_path_name(path))
+                raise ConfigError(f"{path_name(path)}: {e}") from None
+            replicated.append(path_name(path))
             return NamedSharding(mesh, P())
 
     shardings = jax.tree_util.tree_map_with_path(one, axes_tree, shapes_tree, is_leaf=is_axes)
@@ -207,10 +208,6 @@ def tree_shardings(
             ", ".join(replicated),
         )
     return shardings
-
-
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -383,7 +380,7 @@ def describe_params(
     shapes = jax.tree.leaves(param_shapes)
     rows, warnings, total = [], [], 0
     for (path, names), shaped in zip(leaves, shapes):
-        name = _path_name(path)
+        name = path_name(path)
         spec = logical_to_spec(names, rules, mesh, shaped.shape)
         local = NamedSharding(mesh, spec).shard_shape(tuple(shaped.shape))
         nbytes = math.prod(local) * np.dtype(shaped.dtype).itemsize

@@ -8,6 +8,7 @@ import jax
 import optax
 
 from lmjax.config import OptimConfig
+from lmjax.key_paths import path_name
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -46,7 +47,7 @@ def weight_decay_mask(params: Any, cfg: OptimConfig) -> Any:
     embeddings)."""
 
     def decays(path, _):
-        name = jax.tree_util.keystr(path)
+        name = path_name(path)
         if "norm" in name or "bias" in name:
             return False
         if "embed" in name:  # embed and unembed

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import jax
 
 from lmjax.config import Config, ConfigError, apply_overrides, parse_sweep, validate
+from lmjax.key_paths import path_name
 from lmjax.model import transformer
 from lmjax.parallel import sharding
 
@@ -54,7 +55,7 @@ def _sharding_problem(config: Config, mesh_sizes: dict[str, int], rows: int) -> 
         transformer.param_specs(config.model),
         is_leaf=lambda x: isinstance(x, transformer.ParamSpec),
     )[0]
-    named = [("params/" + "/".join(k.key for k in path), v) for path, v in leaves]
+    named = [("params/" + path_name(path), v) for path, v in leaves]
     named.append(("batch", transformer.ParamSpec((rows,), ("act_batch",), "")))
     for name, spec in named:
         for size, axis in zip(spec.shape, spec.axes):
