@@ -302,6 +302,9 @@ def process_stopped(pid: int) -> bool:
     """Whether every thread of process `pid` is stopped (SIGSTOP)."""
     states = []
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/stat") as f:
-            states.append(f.read().rsplit(")", 1)[1].split()[0])
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:  # the thread ended after the listing: it runs no more
+            continue
     return set(states) == {"T"}
