@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmjax import storage
 from lmjax.config import Config, ConfigError, apply_overrides, validate
 
 # ./experiments/ of the working directory first, so that a user's preset of the same name wins
@@ -30,8 +31,14 @@ def experiment_names() -> list[str]:
 
 
 def load_experiment(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
-    """The Config returned by `config()` in experiments/NAME.py (or a path), with overrides."""
-    path = Path(name_or_path)
+    """The Config returned by `config()` in experiments/NAME.py (or a path, local or gs://),
+    with overrides."""
+    if storage.is_url(name_or_path):  # Python imports local files only: a copy is imported
+        if not storage.path(name_or_path).is_file():
+            raise ConfigError(f"experiment file {name_or_path!r} does not exist")
+        with storage.local_copy(name_or_path) as local:
+            return load_experiment(local, overrides)
+    path = Path(name_or_path)  # a preset name or a local file
     if path.suffix != ".py":
         preset = next(
             (

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from lmjax import cli
+from lmjax import cli, storage
 from lmjax.commands.experiment import experiment_names, load_experiment
 from lmjax.config import (
     Config,
@@ -129,6 +129,21 @@ def test_every_preset_resolves_to_its_golden_config(name):
 def test_unknown_experiment_names_known_ones():
     with pytest.raises(ConfigError, match="known: .*smoke"):
         load_experiment("smokey")
+
+
+def test_an_experiment_file_loads_from_a_local_or_gs_path(storage_root):
+    """`--experiment PATH.py` on a local disk or in a bucket gives the same Config; a missing
+    file names itself, as given (a gs:// path is not mangled into a local one)."""
+    storage.path(storage_root).mkdir(parents=True, exist_ok=True)
+    exp = storage.join(storage_root, "my_exp.py")
+    storage.path(exp).write_text(
+        "from lmjax.config import Config, RunConfig\n"
+        "def config():\n    return Config(run=RunConfig(steps=7))\n"
+    )
+    assert load_experiment(exp, ["run.log_every=3"]).run.steps == 7
+    missing = storage.join(storage_root, "nope.py")
+    with pytest.raises(ConfigError, match=f"experiment file '{missing}' does not exist"):
+        load_experiment(missing)
 
 
 def test_cli_reports_config_error_with_exit_2(capsys):
