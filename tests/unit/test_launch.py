@@ -685,3 +685,53 @@ def test_dockerfile_installs_this_checkout_on_python_312_with_existing_extras():
     assert re.search(r"^ARG EXTRA=tpu$", text, re.M)
     requires = re.search(r"python_requires\s*=\s*>=\s*3\.(\d+)", (REPO / "setup.cfg").read_text())
     assert int(requires.group(1)) <= 12  # the image's Python satisfies setup.cfg
+
+
+def _docker_excludes(pattern_lines: list[str]) -> list[re.Pattern[str]]:
+    """.dockerignore lines as regexes over slash-separated paths from the context root, as
+    Docker reads them: `**` spans directories, `*` and `?` stay within one name, a leading
+    `/` is dropped."""
+    patterns = []
+    for line in pattern_lines:
+        line = line.strip().strip("/")
+        if not line or line.startswith("#"):
+            continue
+        assert not line.startswith("!"), "exceptions are not modelled by this test"
+        parts = re.split(r"(\*\*/?|\*|\?)", line)
+        wild = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
+        patterns.append(re.compile("".join(wild.get(p, re.escape(p)) for p in parts)))
+    return patterns
+
+
+def test_docker_build_context_holds_what_pip_install_needs_and_no_stale_build():
+    """The files `COPY . .` puts into the image: every file of this checkout that no
+    .dockerignore pattern matches, itself or through a parent directory (plus planted stale
+    build outputs, which must be left out)."""
+    excludes = _docker_excludes((REPO / ".dockerignore").read_text().splitlines())
+
+    def excluded(path: str) -> bool:
+        parts = path.split("/")
+        prefixes = ("/".join(parts[: i + 1]) for i in range(len(parts)))
+        return any(p.fullmatch(prefix) for prefix in prefixes for p in excludes)
+
+    context = set()
+    for root, dirs, files in os.walk(REPO):
+        rel = Path(root).relative_to(REPO).as_posix()
+        rel = "" if rel == "." else rel + "/"
+        dirs[:] = [d for d in dirs if not excluded(rel + d)]  # no exceptions: prune
+        context |= {rel + f for f in files if not excluded(rel + f)}
+    planted = [
+        "build/lib/lmjax/config.py",
+        "dist/lmjax-0.1.0.tar.gz",
+        "lmjax.egg-info/PKG-INFO",
+        "lmjax/model/__pycache__/transformer.cpython-312.pyc",
+        ".venv/bin/python",
+        "runs/quickstart/config.json",
+        ".git/HEAD",
+    ]
+    assert not [p for p in planted if not excluded(p)]
+    assert not [p for p in context if p.split("/")[0] in {"build", "dist", ".git", ".venv"}]
+    assert {"pyproject.toml", "setup.cfg", "README.md", "lmjax/__init__.py"} <= context
+    assert {"lmjax/experiments/README.md", "lmjax/experiments/quickstart.py"} <= context
+    assert {"lmjax/data/corpus/README.md", "lmjax/data/corpus/hamlet.txt"} <= context
+    assert not excluded("lmjax/build_info.py") and not excluded("docs/dist.md")  # whole names
