@@ -14,7 +14,7 @@ TPU VM images ship Python 3.10 and lmjax needs 3.12, so `install` makes a uv-man
 3.12 environment in ~/lmjax-venv on every worker and installs this checkout (or a pinned git
 revision) into it; `run` and `supervise` put that environment first on PATH.
 
-`plan(args)` is pure: it returns the commands as argv lists; `main` executes them.
+`commands(args)` is pure: it returns the commands as argv lists; `main` executes them.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _tarball(args) -> str:
     return os.path.join(tempfile.gettempdir(), f"lmjax-src-{args.name}.tar.gz")
 
 
-def create_plan(args) -> list[list[str]]:
+def create_commands(args) -> list[list[str]]:
     gen, _ = generation_of(args.accelerator_type)
     version = args.runtime_version or gen.runtime_version
     capacity = ["--spot"] if args.spot else ["--preemptible"] if args.preemptible else []
@@ -162,7 +162,7 @@ def venv_script(spec: str) -> str:
     )
 
 
-def install_plan(args) -> list[list[str]]:
+def install_commands(args) -> list[list[str]]:
     """Default: this checkout, copied to every worker; --git URL@REV: that revision."""
     if args.git:
         spec = f"lmjax[tpu] @ git+{args.git}"
@@ -197,7 +197,7 @@ def install_plan(args) -> list[list[str]]:
     return cmds
 
 
-def run_plan(args) -> list[list[str]]:
+def run_commands(args) -> list[list[str]]:
     """One ssh per slice, meant to run at the same time; slice 0 streams its worker 0."""
     if not args.command:
         raise ValueError("give the command to run after --, e.g. -- lmjax train --experiment X")
@@ -207,7 +207,7 @@ def run_plan(args) -> list[list[str]]:
     ]
 
 
-def delete_plan(args) -> list[list[str]]:
+def delete_commands(args) -> list[list[str]]:
     if _queued(args):
         return [
             _gcloud_tpus(
@@ -226,18 +226,21 @@ def status_command(args) -> list[str]:
     return _gcloud_tpus("tpu-vm", "describe", args.name, *_where(args), "--format=value(state)")
 
 
-def recovery_plan(args) -> list[list[str]]:
+def recovery_commands(args) -> list[list[str]]:
     """After a preemption: delete what is left, create again, reinstall."""
-    return delete_plan(args) + create_plan(args) + install_plan(args)
+    return delete_commands(args) + create_commands(args) + install_commands(args)
 
 
-def plan(args) -> list[list[str]]:
+def commands(args) -> list[list[str]]:
     """Every command of `args.action`, in order (run: started together)."""
     if args.action == "supervise":
-        return run_plan(args) + [status_command(args)] + recovery_plan(args)
-    return {"create": create_plan, "install": install_plan, "run": run_plan, "delete": delete_plan}[
-        args.action
-    ](args)
+        return run_commands(args) + [status_command(args)] + recovery_commands(args)
+    return {
+        "create": create_commands,
+        "install": install_commands,
+        "run": run_commands,
+        "delete": delete_commands,
+    }[args.action](args)
 
 
 def run_together(cmds: Sequence[Sequence[str]]) -> int:
@@ -287,7 +290,7 @@ def supervise(
     healthy TPU is the run's own error and is returned, not retried."""
     restarts = 0
     while True:
-        code = together(run_plan(args))
+        code = together(run_commands(args))
         if code == 0:
             return 0
         state = status(args)
@@ -321,8 +324,8 @@ def supervise(
                 f"(restart {restarts}/{args.max_restarts})"
             )
             sleep(args.retry_wait)
-            each(delete_plan(args))  # may fail: the TPU may already be gone
-            code = each(create_plan(args)) or each(install_plan(args))
+            each(delete_commands(args))  # may fail: the TPU may already be gone
+            code = each(create_commands(args)) or each(install_commands(args))
             if code == 0:
                 break
 
@@ -427,9 +430,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def dry_run_lines(args) -> list[str]:
     """The commands `args` would run, one shell-quoted line each, with # notes."""
-    lines = [shlex.join(c) for c in plan(args)]
+    lines = [shlex.join(c) for c in commands(args)]
     if args.action == "supervise":
-        n_run = len(run_plan(args))
+        n_run = len(run_commands(args))
         lines.insert(
             n_run,
             f"# if the run fails and this does not print "
@@ -449,8 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.action == "supervise":
         return supervise(args)
     if args.action == "run":
-        return run_together(run_plan(args))
-    return run_each(plan(args))
+        return run_together(run_commands(args))
+    return run_each(commands(args))
 
 
 if __name__ == "__main__":

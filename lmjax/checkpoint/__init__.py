@@ -17,7 +17,7 @@ Modules, each importing only those above it:
   paths     names of the checkpoint directories and items
   compat    metadata, and which config, tokenizer and optimizer-layout changes a resume accepts
   checkpointer  orbax I/O: the Checkpointer, finiteness before a save, storage faults and retries
-  resume    the resume policy: plan_resume and ResumePlan
+  resume    the resume policy: decide_resume and ResumeDecision
   listing   list, load params of and export checkpoints outside training
   schedule  stop signals and the save schedule (independent of the others)
 

@@ -263,8 +263,8 @@ def _verdict(holder: dict, now: float, first_seen: float | None) -> str:
 
 
 class Lease:
-    """This process's lease on `record` (a `LocalRecord`, or another store with its read and
-    swap), renewed by a background thread between `acquire` and `release`."""
+    """This process's lease on `record` (a `LocalRecord`, a `GcsRecord`, or any record with
+    their read and swap), renewed by a background thread between `acquire` and `release`."""
 
     def __init__(self, record, timeout_s: float, where: str):
         self.record, self.timeout_s, self.where = record, timeout_s, where

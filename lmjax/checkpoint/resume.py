@@ -1,5 +1,5 @@
-"""Resume policy: where a run's state comes from (`plan_resume`) and how it is loaded
-(`ResumePlan.load`): newest readable checkpoint first, damage skipped, anything else stops."""
+"""Resume policy: where a run's state comes from (`decide_resume`) and how it is loaded
+(`ResumeDecision.load`): newest readable checkpoint first, damage skipped, anything else stops."""
 
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ from lmjax.workdir_names import CHECKPOINTS, UNREADABLE
 log = logging.getLogger("lmjax")
 
 
-def plan_resume(
+def decide_resume(
     workdir: str, config: Config, *, restore_from: str | None = None, init_from: str | None = None
-) -> ResumePlan:
+) -> ResumeDecision:
     """Decides where the state comes from; reads only metadata.
 
     - the workdir has checkpoints: resume from the newest readable one (the flags are then
@@ -74,15 +74,17 @@ def plan_resume(
         _check_init_from(init_from, config.model)
     _refuse_later_steps(own, own_steps, directory, steps)
     _refuse_torn_only(own, steps, config)
-    plan = ResumePlan([], init_from, allow_fresh=config.checkpoint.allow_fresh)
-    plan.candidates = _read_candidates(directory, steps, config, plan.unreadable) if steps else []
-    if steps and not plan.candidates and not plan.allow_fresh:
+    decision = ResumeDecision([], init_from, allow_fresh=config.checkpoint.allow_fresh)
+    decision.candidates = (
+        _read_candidates(directory, steps, config, decision.unreadable) if steps else []
+    )
+    if steps and not decision.candidates and not decision.allow_fresh:
         raise ResumeError(
             f"checkpoints {steps} exist in {directory} but none has readable "
             "metadata. Nothing was moved or deleted. Fix: restore them, or start "
             "over with --set checkpoint.allow_fresh=true."
         )
-    return plan
+    return decision
 
 
 def _source(own: str, own_steps: list[int], restore_from: str | None) -> tuple[str, list[int]]:
@@ -165,9 +167,9 @@ OUTCOMES = ("ok", "torn", "refused", "failed")
 
 
 @dataclasses.dataclass
-class ResumePlan:
+class ResumeDecision:
     """Where a run's state comes from: checkpoints to try newest first, or params to load, or
-    nothing (a fresh start). Built by `plan_resume` before any expensive work.
+    nothing (a fresh start). Built by `decide_resume` before any expensive work.
 
     Resume never moves or deletes anything: an unreadable step is skipped (and set aside by
     the first save, `Checkpointer._clear_newer`); any other failure stops the run.

@@ -337,7 +337,7 @@ def _pieces(cfg: ModelConfig, family: Family, files: dict, dtype: np.dtype):
             yield entry.path, index, entry.to_lmjax(array, shape).astype(dtype, copy=False)
 
 
-def _plan_shards(
+def _shard_layout(
     cfg: ModelConfig, itemsize: int, max_shard_bytes: int
 ) -> tuple[list[list[tuple[Entry, str, tuple[int, ...] | None]]], int]:
     """([shard: [(table entry, HF name, index or None)]], total bytes): tensors in table
@@ -384,8 +384,8 @@ def save(
     dtype = dtype or str(params["embed"].dtype)
     if dtype not in _TORCH_DTYPES:
         raise ConfigError(f"cannot write dtype {dtype!r}; choose one of {sorted(_TORCH_DTYPES)}")
-    # The shards are planned from shapes alone, then converted one shard at a time.
-    shards, total = _plan_shards(cfg, np.dtype(dtype).itemsize, max_shard_bytes)
+    # The shards are laid out from shapes alone, then converted one shard at a time.
+    shards, total = _shard_layout(cfg, np.dtype(dtype).itemsize, max_shard_bytes)
     names = (
         ["model.safetensors"]
         if len(shards) == 1

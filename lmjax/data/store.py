@@ -294,10 +294,10 @@ class StoreSplit:
                 f"positions [{min(starts)}, {max(starts) + length}) outside the "
                 f"{self.split} stream of {self.n_tokens} tokens"
             )
-        plan = [list(self._pieces(int(s), length)) for s in starts]
-        fetched = self.fetch({p for pieces in plan for p in pieces})
+        row_pieces = [list(self._pieces(int(s), length)) for s in starts]
+        fetched = self.fetch({p for pieces in row_pieces for p in pieces})
         out = np.empty((len(starts), length), np.int32)
-        for row, pieces in enumerate(plan):
+        for row, pieces in enumerate(row_pieces):
             out[row] = np.concatenate([fetched[p] for p in pieces])
         return out
 

@@ -1,7 +1,7 @@
 """Do the processes of a job agree? Checked once they have joined, before anything compiles.
 
 Each process publishes a `Report` (what it was started for, its facts and its own failed
-checks) under its index in the key-value store of jax's coordination service, then reads every
+checks) under its index in the key-value service of jax's coordination service, then reads every
 other process's within a timeout. Every process then holds the same reports and so reaches the
 same verdict (`disagreements`): on a mismatch each one ends with the same message, instead of
 one process running alone or all of them hanging in their first collective.

@@ -86,7 +86,7 @@ def _int_setting(value: int | str | None, env: Mapping[str, str], name: str) -> 
         ) from None
 
 
-def plan_rendezvous(
+def choose_rendezvous(
     env: Mapping[str, str],
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -263,7 +263,7 @@ def initialize(
     count = _int_setting(local_device_count, env, ENV_LOCAL_DEVICES)
     if count is not None:
         _set_local_device_count(count)
-    r = plan_rendezvous(
+    r = choose_rendezvous(
         env, coordinator_address, num_processes, process_id, on_cloud_tpu=_on_cloud_tpu()
     )
     if r.kind != "single" and not jax.distributed.is_initialized():

@@ -1,5 +1,5 @@
 """A loopback TCP proxy that adds a fixed latency to every byte sent to a server: a stand-in
-for the round trip to a distant object store when benchmarking against a local GCS emulator.
+for the round trip to a distant Cloud Storage bucket when benchmarking against a local GCS emulator.
 
     python -m lmjax.tools.delay_proxy --target 127.0.0.1:4443 --port 4444 --delay-ms 20
 

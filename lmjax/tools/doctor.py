@@ -6,7 +6,7 @@ only; nothing compiles.
 - mesh: the config's mesh over these devices;
 - attention: the implementation the model will run, refusing a kernel that this platform
   does not have;
-- workdir, store, compile cache: each reachable and writable (a probe file, local or gs://,
+- workdir, data stores (their root), compile cache: each reachable and writable (a probe file, local or gs://,
   deleted again);
 - processes: on a multi-process job, that every process was started for the count that
   joined, sees the same devices, versions and config, and passed its own checks
@@ -114,7 +114,7 @@ def _writable(name: str, directory: str | None, unset: str) -> Check:
 
 
 def _local_checks(config: Config, workdir: str, expect_platform: str) -> list[Check]:
-    store = sources.store_root(config.data, workdir) if workdir or config.data.store_dir else None
+    stores = sources.store_root(config.data, workdir) if workdir or config.data.store_dir else None
     where = "check the path, its permissions and (gs://) credentials"
     return [
         guard("versions", "reinstall: pip install -e .", _versions),
@@ -122,7 +122,11 @@ def _local_checks(config: Config, workdir: str, expect_platform: str) -> list[Ch
         guard("mesh", "set mesh.* to fit the devices", lambda: _mesh(config)),
         guard("attention", "set model.attention", lambda: _attention(config)),
         guard("workdir", where, lambda: _writable("workdir", workdir or None, "no workdir")),
-        guard("store", where, lambda: _writable("store", store, "no workdir or data.store_dir")),
+        guard(
+            "data stores",
+            where,
+            lambda: _writable("data stores", stores, "no workdir or data.store_dir"),
+        ),
         guard(
             "compile cache",
             where + "; or run.compile_cache_dir='' turns the cache off",

@@ -1,4 +1,4 @@
-"""A training run: `train(config, workdir)` plans the resume, builds the mesh, tokenizer, data
+"""A training run: `train(config, workdir)` decides the resume, builds the mesh, tokenizer, data
 and compiled step (`lmjax.train.trainer`), restores or initializes the state, and drives `lmjax.train.loop`
 with the built-in hooks (`lmjax.train.hooks`)."""
 
@@ -68,7 +68,7 @@ def _set_up(
     watch: watchdog.Watchdog,
 ) -> _Setup:
     """Refuses what the config, the devices and the mesh rule out (every parameter's sharding,
-    through `jax.eval_shape`) and plans the resume (reading only metadata) before anything
+    through `jax.eval_shape`) and decides the resume (reading only metadata) before anything
     expensive; then builds the tokenizer, data pipeline and state (restored or initialized).
     config.json is written once the state is restored. Each phase is named to `watch`."""
     primary = jax.process_index() == 0
@@ -77,8 +77,10 @@ def _set_up(
     log.info(_describe_devices(mesh))
     trainer = make_trainer(config, mesh)
     rows = sharding.process_rows(trainer.batch_sharding, config.data.batch_size)
-    watch.expect("the resume plan (the checkpoints' metadata)")
-    resume = resume_lib.plan_resume(workdir, config, restore_from=restore_from, init_from=init_from)
+    watch.expect("the resume decision (the checkpoints' metadata)")
+    resume = resume_lib.decide_resume(
+        workdir, config, restore_from=restore_from, init_from=init_from
+    )
     watch.expect(
         "the tokenizer and the data stores (found, or prepared by process 0)",
         max(watch.startup_seconds, config.data.prepare_timeout_s),
@@ -208,7 +210,7 @@ def train(
 
     Resumes from the newest readable checkpoint in `workdir/checkpoints` when there is one;
     otherwise `restore_from` (a checkpoint of another run, or a step of this one) or
-    `init_from` (a params-only directory) or a fresh init (rules: `resume_lib.plan_resume`).
+    `init_from` (a params-only directory) or a fresh init (rules: `resume_lib.decide_resume`).
     Holds the workdir's lease (`lease.held`: a second run on a live workdir is refused) from
     before any checkpoint is read until the end. The progress watchdog watches every phase
     from the lease to the last save's commit (`watchdog.watching`).
@@ -328,10 +330,10 @@ def _rewind(
     the rejected step read skipped from now on; logged and written to the run's records."""
     pipeline, start = setup.pipeline, time.perf_counter()
     bad = pipeline.position(rewind.step - 1)
-    plan = resume_lib.plan_resume(
+    decision = resume_lib.decide_resume(
         workdir, setup.config, restore_from=restore_from, init_from=init_from
     )
-    state, _, source = plan.load(
+    state, _, source = decision.load(
         setup.trainer.init_fn, setup.trainer.state_shardings, workdir, setup.config.model
     )
     pipeline.skipped = tuple(sorted({*pipeline.skipped, bad}))
@@ -382,7 +384,7 @@ def _sample(trainer: Trainer, params, tokenizer) -> str:
 
 
 def _tokenizer(
-    config: Config, workdir: str, primary: bool, resume: resume_lib.ResumePlan
+    config: Config, workdir: str, primary: bool, resume: resume_lib.ResumeDecision
 ) -> tuple[Config, Any]:
     """(config naming the tokenizer's path, the tokenizer; None for synthetic tokens): loaded
     or trained once (by process 0), and checked against the checkpoint resumed from, the

@@ -4,7 +4,7 @@ restart loop starts the job again from its last checkpoint.
 
 It watches the whole run, `lmjax.train.run.train` from before the lease to after the last
 save's commit. Progress is the end of a phase: each set-up phase (`expect` names them: the
-lease, the mesh, the resume plan, the tokenizer and stores, the restore, the records and
+lease, the mesh, the resume decision, the tokenizer and stores, the restore, the records and
 evaluation windows), a completed step (its metrics reached the host), a finished save or
 evaluation, the end of the run. A process stuck in I/O (a storage read without a timeout, a
 wedged save, an NFS hang) keeps sending jax's heartbeats, so nothing else notices it; its

@@ -79,8 +79,8 @@ def test_export_load_params_and_init_from(tmp_path, trained):
     _assert_trees_equal(exported, states[4].params)
     _assert_split_over_local_devices(exported, TINY.model)
     # --init-from: those params, a fresh optimizer and step 0
-    plan = resume.plan_resume(str(tmp_path / "new"), TINY, init_from=str(tmp_path / "out"))
-    state, data_state, source = plan.load(
+    decision = resume.decide_resume(str(tmp_path / "new"), TINY, init_from=str(tmp_path / "out"))
+    state, data_state, source = decision.load(
         trainer.init_fn, trainer.state_shardings, str(tmp_path / "new"), TINY.model
     )
     _assert_trees_equal(state.params, states[4].params)
@@ -91,15 +91,15 @@ def test_export_load_params_and_init_from(tmp_path, trained):
     assert int(state.step) == 0 and data_state is None and "params from" in source
     fresh = trainer.init_fn()
     _assert_trees_equal(state.opt_state, fresh.opt_state)
-    plan.check_tokenizer(None)  # the run that wrote it had no tokenizer (synthetic data)
+    decision.check_tokenizer(None)  # the run that wrote it had no tokenizer (synthetic data)
     with pytest.raises(
         compat.ResumeError, match="trained with tokenizer None, this run loads tokenizer abc"
     ):
-        plan.check_tokenizer("abc")
+        decision.check_tokenizer("abc")
     os.remove(tmp_path / "out" / compat.TOKENIZER_RECORD)  # an HF import: a warning only
-    plan.check_tokenizer("abc")
+    decision.check_tokenizer("abc")
     bigger = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, d_mlp=128))
     with pytest.raises(compat.ResumeError, match="model.d_mlp"):  # refused before any load
-        resume.plan_resume(str(tmp_path / "new2"), bigger, init_from=str(tmp_path / "out"))
+        resume.decide_resume(str(tmp_path / "new2"), bigger, init_from=str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="is not an lmjax params directory"):
-        resume.plan_resume(str(tmp_path / "new3"), TINY, init_from=str(tmp_path / "missing"))
+        resume.decide_resume(str(tmp_path / "new3"), TINY, init_from=str(tmp_path / "missing"))

@@ -207,14 +207,14 @@ def test_torn_step_is_skipped_at_resume_and_set_aside_by_the_save_that_needs_its
     trainer, states, _, _ = trained
     _save_run(tmp_path, trainer, states, [2, 4])
     _tear(tmp_path / "checkpoints" / "4")
-    plan = resume.plan_resume(str(tmp_path), TINY)
-    assert [c.step for c in plan.candidates] == [4, 2]
-    state, data_state, source = plan.load(
+    decision = resume.decide_resume(str(tmp_path), TINY)
+    assert [c.step for c in decision.candidates] == [4, 2]
+    state, data_state, source = decision.load(
         trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model
     )
     assert source.endswith("step 2") and data_state["pos"] == 2
     _assert_trees_equal(state, states[1])
-    assert [s for _, s, _ in plan.unreadable] == [4]
+    assert [s for _, s, _ in decision.unreadable] == [4]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]  # resume moves nothing
     assert not (tmp_path / "checkpoints" / "unreadable").exists()
     # the run continues from 2; its save at 4 sets the torn 4 aside (logged) and writes 4
@@ -241,20 +241,20 @@ def test_torn_step_is_skipped_at_resume_and_set_aside_by_the_save_that_needs_its
     _assert_trees_equal(params, states[1].params)
 
 
-def test_plan_resume_never_starts_from_scratch_over_unreadable_checkpoints(tmp_path, trained):
+def test_decide_resume_never_starts_from_scratch_over_unreadable_checkpoints(tmp_path, trained):
     trainer, states, _, _ = trained
     _save_run(tmp_path, trainer, states, [3])
     for root, _, files in os.walk(tmp_path / "checkpoints" / "3" / "train"):
         for name in files:
             os.remove(os.path.join(root, name))
-    plan = resume.plan_resume(str(tmp_path), TINY)
+    decision = resume.decide_resume(str(tmp_path), TINY)
     with pytest.raises(compat.ResumeError, match="none could be read.*allow_fresh"):
-        plan.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model)
+        decision.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model)
     assert os.listdir(tmp_path / "checkpoints") == ["3"]
     # asked to: a fresh start; the first save sets the unreadable step aside
     fresh = apply_overrides(TINY, ["checkpoint.allow_fresh=true"])
-    plan = resume.plan_resume(str(tmp_path), fresh)
-    state, data_state, source = plan.load(
+    decision = resume.decide_resume(str(tmp_path), fresh)
+    state, data_state, source = decision.load(
         trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model
     )
     assert source == "fresh init" and int(state.step) == 0 and data_state is None
@@ -294,8 +294,8 @@ def test_clipping_change_restores_the_saved_moments_into_the_new_layout(
     )
     loader = _clip_trainer(new_clip)
     config = apply_overrides(TINY, [f"optim.clip_norm={new_clip}"])
-    plan = resume.plan_resume(str(tmp_path), config)
-    restored, _, source = plan.load(
+    decision = resume.decide_resume(str(tmp_path), config)
+    restored, _, source = decision.load(
         loader.init_fn, loader.state_shardings, str(tmp_path), config.model
     )
     assert source.endswith("step 5") and int(restored.step) == 5
@@ -322,9 +322,9 @@ def test_a_state_structure_the_config_cannot_take_is_refused_before_anything_mov
     monkeypatch.setattr(optim, "make_optimizer", lambda cfg, steps: optax.sgd(0.1, momentum=0.9))
     config = apply_overrides(TINY, ["optim.b1=0.8"])
     other = _trainer(config)
-    plan = resume.plan_resume(str(tmp_path), config)
+    decision = resume.decide_resume(str(tmp_path), config)
     with pytest.raises(compat.ResumeError) as e:
-        plan.load(other.init_fn, other.state_shardings, str(tmp_path), config.model)
+        decision.load(other.init_fn, other.state_shardings, str(tmp_path), config.model)
     message = str(e.value)
     assert "step 4" in message and "optim.b1: 0.9 -> 0.8" in message
     assert "only saved" in message and "No checkpoint was moved" in message
@@ -350,18 +350,18 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
 
         return restore
 
-    def plan_load():
-        plan = resume.plan_resume(str(tmp_path), TINY)
-        return plan.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model)
+    def decide_and_load():
+        decision = resume.decide_resume(str(tmp_path), TINY)
+        return decision.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model)
 
     monkeypatch.setattr(checkpointer.Checkpointer, "restore", flaky(2))
-    state, _, source = plan_load()  # two failures, then the third attempt reads step 4
+    state, _, source = decide_and_load()  # two failures, then the third attempt reads step 4
     assert source.endswith("step 4") and failures == [4, 4]
     _assert_trees_equal(state, states[3])
     failures.clear()
     monkeypatch.setattr(checkpointer.Checkpointer, "restore", flaky(100))
     with pytest.raises(errors.FaultError, match="kept failing after 3 retries"):
-        plan_load()
+        decide_and_load()
     assert len(failures) == 4  # one attempt and 3 retries of step 4, then stop: 2 untried
 
     def out_of_memory(self, step, target):
@@ -369,14 +369,14 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
 
     monkeypatch.setattr(checkpointer.Checkpointer, "restore", out_of_memory)
     with pytest.raises(compat.ResumeError, match="out of memory restoring .*step 4"):
-        plan_load()
+        decide_and_load()
 
     def bug(self, step, target):
         raise ValueError("some internal mismatch")
 
     monkeypatch.setattr(checkpointer.Checkpointer, "restore", bug)
     with pytest.raises(errors.FaultError, match="some internal mismatch"):
-        plan_load()
+        decide_and_load()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
     assert not (tmp_path / "checkpoints" / "unreadable").exists()
 
@@ -385,19 +385,19 @@ def test_restore_from_step_and_path(tmp_path, trained):
     trainer, states, _, _ = trained
     _save_run(tmp_path / "a", trainer, states, [2, 5])
     with pytest.raises(compat.ResumeError, match="later steps"):
-        resume.plan_resume(str(tmp_path / "a"), TINY, restore_from="2")
+        resume.decide_resume(str(tmp_path / "a"), TINY, restore_from="2")
     with pytest.raises(compat.ResumeError, match="no committed step 3"):
-        resume.plan_resume(str(tmp_path / "a"), TINY, restore_from="3")
-    plan = resume.plan_resume(
+        resume.decide_resume(str(tmp_path / "a"), TINY, restore_from="3")
+    decision = resume.decide_resume(
         str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "a" / "checkpoints" / "2")
     )
-    assert [(c.directory, c.step) for c in plan.candidates] == [
+    assert [(c.directory, c.step) for c in decision.candidates] == [
         (str(tmp_path / "a" / "checkpoints"), 2)
     ]
-    plan = resume.plan_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "a"))
-    assert [c.step for c in plan.candidates] == [5, 2]
+    decision = resume.decide_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "a"))
+    assert [c.step for c in decision.candidates] == [5, 2]
     with pytest.raises(compat.ResumeError, match="no committed checkpoint"):
-        resume.plan_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "nothing"))
+        resume.decide_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "nothing"))
 
 
 def test_list_checkpoints_reports_complete_and_uncommitted(tmp_path, trained):

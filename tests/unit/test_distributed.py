@@ -7,15 +7,15 @@ import jax
 import pytest
 
 from lmjax.parallel import distributed
-from lmjax.parallel.distributed import Rendezvous, plan_rendezvous, rendezvous_hint
+from lmjax.parallel.distributed import Rendezvous, choose_rendezvous, rendezvous_hint
 from tests.helpers import RENDEZVOUS_VARS, clean_env
 
 PY = sys.executable
 
 
 def test_nothing_set_is_single_process():
-    assert plan_rendezvous({}).kind == "single"
-    assert plan_rendezvous({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}).kind == "single"
+    assert choose_rendezvous({}).kind == "single"
+    assert choose_rendezvous({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}).kind == "single"
 
 
 def test_explicit_from_environment_and_arguments_win():
@@ -24,10 +24,10 @@ def test_explicit_from_environment_and_arguments_win():
         "LMJAX_NUM_PROCESSES": "4",
         "LMJAX_PROCESS_ID": "3",
     }
-    assert plan_rendezvous(env) == Rendezvous("explicit", "10.0.0.2:8476", 4, 3)
-    assert plan_rendezvous(env, process_id=1) == Rendezvous("explicit", "10.0.0.2:8476", 4, 1)
-    assert plan_rendezvous({}, "h:1", 2, 0) == Rendezvous("explicit", "h:1", 2, 0)
-    assert plan_rendezvous({"LMJAX_NUM_PROCESSES": "1"}).kind == "single"
+    assert choose_rendezvous(env) == Rendezvous("explicit", "10.0.0.2:8476", 4, 3)
+    assert choose_rendezvous(env, process_id=1) == Rendezvous("explicit", "10.0.0.2:8476", 4, 1)
+    assert choose_rendezvous({}, "h:1", 2, 0) == Rendezvous("explicit", "h:1", 2, 0)
+    assert choose_rendezvous({"LMJAX_NUM_PROCESSES": "1"}).kind == "single"
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_explicit_from_environment_and_arguments_win():
 )
 def test_explicit_errors_name_the_fix(env, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        plan_rendezvous(env)
+        choose_rendezvous(env)
 
 
 def test_slurm_detected_under_srun_and_refused_outside_it():
@@ -62,17 +62,17 @@ def test_slurm_detected_under_srun_and_refused_outside_it():
         "SLURM_LOCALID": "1",
         "SLURM_STEP_NODELIST": "node[001-004]",
     }
-    assert plan_rendezvous(step) == Rendezvous("slurm", None, 16, 5)
+    assert choose_rendezvous(step) == Rendezvous("slurm", None, 16, 5)
     batch_only = {"SLURM_JOB_ID": "42", "SLURM_NTASKS": "16"}
     with pytest.raises(ValueError, match="srun"):
-        plan_rendezvous(batch_only)
+        choose_rendezvous(batch_only)
     # Explicit settings beat SLURM's.
     explicit = dict(step, LMJAX_COORDINATOR="h:1", LMJAX_NUM_PROCESSES="2", LMJAX_PROCESS_ID="1")
-    assert plan_rendezvous(explicit).kind == "explicit"
+    assert choose_rendezvous(explicit).kind == "explicit"
 
 
 def test_cloud_tpu_uses_jax_auto_detection():
-    assert plan_rendezvous({}, on_cloud_tpu=True) == Rendezvous("tpu")
+    assert choose_rendezvous({}, on_cloud_tpu=True) == Rendezvous("tpu")
     # The flag read from jax exists (a jax upgrade moving it must fail here, not silently
     # turn a TPU pod into N single-process runs); this machine has no TPU chips.
     assert distributed._on_cloud_tpu() is False

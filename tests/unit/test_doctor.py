@@ -20,13 +20,16 @@ def test_doctor_passes_here_and_names_what_it_checked(tmp_path):
     checks = _checks(tmp_path)
     assert all(c.ok for c in checks.values()), checks
     assert list(checks) == [
-        *("versions", "devices", "mesh", "attention", "workdir", "store", "compile cache"),
+        *("versions", "devices", "mesh", "attention", "workdir", "data stores", "compile cache"),
         "processes",
     ]
     assert "jax 0.1" in checks["versions"].detail and "tested: jax<" in checks["versions"].detail
     assert "x cpu (cpu), process 0 of 1" in checks["devices"].detail
     assert checks["attention"].detail == "xla"
-    assert checks["store"].detail == f"{tmp_path}/run/data can be created ({tmp_path} is writable)"
+    assert (
+        checks["data stores"].detail
+        == f"{tmp_path}/run/data can be created ({tmp_path} is writable)"
+    )
     assert checks["compile cache"].detail.startswith(f"{tmp_path}/cache can be created")
     assert list(tmp_path.iterdir()) == []  # no probe left, no directory made
 
@@ -87,6 +90,6 @@ def test_disagreements_name_the_processes_the_field_and_the_fix():
         "config differs between process 0 (host0) and process 1 (host1): optim.lr: 0.1 vs 0.2; "
         "start every process the same way",
     ]
-    reports = [_report(0, failures=("store: denied",)), _report(1, failures=("mesh: no",))]
-    assert agreement.peer_failures(reports, 1) == ["process 0 (host0): store: denied"]
+    reports = [_report(0, failures=("data stores: denied",)), _report(1, failures=("mesh: no",))]
+    assert agreement.peer_failures(reports, 1) == ["process 0 (host0): data stores: denied"]
     assert Report.from_json(reports[0].to_json()) == reports[0]

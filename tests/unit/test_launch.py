@@ -33,7 +33,7 @@ def _tpu(*argv):
 
 def test_tpu_create_single_slice():
     args = _tpu("create", *WHERE, "--accelerator-type", "v5litepod-16", "--spot")
-    assert tpu.plan(args) == [
+    assert tpu.commands(args) == [
         [
             "gcloud",
             "compute",
@@ -57,12 +57,12 @@ def test_tpu_create_single_slice():
         "--runtime-version",
         "tpu-vm-v4-base",
     )
-    assert tpu.plan(args)[0][-2:] == ["--version=tpu-vm-v4-base", "--preemptible"]
+    assert tpu.commands(args)[0][-2:] == ["--version=tpu-vm-v4-base", "--preemptible"]
 
 
 def test_tpu_create_multi_slice_queued_resource(tmp_path):
     args = _tpu("create", *WHERE, "--accelerator-type", "v5p-64", "--num-slices", "4", "--spot")
-    create, wait = tpu.plan(args)
+    create, wait = tpu.commands(args)
     assert create == [
         "gcloud",
         "compute",
@@ -96,7 +96,7 @@ def test_tpu_create_multi_slice_queued_resource(tmp_path):
         "--format=value(state.state)",
     ]
     single_queued = _tpu("create", *WHERE, "--accelerator-type", "v6e-256", "--queued")
-    assert "--node-id=my-tpu" in tpu.plan(single_queued)[0]
+    assert "--node-id=my-tpu" in tpu.commands(single_queued)[0]
 
 
 @pytest.mark.parametrize(
@@ -168,8 +168,8 @@ def test_tpu_run_quotes_hostile_arguments_at_every_level(capsys):
     args = _tpu("run", *WHERE, "--dry-run", "--", *user_command)
     assert tpu.main(["run", *WHERE, "--dry-run", "--", *user_command]) == 0
     printed = capsys.readouterr().out
-    (ssh,) = tpu.plan(args)
-    # Local shell level: the printed line splits back into exactly the planned argv.
+    (ssh,) = tpu.commands(args)
+    # Local shell level: the printed line splits back into exactly the argv of the command.
     assert shlex.split(printed) == ssh
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
     assert {"--zone=us-east5-a", "--project=my-proj", "--worker=all"} <= set(ssh)
@@ -183,7 +183,7 @@ def test_tpu_remote_script_runs_literally_in_bash(tmp_path):
     """Execute the worker script with bash: fake metadata (curl) says worker 0, then 1."""
     marker_words = ["x; touch INJECTED", "$(touch INJECTED)", "`touch INJECTED`", *HOSTILE]
     script = _remote_script(
-        tpu.plan(_tpu("run", *WHERE, "--", "printf", "<%s>\n", *marker_words))[0]
+        tpu.commands(_tpu("run", *WHERE, "--", "printf", "<%s>\n", *marker_words))[0]
     )
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -205,7 +205,7 @@ def test_tpu_remote_script_runs_literally_in_bash(tmp_path):
         assert p.stdout == (expected if worker == "0" else "")  # only worker 0 streams
         assert not list(home.glob("INJECTED*")) and not list(tmp_path.glob("INJECTED*"))
     # The exit code of the command survives the tee pipe.
-    failing = _remote_script(tpu.plan(_tpu("run", *WHERE, "--", "sh", "-c", "exit 7"))[0])
+    failing = _remote_script(tpu.commands(_tpu("run", *WHERE, "--", "sh", "-c", "exit 7"))[0])
     p = subprocess.run(
         ["bash", "-c", failing],
         cwd=tmp_path,
@@ -218,7 +218,7 @@ def test_tpu_remote_script_runs_literally_in_bash(tmp_path):
 
 def test_tpu_multi_slice_run_targets_every_slice():
     args = _tpu("run", *WHERE, "--num-slices", "3", "--", "lmjax", "train")
-    cmds = tpu.plan(args)
+    cmds = tpu.commands(args)
     assert [c[5] for c in cmds] == ["my-tpu-0", "my-tpu-1", "my-tpu-2"]
     assert all("--worker=all" in c for c in cmds)
     scripts = [_remote_script(c) for c in cmds]
@@ -260,7 +260,7 @@ def test_tpu_install_makes_a_python_312_env_from_this_checkout_and_run_uses_it(t
     checkout into a uv venv of Python 3.12 (TPU VM images have 3.10); `run` runs from it."""
     assert tpu.parse_args(["install", *WHERE]).source == str(REPO)
     checkout = _fake_checkout(tmp_path / "checkout")
-    tar, scp, ssh = tpu.plan(_tpu("install", *WHERE, "--source", str(checkout)))
+    tar, scp, ssh = tpu.commands(_tpu("install", *WHERE, "--source", str(checkout)))
     subprocess.run(tar, check=True)
     listed = subprocess.run(["tar", "-tzf", tar[2]], capture_output=True, text=True).stdout
     assert sorted(n for n in listed.split() if not n.endswith("/")) == [
@@ -291,7 +291,7 @@ def test_tpu_install_makes_a_python_312_env_from_this_checkout_and_run_uses_it(t
         f"{home}/lmjax-src: pip install --python {venv}/bin/python --upgrade .[tpu]",
     ]
     _executable(home / "bin" / "curl", "#!/bin/sh\necho 0\n")  # metadata: worker 0
-    run = _remote_script(tpu.plan(_tpu("run", *WHERE, "--", "lmjax", "train", "--x"))[0])
+    run = _remote_script(tpu.commands(_tpu("run", *WHERE, "--", "lmjax", "train", "--x"))[0])
     p = subprocess.run(
         ["bash", "-c", run], cwd=home, env=env, capture_output=True, text=True, timeout=30
     )
@@ -299,11 +299,11 @@ def test_tpu_install_makes_a_python_312_env_from_this_checkout_and_run_uses_it(t
 
 
 def test_tpu_install_pinned_git_revision_and_delete():
-    (ssh,) = tpu.plan(_tpu("install", *WHERE, "--git", "https://github.com/me/lmjax@3f2c1a0"))
+    (ssh,) = tpu.commands(_tpu("install", *WHERE, "--git", "https://github.com/me/lmjax@3f2c1a0"))
     script = _remote_script(ssh)
     assert "uv venv --allow-existing --python 3.12" in script
     assert script.endswith("'lmjax[tpu] @ git+https://github.com/me/lmjax@3f2c1a0'")
-    assert tpu.plan(_tpu("delete", *WHERE)) == [
+    assert tpu.commands(_tpu("delete", *WHERE)) == [
         [
             "gcloud",
             "compute",
@@ -316,11 +316,11 @@ def test_tpu_install_pinned_git_revision_and_delete():
             "--quiet",
         ]
     ]
-    assert tpu.plan(_tpu("delete", *WHERE, "--num-slices", "2"))[0][3:5] == [
+    assert tpu.commands(_tpu("delete", *WHERE, "--num-slices", "2"))[0][3:5] == [
         "queued-resources",
         "delete",
     ]
-    assert "--force" in tpu.plan(_tpu("delete", *WHERE, "--num-slices", "2"))[0]
+    assert "--force" in tpu.commands(_tpu("delete", *WHERE, "--num-slices", "2"))[0]
 
 
 class _FakeCloud:

@@ -53,10 +53,10 @@ def test_watchdog_names_the_set_up_phase_and_the_end_of_the_run(caplog):
     exits: list[int] = []
     dog = watchdog.Watchdog(10.0, 0.2, 5.0, exit=exits.append, poll_seconds=0.02)
     dog.expect("the mesh")  # watched from here, with the startup deadline
-    dog.expect("the resume plan", 0.2)  # the mesh was progress; nothing after it
+    dog.expect("the resume decision", 0.2)  # the mesh was progress; nothing after it
     _fired(dog, exits)
     assert exits == [watchdog.STALL_EXIT]
-    assert "(deadline 0.2 s) while waiting for the resume plan" in caplog.text
+    assert "(deadline 0.2 s) while waiting for the resume decision" in caplog.text
     ended: list[int] = []
     dog = watchdog.Watchdog(10.0, 0.2, 0.2, exit=ended.append, poll_seconds=0.02)
     dog.before_step(1)
