@@ -4,6 +4,7 @@ Gemma 2, Gemma 3) <-> lmjax params directories."""
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_parser(sub) -> None:
@@ -21,10 +22,11 @@ def add_parser(sub) -> None:
 
 
 def from_args(args: argparse.Namespace) -> int:
-    if args.direction == "from-hf":
-        return from_hf(args.src, args.out)
     from lmjax.parallel import distributed
 
+    if args.direction == "from-hf":
+        distributed.require_one_process("lmjax convert from-hf", os.environ)
+        return from_hf(args.src, args.out)
     distributed.initialize()  # started as several processes, they export together
     return to_hf(args.src, args.out, dtype=args.dtype)
 

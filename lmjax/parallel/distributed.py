@@ -147,6 +147,20 @@ def choose_rendezvous(
     return Rendezvous("single", num_processes=1, process_id=0)
 
 
+def require_one_process(command: str, env: Mapping[str, str]) -> None:
+    """Refuses (ConfigError) a start of `command` as several processes by launch/local.py
+    (LMJAX_*) or `srun` (SLURM_*), read from `env` alone: no join, no device touched. For
+    commands that use no devices and write one output, which every process would write.
+    A TPU pod's worker count is only known by joining, so a start there is not refused."""
+    r = choose_rendezvous(env)
+    if (r.num_processes or 1) > 1:
+        raise ConfigError(
+            f"{command} was started as {r.num_processes} processes ({r.kind} start), each "
+            f"of which would write the same output: run it as one process (without "
+            f"launch/local.py or srun; on a TPU pod, on one worker)"
+        )
+
+
 def _on_cloud_tpu() -> bool:
     """Whether jax found TPU chips and libtpu at import (it then auto-detects TPU peers)."""
     from jax._src import cloud_tpu_init  # jax has no public accessor for this flag

@@ -276,3 +276,18 @@ def test_offline_commands_over_two_processes_match_one(tmp_path, one_process):
     text = "\n".join(t for q, t in lines if q == "[p0]")
     assert all(f"{completion}\n{'-' * 40}" in text for completion in want_text)
     assert [q for q, t in lines if t == "-" * 40] == ["[p0]", "[p0]"]
+
+
+def test_convert_from_hf_started_as_two_processes_is_refused_before_reading(tmp_path):
+    """Every process would write the same params directory: each refuses from its environment,
+    before the HF directory is read (here it does not exist) or the output made."""
+    out = tmp_path / "llama"
+    command = [sys.executable, "-m", "lmjax", "convert", "from-hf", str(tmp_path / "hf"), str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(
+        [*_two_processes(1), "--", *command], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-4000:]
+    assert "convert from-hf was started as 2 processes (explicit start)" in output
+    assert "run it as one process" in output and not out.exists()

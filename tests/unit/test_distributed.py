@@ -6,6 +6,7 @@ import sys
 import jax
 import pytest
 
+from lmjax.config import ConfigError
 from lmjax.parallel import distributed
 from lmjax.parallel.distributed import Rendezvous, choose_rendezvous, rendezvous_hint
 from tests.helpers import RENDEZVOUS_VARS, clean_env
@@ -69,6 +70,22 @@ def test_slurm_detected_under_srun_and_refused_outside_it():
     # Explicit settings beat SLURM's.
     explicit = dict(step, LMJAX_COORDINATOR="h:1", LMJAX_NUM_PROCESSES="2", LMJAX_PROCESS_ID="1")
     assert choose_rendezvous(explicit).kind == "explicit"
+
+
+def test_one_process_commands_refuse_several_from_the_environment_alone():
+    for alone in ({}, {"LMJAX_NUM_PROCESSES": "1"}, {"SLURM_JOB_ID": "4", "SLURM_NTASKS": "1"}):
+        distributed.require_one_process("lmjax convert from-hf", alone)
+    explicit = {"LMJAX_COORDINATOR": "h:1", "LMJAX_NUM_PROCESSES": "2", "LMJAX_PROCESS_ID": "1"}
+    srun = {
+        "SLURM_JOB_ID": "42",
+        "SLURM_NTASKS": "16",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_STEP_NODELIST": "node[001-004]",
+    }
+    for env, started in ((explicit, r"2 processes \(explicit"), (srun, r"16 processes \(slurm")):
+        with pytest.raises(ConfigError, match=rf"convert from-hf was started as {started}.*one"):
+            distributed.require_one_process("lmjax convert from-hf", env)
 
 
 def test_cloud_tpu_uses_jax_auto_detection():
