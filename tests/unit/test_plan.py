@@ -9,7 +9,7 @@ import pytest
 from lmjax import hardware
 from lmjax.commands.experiment import load_experiment
 from lmjax.config import ConfigError, ModelConfig
-from lmjax.model import flops
+from lmjax.model import flops, transformer
 from lmjax.tools import aot, hlo, roofline
 from lmjax.tools.plan import budget, candidates, rank, workers
 
@@ -341,3 +341,71 @@ def test_a_candidate_that_times_out_is_killed_and_reported():
     assert [o.status for o in outcomes] == ["timeout", "timeout"]
     assert "--timeout=0.5 s" in outcomes[0].reason
     assert seen[-1] == (2, 2, 2)
+
+
+def test_mixtral_plan_on_v6e_256_counts_two_of_eight_experts():
+    """Mixtral 8x7B at MaxText's recipe shapes (v6e-256, 12 x 4096 per chip, full remat): the
+    candidates with and without an expert axis, and the plan's FLOPs, worked by hand."""
+    config = load_experiment("mixtral_8x7b")  # seq 4096
+    m = config.model
+    # Per layer: attention 4096 x 128 x (32 + 8 + 8 + 32) = 41,943,040; 2 norms 8,192; router
+    # 4096 x 8 = 32,768; experts 8 x 3 x 4096 x 14336 = 1,409,286,144 (2 of 8 active:
+    # 352,321,536). Embedding and head 2 x 32000 x 4096 = 262,144,000; final norm 4,096.
+    layer_total = 41_943_040 + 8_192 + 32_768 + 1_409_286_144
+    layer_active = 41_943_040 + 8_192 + 32_768 + 352_321_536
+    assert transformer.count_params(m) == 32 * layer_total + 262_148_096 == 46_702_792_704
+    active = transformer.count_params(m, active=True)
+    assert active == 32 * layer_active + 262_148_096 == 12_879_925_248
+    # 6 x active parameters less the input embedding, plus attention: 12 x 32 heads x 128 x
+    # 2048 keys on average (causal, seq 4096) x 32 layers.
+    per_token = 6 * (active - 131_072_000) + 12 * 32 * 128 * 2048 * 32
+    assert flops.flops_per_token(m, 4096) == per_token
+    # Full remat recomputes each layer's forward: 2 x (q/k/v/o 41,943,040 + 2 experts and the
+    # router 4096 x (6 x 14336 + 8)) per layer, and the attention core 4 x 32 x 128 x 2048 x 32.
+    recompute = 32 * 2 * (41_943_040 + 4096 * (6 * 14336 + 8)) + 4 * 32 * 128 * 2048 * 32
+    assert flops.remat_recompute_flops_per_token(m, 4096) == recompute
+
+    space = _space(
+        mesh__expert=(1, 8, 16), mesh__tensor=(1,), rows_per_chip=(12,), model__remat=("full",)
+    )
+    found, rejected = candidates.enumerate_candidates(config, 256, 1, space)
+    assert [(c.config.mesh.fsdp, c.config.mesh.expert) for c in found] == [(256, 1), (32, 8)]
+    assert all(c.config.data.batch_size == 3072 for c in found)
+    assert [r.reason for r in rejected] == [
+        "params/moe/w_down dimension 'expert' of size 8 is not divisible by mesh axes expert "
+        "of size 16"
+    ]
+
+    # The estimate of the expert-parallel candidate from a stubbed compile of 29 GiB: compute
+    # is (model + recomputed) FLOPs per chip over v6e's peak, MFU the model FLOPs' share.
+    cand = found[1]
+    tokens = 12 * 4096
+    v6e = hardware.GENERATIONS["v6e"]
+    report = aot.CompileReport(
+        target=hardware.parse_target("v6e-256"),
+        num_slices=1,
+        mesh_shape={"data": 1, "fsdp": 32, "expert": 8, "tensor": 1},
+        hbm_bytes=v6e.hbm_bytes,
+        argument_bytes=2 * GiB,
+        output_bytes=2 * GiB,
+        alias_bytes=2 * GiB,
+        temp_bytes=27 * GiB,
+        compile_seconds=200.0,
+        compile_cpu_seconds=200.0,
+        xla_flops=float("nan"),
+        xla_optimal_seconds=float("nan"),
+        model_flops=per_token * tokens,
+        tokens_per_step=3072 * 4096,
+        pallas_kernels={},
+        ici_bytes=0.0,
+        dcn_bytes=0.0,
+    )
+    hw = rank.tpu_hardware(v6e)
+    (row,) = rank.rank([workers.Outcome(cand, "ok", report=report)], hw)
+    assert row.estimated.compute_s == pytest.approx(
+        (per_token + recompute) * tokens / v6e.peak_flops
+    )
+    assert row.estimated.mfu == pytest.approx(per_token / (per_token + recompute))
+    table = rank.format_table([row], [])
+    assert table.splitlines()[0].split()[1] == "data/fsdp/expert/tensor"
+    assert table.splitlines()[1].split()[1] == "1/32/8/1"

@@ -117,10 +117,11 @@ def _describe(overrides: Sequence[str]) -> dict[str, str]:
     return dict(item.split("=", 1) for item in overrides)
 
 
-def _cells(i: int, row: Row) -> tuple[str, ...]:
-    """One line of `format_table`: candidate `i`, compiled and estimated."""
+def _cells(i: int, row: Row, axes: Sequence[str]) -> tuple[str, ...]:
+    """One line of `format_table`: candidate `i`, compiled and estimated, its mesh given as
+    the sizes of `axes`."""
     r, e, d = row.outcome.report, row.estimated, _describe(row.outcome.candidate.overrides)
-    mesh = "/".join(str(r.mesh_shape[a]) for a in ("data", "fsdp", "tensor"))
+    mesh = "/".join(str(r.mesh_shape.get(a, 1)) for a in axes)
     chips = math.prod(r.mesh_shape.values())
     batch = int(d["data.batch_size"])
     return (
@@ -144,10 +145,14 @@ def _cells(i: int, row: Row) -> tuple[str, ...]:
 
 def format_table(rows: Sequence[Row], rejected: Sequence[Rejected]) -> str:
     """The ranked table, the --set line of the best fitting candidate, then every candidate
-    that was not estimated and why."""
+    that was not estimated and why. The mesh column names the expert axis when a candidate
+    has one."""
+    estimated = [(i, row) for i, row in enumerate(rows, 1) if row.estimate is not None]
+    expert = any(row.outcome.report.mesh_shape.get("expert", 1) > 1 for _, row in estimated)
+    axes = ("data", "fsdp", "expert", "tensor") if expert else ("data", "fsdp", "tensor")
     head = (
         "#",
-        "data/fsdp/tensor",
+        "/".join(axes),
         "batch (/chip)",
         "remat",
         "accum",
@@ -162,7 +167,7 @@ def format_table(rows: Sequence[Row], rejected: Sequence[Rejected]) -> str:
         "xla step s",
         "measured s",
     )
-    lines = [_cells(i, row) for i, row in enumerate(rows, 1) if row.estimate is not None]
+    lines = [_cells(i, row, axes) for i, row in estimated]
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
     fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
     out = [fmt(head), *map(fmt, lines)]
