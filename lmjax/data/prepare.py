@@ -27,7 +27,7 @@ import hashlib
 import logging
 import os
 import time
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -252,12 +252,18 @@ def _commit(
 
 
 def prepare(
-    data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, beam_options=None
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer,
+    root: str,
+    *,
+    beam_options=None,
+    progress: Callable[[], None] = lambda: None,
 ) -> tuple[str, dict]:
     """Prepares (or finds) the store of `data_cfg`'s source under `root`: (directory, store.json).
 
-    beam_options: None prepares inline; Beam PipelineOptions (`beam_engine.pipeline_options`)
-    run the Beam pipeline.
+    beam_options: None prepares inline, calling `progress` after each finished shard (a
+    training run's watchdog); Beam PipelineOptions (`beam_engine.pipeline_options`) run the
+    Beam pipeline.
     """
     directory, label, shards, identity = locate(data_cfg, tokenizer, root)
     meta = store.read_json(os.path.join(directory, store.META))
@@ -275,6 +281,7 @@ def prepare(
     if beam_options is None:
         for shard in shards:
             fn(shard)
+            progress()
     else:
         beam_engine.run(fn, shards, beam_options)
     records = _records(directory, shards)

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -45,11 +45,15 @@ def run_pipeline(
     process_index: int = 0,
     process_count: int = 1,
     rows: Sequence[int] | np.ndarray | None = None,
+    progress: Callable[[], None] = lambda: None,
 ) -> Pipeline:
     """The pipeline a run of `config` in `workdir` reads with `tokenizer` (None: synthetic
-    tokens): `make_pipeline` over `run_stores` (the leader prepares a missing store)."""
+    tokens): `make_pipeline` over `run_stores` (the leader prepares a missing store, calling
+    `progress` after each shard)."""
     stores = (
-        None if tokenizer is None else run_stores(config.data, tokenizer, workdir, leader=leader)
+        None
+        if tokenizer is None
+        else run_stores(config.data, tokenizer, workdir, leader=leader, progress=progress)
     )
     return make_pipeline(
         config.data,
@@ -63,14 +67,19 @@ def run_pipeline(
 
 
 def run_stores(
-    data_cfg: DataConfig, tokenizer: Tokenizer, workdir: str, *, leader: bool
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer,
+    workdir: str,
+    *,
+    leader: bool,
+    progress: Callable[[], None] = lambda: None,
 ) -> dict[str, str]:
     """{source name: store directory} a run in `workdir` reads (`resolve_stores`), found in
     O(1) from the workdir's `STORE_RECORD` when its settings match; else the leader resolves
     and records them, and the other processes wait for the record (data.prepare_timeout_s)."""
     root = store_root(data_cfg, workdir)
     if not workdir:
-        return resolve_stores(data_cfg, tokenizer, root, leader=leader)
+        return resolve_stores(data_cfg, tokenizer, root, leader=leader, progress=progress)
     request = store_request(data_cfg, tokenizer, root)
     path = os.path.join(workdir, STORE_RECORD)
     record = store.read_json(path)
@@ -78,7 +87,7 @@ def run_stores(
         return record["stores"]
     if not leader:
         return _wait_for_record(path, request, data_cfg.prepare_timeout_s)
-    stores = resolve_stores(data_cfg, tokenizer, root, leader=True)
+    stores = resolve_stores(data_cfg, tokenizer, root, leader=True, progress=progress)
     store.write_json(path, {"request": request, "stores": stores})
     return stores
 
@@ -110,11 +119,16 @@ def _wait_for_record(path: str, request: dict, timeout_s: float, poll_s: float =
 
 
 def resolve_stores(
-    data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leader: bool
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer,
+    root: str,
+    *,
+    leader: bool,
+    progress: Callable[[], None] = lambda: None,
 ) -> dict[str, str]:
     """{source name: store directory} for the settings: the stores data.mixture names
     (prepared beforehand), or the run's own source's store (prepared now if missing,
-    `ensure_store`); none for the synthetic source, which reads no store."""
+    `ensure_store`, calling `progress` after each shard); none for the synthetic source."""
     if data_cfg.mixture:
         return {
             name: find_store(root, name, tokenizer) for name, _ in mixture.parse(data_cfg.mixture)
@@ -122,7 +136,7 @@ def resolve_stores(
     if data_cfg.source == "synthetic":
         return {}
     label = data_cfg.name or data_cfg.source
-    return {label: ensure_store(data_cfg, tokenizer, root, leader=leader)}
+    return {label: ensure_store(data_cfg, tokenizer, root, leader=leader, progress=progress)}
 
 
 def find_store(root: str, name: str, tokenizer: Tokenizer) -> str:
@@ -147,9 +161,17 @@ def find_store(root: str, name: str, tokenizer: Tokenizer) -> str:
     return found[0]
 
 
-def ensure_store(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leader: bool) -> str:
+def ensure_store(
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer,
+    root: str,
+    *,
+    leader: bool,
+    progress: Callable[[], None] = lambda: None,
+) -> str:
     """The store directory for a training run: the leader (process 0) prepares it inline when
-    it is missing; the other processes wait for its commit (data.prepare_timeout_s)."""
+    it is missing, calling `progress` after each shard; the other processes wait for its
+    commit (data.prepare_timeout_s in all)."""
     directory = locate(data_cfg, tokenizer, root)[0]
     if store.read_json(os.path.join(directory, store.META)) is not None:
         return directory
@@ -159,7 +181,7 @@ def ensure_store(data_cfg: DataConfig, tokenizer: Tokenizer, root: str, *, leade
             "beforehand to use several workers)",
             directory,
         )
-        prepare.prepare(data_cfg, tokenizer, root)
+        prepare.prepare(data_cfg, tokenizer, root, progress=progress)
     else:
         log.info("waiting for process 0 to prepare the data store %s", directory)
         wait_for_store(directory, data_cfg.prepare_timeout_s)

@@ -96,6 +96,7 @@ def _set_up(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         rows=rows,
+        progress=watch.progress,  # each shard prepared inline restarts the phase's deadline
     )
     if primary:
         log.info("parameters:\n%s", _describe_params(config, mesh, trainer))

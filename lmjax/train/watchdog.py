@@ -5,7 +5,8 @@ restart loop starts the job again from its last checkpoint.
 It watches the whole run, `lmjax.train.run.train` from before the lease to after the last
 save's commit. Progress is the end of a phase: each set-up phase (`expect` names them: the
 lease, the mesh, the resume decision, the tokenizer and stores, the restore, the records and
-evaluation windows), a completed step (its metrics reached the host), a finished save or
+evaluation windows), a shard of a data store prepared inline (`progress`: the phase's
+deadline starts again), a completed step (its metrics reached the host), a finished save or
 evaluation, the end of the run. A process stuck in I/O (a storage read without a timeout, a
 wedged save, an NFS hang) keeps sending jax's heartbeats, so nothing else notices it; its
 peers then wait in a collective forever, miss their own deadlines and exit the same way.
@@ -82,6 +83,12 @@ class Watchdog(Hook):
         if self._thread is None and self.enabled:
             self._thread = threading.Thread(target=self._watch, name="lmjax-watchdog", daemon=True)
             self._thread.start()
+
+    def progress(self) -> None:
+        """Progress inside the current phase (a data store's shard prepared): its deadline
+        starts again."""
+        with self._lock:
+            self._since = time.monotonic()
 
     def before_step(self, step):
         if not self._stepped:

@@ -1,10 +1,14 @@
 """Reliability on the real path: the progress watchdog (a stall injected into one of two real
 processes), the loss-spike guard (a poisoned batch) and host memory across many saves."""
 
+import dataclasses
+import gzip
+import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -12,10 +16,11 @@ import pytest
 
 from lmjax.checkpoint import checkpointer, compat
 from lmjax.commands.experiment import load_experiment
-from lmjax.data import run_stores
+from lmjax.config import DataConfig
+from lmjax.data import run_stores, store
 from lmjax.observe import metrics
 from lmjax.train import run, watchdog
-from tests.helpers import REPO
+from tests.helpers import REPO, hamlet_tokenizer
 
 # Process 1 blocks for good right after dispatching step 5, as in a storage read without a
 # timeout: its threads, jax's heartbeat among them, go on.
@@ -113,6 +118,68 @@ def test_a_run_hung_in_its_set_up_dumps_its_stacks_and_exits_naming_the_phase(tm
     assert "in load_tokenizer" in done.stderr and "most recent call first" in done.stderr
     idle = re.search(r"no progress for ([\d.]+) s", done.stderr).group(1)
     print(f"\nset-up hang: fired after {idle} s in the phase; the process ran {took:.1f} s")
+
+
+def test_shards_prepared_inline_restart_the_deadline_and_a_stuck_shard_still_fires(
+    tmp_path, caplog
+):
+    """A real inline preparation of 5 input files, FIFOs fed one every 0.4 s, under a 1 s
+    deadline: the 4 fed shards take 1.6 s and each restarts the deadline, so the watchdog
+    does not fire; the fifth, which nobody writes (its read blocks for good), fires it one
+    deadline after the fourth finished. Fed then, the preparation commits."""
+    deadline, pause, fed = 1.0, 0.4, 4
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    fifos = [inputs / f"part{i}.txt.gz" for i in range(fed + 1)]  # read without seeking
+    for path in fifos:
+        os.mkfifo(path)
+    text = "\f\n".join(
+        f"Document {j}: to be, or not to be, that is the question." for j in range(20)
+    )
+    fired = threading.Event()
+
+    def feed(path):
+        with open(path, "wb") as f:  # blocks until the preparation opens it
+            f.write(gzip.compress(text.encode()))
+
+    def writer():
+        for path in fifos[:fed]:
+            time.sleep(pause)
+            feed(path)
+        fired.wait(60)
+        feed(fifos[-1])  # unblocks the preparation once the watchdog fired
+
+    cfg = DataConfig(source="text", text_files=str(inputs), seq_len=16, batch_size=2)
+    cfg = dataclasses.replace(cfg, validation_fraction=0.5)
+    dog = watchdog.Watchdog(
+        10.0, deadline, deadline, exit=lambda code: fired.set(), poll_seconds=0.02
+    )
+    caplog.set_level(logging.INFO, logger="lmjax")
+    thread = threading.Thread(target=writer, daemon=True)
+    start = time.time()
+    thread.start()
+    dog.expect("the data stores", deadline)
+    try:
+        directory = run_stores.ensure_store(
+            cfg, hamlet_tokenizer(-1), str(tmp_path / "stores"), leader=True, progress=dog.progress
+        )
+    finally:
+        dog.stop()
+    thread.join(5)
+    assert fired.is_set()
+    (alarm,) = [r for r in caplog.records if r.getMessage().startswith("watchdog:")]
+    assert "while waiting for the data stores" in alarm.getMessage()
+    before = [r for r in caplog.records if "prepared shard" in r.getMessage()]
+    before = [r for r in before if r.created < alarm.created]
+    assert [r.getMessage().split()[2] for r in before] == [f"{i}/5" for i in range(1, fed + 1)]
+    idle = float(re.search(r"no progress for ([\d.]+) s", alarm.getMessage()).group(1))
+    assert deadline <= idle < deadline + 0.5  # printed to 0.1 s
+    assert alarm.created - start > fed * pause > deadline  # alive past one deadline
+    assert len(store.read_json(os.path.join(directory, store.META))["shards"]) == fed + 1
+    print(
+        f"\nfired {alarm.created - before[-1].created:.2f} s after the last finished shard, "
+        f"{alarm.created - start:.2f} s into the preparation (deadline {deadline} s)"
+    )
 
 
 POISONED = (5, 9)  # global batches with a NaN loss weight: a non-finite loss
