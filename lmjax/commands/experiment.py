@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmjax import storage
-from lmjax.config import Config, ConfigError, apply_overrides, validate
+from lmjax.config import Config, ConfigError
+from lmjax.config_checks import validate
+from lmjax.config_overrides import apply_overrides
 
 # ./experiments/ of the working directory first, so that a user's preset of the same name wins
 # over the one shipped inside the package.

@@ -54,7 +54,7 @@ class WandbWriter:
     """A `MetricsWriter` output: logs the numeric values of every record at its step."""
 
     def __init__(self, project: str, workdir: str, config: Config):
-        import wandb  # config.validate checked that it is installed
+        import wandb  # config_checks.validate checked that it is installed
 
         mode: Any = os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
         self.workdir = workdir

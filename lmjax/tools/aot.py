@@ -21,7 +21,8 @@ import jax
 
 from lmjax.batch import abstract_batch
 from lmjax.checkpoint import checkpointer
-from lmjax.config import Config, ConfigError, validate
+from lmjax.config import Config, ConfigError
+from lmjax.config_checks import validate
 from lmjax.hardware import Target
 from lmjax.model import flops
 from lmjax.parallel import sharding

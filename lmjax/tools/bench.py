@@ -19,7 +19,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from lmjax.config import Config, ModelConfig, apply_overrides, parse_sweep, validate
+from lmjax.config import Config, ModelConfig
+from lmjax.config_checks import validate
+from lmjax.config_overrides import apply_overrides, parse_sweep
 from lmjax.data.pipeline import synthetic_batch
 from lmjax.inference import generate
 from lmjax.model import transformer

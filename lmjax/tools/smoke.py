@@ -20,7 +20,8 @@ import time
 import jax
 
 from lmjax.checkpoint import paths
-from lmjax.config import Config, apply_overrides
+from lmjax.config import Config
+from lmjax.config_overrides import apply_overrides
 from lmjax.inference import evaluate, generate, saved_run
 from lmjax.observe import metrics
 from lmjax.tools import checklist, doctor, fused_kernel

@@ -15,7 +15,8 @@ from jax.sharding import Mesh
 
 from lmjax import storage
 from lmjax.checkpoint import checkpointer, compat, lease, paths, resume as resume_lib, schedule
-from lmjax.config import Config, profile_window, to_json, validate, validate_tokenizer
+from lmjax.config import Config, profile_window, to_json
+from lmjax.config_checks import validate, validate_tokenizer
 from lmjax.data import prepare, run_stores
 from lmjax.inference import generate
 from lmjax.model import transformer

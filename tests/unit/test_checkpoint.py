@@ -35,8 +35,9 @@ from lmjax.config import (
     MeshConfig,
     ModelConfig,
     RunConfig,
-    apply_overrides,
 )
+from lmjax.config_checks import validate
+from lmjax.config_overrides import apply_overrides
 from lmjax.data.pipeline import synthetic_batch
 from lmjax.parallel import host_rows, sharding
 from lmjax.train import optim, trainer as trainer_lib
@@ -177,7 +178,7 @@ def test_resume_rules_refuse_model_and_tokenizer_changes():
         "checkpoint.accept_changes",
     }
     with pytest.raises(ConfigError, match="model.d_model.. cannot change on a resume"):
-        config_lib.validate(apply_overrides(TINY, ["checkpoint.accept_changes=model.d_model"]))
+        validate(apply_overrides(TINY, ["checkpoint.accept_changes=model.d_model"]))
 
 
 def _save_run(workdir, trainer, host_states, steps, config=TINY):

@@ -7,16 +7,9 @@ import pytest
 
 from lmjax import cli, storage
 from lmjax.commands.experiment import experiment_names, load_experiment
-from lmjax.config import (
-    Config,
-    ConfigError,
-    apply_overrides,
-    diff,
-    from_dict,
-    to_dict,
-    to_json,
-    validate,
-)
+from lmjax.config import Config, ConfigError, diff, from_dict, to_dict, to_json
+from lmjax.config_checks import validate
+from lmjax.config_overrides import apply_overrides
 from tests.helpers import REPO
 
 
@@ -190,7 +183,7 @@ def test_a_wrong_type_from_an_experiment_file_names_the_field():
 
 
 def test_what_needs_the_tokenizer_is_checked_once_it_is_known():
-    from lmjax.config import validate_tokenizer
+    from lmjax.config_checks import validate_tokenizer
 
     config = apply_overrides(
         Config(),

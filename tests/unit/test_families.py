@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from lmjax.commands.experiment import load_experiment
-from lmjax.config import Config, ConfigError, ModelConfig, validate
+from lmjax.config import Config, ConfigError, ModelConfig
+from lmjax.config_checks import validate
 from lmjax.convert import families, hf
 from lmjax.model import flops, transformer
 from tests import numpy_llama

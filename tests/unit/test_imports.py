@@ -200,3 +200,20 @@ def test_floor_init_files_re_export_nothing():
                 if not (isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "__version__")
             ]
         assert not stray, f"{init.relative_to(PACKAGE.parent)} must hold only its docstring"
+
+
+# The config in three modules: the schema (lmjax.config) imports no lmjax module, so a preset
+# or a user's experiment file, which imports only it, loads nothing else; the checks and the
+# --set parsing read only the schema.
+CONFIG_MODULES = {
+    "lmjax.config": set(),
+    "lmjax.config_checks": {"lmjax.config"},
+    "lmjax.config_overrides": {"lmjax.config"},
+}
+
+
+def test_the_config_schema_imports_nothing_and_its_checks_and_parsing_only_the_schema():
+    graph = import_graph()
+    assert {m: graph[m] for m in CONFIG_MODULES} == CONFIG_MODULES
+    presets = {m: t for m, t in graph.items() if m.startswith("lmjax.experiments.")}
+    assert presets and all(t <= {"lmjax.config"} for t in presets.values()), presets

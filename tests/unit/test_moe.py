@@ -10,14 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.config import (
-    MOE_ROUTERS,
-    Config,
-    ConfigError,
-    ModelConfig,
-    OptimConfig,
-    validate,
-)
+from lmjax.config import MOE_ROUTERS, Config, ConfigError, ModelConfig, OptimConfig
+from lmjax.config_checks import validate
 from lmjax.model import flops, moe, objective, transformer
 from tests import numpy_moe
 

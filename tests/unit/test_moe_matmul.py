@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.config import Config, ConfigError, validate
+from lmjax.config import Config, ConfigError
+from lmjax.config_checks import validate
 from lmjax.model import moe
 from tests.unit.test_moe import TINY, _directional_derivative, _layer, _reference
 

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 
 import jax
 
-from lmjax.config import Config, ConfigError, apply_overrides, parse_sweep, validate
+from lmjax.config import Config, ConfigError
+from lmjax.config_checks import validate
+from lmjax.config_overrides import apply_overrides, parse_sweep
 from lmjax.key_paths import path_name
 from lmjax.model import transformer
 from lmjax.parallel import sharding
