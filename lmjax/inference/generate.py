@@ -12,11 +12,13 @@ Conventions:
     a local one keeps exactly the window. Prefill writes into each slot the key of the
     prompt position it holds, taken from the row's true length, so a short row's padding is
     never read and a long row keeps its last `sliding_window` positions.
-  * The prompt is prefilled in one jitted call (attending to itself on the XLA path); the
-    new tokens come from one jitted `lax.while_loop` of one-token steps over the fixed-size
-    cache (no per-token compiles), attending through `attention.attention_with_mask`,
-    whatever `model.attention` selects for training. The layer scan carries the cache, each
-    layer updating its row of its kind's stack, so mixed local/global stacks still scan.
+  * The prompt is prefilled in one jitted call, attending to itself by `model.attention` as
+    training does (`auto`: the platform's flash kernel, so a long prompt never holds its
+    score matrix); the new tokens come from one jitted `lax.while_loop` of one-token steps
+    over the fixed-size cache (no per-token compiles), attending through
+    `attention.attention_with_mask` (XLA) whatever `model.attention` selects. The layer
+    scan carries the cache, each layer updating its row of its kind's stack, so mixed
+    local/global stacks still scan.
   * After a row emits `eos_id` the rest of its row is `eos_id` (the eos token itself is the
     pad); the loop stops when every row has finished or after `max_new_tokens`.
   * Sampling: temperature 0 is greedy (argmax). Otherwise logits / temperature, then
@@ -116,10 +118,12 @@ def _run_layers(params, cfg: ModelConfig, x, positions, cache: Cache, attend):
 def prefill(params, cfg: ModelConfig, tokens, lengths, max_len: int, *, window_cache=True):
     """Runs right-padded prompts and fills a fresh cache.
 
-    The prompt attends to itself (the XLA path, causal, within each local layer's window);
-    every slot of a layer's cache then receives the key and value of the prompt position it
-    holds (`held_positions` of the row's last true position): a local layer keeps each
-    row's last `sliding_window` true positions, never its padding.
+    The prompt attends to itself, causal and within each local layer's window, by
+    `model.attention` as in training (`attention.prefill_attention`: `auto` is the
+    platform's flash kernel); every slot of a layer's cache then receives the key and
+    value of the prompt position it holds (`held_positions` of the row's last true
+    position): a local layer keeps each row's last `sliding_window` true positions, never
+    its padding.
 
     Args:
       tokens: [batch, prompt_len] int ids; lengths: [batch] int true prompt lengths (>= 1).
@@ -132,7 +136,7 @@ def prefill(params, cfg: ModelConfig, tokens, lengths, max_len: int, *, window_c
     rows = jnp.arange(batch)[:, None]
 
     def attend(q, k, v, own, i, spec):
-        ctx = attn_lib.attention(q, k, v, impl="xla", spec=spec)
+        ctx = attn_lib.prefill_attention(q, k, v, impl=cfg.attention, spec=spec)
         held = held_positions((lengths - 1)[:, None], own["k"].shape[2])[:, 0]
         source = jnp.maximum(held, 0)  # a slot holding nothing yet gets a key never read
         new = {

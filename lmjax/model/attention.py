@@ -248,11 +248,15 @@ def _per_device(local, q, k, v, segment_ids):
             k, v = _kv_for_local_heads(k, v, heads, q.shape[2], head_axes)
         return local(q, k, v, seg[0] if seg else None)
 
-    q_axes = ("act_batch", None, "act_heads", None)
-    kv_axes = ("act_batch", None, "act_kv_heads" if aligned else None, None)
+    # shard_map needs blocks of equal size: a batch that the batch devices do not divide (a
+    # generation batch of 1 prompt on 8 chips) goes whole to every device, which then runs
+    # all its rows for its own heads.
+    rows = "act_batch" if sharding.splits_evenly(q.shape[:1], ("act_batch",)) else None
+    q_axes = (rows, None, "act_heads", None)
+    kv_axes = (rows, None, "act_kv_heads" if aligned else None, None)
     args, in_axes = (q, k, v), [q_axes, kv_axes, kv_axes]
     if segment_ids is not None:
-        args, in_axes = args + (segment_ids.astype(jnp.int32),), in_axes + [("act_batch", None)]
+        args, in_axes = args + (segment_ids.astype(jnp.int32),), in_axes + [(rows, None)]
     return sharding.shard_map_logical(per_device, in_axes, q_axes)(*args)
 
 
@@ -329,8 +333,32 @@ def attention(q, k, v, *, segment_ids=None, impl: str = "auto", spec: Scores = P
     raise ValueError(f"unknown attention implementation {impl!r}: use one of {ATTENTION_IMPLS}")
 
 
+# The multiple each kernel's prefill pads a prompt to: its largest block, so that a long
+# prompt gets the kernel's fastest tiles for at most one block of padding per layer.
+_PREFILL_MULTIPLE = {"splash": 512, "pallas_gpu": flash_gpu.BLOCKS[0]}
+
+
+def prefill_attention(q, k, v, *, impl: str = "auto", spec: Scores = PLAIN):
+    """Causal self-attention of right-padded prompts (prefill), by the implementation training
+    uses (`attention`), whatever the prompt length: for a Pallas kernel, q, k and v are padded
+    at the end to `_PREFILL_MULTIPLE` and the output cut back, since a causal query never
+    reads a later key, so the padding changes no row. `auto` is XLA only on a platform with
+    no kernel (the CPU).
+
+    q: [batch, t, heads, head_dim]; k, v: [batch, t, kv_heads, head_dim] -> like q.
+    """
+    impl = resolve_impl(impl)
+    t = q.shape[1]
+    pad = -t % _PREFILL_MULTIPLE.get(impl, 1)
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    return attention(q, k, v, impl=impl, spec=spec)[:, :t]
+
+
 def attention_with_mask(q, k, v, mask, spec: Scores = PLAIN):
-    """Attention under an explicit mask (decoding against a KV cache).
+    """Attention under an explicit mask (decoding against a KV cache): XLA on every platform,
+    as a step's few queries against the cache form a score matrix of [q_len, slots] only,
+    which the kernels (self-attention over whole sequences) do not take.
 
     Args:
       q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim];
