@@ -142,13 +142,19 @@ class Checkpointer:
         resumed_at: int | None = None,
         guard: Callable[[], None] = lambda: None,
         lease_lost: Callable[[], str | None] = lambda: None,
+        before_commit: Callable[[], None] = lambda: None,
     ):
         """resumed_at: the step the run restored (0 for a fresh start); step directories newer
         than it are set aside before the first save (see `_clear_newer`). guard: called by
         every process before each save; raises to stop the run instead (the workdir's lease,
         `lease.held`). lease_lost: why this process knows the lease to be lost (None: it does
         not), named when a save fails: a run that took the workdir over sets aside the
-        unfinished save of the run it took it from."""
+        unfinished save of the run it took it from. before_commit: called on process 0 after
+        an async save's files are written and before orbax commits them (the rename of the
+        temporary directory, or the commit marker on gs://), in orbax's background thread;
+        raising there leaves the save uncommitted and failed, and deletes no older step
+        (`lease.Guard.confirm_commit`). Sync saves have no such hook (the guard runs just
+        before them)."""
 
         self.directory = directory
         self.cfg = cfg
@@ -161,6 +167,12 @@ class Checkpointer:
             create=not read_only,
             save_interval_steps=0 if read_only else 1,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
+            # orbax runs it after the handlers' finalize, right before the commit
+            async_options=(
+                ocp.AsyncOptions(post_finalization_callback=before_commit)
+                if cfg.async_save
+                else None
+            ),
         )
         self._manager = ocp.CheckpointManager(directory, options=options)
         self._uncommitted: int | None = None

@@ -20,7 +20,9 @@ precondition), so two runs that race for one lease cannot both win, and a holder
 the middle of a change (SIGSTOP, a hung NFS client) delays no other run. A holder whose
 renewal found another run's lease, or that could not renew for `timeout_s` (counted from the
 time its last record was made, so a renewal that a stop delayed does not count as fresh), has
-lost it: `check` then stops the run before its next save.
+lost it: the `Guard` then stops the run before its next save, and `Guard.confirm_commit`,
+which orbax calls right before it commits an async save, reads the record again and leaves
+a save in flight uncommitted.
 """
 
 from __future__ import annotations
@@ -274,6 +276,7 @@ class Lease:
         # stop delayed counts from before the stop, as the record's `renewed` does for others
         self._renewed = 0.0
         self._lost: str | None = None
+        self._lock = threading.Lock()  # a renewal's read and swap against `confirm`'s read
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, name="lmjax-lease", daemon=True)
 
@@ -340,19 +343,27 @@ class Lease:
                 log.warning("renewing the lease of %s failed (%s); retrying", self.where, e)
 
     def _renew(self) -> None:
-        text, version = self.record.read()
-        if text != self._text:
-            holder = _parse(text)
-            self._lost = (
-                "its lease was deleted"
-                if holder is None
-                else f"taken over by {describe(holder, time.time())}"
-            )
-            log.error("LOST the lease of %s: %s", self.where, self._lost)
-            return
-        new, made = self._record(), time.monotonic()
-        if self.record.swap(version, new):
-            self._text, self._renewed = new, made
+        with self._lock:
+            text, version = self.record.read()
+            if not self._is_mine(text):
+                return
+            new, made = self._record(), time.monotonic()
+            if self.record.swap(version, new):
+                self._text, self._renewed = new, made
+
+    def _is_mine(self, text: str | None) -> bool:
+        """Whether `text`, the record as just read, is the one this process last wrote; if not,
+        the lease is lost for good (logged)."""
+        if text == self._text:
+            return True
+        holder = _parse(text)
+        self._lost = (
+            "its lease was deleted"
+            if holder is None
+            else f"taken over by {describe(holder, time.time())}"
+        )
+        log.error("LOST the lease of %s: %s", self.where, self._lost)
+        return False
 
     def healthy(self) -> str | None:
         """None while the lease is held; otherwise why it may no longer be."""
@@ -360,6 +371,14 @@ class Lease:
         if self._lost is None and silent > self.timeout_s:
             return f"not renewed for {silent:.0f} s, so another run may have taken it over"
         return self._lost
+
+    def confirm(self) -> str | None:
+        """`healthy`, then the record read again: None while it is still the one this process
+        last wrote (a taker whose clock runs ahead may take over before `healthy` says so)."""
+        if self.healthy() is None:
+            with self._lock:
+                self._is_mine(self.record.read()[0])
+        return self.healthy()
 
     def release(self) -> None:
         """Stops renewing and deletes the lease if it is still this process's."""
@@ -404,6 +423,15 @@ class Guard:
 
     def lost(self) -> str | None:
         return self._lease.healthy() if self._lease is not None else None
+
+    def confirm_commit(self) -> None:
+        """Raises FaultError once process 0's lease is lost (`Lease.confirm`: the record read
+        again); a no-op on the other processes. No collective: orbax calls it on process 0
+        alone, in the background, after an async save's files are written and before their
+        commit, which the error prevents."""
+        reason = self._lease.confirm() if self._lease is not None else None
+        if reason is not None:
+            raise FaultError(f"not committed: the lease of {self._workdir} is lost ({reason})")
 
     def __call__(self) -> None:
         reason = self.lost()

@@ -144,6 +144,7 @@ def _hooks(
         resumed_at=int(setup.state.step),
         guard=lease_guard,
         lease_lost=lease_guard.lost,
+        before_commit=lease_guard.confirm_commit,
     )
     return [
         watch,

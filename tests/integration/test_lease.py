@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from lmjax.checkpoint import lease
 from lmjax.observe import metrics
 from tests.helpers import REPO, lease_holder, process_stopped
 
@@ -151,3 +152,64 @@ def test_a_holder_stopped_inside_its_swap_is_taken_over_and_stops_before_its_nex
     # stopped at its next save, or when its save in flight failed (the taker set it aside)
     assert re.search(r"lmjax: .*lease (of .* is|was) lost", hung_log), hung_log[-3000:]
     assert _committed(work)[-1] == 12 and lease_holder(work) is None
+
+
+# `lmjax train` that, once the file argv[1] exists, stops (SIGSTOP) in its next async save's
+# background thread with every file written, right before the lease check that guards the
+# commit: where a holder frozen anywhere during the write resumes.
+STOP_BEFORE_COMMIT = """
+import os, signal, sys
+from lmjax import cli
+from lmjax.checkpoint import lease
+
+real = lease.Guard.confirm_commit
+
+def stop_then_confirm(self):
+    if os.path.exists(sys.argv[1]):
+        lease.Guard.confirm_commit = real
+        os.kill(os.getpid(), signal.SIGSTOP)
+    real(self)
+
+lease.Guard.confirm_commit = stop_then_confirm
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_a_holder_stopped_in_its_async_save_does_not_commit_it_after_a_takeover(tmp_path):
+    """The holder stops (SIGSTOP) while its save of step 4 is in flight, its files written;
+    once its lease is past the 3 s timeout another run takes it over. Continued, the old
+    holder does not commit step 4 (orbax's commit waits on the lease check) and exits 1
+    naming the lost lease; its temporary directory stays for the new run to set aside."""
+    work, timeout, flag = tmp_path / "run", 3.0, tmp_path / "stop"
+    script = tmp_path / "stop_before_commit.py"
+    script.write_text(STOP_BEFORE_COMMIT)
+    args = ["train", "--workdir", str(work), *SYNTHETIC, "--set", "run.steps=100000"]
+    args += ["--set", f"checkpoint.lease_timeout_s={timeout}", "--set", "checkpoint.every_steps=2"]
+    with open(tmp_path / "hung.log", "w") as out:
+        hung = subprocess.Popen(
+            [sys.executable, str(script), str(flag), *args],
+            env=_env(),
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    taker = lease.Lease(lease.record_for(str(work)), 60.0, str(work))
+    try:
+        _wait_for(lambda: 2 in _committed(work) and len(_steps(work)) >= 3, hung, "step 3")
+        flag.touch()
+        _wait_for(lambda: process_stopped(hung.pid), hung, "the stop before a commit", timeout=60)
+        renewed = lease_holder(work)["renewed"]
+        time.sleep(max(0.0, renewed + timeout - time.time()) + 0.1)
+        taker.acquire()  # past its timeout: taken over
+        hung.send_signal(signal.SIGCONT)
+        assert hung.wait(timeout=120) == 1
+    finally:
+        hung.send_signal(signal.SIGCONT)
+        hung.kill()
+    hung_log = (tmp_path / "hung.log").read_text()
+    assert "CHECKPOINT 4 FAILED: not committed: the lease of" in hung_log, hung_log[-3000:]
+    assert re.search(r"lmjax: .*lease (of .* is|was) lost", hung_log), hung_log[-3000:]
+    assert _committed(work) == [2]
+    assert [p.name for p in (work / "checkpoints").iterdir() if p.name.startswith("4.")]
+    assert lease_holder(work)["token"] == taker._token
+    taker.release()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lmjax.checkpoint import lease
+from lmjax.errors import FaultError
 from tests.helpers import lease_holder, process_stopped
 
 
@@ -110,6 +111,29 @@ def test_release_leaves_a_lease_that_another_run_took(tmp_path):
     held.acquire()
     _remote_record(tmp_path, 5.0)  # taken over while this holder hung
     held.release()
+    assert lease_holder(tmp_path)["token"] == "remote"
+
+
+def test_confirm_reads_the_record_again_and_sees_a_takeover_healthy_cannot(tmp_path):
+    """A taker whose clock runs ahead takes the lease over while this holder's own clock says
+    it renewed in time: `healthy` still says held, `confirm` reads the record and says lost
+    (for good), and the commit guard refuses."""
+    held = lease.Lease(lease.record_for(str(tmp_path)), 60.0, "w")
+    held.acquire()
+    try:
+        assert held.confirm() is None and held.healthy() is None
+        _remote_record(tmp_path, 60.0)
+        assert held.healthy() is None  # renewed just now, by this process's clock
+        assert held.confirm().startswith("taken over by host another-host, pid 4242")
+        assert held.healthy() == held.confirm()
+        with pytest.raises(
+            FaultError,
+            match=r"not committed: the lease of w is lost \(taken over by host another-host",
+        ):
+            lease.Guard(held, "w").confirm_commit()
+        lease.Guard(None, "w").confirm_commit()  # not process 0: nothing to check
+    finally:
+        held.release()
     assert lease_holder(tmp_path)["token"] == "remote"
 
 
