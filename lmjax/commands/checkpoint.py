@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lmjax.commands import watch
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("checkpoint", help="list or export a run's checkpoints")
@@ -21,6 +23,7 @@ def add_parser(sub) -> None:
         metavar="OUT",
         help="output dir: OUT/params (orbax) and OUT/model_config.json",
     )
+    watch.add_flag(q)
     q.set_defaults(func=export_from_args)
 
 
@@ -32,7 +35,9 @@ def export_from_args(args: argparse.Namespace) -> int:
     from lmjax.parallel import distributed
 
     distributed.initialize()  # started as several processes, they export together
-    return export(args.workdir, args.step, args.params_only)
+    with watch.watching(args.watchdog_seconds) as expect:
+        expect("the export (the checkpoint's restore and the params' write)")
+        return export(args.workdir, args.step, args.params_only)
 
 
 def list_steps(workdir: str, as_json: bool = False) -> int:

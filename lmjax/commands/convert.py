@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Callable
+
+from lmjax.commands import watch
 
 
 def add_parser(sub) -> None:
@@ -18,6 +21,7 @@ def add_parser(sub) -> None:
         default=None,
         help="to-hf: dtype of the written tensors (default: as stored)",
     )
+    watch.add_flag(p)  # to-hf, which may run as several processes
     p.set_defaults(func=from_args)
 
 
@@ -28,7 +32,8 @@ def from_args(args: argparse.Namespace) -> int:
         distributed.require_one_process("lmjax convert from-hf", os.environ)
         return from_hf(args.src, args.out)
     distributed.initialize()  # started as several processes, they export together
-    return to_hf(args.src, args.out, dtype=args.dtype)
+    with watch.watching(args.watchdog_seconds) as expect:
+        return to_hf(args.src, args.out, dtype=args.dtype, expect=expect)
 
 
 def from_hf(hf_dir: str, out_dir: str) -> int:
@@ -49,17 +54,25 @@ def from_hf(hf_dir: str, out_dir: str) -> int:
     return 0
 
 
-def to_hf(source: str, out_dir: str, dtype: str | None = None) -> int:
+def to_hf(
+    source: str,
+    out_dir: str,
+    dtype: str | None = None,
+    expect: Callable[[str], None] = lambda phase: None,
+) -> int:
     """Writes a Hugging Face checkpoint of a params directory, of the family its model
     switches name (`dtype`: of the tensors). Started as several processes
-    (`distributed.initialize` first), each restores its shards and process 0 writes the files."""
+    (`distributed.initialize` first), each restores its shards and process 0 writes the files.
+    `expect(phase)` is told of each phase (the watchdog's)."""
     from lmjax.checkpoint import params_dir
     from lmjax.convert import families, hf
     from lmjax.model import transformer
     from lmjax.parallel import distributed
 
     hf.require_empty(out_dir)  # before the slow read
+    expect("the restore of the params")
     cfg, params = params_dir.load(source)
+    expect("the Hugging Face files' write")
     hf.save(cfg, params, out_dir, dtype=dtype)
     architecture = families.of_config(cfg).architecture
     if distributed.is_primary():

@@ -7,6 +7,7 @@ import json
 from typing import Callable, Sequence
 
 from lmjax import storage
+from lmjax.commands import watch
 from lmjax.config import ConfigError
 
 
@@ -29,6 +30,7 @@ def add_parser(sub) -> None:
         help="sliding-window stride for long documents (default: context_len / 2)",
     )
     p.add_argument("--json", action="store_true")
+    watch.add_flag(p)
     p.set_defaults(func=from_args)
 
 
@@ -36,15 +38,17 @@ def from_args(args: argparse.Namespace) -> int:
     from lmjax.parallel import distributed
 
     distributed.initialize()  # started as several processes, they evaluate together
-    main(
-        args.workdir,
-        args.step,
-        args.text_files or (),
-        args.experiment_data,
-        args.json,
-        context_len=args.context_len,
-        stride=args.stride,
-    )
+    with watch.watching(args.watchdog_seconds) as expect:
+        main(
+            args.workdir,
+            args.step,
+            args.text_files or (),
+            args.experiment_data,
+            args.json,
+            context_len=args.context_len,
+            stride=args.stride,
+            expect=expect,
+        )
     return 0
 
 
@@ -59,14 +63,15 @@ def main(
     stride: int | None = None,
     load: Callable | None = None,
     batches_for: Callable | None = None,
+    expect: Callable[[str], None] = lambda phase: None,
 ) -> dict:
     """`lmjax eval`: scores a checkpoint on text files or on the experiment's eval split.
 
     text_files: globs of UTF-8 files, one document each (see `evaluate.score_texts`). context_len
     defaults to the run's data.seq_len, stride to half of it. `load(workdir, step)` and
     `batches_for(config, tokenizer, workdir)` are `saved_run.load` and `saved_run.eval_batches`
-    unless replaced. Prints one line (or JSON), on process 0 of several, and returns the
-    numbers (on every process).
+    unless replaced; `expect(phase)` is told of each phase (the watchdog's). Prints one line
+    (or JSON), on process 0 of several, and returns the numbers (on every process).
     """
     from lmjax.data.documents import read_utf8
     from lmjax.inference import evaluate, saved_run
@@ -79,7 +84,9 @@ def main(
     paths = sorted({p for pattern in text_files for p in storage.glob(pattern)})
     if text_files and not paths:
         raise ConfigError(f"--text-files {' '.join(text_files)} matched no files.")
+    expect("the restore of the checkpoint")
     config, params, tokenizer = load(workdir, step)
+    expect("the evaluation (its text read, or its batches, prepared when missing)")
     if paths and tokenizer is None:
         raise ConfigError(
             f"the run in {workdir} has no tokenizer (synthetic data): it can "

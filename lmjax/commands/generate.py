@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import Callable, Sequence
 
 from lmjax import storage
+from lmjax.commands import watch
 from lmjax.config import ConfigError
 
 
@@ -20,6 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    watch.add_flag(p)
     p.set_defaults(func=from_args)
 
 
@@ -27,17 +29,19 @@ def from_args(args: argparse.Namespace) -> int:
     from lmjax.parallel import distributed
 
     distributed.initialize()  # started as several processes, they generate together
-    main(
-        args.workdir,
-        args.step,
-        list(args.prompt),
-        args.max_new_tokens,
-        prompts_file=args.prompts_file,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    with watch.watching(args.watchdog_seconds) as expect:
+        main(
+            args.workdir,
+            args.step,
+            list(args.prompt),
+            args.max_new_tokens,
+            prompts_file=args.prompts_file,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            expect=expect,
+        )
     return 0
 
 
@@ -52,11 +56,13 @@ def main(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
+    expect: Callable[[str], None] = lambda phase: None,
 ) -> list[str]:
     """`lmjax generate`: continues every prompt with a checkpoint of `workdir`, in one batch.
 
     `prompts_file`: more prompts, one per non-blank line. See `generate.complete`. Prints the
-    completions (on process 0 of several) and returns them (on every process).
+    completions (on process 0 of several) and returns them (on every process). `expect(phase)`
+    is told of each phase (the watchdog's).
     """
     from lmjax.data.documents import read_utf8
     from lmjax.inference import generate, saved_run
@@ -71,7 +77,9 @@ def main(
         ]
     if not prompts:
         raise ConfigError("give at least one prompt: --prompt TEXT or --prompts-file FILE.")
+    expect("the restore of the checkpoint")
     config, params, tokenizer = saved_run.load(workdir, step)
+    expect("the generation")
     if tokenizer is None:
         raise ConfigError(
             f"the run in {workdir} has no tokenizer (synthetic data): nothing to "

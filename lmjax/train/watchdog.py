@@ -21,7 +21,8 @@ s = run.watchdog_startup_seconds:
   - waiting for a step: max(m, f * the longest of the last 100 step times);
   - inside a save or an evaluation: s the first time (the evaluation compiles), then
     max(m, f * the longest earlier one of its kind after the first).
-A process that fires waits min(deadline, 10 s) before it exits: its peers, stuck behind it
+The offline commands (`lmjax.commands.watch`) use `offline(seconds)`: one deadline for each
+phase they name. A process that fires waits min(deadline, 10 s) before it exits: its peers, stuck behind it
 in a collective and at most a few steps later in their own deadlines, dump their stacks too
 before its exit breaks their collectives.
 """
@@ -63,9 +64,10 @@ class Watchdog(Hook):
         enabled: bool = True,
         exit: Callable[[int], None] = os._exit,
         poll_seconds: float = 0.5,
+        rerun: str = "rerun the same command to resume from the last checkpoint",
     ):
         self.factor, self.min_seconds, self.startup_seconds = factor, min_seconds, startup_seconds
-        self.enabled, self._exit, self._poll = enabled, exit, poll_seconds
+        self.enabled, self._exit, self._poll, self._rerun = enabled, exit, poll_seconds, rerun
         self._steps: collections.deque[float] = collections.deque(maxlen=_STEP_HISTORY)
         self._done_steps = 0
         self._kinds: dict[str, list[float]] = {}
@@ -147,12 +149,12 @@ class Watchdog(Hook):
     def _fire(self, idle: float, deadline: float, waiting: str) -> None:
         log.error(
             "watchdog: no progress for %.1f s (deadline %.1f s) while waiting for %s: dumping "
-            "every thread's stack and exiting with code %d; rerun the same command to resume "
-            "from the last checkpoint",
+            "every thread's stack and exiting with code %d; %s",
             idle,
             deadline,
             waiting,
             STALL_EXIT,
+            self._rerun,
         )
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
@@ -160,15 +162,27 @@ class Watchdog(Hook):
         self._exit(STALL_EXIT)
 
 
-@contextlib.contextmanager
-def watching(run: RunConfig) -> Iterator[Watchdog]:
+def watching(run: RunConfig) -> contextlib.AbstractContextManager[Watchdog]:
     """The run's watchdog (run.watchdog_factor=0: one that never fires), stopped on exit."""
-    dog = Watchdog(
-        run.watchdog_factor,
-        run.watchdog_min_seconds,
-        run.watchdog_startup_seconds,
-        enabled=run.watchdog_factor > 0,
+    return _stopped(
+        Watchdog(
+            run.watchdog_factor,
+            run.watchdog_min_seconds,
+            run.watchdog_startup_seconds,
+            enabled=run.watchdog_factor > 0,
+        )
     )
+
+
+def offline(seconds: float) -> contextlib.AbstractContextManager[Watchdog]:
+    """An offline command's watchdog: `seconds` for each phase it names (`expect`), with no
+    steps; 0: one that never fires. Stopped on exit."""
+    dog = Watchdog(1.0, seconds, seconds, enabled=seconds > 0, rerun="rerun the same command")
+    return _stopped(dog)
+
+
+@contextlib.contextmanager
+def _stopped(dog: Watchdog) -> Iterator[Watchdog]:
     try:
         yield dog
     finally:

@@ -182,6 +182,25 @@ def test_shards_prepared_inline_restart_the_deadline_and_a_stuck_shard_still_fir
     )
 
 
+def test_an_offline_command_hung_in_its_restore_exits_naming_the_phase(tmp_path):
+    """`lmjax eval` whose checkpoint's params/_METADATA is a FIFO that nobody writes (the
+    restore's read blocks for good): with --watchdog-seconds 2 it names the restore, dumps its
+    stacks (the blocked read among them) and exits 75."""
+    step = tmp_path / "run" / "checkpoints" / "1"
+    for item in ("params", "train", "data", "meta"):
+        (step / item).mkdir(parents=True)
+    os.mkfifo(step / "params" / "_METADATA")
+    command = [sys.executable, "-m", "lmjax", "eval", "--workdir", str(tmp_path / "run")]
+    command += ["--experiment-data", "--watchdog-seconds", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == watchdog.STALL_EXIT, done.stderr[-4000:]
+    assert "while waiting for the restore of the checkpoint" in done.stderr, done.stderr[-4000:]
+    assert "in damage_evidence" in done.stderr and "most recent call first" in done.stderr
+    idle = re.search(r"no progress for ([\d.]+) s", done.stderr).group(1)
+    print(f"\noffline hang: fired after {idle} s in the restore")
+
+
 POISONED = (5, 9)  # global batches with a NaN loss weight: a non-finite loss
 
 
