@@ -24,9 +24,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Implicit rank promotion ([B, T] + [T]) hides shape bugs: every test runs with it an error.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.helpers import FakeGcs, hamlet_tokenizer  # noqa: E402  (imports jax: after the set-up)
+# These import jax: after the set-up.
+from lmjax.data.pipeline import synthetic_batch  # noqa: E402
+from lmjax.parallel import host_rows, sharding  # noqa: E402
+from lmjax.train import trainer as trainer_lib  # noqa: E402
+from tests.configs import TINY_RUN  # noqa: E402
+from tests.helpers import FakeGcs, hamlet_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +42,39 @@ def tokenizer():
     tok = hamlet_tokenizer(bos_id=2)
     assert tok.vocab_size == 300
     return tok
+
+
+@pytest.fixture(params=["jit", "eager"])
+def maybe_jit(request):
+    """Runs a numerics test twice: `maybe_jit(f, **jit_kwargs)` is `jax.jit(f, ...)` in the jit
+    run, and `f` itself in the eager run, where the whole test runs under `jax.disable_jit()`
+    (lmjax's own jits and scans too: Python control flow and dtype promotion op by op).
+    A test picks a subset with `@pytest.mark.parametrize("maybe_jit", ["eager"], indirect=True)`.
+    """
+    if request.param == "jit":
+        yield jax.jit
+        return
+    with jax.disable_jit():
+        yield lambda f, **_: f
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """tests/configs.TINY_RUN trained for 7 steps on synthetic batches over the 8 devices, once
+    per session (the checkpoint tests of both tiers read it; none may change it): (trainer,
+    [the state after steps 1..7 as numpy trees], [each step's metrics])."""
+    trainer = trainer_lib.make_trainer(TINY_RUN, sharding.make_mesh(TINY_RUN.mesh))
+    state = trainer.init_fn()
+    data = TINY_RUN.data
+    states, metrics = [], []
+    for step in range(1, 8):
+        batch = synthetic_batch(
+            0, 0, step, range(data.batch_size), data.seq_len, TINY_RUN.model.vocab_size
+        )
+        state, m = trainer.step_fn(state, host_rows.global_batch(batch, trainer.batch_sharding))
+        states.append(jax.tree.map(np.asarray, state))
+        metrics.append(m)
+    return trainer, states, metrics
 
 
 @pytest.fixture(scope="session")

@@ -31,23 +31,6 @@ from tests import numpy_llama
 # The checkout's root: tests/unit/ and tests/integration/ name repository files from it.
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
-# The float32 model the evaluation and generation tests compare against numpy_llama: small
-# enough for a naive loop, with grouped KV heads and a vocabulary above the test tokenizer's.
-SMALL_LM = ModelConfig(
-    vocab_size=320,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=8,
-    d_mlp=64,
-    max_seq_len=64,
-    dtype="float32",
-    param_dtype="float32",
-    remat="none",
-    attention="xla",
-)
-
 
 def hf_config(cfg: ModelConfig) -> dict:
     """The Hugging Face config.json of `cfg`: the keys tests/numpy_llama.py reads."""

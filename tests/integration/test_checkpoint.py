@@ -23,12 +23,8 @@ from lmjax.config import (
 )
 from lmjax.model import transformer
 from lmjax.parallel import sharding
-from tests.unit import test_checkpoint as fast_tier
-from tests.unit.test_checkpoint import META, TINY, _assert_trees_equal, _device_state, _save_run
-
-# The fast tier's module-scoped fixtures these tests share (pytest finds a fixture by the
-# module attribute that holds it).
-trained = fast_tier.trained
+from tests.configs import TINY_RUN
+from tests.unit.test_checkpoint import META, _assert_trees_equal, _device_state, _save_run
 
 
 def _assert_split_over_local_devices(params, model_cfg):
@@ -43,8 +39,8 @@ def _assert_split_over_local_devices(params, model_cfg):
 
 
 def test_save_keeps_newest_and_milestones_and_restores_bitwise(tmp_path, trained):
-    trainer, states, metrics, _ = trained
-    ckpt = checkpointer.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
+    trainer, states, metrics = trained
+    ckpt = checkpointer.Checkpointer(str(tmp_path / "ck"), TINY_RUN.checkpoint)
     for step, (host, m) in enumerate(zip(states, metrics), start=1):
         ckpt.save(
             step,
@@ -66,22 +62,24 @@ def test_save_keeps_newest_and_milestones_and_restores_bitwise(tmp_path, trained
 
 
 def test_export_load_params_and_init_from(tmp_path, trained):
-    trainer, states, _, _ = trained
+    trainer, states, _ = trained
     _save_run(tmp_path / "run", trainer, states, [5, 7])
     config, params, _ = listing.load_params(str(tmp_path / "run"))
-    assert config == TINY
+    assert config == TINY_RUN
     _assert_trees_equal(params, states[6].params)
-    _assert_split_over_local_devices(params, TINY.model)
+    _assert_split_over_local_devices(params, TINY_RUN.model)
     listing.export_params(str(tmp_path / "run"), 5, str(tmp_path / "out"))
 
     model_cfg, exported = params_dir.load(str(tmp_path / "out"))
-    assert model_cfg == TINY.model
+    assert model_cfg == TINY_RUN.model
     _assert_trees_equal(exported, states[4].params)
-    _assert_split_over_local_devices(exported, TINY.model)
+    _assert_split_over_local_devices(exported, TINY_RUN.model)
     # --init-from: those params, a fresh optimizer and step 0
-    decision = resume.decide_resume(str(tmp_path / "new"), TINY, init_from=str(tmp_path / "out"))
+    decision = resume.decide_resume(
+        str(tmp_path / "new"), TINY_RUN, init_from=str(tmp_path / "out")
+    )
     state, data_state, source = decision.load(
-        trainer.init_fn, trainer.state_shardings, str(tmp_path / "new"), TINY.model
+        trainer.init_fn, trainer.state_shardings, str(tmp_path / "new"), TINY_RUN.model
     )
     _assert_trees_equal(state.params, states[4].params)
     for x, want in zip(
@@ -98,8 +96,8 @@ def test_export_load_params_and_init_from(tmp_path, trained):
         decision.check_tokenizer("abc")
     os.remove(tmp_path / "out" / compat.TOKENIZER_RECORD)  # an HF import: a warning only
     decision.check_tokenizer("abc")
-    bigger = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, d_mlp=128))
+    bigger = dataclasses.replace(TINY_RUN, model=dataclasses.replace(TINY_RUN.model, d_mlp=128))
     with pytest.raises(compat.ResumeError, match="model.d_mlp"):  # refused before any load
         resume.decide_resume(str(tmp_path / "new2"), bigger, init_from=str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="is not an lmjax params directory"):
-        resume.decide_resume(str(tmp_path / "new3"), TINY, init_from=str(tmp_path / "missing"))
+        resume.decide_resume(str(tmp_path / "new3"), TINY_RUN, init_from=str(tmp_path / "missing"))

@@ -17,7 +17,7 @@ from lmjax.data import pipeline
 from lmjax.inference import evaluate
 from lmjax.parallel import sharding
 from lmjax.train import trainer
-from tests.helpers import SMALL_LM as CFG
+from tests.configs import SMALL_LM as CFG
 from tests.unit import test_evaluate as fast_tier
 from tests.unit.test_evaluate import passages
 

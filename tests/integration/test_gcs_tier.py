@@ -27,6 +27,7 @@ from lmjax.checkpoint import checkpointer, params_dir, paths
 from lmjax.data import documents
 from lmjax.data.tokenizer import load_tokenizer
 from lmjax.observe import metrics
+from tests.configs import smoke_train_args
 from tests.helpers import REPO
 
 STEPS = 8
@@ -62,18 +63,9 @@ def no_local_gs_folder(cwd):
 def _train_args(workdir: str, bucket: str, *extra: str) -> list[str]:
     return [
         "train",
-        "--experiment",
-        "smoke",
         "--workdir",
         workdir,
-        "--set",
-        f"run.steps={STEPS}",
-        "--set",
-        "run.log_every=1",
-        "--set",
-        "checkpoint.every_steps=4",
-        "--set",
-        "run.eval_batches=1",
+        *smoke_train_args(STEPS),
         "--set",
         f"data.store_dir={bucket}/stores",
         *extra,

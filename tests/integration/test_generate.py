@@ -9,7 +9,7 @@ from lmjax.config import MeshConfig
 from lmjax.inference import generate as gen
 from lmjax.model import transformer
 from lmjax.parallel import sharding
-from tests.helpers import SMALL_LM as CFG
+from tests.configs import SMALL_LM as CFG
 from tests.unit import test_generate as fast_tier
 from tests.unit.test_generate import (
     GEMMA3_CONFIG,

@@ -2,17 +2,20 @@
 they exist for: on XLA:CPU every matmul of a bfloat16 projection and its gradients stays in
 bfloat16 (the transposed forms autodiff produces are converted to float32)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tests.configs import SPLITTABLE, TINY_LM
 from tests.unit.test_matmul import _dot_operand_dtypes
 
 
 def test_row_major_trains_like_xla_on_a_sharded_bfloat16_mesh():
     """The flattened row-major copies meet sharded activations (data, fsdp and tensor axes):
     the step must compute the same loss and gradient norm as plain autodiff."""
-    from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig
+    from lmjax.config import Config, DataConfig, MeshConfig, OptimConfig, RunConfig
     from lmjax.data.pipeline import synthetic_batch
     from lmjax.parallel import host_rows, sharding
     from lmjax.train import trainer as trainer_lib
@@ -20,19 +23,7 @@ def test_row_major_trains_like_xla_on_a_sharded_bfloat16_mesh():
     results = {}
     for impl in ("xla", "row_major"):
         cfg = Config(
-            model=ModelConfig(
-                vocab_size=256,
-                d_model=64,
-                n_layers=2,
-                n_heads=4,
-                n_kv_heads=2,
-                head_dim=16,
-                d_mlp=192,
-                max_seq_len=64,
-                dtype="bfloat16",
-                remat="full",
-                matmul=impl,
-            ),
+            model=dataclasses.replace(SPLITTABLE, dtype="bfloat16", remat="full", matmul=impl),
             mesh=MeshConfig(data=2, fsdp=2, tensor=2),
             data=DataConfig(source="synthetic", batch_size=8, seq_len=64),
             optim=OptimConfig(lr=1e-2, warmup_steps=0),
@@ -53,23 +44,10 @@ def test_row_major_trains_like_xla_on_a_sharded_bfloat16_mesh():
 
 def test_save_dots_keeps_row_major_projection_outputs_instead_of_recomputing_them():
     """Remat policies see the custom VJP, not a dot; its named output must still be saved."""
-    import dataclasses
-
-    from lmjax.config import ModelConfig
     from lmjax.model import transformer
 
-    cfg = ModelConfig(
-        vocab_size=64,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        d_mlp=64,
-        max_seq_len=16,
-        dtype="bfloat16",
-        matmul="row_major",
-    )
+    # bfloat16: the dots whose operand dtypes are counted
+    cfg = dataclasses.replace(TINY_LM, dtype="bfloat16", matmul="row_major")
     tokens = jnp.zeros((2, 16), jnp.int32)
 
     def dots(remat):

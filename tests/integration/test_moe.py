@@ -28,8 +28,8 @@ from lmjax.model import transformer
 from lmjax.parallel import host_rows, sharding
 from lmjax.train import loop, trainer as trainer_lib
 from tests import numpy_moe
+from tests.configs import TINY_MOE
 from tests.unit import test_generate as generate_tests
-from tests.unit.test_moe import TINY
 
 
 def _random_params(cfg: ModelConfig, seed: int = 0):
@@ -75,26 +75,26 @@ def test_kv_cache_generation_of_a_dense_and_moe_layered_model_matches_full_forwa
 def test_moe_generation_on_the_offline_mesh_takes_any_batch_and_matches_one_device():
     """3 prompts on the 8-device offline mesh (rows that do not split over the devices) give
     one device's greedy tokens; with an expert axis such a batch is refused naming the fix."""
-    params = jax.tree.map(lambda a: jnp.asarray(a * 10), _random_params(TINY, seed=5))
-    prompts = np.random.default_rng(0).integers(0, TINY.vocab_size, (3, 5))
-    alone = generate.generate(params, TINY, prompts, max_new_tokens=4)
+    params = jax.tree.map(lambda a: jnp.asarray(a * 10), _random_params(TINY_MOE, seed=5))
+    prompts = np.random.default_rng(0).integers(0, TINY_MOE.vocab_size, (3, 5))
+    alone = generate.generate(params, TINY_MOE, prompts, max_new_tokens=4)
     placed = jax.device_put(
-        params, jax.tree.map(lambda t: t.sharding, params_dir.offline_target(TINY))
+        params, jax.tree.map(lambda t: t.sharding, params_dir.offline_target(TINY_MOE))
     )
     with sharding.activation_sharding(*sharding.offline_mesh(MeshConfig())):
         np.testing.assert_array_equal(
-            generate.generate(placed, TINY, prompts, max_new_tokens=4), alone
+            generate.generate(placed, TINY_MOE, prompts, max_new_tokens=4), alone
         )
     expert = MeshConfig(fsdp=4, expert=2)
     with sharding.activation_sharding(
         sharding.make_mesh(expert), sharding.rules_from_config(expert)
     ):
         with pytest.raises(ConfigError, match="divisible by the data x fsdp x expert"):
-            generate.generate(params, TINY, prompts, max_new_tokens=4)
+            generate.generate(params, TINY_MOE, prompts, max_new_tokens=4)
 
 
 MOE_RUN = Config(
-    model=TINY,
+    model=TINY_MOE,
     mesh=MeshConfig(fsdp=1),
     data=DataConfig(source="synthetic", batch_size=4, seq_len=16),
     optim=OptimConfig(lr=1e-2, warmup_steps=0, moe_aux_loss=0.01, moe_router_z_loss=1e-3),
@@ -107,7 +107,7 @@ MOE_RUN = Config(
 # the bias rule on the whole step's counts and that the bias resumes.
 BIAS_RUN = dataclasses.replace(
     MOE_RUN,
-    model=dataclasses.replace(TINY, moe_router="sigmoid_topk_bias", moe_routed_scale=2.0),
+    model=dataclasses.replace(TINY_MOE, moe_router="sigmoid_topk_bias", moe_routed_scale=2.0),
     optim=dataclasses.replace(MOE_RUN.optim, moe_bias_rate=1e-3, grad_accum=2),
 )
 
@@ -145,7 +145,7 @@ def test_a_tiny_moe_learns_moves_its_router_bias_and_resumes_bitwise(tmp_path):
     it (its moments stay 0), the balance metrics are the microbatches' and the batch's, and a
     checkpoint restores the bias and resumes bitwise."""
     tr = trainer_lib.make_trainer(BIAS_RUN, sharding.make_mesh(BIAS_RUN.mesh, jax.devices()[:1]))
-    batch = synthetic_batch(0, 0, 0, range(4), 16, TINY.vocab_size)
+    batch = synthetic_batch(0, 0, 0, range(4), 16, TINY_MOE.vocab_size)
     batch = host_rows.global_batch(batch, tr.batch_sharding)
     state = _fresh_state(tr)
     losses = []
@@ -196,9 +196,9 @@ def test_expert_parallel_mesh_trains_with_the_losses_of_one_device(tmp_path):
     from expert-parallel gradients). Its checkpoint after the first step restores bitwise onto
     one device (expert 1) and gives there the second step's loss. (expert x tensor runs across
     two processes in tests/integration/test_multihost.py.)"""
-    model = dataclasses.replace(TINY, n_kv_heads=2, n_layers=2)
+    model = dataclasses.replace(TINY_MOE, n_kv_heads=2, n_layers=2)
     base = dataclasses.replace(MOE_RUN, model=model, data=DataConfig(batch_size=16, seq_len=16))
-    host_batch = synthetic_batch(0, 0, 0, range(16), 16, TINY.vocab_size)
+    host_batch = synthetic_batch(0, 0, 0, range(16), 16, TINY_MOE.vocab_size)
 
     def trainer(mesh_cfg, devices, **optim):
         cfg = dataclasses.replace(

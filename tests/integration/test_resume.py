@@ -23,21 +23,11 @@ from launch.local import free_port, process_env
 from lmjax import cli
 from lmjax.observe import metrics
 from lmjax.tools import soak
+from tests.configs import smoke_train_args
 from tests.helpers import REPO
 
 STEPS = 12
-BASE = [
-    "--experiment",
-    "smoke",
-    "--set",
-    f"run.steps={STEPS}",
-    "--set",
-    "run.log_every=1",
-    "--set",
-    "checkpoint.every_steps=4",
-    "--set",
-    "run.eval_batches=1",
-]
+BASE = smoke_train_args(STEPS)
 
 
 def _env(devices: int = 8) -> dict:

@@ -17,11 +17,12 @@ from lmjax.config import Config, MeshConfig, RunConfig
 from lmjax.observe import metrics
 from lmjax.parallel import sharding
 from lmjax.train import trainer as trainer_lib
-from tests.unit.test_sharding import TINY, mesh_of
+from tests.configs import SPLITTABLE
+from tests.unit.test_sharding import mesh_of
 
 
 def test_state_is_created_sharded_without_a_full_copy_per_device():
-    config = Config(model=TINY, mesh=MeshConfig(fsdp=-1), run=RunConfig(steps=10))
+    config = Config(model=SPLITTABLE, mesh=MeshConfig(fsdp=-1), run=RunConfig(steps=10))
     mesh = sharding.make_mesh(config.mesh)
     trainer = trainer_lib.make_trainer(config, mesh)
     shapes = jax.eval_shape(trainer.init_fn)

@@ -9,30 +9,18 @@ import numpy as np
 import optax
 import pytest
 
-from lmjax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, RunConfig
+from lmjax.config import Config, DataConfig, MeshConfig, OptimConfig, RunConfig
 from lmjax.data.pipeline import synthetic_batch
 from lmjax.model import transformer
 from lmjax.model.objective import loss_terms
 from lmjax.parallel import host_rows, sharding
 from lmjax.train import loop, optim, trainer
-
-TINY = ModelConfig(
-    vocab_size=128,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=8,
-    d_mlp=64,
-    max_seq_len=32,
-    dtype="float32",
-    remat="none",
-)
+from tests.configs import TINY_LM
 
 
 def _config(**optim_kw) -> Config:
     return Config(
-        model=TINY,
+        model=TINY_LM,
         mesh=MeshConfig(fsdp=1),
         data=DataConfig(batch_size=8, seq_len=16),
         optim=OptimConfig(warmup_steps=0, lr=1e-2, **optim_kw),
@@ -46,7 +34,7 @@ def _trainer(config):
 
 
 def _batch(seed=0, padded=False):
-    b = synthetic_batch(seed, 0, 0, range(8), 16, TINY.vocab_size)
+    b = synthetic_batch(seed, 0, 0, range(8), 16, TINY_LM.vocab_size)
     if padded:  # rows with different numbers of real target tokens
         b["loss_mask"][np.arange(8) % 3 == 0, 10:] = 0.0
     return b
@@ -95,7 +83,7 @@ def test_microbatches_stay_on_their_devices_and_sum_to_the_big_batch():
     """Gradient accumulation on 8 devices: each microbatch is spread over every batch shard
     (strided rows), so the accumulation loop moves no batch data between devices; the step
     equals the big batch."""
-    batch = synthetic_batch(0, 0, 0, range(32), 16, TINY.vocab_size)
+    batch = synthetic_batch(0, 0, 0, range(32), 16, TINY_LM.vocab_size)
     batch["loss_mask"][np.arange(32) % 3 == 0, 10:] = 0.0
     results = []
     for mesh, accum in (((1, 1, 1), 1), ((2, 2, 2), 4), ((8, 1, 1), 4)):
@@ -128,7 +116,7 @@ def test_loss_is_mean_over_unmasked_targets():
             lambda p: transformer.forward(
                 p,
                 batch["inputs"],
-                TINY,
+                TINY_LM,
                 segment_ids=batch["segment_ids"],
                 positions=batch["positions"],
             )
@@ -185,7 +173,9 @@ def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
     state, m = tr.step_fn(state, host_rows.global_batch(_batch(3), tr.batch_sharding))
     assert loop.fetch(m)["learning_rate"] == pytest.approx(0.5 * cfg.optim.lr)
     grads = jax.grad(
-        lambda p: loss_terms(p, host_rows.global_batch(_batch(3), tr.batch_sharding), TINY, 0.0)[0]
+        lambda p: loss_terms(p, host_rows.global_batch(_batch(3), tr.batch_sharding), TINY_LM, 0.0)[
+            0
+        ]
     )(after.params)
     tokens = float(np.sum(_batch(3)["loss_mask"]))
     grads = jax.tree.map(lambda g: g / tokens, grads)
@@ -215,13 +205,13 @@ def test_nonfinite_step_is_skipped_and_the_schedule_stays_in_step():
 
 
 def test_weight_decay_mask_spares_norms_and_embeddings():
-    params = transformer.init(TINY, jax.random.PRNGKey(0))
+    params = transformer.init(TINY_LM, jax.random.PRNGKey(0))
     mask = optim.weight_decay_mask(params, OptimConfig())
     assert mask["layers"]["wq"] and mask["layers"]["w_down"]
     assert not mask["layers"]["attn_norm"] and not mask["final_norm"]
     assert not mask["embed"] and not mask["unembed"]
     assert optim.weight_decay_mask(params, OptimConfig(decay_embeddings=True))["embed"]
-    family = dataclasses.replace(TINY, qkv_bias=True, qk_norm=True, post_norms=True)
+    family = dataclasses.replace(TINY_LM, qkv_bias=True, qk_norm=True, post_norms=True)
     layers = optim.weight_decay_mask(transformer.param_shapes(family), OptimConfig())["layers"]
     spared = ("q_bias", "k_bias", "v_bias", "q_norm", "k_norm", "attn_post_norm", "mlp_post_norm")
     assert layers["wq"] and not any(layers[name] for name in spared)

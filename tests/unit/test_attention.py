@@ -1,5 +1,7 @@
 """Attention numerics (float32): masks, grouped-query and multi-query against references."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,9 +41,10 @@ def _reference(q, k, v, segment_ids=None, spec=attn_lib.PLAIN):
 SPEC = attn_lib.Scores(scale=0.3, softcap=0.8, window=5)
 
 
-def test_window_scale_and_soft_cap_match_numpy_loop(monkeypatch):
+def test_window_scale_and_soft_cap_match_numpy_loop(monkeypatch, maybe_jit):
     """The XLA path, whole and in query blocks of 4 that skip the key blocks wholly before
-    the window (XLA_BLOCK shrunk so that 16 tokens make 4 blocks), and the decoding path."""
+    the window (XLA_BLOCK shrunk so that 16 tokens make 4 blocks), and the decoding path;
+    jitted and eager."""
     q, k, v = _qkv(11, seq=16)
     seg = np.repeat([[1, 2]], [10, 6], axis=1).repeat(2, 0)
     want = _reference(q, k, v, seg, SPEC)
@@ -55,9 +58,9 @@ def test_window_scale_and_soft_cap_match_numpy_loop(monkeypatch):
         return attn_lib.attention_with_mask(q, k, v, mask, SPEC)
 
     for fn in (causal, cached):
-        np.testing.assert_allclose(np.asarray(jax.jit(fn)(*args)), want, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(maybe_jit(fn)(*args)), want, atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(attn_lib, "XLA_BLOCK", 4)
-    blocks = jax.jit(causal)(*args)
+    blocks = maybe_jit(causal)(*args)
     np.testing.assert_allclose(np.asarray(blocks), want, atol=1e-5, rtol=1e-5)
 
 
@@ -83,9 +86,10 @@ def test_make_mask_is_causal_and_block_diagonal():
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
-def test_attention_matches_numpy_loop(heads, kv_heads):
+def test_attention_matches_numpy_loop(heads, kv_heads, maybe_jit):
     q, k, v = _qkv(0, heads=heads, kv_heads=kv_heads)
-    out = attn_lib.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), impl="xla")
+    attention = maybe_jit(functools.partial(attn_lib.attention, impl="xla"))
+    out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
     np.testing.assert_allclose(np.asarray(out), _reference(q, k, v), atol=1e-5, rtol=1e-5)
 
 

@@ -29,56 +29,18 @@ from lmjax.checkpoint import (
 )
 from lmjax.config import (
     CheckpointConfig,
-    Config,
     ConfigError,
-    DataConfig,
     MeshConfig,
-    ModelConfig,
-    RunConfig,
 )
 from lmjax.config_checks import validate
 from lmjax.config_overrides import apply_overrides
-from lmjax.data.pipeline import synthetic_batch
-from lmjax.parallel import host_rows, sharding
+from lmjax.parallel import sharding
 from lmjax.train import optim, trainer as trainer_lib
-
-TINY = Config(
-    model=ModelConfig(
-        vocab_size=256,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        d_mlp=64,
-        max_seq_len=32,
-        dtype="float32",
-        remat="none",
-    ),
-    data=DataConfig(source="synthetic", batch_size=8, seq_len=16),
-    checkpoint=CheckpointConfig(keep=2, keep_every=3),
-    run=RunConfig(steps=10),
-)
+from tests.configs import TINY_RUN
 
 
-def _trainer(config=TINY, devices=None):
+def _trainer(config=TINY_RUN, devices=None):
     return trainer_lib.make_trainer(config, sharding.make_mesh(config.mesh, devices))
-
-
-@pytest.fixture(scope="module")
-def trained():
-    """(trainer, states after steps 1..7, metrics of each step)."""
-    trainer = _trainer()
-    state = trainer.init_fn()
-    states, metrics = [], []
-    for step in range(1, 8):
-        batch = synthetic_batch(
-            0, 0, step, range(TINY.data.batch_size), TINY.data.seq_len, TINY.model.vocab_size
-        )
-        state, m = trainer.step_fn(state, host_rows.global_batch(batch, trainer.batch_sharding))
-        states.append(jax.tree.map(np.asarray, state))
-        metrics.append(m)
-    return trainer, states, metrics, state
 
 
 def _device_state(trainer, host_state):
@@ -96,8 +58,8 @@ META = {"note": "test"}
 
 
 def test_nonfinite_state_or_step_is_never_saved(tmp_path, trained):
-    trainer, states, metrics, _ = trained
-    ckpt = checkpointer.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
+    trainer, states, metrics = trained
+    ckpt = checkpointer.Checkpointer(str(tmp_path / "ck"), TINY_RUN.checkpoint)
     good = _device_state(trainer, states[0])
     with pytest.raises(FloatingPointError, match="step 1"):
         ckpt.save(1, good, data_state={}, meta=META, step_finite=jnp.bool_(False))
@@ -120,11 +82,11 @@ def test_nonfinite_state_or_step_is_never_saved(tmp_path, trained):
 
 
 def test_restore_onto_another_mesh(tmp_path, trained):
-    trainer, states, metrics, _ = trained
-    ckpt = checkpointer.Checkpointer(str(tmp_path / "ck"), TINY.checkpoint)
+    trainer, states, metrics = trained
+    ckpt = checkpointer.Checkpointer(str(tmp_path / "ck"), TINY_RUN.checkpoint)
     ckpt.save(4, _device_state(trainer, states[3]), data_state={}, meta=META)
     ckpt.close()
-    other_cfg = dataclasses.replace(TINY, mesh=MeshConfig(fsdp=1, tensor=2, data=2))
+    other_cfg = dataclasses.replace(TINY_RUN, mesh=MeshConfig(fsdp=1, tensor=2, data=2))
     other = _trainer(other_cfg, jax.devices()[:4])
     target = checkpointer.abstract_state(other.init_fn, other.state_shardings)
     restored, _ = checkpointer.Checkpointer(str(tmp_path / "ck"), read_only=True).restore(4, target)
@@ -136,18 +98,18 @@ def test_restore_onto_another_mesh(tmp_path, trained):
 
 def test_resume_rules_refuse_model_and_tokenizer_changes():
     meta = {
-        "config": config_lib.to_dict(TINY),
+        "config": config_lib.to_dict(TINY_RUN),
         "param_layout_version": 1,
         "tokenizer_fingerprint": "abc",
     }
     allowed = apply_overrides(
-        TINY,
+        TINY_RUN,
         ["run.steps=50", "optim.lr=1e-3", "run.log_every=3", "model.remat=full", "mesh.tensor=2"],
     )
     changes = compat.check_resumable(meta, allowed, "ck step 5")
     assert set(changes) == {"run.steps", "optim.lr", "run.log_every", "model.remat", "mesh.tensor"}
     refused = apply_overrides(
-        TINY,
+        TINY_RUN,
         ["model.d_model=64", "model.n_layers=3", "run.steps=50", "data.tokenizer_vocab_size=1000"],
     )
     with pytest.raises(compat.ResumeError) as e:
@@ -160,28 +122,28 @@ def test_resume_rules_refuse_model_and_tokenizer_changes():
     with pytest.raises(compat.ResumeError, match="tokenizer"):
         compat.check_tokenizer(meta, "def", "ck step 5")
     with pytest.raises(compat.ResumeError, match="layout version"):
-        compat.check_resumable({**meta, "param_layout_version": 0}, TINY, "ck step 5")
+        compat.check_resumable({**meta, "param_layout_version": 0}, TINY_RUN, "ck step 5")
     # a batch-size ramp or a context extension only when asked for, field by field
     ramp = ["data.batch_size=16", "data.seq_len=32", "model.rope_theta=5e5"]
     with pytest.raises(compat.ResumeError, match="accept_changes") as e:
-        compat.check_resumable(meta, apply_overrides(TINY, ramp), "ck step 5")
+        compat.check_resumable(meta, apply_overrides(TINY_RUN, ramp), "ck step 5")
     assert all(f.split("=")[0] in str(e.value) for f in ramp)
-    partly = apply_overrides(TINY, [*ramp, "checkpoint.accept_changes=data.batch_size"])
+    partly = apply_overrides(TINY_RUN, [*ramp, "checkpoint.accept_changes=data.batch_size"])
     with pytest.raises(compat.ResumeError) as e:
         compat.check_resumable(meta, partly, "ck step 5")
     assert "data.seq_len" in str(e.value) and "data.batch_size:" not in str(e.value)
     accepted = "checkpoint.accept_changes=data.batch_size,data.seq_len,model.rope_theta"
-    assert set(compat.check_resumable(meta, apply_overrides(TINY, [*ramp, accepted]), "c")) == {
+    assert set(compat.check_resumable(meta, apply_overrides(TINY_RUN, [*ramp, accepted]), "c")) == {
         "data.batch_size",
         "data.seq_len",
         "model.rope_theta",
         "checkpoint.accept_changes",
     }
     with pytest.raises(ConfigError, match="model.d_model.. cannot change on a resume"):
-        validate(apply_overrides(TINY, ["checkpoint.accept_changes=model.d_model"]))
+        validate(apply_overrides(TINY_RUN, ["checkpoint.accept_changes=model.d_model"]))
 
 
-def _save_run(workdir, trainer, host_states, steps, config=TINY):
+def _save_run(workdir, trainer, host_states, steps, config=TINY_RUN):
     ckpt = checkpointer.Checkpointer(paths.checkpoint_dir(str(workdir)), config.checkpoint)
     mesh = trainer.mesh
     for step in steps:
@@ -205,13 +167,13 @@ def _tear(step_dir, item="params"):
 def test_torn_step_is_skipped_at_resume_and_set_aside_by_the_save_that_needs_its_slot(
     tmp_path, trained, caplog
 ):
-    trainer, states, _, _ = trained
+    trainer, states, _ = trained
     _save_run(tmp_path, trainer, states, [2, 4])
     _tear(tmp_path / "checkpoints" / "4")
-    decision = resume.decide_resume(str(tmp_path), TINY)
+    decision = resume.decide_resume(str(tmp_path), TINY_RUN)
     assert [c.step for c in decision.candidates] == [4, 2]
     state, data_state, source = decision.load(
-        trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model
+        trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY_RUN.model
     )
     assert source.endswith("step 2") and data_state["pos"] == 2
     _assert_trees_equal(state, states[1])
@@ -220,14 +182,14 @@ def test_torn_step_is_skipped_at_resume_and_set_aside_by_the_save_that_needs_its
     assert not (tmp_path / "checkpoints" / "unreadable").exists()
     # the run continues from 2; its save at 4 sets the torn 4 aside (logged) and writes 4
     ckpt = checkpointer.Checkpointer(
-        paths.checkpoint_dir(str(tmp_path)), TINY.checkpoint, resumed_at=2
+        paths.checkpoint_dir(str(tmp_path)), TINY_RUN.checkpoint, resumed_at=2
     )
     with caplog.at_level("WARNING", logger="lmjax"):
         ckpt.save(
             4,
             _device_state(trainer, states[3]),
             data_state={"pos": 4},
-            meta=compat.make_metadata(TINY, None, trainer.mesh),
+            meta=compat.make_metadata(TINY_RUN, None, trainer.mesh),
         )
     ckpt.close()
     assert [r for r in caplog.messages if "moved checkpoint directory" in r and "/4" in r]
@@ -243,24 +205,24 @@ def test_torn_step_is_skipped_at_resume_and_set_aside_by_the_save_that_needs_its
 
 
 def test_decide_resume_never_starts_from_scratch_over_unreadable_checkpoints(tmp_path, trained):
-    trainer, states, _, _ = trained
+    trainer, states, _ = trained
     _save_run(tmp_path, trainer, states, [3])
     for root, _, files in os.walk(tmp_path / "checkpoints" / "3" / "train"):
         for name in files:
             os.remove(os.path.join(root, name))
-    decision = resume.decide_resume(str(tmp_path), TINY)
+    decision = resume.decide_resume(str(tmp_path), TINY_RUN)
     with pytest.raises(compat.ResumeError, match="none could be read.*allow_fresh"):
-        decision.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model)
+        decision.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY_RUN.model)
     assert os.listdir(tmp_path / "checkpoints") == ["3"]
     # asked to: a fresh start; the first save sets the unreadable step aside
-    fresh = apply_overrides(TINY, ["checkpoint.allow_fresh=true"])
+    fresh = apply_overrides(TINY_RUN, ["checkpoint.allow_fresh=true"])
     decision = resume.decide_resume(str(tmp_path), fresh)
     state, data_state, source = decision.load(
-        trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model
+        trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY_RUN.model
     )
     assert source == "fresh init" and int(state.step) == 0 and data_state is None
     ckpt = checkpointer.Checkpointer(
-        paths.checkpoint_dir(str(tmp_path)), TINY.checkpoint, resumed_at=0
+        paths.checkpoint_dir(str(tmp_path)), TINY_RUN.checkpoint, resumed_at=0
     )
     ckpt.save(1, _device_state(trainer, states[0]), data_state={}, meta=META)
     ckpt.close()
@@ -269,7 +231,7 @@ def test_decide_resume_never_starts_from_scratch_over_unreadable_checkpoints(tmp
 
 
 def _clip_trainer(clip_norm):
-    return _trainer(apply_overrides(TINY, [f"optim.clip_norm={clip_norm}"]))
+    return _trainer(apply_overrides(TINY_RUN, [f"optim.clip_norm={clip_norm}"]))
 
 
 @pytest.mark.parametrize("saved_clip, new_clip", [(1.0, 0.0), (0.0, 1.0)])
@@ -278,7 +240,7 @@ def test_clipping_change_restores_the_saved_moments_into_the_new_layout(
 ):
     """optim.clip_norm on <-> off adds or drops a stateless wrapper around AdamW: the saved
     moments, counts, step and params come back in the new layout, value for value."""
-    _, states, _, _ = trained  # trained with clipping (TINY's clip_norm=1.0)
+    _, states, _ = trained  # trained with clipping (TINY_RUN's clip_norm=1.0)
     saver = _clip_trainer(saved_clip)
     layout = jax.eval_shape(saver.init_fn).opt_state
     host = states[4].replace(
@@ -291,10 +253,10 @@ def test_clipping_change_restores_the_saved_moments_into_the_new_layout(
         saver,
         states[:4] + [host],
         [5],
-        config=apply_overrides(TINY, [f"optim.clip_norm={saved_clip}"]),
+        config=apply_overrides(TINY_RUN, [f"optim.clip_norm={saved_clip}"]),
     )
     loader = _clip_trainer(new_clip)
-    config = apply_overrides(TINY, [f"optim.clip_norm={new_clip}"])
+    config = apply_overrides(TINY_RUN, [f"optim.clip_norm={new_clip}"])
     decision = resume.decide_resume(str(tmp_path), config)
     restored, _, source = decision.load(
         loader.init_fn, loader.state_shardings, str(tmp_path), config.model
@@ -316,12 +278,12 @@ def test_a_state_structure_the_config_cannot_take_is_refused_before_anything_mov
 ):
     import optax
 
-    trainer, states, _, _ = trained
+    trainer, states, _ = trained
     _save_run(tmp_path, trainer, states, [2, 4])
     before = sorted(os.listdir(tmp_path / "checkpoints"))
     # an optimizer with other state (SGD momentum: one trace per parameter, no counts)
     monkeypatch.setattr(optim, "make_optimizer", lambda cfg, steps: optax.sgd(0.1, momentum=0.9))
-    config = apply_overrides(TINY, ["optim.b1=0.8"])
+    config = apply_overrides(TINY_RUN, ["optim.b1=0.8"])
     other = _trainer(config)
     decision = resume.decide_resume(str(tmp_path), config)
     with pytest.raises(compat.ResumeError) as e:
@@ -336,7 +298,7 @@ def test_a_state_structure_the_config_cannot_take_is_refused_before_anything_mov
 def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, monkeypatch):
     import errno
 
-    trainer, states, _, _ = trained
+    trainer, states, _ = trained
     _save_run(tmp_path, trainer, states, [2, 4])
     monkeypatch.setattr(checkpointer, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
     real_restore = checkpointer.Checkpointer.restore
@@ -352,8 +314,10 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
         return restore
 
     def decide_and_load():
-        decision = resume.decide_resume(str(tmp_path), TINY)
-        return decision.load(trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY.model)
+        decision = resume.decide_resume(str(tmp_path), TINY_RUN)
+        return decision.load(
+            trainer.init_fn, trainer.state_shardings, str(tmp_path), TINY_RUN.model
+        )
 
     monkeypatch.setattr(checkpointer.Checkpointer, "restore", flaky(2))
     state, _, source = decide_and_load()  # two failures, then the third attempt reads step 4
@@ -383,26 +347,26 @@ def test_storage_faults_are_retried_and_never_count_as_torn(tmp_path, trained, m
 
 
 def test_restore_from_step_and_path(tmp_path, trained):
-    trainer, states, _, _ = trained
+    trainer, states, _ = trained
     _save_run(tmp_path / "a", trainer, states, [2, 5])
     with pytest.raises(compat.ResumeError, match="later steps"):
-        resume.decide_resume(str(tmp_path / "a"), TINY, restore_from="2")
+        resume.decide_resume(str(tmp_path / "a"), TINY_RUN, restore_from="2")
     with pytest.raises(compat.ResumeError, match="no committed step 3"):
-        resume.decide_resume(str(tmp_path / "a"), TINY, restore_from="3")
+        resume.decide_resume(str(tmp_path / "a"), TINY_RUN, restore_from="3")
     decision = resume.decide_resume(
-        str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "a" / "checkpoints" / "2")
+        str(tmp_path / "b"), TINY_RUN, restore_from=str(tmp_path / "a" / "checkpoints" / "2")
     )
     assert [(c.directory, c.step) for c in decision.candidates] == [
         (str(tmp_path / "a" / "checkpoints"), 2)
     ]
-    decision = resume.decide_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "a"))
+    decision = resume.decide_resume(str(tmp_path / "b"), TINY_RUN, restore_from=str(tmp_path / "a"))
     assert [c.step for c in decision.candidates] == [5, 2]
     with pytest.raises(compat.ResumeError, match="no committed checkpoint"):
-        resume.decide_resume(str(tmp_path / "b"), TINY, restore_from=str(tmp_path / "nothing"))
+        resume.decide_resume(str(tmp_path / "b"), TINY_RUN, restore_from=str(tmp_path / "nothing"))
 
 
 def test_list_checkpoints_reports_complete_and_uncommitted(tmp_path, trained):
-    trainer, states, _, _ = trained
+    trainer, states, _ = trained
     _save_run(tmp_path, trainer, states, [1, 2])
     os.makedirs(tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-123" / "params")
     rows = listing.list_checkpoints(str(tmp_path))
@@ -461,10 +425,12 @@ def test_a_save_that_fails_after_the_lease_was_lost_names_the_lease(tmp_path, tr
     """A holder that hung past its lease timeout finds, woken, that its save in flight fails
     (the run that took over set its unfinished step aside): the error names the lost lease,
     not the storage."""
-    trainer, states, _, _ = trained
+    trainer, states, _ = trained
     lost = []
     ckpt = checkpointer.Checkpointer(
-        str(tmp_path / "checkpoints"), TINY.checkpoint, lease_lost=lambda: lost[0] if lost else None
+        str(tmp_path / "checkpoints"),
+        TINY_RUN.checkpoint,
+        lease_lost=lambda: lost[0] if lost else None,
     )
     ckpt.save(1, _device_state(trainer, states[0]), data_state={}, meta=META)
     ckpt.wait()
@@ -484,9 +450,9 @@ def test_a_full_disk_stops_the_run_cleanly_and_keeps_the_last_checkpoint(
 ):
     import errno
 
-    trainer, states, _, _ = trained
+    trainer, states, _ = trained
     directory = str((small_disk or tmp_path) / "checkpoints")
-    ckpt = checkpointer.Checkpointer(directory, TINY.checkpoint)
+    ckpt = checkpointer.Checkpointer(directory, TINY_RUN.checkpoint)
     ckpt.save(1, _device_state(trainer, states[0]), data_state={}, meta=META)
     ckpt.wait()
     if small_disk is None:  # no tmpfs: the write itself reports ENOSPC

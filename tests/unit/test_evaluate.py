@@ -19,7 +19,8 @@ from lmjax.inference import evaluate
 from lmjax.model import transformer
 from lmjax.parallel import sharding
 from tests import numpy_llama
-from tests.helpers import SMALL_LM as CFG, hf_config, random_model
+from tests.configs import SMALL_LM as CFG
+from tests.helpers import hf_config, random_model
 
 # The Shakespeare slice shipped inside the package, so a fresh clone needs nothing beside it.
 CORPUS = PACKAGED_DIR

@@ -13,7 +13,8 @@ from lmjax.convert import hf
 from lmjax.inference import generate as gen
 from lmjax.model import transformer
 from tests import numpy_llama
-from tests.helpers import SMALL_LM as CFG, hamlet_tokenizer, random_model
+from tests.configs import SMALL_LM as CFG
+from tests.helpers import hamlet_tokenizer, random_model
 
 
 @pytest.fixture(scope="module")

@@ -14,28 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.config import ModelConfig
 from lmjax.model import transformer
 from tests import numpy_llama
+from tests.configs import SMALL_LM
 from tests.helpers import hf_config, random_model
 
-CFG = ModelConfig(
-    vocab_size=256,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=16,
-    d_mlp=64,
-    max_seq_len=64,
-    rope_theta=10000.0,
-    norm_eps=1e-5,
-    dtype="float32",
-    param_dtype="float32",
-    remat="none",
-    attention="xla",
-    scan_layers=True,
-)
+# head_dim 16 with 4 heads over d_model 32: no projection may assume n_heads * head_dim ==
+# d_model, and rope rotates 8 frequency pairs per head.
+CFG = dataclasses.replace(SMALL_LM, head_dim=16)
 
 
 # Llama-3.1 scaling with a short original context, so that all three frequency bands
@@ -66,18 +52,17 @@ def test_param_tree_matches_specs_and_init():
     )
 
 
-def test_rms_norm_matches_numpy():
+def test_rms_norm_matches_numpy(maybe_jit):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 5, 32)).astype(np.float32) * 3
     w = rng.standard_normal(32).astype(np.float32)
-    got = transformer.rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-5)
+    rms_norm = maybe_jit(transformer.rms_norm, static_argnums=2)
+    got = rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-5)
     np.testing.assert_allclose(
         np.asarray(got), numpy_llama.rms_norm(x.astype(np.float64), w, 1e-5), rtol=1e-5, atol=1e-6
     )
-    assert (
-        transformer.rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), 1e-5).dtype
-        == jnp.bfloat16
-    )
+    # float32 weights do not promote bfloat16 activations
+    assert rms_norm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), 1e-5).dtype == jnp.bfloat16
 
 
 def test_rope_frequencies_unscaled_match_numpy():
@@ -105,12 +90,12 @@ def test_llama31_rope_scaling_matches_published_formula():
     assert kept.any() and divided.any() and (~kept & ~divided).any()
 
 
-def test_apply_rope_matches_numpy():
+def test_apply_rope_matches_numpy(maybe_jit):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 7, 3, 16)).astype(np.float32)
     pos = np.stack([np.arange(7), np.array([0, 1, 2, 0, 1, 5, 40])])
-    sin, cos = transformer.rope_tables(jnp.asarray(pos), SCALED)
-    got = np.asarray(transformer.apply_rope(jnp.asarray(x), sin, cos))
+    sin, cos = maybe_jit(transformer.rope_tables, static_argnums=1)(jnp.asarray(pos), SCALED)
+    got = np.asarray(maybe_jit(transformer.apply_rope)(jnp.asarray(x), sin, cos))
     inv = numpy_llama.inverse_frequencies(hf_config(SCALED))
     want = np.stack(
         [numpy_llama.apply_rope(x[b].astype(np.float64), pos[b], inv) for b in range(2)]
@@ -147,22 +132,23 @@ def test_rope_scores_depend_only_on_relative_position(cfg):
 
 
 @pytest.mark.parametrize(
-    "cfg",
+    "cfg,maybe_jit",
     [
-        CFG,
-        dataclasses.replace(CFG, tie_embeddings=True),
-        dataclasses.replace(CFG, n_kv_heads=1),
-        dataclasses.replace(CFG, n_kv_heads=4, head_dim=8),
-        SCALED,
+        (CFG, "jit"),
+        (dataclasses.replace(CFG, tie_embeddings=True), "jit"),
+        (dataclasses.replace(CFG, n_kv_heads=1), "jit"),
+        (dataclasses.replace(CFG, n_kv_heads=4, head_dim=8), "jit"),
+        (SCALED, "jit"),
+        (SCALED, "eager"),  # one eager run: the scan over layers as a Python loop
     ],
-    ids=["gqa-untied", "gqa-tied", "mqa", "mha", "llama31-rope"],
+    ids=["gqa-untied", "gqa-tied", "mqa", "mha", "llama31-rope", "llama31-rope-eager"],
+    indirect=["maybe_jit"],
 )
-def test_forward_matches_numpy_reference(cfg):
+def test_forward_matches_numpy_reference(cfg, maybe_jit):
     params, tensors = random_model(cfg, seed=3)
     tokens = tokens_for(4)
-    got = np.asarray(
-        jax.jit(transformer.forward, static_argnums=2)(params, jnp.asarray(tokens), cfg)
-    )
+    forward = maybe_jit(transformer.forward, static_argnums=2)
+    got = np.asarray(forward(params, jnp.asarray(tokens), cfg))
     want = numpy_llama.forward(tensors, hf_config(cfg), tokens)
     assert np.abs(want).max() > 1.0  # logits carry signal, so 1e-4 is a real bound
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
@@ -177,10 +163,11 @@ def packed_batch():
     return tokens_for(5), seg, pos, lengths
 
 
-def test_packed_forward_matches_numpy_reference():
+def test_packed_forward_matches_numpy_reference(maybe_jit):
     params, tensors = random_model(CFG, seed=6)
     tokens, seg, pos, _ = packed_batch()
-    got = transformer.forward(
+    forward = maybe_jit(transformer.forward, static_argnums=2)
+    got = forward(
         params, jnp.asarray(tokens), CFG, segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos)
     )
     want = numpy_llama.forward(tensors, hf_config(CFG), tokens, positions=pos, segment_ids=seg)

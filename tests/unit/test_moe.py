@@ -14,23 +14,7 @@ from lmjax.config import MOE_ROUTERS, Config, ConfigError, ModelConfig, OptimCon
 from lmjax.config_checks import validate
 from lmjax.model import flops, moe, objective, transformer
 from tests import numpy_moe
-
-TINY = ModelConfig(
-    vocab_size=64,
-    d_model=8,
-    n_layers=4,
-    n_heads=2,
-    n_kv_heads=1,
-    head_dim=4,
-    d_mlp=12,
-    max_seq_len=32,
-    dtype="float32",
-    remat="none",
-    moe_experts=4,
-    moe_top_k=2,
-    moe_d_mlp=6,
-)
-
+from tests.configs import TINY_MOE
 
 TOKENS = 12
 
@@ -68,15 +52,22 @@ def _directional_derivative(cfg, p, x, direction, cotangent, eps=1e-5):
     return (at(1) - at(-1)) / (2 * eps)
 
 
-@pytest.mark.parametrize("router", MOE_ROUTERS)
-@pytest.mark.parametrize("shared", [0, 5])
-def test_moe_mlp_equals_a_numpy_loop_forward_and_gradients(router, shared):
+# Every router with and without the shared expert eagerly; the richest case (biased sigmoid
+# router, scale, shared expert) jitted too (a compile per capacity factor, so only one).
+MOE_CASES = [
+    *[(router, shared, "eager") for router in MOE_ROUTERS for shared in (0, 5)],
+    ("sigmoid_topk_bias", 5, "jit"),
+]
+
+
+@pytest.mark.parametrize("router,shared,maybe_jit", MOE_CASES, indirect=["maybe_jit"])
+def test_moe_mlp_equals_a_numpy_loop_forward_and_gradients(router, shared, maybe_jit):
     """Dropless, capacity with room for all (factor 2: nothing dropped) and tight capacity
     (factor 0.5: the over-capacity copies dropped, exactly those of the reference). The
     sigmoid router runs with a random bias (that changes some token's choice) and a scale."""
     scale = 2.5 if router == "sigmoid_topk_bias" else 1.0
     base = dataclasses.replace(
-        TINY, moe_router=router, moe_shared_d_mlp=shared, moe_routed_scale=scale
+        TINY_MOE, moe_router=router, moe_shared_d_mlp=shared, moe_routed_scale=scale
     )
     p, x = _layer(base)
     if router == "sigmoid_topk_bias":
@@ -92,15 +83,17 @@ def test_moe_mlp_equals_a_numpy_loop_forward_and_gradients(router, shared):
         cfg = dataclasses.replace(base, moe_capacity_factor=factor)
         want, want_dropped = _reference(cfg, p, x)
         assert (want_dropped > 0) == drops
-        y, stats = moe.moe_mlp(x[None], p, cfg)
-        np.testing.assert_allclose(y[0], want, rtol=1e-5, atol=1e-6)
-        assert float(stats["dropped"]) == want_dropped
-        assert float(np.sum(stats["counts"])) == TOKENS * base.moe_top_k
 
         def objective(p, x, cfg=cfg):
-            return jnp.sum(moe.moe_mlp(x[None], p, cfg)[0][0] * cotangent)
+            y, stats = moe.moe_mlp(x[None], p, cfg)
+            return jnp.sum(y[0] * cotangent), (y[0], stats)
 
-        grads, grad_x = jax.grad(objective, argnums=(0, 1))(p, x)
+        (_, (y, stats)), (grads, grad_x) = maybe_jit(
+            jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+        )(p, x)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+        assert float(stats["dropped"]) == want_dropped
+        assert float(np.sum(stats["counts"])) == TOKENS * base.moe_top_k
         analytic = sum(np.vdot(grads[k], direction[k]) for k in p) + np.vdot(grad_x, dx)
         numeric = _directional_derivative(cfg, p, x, (direction, dx), cotangent)
         assert analytic == pytest.approx(numeric, rel=1e-4), (router, shared, factor)
@@ -110,7 +103,7 @@ def test_moe_mlp_equals_a_numpy_loop_forward_and_gradients(router, shared):
 def test_balance_and_router_z_losses_follow_their_definitions(router):
     """The balance loss scores each token's full distribution: the softmax, or the sigmoid
     scores normalized over the experts (DeepSeek-V3)."""
-    cfg = dataclasses.replace(TINY, moe_router=router)
+    cfg = dataclasses.replace(TINY_MOE, moe_router=router)
     p, x = _layer(cfg)
     r = moe.route(x, p, cfg)
     logits = np.asarray(r.logits, np.float64)
@@ -134,7 +127,7 @@ def test_balance_and_router_z_losses_follow_their_definitions(router):
 def test_router_bias_moves_by_the_sign_rule_of_the_numpy_reference():
     """Counts from the numpy router's choices (over, under and exactly at the experts' mean)
     move the bias as tests/numpy_moe.py says, elementwise over stacked layers."""
-    cfg = dataclasses.replace(TINY, moe_router="sigmoid_topk_bias", moe_experts=6)
+    cfg = dataclasses.replace(TINY_MOE, moe_router="sigmoid_topk_bias", moe_experts=6)
     p, x = _layer(cfg)
     host = {k: np.asarray(v, np.float64) for k, v in p.items()}
     chosen, _ = numpy_moe.route(np.asarray(x, np.float64), host, top_k=2, router=cfg.moe_router)
@@ -150,7 +143,7 @@ def test_router_bias_moves_by_the_sign_rule_of_the_numpy_reference():
 
 
 def test_layer_pattern_param_table_and_scan_free_equivalence():
-    cfg = dataclasses.replace(TINY, moe_first_dense_layers=1, moe_every=2)
+    cfg = dataclasses.replace(TINY_MOE, moe_first_dense_layers=1, moe_every=2)
     assert transformer.layer_is_moe(cfg) == (False, False, True, False)
     assert transformer.layer_runs(cfg) == [(False, 0, 2), (True, 2, 3), (False, 3, 4)]
     axes = transformer.param_axes(cfg)
@@ -172,7 +165,7 @@ def test_layer_pattern_param_table_and_scan_free_equivalence():
 
 
 def test_active_params_and_flops_count_top_k_experts():
-    cfg = dataclasses.replace(TINY, moe_shared_d_mlp=5, moe_first_dense_layers=1)
+    cfg = dataclasses.replace(TINY_MOE, moe_shared_d_mlp=5, moe_first_dense_layers=1)
     total = transformer.count_params(cfg, include_embed=False)
     active = transformer.count_params(cfg, include_embed=False, active=True)
     experts = 3 * 3 * 4 * 8 * 6  # 3 MoE layers x 3 matrices x 4 experts x embed x moe_mlp
@@ -187,7 +180,7 @@ def test_active_params_and_flops_count_top_k_experts():
 def test_moe_config_errors_name_the_fix():
     def bad(**kw):
         with pytest.raises(ConfigError) as e:
-            validate(Config(model=dataclasses.replace(TINY, **kw)))
+            validate(Config(model=dataclasses.replace(TINY_MOE, **kw)))
         return str(e.value)
 
     assert "moe_top_k=5 must lie in [1, model.moe_experts=4]" in bad(moe_top_k=5)
@@ -196,8 +189,8 @@ def test_moe_config_errors_name_the_fix():
     assert "moe_capacity_factor=-1.0" in bad(moe_capacity_factor=-1.0)
     assert "moe_every=0" in bad(moe_every=0)
     assert "moe_routed_scale=0.0 must be positive" in bad(moe_routed_scale=0.0)
-    sigmoid = dataclasses.replace(TINY, moe_router="sigmoid_topk_bias")
-    for model, fix in ((TINY, "set that router"), (sigmoid, "model.param_dtype=float32")):
+    sigmoid = dataclasses.replace(TINY_MOE, moe_router="sigmoid_topk_bias")
+    for model, fix in ((TINY_MOE, "set that router"), (sigmoid, "model.param_dtype=float32")):
         model = dataclasses.replace(model, param_dtype="bfloat16") if model is sigmoid else model
         with pytest.raises(ConfigError, match=fix):
             validate(Config(model=model, optim=OptimConfig(moe_bias_rate=1e-3)))
@@ -207,15 +200,15 @@ def test_step_balance_weights_make_microbatches_add_up_to_the_big_batch():
     """Two microbatches' balance sums under `step_balance_weights` (from their summed counts)
     give the big batch's balance loss times the step's tokens, value and router gradient;
     the unweighted per-microbatch sums (the default) give another value and gradient."""
-    p, x = _layer(TINY)
+    p, x = _layer(TINY_MOE)
     tokens = 11.0  # the step's loss tokens
 
     def big(p):
-        return tokens * moe.balance_loss(moe.route(x, p, TINY), TINY.moe_experts)
+        return tokens * moe.balance_loss(moe.route(x, p, TINY_MOE), TINY_MOE.moe_experts)
 
     def micro_stats(p):
         stacked = lambda s: jax.tree.map(lambda a: jnp.asarray(a)[None], s)  # one MoE layer
-        return [stacked(moe.moe_mlp(xm[None], p, TINY)[1]) for xm in (x[:5], x[5:])]
+        return [stacked(moe.moe_mlp(xm[None], p, TINY_MOE)[1]) for xm in (x[:5], x[5:])]
 
     def over_step(p):
         stats = micro_stats(p)

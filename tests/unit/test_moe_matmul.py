@@ -14,7 +14,8 @@ import pytest
 from lmjax.config import Config, ConfigError
 from lmjax.config_checks import validate
 from lmjax.model import moe
-from tests.unit.test_moe import TINY, _directional_derivative, _layer, _reference
+from tests.configs import TINY_MOE
+from tests.unit.test_moe import _directional_derivative, _layer, _reference
 
 # 600 rows: blocks of 512 (the rule's tm), so group 2 crosses the block boundary at row 512,
 # the rows are padded to 1024, and groups 1 and 3 are empty.
@@ -64,7 +65,7 @@ def test_megablox_equals_ragged_dot_and_numpy_forward_and_gradients(dtype, tol):
 def test_moe_block_through_megablox_equals_the_numpy_loop():
     """Dropless MoE forward and a directional derivative of the numpy loop against jax.grad
     with respect to every parameter and the input."""
-    cfg = dataclasses.replace(TINY, moe_matmul="megablox")
+    cfg = dataclasses.replace(TINY_MOE, moe_matmul="megablox")
     p, x = _layer(cfg)
     rng = np.random.default_rng(1)
     cotangent = rng.normal(size=x.shape)
@@ -91,6 +92,8 @@ def test_tiling_rule_and_kernel_choice():
     assert moe.resolve_matmul("auto", "gpu") == moe.resolve_matmul("auto", "cpu") == "ragged_dot"
     assert moe.resolve_matmul("ragged_dot", "tpu") == "ragged_dot"
     with pytest.raises(ConfigError, match="moe_matmul=megablox takes float32 or bfloat16"):
-        validate(Config(model=dataclasses.replace(TINY, moe_matmul="megablox", dtype="float16")))
+        validate(
+            Config(model=dataclasses.replace(TINY_MOE, moe_matmul="megablox", dtype="float16"))
+        )
     with pytest.raises(ConfigError, match="choose one of"):
-        validate(Config(model=dataclasses.replace(TINY, moe_matmul="gmm")))
+        validate(Config(model=dataclasses.replace(TINY_MOE, moe_matmul="gmm")))

@@ -40,17 +40,28 @@ def _autodiff_objective(x, w, targets, weights, z_loss):
     return jnp.sum((logz - target) * weights) + z_loss * jnp.sum(logz**2 * weights)
 
 
-@pytest.mark.parametrize("chunk,impl", [(0, "xla"), (4, "xla"), (16, "xla"), (4, "row_major")])
-@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
-def test_fused_loss_values_and_gradients_match_references(chunk, impl, z_loss):
+# Every chunking and backward matmul jitted, with and without the z-loss; the chunked scan
+# with the row-major backward eager too (the scan a Python loop over the chunks).
+CASES = [
+    *[
+        (c, i, z, "jit")
+        for c, i in ((0, "xla"), (4, "xla"), (16, "xla"), (4, "row_major"))
+        for z in (0.0, 1e-2)
+    ],
+    (4, "row_major", 1e-2, "eager"),
+]
+
+
+@pytest.mark.parametrize("chunk,impl,z_loss,maybe_jit", CASES, indirect=["maybe_jit"])
+def test_fused_loss_values_and_gradients_match_references(chunk, impl, z_loss, maybe_jit):
     x, w, targets, weights = _inputs()
-    sums = jax.jit(lambda *a: cross_entropy.loss_sums(*a, z_loss=z_loss, chunk=chunk, impl=impl))(
+    sums = maybe_jit(lambda *a: cross_entropy.loss_sums(*a, z_loss=z_loss, chunk=chunk, impl=impl))(
         x, w, targets, weights
     )
     for got, want in zip(sums, _numpy_sums(x, w, targets, weights, z_loss)):
         np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
-    fused_grad = jax.jit(
+    fused_grad = maybe_jit(
         jax.grad(
             lambda x, w: (
                 3.0

@@ -8,10 +8,11 @@ import pytest
 
 from lmjax import hardware
 from lmjax.commands.experiment import load_experiment
-from lmjax.config import ConfigError, ModelConfig
+from lmjax.config import ConfigError
 from lmjax.model import flops, transformer
 from lmjax.tools import aot, hlo, roofline
 from lmjax.tools.plan import budget, candidates, rank, workers
+from tests.configs import SPLITTABLE
 
 GiB = 1024**3
 
@@ -104,11 +105,10 @@ def test_sweeps_replace_dimensions_and_bad_values_are_config_errors():
 
 
 def test_remat_recompute_flops_worked_by_hand():
-    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_mlp=192)
-    # q, k, v, o: 64 x 16 x (4 + 2 + 2 + 4) = 12288; MLP 3 x 64 x 192 = 36864;
+    # SPLITTABLE's q, k, v, o: 64 x 16 x (4 + 2 + 2 + 4) = 12288; MLP 3 x 64 x 192 = 36864;
     # attention at seq 128: 2 x 4 x 16 x 128 = 16384 per token per layer.
     recompute = lambda remat: flops.remat_recompute_flops_per_token(
-        ModelConfig(**{**cfg.__dict__, "remat": remat}), 128
+        dataclasses.replace(SPLITTABLE, remat=remat), 128
     )
     assert recompute("none") == 0
     assert recompute("full") == 2 * (2 * (12288 + 36864) + 16384)

@@ -11,21 +11,10 @@ from jax.sharding import PartitionSpec as P
 
 from lmjax import hardware
 from lmjax.batch import BATCH_KEYS
-from lmjax.config import ConfigError, DataConfig, MeshConfig, ModelConfig
+from lmjax.config import ConfigError, DataConfig, MeshConfig
 from lmjax.model import transformer
 from lmjax.parallel import host_rows, sharding
-
-TINY = ModelConfig(
-    vocab_size=256,
-    d_model=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=16,
-    d_mlp=192,
-    max_seq_len=64,
-    dtype="float32",
-)
+from tests.configs import SPLITTABLE
 
 
 def mesh_of(**kw):
@@ -124,10 +113,13 @@ def test_default_rules_shard_params_zero3_style_and_activations_by_batch():
 
 def test_kv_heads_not_divisible_by_tensor_names_the_parameter_and_the_fix():
     mesh = mesh_of(data=2, tensor=4)
-    axes = transformer.param_axes(TINY)
+    axes = transformer.param_axes(SPLITTABLE)
     with pytest.raises(ConfigError) as e:
         sharding.tree_shardings(
-            axes, mesh, sharding.rules_from_config(MeshConfig()), transformer.param_shapes(TINY)
+            axes,
+            mesh,
+            sharding.rules_from_config(MeshConfig()),
+            transformer.param_shapes(SPLITTABLE),
         )
     text = str(e.value)
     assert "layers/wk" in text and "'kv_heads' of size 2" in text
@@ -150,8 +142,8 @@ def test_offline_layout_puts_all_local_devices_on_fsdp_and_replicates_what_canno
             replicate_indivisible=True,
         )
 
-    assert layout(TINY, rules)["layers"]["w_up"].spec == P(None, None, "fsdp")
-    odd = dataclasses.replace(TINY, d_mlp=100)  # 100 % 8 != 0: mlp cannot split
+    assert layout(SPLITTABLE, rules)["layers"]["w_up"].spec == P(None, None, "fsdp")
+    odd = dataclasses.replace(SPLITTABLE, d_mlp=100)  # 100 % 8 != 0: mlp cannot split
     with caplog.at_level("WARNING", logger="lmjax"):
         assert layout(odd, rules)["layers"]["w_up"].spec == P()
     assert "layers/w_up" in caplog.text and "layers/w_down" in caplog.text
@@ -165,7 +157,7 @@ def test_describe_params_lists_specs_and_bytes_per_device():
     mesh = mesh_of(fsdp=4, tensor=2)
     rules = sharding.rules_from_config(MeshConfig())
     text = sharding.describe_params(
-        transformer.param_shapes(TINY), transformer.param_axes(TINY), mesh, rules
+        transformer.param_shapes(SPLITTABLE), transformer.param_axes(SPLITTABLE), mesh, rules
     )
     rows = {
         line.split()[0]: line.split()
@@ -191,7 +183,7 @@ def test_describe_params_lists_specs_and_bytes_per_device():
 
 def test_describe_params_warns_about_big_replicated_parameters():
     rules = sharding.rules_from_config(MeshConfig(rules=("embed=", "vocab=")))
-    shapes, axes = transformer.param_shapes(TINY), transformer.param_axes(TINY)
+    shapes, axes = transformer.param_shapes(SPLITTABLE), transformer.param_axes(SPLITTABLE)
     text = sharding.describe_params(
         shapes, axes, mesh_of(fsdp=8), rules, replicated_warn_elements=10_000
     )

@@ -14,7 +14,8 @@ from lmjax.checkpoint import params_dir
 from lmjax.config import ConfigError
 from lmjax.convert import hf
 from lmjax.data import documents, tokenizer as tokenizer_lib
-from tests.helpers import SMALL_LM, random_model
+from tests.configs import SMALL_LM
+from tests.helpers import random_model
 
 
 def test_the_gcs_fixture_serves_a_bucket_to_a_client_given_only_the_emulator_host(
