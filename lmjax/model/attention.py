@@ -12,7 +12,8 @@ Implementations:
     takes lengths, not segment ids), so ``auto`` never picks it.
   * ``splash``: the Pallas TPU splash-attention kernel (TPU only).
   * ``auto``: splash on TPU, pallas_gpu on GPU, xla elsewhere or when the sequence length
-    is not a multiple of the kernel's block.
+    is not a multiple of the kernel's block (prefill pads the prompt to it instead:
+    `prefill_attention`).
 
 `Scores` says how the scores are formed: their scale, a tanh soft cap and a sliding window
 (Mistral, Gemma). xla, splash and pallas_gpu implement all three, cudnn the scale and the
@@ -343,7 +344,8 @@ def prefill_attention(q, k, v, *, impl: str = "auto", spec: Scores = PLAIN):
     uses (`attention`), whatever the prompt length: for a Pallas kernel, q, k and v are padded
     at the end to `_PREFILL_MULTIPLE` and the output cut back, since a causal query never
     reads a later key, so the padding changes no row. `auto` is XLA only on a platform with
-    no kernel (the CPU).
+    no kernel (the CPU); cudnn keeps its limits (bfloat16, no soft cap) and raises on them
+    as in training.
 
     q: [batch, t, heads, head_dim]; k, v: [batch, t, kv_heads, head_dim] -> like q.
     """
