@@ -85,7 +85,12 @@ def test_make_mask_is_causal_and_block_diagonal():
     np.testing.assert_array_equal(unsegmented, np.tril(np.ones((6, 6), bool)))
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize(
+    "heads,kv_heads,maybe_jit",
+    [(4, 4, "jit"), (4, 2, "jit"), (6, 1, "jit"), (6, 1, "eager")],  # eager: the widest grouping
+    ids=["mha", "gqa", "mqa", "mqa-eager"],
+    indirect=["maybe_jit"],
+)
 def test_attention_matches_numpy_loop(heads, kv_heads, maybe_jit):
     q, k, v = _qkv(0, heads=heads, kv_heads=kv_heads)
     attention = maybe_jit(functools.partial(attn_lib.attention, impl="xla"))
