@@ -57,15 +57,26 @@ def route(x, p: Params, cfg: ModelConfig) -> Routing:
         scores = jax.nn.sigmoid(logits)
         bias = jax.lax.stop_gradient(p["router_bias"].astype(jnp.float32))[None, :]
         _, experts = jax.lax.top_k(scores + bias, cfg.moe_top_k)
-        weights = jnp.take_along_axis(scores, experts, axis=-1)
+        weights = _pick(scores, experts)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     else:
         probs = jax.nn.softmax(logits, axis=-1)
-        weights, experts = jax.lax.top_k(probs, cfg.moe_top_k)
+        _, experts = jax.lax.top_k(jax.lax.stop_gradient(probs), cfg.moe_top_k)
+        weights = _pick(probs, experts)
     if cfg.moe_router != "softmax_topk":
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     weights = weights * cfg.moe_routed_scale
     return Routing(weights, experts.astype(jnp.int32), logits, probs)
+
+
+def _pick(values, experts):
+    """values [tokens, experts] at experts [tokens, top_k] -> [tokens, top_k], exactly, as a
+    one-hot mask summed over the experts rather than a gather (or top_k's own values): their
+    gradient scatters through a flat [tokens x top_k] index, whose relayout on TPU (top_k in
+    the 128-lane axis) the backend compiles to code spanning several overlays (README,
+    "Where that compile's time goes")."""
+    onehot = jax.nn.one_hot(experts, values.shape[-1], dtype=jnp.bool_)
+    return jnp.sum(jnp.where(onehot, values[:, None, :], 0), axis=-1)
 
 
 def expert_counts(experts, n_experts: int):
@@ -188,12 +199,14 @@ def dropless(x, experts, p: Params, cfg: ModelConfig):
     """x: [tokens, embed], experts [tokens, top_k] -> ([tokens, top_k, embed] each copy's
     expert output, dropped copies = 0)."""
     tokens, k = experts.shape
-    flat = experts.reshape(-1)
+    # Choice-major (copy j x tokens + t is token t's choice j): flattening [tokens, top_k]
+    # token-major is, on TPU, a relayout that compiles to far more code (README).
+    flat = experts.T.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=cfg.moe_experts).astype(jnp.int32)
-    ys = grouped_experts(x[order // k], group_sizes, p, resolve_matmul(cfg.moe_matmul))
+    ys = grouped_experts(x[order % tokens], group_sizes, p, resolve_matmul(cfg.moe_matmul))
     y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)
-    return y.reshape(tokens, k, -1), jnp.zeros((), jnp.float32)
+    return jnp.swapaxes(y.reshape(k, tokens, -1), 0, 1), jnp.zeros((), jnp.float32)
 
 
 def slots(experts, n_experts: int, cap: int):
