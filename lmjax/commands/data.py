@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 def add_parser(sub) -> None:
     p = sub.add_parser("data", help="prepare a run's data store; look at its batches")
     dt = p.add_subparsers(dest="data_command", required=True)
+    _add_preview(dt)
+    _add_prepare(dt)
+    _add_verify(dt)
+
+
+def _add_preview(dt) -> None:
     q = dt.add_parser(
         "preview", help="per batch: step, content hash, packing efficiency, a document start"
     )
@@ -39,6 +45,9 @@ def add_parser(sub) -> None:
     )
     q.add_argument("--process-count", type=int, default=1)
     q.set_defaults(func=preview_from_args)
+
+
+def _add_prepare(dt) -> None:
     q = dt.add_parser(
         "prepare",
         help="tokenize the run's documents once into a store (no-op "
@@ -71,6 +80,8 @@ def add_parser(sub) -> None:
     )
     q.set_defaults(func=prepare_from_args)
 
+
+def _add_verify(dt) -> None:
     q = dt.add_parser(
         "verify", help="read every record of a store (checksums) in parallel; name bad shards"
     )
