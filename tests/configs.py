@@ -1,6 +1,8 @@
 """The tiny configs that several test modules share, and the `lmjax train` arguments of the
 smoke runs. A test that needs another shape says so with `dataclasses.replace` and a comment
-naming the reason; test modules import these from here, never from one another.
+naming the reason. Shared configs live here; the few that an integration test borrows from
+its unit twin (tests/integration/test_model.py, test_prefill_kernels.py) belong to that one
+subject.
 """
 
 import dataclasses

@@ -35,7 +35,7 @@ def export_from_args(args: argparse.Namespace) -> int:
     from lmjax.parallel import distributed
 
     distributed.initialize()  # started as several processes, they export together
-    with watch.watching(args.watchdog_seconds) as expect:
+    with watch.watching(args.watchdog_seconds, watch.rerun_into(args.params_only)) as expect:
         expect("the export (the checkpoint's restore and the params' write)")
         return export(args.workdir, args.step, args.params_only)
 

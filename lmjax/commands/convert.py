@@ -32,7 +32,7 @@ def from_args(args: argparse.Namespace) -> int:
         distributed.require_one_process("lmjax convert from-hf", os.environ)
         return from_hf(args.src, args.out)
     distributed.initialize()  # started as several processes, they export together
-    with watch.watching(args.watchdog_seconds) as expect:
+    with watch.watching(args.watchdog_seconds, watch.rerun_into(args.out)) as expect:
         return to_hf(args.src, args.out, dtype=args.dtype, expect=expect)
 
 

@@ -151,7 +151,11 @@ def require_one_process(command: str, env: Mapping[str, str]) -> None:
     """Refuses (ConfigError) a start of `command` as several processes by launch/local.py
     (LMJAX_*) or `srun` (SLURM_*), read from `env` alone: no join, no device touched. For
     commands that use no devices and write one output, which every process would write.
-    A TPU pod's worker count is only known by joining, so a start there is not refused."""
+    A TPU pod's worker count is only known by joining, so a start there is not refused; a
+    SLURM batch script outside `srun` (no step variables) is one process, whatever its job's
+    task count."""
+    if not all(v in env for v in _SLURM_STEP_VARS):
+        env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
     r = choose_rendezvous(env)
     if (r.num_processes or 1) > 1:
         raise ConfigError(

@@ -21,7 +21,7 @@ s = run.watchdog_startup_seconds:
   - waiting for a step: max(m, f * the longest of the last 100 step times);
   - inside a save or an evaluation: s the first time (the evaluation compiles), then
     max(m, f * the longest earlier one of its kind after the first).
-The offline commands (`lmjax.commands.watch`) use `offline(seconds)`: one deadline for each
+The offline commands (`lmjax.commands.watch`) use `offline(seconds, rerun)`: one deadline for each
 phase they name. A process that fires waits min(deadline, 10 s) before it exits: its peers, stuck behind it
 in a collective and at most a few steps later in their own deadlines, dump their stacks too
 before its exit breaks their collectives.
@@ -174,10 +174,11 @@ def watching(run: RunConfig) -> contextlib.AbstractContextManager[Watchdog]:
     )
 
 
-def offline(seconds: float) -> contextlib.AbstractContextManager[Watchdog]:
+def offline(seconds: float, rerun: str) -> contextlib.AbstractContextManager[Watchdog]:
     """An offline command's watchdog: `seconds` for each phase it names (`expect`), with no
-    steps; 0: one that never fires. Stopped on exit."""
-    dog = Watchdog(1.0, seconds, seconds, enabled=seconds > 0, rerun="rerun the same command")
+    steps; 0: one that never fires. `rerun`: what its message tells the user to do. Stopped
+    on exit."""
+    dog = Watchdog(1.0, seconds, seconds, enabled=seconds > 0, rerun=rerun)
     return _stopped(dog)
 
 

@@ -73,8 +73,10 @@ def test_slurm_detected_under_srun_and_refused_outside_it():
 
 
 def test_one_process_commands_refuse_several_from_the_environment_alone():
-    for alone in ({}, {"LMJAX_NUM_PROCESSES": "1"}, {"SLURM_JOB_ID": "4", "SLURM_NTASKS": "1"}):
+    batch_script = {"SLURM_JOB_ID": "4", "SLURM_NTASKS": "16"}  # outside srun: one process
+    for alone in ({}, {"LMJAX_NUM_PROCESSES": "1"}, {**batch_script, "SLURM_NTASKS": "1"}):
         distributed.require_one_process("lmjax convert from-hf", alone)
+    distributed.require_one_process("lmjax convert from-hf", batch_script)
     explicit = {"LMJAX_COORDINATOR": "h:1", "LMJAX_NUM_PROCESSES": "2", "LMJAX_PROCESS_ID": "1"}
     srun = {
         "SLURM_JOB_ID": "42",

@@ -101,3 +101,21 @@ def test_data_positions_skip_batches_from_any_start():
         for start in range(20):
             got = list(itertools.islice(pipeline.data_positions(start, skipped), 10))
             assert got == naive[start : start + 10], (skipped, start)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "--workdir", "w"],
+        ["generate", "--workdir", "w", "--prompt", "x"],
+        ["checkpoint", "export", "w", "--params-only", "out"],
+        ["convert", "to-hf", "src", "out"],
+    ],
+)
+def test_offline_commands_refuse_a_negative_watchdog_deadline_when_parsing(command, capsys):
+    from lmjax import cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([*command, "--watchdog-seconds", "-1"])
+    assert stopped.value.code == 2
+    assert "-1: give 0 (off) or a positive number" in capsys.readouterr().err
