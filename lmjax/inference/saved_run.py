@@ -4,11 +4,18 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
+
+import jax
 
 from lmjax.checkpoint import listing
 from lmjax.config import Config
 from lmjax.data import pipeline as pipeline_lib, prepare, run_stores, tokenizer as tokenizer_lib
+from lmjax.model import attention
 from lmjax.parallel import distributed, sharding
+
+log = logging.getLogger("lmjax")
 
 
 def load(workdir: str, step: int | None):
@@ -19,7 +26,27 @@ def load(workdir: str, step: int | None):
     run's (None for a run on synthetic tokens).
     """
     config, params, tokenizer_path = listing.load_params(workdir, step)
+    config = runnable_here(config, jax.default_backend())
     return config, params, tokenizer_lib.load_tokenizer(tokenizer_path) if tokenizer_path else None
+
+
+def runnable_here(config: Config, backend: str) -> Config:
+    """`config` with model.attention=auto (logged) when it names a kernel that `backend` cannot
+    run (a run trained with splash, evaluated on a CPU): every implementation computes the same
+    numbers to float tolerance, so an offline command runs on whatever machine it is given.
+    Training refuses such a config instead (`doctor`'s attention check)."""
+    impl = config.model.attention
+    if attention.runs_on(impl, backend):
+        return config
+    log.info(
+        "model.attention=%s runs only on %s, this machine runs on %s: using model.attention=auto "
+        "(%s here)",
+        impl,
+        attention.KERNEL_PLATFORM[impl],
+        backend,
+        attention.resolve_impl("auto", backend),
+    )
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, attention="auto"))
 
 
 def context(config: Config) -> contextlib.AbstractContextManager:

@@ -292,6 +292,16 @@ def _kv_for_local_heads(k, v, heads: int, local_heads: int, head_axes: dict[str,
     return (jnp.take(x, index, axis=2) for x in (k, v))
 
 
+# The platform each kernel runs on (jax's backend name); xla runs anywhere, and `auto` picks
+# what the platform runs.
+KERNEL_PLATFORM = {"pallas_gpu": "gpu", "cudnn": "gpu", "splash": "tpu"}
+
+
+def runs_on(impl: str, backend: str) -> bool:
+    """Whether model.attention=`impl` can run on `backend` (cpu, gpu, tpu)."""
+    return KERNEL_PLATFORM.get(impl, backend) == backend
+
+
 # Sequence lengths each Pallas kernel's block sizes need (see `_splash_kernel`, `_pallas_gpu_local`).
 _KERNEL_SEQ_MULTIPLE = {"splash": 128, "pallas_gpu": 16}
 

@@ -35,8 +35,6 @@ from lmjax.train import compile_cache
 log = logging.getLogger("lmjax")
 
 PLATFORM_HINT = "is jax installed with the right extra: pip install 'lmjax[gpu]' or 'lmjax[tpu]'?"
-# The platform each kernel runs on (the others run anywhere).
-KERNEL_PLATFORM = {"pallas_gpu": "gpu", "cudnn": "gpu", "splash": "tpu"}
 WHY_XLA = {
     "gpu": "the GPU kernel needs data.seq_len divisible by 16",
     "tpu": "splash needs data.seq_len divisible by 128",
@@ -81,12 +79,12 @@ def attention_impl(config: Config, backend: str) -> str:
 def _attention(config: Config) -> Check:
     backend = jax.default_backend()
     impl = attention_impl(config, backend)
-    need = KERNEL_PLATFORM.get(impl, backend)
-    if need != backend:
+    if not attention.runs_on(impl, backend):
         return Check(
             "attention",
             False,
-            f"model.attention={impl} runs only on {need}, this job runs on {backend}; "
+            f"model.attention={impl} runs only on {attention.KERNEL_PLATFORM[impl]}, this job "
+            f"runs on {backend}; "
             f"use model.attention=auto",
         )
     why = WHY_XLA.get(backend) if impl == "xla" and config.model.attention == "auto" else None
