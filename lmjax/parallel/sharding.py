@@ -326,6 +326,20 @@ def process_rows(batch: NamedSharding, global_rows: int) -> np.ndarray:
     return np.array(sorted(rows), np.int64)
 
 
+def check_microbatch(batch: NamedSharding, batch_size: int, grad_accum: int) -> None:
+    """Refuses microbatches (`batch_size / grad_accum` rows, globally) that `batch`'s row
+    blocks do not divide: under a Pallas attention kernel (`attention._per_device`) every
+    device would then run every row of each microbatch, N times the work on N devices."""
+    shards, rows = batch_shard_count(batch), batch_size // grad_accum
+    if rows % shards:
+        raise ConfigError(
+            f"a microbatch of data.batch_size / optim.grad_accum = {batch_size} / {grad_accum} "
+            f"= {rows} rows does not divide over the mesh's {shards} batch devices: choose "
+            f"data.batch_size and optim.grad_accum with batch_size / grad_accum a multiple "
+            f"of {shards}"
+        )
+
+
 def shard_map_logical(
     fn: Callable, in_axes: Sequence[Sequence[str | None]], out_axes: Any
 ) -> Callable:

@@ -78,6 +78,9 @@ def _set_up(
     log.info(_describe_devices(mesh))
     trainer = make_trainer(config, mesh)
     rows = sharding.process_rows(trainer.batch_sharding, config.data.batch_size)
+    sharding.check_microbatch(
+        trainer.batch_sharding, config.data.batch_size, config.optim.grad_accum
+    )
     watch.expect("the resume decision (the checkpoints' metadata)")
     resume = resume_lib.decide_resume(
         workdir, config, restore_from=restore_from, init_from=init_from

@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from lmjax.config import OptimConfig
-from lmjax.train import optim, trainer
+from lmjax.config import Config, ConfigError, OptimConfig
+from lmjax.train import optim, run, trainer
+from tests.configs import TINY_RUN
 
 
 def test_microbatch_m_takes_every_nth_row():
@@ -79,3 +80,31 @@ def test_eta_after_a_resume_counts_this_process_steps(tmp_path, capsys):
     writer.close()
     eta = float(capsys.readouterr().out.split("eta=")[1].rstrip("s\n"))
     assert eta == pytest.approx(10.0, abs=0.5)  # counting from step 0 would give 0.5 s
+
+
+def _accumulating(batch_size: int, grad_accum: int) -> Config:
+    """TINY_RUN (8 devices, all fsdp: 8 batch devices) with `grad_accum` microbatches."""
+    return dataclasses.replace(
+        TINY_RUN,
+        data=dataclasses.replace(TINY_RUN.data, batch_size=batch_size),
+        optim=dataclasses.replace(TINY_RUN.optim, grad_accum=grad_accum),
+    )
+
+
+class _Reached(Exception):
+    pass
+
+
+def test_microbatches_the_batch_devices_cannot_split_are_refused_first(tmp_path, monkeypatch):
+    """16 rows in 4 microbatches of 4 on 8 batch devices: refused in the set-up before the
+    resume decision (and so before the tokenizer, the stores and any compile); 16 rows in 2
+    microbatches of 8 pass on to it."""
+
+    def decide_resume(*args, **kwargs):
+        raise _Reached
+
+    monkeypatch.setattr(run.resume_lib, "decide_resume", decide_resume)
+    with pytest.raises(ConfigError, match=r"16 / 4 = 4 rows .* a multiple of 8$"):
+        run.train(_accumulating(16, 4), str(tmp_path / "refused"))
+    with pytest.raises(_Reached):
+        run.train(_accumulating(16, 2), str(tmp_path / "passes"))
