@@ -110,6 +110,22 @@ sys.exit(cli.main(sys.argv[2:]))
 """
 
 
+def _start_holder(tmp_path, script: str, sets: list[str]) -> subprocess.Popen:
+    """A long `lmjax train` on tmp_path/run through `script` (which stops it once the file
+    tmp_path/stop exists), with the settings `sets`, logging to tmp_path/hung.log."""
+    (tmp_path / "holder.py").write_text(script)
+    args = ["train", "--workdir", str(tmp_path / "run"), *SYNTHETIC, "--set", "run.steps=100000"]
+    args += [a for s in sets for a in ("--set", s)]
+    with open(tmp_path / "hung.log", "w") as out:
+        return subprocess.Popen(
+            [sys.executable, str(tmp_path / "holder.py"), str(tmp_path / "stop"), *args],
+            env=_env(),
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def test_a_holder_stopped_inside_its_swap_is_taken_over_and_stops_before_its_next_save(
     tmp_path,
 ):
@@ -118,18 +134,7 @@ def test_a_holder_stopped_inside_its_swap_is_taken_over_and_stops_before_its_nex
     the old holder stops before its next save (exit 1) and has moved nothing."""
     work, timeout, flag = tmp_path / "run", 3.0, tmp_path / "stop"
     sets = [f"checkpoint.lease_timeout_s={timeout}", "checkpoint.every_steps=2"]
-    script = tmp_path / "stop_in_swap.py"
-    script.write_text(STOP_IN_SWAP)
-    args = ["train", "--workdir", str(work), *SYNTHETIC, "--set", "run.steps=100000"]
-    args += [a for s in sets for a in ("--set", s)]
-    with open(tmp_path / "hung.log", "w") as out:
-        hung = subprocess.Popen(
-            [sys.executable, str(script), str(flag), *args],
-            env=_env(),
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    hung = _start_holder(tmp_path, STOP_IN_SWAP, sets)
     try:
         _wait_for(lambda: 2 in _committed(work) and len(_steps(work)) >= 3, hung, "step 3")
         flag.touch()
@@ -181,18 +186,8 @@ def test_a_holder_stopped_in_its_async_save_does_not_commit_it_after_a_takeover(
     holder does not commit step 4 (orbax's commit waits on the lease check) and exits 1
     naming the lost lease; its temporary directory stays for the new run to set aside."""
     work, timeout, flag = tmp_path / "run", 3.0, tmp_path / "stop"
-    script = tmp_path / "stop_before_commit.py"
-    script.write_text(STOP_BEFORE_COMMIT)
-    args = ["train", "--workdir", str(work), *SYNTHETIC, "--set", "run.steps=100000"]
-    args += ["--set", f"checkpoint.lease_timeout_s={timeout}", "--set", "checkpoint.every_steps=2"]
-    with open(tmp_path / "hung.log", "w") as out:
-        hung = subprocess.Popen(
-            [sys.executable, str(script), str(flag), *args],
-            env=_env(),
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    sets = [f"checkpoint.lease_timeout_s={timeout}", "checkpoint.every_steps=2"]
+    hung = _start_holder(tmp_path, STOP_BEFORE_COMMIT, sets)
     taker = lease.Lease(lease.record_for(str(work)), 60.0, str(work))
     try:
         _wait_for(lambda: 2 in _committed(work) and len(_steps(work)) >= 3, hung, "step 3")
