@@ -20,10 +20,10 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lmjax import hardware
+from lmjax.checkpoint import params_dir
 from lmjax.commands.experiment import load_experiment
 from lmjax.config import MeshConfig
 from lmjax.inference import generate as gen
-from lmjax.model import transformer
 from lmjax.parallel import sharding
 from lmjax.tools import aot, fused_kernel
 
@@ -32,12 +32,7 @@ GiB = 1024**3
 
 def compile_prefill(cfg, mesh, rules, batch: int, prompt_len: int):
     """The compiled prefill of `batch` prompts of `prompt_len` tokens (cache: 64 new)."""
-    shapes = transformer.param_shapes(cfg)
-    axes = transformer.param_axes(cfg)
-    shardings = sharding.tree_shardings(axes, mesh, rules, shapes, replicate_indivisible=True)
-    params = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
-    )
+    params = params_dir.sharded_shapes(cfg, mesh, rules)
     rows = NamedSharding(mesh, P())
     tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=rows)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)

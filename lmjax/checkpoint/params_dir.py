@@ -147,7 +147,12 @@ def offline_target(cfg: ModelConfig, mesh_cfg: MeshConfig | None = None) -> Any:
     `sharding.offline_mesh` lays them out (a leaf whose dimensions the mesh does not divide
     is replicated): what offline commands restore onto, so that no device holds the model.
     mesh_cfg: the run's (its rules apply); default the default rules."""
-    mesh, rules = sharding.offline_mesh(mesh_cfg or MeshConfig())
+    return sharded_shapes(cfg, *sharding.offline_mesh(mesh_cfg or MeshConfig()))
+
+
+def sharded_shapes(cfg: ModelConfig, mesh: Any, rules: Any) -> Any:
+    """ShapeDtypeStructs of `cfg`'s params laid out on `mesh` by `rules`; a leaf whose
+    dimensions the mesh does not divide is replicated."""
     shapes = transformer.param_shapes(cfg)
     shardings = sharding.tree_shardings(
         transformer.param_axes(cfg), mesh, rules, shapes, replicate_indivisible=True

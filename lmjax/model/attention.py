@@ -97,6 +97,7 @@ def _xla(q, k, v, mask, spec: Scores = PLAIN):
 
 
 XLA_BLOCK = 128  # query rows per block of the block-causal XLA path
+SPLASH_BLOCKS = (512, 256, 128)  # splash's tiles, largest first: the largest dividing both lengths
 
 
 def _xla_causal(q, k, v, segment_ids, spec: Scores = PLAIN):
@@ -186,10 +187,10 @@ def _splash_kernel(
         splash_attention_mask as sm,
     )
 
-    block = next((b for b in (512, 256, 128) if q_len % b == 0 and kv_len % b == 0), None)
+    block = next((b for b in SPLASH_BLOCKS if q_len % b == 0 and kv_len % b == 0), None)
     if block is None:
         raise ValueError(
-            f"splash attention needs sequence lengths divisible by 128 (got {q_len}, "
+            f"splash attention needs sequence lengths divisible by {SPLASH_BLOCKS[-1]} (got {q_len}, "
             f"{kv_len}): change data.seq_len or use model.attention=xla"
         )
     sizes = sk.BlockSizes(
@@ -303,7 +304,7 @@ def runs_on(impl: str, backend: str) -> bool:
 
 
 # Sequence lengths each Pallas kernel's block sizes need (see `_splash_kernel`, `_pallas_gpu_local`).
-_KERNEL_SEQ_MULTIPLE = {"splash": 128, "pallas_gpu": 16}
+_KERNEL_SEQ_MULTIPLE = {"splash": SPLASH_BLOCKS[-1], "pallas_gpu": 16}
 
 
 def resolve_impl(impl: str, backend: str | None = None, seq_len: int | None = None) -> str:
@@ -346,7 +347,7 @@ def attention(q, k, v, *, segment_ids=None, impl: str = "auto", spec: Scores = P
 
 # The multiple each kernel's prefill pads a prompt to: its largest block, so that a long
 # prompt gets the kernel's fastest tiles for at most one block of padding per layer.
-_PREFILL_MULTIPLE = {"splash": 512, "pallas_gpu": flash_gpu.BLOCKS[0]}
+_PREFILL_MULTIPLE = {"splash": SPLASH_BLOCKS[0], "pallas_gpu": flash_gpu.BLOCKS[0]}
 
 
 def prefill_attention(q, k, v, *, impl: str = "auto", spec: Scores = PLAIN):
