@@ -1,8 +1,8 @@
 """The checks of `lmjax smoke`: is this machine ready to train? A few real steps, end to end.
 
 Runs on whatever devices are present (one GPU, TPU or the CPU; the mesh is the experiment's):
-checks that the train step runs the fused attention kernel the platform selects (a GPU or
-TPU smoke test must not pass on the XLA fallback; `fused_kernel`), trains a few steps of the
+checks that the train step and the prefill run the fused attention kernel the platform
+selects (a GPU or TPU smoke test must not pass on the XLA fallback; `fused_kernel`), trains a few steps of the
 experiment (the default, `smoke`, reads the packaged corpus), checks the loss falls, resumes
 from a mid-run checkpoint in a second run and checks that it continues bit for bit, checks
 that `lmjax eval` on the last checkpoint reproduces the eval loss training logged, generates
@@ -123,6 +123,13 @@ def run_checks(config: Config, steps: int, workdir: str, expect_platform: str = 
             "set model.attention=xla to run without a fused kernel",
             lambda: fused_kernel.verdict(
                 fused_kernel.train_step_program(config), config, jax.default_backend()
+            ),
+        ),
+        guard(
+            "prefill kernel",
+            "set model.attention=xla to run without a fused kernel",
+            lambda: fused_kernel.verdict(
+                fused_kernel.prefill_program(config), config, jax.default_backend(), "prefill"
             ),
         ),
         guard("loss falls", "check the data path and optim.lr", lambda: _trains(config, first)),

@@ -34,6 +34,7 @@ def test_dry_run_runs_every_command_and_names_what_needs_a_gpu(tmp_path):
     smoke = _section(report, "lmjax smoke")
     assert "[FAIL] devices" in smoke and "lmjax[gpu]" in smoke
     assert "[N/A] attention kernel: not applicable: cpu runs XLA attention" in smoke
+    assert "[N/A] prefill kernel: not applicable: cpu runs XLA attention" in smoke
     for name in ("loss falls", "resume is exact", "evaluates", "generates"):
         assert f"[PASS] {name}" in smoke, smoke
     assert "bitwise equal" in smoke and "tokens/s" in smoke and "1 check(s) FAILED" in smoke

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
 from lmjax import hardware
+from lmjax.commands.experiment import load_experiment
 from lmjax.config import MeshConfig
 from lmjax.inference import generate as gen
 from lmjax.model import attention as attn_lib, transformer
@@ -128,11 +129,18 @@ def test_prefill_lowers_for_cuda_with_the_flash_kernel_and_no_score_matrix(impl)
         )(*prefill_args(cfg)).mlir_module()
     kernels = re.findall(r'name = "(lmjax_flash_\w+)"', text)
     calls = sum(c == TRITON_CALL for c in fused_kernel.custom_calls(text))
+    # smoke's `auto` at seq_len 40 leaves the train step's kernel unchecked, never the prefill's
+    check = fused_kernel.verdict(
+        text, load_experiment("smoke", ["data.seq_len=40"]), "gpu", "prefill"
+    )
     if impl == "xla":
         assert calls == 0 and largest_array(text) >= SCORES
+        assert not check.ok and f"the prefill has no {TRITON_CALL} custom call" in check.detail
     else:
         assert calls == 2 and kernels == ["lmjax_flash_forward"] * 2, kernels
         assert largest_array(text) < SCORES // 10
+        assert check.ok and check.name == "prefill kernel", check
+        assert check.detail == f"pallas_gpu: 2 {TRITON_CALL} call(s) in the lowered prefill"
 
 
 @pytest.mark.parametrize("impl", ["splash", "xla"])
@@ -153,3 +161,6 @@ def test_prefill_compiles_for_tpu_with_splash_and_no_score_matrix(impl):
     assert largest_array(text) < SCORES // 10
     compiled = lowered.compile().as_text()
     assert fused_kernel.custom_calls(compiled).count("tpu_custom_call") >= 2
+    # the TPU's smoke experiment (auto, seq_len 64) checks splash in the prefill
+    check = fused_kernel.verdict(compiled, load_experiment("smoke"), "tpu", "prefill")
+    assert check.ok and check.applicable and check.detail.startswith("splash: "), check

@@ -191,6 +191,26 @@ def test_tokenizer_json_through_cli_gcs_and_run_config(hf_path, tmp_path, capsys
     assert remote.fingerprint == load_tokenizer(hf_path).fingerprint
 
 
+def test_a_preparation_makes_one_tokenizer_for_all_its_shards(hf_path, tmp_path, monkeypatch):
+    """Beam in process over 3 input files (3 shards): the tokenizer is deserialized once, as
+    each Hugging Face tokenizer made holds on to memory (peak RSS grew with the shards)."""
+    from lmjax.data import prepare
+
+    made = []
+    real = prepare.from_serialized
+    monkeypatch.setattr(prepare, "from_serialized", lambda b: made.append(b) or real(b))
+    prepare.worker_tokenizer.cache_clear()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = list(documents.read_documents(SONNETS))
+    for i in range(3):
+        (corpus / f"part-{i}.txt").write_text(documents.DOCUMENT_SEPARATOR.join(docs[i::3]))
+    cfg = DataConfig(source="text", text_files=str(corpus), validation_fraction=0.1)
+    _, meta = prepare.prepare(cfg, load_tokenizer(hf_path), str(tmp_path / "stores"))
+    assert meta["summary"]["shards"] == 3 and len(made) == 1
+    prepare.worker_tokenizer.cache_clear()
+
+
 def test_store_and_checkpoint_record_the_tokenizer_and_refuse_another(hf_path, bpe_path, tmp_path):
     from lmjax.checkpoint import compat
     from lmjax.data import prepare, run_stores, sources, store
