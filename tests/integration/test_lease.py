@@ -48,6 +48,14 @@ def _wait_for(predicate, proc, what, timeout=240.0):
         time.sleep(0.05)
 
 
+def _exit_code(proc, timeout: float) -> int | None:
+    """The exit code of `proc`, or None when it has not exited within `timeout` seconds."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def _steps(workdir) -> list[int]:
     return [r["step"] for r in metrics.read_records(workdir, missing_ok=True) if "loss" in r]
 
@@ -91,34 +99,50 @@ def test_a_second_run_on_a_live_workdir_exits_at_once_and_the_first_finishes(tmp
     assert max(_committed(work)) == max(_steps(work)) and lease_holder(work) is None
 
 
-# `lmjax train` whose lease thread, once the file argv[1] exists, stops the process
+# A stop a process sends itself can land a little after the call that sent it on a busy
+# machine, so the stopped thread also waits there for the file argv[1]/go, which the test
+# writes once it has acted on the stop: the code after the stop runs after the test's action.
+HOLD = """
+import os, signal, sys, threading, time
+
+def stop_until_go():
+    signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+    while not os.path.exists(os.path.join(sys.argv[1], "go")):
+        time.sleep(0.01)
+"""
+
+# `lmjax train` whose lease thread, once the file argv[1]/stop exists, stops the process
 # (SIGSTOP) inside its next renewal's swap, right after linking its record.
-STOP_IN_SWAP = """
-import os, signal, sys, threading
+STOP_IN_SWAP = (
+    HOLD
+    + """
 from lmjax import cli
 
 real = os.link
 
 def link_then_stop(src, dst, *args, **kwargs):
     real(src, dst, *args, **kwargs)
-    if threading.current_thread().name == "lmjax-lease" and os.path.exists(sys.argv[1]):
+    if threading.current_thread().name == "lmjax-lease" and os.path.exists(
+        os.path.join(sys.argv[1], "stop")
+    ):
         os.link = real
-        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+        stop_until_go()
 
 os.link = link_then_stop
 sys.exit(cli.main(sys.argv[2:]))
 """
+)
 
 
 def _start_holder(tmp_path, script: str, sets: list[str]) -> subprocess.Popen:
-    """A long `lmjax train` on tmp_path/run through `script` (which stops it once the file
-    tmp_path/stop exists), with the settings `sets`, logging to tmp_path/hung.log."""
+    """A long `lmjax train` on tmp_path/run through `script` (given tmp_path for its argv[1]),
+    with the settings `sets`, logging to tmp_path/hung.log."""
     (tmp_path / "holder.py").write_text(script)
     args = ["train", "--workdir", str(tmp_path / "run"), *SYNTHETIC, "--set", "run.steps=100000"]
     args += [a for s in sets for a in ("--set", s)]
     with open(tmp_path / "hung.log", "w") as out:
         return subprocess.Popen(
-            [sys.executable, str(tmp_path / "holder.py"), str(tmp_path / "stop"), *args],
+            [sys.executable, str(tmp_path / "holder.py"), str(tmp_path), *args],
             env=_env(),
             cwd=REPO,
             stdout=out,
@@ -132,19 +156,20 @@ def test_a_holder_stopped_inside_its_swap_is_taken_over_and_stops_before_its_nex
     """The holder stops (SIGSTOP) in the middle of a renewal's swap; once its lease is past
     the 3 s timeout a new run takes it over with a log line and trains to the end. Continued,
     the old holder stops before its next save (exit 1) and has moved nothing."""
-    work, timeout, flag = tmp_path / "run", 3.0, tmp_path / "stop"
+    work, timeout = tmp_path / "run", 3.0
     sets = [f"checkpoint.lease_timeout_s={timeout}", "checkpoint.every_steps=2"]
     hung = _start_holder(tmp_path, STOP_IN_SWAP, sets)
     try:
         _wait_for(lambda: 2 in _committed(work) and len(_steps(work)) >= 3, hung, "step 3")
-        flag.touch()
+        (tmp_path / "stop").touch()
         _wait_for(lambda: process_stopped(hung.pid), hung, "the stop inside a renewal", timeout=30)
         renewed = lease_holder(work)["renewed"]
         time.sleep(max(0.0, renewed + timeout - time.time()))
         taker = _start(work, tmp_path / "taker.log", "run.steps=12", *sets)
         assert taker.wait(timeout=240) == 0, (tmp_path / "taker.log").read_text()[-3000:]
+        (tmp_path / "go").touch()
         hung.send_signal(signal.SIGCONT)
-        assert hung.wait(timeout=120) == 1
+        assert _exit_code(hung, 120) == 1, (tmp_path / "hung.log").read_text()[-3000:]
     finally:
         hung.send_signal(signal.SIGCONT)
         hung.kill()
@@ -159,25 +184,28 @@ def test_a_holder_stopped_inside_its_swap_is_taken_over_and_stops_before_its_nex
     assert _committed(work)[-1] == 12 and lease_holder(work) is None
 
 
-# `lmjax train` that, once the file argv[1] exists, stops (SIGSTOP) in its next async save's
-# background thread with every file written, right before the lease check that guards the
-# commit: where a holder frozen anywhere during the write resumes.
-STOP_BEFORE_COMMIT = """
-import os, signal, sys
+# `lmjax train` that stops (SIGSTOP) in its second async save's background thread (the
+# save of step 4 with checkpoint.every_steps=2) with every file written, right before the
+# lease check that guards the commit: where a holder frozen anywhere during the write resumes.
+STOP_BEFORE_COMMIT = (
+    HOLD
+    + """
 from lmjax import cli
 from lmjax.checkpoint import lease
 
 real = lease.Guard.confirm_commit
+calls = []
 
 def stop_then_confirm(self):
-    if os.path.exists(sys.argv[1]):
-        lease.Guard.confirm_commit = real
-        os.kill(os.getpid(), signal.SIGSTOP)
+    calls.append(None)
+    if len(calls) == 2:
+        stop_until_go()
     real(self)
 
 lease.Guard.confirm_commit = stop_then_confirm
 sys.exit(cli.main(sys.argv[2:]))
 """
+)
 
 
 def test_a_holder_stopped_in_its_async_save_does_not_commit_it_after_a_takeover(tmp_path):
@@ -185,19 +213,18 @@ def test_a_holder_stopped_in_its_async_save_does_not_commit_it_after_a_takeover(
     once its lease is past the 3 s timeout another run takes it over. Continued, the old
     holder does not commit step 4 (orbax's commit waits on the lease check) and exits 1
     naming the lost lease; its temporary directory stays for the new run to set aside."""
-    work, timeout, flag = tmp_path / "run", 3.0, tmp_path / "stop"
+    work, timeout = tmp_path / "run", 3.0
     sets = [f"checkpoint.lease_timeout_s={timeout}", "checkpoint.every_steps=2"]
     hung = _start_holder(tmp_path, STOP_BEFORE_COMMIT, sets)
     taker = lease.Lease(lease.record_for(str(work)), 60.0, str(work))
     try:
-        _wait_for(lambda: 2 in _committed(work) and len(_steps(work)) >= 3, hung, "step 3")
-        flag.touch()
-        _wait_for(lambda: process_stopped(hung.pid), hung, "the stop before a commit", timeout=60)
+        _wait_for(lambda: process_stopped(hung.pid), hung, "the stop before a commit")
         renewed = lease_holder(work)["renewed"]
         time.sleep(max(0.0, renewed + timeout - time.time()) + 0.1)
         taker.acquire()  # past its timeout: taken over
+        (tmp_path / "go").touch()
         hung.send_signal(signal.SIGCONT)
-        assert hung.wait(timeout=120) == 1
+        assert _exit_code(hung, 120) == 1, (tmp_path / "hung.log").read_text()[-3000:]
     finally:
         hung.send_signal(signal.SIGCONT)
         hung.kill()
