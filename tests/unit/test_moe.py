@@ -6,6 +6,7 @@ short MoE fit that resumes from its checkpoint."""
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -97,6 +98,47 @@ def test_moe_mlp_equals_a_numpy_loop_forward_and_gradients(router, shared, maybe
         analytic = sum(np.vdot(grads[k], direction[k]) for k in p) + np.vdot(grad_x, dx)
         numeric = _directional_derivative(cfg, p, x, (direction, dx), cotangent)
         assert analytic == pytest.approx(numeric, rel=1e-4), (router, shared, factor)
+
+
+def test_take_rows_gathers_and_its_gradient_equals_the_gathers():
+    """`moe.take_rows` against indexing and jax's own gradient of it (a scatter-add), for a
+    permutation (one copy of each row) and for 3 copies of each row in a shuffled order."""
+    rng = np.random.default_rng(0)
+    rows = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+    for copies in (1, 3):
+        to_host = rng.permutation(np.tile(np.arange(5), copies))
+        # back[j x 5 + r]: the output row holding the j-th copy of row r
+        where = [np.flatnonzero(to_host == r) for r in range(5)]
+        to = jnp.asarray(to_host, jnp.int32)
+        back = jnp.asarray(np.stack(where).T.reshape(-1), jnp.int32)
+        g = jnp.asarray(rng.normal(size=(5 * copies, 3)), jnp.float32)
+        got, vjp = jax.vjp(lambda r, to=to, back=back: moe.take_rows(r, to, back), rows)
+        want, want_vjp = jax.vjp(lambda r, to=to: r[to], rows)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(vjp(g)[0], want_vjp(g)[0], rtol=1e-6, atol=1e-6)
+
+
+def _primitives(jaxpr) -> list:
+    """Every equation of `jaxpr` and of the jaxprs nested in it (scans, custom VJPs, jits)."""
+    eqns = []
+    for eqn in jaxpr.eqns:
+        eqns.append(eqn)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr):
+                    eqns += _primitives(getattr(sub, "jaxpr", sub))
+    return eqns
+
+
+def test_dropless_dispatch_and_its_gradient_neither_sort_nor_scatter_rows():
+    """The dropless block's forward and backward hold no sort and scatter only int32
+    indices: the program shape that compiles for TPU in a fraction of the time (README)."""
+    p, x = _layer(TINY_MOE)
+    loss = lambda p, x: jnp.sum(moe.moe_mlp(x[None], p, TINY_MOE)[0])
+    eqns = _primitives(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(p, x).jaxpr)
+    assert not [e for e in eqns if "sort" in e.primitive.name]
+    scatters = [e for e in eqns if "scatter" in e.primitive.name]
+    assert scatters and {str(e.invars[0].aval.dtype) for e in scatters} == {"int32"}
 
 
 @pytest.mark.parametrize("router", ["softmax_topk_renorm", "sigmoid_topk_bias"])
