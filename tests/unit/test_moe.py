@@ -130,15 +130,18 @@ def _primitives(jaxpr) -> list:
     return eqns
 
 
-def test_dropless_dispatch_and_its_gradient_neither_sort_nor_scatter_rows():
-    """The dropless block's forward and backward hold no sort and scatter only int32
-    indices: the program shape that compiles for TPU in a fraction of the time (README)."""
+def test_dropless_dispatch_does_not_sort_and_its_gradient_scatter_adds_no_rows():
+    """The dropless block's forward and backward hold no sort and no scatter-add of rows
+    (the gradient of a gather): the program that compiles for TPU fastest without holding
+    more (README). Its one scatter of rows is the unsort (the others: int32 indices)."""
     p, x = _layer(TINY_MOE)
     loss = lambda p, x: jnp.sum(moe.moe_mlp(x[None], p, TINY_MOE)[0])
     eqns = _primitives(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(p, x).jaxpr)
     assert not [e for e in eqns if "sort" in e.primitive.name]
-    scatters = [e for e in eqns if "scatter" in e.primitive.name]
-    assert scatters and {str(e.invars[0].aval.dtype) for e in scatters} == {"int32"}
+    rows = [e for e in eqns if "scatter" in e.primitive.name and e.invars[0].aval.ndim > 1]
+    assert [(e.primitive.name, str(e.invars[0].aval.dtype)) for e in rows] == [
+        ("scatter", "float32")
+    ]
 
 
 @pytest.mark.parametrize("router", ["softmax_topk_renorm", "sigmoid_topk_bias"])
