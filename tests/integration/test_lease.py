@@ -99,9 +99,10 @@ def test_a_second_run_on_a_live_workdir_exits_at_once_and_the_first_finishes(tmp
     assert max(_committed(work)) == max(_steps(work)) and lease_holder(work) is None
 
 
-# A stop a process sends itself can land a little after the call that sent it on a busy
-# machine, so the stopped thread also waits there for the file argv[1]/go, which the test
-# writes once it has acted on the stop: the code after the stop runs after the test's action.
+# The stopping thread signals itself (pthread_kill: a SIGSTOP sent to the process may be taken
+# by another thread while this one runs on) and then waits for the file argv[1]/go, which the
+# test writes once it has acted on the stop: the code after the stop runs after the test's
+# action however late the stop lands.
 HOLD = """
 import os, signal, sys, threading, time
 

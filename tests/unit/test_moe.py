@@ -1,7 +1,8 @@
 """The mixture-of-experts MLP against a float64 numpy loop over tokens and their experts
 (tests/numpy_moe.py), forward and gradients, for every router, with and without the shared
-expert, dropless and with capacity; the layer pattern, config checks, active FLOPs, and a
-short MoE fit that resumes from its checkpoint."""
+expert, dropless and with capacity; `take_rows` and the dropless program's primitives; the
+layer pattern, config checks, active FLOPs, and a short MoE fit that resumes from its
+checkpoint."""
 
 import dataclasses
 
@@ -132,8 +133,9 @@ def _primitives(jaxpr) -> list:
 
 def test_dropless_dispatch_does_not_sort_and_its_gradient_scatter_adds_no_rows():
     """The dropless block's forward and backward hold no sort and no scatter-add of rows
-    (the gradient of a gather): the program that compiles for TPU fastest without holding
-    more (README). Its one scatter of rows is the unsort (the others: int32 indices)."""
+    (jax's gradient of a gather): the copies are ordered by a cumsum and gathered by
+    `take_rows`, whose TPU program compiles faster (README). The one scatter of rows is the
+    unsort; the other scatters are of int32 indices."""
     p, x = _layer(TINY_MOE)
     loss = lambda p, x: jnp.sum(moe.moe_mlp(x[None], p, TINY_MOE)[0])
     eqns = _primitives(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(p, x).jaxpr)
