@@ -288,6 +288,6 @@ def process_stopped(pid: int) -> bool:
         try:
             with open(f"/proc/{pid}/task/{task}/stat") as f:
                 states.append(f.read().rsplit(")", 1)[1].split()[0])
-        except FileNotFoundError:  # the thread ended after the listing: it runs no more
-            continue
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended after the listing
+            continue  # (the open or the read fails, by timing): it runs no more
     return set(states) == {"T"}
