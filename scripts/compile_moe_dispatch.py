@@ -1,5 +1,5 @@
-"""Compiles the dropless MoE block alone (route, dispatch, the three megablox grouped
-matmuls, unsort and combine), forward and backward, for one v6e chip at a device's shapes in
+"""Compiles the dropless MoE block alone (`moe.moe_mlp`: route, dispatch, the three megablox
+grouped matmuls, unsort and combine), forward and backward, for one v6e chip at a device's shapes in
 MaxText's Mixtral 8x7B recipe (12 x 4096 tokens, embed 4096, 8 experts of 14336, top 2,
 bfloat16), and prints the compile's wall and CPU seconds and its temporaries: the probe the
 README's "Where that compile's time goes" measures the dispatch with, in about a minute.
@@ -40,9 +40,7 @@ def main() -> None:
     }
 
     def loss(x, p):  # squared: the backward needs the forward's output
-        r = moe.route(x, p, cfg)
-        copies, _ = moe.dropless(x, r.experts, p, cfg)
-        y = jnp.einsum("tk,tkd->td", r.weights.astype(copies.dtype), copies)
+        y, _ = moe.moe_mlp(x[None], p, cfg)
         return jnp.sum(jnp.square(y.astype(jnp.float32)))
 
     wall, cpu = time.perf_counter(), time.process_time()
